@@ -1,0 +1,6 @@
+//! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
+//!
+//! Built under the ingest, sync and inference issues.
+
+/// Protocol version the agent speaks.
+pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

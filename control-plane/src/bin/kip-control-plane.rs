@@ -1,0 +1,30 @@
+//! `kip-control-plane`: the server binary. Parses flags, loads config, runs the library.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "kip control plane")]
+struct Args {
+    /// Config file (TOML). Without it, defaults plus KIP_* environment overrides apply.
+    #[arg(long, short, env = "KIP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Only check the config file and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = kip_control_plane::config::Config::load(args.config.as_deref(), |k| {
+        std::env::var(k).ok()
+    })?;
+    if args.check_config {
+        eprintln!("config OK");
+        return Ok(());
+    }
+    kip_control_plane::init_tracing(cfg.log_format, &cfg.log_filter);
+    kip_control_plane::run(cfg, tokio_util::sync::CancellationToken::new()).await
+}

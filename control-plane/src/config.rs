@@ -1,0 +1,399 @@
+//! Control-plane configuration: a TOML file plus `KIP_*` environment overrides.
+//!
+//! Invariants:
+//! - Unknown keys are rejected (`deny_unknown_fields`), so a typo never silently becomes a
+//!   default.
+//! - Every duration and size carries its unit in its name (`request_timeout_ms`).
+//! - [`Config`] is only ever built by [`RawConfig::validate`]; holding one means it was checked.
+
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("invalid config: {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The file as written by the operator, before validation.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "default_listen_addr")]
+    pub listen_addr: String,
+    #[serde(default = "default_request_body_limit_bytes")]
+    pub request_body_limit_bytes: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    #[serde(default = "default_database_url")]
+    pub url: String,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Create the database named in `url` when it does not exist yet.
+    #[serde(default = "default_true")]
+    pub create_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Where the platform-admin key is written (mode 0600) when none exists yet.
+    #[serde(default = "default_admin_key_file")]
+    pub admin_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+fn default_listen_addr() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_request_body_limit_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_database_url() -> String {
+    "postgres://postgres@127.0.0.1:5432/kip".into()
+}
+fn default_max_connections() -> u32 {
+    16
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_admin_key_file() -> PathBuf {
+    PathBuf::from(".kip/admin.key")
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_filter() -> String {
+    "info".into()
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen_addr: default_listen_addr(),
+            request_body_limit_bytes: default_request_body_limit_bytes(),
+            request_timeout_ms: default_request_timeout_ms(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+impl Default for RawDatabase {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+            max_connections: default_max_connections(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            create_if_missing: true,
+        }
+    }
+}
+impl Default for RawAuth {
+    fn default() -> Self {
+        Self {
+            admin_key_file: default_admin_key_file(),
+        }
+    }
+}
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            filter: default_log_filter(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable lines, for terminals.
+    Text,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub request_body_limit_bytes: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub database_url: String,
+    pub database_max_connections: NonZeroU32,
+    pub database_connect_timeout: Duration,
+    pub database_create_if_missing: bool,
+    pub admin_key_file: PathBuf,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+}
+
+/// Environment variables that override file settings, in the order they are applied.
+pub const ENV_OVERRIDES: &[&str] = &[
+    "KIP_LISTEN_ADDR",
+    "KIP_DATABASE_URL",
+    "KIP_ADMIN_KEY_FILE",
+    "KIP_LOG_FORMAT",
+    "KIP_LOG_FILTER",
+];
+
+impl RawConfig {
+    /// Parses TOML text; `origin` names the source in error messages.
+    pub fn from_toml(text: &str, origin: &std::path::Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.message().to_owned()
+                + &e
+                    .span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    /// Applies `KIP_*` overrides read through `env` (injected so tests need no global state).
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = env("KIP_LISTEN_ADDR") {
+            self.server.listen_addr = v;
+        }
+        if let Some(v) = env("KIP_DATABASE_URL") {
+            self.database.url = v;
+        }
+        if let Some(v) = env("KIP_ADMIN_KEY_FILE") {
+            self.auth.admin_key_file = v.into();
+        }
+        if let Some(v) = env("KIP_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = env("KIP_LOG_FILTER") {
+            if v.trim().is_empty() {
+                return Err(ConfigError::Env {
+                    var: "KIP_LOG_FILTER",
+                    message: "must not be empty".into(),
+                });
+            }
+            self.log.filter = v;
+        }
+        Ok(())
+    }
+
+    /// Checks every field and builds the typed [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let listen_addr = self.server.listen_addr.parse().map_err(|e| {
+            invalid(
+                "server.listen_addr",
+                format!("{:?} is not an address like 127.0.0.1:8080 ({e})", self.server.listen_addr),
+            )
+        })?;
+        let body = self.server.request_body_limit_bytes;
+        if !(1024..=64 * 1024 * 1024).contains(&body) {
+            return Err(invalid(
+                "server.request_body_limit_bytes",
+                format!("must be between 1024 and 67108864, got {body}"),
+            ));
+        }
+        let ms_in = |field: &'static str, v: u64, min: u64, max: u64| {
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(invalid(field, format!("must be between {min} and {max} ms, got {v}")))
+            }
+        };
+        let request_timeout =
+            ms_in("server.request_timeout_ms", self.server.request_timeout_ms, 100, 600_000)?;
+        let shutdown_grace =
+            ms_in("server.shutdown_grace_ms", self.server.shutdown_grace_ms, 0, 600_000)?;
+        let database_connect_timeout = ms_in(
+            "database.connect_timeout_ms",
+            self.database.connect_timeout_ms,
+            100,
+            600_000,
+        )?;
+        if !(self.database.url.starts_with("postgres://")
+            || self.database.url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                "must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        let database_max_connections = NonZeroU32::new(self.database.max_connections)
+            .filter(|n| n.get() <= 1000)
+            .ok_or_else(|| {
+                invalid(
+                    "database.max_connections",
+                    format!("must be between 1 and 1000, got {}", self.database.max_connections),
+                )
+            })?;
+        if self.auth.admin_key_file.as_os_str().is_empty() {
+            return Err(invalid("auth.admin_key_file", "must not be empty".into()));
+        }
+        let log_format = match self.log.format.as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("must be \"json\" or \"text\", got {other:?}"),
+                ));
+            }
+        };
+        Ok(Config {
+            listen_addr,
+            request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
+            request_timeout,
+            shutdown_grace,
+            database_url: self.database.url,
+            database_max_connections,
+            database_connect_timeout,
+            database_create_if_missing: self.database.create_if_missing,
+            admin_key_file: self.auth.admin_key_file,
+            log_format,
+            log_filter: self.log.filter,
+        })
+    }
+}
+
+impl Config {
+    /// Loads `path` (or defaults when `None`), applies environment overrides, validates.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                RawConfig::from_toml(&text, p)?
+            }
+            None => RawConfig::default(),
+        };
+        raw.apply_env(env)?;
+        raw.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/control-plane.toml");
+        let cfg = Config::load(Some(&path), no_env).unwrap();
+        assert_eq!(cfg.listen_addr.port(), 8080);
+        assert_eq!(cfg.request_body_limit_bytes, 1024 * 1024);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = RawConfig::from_toml("[server]\nlisten_adr = \"x\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_adr"), "{err}");
+        assert!(err.contains("c.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let cases = [
+            ("[server]\nlisten_addr = \"nope\"", "server.listen_addr"),
+            ("[server]\nrequest_timeout_ms = 5", "server.request_timeout_ms"),
+            ("[server]\nrequest_body_limit_bytes = 10", "server.request_body_limit_bytes"),
+            ("[database]\nurl = \"mysql://x\"", "database.url"),
+            ("[database]\nmax_connections = 0", "database.max_connections"),
+            ("[log]\nformat = \"xml\"", "log.format"),
+        ];
+        for (toml, field) in cases {
+            let err = RawConfig::from_toml(toml, Path::new("c.toml"))
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |k: &str| match k {
+            "KIP_LISTEN_ADDR" => Some("0.0.0.0:9999".to_owned()),
+            "KIP_DATABASE_URL" => Some("postgres://u@db/kip2".to_owned()),
+            _ => None,
+        };
+        let cfg = Config::load(None, env).unwrap();
+        assert_eq!(cfg.listen_addr.to_string(), "0.0.0.0:9999");
+        assert_eq!(cfg.database_url, "postgres://u@db/kip2");
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/kip.toml")), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/kip.toml"), "{err}");
+    }
+}

@@ -1,0 +1,180 @@
+//! The HTTP API's single error type.
+//!
+//! Invariant: a client only ever sees `{"error": {"code": ..., "message": ...}}` with a stable
+//! `code`; internal details (SQL text, file paths, driver errors) are logged, never returned.
+
+use axum::{
+    Json,
+    extract::rejection::JsonRejection,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON or does not match the schema (field named in the message).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body larger than {limit_bytes} bytes")]
+    PayloadTooLarge { limit_bytes: usize },
+    /// Well-formed JSON whose values break a rule.
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    #[error("request took longer than {0} ms")]
+    Timeout(u128),
+    #[error("service unavailable: {0}")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Wraps an unexpected error; it is logged and the client sees a generic message.
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(e.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::Validation { .. } => "validation_failed",
+            Self::Timeout(_) => "timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "internal error");
+        }
+        let status = self.status();
+        let body = Body {
+            error: Inner {
+                code: self.code(),
+                message: self.to_string(),
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl ApiError {
+    /// Maps axum's JSON rejection to a client error; `limit_bytes` is the configured body limit.
+    pub fn from_json_rejection(r: JsonRejection, limit_bytes: usize) -> Self {
+        match r {
+            JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                // The limit itself is reported by the body-limit layer; the rejection text
+                // would only repeat hyper's wording.
+                Self::PayloadTooLarge { limit_bytes }
+            }
+            JsonRejection::MissingJsonContentType(_) => {
+                Self::BadRequest("expected Content-Type: application/json".into())
+            }
+            // serde's message names the field and position, e.g.
+            // "unknown field `colour`, expected one of `name`, `labels` at line 1 column 9".
+            JsonRejection::JsonDataError(e) => Self::BadRequest(format!(
+                "invalid request body: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| e.body_text())
+            )),
+            JsonRejection::JsonSyntaxError(e) => Self::BadRequest(format!(
+                "malformed JSON: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_else(|| e.body_text())
+            )),
+            other => Self::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            match db.code().as_deref() {
+                // unique_violation: name the constraint's field rather than the SQL.
+                Some("23505") => {
+                    let what = match db.constraint() {
+                        Some("organisations_name_key") => "an organisation with this name already exists",
+                        Some("devices_org_name") => "a device with this name already exists in the organisation",
+                        Some("ai_models_org_name_version") => {
+                            "this model name and version already exist in the organisation"
+                        }
+                        _ => "a record with these values already exists",
+                    };
+                    return Self::Conflict(what.into());
+                }
+                // foreign_key_violation / check_violation: the input referenced or broke a rule.
+                Some("23503") => {
+                    return Self::validation("reference", "refers to a record that does not exist");
+                }
+                Some("23514") => {
+                    return Self::validation(
+                        db.constraint().unwrap_or("value"),
+                        "violates a constraint",
+                    );
+                }
+                _ => {}
+            }
+        }
+        if matches!(e, sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) {
+            tracing::warn!(error = %e, "database unavailable");
+            return Self::Unavailable("database");
+        }
+        Self::internal(e)
+    }
+}
+
+/// Result alias for handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

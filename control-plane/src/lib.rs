@@ -1,0 +1,62 @@
+//! kip control plane: fleet management, sensor data, admin API and the unified LLM API.
+//!
+//! The binaries `kip-control-plane` (server) and `kipctl` (admin CLI) are thin wrappers
+//! around this library so that tests drive the same code.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod server;
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Connects, migrates, bootstraps the admin key and serves until `token` is cancelled.
+pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let pool = db::connect(&cfg).await?;
+    db::migrate(&pool).await?;
+    tracing::info!("database schema up to date");
+    if db::ensure_admin_key(&pool, &cfg.admin_key_file).await? {
+        tracing::warn!(
+            path = %cfg.admin_key_file.display(),
+            "created the platform-admin API key; read it from this file (mode 0600)"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+    let state = server::AppState::new(pool.clone(), &cfg);
+    let tracker = TaskTracker::new();
+    let signals = tracker.spawn(server::shutdown_signal(token.clone()));
+    server::serve(
+        listener,
+        server::router(state),
+        token.clone(),
+        tracker,
+        cfg.shutdown_grace,
+    )
+    .await?;
+    signals.abort();
+    pool.close().await;
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+/// Installs the global tracing subscriber according to the config.
+pub fn init_tracing(format: config::LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}

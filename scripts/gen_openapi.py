@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Writes docs/openapi.json, the OpenAPI document of the control plane's HTTP API.
+
+The document is the contract; a Rust test checks that every route the router serves is in it
+and every path in it is served. Edit this script, run it, commit both files.
+"""
+import json, pathlib
+
+def ref(name): return {"$ref": f"#/components/schemas/{name}"}
+def err(desc): return {"description": desc, "content": {"application/json": {"schema": ref("Error")}}}
+def ok(desc, schema, code="200"):
+    return {code: {"description": desc, "content": {"application/json": {"schema": schema}}}}
+def body(schema): return {"required": True, "content": {"application/json": {"schema": schema}}}
+def arr(s): return {"type": "array", "items": s}
+P = lambda name, desc: {"name": name, "in": "path", "required": True, "description": desc, "schema": {"type": "string", "format": "uuid"}}
+LIMIT = {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+COMMON = {"400": err("Malformed JSON or unknown/missing field (named in the message)"),
+          "401": err("Missing or invalid API key"), "413": err("Body larger than the configured limit"),
+          "422": err("A value breaks a rule (field named)"), "504": err("Request timed out")}
+def op(summary, responses, params=(), req=None, extra=()):
+    o = {"summary": summary, "security": [{"apiKey": []}], "parameters": list(params), "responses": {**responses, **COMMON}}
+    for code in extra: o["responses"][code] = {"403": err("Needs a platform-admin key"), "404": err("Not found, or not visible to this key"), "409": err("Duplicate")}[code]
+    if req: o["requestBody"] = req
+    return o
+
+ORG = P("org_id", "Organisation id")
+name = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,63}$"}
+ts = {"type": "string", "format": "date-time"}
+uuid = {"type": "string", "format": "uuid"}
+schemas = {
+  "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+  "Me": {"type": "object", "properties": {"key_id": uuid, "scope": {"enum": ["platform", "org"]}, "org_id": {"type": ["string", "null"], "format": "uuid"}}},
+  "Organisation": {"type": "object", "properties": {"id": uuid, "name": name, "display_name": {"type": "string"}, "created_at": ts, "updated_at": ts}},
+  "CreateOrganisation": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": name, "display_name": {"type": ["string", "null"], "maxLength": 200}}},
+  "UpdateOrganisation": {"type": "object", "additionalProperties": False, "required": ["display_name"], "properties": {"display_name": {"type": "string", "minLength": 1, "maxLength": 200}}},
+  "ApiKeyInfo": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "name": name, "prefix": {"type": "string"}, "created_at": ts, "revoked_at": {"type": ["string", "null"], "format": "date-time"}}},
+  "CreatedApiKey": {"allOf": [ref("ApiKeyInfo"), {"type": "object", "properties": {"key": {"type": "string", "description": "Shown only in this response"}}}]},
+  "CreateApiKey": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": name}},
+  "Device": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "name": name, "labels": {"type": "object", "additionalProperties": {"type": "string"}}, "created_at": ts, "last_seen_at": {"type": ["string", "null"], "format": "date-time"}}},
+  "RegisterDevice": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": name, "labels": {"type": "object", "maxProperties": 64, "additionalProperties": {"type": "string"}}}},
+  "AiModel": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "name": name, "version": {"type": "string"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": ["string", "null"]}, "uri": {"type": ["string", "null"]}, "metrics": {"type": "object"}, "created_at": ts}},
+  "RegisterModel": {"type": "object", "additionalProperties": False, "required": ["name", "version", "kind"], "properties": {"name": name, "version": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,64}$"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "uri": {"type": "string", "maxLength": 2048}, "metrics": {"type": "object"}}},
+}
+plain = lambda d: {"200": {"description": d, "content": {"application/json": {"schema": {"type": "object"}}}}}
+paths = {
+  "/healthz": {"get": {"summary": "Liveness", "responses": plain("Process is alive")}},
+  "/readyz": {"get": {"summary": "Readiness (database reachable)", "responses": {**plain("Ready"), "503": err("Database unreachable")}}},
+  "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OpenMetrics text", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}}}},
+  "/openapi.json": {"get": {"summary": "This document", "responses": plain("OpenAPI 3.1")}},
+  "/v1/me": {"get": op("The calling key", ok("Key", ref("Me")))},
+  "/v1/organisations": {
+    "get": op("List organisations (an organisation key sees its own)", ok("Organisations", arr(ref("Organisation"))), [LIMIT]),
+    "post": op("Create an organisation (platform key)", ok("Created", ref("Organisation"), "201"), req=body(ref("CreateOrganisation")), extra=["403", "409"])},
+  "/v1/organisations/{org_id}": {
+    "get": op("Get an organisation", ok("Organisation", ref("Organisation")), [ORG], extra=["404"]),
+    "patch": op("Update an organisation", ok("Updated", ref("Organisation")), [ORG], body(ref("UpdateOrganisation")), extra=["404"]),
+    "delete": op("Delete an organisation and all its data (platform key)", {"204": {"description": "Deleted"}}, [ORG], extra=["403", "404"])},
+  "/v1/organisations/{org_id}/api-keys": {
+    "get": op("List API keys (never the keys themselves)", ok("Keys", arr(ref("ApiKeyInfo"))), [ORG, LIMIT], extra=["404"]),
+    "post": op("Create an API key; the key is in this response only", ok("Created", ref("CreatedApiKey"), "201"), [ORG], body(ref("CreateApiKey")), extra=["404"])},
+  "/v1/organisations/{org_id}/api-keys/{key_id}": {
+    "delete": op("Revoke an API key (idempotent)", ok("Revoked", ref("ApiKeyInfo")), [ORG, P("key_id", "Key id")], extra=["404"])},
+  "/v1/organisations/{org_id}/devices": {
+    "get": op("List devices", ok("Devices", arr(ref("Device"))), [ORG, LIMIT], extra=["404"]),
+    "post": op("Register a device", ok("Registered", ref("Device"), "201"), [ORG], body(ref("RegisterDevice")), extra=["404", "409"])},
+  "/v1/organisations/{org_id}/devices/{device_id}": {
+    "get": op("Get a device", ok("Device", ref("Device")), [ORG, P("device_id", "Device id")], extra=["404"]),
+    "delete": op("Delete a device", {"204": {"description": "Deleted"}}, [ORG, P("device_id", "Device id")], extra=["404"])},
+  "/v1/organisations/{org_id}/models": {
+    "get": op("List AI models", ok("Models", arr(ref("AiModel"))), [ORG, LIMIT], extra=["404"]),
+    "post": op("Register an AI model version", ok("Registered", ref("AiModel"), "201"), [ORG], body(ref("RegisterModel")), extra=["404", "409"])},
+  "/v1/organisations/{org_id}/models/{model_id}": {
+    "get": op("Get an AI model", ok("Model", ref("AiModel")), [ORG, P("model_id", "Model id")], extra=["404"])},
+}
+doc = {"openapi": "3.1.0",
+       "info": {"title": "kip control plane", "version": "0.1.0", "description": "Admin API of the kip industrial AI platform. Errors always have the body {\"error\": {\"code\", \"message\"}}."},
+       "servers": [{"url": "http://127.0.0.1:8080"}],
+       "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "kip API key: kip_<prefix>_<secret>"}}, "schemas": schemas},
+       "paths": paths}
+out = pathlib.Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+out.write_text(json.dumps(doc, indent=2) + "\n")

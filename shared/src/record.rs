@@ -1,0 +1,165 @@
+//! Records produced on the agent, buffered durably, and synced to the control plane.
+//!
+//! Invariants:
+//! - Every record is self-describing (`kind` tag) so a newer agent's unknown kind can be
+//!   rejected by name instead of mis-parsed.
+//! - Timestamps are UTC; `ts` of a reading is the *source* timestamp (OPC UA SourceTimestamp
+//!   or the payload's timestamp field), falling back to the receive time when absent.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// OPC UA style quality of a value, collapsed to its three classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    #[default]
+    Good,
+    Uncertain,
+    Bad,
+}
+
+impl Quality {
+    /// Stable numeric code used in storage (`sensor_data.quality`).
+    pub fn code(self) -> i16 {
+        match self {
+            Self::Good => 0,
+            Self::Uncertain => 1,
+            Self::Bad => 2,
+        }
+    }
+}
+
+/// One measured value of one metric of one machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reading {
+    /// Name of the configured source (an OPC UA endpoint or MQTT broker) that produced it.
+    pub source: String,
+    /// Machine the value belongs to (a gateway may watch several machines).
+    pub machine: String,
+    pub metric: String,
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+    #[serde(default)]
+    pub quality: Quality,
+}
+
+/// Data is known to be missing for `source` between `from` and `to` (e.g. a reconnect).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gap {
+    pub source: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// A payload that could not be turned into a reading; kept so nothing disappears silently.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    pub source: String,
+    /// MQTT topic or OPC UA node id.
+    pub origin: String,
+    pub reason: String,
+    /// The first bytes of the payload (at most [`DEAD_LETTER_PREFIX_BYTES`]).
+    pub payload_prefix: Vec<u8>,
+    pub ts: DateTime<Utc>,
+}
+
+/// How many payload bytes a dead letter keeps.
+pub const DEAD_LETTER_PREFIX_BYTES: usize = 256;
+
+/// Records were evicted from the agent's buffer before they could be synced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Loss {
+    /// Number of records evicted.
+    pub records: u64,
+    /// Sequence range (inclusive) of the evicted records.
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub reason: String,
+    pub ts: DateTime<Utc>,
+}
+
+/// Output of a predictive-maintenance model on the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prediction {
+    pub machine: String,
+    pub model_version: String,
+    pub ts: DateTime<Utc>,
+    pub rul_cycles: f64,
+    #[serde(default)]
+    pub anomaly_score: Option<f64>,
+}
+
+/// Anything the agent buffers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    Reading(Reading),
+    Gap(Gap),
+    DeadLetter(DeadLetter),
+    Loss(Loss),
+    Prediction(Prediction),
+}
+
+impl Record {
+    /// Raw readings may be evicted when the buffer is full; everything else is kept.
+    pub fn is_evictable(&self) -> bool {
+        matches!(self, Self::Reading(_))
+    }
+}
+
+/// A record with its durable position in one agent's stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sequenced {
+    /// Incremented when an agent's buffer is recreated from scratch, so sequence numbers
+    /// never repeat for one device.
+    pub epoch: u64,
+    /// Strictly increasing within an epoch.
+    pub seq: u64,
+    pub record: Record,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_with_a_kind_tag() {
+        let r = Record::Reading(Reading {
+            source: "plc1".into(),
+            machine: "m1".into(),
+            metric: "temp".into(),
+            ts: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+            value: 21.5,
+            quality: Quality::Good,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.contains("\"kind\":\"reading\""), "{s}");
+        assert_eq!(serde_json::from_str::<Record>(&s).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_kind_is_named_in_the_error() {
+        let err = serde_json::from_str::<Record>(r#"{"kind":"alarm"}"#).unwrap_err();
+        assert!(err.to_string().contains("alarm"), "{err}");
+    }
+
+    #[test]
+    fn only_readings_are_evictable() {
+        let p = Record::Prediction(Prediction {
+            machine: "m".into(),
+            model_version: "1".into(),
+            ts: Utc::now(),
+            rul_cycles: 10.0,
+            anomaly_score: None,
+        });
+        assert!(!p.is_evictable());
+    }
+}
