@@ -8,8 +8,9 @@
 
 use axum::{
     Json,
-    extract::{FromRequest, Path, Query, Request, State},
+    extract::{FromRequest, FromRequestParts, Path, Query, Request, State},
     http::StatusCode,
+    http::request::Parts,
 };
 use chrono::{DateTime, Utc};
 use kip_shared::Name;
@@ -38,6 +39,21 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     }
 }
 
+/// Path extractor whose rejections are [`ApiError`]s (400 naming the bad segment).
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| Self(v))
+            .map_err(|r| ApiError::BadRequest(format!("invalid path: {}", r.body_text())))
+    }
+}
+
 fn parse_name(field: &str, s: &str) -> ApiResult<Name> {
     Name::parse(s).map_err(|e| ApiError::validation(field, e.to_string()))
 }
@@ -62,8 +78,11 @@ impl ListParams {
     }
 }
 
-fn list_params(q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>) -> ApiResult<i64> {
-    let Query(p) = q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
+fn list_params(
+    q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<i64> {
+    let Query(p) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
     p.checked()
 }
 
@@ -114,7 +133,10 @@ pub struct UpdateOrganisation {
 
 fn check_display_name(s: &str) -> ApiResult<()> {
     if s.trim().is_empty() || s.chars().count() > 200 {
-        return Err(ApiError::validation("display_name", "must be 1 to 200 characters"));
+        return Err(ApiError::validation(
+            "display_name",
+            "must be 1 to 200 characters",
+        ));
     }
     Ok(())
 }
@@ -166,7 +188,7 @@ pub async fn list_orgs(
 pub async fn get_org(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Organisation>> {
     let org_id = p.org_scope(org_id)?;
     sqlx::query_as(
@@ -182,7 +204,7 @@ pub async fn get_org(
 pub async fn update_org(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateOrganisation>,
 ) -> ApiResult<Json<Organisation>> {
     let org_id = p.org_scope(org_id)?;
@@ -202,7 +224,7 @@ pub async fn update_org(
 pub async fn delete_org(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     p.require_platform()?;
     let res = sqlx::query("DELETE FROM organisations WHERE id = $1")
@@ -245,7 +267,7 @@ pub struct CreateApiKey {
 pub async fn create_key(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<CreateApiKey>,
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
     let org_id = p.org_scope(org_id)?;
@@ -274,7 +296,7 @@ pub async fn create_key(
 pub async fn list_keys(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<ApiKeyInfo>>> {
     let org_id = p.org_scope(org_id)?;
@@ -294,7 +316,7 @@ pub async fn list_keys(
 pub async fn revoke_key(
     State(st): State<AppState>,
     p: Principal,
-    Path((org_id, key_id)): Path<(Uuid, Uuid)>,
+    ApiPath((org_id, key_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<ApiKeyInfo>> {
     let org_id = p.org_scope(org_id)?;
     let info: ApiKeyInfo = sqlx::query_as(
@@ -331,11 +353,10 @@ pub struct RegisterDevice {
     pub labels: serde_json::Map<String, serde_json::Value>,
 }
 
-
 pub async fn register_device(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<RegisterDevice>,
 ) -> ApiResult<(StatusCode, Json<Device>)> {
     let org_id = p.org_scope(org_id)?;
@@ -365,7 +386,7 @@ pub async fn register_device(
 pub async fn list_devices(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<Device>>> {
     let org_id = p.org_scope(org_id)?;
@@ -384,7 +405,7 @@ pub async fn list_devices(
 pub async fn get_device(
     State(st): State<AppState>,
     p: Principal,
-    Path((org_id, device_id)): Path<(Uuid, Uuid)>,
+    ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<Device>> {
     let org_id = p.org_scope(org_id)?;
     sqlx::query_as(
@@ -402,7 +423,7 @@ pub async fn get_device(
 pub async fn delete_device(
     State(st): State<AppState>,
     p: Principal,
-    Path((org_id, device_id)): Path<(Uuid, Uuid)>,
+    ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
     let org_id = p.org_scope(org_id)?;
     let res = sqlx::query("DELETE FROM devices WHERE org_id = $1 AND id = $2")
@@ -492,14 +513,17 @@ impl ModelStage {
 pub async fn register_model(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<RegisterModel>,
 ) -> ApiResult<(StatusCode, Json<AiModel>)> {
     let org_id = p.org_scope(org_id)?;
     let name = parse_name("name", &body.name)?;
     if body.version.is_empty()
         || body.version.len() > 64
-        || !body.version.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+        || !body
+            .version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
     {
         return Err(ApiError::validation(
             "version",
@@ -507,7 +531,10 @@ pub async fn register_model(
         ));
     }
     if let Some(h) = &body.artifact_sha256
-        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        && (h.len() != 64
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
     {
         return Err(ApiError::validation(
             "artifact_sha256",
@@ -543,7 +570,7 @@ pub async fn register_model(
 pub async fn list_models(
     State(st): State<AppState>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<AiModel>>> {
     let org_id = p.org_scope(org_id)?;
@@ -562,7 +589,7 @@ pub async fn list_models(
 pub async fn get_model(
     State(st): State<AppState>,
     p: Principal,
-    Path((org_id, model_id)): Path<(Uuid, Uuid)>,
+    ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<AiModel>> {
     let org_id = p.org_scope(org_id)?;
     sqlx::query_as(

@@ -1,0 +1,226 @@
+//! The real `kip-control-plane` and `kipctl` binaries against a real PostgreSQL: first start
+//! creates the database, schema and admin key; `kipctl` drives the admin API; SIGTERM stops
+//! the server cleanly; a restart keeps every row.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should abort the test"
+)]
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(db: &str, port: u16, key_file: &Path) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+            .env("KIP_DATABASE_URL", format!("{PG}/{db}"))
+            .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("KIP_ADMIN_KEY_FILE", key_file)
+            .env("KIP_LOG_FORMAT", "text")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "server did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, url }
+    }
+
+    fn sigterm_and_wait(mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kipctl(server: &str, key_file: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kipctl"))
+        .env("KIP_SERVER", server)
+        .env("KIP_API_KEY_FILE", key_file)
+        .env_remove("KIP_API_KEY")
+        .env_remove("KIP_ORG")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn drop_db(db: &str) {
+    use sqlx::Connection as _;
+    let mut c = sqlx::PgConnection::connect(&format!("{PG}/postgres"))
+        .await
+        .unwrap();
+    let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut c)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn first_start_bootstraps_kipctl_works_and_restart_keeps_data() {
+    let db = format!("kip_proc_{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("admin.key");
+    let port = free_port();
+
+    let server = Server::start(&db, port, &key_file);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !key_file.exists() {
+        assert!(Instant::now() < deadline, "admin key file not written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let admin_key = std::fs::read_to_string(&key_file).unwrap();
+
+    let (ok, out, err) = kipctl(
+        &server.url,
+        &key_file,
+        &["org", "create", "acme", "--display-name", "ACME"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("acme") && out.contains("ACME"), "{out}");
+    let (ok, out, err) = kipctl(&server.url, &key_file, &["--json", "org", "list"]);
+    assert!(ok, "{err}");
+    let orgs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(orgs[0]["name"], "acme");
+
+    // An org key, then device and model commands with it (org implied by the key).
+    let (ok, out, err) = kipctl(
+        &server.url,
+        &key_file,
+        &["--org", "acme", "key", "create", "ops"],
+    );
+    assert!(ok, "{err}");
+    let org_key = out.lines().next().unwrap().trim().to_owned();
+    let org_key_file = dir.path().join("org.key");
+    std::fs::write(&org_key_file, &org_key).unwrap();
+    let (ok, out, err) = kipctl(
+        &server.url,
+        &org_key_file,
+        &["device", "register", "gw-01", "--label", "site=berlin"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("gw-01") && out.contains("site=berlin"),
+        "{out}"
+    );
+    let (ok, _, err) = kipctl(
+        &server.url,
+        &org_key_file,
+        &[
+            "model",
+            "register",
+            "--name",
+            "rul",
+            "--version",
+            "1",
+            "--kind",
+            "rul",
+        ],
+    );
+    assert!(ok, "{err}");
+
+    // Errors are the server's own words.
+    let (ok, _, err) = kipctl(&server.url, &org_key_file, &["device", "register", "gw-01"]);
+    assert!(!ok);
+    assert!(
+        err.contains("conflict") && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let (ok, _, err) = kipctl(&server.url, &org_key_file, &["org", "create", "evil"]);
+    assert!(!ok);
+    assert!(err.contains("platform-admin"), "{err}");
+
+    let status = server.sigterm_and_wait();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    // Restart: same data, same admin key (not regenerated).
+    let server = Server::start(&db, port, &key_file);
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), admin_key);
+    let (ok, out, err) = kipctl(&server.url, &org_key_file, &["--json", "device", "list"]);
+    assert!(ok, "{err}");
+    let devs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(devs.as_array().unwrap().len(), 1);
+    assert_eq!(devs[0]["labels"]["site"], "berlin");
+    let (ok, out, _) = kipctl(&server.url, &org_key_file, &["model", "list"]);
+    assert!(ok && out.contains("rul"), "{out}");
+    assert!(server.sigterm_and_wait().success());
+    drop_db(&db).await;
+}
+
+#[test]
+fn unreachable_database_is_reported_with_the_fix() {
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+        .env("KIP_DATABASE_URL", "postgres://postgres@127.0.0.1:1/kip")
+        .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot connect to PostgreSQL at 127.0.0.1:1/kip"),
+        "{err}"
+    );
+    assert!(err.contains("Is PostgreSQL running?"), "{err}");
+}
+
+#[test]
+fn bad_config_file_is_reported_with_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("cp.toml");
+    std::fs::write(&f, "[server]\nrequest_timeout_ms = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+        .args(["--config", f.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.request_timeout_ms"), "{err}");
+}
