@@ -57,3 +57,40 @@ ensure_postgres() {
 ensure_mosquitto() {
     ensure_packages mosquitto mosquitto-clients
 }
+
+# ensure_ort: ONNX Runtime shared library from the PyPI wheel (Debian has none, and ort's own
+# download cannot be used here); exports ORT_DYLIB_PATH.
+ORT_VERSION=1.32.0
+ORT_WHEEL_SHA256=5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d
+ensure_ort() {
+    local dir="$KIP_ROOT/target/ort" lib
+    lib="$dir/lib/libonnxruntime.so.$ORT_VERSION"
+    if [ ! -f "$lib" ]; then
+        say "fetching ONNX Runtime $ORT_VERSION (PyPI wheel)"
+        mkdir -p "$dir/lib"
+        python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+            --platform manylinux_2_28_x86_64 --python-version 3.11 "onnxruntime==$ORT_VERSION" -d "$dir" \
+            || die "cannot download onnxruntime==$ORT_VERSION from PyPI"
+        local whl="$dir/onnxruntime-$ORT_VERSION-cp311-cp311-manylinux_2_28_x86_64.whl"
+        echo "$ORT_WHEEL_SHA256  $whl" | sha256sum -c --quiet - || die "onnxruntime wheel checksum mismatch"
+        python3 - "$whl" "$lib" <<'PY'
+import sys, zipfile, shutil
+whl, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(whl) as z, z.open(f"onnxruntime/capi/libonnxruntime.so.{out.rsplit('.so.', 1)[1]}") as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    fi
+    export ORT_DYLIB_PATH="$lib"
+}
+
+# ensure_python_peers: independent Python clients and references used by tests.
+ensure_python_peers() {
+    local want=("onnxruntime==$ORT_VERSION" "numpy<3" "openai>=1.40" "asyncua==2.1.0") missing=()
+    python3 -c 'import onnxruntime' 2>/dev/null || missing+=("${want[0]}" "${want[1]}")
+    python3 -c 'import openai' 2>/dev/null || missing+=("${want[2]}")
+    python3 -c 'import asyncua' 2>/dev/null || missing+=("${want[3]}")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing Python test peers: ${missing[*]}"
+        python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing[@]}" || die "pip install ${missing[*]} failed"
+    fi
+}

@@ -14,3 +14,4 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod record;
 
 pub use record::{DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, Sequenced};
+pub mod features;

@@ -1,0 +1,334 @@
+//! Predictive-maintenance inference on the agent with ONNX Runtime (`ort`, `load-dynamic`).
+//!
+//! Invariants:
+//! - The ONNX Runtime library is located and loaded once at start-up ([`OrtRuntime::load`]); a
+//!   missing or unloadable library is a start-up error that names the path tried and the fix,
+//!   never a panic at the first inference.
+//! - A model is only ever swapped in after it passed every check ([`RulModel::load`]): sha256
+//!   equal to the expected one, a session that builds, metadata naming a feature set this agent
+//!   implements with the right input width, and a smoke inference with a finite result. Until
+//!   then the previous model keeps serving ([`ModelSlot::try_swap`]).
+//! - Features come from `kip_shared::features`, the same code the training pipeline used.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use kip_shared::{Prediction, Reading, features::FeatureSpec};
+use sha2::Digest as _;
+
+/// Library file name inside the onnxruntime wheel and kip's packages.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.32.0";
+
+/// Why inference is not possible.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error(
+        "ONNX Runtime library not found (tried: {tried}). Install the kip-agent package (it ships \
+         the library), or set ORT_DYLIB_PATH / [inference] ort_library to {ORT_LIBRARY} \
+         (from the onnxruntime 1.32 wheel: scripts/lib.sh ensure_ort)"
+    )]
+    LibraryMissing { tried: String },
+    #[error("cannot load ONNX Runtime from {path}: {message}")]
+    LibraryLoad { path: PathBuf, message: String },
+    #[error("model sha256 is {actual}, expected {expected}: refusing a corrupted or wrong file")]
+    Checksum { expected: String, actual: String },
+    #[error("model is not a valid ONNX model: {0}")]
+    Invalid(String),
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    #[error("smoke inference failed: {0}")]
+    Smoke(String),
+    #[error("inference failed: {0}")]
+    Run(String),
+    #[error(transparent)]
+    Features(#[from] kip_shared::features::FeatureError),
+}
+
+/// A loaded ONNX Runtime.
+#[derive(Debug, Clone)]
+pub struct OrtRuntime {
+    env: ort::environment::Environment,
+    pub library: PathBuf,
+}
+
+impl OrtRuntime {
+    /// Loads the library: `configured` if given, else `ORT_DYLIB_PATH`, else beside the
+    /// executable (`lib/` and `../lib/kip-agent/`), else `/usr/lib/kip-agent/`.
+    ///
+    /// ONNX Runtime allows one environment per process, so the first successful load is kept
+    /// and returned by later calls once their path is found to exist.
+    pub fn load(configured: Option<&Path>) -> Result<Self, InferenceError> {
+        static LOADED: std::sync::Mutex<Option<OrtRuntime>> = std::sync::Mutex::new(None);
+        let path = Self::locate(configured)?;
+        let mut loaded = LOADED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rt) = loaded.as_ref() {
+            return Ok(rt.clone());
+        }
+        let load_err = |message: String| InferenceError::LibraryLoad {
+            path: path.clone(),
+            message,
+        };
+        let env = ort::init_from(&path)
+            .map_err(|e| load_err(e.to_string()))?
+            .with_name("kip-agent")
+            .build()
+            .map_err(|e| load_err(e.to_string()))?;
+        let rt = Self { env, library: path };
+        *loaded = Some(rt.clone());
+        Ok(rt)
+    }
+
+    fn locate(configured: Option<&Path>) -> Result<PathBuf, InferenceError> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Some(p) = configured {
+            candidates.push(p.to_owned());
+        } else {
+            if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+                candidates.push(PathBuf::from(p));
+            }
+            if let Some(dir) = std::env::current_exe()
+                .ok()
+                .and_then(|e| e.parent().map(Path::to_owned))
+            {
+                candidates.push(dir.join("lib").join(ORT_LIBRARY));
+                candidates.push(dir.join("../lib/kip-agent").join(ORT_LIBRARY));
+            }
+            candidates.push(Path::new("/usr/lib/kip-agent").join(ORT_LIBRARY));
+        }
+        let Some(path) = candidates.iter().find(|p| p.is_file()).cloned() else {
+            return Err(InferenceError::LibraryMissing {
+                tried: candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        Ok(path)
+    }
+}
+
+/// A remaining-useful-life model ready to run.
+#[derive(Debug)]
+pub struct RulModel {
+    session: ort::session::Session,
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    pub spec: FeatureSpec,
+    input: String,
+    output: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+impl RulModel {
+    /// Verifies and loads a model; see the module invariants for the checks.
+    pub fn load(
+        rt: &OrtRuntime,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+    ) -> Result<Self, InferenceError> {
+        let sha256 = sha256_hex(bytes);
+        if let Some(expected) = expected_sha256
+            && !expected.eq_ignore_ascii_case(&sha256)
+        {
+            return Err(InferenceError::Checksum {
+                expected: expected.to_owned(),
+                actual: sha256,
+            });
+        }
+        let invalid = |e: &dyn std::fmt::Display| InferenceError::Invalid(e.to_string());
+        let session = ort::session::Session::builder(&rt.env)
+            .map_err(|e| invalid(&e))?
+            // One thread: a gateway runs many small inferences; parallelism inside one would
+            // only add synchronisation cost.
+            .with_intra_threads(1)
+            .map_err(|e| invalid(&e))?
+            .commit_from_memory(bytes)
+            .map_err(|e| invalid(&e))?;
+        let meta = session
+            .metadata()
+            .map_err(|e| InferenceError::Metadata(e.to_string()))?;
+        let custom = |k: &str| {
+            meta.custom(k)
+                .ok_or_else(|| InferenceError::Metadata(format!("missing {k}")))
+        };
+        let feature_set = custom("kip.feature_set")?;
+        let name = custom("kip.model_name")?;
+        let version = custom("kip.model_version")?;
+        drop(meta);
+        let spec = FeatureSpec::by_version(&feature_set)?;
+        let input = session
+            .inputs()
+            .first()
+            .map(|o| o.name().to_owned())
+            .ok_or_else(|| InferenceError::Metadata("model has no input".into()))?;
+        let output = session
+            .outputs()
+            .first()
+            .map(|o| o.name().to_owned())
+            .ok_or_else(|| InferenceError::Metadata("model has no output".into()))?;
+        let mut model = Self {
+            session,
+            name,
+            version,
+            sha256,
+            spec,
+            input,
+            output,
+        };
+        // Smoke inference: a model that loads but cannot run (wrong width, broken graph) is
+        // refused here rather than at the first real window.
+        let width = model.spec.len();
+        let probe = vec![0.0f32; width];
+        let out = model
+            .predict_rows(&probe, 1)
+            .map_err(|e| InferenceError::Smoke(e.to_string()))?;
+        if out.len() != 1 || !out.iter().all(|v| v.is_finite()) {
+            return Err(InferenceError::Smoke(format!(
+                "expected one finite value, got {out:?}"
+            )));
+        }
+        Ok(model)
+    }
+
+    /// Runs the model on `rows` rows of features laid out row after row.
+    pub fn predict_rows(
+        &mut self,
+        features: &[f32],
+        rows: usize,
+    ) -> Result<Vec<f32>, InferenceError> {
+        let width = self.spec.len();
+        if features.len() != rows * width {
+            return Err(InferenceError::Run(format!(
+                "expected {rows} x {width} features, got {}",
+                features.len()
+            )));
+        }
+        let run = |e: ort::Error| InferenceError::Run(e.to_string());
+        let tensor =
+            ort::value::Tensor::from_array(([rows, width], features.to_vec())).map_err(run)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input.as_str() => tensor])
+            .map_err(run)?;
+        let value = outputs
+            .get(self.output.as_str())
+            .ok_or_else(|| InferenceError::Run(format!("no output {}", self.output)))?;
+        let (_, data) = value.try_extract_tensor::<f32>().map_err(run)?;
+        Ok(data.to_vec())
+    }
+}
+
+/// The model currently serving, swapped only for a model that passed [`RulModel::load`].
+#[derive(Debug, Default)]
+pub struct ModelSlot {
+    current: Option<RulModel>,
+    /// Why the last swap was refused, for status reporting.
+    pub last_error: Option<String>,
+}
+
+impl ModelSlot {
+    /// Tries to replace the serving model; on failure the old one keeps serving and the reason
+    /// is kept in `last_error` and returned.
+    pub fn try_swap(
+        &mut self,
+        rt: &OrtRuntime,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+    ) -> Result<(), InferenceError> {
+        match RulModel::load(rt, bytes, expected_sha256) {
+            Ok(m) => {
+                self.current = Some(m);
+                self.last_error = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    pub fn current(&self) -> Option<&RulModel> {
+        self.current.as_ref()
+    }
+
+    pub fn current_mut(&mut self) -> Option<&mut RulModel> {
+        self.current.as_mut()
+    }
+}
+
+/// Turns a stream of readings into per-machine cycles and predictions.
+///
+/// A machine's cycle is complete when every channel of the feature set has a new value since
+/// the previous cycle; the row then holds the latest value of each channel. Readings of other
+/// metrics are ignored. At most `window_len` rows are kept per machine (bounded memory).
+#[derive(Debug, Default)]
+pub struct Predictor {
+    machines: HashMap<String, MachineState>,
+}
+
+#[derive(Debug, Default)]
+struct MachineState {
+    pending: BTreeMap<String, f32>,
+    rows: std::collections::VecDeque<Vec<f32>>,
+    cycles: u64,
+}
+
+impl Predictor {
+    /// Feeds one reading; returns a prediction when it completed a cycle and a model is loaded.
+    pub fn observe(
+        &mut self,
+        slot: &mut ModelSlot,
+        reading: &Reading,
+    ) -> Result<Option<Prediction>, InferenceError> {
+        let Some(model) = slot.current_mut() else {
+            return Ok(None);
+        };
+        let spec = &model.spec;
+        if !spec.channels.contains(&reading.metric.as_str()) || !reading.value.is_finite() {
+            return Ok(None);
+        }
+        let st = self.machines.entry(reading.machine.clone()).or_default();
+        st.pending
+            .insert(reading.metric.clone(), reading.value as f32);
+        if st.pending.len() < spec.channels.len() {
+            return Ok(None);
+        }
+        let row: Vec<f32> = spec
+            .channels
+            .iter()
+            .map(|c| st.pending.get(*c).copied().unwrap_or(f32::NAN))
+            .collect();
+        st.pending.clear();
+        st.rows.push_back(row);
+        while st.rows.len() > spec.window_len {
+            st.rows.pop_front();
+        }
+        st.cycles += 1;
+        let rows: Vec<Vec<f32>> = st.rows.iter().cloned().collect();
+        let features = spec.features(&rows, st.cycles as f32)?;
+        let out = model.predict_rows(&features, 1)?;
+        let rul = out.first().copied().unwrap_or(f32::NAN);
+        Ok(Some(Prediction {
+            machine: reading.machine.clone(),
+            model_version: model.version.clone(),
+            ts: reading.ts,
+            rul_cycles: f64::from(rul),
+            anomaly_score: None,
+        }))
+    }
+
+    /// Latest cycle count per machine.
+    pub fn cycles(&self, machine: &str) -> u64 {
+        self.machines.get(machine).map_or(0, |m| m.cycles)
+    }
+}

@@ -1,0 +1,232 @@
+//! ONNX inference on the agent with the real ONNX Runtime library and the model trained by
+//! `kip-train` (ml/models), checked against Python onnxruntime as an independent reference.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+use std::path::{Path, PathBuf};
+
+use kip_agent::inference::{InferenceError, ModelSlot, OrtRuntime, Predictor, RulModel};
+use kip_shared::{Quality, Reading, features::FeatureSpec};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ort_library() -> PathBuf {
+    let p = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    assert!(
+        p.is_file(),
+        "ONNX Runtime library missing at {}: run scripts/test.sh (it fetches it) or set ORT_DYLIB_PATH",
+        p.display()
+    );
+    p
+}
+
+fn reference_model() -> (Vec<u8>, serde_json::Value) {
+    let dir = root().join("ml/models");
+    let onnx = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .expect("a trained model in ml/models");
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
+    (std::fs::read(onnx).unwrap(), card)
+}
+
+/// Feature rows from the first engines of FD001, cut at several cycles.
+fn fd001_rows(spec: &FeatureSpec) -> (Vec<f32>, usize) {
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let mut out = Vec::new();
+    let mut n = 0;
+    for e in engines.iter().take(8) {
+        let series = e.select(&spec.channels).unwrap();
+        for cut in [1, 10, 31, 80, series.len()] {
+            out.extend(spec.features(&series[..cut], cut as f32).unwrap());
+            n += 1;
+        }
+    }
+    (out, n)
+}
+
+fn python_reference(model: &[u8], features: &[f32], rows: usize, width: usize) -> Vec<f32> {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, x, y) = (
+        dir.path().join("m.onnx"),
+        dir.path().join("x.bin"),
+        dir.path().join("y.bin"),
+    );
+    std::fs::write(&m, model).unwrap();
+    std::fs::write(
+        &x,
+        features
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let script = format!(
+        "import numpy as np, onnxruntime as ort\n\
+         s = ort.InferenceSession('{m}', providers=['CPUExecutionProvider'])\n\
+         x = np.fromfile('{x}', dtype='<f4').reshape({rows}, {width})\n\
+         y = s.run(None, {{s.get_inputs()[0].name: x}})[0]\n\
+         y.astype('<f4').tofile('{y}')\n",
+        m = m.display(),
+        x = x.display(),
+        y = y.display()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "Python onnxruntime reference failed (pip install onnxruntime==1.32.0 numpy; scripts/test.sh does): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&y)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn rust_predictions_equal_python_onnxruntime_to_1e_5() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let (bytes, card) = reference_model();
+    let mut model = RulModel::load(&rt, &bytes, card["artifact_sha256"].as_str()).unwrap();
+    assert_eq!(model.version, card["version"].as_str().unwrap());
+    assert_eq!(model.spec.version, card["feature_set"].as_str().unwrap());
+    let (x, rows) = fd001_rows(&model.spec);
+    let ours = model.predict_rows(&x, rows).unwrap();
+    let theirs = python_reference(&bytes, &x, rows, model.spec.len());
+    assert_eq!(ours.len(), rows);
+    assert_eq!(theirs.len(), rows);
+    for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!((a - b).abs() <= 1e-5, "row {i}: rust {a} python {b}");
+        assert!(
+            (0.0..=125.0).contains(a),
+            "row {i}: {a} outside the RUL range"
+        );
+    }
+    // Batch and single-row inference agree.
+    let width = model.spec.len();
+    let single = model.predict_rows(&x[..width], 1).unwrap();
+    assert!((single[0] - ours[0]).abs() <= 1e-5);
+    // A worn engine (its last cycle) is predicted closer to failure than a new one (cycle 31).
+    assert!(
+        ours[4] < ours[2],
+        "last cycle {} vs cycle 31 {}",
+        ours[4],
+        ours[2]
+    );
+}
+
+#[test]
+fn a_corrupted_model_is_refused_and_the_old_one_keeps_serving() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let (bytes, card) = reference_model();
+    let sha = card["artifact_sha256"].as_str().unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &bytes, Some(sha)).unwrap();
+
+    let mut corrupted = bytes.clone();
+    let mid = corrupted.len() / 2;
+    corrupted[mid] ^= 0xff;
+    let err = slot.try_swap(&rt, &corrupted, Some(sha)).unwrap_err();
+    assert!(matches!(err, InferenceError::Checksum { .. }), "{err}");
+    assert!(slot.last_error.as_deref().unwrap().contains("sha256"));
+
+    // Even when the checksum matches what the server announced (a bad build), a file that
+    // is not a model never replaces the serving one.
+    let garbage = b"not an onnx model".to_vec();
+    let err = slot.try_swap(&rt, &garbage, None).unwrap_err();
+    assert!(matches!(err, InferenceError::Invalid(_)), "{err}");
+    let truncated = &bytes[..bytes.len() / 3];
+    assert!(slot.try_swap(&rt, truncated, None).is_err());
+
+    let m = slot.current_mut().unwrap();
+    assert_eq!(m.sha256, sha);
+    let width = m.spec.len();
+    assert!(m.predict_rows(&vec![0.0; width], 1).unwrap()[0].is_finite());
+}
+
+#[test]
+fn a_missing_runtime_library_is_a_clear_error() {
+    let err =
+        OrtRuntime::load(Some(Path::new("/nonexistent/libonnxruntime.so.1.32.0"))).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("/nonexistent/libonnxruntime.so.1.32.0"),
+        "{msg}"
+    );
+    assert!(msg.contains("ORT_DYLIB_PATH"), "{msg}");
+}
+
+#[test]
+fn readings_become_cycles_and_predictions_per_machine() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let (bytes, _) = reference_model();
+    let mut slot = ModelSlot::default();
+    let mut predictor = Predictor::default();
+    let reading = |machine: &str, metric: &str, value: f64| Reading {
+        source: "sim".into(),
+        machine: machine.into(),
+        metric: metric.into(),
+        ts: chrono::Utc::now(),
+        value,
+        quality: Quality::Good,
+    };
+    // Without a model nothing is predicted (and nothing fails).
+    assert!(
+        predictor
+            .observe(&mut slot, &reading("u1", "s2", 1.0))
+            .unwrap()
+            .is_none()
+    );
+    slot.try_swap(&rt, &bytes, None).unwrap();
+
+    let spec = slot.current().unwrap().spec.clone();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let series = engines[0].select(&spec.channels).unwrap();
+    let mut last = None;
+    for (cycle, row) in series.iter().enumerate().take(50) {
+        // An unrelated metric and another machine's data do not disturb the window.
+        predictor
+            .observe(&mut slot, &reading("u1", "vibration", 9.9))
+            .unwrap();
+        for (metric, v) in spec.channels.iter().zip(row) {
+            let p = predictor
+                .observe(&mut slot, &reading("u1", metric, f64::from(*v)))
+                .unwrap();
+            if let Some(p) = p {
+                assert_eq!(p.machine, "u1");
+                last = Some((cycle, p));
+            }
+        }
+        predictor
+            .observe(&mut slot, &reading("u2", "s2", 0.0))
+            .unwrap();
+    }
+    let (cycle, p) = last.unwrap();
+    assert_eq!(cycle, 49);
+    assert_eq!(predictor.cycles("u1"), 50);
+    let direct = slot
+        .current_mut()
+        .unwrap()
+        .predict_rows(&spec.features(&series[..50], 50.0).unwrap(), 1)
+        .unwrap()[0];
+    assert!(
+        (p.rul_cycles - f64::from(direct)).abs() < 1e-5,
+        "{} vs {direct}",
+        p.rul_cycles
+    );
+}
