@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod ingest;
 pub mod keys;
 pub mod metrics;
 pub mod server;

@@ -15,3 +15,4 @@ pub mod record;
 
 pub use record::{DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, Sequenced};
 pub mod features;
+pub mod sync;

@@ -1,0 +1,235 @@
+//! The agent -> control-plane sync protocol (version [`crate::PROTOCOL_VERSION`]).
+//!
+//! Exchange: the agent POSTs a [`SyncBatch`] (JSON, gzip `Content-Encoding`) holding records of
+//! one epoch in strictly increasing sequence order; the control plane stores them idempotently
+//! in one transaction and answers a [`SyncAck`] with the acknowledged high-water mark; only then
+//! may the agent delete records up to that mark.
+//!
+//! Invariants:
+//! - A batch is self-checking: `first_seq`/`last_seq` bound its records, which are strictly
+//!   increasing; [`SyncBatch::check`] enforces it on both sides.
+//! - The ack is monotonic per (device, epoch): replaying an old batch never moves it back.
+//! - New optional fields may be added with `#[serde(default)]`; a peer with a higher
+//!   `protocol_version` than the receiver supports is refused with a message naming both.
+
+use serde::{Deserialize, Serialize};
+
+use crate::record::Sequenced;
+
+/// Oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Records sent by an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncBatch {
+    pub protocol_version: u32,
+    /// Agent build, for fleet status (`kip-agent 0.1.0`).
+    #[serde(default)]
+    pub agent_version: String,
+    pub epoch: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: Vec<Sequenced>,
+    /// Model the agent is running, if any (`name@version`), for rollout status.
+    #[serde(default)]
+    pub running_model: Option<String>,
+}
+
+/// What the control plane wants the agent to run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Opaque config version; the agent reports what it applied.
+    #[serde(default)]
+    pub config_version: Option<String>,
+    /// Model the agent should run.
+    #[serde(default)]
+    pub model: Option<DesiredModel>,
+    /// The agent should renew its certificate now (e.g. CA rollover or revocation of a sibling).
+    #[serde(default)]
+    pub renew_certificate: bool,
+}
+
+/// A model version to deploy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredModel {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+    /// Path on the agent listener to download the artifact from.
+    pub download_path: String,
+}
+
+/// The control plane's answer to a [`SyncBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncAck {
+    pub protocol_version: u32,
+    pub epoch: u64,
+    /// Every record of this epoch up to and including this sequence is stored.
+    pub acked_seq: u64,
+    /// Records of this batch newly stored.
+    pub inserted: u64,
+    /// Records of this batch that were already stored (a replay).
+    pub duplicates: u64,
+    #[serde(default)]
+    pub desired: DesiredState,
+}
+
+/// Why a batch is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("protocol_version {got} is not supported: this side speaks {min}..={max}")]
+    Version { got: u32, min: u32, max: u32 },
+    #[error("empty batch")]
+    Empty,
+    #[error("batch has {got} records, the limit is {max}")]
+    TooMany { got: usize, max: usize },
+    #[error("first_seq {first} is greater than last_seq {last}")]
+    Range { first: u64, last: u64 },
+    #[error("record {index} has epoch {got}, the batch is epoch {epoch}")]
+    Epoch { index: usize, got: u64, epoch: u64 },
+    #[error("record {index} has seq {seq} outside {first}..={last}")]
+    OutOfRange {
+        index: usize,
+        seq: u64,
+        first: u64,
+        last: u64,
+    },
+    #[error("record {index} has seq {seq}, not greater than the previous {prev}")]
+    Order { index: usize, seq: u64, prev: u64 },
+    #[error("sequence numbers must be below 2^63, got {0}")]
+    TooLarge(u64),
+}
+
+impl SyncBatch {
+    /// Checks the structural rules of a batch (see the module invariants).
+    pub fn check(&self, max_records: usize) -> Result<(), BatchError> {
+        if !(MIN_PROTOCOL_VERSION..=crate::PROTOCOL_VERSION).contains(&self.protocol_version) {
+            return Err(BatchError::Version {
+                got: self.protocol_version,
+                min: MIN_PROTOCOL_VERSION,
+                max: crate::PROTOCOL_VERSION,
+            });
+        }
+        if self.records.is_empty() {
+            return Err(BatchError::Empty);
+        }
+        if self.records.len() > max_records {
+            return Err(BatchError::TooMany {
+                got: self.records.len(),
+                max: max_records,
+            });
+        }
+        if self.first_seq > self.last_seq {
+            return Err(BatchError::Range {
+                first: self.first_seq,
+                last: self.last_seq,
+            });
+        }
+        for v in [self.epoch, self.last_seq] {
+            if v > i64::MAX as u64 {
+                return Err(BatchError::TooLarge(v));
+            }
+        }
+        let mut prev: Option<u64> = None;
+        for (index, r) in self.records.iter().enumerate() {
+            if r.epoch != self.epoch {
+                return Err(BatchError::Epoch {
+                    index,
+                    got: r.epoch,
+                    epoch: self.epoch,
+                });
+            }
+            if r.seq < self.first_seq || r.seq > self.last_seq {
+                return Err(BatchError::OutOfRange {
+                    index,
+                    seq: r.seq,
+                    first: self.first_seq,
+                    last: self.last_seq,
+                });
+            }
+            if let Some(p) = prev
+                && r.seq <= p
+            {
+                return Err(BatchError::Order {
+                    index,
+                    seq: r.seq,
+                    prev: p,
+                });
+            }
+            prev = Some(r.seq);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::record::{Reading, Record};
+
+    fn rec(epoch: u64, seq: u64) -> Sequenced {
+        Sequenced {
+            epoch,
+            seq,
+            record: Record::Reading(Reading {
+                source: "s".into(),
+                machine: "m".into(),
+                metric: "t".into(),
+                ts: Utc::now(),
+                value: 1.0,
+                quality: Default::default(),
+            }),
+        }
+    }
+
+    fn batch(records: Vec<Sequenced>, first: u64, last: u64) -> SyncBatch {
+        SyncBatch {
+            protocol_version: 1,
+            agent_version: String::new(),
+            epoch: 1,
+            first_seq: first,
+            last_seq: last,
+            records,
+            running_model: None,
+        }
+    }
+
+    #[test]
+    fn a_well_formed_batch_passes() {
+        batch(vec![rec(1, 3), rec(1, 5)], 3, 6).check(10).unwrap();
+    }
+
+    #[test]
+    fn malformed_batches_are_named() {
+        let mut b = batch(vec![rec(1, 3)], 3, 3);
+        b.protocol_version = 99;
+        assert_eq!(
+            b.check(10).unwrap_err().to_string(),
+            "protocol_version 99 is not supported: this side speaks 1..=1"
+        );
+        assert_eq!(batch(vec![], 1, 1).check(10), Err(BatchError::Empty));
+        assert!(matches!(
+            batch(vec![rec(1, 1), rec(1, 2)], 1, 2).check(1),
+            Err(BatchError::TooMany { .. })
+        ));
+        assert!(matches!(
+            batch(vec![rec(2, 1)], 1, 1).check(10),
+            Err(BatchError::Epoch { .. })
+        ));
+        assert!(matches!(
+            batch(vec![rec(1, 9)], 1, 5).check(10),
+            Err(BatchError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            batch(vec![rec(1, 2), rec(1, 2)], 1, 5).check(10),
+            Err(BatchError::Order { .. })
+        ));
+        assert!(matches!(
+            batch(vec![rec(1, 2)], 5, 1).check(10),
+            Err(BatchError::Range { .. })
+        ));
+    }
+}
