@@ -4,3 +4,4 @@
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;
+pub mod opcua;
