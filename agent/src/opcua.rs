@@ -36,10 +36,11 @@ use opcua::client::{
     ClientBuilder, IdentityToken, Session, SessionPollResult, SubscriptionActivity,
     SubscriptionCallbacks,
 };
-use opcua::crypto::{CertificateStore, SecurityPolicy};
+use opcua::crypto::{CertificateStore, SecurityPolicy, X509Data};
 use opcua::types::{
-    DataValue, MessageSecurityMode, MonitoredItemCreateRequest, MonitoringMode,
-    MonitoringParameters, NodeId, StatusCode, TimestampsToReturn, UserTokenPolicy, Variant,
+    AttributeId, DataValue, Identifier, MessageSecurityMode, MonitoredItemCreateRequest,
+    MonitoringMode, MonitoringParameters, NodeId, QualifiedName, ReadValueId, StatusCode,
+    TimestampsToReturn, UserTokenPolicy, Variant,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -76,6 +77,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_WATCHDOG: Duration = Duration::from_secs(10);
 /// Default application URI of the agent's OPC UA client certificate.
 const DEFAULT_APPLICATION_URI: &str = "urn:kip:agent";
+/// Validity of a generated client certificate.
+const OWN_CERT_DAYS: u32 = 5 * 365;
 
 fn default_publishing_interval_ms() -> u64 {
     1000
@@ -251,11 +254,68 @@ impl OpcUaEndpointConfig {
         Ok(())
     }
 
+    /// Makes sure the agent's own certificate and private key exist in `pki_dir`, creating an
+    /// RSA 2048 self-signed pair (first SAN = ApplicationUri, then localhost and this host's
+    /// name) when both are missing. Returns the certificate path, the file an operator adds
+    /// to the server's trust list.
+    pub fn ensure_own_certificate(&self) -> Result<PathBuf, String> {
+        let store = CertificateStore::new(&self.pki_dir);
+        store
+            .ensure_pki_path()
+            .map_err(|e| format!("pki_dir {}: {e}", self.pki_dir.display()))?;
+        let cert = store.own_certificate_path();
+        let key = store.own_private_key_path();
+        match (cert.exists(), key.exists()) {
+            (true, true) => return Ok(cert),
+            (true, false) | (false, true) => {
+                return Err(format!(
+                    "pki_dir {}: only one of own/cert.der and private/private.pem exists",
+                    self.pki_dir.display()
+                ));
+            }
+            (false, false) => {}
+        }
+        let uri = self.application_uri();
+        let data = X509Data {
+            key_size: 2048,
+            common_name: format!("kip-agent {}", self.name),
+            organization: "kip".into(),
+            organizational_unit: "agent".into(),
+            country: "DE".into(),
+            state: String::new(),
+            alt_host_names: X509Data::alt_host_names(uri, None, true, true, false),
+            certificate_duration_days: OWN_CERT_DAYS,
+        };
+        store
+            .create_and_store_application_instance_cert(&data, false)
+            .map_err(|e| {
+                format!(
+                    "creating own certificate in {}: {e}",
+                    self.pki_dir.display()
+                )
+            })?;
+        restrict_permissions(&key)?;
+        info!(source = %self.name, cert = %cert.display(), "created OPC UA client certificate; add it to the server's trusted certificates");
+        Ok(cert)
+    }
+
     fn application_uri(&self) -> &str {
         self.application_uri
             .as_deref()
             .unwrap_or(DEFAULT_APPLICATION_URI)
     }
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod 600 {}: {e}", path.display()))
+}
+
+#[cfg(not(unix))]
+fn restrict_permissions(_path: &Path) -> Result<(), String> {
+    Ok(())
 }
 
 fn validate_url(url: &str) -> Result<(), String> {
@@ -623,14 +683,13 @@ impl OpcUaSource {
     }
 
     fn client_builder(&self) -> ClientBuilder {
-        let encrypted = self.cfg.security_policy != OpcUaSecurityPolicy::None;
         ClientBuilder::new()
             .application_name(format!("kip-agent {}", self.cfg.name))
             .application_uri(self.cfg.application_uri())
             .product_uri("urn:kip:agent")
             .pki_dir(&self.cfg.pki_dir)
-            // Only an encrypted endpoint needs the agent's own certificate.
-            .create_sample_keypair(encrypted)
+            // The own certificate is made by `ensure_own_certificate`, with our SANs.
+            .create_sample_keypair(false)
             .trust_server_certs(false)
             .verify_server_certs(true)
             // Reconnects are done here, with a fresh session each time.
@@ -651,6 +710,10 @@ impl OpcUaSource {
         for path in &self.cfg.trust_server_certs {
             trust_cert(&store, path)?;
         }
+        // Only an encrypted endpoint needs the agent's own certificate.
+        if self.cfg.security_policy != OpcUaSecurityPolicy::None {
+            self.cfg.ensure_own_certificate()?;
+        }
         Ok(())
     }
 
@@ -666,16 +729,23 @@ impl OpcUaSource {
             return Err("session did not connect".into());
         }
         let mut bad = Vec::new();
+        let mut parsed = Vec::new();
+        for node in &self.cfg.nodes {
+            match NodeId::from_str(node.node_id.trim()) {
+                Ok(id) => parsed.push((node, id)),
+                Err(e) => bad.push((node.node_id.clone(), format!("invalid node id: {e}"))),
+            }
+        }
+        // Nonexistent nodes and nodes of a non-numeric type are skipped up front: many
+        // servers accept a monitored item for any node id and only report the problem later.
+        let verdicts = check_nodes(session, parsed.iter().map(|(_, id)| id)).await?;
         let mut requests = Vec::new();
         let mut items = Vec::new();
-        for node in &self.cfg.nodes {
-            let node_id = match NodeId::from_str(node.node_id.trim()) {
-                Ok(id) => id,
-                Err(e) => {
-                    bad.push((node.node_id.clone(), format!("invalid node id: {e}")));
-                    continue;
-                }
-            };
+        for ((node, node_id), verdict) in parsed.into_iter().zip(verdicts) {
+            if let Err(reason) = verdict {
+                bad.push((node.node_id.clone(), reason));
+                continue;
+            }
             let Ok(handle) = u32::try_from(items.len() + 1) else {
                 bad.push((node.node_id.clone(), "too many nodes".into()));
                 continue;
@@ -800,6 +870,87 @@ impl OpcUaSource {
             |_, _| {},
         )
     }
+}
+
+/// Reads DataType and ValueRank of every node (at most [`MAX_ITEMS_PER_SUBSCRIPTION`]
+/// attributes per request) and says for each whether it can deliver numeric readings.
+async fn check_nodes<'a>(
+    session: &Session,
+    ids: impl Iterator<Item = &'a NodeId>,
+) -> Result<Vec<Result<(), String>>, String> {
+    let reads: Vec<ReadValueId> = ids
+        .flat_map(|id| {
+            [AttributeId::DataType, AttributeId::ValueRank].map(|attr| ReadValueId {
+                node_id: id.clone(),
+                attribute_id: attr as u32,
+                index_range: Default::default(),
+                data_encoding: QualifiedName::null(),
+            })
+        })
+        .collect();
+    let mut values = Vec::with_capacity(reads.len());
+    for chunk in reads.chunks(MAX_ITEMS_PER_SUBSCRIPTION) {
+        let got = session
+            .read(chunk, TimestampsToReturn::Neither, 0.0)
+            .await
+            .map_err(|e| format!("read node attributes: {e}"))?;
+        if got.len() != chunk.len() {
+            return Err(format!(
+                "read node attributes: {} results for {} attributes",
+                got.len(),
+                chunk.len()
+            ));
+        }
+        values.extend(got);
+    }
+    let mut values = values.into_iter();
+    let mut verdicts = Vec::with_capacity(reads.len() / 2);
+    while let (Some(data_type), Some(value_rank)) = (values.next(), values.next()) {
+        verdicts.push(classify_node(&data_type, &value_rank));
+    }
+    Ok(verdicts)
+}
+
+/// Built-in data types (namespace 0 numeric ids) whose values can never be a number.
+const NON_NUMERIC_TYPES: &[(u32, &str)] = &[
+    (12, "String"),
+    (13, "DateTime"),
+    (14, "Guid"),
+    (15, "ByteString"),
+    (16, "XmlElement"),
+    (17, "NodeId"),
+    (18, "ExpandedNodeId"),
+    (19, "StatusCode"),
+    (20, "QualifiedName"),
+    (21, "LocalizedText"),
+    (22, "Structure"),
+    (23, "DataValue"),
+    (25, "DiagnosticInfo"),
+];
+
+/// Whether a node with these DataType and ValueRank attribute values can be monitored for
+/// numeric readings. Unknown or custom types pass; their values are checked one by one.
+pub fn classify_node(data_type: &DataValue, value_rank: &DataValue) -> Result<(), String> {
+    let status = data_type.status.unwrap_or(StatusCode::Good);
+    if status == StatusCode::BadNodeIdUnknown || status == StatusCode::BadNodeIdInvalid {
+        return Err(format!("node rejected by server: {status}"));
+    }
+    if status == StatusCode::BadAttributeIdInvalid {
+        return Err(format!("not a variable: {status}"));
+    }
+    if let Some(Variant::NodeId(dt)) = &data_type.value
+        && dt.namespace == 0
+        && let Identifier::Numeric(n) = dt.identifier
+        && let Some((_, name)) = NON_NUMERIC_TYPES.iter().find(|(id, _)| *id == n)
+    {
+        return Err(format!("wrong type: data type {name} is not numeric"));
+    }
+    if let Some(Variant::Int32(rank)) = &value_rank.value
+        && *rank >= 0
+    {
+        return Err(format!("wrong type: value rank {rank} is an array"));
+    }
+    Ok(())
 }
 
 fn item_for(items: &[Item], handle: u32) -> Option<&Item> {
