@@ -1,5 +1,11 @@
 //! OPC UA source against real in-process async-opcua servers (no mocks): readings, bad nodes,
 //! recovery after a server restart, and Basic256Sha256 SignAndEncrypt with mutual trust.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers fail the test loudly"
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
