@@ -8,8 +8,9 @@
 //!   an exponential backoff with jitter. We do not rely on the library's own session
 //!   reactivation or subscription transfer, because a restarted server knows neither.
 //! - After any outage that follows an established session, a [`Record::Gap`] from the last
-//!   moment the subscription was known alive to the moment the new monitored items exist is
-//!   sent before the new readings, so downstream knows data is missing.
+//!   moment the subscription was known alive (its last publish response) to the moment the new
+//!   session is connected is sent before any record of the new session, so downstream knows
+//!   data is missing.
 //! - Nothing disappears silently: values that cannot become a reading (non-numeric, non-finite,
 //!   a bad status without value) and nodes the server rejects become [`Record::DeadLetter`]s,
 //!   and the remaining nodes keep flowing.
@@ -417,10 +418,12 @@ pub struct OpcUaSource {
 enum SessionEnd {
     /// Cancelled, or nobody listens any more: stop.
     Stop,
-    /// The session ended; `established` tells whether data had been flowing.
+    /// The session ended. `established`: since when data is missing, if a gap is owed;
+    /// `healthy`: the session was fully set up (resets the backoff).
     Lost {
         reason: String,
         established: Option<DateTime<Utc>>,
+        healthy: bool,
     },
 }
 
@@ -464,10 +467,13 @@ impl OpcUaSource {
                 SessionEnd::Lost {
                     reason,
                     established,
+                    healthy,
                 } => {
+                    if healthy {
+                        attempt = 0;
+                    }
                     if let Some(last_alive) = established {
                         warn!(source = %self.cfg.name, %reason, "OPC UA session lost, reconnecting");
-                        attempt = 0;
                         outage = Some(Outage {
                             from: last_alive,
                             reason,
@@ -507,6 +513,7 @@ impl OpcUaSource {
         let lost = |reason: String| SessionEnd::Lost {
             reason,
             established: None,
+            healthy: false,
         };
         if let Err(e) = self.prepare_pki() {
             return lost(e);
@@ -533,20 +540,12 @@ impl OpcUaSource {
         };
         let mut events = pin!(event_loop.enter());
 
-        let (item_tx, mut item_rx) = mpsc::channel::<Record>(INTERNAL_QUEUE);
-        let (status_tx, mut status_rx) = mpsc::channel::<StatusCode>(4);
-        let overflow = Arc::new(Overflow::default());
-
-        // Set-up needs the event loop polled concurrently: it carries the requests.
-        let setup = self.setup(&session, &item_tx, &status_tx, &overflow);
-        let mut setup = pin!(tokio::time::timeout(CONNECT_TIMEOUT, setup));
-        let setup_result = loop {
+        // Every request needs the event loop polled concurrently: it carries the messages.
+        let mut connected = pin!(session.wait_for_connection());
+        let ok = loop {
             tokio::select! {
-                () = cancel.cancelled() => {
-                    close_session(&session, &mut events).await;
-                    return SessionEnd::Stop;
-                }
-                r = &mut setup => break r,
+                () = cancel.cancelled() => return SessionEnd::Stop,
+                ok = &mut connected => break ok,
                 ev = events.next() => {
                     if let Some(reason) = fatal_event(ev) {
                         return lost(reason);
@@ -554,33 +553,14 @@ impl OpcUaSource {
                 }
             }
         };
-        let bad = match setup_result {
-            Ok(Ok(bad)) => bad,
-            Ok(Err(reason)) => {
-                close_session(&session, &mut events).await;
-                return lost(reason);
-            }
-            Err(_) => {
-                close_session(&session, &mut events).await;
-                return lost("session set-up timed out".into());
-            }
-        };
-        let now = Utc::now();
+        if !ok {
+            return lost("session did not connect".into());
+        }
+        let connected_at = Utc::now();
         let labels = self.labels();
-        self.metrics
-            .bad_nodes
-            .get_or_create(&labels)
-            .set(i64::try_from(bad.len()).unwrap_or(i64::MAX));
-        self.metrics.connected.get_or_create(&labels).set(1);
-        info!(
-            source = %self.cfg.name,
-            nodes = self.cfg.nodes.len() - bad.len(),
-            bad_nodes = bad.len(),
-            "OPC UA session established"
-        );
 
-        // Gap first, then the dead letters of this session, then readings.
-        let mut head = Vec::new();
+        // The gap goes out before anything of the new session, so it precedes its readings.
+        let gap_sent = outage.is_some();
         if let Some(o) = outage.take() {
             self.metrics.reconnects.get_or_create(&labels).inc();
             self.metrics.gaps.get_or_create(&labels).inc();
@@ -592,19 +572,78 @@ impl OpcUaSource {
             } else {
                 format!("{}; reconnected", o.reason)
             };
-            head.push(Record::Gap(Gap {
+            let gap = Record::Gap(Gap {
                 source: self.cfg.name.clone(),
-                from: o.from.min(now),
-                to: now,
+                from: o.from.min(connected_at),
+                to: connected_at,
                 reason,
-            }));
+            });
+            if tx.send(gap).await.is_err() {
+                return self.downstream_closed(cancel, &session, &mut events).await;
+            }
         }
+        // Once a gap was sent, a failure from here on starts a new outage at `connected_at`.
+        let lost_after_connect = |reason: String| SessionEnd::Lost {
+            reason,
+            established: gap_sent.then_some(connected_at),
+            healthy: false,
+        };
+
+        let (item_tx, mut item_rx) = mpsc::channel::<Record>(INTERNAL_QUEUE);
+        let (status_tx, mut status_rx) = mpsc::channel::<StatusCode>(4);
+        let overflow = Arc::new(Overflow::default());
+        let headroom = MAX_NOTIFICATIONS_PER_PUBLISH as usize;
+
+        // Initial values arrive while later chunks are still being created: forward them.
+        let setup = self.setup(&session, &item_tx, &status_tx, &overflow);
+        let mut setup = pin!(tokio::time::timeout(CONNECT_TIMEOUT, setup));
+        let setup_result = loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    close_session(&session, &mut events).await;
+                    return SessionEnd::Stop;
+                }
+                Some(rec) = item_rx.recv() => {
+                    if tx.send(rec).await.is_err() {
+                        return self.downstream_closed(cancel, &session, &mut events).await;
+                    }
+                }
+                r = &mut setup => break r,
+                ev = events.next(), if item_tx.capacity() >= headroom => {
+                    if let Some(reason) = fatal_event(ev) {
+                        return lost_after_connect(reason);
+                    }
+                }
+            }
+        };
+        let bad = match setup_result {
+            Ok(Ok(bad)) => bad,
+            Ok(Err(reason)) => {
+                close_session(&session, &mut events).await;
+                return lost_after_connect(reason);
+            }
+            Err(_) => {
+                close_session(&session, &mut events).await;
+                return lost_after_connect("session set-up timed out".into());
+            }
+        };
+        let now = Utc::now();
+        self.metrics
+            .bad_nodes
+            .get_or_create(&labels)
+            .set(i64::try_from(bad.len()).unwrap_or(i64::MAX));
+        self.metrics.connected.get_or_create(&labels).set(1);
+        info!(
+            source = %self.cfg.name,
+            nodes = self.cfg.nodes.len().saturating_sub(bad.len()),
+            bad_nodes = bad.len(),
+            "OPC UA session established"
+        );
         for (node_id, reason) in bad {
             warn!(source = %self.cfg.name, node_id, %reason, "OPC UA node skipped");
             self.metrics.dead_letters.get_or_create(&labels).inc();
-            head.push(dead_letter(&self.cfg.name, &node_id, reason, &[], now));
-        }
-        for rec in head {
+            let rec = dead_letter(&self.cfg.name, &node_id, reason, &[], now);
             if tx.send(rec).await.is_err() {
                 return self.downstream_closed(cancel, &session, &mut events).await;
             }
@@ -613,7 +652,6 @@ impl OpcUaSource {
         let watchdog = watchdog_period(self.cfg.publishing_interval_ms);
         let mut last_alive = tokio::time::Instant::now();
         let mut last_alive_utc = now;
-        let headroom = MAX_NOTIFICATIONS_PER_PUBLISH as usize;
         loop {
             let end = tokio::select! {
                 biased;
@@ -660,6 +698,7 @@ impl OpcUaSource {
                 return SessionEnd::Lost {
                     reason,
                     established: Some(last_alive_utc),
+                    healthy: true,
                 };
             }
         }
@@ -725,9 +764,6 @@ impl OpcUaSource {
         status_tx: &mpsc::Sender<StatusCode>,
         overflow: &Arc<Overflow>,
     ) -> Result<Vec<(String, String)>, String> {
-        if !session.wait_for_connection().await {
-            return Err("session did not connect".into());
-        }
         let mut bad = Vec::new();
         let mut parsed = Vec::new();
         for node in &self.cfg.nodes {
