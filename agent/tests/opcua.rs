@@ -138,6 +138,19 @@ impl TestServer {
         }
     }
 
+    /// Adds `n` Double variables `Machine1.Bulk{i}` with value `i`.
+    fn add_bulk(&self, n: usize) {
+        let mut space = self.nm.address_space().write();
+        let vars = (0..n)
+            .map(|i| {
+                let name = format!("Bulk{i}");
+                let id = NodeId::new(self.ns, format!("Machine1.{name}"));
+                Variable::new(&id, name.as_str(), name.as_str(), Variant::Double(i as f64))
+            })
+            .collect();
+        space.add_variables(vars, &NodeId::new(self.ns, "Machine1"));
+    }
+
     fn set(&self, name: &str, value: Variant) {
         self.set_dv(name, DataValue::new_now(value));
     }
@@ -542,6 +555,43 @@ async fn an_agent_the_server_does_not_trust_gets_no_data_and_lands_in_rejected()
         src.metrics()
             .contains("kip_opcua_connected{source=\"plc1\"} 0")
     );
+    src.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_nodes_than_one_subscription_holds_are_split_into_chunks_and_all_flow() {
+    let scratch = Scratch::new("chunks");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server = TestServer::start(listener, &scratch.0.join("server"), 1.0).await;
+    // The test server allows 1000 monitored items per subscription, like many PLCs.
+    const N: usize = 2500;
+    server.add_bulk(N);
+    let nodes = (0..N)
+        .map(|i| node(&format!("Bulk{i}"), &format!("bulk{i}")))
+        .collect();
+    let mut src = Running::start(config(port, &scratch.0.join("agent"), nodes));
+    let seen = src
+        .until("all initial values", |s| {
+            s.iter().filter(|r| matches!(r, Record::Reading(_))).count() >= N
+        })
+        .await;
+    assert!(
+        !seen.iter().any(|r| matches!(r, Record::DeadLetter(_))),
+        "no node may fail"
+    );
+    for i in [0, 999, 1000, 2499] {
+        assert!(
+            has_reading(&seen, &format!("bulk{i}"), i as f64),
+            "bulk{i} missing"
+        );
+    }
+    server.set("Bulk2499", Variant::Double(-1.0));
+    src.until("a change in the last chunk", |s| {
+        has_reading(s, "bulk2499", -1.0)
+    })
+    .await;
     src.stop().await;
     server.stop().await;
 }
