@@ -5,3 +5,4 @@
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;
 pub mod inference;
+pub mod opcua;
