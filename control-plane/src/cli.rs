@@ -10,13 +10,21 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use crate::api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation};
+use crate::{
+    api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation},
+    pki_api::{EnrollToken, Revocation},
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "kipctl", version, about = "Administer a kip control plane")]
 pub struct Cli {
     /// Control-plane URL.
-    #[arg(long, env = "KIP_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "KIP_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub server: String,
     /// API key (prefer KIP_API_KEY or --api-key-file so it stays out of shell history).
     #[arg(long, env = "KIP_API_KEY", hide_env_values = true, global = true)]
@@ -50,6 +58,23 @@ pub enum Command {
     /// AI models of an organisation.
     #[command(subcommand)]
     Model(ModelCmd),
+    /// The fleet CA (local files; no server or API key involved).
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create a root and an intermediate CA in DIR (private keys written with mode 0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a new intermediate (needs DIR/root.key); the old one stays for its CRLs.
+    RotateIntermediate {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,9 +101,13 @@ pub enum OrgCmd {
 #[derive(Subcommand, Debug)]
 pub enum KeyCmd {
     /// Create a key; it is shown once.
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
-    Revoke { key_id: Uuid },
+    Revoke {
+        key_id: Uuid,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -96,6 +125,40 @@ pub enum DeviceCmd {
     Delete {
         device_id: Uuid,
     },
+    /// Create a one-time enrollment token; it is shown once.
+    EnrollToken {
+        /// Lifetime such as 3600, 90s, 30m, 1h or 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+        /// Bind the token to this device name (required to re-enroll an existing device).
+        #[arg(long)]
+        device_name: Option<String>,
+    },
+    /// Revoke every certificate of a device (effective on its next connection).
+    Revoke {
+        device_id: Uuid,
+    },
+}
+
+/// Parses a lifetime like `3600`, `90s`, `30m`, `1h` or `7d` into seconds.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +221,8 @@ pub enum CliError {
     Client(#[source] reqwest::Error),
     #[error("output: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ca(#[from] kip_certs::CertError),
 }
 
 struct Client {
@@ -191,7 +256,10 @@ impl Client {
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             return Err(CliError::Api {
                 status: status.as_u16(),
-                code: v["error"]["code"].as_str().unwrap_or("http_error").to_owned(),
+                code: v["error"]["code"]
+                    .as_str()
+                    .unwrap_or("http_error")
+                    .to_owned(),
                 message: v["error"]["message"]
                     .as_str()
                     .map(ToOwned::to_owned)
@@ -237,6 +305,9 @@ fn read_key(cli: &Cli) -> Result<String, CliError> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Command::Ca(cmd) = &cli.cmd {
+        return ca_cmd(cmd, out);
+    }
     let key = read_key(&cli)?;
     // The workspace's one rustls provider; ignoring the error is right when it is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -253,7 +324,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match &cli.cmd {
         Command::Whoami => {
             let me: Me = client.get("/v1/me").await?;
-            let org = me.org_id.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
+            let org = me
+                .org_id
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "-".into());
             emit(out, json, &me, &["KEY ID", "SCOPE", "ORG"], |m| {
                 vec![vec![m.key_id.to_string(), m.scope.clone(), org.clone()]]
             })
@@ -273,13 +347,24 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         return write_json(out, &k);
                     }
                     writeln!(out, "{}", k.key)?;
-                    writeln!(out, "# key {} ({}) created; it is shown only once", k.info.id, k.info.name)?;
+                    writeln!(
+                        out,
+                        "# key {} ({}) created; it is shown only once",
+                        k.info.id, k.info.name
+                    )?;
                     Ok(())
                 }
                 KeyCmd::List => {
-                    let keys: Vec<ApiKeyInfo> =
-                        client.get(&format!("/v1/organisations/{org}/api-keys")).await?;
-                    emit(out, json, &keys, &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], key_rows)
+                    let keys: Vec<ApiKeyInfo> = client
+                        .get(&format!("/v1/organisations/{org}/api-keys"))
+                        .await?;
+                    emit(
+                        out,
+                        json,
+                        &keys,
+                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        key_rows,
+                    )
                 }
                 KeyCmd::Revoke { key_id } => {
                     let k: ApiKeyInfo = client
@@ -290,14 +375,54 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         )
                         .await?
                         .ok_or_else(|| CliError::Decode("empty body".into()))?;
-                    emit(out, json, &vec![k], &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], key_rows)
+                    emit(
+                        out,
+                        json,
+                        &vec![k],
+                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        key_rows,
+                    )
                 }
             }
         }
+        Command::Ca(cmd) => ca_cmd(cmd, out),
         Command::Device(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let base = format!("/v1/organisations/{org}/devices");
             let devices: Vec<Device> = match cmd {
+                DeviceCmd::EnrollToken { ttl, device_name } => {
+                    let t: EnrollToken = client
+                        .post(
+                            &format!("/v1/organisations/{org}/enroll-tokens"),
+                            serde_json::json!({ "ttl_s": ttl, "device_name": device_name }),
+                        )
+                        .await?;
+                    if json {
+                        return write_json(out, &t);
+                    }
+                    writeln!(out, "{}", t.token)?;
+                    writeln!(
+                        out,
+                        "# one-time enrollment token for organisation {}, expires {}; shown only once",
+                        t.org_id,
+                        t.expires_at.to_rfc3339()
+                    )?;
+                    return Ok(());
+                }
+                DeviceCmd::Revoke { device_id } => {
+                    let r: Revocation = client
+                        .post(&format!("{base}/{device_id}/revoke"), serde_json::json!({}))
+                        .await?;
+                    if json {
+                        return write_json(out, &r);
+                    }
+                    writeln!(
+                        out,
+                        "device {device_id}: {} certificate(s) revoked",
+                        r.revoked_serials.len()
+                    )?;
+                    return Ok(());
+                }
                 DeviceCmd::Register { name, labels } => {
                     let labels: serde_json::Map<_, _> = labels
                         .iter()
@@ -310,7 +435,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     ]
                 }
                 DeviceCmd::List => client.get(&base).await?,
-                DeviceCmd::Get { device_id } => vec![client.get(&format!("{base}/{device_id}")).await?],
+                DeviceCmd::Get { device_id } => {
+                    vec![client.get(&format!("{base}/{device_id}")).await?]
+                }
                 DeviceCmd::Delete { device_id } => {
                     client
                         .send::<serde_json::Value>(
@@ -323,22 +450,30 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return Ok(());
                 }
             };
-            emit(out, json, &devices, &["ID", "NAME", "LABELS", "LAST SEEN"], |ds| {
-                ds.iter()
-                    .map(|d| {
-                        vec![
-                            d.id.to_string(),
-                            d.name.clone(),
-                            d.labels
-                                .iter()
-                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                                .collect::<Vec<_>>()
-                                .join(","),
-                            d.last_seen_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into()),
-                        ]
-                    })
-                    .collect()
-            })
+            emit(
+                out,
+                json,
+                &devices,
+                &["ID", "NAME", "LABELS", "LAST SEEN"],
+                |ds| {
+                    ds.iter()
+                        .map(|d| {
+                            vec![
+                                d.id.to_string(),
+                                d.name.clone(),
+                                d.labels
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                d.last_seen_at
+                                    .map(|t| t.to_rfc3339())
+                                    .unwrap_or_else(|| "never".into()),
+                            ]
+                        })
+                        .collect()
+                },
+            )
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
@@ -356,29 +491,66 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await?,
                 ],
                 ModelCmd::List => client.get(&base).await?,
-                ModelCmd::Get { model_id } => vec![client.get(&format!("{base}/{model_id}")).await?],
+                ModelCmd::Get { model_id } => {
+                    vec![client.get(&format!("{base}/{model_id}")).await?]
+                }
             };
-            emit(out, json, &models, &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"], |ms| {
-                ms.iter()
-                    .map(|m| {
-                        vec![
-                            m.id.to_string(),
-                            m.name.clone(),
-                            m.version.clone(),
-                            m.kind.clone(),
-                            m.stage.clone(),
-                            m.artifact_sha256
-                                .as_deref()
-                                .map(|h| h.get(..12).unwrap_or(h).to_owned())
-                                .unwrap_or_else(|| "-".into()),
-                        ]
-                    })
-                    .collect()
-            })
+            emit(
+                out,
+                json,
+                &models,
+                &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"],
+                |ms| {
+                    ms.iter()
+                        .map(|m| {
+                            vec![
+                                m.id.to_string(),
+                                m.name.clone(),
+                                m.version.clone(),
+                                m.kind.clone(),
+                                m.stage.clone(),
+                                m.artifact_sha256
+                                    .as_deref()
+                                    .map(|h| h.get(..12).unwrap_or(h).to_owned())
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect()
+                },
+            )
         }
     }
 }
 
+/// Local CA commands: they touch only files in `--dir`.
+fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    let now = std::time::SystemTime::now();
+    let (dir, ca) = match cmd {
+        CaCmd::Init { dir } => (dir, kip_certs::FleetCa::init(dir, now)?),
+        CaCmd::RotateIntermediate { dir } => {
+            (dir, kip_certs::FleetCa::rotate_intermediate(dir, now)?)
+        }
+    };
+    let not_after: chrono::DateTime<chrono::Utc> = ca.current().not_after().into();
+    writeln!(
+        out,
+        "fleet CA ready in {}: intermediate valid until {}",
+        dir.display(),
+        not_after.to_rfc3339()
+    )?;
+    writeln!(
+        out,
+        "# set [pki] ca_dir = {:?} in the control-plane config; root.key is only needed \
+         for `kipctl ca rotate-intermediate` and can be kept offline",
+        dir.display().to_string()
+    )?;
+    Ok(())
+}
+
+#[expect(
+    clippy::ptr_arg,
+    reason = "passed to `emit` as its row function over `&Vec`"
+)]
 fn key_rows(keys: &Vec<ApiKeyInfo>) -> Vec<Vec<String>> {
     keys.iter()
         .map(|k| {
@@ -387,7 +559,9 @@ fn key_rows(keys: &Vec<ApiKeyInfo>) -> Vec<Vec<String>> {
                 k.name.clone(),
                 k.prefix.clone(),
                 k.created_at.to_rfc3339(),
-                k.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()),
+                k.revoked_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect()
@@ -429,24 +603,34 @@ async fn org_cmd(
         OrgCmd::Delete { org } => {
             let id = resolve_org(client, Some(org)).await?;
             client
-                .send::<serde_json::Value>(reqwest::Method::DELETE, &format!("/v1/organisations/{id}"), None)
+                .send::<serde_json::Value>(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/organisations/{id}"),
+                    None,
+                )
                 .await?;
             writeln!(out, "organisation {id} deleted")?;
             return Ok(());
         }
     };
-    emit(out, json, &orgs, &["ID", "NAME", "DISPLAY NAME", "CREATED"], |os| {
-        os.iter()
-            .map(|o| {
-                vec![
-                    o.id.to_string(),
-                    o.name.clone(),
-                    o.display_name.clone(),
-                    o.created_at.to_rfc3339(),
-                ]
-            })
-            .collect()
-    })
+    emit(
+        out,
+        json,
+        &orgs,
+        &["ID", "NAME", "DISPLAY NAME", "CREATED"],
+        |os| {
+            os.iter()
+                .map(|o| {
+                    vec![
+                        o.id.to_string(),
+                        o.name.clone(),
+                        o.display_name.clone(),
+                        o.created_at.to_rfc3339(),
+                    ]
+                })
+                .collect()
+        },
+    )
 }
 
 /// Turns `--org` (id or name) into an id; without it, uses the key's own organisation.
@@ -489,7 +673,11 @@ fn emit<T: Serialize>(
 }
 
 /// Writes an aligned table with a header row.
-pub fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<(), CliError> {
+pub fn write_table(
+    out: &mut dyn Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> Result<(), CliError> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -523,10 +711,52 @@ mod tests {
         write_table(
             &mut out,
             &["ID", "NAME"],
-            &[vec!["1".into(), "alpha".into()], vec!["200".into(), "b".into()]],
+            &[
+                vec!["1".into(), "alpha".into()],
+                vec!["200".into(), "b".into()],
+            ],
         )
         .unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "ID   NAME\n1    alpha\n200  b\n");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ID   NAME\n1    alpha\n200  b\n"
+        );
+    }
+
+    #[test]
+    fn ttl_accepts_units_and_rejects_garbage() {
+        assert_eq!(parse_ttl("3600"), Ok(3600));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("1h"), Ok(3600));
+        assert_eq!(parse_ttl("7d"), Ok(604_800));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("").is_err());
+    }
+
+    #[tokio::test]
+    async fn ca_init_creates_the_ca_without_an_api_key() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let cli = Cli::try_parse_from(["kipctl", "ca", "init", "--dir", ca_dir.to_str().unwrap()])
+            .unwrap();
+        let mut out = Vec::new();
+        run(cli, &mut out).await.unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("fleet CA ready"));
+        for key in ["root.key", "intermediate.key"] {
+            let mode = std::fs::metadata(ca_dir.join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let again =
+            Cli::try_parse_from(["kipctl", "ca", "init", "--dir", ca_dir.to_str().unwrap()])
+                .unwrap();
+        let err = run(again, &mut Vec::new()).await.unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
     }
 
     #[test]
