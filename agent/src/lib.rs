@@ -2,5 +2,7 @@
 //!
 //! Built under the ingest, sync and inference issues.
 
+pub mod identity;
+
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

@@ -31,7 +31,9 @@ pub use ca::{
 pub use error::CertError;
 pub use identity::{DeviceIdentity, PeerCert, device_uri, parse_device_uri, parse_peer_cert};
 pub use rustls;
-pub use tls::{TrustBundle, certs_from_pem, client_config, key_from_pem, server_config};
+pub use tls::{
+    TrustBundle, cert_to_pem, certs_from_pem, client_config, key_from_pem, server_config,
+};
 
 /// Scheme of the URI SAN that names a device in its client certificate:
 /// `kip://org/{org_id}/device/{device_id}`.

@@ -68,7 +68,7 @@ impl TrustBundle {
 }
 
 /// PEM-encodes one DER certificate.
-pub(crate) fn cert_to_pem(der: &CertificateDer<'_>) -> String {
+pub fn cert_to_pem(der: &CertificateDer<'_>) -> String {
     pem_block("CERTIFICATE", der.as_ref())
 }
 
