@@ -45,6 +45,7 @@ schemas = {
   "Revocation": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "revoked_serials": arr({"type": "string", "pattern": "^[0-9a-f]+$"})}},
   "EnrollRequest": {"type": "object", "additionalProperties": False, "required": ["token", "csr_pem", "device_name"], "properties": {"token": {"type": "string"}, "csr_pem": {"type": "string", "maxLength": 16384, "description": "PKCS#10 CSR (PEM); only its public key is used"}, "device_name": name, "org_id": {**uuid, "description": "When given, the token must belong to this organisation"}}},
   "CertificateResponse": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_before": ts, "not_after": ts, "certificate_chain_pem": {"type": "string", "description": "Device certificate then intermediate"}, "trust_bundle_pem": {"type": "string", "description": "Roots to trust for the agent listener"}}},
+  "RenewExpiredRequest": {"type": "object", "additionalProperties": False, "required": ["certificate_chain_pem", "csr_pem"], "properties": {"certificate_chain_pem": {"type": "string", "description": "The expired device certificate then its intermediate"}, "csr_pem": {"type": "string", "maxLength": 16384, "description": "CSR signed with the certificate's own key"}}},
   "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["csr_pem"], "properties": {"csr_pem": {"type": "string", "maxLength": 16384}}},
   "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
@@ -86,6 +87,10 @@ paths = {
     "requestBody": body(ref("EnrollRequest")),
     "responses": {**ok("Enrolled", ref("CertificateResponse"), "201"), "400": COMMON["400"], "403": err("Token invalid, expired, used or for another organisation"),
                   "409": err("A device with this name exists and the token does not name it"), "413": COMMON["413"], "422": COMMON["422"], "503": err("No fleet CA configured")}}},
+  "/renew-expired": {"post": {"summary": "Renew an expired device certificate (within pki.expired_renewal_grace_s) by proving possession of its key", "security": [],
+    "requestBody": body(ref("RenewExpiredRequest")),
+    "responses": {**ok("Renewed", ref("CertificateResponse")), "400": COMMON["400"], "403": err("Not renewable: unknown CA, revoked, deleted device, other key, or expired too long ago"),
+                  "413": COMMON["413"], "422": COMMON["422"], "503": err("No fleet CA configured")}}},
 }
 # The agent mTLS listener (pki.agent_listen_addr) serves its own small API, documented apart
 # because it is not on the admin listener.

@@ -275,6 +275,38 @@ pub async fn renew_once(
     Ok(new)
 }
 
+/// Renews an EXPIRED certificate through `{control_plane_url}/renew-expired`, proving
+/// possession of the current key (the CSR is signed with it; the key is kept). Used when the
+/// device was offline longer than its certificate lifetime; the control plane allows it for
+/// a grace period after expiry. Nothing is stored.
+pub async fn renew_expired(
+    http: &reqwest::Client,
+    control_plane_url: &str,
+    current: &Identity,
+) -> Result<Identity, IdentityError> {
+    let url = format!("{}/renew-expired", control_plane_url.trim_end_matches('/'));
+    let answer = post_csr(
+        http,
+        &url,
+        serde_json::json!({
+            "certificate_chain_pem": current.chain_pem,
+            "csr_pem": current.key.csr_pem(&current.device_id().to_string())?,
+        }),
+    )
+    .await?;
+    let new = Identity::new(
+        DeviceKey::from_pem(&current.key.to_pem())?,
+        answer.certificate_chain_pem,
+        TrustBundle::from_pem(&answer.trust_bundle_pem)?,
+    )?;
+    if new.cert.identity != current.cert.identity {
+        return Err(IdentityError::BadAnswer(
+            "renewed certificate names another device".into(),
+        ));
+    }
+    Ok(new)
+}
+
 /// When and how to renew.
 #[derive(Debug, Clone)]
 pub struct RenewalPolicy {
@@ -365,9 +397,17 @@ pub struct Renewer {
     policy: RenewalPolicy,
     tx: watch::Sender<Arc<rustls::ClientConfig>>,
     not_after_unix: Arc<AtomicI64>,
+    /// Plain client and admin URL for `/renew-expired`, used once the certificate expired.
+    recovery: Option<(reqwest::Client, String)>,
 }
 
 impl Renewer {
+    /// Enables renewal of an expired certificate through the control plane's admin URL.
+    pub fn with_recovery(mut self, http: reqwest::Client, control_plane_url: String) -> Self {
+        self.recovery = Some((http, control_plane_url));
+        self
+    }
+
     /// Prepares renewal of `identity` (stored in `dir`) against the agent listener at
     /// `agent_api_url`, and returns the handle other modules read credentials from.
     pub fn new(
@@ -393,6 +433,7 @@ impl Renewer {
                 policy,
                 tx,
                 not_after_unix,
+                recovery: None,
             },
             handle,
         ))
@@ -400,12 +441,19 @@ impl Renewer {
 
     /// Renews, stores and publishes, then swaps the current identity. On error nothing changes.
     pub async fn renew_now(&mut self) -> Result<(), IdentityError> {
-        let new = renew_once(
-            &self.identity,
-            &self.agent_api_url,
-            self.policy.request_timeout,
-        )
-        .await?;
+        let expired = self.identity.seconds_to_expiry(SystemTime::now()) <= 0;
+        let new = match (&self.recovery, expired) {
+            // The agent listener refuses an expired certificate: prove key possession instead.
+            (Some((http, url)), true) => renew_expired(http, url, &self.identity).await?,
+            _ => {
+                renew_once(
+                    &self.identity,
+                    &self.agent_api_url,
+                    self.policy.request_timeout,
+                )
+                .await?
+            }
+        };
         // Stored before it is used: a crash now restarts with the new pair.
         new.store(&self.dir)?;
         let cfg = new.client_config()?;

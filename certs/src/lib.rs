@@ -14,6 +14,9 @@
 //! - Trust anchors are the *root* certificates of the [`TrustBundle`]; intermediates travel in
 //!   the presented chain. Rolling the intermediate is therefore invisible to agents; rolling
 //!   the root is done by shipping a bundle with the old and the new root during the overlap.
+//! - An expired device certificate can be exchanged for a new one within a grace period by
+//!   proving possession of its key ([`verify_for_recovery`]), so a gateway that was offline
+//!   longer than its certificate lifetime does not need a new bootstrap token.
 //! - mTLS is TLS 1.3 only; client certificates are checked against the CRLs of their issuing
 //!   intermediate (end-entity revocation). A certificate whose issuer has no CRL is refused
 //!   rather than accepted with unknown status.
@@ -22,6 +25,7 @@ mod ca;
 mod error;
 pub mod files;
 mod identity;
+mod recovery;
 mod tls;
 
 pub use ca::{
@@ -30,6 +34,7 @@ pub use ca::{
 };
 pub use error::CertError;
 pub use identity::{DeviceIdentity, PeerCert, device_uri, parse_device_uri, parse_peer_cert};
+pub use recovery::verify_for_recovery;
 pub use rustls;
 pub use tls::{
     TrustBundle, cert_to_pem, certs_from_pem, client_config, key_from_pem, server_config,

@@ -113,6 +113,11 @@ pub struct RawPki {
     /// revocation, so replicas converge and nothing the listener presents expires.
     #[serde(default = "default_crl_refresh_interval_s")]
     pub crl_refresh_interval_s: u64,
+    /// How long after expiry a device may still exchange its certificate for a new one by
+    /// proving possession of its key (`POST /renew-expired`); 0 disables. Covers gateways
+    /// offline for longer than the certificate lifetime.
+    #[serde(default = "default_expired_renewal_grace_s")]
+    pub expired_renewal_grace_s: u64,
 }
 
 fn default_device_cert_lifetime_s() -> u64 {
@@ -130,6 +135,9 @@ fn default_server_cert_lifetime_s() -> u64 {
 fn default_crl_refresh_interval_s() -> u64 {
     3_600
 }
+fn default_expired_renewal_grace_s() -> u64 {
+    30 * 86_400
+}
 
 impl Default for RawPki {
     fn default() -> Self {
@@ -140,6 +148,7 @@ impl Default for RawPki {
             server_names: default_server_names(),
             server_cert_lifetime_s: default_server_cert_lifetime_s(),
             crl_refresh_interval_s: default_crl_refresh_interval_s(),
+            expired_renewal_grace_s: default_expired_renewal_grace_s(),
         }
     }
 }
@@ -153,6 +162,7 @@ pub struct PkiConfig {
     pub server_names: Vec<String>,
     pub server_cert_lifetime: Duration,
     pub crl_refresh_interval: Duration,
+    pub expired_renewal_grace: Duration,
 }
 
 impl RawPki {
@@ -195,6 +205,12 @@ impl RawPki {
                     .into(),
             ));
         }
+        let expired_renewal_grace = s_in(
+            "pki.expired_renewal_grace_s",
+            self.expired_renewal_grace_s,
+            0,
+            365 * 86_400,
+        )?;
         let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
             invalid(
                 "pki.agent_listen_addr",
@@ -224,6 +240,7 @@ impl RawPki {
             server_names: self.server_names,
             server_cert_lifetime,
             crl_refresh_interval,
+            expired_renewal_grace,
         })
     }
 }

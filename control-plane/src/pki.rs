@@ -52,6 +52,7 @@ pub struct Pki {
     device_cert_lifetime: Duration,
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
+    expired_renewal_grace: Duration,
     tls: RustlsConfig,
     /// Current server identity; replaced when half of its lifetime has passed.
     server: tokio::sync::Mutex<ServerIdentity>,
@@ -101,6 +102,7 @@ impl Pki {
             device_cert_lifetime: cfg.device_cert_lifetime,
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
+            expired_renewal_grace: cfg.expired_renewal_grace,
             tls: RustlsConfig::from_config(tls_cfg),
             server: tokio::sync::Mutex::new(server),
         }))
@@ -124,6 +126,11 @@ impl Pki {
 
     pub fn device_cert_lifetime(&self) -> Duration {
         self.device_cert_lifetime
+    }
+
+    /// How long after expiry a device certificate may still be renewed (0: never).
+    pub fn expired_renewal_grace(&self) -> Duration {
+        self.expired_renewal_grace
     }
 
     /// The trust bundle agents must use (PEM).

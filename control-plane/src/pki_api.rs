@@ -13,7 +13,10 @@
 //! - Errors never reveal which check a token failed (unknown, used, expired, other
 //!   organisation): all answer the same 403.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Json, Router,
@@ -350,6 +353,79 @@ pub async fn enroll(
     tx.commit().await?;
     tracing::info!(org_id = %id.org_id, %device_id, serial = %resp.serial, "device enrolled");
     Ok((StatusCode::CREATED, Json(resp)))
+}
+
+// ---------- renewal of an expired certificate (key possession) ----------
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewExpiredRequest {
+    /// The device's (expired) certificate followed by its intermediate (PEM).
+    pub certificate_chain_pem: String,
+    /// CSR signed with the certificate's own key (proof of possession).
+    pub csr_pem: String,
+}
+
+/// `POST /renew-expired`: a device whose certificate expired (offline too long) gets a new
+/// one without a bootstrap token, by proving it holds the certificate's key. Allowed for
+/// `pki.expired_renewal_grace_s` after expiry; revoked or deleted devices are refused.
+pub async fn renew_expired(
+    State(st): State<AppState>,
+    ApiJson(body): ApiJson<RenewExpiredRequest>,
+) -> ApiResult<Json<CertificateResponse>> {
+    const REFUSED: &str = "this certificate cannot be renewed: enroll again with a new token";
+    let pki = pki(&st)?;
+    if pki.expired_renewal_grace().is_zero() {
+        return Err(ApiError::Forbidden(
+            "renewal of expired certificates is disabled (pki.expired_renewal_grace_s = 0)",
+        ));
+    }
+    check_csr(&body.csr_pem)?;
+    if body.certificate_chain_pem.len() > 4 * MAX_CSR_BYTES {
+        return Err(ApiError::validation("certificate_chain_pem", "too large"));
+    }
+    let chain = kip_certs::certs_from_pem(&body.certificate_chain_pem, "certificate chain")
+        .map_err(|e| ApiError::validation("certificate_chain_pem", e.to_string()))?;
+    let now = SystemTime::now();
+    let revoked = crate::pki::revoked_serials(&st.pool).await?;
+    let crls = pki
+        .ca()
+        .crls(&revoked, now, Duration::from_secs(3600))
+        .map_err(ApiError::internal)?;
+    let peer = kip_certs::verify_for_recovery(
+        pki.ca().bundle(),
+        crls,
+        &chain,
+        &body.csr_pem,
+        pki.expired_renewal_grace(),
+        now,
+    )
+    .map_err(|e| {
+        tracing::warn!(error = %e, "renewal of an expired certificate refused");
+        ApiError::Forbidden(REFUSED)
+    })?;
+    let mut tx = st.pool.begin().await?;
+    let row: Option<(Option<DateTime<Utc>>, Option<String>)> = sqlx::query_as(
+        "SELECT c.revoked_at, d.name FROM certificates c \
+         LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
+         WHERE c.serial = $1 AND c.org_id = $2 AND c.device_id = $3 FOR UPDATE OF c",
+    )
+    .bind(&peer.serial_hex)
+    .bind(peer.identity.org_id)
+    .bind(peer.identity.device_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((None, Some(device_name))) = row else {
+        return Err(ApiError::Forbidden(REFUSED));
+    };
+    let resp = issue(&mut tx, pki, &body.csr_pem, peer.identity, device_name).await?;
+    tx.commit().await?;
+    tracing::info!(
+        org_id = %peer.identity.org_id, device_id = %peer.identity.device_id,
+        old_serial = %peer.serial_hex, serial = %resp.serial,
+        "expired device certificate renewed by key possession"
+    );
+    Ok(Json(resp))
 }
 
 // ---------- agent listener (mTLS) ----------

@@ -97,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/enroll", post(pki_api::enroll))
+        .route("/renew-expired", post(pki_api::renew_expired))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

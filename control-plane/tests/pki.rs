@@ -42,7 +42,12 @@ impl Drop for Env {
 async fn setup(pool: PgPool) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    FleetCa::init(&ca_dir, std::time::SystemTime::now()).unwrap();
+    // Created in the past so that tests can issue certificates that expired days ago.
+    FleetCa::init(
+        &ca_dir,
+        std::time::SystemTime::now() - Duration::from_secs(60 * 86_400),
+    )
+    .unwrap();
     let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
     let cfg = Config::load(None, |k| match k {
         "KIP_PKI_CA_DIR" => Some(ca_dir_s.clone()),
@@ -481,4 +486,91 @@ fn pki_routes_are_in_the_openapi_documents() {
     for p in ["/v1/agent/renew", "/v1/agent/whoami"] {
         assert!(agent["paths"].get(p).is_some(), "{p}");
     }
+}
+
+/// A certificate for the device of `cert`, signed by the real CA as if issued `ago` and valid
+/// one hour, recorded in `certificates` like a real one. Returns (key, chain PEM).
+async fn expired_cert_for(
+    env: &Env,
+    pool: &PgPool,
+    device_id: Uuid,
+    ago: Duration,
+) -> (DeviceKey, String, String) {
+    let ca = FleetCa::load(&env._dir.path().join("ca")).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let issued = ca
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw").unwrap(),
+            kip_certs::DeviceIdentity {
+                org_id: env.org_id,
+                device_id,
+            },
+            std::time::SystemTime::now() - ago,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let not_after: chrono::DateTime<chrono::Utc> = issued.not_after.into();
+    sqlx::query(
+        "INSERT INTO certificates (serial, org_id, device_id, not_after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&issued.serial_hex)
+    .bind(env.org_id)
+    .bind(device_id)
+    .bind(not_after)
+    .execute(pool)
+    .await
+    .unwrap();
+    (key, issued.chain_pem, issued.serial_hex)
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_expired_certificate_is_renewed_by_key_possession_within_grace(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, dev) = env.enrolled_device("gw-1").await;
+    let (key, chain, _) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(3 * 86_400)).await;
+    // The agent listener refuses it: it expired.
+    let client = agent_client(tls_config(&env.bundle_pem, &chain, &key));
+    assert!(whoami(&client, &env).await.is_err());
+    // A CSR from another key is refused.
+    let other = DeviceKey::generate().unwrap();
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": other.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The same key gets a fresh certificate for the same device.
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, v) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let renewed: CertificateResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(renewed.device_id, dev.device_id);
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &renewed.certificate_chain_pem,
+        &key,
+    ));
+    assert_eq!(whoami(&client, &env).await.unwrap().0, StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_expired_certificate_is_not_renewed_when_revoked_or_past_grace(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, dev) = env.enrolled_device("gw-1").await;
+    // Past the 30-day default grace.
+    let (key, chain, _) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(40 * 86_400)).await;
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Within grace but revoked.
+    let (key, chain, serial) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(2 * 86_400)).await;
+    sqlx::query("UPDATE certificates SET revoked_at = now() WHERE serial = $1")
+        .bind(&serial)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
 }

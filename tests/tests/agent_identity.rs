@@ -35,7 +35,12 @@ impl Drop for ControlPlane {
 async fn start(pool: PgPool) -> (ControlPlane, TaskTracker) {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    FleetCa::init(&ca_dir, SystemTime::now()).unwrap();
+    // Created in the past so that tests can issue certificates that expired days ago.
+    FleetCa::init(
+        &ca_dir,
+        SystemTime::now() - Duration::from_secs(60 * 86_400),
+    )
+    .unwrap();
     let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
     let cfg = Config::load(None, |k| (k == "KIP_PKI_CA_DIR").then(|| ca_dir_s.clone())).unwrap();
     let key_file = dir.path().join("admin.key");
@@ -249,4 +254,58 @@ async fn enrollment_with_a_used_token_fails_and_writes_nothing(pool: PgPool) {
         .unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
     assert!(!dir_b.exists());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_agent_back_from_a_long_outage_renews_its_expired_certificate(pool: PgPool) {
+    let (cp, _tracker) = start(pool.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("identity");
+    let token = cp.enroll_token().await;
+    let id = identity::enroll(&cp.http, &cp.admin_url, &token, "gw-1", None, &dir)
+        .await
+        .unwrap();
+    // Simulate the outage: the same key, a certificate that expired two days ago.
+    let ca = FleetCa::load(&cp._dir.path().join("ca")).unwrap();
+    let key_pem = std::fs::read_to_string(dir.join("device.pem")).unwrap();
+    let key = kip_certs::DeviceKey::from_pem(&key_pem).unwrap();
+    let old = ca
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw-1").unwrap(),
+            id.cert().identity,
+            SystemTime::now() - Duration::from_secs(3 * 86_400),
+            Duration::from_secs(86_400),
+        )
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO certificates (serial, org_id, device_id, not_after) \
+         VALUES ($1, $2, $3, now() - interval '2 days')",
+    )
+    .bind(&old.serial_hex)
+    .bind(id.org_id())
+    .bind(id.device_id())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let bundle =
+        kip_certs::TrustBundle::from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap())
+            .unwrap();
+    let expired = Identity::new(key, old.chain_pem, bundle).unwrap();
+    assert!(expired.seconds_to_expiry(SystemTime::now()) < 0);
+    expired.store(&dir).unwrap();
+
+    let (renewer, handle) = Renewer::new(
+        expired,
+        dir.clone(),
+        cp.agent_url.clone(),
+        RenewalPolicy::default(),
+    )
+    .unwrap();
+    let mut renewer = renewer.with_recovery(cp.http.clone(), cp.admin_url.clone());
+    renewer.renew_now().await.unwrap();
+    assert!(handle.seconds_to_expiry(SystemTime::now()) > 23 * 3600);
+    let back = Identity::load(&dir).unwrap().unwrap();
+    assert_eq!(back.device_id(), id.device_id());
+    whoami(&back, &cp.agent_url).await.unwrap();
 }
