@@ -40,6 +40,14 @@ schemas = {
   "RegisterDevice": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": name, "labels": {"type": "object", "maxProperties": 64, "additionalProperties": {"type": "string"}}}},
   "AiModel": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "name": name, "version": {"type": "string"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": ["string", "null"]}, "uri": {"type": ["string", "null"]}, "metrics": {"type": "object"}, "created_at": ts}},
   "RegisterModel": {"type": "object", "additionalProperties": False, "required": ["name", "version", "kind"], "properties": {"name": name, "version": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,64}$"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "uri": {"type": "string", "maxLength": 2048}, "metrics": {"type": "object"}}},
+  "CreateEnrollToken": {"type": "object", "additionalProperties": False, "properties": {"ttl_s": {"type": "integer", "minimum": 60, "maximum": 2592000, "default": 3600}, "device_name": {**name, "description": "Bind the token to this device name (required to re-enroll an existing device)"}}},
+  "EnrollToken": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "token": {"type": "string", "description": "One-time token; shown only in this response"}, "device_name": {"type": ["string", "null"]}, "expires_at": ts}},
+  "Revocation": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "revoked_serials": arr({"type": "string", "pattern": "^[0-9a-f]+$"})}},
+  "EnrollRequest": {"type": "object", "additionalProperties": False, "required": ["token", "csr_pem", "device_name"], "properties": {"token": {"type": "string"}, "csr_pem": {"type": "string", "maxLength": 16384, "description": "PKCS#10 CSR (PEM); only its public key is used"}, "device_name": name, "org_id": {**uuid, "description": "When given, the token must belong to this organisation"}}},
+  "CertificateResponse": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_before": ts, "not_after": ts, "certificate_chain_pem": {"type": "string", "description": "Device certificate then intermediate"}, "trust_bundle_pem": {"type": "string", "description": "Roots to trust for the agent listener"}}},
+  "RenewExpiredRequest": {"type": "object", "additionalProperties": False, "required": ["certificate_chain_pem", "csr_pem"], "properties": {"certificate_chain_pem": {"type": "string", "description": "The expired device certificate then its intermediate"}, "csr_pem": {"type": "string", "maxLength": 16384, "description": "CSR signed with the certificate's own key"}}},
+  "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["csr_pem"], "properties": {"csr_pem": {"type": "string", "maxLength": 16384}}},
+  "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
 plain = lambda d: {"200": {"description": d, "content": {"application/json": {"schema": {"type": "object"}}}}}
 paths = {
@@ -71,6 +79,27 @@ paths = {
     "post": op("Register an AI model version", ok("Registered", ref("AiModel"), "201"), [ORG], body(ref("RegisterModel")), extra=["404", "409"])},
   "/v1/organisations/{org_id}/models/{model_id}": {
     "get": op("Get an AI model", ok("Model", ref("AiModel")), [ORG, P("model_id", "Model id")], extra=["404"])},
+  "/v1/organisations/{org_id}/enroll-tokens": {
+    "post": op("Create a one-time device enrollment token; the token is in this response only", ok("Created", ref("EnrollToken"), "201"), [ORG], body(ref("CreateEnrollToken")), extra=["404"])},
+  "/v1/organisations/{org_id}/devices/{device_id}/revoke": {
+    "post": op("Revoke every unexpired certificate of a device; effective on its next TLS handshake", ok("Revoked", ref("Revocation")), [ORG, P("device_id", "Device id")], extra=["404"])},
+  "/enroll": {"post": {"summary": "Enroll a device: a one-time token plus a CSR give a short-lived client certificate, its chain and the trust bundle", "security": [],
+    "requestBody": body(ref("EnrollRequest")),
+    "responses": {**ok("Enrolled", ref("CertificateResponse"), "201"), "400": COMMON["400"], "403": err("Token invalid, expired, used or for another organisation"),
+                  "409": err("A device with this name exists and the token does not name it"), "413": COMMON["413"], "422": COMMON["422"], "503": err("No fleet CA configured")}}},
+  "/renew-expired": {"post": {"summary": "Renew an expired device certificate (within pki.expired_renewal_grace_s) by proving possession of its key", "security": [],
+    "requestBody": body(ref("RenewExpiredRequest")),
+    "responses": {**ok("Renewed", ref("CertificateResponse")), "400": COMMON["400"], "403": err("Not renewable: unknown CA, revoked, deleted device, other key, or expired too long ago"),
+                  "413": COMMON["413"], "422": COMMON["422"], "503": err("No fleet CA configured")}}},
+}
+# The agent mTLS listener (pki.agent_listen_addr) serves its own small API, documented apart
+# because it is not on the admin listener.
+TLS_ERR = {"403": err("Client certificate unknown, revoked, or its device deleted"), "404": err("Unknown route")}
+agent_paths = {
+  "/v1/agent/renew": {"post": {"summary": "Renew the device certificate; authenticated by the current client certificate", "security": [{"mtls": []}],
+    "requestBody": body(ref("RenewRequest")), "responses": {**ok("Renewed", ref("CertificateResponse")), **TLS_ERR, "400": COMMON["400"], "422": COMMON["422"]}}},
+  "/v1/agent/whoami": {"get": {"summary": "The identity named by the client certificate", "security": [{"mtls": []}],
+    "responses": {**ok("Identity", ref("AgentWhoami")), **TLS_ERR}}},
 }
 doc = {"openapi": "3.1.0",
        "info": {"title": "kip control plane", "version": "0.1.0", "description": "Admin API of the kip industrial AI platform. Errors always have the body {\"error\": {\"code\", \"message\"}}."},
@@ -79,3 +108,9 @@ doc = {"openapi": "3.1.0",
        "paths": paths}
 out = pathlib.Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 out.write_text(json.dumps(doc, indent=2) + "\n")
+agent_doc = {"openapi": "3.1.0",
+       "info": {"title": "kip agent API (mTLS)", "version": "0.1.0", "description": "Served on pki.agent_listen_addr: TLS 1.3 only, a client certificate from the fleet CA is required and names the device (URI SAN kip://org/{org_id}/device/{device_id})."},
+       "servers": [{"url": "https://127.0.0.1:8443"}],
+       "components": {"securitySchemes": {"mtls": {"type": "mutualTLS"}}, "schemas": schemas},
+       "paths": agent_paths}
+(out.parent / "openapi-agent.json").write_text(json.dumps(agent_doc, indent=2) + "\n")

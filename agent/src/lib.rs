@@ -2,6 +2,8 @@
 //!
 //! Built under the ingest, sync and inference issues.
 
+pub mod identity;
+
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;
 pub mod inference;

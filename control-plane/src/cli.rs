@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use crate::api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation};
+use crate::{
+    api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation},
+    pki_api::{EnrollToken, Revocation},
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "kipctl", version, about = "Administer a kip control plane")]
@@ -55,6 +58,23 @@ pub enum Command {
     /// AI models of an organisation.
     #[command(subcommand)]
     Model(ModelCmd),
+    /// The fleet CA (local files; no server or API key involved).
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create a root and an intermediate CA in DIR (private keys written with mode 0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a new intermediate (needs DIR/root.key); the old one stays for its CRLs.
+    RotateIntermediate {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +125,40 @@ pub enum DeviceCmd {
     Delete {
         device_id: Uuid,
     },
+    /// Create a one-time enrollment token; it is shown once.
+    EnrollToken {
+        /// Lifetime such as 3600, 90s, 30m, 1h or 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+        /// Bind the token to this device name (required to re-enroll an existing device).
+        #[arg(long)]
+        device_name: Option<String>,
+    },
+    /// Revoke every certificate of a device (effective on its next connection).
+    Revoke {
+        device_id: Uuid,
+    },
+}
+
+/// Parses a lifetime like `3600`, `90s`, `30m`, `1h` or `7d` into seconds.
+pub fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,6 +221,8 @@ pub enum CliError {
     Client(#[source] reqwest::Error),
     #[error("output: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Ca(#[from] kip_certs::CertError),
 }
 
 struct Client {
@@ -249,6 +305,9 @@ fn read_key(cli: &Cli) -> Result<String, CliError> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    if let Command::Ca(cmd) = &cli.cmd {
+        return ca_cmd(cmd, out);
+    }
     let key = read_key(&cli)?;
     // The workspace's one rustls provider; ignoring the error is right when it is already set.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -326,10 +385,44 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Ca(cmd) => ca_cmd(cmd, out),
         Command::Device(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let base = format!("/v1/organisations/{org}/devices");
             let devices: Vec<Device> = match cmd {
+                DeviceCmd::EnrollToken { ttl, device_name } => {
+                    let t: EnrollToken = client
+                        .post(
+                            &format!("/v1/organisations/{org}/enroll-tokens"),
+                            serde_json::json!({ "ttl_s": ttl, "device_name": device_name }),
+                        )
+                        .await?;
+                    if json {
+                        return write_json(out, &t);
+                    }
+                    writeln!(out, "{}", t.token)?;
+                    writeln!(
+                        out,
+                        "# one-time enrollment token for organisation {}, expires {}; shown only once",
+                        t.org_id,
+                        t.expires_at.to_rfc3339()
+                    )?;
+                    return Ok(());
+                }
+                DeviceCmd::Revoke { device_id } => {
+                    let r: Revocation = client
+                        .post(&format!("{base}/{device_id}/revoke"), serde_json::json!({}))
+                        .await?;
+                    if json {
+                        return write_json(out, &r);
+                    }
+                    writeln!(
+                        out,
+                        "device {device_id}: {} certificate(s) revoked",
+                        r.revoked_serials.len()
+                    )?;
+                    return Ok(());
+                }
                 DeviceCmd::Register { name, labels } => {
                     let labels: serde_json::Map<_, _> = labels
                         .iter()
@@ -427,6 +520,31 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             )
         }
     }
+}
+
+/// Local CA commands: they touch only files in `--dir`.
+fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    let now = std::time::SystemTime::now();
+    let (dir, ca) = match cmd {
+        CaCmd::Init { dir } => (dir, kip_certs::FleetCa::init(dir, now)?),
+        CaCmd::RotateIntermediate { dir } => {
+            (dir, kip_certs::FleetCa::rotate_intermediate(dir, now)?)
+        }
+    };
+    let not_after: chrono::DateTime<chrono::Utc> = ca.current().not_after().into();
+    writeln!(
+        out,
+        "fleet CA ready in {}: intermediate valid until {}",
+        dir.display(),
+        not_after.to_rfc3339()
+    )?;
+    writeln!(
+        out,
+        "# set [pki] ca_dir = {:?} in the control-plane config; root.key is only needed \
+         for `kipctl ca rotate-intermediate` and can be kept offline",
+        dir.display().to_string()
+    )?;
+    Ok(())
 }
 
 fn key_rows(keys: &[ApiKeyInfo]) -> Vec<Vec<String>> {
@@ -599,6 +717,42 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "ID   NAME\n1    alpha\n200  b\n"
         );
+    }
+
+    #[test]
+    fn ttl_accepts_units_and_rejects_garbage() {
+        assert_eq!(parse_ttl("3600"), Ok(3600));
+        assert_eq!(parse_ttl("90s"), Ok(90));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("1h"), Ok(3600));
+        assert_eq!(parse_ttl("7d"), Ok(604_800));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("").is_err());
+    }
+
+    #[tokio::test]
+    async fn ca_init_creates_the_ca_without_an_api_key() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let cli = Cli::try_parse_from(["kipctl", "ca", "init", "--dir", ca_dir.to_str().unwrap()])
+            .unwrap();
+        let mut out = Vec::new();
+        run(cli, &mut out).await.unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("fleet CA ready"));
+        for key in ["root.key", "intermediate.key"] {
+            let mode = std::fs::metadata(ca_dir.join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key}");
+        }
+        let again =
+            Cli::try_parse_from(["kipctl", "ca", "init", "--dir", ca_dir.to_str().unwrap()])
+                .unwrap();
+        let err = run(again, &mut Vec::new()).await.unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub pki: RawPki,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +87,162 @@ pub struct RawLog {
     pub format: String,
     #[serde(default = "default_log_filter")]
     pub filter: String,
+}
+
+/// `[pki]`: fleet CA, device certificates and the agent mTLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPki {
+    /// CA directory made by `kipctl ca init`. Without it, enrollment answers 503 and the
+    /// agent mTLS listener does not start.
+    #[serde(default)]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of device certificates; agents renew at about 2/3 of it.
+    #[serde(default = "default_device_cert_lifetime_s")]
+    pub device_cert_lifetime_s: u64,
+    /// Address of the agent mTLS listener (TLS 1.3, client certificate required).
+    #[serde(default = "default_agent_listen_addr")]
+    pub agent_listen_addr: String,
+    /// DNS names or IP addresses agents use to reach the agent listener (its certificate's SANs).
+    #[serde(default = "default_server_names")]
+    pub server_names: Vec<String>,
+    /// Lifetime of the agent listener's own certificate, re-issued at half of it.
+    #[serde(default = "default_server_cert_lifetime_s")]
+    pub server_cert_lifetime_s: u64,
+    /// How often CRLs (and, when due, the server certificate) are rebuilt even without a
+    /// revocation, so replicas converge and nothing the listener presents expires.
+    #[serde(default = "default_crl_refresh_interval_s")]
+    pub crl_refresh_interval_s: u64,
+    /// How long after expiry a device may still exchange its certificate for a new one by
+    /// proving possession of its key (`POST /renew-expired`); 0 disables. Covers gateways
+    /// offline for longer than the certificate lifetime.
+    #[serde(default = "default_expired_renewal_grace_s")]
+    pub expired_renewal_grace_s: u64,
+}
+
+fn default_device_cert_lifetime_s() -> u64 {
+    86_400
+}
+fn default_agent_listen_addr() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_server_names() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into()]
+}
+fn default_server_cert_lifetime_s() -> u64 {
+    7 * 86_400
+}
+fn default_crl_refresh_interval_s() -> u64 {
+    3_600
+}
+fn default_expired_renewal_grace_s() -> u64 {
+    30 * 86_400
+}
+
+impl Default for RawPki {
+    fn default() -> Self {
+        Self {
+            ca_dir: None,
+            device_cert_lifetime_s: default_device_cert_lifetime_s(),
+            agent_listen_addr: default_agent_listen_addr(),
+            server_names: default_server_names(),
+            server_cert_lifetime_s: default_server_cert_lifetime_s(),
+            crl_refresh_interval_s: default_crl_refresh_interval_s(),
+            expired_renewal_grace_s: default_expired_renewal_grace_s(),
+        }
+    }
+}
+
+/// Validated `[pki]` section.
+#[derive(Debug, Clone)]
+pub struct PkiConfig {
+    pub ca_dir: Option<PathBuf>,
+    pub device_cert_lifetime: Duration,
+    pub agent_listen_addr: SocketAddr,
+    pub server_names: Vec<String>,
+    pub server_cert_lifetime: Duration,
+    pub crl_refresh_interval: Duration,
+    pub expired_renewal_grace: Duration,
+}
+
+impl RawPki {
+    fn validate(self) -> Result<PkiConfig, ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let s_in = |field: &'static str, v: u64, min: u64, max: u64| {
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_secs(v))
+            } else {
+                Err(invalid(
+                    field,
+                    format!("must be between {min} and {max} s, got {v}"),
+                ))
+            }
+        };
+        let device_cert_lifetime = s_in(
+            "pki.device_cert_lifetime_s",
+            self.device_cert_lifetime_s,
+            300,
+            31 * 86_400,
+        )?;
+        let server_cert_lifetime = s_in(
+            "pki.server_cert_lifetime_s",
+            self.server_cert_lifetime_s,
+            3_600,
+            90 * 86_400,
+        )?;
+        let crl_refresh_interval = s_in(
+            "pki.crl_refresh_interval_s",
+            self.crl_refresh_interval_s,
+            10,
+            86_400,
+        )?;
+        if crl_refresh_interval * 2 >= server_cert_lifetime {
+            return Err(invalid(
+                "pki.crl_refresh_interval_s",
+                "must be less than half of pki.server_cert_lifetime_s, or the listener's \
+                 certificate could expire between two refreshes"
+                    .into(),
+            ));
+        }
+        let expired_renewal_grace = s_in(
+            "pki.expired_renewal_grace_s",
+            self.expired_renewal_grace_s,
+            0,
+            365 * 86_400,
+        )?;
+        let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
+            invalid(
+                "pki.agent_listen_addr",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8443 ({e})",
+                    self.agent_listen_addr
+                ),
+            )
+        })?;
+        if self.server_names.is_empty() || self.server_names.iter().any(|n| n.trim().is_empty()) {
+            return Err(invalid(
+                "pki.server_names",
+                "must list at least one non-empty DNS name or IP address".into(),
+            ));
+        }
+        if self
+            .ca_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid("pki.ca_dir", "must not be empty".into()));
+        }
+        Ok(PkiConfig {
+            ca_dir: self.ca_dir,
+            device_cert_lifetime,
+            agent_listen_addr,
+            server_names: self.server_names,
+            server_cert_lifetime,
+            crl_refresh_interval,
+            expired_renewal_grace,
+        })
+    }
 }
 
 fn default_listen_addr() -> String {
@@ -180,6 +338,7 @@ pub struct Config {
     pub admin_key_file: PathBuf,
     pub log_format: LogFormat,
     pub log_filter: String,
+    pub pki: PkiConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -189,6 +348,8 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "KIP_ADMIN_KEY_FILE",
     "KIP_LOG_FORMAT",
     "KIP_LOG_FILTER",
+    "KIP_PKI_CA_DIR",
+    "KIP_AGENT_LISTEN_ADDR",
 ];
 
 impl RawConfig {
@@ -225,6 +386,12 @@ impl RawConfig {
                 });
             }
             self.log.filter = v;
+        }
+        if let Some(v) = env("KIP_PKI_CA_DIR") {
+            self.pki.ca_dir = Some(v.into());
+        }
+        if let Some(v) = env("KIP_AGENT_LISTEN_ADDR") {
+            self.pki.agent_listen_addr = v;
         }
         Ok(())
     }
@@ -309,6 +476,7 @@ impl RawConfig {
                 ));
             }
         };
+        let pki = self.pki.validate()?;
         Ok(Config {
             listen_addr,
             request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
@@ -321,6 +489,7 @@ impl RawConfig {
             admin_key_file: self.auth.admin_key_file,
             log_format,
             log_filter: self.log.filter,
+            pki,
         })
     }
 }
@@ -363,6 +532,9 @@ mod tests {
         assert_eq!(cfg.listen_addr.port(), 8080);
         assert_eq!(cfg.request_body_limit_bytes, 1024 * 1024);
         assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.pki.device_cert_lifetime, Duration::from_secs(86_400));
+        assert_eq!(cfg.pki.agent_listen_addr.port(), 8443);
+        assert!(cfg.pki.ca_dir.is_some());
     }
 
     #[test]
@@ -392,6 +564,16 @@ mod tests {
                 "database.max_connections",
             ),
             ("[log]\nformat = \"xml\"", "log.format"),
+            (
+                "[pki]\ndevice_cert_lifetime_s = 10",
+                "pki.device_cert_lifetime_s",
+            ),
+            ("[pki]\nagent_listen_addr = \"x\"", "pki.agent_listen_addr"),
+            ("[pki]\nserver_names = []", "pki.server_names"),
+            (
+                "[pki]\nserver_cert_lifetime_s = 7200\ncrl_refresh_interval_s = 3600",
+                "pki.crl_refresh_interval_s",
+            ),
         ];
         for (toml, field) in cases {
             let err = RawConfig::from_toml(toml, Path::new("c.toml"))

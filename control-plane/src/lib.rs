@@ -12,6 +12,8 @@ pub mod error;
 pub mod ingest;
 pub mod keys;
 pub mod metrics;
+pub mod pki;
+pub mod pki_api;
 pub mod server;
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -32,9 +34,30 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "control plane listening");
-    let state = server::AppState::new(pool.clone(), &cfg);
+    let mut state = server::AppState::new(pool.clone(), &cfg);
     let tracker = TaskTracker::new();
     let signals = tracker.spawn(server::shutdown_signal(token.clone()));
+    match pki::Pki::from_config(&cfg.pki, &pool).await? {
+        Some(p) => {
+            state.pki = Some(p.clone());
+            let addr = cfg.pki.agent_listen_addr;
+            let agent = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (pki.agent_listen_addr)"))?;
+            pki::spawn_agent_listener(
+                agent,
+                &state,
+                p,
+                cfg.pki.crl_refresh_interval,
+                token.clone(),
+                &tracker,
+                cfg.shutdown_grace,
+            )?;
+        }
+        None => tracing::warn!(
+            "pki.ca_dir is not set: device enrollment and the agent mTLS listener are off \
+             (create a CA with `kipctl ca init --dir DIR`)"
+        ),
+    }
     server::serve(
         listener,
         server::router(state),

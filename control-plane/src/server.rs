@@ -15,12 +15,12 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{api, config::Config, error::ApiError, metrics::Metrics};
+use crate::{api, config::Config, error::ApiError, metrics::Metrics, pki_api};
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
@@ -29,6 +29,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// The fleet PKI; `None` when `pki.ca_dir` is not configured.
+    pub pki: Option<Arc<crate::pki::Pki>>,
 }
 
 impl AppState {
@@ -38,6 +40,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             body_limit_bytes: cfg.request_body_limit_bytes,
             request_timeout: cfg.request_timeout,
+            pki: None,
         }
     }
 }
@@ -79,12 +82,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/organisations/{org_id}/models/{model_id}",
             get(api::get_model),
+        )
+        .route(
+            "/organisations/{org_id}/enroll-tokens",
+            post(pki_api::create_enroll_token),
+        )
+        .route(
+            "/organisations/{org_id}/devices/{device_id}/revoke",
+            post(pki_api::revoke_device),
         );
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/enroll", post(pki_api::enroll))
+        .route("/renew-expired", post(pki_api::renew_expired))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

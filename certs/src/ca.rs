@@ -1,0 +1,768 @@
+//! The fleet CA: root, intermediate(s), device and server certificates, CRLs.
+//!
+//! On disk (`kipctl ca init --dir DIR`):
+//! - `root.crt`, `root.key` (0600): the root. Only `kipctl ca init` and intermediate rotation
+//!   need `root.key`; it can be moved offline, the control plane runs without it.
+//! - `intermediate.crt`, `intermediate.key` (0600): signs device and server certificates
+//!   and CRLs.
+//! - `intermediate-previous.crt`, `intermediate-previous.key` (optional): the intermediate
+//!   before the last rotation. Kept so that its still-valid device certificates keep a CRL
+//!   until they expire or renew.
+//! - `bundle.crt` (optional): trust bundle given to agents; defaults to `root.crt`. During a
+//!   root rollover it holds the old and the new root.
+//!
+//! Invariants: every key is ECDSA P-256; a certificate never outlives its issuer (the leaf
+//! lifetime is clamped to the intermediate's `not_after`); serial numbers are 128 random bits
+//! (positive, 16 bytes exactly, so the stored hex equals what x509 parsing returns).
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
+};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use time::OffsetDateTime;
+use x509_parser::prelude::FromDer as _;
+
+use crate::{
+    CertError,
+    files::{read, write_private, write_public},
+    identity::{DeviceIdentity, device_uri, to_hex},
+    tls::{TrustBundle, cert_to_pem, certs_from_pem},
+};
+
+/// Tolerated clock difference between the control plane and agents: certificates start
+/// this much before `now`, so a device whose clock is a little behind accepts them.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// Lifetime of a root made by [`FleetCa::init`].
+pub const ROOT_LIFETIME: Duration = Duration::from_secs(20 * 365 * 86_400);
+/// Lifetime of an intermediate made by [`FleetCa::init`] or [`FleetCa::rotate_intermediate`].
+pub const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(3 * 365 * 86_400);
+
+fn alg() -> &'static rcgen::SignatureAlgorithm {
+    &rcgen::PKCS_ECDSA_P256_SHA256
+}
+
+fn odt(t: SystemTime) -> OffsetDateTime {
+    OffsetDateTime::from(t)
+}
+
+fn new_key() -> Result<KeyPair, CertError> {
+    Ok(KeyPair::generate_for(alg())?)
+}
+
+/// 16 random bytes, first byte in 0x01..=0x7f: positive and minimal in DER, so the encoded
+/// serial is exactly these bytes.
+fn random_serial() -> [u8; 16] {
+    let mut s: [u8; 16] = rand::random();
+    s[0] = (s[0] & 0x7f).max(1);
+    s
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+fn not_after_of(der: &[u8]) -> Result<SystemTime, CertError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| CertError::BadCert(format!("not an X.509 certificate: {e}")))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+}
+
+fn ca_params(
+    common_name: &str,
+    now: SystemTime,
+    lifetime: Duration,
+    path_len: u8,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "kip");
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = odt(now - CLOCK_SKEW);
+    params.not_after = odt(now + lifetime);
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()));
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+/// A CA certificate with its signing key (root or intermediate).
+struct CaCert {
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: SystemTime,
+}
+
+impl CaCert {
+    fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        let cert_der = certs_from_pem(cert_pem, "CA certificate")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| CertError::BadCert("empty CA certificate file".into()))?;
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        let not_after = not_after_of(&cert_der)?;
+        Ok(Self {
+            cert_der,
+            issuer,
+            not_after,
+        })
+    }
+
+    fn cert_pem(&self) -> String {
+        cert_to_pem(&self.cert_der)
+    }
+
+    fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+}
+
+impl fmt::Debug for CaCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaCert")
+            .field("not_after", &self.not_after)
+            .field("key", &"...")
+            .finish()
+    }
+}
+
+/// The fleet root CA (certificate and key).
+#[derive(Debug)]
+pub struct RootCa(CaCert);
+
+impl RootCa {
+    /// Creates a new self-signed root.
+    pub fn generate(
+        common_name: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Self, CertError> {
+        let params = ca_params(common_name, now, lifetime, 1);
+        let key = new_key()?;
+        let cert = params.self_signed(&key)?;
+        let cert_der = cert.der().clone();
+        Ok(Self(CaCert {
+            not_after: not_after_of(&cert_der)?,
+            cert_der,
+            issuer: Issuer::new(params, key),
+        }))
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        CaCert::from_pem(cert_pem, key_pem).map(Self)
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.0.cert_der
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.0.cert_pem()
+    }
+
+    /// The private key as PKCS#8 PEM. Secret: write it only with [`crate::files::write_private`].
+    pub fn key_pem(&self) -> String {
+        self.0.key_pem()
+    }
+
+    /// Issues an intermediate CA (path length 0: it may sign only end-entity certificates).
+    pub fn issue_intermediate(
+        &self,
+        common_name: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Intermediate, CertError> {
+        let lifetime = clamp_lifetime(now, lifetime, self.0.not_after)?;
+        let params = ca_params(common_name, now, lifetime, 0);
+        let key = new_key()?;
+        let cert = params.signed_by(&key, &self.0.issuer)?;
+        let cert_der = cert.der().clone();
+        Ok(Intermediate(CaCert {
+            not_after: not_after_of(&cert_der)?,
+            cert_der,
+            issuer: Issuer::new(params, key),
+        }))
+    }
+}
+
+/// Shortens `lifetime` so that `now + lifetime` does not pass `issuer_not_after`.
+fn clamp_lifetime(
+    now: SystemTime,
+    lifetime: Duration,
+    issuer_not_after: SystemTime,
+) -> Result<Duration, CertError> {
+    let left = issuer_not_after.duration_since(now).map_err(|_| {
+        CertError::Validity("the issuing CA certificate has expired; rotate it".into())
+    })?;
+    Ok(lifetime.min(left))
+}
+
+/// A certificate issued to a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The device certificate alone.
+    pub cert_pem: String,
+    /// Device certificate followed by the issuing intermediate: what the agent presents.
+    pub chain_pem: String,
+    /// Serial number, lowercase hex (as returned by [`crate::parse_peer_cert`]).
+    pub serial_hex: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// A revoked certificate, as listed in a CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedSerial {
+    /// Serial number, lowercase hex.
+    pub serial_hex: String,
+    pub revoked_at: SystemTime,
+}
+
+/// A server certificate chain and its key, for the agent mTLS listener.
+pub struct ServerIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub not_after: SystemTime,
+}
+
+impl fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("chain_len", &self.chain.len())
+            .field("not_after", &self.not_after)
+            .field("key", &"...")
+            .finish()
+    }
+}
+
+/// An intermediate CA: signs device certificates, server certificates and CRLs.
+#[derive(Debug)]
+pub struct Intermediate(CaCert);
+
+impl Intermediate {
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
+        CaCert::from_pem(cert_pem, key_pem).map(Self)
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.0.cert_der
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.0.cert_pem()
+    }
+
+    /// The private key as PKCS#8 PEM. Secret: write it only with [`crate::files::write_private`].
+    pub fn key_pem(&self) -> String {
+        self.0.key_pem()
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.0.not_after
+    }
+
+    fn leaf_params(
+        &self,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<(CertificateParams, [u8; 16]), CertError> {
+        if lifetime < Duration::from_secs(60) {
+            return Err(CertError::Validity(
+                "certificate lifetime must be at least 60 s".into(),
+            ));
+        }
+        let lifetime = clamp_lifetime(now, lifetime, self.0.not_after)?;
+        let serial = random_serial();
+        let mut params = CertificateParams::default();
+        params.not_before = odt(now - CLOCK_SKEW);
+        params.not_after = odt(now + lifetime);
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        Ok((params, serial))
+    }
+
+    /// Signs a device CSR (PEM) into a client certificate naming `id` in its URI SAN.
+    ///
+    /// Only the CSR's public key is used (see the crate docs). The CSR's self-signature is
+    /// checked, which proves the requester holds the private key.
+    pub fn sign_device_csr(
+        &self,
+        csr_pem: &str,
+        id: DeviceIdentity,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<IssuedCert, CertError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CertError::Csr)?;
+        let (mut params, serial) = self.leaf_params(now, lifetime)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, id.org_id.to_string());
+        dn.push(DnType::CommonName, id.device_id.to_string());
+        params.distinguished_name = dn;
+        let uri = device_uri(id.org_id, id.device_id);
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(CertError::Rcgen)?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&csr.public_key, &self.0.issuer)?;
+        let cert_pem = cert_to_pem(cert.der());
+        Ok(IssuedCert {
+            chain_pem: format!("{cert_pem}{}", self.cert_pem()),
+            cert_pem,
+            serial_hex: to_hex(&serial),
+            not_before: now - CLOCK_SKEW,
+            not_after: not_after_of(cert.der())?,
+        })
+    }
+
+    /// Issues a server certificate for `names` (DNS names or IP addresses) with a fresh key.
+    pub fn issue_server_cert(
+        &self,
+        names: &[String],
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<ServerIdentity, CertError> {
+        let (mut params, _) = self.leaf_params(now, lifetime)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "kip");
+        dn.push(
+            DnType::CommonName,
+            names
+                .first()
+                .map(String::as_str)
+                .unwrap_or("kip control plane"),
+        );
+        params.distinguished_name = dn;
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = new_key()?;
+        let cert = params.signed_by(&key, &self.0.issuer)?;
+        Ok(ServerIdentity {
+            not_after: not_after_of(cert.der())?,
+            chain: vec![cert.der().clone(), self.0.cert_der.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+
+    /// A CRL signed by this intermediate listing `revoked`, valid from `now` for `validity`.
+    /// Serials that are not hex are skipped (they cannot have been issued here).
+    pub fn crl(
+        &self,
+        revoked: &[RevokedSerial],
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<CertificateRevocationListDer<'static>, CertError> {
+        crl_for(self, revoked, now, validity)
+    }
+}
+
+/// Builds the CRL of `issuer`; see [`Intermediate::crl`].
+pub fn crl_for(
+    issuer: &Intermediate,
+    revoked: &[RevokedSerial],
+    now: SystemTime,
+    validity: Duration,
+) -> Result<CertificateRevocationListDer<'static>, CertError> {
+    let crl_number = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // CRL numbers must increase: nanoseconds since the epoch do, across restarts too.
+    let crl_number = u64::try_from(crl_number).unwrap_or(u64::MAX);
+    let params = CertificateRevocationListParams {
+        this_update: odt(now - CLOCK_SKEW),
+        next_update: odt(now + validity),
+        crl_number: SerialNumber::from(crl_number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .filter_map(|r| {
+                Some(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&parse_hex(&r.serial_hex)?),
+                    revocation_time: odt(r.revoked_at),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(&issuer.0.issuer)?.der().clone())
+}
+
+/// File locations of a CA directory (see the module docs).
+#[derive(Debug, Clone)]
+pub struct CaPaths {
+    pub root_cert: PathBuf,
+    pub root_key: PathBuf,
+    pub intermediate_cert: PathBuf,
+    pub intermediate_key: PathBuf,
+    pub previous_cert: PathBuf,
+    pub previous_key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+impl CaPaths {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            root_cert: dir.join("root.crt"),
+            root_key: dir.join("root.key"),
+            intermediate_cert: dir.join("intermediate.crt"),
+            intermediate_key: dir.join("intermediate.key"),
+            previous_cert: dir.join("intermediate-previous.crt"),
+            previous_key: dir.join("intermediate-previous.key"),
+            bundle: dir.join("bundle.crt"),
+        }
+    }
+}
+
+/// The CA as the control plane uses it: current intermediate (signs), previous intermediate
+/// (CRLs only), trust bundle.
+#[derive(Debug)]
+pub struct FleetCa {
+    current: Intermediate,
+    previous: Option<Intermediate>,
+    bundle: TrustBundle,
+}
+
+impl FleetCa {
+    /// Builds a CA from parts (tests, or callers that keep the CA elsewhere).
+    pub fn new(current: Intermediate, previous: Option<Intermediate>, bundle: TrustBundle) -> Self {
+        Self {
+            current,
+            previous,
+            bundle,
+        }
+    }
+
+    /// Creates a new root and intermediate in `dir` (keys 0600). Refuses to overwrite.
+    pub fn init(dir: &Path, now: SystemTime) -> Result<Self, CertError> {
+        let p = CaPaths::new(dir);
+        for f in [
+            &p.root_cert,
+            &p.root_key,
+            &p.intermediate_cert,
+            &p.intermediate_key,
+        ] {
+            if f.exists() {
+                return Err(CertError::Exists(f.clone()));
+            }
+        }
+        let root = RootCa::generate(
+            &format!("kip fleet root CA {}", unix_secs(now)),
+            now,
+            ROOT_LIFETIME,
+        )?;
+        let inter = root.issue_intermediate(&intermediate_name(now), now, INTERMEDIATE_LIFETIME)?;
+        // Keys first: a crash leaves a key without certificate (harmless, init is rerun
+        // after deleting), never a certificate whose key is lost.
+        write_private(&p.root_key, &root.key_pem())?;
+        write_private(&p.intermediate_key, &inter.key_pem())?;
+        write_public(&p.root_cert, &root.cert_pem())?;
+        write_public(&p.intermediate_cert, &inter.cert_pem())?;
+        let bundle = TrustBundle::new(vec![root.cert_der().clone()])?;
+        Ok(Self::new(inter, None, bundle))
+    }
+
+    /// Loads the CA from `dir`. `root.key` is not needed.
+    pub fn load(dir: &Path) -> Result<Self, CertError> {
+        let p = CaPaths::new(dir);
+        let current =
+            Intermediate::from_pem(&read(&p.intermediate_cert)?, &read(&p.intermediate_key)?)?;
+        let previous = if p.previous_cert.exists() {
+            Some(Intermediate::from_pem(
+                &read(&p.previous_cert)?,
+                &read(&p.previous_key)?,
+            )?)
+        } else {
+            None
+        };
+        let bundle = if p.bundle.exists() {
+            TrustBundle::from_pem(&read(&p.bundle)?)?
+        } else {
+            TrustBundle::from_pem(&read(&p.root_cert)?)?
+        };
+        Ok(Self::new(current, previous, bundle))
+    }
+
+    /// Issues a new intermediate with the root key from `dir`; the current one becomes
+    /// `intermediate-previous` (its certificates stay valid and revocable until they expire).
+    pub fn rotate_intermediate(dir: &Path, now: SystemTime) -> Result<Self, CertError> {
+        let p = CaPaths::new(dir);
+        if !p.root_key.exists() {
+            return Err(CertError::NoRootKey(p.root_key));
+        }
+        let root = RootCa::from_pem(&read(&p.root_cert)?, &read(&p.root_key)?)?;
+        let new = root.issue_intermediate(&intermediate_name(now), now, INTERMEDIATE_LIFETIME)?;
+        let old_cert = read(&p.intermediate_cert)?;
+        let old_key = read(&p.intermediate_key)?;
+        write_private(&p.previous_key, &old_key)?;
+        write_public(&p.previous_cert, &old_cert)?;
+        write_private(&p.intermediate_key, &new.key_pem())?;
+        write_public(&p.intermediate_cert, &new.cert_pem())?;
+        Self::load(dir)
+    }
+
+    /// The intermediate that signs new certificates.
+    pub fn current(&self) -> &Intermediate {
+        &self.current
+    }
+
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// One CRL per intermediate (current and previous), each listing `revoked`.
+    pub fn crls(
+        &self,
+        revoked: &[RevokedSerial],
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+        std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .map(|i| i.crl(revoked, now, validity))
+            .collect()
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Distinct subject per CA: webpki matches issuers and CRLs by name, so two intermediates
+/// (or two deployments' roots) with one name would make CRLs and chains ambiguous.
+fn intermediate_name(now: SystemTime) -> String {
+    format!(
+        "kip fleet intermediate CA {} {:04x}",
+        unix_secs(now),
+        rand::random::<u16>()
+    )
+}
+
+/// A device's private key, generated on the device; it never leaves it.
+pub struct DeviceKey(KeyPair);
+
+impl fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceKey(...)")
+    }
+}
+
+impl DeviceKey {
+    /// A fresh ECDSA P-256 key.
+    pub fn generate() -> Result<Self, CertError> {
+        new_key().map(Self)
+    }
+
+    pub fn from_pem(pem: &str) -> Result<Self, CertError> {
+        Ok(Self(KeyPair::from_pem(pem)?))
+    }
+
+    /// PKCS#8 PEM. Secret: write it only with [`crate::files::write_private`].
+    pub fn to_pem(&self) -> String {
+        self.0.serialize_pem()
+    }
+
+    /// The key for rustls.
+    pub fn private_key_der(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.serialize_der()))
+    }
+
+    /// A CSR (PEM) for this key. The name is informative only: the CA decides the identity.
+    pub fn csr_pem(&self, device_name: &str) -> Result<String, CertError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, device_name);
+        params.distinguished_name = dn;
+        Ok(params.serialize_request(&self.0)?.pem()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use rustls::pki_types::pem::PemObject as _;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::parse_peer_cert;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn id() -> DeviceIdentity {
+        DeviceIdentity {
+            org_id: Uuid::new_v4(),
+            device_id: Uuid::new_v4(),
+        }
+    }
+
+    #[test]
+    fn signed_device_cert_names_the_device_and_records_serial_and_expiry() {
+        let now = SystemTime::now();
+        let root = RootCa::generate("r", now, 10 * DAY).unwrap();
+        let inter = root.issue_intermediate("i", now, 5 * DAY).unwrap();
+        let key = DeviceKey::generate().unwrap();
+        let id = id();
+        let issued = inter
+            .sign_device_csr(&key.csr_pem("gw-1").unwrap(), id, now, DAY)
+            .unwrap();
+        let der = &certs_from_pem(&issued.chain_pem, "chain").unwrap();
+        assert_eq!(der.len(), 2, "leaf then intermediate");
+        let peer = parse_peer_cert(&der[0]).unwrap();
+        assert_eq!(peer.identity, id);
+        assert_eq!(peer.serial_hex, issued.serial_hex);
+        assert_eq!(peer.not_after, issued.not_after);
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        assert_eq!(secs(peer.not_after), secs(now + DAY));
+        assert!(peer.not_before < now);
+    }
+
+    #[test]
+    fn csr_requests_for_other_names_or_ca_powers_are_ignored() {
+        let now = SystemTime::now();
+        let root = RootCa::generate("r", now, 10 * DAY).unwrap();
+        let inter = root.issue_intermediate("i", now, 5 * DAY).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            device_uri(Uuid::new_v4(), Uuid::new_v4())
+                .try_into()
+                .unwrap(),
+        ));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let id = id();
+        let issued = inter.sign_device_csr(&csr, id, now, DAY).unwrap();
+        let der = &certs_from_pem(&issued.cert_pem, "leaf").unwrap()[0];
+        assert_eq!(parse_peer_cert(der).unwrap().identity, id);
+        let (_, x) = x509_parser::parse_x509_certificate(der).unwrap();
+        assert!(!x.is_ca());
+        let sans = x.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(sans.value.general_names.len(), 1);
+    }
+
+    #[test]
+    fn a_tampered_csr_is_refused() {
+        let key = DeviceKey::generate().unwrap();
+        let csr = key.csr_pem("gw").unwrap();
+        let mut der =
+            rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
+        let n = der.len();
+        der[n - 5] ^= 0x55;
+        let now = SystemTime::now();
+        let root = RootCa::generate("r", now, 10 * DAY).unwrap();
+        let inter = root.issue_intermediate("i", now, 5 * DAY).unwrap();
+        let tampered = crate::tls::pem_block("CERTIFICATE REQUEST", &der);
+        assert!(matches!(
+            inter.sign_device_csr(&tampered, id(), now, DAY),
+            Err(CertError::Csr(_))
+        ));
+        assert!(inter.sign_device_csr("garbage", id(), now, DAY).is_err());
+    }
+
+    #[test]
+    fn leaf_lifetime_is_clamped_to_the_intermediate() {
+        let now = SystemTime::now();
+        let root = RootCa::generate("r", now, 10 * DAY).unwrap();
+        let inter = root.issue_intermediate("i", now, DAY).unwrap();
+        let key = DeviceKey::generate().unwrap();
+        let issued = inter
+            .sign_device_csr(&key.csr_pem("gw").unwrap(), id(), now, 30 * DAY)
+            .unwrap();
+        assert!(issued.not_after <= inter.not_after());
+        let expired = root.issue_intermediate("i", now - 10 * DAY, DAY).unwrap();
+        assert!(matches!(
+            expired.sign_device_csr(&key.csr_pem("gw").unwrap(), id(), now, DAY),
+            Err(CertError::Validity(_))
+        ));
+    }
+
+    #[test]
+    fn ca_init_writes_keys_0600_refuses_to_overwrite_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let ca = FleetCa::init(dir.path(), now).unwrap();
+        let p = CaPaths::new(dir.path());
+        for k in [&p.root_key, &p.intermediate_key] {
+            let mode = std::fs::metadata(k).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", k.display());
+        }
+        assert!(matches!(
+            FleetCa::init(dir.path(), now),
+            Err(CertError::Exists(_))
+        ));
+        // The control plane runs without the root key.
+        std::fs::remove_file(&p.root_key).unwrap();
+        let loaded = FleetCa::load(dir.path()).unwrap();
+        assert_eq!(loaded.bundle(), ca.bundle());
+        assert_eq!(loaded.current().cert_der(), ca.current().cert_der());
+        assert!(matches!(
+            FleetCa::rotate_intermediate(dir.path(), now),
+            Err(CertError::NoRootKey(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_keeps_the_previous_intermediate_for_crls() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let first = FleetCa::init(dir.path(), now).unwrap();
+        let rotated = FleetCa::rotate_intermediate(dir.path(), now + DAY).unwrap();
+        assert_ne!(rotated.current().cert_der(), first.current().cert_der());
+        assert_eq!(rotated.bundle(), first.bundle(), "root unchanged");
+        let crls = rotated.crls(&[], now, DAY).unwrap();
+        assert_eq!(crls.len(), 2);
+    }
+
+    #[test]
+    fn device_key_round_trips_through_pem_and_hides_in_debug() {
+        let k = DeviceKey::generate().unwrap();
+        let pem = k.to_pem();
+        assert!(!format!("{k:?}").contains("PRIVATE"));
+        let k2 = DeviceKey::from_pem(&pem).unwrap();
+        assert_eq!(k2.to_pem(), pem);
+    }
+
+    #[test]
+    fn hex_parser_rejects_odd_and_non_hex() {
+        assert_eq!(parse_hex("01ff"), Some(vec![1, 255]));
+        assert_eq!(parse_hex("1"), None);
+        assert_eq!(parse_hex("zz"), None);
+        assert_eq!(parse_hex(""), None);
+    }
+}

@@ -1,0 +1,207 @@
+//! Trust bundles and the rustls configurations of the agent mTLS channel.
+//!
+//! Invariants: both sides speak TLS 1.3 only, with the ring provider passed explicitly; the
+//! server requires a client certificate chaining to a bundle root and checks the leaf against
+//! the CRLs given (unknown revocation status is an error, see the crate docs).
+
+use std::sync::Arc;
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject as _},
+    server::WebPkiClientVerifier,
+};
+
+use crate::CertError;
+
+/// The root certificates a peer trusts. During a root rollover it holds the old and the new
+/// root, so certificates chaining to either verify.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustBundle {
+    certs: Vec<CertificateDer<'static>>,
+}
+
+impl TrustBundle {
+    /// A bundle of the given DER certificates; refuses an empty bundle (it would trust nothing
+    /// and every handshake would fail with a confusing error).
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, CertError> {
+        if certs.is_empty() {
+            return Err(CertError::Pem {
+                what: "trust bundle",
+                message: "contains no certificate".into(),
+            });
+        }
+        Ok(Self { certs })
+    }
+
+    /// Parses one or more concatenated `CERTIFICATE` PEM blocks.
+    pub fn from_pem(pem: &str) -> Result<Self, CertError> {
+        Self::new(certs_from_pem(pem, "trust bundle")?)
+    }
+
+    /// The bundle as concatenated PEM blocks.
+    pub fn to_pem(&self) -> String {
+        self.certs.iter().map(|c| cert_to_pem(c)).collect()
+    }
+
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    /// Adds `other`'s certificates that are not already present (rollover overlap).
+    pub fn merge(&mut self, other: &TrustBundle) {
+        for c in &other.certs {
+            if !self.certs.contains(c) {
+                self.certs.push(c.clone());
+            }
+        }
+    }
+
+    /// The bundle as a rustls root store.
+    pub fn root_store(&self) -> Result<RootCertStore, CertError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.certs {
+            roots.add(c.clone())?;
+        }
+        Ok(roots)
+    }
+}
+
+/// PEM-encodes one DER certificate.
+pub fn cert_to_pem(der: &CertificateDer<'_>) -> String {
+    pem_block("CERTIFICATE", der.as_ref())
+}
+
+pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64_lite::encode;
+    let b64 = encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Minimal standard base64 (with padding) for PEM output; decoding goes through pki-types.
+mod base64_lite {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub(super) fn encode(data: &[u8]) -> String {
+        let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+        for chunk in data.chunks(3) {
+            let b = [
+                chunk[0],
+                chunk.get(1).copied().unwrap_or(0),
+                chunk.get(2).copied().unwrap_or(0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            let idx = |shift: u32| ALPHABET[((n >> shift) & 63) as usize] as char;
+            out.push(idx(18));
+            out.push(idx(12));
+            out.push(if chunk.len() > 1 { idx(6) } else { '=' });
+            out.push(if chunk.len() > 2 { idx(0) } else { '=' });
+        }
+        out
+    }
+}
+
+/// Parses every `CERTIFICATE` block of `pem`; at least one must be present.
+pub fn certs_from_pem(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Pem {
+            what,
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(CertError::Pem {
+            what,
+            message: "no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses a private key (PKCS#8, SEC1 or PKCS#1) from PEM.
+pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, CertError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| CertError::Pem {
+        what: "private key",
+        message: e.to_string(),
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server configuration of the agent mTLS listener.
+///
+/// `chain` is the server's certificate followed by its intermediate; `crls` must hold a CRL
+/// of every intermediate that issues device certificates (a device certificate from an
+/// intermediate without CRL is refused).
+pub fn server_config(
+    bundle: &TrustBundle,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ServerConfig>, CertError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(bundle.root_store()?),
+        provider.clone(),
+    )
+    .with_crls(crls)
+    // Intermediates are revoked by rolling them and shipping a new bundle; checking
+    // them against root CRLs would need the offline root key for every CRL refresh.
+    .only_check_end_entity_revocation()
+    .build()?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client configuration of an agent: presents `chain` (device certificate then intermediate)
+/// with `key`, trusts servers chaining to `bundle`.
+pub fn client_config(
+    bundle: &TrustBundle,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ClientConfig>, CertError> {
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(bundle.root_store()?)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_known_vectors() {
+        for (input, want) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_lite::encode(input), want);
+        }
+    }
+
+    #[test]
+    fn empty_bundle_is_refused() {
+        assert!(TrustBundle::new(vec![]).is_err());
+        assert!(TrustBundle::from_pem("").is_err());
+    }
+}

@@ -1,0 +1,576 @@
+//! Fleet PKI end to end: enrollment over the admin router, then real TLS 1.3 mTLS handshakes
+//! against the agent listener on loopback. Each test gets a fresh database (`sqlx::test`).
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers")]
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    http::{Request, StatusCode},
+};
+use kip_certs::{DeviceKey, FleetCa, certs_from_pem, rustls};
+use kip_control_plane::{
+    config::Config,
+    pki::{Pki, spawn_agent_listener},
+    pki_api::{AgentWhoami, CertificateResponse, EnrollToken, Revocation},
+    server::{AppState, router},
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt as _;
+use uuid::Uuid;
+
+struct Env {
+    state: AppState,
+    admin_key: String,
+    org_id: Uuid,
+    agent_url: String,
+    bundle_pem: String,
+    token: CancellationToken,
+    tracker: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.token.cancel();
+        self.tracker.close();
+    }
+}
+
+async fn setup(pool: PgPool) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    // Created in the past so that tests can issue certificates that expired days ago.
+    FleetCa::init(
+        &ca_dir,
+        std::time::SystemTime::now() - Duration::from_secs(60 * 86_400),
+    )
+    .unwrap();
+    let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
+    let cfg = Config::load(None, |k| match k {
+        "KIP_PKI_CA_DIR" => Some(ca_dir_s.clone()),
+        _ => None,
+    })
+    .unwrap();
+    let key_file = dir.path().join("admin.key");
+    kip_control_plane::db::ensure_admin_key(&pool, &key_file)
+        .await
+        .unwrap();
+    let admin_key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let pki = Pki::from_config(&cfg.pki, &pool).await.unwrap().unwrap();
+    let mut state = AppState::new(pool, &cfg);
+    state.pki = Some(pki.clone());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    spawn_agent_listener(
+        listener,
+        &state,
+        pki.clone(),
+        Duration::from_secs(3600),
+        token.clone(),
+        &tracker,
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut env = Env {
+        state,
+        admin_key,
+        org_id: Uuid::nil(),
+        agent_url: format!("https://127.0.0.1:{port}"),
+        bundle_pem: pki.bundle_pem(),
+        token,
+        tracker,
+        _dir: dir,
+    };
+    env.org_id = env.create_org("acme").await;
+    env
+}
+
+impl Env {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<Value>,
+        auth: bool,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if auth {
+            req = req.header("authorization", format!("Bearer {}", self.admin_key));
+        }
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, v)
+    }
+
+    async fn create_org(&self, name: &str) -> Uuid {
+        let (s, v) = self
+            .call(
+                "POST",
+                "/v1/organisations",
+                Some(json!({ "name": name })),
+                true,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    async fn enroll_token(&self, org: Uuid, body: Value) -> EnrollToken {
+        let (s, v) = self
+            .call(
+                "POST",
+                &format!("/v1/organisations/{org}/enroll-tokens"),
+                Some(body),
+                true,
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+
+    async fn enroll(&self, token: &str, key: &DeviceKey, name: &str) -> (StatusCode, Value) {
+        let body =
+            json!({ "token": token, "csr_pem": key.csr_pem(name).unwrap(), "device_name": name });
+        self.call("POST", "/enroll", Some(body), false).await
+    }
+
+    /// Enrolls a new device; returns its key and certificate.
+    async fn enrolled_device(&self, name: &str) -> (DeviceKey, CertificateResponse) {
+        let t = self.enroll_token(self.org_id, json!({})).await;
+        let key = DeviceKey::generate().unwrap();
+        let (s, v) = self.enroll(&t.token, &key, name).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        (key, serde_json::from_value(v).unwrap())
+    }
+}
+
+fn tls_config(bundle_pem: &str, chain_pem: &str, key: &DeviceKey) -> rustls::ClientConfig {
+    let bundle = kip_certs::TrustBundle::from_pem(bundle_pem).unwrap();
+    let chain = certs_from_pem(chain_pem, "chain").unwrap();
+    (*kip_certs::client_config(&bundle, chain, key.private_key_der()).unwrap()).clone()
+}
+
+/// A fresh HTTP client (so a fresh TLS handshake) presenting `cfg`.
+fn agent_client(cfg: rustls::ClientConfig) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(cfg)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn whoami(
+    client: &reqwest::Client,
+    env: &Env,
+) -> Result<(StatusCode, Value), reqwest::Error> {
+    let r = client
+        .get(format!("{}/v1/agent/whoami", env.agent_url))
+        .send()
+        .await?;
+    let s = StatusCode::from_u16(r.status().as_u16()).unwrap();
+    Ok((s, r.json().await?))
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn enrollment_gives_a_certificate_that_opens_the_agent_listener_and_renews(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    assert_eq!(cert.org_id, env.org_id);
+    assert_eq!(cert.trust_bundle_pem, env.bundle_pem);
+    assert_eq!(
+        certs_from_pem(&cert.certificate_chain_pem, "c")
+            .unwrap()
+            .len(),
+        2
+    );
+    let lifetime = cert.not_after - chrono::Utc::now();
+    assert!(lifetime > chrono::Duration::hours(23) && lifetime <= chrono::Duration::hours(24));
+
+    // Recorded: device registered, certificate stored, token consumed.
+    let (name,): (String,) = sqlx::query_as("SELECT name FROM devices WHERE id = $1")
+        .bind(cert.device_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "gw-1");
+    let (serial,): (String,) =
+        sqlx::query_as("SELECT serial FROM certificates WHERE device_id = $1")
+            .bind(cert.device_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(serial, cert.serial);
+    let used: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM bootstrap_tokens WHERE used_at IS NOT NULL AND device_id = $1",
+    )
+    .bind(cert.device_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(used, 1);
+
+    // The agent listener knows the device from the certificate alone.
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    let (s, v) = whoami(&client, &env).await.unwrap();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let me: AgentWhoami = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        (me.org_id, me.device_id, me.serial.as_str()),
+        (env.org_id, cert.device_id, cert.serial.as_str())
+    );
+
+    // Renewal with a new key, authenticated by the current certificate.
+    let new_key = DeviceKey::generate().unwrap();
+    let r = client
+        .post(format!("{}/v1/agent/renew", env.agent_url))
+        .json(&json!({ "csr_pem": new_key.csr_pem("gw-1").unwrap() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let renewed: CertificateResponse = r.json().await.unwrap();
+    assert_eq!(renewed.device_id, cert.device_id);
+    assert_ne!(renewed.serial, cert.serial);
+    let client2 = agent_client(tls_config(
+        &renewed.trust_bundle_pem,
+        &renewed.certificate_chain_pem,
+        &new_key,
+    ));
+    let (s, v) = whoami(&client2, &env).await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["serial"], renewed.serial.as_str());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_used_token_is_refused(pool: PgPool) {
+    let env = setup(pool).await;
+    let t = env.enroll_token(env.org_id, json!({ "ttl_s": 600 })).await;
+    let key = DeviceKey::generate().unwrap();
+    assert_eq!(
+        env.enroll(&t.token, &key, "gw-1").await.0,
+        StatusCode::CREATED
+    );
+    let (s, v) = env.enroll(&t.token, &key, "gw-2").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "forbidden");
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_expired_token_is_refused(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let t = env.enroll_token(env.org_id, json!({})).await;
+    sqlx::query(
+        "UPDATE bootstrap_tokens SET created_at = now() - interval '2 hours', \
+         expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(t.id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (s, _) = env
+        .enroll(&t.token, &DeviceKey::generate().unwrap(), "gw-1")
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = env
+        .enroll("kipenroll_made-up", &DeviceKey::generate().unwrap(), "gw-1")
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_token_of_another_organisation_is_refused_and_stays_unused(pool: PgPool) {
+    let env = setup(pool).await;
+    let other = env.create_org("globex").await;
+    let t = env.enroll_token(other, json!({})).await;
+    let key = DeviceKey::generate().unwrap();
+    let body = json!({
+        "token": t.token, "csr_pem": key.csr_pem("gw").unwrap(),
+        "device_name": "gw", "org_id": env.org_id,
+    });
+    let (s, _) = env.call("POST", "/enroll", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A refused attempt does not consume the token: the right organisation can still use it.
+    let (s, v) = env.enroll(&t.token, &key, "gw").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["org_id"], other.to_string());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_bad_csr_is_a_422_and_leaves_the_token_usable(pool: PgPool) {
+    let env = setup(pool).await;
+    let t = env.enroll_token(env.org_id, json!({})).await;
+    let body = json!({ "token": t.token, "csr_pem": "not a csr", "device_name": "gw" });
+    let (s, v) = env.call("POST", "/enroll", Some(body), false).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("csr_pem"));
+    let (s, _) = env
+        .enroll(&t.token, &DeviceKey::generate().unwrap(), "gw")
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_org_wide_token_cannot_take_over_an_existing_device(pool: PgPool) {
+    let env = setup(pool).await;
+    let (_, first) = env.enrolled_device("gw-1").await;
+    let t = env.enroll_token(env.org_id, json!({})).await;
+    let (s, _) = env
+        .enroll(&t.token, &DeviceKey::generate().unwrap(), "gw-1")
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // A token naming the device re-enrolls it (same device id, new certificate).
+    let t = env
+        .enroll_token(env.org_id, json!({ "device_name": "gw-1" }))
+        .await;
+    let (s, v) = env
+        .enroll(&t.token, &DeviceKey::generate().unwrap(), "gw-1")
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["device_id"], first.device_id.to_string());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_certificate_from_another_ca_is_refused(pool: PgPool) {
+    let env = setup(pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = FleetCa::init(dir.path(), std::time::SystemTime::now()).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let (_, real) = env.enrolled_device("gw-1").await;
+    // Same identity as a real device, signed by a CA the control plane does not trust.
+    let issued = rogue
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw-1").unwrap(),
+            kip_certs::DeviceIdentity {
+                org_id: env.org_id,
+                device_id: real.device_id,
+            },
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let client = agent_client(tls_config(&env.bundle_pem, &issued.chain_pem, &key));
+    assert!(whoami(&client, &env).await.is_err());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_revoked_certificate_is_refused_on_the_next_connection(pool: PgPool) {
+    let env = setup(pool).await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let (other_key, other) = env.enrolled_device("gw-2").await;
+    let cfg = tls_config(&env.bundle_pem, &cert.certificate_chain_pem, &key);
+    let open = agent_client(cfg.clone());
+    assert_eq!(whoami(&open, &env).await.unwrap().0, StatusCode::OK);
+
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!(
+                "/v1/organisations/{}/devices/{}/revoke",
+                env.org_id, cert.device_id
+            ),
+            None,
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r: Revocation = serde_json::from_value(v).unwrap();
+    assert_eq!(r.revoked_serials, vec![cert.serial.clone()]);
+
+    // Next handshake: refused by the CRL.
+    let fresh = agent_client(cfg);
+    assert!(whoami(&fresh, &env).await.is_err());
+    // A connection opened before the revocation (kept alive in the pool): refused per request,
+    // renewal included.
+    let (s, v) = whoami(&open, &env).await.unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("revoked"),
+        "{v}"
+    );
+    let renew = open
+        .post(format!("{}/v1/agent/renew", env.agent_url))
+        .json(&json!({ "csr_pem": key.csr_pem("gw-1").unwrap() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(renew.status().as_u16(), 403);
+    // Other devices are unaffected.
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &other.certificate_chain_pem,
+        &other_key,
+    ));
+    assert_eq!(whoami(&client, &env).await.unwrap().0, StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_tls12_client_is_refused(pool: PgPool) {
+    let env = setup(pool).await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let bundle = kip_certs::TrustBundle::from_pem(&env.bundle_pem).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(bundle.root_store().unwrap())
+    .with_client_auth_cert(
+        certs_from_pem(&cert.certificate_chain_pem, "c").unwrap(),
+        key.private_key_der(),
+    )
+    .unwrap();
+    let err = whoami(&agent_client(cfg), &env).await.unwrap_err();
+    let chain = format!("{:?}", err);
+    assert!(
+        chain.to_lowercase().contains("protocol") || chain.contains("Tls"),
+        "{chain}"
+    );
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn the_agent_listener_has_no_api_key_routes(pool: PgPool) {
+    let env = setup(pool).await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    let r = client
+        .get(format!("{}/v1/organisations", env.agent_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+#[test]
+fn pki_routes_are_in_the_openapi_documents() {
+    let admin: Value = serde_json::from_str(kip_control_plane::server::OPENAPI_JSON).unwrap();
+    for p in [
+        "/enroll",
+        "/v1/organisations/{org_id}/enroll-tokens",
+        "/v1/organisations/{org_id}/devices/{device_id}/revoke",
+    ] {
+        assert!(admin["paths"].get(p).is_some(), "{p}");
+    }
+    let agent: Value = serde_json::from_str(include_str!("../../docs/openapi-agent.json")).unwrap();
+    for p in ["/v1/agent/renew", "/v1/agent/whoami"] {
+        assert!(agent["paths"].get(p).is_some(), "{p}");
+    }
+}
+
+/// A certificate for the device of `cert`, signed by the real CA as if issued `ago` and valid
+/// one hour, recorded in `certificates` like a real one. Returns (key, chain PEM).
+async fn expired_cert_for(
+    env: &Env,
+    pool: &PgPool,
+    device_id: Uuid,
+    ago: Duration,
+) -> (DeviceKey, String, String) {
+    let ca = FleetCa::load(&env._dir.path().join("ca")).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let issued = ca
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw").unwrap(),
+            kip_certs::DeviceIdentity {
+                org_id: env.org_id,
+                device_id,
+            },
+            std::time::SystemTime::now() - ago,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let not_after: chrono::DateTime<chrono::Utc> = issued.not_after.into();
+    sqlx::query(
+        "INSERT INTO certificates (serial, org_id, device_id, not_after) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(&issued.serial_hex)
+    .bind(env.org_id)
+    .bind(device_id)
+    .bind(not_after)
+    .execute(pool)
+    .await
+    .unwrap();
+    (key, issued.chain_pem, issued.serial_hex)
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_expired_certificate_is_renewed_by_key_possession_within_grace(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, dev) = env.enrolled_device("gw-1").await;
+    let (key, chain, _) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(3 * 86_400)).await;
+    // The agent listener refuses it: it expired.
+    let client = agent_client(tls_config(&env.bundle_pem, &chain, &key));
+    assert!(whoami(&client, &env).await.is_err());
+    // A CSR from another key is refused.
+    let other = DeviceKey::generate().unwrap();
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": other.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The same key gets a fresh certificate for the same device.
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, v) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let renewed: CertificateResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(renewed.device_id, dev.device_id);
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &renewed.certificate_chain_pem,
+        &key,
+    ));
+    assert_eq!(whoami(&client, &env).await.unwrap().0, StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_expired_certificate_is_not_renewed_when_revoked_or_past_grace(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, dev) = env.enrolled_device("gw-1").await;
+    // Past the 30-day default grace.
+    let (key, chain, _) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(40 * 86_400)).await;
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Within grace but revoked.
+    let (key, chain, serial) =
+        expired_cert_for(&env, &pool, dev.device_id, Duration::from_secs(2 * 86_400)).await;
+    sqlx::query("UPDATE certificates SET revoked_at = now() WHERE serial = $1")
+        .bind(&serial)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
+    let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
