@@ -1,6 +1,11 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
-//! Built under the ingest, sync and inference issues.
+//! Data path: sources (MQTT, later OPC UA) -> bounded channel -> buffer writer -> [`buffer`]
+//! (sled, durable `(epoch, seq)`) -> sync (separate issue). [`runtime`] wires it together
+//! with one shutdown path.
+
+pub mod buffer;
+pub mod config;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

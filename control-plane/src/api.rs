@@ -62,8 +62,11 @@ impl ListParams {
     }
 }
 
-fn list_params(q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>) -> ApiResult<i64> {
-    let Query(p) = q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
+fn list_params(
+    q: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<i64> {
+    let Query(p) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
     p.checked()
 }
 
@@ -114,7 +117,10 @@ pub struct UpdateOrganisation {
 
 fn check_display_name(s: &str) -> ApiResult<()> {
     if s.trim().is_empty() || s.chars().count() > 200 {
-        return Err(ApiError::validation("display_name", "must be 1 to 200 characters"));
+        return Err(ApiError::validation(
+            "display_name",
+            "must be 1 to 200 characters",
+        ));
     }
     Ok(())
 }
@@ -331,7 +337,6 @@ pub struct RegisterDevice {
     pub labels: serde_json::Map<String, serde_json::Value>,
 }
 
-
 pub async fn register_device(
     State(st): State<AppState>,
     p: Principal,
@@ -499,7 +504,10 @@ pub async fn register_model(
     let name = parse_name("name", &body.name)?;
     if body.version.is_empty()
         || body.version.len() > 64
-        || !body.version.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+        || !body
+            .version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
     {
         return Err(ApiError::validation(
             "version",
@@ -507,7 +515,10 @@ pub async fn register_model(
         ));
     }
     if let Some(h) = &body.artifact_sha256
-        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        && (h.len() != 64
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
     {
         return Err(ApiError::validation(
             "artifact_sha256",

@@ -41,7 +41,9 @@ impl Principal {
     pub fn require_platform(&self) -> Result<(), ApiError> {
         match self.scope {
             Scope::Platform => Ok(()),
-            Scope::Org(_) => Err(ApiError::Forbidden("this operation needs a platform-admin key")),
+            Scope::Org(_) => Err(ApiError::Forbidden(
+                "this operation needs a platform-admin key",
+            )),
         }
     }
 }

@@ -16,7 +16,12 @@ use crate::api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation};
 #[command(name = "kipctl", version, about = "Administer a kip control plane")]
 pub struct Cli {
     /// Control-plane URL.
-    #[arg(long, env = "KIP_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "KIP_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub server: String,
     /// API key (prefer KIP_API_KEY or --api-key-file so it stays out of shell history).
     #[arg(long, env = "KIP_API_KEY", hide_env_values = true, global = true)]
@@ -76,9 +81,13 @@ pub enum OrgCmd {
 #[derive(Subcommand, Debug)]
 pub enum KeyCmd {
     /// Create a key; it is shown once.
-    Create { name: String },
+    Create {
+        name: String,
+    },
     List,
-    Revoke { key_id: Uuid },
+    Revoke {
+        key_id: Uuid,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -191,7 +200,10 @@ impl Client {
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             return Err(CliError::Api {
                 status: status.as_u16(),
-                code: v["error"]["code"].as_str().unwrap_or("http_error").to_owned(),
+                code: v["error"]["code"]
+                    .as_str()
+                    .unwrap_or("http_error")
+                    .to_owned(),
                 message: v["error"]["message"]
                     .as_str()
                     .map(ToOwned::to_owned)
@@ -253,7 +265,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match &cli.cmd {
         Command::Whoami => {
             let me: Me = client.get("/v1/me").await?;
-            let org = me.org_id.map(|o| o.to_string()).unwrap_or_else(|| "-".into());
+            let org = me
+                .org_id
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "-".into());
             emit(out, json, &me, &["KEY ID", "SCOPE", "ORG"], |m| {
                 vec![vec![m.key_id.to_string(), m.scope.clone(), org.clone()]]
             })
@@ -273,13 +288,24 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         return write_json(out, &k);
                     }
                     writeln!(out, "{}", k.key)?;
-                    writeln!(out, "# key {} ({}) created; it is shown only once", k.info.id, k.info.name)?;
+                    writeln!(
+                        out,
+                        "# key {} ({}) created; it is shown only once",
+                        k.info.id, k.info.name
+                    )?;
                     Ok(())
                 }
                 KeyCmd::List => {
-                    let keys: Vec<ApiKeyInfo> =
-                        client.get(&format!("/v1/organisations/{org}/api-keys")).await?;
-                    emit(out, json, &keys, &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], key_rows)
+                    let keys: Vec<ApiKeyInfo> = client
+                        .get(&format!("/v1/organisations/{org}/api-keys"))
+                        .await?;
+                    emit(
+                        out,
+                        json,
+                        &keys,
+                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        key_rows,
+                    )
                 }
                 KeyCmd::Revoke { key_id } => {
                     let k: ApiKeyInfo = client
@@ -290,7 +316,13 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         )
                         .await?
                         .ok_or_else(|| CliError::Decode("empty body".into()))?;
-                    emit(out, json, &vec![k], &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"], key_rows)
+                    emit(
+                        out,
+                        json,
+                        &vec![k],
+                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        key_rows,
+                    )
                 }
             }
         }
@@ -310,7 +342,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     ]
                 }
                 DeviceCmd::List => client.get(&base).await?,
-                DeviceCmd::Get { device_id } => vec![client.get(&format!("{base}/{device_id}")).await?],
+                DeviceCmd::Get { device_id } => {
+                    vec![client.get(&format!("{base}/{device_id}")).await?]
+                }
                 DeviceCmd::Delete { device_id } => {
                     client
                         .send::<serde_json::Value>(
@@ -323,22 +357,30 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return Ok(());
                 }
             };
-            emit(out, json, &devices, &["ID", "NAME", "LABELS", "LAST SEEN"], |ds| {
-                ds.iter()
-                    .map(|d| {
-                        vec![
-                            d.id.to_string(),
-                            d.name.clone(),
-                            d.labels
-                                .iter()
-                                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                                .collect::<Vec<_>>()
-                                .join(","),
-                            d.last_seen_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into()),
-                        ]
-                    })
-                    .collect()
-            })
+            emit(
+                out,
+                json,
+                &devices,
+                &["ID", "NAME", "LABELS", "LAST SEEN"],
+                |ds| {
+                    ds.iter()
+                        .map(|d| {
+                            vec![
+                                d.id.to_string(),
+                                d.name.clone(),
+                                d.labels
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                d.last_seen_at
+                                    .map(|t| t.to_rfc3339())
+                                    .unwrap_or_else(|| "never".into()),
+                            ]
+                        })
+                        .collect()
+                },
+            )
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
@@ -356,25 +398,33 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await?,
                 ],
                 ModelCmd::List => client.get(&base).await?,
-                ModelCmd::Get { model_id } => vec![client.get(&format!("{base}/{model_id}")).await?],
+                ModelCmd::Get { model_id } => {
+                    vec![client.get(&format!("{base}/{model_id}")).await?]
+                }
             };
-            emit(out, json, &models, &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"], |ms| {
-                ms.iter()
-                    .map(|m| {
-                        vec![
-                            m.id.to_string(),
-                            m.name.clone(),
-                            m.version.clone(),
-                            m.kind.clone(),
-                            m.stage.clone(),
-                            m.artifact_sha256
-                                .as_deref()
-                                .map(|h| h.get(..12).unwrap_or(h).to_owned())
-                                .unwrap_or_else(|| "-".into()),
-                        ]
-                    })
-                    .collect()
-            })
+            emit(
+                out,
+                json,
+                &models,
+                &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"],
+                |ms| {
+                    ms.iter()
+                        .map(|m| {
+                            vec![
+                                m.id.to_string(),
+                                m.name.clone(),
+                                m.version.clone(),
+                                m.kind.clone(),
+                                m.stage.clone(),
+                                m.artifact_sha256
+                                    .as_deref()
+                                    .map(|h| h.get(..12).unwrap_or(h).to_owned())
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect()
+                },
+            )
         }
     }
 }
@@ -387,7 +437,9 @@ fn key_rows(keys: &Vec<ApiKeyInfo>) -> Vec<Vec<String>> {
                 k.name.clone(),
                 k.prefix.clone(),
                 k.created_at.to_rfc3339(),
-                k.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()),
+                k.revoked_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect()
@@ -429,24 +481,34 @@ async fn org_cmd(
         OrgCmd::Delete { org } => {
             let id = resolve_org(client, Some(org)).await?;
             client
-                .send::<serde_json::Value>(reqwest::Method::DELETE, &format!("/v1/organisations/{id}"), None)
+                .send::<serde_json::Value>(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/organisations/{id}"),
+                    None,
+                )
                 .await?;
             writeln!(out, "organisation {id} deleted")?;
             return Ok(());
         }
     };
-    emit(out, json, &orgs, &["ID", "NAME", "DISPLAY NAME", "CREATED"], |os| {
-        os.iter()
-            .map(|o| {
-                vec![
-                    o.id.to_string(),
-                    o.name.clone(),
-                    o.display_name.clone(),
-                    o.created_at.to_rfc3339(),
-                ]
-            })
-            .collect()
-    })
+    emit(
+        out,
+        json,
+        &orgs,
+        &["ID", "NAME", "DISPLAY NAME", "CREATED"],
+        |os| {
+            os.iter()
+                .map(|o| {
+                    vec![
+                        o.id.to_string(),
+                        o.name.clone(),
+                        o.display_name.clone(),
+                        o.created_at.to_rfc3339(),
+                    ]
+                })
+                .collect()
+        },
+    )
 }
 
 /// Turns `--org` (id or name) into an id; without it, uses the key's own organisation.
@@ -489,7 +551,11 @@ fn emit<T: Serialize>(
 }
 
 /// Writes an aligned table with a header row.
-pub fn write_table(out: &mut dyn Write, header: &[&str], rows: &[Vec<String>]) -> Result<(), CliError> {
+pub fn write_table(
+    out: &mut dyn Write,
+    header: &[&str],
+    rows: &[Vec<String>],
+) -> Result<(), CliError> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -523,10 +589,16 @@ mod tests {
         write_table(
             &mut out,
             &["ID", "NAME"],
-            &[vec!["1".into(), "alpha".into()], vec!["200".into(), "b".into()]],
+            &[
+                vec!["1".into(), "alpha".into()],
+                vec!["200".into(), "b".into()],
+            ],
         )
         .unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "ID   NAME\n1    alpha\n200  b\n");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "ID   NAME\n1    alpha\n200  b\n"
+        );
     }
 
     #[test]

@@ -197,8 +197,7 @@ impl RawConfig {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.message().to_owned()
-                + &e
-                    .span()
+                + &e.span()
                     .map(|s| format!(" (at byte {})", s.start))
                     .unwrap_or_default(),
         })
@@ -232,11 +231,15 @@ impl RawConfig {
 
     /// Checks every field and builds the typed [`Config`].
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let invalid = |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
         let listen_addr = self.server.listen_addr.parse().map_err(|e| {
             invalid(
                 "server.listen_addr",
-                format!("{:?} is not an address like 127.0.0.1:8080 ({e})", self.server.listen_addr),
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080 ({e})",
+                    self.server.listen_addr
+                ),
             )
         })?;
         let body = self.server.request_body_limit_bytes;
@@ -250,13 +253,24 @@ impl RawConfig {
             if (min..=max).contains(&v) {
                 Ok(Duration::from_millis(v))
             } else {
-                Err(invalid(field, format!("must be between {min} and {max} ms, got {v}")))
+                Err(invalid(
+                    field,
+                    format!("must be between {min} and {max} ms, got {v}"),
+                ))
             }
         };
-        let request_timeout =
-            ms_in("server.request_timeout_ms", self.server.request_timeout_ms, 100, 600_000)?;
-        let shutdown_grace =
-            ms_in("server.shutdown_grace_ms", self.server.shutdown_grace_ms, 0, 600_000)?;
+        let request_timeout = ms_in(
+            "server.request_timeout_ms",
+            self.server.request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        let shutdown_grace = ms_in(
+            "server.shutdown_grace_ms",
+            self.server.shutdown_grace_ms,
+            0,
+            600_000,
+        )?;
         let database_connect_timeout = ms_in(
             "database.connect_timeout_ms",
             self.database.connect_timeout_ms,
@@ -276,7 +290,10 @@ impl RawConfig {
             .ok_or_else(|| {
                 invalid(
                     "database.max_connections",
-                    format!("must be between 1 and 1000, got {}", self.database.max_connections),
+                    format!(
+                        "must be between 1 and 1000, got {}",
+                        self.database.max_connections
+                    ),
                 )
             })?;
         if self.auth.admin_key_file.as_os_str().is_empty() {
@@ -361,10 +378,19 @@ mod tests {
     fn bad_values_name_the_field() {
         let cases = [
             ("[server]\nlisten_addr = \"nope\"", "server.listen_addr"),
-            ("[server]\nrequest_timeout_ms = 5", "server.request_timeout_ms"),
-            ("[server]\nrequest_body_limit_bytes = 10", "server.request_body_limit_bytes"),
+            (
+                "[server]\nrequest_timeout_ms = 5",
+                "server.request_timeout_ms",
+            ),
+            (
+                "[server]\nrequest_body_limit_bytes = 10",
+                "server.request_body_limit_bytes",
+            ),
             ("[database]\nurl = \"mysql://x\"", "database.url"),
-            ("[database]\nmax_connections = 0", "database.max_connections"),
+            (
+                "[database]\nmax_connections = 0",
+                "database.max_connections",
+            ),
             ("[log]\nformat = \"xml\"", "log.format"),
         ];
         for (toml, field) in cases {

@@ -99,7 +99,9 @@ async fn create_database(opts: &PgConnectOptions, name: &str) -> Result<(), DbEr
     // Identifiers cannot be bound as parameters; the name was checked above to be a plain
     // identifier, and it is quoted.
     let sql = format!("CREATE DATABASE \"{name}\"");
-    let res = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+    let res = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .execute(&mut conn)
+        .await;
     let _ = conn.close().await;
     match res {
         Ok(_) => Ok(()),

@@ -146,8 +146,12 @@ impl From<sqlx::Error> for ApiError {
                 // unique_violation: name the constraint's field rather than the SQL.
                 Some("23505") => {
                     let what = match db.constraint() {
-                        Some("organisations_name_key") => "an organisation with this name already exists",
-                        Some("devices_org_name") => "a device with this name already exists in the organisation",
+                        Some("organisations_name_key") => {
+                            "an organisation with this name already exists"
+                        }
+                        Some("devices_org_name") => {
+                            "a device with this name already exists in the organisation"
+                        }
                         Some("ai_models_org_name_version") => {
                             "this model name and version already exist in the organisation"
                         }

@@ -55,9 +55,7 @@ pub fn hash(key: &str) -> [u8; 32] {
 pub fn prefix_of(key: &str) -> Option<&str> {
     let rest = key.strip_prefix("kip_")?;
     let (prefix, secret) = rest.split_once('_')?;
-    (prefix.len() == 12
-        && prefix.bytes().all(|b| b.is_ascii_hexdigit())
-        && secret.len() == 43)
+    (prefix.len() == 12 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) && secret.len() == 43)
         .then_some(prefix)
 }
 

@@ -52,7 +52,9 @@ pub fn router(state: AppState) -> Router {
         .route("/organisations", get(api::list_orgs).post(api::create_org))
         .route(
             "/organisations/{org_id}",
-            get(api::get_org).patch(api::update_org).delete(api::delete_org),
+            get(api::get_org)
+                .patch(api::update_org)
+                .delete(api::delete_org),
         )
         .route(
             "/organisations/{org_id}/api-keys",
@@ -74,7 +76,10 @@ pub fn router(state: AppState) -> Router {
             "/organisations/{org_id}/models",
             get(api::list_models).post(api::register_model),
         )
-        .route("/organisations/{org_id}/models/{model_id}", get(api::get_model));
+        .route(
+            "/organisations/{org_id}/models/{model_id}",
+            get(api::get_model),
+        );
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

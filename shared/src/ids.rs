@@ -90,10 +90,7 @@ mod tests {
         assert_eq!(Name::parse("Acme"), Err(NameError::BadStart));
         assert_eq!(Name::parse("a/b"), Err(NameError::BadChar('/')));
         assert_eq!(Name::parse("a b"), Err(NameError::BadChar(' ')));
-        assert_eq!(
-            Name::parse(&"a".repeat(65)),
-            Err(NameError::TooLong(65))
-        );
+        assert_eq!(Name::parse(&"a".repeat(65)), Err(NameError::TooLong(65)));
     }
 
     #[test]

@@ -18,9 +18,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cfg = kip_control_plane::config::Config::load(args.config.as_deref(), |k| {
-        std::env::var(k).ok()
-    })?;
+    let cfg =
+        kip_control_plane::config::Config::load(args.config.as_deref(), |k| std::env::var(k).ok())?;
     if args.check_config {
         eprintln!("config OK");
         return Ok(());
