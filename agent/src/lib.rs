@@ -6,6 +6,8 @@
 
 pub mod buffer;
 pub mod config;
+pub mod metrics;
+pub mod mqtt;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;
