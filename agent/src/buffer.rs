@@ -78,7 +78,7 @@ use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const FORMAT_VERSION: u64 = 1;
 const VALUE_FORMAT: u8 = 1;
@@ -146,7 +146,7 @@ impl BufferOptions {
 }
 
 /// Counts per record kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindCounts {
     pub reading: u64,
     pub gap: u64,
@@ -179,7 +179,7 @@ impl KindCounts {
 }
 
 /// Where a stored record sits and when it was appended.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RecordSummary {
     pub seq: u64,
     pub kind: RecordKind,
@@ -190,7 +190,7 @@ pub struct RecordSummary {
 }
 
 /// A snapshot of the buffer's state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BufferStats {
     pub epoch: u64,
     pub counts: KindCounts,
@@ -653,6 +653,30 @@ impl Buffer {
             });
         }
         Ok(out)
+    }
+
+    /// The newest `n` records, in sequence order.
+    pub fn read_newest(&self, n: usize) -> Result<Vec<Sequenced>, BufferError> {
+        let mut entries = Vec::with_capacity(2 * n);
+        for tree in [&self.readings, &self.records] {
+            for item in tree.iter().rev().take(n) {
+                entries.push(item?);
+            }
+        }
+        entries.sort_by_key(|(k, _)| key_seq(k));
+        let skip = entries.len().saturating_sub(n);
+        Ok(entries
+            .into_iter()
+            .skip(skip)
+            .map(|(k, v)| {
+                let seq = key_seq(&k);
+                Sequenced {
+                    epoch: self.epoch,
+                    seq,
+                    record: decode(seq, &v),
+                }
+            })
+            .collect())
     }
 
     /// Deletes every record with `seq <= up_to_seq`; returns how many were deleted.

@@ -1,13 +1,16 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
-//! Data path: sources (MQTT, later OPC UA) -> bounded channel -> buffer writer -> [`buffer`]
-//! (sled, durable `(epoch, seq)`) -> sync (separate issue). [`runtime`] wires it together
-//! with one shutdown path.
+//! Data path: sources ([`mqtt`], OPC UA to come) -> bounded channel -> buffer writer ->
+//! [`buffer`] (sled, durable `(epoch, seq)`) -> sync (separate issue). [`runtime`] wires it
+//! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
+//! `kip-agent status` and `kip-agent buffer inspect`.
 
 pub mod buffer;
+pub mod cli;
 pub mod config;
 pub mod metrics;
 pub mod mqtt;
+pub mod runtime;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

@@ -35,6 +35,8 @@ pub struct IngestMetrics {
     /// Records the buffer writer stored / could not store.
     pub records_buffered: Counter,
     pub records_dropped: Counter,
+    /// Readings per source, for `kip-agent status` (not exported: `readings` has it).
+    pub readings_per_source: Family<SourceLabels, Counter>,
 }
 
 impl IngestMetrics {

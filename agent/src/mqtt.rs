@@ -459,6 +459,10 @@ impl MqttSource {
                         metric: r.metric.clone(),
                     })
                     .inc();
+                self.metrics
+                    .readings_per_source
+                    .get_or_create(&IngestMetrics::source(name))
+                    .inc();
                 Record::Reading(r)
             }
             Err(reason) => {

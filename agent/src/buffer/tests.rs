@@ -82,6 +82,10 @@ fn appends_get_strictly_increasing_seqs_and_read_back_in_order() {
     );
     assert!(got.iter().all(|s| s.epoch == buf.epoch()));
 
+    let newest = buf.read_newest(2).unwrap();
+    assert_eq!(newest.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![4, 5]);
+    assert_eq!(buf.read_newest(50).unwrap().len(), 5);
+
     let from3 = buf.read_range(3, 2, u64::MAX).unwrap();
     assert_eq!(from3.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![3, 4]);
 
