@@ -1,6 +1,10 @@
 //! The whole agent: MQTT broker -> sources -> buffer, the HTTP surface, the CLI summaries and
 //! clean shutdown, in-process and as the real binary.
-#![expect(clippy::unwrap_used, reason = "helpers of tests fail the test loudly")]
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers of tests fail the test loudly"
+)]
 
 mod common;
 
@@ -54,6 +58,20 @@ value = {{ kind = "number" }}
     )
     .unwrap();
     path
+}
+
+/// Opens the buffer once the in-process agent let go of it (sled may finish background log
+/// writes just after the last handle is dropped, holding the file lock for a moment).
+fn open_when_released(dir: &Path) -> Buffer {
+    for _ in 0..200 {
+        match Buffer::open(dir, BufferOptions::with_max_bytes(1 << 30)) {
+            Err(kip_agent::buffer::BufferError::Locked { .. }) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("buffer still locked")
 }
 
 async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
@@ -135,7 +153,7 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
         .await
         .unwrap();
     // Clean shutdown: everything handed to the writer is in the buffer.
-    let buffer = Buffer::open(&cfg.buffer_dir(), BufferOptions::with_max_bytes(1 << 30)).unwrap();
+    let buffer = open_when_released(&cfg.buffer_dir());
     let all = buffer.read_range(0, usize::MAX, u64::MAX).unwrap();
     let n_readings = all
         .iter()
