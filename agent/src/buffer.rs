@@ -46,6 +46,8 @@
 //!     lost with it. "Zero loss after kill -9" therefore holds for every record the buffer
 //!     reported as flushed; a source that can redeliver (MQTT QoS 1 with a persistent session)
 //!     can close the window by acknowledging upstream only after the flush (not done yet).
+//! - A failed flush (disk full, I/O error) is counted (`kip_agent_buffer_flush_failures`),
+//!   turns `/healthz` red until a flush succeeds, and is retried at the next interval.
 //! - A flushed record is never reordered or duplicated by a crash: keys are unique sequence
 //!   numbers and recovery keeps a prefix of the log.
 //! - Byte cap (`max_bytes`, counted as key + value bytes of stored records; sled's on-disk
@@ -66,7 +68,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -216,6 +221,7 @@ struct BufferMetrics {
     evicted: Counter,
     rejected: Counter,
     loss_records: Counter,
+    flush_failures: Counter,
     bytes: Gauge,
     records: Gauge,
     oldest_unacked_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -250,6 +256,8 @@ pub struct Buffer {
     max_bytes: u64,
     state: Mutex<State>,
     metrics: BufferMetrics,
+    /// False after a failed flush, until one succeeds.
+    flush_ok: AtomicBool,
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -407,6 +415,7 @@ impl Buffer {
                 pending_loss: None,
             }),
             metrics,
+            flush_ok: AtomicBool::new(true),
         })
     }
 
@@ -438,6 +447,11 @@ impl Buffer {
             "buffer_loss_records",
             "Loss records written by the buffer",
             m.loss_records.clone(),
+        );
+        registry.register(
+            "buffer_flush_failures",
+            "Flushes (write + fsync) that failed; the data stays in memory for the next one",
+            m.flush_failures.clone(),
         );
         registry.register(
             "buffer_bytes",
@@ -716,7 +730,9 @@ impl Buffer {
     /// Returns the highest sequence now covered.
     pub async fn flush(&self) -> Result<u64, BufferError> {
         let upto = self.lock().next_seq - 1;
-        self.db.flush_async().await?;
+        let flushed = self.db.flush_async().await;
+        self.note_flush(flushed.is_ok());
+        flushed?;
         let mut st = self.lock();
         st.durable_seq = st.durable_seq.max(upto);
         Ok(upto)
@@ -725,10 +741,24 @@ impl Buffer {
     /// Blocking variant of [`Buffer::flush`], for synchronous callers.
     pub fn flush_blocking(&self) -> Result<u64, BufferError> {
         let upto = self.lock().next_seq - 1;
-        self.db.flush()?;
+        let flushed = self.db.flush();
+        self.note_flush(flushed.is_ok());
+        flushed?;
         let mut st = self.lock();
         st.durable_seq = st.durable_seq.max(upto);
         Ok(upto)
+    }
+
+    fn note_flush(&self, ok: bool) {
+        if !ok {
+            self.metrics.flush_failures.inc();
+        }
+        self.flush_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// False when the last flush failed (e.g. disk full): new records are not durable.
+    pub fn last_flush_ok(&self) -> bool {
+        self.flush_ok.load(Ordering::Relaxed)
     }
 
     fn summary(&self, entry: Option<(sled::IVec, sled::IVec)>) -> Option<RecordSummary> {

@@ -71,7 +71,8 @@ struct Surface {
     registry: Registry,
     buffer: Arc<Buffer>,
     metrics: IngestMetrics,
-    sources: Vec<String>,
+    /// (name, kind) of every source, in config order.
+    sources: Vec<(String, &'static str)>,
     writer_alive: AtomicBool,
 }
 
@@ -119,7 +120,7 @@ impl BufferReport {
 
 impl Surface {
     fn healthy(&self) -> bool {
-        self.writer_alive.load(Ordering::Relaxed)
+        self.writer_alive.load(Ordering::Relaxed) && self.buffer.last_flush_ok()
     }
 
     fn status(&self) -> Result<StatusReport, BufferError> {
@@ -127,11 +128,11 @@ impl Surface {
         let sources = self
             .sources
             .iter()
-            .map(|name| {
+            .map(|(name, kind)| {
                 let l = IngestMetrics::source(name);
                 SourceStatus {
                     name: name.clone(),
-                    kind: "mqtt".into(),
+                    kind: (*kind).into(),
                     connected: self.metrics.connected.get_or_create(&l).get() == 1,
                     readings: self.metrics.readings_per_source.get_or_create(&l).get(),
                     dead_letters: self.metrics.dead_letters.get_or_create(&l).get(),
@@ -321,7 +322,10 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         registry,
         buffer: buffer.clone(),
         metrics: metrics.clone(),
-        sources: sources.iter().map(|s| s.name().to_owned()).collect(),
+        sources: sources
+            .iter()
+            .map(|s| (s.name().to_owned(), "mqtt"))
+            .collect(),
         writer_alive: AtomicBool::new(true),
     });
 
@@ -388,4 +392,77 @@ pub async fn local_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, St
     tokio::time::timeout(Duration::from_secs(5), fut)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn surface(dir: &std::path::Path) -> Arc<Surface> {
+        let buffer = Arc::new(Buffer::open(dir, BufferOptions::with_max_bytes(1 << 20)).unwrap());
+        let mut registry = metrics::new_registry();
+        let metrics = IngestMetrics::register(&mut registry);
+        buffer.register_metrics(&mut registry);
+        Arc::new(Surface {
+            device: "gw".into(),
+            started: Instant::now(),
+            registry,
+            buffer,
+            metrics,
+            sources: vec![("b1".into(), "mqtt")],
+            writer_alive: AtomicBool::new(true),
+        })
+    }
+
+    async fn get(app: Router, path: &str) -> (StatusCode, String) {
+        let resp = app
+            .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let code = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_once_the_writer_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        assert_eq!(get(router(s.clone()), "/healthz").await.0, StatusCode::OK);
+        s.writer_alive.store(false, Ordering::Relaxed);
+        assert_eq!(
+            get(router(s.clone()), "/healthz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (_, body) = get(router(s), "/v1/status").await;
+        let report: StatusReport = serde_json::from_str(&body).unwrap();
+        assert!(!report.healthy);
+        assert_eq!(report.sources[0].name, "b1");
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_oldest_unacked_age_of_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        s.buffer
+            .append(&Record::Gap(kip_shared::Gap {
+                source: "b1".into(),
+                from: chrono::Utc::now(),
+                to: chrono::Utc::now(),
+                reason: "test".into(),
+            }))
+            .unwrap();
+        let (code, body) = get(router(s), "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("kip_agent_buffer_records 1"), "{body}");
+        assert!(
+            body.contains("kip_agent_buffer_oldest_unacked_age_seconds"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
 }
