@@ -65,6 +65,8 @@
 //!   downgraded) is returned by [`Buffer::read_range`] as a dead letter instead of blocking
 //!   the stream.
 //! - sled allows one process per database: a second open fails with [`BufferError::Locked`].
+//!   Within one process sled may hold the lock for a moment after the last handle is dropped
+//!   (deferred reclamation of its file handle), so an in-process reopen retries on `Locked`.
 
 use std::{
     path::{Path, PathBuf},

@@ -74,6 +74,22 @@ fn open_when_released(dir: &Path) -> Buffer {
     panic!("buffer still locked")
 }
 
+async fn retry_while_locked<F, Fut>(f: F) -> String
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<String, cli::CliError>>,
+{
+    for _ in 0..200 {
+        match f().await {
+            Err(cli::CliError::RunningButSilent { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("buffer still locked")
+}
+
 async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
     let (code, body) = local_get(addr, "/v1/status").await.ok()?;
     (code == 200).then(|| serde_json::from_str(&body).unwrap())
@@ -166,10 +182,11 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
     );
     drop(buffer);
 
-    // Stopped: the CLI reads the buffer itself.
-    let text = cli::status(&cfg).await.unwrap();
+    // Stopped: the CLI reads the buffer itself (retrying while this process's dropped
+    // handles still hold sled's lock for a moment).
+    let text = retry_while_locked(|| cli::status(&cfg)).await;
     assert!(text.contains("not running"), "{text}");
-    let text = cli::inspect(&cfg, 2).await.unwrap();
+    let text = retry_while_locked(|| cli::inspect(&cfg, 2)).await;
     assert!(
         text.contains("agent not running") && text.contains("newest 2"),
         "{text}"
