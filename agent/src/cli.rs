@@ -11,7 +11,7 @@ use std::{
 };
 
 use chrono::Utc;
-use kip_shared::Sequenced;
+use kip_shared::{Record, Sequenced};
 
 use crate::{
     buffer::{Buffer, BufferError, BufferOptions, BufferStats},
@@ -247,8 +247,19 @@ pub fn format_status(r: &StatusReport) -> String {
 }
 
 fn format_record(s: &Sequenced) -> String {
-    let json = serde_json::to_string(&s.record).unwrap_or_else(|e| format!("<{e}>"));
-    format!("  seq {:>10}  {}", s.seq, json)
+    let text = match &s.record {
+        // Payload bytes as text: a JSON byte array is unreadable for a human.
+        Record::DeadLetter(d) => format!(
+            "dead_letter source={} origin={:?} reason={:?} payload={:?} ts={}",
+            d.source,
+            d.origin,
+            d.reason,
+            String::from_utf8_lossy(&d.payload_prefix),
+            d.ts.to_rfc3339()
+        ),
+        other => serde_json::to_string(other).unwrap_or_else(|e| format!("<{e}>")),
+    };
+    format!("  seq {:>10}  {}", s.seq, text)
 }
 
 /// Formats a [`BufferReport`] read from `origin`.
@@ -277,5 +288,25 @@ mod tests {
         assert_eq!(human_duration(59), "59s");
         assert_eq!(human_duration(3 * 3600 + 120), "3h 2m");
         assert_eq!(human_duration(2 * 86_400 + 3600), "2d 1h");
+    }
+
+    #[test]
+    fn dead_letters_show_their_payload_as_text() {
+        let s = Sequenced {
+            epoch: 1,
+            seq: 7,
+            record: Record::DeadLetter(kip_shared::DeadLetter {
+                source: "b1".into(),
+                origin: "a/b".into(),
+                reason: "not a number".into(),
+                payload_prefix: b"twenty".to_vec(),
+                ts: Utc::now(),
+            }),
+        };
+        let line = format_record(&s);
+        assert!(
+            line.contains("payload=\"twenty\"") && line.contains("seq          7"),
+            "{line}"
+        );
     }
 }
