@@ -607,6 +607,23 @@ mod tests {
         assert!(err.contains("metric"), "{err}");
     }
 
+    proptest::proptest! {
+        /// Outside bytes never panic the mapping: every message is a reading or a reason.
+        #[test]
+        fn any_payload_and_topic_maps_or_explains_why(
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            topic in "[a-z/+#$]{0,20}",
+            json_doc in proptest::bool::ANY,
+        ) {
+            let value = if json_doc { json(Some("/ts")) } else { ValueFormat::Number {} };
+            let s = sub("p/m1/+", value);
+            match map_message(&s, "b", &topic, &payload, now()) {
+                Ok(r) => proptest::prop_assert!(r.value.is_finite()),
+                Err(reason) => proptest::prop_assert!(!reason.is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn dead_letters_keep_only_the_first_bytes() {
         let payload = vec![b'x'; 1000];
