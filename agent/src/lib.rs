@@ -1,10 +1,19 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
-//! Built under the ingest, sync and inference issues.
+//! Data path: sources ([`mqtt`], [`opcua`]) -> bounded channel -> buffer writer ->
+//! [`buffer`] (sled, durable `(epoch, seq)`) -> sync (separate issue). [`runtime`] wires it
+//! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
+//! `kip-agent status` and `kip-agent buffer inspect`.
 
+pub mod buffer;
+pub mod cli;
+pub mod config;
 pub mod identity;
+pub mod inference;
+pub mod metrics;
+pub mod mqtt;
+pub mod opcua;
+pub mod runtime;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;
-pub mod inference;
-pub mod opcua;

@@ -1,9 +1,109 @@
-//! `kip-agent`: the edge agent binary.
+//! `kip-agent`: the edge agent binary. Parses flags, loads the config, hands over to the
+//! library (`kip_agent::runtime`, `kip_agent::cli`).
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "kip-agent {} (protocol {}): the agent runtime is not built yet",
-        env!("CARGO_PKG_VERSION"),
-        kip_agent::PROTOCOL_VERSION
-    )
+use std::{io::Write, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kip_agent::{cli, config::Config, config::LogFormat, runtime};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "kip-agent", version, about = "kip edge agent")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent until SIGINT or SIGTERM.
+    Run {
+        #[arg(long, env = "KIP_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a human summary of the agent (running or not).
+    Status {
+        #[arg(long, env = "KIP_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Buffer tools.
+    Buffer {
+        #[command(subcommand)]
+        command: BufferCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BufferCommand {
+    /// Show counts and the oldest/newest records.
+    Inspect {
+        #[arg(long, env = "KIP_AGENT_CONFIG")]
+        config: PathBuf,
+        /// How many oldest and newest records to show.
+        #[arg(long, default_value_t = 5)]
+        records: usize,
+    },
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal(cancel: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        () = term => tracing::info!("SIGTERM: shutting down"),
+    }
+    cancel.cancel();
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn out(text: &str) -> anyhow::Result<()> {
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Run { config } => {
+            let cfg = load(&config)?;
+            init_logging(&cfg);
+            let cancel = CancellationToken::new();
+            let agent = runtime::start(cfg, cancel.clone()).await?;
+            shutdown_signal(cancel).await;
+            agent.wait().await;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Status { config } => out(&cli::status(&load(&config)?).await?),
+        Command::Buffer {
+            command: BufferCommand::Inspect { config, records },
+        } => out(&cli::inspect(&load(&config)?, records).await?),
+    }
 }

@@ -13,6 +13,8 @@ pub use ids::{Name, NameError};
 pub const PROTOCOL_VERSION: u32 = 1;
 pub mod record;
 
-pub use record::{DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, Sequenced};
+pub use record::{
+    DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
+};
 pub mod features;
 pub mod sync;

@@ -112,6 +112,83 @@ impl Record {
     pub fn is_evictable(&self) -> bool {
         matches!(self, Self::Reading(_))
     }
+
+    /// Which variant this is, without its data.
+    pub fn kind(&self) -> RecordKind {
+        match self {
+            Self::Reading(_) => RecordKind::Reading,
+            Self::Gap(_) => RecordKind::Gap,
+            Self::DeadLetter(_) => RecordKind::DeadLetter,
+            Self::Loss(_) => RecordKind::Loss,
+            Self::Prediction(_) => RecordKind::Prediction,
+        }
+    }
+
+    /// The record's own timestamp (a gap is dated by its end).
+    pub fn ts(&self) -> DateTime<Utc> {
+        match self {
+            Self::Reading(r) => r.ts,
+            Self::Gap(g) => g.to,
+            Self::DeadLetter(d) => d.ts,
+            Self::Loss(l) => l.ts,
+            Self::Prediction(p) => p.ts,
+        }
+    }
+}
+
+/// The variant of a [`Record`], e.g. for per-kind counters and storage tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Reading,
+    Gap,
+    DeadLetter,
+    Loss,
+    Prediction,
+}
+
+impl RecordKind {
+    /// Every kind, in [`RecordKind::code`] order.
+    pub const ALL: [RecordKind; 5] = [
+        Self::Reading,
+        Self::Gap,
+        Self::DeadLetter,
+        Self::Loss,
+        Self::Prediction,
+    ];
+
+    /// The `kind` tag used in the JSON encoding of [`Record`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reading => "reading",
+            Self::Gap => "gap",
+            Self::DeadLetter => "dead_letter",
+            Self::Loss => "loss",
+            Self::Prediction => "prediction",
+        }
+    }
+
+    /// Stable small code used in storage; never reuse a retired code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Reading => 0,
+            Self::Gap => 1,
+            Self::DeadLetter => 2,
+            Self::Loss => 3,
+            Self::Prediction => 4,
+        }
+    }
+
+    /// Inverse of [`RecordKind::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.code() == code)
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A record with its durable position in one agent's stream.
@@ -161,5 +238,17 @@ mod tests {
             anomaly_score: None,
         });
         assert!(!p.is_evictable());
+    }
+
+    #[test]
+    fn kind_codes_round_trip_and_match_the_json_tag() {
+        for k in RecordKind::ALL {
+            assert_eq!(RecordKind::from_code(k.code()), Some(k));
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+        assert_eq!(RecordKind::from_code(200), None);
     }
 }

@@ -1,0 +1,776 @@
+//! Agent configuration: one TOML file, validated at load.
+//!
+//! Invariants:
+//! - Unknown keys are rejected (`deny_unknown_fields`), so a typo never silently becomes a
+//!   default.
+//! - Every duration and size carries its unit in its name (`flush_interval_ms`, `max_bytes`).
+//! - [`Config`] is only built by [`RawConfig::validate`]; holding one means every field was
+//!   checked, and every error names the field (`mqtt[0].subscriptions[1].topic`).
+//!
+//! Where a reading's metric (and machine) comes from, per MQTT subscription: either a fixed
+//! `metric = "temperature"`, or `metric_topic_level = N`, the N-th level (0-based) of the topic
+//! the message arrived on; e.g. filter `plant/press1/+` with `metric_topic_level = 2` turns a
+//! message on `plant/press1/temperature` into metric `temperature`. Exactly one of the two is
+//! required; `machine` / `machine_topic_level` work the same way.
+//!
+//! OPC UA endpoints (`[[opcua]]`) join this file with the OPC UA source; until then the key is
+//! rejected like any unknown key.
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
+
+use kip_shared::Name;
+use serde::Deserialize;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The file as written by the operator, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub buffer: RawBuffer,
+    #[serde(default)]
+    pub http: RawHttp,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub mqtt: Vec<RawMqttBroker>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    /// Device name, as enrolled with the control plane.
+    pub device: String,
+    /// Directory for the buffer and other local state; created if missing.
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBuffer {
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Capacity of the channel between the sources and the buffer writer.
+    #[serde(default = "default_queue_capacity_records")]
+    pub queue_capacity_records: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    #[serde(default = "default_http_listen_addr")]
+    pub listen_addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    #[serde(default = "default_log_filter")]
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqttBroker {
+    pub name: String,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub client_id: String,
+    /// PEM file of the CA(s) that signed the broker's certificate; required for `mqtts://`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) for mutual TLS; needs `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub client_key_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    #[serde(default = "default_reconnect_min_backoff_ms")]
+    pub reconnect_min_backoff_ms: u64,
+    #[serde(default = "default_reconnect_max_backoff_ms")]
+    pub reconnect_max_backoff_ms: u64,
+    #[serde(default)]
+    pub subscriptions: Vec<RawSubscription>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubscription {
+    /// MQTT topic filter (`+` and `#` wildcards allowed).
+    pub topic: String,
+    pub machine: Option<String>,
+    pub machine_topic_level: Option<usize>,
+    pub metric: Option<String>,
+    pub metric_topic_level: Option<usize>,
+    pub value: ValueFormat,
+}
+
+/// How to read the value out of a payload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ValueFormat {
+    /// The payload is a number in text (`21.5`), surrounding whitespace allowed.
+    /// (A struct variant so that `deny_unknown_fields` applies to it.)
+    Number {},
+    /// The payload is JSON; the value is the number (or numeric string) at `pointer`
+    /// (RFC 6901). `timestamp_pointer`, when set, names the source timestamp: an RFC 3339
+    /// string or a number of milliseconds since the Unix epoch.
+    Json {
+        pointer: String,
+        #[serde(default)]
+        timestamp_pointer: Option<String>,
+    },
+}
+
+fn default_max_bytes() -> u64 {
+    512 * 1024 * 1024
+}
+fn default_flush_interval_ms() -> u64 {
+    200
+}
+fn default_queue_capacity_records() -> usize {
+    10_000
+}
+fn default_http_listen_addr() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_filter() -> String {
+    "info".into()
+}
+fn default_keep_alive_ms() -> u64 {
+    30_000
+}
+fn default_reconnect_min_backoff_ms() -> u64 {
+    500
+}
+fn default_reconnect_max_backoff_ms() -> u64 {
+    30_000
+}
+
+impl Default for RawBuffer {
+    fn default() -> Self {
+        Self {
+            max_bytes: default_max_bytes(),
+            flush_interval_ms: default_flush_interval_ms(),
+            queue_capacity_records: default_queue_capacity_records(),
+        }
+    }
+}
+impl Default for RawHttp {
+    fn default() -> Self {
+        Self {
+            listen_addr: default_http_listen_addr(),
+        }
+    }
+}
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: default_log_format(),
+            filter: default_log_filter(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: Name,
+    pub state_dir: PathBuf,
+    pub buffer: BufferConfig,
+    pub http_listen_addr: SocketAddr,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub mqtt: Vec<MqttBrokerConfig>,
+}
+
+/// Validated `[buffer]`.
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    pub max_bytes: u64,
+    pub flush_interval: Duration,
+    pub queue_capacity_records: usize,
+}
+
+/// MQTT transport security.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MqttTls {
+    /// `mqtt://`: plain TCP.
+    None,
+    /// `mqtts://`: TLS with the given CA, and a client certificate when configured.
+    Tls {
+        ca_file: PathBuf,
+        client_auth: Option<(PathBuf, PathBuf)>,
+    },
+}
+
+/// Validated `[[mqtt]]` broker.
+#[derive(Debug, Clone)]
+pub struct MqttBrokerConfig {
+    pub name: Name,
+    pub host: String,
+    pub port: u16,
+    pub tls: MqttTls,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub reconnect_min_backoff: Duration,
+    pub reconnect_max_backoff: Duration,
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// Where a reading's machine or metric name comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameSource {
+    Fixed(String),
+    /// The level with this 0-based index of the message's topic.
+    TopicLevel(usize),
+}
+
+impl NameSource {
+    /// The name for a message on `topic`; `None` when the topic has no such level or it is
+    /// empty.
+    pub fn resolve<'a>(&'a self, topic: &'a str) -> Option<&'a str> {
+        match self {
+            Self::Fixed(s) => Some(s),
+            Self::TopicLevel(i) => topic.split('/').nth(*i).filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// Validated `[[mqtt.subscriptions]]` entry.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub topic: String,
+    pub machine: NameSource,
+    pub metric: NameSource,
+    pub value: ValueFormat,
+}
+
+impl RawConfig {
+    /// Parses TOML text; `origin` names the source in error messages.
+    pub fn from_toml(text: &str, origin: &std::path::Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.message().to_owned()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    /// Checks every field and builds the typed [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let device = Name::parse(&self.agent.device)
+            .map_err(|e| invalid("agent.device", format!("{:?} {e}", self.agent.device)))?;
+        if self.agent.state_dir.as_os_str().is_empty() {
+            return Err(invalid("agent.state_dir", "must not be empty"));
+        }
+        let b = &self.buffer;
+        if !(64 * 1024..=1024 * 1024 * 1024 * 1024).contains(&b.max_bytes) {
+            return Err(invalid(
+                "buffer.max_bytes",
+                format!(
+                    "must be between 65536 and 1099511627776, got {}",
+                    b.max_bytes
+                ),
+            ));
+        }
+        if !(1..=60_000).contains(&b.flush_interval_ms) {
+            return Err(invalid(
+                "buffer.flush_interval_ms",
+                format!(
+                    "must be between 1 and 60000 ms (it bounds the loss window), got {}",
+                    b.flush_interval_ms
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&b.queue_capacity_records) {
+            return Err(invalid(
+                "buffer.queue_capacity_records",
+                format!(
+                    "must be between 1 and 1000000, got {}",
+                    b.queue_capacity_records
+                ),
+            ));
+        }
+        let http_listen_addr = self.http.listen_addr.parse().map_err(|e| {
+            invalid(
+                "http.listen_addr",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:9464 ({e})",
+                    self.http.listen_addr
+                ),
+            )
+        })?;
+        let log_format = match self.log.format.as_str() {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("must be \"json\" or \"text\", got {other:?}"),
+                ));
+            }
+        };
+        if self.log.filter.trim().is_empty() {
+            return Err(invalid("log.filter", "must not be empty"));
+        }
+        let mut names = BTreeSet::new();
+        let mut mqtt = Vec::with_capacity(self.mqtt.len());
+        for (i, raw) in self.mqtt.into_iter().enumerate() {
+            let broker = validate_broker(raw, &format!("mqtt[{i}]"))?;
+            if !names.insert(broker.name.clone()) {
+                return Err(invalid(
+                    format!("mqtt[{i}].name"),
+                    format!("source name {:?} is used twice", broker.name.as_str()),
+                ));
+            }
+            mqtt.push(broker);
+        }
+        Ok(Config {
+            device,
+            state_dir: self.agent.state_dir,
+            buffer: BufferConfig {
+                max_bytes: b.max_bytes,
+                flush_interval: Duration::from_millis(b.flush_interval_ms),
+                queue_capacity_records: b.queue_capacity_records,
+            },
+            http_listen_addr,
+            log_format,
+            log_filter: self.log.filter,
+            mqtt,
+        })
+    }
+}
+
+fn ms_in(field: String, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if (min..=max).contains(&v) {
+        Ok(Duration::from_millis(v))
+    } else {
+        Err(invalid(
+            field,
+            format!("must be between {min} and {max} ms, got {v}"),
+        ))
+    }
+}
+
+fn validate_broker(raw: RawMqttBroker, at: &str) -> Result<MqttBrokerConfig, ConfigError> {
+    let name = Name::parse(&raw.name)
+        .map_err(|e| invalid(format!("{at}.name"), format!("{:?} {e}", raw.name)))?;
+    let (secure, rest) = if let Some(r) = raw.url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = raw.url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(invalid(
+            format!("{at}.url"),
+            format!("{:?} must start with mqtt:// or mqtts://", raw.url),
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.contains(']') || h.ends_with(']') => {
+            let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                invalid(format!("{at}.url"), format!("{p:?} is not a port number"))
+            })?;
+            (h, port)
+        }
+        _ => (rest, if secure { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err(invalid(
+            format!("{at}.url"),
+            format!("{:?} must be mqtt[s]://host[:port]", raw.url),
+        ));
+    }
+    let client_auth = match (raw.client_cert_file, raw.client_key_file) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{at}.client_key_file"),
+                "is required when client_cert_file is set",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{at}.client_cert_file"),
+                "is required when client_key_file is set",
+            ));
+        }
+    };
+    let tls = if secure {
+        let ca_file = raw
+            .ca_file
+            .ok_or_else(|| invalid(format!("{at}.ca_file"), "is required for an mqtts:// url"))?;
+        MqttTls::Tls {
+            ca_file,
+            client_auth,
+        }
+    } else {
+        if raw.ca_file.is_some() || client_auth.is_some() {
+            return Err(invalid(
+                format!("{at}.url"),
+                "TLS files are configured but the url is mqtt:// (plain); use mqtts://",
+            ));
+        }
+        MqttTls::None
+    };
+    if raw.client_id.is_empty() || raw.client_id.len() > 128 {
+        return Err(invalid(
+            format!("{at}.client_id"),
+            "must be 1 to 128 characters",
+        ));
+    }
+    let keep_alive = ms_in(
+        format!("{at}.keep_alive_ms"),
+        raw.keep_alive_ms,
+        5_000,
+        3_600_000,
+    )?;
+    let reconnect_min_backoff = ms_in(
+        format!("{at}.reconnect_min_backoff_ms"),
+        raw.reconnect_min_backoff_ms,
+        10,
+        600_000,
+    )?;
+    let reconnect_max_backoff = ms_in(
+        format!("{at}.reconnect_max_backoff_ms"),
+        raw.reconnect_max_backoff_ms,
+        raw.reconnect_min_backoff_ms.max(10),
+        3_600_000,
+    )?;
+    if raw.subscriptions.is_empty() {
+        return Err(invalid(
+            format!("{at}.subscriptions"),
+            "at least one [[mqtt.subscriptions]] entry is required",
+        ));
+    }
+    let subscriptions = raw
+        .subscriptions
+        .into_iter()
+        .enumerate()
+        .map(|(j, s)| validate_subscription(s, &format!("{at}.subscriptions[{j}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(MqttBrokerConfig {
+        name,
+        host: host.to_owned(),
+        port,
+        tls,
+        client_id: raw.client_id,
+        keep_alive,
+        reconnect_min_backoff,
+        reconnect_max_backoff,
+        subscriptions,
+    })
+}
+
+/// Checks an MQTT topic filter: `+` fills a whole level, `#` only as the whole last level.
+fn check_topic_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err(format!("{filter:?}: '#' must be the whole last level"));
+        }
+        if level.contains('+') && *level != "+" {
+            return Err(format!("{filter:?}: '+' must fill a whole level"));
+        }
+    }
+    Ok(())
+}
+
+fn name_source(
+    fixed: Option<String>,
+    level: Option<usize>,
+    topic: &str,
+    at: &str,
+    what: &str,
+) -> Result<NameSource, ConfigError> {
+    match (fixed, level) {
+        (Some(s), None) if !s.trim().is_empty() => Ok(NameSource::Fixed(s)),
+        (Some(_), None) => Err(invalid(format!("{at}.{what}"), "must not be empty")),
+        (None, Some(i)) => {
+            let levels: Vec<&str> = topic.split('/').collect();
+            let reachable = i < levels.len() && levels[i] != "#" || levels.last() == Some(&"#");
+            if reachable {
+                Ok(NameSource::TopicLevel(i))
+            } else {
+                Err(invalid(
+                    format!("{at}.{what}_topic_level"),
+                    format!("topic filter {topic:?} has no level {i} (levels count from 0)"),
+                ))
+            }
+        }
+        (Some(_), Some(_)) => Err(invalid(
+            format!("{at}.{what}"),
+            format!("set either {what} or {what}_topic_level, not both"),
+        )),
+        (None, None) => Err(invalid(
+            format!("{at}.{what}"),
+            format!("one of {what} or {what}_topic_level is required"),
+        )),
+    }
+}
+
+fn check_pointer(p: &str, field: String) -> Result<(), ConfigError> {
+    if p.is_empty() || p.starts_with('/') {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{p:?} is not a JSON pointer: it must be empty or start with '/'"),
+        ))
+    }
+}
+
+fn validate_subscription(raw: RawSubscription, at: &str) -> Result<Subscription, ConfigError> {
+    check_topic_filter(&raw.topic).map_err(|m| invalid(format!("{at}.topic"), m))?;
+    let machine = name_source(
+        raw.machine,
+        raw.machine_topic_level,
+        &raw.topic,
+        at,
+        "machine",
+    )?;
+    let metric = name_source(raw.metric, raw.metric_topic_level, &raw.topic, at, "metric")?;
+    if let ValueFormat::Json {
+        pointer,
+        timestamp_pointer,
+    } = &raw.value
+    {
+        check_pointer(pointer, format!("{at}.value.pointer"))?;
+        if let Some(tp) = timestamp_pointer {
+            check_pointer(tp, format!("{at}.value.timestamp_pointer"))?;
+        }
+    }
+    Ok(Subscription {
+        topic: raw.topic,
+        machine,
+        metric,
+        value: raw.value,
+    })
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RawConfig::from_toml(&text, path)?.validate()
+    }
+
+    /// Where the buffer database lives.
+    pub fn buffer_dir(&self) -> PathBuf {
+        self.state_dir.join("buffer")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const MINIMAL: &str = "[agent]\ndevice = \"gw-1\"\nstate_dir = \"/tmp/kip\"\n";
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        RawConfig::from_toml(&format!("{MINIMAL}{extra}"), Path::new("a.toml"))?.validate()
+    }
+
+    const BROKER: &str = "[[mqtt]]\nname = \"b1\"\nurl = \"mqtt://127.0.0.1:1884\"\n\
+                          client_id = \"kip\"\n";
+
+    #[test]
+    fn example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.device.as_str(), "press-line-1");
+        assert_eq!(cfg.buffer.flush_interval, Duration::from_millis(200));
+        assert_eq!(cfg.http_listen_addr.port(), 9464);
+        assert_eq!(cfg.mqtt.len(), 1);
+        let b = &cfg.mqtt[0];
+        assert_eq!((b.host.as_str(), b.port), ("broker.plant.local", 8883));
+        assert!(matches!(
+            &b.tls,
+            MqttTls::Tls {
+                client_auth: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(b.subscriptions.len(), 3);
+        assert_eq!(b.subscriptions[0].value, ValueFormat::Number {});
+        assert_eq!(b.subscriptions[1].metric, NameSource::TopicLevel(3));
+        assert!(matches!(
+            &b.subscriptions[2].value,
+            ValueFormat::Json {
+                timestamp_pointer: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.buffer.max_bytes, 512 * 1024 * 1024);
+        assert_eq!(cfg.http_listen_addr.to_string(), "127.0.0.1:9464");
+        assert!(cfg.mqtt.is_empty());
+        assert_eq!(cfg.buffer_dir(), Path::new("/tmp/kip/buffer"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named_even_inside_the_value_mapping() {
+        for (toml, key) in [
+            ("[buffer]\nflush_interval = 5\n", "flush_interval"),
+            (
+                &format!(
+                    "{BROKER}[[mqtt.subscriptions]]\ntopic = \"a\"\nmachine = \"m\"\n\
+                     metric = \"x\"\nvalue = {{ kind = \"number\", pointr = \"/v\" }}\n"
+                ) as &str,
+                "pointr",
+            ),
+            ("[[opcua]]\nurl = \"opc.tcp://x\"\n", "opcua"),
+        ] {
+            let err = parse(toml).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("a.toml"), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"a/+\"\nmachine = \"m\"\nmetric = \"x\"\n\
+                   value = { kind = \"number\" }\n";
+        let cases: Vec<(String, &str)> = vec![
+            (
+                "[buffer]\nflush_interval_ms = 0".into(),
+                "buffer.flush_interval_ms",
+            ),
+            ("[buffer]\nmax_bytes = 10".into(), "buffer.max_bytes"),
+            ("[http]\nlisten_addr = \"x\"".into(), "http.listen_addr"),
+            ("[log]\nformat = \"xml\"".into(), "log.format"),
+            (
+                format!("{}{sub}", BROKER.replace("mqtt://", "http://")),
+                "mqtt[0].url",
+            ),
+            (
+                format!("{}{sub}", BROKER.replace("1884", "0")),
+                "mqtt[0].url",
+            ),
+            (
+                format!("{}{sub}", BROKER.replace("b1", "B 1")),
+                "mqtt[0].name",
+            ),
+            (
+                format!("{}{sub}", BROKER.replace("mqtt://", "mqtts://")),
+                "mqtt[0].ca_file",
+            ),
+            (
+                format!("{BROKER}client_cert_file = \"c.pem\"\n{sub}"),
+                "mqtt[0].client_key_file",
+            ),
+            (
+                format!("{BROKER}ca_file = \"ca.pem\"\n{sub}"),
+                "mqtt[0].url",
+            ),
+            (BROKER.to_owned(), "mqtt[0].subscriptions"),
+            (
+                format!("{BROKER}{}", sub.replace("a/+", "a/#/b")),
+                "subscriptions[0].topic",
+            ),
+            (
+                format!(
+                    "{BROKER}{}",
+                    sub.replace("metric = \"x\"", "metric_topic_level = 5")
+                ),
+                "mqtt[0].subscriptions[0].metric_topic_level",
+            ),
+            (
+                format!("{BROKER}{}", sub.replace("machine = \"m\"\n", "")),
+                "mqtt[0].subscriptions[0].machine",
+            ),
+            (
+                format!(
+                    "{BROKER}{}",
+                    sub.replace(
+                        "{ kind = \"number\" }",
+                        "{ kind = \"json\", pointer = \"v\" }"
+                    )
+                ),
+                "mqtt[0].subscriptions[0].value.pointer",
+            ),
+            (format!("{BROKER}{sub}{BROKER}{sub}"), "mqtt[1].name"),
+        ];
+        for (toml, field) in cases {
+            let err = parse(&toml).unwrap_err().to_string();
+            assert!(err.contains(field), "{toml}\n=> {err}");
+        }
+    }
+
+    #[test]
+    fn topic_level_names_resolve_against_the_received_topic() {
+        let s = NameSource::TopicLevel(2);
+        assert_eq!(s.resolve("plant/press1/temp"), Some("temp"));
+        assert_eq!(s.resolve("plant/press1"), None);
+        assert_eq!(s.resolve("plant/press1/"), None);
+        assert_eq!(NameSource::Fixed("x".into()).resolve("a"), Some("x"));
+    }
+
+    #[test]
+    fn urls_without_a_port_get_the_mqtt_default() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"#\"\nmachine = \"m\"\n\
+                   metric_topic_level = 4\nvalue = { kind = \"number\" }\n";
+        let cfg = parse(&format!("{}{sub}", BROKER.replace(":1884", ""))).unwrap();
+        assert_eq!(
+            (cfg.mqtt[0].host.as_str(), cfg.mqtt[0].port),
+            ("127.0.0.1", 1883)
+        );
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = Config::load(Path::new("/nonexistent/agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/agent.toml"), "{err}");
+    }
+}

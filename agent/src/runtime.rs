@@ -1,0 +1,468 @@
+//! The agent runtime: sources -> bounded channel -> buffer writer -> sled buffer, plus the
+//! local HTTP surface (`/metrics`, `/healthz`, `/v1/status`, `/v1/buffer`).
+//!
+//! Invariants:
+//! - One shutdown path: a [`CancellationToken`] stops the sources and the HTTP server; every
+//!   task runs on one [`TaskTracker`]. The writer stops only when every source has dropped
+//!   its sender, so it drains the channel completely, then flushes: a clean shutdown loses
+//!   nothing that a source handed over.
+//! - The channel is bounded (`buffer.queue_capacity_records`): a slow disk slows the sources
+//!   down (MQTT stops reading its socket) instead of growing memory.
+//! - The HTTP surface is read-only and meant for loopback; it never takes the buffer's lock
+//!   for longer than a stats snapshot.
+//!
+//! OPC UA endpoints plug in next to the MQTT brokers: `OpcUaSource::new(cfg, &mut registry)`
+//! before the registry is frozen, then `run(tx.clone(), cancel.clone())` on the tracker.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use kip_shared::{Record, Sequenced};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    buffer::{Buffer, BufferError, BufferOptions, BufferStats},
+    config::Config,
+    metrics::{self, IngestMetrics},
+    mqtt::MqttSource,
+};
+
+/// How long shutdown waits for the tasks before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("cannot listen on {addr} (http.listen_addr): {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the HTTP handlers.
+#[derive(Debug)]
+struct Surface {
+    device: String,
+    started: Instant,
+    registry: Registry,
+    buffer: Arc<Buffer>,
+    metrics: IngestMetrics,
+    /// (name, kind) of every source, in config order.
+    sources: Vec<(String, &'static str)>,
+    writer_alive: AtomicBool,
+}
+
+/// One source's state in [`StatusReport`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub kind: String,
+    pub connected: bool,
+    pub readings: u64,
+    pub dead_letters: u64,
+    pub reconnects: u64,
+}
+
+/// What `/v1/status` answers and `kip-agent status` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub device: String,
+    pub version: String,
+    pub uptime_s: u64,
+    pub healthy: bool,
+    pub sources: Vec<SourceStatus>,
+    pub buffer: BufferStats,
+    pub records_dropped: u64,
+}
+
+/// What `/v1/buffer` answers and `kip-agent buffer inspect` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BufferReport {
+    pub stats: BufferStats,
+    pub oldest: Vec<Sequenced>,
+    pub newest: Vec<Sequenced>,
+}
+
+impl BufferReport {
+    /// Reads the report straight from a buffer.
+    pub fn from_buffer(buffer: &Buffer, n: usize) -> Result<Self, BufferError> {
+        Ok(Self {
+            stats: buffer.stats()?,
+            oldest: buffer.read_range(0, n, u64::MAX)?,
+            newest: buffer.read_newest(n)?,
+        })
+    }
+}
+
+impl Surface {
+    fn healthy(&self) -> bool {
+        self.writer_alive.load(Ordering::Relaxed) && self.buffer.last_flush_ok()
+    }
+
+    fn status(&self) -> Result<StatusReport, BufferError> {
+        let stats: BufferStats = self.buffer.stats()?;
+        let sources = self
+            .sources
+            .iter()
+            .map(|(name, kind)| {
+                let l = IngestMetrics::source(name);
+                SourceStatus {
+                    name: name.clone(),
+                    kind: (*kind).into(),
+                    connected: self.metrics.connected.get_or_create(&l).get() == 1,
+                    readings: self.metrics.readings_per_source.get_or_create(&l).get(),
+                    dead_letters: self.metrics.dead_letters.get_or_create(&l).get(),
+                    reconnects: self.metrics.reconnects.get_or_create(&l).get(),
+                }
+            })
+            .collect();
+        Ok(StatusReport {
+            device: self.device.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: self.started.elapsed().as_secs(),
+            healthy: self.healthy(),
+            sources,
+            buffer: stats,
+            records_dropped: self.metrics.records_dropped.get(),
+        })
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::error!(error = %e, "status request failed");
+    (StatusCode::INTERNAL_SERVER_ERROR, "buffer unavailable\n").into_response()
+}
+
+async fn metrics_handler(State(s): State<Arc<Surface>>) -> Response {
+    // Refreshes the time-dependent gauges (oldest unacked age) before encoding.
+    if let Err(e) = s.buffer.stats() {
+        tracing::warn!(error = %e, "buffer stats failed");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics::render(&s.registry),
+    )
+        .into_response()
+}
+
+async fn healthz(State(s): State<Arc<Surface>>) -> Response {
+    if s.healthy() && s.buffer.stats().is_ok() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "buffer writer not running\n",
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(s): State<Arc<Surface>>) -> Response {
+    match s.status() {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct InspectQuery {
+    #[serde(default = "default_inspect_records")]
+    records: usize,
+}
+
+fn default_inspect_records() -> usize {
+    5
+}
+
+async fn buffer_report(State(s): State<Arc<Surface>>, Query(q): Query<InspectQuery>) -> Response {
+    match BufferReport::from_buffer(&s.buffer, q.records.min(1000)) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+fn router(surface: Arc<Surface>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/v1/status", get(status))
+        .route("/v1/buffer", get(buffer_report))
+        .with_state(surface)
+}
+
+/// Moves records from the channel into the buffer until every sender is gone, then flushes.
+async fn write_records(
+    buffer: Arc<Buffer>,
+    mut rx: mpsc::Receiver<Record>,
+    metrics: IngestMetrics,
+    surface: Arc<Surface>,
+) {
+    while let Some(record) = rx.recv().await {
+        match buffer.append(&record) {
+            Ok(_) => {
+                metrics.records_buffered.inc();
+            }
+            Err(e @ BufferError::Full { .. }) => {
+                metrics.records_dropped.inc();
+                tracing::warn!(error = %e, "record dropped");
+            }
+            Err(e) => {
+                metrics.records_dropped.inc();
+                tracing::error!(error = %e, "buffer write failed; record dropped");
+            }
+        }
+    }
+    match buffer.flush().await {
+        Ok(seq) => tracing::info!(durable_seq = seq, "buffer flushed at shutdown"),
+        Err(e) => tracing::error!(error = %e, "final buffer flush failed"),
+    }
+    surface.writer_alive.store(false, Ordering::Relaxed);
+}
+
+/// A started agent; [`RunningAgent::wait`] returns after shutdown.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// Where the HTTP surface listens (useful with port 0).
+    pub http_addr: SocketAddr,
+    pub buffer: Arc<Buffer>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl RunningAgent {
+    /// Waits until every task ended after `cancel` (bounded by a grace period), then makes
+    /// sure the buffer is flushed.
+    pub async fn wait(self) {
+        self.cancel.cancelled().await;
+        self.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "tasks did not stop in time; flushing what the buffer has"
+            );
+        }
+        if let Err(e) = self.buffer.flush().await {
+            tracing::error!(error = %e, "buffer flush at shutdown failed");
+        }
+    }
+}
+
+/// Opens the buffer, binds the HTTP port and starts every task. Stops when `cancel` fires.
+pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgent, RuntimeError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| RuntimeError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let mut opts = BufferOptions::with_max_bytes(cfg.buffer.max_bytes);
+    opts.cache_capacity_bytes = (cfg.buffer.max_bytes / 8).clamp(8 << 20, 256 << 20);
+    let buffer = Arc::new(Buffer::open(&cfg.buffer_dir(), opts)?);
+    tracing::info!(
+        path = %buffer.path().display(),
+        epoch = buffer.epoch(),
+        "buffer open"
+    );
+
+    let mut registry = metrics::new_registry();
+    let metrics = IngestMetrics::register(&mut registry);
+    buffer.register_metrics(&mut registry);
+
+    let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
+        .await
+        .map_err(|source| RuntimeError::Listen {
+            addr: cfg.http_listen_addr,
+            source,
+        })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| RuntimeError::Listen {
+            addr: cfg.http_listen_addr,
+            source,
+        })?;
+
+    let (tx, rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
+    let tracker = TaskTracker::new();
+    let sources: Vec<MqttSource> = cfg
+        .mqtt
+        .iter()
+        .map(|b| MqttSource::new(b.clone(), metrics.clone()))
+        .collect();
+    let surface = Arc::new(Surface {
+        device: cfg.device.to_string(),
+        started: Instant::now(),
+        registry,
+        buffer: buffer.clone(),
+        metrics: metrics.clone(),
+        sources: sources
+            .iter()
+            .map(|s| (s.name().to_owned(), "mqtt"))
+            .collect(),
+        writer_alive: AtomicBool::new(true),
+    });
+
+    for source in sources {
+        tracing::info!(source = source.name(), "starting mqtt source");
+        tracker.spawn(source.run(tx.clone(), cancel.clone()));
+    }
+    // The writer ends when the last sender is gone: drop ours now.
+    drop(tx);
+    tracker.spawn(write_records(
+        buffer.clone(),
+        rx,
+        metrics.clone(),
+        surface.clone(),
+    ));
+    {
+        let buffer = buffer.clone();
+        let cancel = cancel.clone();
+        let interval = cfg.buffer.flush_interval;
+        tracker.spawn(async move { buffer.run_flusher(interval, cancel).await });
+    }
+    {
+        let cancel = cancel.clone();
+        let app = router(surface);
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+    }
+    tracing::info!(%http_addr, device = %cfg.device, "agent running");
+    Ok(RunningAgent {
+        http_addr,
+        buffer,
+        tracker,
+        cancel,
+    })
+}
+
+/// Minimal HTTP/1.1 GET against the agent's own loopback surface (no TLS, no redirects), so
+/// the CLI needs no HTTP client stack. Returns status code and body.
+pub async fn local_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
+        Ok((code, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn surface(dir: &std::path::Path) -> Arc<Surface> {
+        let buffer = Arc::new(Buffer::open(dir, BufferOptions::with_max_bytes(1 << 20)).unwrap());
+        let mut registry = metrics::new_registry();
+        let metrics = IngestMetrics::register(&mut registry);
+        buffer.register_metrics(&mut registry);
+        Arc::new(Surface {
+            device: "gw".into(),
+            started: Instant::now(),
+            registry,
+            buffer,
+            metrics,
+            sources: vec![("b1".into(), "mqtt")],
+            writer_alive: AtomicBool::new(true),
+        })
+    }
+
+    async fn get(app: Router, path: &str) -> (StatusCode, String) {
+        let resp = app
+            .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let code = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_once_the_writer_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        assert_eq!(get(router(s.clone()), "/healthz").await.0, StatusCode::OK);
+        s.writer_alive.store(false, Ordering::Relaxed);
+        assert_eq!(
+            get(router(s.clone()), "/healthz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (_, body) = get(router(s), "/v1/status").await;
+        let report: StatusReport = serde_json::from_str(&body).unwrap();
+        assert!(!report.healthy);
+        assert_eq!(report.sources[0].name, "b1");
+    }
+
+    #[tokio::test]
+    async fn metrics_show_the_oldest_unacked_age_of_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        s.buffer
+            .append(&Record::Gap(kip_shared::Gap {
+                source: "b1".into(),
+                from: chrono::Utc::now(),
+                to: chrono::Utc::now(),
+                reason: "test".into(),
+            }))
+            .unwrap();
+        let (code, body) = get(router(s), "/metrics").await;
+        assert_eq!(code, StatusCode::OK);
+        assert!(body.contains("kip_agent_buffer_records 1"), "{body}");
+        assert!(
+            body.contains("kip_agent_buffer_oldest_unacked_age_seconds"),
+            "{body}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{body}");
+    }
+}

@@ -1,0 +1,276 @@
+//! The MQTT source against real Mosquitto brokers started by the tests.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "helpers of tests fail the test loudly"
+)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Mosquitto, Pki, publish};
+use kip_agent::{
+    config::{Config, RawConfig},
+    metrics::{IngestMetrics, SourceLabels, new_registry},
+    mqtt::MqttSource,
+};
+use kip_shared::Record;
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+fn config(url: &str, tls_lines: &str) -> Config {
+    let text = format!(
+        r#"
+[agent]
+device = "gw-1"
+state_dir = "/tmp/unused"
+
+[[mqtt]]
+name = "b1"
+url = "{url}"
+client_id = "kip-test-{port}"
+reconnect_min_backoff_ms = 50
+reconnect_max_backoff_ms = 200
+{tls_lines}
+
+[[mqtt.subscriptions]]
+topic = "plant/+/temp"
+machine_topic_level = 1
+metric = "temperature"
+value = {{ kind = "number" }}
+
+[[mqtt.subscriptions]]
+topic = "plant/json/+"
+machine = "m-json"
+metric_topic_level = 2
+value = {{ kind = "json", pointer = "/v", timestamp_pointer = "/ts" }}
+"#,
+        port = url.rsplit(':').next().unwrap()
+    );
+    RawConfig::from_toml(&text, std::path::Path::new("test.toml"))
+        .unwrap()
+        .validate()
+        .unwrap()
+}
+
+struct Running {
+    rx: mpsc::Receiver<Record>,
+    metrics: IngestMetrics,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    fn start(cfg: Config) -> Self {
+        let mut registry = new_registry();
+        let metrics = IngestMetrics::register(&mut registry);
+        let (tx, rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let source = MqttSource::new(cfg.mqtt[0].clone(), metrics.clone());
+        tracker.spawn(source.run(tx, cancel.clone()));
+        Self {
+            rx,
+            metrics,
+            cancel,
+            tracker,
+        }
+    }
+
+    /// Publishes `payload` until a record arrives (the source may still be subscribing);
+    /// returns that record.
+    async fn publish_until_received(
+        &mut self,
+        port: u16,
+        topic: &str,
+        payload: &[u8],
+        tls: Option<&Pki>,
+    ) -> Record {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            publish(port, topic, payload, tls);
+            match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
+                Ok(Some(Record::Gap(_))) | Err(_) => {}
+                Ok(Some(r)) => return r,
+                Ok(None) => panic!("source stopped"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no record arrived for {topic}"
+            );
+        }
+    }
+
+    async fn next(&mut self) -> Record {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("a record within 10 s")
+            .expect("source running")
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .expect("source stops on cancel");
+    }
+
+    fn count(&self, f: impl Fn(&IngestMetrics, &SourceLabels) -> u64) -> u64 {
+        f(
+            &self.metrics,
+            &SourceLabels {
+                source: "b1".into(),
+            },
+        )
+    }
+}
+
+#[tokio::test]
+async fn readings_and_dead_letters_flow_and_the_source_survives_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let port = broker.port;
+    let mut run = Running::start(config(&format!("mqtt://127.0.0.1:{port}"), ""));
+
+    let Record::Reading(r) = run
+        .publish_until_received(port, "plant/press1/temp", b"21.5", None)
+        .await
+    else {
+        panic!("expected a reading")
+    };
+    assert_eq!((r.source.as_str(), r.machine.as_str()), ("b1", "press1"));
+    assert_eq!((r.metric.as_str(), r.value), ("temperature", 21.5));
+
+    // A poison message becomes a dead letter, and the next message still flows.
+    publish(port, "plant/press1/temp", b"twenty-one", None);
+    let Record::DeadLetter(d) = run.next().await else {
+        panic!("expected a dead letter")
+    };
+    assert_eq!(d.origin, "plant/press1/temp");
+    assert_eq!(d.payload_prefix, b"twenty-one");
+    assert!(d.reason.contains("not a number"), "{}", d.reason);
+    publish(port, "plant/json/power", br#"{"x": 1}"#, None);
+    let Record::DeadLetter(d) = run.next().await else {
+        panic!("expected a dead letter")
+    };
+    assert!(
+        d.reason.contains("no value at JSON pointer"),
+        "{}",
+        d.reason
+    );
+    publish(
+        port,
+        "plant/json/power",
+        br#"{"v": 7.25, "ts": "2026-03-01T12:00:00Z"}"#,
+        None,
+    );
+    let Record::Reading(r) = run.next().await else {
+        panic!("expected a reading")
+    };
+    assert_eq!(
+        (r.machine.as_str(), r.metric.as_str(), r.value),
+        ("m-json", "power", 7.25)
+    );
+    assert_eq!(r.ts.to_rfc3339(), "2026-03-01T12:00:00+00:00");
+    assert_eq!(run.count(|m, l| m.dead_letters.get_or_create(l).get()), 2);
+
+    // Broker restart without persistence: the session is gone, so readings only come back
+    // if the source reconnects and subscribes again.
+    broker.restart();
+    let Record::Reading(r) = run
+        .publish_until_received(port, "plant/press2/temp", b"30", None)
+        .await
+    else {
+        panic!("expected a reading")
+    };
+    assert_eq!((r.machine.as_str(), r.value), ("press2", 30.0));
+    assert!(run.count(|m, l| m.reconnects.get_or_create(l).get()) >= 1);
+    assert_eq!(
+        run.count(|m, l| m.connected.get_or_create(l).get() as u64),
+        1
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnect_is_recorded_as_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let port = broker.port;
+    let mut run = Running::start(config(&format!("mqtt://127.0.0.1:{port}"), ""));
+    run.publish_until_received(port, "plant/a/temp", b"1", None)
+        .await;
+    broker.restart();
+    let Record::Gap(gap) = run.next().await else {
+        panic!("expected a gap after the reconnect")
+    };
+    assert_eq!(gap.source, "b1");
+    assert!(gap.from <= gap.to);
+    assert!(
+        gap.reason.contains("mqtt connection lost"),
+        "{}",
+        gap.reason
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate_delivers_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let broker = Mosquitto::start(dir.path(), &pki.listener_conf());
+    let port = broker.port;
+    let tls = format!(
+        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        pki.ca.display(),
+        pki.client_cert.display(),
+        pki.client_key.display()
+    );
+    let mut run = Running::start(config(&format!("mqtts://127.0.0.1:{port}"), &tls));
+    let Record::Reading(r) = run
+        .publish_until_received(port, "plant/press9/temp", b"42", Some(&pki))
+        .await
+    else {
+        panic!("expected a reading")
+    };
+    assert_eq!((r.machine.as_str(), r.value), ("press9", 42.0));
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::generate(dir.path());
+    let broker = Mosquitto::start(dir.path(), &pki.listener_conf());
+    let tls = format!(
+        "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+        pki.ca.display(),
+        pki.rogue_cert.display(),
+        pki.rogue_key.display()
+    );
+    let mut run = Running::start(config(&format!("mqtts://127.0.0.1:{}", broker.port), &tls));
+    // The refused handshake is retried with backoff; wait for a few attempts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while run.count(|m, l| m.reconnects.get_or_create(l).get()) < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        run.count(|m, l| m.connected.get_or_create(l).get() as u64),
+        0
+    );
+    publish(broker.port, "plant/x/temp", b"1", Some(&pki));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), run.rx.recv())
+            .await
+            .is_err(),
+        "nothing may arrive over a refused connection"
+    );
+    run.stop().await;
+}

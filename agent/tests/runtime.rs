@@ -1,0 +1,282 @@
+//! The whole agent: MQTT broker -> sources -> buffer, the HTTP surface, the CLI summaries and
+//! clean shutdown, in-process and as the real binary.
+#![expect(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers of tests fail the test loudly"
+)]
+
+mod common;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use common::{Mosquitto, publish};
+use kip_agent::{
+    buffer::{Buffer, BufferOptions},
+    cli,
+    config::Config,
+    runtime::{self, StatusReport, local_get},
+};
+use kip_shared::Record;
+use tokio_util::sync::CancellationToken;
+
+fn write_config(dir: &Path, broker_port: u16, http_port: u16) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[agent]
+device = "gw-test"
+state_dir = "{state}"
+
+[buffer]
+max_bytes = 10485760
+flush_interval_ms = 50
+
+[http]
+listen_addr = "127.0.0.1:{http_port}"
+
+[log]
+format = "text"
+
+[[mqtt]]
+name = "b1"
+url = "mqtt://127.0.0.1:{broker_port}"
+client_id = "kip-runtime-{broker_port}"
+reconnect_min_backoff_ms = 50
+reconnect_max_backoff_ms = 200
+
+[[mqtt.subscriptions]]
+topic = "plant/+/temp"
+machine_topic_level = 1
+metric = "temperature"
+value = {{ kind = "number" }}
+"#,
+            state = dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Opens the buffer once the in-process agent let go of it (sled may finish background log
+/// writes just after the last handle is dropped, holding the file lock for a moment).
+fn open_when_released(dir: &Path) -> Buffer {
+    for _ in 0..200 {
+        match Buffer::open(dir, BufferOptions::with_max_bytes(1 << 30)) {
+            Err(kip_agent::buffer::BufferError::Locked { .. }) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("buffer still locked")
+}
+
+async fn retry_while_locked<F, Fut>(f: F) -> String
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<String, cli::CliError>>,
+{
+    for _ in 0..200 {
+        match f().await {
+            Err(cli::CliError::RunningButSilent { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("buffer still locked")
+}
+
+async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
+    let (code, body) = local_get(addr, "/v1/status").await.ok()?;
+    (code == 200).then(|| serde_json::from_str(&body).unwrap())
+}
+
+/// Publishes until the agent reports `n` readings.
+async fn publish_until_readings(addr: std::net::SocketAddr, port: u16, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = status(addr).await
+            && s.sources.iter().map(|s| s.readings).sum::<u64>() >= n
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readings never arrived"
+        );
+        publish(port, "plant/press1/temp", b"20.5", None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let cfg_path = write_config(dir.path(), broker.port, 0);
+    let cfg = Config::load(&cfg_path).unwrap();
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(cfg.clone(), cancel.clone()).await.unwrap();
+    let addr = agent.http_addr;
+
+    publish_until_readings(addr, broker.port, 1).await;
+    publish(broker.port, "plant/press1/temp", b"{oops", None);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status(addr).await.unwrap().sources[0].dead_letters < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead letter not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (code, body) = local_get(addr, "/healthz").await.unwrap();
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, metrics) = local_get(addr, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for needle in [
+        "kip_agent_readings_total{source=\"b1\",metric=\"temperature\"}",
+        "kip_agent_dead_letters_total{source=\"b1\"} 1",
+        "kip_agent_source_reconnects_total",
+        "kip_agent_buffer_bytes ",
+        "kip_agent_buffer_oldest_unacked_age_seconds ",
+        "kip_agent_buffer_evicted_records_total 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+
+    // While the agent holds the buffer, the CLI goes through its HTTP surface (the config
+    // said port 0: point the CLI at the bound port).
+    let mut cfg = cfg;
+    cfg.http_listen_addr = addr;
+    let text = cli::status(&cfg).await.unwrap();
+    assert!(
+        text.contains("gw-test") && text.contains("running, healthy"),
+        "{text}"
+    );
+    assert!(text.contains("b1") && text.contains("connected"), "{text}");
+    let text = cli::inspect(&cfg, 3).await.unwrap();
+    assert!(text.contains("read through the running agent"), "{text}");
+    assert!(text.contains("\"kind\":\"reading\""), "{text}");
+
+    let readings = status(addr).await.unwrap().sources[0].readings;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .unwrap();
+    // Clean shutdown: everything handed to the writer is in the buffer.
+    let buffer = open_when_released(&cfg.buffer_dir());
+    let all = buffer.read_range(0, usize::MAX, u64::MAX).unwrap();
+    let n_readings = all
+        .iter()
+        .filter(|s| matches!(s.record, Record::Reading(_)))
+        .count() as u64;
+    assert!(n_readings >= readings, "{n_readings} < {readings}");
+    assert!(
+        all.iter()
+            .any(|s| matches!(&s.record, Record::DeadLetter(d) if d.payload_prefix == b"{oops"))
+    );
+    drop(buffer);
+
+    // Stopped: the CLI reads the buffer itself (retrying while this process's dropped
+    // handles still hold sled's lock for a moment).
+    let text = retry_while_locked(|| cli::status(&cfg)).await;
+    assert!(text.contains("not running"), "{text}");
+    let text = retry_while_locked(|| cli::inspect(&cfg, 2)).await;
+    assert!(
+        text.contains("agent not running") && text.contains("newest 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_locked_buffer_with_a_silent_surface_is_reported_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(dir.path(), 1, common::free_port());
+    let cfg = Config::load(&cfg_path).unwrap();
+    let err = cli::inspect(&cfg, 1).await.unwrap_err().to_string();
+    assert!(err.contains("no buffer"), "{err}");
+    std::fs::create_dir_all(&cfg.state_dir).unwrap();
+    let _held = Buffer::open(&cfg.buffer_dir(), BufferOptions::with_max_bytes(1 << 20)).unwrap();
+    for err in [
+        cli::status(&cfg).await.unwrap_err().to_string(),
+        cli::inspect(&cfg, 1).await.unwrap_err().to_string(),
+    ] {
+        assert!(
+            err.contains("seems to be running") && err.contains("locked"),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_binary_runs_answers_status_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let http_port = common::free_port();
+    let cfg_path = write_config(dir.path(), broker.port, http_port);
+    let bin = env!("CARGO_BIN_EXE_kip-agent");
+    let mut child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while status(addr).await.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish_until_readings(addr, broker.port, 3).await;
+
+    let out = Command::new(bin)
+        .args(["status", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("running, healthy"), "{text}");
+
+    let readings = status(addr).await.unwrap().sources[0].readings;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(code.success(), "{code}");
+
+    let out = Command::new(bin)
+        .args(["buffer", "inspect", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("agent not running"), "{text}");
+    let buffer = Buffer::open(
+        &dir.path().join("state/buffer"),
+        BufferOptions::with_max_bytes(1 << 30),
+    )
+    .unwrap();
+    assert!(buffer.stats().unwrap().counts.reading >= readings);
+}
