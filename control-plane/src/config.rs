@@ -41,6 +41,8 @@ pub struct RawConfig {
     pub auth: RawAuth,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub llm: crate::llm::config::RawLlm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +182,8 @@ pub struct Config {
     pub admin_key_file: PathBuf,
     pub log_format: LogFormat,
     pub log_filter: String,
+    /// The LLM gateway (`[llm]`).
+    pub llm: crate::llm::config::LlmConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -226,6 +230,7 @@ impl RawConfig {
             }
             self.log.filter = v;
         }
+        self.llm.apply_env(&env);
         Ok(())
     }
 
@@ -309,7 +314,9 @@ impl RawConfig {
                 ));
             }
         };
+        let llm = self.llm.validate()?;
         Ok(Config {
+            llm,
             listen_addr,
             request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
             request_timeout,
@@ -363,6 +370,8 @@ mod tests {
         assert_eq!(cfg.listen_addr.port(), 8080);
         assert_eq!(cfg.request_body_limit_bytes, 1024 * 1024);
         assert_eq!(cfg.log_format, LogFormat::Json);
+        assert!(cfg.llm.providers.contains_key("deepseek"));
+        assert_eq!(cfg.llm.aliases["smart"].len(), 2);
     }
 
     #[test]

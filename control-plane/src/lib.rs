@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod keys;
+pub mod llm;
 pub mod metrics;
 pub mod server;
 
@@ -33,6 +34,9 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
     tracing::info!(addr = %listener.local_addr()?, "control plane listening");
     let state = server::AppState::new(pool.clone(), &cfg);
     let tracker = TaskTracker::new();
+    // Ends after the router (and with it every log sender) is dropped at shutdown, so
+    // `serve` draining the tracker also flushes queued inference logs.
+    state.llm.start_log_writer(&tracker);
     let signals = tracker.spawn(server::shutdown_signal(token.clone()));
     server::serve(
         listener,

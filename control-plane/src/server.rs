@@ -15,7 +15,7 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -29,15 +29,24 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// The LLM gateway (`/v1/query`, `/v1/chat/completions`).
+    pub llm: Arc<crate::llm::Gateway>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, cfg: &Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let llm = Arc::new(crate::llm::Gateway::new(
+            cfg.llm.clone(),
+            pool.clone(),
+            metrics.llm.clone(),
+        ));
         Self {
             pool,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             body_limit_bytes: cfg.request_body_limit_bytes,
             request_timeout: cfg.request_timeout,
+            llm,
         }
     }
 }
@@ -79,7 +88,9 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/organisations/{org_id}/models/{model_id}",
             get(api::get_model),
-        );
+        )
+        .route("/query", post(crate::llm::api::query))
+        .route("/chat/completions", post(crate::llm::api::chat_completions));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
