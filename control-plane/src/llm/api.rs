@@ -95,7 +95,7 @@ pub async fn chat_completions(
         ));
     };
     let messages = obj.get("messages").cloned().unwrap_or(Value::Null);
-    if !messages.as_array().is_some_and(|m| !m.is_empty()) {
+    if messages.as_array().is_none_or(Vec::is_empty) {
         return Err(ApiError::validation(
             "messages",
             "must be a non-empty array",
@@ -313,22 +313,21 @@ pub async fn query(
         ));
     }
     let gw = st.llm.clone();
-    let model = match (&req.task, &req.model) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
-                "task",
-                "give either task or model, not both",
-            ));
-        }
-        (Some(task), None) => Some(
-            gw.config()
-                .tasks
-                .get(task)
-                .cloned()
-                .ok_or_else(|| ApiError::validation("task", format!("unknown task {task:?}")))?,
-        ),
-        (None, m) => m.clone(),
-    };
+    let model =
+        match (&req.task, &req.model) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::validation(
+                    "task",
+                    "give either task or model, not both",
+                ));
+            }
+            (Some(task), None) => {
+                Some(gw.config().tasks.get(task).cloned().ok_or_else(|| {
+                    ApiError::validation("task", format!("unknown task {task:?}"))
+                })?)
+            }
+            (None, m) => m.clone(),
+        };
     let messages = serde_json::to_value(&req.messages).map_err(ApiError::internal)?;
     let est = (
         estimate_tokens(&messages),
@@ -354,16 +353,15 @@ pub async fn query(
     if let Some(tools) = &req.options.tools {
         body.insert("tools".into(), Value::Array(tools.clone()));
     }
-    let cache_key = (gw.cache.enabled()
-        && cacheable(req.options.temperature, req.options.cache))
-    .then(|| {
-        let mut keyed = body.clone();
-        keyed.insert(
-            "kip_targets".into(),
-            Value::Array(targets.iter().map(|t| Value::String(t.label())).collect()),
-        );
-        cache::key(org_id, &Value::Object(keyed))
-    });
+    let cache_key = (gw.cache.enabled() && cacheable(req.options.temperature, req.options.cache))
+        .then(|| {
+            let mut keyed = body.clone();
+            keyed.insert(
+                "kip_targets".into(),
+                Value::Array(targets.iter().map(|t| Value::String(t.label())).collect()),
+            );
+            cache::key(org_id, &Value::Object(keyed))
+        });
     let first = targets.first().cloned();
     let call = Call {
         org_id,

@@ -153,7 +153,11 @@ impl ResponseCache {
 
     /// Number of stored entries.
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -179,11 +183,29 @@ mod tests {
     #[test]
     fn key_ignores_field_order_but_not_values_or_org() {
         let org = Uuid::new_v4();
-        let a = key(org, &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
-        let b = key(org, &json!({"messages": [{"content": "hi", "role": "user"}], "model": "m"}));
+        let a = key(
+            org,
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        let b = key(
+            org,
+            &json!({"messages": [{"content": "hi", "role": "user"}], "model": "m"}),
+        );
         assert_eq!(a, b);
-        assert_ne!(a, key(org, &json!({"model": "m", "messages": [{"role": "user", "content": "ho"}]})));
-        assert_ne!(a, key(Uuid::new_v4(), &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})));
+        assert_ne!(
+            a,
+            key(
+                org,
+                &json!({"model": "m", "messages": [{"role": "user", "content": "ho"}]})
+            )
+        );
+        assert_ne!(
+            a,
+            key(
+                Uuid::new_v4(),
+                &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            )
+        );
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl Price {
     pub fn cost(&self, tokens_in: u64, tokens_out: u64, tokens_cached: u64) -> f64 {
         let cached = tokens_cached.min(tokens_in);
         let uncached = tokens_in - cached;
-        let cached_price = self.cached_input_per_1m_usd.unwrap_or(self.input_per_1m_usd);
+        let cached_price = self
+            .cached_input_per_1m_usd
+            .unwrap_or(self.input_per_1m_usd);
         (uncached as f64 * self.input_per_1m_usd
             + cached as f64 * cached_price
             + tokens_out as f64 * self.output_per_1m_usd)
@@ -135,7 +137,8 @@ pub struct RawLlm {
     /// Answer from the built-in local fallback when every provider failed.
     #[serde(default = "default_true")]
     pub local_fallback: bool,
-    #[serde(default)]
+    /// Defaults to the Aleph provider alone; when given, list every provider (Aleph too).
+    #[serde(default = "default_providers")]
     pub providers: BTreeMap<String, RawProvider>,
     /// Alias -> ordered targets (`provider/model`): the first is tried first, the rest are
     /// its fallback chain.
@@ -245,29 +248,33 @@ fn default_log_flush_interval_ms() -> u64 {
     200
 }
 
+fn default_providers() -> BTreeMap<String, RawProvider> {
+    BTreeMap::from([(
+        "aleph".to_owned(),
+        RawProvider {
+            kind: ProviderKind::Aleph,
+            base_url: String::new(),
+            api_key: None,
+            api_key_env: None,
+            default_model: Some("aleph".into()),
+            models: vec!["aleph".into()],
+            connect_timeout_ms: default_connect_timeout_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+            first_byte_timeout_ms: default_first_byte_timeout_ms(),
+            stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
+            stream_usage: true,
+            prices: BTreeMap::new(),
+            resolved_env_key: None,
+        },
+    )])
+}
+
 impl Default for RawLlm {
     fn default() -> Self {
         Self {
             default_model: None,
             local_fallback: true,
-            providers: BTreeMap::from([(
-                "aleph".to_owned(),
-                RawProvider {
-                    kind: ProviderKind::Aleph,
-                    base_url: String::new(),
-                    api_key: None,
-                    api_key_env: None,
-                    default_model: Some("aleph".into()),
-                    models: vec!["aleph".into()],
-                    connect_timeout_ms: default_connect_timeout_ms(),
-                    request_timeout_ms: default_request_timeout_ms(),
-                    first_byte_timeout_ms: default_first_byte_timeout_ms(),
-                    stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
-                    stream_usage: true,
-                    prices: BTreeMap::new(),
-                    resolved_env_key: None,
-                },
-            )]),
+            providers: default_providers(),
             aliases: BTreeMap::new(),
             fallbacks: BTreeMap::new(),
             tasks: default_tasks(),
@@ -406,7 +413,9 @@ impl RawLlm {
         for (name, p) in self.providers {
             let field = format!("llm.providers.{name}");
             if name.is_empty() || name.contains('/') {
-                return Err(invalid(format!("{field}: a provider name must not contain '/'")));
+                return Err(invalid(format!(
+                    "{field}: a provider name must not contain '/'"
+                )));
             }
             if name == super::LOCAL_PROVIDER {
                 return Err(invalid(format!(
@@ -578,7 +587,8 @@ impl RawLlm {
                     &format!("llm.orgs.{id}"),
                     o.rate_limit_per_minute
                         .unwrap_or(default_limits.rate_limit_per_minute),
-                    o.rate_limit_burst.unwrap_or(default_limits.rate_limit_burst),
+                    o.rate_limit_burst
+                        .unwrap_or(default_limits.rate_limit_burst),
                     o.monthly_budget_usd.or(default_limits.monthly_budget_usd),
                 )?,
             );
@@ -621,7 +631,12 @@ impl RawLlm {
             cache_max_entries: self.cache_max_entries,
             default_limits,
             orgs,
-            budget_refresh: ms("llm.budget_refresh_ms", self.budget_refresh_ms, 0, 3_600_000)?,
+            budget_refresh: ms(
+                "llm.budget_refresh_ms",
+                self.budget_refresh_ms,
+                0,
+                3_600_000,
+            )?,
             log_queue_capacity: self.log_queue_capacity,
             log_batch_max_rows: self.log_batch_max_rows,
             log_flush_interval: ms(
@@ -684,15 +699,23 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         let cases = [
-            ("[providers.a]\nkind = \"deepseek\"\nbase_url = \"ftp://x\"", "llm.providers.a.base_url"),
+            (
+                "[providers.a]\nkind = \"deepseek\"\nbase_url = \"ftp://x\"",
+                "llm.providers.a.base_url",
+            ),
             ("[aliases]\nfast = [\"nope/m\"]", "llm.aliases.fast"),
             ("rate_limit_per_minute = 0", "rate_limit_per_minute"),
             ("monthly_budget_usd = -1.0", "monthly_budget_usd"),
-            ("[providers.a]\nkind = \"deepseek\"\nbase_url = \"http://x\"\nrequest_timeout_ms = 0", "llm.providers.a.request_timeout_ms"),
+            (
+                "[providers.a]\nkind = \"deepseek\"\nbase_url = \"http://x\"\nrequest_timeout_ms = 0",
+                "llm.providers.a.request_timeout_ms",
+            ),
             ("default_model = \"missing\"", "llm.default_model"),
         ];
         for (toml, field) in cases {
-            let err = LlmConfig::from_toml(toml, |_| None).unwrap_err().to_string();
+            let err = LlmConfig::from_toml(toml, |_| None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{toml}: {err}");
         }
     }

@@ -5,7 +5,7 @@
 //!   the record is dropped and `kip_llm_log_rows_dropped` rises. A slow database therefore
 //!   slows nothing but the log, and memory stays bounded by the queue capacity.
 //! - One multi-row `INSERT ... SELECT FROM UNNEST(...)` per batch (one round trip, any size up
-//!   to `log_batch_max_rows`); rows of organisations deleted meanwhile are skipped, so one
+//!   to `log_batch_max_rows`), ids in queue order; rows of organisations deleted meanwhile are skipped, so one
 //!   such row cannot fail a whole batch.
 //! - The writer runs on the server's `TaskTracker` and ends when every sender is gone (the
 //!   router was dropped at shutdown) after writing what was queued.
@@ -83,7 +83,11 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
         tin.push(clamp_i32(r.tokens_in));
         tout.push(clamp_i32(r.tokens_out));
         tcached.push(clamp_i32(r.tokens_cached));
-        cost.push(if r.cost_usd.is_finite() { r.cost_usd } else { 0.0 });
+        cost.push(if r.cost_usd.is_finite() {
+            r.cost_usd
+        } else {
+            0.0
+        });
         latency.push(r.latency_ms);
         ttft.push(r.ttft_ms);
         status.push(r.status.as_str());
@@ -96,9 +100,10 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
            u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
            $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
-           AS u(org_id, request_id, provider, model, tokens_in, tokens_out, tokens_cached, \
-                cost_usd, latency_ms, ttft_ms, status, cache_hit) \
-         WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id)",
+           WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
+                tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
+         WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
+         ORDER BY u.n",
     )
     .bind(&org)
     .bind(&req)

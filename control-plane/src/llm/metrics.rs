@@ -73,18 +73,66 @@ impl LlmMetrics {
             log_write_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("llm");
-        r.register("provider_requests", "LLM provider calls by provider and outcome", m.requests.clone());
-        r.register("provider_latency_seconds", "LLM provider call latency", m.latency.clone());
-        r.register("provider_ttft_seconds", "Time to the first streamed chunk", m.ttft.clone());
-        r.register("tokens", "Tokens by provider and kind (input, output, cached)", m.tokens.clone());
-        r.register("cost_usd", "Spend in US dollars by provider", m.cost_usd.clone());
-        r.register("breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open", m.breaker_state.clone());
-        r.register("cache_hits", "Responses served from the per-organisation cache", m.cache_hits.clone());
-        r.register("cache_misses", "Cacheable requests not found in the cache", m.cache_misses.clone());
-        r.register("refused", "Requests refused before any provider call, by reason", m.refused.clone());
-        r.register("log_rows_written", "inference_logs rows written", m.log_rows_written.clone());
-        r.register("log_rows_dropped", "inference_logs rows dropped because the queue was full", m.log_rows_dropped.clone());
-        r.register("log_write_failures", "Failed inference_logs batch inserts", m.log_write_failures.clone());
+        r.register(
+            "provider_requests",
+            "LLM provider calls by provider and outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "provider_latency_seconds",
+            "LLM provider call latency",
+            m.latency.clone(),
+        );
+        r.register(
+            "provider_ttft_seconds",
+            "Time to the first streamed chunk",
+            m.ttft.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens by provider and kind (input, output, cached)",
+            m.tokens.clone(),
+        );
+        r.register(
+            "cost_usd",
+            "Spend in US dollars by provider",
+            m.cost_usd.clone(),
+        );
+        r.register(
+            "breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        r.register(
+            "cache_hits",
+            "Responses served from the per-organisation cache",
+            m.cache_hits.clone(),
+        );
+        r.register(
+            "cache_misses",
+            "Cacheable requests not found in the cache",
+            m.cache_misses.clone(),
+        );
+        r.register(
+            "refused",
+            "Requests refused before any provider call, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "log_rows_written",
+            "inference_logs rows written",
+            m.log_rows_written.clone(),
+        );
+        r.register(
+            "log_rows_dropped",
+            "inference_logs rows dropped because the queue was full",
+            m.log_rows_dropped.clone(),
+        );
+        r.register(
+            "log_write_failures",
+            "Failed inference_logs batch inserts",
+            m.log_write_failures.clone(),
+        );
         m
     }
 }

@@ -190,11 +190,7 @@ impl Gateway {
 
     /// Starts the `inference_logs` writer on `tracker` (once; later calls return false).
     pub fn start_log_writer(&self, tracker: &TaskTracker) -> bool {
-        let rx = self
-            .log_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let rx = self.log_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(rx) = rx else {
             return false;
         };
@@ -222,7 +218,10 @@ impl Gateway {
                 ));
             }
             if m.is_empty() {
-                return Err(ApiError::validation(field, format!("{name:?} has no model")));
+                return Err(ApiError::validation(
+                    field,
+                    format!("{name:?} has no model"),
+                ));
             }
             out.push(Target::new(p, m));
             return Ok(());
@@ -327,10 +326,7 @@ impl Gateway {
         chain.retain(|t| seen.insert(t.label()));
         match strategy {
             Some(Strategy::Cost) => {
-                let cost = |t: &Target| {
-                    self.price(t)
-                        .map_or(0.0, |p| p.cost(est.0, est.1, 0))
-                };
+                let cost = |t: &Target| self.price(t).map_or(0.0, |p| p.cost(est.0, est.1, 0));
                 chain.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
             }
             Some(Strategy::Latency) => {
@@ -439,10 +435,11 @@ impl Gateway {
     /// Rate limit and monthly budget of the organisation: 429 / 402 when exceeded.
     pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<(), ApiError> {
         let limits = self.cfg.limits(org_id);
-        if let Err(wait) =
-            self.rate
-                .take(org_id, limits.rate_limit_per_minute, limits.rate_limit_burst)
-        {
+        if let Err(wait) = self.rate.take(
+            org_id,
+            limits.rate_limit_per_minute,
+            limits.rate_limit_burst,
+        ) {
             self.refuse(org_id, request_id, "rate_limited");
             return Err(ApiError::TooManyRequests {
                 message: format!(
@@ -571,7 +568,8 @@ impl Gateway {
             s.breaker.success();
         }
         self.set_breaker_gauge(&t.provider);
-        self.ewma.observe(&t.label(), l.ttft_ms.unwrap_or(l.latency_ms));
+        self.ewma
+            .observe(&t.label(), l.ttft_ms.unwrap_or(l.latency_ms));
         self.observe(
             t,
             "ok",
@@ -759,8 +757,7 @@ impl Gateway {
                 let t0 = Instant::now();
                 let first = async {
                     let mut s = slot.provider.stream(ctx, &t.model, &call.body).await?;
-                    match tokio::time::timeout(slot.provider.first_byte_timeout(), s.next()).await
-                    {
+                    match tokio::time::timeout(slot.provider.first_byte_timeout(), s.next()).await {
                         Err(_) => Err(ProviderError::Timeout),
                         Ok(None) => Err(ProviderError::Connection(
                             "stream ended before the first event".into(),
@@ -898,8 +895,13 @@ impl Drop for StreamFinish {
         if self.local {
             self.gw
                 .observe(&self.target, "fallback", latency, usage, 0.0);
-            self.gw
-                .log(self.call_org, self.request_id, &self.target, "fallback", fields);
+            self.gw.log(
+                self.call_org,
+                self.request_id,
+                &self.target,
+                "fallback",
+                fields,
+            );
             return;
         }
         if status == "ok" || status == "client_closed" {
@@ -908,8 +910,7 @@ impl Drop for StreamFinish {
             } else {
                 let cost = self.gw.cost(&self.target, usage);
                 self.gw.spend.add(self.call_org, cost);
-                self.gw
-                    .observe(&self.target, status, latency, usage, cost);
+                self.gw.observe(&self.target, status, latency, usage, cost);
                 self.gw.log(
                     self.call_org,
                     self.request_id,
@@ -926,8 +927,7 @@ impl Drop for StreamFinish {
                 s.breaker.failure();
             }
             self.gw.set_breaker_gauge(&self.target.provider);
-            self.gw
-                .observe(&self.target, status, latency, usage, 0.0);
+            self.gw.observe(&self.target, status, latency, usage, 0.0);
             self.gw
                 .log(self.call_org, self.request_id, &self.target, status, fields);
         }

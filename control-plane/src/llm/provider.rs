@@ -375,11 +375,7 @@ impl Provider for HttpProvider {
     ) -> Result<Completion, ProviderError> {
         let b = with_model(body, model, false);
         let call = async {
-            let resp = self
-                .request(&b)
-                .send()
-                .await
-                .map_err(|e| map_reqwest(&e))?;
+            let resp = self.request(&b).send().await.map_err(|e| map_reqwest(&e))?;
             let resp = check_status(resp).await?;
             let bytes = resp.bytes().await.map_err(|e| map_reqwest(&e))?;
             let v: Value = serde_json::from_slice(&bytes)
@@ -430,7 +426,10 @@ struct SseState {
 /// Finds the end of the next SSE event (`\n\n` or `\r\n\r\n`): (event end, separator length).
 fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -473,7 +472,9 @@ impl SseState {
                     {
                         self.saw_finish = true;
                     }
-                    if v.get("usage").is_some_and(|u| u.get("prompt_cache_hit_tokens").is_some()) {
+                    if v.get("usage")
+                        .is_some_and(|u| u.get("prompt_cache_hit_tokens").is_some())
+                    {
                         normalise_usage(&mut v);
                         Ok(Chunk::from_value(v))
                     } else {
@@ -485,7 +486,9 @@ impl SseState {
                 }
                 Err(e) => {
                     self.done = true;
-                    Err(ProviderError::Malformed(format!("invalid JSON in stream: {e}")))
+                    Err(ProviderError::Malformed(format!(
+                        "invalid JSON in stream: {e}"
+                    )))
                 }
             };
             self.ready.push_back(item);
@@ -590,7 +593,10 @@ pub fn completion_to_chunks(c: &Completion) -> Vec<Chunk> {
     }));
     usage.value["usage"] = c.body.get("usage").cloned().unwrap_or(Value::Null);
     vec![
-        chunk(json!({ "role": "assistant", "content": content }), Value::Null),
+        chunk(
+            json!({ "role": "assistant", "content": content }),
+            Value::Null,
+        ),
         chunk(json!({}), json!("stop")),
         usage,
     ]

@@ -266,7 +266,10 @@ mod tests {
         }
         let wait = r.take(org, 60, 3).unwrap_err();
         assert!(wait <= Duration::from_secs(1), "{wait:?}");
-        assert!(r.take(Uuid::new_v4(), 60, 3).is_ok(), "buckets are per organisation");
+        assert!(
+            r.take(Uuid::new_v4(), 60, 3).is_ok(),
+            "buckets are per organisation"
+        );
     }
 
     #[test]
