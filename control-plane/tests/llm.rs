@@ -1039,3 +1039,52 @@ print(json.dumps(out))
     assert_eq!(v["error_status"], 422);
     assert_eq!(fake.requests()[0]["user"], "u1");
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn log_writer_flushes_everything_queued_when_its_senders_are_dropped(pool: PgPool) {
+    use kip_control_plane::llm::{logs, metrics::LlmMetrics};
+    let app = gateway(pool.clone(), "").await;
+    let (org, _) = app.org_with_key("acme").await;
+    let org: uuid::Uuid = org.parse().unwrap();
+    let mut reg = prometheus_client::registry::Registry::default();
+    let metrics = LlmMetrics::register(&mut reg);
+    let (sink, rx) = logs::LogSink::new(10_000, metrics.clone());
+    let tracker = tokio_util::task::TaskTracker::new();
+    // A long flush interval: only the closing of the queue can make the writer finish early.
+    tracker.spawn(logs::run_writer(
+        rx,
+        pool.clone(),
+        100,
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    for i in 0..1234 {
+        sink.record(logs::LogRecord {
+            org_id: org,
+            request_id: uuid::Uuid::new_v4(),
+            provider: "p".into(),
+            model: format!("m{i}"),
+            tokens_in: i,
+            tokens_out: 1,
+            tokens_cached: 0,
+            cost_usd: 0.001,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            status: "ok".into(),
+            cache_hit: false,
+        });
+    }
+    drop(sink);
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .expect("writer did not stop after its queue closed");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inference_logs WHERE org_id = $1")
+        .bind(org)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1234);
+    assert_eq!(metrics.log_rows_written.get(), 1234);
+    assert_eq!(metrics.log_rows_dropped.get(), 0);
+}

@@ -158,3 +158,36 @@ pub async fn run_writer(
     }
     tracing::debug!("inference log writer stopped");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> LogRecord {
+        LogRecord {
+            org_id: Uuid::new_v4(),
+            request_id: Uuid::new_v4(),
+            provider: "p".into(),
+            model: "m".into(),
+            tokens_in: 0,
+            tokens_out: 0,
+            tokens_cached: 0,
+            cost_usd: 0.0,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            status: "ok".into(),
+            cache_hit: false,
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = LlmMetrics::register(&mut reg);
+        let (sink, _rx) = LogSink::new(2, metrics.clone());
+        for _ in 0..5 {
+            sink.record(record());
+        }
+        assert_eq!(metrics.log_rows_dropped.get(), 3);
+    }
+}

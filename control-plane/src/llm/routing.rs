@@ -3,7 +3,7 @@
 //! Invariants:
 //! - No lock here is ever held across an `.await` (all are short `std::sync::Mutex` sections).
 //! - A breaker opens after `threshold` consecutive failures, refuses calls for `cooldown`, then
-//!   lets exactly one probe through (half-open): its success closes the breaker, its failure
+//!   lets exactly one probe through at a time (half-open): its success closes the breaker, its failure
 //!   opens it again.
 //! - Spend is read from `inference_logs` at most every `refresh` per organisation and advanced
 //!   in memory by each call's cost in between, so budget checks cost no query per request.
@@ -24,9 +24,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed { failures: u32 },
-    Open { until: Instant },
-    HalfOpen { probing: bool },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// `probe_since` is set while one probe is out; a probe that never reported (its caller
+    /// went away) frees the slot after one cooldown, so the breaker cannot stick.
+    HalfOpen {
+        probe_since: Option<Instant>,
+    },
 }
 
 /// Breaker state as a gauge value: 0 closed, 1 half-open, 2 open.
@@ -60,15 +68,22 @@ impl Breaker {
         match *s {
             State::Closed { .. } => true,
             State::Open { until } if Instant::now() >= until => {
-                *s = State::HalfOpen { probing: true };
+                *s = State::HalfOpen {
+                    probe_since: Some(Instant::now()),
+                };
                 true
             }
             State::Open { .. } => false,
-            State::HalfOpen { probing: false } => {
-                *s = State::HalfOpen { probing: true };
-                true
+            State::HalfOpen { probe_since } => {
+                if probe_since.is_none_or(|t| t.elapsed() >= self.cooldown) {
+                    *s = State::HalfOpen {
+                        probe_since: Some(Instant::now()),
+                    };
+                    true
+                } else {
+                    false
+                }
             }
-            State::HalfOpen { probing: true } => false,
         }
     }
 
@@ -88,14 +103,6 @@ impl Breaker {
         };
     }
 
-    /// Frees the probe slot when the probe ended without a verdict (e.g. the client left).
-    pub fn release_probe(&self) {
-        let mut s = lock(&self.state);
-        if *s == (State::HalfOpen { probing: true }) {
-            *s = State::HalfOpen { probing: false };
-        }
-    }
-
     pub fn view(&self) -> BreakerView {
         match *lock(&self.state) {
             State::Closed { .. } => BreakerView::Closed,
@@ -105,7 +112,9 @@ impl Breaker {
     }
 }
 
-/// Exponentially weighted moving averages of latency per target.
+/// Exponentially weighted moving averages of latency per target. Bounded: targets carry
+/// client-chosen model names, so at most [`EWMA_MAX_TARGETS`] are tracked; later ones go
+/// unmeasured (treated as unknown) rather than growing memory.
 #[derive(Debug, Default)]
 pub struct Ewma {
     values: Mutex<HashMap<String, f64>>,
@@ -113,15 +122,19 @@ pub struct Ewma {
 
 /// Weight of the newest observation.
 const EWMA_ALPHA: f64 = 0.3;
+/// Most targets tracked.
+pub const EWMA_MAX_TARGETS: usize = 4096;
 
 impl Ewma {
     pub fn observe(&self, target: &str, ms: f64) {
         let mut v = lock(&self.values);
+        let full = v.len() >= EWMA_MAX_TARGETS;
         match v.get_mut(target) {
             Some(x) => *x = EWMA_ALPHA * ms + (1.0 - EWMA_ALPHA) * *x,
-            None => {
+            None if !full => {
                 v.insert(target.to_owned(), ms);
             }
+            None => {}
         }
     }
 
@@ -242,12 +255,25 @@ mod tests {
         assert_eq!(b.view(), BreakerView::Closed);
         b.failure();
         assert_eq!(b.view(), BreakerView::Open);
-        // Cooldown zero: the next call is the probe, a concurrent one is refused.
+        // Cooldown zero: the next call is the probe.
         assert!(b.allow());
-        assert!(!b.allow());
+        assert_eq!(b.view(), BreakerView::HalfOpen);
         b.success();
         assert_eq!(b.view(), BreakerView::Closed);
         assert!(b.allow());
+    }
+
+    #[test]
+    fn half_open_breaker_lets_only_one_probe_through() {
+        let b = Breaker::new(1, Duration::from_secs(3600));
+        *lock(&b.state) = State::Open {
+            until: Instant::now(),
+        };
+        assert!(b.allow());
+        assert!(!b.allow(), "a second concurrent probe is refused");
+        b.failure();
+        assert_eq!(b.view(), BreakerView::Open);
+        assert!(!b.allow());
     }
 
     #[test]
