@@ -100,6 +100,32 @@ async fn load(
     (all, wall)
 }
 
+/// Sequential GETs with the key; sorted latencies and wall time.
+async fn load_get(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    total: usize,
+) -> (Vec<Duration>, Duration) {
+    let started = Instant::now();
+    let mut lat = Vec::with_capacity(total);
+    for _ in 0..total {
+        let t0 = Instant::now();
+        let resp = client
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request failed");
+        assert!(resp.status().is_success(), "status {}", resp.status());
+        let _ = resp.bytes().await.expect("body failed");
+        lat.push(t0.elapsed());
+    }
+    let wall = started.elapsed();
+    lat.sort();
+    (lat, wall)
+}
+
 fn report(name: &str, lat: &[Duration], wall: Duration) {
     println!(
         "{name:<34} n={:<6} p50={:>8.3} ms  p99={:>8.3} ms  rps={:>8.0}",
@@ -154,7 +180,9 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracker.spawn(async move { axum::serve(listener, router).await });
 
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     let gw = format!("http://{addr}");
     let org: Value = client
         .post(format!("{gw}/v1/organisations"))
@@ -196,6 +224,11 @@ async fn main() -> anyhow::Result<()> {
         (pct(&g1, 0.5).as_secs_f64() - pct(&d1, 0.5).as_secs_f64()) * 1000.0,
         (pct(&g1, 0.99).as_secs_f64() - pct(&d1, 0.99).as_secs_f64()) * 1000.0
     );
+    // The part of the overhead that is API-key authentication (one PostgreSQL lookup per
+    // request, by design: revocation takes effect on the next request).
+    let me = format!("{gw}/v1/me");
+    let (a1, aw1) = load_get(&client, &me, &key, total).await;
+    report("auth only (GET /v1/me), 1 client", &a1, aw1);
     let (dn, wn) = load(&client, &direct, None, &body, total, concurrency).await;
     report(&format!("direct, {concurrency} clients"), &dn, wn);
     let (gn, gwn) = load(&client, &via, Some(&key), &body, total, concurrency).await;
