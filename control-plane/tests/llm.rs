@@ -1088,3 +1088,31 @@ async fn log_writer_flushes_everything_queued_when_its_senders_are_dropped(pool:
     assert_eq!(metrics.log_rows_written.get(), 1234);
     assert_eq!(metrics.log_rows_dropped.get(), 0);
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn latency_strategy_learns_to_prefer_the_faster_target(pool: PgPool) {
+    let slow = FakeLlm::start(Reply::Slow(
+        Duration::from_millis(150),
+        Box::new(Reply::Json(fake_llm::completion("m", "slow"))),
+    ))
+    .await;
+    let fast = FakeLlm::start(Reply::Json(fake_llm::completion("m", "fast"))).await;
+    let toml = llm_toml(
+        "[aliases]\nboth = [\"slow/m\", \"fast/m\"]",
+        &[
+            ("slow", "openai_compatible", slow.base_url(), ""),
+            ("fast", "openai_compatible", fast.base_url(), ""),
+        ],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let body = json!({"model": "both", "messages": user("hi"), "options": {"strategy": "latency"}});
+    // Unmeasured targets go first (in chain order), so both get measured.
+    let first = app.post("/v1/query", &key, body.clone()).await;
+    assert_eq!(first.body["content"], "slow", "{}", first.text);
+    for _ in 0..3 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.body["content"], "fast", "{}", r.text);
+    }
+    assert_eq!(slow.hits(), 1);
+}

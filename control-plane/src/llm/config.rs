@@ -721,6 +721,24 @@ mod tests {
     }
 
     #[test]
+    fn per_organisation_limits_override_the_defaults() {
+        let org = Uuid::new_v4();
+        let c = LlmConfig::from_toml(
+            &format!(
+                "rate_limit_per_minute = 1000\nmonthly_budget_usd = 50.0\n\
+                 [orgs.\"{org}\"]\nrate_limit_per_minute = 1\n"
+            ),
+            |_| None,
+        )
+        .unwrap();
+        let own = c.limits(org);
+        assert_eq!(own.rate_limit_per_minute, 1);
+        assert_eq!(own.rate_limit_burst, 60);
+        assert_eq!(own.monthly_budget_usd, Some(50.0));
+        assert_eq!(c.limits(Uuid::new_v4()).rate_limit_per_minute, 1000);
+    }
+
+    #[test]
     fn price_counts_cached_tokens_at_the_cached_rate() {
         let p = Price {
             input_per_1m_usd: 1.0,
