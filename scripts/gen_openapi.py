@@ -49,6 +49,28 @@ schemas = {
   "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["csr_pem"], "properties": {"csr_pem": {"type": "string", "maxLength": 16384}}},
   "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
+msg = {"type": "object", "additionalProperties": False, "required": ["role"], "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "content": {"type": ["string", "null"]}, "name": {"type": "string"}, "tool_call_id": {"type": "string"}, "tool_calls": {"type": "array", "items": {"type": "object"}}}}
+schemas.update({
+  "QueryRequest": {"type": "object", "additionalProperties": False, "required": ["messages"], "description": "Give task or model (or neither, for llm.default_model).", "properties": {
+    "task": {"type": "string", "description": "A task from [llm.tasks], e.g. machine_status"},
+    "model": {"type": "string", "description": "provider/model, an alias, or a model listed by one provider"},
+    "messages": {"type": "array", "minItems": 1, "items": msg},
+    "options": {"type": "object", "additionalProperties": False, "properties": {
+      "provider": {"type": "string"}, "fallback": {"type": "array", "items": {"type": "string"}},
+      "strategy": {"enum": ["cost", "latency"]}, "cache": {"type": "boolean"},
+      "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+      "tools": {"type": "array", "items": {"type": "object"}}}}}},
+  "QueryResponse": {"type": "object", "properties": {
+    "request_id": uuid, "provider": {"type": "string"}, "model": {"type": "string"},
+    "content": {"type": ["string", "null"]}, "reasoning_content": {"type": "string"},
+    "tool_calls": {"type": "array", "items": {"type": "object"}}, "finish_reason": {"type": ["string", "null"]},
+    "usage": {"type": "object", "properties": {"input_tokens": {"type": "integer"}, "output_tokens": {"type": "integer"}, "cached_tokens": {"type": "integer"}}},
+    "cost_usd": {"type": "number"}, "latency_ms": {"type": "number"}, "cache_hit": {"type": "boolean"}, "fallback_used": {"type": "boolean"},
+    "attempts": {"type": "array", "items": {"type": "object", "properties": {"provider": {"type": "string"}, "model": {"type": "string"}, "status": {"type": "string"}}}}}},
+  "ChatCompletionRequest": {"type": "object", "required": ["messages"], "additionalProperties": True, "description": "OpenAI chat completion request; unknown fields are passed to the provider.", "properties": {"model": {"type": "string"}, "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}}, "stream": {"type": "boolean"}, "temperature": {"type": "number"}, "tools": {"type": "array", "items": {"type": "object"}}}},
+})
+LLM_ERRORS = {"402": err("Monthly budget of the organisation used up"), "403": err("Needs an organisation key"),
+              "429": err("Rate limit of the organisation exceeded (Retry-After header)"), "502": err("Every provider failed and the local fallback is off")}
 plain = lambda d: {"200": {"description": d, "content": {"application/json": {"schema": {"type": "object"}}}}}
 paths = {
   "/healthz": {"get": {"summary": "Liveness", "responses": plain("Process is alive")}},
@@ -79,6 +101,8 @@ paths = {
     "post": op("Register an AI model version", ok("Registered", ref("AiModel"), "201"), [ORG], body(ref("RegisterModel")), extra=["404", "409"])},
   "/v1/organisations/{org_id}/models/{model_id}": {
     "get": op("Get an AI model", ok("Model", ref("AiModel")), [ORG, P("model_id", "Model id")], extra=["404"])},
+  "/v1/query": {"post": op("Ask a language model (kip API): routing, fallbacks, cache, budget", {**ok("Answer", ref("QueryResponse")), **LLM_ERRORS}, req=body(ref("QueryRequest")))},
+  "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions (JSON, or SSE with stream=true); headers x-kip-cache, x-kip-fallback, x-kip-strategy", {"200": {"description": "chat.completion object, or text/event-stream of chat.completion.chunk events ending with data: [DONE]", "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}, **LLM_ERRORS}, req=body(ref("ChatCompletionRequest")))},
   "/v1/organisations/{org_id}/enroll-tokens": {
     "post": op("Create a one-time device enrollment token; the token is in this response only", ok("Created", ref("EnrollToken"), "201"), [ORG], body(ref("CreateEnrollToken")), extra=["404"])},
   "/v1/organisations/{org_id}/devices/{device_id}/revoke": {

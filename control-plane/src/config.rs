@@ -43,6 +43,7 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub pki: RawPki,
+    pub llm: crate::llm::config::RawLlm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +340,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub pki: PkiConfig,
+    /// The LLM gateway (`[llm]`).
+    pub llm: crate::llm::config::LlmConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -393,6 +396,7 @@ impl RawConfig {
         if let Some(v) = env("KIP_AGENT_LISTEN_ADDR") {
             self.pki.agent_listen_addr = v;
         }
+        self.llm.apply_env(&env);
         Ok(())
     }
 
@@ -477,7 +481,9 @@ impl RawConfig {
             }
         };
         let pki = self.pki.validate()?;
+        let llm = self.llm.validate()?;
         Ok(Config {
+            llm,
             listen_addr,
             request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
             request_timeout,
@@ -535,6 +541,8 @@ mod tests {
         assert_eq!(cfg.pki.device_cert_lifetime, Duration::from_secs(86_400));
         assert_eq!(cfg.pki.agent_listen_addr.port(), 8443);
         assert!(cfg.pki.ca_dir.is_some());
+        assert!(cfg.llm.providers.contains_key("deepseek"));
+        assert_eq!(cfg.llm.aliases["smart"].len(), 2);
     }
 
     #[test]

@@ -36,6 +36,15 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
+    /// A per-organisation rate limit was hit; `Retry-After` tells when to come back.
+    #[error("{message}")]
+    TooManyRequests { message: String, retry_after_s: u64 },
+    /// A spending budget is used up.
+    #[error("{0}")]
+    PaymentRequired(String),
+    /// Every upstream (LLM provider) failed.
+    #[error("{0}")]
+    BadGateway(String),
 }
 
 #[derive(Serialize)]
@@ -73,6 +82,9 @@ impl ApiError {
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -88,6 +100,9 @@ impl ApiError {
             Self::Timeout(_) => "timeout",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
+            Self::TooManyRequests { .. } => "rate_limited",
+            Self::PaymentRequired(_) => "budget_exceeded",
+            Self::BadGateway(_) => "bad_gateway",
         }
     }
 }
@@ -104,7 +119,12 @@ impl IntoResponse for ApiError {
                 message: self.to_string(),
             },
         };
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if let Self::TooManyRequests { retry_after_s, .. } = &self {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        resp
     }
 }
 

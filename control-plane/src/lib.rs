@@ -11,6 +11,7 @@ pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod llm;
 pub mod metrics;
 pub mod pki;
 pub mod pki_api;
@@ -36,6 +37,9 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
     tracing::info!(addr = %listener.local_addr()?, "control plane listening");
     let mut state = server::AppState::new(pool.clone(), &cfg);
     let tracker = TaskTracker::new();
+    // Ends after the router (and with it every log sender) is dropped at shutdown, so
+    // `serve` draining the tracker also flushes queued inference logs.
+    state.llm.start_log_writer(&tracker);
     let signals = tracker.spawn(server::shutdown_signal(token.clone()));
     match pki::Pki::from_config(&cfg.pki, &pool).await? {
         Some(p) => {

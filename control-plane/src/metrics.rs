@@ -30,6 +30,8 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_duration: Family<HttpLabels, Histogram>,
+    /// The LLM gateway's metrics (`kip_llm_*`).
+    pub llm: crate::llm::metrics::LlmMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -54,10 +56,12 @@ impl Metrics {
             "HTTP request latency, by route and status",
             http_duration.clone(),
         );
+        let llm = crate::llm::metrics::LlmMetrics::register(&mut registry);
         Self {
             registry,
             http_requests,
             http_duration,
+            llm,
         }
     }
 

@@ -31,16 +31,25 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// The fleet PKI; `None` when `pki.ca_dir` is not configured.
     pub pki: Option<Arc<crate::pki::Pki>>,
+    /// The LLM gateway (`/v1/query`, `/v1/chat/completions`).
+    pub llm: Arc<crate::llm::Gateway>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, cfg: &Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let llm = Arc::new(crate::llm::Gateway::new(
+            cfg.llm.clone(),
+            pool.clone(),
+            metrics.llm.clone(),
+        ));
         Self {
             pool,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             body_limit_bytes: cfg.request_body_limit_bytes,
             request_timeout: cfg.request_timeout,
             pki: None,
+            llm,
         }
     }
 }
@@ -90,7 +99,9 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/organisations/{org_id}/devices/{device_id}/revoke",
             post(pki_api::revoke_device),
-        );
+        )
+        .route("/query", post(crate::llm::api::query))
+        .route("/chat/completions", post(crate::llm::api::chat_completions));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -1,6 +1,8 @@
 //! Helpers for the control plane's router tests: an app on a fresh database, keys, requests.
 #![allow(dead_code)]
 
+pub mod fake_llm;
+
 use axum::{
     Router,
     body::Body,
@@ -16,6 +18,8 @@ pub struct App {
     pub router: Router,
     pub pool: PgPool,
     pub admin_key: String,
+    pub state: server::AppState,
+    pub tracker: tokio_util::task::TaskTracker,
     _dir: tempfile::TempDir,
 }
 
@@ -48,11 +52,16 @@ pub async fn app_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> App {
         .to_owned();
     let mut cfg = Config::load(None, |_| None).unwrap();
     tweak(&mut cfg);
-    let router = server::router(server::AppState::new(pool.clone(), &cfg));
+    let state = server::AppState::new(pool.clone(), &cfg);
+    let tracker = tokio_util::task::TaskTracker::new();
+    state.llm.start_log_writer(&tracker);
+    let router = server::router(state.clone());
     App {
         router,
         pool,
         admin_key,
+        state,
+        tracker,
         _dir: dir,
     }
 }

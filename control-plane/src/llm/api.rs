@@ -1,0 +1,408 @@
+//! HTTP handlers of the LLM gateway: kip's `POST /v1/query` and the OpenAI-compatible
+//! `POST /v1/chat/completions`.
+//!
+//! Invariants:
+//! - The organisation is the one of the API key (Bearer token); a platform key has none and
+//!   gets 403.
+//! - `/v1/query` is strict (unknown fields are a 400 naming them); `/v1/chat/completions` is
+//!   lenient, because the OpenAI SDKs send fields kip does not know: they are passed on to
+//!   the provider untouched.
+//! - Streams are never buffered: each provider event is written to the client as it arrives.
+
+use axum::{
+    body::{Body, Bytes},
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::{Answer, Call, Strategy, Target, cache};
+use crate::{
+    api::ApiJson,
+    auth::{Principal, Scope},
+    error::{ApiError, ApiResult},
+    server::AppState,
+};
+
+fn org_of(p: &Principal) -> ApiResult<Uuid> {
+    match p.scope {
+        Scope::Org(o) => Ok(o),
+        Scope::Platform => Err(ApiError::Forbidden(
+            "the LLM API needs an organisation API key; a platform key belongs to no organisation",
+        )),
+    }
+}
+
+/// Rough token estimate (4 characters per token) for cost-based ordering.
+fn estimate_tokens(messages: &Value) -> u64 {
+    (messages.to_string().len() as u64 / 4).max(1)
+}
+
+fn headers(resp: &mut Response, request_id: Uuid, t: &Target, cache_hit: bool) {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+        h.insert("x-kip-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&t.label()) {
+        h.insert("x-kip-target", v);
+    }
+    h.insert(
+        "x-kip-cache",
+        HeaderValue::from_static(if cache_hit { "hit" } else { "miss" }),
+    );
+}
+
+/// Whether an answer may come from the cache: deterministic requests (temperature 0) unless
+/// the client said otherwise, or any request whose client asked for caching explicitly.
+fn cacheable(temperature: Option<f64>, opt_in: Option<bool>) -> bool {
+    match opt_in {
+        Some(v) => v,
+        None => temperature == Some(0.0),
+    }
+}
+
+// ---------- /v1/chat/completions ----------
+
+/// `POST /v1/chat/completions`: OpenAI's chat API, routed through the gateway.
+///
+/// kip extensions, all optional: header `x-kip-cache: true|false` forces caching on or off;
+/// header `x-kip-fallback: provider/model,...` appends fallbacks; header
+/// `x-kip-strategy: cost|latency` reorders the chain.
+pub async fn chat_completions(
+    State(st): State<AppState>,
+    p: Principal,
+    hdrs: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let org_id = org_of(&p)?;
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit_bytes: st.body_limit_bytes,
+            }
+        } else {
+            ApiError::BadRequest(r.body_text())
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let Value::Object(mut obj) = v else {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
+    };
+    let messages = obj.get("messages").cloned().unwrap_or(Value::Null);
+    if messages.as_array().is_none_or(Vec::is_empty) {
+        return Err(ApiError::validation(
+            "messages",
+            "must be a non-empty array",
+        ));
+    }
+    let model = match obj.remove("model") {
+        Some(Value::String(m)) => Some(m),
+        None | Some(Value::Null) => None,
+        Some(_) => return Err(ApiError::validation("model", "must be a string")),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::validation("stream", "must be a boolean")),
+    };
+    let include_usage = obj
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let temperature = obj.get("temperature").and_then(Value::as_f64);
+    let hdr = |n: &str| hdrs.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    let opt_in = match hdr("x-kip-cache") {
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        _ => None,
+    };
+    let fallback: Vec<String> = hdr("x-kip-fallback")
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    let strategy = match hdr("x-kip-strategy") {
+        None => None,
+        Some("cost") => Some(Strategy::Cost),
+        Some("latency") => Some(Strategy::Latency),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "x-kip-strategy",
+                "must be \"cost\" or \"latency\"",
+            ));
+        }
+    };
+    let max_out = obj
+        .get("max_completion_tokens")
+        .or_else(|| obj.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(512);
+    let gw = st.llm.clone();
+    let targets = gw.resolve(
+        model.as_deref(),
+        None,
+        &fallback,
+        strategy,
+        (estimate_tokens(&messages), max_out),
+    )?;
+    let request_id = Uuid::new_v4();
+    gw.admit(org_id, request_id).await?;
+    if stream {
+        let call = Call {
+            org_id,
+            request_id,
+            targets,
+            body: obj,
+            cache_key: None,
+        };
+        let (target, sse) = gw.stream(call, include_usage).await?;
+        let mut resp = Response::new(Body::from_stream(sse.into_stream()));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        headers(&mut resp, request_id, &target, false);
+        return Ok(resp);
+    }
+    let cache_key = (gw.cache.enabled() && cacheable(temperature, opt_in)).then(|| {
+        let mut keyed = obj.clone();
+        keyed.insert(
+            "kip_targets".into(),
+            Value::Array(targets.iter().map(|t| Value::String(t.label())).collect()),
+        );
+        cache::key(org_id, &Value::Object(keyed))
+    });
+    let call = Call {
+        org_id,
+        request_id,
+        targets,
+        body: obj,
+        cache_key,
+    };
+    let a = gw.complete(&call).await?;
+    let mut resp = axum::Json(a.completion.body).into_response();
+    headers(&mut resp, request_id, &a.target, a.cache_hit);
+    Ok(resp)
+}
+
+// ---------- /v1/query ----------
+
+/// Message roles of `/v1/query`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+/// One message of `/v1/query`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMessage {
+    pub role: Role,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+}
+
+/// Routing and generation options of `/v1/query`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryOptions {
+    /// Restrict the first choice to this provider.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// Targets (`provider/model` or aliases) tried after the configured chain.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    /// Force the response cache on or off (default: on for temperature 0).
+    #[serde(default)]
+    pub cache: Option<bool>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    /// OpenAI-format tool definitions, passed through.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+}
+
+/// Body of `POST /v1/query`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    /// A task configured under `[llm.tasks]` (e.g. `machine_status`); excludes `model`.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// `provider/model`, an alias, or a model name listed by one provider.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub messages: Vec<QueryMessage>,
+    #[serde(default)]
+    pub options: QueryOptions,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+/// Answer of `POST /v1/query`.
+#[derive(Debug, Serialize)]
+pub struct QueryResponse {
+    pub request_id: Uuid,
+    pub provider: String,
+    pub model: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
+    pub finish_reason: Option<String>,
+    pub usage: QueryUsage,
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    pub cache_hit: bool,
+    /// True when the answer did not come from the first target of the chain.
+    pub fallback_used: bool,
+    pub attempts: Vec<super::Attempt>,
+}
+
+/// `POST /v1/query`: kip's own LLM API.
+pub async fn query(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiJson(req): ApiJson<QueryRequest>,
+) -> Result<Response, ApiError> {
+    let org_id = org_of(&p)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::validation("messages", "must not be empty"));
+    }
+    if let Some(t) = req.options.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(ApiError::validation(
+            "options.temperature",
+            "must be between 0 and 2",
+        ));
+    }
+    let gw = st.llm.clone();
+    let model =
+        match (&req.task, &req.model) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::validation(
+                    "task",
+                    "give either task or model, not both",
+                ));
+            }
+            (Some(task), None) => {
+                Some(gw.config().tasks.get(task).cloned().ok_or_else(|| {
+                    ApiError::validation("task", format!("unknown task {task:?}"))
+                })?)
+            }
+            (None, m) => m.clone(),
+        };
+    let messages = serde_json::to_value(&req.messages).map_err(ApiError::internal)?;
+    let est = (
+        estimate_tokens(&messages),
+        u64::from(req.options.max_tokens.unwrap_or(512)),
+    );
+    let targets = gw.resolve(
+        model.as_deref(),
+        req.options.provider.as_deref(),
+        &req.options.fallback,
+        req.options.strategy,
+        est,
+    )?;
+    let request_id = Uuid::new_v4();
+    gw.admit(org_id, request_id).await?;
+    let mut body = Map::new();
+    body.insert("messages".into(), messages);
+    if let Some(m) = req.options.max_tokens {
+        body.insert("max_completion_tokens".into(), json!(m));
+    }
+    if let Some(t) = req.options.temperature {
+        body.insert("temperature".into(), json!(t));
+    }
+    if let Some(tools) = &req.options.tools {
+        body.insert("tools".into(), Value::Array(tools.clone()));
+    }
+    let cache_key = (gw.cache.enabled() && cacheable(req.options.temperature, req.options.cache))
+        .then(|| {
+            let mut keyed = body.clone();
+            keyed.insert(
+                "kip_targets".into(),
+                Value::Array(targets.iter().map(|t| Value::String(t.label())).collect()),
+            );
+            cache::key(org_id, &Value::Object(keyed))
+        });
+    let first = targets.first().cloned();
+    let call = Call {
+        org_id,
+        request_id,
+        targets,
+        body,
+        cache_key,
+    };
+    let a: Answer = gw.complete(&call).await?;
+    let msg = a
+        .completion
+        .body
+        .pointer("/choices/0/message")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let text = |k: &str| msg.get(k).and_then(Value::as_str).map(str::to_owned);
+    let out = QueryResponse {
+        request_id,
+        fallback_used: !a.cache_hit && first.as_ref() != Some(&a.target),
+        provider: a.target.provider.clone(),
+        model: a.target.model.clone(),
+        content: text("content"),
+        reasoning_content: text("reasoning_content"),
+        tool_calls: msg.get("tool_calls").filter(|v| !v.is_null()).cloned(),
+        finish_reason: a
+            .completion
+            .body
+            .pointer("/choices/0/finish_reason")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        usage: QueryUsage {
+            input_tokens: a.completion.usage.input,
+            output_tokens: a.completion.usage.output,
+            cached_tokens: a.completion.usage.cached,
+        },
+        cost_usd: a.cost_usd,
+        latency_ms: a.latency_ms,
+        cache_hit: a.cache_hit,
+        attempts: a.attempts,
+    };
+    let mut resp = axum::Json(out).into_response();
+    headers(&mut resp, request_id, &a.target, a.cache_hit);
+    Ok(resp)
+}

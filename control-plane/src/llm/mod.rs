@@ -1,0 +1,1010 @@
+//! The unified LLM gateway: one API in front of several providers, per organisation.
+//!
+//! A request is resolved to an ordered chain of targets (`provider/model`): the explicit model
+//! or alias, then configured fallbacks, then the request's own fallbacks, optionally reordered
+//! by estimated cost or by measured latency (EWMA); the built-in local fallback answers last
+//! when enabled. Each target is retried with exponential backoff (honouring `retry-after`) on
+//! 429, 5xx, timeouts and dropped connections, and skipped while its provider's circuit breaker
+//! is open.
+//!
+//! Invariants:
+//! - Per-organisation state (rate limit bucket, spend, cache entries) is keyed by the org id
+//!   taken from the caller's API key, never from the request body.
+//! - Every provider attempt, cache hit, refusal and fallback answer is queued as one
+//!   `inference_logs` row; the request never waits for the database.
+//! - Provider API keys stay inside [`config::Secret`] and the HTTP clients.
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod logs;
+pub mod metrics;
+pub mod provider;
+pub mod routing;
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::body::Bytes;
+use futures_util::StreamExt as _;
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use self::{
+    cache::{CachedAnswer, ResponseCache},
+    config::LlmConfig,
+    logs::{LogRecord, LogSink},
+    metrics::{LlmMetrics, ProviderLabel, ProviderStatus, TokenLabels},
+    provider::{AnyProvider, CallCtx, Chunk, ChunkStream, Completion, ProviderError, Usage},
+    routing::{Breaker, Ewma, RateLimiter, Spending},
+};
+use crate::error::ApiError;
+
+/// Provider name of the built-in local fallback in logs and responses.
+pub const LOCAL_PROVIDER: &str = "kip-local";
+
+/// One place a request can go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub provider: String,
+    pub model: String,
+}
+
+impl Target {
+    fn new(provider: &str, model: &str) -> Self {
+        Self {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+        }
+    }
+    /// `provider/model`.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.provider, self.model)
+    }
+}
+
+/// How to order the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Cheapest estimated cost first (price tables; unpriced targets count as free).
+    Cost,
+    /// Lowest moving-average latency first (unmeasured targets first, to measure them).
+    Latency,
+}
+
+/// One attempt, as reported to `/v1/query` clients.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attempt {
+    pub provider: String,
+    pub model: String,
+    pub status: String,
+}
+
+/// A resolved call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub org_id: Uuid,
+    pub request_id: Uuid,
+    pub targets: Vec<Target>,
+    /// The OpenAI chat body; `model` is set per target.
+    pub body: Map<String, Value>,
+    /// Set when the request may be answered from (and stored in) the cache.
+    pub cache_key: Option<cache::Key>,
+}
+
+/// A complete answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub target: Target,
+    pub completion: Completion,
+    pub attempts: Vec<Attempt>,
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    pub cache_hit: bool,
+    /// Answered by the built-in fallback.
+    pub local: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    provider: AnyProvider,
+    breaker: Breaker,
+}
+
+/// The gateway; one per process, shared by the handlers.
+#[derive(Debug)]
+pub struct Gateway {
+    cfg: LlmConfig,
+    slots: BTreeMap<String, Slot>,
+    cache: ResponseCache,
+    rate: RateLimiter,
+    spend: Spending,
+    ewma: Ewma,
+    logs: LogSink,
+    log_rx: Mutex<Option<mpsc::Receiver<LogRecord>>>,
+    metrics: LlmMetrics,
+    pool: PgPool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn sleep_capped(d: Duration) -> tokio::time::Sleep {
+    tokio::time::sleep(d)
+}
+
+impl Gateway {
+    /// Builds providers and state; the log writer starts with [`Gateway::start_log_writer`].
+    pub fn new(cfg: LlmConfig, pool: PgPool, metrics: LlmMetrics) -> Self {
+        // reqwest is built without a default TLS crypto provider; ring is the workspace's one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut slots = BTreeMap::new();
+        for (name, p) in &cfg.providers {
+            match AnyProvider::build(p) {
+                Ok(provider) => {
+                    slots.insert(
+                        name.clone(),
+                        Slot {
+                            provider,
+                            breaker: Breaker::new(
+                                cfg.breaker_failure_threshold,
+                                cfg.breaker_cooldown,
+                            ),
+                        },
+                    );
+                    metrics
+                        .breaker_state
+                        .get_or_create(&ProviderLabel {
+                            provider: name.clone(),
+                        })
+                        .set(0);
+                }
+                Err(e) => {
+                    tracing::error!(provider = %name, error = %e, "cannot build LLM provider client")
+                }
+            }
+        }
+        let (logs, rx) = LogSink::new(cfg.log_queue_capacity, metrics.clone());
+        Self {
+            cache: ResponseCache::new(cfg.cache_ttl, cfg.cache_max_entries),
+            rate: RateLimiter::default(),
+            spend: Spending::default(),
+            ewma: Ewma::default(),
+            logs,
+            log_rx: Mutex::new(Some(rx)),
+            metrics,
+            pool,
+            slots,
+            cfg,
+        }
+    }
+
+    /// Starts the `inference_logs` writer on `tracker` (once; later calls return false).
+    pub fn start_log_writer(&self, tracker: &TaskTracker) -> bool {
+        let rx = self.log_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(rx) = rx else {
+            return false;
+        };
+        tracker.spawn(logs::run_writer(
+            rx,
+            self.pool.clone(),
+            self.cfg.log_batch_max_rows,
+            self.cfg.log_flush_interval,
+            self.metrics.clone(),
+        ));
+        true
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &LlmConfig {
+        &self.cfg
+    }
+
+    fn expand(&self, field: &str, name: &str, out: &mut Vec<Target>) -> Result<(), ApiError> {
+        if let Some((p, m)) = name.split_once('/') {
+            if !self.cfg.providers.contains_key(p) && p != LOCAL_PROVIDER {
+                return Err(ApiError::validation(
+                    field,
+                    format!("unknown provider {p:?} in {name:?}"),
+                ));
+            }
+            if m.is_empty() {
+                return Err(ApiError::validation(
+                    field,
+                    format!("{name:?} has no model"),
+                ));
+            }
+            out.push(Target::new(p, m));
+            return Ok(());
+        }
+        if let Some(ts) = self.cfg.aliases.get(name) {
+            for t in ts {
+                self.expand(field, t, out)?;
+            }
+            return Ok(());
+        }
+        if let Some(p) = self
+            .cfg
+            .providers
+            .values()
+            .find(|p| p.models.iter().any(|m| m == name))
+        {
+            out.push(Target::new(&p.name, name));
+            return Ok(());
+        }
+        Err(ApiError::validation(
+            field,
+            format!(
+                "unknown model {name:?}: use provider/model, a configured alias, or a model \
+                 listed by a provider"
+            ),
+        ))
+    }
+
+    /// Resolves the chain of targets of a request. `est` is (input, output) tokens for the
+    /// cost estimate.
+    pub fn resolve(
+        &self,
+        model: Option<&str>,
+        provider: Option<&str>,
+        fallback: &[String],
+        strategy: Option<Strategy>,
+        est: (u64, u64),
+    ) -> Result<Vec<Target>, ApiError> {
+        let mut chain = Vec::new();
+        match (model, provider) {
+            (Some(m), Some(p)) if !m.contains('/') && !self.cfg.aliases.contains_key(m) => {
+                if !self.cfg.providers.contains_key(p) {
+                    return Err(ApiError::validation(
+                        "options.provider",
+                        format!("unknown provider {p:?}"),
+                    ));
+                }
+                chain.push(Target::new(p, m));
+            }
+            (Some(m), p) => {
+                self.expand("model", m, &mut chain)?;
+                if let Some(p) = p {
+                    chain.retain(|t| t.provider == p);
+                    if chain.is_empty() {
+                        return Err(ApiError::validation(
+                            "options.provider",
+                            format!("model {m:?} is not served by provider {p:?}"),
+                        ));
+                    }
+                }
+            }
+            (None, Some(p)) => {
+                let cfg = self.cfg.providers.get(p).ok_or_else(|| {
+                    ApiError::validation("options.provider", format!("unknown provider {p:?}"))
+                })?;
+                let m = cfg.default_model.as_deref().ok_or_else(|| {
+                    ApiError::validation(
+                        "model",
+                        format!("provider {p:?} has no default_model; name a model"),
+                    )
+                })?;
+                chain.push(Target::new(p, m));
+            }
+            (None, None) => {
+                let d = self.cfg.default_model.as_deref().ok_or_else(|| {
+                    ApiError::validation("model", "required (no llm.default_model configured)")
+                })?;
+                self.expand("model", d, &mut chain)?;
+            }
+        }
+        let mut i = 0;
+        while i < chain.len() {
+            if let Some(fb) = self.cfg.fallbacks.get(&chain[i].label()) {
+                for f in fb {
+                    self.expand("llm.fallbacks", f, &mut chain)?;
+                }
+            }
+            i += 1;
+            if i > 64 {
+                break;
+            }
+        }
+        if let Some(fb) = model.and_then(|m| self.cfg.fallbacks.get(m)) {
+            for f in fb {
+                self.expand("llm.fallbacks", f, &mut chain)?;
+            }
+        }
+        for f in fallback {
+            self.expand("options.fallback", f, &mut chain)?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        chain.retain(|t| seen.insert(t.label()));
+        match strategy {
+            Some(Strategy::Cost) => {
+                let cost = |t: &Target| self.price(t).map_or(0.0, |p| p.cost(est.0, est.1, 0));
+                chain.sort_by(|a, b| cost(a).total_cmp(&cost(b)));
+            }
+            Some(Strategy::Latency) => {
+                let lat = |t: &Target| self.ewma.get(&t.label()).unwrap_or(0.0);
+                chain.sort_by(|a, b| lat(a).total_cmp(&lat(b)));
+            }
+            None => {}
+        }
+        Ok(chain)
+    }
+
+    fn price(&self, t: &Target) -> Option<config::Price> {
+        self.cfg
+            .providers
+            .get(&t.provider)
+            .and_then(|p| p.prices.get(&t.model))
+            .copied()
+    }
+
+    fn cost(&self, t: &Target, u: Usage) -> f64 {
+        self.price(t)
+            .map_or(0.0, |p| p.cost(u.input, u.output, u.cached))
+    }
+
+    fn log(&self, org_id: Uuid, request_id: Uuid, t: &Target, status: &str, l: LogFields) {
+        self.logs.record(LogRecord {
+            org_id,
+            request_id,
+            provider: t.provider.clone(),
+            model: t.model.clone(),
+            tokens_in: l.usage.input,
+            tokens_out: l.usage.output,
+            tokens_cached: l.usage.cached,
+            cost_usd: l.cost_usd,
+            latency_ms: l.latency_ms,
+            ttft_ms: l.ttft_ms,
+            status: status.to_owned(),
+            cache_hit: l.cache_hit,
+        });
+    }
+
+    fn observe(&self, t: &Target, status: &str, latency: Duration, usage: Usage, cost: f64) {
+        let provider = t.provider.clone();
+        self.metrics
+            .requests
+            .get_or_create(&ProviderStatus {
+                provider: provider.clone(),
+                status: status.to_owned(),
+            })
+            .inc();
+        let label = ProviderLabel {
+            provider: provider.clone(),
+        };
+        self.metrics
+            .latency
+            .get_or_create(&label)
+            .observe(latency.as_secs_f64());
+        for (kind, n) in [
+            ("input", usage.input),
+            ("output", usage.output),
+            ("cached", usage.cached),
+        ] {
+            if n > 0 {
+                self.metrics
+                    .tokens
+                    .get_or_create(&TokenLabels {
+                        provider: provider.clone(),
+                        kind: kind.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
+        if cost > 0.0 {
+            self.metrics.cost_usd.get_or_create(&label).inc_by(cost);
+        }
+    }
+
+    fn set_breaker_gauge(&self, provider: &str) {
+        if let Some(s) = self.slots.get(provider) {
+            self.metrics
+                .breaker_state
+                .get_or_create(&ProviderLabel {
+                    provider: provider.to_owned(),
+                })
+                .set(s.breaker.view() as i64);
+        }
+    }
+
+    fn refuse(&self, org_id: Uuid, request_id: Uuid, status: &str) {
+        self.metrics
+            .refused
+            .get_or_create(&ProviderStatus {
+                provider: "-".into(),
+                status: status.into(),
+            })
+            .inc();
+        self.log(
+            org_id,
+            request_id,
+            &Target::new("-", "-"),
+            status,
+            LogFields::default(),
+        );
+    }
+
+    /// Rate limit and monthly budget of the organisation: 429 / 402 when exceeded.
+    pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<(), ApiError> {
+        let limits = self.cfg.limits(org_id);
+        if let Err(wait) = self.rate.take(
+            org_id,
+            limits.rate_limit_per_minute,
+            limits.rate_limit_burst,
+        ) {
+            self.refuse(org_id, request_id, "rate_limited");
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "rate limit of {} requests per minute (burst {}) exceeded for this \
+                     organisation",
+                    limits.rate_limit_per_minute, limits.rate_limit_burst
+                ),
+                retry_after_s: wait.as_secs().max(1),
+            });
+        }
+        if let Some(budget) = limits.monthly_budget_usd {
+            match self
+                .spend
+                .month_to_date(&self.pool, org_id, self.cfg.budget_refresh)
+                .await
+            {
+                Ok(spent) if spent >= budget => {
+                    self.refuse(org_id, request_id, "budget_exceeded");
+                    return Err(ApiError::PaymentRequired(format!(
+                        "monthly LLM budget of {budget:.2} USD is used up for this organisation \
+                         (spent {spent:.4} USD this month)"
+                    )));
+                }
+                Ok(_) => {}
+                // Availability over strictness: a database hiccup must not stop every LLM
+                // call; the spend is checked again on the next request.
+                Err(e) => tracing::warn!(error = %e, "cannot read month-to-date LLM spend"),
+            }
+        }
+        Ok(())
+    }
+
+    fn cache_lookup(&self, call: &Call) -> Option<Answer> {
+        let key = call.cache_key.as_ref()?;
+        let Some(hit) = self.cache.get(call.org_id, key) else {
+            self.metrics.cache_misses.inc();
+            return None;
+        };
+        self.metrics.cache_hits.inc();
+        let target = Target::new(&hit.provider, &hit.model);
+        self.log(
+            call.org_id,
+            call.request_id,
+            &target,
+            "ok",
+            LogFields {
+                usage: hit.usage,
+                cache_hit: true,
+                ..LogFields::default()
+            },
+        );
+        Some(Answer {
+            target,
+            completion: Completion {
+                body: hit.body.clone(),
+                usage: hit.usage,
+            },
+            attempts: Vec::new(),
+            cost_usd: 0.0,
+            latency_ms: 0.0,
+            cache_hit: true,
+            local: false,
+        })
+    }
+
+    fn note(attempts: &[Attempt]) -> String {
+        if attempts.is_empty() {
+            return "no provider configured for this request".into();
+        }
+        let parts: Vec<String> = attempts
+            .iter()
+            .map(|a| format!("{}/{}: {}", a.provider, a.model, a.status))
+            .collect();
+        format!("tried {}", parts.join(", "))
+    }
+
+    /// Backoff before retry `n` (0-based): `retry_after` when given, else base * 2^n with
+    /// jitter; `None` when the wait would exceed `retry_max` (move on to the next target).
+    fn backoff(&self, n: u32, e: &ProviderError) -> Option<Duration> {
+        let d = match e {
+            ProviderError::RateLimited {
+                retry_after: Some(d),
+            } => *d,
+            _ => {
+                let base = self.cfg.retry_base.saturating_mul(1u32 << n.min(16));
+                let jitter = rand::random_range(0.8..1.2);
+                base.mul_f64(jitter).min(self.cfg.retry_max)
+            }
+        };
+        (d <= self.cfg.retry_max).then_some(d)
+    }
+
+    fn record_failure(&self, call: &Call, t: &Target, e: &ProviderError, started: Instant) {
+        let latency = started.elapsed();
+        if let Some(s) = self.slots.get(&t.provider) {
+            // A request refused for its content says nothing about the provider's health.
+            if !matches!(e, ProviderError::Rejected { .. }) {
+                s.breaker.failure();
+            } else {
+                s.breaker.success();
+            }
+        }
+        self.set_breaker_gauge(&t.provider);
+        self.observe(t, e.kind(), latency, Usage::default(), 0.0);
+        self.log(
+            call.org_id,
+            call.request_id,
+            t,
+            e.kind(),
+            LogFields {
+                latency_ms: ms(latency),
+                ..LogFields::default()
+            },
+        );
+        tracing::info!(
+            request_id = %call.request_id,
+            target = %t.label(),
+            error = %e,
+            "LLM provider attempt failed"
+        );
+    }
+
+    fn record_success(&self, call: &Call, t: &Target, usage: Usage, l: LogFields) -> f64 {
+        let cost = self.cost(t, usage);
+        if let Some(s) = self.slots.get(&t.provider) {
+            s.breaker.success();
+        }
+        self.set_breaker_gauge(&t.provider);
+        self.ewma
+            .observe(&t.label(), l.ttft_ms.unwrap_or(l.latency_ms));
+        self.observe(
+            t,
+            "ok",
+            Duration::from_secs_f64(l.latency_ms / 1000.0),
+            usage,
+            cost,
+        );
+        self.spend.add(call.org_id, cost);
+        self.log(
+            call.org_id,
+            call.request_id,
+            t,
+            "ok",
+            LogFields {
+                usage,
+                cost_usd: cost,
+                ..l
+            },
+        );
+        cost
+    }
+
+    /// Client errors that another provider would reject as well: passed to the client.
+    fn client_fault(e: &ProviderError) -> Option<ApiError> {
+        match e {
+            ProviderError::Rejected { status, message } if matches!(status, 400 | 413 | 422) => {
+                Some(ApiError::BadRequest(format!(
+                    "the provider rejected the request ({status}): {message}"
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    fn local_answer(&self, call: &Call, attempts: Vec<Attempt>, started: Instant) -> Answer {
+        let target = Target::new(LOCAL_PROVIDER, provider::LOCAL_MODEL);
+        let completion = provider::local_fallback(&Self::note(&attempts));
+        let latency = started.elapsed();
+        self.observe(&target, "fallback", latency, Usage::default(), 0.0);
+        self.log(
+            call.org_id,
+            call.request_id,
+            &target,
+            "fallback",
+            LogFields {
+                latency_ms: ms(latency),
+                ..LogFields::default()
+            },
+        );
+        Answer {
+            target,
+            completion,
+            attempts,
+            cost_usd: 0.0,
+            latency_ms: ms(latency),
+            cache_hit: false,
+            local: true,
+        }
+    }
+
+    fn all_failed(&self, attempts: &[Attempt]) -> ApiError {
+        ApiError::BadGateway(format!(
+            "no provider could answer ({})",
+            Self::note(attempts)
+        ))
+    }
+
+    /// Runs a non-streaming call through cache, chain, retries and fallback.
+    pub async fn complete(&self, call: &Call) -> Result<Answer, ApiError> {
+        if let Some(a) = self.cache_lookup(call) {
+            return Ok(a);
+        }
+        let started = Instant::now();
+        let ctx = CallCtx {
+            org_id: call.org_id,
+            pool: &self.pool,
+        };
+        let mut attempts = Vec::new();
+        for t in &call.targets {
+            if t.provider == LOCAL_PROVIDER {
+                return Ok(self.local_answer(call, attempts, started));
+            }
+            let Some(slot) = self.slots.get(&t.provider) else {
+                attempts.push(attempt(t, "unavailable"));
+                continue;
+            };
+            let mut n = 0;
+            loop {
+                if !slot.breaker.allow() {
+                    self.observe(t, "breaker_open", Duration::ZERO, Usage::default(), 0.0);
+                    attempts.push(attempt(t, "breaker_open"));
+                    break;
+                }
+                let t0 = Instant::now();
+                match slot.provider.complete(ctx, &t.model, &call.body).await {
+                    Ok(c) => {
+                        let latency_ms = ms(t0.elapsed());
+                        let cost = self.record_success(
+                            call,
+                            t,
+                            c.usage,
+                            LogFields {
+                                latency_ms,
+                                ..LogFields::default()
+                            },
+                        );
+                        attempts.push(attempt(t, "ok"));
+                        if let Some(key) = call.cache_key {
+                            self.cache.put(
+                                call.org_id,
+                                key,
+                                CachedAnswer {
+                                    provider: t.provider.clone(),
+                                    model: t.model.clone(),
+                                    body: c.body.clone(),
+                                    usage: c.usage,
+                                },
+                            );
+                        }
+                        return Ok(Answer {
+                            target: t.clone(),
+                            completion: c,
+                            attempts,
+                            cost_usd: cost,
+                            latency_ms: ms(started.elapsed()),
+                            cache_hit: false,
+                            local: false,
+                        });
+                    }
+                    Err(e) => {
+                        self.record_failure(call, t, &e, t0);
+                        attempts.push(attempt(t, e.kind()));
+                        if let Some(err) = Self::client_fault(&e) {
+                            return Err(err);
+                        }
+                        if !e.retryable() || n >= self.cfg.max_retries {
+                            break;
+                        }
+                        let Some(wait) = self.backoff(n, &e) else {
+                            break;
+                        };
+                        sleep_capped(wait).await;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        if self.cfg.local_fallback {
+            Ok(self.local_answer(call, attempts, started))
+        } else {
+            Err(self.all_failed(&attempts))
+        }
+    }
+
+    /// Runs a streaming call: tries the chain until a target produced its first chunk, then
+    /// commits to it. Returns the SSE body (`data: ...` events as produced, then
+    /// `data: [DONE]`) and the chosen target.
+    pub async fn stream(
+        self: &Arc<Self>,
+        call: Call,
+        include_usage: bool,
+    ) -> Result<(Target, SseBody), ApiError> {
+        let started = Instant::now();
+        let ctx = CallCtx {
+            org_id: call.org_id,
+            pool: &self.pool,
+        };
+        let mut attempts = Vec::new();
+        let mut committed: Option<(Target, Chunk, ChunkStream, f64)> = None;
+        'targets: for t in &call.targets {
+            if t.provider == LOCAL_PROVIDER {
+                break;
+            }
+            let Some(slot) = self.slots.get(&t.provider) else {
+                attempts.push(attempt(t, "unavailable"));
+                continue;
+            };
+            let mut n = 0;
+            loop {
+                if !slot.breaker.allow() {
+                    self.observe(t, "breaker_open", Duration::ZERO, Usage::default(), 0.0);
+                    attempts.push(attempt(t, "breaker_open"));
+                    break;
+                }
+                let t0 = Instant::now();
+                let first = async {
+                    let mut s = slot.provider.stream(ctx, &t.model, &call.body).await?;
+                    match tokio::time::timeout(slot.provider.first_byte_timeout(), s.next()).await {
+                        Err(_) => Err(ProviderError::Timeout),
+                        Ok(None) => Err(ProviderError::Connection(
+                            "stream ended before the first event".into(),
+                        )),
+                        Ok(Some(Err(e))) => Err(e),
+                        Ok(Some(Ok(c))) => Ok((c, s)),
+                    }
+                }
+                .await;
+                match first {
+                    Ok((c, s)) => {
+                        if let Some(slot) = self.slots.get(&t.provider) {
+                            slot.breaker.success();
+                        }
+                        self.set_breaker_gauge(&t.provider);
+                        let ttft = t0.elapsed();
+                        self.metrics
+                            .ttft
+                            .get_or_create(&ProviderLabel {
+                                provider: t.provider.clone(),
+                            })
+                            .observe(ttft.as_secs_f64());
+                        committed = Some((t.clone(), c, s, ms(ttft)));
+                        break 'targets;
+                    }
+                    Err(e) => {
+                        self.record_failure(&call, t, &e, t0);
+                        attempts.push(attempt(t, e.kind()));
+                        if let Some(err) = Self::client_fault(&e) {
+                            return Err(err);
+                        }
+                        if !e.retryable() || n >= self.cfg.max_retries {
+                            break;
+                        }
+                        let Some(wait) = self.backoff(n, &e) else {
+                            break;
+                        };
+                        sleep_capped(wait).await;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        let (target, first, rest, ttft_ms, local) = match committed {
+            Some((t, c, s, ttft)) => (t, c, s, ttft, false),
+            None if self.cfg.local_fallback => {
+                let mut s = provider::local_fallback_stream(&Self::note(&attempts));
+                let Some(Ok(first)) = s.next().await else {
+                    return Err(self.all_failed(&attempts));
+                };
+                (
+                    Target::new(LOCAL_PROVIDER, provider::LOCAL_MODEL),
+                    first,
+                    s,
+                    ms(started.elapsed()),
+                    true,
+                )
+            }
+            None => return Err(self.all_failed(&attempts)),
+        };
+        let fin = StreamFinish {
+            gw: self.clone(),
+            call_org: call.org_id,
+            request_id: call.request_id,
+            target: target.clone(),
+            started: Instant::now(),
+            ttft_ms,
+            usage: None,
+            status: None,
+            local,
+        };
+        Ok((
+            target,
+            SseBody {
+                first: Some(first),
+                rest,
+                fin,
+                include_usage,
+            },
+        ))
+    }
+}
+
+fn attempt(t: &Target, status: &str) -> Attempt {
+    Attempt {
+        provider: t.provider.clone(),
+        model: t.model.clone(),
+        status: status.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LogFields {
+    usage: Usage,
+    cost_usd: f64,
+    latency_ms: f64,
+    ttft_ms: Option<f64>,
+    cache_hit: bool,
+}
+
+/// Records the outcome of a stream when it ends, whether completed, failed or abandoned by
+/// the client (dropped body).
+struct StreamFinish {
+    gw: Arc<Gateway>,
+    call_org: Uuid,
+    request_id: Uuid,
+    target: Target,
+    started: Instant,
+    ttft_ms: f64,
+    usage: Option<Usage>,
+    /// `None` until the stream ended; still `None` at drop means the client went away.
+    status: Option<&'static str>,
+    local: bool,
+}
+
+impl Drop for StreamFinish {
+    fn drop(&mut self) {
+        let status = self.status.unwrap_or("client_closed");
+        let usage = self.usage.unwrap_or_default();
+        let latency = self.started.elapsed();
+        let latency_ms = self.ttft_ms + ms(latency);
+        let call = Call {
+            org_id: self.call_org,
+            request_id: self.request_id,
+            targets: Vec::new(),
+            body: Map::new(),
+            cache_key: None,
+        };
+        let fields = LogFields {
+            usage,
+            latency_ms,
+            ttft_ms: Some(self.ttft_ms),
+            ..LogFields::default()
+        };
+        if self.local {
+            self.gw
+                .observe(&self.target, "fallback", latency, usage, 0.0);
+            self.gw.log(
+                self.call_org,
+                self.request_id,
+                &self.target,
+                "fallback",
+                fields,
+            );
+            return;
+        }
+        if status == "ok" || status == "client_closed" {
+            if status == "ok" {
+                self.gw.record_success(&call, &self.target, usage, fields);
+            } else {
+                let cost = self.gw.cost(&self.target, usage);
+                self.gw.spend.add(self.call_org, cost);
+                self.gw.observe(&self.target, status, latency, usage, cost);
+                self.gw.log(
+                    self.call_org,
+                    self.request_id,
+                    &self.target,
+                    status,
+                    LogFields {
+                        cost_usd: cost,
+                        ..fields
+                    },
+                );
+            }
+        } else {
+            if let Some(s) = self.gw.slots.get(&self.target.provider) {
+                s.breaker.failure();
+            }
+            self.gw.set_breaker_gauge(&self.target.provider);
+            self.gw.observe(&self.target, status, latency, usage, 0.0);
+            self.gw
+                .log(self.call_org, self.request_id, &self.target, status, fields);
+        }
+    }
+}
+
+/// The body of a streaming answer.
+pub struct SseBody {
+    first: Option<Chunk>,
+    rest: ChunkStream,
+    fin: StreamFinish,
+    include_usage: bool,
+}
+
+impl std::fmt::Debug for SseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseBody")
+            .field("target", &self.fin.target)
+            .finish_non_exhaustive()
+    }
+}
+
+fn frame(data: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(data.len() + 8);
+    v.extend_from_slice(b"data: ");
+    v.extend_from_slice(data);
+    v.extend_from_slice(b"\n\n");
+    Bytes::from(v)
+}
+
+/// A chunk that carries only usage (`choices: []`), sent because kip asked for usage.
+fn usage_only(c: &Chunk) -> bool {
+    c.value.get("usage").is_some_and(|u| !u.is_null())
+        && c.value
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+}
+
+impl SseBody {
+    /// The SSE byte stream: each provider event is forwarded as soon as it was parsed.
+    pub fn into_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+        futures_util::stream::unfold(Some(self), |st| async move {
+            let mut st = st?;
+            loop {
+                let next = match st.first.take() {
+                    Some(c) => Some(Ok(c)),
+                    None => st.rest.next().await,
+                };
+                match next {
+                    Some(Ok(c)) => {
+                        if let Some(u) = c.usage() {
+                            st.fin.usage = Some(u);
+                        }
+                        if !st.include_usage && usage_only(&c) {
+                            continue;
+                        }
+                        let b = frame(&c.data);
+                        return Some((Ok(b), Some(st)));
+                    }
+                    Some(Err(e)) => {
+                        st.fin.status = Some(e.kind());
+                        let body = json!({ "error": {
+                            "code": e.kind(),
+                            "message": format!("the provider stream failed: {e}"),
+                            "type": "provider_error"
+                        }});
+                        return Some((Ok(frame(body.to_string().as_bytes())), None));
+                    }
+                    None => {
+                        st.fin.status = Some("ok");
+                        return Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), None));
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,1118 @@
+//! LLM gateway behaviour against fake providers on loopback and a real PostgreSQL.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should abort the test"
+)]
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    http::{Method, Request, StatusCode},
+};
+use common::{
+    App, app_with,
+    fake_llm::{self, FakeLlm, Reply},
+};
+use http_body_util::BodyExt as _;
+use kip_control_plane::llm::config::LlmConfig;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tower::ServiceExt as _;
+
+/// `top` holds top-level `[llm]` keys; each provider is (name, kind, base_url, extra lines).
+fn llm_toml(top: &str, providers: &[(&str, &str, String, &str)]) -> String {
+    let mut s = format!("{top}\n");
+    for (name, kind, url, extra) in providers {
+        s.push_str(&format!(
+            "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"\n{extra}\n"
+        ));
+    }
+    s
+}
+
+async fn gateway(pool: PgPool, toml: &str) -> App {
+    let llm = LlmConfig::from_toml(toml, |v| (v == "FAKE_KEY").then(|| "sk-test-secret".into()))
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    app_with(pool, |c| c.llm = llm).await
+}
+
+fn user(text: &str) -> Value {
+    json!([{ "role": "user", "content": text }])
+}
+
+async fn chat(app: &App, key: &str, body: Value) -> common::Resp {
+    app.post("/v1/chat/completions", key, body).await
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct LogRow {
+    provider: String,
+    model: String,
+    status: String,
+    cache_hit: bool,
+    tokens_in: i32,
+    tokens_out: i32,
+    tokens_cached: i32,
+    cost_usd: f64,
+    ttft_ms: Option<f64>,
+}
+
+/// Waits (bounded) until the organisation has at least `n` log rows, then returns them all.
+async fn log_rows(pool: &PgPool, org: &str, n: usize) -> Vec<LogRow> {
+    let org: uuid::Uuid = org.parse().unwrap();
+    for _ in 0..500 {
+        let rows: Vec<LogRow> = sqlx::query_as(
+            "SELECT provider, model, status, cache_hit, tokens_in, tokens_out, tokens_cached, \
+             cost_usd, ttft_ms FROM inference_logs WHERE org_id = $1 ORDER BY id",
+        )
+        .bind(org)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        if rows.len() >= n {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fewer than {n} inference_logs rows after 10 s");
+}
+
+async fn sse_request(app: &App, key: &str, body: Value) -> axum::response::Response {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    app.router.clone().oneshot(req).await.unwrap()
+}
+
+/// Splits an SSE body into its `data:` payloads.
+fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn chat_completion_is_passed_through_and_logged_with_its_cost(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("gpt-5", "hello"))).await;
+    let toml = llm_toml(
+        "",
+        &[(
+            "openai",
+            "openai_compatible",
+            fake.base_url(),
+            "api_key_env = \"FAKE_KEY\"\nmodels = [\"gpt-5\"]\n[providers.openai.prices]\n\"gpt-5\" = { input_per_1m_usd = 1000000.0, output_per_1m_usd = 2000000.0 }",
+        )],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "gpt-5", "messages": user("hi"), "some_future_sdk_field": {"x": 1}}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body, fake_llm::completion("gpt-5", "hello"));
+    // Unknown fields reach the provider untouched; the key goes only to the provider.
+    let sent = &fake.requests()[0];
+    assert_eq!(sent["some_future_sdk_field"], json!({"x": 1}));
+    assert_eq!(sent["model"], "gpt-5");
+    assert_eq!(
+        fake.auth_headers()[0].as_deref(),
+        Some("Bearer sk-test-secret")
+    );
+    assert!(!format!("{:?}", app.state).contains("sk-test-secret"));
+
+    let rows = log_rows(&pool, &org, 1).await;
+    let row = &rows[0];
+    assert_eq!(
+        (
+            row.provider.as_str(),
+            row.model.as_str(),
+            row.status.as_str()
+        ),
+        ("openai", "gpt-5", "ok")
+    );
+    assert_eq!((row.tokens_in, row.tokens_out), (12, 5));
+    assert!(
+        (row.cost_usd - (12.0 + 10.0)).abs() < 1e-9,
+        "{}",
+        row.cost_usd
+    );
+    assert!(!row.cache_hit);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn platform_key_is_refused_and_query_is_strict_while_chat_is_lenient(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    let toml = llm_toml(
+        "default_model = \"p/m\"",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let admin = app.admin_key.clone();
+    let r = chat(&app, &admin, json!({"messages": user("hi")})).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text);
+    let r = app
+        .post("/v1/query", &admin, json!({"messages": user("hi")}))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"messages": user("hi"), "temprature": 0}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.message().contains("temprature"), "{}", r.text);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"messages": user("hi"), "options": {"strategy": "fastest"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+
+    let r = app
+        .post("/v1/query", &key, json!({"messages": user("hi")}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["content"], "ok");
+    assert_eq!(r.body["provider"], "p");
+    assert_eq!(r.body["usage"]["input_tokens"], 12);
+
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "nope/x", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(r.message().contains("nope"), "{}", r.text);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn deepseek_reasoning_and_cache_hit_tokens_reach_the_client(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::deepseek_completion(
+        "42",
+        "Let me think.",
+    )))
+    .await;
+    let toml = llm_toml(
+        "",
+        &[(
+            "deepseek",
+            "deepseek",
+            fake.base_url(),
+            "models = [\"deepseek-reasoner\"]\n[providers.deepseek.prices]\n\"deepseek-reasoner\" = { input_per_1m_usd = 1000000.0, output_per_1m_usd = 0.0, cached_input_per_1m_usd = 0.0 }",
+        )],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "deepseek/deepseek-reasoner", "messages": user("?")}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["choices"][0]["message"]["reasoning_content"],
+        "Let me think."
+    );
+    assert_eq!(r.body["usage"]["prompt_cache_hit_tokens"], 64);
+    assert_eq!(
+        r.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        64
+    );
+
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "deepseek-reasoner", "messages": user("?")}),
+        )
+        .await;
+    assert_eq!(r.body["reasoning_content"], "Let me think.");
+    assert_eq!(r.body["usage"]["cached_tokens"], 64);
+    // 36 uncached prompt tokens at 1 USD each; cached ones free.
+    assert!((r.body["cost_usd"].as_f64().unwrap() - 36.0).abs() < 1e-9);
+
+    // Streaming: reasoning deltas and the usage chunk pass through.
+    fake.set_default(Reply::Stream {
+        events: fake_llm::deepseek_chunks(),
+        gate: None,
+    });
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "deepseek/deepseek-reasoner", "messages": user("?"), "stream": true,
+               "stream_options": {"include_usage": true}}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let events: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let reasoning: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, "Thinking.");
+    let usage = events.last().unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 64);
+
+    let rows = log_rows(&pool, &org, 3).await;
+    assert!(rows.iter().all(|r| r.tokens_cached == 64), "{rows:?}");
+    assert!(rows[2].ttft_ms.is_some());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn fallback_chain_survives_timeouts_malformed_json_and_dropped_connections(pool: PgPool) {
+    let slow = FakeLlm::start(Reply::Slow(
+        Duration::from_secs(5),
+        Box::new(Reply::Json(fake_llm::completion("m", "late"))),
+    ))
+    .await;
+    let malformed = FakeLlm::start(Reply::Malformed).await;
+    let dropped = FakeLlm::start(Reply::Dropped).await;
+    let good = FakeLlm::start(Reply::Json(fake_llm::completion("m", "from good"))).await;
+    let toml = llm_toml(
+        "max_retries = 0\n[aliases]\nchain = [\"slow/m\", \"malformed/m\", \"dropped/m\", \"good/m\"]",
+        &[
+            (
+                "slow",
+                "openai_compatible",
+                slow.base_url(),
+                "request_timeout_ms = 200",
+            ),
+            ("malformed", "openai_compatible", malformed.base_url(), ""),
+            ("dropped", "openai_compatible", dropped.base_url(), ""),
+            ("good", "openai_compatible", good.base_url(), ""),
+        ],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "chain", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["content"], "from good");
+    assert_eq!(r.body["fallback_used"], true);
+    let statuses: Vec<&str> = r.body["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["timeout", "malformed", "connection", "ok"]);
+    let rows = log_rows(&pool, &org, 4).await;
+    let logged: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(logged, ["timeout", "malformed", "connection", "ok"]);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn retries_back_off_and_honour_retry_after(pool: PgPool) {
+    let a = FakeLlm::start(Reply::Json(fake_llm::completion("m", "third time"))).await;
+    a.script([
+        Reply::Status {
+            status: 429,
+            retry_after: Some("1"),
+            retry_after_ms: Some("30"),
+        },
+        Reply::Status {
+            status: 503,
+            retry_after: None,
+            retry_after_ms: None,
+        },
+    ]);
+    let b = FakeLlm::start(Reply::Json(fake_llm::completion("m", "from b"))).await;
+    let toml = llm_toml(
+        "max_retries = 2\nretry_base_ms = 10\nretry_max_ms = 1000\n[fallbacks]\n\"a/m\" = [\"b/m\"]",
+        &[
+            ("a", "openai_compatible", a.base_url(), ""),
+            ("b", "openai_compatible", b.base_url(), ""),
+        ],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "a/m", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["content"], "third time");
+    assert_eq!(a.hits(), 3);
+    let statuses: Vec<&str> = r.body["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["rate_limited", "server_error", "ok"]);
+
+    // A retry-after longer than retry_max_ms is not waited for: the chain moves on at once.
+    a.script([Reply::Status {
+        status: 429,
+        retry_after: Some("120"),
+        retry_after_ms: None,
+    }]);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "a/m", "messages": user("hi again")}),
+        )
+        .await;
+    assert_eq!(r.body["content"], "from b", "{}", r.text);
+    assert_eq!(a.hits(), 4);
+    assert_eq!(b.hits(), 1);
+
+    // A request the provider refuses for its content (400) is not retried elsewhere.
+    a.script([Reply::Status {
+        status: 400,
+        retry_after: None,
+        retry_after_ms: None,
+    }]);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "a/m", "messages": user("bad")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.message().contains("fake error 400"), "{}", r.text);
+    assert_eq!(b.hits(), 1);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn circuit_breaker_opens_after_consecutive_failures_and_probes_after_cooldown(pool: PgPool) {
+    let bad = FakeLlm::start(Reply::Status {
+        status: 500,
+        retry_after: None,
+        retry_after_ms: None,
+    })
+    .await;
+    let toml = llm_toml(
+        "max_retries = 0\nbreaker_failure_threshold = 2\nbreaker_cooldown_ms = 300",
+        &[("bad", "openai_compatible", bad.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let ask = |text: &'static str| {
+        let app = &app;
+        let key = key.clone();
+        async move {
+            app.post(
+                "/v1/query",
+                &key,
+                json!({"model": "bad/m", "messages": user(text)}),
+            )
+            .await
+        }
+    };
+    for q in ["one", "two"] {
+        let r = ask(q).await;
+        assert_eq!(r.body["provider"], "kip-local", "{}", r.text);
+    }
+    assert_eq!(bad.hits(), 2);
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(
+        metrics.contains("kip_llm_breaker_state{provider=\"bad\"} 2"),
+        "{metrics}"
+    );
+    let r = ask("three").await;
+    assert_eq!(bad.hits(), 2, "breaker open: the provider is not called");
+    assert_eq!(r.body["attempts"][0]["status"], "breaker_open");
+    let text = r.body["content"].as_str().unwrap();
+    assert!(
+        text.starts_with("[kip local fallback: no provider reachable]"),
+        "{text}"
+    );
+    assert_eq!(r.body["model"], "kip-local-fallback");
+
+    bad.set_default(Reply::Json(fake_llm::completion("m", "recovered")));
+    // Waiting out the configured cooldown (not an assertion on timing).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = ask("four").await;
+    assert_eq!(r.body["content"], "recovered", "{}", r.text);
+    assert_eq!(bad.hits(), 3);
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(metrics.contains("kip_llm_breaker_state{provider=\"bad\"} 0"));
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn without_the_local_fallback_a_dead_chain_is_a_502(pool: PgPool) {
+    // A port nobody listens on: connection refused.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let toml = llm_toml(
+        "local_fallback = false\nmax_retries = 0",
+        &[(
+            "gone",
+            "openai_compatible",
+            format!("http://127.0.0.1:{port}/v1"),
+            "",
+        )],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "gone/m", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    assert_eq!(r.code(), "bad_gateway");
+    assert!(r.message().contains("gone/m: connection"), "{}", r.text);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn monthly_budget_used_up_is_a_402(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    let toml = llm_toml(
+        "monthly_budget_usd = 5.0\nbudget_refresh_ms = 0",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let (_, other_key) = app.org_with_key("other").await;
+    let body = json!({"model": "p/m", "messages": user("hi")});
+    assert_eq!(
+        app.post("/v1/query", &key, body.clone()).await.status,
+        StatusCode::OK
+    );
+    sqlx::query(
+        "INSERT INTO inference_logs (org_id, request_id, provider, model, cost_usd, latency_ms, status) \
+         VALUES ($1, gen_random_uuid(), 'p', 'm', 6.0, 1, 'ok')",
+    )
+    .bind(org.parse::<uuid::Uuid>().unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let r = app.post("/v1/query", &key, body.clone()).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text);
+    assert_eq!(r.code(), "budget_exceeded");
+    assert!(r.message().contains("5.00 USD"), "{}", r.text);
+    // Spend last month does not count; another organisation is unaffected.
+    let r = app.post("/v1/query", &other_key, body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let rows = log_rows(&pool, &org, 3).await;
+    assert!(
+        rows.iter().any(|r| r.status == "budget_exceeded"),
+        "{rows:?}"
+    );
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn rate_limit_per_organisation_is_a_429_with_retry_after(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    let toml = llm_toml(
+        "rate_limit_per_minute = 1\nrate_limit_burst = 2",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let (_, other_key) = app.org_with_key("other").await;
+    let body = json!({"model": "p/m", "messages": user("hi")});
+    for _ in 0..2 {
+        assert_eq!(chat(&app, &key, body.clone()).await.status, StatusCode::OK);
+    }
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&after), "{after}");
+    let b: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(b["error"]["code"], "rate_limited");
+    assert_eq!(fake.hits(), 2);
+    assert_eq!(chat(&app, &other_key, body).await.status, StatusCode::OK);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn cache_answers_repeats_within_an_organisation_only(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "default"))).await;
+    fake.script([
+        Reply::Json(fake_llm::completion("m", "answer for acme")),
+        Reply::Json(fake_llm::completion("m", "answer for other")),
+    ]);
+    let toml = llm_toml("", &[("p", "openai_compatible", fake.base_url(), "")]);
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let (_, other_key) = app.org_with_key("other").await;
+    let body = json!({"model": "p/m", "messages": user("same question"), "temperature": 0});
+    let first = chat(&app, &key, body.clone()).await;
+    let second = chat(&app, &key, body.clone()).await;
+    assert_eq!(fake.hits(), 1);
+    assert_eq!(second.body, first.body);
+    let other = chat(&app, &other_key, body.clone()).await;
+    assert_eq!(
+        fake.hits(),
+        2,
+        "another organisation never gets a cached answer"
+    );
+    assert_eq!(
+        other.body["choices"][0]["message"]["content"],
+        "answer for other"
+    );
+
+    // Field order does not matter; a non-deterministic request is not cached unless asked.
+    let reordered = json!({"temperature": 0, "messages": user("same question"), "model": "p/m"});
+    chat(&app, &key, reordered).await;
+    assert_eq!(fake.hits(), 2);
+    let hot = json!({"model": "p/m", "messages": user("same question"), "temperature": 0.9});
+    chat(&app, &key, hot.clone()).await;
+    chat(&app, &key, hot).await;
+    assert_eq!(fake.hits(), 4);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("q"), "options": {"temperature": 0.9, "cache": true}}),
+        )
+        .await;
+    assert_eq!(r.body["cache_hit"], false);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("q"), "options": {"temperature": 0.9, "cache": true}}),
+        )
+        .await;
+    assert_eq!(r.body["cache_hit"], true, "{}", r.text);
+    assert_eq!(fake.hits(), 5);
+    let rows = log_rows(&pool, &org, 7).await;
+    assert_eq!(rows.iter().filter(|r| r.cache_hit).count(), 3, "{rows:?}");
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(metrics.contains("kip_llm_cache_hits_total 3"), "{metrics}");
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn stream_chunks_reach_the_client_before_the_provider_finished(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fake = FakeLlm::start(Reply::Stream {
+        events: fake_llm::text_chunks("m", &["Hel", "lo", "!"]),
+        gate: Some(gate.clone()),
+    })
+    .await;
+    let toml = llm_toml("", &[("p", "openai_compatible", fake.base_url(), "")]);
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    // The fake holds everything after its first event until the gate opens: receiving that
+    // first event here proves the gateway forwards without buffering.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk did not arrive while the provider was still streaming")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    let first = String::from_utf8(first.to_vec()).unwrap();
+    assert!(first.starts_with("data: {"), "{first}");
+    assert!(first.contains("\"role\":\"assistant\""), "{first}");
+    gate.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    let text = first + std::str::from_utf8(&rest).unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let content: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, "Hello!");
+    // The client did not ask for usage: kip asked for it (for the log) and kept it to itself.
+    assert!(!text.contains("\"usage\""), "{text}");
+    assert_eq!(fake.requests()[0]["stream_options"]["include_usage"], true);
+    let rows = log_rows(&pool, &org, 1).await;
+    assert_eq!(rows[0].status, "ok");
+    assert_eq!(rows[0].tokens_out, 3);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn stream_falls_back_before_the_first_chunk_and_reports_a_cut_after_it(pool: PgPool) {
+    let down = FakeLlm::start(Reply::Status {
+        status: 502,
+        retry_after: None,
+        retry_after_ms: None,
+    })
+    .await;
+    let up = FakeLlm::start(Reply::Stream {
+        events: fake_llm::text_chunks("m", &["fine"]),
+        gate: None,
+    })
+    .await;
+    let toml = llm_toml(
+        "max_retries = 0\n[aliases]\nc = [\"down/m\", \"up/m\"]",
+        &[
+            ("down", "openai_compatible", down.base_url(), ""),
+            ("up", "openai_compatible", up.base_url(), ""),
+        ],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "c", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.headers()["x-kip-target"], "up/m");
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("fine") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+
+    up.set_default(Reply::StreamCut {
+        events: fake_llm::text_chunks("m", &["par", "tial", "never"]),
+        n: 3,
+    });
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "up/m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = sse_data(&text);
+    assert!(
+        data[1].contains("par") && data[2].contains("tial"),
+        "{text}"
+    );
+    let err: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(err["error"]["code"], "connection", "{text}");
+    assert!(!text.contains("[DONE]"));
+    let rows = log_rows(&pool, &org, 3).await;
+    let statuses: Vec<&str> = rows.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(statuses, ["server_error", "ok", "connection"]);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn tool_calls_pass_through_both_ways(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::tool_call_completion("m"))).await;
+    let toml = llm_toml("", &[("p", "openai_compatible", fake.base_url(), "")]);
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let tools = json!([{"type": "function", "function": {"name": "get_temperature",
+        "parameters": {"type": "object", "properties": {"machine": {"type": "string"}}}}}]);
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("temp?"), "tools": tools, "tool_choice": "auto"}),
+    )
+    .await;
+    assert_eq!(fake.requests()[0]["tools"], tools);
+    assert_eq!(fake.requests()[0]["tool_choice"], "auto");
+    assert_eq!(r.body, fake_llm::tool_call_completion("m"));
+
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("temp?"), "options": {"tools": tools}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["tool_calls"][0]["function"]["name"],
+        "get_temperature"
+    );
+    assert_eq!(r.body["finish_reason"], "tool_calls");
+
+    // Streaming: deltas of two parallel calls, interleaved; joined by index they give both
+    // calls with complete JSON arguments.
+    fake.set_default(Reply::Stream {
+        events: fake_llm::tool_call_chunks("m"),
+        gate: None,
+    });
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("temp?"), "tools": tools, "stream": true}),
+    )
+    .await;
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    let mut calls: Vec<(String, String)> = Vec::new();
+    for d in sse_data(&text) {
+        if d == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&d).unwrap();
+        for tc in v["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = tc["index"].as_u64().unwrap() as usize;
+            if calls.len() <= i {
+                calls.resize(i + 1, (String::new(), String::new()));
+            }
+            if let Some(n) = tc["function"]["name"].as_str() {
+                calls[i].0.push_str(n);
+            }
+            calls[i]
+                .1
+                .push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+        }
+    }
+    assert_eq!(calls[0].0, "get_temperature");
+    assert_eq!(
+        serde_json::from_str::<Value>(&calls[0].1).unwrap(),
+        json!({"machine": "press-1"})
+    );
+    assert_eq!(calls[1].0, "get_pressure");
+    assert_eq!(
+        serde_json::from_str::<Value>(&calls[1].1).unwrap(),
+        json!({"machine": "press-2"})
+    );
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn aleph_answers_from_the_callers_own_machines_only(pool: PgPool) {
+    let app = gateway(pool.clone(), "").await;
+    let (org, key) = app.org_with_key("acme").await;
+    let (other_org, other_key) = app.org_with_key("other").await;
+    for (o, k, dev, value) in [
+        (&org, &key, "press-1", 71.5),
+        (&other_org, &other_key, "press-9", 99.0),
+    ] {
+        let r = app
+            .post(
+                &format!("/v1/organisations/{o}/devices"),
+                k,
+                json!({"name": dev}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let dev_id: uuid::Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+        for (seq, v) in [(1_i64, value - 10.0), (2, value)] {
+            sqlx::query(
+                "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value) \
+                 VALUES ($1, $2, 0, $3, 'm1', 'temperature', now() - make_interval(secs => 10 - $3), $4)",
+            )
+            .bind(o.parse::<uuid::Uuid>().unwrap())
+            .bind(dev_id)
+            .bind(seq)
+            .bind(v)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    }
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"task": "machine_status", "messages": user("How hot is press-1?")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["provider"], "aleph");
+    let text = r.body["content"].as_str().unwrap();
+    assert!(
+        text.contains("press-1") && text.contains("temperature = 71.5"),
+        "{text}"
+    );
+    assert!(!text.contains("press-9") && !text.contains("99"), "{text}");
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn cost_strategy_prefers_the_cheaper_target(pool: PgPool) {
+    let pricey = FakeLlm::start(Reply::Json(fake_llm::completion("m", "pricey"))).await;
+    let cheap = FakeLlm::start(Reply::Json(fake_llm::completion("m", "cheap"))).await;
+    let toml = llm_toml(
+        "[aliases]\nboth = [\"pricey/m\", \"cheap/m\"]",
+        &[
+            (
+                "pricey",
+                "openai_compatible",
+                pricey.base_url(),
+                "[providers.pricey.prices]\nm = { input_per_1m_usd = 10.0, output_per_1m_usd = 30.0 }",
+            ),
+            (
+                "cheap",
+                "openai_compatible",
+                cheap.base_url(),
+                "[providers.cheap.prices]\nm = { input_per_1m_usd = 0.1, output_per_1m_usd = 0.3 }",
+            ),
+        ],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "both", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.body["content"], "pricey");
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "both", "messages": user("hi"), "options": {"strategy": "cost"}}),
+        )
+        .await;
+    assert_eq!(r.body["content"], "cheap", "{}", r.text);
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "m", "messages": user("hi"), "options": {"provider": "cheap"}}),
+        )
+        .await;
+    assert_eq!(r.body["content"], "cheap", "{}", r.text);
+}
+
+/// The official OpenAI Python SDK, an independent client, against the gateway over TCP.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn openai_python_sdk_works_against_chat_completions(pool: PgPool) {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    match check {
+        Ok(o) if o.status.success() => {}
+        _ => panic!(
+            "the OpenAI Python SDK is required for this test: run `pip install openai` \
+             (python3 must be on PATH)"
+        ),
+    }
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("gpt-5", "unused"))).await;
+    fake.script([
+        Reply::Json(fake_llm::completion("gpt-5", "hello from kip")),
+        Reply::Stream {
+            events: fake_llm::text_chunks("gpt-5", &["str", "eam", "ed"]),
+            gate: None,
+        },
+        Reply::Json(fake_llm::tool_call_completion("gpt-5")),
+    ]);
+    let toml = llm_toml(
+        "",
+        &[(
+            "fake",
+            "openai_compatible",
+            fake.base_url(),
+            "models = [\"gpt-5\"]",
+        )],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router.clone();
+    app.tracker
+        .spawn(async move { axum::serve(listener, router).await });
+    let script = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0, timeout=20)
+msgs = [{"role": "user", "content": "hi"}]
+out = {}
+r = c.chat.completions.create(model="fake/gpt-5", messages=msgs, temperature=0, user="u1")
+out["content"] = r.choices[0].message.content
+out["prompt_tokens"] = r.usage.prompt_tokens
+s = c.chat.completions.create(model="gpt-5", messages=msgs, stream=True, stream_options={"include_usage": True})
+parts, usage = [], None
+for ch in s:
+    if ch.choices and ch.choices[0].delta.content:
+        parts.append(ch.choices[0].delta.content)
+    if ch.usage:
+        usage = ch.usage.completion_tokens
+out["stream"] = "".join(parts)
+out["stream_usage"] = usage
+tools = [{"type": "function", "function": {"name": "get_temperature", "parameters": {"type": "object", "properties": {"machine": {"type": "string"}}}}}]
+t = c.chat.completions.create(model="fake/gpt-5", messages=msgs, tools=tools)
+tc = t.choices[0].message.tool_calls[0]
+out["tool"] = [tc.function.name, json.loads(tc.function.arguments)]
+try:
+    c.chat.completions.create(model="nope/x", messages=msgs)
+except openai.APIStatusError as e:
+    out["error_status"] = e.status_code
+print(json.dumps(out))
+"#;
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script, &format!("http://{addr}/v1"), &key])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["content"], "hello from kip");
+    assert_eq!(v["prompt_tokens"], 12);
+    assert_eq!(v["stream"], "streamed");
+    assert_eq!(v["stream_usage"], 3);
+    assert_eq!(
+        v["tool"],
+        json!(["get_temperature", {"machine": "press-1"}])
+    );
+    assert_eq!(v["error_status"], 422);
+    assert_eq!(fake.requests()[0]["user"], "u1");
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn log_writer_flushes_everything_queued_when_its_senders_are_dropped(pool: PgPool) {
+    use kip_control_plane::llm::{logs, metrics::LlmMetrics};
+    let app = gateway(pool.clone(), "").await;
+    let (org, _) = app.org_with_key("acme").await;
+    let org: uuid::Uuid = org.parse().unwrap();
+    let mut reg = prometheus_client::registry::Registry::default();
+    let metrics = LlmMetrics::register(&mut reg);
+    let (sink, rx) = logs::LogSink::new(10_000, metrics.clone());
+    let tracker = tokio_util::task::TaskTracker::new();
+    // A long flush interval: only the closing of the queue can make the writer finish early.
+    tracker.spawn(logs::run_writer(
+        rx,
+        pool.clone(),
+        100,
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    for i in 0..1234 {
+        sink.record(logs::LogRecord {
+            org_id: org,
+            request_id: uuid::Uuid::new_v4(),
+            provider: "p".into(),
+            model: format!("m{i}"),
+            tokens_in: i,
+            tokens_out: 1,
+            tokens_cached: 0,
+            cost_usd: 0.001,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            status: "ok".into(),
+            cache_hit: false,
+        });
+    }
+    drop(sink);
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .expect("writer did not stop after its queue closed");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inference_logs WHERE org_id = $1")
+        .bind(org)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1234);
+    assert_eq!(metrics.log_rows_written.get(), 1234);
+    assert_eq!(metrics.log_rows_dropped.get(), 0);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn latency_strategy_learns_to_prefer_the_faster_target(pool: PgPool) {
+    let slow = FakeLlm::start(Reply::Slow(
+        Duration::from_millis(150),
+        Box::new(Reply::Json(fake_llm::completion("m", "slow"))),
+    ))
+    .await;
+    let fast = FakeLlm::start(Reply::Json(fake_llm::completion("m", "fast"))).await;
+    let toml = llm_toml(
+        "[aliases]\nboth = [\"slow/m\", \"fast/m\"]",
+        &[
+            ("slow", "openai_compatible", slow.base_url(), ""),
+            ("fast", "openai_compatible", fast.base_url(), ""),
+        ],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let body = json!({"model": "both", "messages": user("hi"), "options": {"strategy": "latency"}});
+    // Unmeasured targets go first (in chain order), so both get measured.
+    let first = app.post("/v1/query", &key, body.clone()).await;
+    assert_eq!(first.body["content"], "slow", "{}", first.text);
+    for _ in 0..3 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.body["content"], "fast", "{}", r.text);
+    }
+    assert_eq!(slow.hits(), 1);
+}
