@@ -131,9 +131,10 @@ async fn main() -> anyhow::Result<()> {
                 .build()
                 .context("building the HTTP client")?;
             let dir = cfg.state_dir.join("identity");
-            let id = kip_agent::identity::enroll(&http, &server, &token, &cfg.device, org, &dir)
-                .await
-                .with_context(|| format!("enrolling {} at {server}", cfg.device))?;
+            let id =
+                kip_agent::identity::enroll(&http, &server, &token, cfg.device.as_str(), org, &dir)
+                    .await
+                    .with_context(|| format!("enrolling {} at {server}", cfg.device))?;
             out(&format!(
                 "enrolled {} (device {}, organisation {}); identity in {}\n",
                 cfg.device,

@@ -9,7 +9,11 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[derive(Debug, Parser)]
-#[command(name = "kip-sim", version, about = "simulated AIX Aleph machines (C-MAPSS replay over MQTT)")]
+#[command(
+    name = "kip-sim",
+    version,
+    about = "simulated AIX Aleph machines (C-MAPSS replay over MQTT)"
+)]
 struct Args {
     /// MQTT broker, mqtt://host:port (plain TCP; for a local broker).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
