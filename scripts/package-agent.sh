@@ -5,14 +5,17 @@
 # ../lib/kip-agent/ next to its binary), the reference model, an example config, the hardened
 # systemd unit, install.sh and uninstall.sh. Prints the tarball's path on stdout.
 #
-#   scripts/package-agent.sh [--profile release|debug]
+#   scripts/package-agent.sh [--profile release|debug] [--no-build]
+# --no-build packages the binary already in the target directory.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
 
 PROFILE=release
+BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --profile) PROFILE="${2:?}"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
         *) die "package-agent.sh: unknown argument $1" ;;
     esac
 done
@@ -25,10 +28,13 @@ NAME="kip-agent-$VERSION-x86_64-linux"
 TARGET="${CARGO_TARGET_DIR:-$KIP_ROOT/target}"
 DIST="$KIP_ROOT/target/dist"
 
-say "building kip-agent ($PROFILE)"
-if [ "$PROFILE" = release ]; then
+if [ "$BUILD" = 0 ]; then
+    [ -x "$TARGET/$PROFILE/kip-agent" ] || die "--no-build: no $TARGET/$PROFILE/kip-agent"
+elif [ "$PROFILE" = release ]; then
+    say "building kip-agent ($PROFILE)"
     cargo build --release --locked -p kip-agent
 else
+    say "building kip-agent ($PROFILE)"
     cargo build --locked -p kip-agent
 fi
 

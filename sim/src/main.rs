@@ -98,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
                         tracing::info!("connected to the broker");
                         let _ = connected_tx.send(true);
                     }
+                    // Our own disconnect at the end: the broker closing is expected.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "broker connection lost; retrying in 1s");
