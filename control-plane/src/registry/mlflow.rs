@@ -2,7 +2,7 @@
 //!
 //! kip's registry is the source of truth; MLflow is a view for data scientists. Each kip model
 //! name is an MLflow registered model, each kip version an MLflow model version whose `source`
-//! is the kip artifact URL and whose tags carry the kip id and version; `champion` and
+//! is the kip artifact URI (`kip://HOST/PATH`) and whose tags carry the kip id and version; `champion` and
 //! `challenger` are MLflow aliases.
 //!
 //! Invariants:
@@ -167,11 +167,18 @@ impl MlflowSync {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    /// The kip artifact URL given to MLflow as the version's `source`.
+    /// The kip artifact URI given to MLflow as the version's `source`: `kip://HOST/PATH`.
+    /// MLflow refuses `http(s)` sources that point away from its own artifact store (it would
+    /// fetch them server-side), so the scheme names kip; the `kip.artifact_url` tag carries
+    /// the plain HTTP URL.
     pub fn source_uri(&self, model: &AiModel) -> String {
+        let host = self
+            .cfg
+            .kip_public_url
+            .split_once("://")
+            .map_or(self.cfg.kip_public_url.as_str(), |(_, h)| h);
         format!(
-            "{}{}",
-            self.cfg.kip_public_url,
+            "kip://{host}{}",
             super::admin_artifact_path(model.org_id, model.id)
         )
     }
@@ -205,6 +212,11 @@ impl MlflowSync {
             json!({ "key": "kip.org_id", "value": model.org_id.to_string() }),
             json!({ "key": "kip.version", "value": model.version }),
             json!({ "key": "kip.kind", "value": model.kind }),
+            json!({ "key": "kip.artifact_url", "value": format!(
+                "{}{}",
+                self.cfg.kip_public_url,
+                super::admin_artifact_path(model.org_id, model.id)
+            ) }),
         ];
         if let Some(sha) = &model.artifact_sha256 {
             tags.push(json!({ "key": "kip.artifact_sha256", "value": sha }));
