@@ -413,10 +413,16 @@ fn validate_inference(
     if let Some(h) = &raw.model_sha256
         && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        return Err(invalid("inference.model_sha256", "must be 64 hex characters"));
+        return Err(invalid(
+            "inference.model_sha256",
+            "must be 64 hex characters",
+        ));
     }
     if raw.model_sha256.is_some() && raw.model_path.is_none() {
-        return Err(invalid("inference.model_sha256", "needs inference.model_path"));
+        return Err(invalid(
+            "inference.model_sha256",
+            "needs inference.model_path",
+        ));
     }
     let queue = raw.queue_capacity_readings.unwrap_or(10_000);
     if !(1..=1_000_000).contains(&queue) {

@@ -158,13 +158,19 @@ impl Inference {
                     source,
                 })?;
         } else {
-            tracing::warn!("[inference] has no model_path: no predictions until a model is installed");
+            tracing::warn!(
+                "[inference] has no model_path: no predictions until a model is installed"
+            );
         }
         Ok(me)
     }
 
     /// Verifies and hot-swaps a model; on failure the previous model keeps serving.
-    pub fn install(&self, bytes: &[u8], expected_sha256: Option<&str>) -> Result<(), InferenceError> {
+    pub fn install(
+        &self,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+    ) -> Result<(), InferenceError> {
         // Loading takes milliseconds; inference waits for it rather than running a half-swapped slot.
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = slot.try_swap(&self.rt, bytes, expected_sha256) {

@@ -217,7 +217,10 @@ async fn buffer_report(State(s): State<Arc<Surface>>, Query(q): Query<InspectQue
 async fn latest_predictions(State(s): State<Arc<Surface>>) -> Response {
     match &s.inference {
         Some(i) => Json(i.latest()).into_response(),
-        None => (StatusCode::NOT_FOUND, "inference is disabled ([inference] enabled = false)\n")
+        None => (
+            StatusCode::NOT_FOUND,
+            "inference is disabled ([inference] enabled = false)\n",
+        )
             .into_response(),
     }
 }
@@ -315,7 +318,10 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
     let inference = match &cfg.inference {
-        Some(ic) => Some((Inference::start(ic, &mut registry)?, ic.queue_capacity_readings)),
+        Some(ic) => Some((
+            Inference::start(ic, &mut registry)?,
+            ic.queue_capacity_readings,
+        )),
         None => None,
     };
 

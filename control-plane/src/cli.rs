@@ -216,7 +216,14 @@ fn status_table(
         out,
         json,
         &rows,
-        &["DEVICE", "NAME", "DESIRED", "RUNNING", "IN SYNC", "LAST ERROR"],
+        &[
+            "DEVICE",
+            "NAME",
+            "DESIRED",
+            "RUNNING",
+            "IN SYNC",
+            "LAST ERROR",
+        ],
         |rs| {
             rs.iter()
                 .map(|r| {
@@ -612,7 +619,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     let model_id = match model.as_str() {
                         "none" => None,
                         m => Some(m.parse::<Uuid>().map_err(|e| {
-                            CliError::Decode(format!("--model {m:?} is not a model id or none: {e}"))
+                            CliError::Decode(format!(
+                                "--model {m:?} is not a model id or none: {e}"
+                            ))
                         })?),
                     };
                     let s: crate::registry::DeviceModelStatus = client

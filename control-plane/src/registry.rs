@@ -169,11 +169,7 @@ pub async fn upload_artifact(
 }
 
 fn artifact_response(sha: String, bytes: Vec<u8>) -> Response {
-    let mut resp = (
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        bytes,
-    )
-        .into_response();
+    let mut resp = ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
     if let Ok(v) = HeaderValue::from_str(&sha) {
         resp.headers_mut().insert("x-kip-sha256", v);
     }
@@ -183,7 +179,11 @@ fn artifact_response(sha: String, bytes: Vec<u8>) -> Response {
     resp
 }
 
-async fn artifact_bytes(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<(String, Vec<u8>)> {
+async fn artifact_bytes(
+    pool: &PgPool,
+    org_id: Uuid,
+    model_id: Uuid,
+) -> ApiResult<(String, Vec<u8>)> {
     sqlx::query_as("SELECT sha256, bytes FROM model_artifacts WHERE org_id = $1 AND model_id = $2")
         .bind(org_id)
         .bind(model_id)
@@ -242,14 +242,13 @@ pub async fn set_stage(
 ) -> ApiResult<Json<AiModel>> {
     let org_id = p.org_scope(org_id)?;
     let mut tx = st.pool.begin().await?;
-    let (name, previous): (String, String) = sqlx::query_as(
-        "SELECT name, stage FROM ai_models WHERE org_id = $1 AND id = $2",
-    )
-    .bind(org_id)
-    .bind(model_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or(ApiError::NotFound("model"))?;
+    let (name, previous): (String, String) =
+        sqlx::query_as("SELECT name, stage FROM ai_models WHERE org_id = $1 AND id = $2")
+            .bind(org_id)
+            .bind(model_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(ApiError::NotFound("model"))?;
     // Lock every version of this name so two concurrent promotions serialize here.
     sqlx::query("SELECT id FROM ai_models WHERE org_id = $1 AND name = $2 ORDER BY id FOR UPDATE")
         .bind(org_id)
@@ -353,12 +352,14 @@ pub async fn desired_model_for(
     .bind(model_id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(name, version, sha256)| kip_shared::sync::DesiredModel {
-        name,
-        version,
-        sha256,
-        download_path: agent_download_path(model_id),
-    }))
+    Ok(
+        row.map(|(name, version, sha256)| kip_shared::sync::DesiredModel {
+            name,
+            version,
+            sha256,
+            download_path: agent_download_path(model_id),
+        }),
+    )
 }
 
 /// Records what a device reports running (`name@version`) and its last model error; called

@@ -74,7 +74,10 @@ async fn start_mlflow() -> Mlflow {
         {
             return m;
         }
-        assert!(Instant::now() < deadline, "MLflow did not answer /health within 120 s");
+        assert!(
+            Instant::now() < deadline,
+            "MLflow did not answer /health within 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -140,10 +143,16 @@ async fn registrations_and_aliases_are_mirrored_to_a_real_mlflow(pool: PgPool) {
     assert_eq!(champ["version"], "1");
     assert_eq!(
         champ["source"],
-        format!("kip://kip.example:8080/v1/organisations/{org}/models/{}/artifact", ids[0])
+        format!(
+            "kip://kip.example:8080/v1/organisations/{org}/models/{}/artifact",
+            ids[0]
+        )
     );
     let tags = champ["tags"].as_array().unwrap();
-    assert!(tags.iter().any(|t| t["key"] == "kip.version" && t["value"] == "1.0.0"));
+    assert!(
+        tags.iter()
+            .any(|t| t["key"] == "kip.version" && t["value"] == "1.0.0")
+    );
 
     // Promoting 1.1.0 moves the alias; 1.0.0 (demoted in kip) no longer holds it.
     assert_eq!(stage(&ids[1], "champion").await.status, StatusCode::OK);

@@ -346,7 +346,11 @@ async fn as_device(router: &Router, cert_der: &[u8], uri: &str) -> (StatusCode, 
 async fn a_device_downloads_only_the_model_desired_for_it(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    FleetCa::init(&ca_dir, std::time::SystemTime::now() - Duration::from_secs(60)).unwrap();
+    FleetCa::init(
+        &ca_dir,
+        std::time::SystemTime::now() - Duration::from_secs(60),
+    )
+    .unwrap();
     let ca = ca_dir.to_str().unwrap().to_owned();
     let mut app = common::app_with(pool.clone(), |_| {}).await;
     let cfg = kip_control_plane::config::Config::load(None, |k| {

@@ -114,11 +114,7 @@ const ALIASES: [&str; 2] = ["champion", "challenger"];
 
 impl MlflowSync {
     /// Builds the client; `failures` is the registered `kip_mlflow_sync_failures` counter.
-    pub fn new(
-        cfg: MlflowConfig,
-        pool: PgPool,
-        failures: Counter,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(cfg: MlflowConfig, pool: PgPool, failures: Counter) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(cfg.request_timeout)
             .build()?;
