@@ -2,7 +2,7 @@
 //! writer to the inference task, and predictions land in the buffer and at
 //! `/predictions/latest`. No control plane exists anywhere in these tests: inference must work
 //! during a network cut.
-#![expect(
+#![allow(
     clippy::unwrap_used,
     clippy::panic,
     reason = "helpers of tests fail the test loudly"

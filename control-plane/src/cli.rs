@@ -599,7 +599,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await?,
                 ],
                 ModelCmd::Upload { model_id, file } => {
-                    let bytes = std::fs::read(&file).map_err(|e| {
+                    let bytes = std::fs::read(file.as_path()).map_err(|e| {
                         CliError::Decode(format!("cannot read {}: {e}", file.display()))
                     })?;
                     let a: crate::registry::ArtifactInfo = client

@@ -1,6 +1,11 @@
 //! The MLflow mirror of the model registry, against a real MLflow server started here
 //! (`pip install mlflow`), and its failure path against an unreachable one.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test helpers"
+)]
 
 mod common;
 
