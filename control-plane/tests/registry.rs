@@ -436,3 +436,60 @@ fn registry_routes_are_in_the_openapi_documents() {
             .is_some()
     );
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn kip_train_register_records_the_version_with_metrics_and_uploads_the_artifact(
+    pool: PgPool,
+) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let app = common::app(pool.clone()).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let until = stop.clone().cancelled_owned();
+    tracker.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(until)
+            .await
+    });
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ml/models");
+    let onnx_path = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .unwrap();
+    let onnx = std::fs::read(&onnx_path).unwrap();
+    let card: kip_ml::pipeline::ModelCard =
+        serde_json::from_slice(&std::fs::read(onnx_path.with_extension("json")).unwrap()).unwrap();
+    let target = kip_ml::register::Target {
+        server: format!("http://{addr}"),
+        api_key: key.clone(),
+        org: None,
+    };
+    let r = kip_ml::register::register(&target, &card, &onnx)
+        .await
+        .unwrap();
+    assert_eq!(r.org_id, org);
+    assert_eq!(r.version, card.version);
+    // Running it again is safe: same version, same bytes.
+    let again = kip_ml::register::register(&target, &card, &onnx)
+        .await
+        .unwrap();
+    assert_eq!(again.id, r.id);
+    let m = app
+        .get(&format!("/v1/organisations/{org}/models/{}", r.id), &key)
+        .await;
+    assert_eq!(m.body["artifact_sha256"], sha(&onnx));
+    assert!(m.body["metrics"]["rmse"].as_f64().is_some(), "{}", m.text);
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT bytes FROM model_artifacts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, onnx);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
