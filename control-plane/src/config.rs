@@ -43,6 +43,7 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub pki: RawPki,
+    #[serde(default)]
     pub llm: crate::llm::config::RawLlm,
     /// `[mlflow]`: mirror the model registry into MLflow.
     #[serde(default)]
