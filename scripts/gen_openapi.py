@@ -40,6 +40,10 @@ schemas = {
   "RegisterDevice": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {"name": name, "labels": {"type": "object", "maxProperties": 64, "additionalProperties": {"type": "string"}}}},
   "AiModel": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "name": name, "version": {"type": "string"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": ["string", "null"]}, "uri": {"type": ["string", "null"]}, "metrics": {"type": "object"}, "created_at": ts}},
   "RegisterModel": {"type": "object", "additionalProperties": False, "required": ["name", "version", "kind"], "properties": {"name": name, "version": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,64}$"}, "kind": {"enum": ["rul", "anomaly", "llm", "other"]}, "stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}, "artifact_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "uri": {"type": "string", "maxLength": 2048}, "metrics": {"type": "object"}}},
+  "ArtifactInfo": {"type": "object", "properties": {"model_id": uuid, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}, "size_bytes": {"type": "integer"}, "uploaded_at": ts}},
+  "SetStage": {"type": "object", "additionalProperties": False, "required": ["stage"], "properties": {"stage": {"enum": ["none", "staging", "challenger", "champion", "archived"]}}},
+  "SetDesiredModel": {"type": "object", "additionalProperties": False, "required": ["model_id"], "properties": {"model_id": {"type": ["string", "null"], "format": "uuid", "description": "null stops the rollout to this device"}}},
+  "DeviceModelStatus": {"type": "object", "properties": {"device_id": uuid, "device_name": name, "desired_model_id": {"type": ["string", "null"], "format": "uuid"}, "desired_model": {"type": ["string", "null"], "description": "name@version"}, "running_model": {"type": ["string", "null"], "description": "name@version reported by the agent"}, "last_error": {"type": ["string", "null"]}, "updated_at": {"type": ["string", "null"], "format": "date-time"}, "in_sync": {"type": "boolean"}}},
   "CreateEnrollToken": {"type": "object", "additionalProperties": False, "properties": {"ttl_s": {"type": "integer", "minimum": 60, "maximum": 2592000, "default": 3600}, "device_name": {**name, "description": "Bind the token to this device name (required to re-enroll an existing device)"}}},
   "EnrollToken": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "token": {"type": "string", "description": "One-time token; shown only in this response"}, "device_name": {"type": ["string", "null"]}, "expires_at": ts}},
   "Revocation": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "revoked_serials": arr({"type": "string", "pattern": "^[0-9a-f]+$"})}},
@@ -101,6 +105,15 @@ paths = {
     "post": op("Register an AI model version", ok("Registered", ref("AiModel"), "201"), [ORG], body(ref("RegisterModel")), extra=["404", "409"])},
   "/v1/organisations/{org_id}/models/{model_id}": {
     "get": op("Get an AI model", ok("Model", ref("AiModel")), [ORG, P("model_id", "Model id")], extra=["404"])},
+  "/v1/organisations/{org_id}/models/{model_id}/artifact": {
+    "get": op("Download a model's artifact (sha256 in x-kip-sha256)", {"200": {"description": "Artifact bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}, [ORG, P("model_id", "Model id")], extra=["404"]),
+    "put": op("Upload a model's artifact (raw bytes, at most 64 MiB); must match artifact_sha256 when registered, else its sha256 is recorded; artifacts are immutable", {**ok("Same artifact already stored", ref("ArtifactInfo")), **ok("Stored", ref("ArtifactInfo"), "201")}, [ORG, P("model_id", "Model id")], {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, extra=["404"])},
+  "/v1/organisations/{org_id}/models/{model_id}/stage": {
+    "post": op("Set a model's stage; champion and challenger are unique per model name (the previous holder is demoted to none)", ok("Updated", ref("AiModel")), [ORG, P("model_id", "Model id")], body(ref("SetStage")), extra=["404"])},
+  "/v1/organisations/{org_id}/devices/{device_id}/desired-model": {
+    "put": op("Roll a model version (with an uploaded artifact) out to a device, or stop with null", ok("Device model status", ref("DeviceModelStatus")), [ORG, P("device_id", "Device id")], body(ref("SetDesiredModel")), extra=["404"])},
+  "/v1/organisations/{org_id}/model-status": {
+    "get": op("Desired and running model of every device", ok("Statuses", arr(ref("DeviceModelStatus"))), [ORG], extra=["404"])},
   "/v1/query": {"post": op("Ask a language model (kip API): routing, fallbacks, cache, budget", {**ok("Answer", ref("QueryResponse")), **LLM_ERRORS}, req=body(ref("QueryRequest")))},
   "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions (JSON, or SSE with stream=true); headers x-kip-cache, x-kip-fallback, x-kip-strategy", {"200": {"description": "chat.completion object, or text/event-stream of chat.completion.chunk events ending with data: [DONE]", "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}}, **LLM_ERRORS}, req=body(ref("ChatCompletionRequest")))},
   "/v1/organisations/{org_id}/enroll-tokens": {
@@ -124,6 +137,9 @@ agent_paths = {
     "requestBody": body(ref("RenewRequest")), "responses": {**ok("Renewed", ref("CertificateResponse")), **TLS_ERR, "400": COMMON["400"], "422": COMMON["422"]}}},
   "/v1/agent/whoami": {"get": {"summary": "The identity named by the client certificate", "security": [{"mtls": []}],
     "responses": {**ok("Identity", ref("AgentWhoami")), **TLS_ERR}}},
+  "/v1/agent/models/{model_id}/artifact": {"get": {"summary": "Download the artifact of the model desired for this device (and only that one; 404 otherwise)", "security": [{"mtls": []}],
+    "parameters": [P("model_id", "Model id from SyncAck.desired.model.download_path")],
+    "responses": {"200": {"description": "Artifact bytes (sha256 in x-kip-sha256)", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, **TLS_ERR}}},
 }
 doc = {"openapi": "3.1.0",
        "info": {"title": "kip control plane", "version": "0.1.0", "description": "Admin API of the kip industrial AI platform. Errors always have the body {\"error\": {\"code\", \"message\"}}."},

@@ -89,6 +89,8 @@ ensure_python_peers() {
     python3 -c 'import onnxruntime' 2>/dev/null || missing+=("${want[0]}" "${want[1]}")
     python3 -c 'import openai' 2>/dev/null || missing+=("${want[2]}")
     python3 -c 'import asyncua' 2>/dev/null || missing+=("${want[3]}")
+    # MLflow (~850 MB) for the model-registry mirror test against a real MLflow server.
+    python3 -c 'import mlflow' 2>/dev/null || missing+=("mlflow>=3,<4")
     if [ "${#missing[@]}" -gt 0 ]; then
         say "installing Python test peers: ${missing[*]}"
         python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing[@]}" || die "pip install ${missing[*]} failed"

@@ -58,6 +58,29 @@ pub struct RawConfig {
     /// OPC UA endpoints; validated by [`crate::opcua::OpcUaEndpointConfig::validate`].
     #[serde(default)]
     pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
+    /// `[inference]`: predictive maintenance on readings as they arrive.
+    #[serde(default)]
+    pub inference: RawInference,
+}
+
+/// `[inference]` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInference {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Path of libonnxruntime; unset: ORT_DYLIB_PATH, then the packaged locations.
+    #[serde(default)]
+    pub ort_library: Option<PathBuf>,
+    /// Model loaded at start-up (the package ships ml/models' reference model).
+    #[serde(default)]
+    pub model_path: Option<PathBuf>,
+    /// Expected sha256 of `model_path` (64 hex characters).
+    #[serde(default)]
+    pub model_sha256: Option<String>,
+    /// Capacity of the queue between the buffer writer and inference (default 10000).
+    #[serde(default)]
+    pub queue_capacity_readings: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +243,8 @@ pub struct Config {
     pub log_filter: String,
     pub mqtt: Vec<MqttBrokerConfig>,
     pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
+    /// `None` when `[inference] enabled` is false.
+    pub inference: Option<crate::edge_inference::InferenceConfig>,
 }
 
 /// Validated `[buffer]`.
@@ -378,7 +403,9 @@ impl RawConfig {
                 ));
             }
         }
+        let inference = validate_inference(self.inference)?;
         Ok(Config {
+            inference,
             device,
             state_dir: self.agent.state_dir,
             buffer: BufferConfig {
@@ -393,6 +420,41 @@ impl RawConfig {
             opcua: self.opcua,
         })
     }
+}
+
+fn validate_inference(
+    raw: RawInference,
+) -> Result<Option<crate::edge_inference::InferenceConfig>, ConfigError> {
+    if !raw.enabled {
+        return Ok(None);
+    }
+    if let Some(h) = &raw.model_sha256
+        && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(invalid(
+            "inference.model_sha256",
+            "must be 64 hex characters",
+        ));
+    }
+    if raw.model_sha256.is_some() && raw.model_path.is_none() {
+        return Err(invalid(
+            "inference.model_sha256",
+            "needs inference.model_path",
+        ));
+    }
+    let queue = raw.queue_capacity_readings.unwrap_or(10_000);
+    if !(1..=1_000_000).contains(&queue) {
+        return Err(invalid(
+            "inference.queue_capacity_readings",
+            format!("must be between 1 and 1000000, got {queue}"),
+        ));
+    }
+    Ok(Some(crate::edge_inference::InferenceConfig {
+        ort_library: raw.ort_library,
+        model_path: raw.model_path,
+        model_sha256: raw.model_sha256,
+        queue_capacity_readings: queue,
+    }))
 }
 
 fn ms_in(field: String, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {

@@ -8,6 +8,7 @@
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod edge_inference;
 pub mod identity;
 pub mod inference;
 pub mod metrics;

@@ -39,6 +39,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     buffer::{Buffer, BufferError, BufferOptions, BufferStats},
     config::Config,
+    edge_inference::{Inference, InferenceFeed},
     metrics::{self, IngestMetrics},
     mqtt::MqttSource,
 };
@@ -58,6 +59,8 @@ pub enum RuntimeError {
     Buffer(#[from] BufferError),
     #[error("OPC UA endpoint {endpoint}: {message}")]
     OpcUa { endpoint: String, message: String },
+    #[error(transparent)]
+    Inference(#[from] crate::edge_inference::StartError),
     #[error("cannot listen on {addr} (http.listen_addr): {source}")]
     Listen {
         addr: SocketAddr,
@@ -76,6 +79,8 @@ struct Surface {
     /// (name, kind) of every source, in config order.
     sources: Vec<(String, &'static str)>,
     writer_alive: AtomicBool,
+    /// `None` when `[inference]` is off.
+    inference: Option<Arc<Inference>>,
 }
 
 /// One source's state in [`StatusReport`].
@@ -210,12 +215,25 @@ async fn buffer_report(State(s): State<Arc<Surface>>, Query(q): Query<InspectQue
     }
 }
 
+/// Latest prediction per machine (`{machine: Prediction}`); 404 when inference is off.
+async fn latest_predictions(State(s): State<Arc<Surface>>) -> Response {
+    match &s.inference {
+        Some(i) => Json(i.latest()).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            "inference is disabled ([inference] enabled = false)\n",
+        )
+            .into_response(),
+    }
+}
+
 fn router(surface: Arc<Surface>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/v1/status", get(status))
         .route("/v1/buffer", get(buffer_report))
+        .route("/predictions/latest", get(latest_predictions))
         .with_state(surface)
 }
 
@@ -225,8 +243,12 @@ async fn write_records(
     mut rx: mpsc::Receiver<Record>,
     metrics: IngestMetrics,
     surface: Arc<Surface>,
+    feed: Option<InferenceFeed>,
 ) {
     while let Some(record) = rx.recv().await {
+        if let (Some(f), Record::Reading(r)) = (&feed, &record) {
+            f.offer(r);
+        }
         match buffer.append(&record) {
             Ok(_) => {
                 metrics.records_buffered.inc();
@@ -297,6 +319,13 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     let mut registry = metrics::new_registry();
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
+    let inference = match &cfg.inference {
+        Some(ic) => Some((
+            Inference::start(ic, &mut registry)?,
+            ic.queue_capacity_readings,
+        )),
+        None => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
         .await
@@ -348,6 +377,15 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             .chain(cfg.opcua.iter().map(|e| (e.name.clone(), "opcua")))
             .collect(),
         writer_alive: AtomicBool::new(true),
+        inference: inference.as_ref().map(|(i, _)| i.clone()),
+    });
+
+    // Inference runs beside the writer and ends when the writer drops the feed.
+    let feed = inference.map(|(inf, capacity)| {
+        let (itx, irx) = mpsc::channel(capacity);
+        let dropped = inf.metrics.dropped_readings.clone();
+        tracker.spawn(inf.run(buffer.clone(), irx));
+        InferenceFeed { tx: itx, dropped }
     });
 
     for source in sources {
@@ -365,6 +403,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         rx,
         metrics.clone(),
         surface.clone(),
+        feed,
     ));
     {
         let buffer = buffer.clone();
@@ -440,6 +479,7 @@ mod tests {
             metrics,
             sources: vec![("b1".into(), "mqtt")],
             writer_alive: AtomicBool::new(true),
+            inference: None,
         })
     }
 

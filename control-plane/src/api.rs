@@ -499,7 +499,8 @@ pub enum ModelStage {
     Archived,
 }
 impl ModelStage {
-    fn as_str(self) -> &'static str {
+    /// The stage as stored and shown (`champion`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Staging => "staging",
@@ -564,6 +565,9 @@ pub async fn register_model(
     .await?
     .ok_or(ApiError::NotFound("organisation"))?;
     tracing::info!(%org_id, model_id = %model.id, name = %model.name, version = %model.version, "model registered");
+    if let Some(ml) = &st.mlflow {
+        ml.model_registered(&model).await;
+    }
     Ok((StatusCode::CREATED, Json(model)))
 }
 

@@ -165,7 +165,28 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
 pub enum ModelCmd {
     Register(RegisterModelArgs),
     List,
-    Get { model_id: Uuid },
+    Get {
+        model_id: Uuid,
+    },
+    /// Upload a model's artifact file (e.g. the .onnx); its sha256 must match the registered one.
+    Upload {
+        model_id: Uuid,
+        file: PathBuf,
+    },
+    /// Set a model's stage: none, staging, challenger, champion or archived.
+    Stage {
+        model_id: Uuid,
+        stage: String,
+    },
+    /// Roll a model version out to a device (`--model none` stops the rollout).
+    Rollout {
+        #[arg(long)]
+        device: Uuid,
+        #[arg(long)]
+        model: String,
+    },
+    /// Desired and running model of every device.
+    Status,
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +205,40 @@ pub struct RegisterModelArgs {
     pub sha256: Option<String>,
     #[arg(long)]
     pub uri: Option<String>,
+}
+
+fn status_table(
+    out: &mut dyn Write,
+    json: bool,
+    rows: &[crate::registry::DeviceModelStatus],
+) -> Result<(), CliError> {
+    emit(
+        out,
+        json,
+        &rows,
+        &[
+            "DEVICE",
+            "NAME",
+            "DESIRED",
+            "RUNNING",
+            "IN SYNC",
+            "LAST ERROR",
+        ],
+        |rs| {
+            rs.iter()
+                .map(|r| {
+                    vec![
+                        r.device_id.to_string(),
+                        r.device_name.clone(),
+                        r.desired_model.clone().unwrap_or_else(|| "-".into()),
+                        r.running_model.clone().unwrap_or_else(|| "-".into()),
+                        if r.in_sync { "yes" } else { "no" }.into(),
+                        r.last_error.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect()
+        },
+    )
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -272,6 +327,47 @@ impl Client {
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| CliError::Decode(e.to_string()))
+    }
+
+    /// PUTs raw bytes (an artifact upload) and decodes the JSON answer.
+    async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        bytes: Vec<u8>,
+    ) -> Result<T, CliError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .put(&url)
+            .bearer_auth(&self.key)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|source| CliError::Connect {
+                server: self.base.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| CliError::Connect {
+            server: self.base.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(CliError::Api {
+                status: status.as_u16(),
+                code: v["error"]["code"]
+                    .as_str()
+                    .unwrap_or("http_error")
+                    .to_owned(),
+                message: v["error"]["message"]
+                    .as_str()
+                    .map(ToOwned::to_owned)
+                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
@@ -493,6 +589,56 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 ModelCmd::List => client.get(&base).await?,
                 ModelCmd::Get { model_id } => {
                     vec![client.get(&format!("{base}/{model_id}")).await?]
+                }
+                ModelCmd::Stage { model_id, stage } => vec![
+                    client
+                        .post(
+                            &format!("{base}/{model_id}/stage"),
+                            serde_json::json!({ "stage": stage }),
+                        )
+                        .await?,
+                ],
+                ModelCmd::Upload { model_id, file } => {
+                    let bytes = std::fs::read(file.as_path()).map_err(|e| {
+                        CliError::Decode(format!("cannot read {}: {e}", file.display()))
+                    })?;
+                    let a: crate::registry::ArtifactInfo = client
+                        .put_bytes(&format!("{base}/{model_id}/artifact"), bytes)
+                        .await?;
+                    if json {
+                        return write_json(out, &a);
+                    }
+                    writeln!(
+                        out,
+                        "model {model_id}: artifact stored ({} bytes, sha256 {})",
+                        a.size_bytes, a.sha256
+                    )?;
+                    return Ok(());
+                }
+                ModelCmd::Rollout { device, model } => {
+                    let model_id = match model.as_str() {
+                        "none" => None,
+                        m => Some(m.parse::<Uuid>().map_err(|e| {
+                            CliError::Decode(format!(
+                                "--model {m:?} is not a model id or none: {e}"
+                            ))
+                        })?),
+                    };
+                    let s: crate::registry::DeviceModelStatus = client
+                        .send(
+                            reqwest::Method::PUT,
+                            &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
+                            Some(serde_json::json!({ "model_id": model_id })),
+                        )
+                        .await?
+                        .ok_or_else(|| CliError::Decode("empty body".into()))?;
+                    return status_table(out, json, &[s]);
+                }
+                ModelCmd::Status => {
+                    let s: Vec<crate::registry::DeviceModelStatus> = client
+                        .get(&format!("/v1/organisations/{org}/model-status"))
+                        .await?;
+                    return status_table(out, json, &s);
                 }
             };
             emit(

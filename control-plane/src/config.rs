@@ -45,6 +45,9 @@ pub struct RawConfig {
     pub pki: RawPki,
     #[serde(default)]
     pub llm: crate::llm::config::RawLlm,
+    /// `[mlflow]`: mirror the model registry into MLflow.
+    #[serde(default)]
+    pub mlflow: crate::registry::mlflow::RawMlflow,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -343,6 +346,8 @@ pub struct Config {
     pub pki: PkiConfig,
     /// The LLM gateway (`[llm]`).
     pub llm: crate::llm::config::LlmConfig,
+    /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
+    pub mlflow: Option<crate::registry::mlflow::MlflowConfig>,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -354,6 +359,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "KIP_LOG_FILTER",
     "KIP_PKI_CA_DIR",
     "KIP_AGENT_LISTEN_ADDR",
+    "KIP_MLFLOW_TRACKING_URI",
 ];
 
 impl RawConfig {
@@ -398,6 +404,9 @@ impl RawConfig {
             self.pki.agent_listen_addr = v;
         }
         self.llm.apply_env(&env);
+        if let Some(v) = env("KIP_MLFLOW_TRACKING_URI") {
+            self.mlflow.tracking_uri = Some(v);
+        }
         Ok(())
     }
 
@@ -483,8 +492,10 @@ impl RawConfig {
         };
         let pki = self.pki.validate()?;
         let llm = self.llm.validate()?;
+        let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         Ok(Config {
             llm,
+            mlflow,
             listen_addr,
             request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
             request_timeout,

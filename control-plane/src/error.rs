@@ -175,6 +175,10 @@ impl From<sqlx::Error> for ApiError {
                         Some("ai_models_org_name_version") => {
                             "this model name and version already exist in the organisation"
                         }
+                        Some("ai_models_one_champion" | "ai_models_one_challenger") => {
+                            "another version of this model already holds this stage; \
+                             move it with POST .../models/{model_id}/stage"
+                        }
                         _ => "a record with these values already exists",
                     };
                     return Self::Conflict(what.into());

@@ -15,6 +15,7 @@ pub mod llm;
 pub mod metrics;
 pub mod pki;
 pub mod pki_api;
+pub mod registry;
 pub mod server;
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub http_duration: Family<HttpLabels, Histogram>,
     /// The LLM gateway's metrics (`kip_llm_*`).
     pub llm: crate::llm::metrics::LlmMetrics,
+    /// MLflow mirror calls that failed (`kip_mlflow_sync_failures_total`).
+    pub mlflow_sync_failures: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -57,7 +59,14 @@ impl Metrics {
             http_duration.clone(),
         );
         let llm = crate::llm::metrics::LlmMetrics::register(&mut registry);
+        let mlflow_sync_failures = Counter::default();
+        registry.register(
+            "mlflow_sync_failures",
+            "Model registry changes that could not be mirrored to MLflow",
+            mlflow_sync_failures.clone(),
+        );
         Self {
+            mlflow_sync_failures,
             registry,
             http_requests,
             http_duration,

@@ -20,7 +20,7 @@ use axum::{
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{api, config::Config, error::ApiError, metrics::Metrics, pki_api};
+use crate::{api, config::Config, error::ApiError, metrics::Metrics, pki_api, registry};
 
 /// Shared state of every handler.
 #[derive(Clone, Debug)]
@@ -33,6 +33,8 @@ pub struct AppState {
     pub pki: Option<Arc<crate::pki::Pki>>,
     /// The LLM gateway (`/v1/query`, `/v1/chat/completions`).
     pub llm: Arc<crate::llm::Gateway>,
+    /// The MLflow registry mirror; `None` unless `[mlflow] tracking_uri` is set.
+    pub mlflow: Option<Arc<crate::registry::mlflow::MlflowSync>>,
 }
 
 impl AppState {
@@ -43,7 +45,18 @@ impl AppState {
             pool.clone(),
             metrics.llm.clone(),
         ));
+        let mlflow = cfg.mlflow.clone().and_then(|m| {
+            crate::registry::mlflow::MlflowSync::new(
+                m,
+                pool.clone(),
+                metrics.mlflow_sync_failures.clone(),
+            )
+            .map_err(|e| tracing::error!(error = %e, "cannot build the MLflow client; MLflow mirroring is off"))
+            .ok()
+            .map(Arc::new)
+        });
         Self {
+            mlflow,
             pool,
             metrics,
             body_limit_bytes: cfg.request_body_limit_bytes,
@@ -91,6 +104,24 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/organisations/{org_id}/models/{model_id}",
             get(api::get_model),
+        )
+        .route(
+            "/organisations/{org_id}/models/{model_id}/artifact",
+            get(registry::download_artifact)
+                .put(registry::upload_artifact)
+                .layer(DefaultBodyLimit::max(registry::MAX_ARTIFACT_BYTES)),
+        )
+        .route(
+            "/organisations/{org_id}/models/{model_id}/stage",
+            post(registry::set_stage),
+        )
+        .route(
+            "/organisations/{org_id}/devices/{device_id}/desired-model",
+            axum::routing::put(registry::put_desired_model),
+        )
+        .route(
+            "/organisations/{org_id}/model-status",
+            get(registry::list_device_model_status),
         )
         .route(
             "/organisations/{org_id}/enroll-tokens",

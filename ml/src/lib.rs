@@ -15,3 +15,4 @@ pub mod eval;
 pub mod mlp;
 pub mod onnx;
 pub mod pipeline;
+pub mod register;

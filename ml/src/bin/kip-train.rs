@@ -29,6 +29,11 @@ struct Args {
     /// Override the L2 weight decay.
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Register the trained version (with its metrics) in kip's model registry and upload the
+    /// artifact. Server and key come from KIP_SERVER / KIP_API_KEY (or KIP_API_KEY_FILE), the
+    /// organisation from KIP_ORG (default: the key's), like kipctl.
+    #[arg(long)]
+    register: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,6 +80,36 @@ fn main() -> anyhow::Result<()> {
         model_path.display(),
         t.card.artifact_sha256,
         card_path.display()
+    );
+    if args.register {
+        register(&t.card, &t.onnx)?;
+    }
+    Ok(())
+}
+
+fn register(card: &kip_ml::pipeline::ModelCard, onnx: &[u8]) -> anyhow::Result<()> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let api_key = match (env("KIP_API_KEY"), env("KIP_API_KEY_FILE")) {
+        (Some(k), _) => k,
+        (None, Some(f)) => std::fs::read_to_string(&f)
+            .with_context(|| format!("reading KIP_API_KEY_FILE {f}"))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("--register needs KIP_API_KEY or KIP_API_KEY_FILE"),
+    };
+    let target = kip_ml::register::Target {
+        server: env("KIP_SERVER").unwrap_or_else(|| "http://127.0.0.1:8080".into()),
+        api_key,
+        org: env("KIP_ORG"),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let r = rt.block_on(kip_ml::register::register(&target, card, onnx))?;
+    eprintln!(
+        "registered {}@{} as model {} in organisation {} (artifact uploaded)",
+        r.name, r.version, r.id, r.org_id
     );
     Ok(())
 }

@@ -1,0 +1,258 @@
+//! Inference wired into the running agent: readings on their way to the buffer are copied to
+//! a separate task that runs the [`Predictor`] and appends each prediction to the same buffer
+//! as `Record::Prediction`, so predictions sync and survive network outages like readings.
+//!
+//! Invariants:
+//! - The buffer writer never waits for inference: it offers each reading with `try_send` on a
+//!   bounded channel; when the channel is full the reading is skipped for inference only (it is
+//!   still buffered) and `kip_agent_inference_dropped_readings_total` counts it.
+//! - Inference needs no network: the model is a local file (or a verified hot swap), so
+//!   predictions continue during a control-plane outage.
+//! - The task ends when the writer drops its sender (the one shutdown path); the model lock is
+//!   a plain mutex, never held across an `await`.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
+};
+
+use kip_shared::{Prediction, Reading, Record};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    buffer::Buffer,
+    inference::{InferenceError, ModelSlot, OrtRuntime, Predictor},
+};
+
+/// Validated `[inference]`.
+#[derive(Debug, Clone)]
+pub struct InferenceConfig {
+    /// ONNX Runtime library; `None` searches `ORT_DYLIB_PATH` and the packaged locations.
+    pub ort_library: Option<PathBuf>,
+    /// Model loaded at start-up (the package ships the reference model).
+    pub model_path: Option<PathBuf>,
+    /// Expected sha256 of `model_path`, when pinned.
+    pub model_sha256: Option<String>,
+    /// Capacity of the reading channel between the writer and the inference task.
+    pub queue_capacity_readings: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// Inference metrics (`kip_agent_inference_*`, `kip_agent_predictions_total`, `kip_agent_model_*`).
+#[derive(Debug, Clone)]
+pub struct InferenceMetrics {
+    pub latency: Histogram,
+    pub predictions: Counter,
+    pub dropped_readings: Counter,
+    pub errors: Counter,
+    pub swap_failures: Counter,
+    pub model_info: Family<ModelLabels, Gauge>,
+}
+
+impl InferenceMetrics {
+    /// Creates and registers the metrics.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            latency: Histogram::new([
+                0.000_005, 0.00001, 0.000_025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005,
+                0.025, 0.1,
+            ]),
+            predictions: Counter::default(),
+            dropped_readings: Counter::default(),
+            errors: Counter::default(),
+            swap_failures: Counter::default(),
+            model_info: Family::default(),
+        };
+        registry.register(
+            "inference_latency_seconds",
+            "Time of one model inference (feature building and the ONNX run)",
+            m.latency.clone(),
+        );
+        registry.register(
+            "predictions",
+            "Predictions made and buffered",
+            m.predictions.clone(),
+        );
+        registry.register(
+            "inference_dropped_readings",
+            "Readings not given to inference because its queue was full (still buffered)",
+            m.dropped_readings.clone(),
+        );
+        registry.register(
+            "inference_errors",
+            "Inferences that failed or whose prediction could not be buffered",
+            m.errors.clone(),
+        );
+        registry.register(
+            "model_swap_failures",
+            "Model installs refused by the checks; the previous model kept serving",
+            m.swap_failures.clone(),
+        );
+        registry.register(
+            "model_info",
+            "The model serving predictions (value 1)",
+            m.model_info.clone(),
+        );
+        m
+    }
+}
+
+/// Inference state shared by the task, the HTTP surface and model installs.
+#[derive(Debug)]
+pub struct Inference {
+    rt: OrtRuntime,
+    slot: Mutex<ModelSlot>,
+    latest: Mutex<BTreeMap<String, Prediction>>,
+    pub metrics: InferenceMetrics,
+}
+
+/// Why inference could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("[inference] is enabled but {0}")]
+    Runtime(#[source] InferenceError),
+    #[error("cannot read [inference] model_path {path}: {source}")]
+    ModelRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("[inference] model_path {path} was refused: {source}")]
+    Model {
+        path: PathBuf,
+        source: InferenceError,
+    },
+}
+
+impl Inference {
+    /// Loads ONNX Runtime (a missing library is an error naming the fix) and the initial model.
+    pub fn start(cfg: &InferenceConfig, registry: &mut Registry) -> Result<Arc<Self>, StartError> {
+        let rt = OrtRuntime::load(cfg.ort_library.as_deref()).map_err(StartError::Runtime)?;
+        tracing::info!(library = %rt.library.display(), "ONNX Runtime loaded");
+        let me = Arc::new(Self {
+            rt,
+            slot: Mutex::new(ModelSlot::default()),
+            latest: Mutex::new(BTreeMap::new()),
+            metrics: InferenceMetrics::register(registry),
+        });
+        if let Some(path) = &cfg.model_path {
+            let bytes = std::fs::read(path).map_err(|source| StartError::ModelRead {
+                path: path.clone(),
+                source,
+            })?;
+            me.install(&bytes, cfg.model_sha256.as_deref())
+                .map_err(|source| StartError::Model {
+                    path: path.clone(),
+                    source,
+                })?;
+        } else {
+            tracing::warn!(
+                "[inference] has no model_path: no predictions until a model is installed"
+            );
+        }
+        Ok(me)
+    }
+
+    /// Verifies and hot-swaps a model; on failure the previous model keeps serving.
+    pub fn install(
+        &self,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+    ) -> Result<(), InferenceError> {
+        // Loading takes milliseconds; inference waits for it rather than running a half-swapped slot.
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = slot.try_swap(&self.rt, bytes, expected_sha256) {
+            self.metrics.swap_failures.inc();
+            tracing::warn!(error = %e, "model refused; the previous model keeps serving");
+            return Err(e);
+        }
+        let Some(model) = slot.current() else {
+            return Ok(());
+        };
+        let labels = ModelLabels {
+            name: model.name.clone(),
+            version: model.version.clone(),
+            sha256: model.sha256.clone(),
+        };
+        self.metrics.model_info.clear();
+        self.metrics.model_info.get_or_create(&labels).set(1);
+        tracing::info!(name = %labels.name, version = %labels.version, sha256 = %labels.sha256, "model serving");
+        Ok(())
+    }
+
+    /// `name@version` of the serving model, for sync status.
+    pub fn running_model(&self) -> Option<String> {
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.current().map(|m| format!("{}@{}", m.name, m.version))
+    }
+
+    /// The latest prediction of every machine.
+    pub fn latest(&self) -> BTreeMap<String, Prediction> {
+        self.latest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub async fn run(self: Arc<Self>, buffer: Arc<Buffer>, mut rx: mpsc::Receiver<Reading>) {
+        let mut predictor = Predictor::default();
+        while let Some(reading) = rx.recv().await {
+            let started = Instant::now();
+            let result = {
+                let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+                predictor.observe(&mut slot, &reading)
+            };
+            let prediction = match result {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.metrics.errors.inc();
+                    tracing::warn!(error = %e, machine = %reading.machine, "inference failed");
+                    continue;
+                }
+            };
+            self.metrics
+                .latency
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(e) = buffer.append(&Record::Prediction(prediction.clone())) {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %e, "prediction could not be buffered");
+            }
+            self.metrics.predictions.inc();
+            self.latest
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(prediction.machine.clone(), prediction);
+        }
+        tracing::info!("inference task stopped");
+    }
+}
+
+/// The writer's handle on the inference queue.
+#[derive(Debug, Clone)]
+pub struct InferenceFeed {
+    pub tx: mpsc::Sender<Reading>,
+    pub dropped: Counter,
+}
+
+impl InferenceFeed {
+    /// Offers a reading without waiting; counts it when the queue is full.
+    pub fn offer(&self, reading: &Reading) {
+        if self.tx.try_send(reading.clone()).is_err() {
+            self.dropped.inc();
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Inference inside the running agent: readings from a test Mosquitto pass through the buffer
+//! writer to the inference task, and predictions land in the buffer and at
+//! `/predictions/latest`. No control plane exists anywhere in these tests: inference must work
+//! during a network cut.
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "helpers of tests fail the test loudly"
+)]
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{Mosquitto, publish};
+use kip_agent::{
+    config::Config,
+    runtime::{self, local_get},
+};
+use kip_shared::{Record, features::CMAPSS_INFORMATIVE_SENSORS};
+use tokio_util::sync::CancellationToken;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn ort_library() -> PathBuf {
+    let p = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    assert!(
+        p.is_file(),
+        "ONNX Runtime library missing at {}: run scripts/test.sh (it fetches it) or set ORT_DYLIB_PATH",
+        p.display()
+    );
+    p
+}
+
+fn reference_model() -> PathBuf {
+    std::fs::read_dir(root().join("ml/models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .unwrap()
+}
+
+fn write_config(dir: &Path, broker_port: u16, ort: &Path) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[agent]
+device = "gw-test"
+state_dir = "{state}"
+
+[buffer]
+max_bytes = 10485760
+flush_interval_ms = 50
+
+[http]
+listen_addr = "127.0.0.1:0"
+
+[inference]
+enabled = true
+ort_library = "{ort}"
+model_path = "{model}"
+
+[[mqtt]]
+name = "b1"
+url = "mqtt://127.0.0.1:{broker_port}"
+client_id = "kip-inference-{broker_port}"
+reconnect_min_backoff_ms = 50
+reconnect_max_backoff_ms = 200
+
+[[mqtt.subscriptions]]
+topic = "engines/+/+"
+machine_topic_level = 1
+metric_topic_level = 2
+value = {{ kind = "number" }}
+"#,
+            state = dir.join("state").display(),
+            ort = ort.display(),
+            model = reference_model().display(),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn readings_become_predictions_in_the_buffer_and_on_the_local_api_without_a_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let cfg = Config::load(&write_config(dir.path(), broker.port, &ort_library())).unwrap();
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(cfg, cancel.clone()).await.unwrap();
+    let addr = agent.http_addr;
+
+    // One cycle = one value of every channel of the feature set; repeat until the
+    // subscription is up and a prediction is served.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let latest = loop {
+        for (i, ch) in CMAPSS_INFORMATIVE_SENSORS.iter().enumerate() {
+            let v = format!("{}", 500.0 + i as f64);
+            publish(broker.port, &format!("engines/e7/{ch}"), v.as_bytes(), None);
+        }
+        let (code, body) = local_get(addr, "/predictions/latest").await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v.get("e7").is_some() {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prediction arrived: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let p = &latest["e7"];
+    assert!(p["rul_cycles"].as_f64().unwrap().is_finite(), "{p}");
+    assert_eq!(p["model_version"], "1.0.0+seed42");
+
+    let (_, metrics) = local_get(addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("kip_agent_predictions_total"), "{metrics}");
+    assert!(
+        metrics.contains("kip_agent_inference_latency_seconds_count"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kip_agent_model_info{"), "{metrics}");
+    assert!(
+        metrics.contains("kip_agent_model_swap_failures_total 0"),
+        "{metrics}"
+    );
+
+    // The prediction is a buffered record, so it syncs (and survives) like a reading.
+    let buffered = agent.buffer.read_range(0, 100_000, u64::MAX).unwrap();
+    assert!(
+        buffered
+            .iter()
+            .any(|r| matches!(&r.record, Record::Prediction(p) if p.machine == "e7")),
+        "no prediction in the buffer"
+    );
+    cancel.cancel();
+    agent.wait().await;
+}
+
+#[tokio::test]
+async fn a_missing_onnx_runtime_is_a_start_up_error_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config::load(&write_config(
+        dir.path(),
+        1,
+        Path::new("/nonexistent/libonnxruntime.so"),
+    ))
+    .unwrap();
+    let err = runtime::start(cfg, CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[inference] is enabled"), "{err}");
+    assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
+    assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
+}

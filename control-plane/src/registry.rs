@@ -1,0 +1,491 @@
+//! Model registry: artifact upload/download, champion/challenger aliases, rollout of a model
+//! version to devices, and the devices' reported model status.
+//!
+//! Artifacts are stored in PostgreSQL (`model_artifacts.bytes`), not in a file store:
+//! - the artifact and its registry row commit in one transaction, so a registered hash never
+//!   points at a missing or half-written file, and a replica never sees a row whose file lives
+//!   on another replica's disk;
+//! - tenant isolation is the same composite foreign key as every other table
+//!   (`(org_id, model_id)`), and organisation deletion cascades to artifacts;
+//! - backups and restores of the database carry the models with them.
+//!
+//! The cost is memory per transfer: an artifact is read whole. Edge models (MLP, gradient
+//! boosting, small ONNX graphs) are kilobytes to a few megabytes, so uploads are capped at
+//! [`MAX_ARTIFACT_BYTES`]; large models (LLMs) are registered by `uri` and never uploaded.
+//!
+//! Invariants:
+//! - Artifacts are immutable: the sha256 is fixed by registration or by the first upload, and
+//!   an upload with other bytes is refused (422), so a version always means the same bytes.
+//! - At most one `champion` and one `challenger` per (organisation, model name): moving an
+//!   alias demotes the previous holder to `none` in the same transaction, under row locks on
+//!   every version of that name (partial unique indexes back this up).
+//! - A device is only ever offered, and can only download, the model desired for it
+//!   ([`desired_model_for`]); its identity comes from its client certificate.
+//! - MLflow (when configured) is told after kip committed; its failures are logged and counted
+//!   and never fail the kip request (kip's registry is the source of truth).
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    api::{AiModel, ApiJson, ApiPath, ModelStage},
+    auth::Principal,
+    error::{ApiError, ApiResult},
+    pki_api::DeviceCert,
+    server::AppState,
+};
+
+pub mod mlflow;
+
+/// Largest artifact accepted by `PUT .../artifact`.
+pub const MAX_ARTIFACT_BYTES: usize = 64 * 1024 * 1024;
+
+const MODEL_COLUMNS: &str =
+    "id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at";
+
+/// Path on the agent listener from which a device downloads a model desired for it.
+pub fn agent_download_path(model_id: Uuid) -> String {
+    format!("/v1/agent/models/{model_id}/artifact")
+}
+
+/// Path on the admin API of a model's artifact (also the `source` given to MLflow).
+pub fn admin_artifact_path(org_id: Uuid, model_id: Uuid) -> String {
+    format!("/v1/organisations/{org_id}/models/{model_id}/artifact")
+}
+
+// ---------- artifacts ----------
+
+/// What an upload answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    pub model_id: Uuid,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub uploaded_at: DateTime<Utc>,
+}
+
+/// `PUT /v1/organisations/{org_id}/models/{model_id}/artifact`: stores the raw body as the
+/// model's artifact. Idempotent for the same bytes; other bytes than registered are a 422.
+pub async fn upload_artifact(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<ArtifactInfo>)> {
+    let org_id = p.org_scope(org_id)?;
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit_bytes: MAX_ARTIFACT_BYTES,
+            }
+        } else {
+            ApiError::BadRequest(r.body_text())
+        }
+    })?;
+    if bytes.is_empty() {
+        return Err(ApiError::validation("artifact", "must not be empty"));
+    }
+    let sha = hex::encode(Sha256::digest(&bytes));
+    let mut tx = st.pool.begin().await?;
+    let registered: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 FOR UPDATE",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let registered = registered.ok_or(ApiError::NotFound("model"))?;
+    if let Some(want) = &registered
+        && *want != sha
+    {
+        return Err(ApiError::validation(
+            "artifact",
+            format!("sha256 {sha} does not match the registered artifact_sha256 {want}"),
+        ));
+    }
+    let size = i64::try_from(bytes.len()).map_err(ApiError::internal)?;
+    let (status, info) = match sqlx::query_as::<_, (String, i64, DateTime<Utc>)>(
+        "SELECT sha256, size_bytes, uploaded_at FROM model_artifacts WHERE model_id = $1",
+    )
+    .bind(model_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    {
+        // Same bytes again (the hash is fixed once stored): nothing to do.
+        Some((sha256, size_bytes, uploaded_at)) => (
+            StatusCode::OK,
+            ArtifactInfo {
+                model_id,
+                sha256,
+                size_bytes,
+                uploaded_at,
+            },
+        ),
+        None => {
+            let uploaded_at: DateTime<Utc> = sqlx::query_scalar(
+                "INSERT INTO model_artifacts (model_id, org_id, bytes, sha256, size_bytes) \
+                 VALUES ($1, $2, $3, $4, $5) RETURNING uploaded_at",
+            )
+            .bind(model_id)
+            .bind(org_id)
+            .bind(&bytes[..])
+            .bind(&sha)
+            .bind(size)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE ai_models SET artifact_sha256 = $3 WHERE org_id = $1 AND id = $2 \
+                 AND artifact_sha256 IS NULL",
+            )
+            .bind(org_id)
+            .bind(model_id)
+            .bind(&sha)
+            .execute(&mut *tx)
+            .await?;
+            (
+                StatusCode::CREATED,
+                ArtifactInfo {
+                    model_id,
+                    sha256: sha,
+                    size_bytes: size,
+                    uploaded_at,
+                },
+            )
+        }
+    };
+    tx.commit().await?;
+    tracing::info!(%org_id, %model_id, sha256 = %info.sha256, size_bytes = info.size_bytes, "model artifact stored");
+    Ok((status, Json(info)))
+}
+
+fn artifact_response(sha: String, bytes: Vec<u8>) -> Response {
+    let mut resp = ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
+    if let Ok(v) = HeaderValue::from_str(&sha) {
+        resp.headers_mut().insert("x-kip-sha256", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+async fn artifact_bytes(
+    pool: &PgPool,
+    org_id: Uuid,
+    model_id: Uuid,
+) -> ApiResult<(String, Vec<u8>)> {
+    sqlx::query_as("SELECT sha256, bytes FROM model_artifacts WHERE org_id = $1 AND model_id = $2")
+        .bind(org_id)
+        .bind(model_id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(ApiError::NotFound("model artifact"))
+}
+
+/// `GET /v1/organisations/{org_id}/models/{model_id}/artifact`: the artifact bytes, with the
+/// sha256 in `x-kip-sha256` and the ETag.
+pub async fn download_artifact(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Response> {
+    let org_id = p.org_scope(org_id)?;
+    let (sha, bytes) = artifact_bytes(&st.pool, org_id, model_id).await?;
+    Ok(artifact_response(sha, bytes))
+}
+
+/// `GET /v1/agent/models/{model_id}/artifact` on the agent listener: the artifact of the
+/// model desired for the calling device, and only that one (404 otherwise, so a device cannot
+/// probe other models or other organisations).
+pub async fn download_artifact_for_device(
+    State(st): State<AppState>,
+    dev: DeviceCert,
+    ApiPath(model_id): ApiPath<Uuid>,
+) -> ApiResult<Response> {
+    let (org_id, device_id) = (dev.identity.org_id, dev.identity.device_id);
+    let desired = desired_model_id_for(&st.pool, org_id, device_id).await?;
+    if desired != Some(model_id) {
+        tracing::warn!(%org_id, %device_id, %model_id, "device asked for a model not desired for it");
+        return Err(ApiError::NotFound("model artifact"));
+    }
+    let (sha, bytes) = artifact_bytes(&st.pool, org_id, model_id).await?;
+    tracing::info!(%org_id, %device_id, %model_id, "model artifact sent to device");
+    Ok(artifact_response(sha, bytes))
+}
+
+// ---------- stage / alias ----------
+
+/// Body of `POST .../models/{model_id}/stage`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetStage {
+    pub stage: ModelStage,
+}
+
+/// `POST /v1/organisations/{org_id}/models/{model_id}/stage`: moves the model to `stage`.
+/// Moving `champion` or `challenger` demotes the previous holder to `none` atomically.
+pub async fn set_stage(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
+    ApiJson(body): ApiJson<SetStage>,
+) -> ApiResult<Json<AiModel>> {
+    let org_id = p.org_scope(org_id)?;
+    let mut tx = st.pool.begin().await?;
+    let (name, previous): (String, String) =
+        sqlx::query_as("SELECT name, stage FROM ai_models WHERE org_id = $1 AND id = $2")
+            .bind(org_id)
+            .bind(model_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(ApiError::NotFound("model"))?;
+    // Lock every version of this name so two concurrent promotions serialize here.
+    sqlx::query("SELECT id FROM ai_models WHERE org_id = $1 AND name = $2 ORDER BY id FOR UPDATE")
+        .bind(org_id)
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+    let mut demoted: Vec<AiModel> = Vec::new();
+    if matches!(body.stage, ModelStage::Champion | ModelStage::Challenger) {
+        demoted = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "UPDATE ai_models SET stage = 'none' \
+             WHERE org_id = $1 AND name = $2 AND stage = $3 AND id <> $4 RETURNING {MODEL_COLUMNS}"
+        )))
+        .bind(org_id)
+        .bind(&name)
+        .bind(body.stage.as_str())
+        .bind(model_id)
+        .fetch_all(&mut *tx)
+        .await?;
+    }
+    let model: AiModel = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE ai_models SET stage = $3 WHERE org_id = $1 AND id = $2 RETURNING {MODEL_COLUMNS}"
+    )))
+    .bind(org_id)
+    .bind(model_id)
+    .bind(body.stage.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        %org_id, %model_id, name = %model.name, version = %model.version,
+        from = %previous, to = %model.stage, demoted = demoted.len(), "model stage changed"
+    );
+    if let Some(ml) = &st.mlflow {
+        ml.stage_changed(&model, &previous, &demoted).await;
+    }
+    Ok(Json(model))
+}
+
+// ---------- rollout ----------
+
+/// Body of `PUT /v1/organisations/{org_id}/devices/{device_id}/desired-model`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesiredModel {
+    /// The model version the device should run; `null` stops the rollout for this device.
+    pub model_id: Option<Uuid>,
+}
+
+/// What a device should run and what it reports running.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct DeviceModelStatus {
+    pub device_id: Uuid,
+    pub device_name: String,
+    pub desired_model_id: Option<Uuid>,
+    /// `name@version` of the desired model.
+    pub desired_model: Option<String>,
+    /// `name@version` the agent last reported running.
+    pub running_model: Option<String>,
+    pub last_error: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The device reports running exactly the desired model.
+    pub in_sync: bool,
+}
+
+/// Resolution of the desired model of each device: a device row, else the most recently
+/// updated selector contained in the device's labels.
+const DESIRED_FOR_DEVICE: &str = "\
+    SELECT dm.model_id FROM desired_models dm \
+    JOIN devices d ON d.org_id = dm.org_id AND d.id = $2 \
+    WHERE dm.org_id = $1 AND (dm.device_id = d.id OR (dm.selector IS NOT NULL AND d.labels @> dm.selector)) \
+    ORDER BY (dm.device_id IS NOT NULL) DESC, dm.updated_at DESC, dm.id LIMIT 1";
+
+async fn desired_model_id_for(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(DESIRED_FOR_DEVICE)
+        .bind(org_id)
+        .bind(device_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The model the control plane wants `device_id` to run, for `SyncAck.desired.model`;
+/// `None` when nothing is rolled out to it (or its artifact is missing).
+pub async fn desired_model_for(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+) -> Result<Option<kip_shared::sync::DesiredModel>, sqlx::Error> {
+    let Some(model_id) = desired_model_id_for(pool, org_id, device_id).await? else {
+        return Ok(None);
+    };
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT m.name, m.version, a.sha256 FROM ai_models m \
+         JOIN model_artifacts a ON a.model_id = m.id AND a.org_id = m.org_id \
+         WHERE m.org_id = $1 AND m.id = $2",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(name, version, sha256)| kip_shared::sync::DesiredModel {
+            name,
+            version,
+            sha256,
+            download_path: agent_download_path(model_id),
+        }),
+    )
+}
+
+/// Records what a device reports running (`name@version`) and its last model error; called
+/// by the sync endpoint.
+pub async fn record_device_model_status(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+    running_model: Option<&str>,
+    last_error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO device_model_status (device_id, org_id, running_model, last_error) \
+         VALUES ($2, $1, $3, $4) \
+         ON CONFLICT (device_id) DO UPDATE SET running_model = EXCLUDED.running_model, \
+         last_error = EXCLUDED.last_error, updated_at = now() \
+         WHERE device_model_status.org_id = EXCLUDED.org_id",
+    )
+    .bind(org_id)
+    .bind(device_id)
+    .bind(running_model)
+    .bind(last_error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// `PUT /v1/organisations/{org_id}/devices/{device_id}/desired-model`: rolls a model version
+/// (which must have an uploaded artifact) out to one device, or stops it (`model_id: null`).
+pub async fn put_desired_model(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
+    ApiJson(body): ApiJson<SetDesiredModel>,
+) -> ApiResult<Json<DeviceModelStatus>> {
+    let org_id = p.org_scope(org_id)?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE org_id = $1 AND id = $2)")
+            .bind(org_id)
+            .bind(device_id)
+            .fetch_one(&st.pool)
+            .await?;
+    if !exists {
+        return Err(ApiError::NotFound("device"));
+    }
+    match body.model_id {
+        Some(model_id) => {
+            let has_artifact: Option<bool> = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) \
+                 FROM ai_models m WHERE m.org_id = $1 AND m.id = $2",
+            )
+            .bind(org_id)
+            .bind(model_id)
+            .fetch_optional(&st.pool)
+            .await?;
+            match has_artifact {
+                None => return Err(ApiError::validation("model_id", "no such model")),
+                Some(false) => {
+                    return Err(ApiError::validation(
+                        "model_id",
+                        "the model has no uploaded artifact (PUT .../artifact first)",
+                    ));
+                }
+                Some(true) => {}
+            }
+            sqlx::query(
+                "INSERT INTO desired_models (id, org_id, device_id, model_id) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (org_id, device_id) WHERE device_id IS NOT NULL \
+                 DO UPDATE SET model_id = EXCLUDED.model_id, updated_at = now()",
+            )
+            .bind(Uuid::new_v4())
+            .bind(org_id)
+            .bind(device_id)
+            .bind(model_id)
+            .execute(&st.pool)
+            .await?;
+            tracing::info!(%org_id, %device_id, %model_id, "model rolled out to device");
+        }
+        None => {
+            sqlx::query("DELETE FROM desired_models WHERE org_id = $1 AND device_id = $2")
+                .bind(org_id)
+                .bind(device_id)
+                .execute(&st.pool)
+                .await?;
+            tracing::info!(%org_id, %device_id, "model rollout to device removed");
+        }
+    }
+    let mut status = statuses(&st.pool, org_id, Some(device_id), 1).await?;
+    status.pop().map(Json).ok_or(ApiError::NotFound("device"))
+}
+
+async fn statuses(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Option<Uuid>,
+    limit: i64,
+) -> ApiResult<Vec<DeviceModelStatus>> {
+    Ok(sqlx::query_as(
+        "SELECT d.id AS device_id, d.name AS device_name, m.id AS desired_model_id, \
+                m.name || '@' || m.version AS desired_model, s.running_model, s.last_error, \
+                s.updated_at, \
+                coalesce(m.name || '@' || m.version = s.running_model, false) AS in_sync \
+         FROM devices d \
+         LEFT JOIN LATERAL ( \
+             SELECT dm.model_id FROM desired_models dm \
+             WHERE dm.org_id = d.org_id \
+               AND (dm.device_id = d.id OR (dm.selector IS NOT NULL AND d.labels @> dm.selector)) \
+             ORDER BY (dm.device_id IS NOT NULL) DESC, dm.updated_at DESC, dm.id LIMIT 1) w ON true \
+         LEFT JOIN ai_models m ON m.org_id = d.org_id AND m.id = w.model_id \
+         LEFT JOIN device_model_status s ON s.org_id = d.org_id AND s.device_id = d.id \
+         WHERE d.org_id = $1 AND ($2::uuid IS NULL OR d.id = $2) \
+         ORDER BY d.name LIMIT $3",
+    )
+    .bind(org_id)
+    .bind(device_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// `GET /v1/organisations/{org_id}/model-status`: desired and running model of every device.
+pub async fn list_device_model_status(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath(org_id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<DeviceModelStatus>>> {
+    let org_id = p.org_scope(org_id)?;
+    Ok(Json(statuses(&st.pool, org_id, None, 1000).await?))
+}
