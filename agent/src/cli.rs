@@ -209,6 +209,41 @@ pub fn format_buffer(s: &BufferStats, indent: usize) -> String {
     out
 }
 
+/// The sync lines of `kip-agent status`: online/offline, backlog, last ack.
+pub fn format_sync(sync: Option<&crate::sync::SyncReport>, buffer: &BufferStats) -> String {
+    let Some(s) = sync else {
+        return "sync: not configured or device not enrolled (records stay buffered)\n".into();
+    };
+    let last_ack = s.last_ack_at.map_or_else(
+        || "never since start".to_owned(),
+        |t| {
+            let ago = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
+            format!("{} ({} ago)", t.to_rfc3339(), human_duration(ago))
+        },
+    );
+    let mut out = format!(
+        "sync: {} via {}, last ack {last_ack}\n  backlog {} records{}, batch {} records, {} acked since start, {} dead letters\n",
+        if s.online { "ONLINE" } else { "OFFLINE" },
+        s.endpoint,
+        buffer.counts.total(),
+        buffer
+            .oldest_unacked_age_ms
+            .map(|ms| format!(" (oldest {} old)", human_duration(ms / 1000)))
+            .unwrap_or_default(),
+        s.batch_records,
+        s.records_acked,
+        s.dead_letters,
+    );
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(
+            out,
+            "  last error ({} in a row): {e}",
+            s.consecutive_failures
+        );
+    }
+    out
+}
+
 /// Formats a [`StatusReport`].
 pub fn format_status(r: &StatusReport) -> String {
     let mut out = format!(
@@ -240,6 +275,7 @@ pub fn format_status(r: &StatusReport) -> String {
         }
     }
     out.push_str(&format_buffer(&r.buffer, 0));
+    out.push_str(&format_sync(r.sync.as_ref(), &r.buffer));
     if r.records_dropped > 0 {
         let _ = writeln!(out, "records dropped by the writer: {}", r.records_dropped);
     }

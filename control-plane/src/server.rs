@@ -33,6 +33,8 @@ pub struct AppState {
     pub pki: Option<Arc<crate::pki::Pki>>,
     /// The LLM gateway (`/v1/query`, `/v1/chat/completions`).
     pub llm: Arc<crate::llm::Gateway>,
+    /// Limits on agent sync batches (`[ingest]`).
+    pub ingest: crate::ingest::IngestLimits,
 }
 
 impl AppState {
@@ -50,6 +52,7 @@ impl AppState {
             request_timeout: cfg.request_timeout,
             pki: None,
             llm,
+            ingest: cfg.ingest,
         }
     }
 }
