@@ -800,7 +800,10 @@ mod tests {
         assert_eq!(b.subscriptions.len(), 3);
         assert_eq!(
             cfg.sync.endpoints,
-            ["https://cp.example.com:8443", "https://cp-2.example.com:8443"]
+            [
+                "https://cp.example.com:8443",
+                "https://cp-2.example.com:8443"
+            ]
         );
         assert_eq!(cfg.sync.batch_max_records, 2000);
         assert_eq!(cfg.sync.request_timeout, Duration::from_secs(30));
@@ -818,7 +821,10 @@ mod tests {
     #[test]
     fn sync_settings_are_checked_by_name() {
         for (extra, field) in [
-            ("[sync]\nendpoints = [\"http://cp:8443\"]", "sync.endpoints[0]"),
+            (
+                "[sync]\nendpoints = [\"http://cp:8443\"]",
+                "sync.endpoints[0]",
+            ),
             ("[sync]\nbatch_max_records = 0", "sync.batch_max_records"),
             ("[sync]\nbatch_max_bytes = 10", "sync.batch_max_bytes"),
             (

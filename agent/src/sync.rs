@@ -228,11 +228,19 @@ impl SyncStatus {
 enum Outcome {
     Acked(SyncAck),
     /// Worth retrying later: network, timeout, 5xx, 408, 429, auth, a bad answer.
-    Failed { reason: &'static str, message: String },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
     /// 413: the batch is too large for the control plane.
-    TooLarge { message: String },
+    TooLarge {
+        message: String,
+    },
     /// 400/422: the control plane will never take this batch as it is.
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        message: String,
+    },
 }
 
 /// The sync loop; see the module docs.
@@ -480,7 +488,12 @@ impl Syncer {
         let json = serde_json::to_vec(&bad.record).unwrap_or_default();
         let letter = Record::DeadLetter(DeadLetter {
             source: DEAD_LETTER_SOURCE.into(),
-            origin: format!("epoch {} seq {} kind {}", bad.epoch, bad.seq, bad.record.kind()),
+            origin: format!(
+                "epoch {} seq {} kind {}",
+                bad.epoch,
+                bad.seq,
+                bad.record.kind()
+            ),
             reason: format!("control plane refused the record ({status}): {message}"),
             payload_prefix: json[..json.len().min(DEAD_LETTER_PREFIX_BYTES)].to_vec(),
             ts: Utc::now(),
@@ -531,7 +544,12 @@ impl Syncer {
         self.status
             .failures
             .store(u64::from(self.failures), Ordering::Relaxed);
-        let failed = self.cfg.endpoints.get(self.endpoint).cloned().unwrap_or_default();
+        let failed = self
+            .cfg
+            .endpoints
+            .get(self.endpoint)
+            .cloned()
+            .unwrap_or_default();
         self.status.set_error(Some(format!("{failed}: {message}")));
         if !self.cfg.endpoints.is_empty() {
             self.endpoint = (self.endpoint + 1) % self.cfg.endpoints.len();
@@ -556,9 +574,11 @@ impl Syncer {
             self.metrics
                 .backlog_records
                 .set(i64::try_from(stats.counts.total()).unwrap_or(i64::MAX));
-            self.metrics
-                .backlog_age_seconds
-                .set(stats.oldest_unacked_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0));
+            self.metrics.backlog_age_seconds.set(
+                stats
+                    .oldest_unacked_age_ms
+                    .map_or(0.0, |ms| ms as f64 / 1000.0),
+            );
         }
     }
 

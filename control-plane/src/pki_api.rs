@@ -599,7 +599,9 @@ pub async fn sync(
     };
     match outcome {
         Ok(ack) => {
-            m.batches.get_or_create(&ResultLabels { result: "ok" }).inc();
+            m.batches
+                .get_or_create(&ResultLabels { result: "ok" })
+                .inc();
             m.records.inc_by(ack.inserted);
             m.duplicates.inc_by(ack.duplicates);
             tracing::debug!(

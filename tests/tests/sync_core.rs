@@ -109,13 +109,19 @@ async fn every_reading_lands_exactly_once_across_network_cuts(pool: PgPool) {
 
     // Silent network: requests time out, nothing lands, readings pile up in the buffer.
     proxy.set(Link::Blackhole);
-    eventually(Duration::from_secs(20), "agent notices it is offline", || async {
-        !sync.status.report().online
-    })
+    eventually(
+        Duration::from_secs(20),
+        "agent notices it is offline",
+        || async { !sync.status.report().online },
+    )
     .await;
     let during_cut = count().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(count().await, during_cut, "records landed through a blackhole");
+    assert_eq!(
+        count().await,
+        during_cut,
+        "records landed through a blackhole"
+    );
     let backlog = buffer.stats().unwrap().counts.total();
     assert!(backlog > 0, "readings should pile up while cut");
 
@@ -147,7 +153,10 @@ async fn every_reading_lands_exactly_once_across_network_cuts(pool: PgPool) {
     let report = sync.status.report();
     assert!(report.online && report.last_ack_at.is_some(), "{report:?}");
     let m = sync.metrics();
-    assert!(m.contains("kip_agent_sync_failures_total{reason=\"timeout\"}"), "{m}");
+    assert!(
+        m.contains("kip_agent_sync_failures_total{reason=\"timeout\"}"),
+        "{m}"
+    );
     assert!(m.contains("kip_agent_sync_backlog_records 0"), "{m}");
     sync.stop().await;
 }
@@ -163,7 +172,10 @@ async fn a_replayed_batch_stores_nothing_twice_and_the_ack_never_moves_back(pool
     let (status, v) = post_batch(&id, &cp.agent_url, &b).await;
     assert_eq!(status, 200, "{v}");
     let ack: SyncAck = serde_json::from_value(v).unwrap();
-    assert_eq!((ack.epoch, ack.acked_seq, ack.inserted, ack.duplicates), (7, 10, 10, 0));
+    assert_eq!(
+        (ack.epoch, ack.acked_seq, ack.inserted, ack.duplicates),
+        (7, 10, 10, 0)
+    );
 
     let (status, v) = post_batch(&id, &cp.agent_url, &b).await;
     assert_eq!(status, 200, "{v}");
@@ -196,7 +208,10 @@ async fn a_replayed_batch_stores_nothing_twice_and_the_ack_never_moves_back(pool
             .unwrap();
     assert_eq!(acked, 12);
     let m = cp.metrics().await;
-    assert!(m.contains("kip_ingest_batches_total{result=\"ok\"} 4"), "{m}");
+    assert!(
+        m.contains("kip_ingest_batches_total{result=\"ok\"} 4"),
+        "{m}"
+    );
     assert!(m.contains("kip_ingest_records_total 12"), "{m}");
 }
 
@@ -212,12 +227,19 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
     let id = cp.enroll(org, "gw-1", dir.path()).await;
     let url = &cp.agent_url;
 
-    let msg = |v: &Value| v["error"]["message"].as_str().unwrap_or_default().to_owned();
+    let msg = |v: &Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
     let (s, v) = post(&id, url, gzip(b"{not json"), true).await.unwrap();
     assert_eq!(s, 400);
     assert!(msg(&v).contains("not valid JSON"), "{v}");
 
-    let (s, v) = post(&id, url, b"this is not gzip".to_vec(), true).await.unwrap();
+    let (s, v) = post(&id, url, b"this is not gzip".to_vec(), true)
+        .await
+        .unwrap();
     assert_eq!(s, 400);
     assert!(msg(&v).contains("gzip"), "{v}");
 
@@ -243,7 +265,10 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
     }
     let (s, v) = post_batch(&id, url, &bad_record).await;
     assert_eq!(s, 422);
-    assert!(msg(&v).contains("record 1: metric must not be empty"), "{v}");
+    assert!(
+        msg(&v).contains("record 1: metric must not be empty"),
+        "{v}"
+    );
 
     // Oversized body, and a small gzip body that inflates beyond the limit.
     let (s, v) = post(&id, url, vec![b' '; 200 * 1024], false).await.unwrap();
@@ -322,8 +347,14 @@ async fn an_agent_moves_a_poison_record_aside_and_the_stream_continues(pool: PgP
         format!("epoch {} seq {poison_seq} kind reading", buffer.epoch())
     );
     let reason = body["reason"].as_str().unwrap();
-    assert!(reason.contains("422") && reason.contains("metric must not be empty"), "{reason}");
-    assert!(sync.metrics().contains("kip_agent_sync_dead_letters_total 1"));
+    assert!(
+        reason.contains("422") && reason.contains("metric must not be empty"),
+        "{reason}"
+    );
+    assert!(
+        sync.metrics()
+            .contains("kip_agent_sync_dead_letters_total 1")
+    );
     assert_eq!(sync.status.report().dead_letters, 1);
     sync.stop().await;
 }
@@ -360,7 +391,13 @@ async fn a_device_writes_only_into_its_own_organisation(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(s, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("unknown field"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{v}"
+    );
 
     let rows: Vec<(uuid::Uuid, uuid::Uuid)> =
         sqlx::query_as("SELECT DISTINCT org_id, device_id FROM sensor_data")

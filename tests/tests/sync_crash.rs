@@ -237,7 +237,10 @@ async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothi
     // Now the control plane dies mid-stream (batches flow back to back, so mid-transaction).
     std::mem::replace(&mut cp_proc, Proc(Command::new("true").spawn().unwrap())).kill9();
     let at_cp_kill = count().await;
-    assert!(at_cp_kill < N, "everything synced before the control plane was killed");
+    assert!(
+        at_cp_kill < N,
+        "everything synced before the control plane was killed"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     cp_proc = cp.spawn();
 
@@ -254,8 +257,8 @@ async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothi
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
     )))
-        .execute(&admin)
-        .await;
+    .execute(&admin)
+    .await;
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]

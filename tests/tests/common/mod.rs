@@ -382,8 +382,5 @@ impl Proxy {
 }
 
 pub fn agent_addr(cp: &ControlPlane) -> SocketAddr {
-    cp.agent_url
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap()
+    cp.agent_url.trim_start_matches("https://").parse().unwrap()
 }
