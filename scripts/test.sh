@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one command that runs every check and test of kip on a fresh Debian machine:
-# installs what is missing, starts PostgreSQL, then fmt, clippy and the whole test suite.
+# installs what is missing, starts PostgreSQL, then fmt, clippy, the whole test suite, the
+# deployment checks (deploy/, .github/) and the agent release tarball (built and installed into
+# a temporary root).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
 
@@ -16,3 +18,7 @@ say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
 cargo test --workspace --locked
+say "deployment checks (scripts/check-deploy.sh)"
+bash scripts/check-deploy.sh
+say "agent release tarball (scripts/test-agent-package.sh)"
+bash scripts/test-agent-package.sh --profile debug

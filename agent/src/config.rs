@@ -55,6 +55,9 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub mqtt: Vec<RawMqttBroker>,
+    /// OPC UA endpoints; validated by [`crate::opcua::OpcUaEndpointConfig::validate`].
+    #[serde(default)]
+    pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
     #[serde(default)]
     pub sync: RawSync,
 }
@@ -369,6 +372,7 @@ pub struct Config {
     pub log_filter: String,
     pub mqtt: Vec<MqttBrokerConfig>,
     pub sync: SyncConfig,
+    pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
 }
 
 /// Validated `[buffer]`.
@@ -515,6 +519,19 @@ impl RawConfig {
             mqtt.push(broker);
         }
         let sync = self.sync.validate()?;
+        for (i, ep) in self.opcua.iter().enumerate() {
+            ep.validate()
+                .map_err(|e| invalid(format!("opcua[{i}].{}", e.field), e.problem.clone()))?;
+            if !names.insert(
+                Name::parse(&ep.name)
+                    .map_err(|e| invalid(format!("opcua[{i}].name"), e.to_string()))?,
+            ) {
+                return Err(invalid(
+                    format!("opcua[{i}].name"),
+                    format!("source name {:?} is used twice", ep.name),
+                ));
+            }
+        }
         Ok(Config {
             sync,
             device,
@@ -528,6 +545,7 @@ impl RawConfig {
             log_format,
             log_filter: self.log.filter,
             mqtt,
+            opcua: self.opcua,
         })
     }
 }
@@ -781,6 +799,28 @@ mod tests {
                           client_id = \"kip\"\n";
 
     #[test]
+    fn opcua_errors_name_the_endpoint_field_and_names_stay_unique() {
+        let ep = |name: &str, url: &str| {
+            format!(
+                "[[opcua]]\nname = \"{name}\"\nurl = \"{url}\"\npki_dir = \"/tmp/p\"\n\
+                 [[opcua.nodes]]\nnode_id = \"ns=2;s=a\"\nmachine = \"m\"\nmetric = \"t\"\n"
+            )
+        };
+        let err = parse(&ep("plc", "http://x")).unwrap_err().to_string();
+        assert!(err.contains("opcua[0].url"), "{err}");
+        let twice = format!(
+            "{}{}",
+            ep("plc", "opc.tcp://a:4840"),
+            ep("plc", "opc.tcp://b:4840")
+        );
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("opcua[1].name") && err.contains("used twice"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn example_config_in_deploy_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let cfg = Config::load(&path).unwrap();
@@ -788,6 +828,12 @@ mod tests {
         assert_eq!(cfg.buffer.flush_interval, Duration::from_millis(200));
         assert_eq!(cfg.http_listen_addr.port(), 9464);
         assert_eq!(cfg.mqtt.len(), 1);
+        assert_eq!(cfg.opcua.len(), 1);
+        assert_eq!(cfg.opcua[0].nodes.len(), 2);
+        assert_eq!(
+            cfg.opcua[0].security_policy,
+            crate::opcua::OpcUaSecurityPolicy::Basic256Sha256
+        );
         let b = &cfg.mqtt[0];
         assert_eq!((b.host.as_str(), b.port), ("broker.plant.local", 8883));
         assert!(matches!(
@@ -860,7 +906,10 @@ mod tests {
                 ) as &str,
                 "pointr",
             ),
-            ("[[opcua]]\nurl = \"opc.tcp://x\"\n", "opcua"),
+            (
+                "[[opcua]]\nname = \"p\"\nurl = \"opc.tcp://x\"\nsampling_ms = 1\n",
+                "sampling_ms",
+            ),
         ] {
             let err = parse(toml).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("a.toml"), "{toml}: {err}");

@@ -27,6 +27,21 @@ enum Command {
         #[arg(long, env = "KIP_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Enroll this device with the control plane using a one-time token (from
+    /// `kipctl device enroll-token`); the identity is stored in `<state_dir>/identity`.
+    Enroll {
+        #[arg(long, env = "KIP_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Control-plane admin URL, e.g. https://kip.example.com
+        #[arg(long, env = "KIP_SERVER_URL")]
+        server: String,
+        /// One-time enrollment token (prefer KIP_ENROLL_TOKEN to keep it out of shell history).
+        #[arg(long, env = "KIP_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Organisation id, when the token alone does not name it.
+        #[arg(long)]
+        org: Option<uuid::Uuid>,
+    },
     /// Buffer tools.
     Buffer {
         #[command(subcommand)]
@@ -102,6 +117,32 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { config } => out(&cli::status(&load(&config)?).await?),
+        Command::Enroll {
+            config,
+            server,
+            token,
+            org,
+        } => {
+            let cfg = load(&config)?;
+            // The plain enrollment client needs the process-wide provider (ring).
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()
+                .context("building the HTTP client")?;
+            let dir = cfg.state_dir.join("identity");
+            let id =
+                kip_agent::identity::enroll(&http, &server, &token, cfg.device.as_str(), org, &dir)
+                    .await
+                    .with_context(|| format!("enrolling {} at {server}", cfg.device))?;
+            out(&format!(
+                "enrolled {} (device {}, organisation {}); identity in {}\n",
+                cfg.device,
+                id.device_id(),
+                id.org_id(),
+                dir.display()
+            ))
+        }
         Command::Buffer {
             command: BufferCommand::Inspect { config, records },
         } => out(&cli::inspect(&load(&config)?, records).await?),

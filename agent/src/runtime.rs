@@ -65,6 +65,8 @@ pub enum RuntimeError {
     Identity(#[from] IdentityError),
     #[error("sync: {0}")]
     Sync(#[from] SyncError),
+    #[error("OPC UA endpoint {endpoint}: {message}")]
+    OpcUa { endpoint: String, message: String },
     #[error("cannot listen on {addr} (http.listen_addr): {source}")]
     Listen {
         addr: SocketAddr,
@@ -363,6 +365,24 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         .iter()
         .map(|b| MqttSource::new(b.clone(), metrics.clone()))
         .collect();
+    let opcua_metrics = crate::opcua::OpcUaMetrics::register(&mut registry);
+    let mut opcua_sources = Vec::with_capacity(cfg.opcua.len());
+    for ep in &cfg.opcua {
+        if ep.security_policy != crate::opcua::OpcUaSecurityPolicy::None {
+            // Created once; the operator adds this certificate to the PLC's trust list.
+            let cert = ep
+                .ensure_own_certificate()
+                .map_err(|message| RuntimeError::OpcUa {
+                    endpoint: ep.name.clone(),
+                    message,
+                })?;
+            tracing::info!(source = %ep.name, cert = %cert.display(), "OPC UA client certificate");
+        }
+        opcua_sources.push(crate::opcua::OpcUaSource::with_metrics(
+            ep.clone(),
+            opcua_metrics.clone(),
+        ));
+    }
     let surface = Arc::new(Surface {
         device: cfg.device.to_string(),
         started: Instant::now(),
@@ -372,6 +392,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         sources: sources
             .iter()
             .map(|s| (s.name().to_owned(), "mqtt"))
+            .chain(cfg.opcua.iter().map(|e| (e.name.clone(), "opcua")))
             .collect(),
         writer_alive: AtomicBool::new(true),
         sync: sync_status,
@@ -385,6 +406,10 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
 
     for source in sources {
         tracing::info!(source = source.name(), "starting mqtt source");
+        tracker.spawn(source.run(tx.clone(), cancel.clone()));
+    }
+    for (source, ep) in opcua_sources.into_iter().zip(&cfg.opcua) {
+        tracing::info!(source = %ep.name, url = %ep.url, "starting OPC UA source");
         tracker.spawn(source.run(tx.clone(), cancel.clone()));
     }
     // The writer ends when the last sender is gone: drop ours now.

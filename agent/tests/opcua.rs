@@ -595,3 +595,54 @@ async fn more_nodes_than_one_subscription_holds_are_split_into_chunks_and_all_fl
     src.stop().await;
     server.stop().await;
 }
+
+/// The whole agent, configured from TOML with an `[[opcua]]` endpoint, buffers the readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runtime_buffers_readings_of_a_configured_opcua_endpoint() {
+    let scratch = Scratch::new("runtime");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server = TestServer::start(listener, &scratch.0.join("server"), 33.25).await;
+    let toml = format!(
+        "[agent]\ndevice = \"gw-1\"\nstate_dir = \"{state}\"\n\
+         [http]\nlisten_addr = \"127.0.0.1:0\"\n\
+         [[opcua]]\nname = \"plc1\"\nurl = \"opc.tcp://127.0.0.1:{port}/\"\npki_dir = \"{pki}\"\n\
+         publishing_interval_ms = 100\n\
+         [[opcua.nodes]]\nnode_id = \"ns=2;s=Machine1.Temp\"\nmachine = \"press1\"\nmetric = \"temp\"\n\
+         sampling_interval_ms = 50\n",
+        state = scratch.0.join("state").display(),
+        pki = scratch.0.join("agent-pki").display(),
+    );
+    let cfg = kip_agent::config::RawConfig::from_toml(&toml, Path::new("agent.toml"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let agent = kip_agent::runtime::start(cfg, cancel.clone())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let recs = agent.buffer.read_range(0, 1000, 1 << 20).unwrap();
+        let found = recs.iter().any(|s| {
+            matches!(&s.record, Record::Reading(r)
+                if r.source == "plc1" && r.machine == "press1" && r.metric == "temp" && r.value == 33.25)
+        });
+        if found {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no OPC UA reading buffered: {recs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = kip_agent::runtime::local_get(agent.http_addr, "/v1/status")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("\"opcua\""), "{body}");
+    cancel.cancel();
+    agent.wait().await;
+    drop(server);
+}

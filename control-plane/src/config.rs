@@ -45,6 +45,7 @@ pub struct RawConfig {
     pub pki: RawPki,
     #[serde(default)]
     pub ingest: RawIngest,
+    #[serde(default)]
     pub llm: crate::llm::config::RawLlm,
 }
 

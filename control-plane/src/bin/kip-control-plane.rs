@@ -13,6 +13,9 @@ struct Args {
     /// Only check the config file and exit.
     #[arg(long)]
     check_config: bool,
+    /// Apply pending database migrations and exit (for a migration Job before a rollout).
+    #[arg(long)]
+    migrate_only: bool,
 }
 
 #[tokio::main]
@@ -25,5 +28,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     kip_control_plane::init_tracing(cfg.log_format, &cfg.log_filter);
+    if args.migrate_only {
+        let pool = kip_control_plane::db::connect(&cfg).await?;
+        kip_control_plane::db::migrate(&pool).await?;
+        pool.close().await;
+        tracing::info!("database schema up to date (--migrate-only)");
+        return Ok(());
+    }
     kip_control_plane::run(cfg, tokio_util::sync::CancellationToken::new()).await
 }
