@@ -327,6 +327,42 @@ mod tests {
     }
 
     #[test]
+    fn status_shows_sync_online_offline_backlog_and_last_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = crate::buffer::Buffer::open(
+            dir.path(),
+            crate::buffer::BufferOptions::with_max_bytes(1 << 20),
+        )
+        .unwrap();
+        buffer
+            .append(&Record::Gap(kip_shared::Gap {
+                source: "b1".into(),
+                from: Utc::now(),
+                to: Utc::now(),
+                reason: "t".into(),
+            }))
+            .unwrap();
+        let stats = buffer.stats().unwrap();
+        let mut report = crate::sync::SyncReport {
+            online: true,
+            endpoint: "https://cp:8443".into(),
+            last_ack_at: Some(Utc::now() - chrono::Duration::seconds(90)),
+            ..Default::default()
+        };
+        let text = format_sync(Some(&report), &stats);
+        assert!(text.contains("ONLINE via https://cp:8443"), "{text}");
+        assert!(text.contains("(1m 30s ago)"), "{text}");
+        assert!(text.contains("backlog 1 records"), "{text}");
+        report.online = false;
+        report.last_error = Some("https://cp:8443: connect refused".into());
+        report.consecutive_failures = 3;
+        let text = format_sync(Some(&report), &stats);
+        assert!(text.contains("OFFLINE"), "{text}");
+        assert!(text.contains("last error (3 in a row)"), "{text}");
+        assert!(format_sync(None, &stats).contains("not configured"));
+    }
+
+    #[test]
     fn dead_letters_show_their_payload_as_text() {
         let s = Sequenced {
             epoch: 1,
