@@ -301,3 +301,158 @@ async fn terminated_database_connections_mid_sync_lose_and_duplicate_nothing(poo
     sync.stop().await;
     assert!(m.contains("kip_agent_sync_records_total"), "{m}");
 }
+
+/// A private PostgreSQL (initdb + pg_ctl as user `postgres`) so a test may restart it.
+struct PrivatePg {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePg {
+    /// `None` (with the reason) when this process cannot run a private server.
+    fn create() -> Result<Self, String> {
+        let uid = Command::new("id")
+            .arg("-u")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Err("not running as root (needed to run PostgreSQL as user postgres)".into());
+        }
+        let bin = PathBuf::from("/usr/lib/postgresql/15/bin");
+        if !bin.join("initdb").exists() {
+            return Err(format!("{} has no initdb", bin.display()));
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let data = dir.path().join("data");
+        let sh = |cmd: String| {
+            Command::new("sh")
+                .args(["-c", &cmd])
+                .status()
+                .map_err(|e| e.to_string())
+                .and_then(|s| {
+                    s.success()
+                        .then_some(())
+                        .ok_or_else(|| format!("failed: {cmd}"))
+                })
+        };
+        sh(format!(
+            "chmod 755 {d} && mkdir {data} && chown postgres {data}",
+            d = dir.path().display(),
+            data = data.display()
+        ))?;
+        sh(format!(
+            "su postgres -c '{}/initdb -D {} -A trust -U postgres' >/dev/null",
+            bin.display(),
+            data.display()
+        ))?;
+        let pg = Self {
+            bin,
+            data,
+            port: free_port(),
+            _dir: dir,
+        };
+        pg.start();
+        Ok(pg)
+    }
+
+    fn ctl(&self, args: &str) {
+        let cmd = format!(
+            "su postgres -c \"{}/pg_ctl -D {} {args}\" >/dev/null",
+            self.bin.display(),
+            self.data.display()
+        );
+        let ok = Command::new("sh").args(["-c", &cmd]).status().unwrap();
+        assert!(ok.success(), "{cmd}");
+    }
+
+    fn start(&self) {
+        self.ctl(&format!(
+            "-w -l {}/log -o '-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}' start",
+            self.data.display(),
+            self.port,
+            self.data.display()
+        ));
+    }
+
+    /// Like a crash: no shutdown checkpoint, every connection cut.
+    fn stop_immediate(&self) {
+        self.ctl("-w -m immediate stop");
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "su postgres -c \"{}/pg_ctl -D {} -m immediate stop\" >/dev/null 2>&1",
+                    self.bin.display(),
+                    self.data.display()
+                ),
+            ])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_crash_and_restart_mid_sync_loses_and_duplicates_nothing() {
+    let pg = match PrivatePg::create() {
+        Ok(pg) => pg,
+        Err(why) => {
+            eprintln!("SKIPPED: cannot run a private PostgreSQL: {why}");
+            return;
+        }
+    };
+    let pool = PgPool::connect(&pg.url()).await.unwrap();
+    kip_control_plane::db::MIGRATOR.run(&pool).await.unwrap();
+    let cp = start(pool.clone(), None).await;
+    let org = cp.create_org("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = cp.enroll(org, "gw-1", &dir.path().join("identity")).await;
+    let buffer = common::open_buffer(&dir.path().join("buffer"));
+    let mut want = BTreeSet::new();
+    for i in 0..10_000u64 {
+        let seq = buffer.append(&reading(i)).unwrap();
+        want.insert((buffer.epoch(), seq));
+    }
+    let mut cfg = sync_config(vec![cp.agent_url.clone()]);
+    cfg.batch_max_records = 100;
+    let sync = start_sync(buffer.clone(), &id, cfg);
+    let left = || buffer.stats().unwrap().counts.total();
+    eventually(Duration::from_secs(30), "some records synced", || async {
+        left() < 9_000
+    })
+    .await;
+    pg.stop_immediate();
+    eventually(
+        Duration::from_secs(20),
+        "agent notices the outage",
+        || async { !sync.status.report().online },
+    )
+    .await;
+    // An ack already on its way when the database died may still arrive; after that, none.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at_crash = left();
+    assert!(at_crash > 0, "everything synced before the crash");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        left(),
+        at_crash,
+        "records were acked while the database was down"
+    );
+    pg.start();
+    eventually(Duration::from_secs(60), "backlog drained", || async {
+        left() == 0
+    })
+    .await;
+    let got = stored(&pool, id.device_id()).await;
+    assert_eq!(got, want);
+    sync.stop().await;
+}
