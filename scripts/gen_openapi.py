@@ -51,6 +51,17 @@ schemas = {
   "CertificateResponse": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_before": ts, "not_after": ts, "certificate_chain_pem": {"type": "string", "description": "Device certificate then intermediate"}, "trust_bundle_pem": {"type": "string", "description": "Roots to trust for the agent listener"}}},
   "RenewExpiredRequest": {"type": "object", "additionalProperties": False, "required": ["certificate_chain_pem", "csr_pem"], "properties": {"certificate_chain_pem": {"type": "string", "description": "The expired device certificate then its intermediate"}, "csr_pem": {"type": "string", "maxLength": 16384, "description": "CSR signed with the certificate's own key"}}},
   "RenewRequest": {"type": "object", "additionalProperties": False, "required": ["csr_pem"], "properties": {"csr_pem": {"type": "string", "maxLength": 16384}}},
+  "SyncBatch": {"type": "object", "additionalProperties": False, "required": ["protocol_version", "epoch", "first_seq", "last_seq", "records"],
+    "description": "Records of one epoch in strictly increasing seq order, first_seq <= seq <= last_seq. No device field: the device is the client certificate's.",
+    "properties": {"protocol_version": {"type": "integer", "minimum": 1}, "agent_version": {"type": "string"}, "epoch": {"type": "integer", "minimum": 0},
+                   "first_seq": {"type": "integer", "minimum": 0}, "last_seq": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807},
+                   "records": arr({"type": "object", "additionalProperties": False, "required": ["epoch", "seq", "record"], "properties": {"epoch": {"type": "integer"}, "seq": {"type": "integer"},
+                       "record": {"type": "object", "required": ["kind"], "description": "A reading, gap, dead_letter, loss or prediction (tagged by kind)", "properties": {"kind": {"enum": ["reading", "gap", "dead_letter", "loss", "prediction"]}}}}}),
+                   "running_model": {"type": ["string", "null"]}}},
+  "SyncAck": {"type": "object", "required": ["protocol_version", "epoch", "acked_seq", "inserted", "duplicates"], "properties": {
+    "protocol_version": {"type": "integer"}, "epoch": {"type": "integer"}, "acked_seq": {"type": "integer", "description": "Every record of this epoch up to here is stored; the agent may delete them"},
+    "inserted": {"type": "integer"}, "duplicates": {"type": "integer", "description": "Records already stored (a replay)"},
+    "desired": {"type": "object", "properties": {"config_version": {"type": ["string", "null"]}, "model": {"type": ["object", "null"]}, "renew_certificate": {"type": "boolean"}}}}},
   "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
 msg = {"type": "object", "additionalProperties": False, "required": ["role"], "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "content": {"type": ["string", "null"]}, "name": {"type": "string"}, "tool_call_id": {"type": "string"}, "tool_calls": {"type": "array", "items": {"type": "object"}}}}
@@ -135,6 +146,12 @@ TLS_ERR = {"403": err("Client certificate unknown, revoked, or its device delete
 agent_paths = {
   "/v1/agent/renew": {"post": {"summary": "Renew the device certificate; authenticated by the current client certificate", "security": [{"mtls": []}],
     "requestBody": body(ref("RenewRequest")), "responses": {**ok("Renewed", ref("CertificateResponse")), **TLS_ERR, "400": COMMON["400"], "422": COMMON["422"]}}},
+  "/v1/agent/sync": {"post": {"summary": "Store a batch of buffered agent records idempotently (one transaction, keyed by device, epoch, seq) and acknowledge it. Body JSON, gzip with Content-Encoding: gzip; limits ingest.max_batch_bytes (after decompression) and ingest.max_batch_records", "security": [{"mtls": []}],
+    "requestBody": body(ref("SyncBatch")), "responses": {**ok("Stored (or already stored)", ref("SyncAck")), **TLS_ERR,
+      "400": err("Not gzip, not JSON for this protocol version, or unsupported Content-Encoding (named in the message)"),
+      "413": err("Body or decompressed batch larger than ingest.max_batch_bytes"),
+      "422": err("Batch breaks a rule (protocol_version, empty, too many records, seq order or range, epoch) or a record is invalid (index named)"),
+      "503": err("Database unavailable; retry")}}},
   "/v1/agent/whoami": {"get": {"summary": "The identity named by the client certificate", "security": [{"mtls": []}],
     "responses": {**ok("Identity", ref("AgentWhoami")), **TLS_ERR}}},
   "/v1/agent/models/{model_id}/artifact": {"get": {"summary": "Download the artifact of the model desired for this device (and only that one; 404 otherwise)", "security": [{"mtls": []}],

@@ -209,6 +209,41 @@ pub fn format_buffer(s: &BufferStats, indent: usize) -> String {
     out
 }
 
+/// The sync lines of `kip-agent status`: online/offline, backlog, last ack.
+pub fn format_sync(sync: Option<&crate::sync::SyncReport>, buffer: &BufferStats) -> String {
+    let Some(s) = sync else {
+        return "sync: not configured or device not enrolled (records stay buffered)\n".into();
+    };
+    let last_ack = s.last_ack_at.map_or_else(
+        || "never since start".to_owned(),
+        |t| {
+            let ago = u64::try_from((chrono::Utc::now() - t).num_seconds()).unwrap_or(0);
+            format!("{} ({} ago)", t.to_rfc3339(), human_duration(ago))
+        },
+    );
+    let mut out = format!(
+        "sync: {} via {}, last ack {last_ack}\n  backlog {} records{}, batch {} records, {} acked since start, {} dead letters\n",
+        if s.online { "ONLINE" } else { "OFFLINE" },
+        s.endpoint,
+        buffer.counts.total(),
+        buffer
+            .oldest_unacked_age_ms
+            .map(|ms| format!(" (oldest {} old)", human_duration(ms / 1000)))
+            .unwrap_or_default(),
+        s.batch_records,
+        s.records_acked,
+        s.dead_letters,
+    );
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(
+            out,
+            "  last error ({} in a row): {e}",
+            s.consecutive_failures
+        );
+    }
+    out
+}
+
 /// Formats a [`StatusReport`].
 pub fn format_status(r: &StatusReport) -> String {
     let mut out = format!(
@@ -240,6 +275,7 @@ pub fn format_status(r: &StatusReport) -> String {
         }
     }
     out.push_str(&format_buffer(&r.buffer, 0));
+    out.push_str(&format_sync(r.sync.as_ref(), &r.buffer));
     if r.records_dropped > 0 {
         let _ = writeln!(out, "records dropped by the writer: {}", r.records_dropped);
     }
@@ -288,6 +324,42 @@ mod tests {
         assert_eq!(human_duration(59), "59s");
         assert_eq!(human_duration(3 * 3600 + 120), "3h 2m");
         assert_eq!(human_duration(2 * 86_400 + 3600), "2d 1h");
+    }
+
+    #[test]
+    fn status_shows_sync_online_offline_backlog_and_last_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = crate::buffer::Buffer::open(
+            dir.path(),
+            crate::buffer::BufferOptions::with_max_bytes(1 << 20),
+        )
+        .unwrap();
+        buffer
+            .append(&Record::Gap(kip_shared::Gap {
+                source: "b1".into(),
+                from: Utc::now(),
+                to: Utc::now(),
+                reason: "t".into(),
+            }))
+            .unwrap();
+        let stats = buffer.stats().unwrap();
+        let mut report = crate::sync::SyncReport {
+            online: true,
+            endpoint: "https://cp:8443".into(),
+            last_ack_at: Some(Utc::now() - chrono::Duration::seconds(90)),
+            ..Default::default()
+        };
+        let text = format_sync(Some(&report), &stats);
+        assert!(text.contains("ONLINE via https://cp:8443"), "{text}");
+        assert!(text.contains("(1m 30s ago)"), "{text}");
+        assert!(text.contains("backlog 1 records"), "{text}");
+        report.online = false;
+        report.last_error = Some("https://cp:8443: connect refused".into());
+        report.consecutive_failures = 3;
+        let text = format_sync(Some(&report), &stats);
+        assert!(text.contains("OFFLINE"), "{text}");
+        assert!(text.contains("last error (3 in a row)"), "{text}");
+        assert!(format_sync(None, &stats).contains("not configured"));
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct RawConfig {
     /// `[inference]`: predictive maintenance on readings as they arrive.
     #[serde(default)]
     pub inference: RawInference,
+    #[serde(default)]
+    pub sync: RawSync,
 }
 
 /// `[inference]` as written.
@@ -81,6 +83,156 @@ pub struct RawInference {
     /// Capacity of the queue between the buffer writer and inference (default 10000).
     #[serde(default)]
     pub queue_capacity_readings: Option<usize>,
+}
+
+/// `[sync]`: shipping the buffer to the control plane's agent listener (mTLS).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    /// Agent-listener base URLs (`https://cp.example:8443`), tried in order: after a failure
+    /// the next one, and a working one is kept. Empty disables sync (records stay buffered).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Largest batch in records (the control plane's `ingest.max_batch_records` must allow it).
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// Largest batch in stored bytes (about the JSON size before gzip).
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: u64,
+    /// How often to look for new records once caught up.
+    #[serde(default = "default_sync_interval_ms")]
+    pub interval_ms: u64,
+    /// Backoff after a failed batch: full jitter between 0 and min(max, min * 2^failures).
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Timeout of one batch request (connect + upload + store + ack).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_batch_max_records() -> usize {
+    2_000
+}
+fn default_batch_max_bytes() -> u64 {
+    1024 * 1024
+}
+fn default_sync_interval_ms() -> u64 {
+    1_000
+}
+fn default_backoff_min_ms() -> u64 {
+    500
+}
+fn default_backoff_max_ms() -> u64 {
+    60_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for RawSync {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            batch_max_records: default_batch_max_records(),
+            batch_max_bytes: default_batch_max_bytes(),
+            interval_ms: default_sync_interval_ms(),
+            backoff_min_ms: default_backoff_min_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            request_timeout_ms: default_request_timeout_ms(),
+        }
+    }
+}
+
+/// Validated `[sync]`.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Base URLs without a trailing slash, in failover order.
+    pub endpoints: Vec<String>,
+    pub batch_max_records: usize,
+    pub batch_max_bytes: u64,
+    pub interval: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub request_timeout: Duration,
+}
+
+impl RawSync {
+    fn validate(self) -> Result<SyncConfig, ConfigError> {
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let e = e.trim().trim_end_matches('/');
+            let rest = e.strip_prefix("https://").ok_or_else(|| {
+                invalid(
+                    format!("sync.endpoints[{i}]"),
+                    format!("{e:?} must be an https:// URL of the agent listener (mTLS)"),
+                )
+            })?;
+            if rest.is_empty() || rest.contains(char::is_whitespace) {
+                return Err(invalid(
+                    format!("sync.endpoints[{i}]"),
+                    format!("{e:?} has no host"),
+                ));
+            }
+            endpoints.push(e.to_owned());
+        }
+        if !(1..=100_000).contains(&self.batch_max_records) {
+            return Err(invalid(
+                "sync.batch_max_records",
+                format!(
+                    "must be between 1 and 100000, got {}",
+                    self.batch_max_records
+                ),
+            ));
+        }
+        if !(4096..=256 * 1024 * 1024).contains(&self.batch_max_bytes) {
+            return Err(invalid(
+                "sync.batch_max_bytes",
+                format!(
+                    "must be between 4096 and 268435456, got {}",
+                    self.batch_max_bytes
+                ),
+            ));
+        }
+        let interval = ms_in("sync.interval_ms".into(), self.interval_ms, 1, 3_600_000)?;
+        let backoff_min = ms_in(
+            "sync.backoff_min_ms".into(),
+            self.backoff_min_ms,
+            1,
+            3_600_000,
+        )?;
+        let backoff_max = ms_in(
+            "sync.backoff_max_ms".into(),
+            self.backoff_max_ms,
+            1,
+            3_600_000,
+        )?;
+        if backoff_max < backoff_min {
+            return Err(invalid(
+                "sync.backoff_max_ms",
+                format!(
+                    "must be at least sync.backoff_min_ms ({}), got {}",
+                    self.backoff_min_ms, self.backoff_max_ms
+                ),
+            ));
+        }
+        let request_timeout = ms_in(
+            "sync.request_timeout_ms".into(),
+            self.request_timeout_ms,
+            100,
+            600_000,
+        )?;
+        Ok(SyncConfig {
+            endpoints,
+            batch_max_records: self.batch_max_records,
+            batch_max_bytes: self.batch_max_bytes,
+            interval,
+            backoff_min,
+            backoff_max,
+            request_timeout,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +394,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub mqtt: Vec<MqttBrokerConfig>,
+    pub sync: SyncConfig,
     pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
     /// `None` when `[inference] enabled` is false.
     pub inference: Option<crate::edge_inference::InferenceConfig>,
@@ -390,6 +543,7 @@ impl RawConfig {
             }
             mqtt.push(broker);
         }
+        let sync = self.sync.validate()?;
         for (i, ep) in self.opcua.iter().enumerate() {
             ep.validate()
                 .map_err(|e| invalid(format!("opcua[{i}].{}", e.field), e.problem.clone()))?;
@@ -406,6 +560,7 @@ impl RawConfig {
         let inference = validate_inference(self.inference)?;
         Ok(Config {
             inference,
+            sync,
             device,
             state_dir: self.agent.state_dir,
             buffer: BufferConfig {
@@ -683,6 +838,11 @@ impl Config {
     pub fn buffer_dir(&self) -> PathBuf {
         self.state_dir.join("buffer")
     }
+
+    /// Where the device identity (key, certificate, trust bundle) lives.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.state_dir.join("identity")
+    }
 }
 
 #[cfg(test)]
@@ -746,6 +906,15 @@ mod tests {
             }
         ));
         assert_eq!(b.subscriptions.len(), 3);
+        assert_eq!(
+            cfg.sync.endpoints,
+            [
+                "https://cp.example.com:8443",
+                "https://cp-2.example.com:8443"
+            ]
+        );
+        assert_eq!(cfg.sync.batch_max_records, 2000);
+        assert_eq!(cfg.sync.request_timeout, Duration::from_secs(30));
         assert_eq!(b.subscriptions[0].value, ValueFormat::Number {});
         assert_eq!(b.subscriptions[1].metric, NameSource::TopicLevel(3));
         assert!(matches!(
@@ -758,8 +927,30 @@ mod tests {
     }
 
     #[test]
+    fn sync_settings_are_checked_by_name() {
+        for (extra, field) in [
+            (
+                "[sync]\nendpoints = [\"http://cp:8443\"]",
+                "sync.endpoints[0]",
+            ),
+            ("[sync]\nbatch_max_records = 0", "sync.batch_max_records"),
+            ("[sync]\nbatch_max_bytes = 10", "sync.batch_max_bytes"),
+            (
+                "[sync]\nbackoff_min_ms = 5000\nbackoff_max_ms = 10",
+                "sync.backoff_max_ms",
+            ),
+            ("[sync]\nrequest_timeout_ms = 1", "sync.request_timeout_ms"),
+            ("[sync]\ninterval = 1", "interval"),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let cfg = parse("").unwrap();
+        assert!(cfg.sync.endpoints.is_empty());
         assert_eq!(cfg.buffer.max_bytes, 512 * 1024 * 1024);
         assert_eq!(cfg.http_listen_addr.to_string(), "127.0.0.1:9464");
         assert!(cfg.mqtt.is_empty());

@@ -1,7 +1,7 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
 //! Data path: sources ([`mqtt`], [`opcua`]) -> bounded channel -> buffer writer ->
-//! [`buffer`] (sled, durable `(epoch, seq)`) -> sync (separate issue). [`runtime`] wires it
+//! [`buffer`] (sled, durable `(epoch, seq)`) -> [`sync`] (mTLS batches to the control plane, effectively once). [`runtime`] wires it
 //! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
 //! `kip-agent status` and `kip-agent buffer inspect`.
 
@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod opcua;
 pub mod runtime;
+pub mod sync;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

@@ -11,6 +11,9 @@
 //! - The HTTP surface is read-only and meant for loopback; it never takes the buffer's lock
 //!   for longer than a stats snapshot.
 //!
+//! When `[sync]` lists endpoints and the device is enrolled (`<state_dir>/identity`), the
+//! certificate renewer and the [`crate::sync`] loop run on the same tracker.
+//!
 //! OPC UA endpoints plug in next to the MQTT brokers: `OpcUaSource::new(cfg, &mut registry)`
 //! before the registry is frozen, then `run(tx.clone(), cancel.clone())` on the tracker.
 
@@ -40,8 +43,10 @@ use crate::{
     buffer::{Buffer, BufferError, BufferOptions, BufferStats},
     config::Config,
     edge_inference::{Inference, InferenceFeed},
+    identity::{Identity, IdentityError, RenewalPolicy, Renewer},
     metrics::{self, IngestMetrics},
     mqtt::MqttSource,
+    sync::{SyncError, SyncReport, SyncStatus, Syncer},
 };
 
 /// How long shutdown waits for the tasks before giving up on them.
@@ -57,6 +62,10 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    #[error("device identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("sync: {0}")]
+    Sync(#[from] SyncError),
     #[error("OPC UA endpoint {endpoint}: {message}")]
     OpcUa { endpoint: String, message: String },
     #[error(transparent)]
@@ -81,6 +90,8 @@ struct Surface {
     writer_alive: AtomicBool,
     /// `None` when `[inference]` is off.
     inference: Option<Arc<Inference>>,
+    /// The sync loop's state; `None` when sync is not configured or the agent not enrolled.
+    sync: Option<Arc<SyncStatus>>,
 }
 
 /// One source's state in [`StatusReport`].
@@ -104,6 +115,9 @@ pub struct StatusReport {
     pub sources: Vec<SourceStatus>,
     pub buffer: BufferStats,
     pub records_dropped: u64,
+    /// Sync to the control plane; `None` when not configured or not enrolled.
+    #[serde(default)]
+    pub sync: Option<SyncReport>,
 }
 
 /// What `/v1/buffer` answers and `kip-agent buffer inspect` prints.
@@ -155,6 +169,7 @@ impl Surface {
             sources,
             buffer: stats,
             records_dropped: self.metrics.records_dropped.get(),
+            sync: self.sync.as_ref().map(|s| s.report()),
         })
     }
 }
@@ -327,6 +342,38 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         None => None,
     };
 
+    // Sync needs the enrolled identity; without one the agent still buffers everything.
+    let identity = if cfg.sync.endpoints.is_empty() {
+        None
+    } else {
+        let id = Identity::load(&cfg.identity_dir())?;
+        if id.is_none() {
+            tracing::error!(
+                dir = %cfg.identity_dir().display(),
+                "sync is configured but the device is not enrolled: records stay buffered"
+            );
+        }
+        id
+    };
+    let mut syncer = None;
+    let mut renewer = None;
+    if let (Some(id), Some(first)) = (identity, cfg.sync.endpoints.first()) {
+        let (r, handle) = Renewer::new(
+            id,
+            cfg.identity_dir(),
+            first.clone(),
+            RenewalPolicy::default(),
+        )?;
+        renewer = Some(r);
+        syncer = Some(Syncer::new(
+            buffer.clone(),
+            cfg.sync.clone(),
+            handle.client_config,
+            &mut registry,
+        )?);
+    }
+    let sync_status = syncer.as_ref().map(Syncer::status);
+
     let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
         .await
         .map_err(|source| RuntimeError::Listen {
@@ -378,6 +425,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             .collect(),
         writer_alive: AtomicBool::new(true),
         inference: inference.as_ref().map(|(i, _)| i.clone()),
+        sync: sync_status,
     });
 
     // Inference runs beside the writer and ends when the writer drops the feed.
@@ -387,6 +435,12 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         tracker.spawn(inf.run(buffer.clone(), irx));
         InferenceFeed { tx: itx, dropped }
     });
+    if let Some(r) = renewer {
+        tracker.spawn(r.run(cancel.clone()));
+    }
+    if let Some(s) = syncer {
+        tracker.spawn(s.run(cancel.clone()));
+    }
 
     for source in sources {
         tracing::info!(source = source.name(), "starting mqtt source");
@@ -480,6 +534,7 @@ mod tests {
             sources: vec![("b1".into(), "mqtt")],
             writer_alive: AtomicBool::new(true),
             inference: None,
+            sync: None,
         })
     }
 

@@ -44,6 +44,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub pki: RawPki,
     #[serde(default)]
+    pub ingest: RawIngest,
+    #[serde(default)]
     pub llm: crate::llm::config::RawLlm,
     /// `[mlflow]`: mirror the model registry into MLflow.
     #[serde(default)]
@@ -123,6 +125,64 @@ pub struct RawPki {
     /// offline for longer than the certificate lifetime.
     #[serde(default = "default_expired_renewal_grace_s")]
     pub expired_renewal_grace_s: u64,
+}
+
+/// `[ingest]`: limits on agent sync batches (`POST /v1/agent/sync` on the agent listener).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIngest {
+    /// Largest batch, in bytes of JSON after decompression; also the limit on the (gzip)
+    /// request body. Agents size their batches below it and shrink on 413.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: u64,
+    /// Most records in one batch.
+    #[serde(default = "default_max_batch_records")]
+    pub max_batch_records: u64,
+}
+
+fn default_max_batch_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_max_batch_records() -> u64 {
+    10_000
+}
+
+impl Default for RawIngest {
+    fn default() -> Self {
+        Self {
+            max_batch_bytes: default_max_batch_bytes(),
+            max_batch_records: default_max_batch_records(),
+        }
+    }
+}
+
+impl RawIngest {
+    fn validate(self) -> Result<crate::ingest::IngestLimits, ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        if !(64 * 1024..=256 * 1024 * 1024).contains(&self.max_batch_bytes) {
+            return Err(invalid(
+                "ingest.max_batch_bytes",
+                format!(
+                    "must be between 65536 and 268435456, got {}",
+                    self.max_batch_bytes
+                ),
+            ));
+        }
+        if !(1..=100_000).contains(&self.max_batch_records) {
+            return Err(invalid(
+                "ingest.max_batch_records",
+                format!(
+                    "must be between 1 and 100000, got {}",
+                    self.max_batch_records
+                ),
+            ));
+        }
+        Ok(crate::ingest::IngestLimits {
+            max_records: usize::try_from(self.max_batch_records).unwrap_or(usize::MAX),
+            max_decoded_bytes: usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX),
+        })
+    }
 }
 
 fn default_device_cert_lifetime_s() -> u64 {
@@ -344,6 +404,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub pki: PkiConfig,
+    /// Limits on agent sync batches.
+    pub ingest: crate::ingest::IngestLimits,
     /// The LLM gateway (`[llm]`).
     pub llm: crate::llm::config::LlmConfig,
     /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
@@ -491,6 +553,7 @@ impl RawConfig {
             }
         };
         let pki = self.pki.validate()?;
+        let ingest = self.ingest.validate()?;
         let llm = self.llm.validate()?;
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         Ok(Config {
@@ -508,6 +571,7 @@ impl RawConfig {
             log_format,
             log_filter: self.log.filter,
             pki,
+            ingest,
         })
     }
 }

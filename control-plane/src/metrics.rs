@@ -18,6 +18,55 @@ use prometheus_client::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `rejected` (a client error) or `error` (ours, the agent retries).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// [`crate::ingest::IngestError::reason`], or `too_large` for an oversized body.
+    pub reason: &'static str,
+}
+
+/// Agent sync ingest (`kip_ingest_*`).
+#[derive(Debug, Clone, Default)]
+pub struct IngestMetrics {
+    pub batches: Family<ResultLabels, Counter>,
+    /// Records newly stored (replayed duplicates are not counted).
+    pub records: Counter,
+    pub duplicates: Counter,
+    pub rejected: Family<ReasonLabels, Counter>,
+}
+
+impl IngestMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "ingest_batches",
+            "Agent sync batches, by result (ok, rejected, error)",
+            m.batches.clone(),
+        );
+        registry.register(
+            "ingest_records",
+            "Agent records newly stored",
+            m.records.clone(),
+        );
+        registry.register(
+            "ingest_duplicate_records",
+            "Agent records received again (replays) and not stored twice",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "ingest_rejected",
+            "Agent sync batches refused or failed, by reason",
+            m.rejected.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     pub route: String,
@@ -34,6 +83,8 @@ pub struct Metrics {
     pub llm: crate::llm::metrics::LlmMetrics,
     /// MLflow mirror calls that failed (`kip_mlflow_sync_failures_total`).
     pub mlflow_sync_failures: Counter,
+    /// Agent sync ingest (`kip_ingest_*`).
+    pub ingest: IngestMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -65,8 +116,10 @@ impl Metrics {
             "Model registry changes that could not be mirrored to MLflow",
             mlflow_sync_failures.clone(),
         );
+        let ingest = IngestMetrics::register(&mut registry);
         Self {
             mlflow_sync_failures,
+            ingest,
             registry,
             http_requests,
             http_duration,

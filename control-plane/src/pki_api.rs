@@ -1,5 +1,6 @@
 //! PKI HTTP handlers: enrollment tokens and revocation (admin API), enrollment (token
-//! authenticated), renewal and whoami (agent mTLS listener).
+//! authenticated), renewal, whoami and sync (agent mTLS listener; sync stores batches through
+//! [`crate::ingest`]).
 //!
 //! Invariants:
 //! - A bootstrap token is one-time: it is locked (`FOR UPDATE`), checked (unused, unexpired,
@@ -20,14 +21,15 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequestParts, Path, State},
-    http::{StatusCode, request::Parts},
+    body::Bytes,
+    extract::{DefaultBodyLimit, FromRequestParts, Path, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header, request::Parts},
     routing::{get, post},
 };
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use kip_certs::{CertError, DeviceIdentity, IssuedCert};
-use kip_shared::Name;
+use kip_shared::{Name, sync::SyncAck};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -37,6 +39,8 @@ use crate::{
     api::ApiJson,
     auth::Principal,
     error::{ApiError, ApiResult},
+    ingest,
+    metrics::{ReasonLabels, ResultLabels},
     pki::Pki,
     server::AppState,
 };
@@ -539,6 +543,90 @@ pub async fn whoami(dev: DeviceCert) -> Json<AgentWhoami> {
     })
 }
 
+/// `POST /v1/agent/sync`: stores a [`kip_shared::sync::SyncBatch`] (JSON, gzip when
+/// `Content-Encoding: gzip`) for the device of the client certificate and answers the
+/// [`SyncAck`]. The device comes only from the certificate: the body has no device field.
+pub async fn sync(
+    State(st): State<AppState>,
+    dev: DeviceCert,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SyncAck>> {
+    let m = &st.metrics.ingest;
+    let fail = |reason: &'static str, result: &'static str| {
+        m.rejected.get_or_create(&ReasonLabels { reason }).inc();
+        m.batches.get_or_create(&ResultLabels { result }).inc();
+    };
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            fail("too_large", "rejected");
+            return Err(ApiError::PayloadTooLarge {
+                limit_bytes: st.ingest.max_decoded_bytes,
+            });
+        }
+        Err(r) => {
+            fail("body", "rejected");
+            return Err(ApiError::BadRequest(format!("cannot read the body: {r}")));
+        }
+    };
+    let gzip = match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    {
+        None => false,
+        Some(e) if e == "gzip" => true,
+        Some(e) if e == "identity" => false,
+        Some(e) => {
+            fail("encoding", "rejected");
+            return Err(ApiError::BadRequest(format!(
+                "Content-Encoding {e:?} is not supported: send gzip or identity"
+            )));
+        }
+    };
+    let limits = st.ingest;
+    let id = ingest::DeviceIdentity {
+        org_id: dev.identity.org_id,
+        device_id: dev.identity.device_id,
+    };
+    // Inflating and parsing up to max_batch_bytes is CPU work: keep it off the async threads.
+    let decoded = tokio::task::spawn_blocking(move || ingest::decode(&body, gzip, limits))
+        .await
+        .map_err(ApiError::internal)?;
+    let outcome = match decoded {
+        Ok(batch) => ingest::store(&st.pool, id, &batch).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(ack) => {
+            m.batches
+                .get_or_create(&ResultLabels { result: "ok" })
+                .inc();
+            m.records.inc_by(ack.inserted);
+            m.duplicates.inc_by(ack.duplicates);
+            tracing::debug!(
+                org_id = %id.org_id, device_id = %id.device_id, epoch = ack.epoch,
+                acked_seq = ack.acked_seq, inserted = ack.inserted, duplicates = ack.duplicates,
+                "sync batch stored"
+            );
+            Ok(Json(ack))
+        }
+        Err(e) => {
+            let result = if matches!(e, ingest::IngestError::Db(_)) {
+                "error"
+            } else {
+                "rejected"
+            };
+            fail(e.reason(), result);
+            tracing::warn!(
+                org_id = %id.org_id, device_id = %id.device_id, error = %e,
+                "sync batch not stored"
+            );
+            Err(e.into())
+        }
+    }
+}
+
 async fn agent_not_found() -> ApiError {
     ApiError::NotFound("route")
 }
@@ -548,6 +636,11 @@ pub fn agent_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/agent/renew", post(renew))
         .route("/v1/agent/whoami", get(whoami))
+        // Batches are larger than ordinary requests: their own limit (`ingest.max_batch_bytes`).
+        .route(
+            "/v1/agent/sync",
+            post(sync).layer(DefaultBodyLimit::max(state.ingest.max_decoded_bytes)),
+        )
         .fallback(agent_not_found)
         .layer(DefaultBodyLimit::max(state.body_limit_bytes))
         .with_state(state)

@@ -35,6 +35,8 @@ pub struct AppState {
     pub llm: Arc<crate::llm::Gateway>,
     /// The MLflow registry mirror; `None` unless `[mlflow] tracking_uri` is set.
     pub mlflow: Option<Arc<crate::registry::mlflow::MlflowSync>>,
+    /// Limits on agent sync batches (`[ingest]`).
+    pub ingest: crate::ingest::IngestLimits,
 }
 
 impl AppState {
@@ -63,6 +65,7 @@ impl AppState {
             request_timeout: cfg.request_timeout,
             pki: None,
             llm,
+            ingest: cfg.ingest,
         }
     }
 }

@@ -1,0 +1,714 @@
+//! Sync: ships the buffer to the control plane's agent listener, effectively once.
+//!
+//! The loop (one task on the runtime's tracker) reads the records after the last acknowledged
+//! sequence ([`Buffer::read_range`]), posts them as one gzip JSON [`SyncBatch`] over mTLS to
+//! `POST {endpoint}/v1/agent/sync`, and on the [`SyncAck`] deletes them ([`Buffer::ack`]).
+//!
+//! # Guarantees
+//!
+//! - **At least once** on the agent side: records are deleted only after the control plane
+//!   acknowledged them; a lost ack, a crash of either side or a cut network resends the same
+//!   `(epoch, seq)` records. **At most once** on the control-plane side: records are keyed by
+//!   `(device, epoch, seq)` and stored with `ON CONFLICT DO NOTHING` in one transaction per
+//!   batch. Together: every buffered record lands exactly once.
+//! - Loss window: only the buffer's (see [`crate::buffer`]): records appended after the last
+//!   completed flush may be lost by a power cut or `kill -9` of the agent. Sync itself adds no
+//!   window: an acked record was committed by PostgreSQL first.
+//! - Identity: the client is rebuilt when the identity's `watch` channel publishes a renewed
+//!   certificate, between batches, so renewal never interrupts sync.
+//! - Backlog drain: after a full batch the next one is sent at once; the loop sleeps
+//!   `interval_ms` only when caught up. Sled reads, gzip and acks run on the blocking pool, so
+//!   the buffer writer keeps ingesting while a backlog drains.
+//! - Failures (connect error, timeout, 5xx, 408, 429, 401/403/404, a bad answer): the records
+//!   stay buffered, the next endpoint is tried after full-jitter exponential backoff
+//!   (`backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
+//!   halve the batch size; fast, full batches double it again up to the configured caps.
+//!
+//! # Poison batches
+//!
+//! A 400 or 422 for a batch (and a 413 for a single record) means the control plane will
+//! never accept it as it is. Looping on it would stop the stream for good, so the loop splits:
+//! it halves the batch until the refused part is one record, then moves that record aside: it
+//! appends a [`DeadLetter`] (source `sync`, origin `epoch E seq S kind K`, the server's status
+//! and message as reason, the record's JSON prefix as payload), acknowledges the refused
+//! record locally (deleting it), counts it in `kip_agent_sync_dead_letters` and logs an error.
+//! The stream then continues; the dead letter itself syncs like any record, so the refusal is
+//! visible in the control plane (`agent_events`).
+//!
+//! Exceptions: a refusal naming `protocol_version` is a version mismatch of the whole agent,
+//! not a bad record, and a refused dead letter written by this module means the control plane
+//! refuses even minimal records; both are treated as failures (backoff, nothing dropped).
+
+use std::{
+    io::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use kip_certs::rustls;
+use kip_shared::{
+    DeadLetter, Record, Sequenced,
+    record::DEAD_LETTER_PREFIX_BYTES,
+    sync::{SyncAck, SyncBatch},
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    buffer::{Buffer, BufferError},
+    config::SyncConfig,
+};
+
+/// Source name of the dead letters this module writes.
+pub const DEAD_LETTER_SOURCE: &str = "sync";
+/// Smallest adaptive byte budget of a batch.
+const MIN_BATCH_BYTES: u64 = 4096;
+/// First batch size in records (grows to the configured cap while batches are fast and full).
+const INITIAL_BATCH_RECORDS: usize = 256;
+
+/// Why the sync loop could not even build its client or read its buffer.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("cannot encode the batch: {0}")]
+    Encode(#[from] std::io::Error),
+    #[error("blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// Metrics of the sync loop (`kip_agent_sync_*`).
+#[derive(Debug, Clone, Default)]
+struct SyncMetrics {
+    batches: Family<ResultLabels, Counter>,
+    records: Counter,
+    failures: Family<ReasonLabels, Counter>,
+    dead_letters: Counter,
+    backlog_records: Gauge,
+    backlog_age_seconds: Gauge<f64, AtomicU64>,
+    last_ack_unix_seconds: Gauge,
+    batch_records: Gauge,
+    online: Gauge,
+}
+
+impl SyncMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "sync_batches",
+            "Sync batches by result (acked, failed, refused)",
+            m.batches.clone(),
+        );
+        registry.register(
+            "sync_records",
+            "Records acknowledged by the control plane (rate() gives records/s)",
+            m.records.clone(),
+        );
+        registry.register(
+            "sync_failures",
+            "Failed sync attempts by reason",
+            m.failures.clone(),
+        );
+        registry.register(
+            "sync_dead_letters",
+            "Records the control plane refused for good, moved aside as dead letters",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "sync_backlog_records",
+            "Records buffered and not yet acknowledged",
+            m.backlog_records.clone(),
+        );
+        registry.register(
+            "sync_backlog_age_seconds",
+            "Age of the oldest unacknowledged record",
+            m.backlog_age_seconds.clone(),
+        );
+        registry.register(
+            "sync_last_ack_unix_seconds",
+            "Time of the last acknowledged batch (0 = none since start)",
+            m.last_ack_unix_seconds.clone(),
+        );
+        registry.register(
+            "sync_batch_records",
+            "Current adaptive batch size in records",
+            m.batch_records.clone(),
+        );
+        registry.register(
+            "sync_online",
+            "1 when the last sync attempt succeeded",
+            m.online.clone(),
+        );
+        m
+    }
+}
+
+/// The sync state shown by `/v1/status` and `kip-agent status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyncReport {
+    /// The last attempt reached the control plane and was acknowledged.
+    pub online: bool,
+    pub endpoint: String,
+    pub last_ack_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u64,
+    pub batch_records: u64,
+    pub records_acked: u64,
+    pub dead_letters: u64,
+}
+
+/// Live state shared between the loop and the status surface.
+#[derive(Debug, Default)]
+pub struct SyncStatus {
+    online: AtomicBool,
+    last_ack_ms: AtomicI64,
+    failures: AtomicU64,
+    batch_records: AtomicU64,
+    records_acked: AtomicU64,
+    dead_letters: AtomicU64,
+    endpoint: Mutex<String>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SyncStatus {
+    /// A snapshot for reports.
+    pub fn report(&self) -> SyncReport {
+        let ms = self.last_ack_ms.load(Ordering::Relaxed);
+        SyncReport {
+            online: self.online.load(Ordering::Relaxed),
+            endpoint: self.endpoint.lock().map(|e| e.clone()).unwrap_or_default(),
+            last_ack_at: (ms > 0)
+                .then(|| DateTime::from_timestamp_millis(ms))
+                .flatten(),
+            last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            consecutive_failures: self.failures.load(Ordering::Relaxed),
+            batch_records: self.batch_records.load(Ordering::Relaxed),
+            records_acked: self.records_acked.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+        }
+    }
+
+    fn set_endpoint(&self, e: &str) {
+        if let Ok(mut g) = self.endpoint.lock() {
+            e.clone_into(&mut g);
+        }
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = e;
+        }
+    }
+}
+
+/// What one batch attempt came to.
+#[derive(Debug)]
+enum Outcome {
+    Acked(SyncAck),
+    /// Worth retrying later: network, timeout, 5xx, 408, 429, auth, a bad answer.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+    /// 413: the batch is too large for the control plane.
+    TooLarge {
+        message: String,
+    },
+    /// 400/422: the control plane will never take this batch as it is.
+    Refused {
+        status: u16,
+        message: String,
+    },
+}
+
+/// The sync loop; see the module docs.
+#[derive(Debug)]
+pub struct Syncer {
+    buffer: Arc<Buffer>,
+    cfg: SyncConfig,
+    tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+    metrics: SyncMetrics,
+    status: Arc<SyncStatus>,
+    client: reqwest::Client,
+    endpoint: usize,
+    batch_records: usize,
+    batch_bytes: u64,
+    /// Set while isolating a poison record: the largest batch to send, and the last
+    /// sequence of the refused batch (the split ends once the loop is past it).
+    split: Option<(usize, u64)>,
+    failures: u32,
+    /// The next sequence to send (one past the last acknowledged one).
+    next_seq: u64,
+}
+
+fn build_client(
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<reqwest::Client, SyncError> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured((**tls).clone())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(SyncError::Client)
+}
+
+impl Syncer {
+    /// Prepares the loop over `buffer`, presenting the client configuration published on
+    /// `tls` (the identity's watch channel), and registers its metrics.
+    pub fn new(
+        buffer: Arc<Buffer>,
+        cfg: SyncConfig,
+        mut tls: watch::Receiver<Arc<rustls::ClientConfig>>,
+        registry: &mut Registry,
+    ) -> Result<Self, SyncError> {
+        let client = build_client(&tls.borrow_and_update(), cfg.request_timeout)?;
+        let next_seq = buffer.stats()?.acked_up_to + 1;
+        let status = Arc::new(SyncStatus::default());
+        if let Some(e) = cfg.endpoints.first() {
+            status.set_endpoint(e);
+        }
+        let batch_records = INITIAL_BATCH_RECORDS.min(cfg.batch_max_records);
+        let batch_bytes = cfg.batch_max_bytes;
+        Ok(Self {
+            buffer,
+            cfg,
+            tls,
+            metrics: SyncMetrics::register(registry),
+            status,
+            client,
+            endpoint: 0,
+            batch_records,
+            batch_bytes,
+            split: None,
+            failures: 0,
+            next_seq,
+        })
+    }
+
+    /// The shared status, for the local HTTP surface.
+    pub fn status(&self) -> Arc<SyncStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `cancel` fires. Never gives up: every failure is retried with backoff.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        if self.cfg.endpoints.is_empty() {
+            tracing::warn!("sync.endpoints is empty: records stay in the buffer");
+            return;
+        }
+        tracing::info!(endpoints = ?self.cfg.endpoints, from_seq = self.next_seq, "sync started");
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // Cancelling mid-batch is safe: unacked records are simply sent again next run.
+            let step = tokio::select! {
+                () = cancel.cancelled() => break,
+                r = self.step() => r,
+            };
+            let pause = match step {
+                Ok(Some(pause)) => pause,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "sync step failed");
+                    self.failure("local", e.to_string())
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        tracing::info!("sync stopped");
+    }
+
+    /// One batch: read, send, act on the outcome. `None` means "go on at once" (a full batch
+    /// was acked or a split is in progress), otherwise how long to wait.
+    pub async fn step(&mut self) -> Result<Option<Duration>, SyncError> {
+        if self.tls.has_changed().unwrap_or(false) {
+            let cfg = self.tls.borrow_and_update().clone();
+            self.client = build_client(&cfg, self.cfg.request_timeout)?;
+            tracing::info!("sync client rebuilt with the renewed certificate");
+        }
+        if self.split.is_some_and(|(_, until)| self.next_seq > until) {
+            self.split = None;
+        }
+        let limit = self
+            .split
+            .map_or(self.batch_records, |(l, _)| l)
+            .min(self.batch_records)
+            .max(1);
+        let (records, body) = {
+            let buffer = self.buffer.clone();
+            let from = self.next_seq;
+            let bytes = self.batch_bytes;
+            tokio::task::spawn_blocking(move || read_and_encode(&buffer, from, limit, bytes))
+                .await??
+        };
+        self.refresh_backlog().await;
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            self.status.online.store(true, Ordering::Relaxed);
+            return Ok(Some(self.cfg.interval));
+        };
+        let (first_seq, last_seq, n) = (first.seq, last.seq, records.len());
+        let full = n >= limit;
+        let started = Instant::now();
+        let outcome = self.send(body).await;
+        match outcome {
+            Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
+                let buffer = self.buffer.clone();
+                tokio::task::spawn_blocking(move || buffer.ack(last_seq)).await??;
+                self.next_seq = last_seq + 1;
+                self.refresh_backlog().await;
+                self.failures = 0;
+                self.metrics
+                    .batches
+                    .get_or_create(&ResultLabels { result: "acked" })
+                    .inc();
+                self.metrics.records.inc_by(n as u64);
+                let now = Utc::now();
+                self.metrics
+                    .last_ack_unix_seconds
+                    .set(now.timestamp());
+                self.metrics.online.set(1);
+                self.status.online.store(true, Ordering::Relaxed);
+                self.status
+                    .last_ack_ms
+                    .store(now.timestamp_millis(), Ordering::Relaxed);
+                self.status.failures.store(0, Ordering::Relaxed);
+                self.status
+                    .records_acked
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                self.status.set_error(None);
+                tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
+                    duplicates = ack.duplicates, "batch acknowledged");
+                if self.split.is_some() {
+                    // The refused record is further on: keep halving from here.
+                    return Ok(None);
+                }
+                // Grow while batches are full and well inside the timeout.
+                if full && started.elapsed() < self.cfg.request_timeout / 4 {
+                    self.batch_records = (self.batch_records * 2).min(self.cfg.batch_max_records);
+                    self.batch_bytes = (self.batch_bytes * 2).min(self.cfg.batch_max_bytes);
+                }
+                self.metrics.batch_records.set(self.batch_records as i64);
+                self.status
+                    .batch_records
+                    .store(self.batch_records as u64, Ordering::Relaxed);
+                Ok(if full { None } else { Some(self.cfg.interval) })
+            }
+            Outcome::Acked(ack) => Ok(Some(self.failure(
+                "bad_ack",
+                format!(
+                    "ack for epoch {} up to {} does not cover the batch (epoch {}, {first_seq}..={last_seq})",
+                    ack.epoch,
+                    ack.acked_seq,
+                    self.buffer.epoch()
+                ),
+            ))),
+            Outcome::Failed { reason, message } => {
+                if reason == "timeout" {
+                    self.shrink();
+                }
+                Ok(Some(self.failure(reason, message)))
+            }
+            Outcome::TooLarge { message } if n > 1 => {
+                self.shrink();
+                self.metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        reason: "too_large",
+                    })
+                    .inc();
+                tracing::warn!(records = n, batch_records = self.batch_records, %message,
+                    "batch too large for the control plane; shrinking");
+                Ok(None)
+            }
+            Outcome::TooLarge { message } => self.refused(records, 413, message).await,
+            Outcome::Refused { status, message } => self.refused(records, status, message).await,
+        }
+    }
+
+    /// A batch the control plane will never accept: split it, or move its one record aside.
+    async fn refused(
+        &mut self,
+        records: Vec<Sequenced>,
+        status: u16,
+        message: String,
+    ) -> Result<Option<Duration>, SyncError> {
+        self.metrics
+            .batches
+            .get_or_create(&ResultLabels { result: "refused" })
+            .inc();
+        let systemic = message.contains("protocol_version")
+            || (records.len() == 1
+                && matches!(&records[0].record,
+                    Record::DeadLetter(d) if d.source == DEAD_LETTER_SOURCE));
+        if systemic {
+            return Ok(Some(self.failure(
+                "refused_systemic",
+                format!("control plane refused ({status}) a batch it should accept: {message}"),
+            )));
+        }
+        if records.len() > 1 {
+            let half = records.len() / 2;
+            tracing::warn!(status, %message, records = records.len(), next = half,
+                "control plane refused a batch; splitting it to isolate the bad record");
+            let until = records.last().map_or(0, |r| r.seq);
+            self.split = Some((half.max(1), until));
+            return Ok(None);
+        }
+        let Some(bad) = records.into_iter().next() else {
+            return Ok(None);
+        };
+        let json = serde_json::to_vec(&bad.record).unwrap_or_default();
+        let letter = Record::DeadLetter(DeadLetter {
+            source: DEAD_LETTER_SOURCE.into(),
+            origin: format!(
+                "epoch {} seq {} kind {}",
+                bad.epoch,
+                bad.seq,
+                bad.record.kind()
+            ),
+            reason: format!("control plane refused the record ({status}): {message}"),
+            payload_prefix: json[..json.len().min(DEAD_LETTER_PREFIX_BYTES)].to_vec(),
+            ts: Utc::now(),
+        });
+        let buffer = self.buffer.clone();
+        let seq = bad.seq;
+        // Dead letter first, then the ack: a crash in between re-isolates the record and
+        // writes a second dead letter, never loses the first.
+        let letter_seq = tokio::task::spawn_blocking(move || -> Result<u64, BufferError> {
+            let s = buffer.append(&letter)?;
+            buffer.ack(seq)?;
+            Ok(s)
+        })
+        .await??;
+        self.next_seq = seq + 1;
+        // Any other bad record in the rest triggers a split of its own.
+        self.split = None;
+        self.metrics.dead_letters.inc();
+        self.status.dead_letters.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(epoch = bad.epoch, seq, kind = %bad.record.kind(), status, %message,
+            dead_letter_seq = letter_seq,
+            "control plane refused a record for good; moved it aside as a dead letter");
+        Ok(None)
+    }
+
+    fn shrink(&mut self) {
+        self.batch_records = (self.batch_records / 2).max(1);
+        self.batch_bytes = (self.batch_bytes / 2).max(MIN_BATCH_BYTES);
+        self.metrics.batch_records.set(self.batch_records as i64);
+        self.status
+            .batch_records
+            .store(self.batch_records as u64, Ordering::Relaxed);
+    }
+
+    /// Records a failure, switches to the next endpoint and returns the backoff.
+    fn failure(&mut self, reason: &'static str, message: String) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.metrics
+            .batches
+            .get_or_create(&ResultLabels { result: "failed" })
+            .inc();
+        self.metrics
+            .failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        self.metrics.online.set(0);
+        self.status.online.store(false, Ordering::Relaxed);
+        self.status
+            .failures
+            .store(u64::from(self.failures), Ordering::Relaxed);
+        let failed = self
+            .cfg
+            .endpoints
+            .get(self.endpoint)
+            .cloned()
+            .unwrap_or_default();
+        self.status.set_error(Some(format!("{failed}: {message}")));
+        if !self.cfg.endpoints.is_empty() {
+            self.endpoint = (self.endpoint + 1) % self.cfg.endpoints.len();
+        }
+        if let Some(e) = self.cfg.endpoints.get(self.endpoint) {
+            self.status.set_endpoint(e);
+        }
+        let delay = backoff(
+            self.cfg.backoff_min,
+            self.cfg.backoff_max,
+            self.failures,
+            rand::random::<f64>(),
+        );
+        tracing::warn!(endpoint = %failed, reason, %message, failures = self.failures,
+            retry_in_ms = delay.as_millis() as u64, "sync failed; records stay buffered");
+        delay
+    }
+
+    async fn refresh_backlog(&self) {
+        let buffer = self.buffer.clone();
+        if let Ok(Ok(stats)) = tokio::task::spawn_blocking(move || buffer.stats()).await {
+            self.metrics
+                .backlog_records
+                .set(i64::try_from(stats.counts.total()).unwrap_or(i64::MAX));
+            self.metrics.backlog_age_seconds.set(
+                stats
+                    .oldest_unacked_age_ms
+                    .map_or(0.0, |ms| ms as f64 / 1000.0),
+            );
+        }
+    }
+
+    async fn send(&self, body: Vec<u8>) -> Outcome {
+        let Some(base) = self.cfg.endpoints.get(self.endpoint) else {
+            return Outcome::Failed {
+                reason: "config",
+                message: "no endpoint".into(),
+            };
+        };
+        let resp = self
+            .client
+            .post(format!("{base}/v1/agent/sync"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(body)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connect"
+                } else {
+                    "network"
+                };
+                return Outcome::Failed {
+                    reason,
+                    message: format!("{e:#}"),
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome::Failed {
+                    reason: if e.is_timeout() { "timeout" } else { "network" },
+                    message: format!("reading the answer: {e:#}"),
+                };
+            }
+        };
+        if status == 200 {
+            return match serde_json::from_slice::<SyncAck>(&bytes) {
+                Ok(ack) => Outcome::Acked(ack),
+                Err(e) => Outcome::Failed {
+                    reason: "bad_answer",
+                    message: format!("answer is not a SyncAck: {e}"),
+                },
+            };
+        }
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let message = v["error"]["message"]
+            .as_str()
+            .map(ToOwned::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+        match status {
+            413 => Outcome::TooLarge { message },
+            400 | 422 => Outcome::Refused { status, message },
+            408 | 429 => Outcome::Failed {
+                reason: "throttled",
+                message: format!("{status}: {message}"),
+            },
+            401 | 403 | 404 => Outcome::Failed {
+                reason: "auth",
+                message: format!("{status}: {message}"),
+            },
+            s if s >= 500 => Outcome::Failed {
+                reason: "server",
+                message: format!("{status}: {message}"),
+            },
+            _ => Outcome::Failed {
+                reason: "http",
+                message: format!("{status}: {message}"),
+            },
+        }
+    }
+}
+
+/// Full-jitter exponential backoff: uniform in `[0, min(max, min * 2^(failures-1))]`, but at
+/// least `min / 2` so a flapping link is not hammered. `unit` is a random number in `[0, 1)`.
+pub fn backoff(min: Duration, max: Duration, failures: u32, unit: f64) -> Duration {
+    let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+    let cap = exp.min(max);
+    cap.mul_f64(unit.clamp(0.0, 1.0)).max(min / 2)
+}
+
+/// Reads up to `max_records` records from `from_seq` and encodes them as a gzip JSON batch.
+fn read_and_encode(
+    buffer: &Buffer,
+    from_seq: u64,
+    max_records: usize,
+    max_bytes: u64,
+) -> Result<(Vec<Sequenced>, Vec<u8>), SyncError> {
+    let records = buffer.read_range(from_seq, max_records, max_bytes)?;
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok((records, Vec::new()));
+    };
+    let batch = SyncBatch {
+        protocol_version: kip_shared::PROTOCOL_VERSION,
+        agent_version: format!("kip-agent {}", env!("CARGO_PKG_VERSION")),
+        epoch: buffer.epoch(),
+        first_seq: first.seq,
+        last_seq: last.seq,
+        records,
+        running_model: None,
+    };
+    let json = serde_json::to_vec(&batch).map_err(std::io::Error::other)?;
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 4),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(&json)?;
+    let body = gz.finish()?;
+    Ok((batch.records, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_full_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        assert_eq!(backoff(min, max, 1, 1.0), min);
+        assert_eq!(backoff(min, max, 3, 1.0), Duration::from_millis(400));
+        assert_eq!(backoff(min, max, 30, 1.0), max);
+        assert_eq!(backoff(min, max, 30, 0.0), min / 2);
+        assert!(backoff(min, max, 30, 0.5) <= max);
+    }
+}
