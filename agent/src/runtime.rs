@@ -365,12 +365,15 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             RenewalPolicy::default(),
         )?;
         renewer = Some(r);
-        syncer = Some(Syncer::new(
-            buffer.clone(),
-            cfg.sync.clone(),
-            handle.client_config,
-            &mut registry,
-        )?);
+        syncer = Some(
+            Syncer::new(
+                buffer.clone(),
+                cfg.sync.clone(),
+                handle.client_config,
+                &mut registry,
+            )?
+            .with_inference(inference.as_ref().map(|(i, _)| i.clone())),
+        );
     }
     let sync_status = syncer.as_ref().map(Syncer::status);
 

@@ -261,6 +261,11 @@ pub struct Syncer {
     failures: u32,
     /// The next sequence to send (one past the last acknowledged one).
     next_seq: u64,
+    /// Local inference, for model rollout from the desired state; `None` when off.
+    inference: Option<Arc<crate::edge_inference::Inference>>,
+    /// sha256 of a desired model that failed to download or load: not retried until the
+    /// desired state names another one (the last good model keeps serving meanwhile).
+    model_refused: Option<String>,
 }
 
 fn build_client(
@@ -306,7 +311,68 @@ impl Syncer {
             split: None,
             failures: 0,
             next_seq,
+            inference: None,
+            model_refused: None,
         })
+    }
+
+    /// Lets the desired state roll models out to `inference`.
+    pub fn with_inference(
+        mut self,
+        inference: Option<Arc<crate::edge_inference::Inference>>,
+    ) -> Self {
+        self.inference = inference;
+        self
+    }
+
+    /// Downloads, verifies and hot-swaps the model named by the desired state when it is not
+    /// the one serving. Never fails the sync loop: a refused model is logged, counted by the
+    /// inference metrics, and the previous model keeps serving.
+    async fn apply_desired_model(&mut self, m: kip_shared::sync::DesiredModel) {
+        let Some(inf) = self.inference.clone() else {
+            return;
+        };
+        let want = format!("{}@{}", m.name, m.version);
+        if inf.running_model().as_deref() == Some(want.as_str())
+            || self.model_refused.as_deref() == Some(m.sha256.as_str())
+        {
+            return;
+        }
+        let Some(base) = self.cfg.endpoints.get(self.endpoint).cloned() else {
+            return;
+        };
+        let client = self.client.clone();
+        let result: Result<(), String> = async {
+            let resp = client
+                .get(format!("{base}{}", m.download_path))
+                .send()
+                .await
+                .map_err(|e| format!("download failed: {e}"))?;
+            if !resp.status().is_success() {
+                return Err(format!("download answered HTTP {}", resp.status()));
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| format!("download failed: {e}"))?;
+            let sha = m.sha256.clone();
+            tokio::task::spawn_blocking(move || {
+                inf.install(&bytes, Some(&sha)).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.model_refused = None;
+                tracing::info!(model = %want, "desired model installed");
+            }
+            Err(e) => {
+                tracing::error!(model = %want, error = %e, "desired model refused; the previous model keeps serving");
+                self.model_refused = Some(m.sha256);
+            }
+        }
     }
 
     /// The shared status, for the local HTTP surface.
@@ -366,8 +432,11 @@ impl Syncer {
             let buffer = self.buffer.clone();
             let from = self.next_seq;
             let bytes = self.batch_bytes;
-            tokio::task::spawn_blocking(move || read_and_encode(&buffer, from, limit, bytes))
-                .await??
+            let running = self.inference.as_ref().and_then(|i| i.running_model());
+            tokio::task::spawn_blocking(move || {
+                read_and_encode(&buffer, from, limit, bytes, running)
+            })
+            .await??
         };
         self.refresh_backlog().await;
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
@@ -406,6 +475,9 @@ impl Syncer {
                 self.status.set_error(None);
                 tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
                     duplicates = ack.duplicates, "batch acknowledged");
+                if let Some(m) = ack.desired.model.clone() {
+                    self.apply_desired_model(m).await;
+                }
                 if self.split.is_some() {
                     // The refused record is further on: keep halving from here.
                     return Ok(None);
@@ -674,6 +746,7 @@ fn read_and_encode(
     from_seq: u64,
     max_records: usize,
     max_bytes: u64,
+    running_model: Option<String>,
 ) -> Result<(Vec<Sequenced>, Vec<u8>), SyncError> {
     let records = buffer.read_range(from_seq, max_records, max_bytes)?;
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
@@ -686,7 +759,7 @@ fn read_and_encode(
         first_seq: first.seq,
         last_seq: last.seq,
         records,
-        running_model: None,
+        running_model,
     };
     let json = serde_json::to_vec(&batch).map_err(std::io::Error::other)?;
     let mut gz = flate2::write::GzEncoder::new(

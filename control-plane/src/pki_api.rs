@@ -593,12 +593,31 @@ pub async fn sync(
     let decoded = tokio::task::spawn_blocking(move || ingest::decode(&body, gzip, limits))
         .await
         .map_err(ApiError::internal)?;
-    let outcome = match decoded {
-        Ok(batch) => ingest::store(&st.pool, id, &batch).await,
-        Err(e) => Err(e),
+    let (outcome, running_model) = match decoded {
+        Ok(batch) => {
+            let running = batch.running_model.clone();
+            (ingest::store(&st.pool, id, &batch).await, running)
+        }
+        Err(e) => (Err(e), None),
     };
     match outcome {
-        Ok(ack) => {
+        Ok(mut ack) => {
+            // Desired state is advisory: the batch is stored whatever happens here.
+            match crate::registry::desired_model_for(&st.pool, id.org_id, id.device_id).await {
+                Ok(model) => ack.desired.model = model,
+                Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
+            }
+            if let Err(e) = crate::registry::record_device_model_status(
+                &st.pool,
+                id.org_id,
+                id.device_id,
+                running_model.as_deref(),
+                None,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "cannot record the device's model status");
+            }
             m.batches
                 .get_or_create(&ResultLabels { result: "ok" })
                 .inc();
@@ -636,6 +655,10 @@ pub fn agent_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/agent/renew", post(renew))
         .route("/v1/agent/whoami", get(whoami))
+        .route(
+            "/v1/agent/models/{model_id}/artifact",
+            get(crate::registry::download_artifact_for_device),
+        )
         // Batches are larger than ordinary requests: their own limit (`ingest.max_batch_bytes`).
         .route(
             "/v1/agent/sync",

@@ -1,0 +1,226 @@
+//! Model rollout end to end: the registry's desired state travels in the sync ack, the agent
+//! downloads the model over mTLS, checks its sha256, loads it and reports what it runs; a bad
+//! version is refused while the last good model keeps serving; rollback is pointing the
+//! desired state back.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use common::{eventually, open_buffer, reading, sync_config};
+use kip_agent::{
+    edge_inference::{Inference, InferenceConfig},
+    sync::Syncer,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn reference_model() -> (Vec<u8>, Value) {
+    let onnx = std::fs::read_dir(root().join("ml/models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .unwrap();
+    let card =
+        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
+    (std::fs::read(onnx).unwrap(), card)
+}
+
+async fn call(
+    cp: &common::ControlPlane,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    raw: Option<Vec<u8>>,
+) -> Value {
+    let mut req = cp
+        .http
+        .request(method, format!("{}{path}", cp.admin_url))
+        .bearer_auth(&cp.admin_key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    if let Some(r) = raw {
+        req = req
+            .header("content-type", "application/octet-stream")
+            .body(r);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+async fn register(
+    cp: &common::ControlPlane,
+    org: uuid::Uuid,
+    version: &str,
+    bytes: &[u8],
+) -> String {
+    use sha2::Digest as _;
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
+    let m = cp
+        .admin(
+            &format!("/v1/organisations/{org}/models"),
+            json!({ "name": "rul-fd001", "version": version, "kind": "rul", "artifact_sha256": sha }),
+        )
+        .await;
+    let id = m["id"].as_str().unwrap().to_owned();
+    call(
+        cp,
+        reqwest::Method::PUT,
+        &format!("/v1/organisations/{org}/models/{id}/artifact"),
+        None,
+        Some(bytes.to_vec()),
+    )
+    .await;
+    id
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool: PgPool) {
+    let cp = common::start(pool.clone(), None).await;
+    let org = cp.create_org("acme").await;
+    let agent_dir = tempfile::tempdir().unwrap();
+    let id = cp.enroll(org, "gw-1", agent_dir.path()).await;
+    let device = id.device_id();
+
+    let (good, card) = reference_model();
+    let version = card["version"].as_str().unwrap().to_owned();
+    let good_id = register(&cp, org, &version, &good).await;
+    // A "model" that passes its checksum (the registry stored what was uploaded) but is no model.
+    let bad_id = register(&cp, org, "2.0.0-broken", b"definitely not an onnx graph").await;
+
+    let desired = |model: &str| {
+        let (cp, model) = (&cp, model.to_owned());
+        async move {
+            call(
+                cp,
+                reqwest::Method::PUT,
+                &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
+                Some(json!({ "model_id": model })),
+                None,
+            )
+            .await
+        }
+    };
+    desired(&good_id).await;
+
+    // The agent: inference with no model yet, and its sync loop.
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    let mut registry = kip_agent::metrics::new_registry();
+    let inference: Arc<Inference> = Inference::start(
+        &InferenceConfig {
+            ort_library: Some(lib),
+            model_path: None,
+            model_sha256: None,
+            queue_capacity_readings: 16,
+        },
+        &mut registry,
+    )
+    .unwrap();
+    assert_eq!(inference.running_model(), None);
+    let buffer = open_buffer(&agent_dir.path().join("buffer"));
+    let (_tls_tx, tls_rx) = tokio::sync::watch::channel(id.client_config().unwrap());
+    let syncer = Syncer::new(
+        buffer.clone(),
+        sync_config(vec![cp.agent_url.clone()]),
+        tls_rx,
+        &mut registry,
+    )
+    .unwrap()
+    .with_inference(Some(inference.clone()));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(syncer.run(cancel.clone()));
+    // Readings keep flowing, so batches (and acks carrying the desired state) keep coming.
+    let feeder = {
+        let (buffer, cancel) = (buffer.clone(), cancel.clone());
+        tracker.spawn(async move {
+            let mut i = 0;
+            while !cancel.is_cancelled() {
+                buffer.append(&reading(i)).unwrap();
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    let want = format!("rul-fd001@{version}");
+    eventually(
+        Duration::from_secs(30),
+        "the desired model is installed",
+        || {
+            let inference = inference.clone();
+            let want = want.clone();
+            async move { inference.running_model().as_deref() == Some(want.as_str()) }
+        },
+    )
+    .await;
+    let status_path = format!("/v1/organisations/{org}/model-status");
+    let in_sync = || async {
+        let s = cp
+            .http
+            .get(format!("{}{status_path}", cp.admin_url))
+            .bearer_auth(&cp.admin_key)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = s.json().await.unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["device_id"] == json!(device) && d["in_sync"] == json!(true))
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the control plane sees the device in sync",
+        in_sync,
+    )
+    .await;
+
+    // A broken version: refused, the good model keeps serving, the device is reported out of sync.
+    desired(&bad_id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = kip_agent::metrics::render(&registry);
+        if m.contains("kip_agent_model_swap_failures_total 1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken model was never tried:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(inference.running_model().as_deref(), Some(want.as_str()));
+
+    // Rollback: point the desired state back; the device is in sync again without a reload.
+    desired(&good_id).await;
+    eventually(
+        Duration::from_secs(30),
+        "back in sync after rollback",
+        in_sync,
+    )
+    .await;
+    assert_eq!(inference.running_model().as_deref(), Some(want.as_str()));
+
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    drop(feeder);
+}
