@@ -113,6 +113,7 @@ if [ ! -s "$STATE/org.key" ]; then
 fi
 org() { KIP_API_KEY_FILE="$STATE/org.key" "$KIPCTL" --server "$KIP_URL" "$@"; }
 AGENT_STATE="$STATE/agent"
+MODEL_PATH="$(ls "$KIP_ROOT"/ml/models/*.onnx | head -n1)"
 cat > "$STATE/agent.toml" <<TOML
 # Written by scripts/quickstart.sh: the demo agent reading the simulated Aleph machines.
 [agent]
@@ -137,6 +138,16 @@ topic = "aleph/+/+"
 machine_topic_level = 1
 metric_topic_level = 2
 value = { kind = "json", pointer = "/v", timestamp_pointer = "/ts" }
+
+# Sync to the control plane's mTLS agent listener (certificate from the enrollment below).
+[sync]
+endpoints = ["https://$AGENT_MTLS_ADDR"]
+
+# Remaining-useful-life predictions on the simulated engines with the shipped model.
+[inference]
+enabled = true
+ort_library = "$ORT_DYLIB_PATH"
+model_path = "$MODEL_PATH"
 TOML
 if [ ! -f "$AGENT_STATE/identity/device.pem" ]; then
     TOKEN="$(org device enroll-token --ttl 10m --device-name "$DEVICE" | head -n1)"
@@ -174,6 +185,7 @@ cat >&2 <<MSG
   try:
     KIP_API_KEY_FILE=$STATE/org.key $KIPCTL device list
     $BIN/kip-agent status --config $STATE/agent.toml
+    curl -s http://$AGENT_HTTP_ADDR/predictions/latest
     curl -s http://$CP_ADDR/v1/chat/completions -H "authorization: Bearer \$(cat $STATE/org.key)" \\
          -H 'content-type: application/json' \\
          -d '{"model":"smart","messages":[{"role":"user","content":"How is press line 1?"}]}'
