@@ -111,6 +111,15 @@ paths = {
   "/v1/organisations/{org_id}/devices/{device_id}": {
     "get": op("Get a device", ok("Device", ref("Device")), [ORG, P("device_id", "Device id")], extra=["404"]),
     "delete": op("Delete a device", {"204": {"description": "Deleted"}}, [ORG, P("device_id", "Device id")], extra=["404"])},
+  "/v1/organisations/{org_id}/devices/{device_id}/sensor-data": {
+    "get": op("Sensor data of a device: raw readings, or time buckets with bucket_s (avg/min/max/count); keyset pagination with next_cursor",
+              ok("A page", {"type": "object", "properties": {"points": {"type": "array", "items": {"type": "object"}}, "next_cursor": {"type": ["string", "null"]}}}),
+              [ORG, P("device_id", "Device id")] + [{"name": n, "in": "query", "required": False, "schema": sc} for n, sc in [
+                  ("metric", {"type": "string"}), ("machine", {"type": "string"}),
+                  ("from", {"type": "string", "format": "date-time"}), ("to", {"type": "string", "format": "date-time"}),
+                  ("bucket_s", {"type": "integer", "minimum": 1, "maximum": 2678400}),
+                  ("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 1000}), ("cursor", {"type": "string"})]],
+              extra=["404"])},
   "/v1/organisations/{org_id}/models": {
     "get": op("List AI models", ok("Models", arr(ref("AiModel"))), [ORG, LIMIT], extra=["404"]),
     "post": op("Register an AI model version", ok("Registered", ref("AiModel"), "201"), [ORG], body(ref("RegisterModel")), extra=["404", "409"])},

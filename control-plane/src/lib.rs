@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pki;
 pub mod pki_api;
 pub mod registry;
+pub mod sensor;
 pub mod server;
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -26,6 +27,20 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
     let pool = db::connect(&cfg).await?;
     db::migrate(&pool).await?;
     tracing::info!("database schema up to date");
+    // sensor_data stays a plain table either way: a hypertable needs the time column in every
+    // unique index, and the idempotency key is (device_id, epoch, seq). Say which one we have.
+    match sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'",
+    )
+    .fetch_one(&pool)
+    .await
+    {
+        Ok(0) => tracing::info!("TimescaleDB not installed: sensor_data is a plain indexed table"),
+        Ok(_) => tracing::info!(
+            "TimescaleDB is installed; sensor_data stays a plain table keyed by (device_id, epoch, seq)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot check for TimescaleDB"),
+    }
     if db::ensure_admin_key(&pool, &cfg.admin_key_file).await? {
         tracing::warn!(
             path = %cfg.admin_key_file.display(),

@@ -101,6 +101,10 @@ pub fn router(state: AppState) -> Router {
             get(api::get_device).delete(api::delete_device),
         )
         .route(
+            "/organisations/{org_id}/devices/{device_id}/sensor-data",
+            get(crate::sensor::query),
+        )
+        .route(
             "/organisations/{org_id}/models",
             get(api::list_models).post(api::register_model),
         )

@@ -1,0 +1,227 @@
+//! Query API for an organisation's sensor data: raw readings or time buckets, paginated.
+//!
+//! Invariants:
+//! - Every query filters by the `org_id` checked against the caller's key and by a device of
+//!   that organisation (404 otherwise), like every other tenant route.
+//! - Pagination is by keyset, not offset: the cursor names the last row returned
+//!   (`(ts, epoch, seq)` for raw rows, `(bucket, machine, metric)` for buckets), so pages stay
+//!   consistent while agents keep inserting, and deep pages cost the same as the first.
+
+use axum::{
+    Json,
+    extract::{Query, State, rejection::QueryRejection},
+};
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    api::ApiPath,
+    auth::Principal,
+    error::{ApiError, ApiResult},
+    server::AppState,
+};
+
+/// Query string of `GET .../devices/{device_id}/sensor-data`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorQuery {
+    pub metric: Option<String>,
+    pub machine: Option<String>,
+    /// Inclusive start (RFC 3339).
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive end (RFC 3339).
+    pub to: Option<DateTime<Utc>>,
+    /// Downsample into buckets of this many seconds (avg, min, max, count per bucket).
+    pub bucket_s: Option<i64>,
+    #[serde(default = "default_limit")]
+    pub limit: i64,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+fn default_limit() -> i64 {
+    1000
+}
+
+/// One stored reading.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct RawPoint {
+    pub epoch: i64,
+    pub seq: i64,
+    pub machine: String,
+    pub metric: String,
+    pub ts: DateTime<Utc>,
+    pub value: f64,
+    pub quality: i16,
+}
+
+/// One time bucket of one machine's metric.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, PartialEq)]
+pub struct BucketPoint {
+    pub bucket: DateTime<Utc>,
+    pub machine: String,
+    pub metric: String,
+    pub avg: f64,
+    pub min: f64,
+    pub max: f64,
+    pub count: i64,
+}
+
+/// A page of results.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Points {
+    Raw(Vec<RawPoint>),
+    Buckets(Vec<BucketPoint>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SensorPage {
+    pub points: Points,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{a}|{b}", ts.to_rfc3339()))
+}
+
+fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
+    let bad = || ApiError::validation("cursor", "is not a cursor returned by this API");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| bad())?;
+    let s = String::from_utf8(raw).map_err(|_| bad())?;
+    let mut parts = s.splitn(3, '|');
+    let ts = parts
+        .next()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .ok_or_else(bad)?
+        .with_timezone(&Utc);
+    let a = parts.next().ok_or_else(bad)?.to_owned();
+    let b = parts.next().ok_or_else(bad)?.to_owned();
+    Ok((ts, a, b))
+}
+
+/// `GET /v1/organisations/{org_id}/devices/{device_id}/sensor-data`
+pub async fn query(
+    State(st): State<AppState>,
+    p: Principal,
+    ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
+    q: Result<Query<SensorQuery>, QueryRejection>,
+) -> ApiResult<Json<SensorPage>> {
+    let org_id = p.org_scope(org_id)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
+    if !(1..=10_000).contains(&q.limit) {
+        return Err(ApiError::validation("limit", "must be between 1 and 10000"));
+    }
+    if let (Some(f), Some(t)) = (q.from, q.to)
+        && f >= t
+    {
+        return Err(ApiError::validation("from", "must be before `to`"));
+    }
+    if let Some(b) = q.bucket_s
+        && !(1..=31 * 86_400).contains(&b)
+    {
+        return Err(ApiError::validation(
+            "bucket_s",
+            "must be between 1 and 2678400 seconds",
+        ));
+    }
+    let exists: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE org_id = $1 AND id = $2")
+            .bind(org_id)
+            .bind(device_id)
+            .fetch_optional(&st.pool)
+            .await?;
+    if exists.is_none() {
+        return Err(ApiError::NotFound("device"));
+    }
+    let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    match q.bucket_s {
+        None => {
+            let (cts, cep, cseq) = match &cursor {
+                Some((ts, a, b)) => (
+                    Some(*ts),
+                    a.parse::<i64>()
+                        .map_err(|_| ApiError::validation("cursor", "is not a raw-data cursor"))?,
+                    b.parse::<i64>()
+                        .map_err(|_| ApiError::validation("cursor", "is not a raw-data cursor"))?,
+                ),
+                None => (None, 0, 0),
+            };
+            let rows: Vec<RawPoint> = sqlx::query_as(
+                "SELECT epoch, seq, machine, metric, ts, value, quality FROM sensor_data \
+                 WHERE org_id = $1 AND device_id = $2 \
+                   AND ($3::text IS NULL OR metric = $3) AND ($4::text IS NULL OR machine = $4) \
+                   AND ($5::timestamptz IS NULL OR ts >= $5) AND ($6::timestamptz IS NULL OR ts < $6) \
+                   AND ($7::timestamptz IS NULL OR (ts, epoch, seq) > ($7, $8, $9)) \
+                 ORDER BY ts, epoch, seq LIMIT $10",
+            )
+            .bind(org_id)
+            .bind(device_id)
+            .bind(&q.metric)
+            .bind(&q.machine)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(cts)
+            .bind(cep)
+            .bind(cseq)
+            .bind(q.limit)
+            .fetch_all(&st.pool)
+            .await?;
+            let next_cursor = (rows.len() as i64 == q.limit)
+                .then(|| rows.last())
+                .flatten()
+                .map(|r| encode_cursor(r.ts, &r.epoch.to_string(), &r.seq.to_string()));
+            Ok(Json(SensorPage {
+                points: Points::Raw(rows),
+                next_cursor,
+            }))
+        }
+        Some(bucket_s) => {
+            let (cts, cmachine, cmetric) = match cursor {
+                Some((ts, a, b)) => (Some(ts), a, b),
+                None => (None, String::new(), String::new()),
+            };
+            let rows: Vec<BucketPoint> = sqlx::query_as(
+                "SELECT date_bin(make_interval(secs => $3), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, \
+                        machine, metric, avg(value) AS avg, min(value) AS min, max(value) AS max, \
+                        count(*) AS count \
+                 FROM sensor_data \
+                 WHERE org_id = $1 AND device_id = $2 \
+                   AND ($4::text IS NULL OR metric = $4) AND ($5::text IS NULL OR machine = $5) \
+                   AND ($6::timestamptz IS NULL OR ts >= $6) AND ($7::timestamptz IS NULL OR ts < $7) \
+                 GROUP BY 1, 2, 3 \
+                 HAVING ($8::timestamptz IS NULL OR \
+                         (date_bin(make_interval(secs => $3), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'), machine, metric) \
+                         > ($8, $9, $10)) \
+                 ORDER BY 1, 2, 3 LIMIT $11",
+            )
+            .bind(org_id)
+            .bind(device_id)
+            .bind(bucket_s as f64)
+            .bind(&q.metric)
+            .bind(&q.machine)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(cts)
+            .bind(&cmachine)
+            .bind(&cmetric)
+            .bind(q.limit)
+            .fetch_all(&st.pool)
+            .await?;
+            let next_cursor = (rows.len() as i64 == q.limit)
+                .then(|| rows.last())
+                .flatten()
+                .map(|r| encode_cursor(r.bucket, &r.machine, &r.metric));
+            Ok(Json(SensorPage {
+                points: Points::Buckets(rows),
+                next_cursor,
+            }))
+        }
+    }
+}
