@@ -224,3 +224,133 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
     tracker.wait().await;
     drop(feeder);
 }
+
+/// Inference keeps predicting while the network is cut; the predictions sync once it is back,
+/// each exactly once.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
+    use kip_shared::{Quality, Reading, Record};
+
+    let cp = common::start(pool.clone(), None).await;
+    let org = cp.create_org("acme").await;
+    let agent_dir = tempfile::tempdir().unwrap();
+    let id = cp.enroll(org, "gw-1", agent_dir.path()).await;
+    let device = id.device_id();
+    let proxy = common::Proxy::start(common::agent_addr(&cp)).await;
+    proxy.set(common::Link::Drop);
+
+    let model = std::fs::read_dir(root().join("ml/models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .unwrap();
+    let lib = std::env::var_os("ORT_DYLIB_PATH")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    let mut registry = kip_agent::metrics::new_registry();
+    let inference = Inference::start(
+        &InferenceConfig {
+            ort_library: Some(lib),
+            model_path: Some(model),
+            model_sha256: None,
+            queue_capacity_readings: 1024,
+        },
+        &mut registry,
+    )
+    .unwrap();
+    let buffer = open_buffer(&agent_dir.path().join("buffer"));
+    let (_tls_tx, tls_rx) = tokio::sync::watch::channel(id.client_config().unwrap());
+    let syncer = Syncer::new(
+        buffer.clone(),
+        sync_config(vec![proxy.url()]),
+        tls_rx,
+        &mut registry,
+    )
+    .unwrap();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(syncer.run(cancel.clone()));
+    let (itx, irx) = tokio::sync::mpsc::channel(1024);
+    tracker.spawn(inference.clone().run(buffer.clone(), irx));
+
+    // 40 cycles of engine 1, fed as the buffer writer would: buffered and handed to inference.
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let spec = kip_shared::features::FeatureSpec::cmapss_v1();
+    let series = engines[0].select(&spec.channels).unwrap();
+    for row in series.iter().take(40) {
+        for (metric, v) in spec.channels.iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: "engine-1".into(),
+                metric: (*metric).into(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            buffer.append(&Record::Reading(r.clone())).unwrap();
+            itx.send(r).await.unwrap();
+        }
+    }
+    // Every cycle gave a prediction, all while offline.
+    let predicted = || {
+        buffer
+            .read_range(0, 100_000, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|s| matches!(s.record, Record::Prediction(_)))
+            .map(|s| (s.epoch, s.seq))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while predicted().len() < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} predictions",
+            predicted().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expected = predicted();
+    let stored_predictions = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, i64)>("SELECT epoch, seq FROM predictions WHERE device_id = $1")
+            .bind(device)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(e, s)| (e as u64, s as u64))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert!(
+        stored_predictions(pool.clone()).await.is_empty(),
+        "nothing can arrive while cut"
+    );
+
+    proxy.set(common::Link::Up);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = stored_predictions(pool.clone()).await;
+        if stored == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} predictions synced",
+            stored.len(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rul: Vec<f64> =
+        sqlx::query_scalar("SELECT rul_cycles FROM predictions WHERE device_id = $1 ORDER BY seq")
+            .bind(device)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(rul.iter().all(|r| (0.0..=125.0).contains(r)), "{rul:?}");
+
+    drop(itx);
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
