@@ -94,8 +94,15 @@ export KIP_ADMIN_KEY_FILE="${KIP_ADMIN_KEY_FILE:-$STATE/admin.key}"
 export KIP_PKI_CA_DIR="$STATE/ca"
 export KIP_LOG_FORMAT="${KIP_LOG_FORMAT:-text}"
 port_open "${CP_ADDR%:*}" "${CP_ADDR##*:}" && die "something already listens on $CP_ADDR (another quickstart?); stop it or set KIP_LISTEN_ADDR"
+RESET=()
+if [ ! -f "$KIP_ADMIN_KEY_FILE" ] && psql "$KIP_DATABASE_URL" -Atqc \
+        "SELECT 1 FROM api_keys WHERE scope = 'platform' AND revoked_at IS NULL LIMIT 1" 2>/dev/null | grep -q 1; then
+    # The database outlived .kip/ (a fresh checkout, or .kip removed): issue a new admin key.
+    say "  the database has a platform-admin key but $KIP_ADMIN_KEY_FILE is missing: issuing a new one"
+    RESET=(--reset-admin-key)
+fi
 start control-plane "$LOGS/control-plane.log" env KIP_LISTEN_ADDR="$CP_ADDR" KIP_AGENT_LISTEN_ADDR="$AGENT_MTLS_ADDR" \
-    "$BIN/kip-control-plane" --config "$KIP_ROOT/deploy/quickstart.toml"
+    "$BIN/kip-control-plane" --config "$KIP_ROOT/deploy/quickstart.toml" "${RESET[@]}"
 wait_http "the control plane" "http://$CP_ADDR/readyz" "${PIDS[-1]}" "$LOGS/control-plane.log"
 export KIP_URL="http://$CP_ADDR"
 

@@ -408,6 +408,8 @@ pub struct Config {
     pub ingest: crate::ingest::IngestLimits,
     /// The LLM gateway (`[llm]`).
     pub llm: crate::llm::config::LlmConfig,
+    /// Set by `kip-control-plane --reset-admin-key`, never from the file.
+    pub reset_admin_key: bool,
     /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
     pub mlflow: Option<crate::registry::mlflow::MlflowConfig>,
 }
@@ -571,6 +573,7 @@ impl RawConfig {
             log_format,
             log_filter: self.log.filter,
             pki,
+            reset_admin_key: false,
             ingest,
         })
     }

@@ -154,6 +154,18 @@ pub async fn ensure_admin_key(pool: &PgPool, path: &Path) -> Result<bool, DbErro
     Ok(true)
 }
 
+/// Revokes every platform-admin key and writes a new one to `path` (0600): the recovery when
+/// the admin key file was lost (`kip-control-plane --reset-admin-key`).
+pub async fn reset_admin_key(pool: &PgPool, path: &Path) -> Result<(), DbError> {
+    sqlx::query(
+        "UPDATE api_keys SET revoked_at = now() WHERE scope = 'platform' AND revoked_at IS NULL",
+    )
+    .execute(pool)
+    .await?;
+    ensure_admin_key(pool, path).await?;
+    Ok(())
+}
+
 /// Writes `contents` to `path` with mode 0600, creating parent directories (0700).
 pub fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::{

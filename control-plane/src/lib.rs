@@ -41,10 +41,22 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
         ),
         Err(e) => tracing::warn!(error = %e, "cannot check for TimescaleDB"),
     }
-    if db::ensure_admin_key(&pool, &cfg.admin_key_file).await? {
+    if cfg.reset_admin_key {
+        db::reset_admin_key(&pool, &cfg.admin_key_file).await?;
+        tracing::warn!(
+            path = %cfg.admin_key_file.display(),
+            "revoked the platform-admin keys and wrote a new one to this file (mode 0600)"
+        );
+    } else if db::ensure_admin_key(&pool, &cfg.admin_key_file).await? {
         tracing::warn!(
             path = %cfg.admin_key_file.display(),
             "created the platform-admin API key; read it from this file (mode 0600)"
+        );
+    } else if !cfg.admin_key_file.exists() {
+        tracing::warn!(
+            path = %cfg.admin_key_file.display(),
+            "a platform-admin key exists but this file does not: if the key is lost, restart \
+             once with --reset-admin-key to revoke it and write a new one here"
         );
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr)

@@ -63,6 +63,26 @@ async fn admin_key_is_created_once(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_lost_admin_key_is_replaced_by_reset_and_the_old_one_stops_working(pool: PgPool) {
+    let app = app(pool.clone()).await;
+    let old = app.admin_key.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("admin.key");
+    kip_control_plane::db::reset_admin_key(&pool, &f)
+        .await
+        .unwrap();
+    let new = std::fs::read_to_string(&f).unwrap().trim().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(
+        app.get("/v1/me", &old).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = app.get("/v1/me", &new).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["scope"], "platform");
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn organisation_lifecycle_with_the_platform_key(pool: PgPool) {
     let app = app(pool).await;
     let k = app.admin_key.clone();

@@ -16,13 +16,18 @@ struct Args {
     /// Apply pending database migrations and exit (for a migration Job before a rollout).
     #[arg(long)]
     migrate_only: bool,
+    /// Revoke every platform-admin key and write a new one to `auth.admin_key_file`
+    /// (recovery when the key file was lost).
+    #[arg(long)]
+    reset_admin_key: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cfg =
+    let mut cfg =
         kip_control_plane::config::Config::load(args.config.as_deref(), |k| std::env::var(k).ok())?;
+    cfg.reset_admin_key = args.reset_admin_key;
     if args.check_config {
         eprintln!("config OK");
         return Ok(());
