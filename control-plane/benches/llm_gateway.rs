@@ -1,9 +1,20 @@
-//! Load generator for the LLM gateway: the same request sent directly to a fake provider on
-//! loopback and through the gateway (auth, routing, breaker, rate limit, logging) to that
-//! fake. Prints latency percentiles, the gateway's overhead, sustained throughput and RSS.
-//! Figures only, no assertions: run with
-//! `DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench -p kip-control-plane --bench llm_gateway`
-//! (options: `LLM_BENCH_REQUESTS`, `LLM_BENCH_CONCURRENCY`).
+//! Load generator for the LLM gateway. The real `kip-control-plane` binary runs as its own
+//! process (so its RSS is measured alone) in front of a fake OpenAI-compatible provider on
+//! loopback; the same request is sent directly to the fake and through the gateway (API-key
+//! auth, routing, breaker, rate limit, budget, metrics, batched `inference_logs`).
+//!
+//! Phases, figures only (no assertions):
+//! 1. one client, closed loop: per-request overhead without queueing;
+//! 2. open loop at fixed rates (`LLM_BENCH_RATES`, default `500,1000,2000` requests/s, each for
+//!    `LLM_BENCH_SECONDS`, default 10): p50/p99/p99.9 direct and via the gateway, and the
+//!    difference, which is the gateway's overhead at that rate;
+//! 3. closed loop with `LLM_BENCH_CONCURRENCY` clients (default 32): maximum sustained rate;
+//! 4. optional soak (`LLM_BENCH_SOAK_S`, e.g. 600) at `LLM_BENCH_SOAK_RPS` (default 2000):
+//!    gateway RSS and p99 every 30 s, to show whether memory grows.
+//!
+//! Run: `cargo bench -p kip-control-plane --bench llm_gateway` (PostgreSQL from `DATABASE_URL`,
+//! default `postgres://postgres@127.0.0.1:5432/postgres`). Client, gateway, fake provider and
+//! PostgreSQL share this machine's cores, so the figures are an upper bound on the overhead.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -16,13 +27,16 @@
 mod fake_llm;
 
 use std::{
+    process::{Child, Command, Stdio},
     str::FromStr as _,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use fake_llm::{FakeLlm, Reply};
-use kip_control_plane::{config::Config, db, llm::config::LlmConfig, server};
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions as _, Executor as _, postgres::PgConnectOptions};
 use tokio_util::task::TaskTracker;
@@ -34,8 +48,8 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -54,86 +68,239 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// Sends `total` requests with `concurrency` workers; returns sorted latencies and wall time.
-async fn load(
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The gateway under test, killed on drop.
+struct Gateway {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key_file = dir.path().join("admin.key");
+    let config = dir.path().join("control-plane.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten_addr = \"127.0.0.1:{port}\"\n\
+             [database]\nurl = \"{db_url}\"\n\
+             [auth]\nadmin_key_file = \"{}\"\n\
+             [log]\nformat = \"text\"\nfilter = \"warn\"\n\
+             [llm]\nrate_limit_per_minute = 1000000000\nrate_limit_burst = 1000000\n\
+             monthly_budget_usd = 1000000.0\ncache_max_entries = 0\n\
+             [llm.providers.fake]\nkind = \"openai_compatible\"\nbase_url = \"{}\"\n\
+             [llm.providers.fake.prices]\nm = {{ input_per_1m_usd = 1.0, output_per_1m_usd = 2.0 }}\n",
+            key_file.display(),
+            fake.base_url()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let gw = Gateway {
+        child,
+        url: url.clone(),
+        _dir: dir,
+    };
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await
+            && r.status().is_success()
+            && key_file.exists()
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "gateway did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let admin = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    (gw, admin)
+}
+
+#[derive(Clone)]
+struct Target {
+    url: String,
+    key: Option<String>,
+}
+
+async fn one(client: &reqwest::Client, t: &Target, body: &Value) -> bool {
+    let mut req = client.post(&t.url).json(body);
+    if let Some(k) = &t.key {
+        req = req.bearer_auth(k);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            resp.bytes().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
+}
+
+struct Run {
+    lat: Vec<Duration>,
+    wall: Duration,
+    errors: usize,
+}
+
+impl Run {
+    fn report(&self, name: &str) {
+        println!(
+            "{name:<36} n={:<7} p50={:>7.3} ms  p99={:>7.3} ms  p99.9={:>7.3} ms  rps={:>6.0}  errors={}",
+            self.lat.len(),
+            ms(pct(&self.lat, 0.50)),
+            ms(pct(&self.lat, 0.99)),
+            ms(pct(&self.lat, 0.999)),
+            self.lat.len() as f64 / self.wall.as_secs_f64(),
+            self.errors
+        );
+    }
+}
+
+/// Closed loop: `concurrency` workers send `total` requests back to back.
+async fn closed(
     client: &reqwest::Client,
-    url: &str,
-    key: Option<&str>,
+    t: &Target,
     body: &Value,
     total: usize,
     concurrency: usize,
-) -> (Vec<Duration>, Duration) {
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+) -> Run {
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
     let tracker = TaskTracker::new();
     let started = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, key, body, next) = (
+        let (client, t, body, next, errors) = (
             client.clone(),
-            url.to_owned(),
-            key.map(str::to_owned),
+            t.clone(),
             body.clone(),
             next.clone(),
+            errors.clone(),
         );
         handles.push(tracker.spawn(async move {
             let mut lat = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+            while next.fetch_add(1, Ordering::Relaxed) < total {
                 let t0 = Instant::now();
-                let mut req = client.post(&url).json(&body);
-                if let Some(k) = &key {
-                    req = req.bearer_auth(k);
+                if one(&client, &t, &body).await {
+                    lat.push(t0.elapsed());
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
-                let resp = req.send().await.expect("request failed");
-                assert!(resp.status().is_success(), "status {}", resp.status());
-                let _ = resp.bytes().await.expect("body failed");
-                lat.push(t0.elapsed());
             }
             lat
         }));
     }
-    let mut all = Vec::with_capacity(total);
-    for h in handles {
-        all.extend(h.await.unwrap());
-    }
-    let wall = started.elapsed();
-    all.sort();
-    (all, wall)
-}
-
-/// Sequential GETs with the key; sorted latencies and wall time.
-async fn load_get(
-    client: &reqwest::Client,
-    url: &str,
-    key: &str,
-    total: usize,
-) -> (Vec<Duration>, Duration) {
-    let started = Instant::now();
     let mut lat = Vec::with_capacity(total);
-    for _ in 0..total {
-        let t0 = Instant::now();
-        let resp = client
-            .get(url)
-            .bearer_auth(key)
-            .send()
-            .await
-            .expect("request failed");
-        assert!(resp.status().is_success(), "status {}", resp.status());
-        let _ = resp.bytes().await.expect("body failed");
-        lat.push(t0.elapsed());
+    for h in handles {
+        lat.extend(h.await.unwrap());
     }
     let wall = started.elapsed();
     lat.sort();
-    (lat, wall)
+    Run {
+        lat,
+        wall,
+        errors: errors.load(Ordering::Relaxed),
+    }
 }
 
-fn report(name: &str, lat: &[Duration], wall: Duration) {
-    println!(
-        "{name:<34} n={:<6} p50={:>8.3} ms  p99={:>8.3} ms  rps={:>8.0}",
-        lat.len(),
-        pct(lat, 0.50).as_secs_f64() * 1000.0,
-        pct(lat, 0.99).as_secs_f64() * 1000.0,
-        lat.len() as f64 / wall.as_secs_f64()
-    );
+/// Open loop: requests start on a fixed schedule of `rate` per second for `dur`, whatever the
+/// latency of earlier ones (so a slow gateway cannot slow the load down and hide its queueing).
+/// Latency is measured from the moment each request task runs: tokio's timer has 1 ms
+/// granularity, and counting its lateness would add the same noise to both paths.
+async fn open(
+    client: &reqwest::Client,
+    t: &Target,
+    body: &Value,
+    rate: usize,
+    dur: Duration,
+) -> Run {
+    let lat = Arc::new(Mutex::new(Vec::with_capacity(
+        rate * dur.as_secs() as usize,
+    )));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let tracker = TaskTracker::new();
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut i: u32 = 0;
+    loop {
+        let due = started + period * i;
+        if due.duration_since(started) >= dur {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let (client, t, body, lat, errors) = (
+            client.clone(),
+            t.clone(),
+            body.clone(),
+            lat.clone(),
+            errors.clone(),
+        );
+        tracker.spawn(async move {
+            let t0 = Instant::now();
+            if one(&client, &t, &body).await {
+                lat.lock().unwrap().push(t0.elapsed());
+            } else {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        i += 1;
+    }
+    tracker.close();
+    tracker.wait().await;
+    let wall = started.elapsed();
+    let mut lat = std::mem::take(&mut *lat.lock().unwrap());
+    lat.sort();
+    Run {
+        lat,
+        wall,
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+async fn metric(client: &reqwest::Client, gw: &str, name: &str) -> f64 {
+    let text = client
+        .get(format!("{gw}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -141,6 +308,14 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let total = env_num("LLM_BENCH_REQUESTS", 5000);
     let concurrency = env_num("LLM_BENCH_CONCURRENCY", 32);
+    let seconds = env_num("LLM_BENCH_SECONDS", 10) as u64;
+    let soak_s = env_num("LLM_BENCH_SOAK_S", 0) as u64;
+    let soak_rps = env_num("LLM_BENCH_SOAK_RPS", 2000);
+    let rates: Vec<usize> = std::env::var("LLM_BENCH_RATES")
+        .unwrap_or_else(|_| "500,1000,2000".into())
+        .split(',')
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
     let base = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let name = format!("kip_llm_bench_{}", std::process::id());
@@ -149,41 +324,21 @@ async fn main() -> anyhow::Result<()> {
     admin
         .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await?;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .connect_with(admin_opts.clone().database(&name))
-        .await?;
-    db::migrate(&pool).await?;
-    let dir = tempfile::tempdir()?;
-    let key_file = dir.path().join("admin.key");
-    db::ensure_admin_key(&pool, &key_file).await?;
-    let admin_key = std::fs::read_to_string(&key_file)?.trim().to_owned();
+    let db_url = {
+        let mut u = reqwest::Url::parse(&base)?;
+        u.set_path(&name);
+        u.to_string()
+    };
 
     let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "hello"))).await;
-    let mut cfg = Config::load(None, |_| None)?;
-    cfg.llm = LlmConfig::from_toml(
-        &format!(
-            "rate_limit_per_minute = 1000000000\nrate_limit_burst = 1000000\n\
-             monthly_budget_usd = 1000000.0\ncache_max_entries = 0\n\
-             [providers.fake]\nkind = \"openai_compatible\"\nbase_url = \"{}\"\n\
-             [providers.fake.prices]\nm = {{ input_per_1m_usd = 1.0, output_per_1m_usd = 2.0 }}\n",
-            fake.base_url()
-        ),
-        |_| None,
-    )?;
-    let state = server::AppState::new(pool.clone(), &cfg);
-    let tracker = TaskTracker::new();
-    state.llm.start_log_writer(&tracker);
-    let metrics = state.metrics.clone();
-    let router = server::router(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tracker.spawn(async move { axum::serve(listener, router).await });
+    fake.stop_recording();
+    let (gateway, admin_key) = start_gateway(&db_url, &fake).await;
+    let pid = gateway.child.id();
+    let gw = gateway.url.clone();
 
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(512)
         .build()?;
-    let gw = format!("http://{addr}");
     let org: Value = client
         .post(format!("{gw}/v1/organisations"))
         .bearer_auth(&admin_key)
@@ -204,67 +359,117 @@ async fn main() -> anyhow::Result<()> {
     let key = k["key"].as_str().expect("key").to_owned();
 
     let body = json!({"model": "fake/m", "messages": [{"role": "user", "content": "hello"}]});
-    let direct = format!("{}/chat/completions", fake.base_url());
-    let via = format!("{gw}/v1/chat/completions");
+    let direct = Target {
+        url: format!("{}/chat/completions", fake.base_url()),
+        key: None,
+    };
+    let via = Target {
+        url: format!("{gw}/v1/chat/completions"),
+        key: Some(key),
+    };
     println!(
-        "LLM gateway benchmark: {total} requests per run, loopback, 2-core machine shared by \
-         client, gateway, fake provider and PostgreSQL"
+        "LLM gateway benchmark: loopback, {} cores shared by client, gateway (own process), \
+         fake provider and PostgreSQL",
+        std::thread::available_parallelism().map_or(0, usize::from)
     );
-    // Warm-up: connections, caches, JIT-free but allocator and pool warm.
-    load(&client, &direct, None, &body, 500, 4).await;
-    load(&client, &via, Some(&key), &body, 500, 4).await;
-    let rss_before = rss_kib();
+    let mut calls = 0usize;
+    // Warm-up: connection pools, allocator, the gateway's key cache and latency estimates.
+    closed(&client, &direct, &body, 1000, 4).await;
+    calls += closed(&client, &via, &body, 1000, 4).await.lat.len();
+    let rss_start = rss_kib(pid);
+    println!(
+        "gateway RSS after warm-up: {:.1} MiB",
+        rss_start as f64 / 1024.0
+    );
 
-    let (d1, w1) = load(&client, &direct, None, &body, total, 1).await;
-    report("direct, 1 client", &d1, w1);
-    let (g1, gw1) = load(&client, &via, Some(&key), &body, total, 1).await;
-    report("via gateway, 1 client", &g1, gw1);
+    let d1 = closed(&client, &direct, &body, total, 1).await;
+    d1.report("direct, 1 client");
+    let g1 = closed(&client, &via, &body, total, 1).await;
+    g1.report("via gateway, 1 client");
+    calls += g1.lat.len();
     println!(
-        "gateway overhead, 1 client:        p50={:.3} ms  p99={:.3} ms",
-        (pct(&g1, 0.5).as_secs_f64() - pct(&d1, 0.5).as_secs_f64()) * 1000.0,
-        (pct(&g1, 0.99).as_secs_f64() - pct(&d1, 0.99).as_secs_f64()) * 1000.0
+        "  overhead, 1 client: p50={:.3} ms  p99={:.3} ms",
+        ms(pct(&g1.lat, 0.5)) - ms(pct(&d1.lat, 0.5)),
+        ms(pct(&g1.lat, 0.99)) - ms(pct(&d1.lat, 0.99))
     );
-    // The part of the overhead that is API-key authentication (one PostgreSQL lookup per
-    // request, by design: revocation takes effect on the next request).
-    let me = format!("{gw}/v1/me");
-    let (a1, aw1) = load_get(&client, &me, &key, total).await;
-    report("auth only (GET /v1/me), 1 client", &a1, aw1);
-    let (dn, wn) = load(&client, &direct, None, &body, total, concurrency).await;
-    report(&format!("direct, {concurrency} clients"), &dn, wn);
-    let (gn, gwn) = load(&client, &via, Some(&key), &body, total, concurrency).await;
-    report(&format!("via gateway, {concurrency} clients"), &gn, gwn);
+
+    for &rate in &rates {
+        let dur = Duration::from_secs(seconds);
+        let d = open(&client, &direct, &body, rate, dur).await;
+        d.report(&format!("direct, open loop {rate}/s"));
+        let g = open(&client, &via, &body, rate, dur).await;
+        g.report(&format!("via gateway, open loop {rate}/s"));
+        calls += g.lat.len();
+        println!(
+            "  overhead at {rate}/s: p50={:.3} ms  p99={:.3} ms  p99.9={:.3} ms  (gateway RSS {:.1} MiB)",
+            ms(pct(&g.lat, 0.5)) - ms(pct(&d.lat, 0.5)),
+            ms(pct(&g.lat, 0.99)) - ms(pct(&d.lat, 0.99)),
+            ms(pct(&g.lat, 0.999)) - ms(pct(&d.lat, 0.999)),
+            rss_kib(pid) as f64 / 1024.0
+        );
+    }
+
+    let dn = closed(&client, &direct, &body, total, concurrency).await;
+    dn.report(&format!("direct, {concurrency} clients"));
+    let gn = closed(&client, &via, &body, total, concurrency).await;
+    gn.report(&format!("via gateway, {concurrency} clients"));
+    calls += gn.lat.len();
     println!(
-        "gateway overhead, {concurrency} clients:       p50={:.3} ms  p99={:.3} ms",
-        (pct(&gn, 0.5).as_secs_f64() - pct(&dn, 0.5).as_secs_f64()) * 1000.0,
-        (pct(&gn, 0.99).as_secs_f64() - pct(&dn, 0.99).as_secs_f64()) * 1000.0
+        "gateway RSS: {:.1} MiB after warm-up, {:.1} MiB after the runs",
+        rss_start as f64 / 1024.0,
+        rss_kib(pid) as f64 / 1024.0
     );
-    let rss_after = rss_kib();
-    println!(
-        "process RSS (client + gateway + fake): {} MiB before load, {} MiB after",
-        rss_before / 1024,
-        rss_after / 1024
-    );
+
+    if soak_s > 0 {
+        println!("soak: {soak_rps}/s for {soak_s} s through the gateway");
+        let window = Duration::from_secs(30.min(soak_s));
+        let t0 = Instant::now();
+        let mut first: Option<u64> = None;
+        while t0.elapsed() < Duration::from_secs(soak_s) {
+            let w = open(&client, &via, &body, soak_rps, window).await;
+            calls += w.lat.len();
+            let rss = rss_kib(pid);
+            first.get_or_insert(rss);
+            println!(
+                "  t={:>4} s  rps={:>6.0}  p50={:.3} ms  p99={:.3} ms  errors={}  gateway RSS {:.1} MiB",
+                t0.elapsed().as_secs(),
+                w.lat.len() as f64 / w.wall.as_secs_f64(),
+                ms(pct(&w.lat, 0.5)),
+                ms(pct(&w.lat, 0.99)),
+                w.errors,
+                rss as f64 / 1024.0
+            );
+        }
+        let last = rss_kib(pid);
+        println!(
+            "soak: gateway RSS {:.1} MiB after the first window, {:.1} MiB at the end",
+            first.unwrap_or(last) as f64 / 1024.0,
+            last as f64 / 1024.0
+        );
+    }
+
     // Let the log writer catch up, then count what it wrote.
-    let expected = (2 * total + 500) as i64;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db_url)
+        .await?;
     let t0 = Instant::now();
     let mut rows: i64 = 0;
-    while t0.elapsed() < Duration::from_secs(30) {
+    while t0.elapsed() < Duration::from_secs(60) {
         rows = sqlx::query_scalar("SELECT count(*) FROM inference_logs")
             .fetch_one(&pool)
             .await?;
-        if rows >= expected {
+        if rows >= calls as i64 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let m = metrics.render();
-    let dropped = m
-        .lines()
-        .find(|l| l.starts_with("kip_llm_log_rows_dropped_total"))
-        .unwrap_or("")
-        .to_owned();
-    println!("inference_logs rows written: {rows} of {expected} gateway calls; {dropped}");
+    let dropped = metric(&client, &gw, "kip_llm_log_rows_dropped_total").await;
+    println!(
+        "inference_logs rows written: {rows} of {calls} gateway calls; rows dropped: {dropped}"
+    );
     pool.close().await;
+    drop(gateway);
     admin
         .execute(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"

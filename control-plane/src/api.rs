@@ -234,6 +234,7 @@ pub async fn delete_org(
     if res.rows_affected() == 0 {
         return Err(ApiError::NotFound("organisation"));
     }
+    st.keys.forget_org(org_id);
     tracing::info!(%org_id, "organisation deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -329,6 +330,7 @@ pub async fn revoke_key(
     .fetch_optional(&st.pool)
     .await?
     .ok_or(ApiError::NotFound("api key"))?;
+    st.keys.forget_key(key_id);
     tracing::info!(%org_id, %key_id, "api key revoked");
     Ok(Json(info))
 }

@@ -4,7 +4,20 @@
 //! - Every `/v1` handler takes a [`Principal`]; there is no unauthenticated `/v1` route.
 //! - An organisation key can only reach its own organisation: [`Principal::org_scope`] answers
 //!   404 (not 403) for another organisation, so a key cannot even learn that it exists.
-//! - Revoked keys stop working on the next request (no cache).
+//! - A key revoked through this process stops working on the next request: revocation and
+//!   organisation deletion drop the affected entries from the [`KeyCache`] before they answer.
+//!   A key revoked through another replica keeps working on this one for at most
+//!   `auth.key_cache_ttl_ms` (default 5 s; 0 turns the cache off and every request reads
+//!   PostgreSQL).
+//! - The cache holds sha256 digests of presented keys, never the keys, and only keys that
+//!   authenticated; unknown keys always go to PostgreSQL, so a flood of bad keys cannot evict
+//!   good ones.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use uuid::Uuid;
@@ -48,6 +61,84 @@ impl Principal {
     }
 }
 
+/// Authenticated keys seen recently, so a request does not need a PostgreSQL round trip
+/// (the largest part of the LLM gateway's overhead without it).
+#[derive(Debug)]
+pub struct KeyCache {
+    ttl: Duration,
+    max_entries: usize,
+    entries: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+}
+
+impl KeyCache {
+    /// `ttl` zero disables caching.
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        Self {
+            ttl,
+            max_entries,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Principal, Instant)>> {
+        // The map holds no invariant a panicking holder could break halfway.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Principal> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let mut map = self.lock();
+        match map.get(digest) {
+            Some((p, at)) if now.duration_since(*at) < self.ttl => Some(*p),
+            Some(_) => {
+                map.remove(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&self, digest: [u8; 32], p: Principal, now: Instant) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut map = self.lock();
+        if map.len() >= self.max_entries {
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| now.duration_since(*at) < ttl);
+            if map.len() >= self.max_entries {
+                // Still full of live keys: serve this one uncached rather than grow.
+                return;
+            }
+        }
+        map.insert(digest, (p, now));
+    }
+
+    /// Forgets one key (it was revoked).
+    pub fn forget_key(&self, key_id: Uuid) {
+        self.lock().retain(|_, (p, _)| p.key_id != key_id);
+    }
+
+    /// Forgets every key of an organisation (it was deleted).
+    pub fn forget_org(&self, org_id: Uuid) {
+        self.lock()
+            .retain(|_, (p, _)| p.scope != Scope::Org(org_id));
+    }
+
+    /// Number of cached keys (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: Uuid,
@@ -69,6 +160,11 @@ impl FromRequestParts<AppState> for Principal {
             .map(str::trim)
             .ok_or(ApiError::Unauthorized)?;
         let prefix = keys::prefix_of(key).ok_or(ApiError::Unauthorized)?;
+        let digest = keys::hash(key);
+        let now = Instant::now();
+        if let Some(p) = state.keys.get(&digest, now) {
+            return Ok(p);
+        }
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT id, org_id, key_sha256 FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
         )
@@ -76,12 +172,85 @@ impl FromRequestParts<AppState> for Principal {
         .fetch_optional(&state.pool)
         .await?;
         let row = row.ok_or(ApiError::Unauthorized)?;
-        if !keys::digest_eq(&row.key_sha256, &keys::hash(key)) {
+        if !keys::digest_eq(&row.key_sha256, &digest) {
             return Err(ApiError::Unauthorized);
         }
-        Ok(Principal {
+        let p = Principal {
             key_id: row.id,
             scope: row.org_id.map_or(Scope::Platform, Scope::Org),
-        })
+        };
+        state.keys.insert(digest, p, now);
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(org: Option<Uuid>) -> Principal {
+        Principal {
+            key_id: Uuid::new_v4(),
+            scope: org.map_or(Scope::Platform, Scope::Org),
+        }
+    }
+
+    #[test]
+    fn entries_expire_after_the_ttl() {
+        let c = KeyCache::new(Duration::from_secs(5), 10);
+        let t0 = Instant::now();
+        let p = principal(None);
+        c.insert([1; 32], p, t0);
+        assert_eq!(
+            c.get(&[1; 32], t0 + Duration::from_secs(4))
+                .map(|p| p.key_id),
+            Some(p.key_id)
+        );
+        assert!(c.get(&[1; 32], t0 + Duration::from_secs(5)).is_none());
+        assert!(c.is_empty(), "an expired entry is removed when it is found");
+    }
+
+    #[test]
+    fn zero_ttl_caches_nothing() {
+        let c = KeyCache::new(Duration::ZERO, 10);
+        let t0 = Instant::now();
+        c.insert([1; 32], principal(None), t0);
+        assert!(c.get(&[1; 32], t0).is_none());
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn revocation_and_org_deletion_forget_entries() {
+        let c = KeyCache::new(Duration::from_secs(60), 10);
+        let t0 = Instant::now();
+        let org = Uuid::new_v4();
+        let (a, b, admin) = (principal(Some(org)), principal(Some(org)), principal(None));
+        c.insert([1; 32], a, t0);
+        c.insert([2; 32], b, t0);
+        c.insert([3; 32], admin, t0);
+        c.forget_key(a.key_id);
+        assert!(c.get(&[1; 32], t0).is_none());
+        assert!(c.get(&[2; 32], t0).is_some());
+        c.forget_org(org);
+        assert!(c.get(&[2; 32], t0).is_none());
+        assert!(c.get(&[3; 32], t0).is_some(), "other scopes stay cached");
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_entries_and_never_grows_past_its_bound() {
+        let c = KeyCache::new(Duration::from_secs(1), 2);
+        let t0 = Instant::now();
+        c.insert([1; 32], principal(None), t0);
+        c.insert([2; 32], principal(None), t0);
+        c.insert([3; 32], principal(None), t0);
+        assert_eq!(
+            c.len(),
+            2,
+            "full of live entries: the new key is served uncached"
+        );
+        let later = t0 + Duration::from_secs(2);
+        c.insert([3; 32], principal(None), later);
+        assert_eq!(c.len(), 1, "expired entries make room");
+        assert!(c.get(&[3; 32], later).is_some());
     }
 }

@@ -85,6 +85,10 @@ pub struct RawAuth {
     /// Where the platform-admin key is written (mode 0600) when none exists yet.
     #[serde(default = "default_admin_key_file")]
     pub admin_key_file: PathBuf,
+    /// How long an authenticated API key is trusted without asking PostgreSQL again. Bounds
+    /// how long a key revoked through another replica keeps working here; 0 = no cache.
+    #[serde(default = "default_key_cache_ttl_ms")]
+    pub key_cache_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,6 +320,9 @@ fn default_listen_addr() -> String {
 fn default_request_body_limit_bytes() -> u64 {
     1024 * 1024
 }
+fn default_key_cache_ttl_ms() -> u64 {
+    5_000
+}
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
@@ -368,6 +375,7 @@ impl Default for RawAuth {
     fn default() -> Self {
         Self {
             admin_key_file: default_admin_key_file(),
+            key_cache_ttl_ms: default_key_cache_ttl_ms(),
         }
     }
 }
@@ -401,6 +409,8 @@ pub struct Config {
     pub database_connect_timeout: Duration,
     pub database_create_if_missing: bool,
     pub admin_key_file: PathBuf,
+    /// `auth.key_cache_ttl_ms`; zero disables the API-key cache.
+    pub key_cache_ttl: Duration,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub pki: PkiConfig,
@@ -516,6 +526,12 @@ impl RawConfig {
             0,
             600_000,
         )?;
+        let key_cache_ttl = ms_in(
+            "auth.key_cache_ttl_ms",
+            self.auth.key_cache_ttl_ms,
+            0,
+            60_000,
+        )?;
         let database_connect_timeout = ms_in(
             "database.connect_timeout_ms",
             self.database.connect_timeout_ms,
@@ -570,6 +586,7 @@ impl RawConfig {
             database_connect_timeout,
             database_create_if_missing: self.database.create_if_missing,
             admin_key_file: self.auth.admin_key_file,
+            key_cache_ttl,
             log_format,
             log_filter: self.log.filter,
             pki,
@@ -641,6 +658,7 @@ mod tests {
                 "[server]\nrequest_timeout_ms = 5",
                 "server.request_timeout_ms",
             ),
+            ("[auth]\nkey_cache_ttl_ms = 600000", "auth.key_cache_ttl_ms"),
             (
                 "[server]\nrequest_body_limit_bytes = 10",
                 "server.request_body_limit_bytes",

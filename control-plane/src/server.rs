@@ -27,6 +27,8 @@ use crate::{api, config::Config, error::ApiError, metrics::Metrics, pki_api, reg
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
+    /// Recently authenticated API keys (see [`crate::auth`] for the revocation bound).
+    pub keys: Arc<crate::auth::KeyCache>,
     pub body_limit_bytes: usize,
     pub request_timeout: Duration,
     /// The fleet PKI; `None` when `pki.ca_dir` is not configured.
@@ -61,6 +63,10 @@ impl AppState {
             mlflow,
             pool,
             metrics,
+            keys: Arc::new(crate::auth::KeyCache::new(
+                cfg.key_cache_ttl,
+                KEY_CACHE_MAX_ENTRIES,
+            )),
             body_limit_bytes: cfg.request_body_limit_bytes,
             request_timeout: cfg.request_timeout,
             pki: None,
@@ -69,6 +75,10 @@ impl AppState {
         }
     }
 }
+
+/// Bound on cached API keys: far above any real number of active keys, small in memory
+/// (~100 bytes each).
+const KEY_CACHE_MAX_ENTRIES: usize = 100_000;
 
 /// The OpenAPI document, kept in `docs/openapi.json` and served verbatim.
 pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");

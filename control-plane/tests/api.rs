@@ -596,3 +596,44 @@ async fn every_documented_route_is_served(pool: PgPool) {
         }
     }
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn deleting_an_organisation_stops_its_cached_keys_at_once(pool: PgPool) {
+    let app = app(pool).await;
+    let (org, key) = app.org_with_key("gone").await;
+    assert_eq!(app.get("/v1/me", &key).await.status, StatusCode::OK);
+    assert!(!app.state.keys.is_empty(), "the key is cached after use");
+    let r = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/organisations/{org}"),
+            Some(&app.admin_key),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.text);
+    let r = app.get("/v1/me", &key).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.text);
+}
+
+/// A revocation made by another replica (here: straight in PostgreSQL) reaches this one within
+/// `auth.key_cache_ttl_ms`; with the cache off it applies on the next request.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn revocation_by_another_replica_is_bounded_by_the_key_cache_ttl(pool: PgPool) {
+    let cached = app(pool.clone()).await;
+    let uncached = cached.replica(|c| c.key_cache_ttl = std::time::Duration::ZERO);
+    let (_, key) = cached.org_with_key("r").await;
+    assert_eq!(cached.get("/v1/me", &key).await.status, StatusCode::OK);
+    assert_eq!(uncached.get("/v1/me", &key).await.status, StatusCode::OK);
+    assert!(uncached.state.keys.is_empty(), "ttl 0 caches nothing");
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE org_id IS NOT NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        uncached.get("/v1/me", &key).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Within the TTL (5 s by default) the other replica still trusts its cached entry.
+    assert_eq!(cached.get("/v1/me", &key).await.status, StatusCode::OK);
+}

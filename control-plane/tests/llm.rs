@@ -506,33 +506,60 @@ async fn without_the_local_fallback_a_dead_chain_is_a_502(pool: PgPool) {
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn monthly_budget_used_up_is_a_402(pool: PgPool) {
     let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    // 12 prompt tokens at 250,000 USD per million: 3 USD a call.
     let toml = llm_toml(
         "monthly_budget_usd = 5.0\nbudget_refresh_ms = 0",
-        &[("p", "openai_compatible", fake.base_url(), "")],
+        &[(
+            "p",
+            "openai_compatible",
+            fake.base_url(),
+            "[providers.p.prices]\nm = { input_per_1m_usd = 250000.0, output_per_1m_usd = 0.0 }",
+        )],
     );
     let app = gateway(pool.clone(), &toml).await;
     let (org, key) = app.org_with_key("acme").await;
-    let (_, other_key) = app.org_with_key("other").await;
+    let (other, other_key) = app.org_with_key("other").await;
     let body = json!({"model": "p/m", "messages": user("hi")});
-    assert_eq!(
-        app.post("/v1/query", &key, body.clone()).await.status,
-        StatusCode::OK
-    );
-    sqlx::query(
-        "INSERT INTO inference_logs (org_id, request_id, provider, model, cost_usd, latency_ms, status) \
-         VALUES ($1, gen_random_uuid(), 'p', 'm', 6.0, 1, 'ok')",
+    for n in 1..=2 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert!(
+            (r.body["cost_usd"].as_f64().unwrap() - 3.0).abs() < 1e-9,
+            "{}",
+            r.text
+        );
+        log_rows(&pool, &org, n).await;
+    }
+    // The log writer keeps the month-to-date figure in step with the log rows.
+    let org_id: uuid::Uuid = org.parse().unwrap();
+    let (logged, spend): (f64, f64) = sqlx::query_as(
+        "SELECT (SELECT sum(cost_usd) FROM inference_logs WHERE org_id = $1), \
+                (SELECT usd FROM llm_spend WHERE org_id = $1)",
     )
-    .bind(org.parse::<uuid::Uuid>().unwrap())
-    .execute(&pool)
+    .bind(org_id)
+    .fetch_one(&pool)
     .await
     .unwrap();
+    assert!(
+        (logged - 6.0).abs() < 1e-9 && (spend - 6.0).abs() < 1e-9,
+        "{logged} {spend}"
+    );
     let r = app.post("/v1/query", &key, body.clone()).await;
     assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text);
     assert_eq!(r.code(), "budget_exceeded");
     assert!(r.message().contains("5.00 USD"), "{}", r.text);
-    // Spend last month does not count; another organisation is unaffected.
+    assert!(r.message().contains("spent 6.0000 USD"), "{}", r.text);
+    // Spend in an earlier month does not count; another organisation is unaffected.
+    sqlx::query(
+        "INSERT INTO llm_spend (org_id, month, usd) \
+         VALUES ($1, (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month')::date, 100)",
+    )
+    .bind(other.parse::<uuid::Uuid>().unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
     let r = app.post("/v1/query", &other_key, body).await;
-    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let rows = log_rows(&pool, &org, 3).await;
     assert!(
         rows.iter().any(|r| r.status == "budget_exceeded"),

@@ -5,8 +5,9 @@
 //!   the record is dropped and `kip_llm_log_rows_dropped` rises. A slow database therefore
 //!   slows nothing but the log, and memory stays bounded by the queue capacity.
 //! - One multi-row `INSERT ... SELECT FROM UNNEST(...)` per batch (one round trip, any size up
-//!   to `log_batch_max_rows`), ids in queue order; rows of organisations deleted meanwhile are skipped, so one
-//!   such row cannot fail a whole batch.
+//!   to `log_batch_max_rows`), ids in queue order; rows of organisations deleted meanwhile are
+//!   skipped, so one such row cannot fail a whole batch. The same statement adds the batch's
+//!   cost to `llm_spend` (org, month), which is what budget checks read.
 //! - The writer runs on the server's `TaskTracker` and ends when every sender is gone (the
 //!   router was dropped at shutdown) after writing what was queued.
 
@@ -93,17 +94,27 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
         status.push(r.status.as_str());
         hit.push(r.cache_hit);
     }
-    let done = sqlx::query(
-        "INSERT INTO inference_logs (org_id, request_id, provider, model, tokens_in, tokens_out, \
-           tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit) \
-         SELECT u.org_id, u.request_id, u.provider, u.model, u.tokens_in, u.tokens_out, \
-           u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
-           $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
-           WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
-                tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
-         WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
-         ORDER BY u.n",
+    // One statement: the rows and their cost added to `llm_spend`, so the month-to-date
+    // figure that budget checks read always matches the log.
+    let written: i64 = sqlx::query_scalar(
+        "WITH ins AS ( \
+           INSERT INTO inference_logs (org_id, request_id, provider, model, tokens_in, \
+             tokens_out, tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit) \
+           SELECT u.org_id, u.request_id, u.provider, u.model, u.tokens_in, u.tokens_out, \
+             u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
+           FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
+             $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
+             WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
+                  tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
+           WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
+           ORDER BY u.n \
+           RETURNING org_id, cost_usd, created_at), \
+         spend AS ( \
+           INSERT INTO llm_spend (org_id, month, usd) \
+           SELECT org_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date, sum(cost_usd) \
+           FROM ins WHERE cost_usd > 0 GROUP BY 1, 2 \
+           ON CONFLICT (org_id, month) DO UPDATE SET usd = llm_spend.usd + EXCLUDED.usd) \
+         SELECT count(*) FROM ins",
     )
     .bind(&org)
     .bind(&req)
@@ -117,9 +128,9 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
     .bind(&ttft)
     .bind(&status)
     .bind(&hit)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(u64::try_from(written).unwrap_or(0))
 }
 
 /// The writer task: collects up to `max_rows` records or what arrived within `flush_interval`

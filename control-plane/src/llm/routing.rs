@@ -212,9 +212,10 @@ impl Spending {
         {
             return Ok(s.usd);
         }
+        // One row by primary key, kept by the log writer (see `logs`), whatever the log volume.
         let usd: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(cost_usd), 0)::float8 FROM inference_logs \
-             WHERE org_id = $1 AND created_at >= date_trunc('month', now(), 'UTC')",
+            "SELECT COALESCE((SELECT usd FROM llm_spend WHERE org_id = $1 \
+               AND month = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0)::float8",
         )
         .bind(org)
         .fetch_one(pool)

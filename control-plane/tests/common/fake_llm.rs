@@ -58,6 +58,8 @@ struct FakeState {
     requests: Mutex<Vec<Value>>,
     auth: Mutex<Vec<Option<String>>>,
     hits: AtomicUsize,
+    /// Off for long benchmark runs, where keeping every body would grow without bound.
+    recording: std::sync::atomic::AtomicBool,
 }
 
 /// A running fake provider.
@@ -77,6 +79,7 @@ impl FakeLlm {
             requests: Mutex::new(Vec::new()),
             auth: Mutex::new(Vec::new()),
             hits: AtomicUsize::new(0),
+            recording: std::sync::atomic::AtomicBool::new(true),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
@@ -108,6 +111,11 @@ impl FakeLlm {
         *self.state.default.lock().unwrap() = r;
     }
 
+    /// Stops keeping request bodies and headers (counting continues).
+    pub fn stop_recording(&self) {
+        self.state.recording.store(false, Ordering::SeqCst);
+    }
+
     /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
@@ -130,14 +138,16 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     st.hits.fetch_add(1, Ordering::SeqCst);
-    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    st.requests.lock().unwrap().push(v);
-    st.auth.lock().unwrap().push(
-        headers
-            .get("authorization")
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned),
-    );
+    if st.recording.load(Ordering::Relaxed) {
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        st.requests.lock().unwrap().push(v);
+        st.auth.lock().unwrap().push(
+            headers
+                .get("authorization")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned),
+        );
+    }
     let reply = {
         let next = st.script.lock().unwrap().pop_front();
         next.unwrap_or_else(|| st.default.lock().unwrap().clone())

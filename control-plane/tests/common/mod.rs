@@ -67,6 +67,23 @@ pub async fn app_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> App {
 }
 
 impl App {
+    /// A second control-plane replica on the same database (its own in-process state).
+    pub fn replica(&self, tweak: impl FnOnce(&mut Config)) -> App {
+        let mut cfg = Config::load(None, |_| None).unwrap();
+        tweak(&mut cfg);
+        let state = server::AppState::new(self.pool.clone(), &cfg);
+        let tracker = tokio_util::task::TaskTracker::new();
+        state.llm.start_log_writer(&tracker);
+        App {
+            router: server::router(state.clone()),
+            pool: self.pool.clone(),
+            admin_key: self.admin_key.clone(),
+            state,
+            tracker,
+            _dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
     pub async fn raw(&self, req: Request<Body>) -> Resp {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
