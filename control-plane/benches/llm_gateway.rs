@@ -104,9 +104,12 @@ async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
              [log]\nformat = \"text\"\nfilter = \"warn\"\n\
              [llm]\nrate_limit_per_minute = 1000000000\nrate_limit_burst = 1000000\n\
              monthly_budget_usd = 1000000.0\ncache_max_entries = 0\n\
+             {}\n\
              [llm.providers.fake]\nkind = \"openai_compatible\"\nbase_url = \"{}\"\n\
              [llm.providers.fake.prices]\nm = {{ input_per_1m_usd = 1.0, output_per_1m_usd = 2.0 }}\n",
             key_file.display(),
+            // Extra `[llm]` settings for experiments, e.g. "log_flush_interval_ms = 1000".
+            std::env::var("LLM_BENCH_LLM_TOML").unwrap_or_default(),
             fake.base_url()
         ),
     )

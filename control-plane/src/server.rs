@@ -253,7 +253,15 @@ pub async fn serve(
     tracker: TaskTracker,
     grace: Duration,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
     let shutdown = token.clone();
+    // Small JSON answers must leave at once: without TCP_NODELAY, Nagle's algorithm can hold a
+    // response segment until the client's delayed ACK (up to 40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await });
     let server = tracker.spawn(async move { server.await });
