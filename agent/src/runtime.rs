@@ -14,6 +14,9 @@
 //! When `[sync]` lists endpoints and the device is enrolled (`<state_dir>/identity`), the
 //! certificate renewer and the [`crate::sync`] loop run on the same tracker.
 //!
+//! With `[live_query]`, readings also update the [`crate::live`] latest-value map on their way
+//! to the buffer, and the live-query responder runs on the same tracker and token.
+//!
 //! OPC UA endpoints plug in next to the MQTT brokers: `OpcUaSource::new(cfg, &mut registry)`
 //! before the registry is frozen, then `run(tx.clone(), cancel.clone())` on the tracker.
 
@@ -44,6 +47,7 @@ use crate::{
     config::Config,
     edge_inference::{Inference, InferenceFeed},
     identity::{Identity, IdentityError, RenewalPolicy, Renewer},
+    live::{LiveMetrics, LiveResponder, LiveValues},
     metrics::{self, IngestMetrics},
     mqtt::MqttSource,
     sync::{SyncError, SyncReport, SyncStatus, Syncer},
@@ -70,6 +74,8 @@ pub enum RuntimeError {
     OpcUa { endpoint: String, message: String },
     #[error(transparent)]
     Inference(#[from] crate::edge_inference::StartError),
+    #[error("live_query: {0}")]
+    LiveQuery(String),
     #[error("cannot listen on {addr} (http.listen_addr): {source}")]
     Listen {
         addr: SocketAddr,
@@ -259,10 +265,16 @@ async fn write_records(
     metrics: IngestMetrics,
     surface: Arc<Surface>,
     feed: Option<InferenceFeed>,
+    live: Option<Arc<LiveValues>>,
 ) {
     while let Some(record) = rx.recv().await {
-        if let (Some(f), Record::Reading(r)) = (&feed, &record) {
-            f.offer(r);
+        if let Record::Reading(r) = &record {
+            if let Some(f) = &feed {
+                f.offer(r);
+            }
+            if let Some(l) = &live {
+                l.observe(r);
+            }
         }
         match buffer.append(&record) {
             Ok(_) => {
@@ -377,6 +389,27 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     }
     let sync_status = syncer.as_ref().map(Syncer::status);
 
+    let live = match &cfg.live_query {
+        Some(lq) => {
+            let org_id = live_org(lq.org_id, &cfg)?;
+            let m = LiveMetrics::register(&mut registry);
+            let values = Arc::new(LiveValues::new(
+                lq.max_tracked_values,
+                m.values_dropped.clone(),
+            ));
+            let responder = LiveResponder::new(
+                lq.clone(),
+                org_id,
+                cfg.device.as_str(),
+                values.clone(),
+                inference.as_ref().map(|(i, _)| i.clone()),
+                m,
+            );
+            Some((responder, values))
+        }
+        None => None,
+    };
+
     let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
         .await
         .map_err(|source| RuntimeError::Listen {
@@ -445,6 +478,10 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         tracker.spawn(s.run(cancel.clone()));
     }
 
+    let live_values = live.map(|(responder, values)| {
+        tracker.spawn(responder.run(cancel.clone()));
+        values
+    });
     for source in sources {
         tracing::info!(source = source.name(), "starting mqtt source");
         tracker.spawn(source.run(tx.clone(), cancel.clone()));
@@ -461,6 +498,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         metrics.clone(),
         surface.clone(),
         feed,
+        live_values,
     ));
     {
         let buffer = buffer.clone();
@@ -487,6 +525,23 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         tracker,
         cancel,
     })
+}
+
+/// The organisation of `[live_query]`: the configured one, else the enrolled identity's; both
+/// must agree when both exist.
+fn live_org(configured: Option<uuid::Uuid>, cfg: &Config) -> Result<uuid::Uuid, RuntimeError> {
+    let enrolled = Identity::load(&cfg.identity_dir())?.map(|i| i.org_id());
+    match (configured, enrolled) {
+        (Some(c), Some(e)) if c != e => Err(RuntimeError::LiveQuery(format!(
+            "org_id {c} differs from the enrolled identity's organisation {e}"
+        ))),
+        (Some(c), _) => Ok(c),
+        (None, Some(e)) => Ok(e),
+        (None, None) => Err(RuntimeError::LiveQuery(format!(
+            "the device is not enrolled ({} has no identity): enroll it or set live_query.org_id",
+            cfg.identity_dir().display()
+        ))),
+    }
 }
 
 /// Minimal HTTP/1.1 GET against the agent's own loopback surface (no TLS, no redirects), so
