@@ -86,7 +86,7 @@ fn question_words(body: &Map<String, Value>) -> Vec<String> {
 
 fn named(words: &[String], name: &str) -> bool {
     let n = name.to_lowercase();
-    words.iter().any(|w| *w == n)
+    words.contains(&n)
 }
 
 /// The items a question names (by machine or metric); all of them when it names none.

@@ -379,6 +379,7 @@ impl LiveClient {
                         tracing::error!(%filter, "broker refused the Aleph reply subscription (ACL?)");
                     } else {
                         self.connected.store(true, Ordering::Relaxed);
+                        self.metrics.live_connected.set(1);
                         tracing::info!(%filter, "Aleph MQTT client subscribed");
                     }
                 }
@@ -388,6 +389,7 @@ impl LiveClient {
                 Ok(_) => {}
                 Err(e) => {
                     self.connected.store(false, Ordering::Relaxed);
+                    self.metrics.live_connected.set(0);
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Aleph MQTT connection error");
                     tokio::select! {
                         () = cancel.cancelled() => break,
@@ -398,6 +400,7 @@ impl LiveClient {
             }
         }
         self.connected.store(false, Ordering::Relaxed);
+        self.metrics.live_connected.set(0);
     }
 }
 

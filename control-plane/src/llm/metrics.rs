@@ -58,6 +58,8 @@ pub struct LlmMetrics {
     /// Responses received from agents that were not used: `malformed`, `unknown` (unknown or
     /// expired request id), `mismatched` (another organisation or device than asked).
     pub live_responses_dropped: Family<LiveOutcome, Counter>,
+    /// 1 while the Aleph MQTT client is connected and subscribed to its reply topics.
+    pub live_connected: Gauge,
 }
 
 fn buckets() -> Histogram {
@@ -84,6 +86,7 @@ impl LlmMetrics {
             log_write_failures: Counter::default(),
             live_requests: Family::default(),
             live_responses_dropped: Family::default(),
+            live_connected: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("llm");
         r.register(
@@ -155,6 +158,11 @@ impl LlmMetrics {
             "live_responses_dropped",
             "Live-value responses from agents that were dropped, by reason",
             m.live_responses_dropped.clone(),
+        );
+        r.register(
+            "live_connected",
+            "1 while the Aleph MQTT client is connected and subscribed to its reply topics",
+            m.live_connected.clone(),
         );
         m
     }
