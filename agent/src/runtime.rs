@@ -607,6 +607,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn every_reading_the_writer_stores_updates_the_live_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        let live = Arc::new(LiveValues::new(
+            10,
+            prometheus_client::metrics::counter::Counter::default(),
+        ));
+        let (tx, rx) = mpsc::channel(4);
+        let writer = write_records(
+            s.buffer.clone(),
+            rx,
+            s.metrics.clone(),
+            s.clone(),
+            None,
+            Some(live.clone()),
+        );
+        let now = chrono::Utc::now();
+        // One reading from an OPC UA endpoint, one from an MQTT broker: same path.
+        for (source, metric, value) in [
+            ("plc1", "spindle_speed", 1500.0),
+            ("b1", "temperature", 21.5),
+        ] {
+            tx.send(Record::Reading(kip_shared::Reading {
+                source: source.into(),
+                machine: "press-1".into(),
+                metric: metric.into(),
+                ts: now,
+                value,
+                quality: kip_shared::Quality::Good,
+            }))
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        writer.await;
+        let req = kip_shared::live::LiveRequest {
+            v: kip_shared::live::LIVE_PROTOCOL_VERSION,
+            request_id: uuid::Uuid::nil(),
+            org_id: uuid::Uuid::nil(),
+            device: "gw".into(),
+            reply_to: "r".into(),
+            sent_at: now,
+            machines: vec![],
+            metrics: vec![],
+        };
+        let got: Vec<(String, f64)> = live
+            .snapshot(&req)
+            .into_iter()
+            .map(|v| (v.source, v.value))
+            .collect();
+        assert_eq!(got, vec![("plc1".into(), 1500.0), ("b1".into(), 21.5)]);
+    }
+
+    #[tokio::test]
     async fn healthz_fails_once_the_writer_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let s = surface(dir.path());

@@ -336,6 +336,32 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
             ) == 1
     })
     .await;
+    // The agent side: a malformed request, and one whose reply topic lies in another
+    // organisation, are counted and not answered; the agent keeps answering.
+    let req_topic = kip_shared::live::request_topic("kip/v1", org_a, "gw-1");
+    broker::publish(port, &req_topic, b"\xff garbage", Some(&pki));
+    let foreign_id = Uuid::new_v4();
+    let foreign = LiveRequest {
+        v: 1,
+        request_id: foreign_id,
+        org_id: org_a,
+        device: "gw-1".into(),
+        reply_to: kip_shared::live::reply_topic("kip/v1", org_b, "cp-test"),
+        sent_at: chrono::Utc::now(),
+        machines: vec![],
+        metrics: vec![],
+    };
+    broker::publish(port, &req_topic, &foreign.encode(), Some(&pki));
+    common::eventually(
+        Duration::from_secs(10),
+        "agent refusals counted",
+        || async {
+            let a = agent_metrics(agent_addr).await;
+            metric(&a, "kip_agent_live_requests_total{outcome=\"malformed\"}") == 1
+                && metric(&a, "kip_agent_live_requests_total{outcome=\"foreign\"}") == 1
+        },
+    )
+    .await;
     let (text, _) = ask(&cp, &key_a, "How is gw-1?").await;
     assert!(
         text.contains("live from gw-1 at ") && text.contains("77.25"),
@@ -351,13 +377,19 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     );
     assert!(text.contains("temperature = 12.5"), "{text}");
 
-    let requests: Vec<(String, LiveRequest)> = spy
-        .seen
-        .lock()
-        .unwrap()
+    let seen = spy.seen.lock().unwrap().clone();
+    // Nothing was ever published into organisation B's reply topics (only B's own request).
+    let into_b: Vec<&String> = seen
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| t.starts_with(&format!("kip/v1/{org_b}/")) && !t.ends_with("/live/req"))
+        .collect();
+    assert!(into_b.is_empty(), "{into_b:?}");
+    let requests: Vec<(String, LiveRequest)> = seen
         .iter()
         .filter(|(t, _)| t.ends_with("/live/req"))
-        .map(|(t, p)| (t.clone(), LiveRequest::decode(p).unwrap()))
+        .filter_map(|(t, p)| LiveRequest::decode(p).ok().map(|r| (t.clone(), r)))
+        .filter(|(_, r)| r.request_id != foreign_id)
         .collect();
     let topics: BTreeSet<&str> = requests.iter().map(|(t, _)| t.as_str()).collect();
     let want: BTreeSet<String> = [
@@ -388,7 +420,7 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     );
     assert_eq!(
         metric(&a, "kip_agent_live_requests_total{outcome=\"foreign\"}"),
-        0,
+        1,
         "{a}"
     );
     let m = cp.metrics().await;

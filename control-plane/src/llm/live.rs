@@ -459,6 +459,41 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_pending_map_is_bounded_and_emptied_after_a_timeout() {
+        let (c, m) = client();
+        // As if subscribed; nothing drives the event loop, so no answer can come.
+        c.connected.store(true, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        let e = c.ask(Uuid::new_v4(), "gw-1").await.unwrap_err();
+        assert_eq!(e, LiveFailure::Timeout(50));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert!(c.lock_pending().is_empty(), "the guard removed the entry");
+        // max_pending_requests = 1: with one question waiting, the next device is not asked.
+        let (tx, _rx) = oneshot::channel();
+        c.lock_pending().insert(
+            Uuid::new_v4(),
+            Pending {
+                org_id: Uuid::new_v4(),
+                device: "gw-9".into(),
+                tx,
+            },
+        );
+        assert_eq!(
+            c.ask(Uuid::new_v4(), "gw-1").await.unwrap_err(),
+            LiveFailure::Busy
+        );
+        let count = |outcome| {
+            m.live_requests
+                .get_or_create(&LiveOutcome { outcome })
+                .get()
+        };
+        assert_eq!(
+            (count("sent"), count("timed_out"), count("busy")),
+            (1, 1, 1)
+        );
+    }
+
     #[test]
     fn answers_reach_only_the_request_that_asked() {
         let (c, m) = client();
