@@ -1,7 +1,7 @@
 //! AIX Aleph asks a real agent for live values over MQTT: a private Mosquitto with TLS client
-//! certificates, the real agent runtime (enrolled, MQTT source feeding its latest-value map,
-//! `[live_query]` responder), the real control plane (router, gateway, Aleph MQTT client) on
-//! real PostgreSQL.
+//! certificates, the real agent runtime (enrolled; its MQTT source feeds the latest-value map;
+//! `[live_query]` responder; sync through a proxy whose link the test cuts), and the real
+//! control plane (router, gateway, Aleph MQTT client) on real PostgreSQL.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -54,6 +54,7 @@ fn agent_config(
     state_dir: &std::path::Path,
     port: u16,
     pki: &broker::Pki,
+    sync_url: &str,
 ) -> kip_agent::config::Config {
     let text = format!(
         r#"
@@ -76,6 +77,12 @@ topic = "plant/+/temperature"
 machine_topic_level = 1
 metric = "temperature"
 value = {{ kind = "number" }}
+[sync]
+endpoints = ["{sync_url}"]
+interval_ms = 50
+backoff_min_ms = 20
+backoff_max_ms = 200
+request_timeout_ms = 2000
 [live_query]
 broker = "site"
 "#,
@@ -230,7 +237,6 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     let identity = cp.enroll(org_a, "gw-1", &state_dir.join("identity")).await;
     let gw1 = identity.device_id();
     let gw2 = register(&cp, org_a, &key_a, "gw-2").await;
-    synced(&pool, org_a, gw1, 40.0).await;
     synced(&pool, org_a, gw2, 55.5).await;
     // Organisation B has a device with the same name, and no agent.
     let org_b = cp.create_org("beta").await;
@@ -242,9 +248,10 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     let tracker = tokio_util::task::TaskTracker::new();
     let spy = spy(port, &pki, &tracker, stop.clone());
     // The agent takes its organisation from the enrolled certificate (no org_id in its config).
-    let agent = runtime::start(agent_config(&state_dir, port, &pki), stop.clone())
-        .await
-        .unwrap();
+    // The agent syncs through a proxy whose link the test cuts.
+    let proxy = common::Proxy::start(common::agent_addr(&cp)).await;
+    let agent_cfg = agent_config(&state_dir, port, &pki, &proxy.url());
+    let agent = runtime::start(agent_cfg, stop.clone()).await.unwrap();
     let agent_addr = agent.http_addr;
     common::eventually(
         Duration::from_secs(10),
@@ -263,24 +270,43 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     )
     .await;
 
-    // A value the agent ingests now, after the last sync: only the agent knows it.
+    // 40.0 arrives and is synced to the control plane.
+    let count = |value: f64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM sensor_data WHERE device_id = $1 AND value = $2",
+            )
+            .bind(gw1)
+            .bind(value)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    broker::publish(port, "plant/press-1/temperature", b"40", Some(&pki));
+    common::eventually(Duration::from_secs(15), "40.0 synced", || async {
+        count(40.0).await == 1
+    })
+    .await;
+    // Then the link to the control plane goes down, and the agent ingests 77.25 after the
+    // last sync: only the agent knows it.
+    proxy.set(common::Link::Drop);
     broker::publish(port, "plant/press-1/temperature", b"77.25", Some(&pki));
     common::eventually(
         Duration::from_secs(10),
         "the agent ingested 77.25",
         || async {
-            metric(
-                &agent_metrics(agent_addr).await,
-                "kip_agent_records_buffered_total",
-            ) == 1
+            let a = agent_metrics(agent_addr).await;
+            metric(&a, "kip_agent_records_buffered_total") >= 2
+                && metric(
+                    &a,
+                    "kip_agent_readings_total{source=\"site\",metric=\"temperature\"}",
+                ) == 2
         },
     )
     .await;
-    let in_db: i64 = sqlx::query_scalar("SELECT count(*) FROM sensor_data WHERE value = 77.25")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(in_db, 0);
+    assert_eq!(count(77.25).await, 0, "77.25 must not have been synced");
 
     // 1. Live: gw-1 answers with the new value; gw-2 does not answer and is covered by the
     //    synced data with a note; the question waits one timeout, not one per device.
