@@ -642,6 +642,15 @@ mod tests {
     }
 
     #[test]
+    fn quickstart_config_loads_with_aleph_asking_agents_over_mqtt() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.toml");
+        let cfg = Config::load(Some(&path), no_env).unwrap();
+        let mqtt = cfg.llm.providers["aleph"].mqtt.as_ref().unwrap();
+        assert_eq!((mqtt.host.as_str(), mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(mqtt.client_id, "kip-cp-quickstart");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = RawConfig::from_toml("[server]\nlisten_adr = \"x\"\n", Path::new("c.toml"))
             .unwrap_err()
