@@ -220,14 +220,6 @@ impl Gateway {
         }
     }
 
-    /// The Aleph provider named `name`, if configured (for status and tests).
-    pub fn aleph(&self, name: &str) -> Option<&provider::AlephProvider> {
-        match self.slots.get(name).map(|s| &s.provider) {
-            Some(AnyProvider::Aleph(a)) => Some(a),
-            _ => None,
-        }
-    }
-
     /// The configuration in force.
     pub fn config(&self) -> &LlmConfig {
         &self.cfg
