@@ -146,6 +146,10 @@ machine_topic_level = 1
 metric_topic_level = 2
 value = { kind = "json", pointer = "/v", timestamp_pointer = "/ts" }
 
+# Answer AIX Aleph's live-value questions on kip/v1/<org>/$DEVICE/live/req.
+[live_query]
+broker = "local-broker"
+
 # Sync to the control plane's mTLS agent listener (certificate from the enrollment below).
 [sync]
 endpoints = ["https://$AGENT_MTLS_ADDR"]
@@ -196,6 +200,10 @@ cat >&2 <<MSG
     curl -s http://$CP_ADDR/v1/chat/completions -H "authorization: Bearer \$(cat $STATE/org.key)" \\
          -H 'content-type: application/json' \\
          -d '{"model":"smart","messages":[{"role":"user","content":"How is press line 1?"}]}'
+    curl -s http://$CP_ADDR/v1/query -H "authorization: Bearer \$(cat $STATE/org.key)" \\
+         -H 'content-type: application/json' \\
+         -d '{"task":"machine_status","messages":[{"role":"user","content":"How is aleph-01?"}]}'
+    (AIX Aleph: live values from the agent over MQTT, synced data when it does not answer)
     (no provider API keys are configured: answers come from the labelled local fallback;
      set OPENAI_API_KEY or DEEPSEEK_API_KEY and add providers in deploy/quickstart.toml)
 

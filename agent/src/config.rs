@@ -63,6 +63,68 @@ pub struct RawConfig {
     pub inference: RawInference,
     #[serde(default)]
     pub sync: RawSync,
+    /// `[live_query]`: answer the control plane's live-value requests over MQTT.
+    #[serde(default)]
+    pub live_query: Option<RawLiveQuery>,
+}
+
+/// `[live_query]` as written: the connection is either borrowed from a `[[mqtt]]` source
+/// (`broker = "name"`: its url and TLS files, with its own client id) or given here (`url`
+/// and, for `mqtts://`, `ca_file` / `client_cert_file` / `client_key_file`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLiveQuery {
+    /// Name of the `[[mqtt]]` source whose broker and TLS settings to reuse.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// `mqtt://host:port` or `mqtts://host:port` when not reusing a source's broker.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Default: `kip-live-{agent.device}`; must differ from every source's client id (a
+    /// broker disconnects the older of two sessions with one id).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Must equal the control plane's `llm.providers.<aleph>.mqtt.topic_prefix`.
+    #[serde(default = "default_live_topic_prefix")]
+    pub topic_prefix: String,
+    /// The organisation this device belongs to; by default read from the enrolled identity.
+    /// When both exist they must agree.
+    #[serde(default)]
+    pub org_id: Option<uuid::Uuid>,
+    /// Distinct (machine, metric) pairs remembered; readings of further pairs are counted
+    /// (`kip_agent_live_values_dropped_total`) and not answered.
+    #[serde(default = "default_live_max_tracked_values")]
+    pub max_tracked_values: usize,
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    #[serde(default = "default_reconnect_min_backoff_ms")]
+    pub reconnect_min_backoff_ms: u64,
+    #[serde(default = "default_reconnect_max_backoff_ms")]
+    pub reconnect_max_backoff_ms: u64,
+}
+
+fn default_live_topic_prefix() -> String {
+    "kip/v1".into()
+}
+fn default_live_max_tracked_values() -> usize {
+    10_000
+}
+
+/// Validated `[live_query]`.
+#[derive(Debug, Clone)]
+pub struct LiveQueryConfig {
+    /// The connection (its `subscriptions` are empty: the topic comes from the identity).
+    pub broker: MqttBrokerConfig,
+    pub topic_prefix: String,
+    /// `None`: taken from the enrolled identity at start.
+    pub org_id: Option<uuid::Uuid>,
+    pub max_tracked_values: usize,
 }
 
 /// `[inference]` as written.
@@ -398,6 +460,8 @@ pub struct Config {
     pub opcua: Vec<crate::opcua::OpcUaEndpointConfig>,
     /// `None` when `[inference] enabled` is false.
     pub inference: Option<crate::edge_inference::InferenceConfig>,
+    /// `None` when there is no `[live_query]` section.
+    pub live_query: Option<LiveQueryConfig>,
 }
 
 /// Validated `[buffer]`.
@@ -558,7 +622,12 @@ impl RawConfig {
             }
         }
         let inference = validate_inference(self.inference)?;
+        let live_query = match self.live_query {
+            Some(raw) => Some(validate_live_query(raw, &device, &mqtt)?),
+            None => None,
+        };
         Ok(Config {
+            live_query,
             inference,
             sync,
             device,
@@ -575,6 +644,112 @@ impl RawConfig {
             opcua: self.opcua,
         })
     }
+}
+
+fn validate_live_query(
+    raw: RawLiveQuery,
+    device: &Name,
+    sources: &[MqttBrokerConfig],
+) -> Result<LiveQueryConfig, ConfigError> {
+    let client_id = raw
+        .client_id
+        .unwrap_or_else(|| format!("kip-live-{device}"));
+    let broker = match (&raw.broker, &raw.url) {
+        (Some(name), None) => {
+            if raw.ca_file.is_some()
+                || raw.client_cert_file.is_some()
+                || raw.client_key_file.is_some()
+            {
+                return Err(invalid(
+                    "live_query.broker",
+                    "reuses the TLS files of that source: remove ca_file/client_cert_file/client_key_file",
+                ));
+            }
+            let src = sources
+                .iter()
+                .find(|b| b.name.as_str() == name)
+                .ok_or_else(|| {
+                    invalid(
+                        "live_query.broker",
+                        format!("{name:?} is not the name of an [[mqtt]] source"),
+                    )
+                })?;
+            if client_id.is_empty() || client_id.len() > 128 {
+                return Err(invalid(
+                    "live_query.client_id",
+                    "must be 1 to 128 characters",
+                ));
+            }
+            MqttBrokerConfig {
+                name: src.name.clone(),
+                host: src.host.clone(),
+                port: src.port,
+                tls: src.tls.clone(),
+                client_id,
+                keep_alive: ms_in(
+                    "live_query.keep_alive_ms".into(),
+                    raw.keep_alive_ms,
+                    5_000,
+                    3_600_000,
+                )?,
+                reconnect_min_backoff: src.reconnect_min_backoff,
+                reconnect_max_backoff: src.reconnect_max_backoff,
+                subscriptions: Vec::new(),
+            }
+        }
+        (None, Some(url)) => validate_connection(
+            RawMqttBroker {
+                name: "live-query".into(),
+                url: url.clone(),
+                client_id,
+                ca_file: raw.ca_file,
+                client_cert_file: raw.client_cert_file,
+                client_key_file: raw.client_key_file,
+                keep_alive_ms: raw.keep_alive_ms,
+                reconnect_min_backoff_ms: raw.reconnect_min_backoff_ms,
+                reconnect_max_backoff_ms: raw.reconnect_max_backoff_ms,
+                subscriptions: Vec::new(),
+            },
+            "live_query",
+            false,
+        )?,
+        (Some(_), Some(_)) => {
+            return Err(invalid("live_query", "set either broker or url, not both"));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "live_query",
+                "one of broker (an [[mqtt]] source name) or url is required",
+            ));
+        }
+    };
+    if let Some(src) = sources.iter().find(|b| b.client_id == broker.client_id) {
+        return Err(invalid(
+            "live_query.client_id",
+            format!(
+                "{:?} is the client id of source {:?}; the broker would disconnect one of them",
+                broker.client_id,
+                src.name.as_str()
+            ),
+        ));
+    }
+    kip_shared::live::check_prefix(&raw.topic_prefix)
+        .map_err(|m| invalid("live_query.topic_prefix", m))?;
+    if !(1..=1_000_000).contains(&raw.max_tracked_values) {
+        return Err(invalid(
+            "live_query.max_tracked_values",
+            format!(
+                "must be between 1 and 1000000, got {}",
+                raw.max_tracked_values
+            ),
+        ));
+    }
+    Ok(LiveQueryConfig {
+        broker,
+        topic_prefix: raw.topic_prefix,
+        org_id: raw.org_id,
+        max_tracked_values: raw.max_tracked_values,
+    })
 }
 
 fn validate_inference(
@@ -624,6 +799,16 @@ fn ms_in(field: String, v: u64, min: u64, max: u64) -> Result<Duration, ConfigEr
 }
 
 fn validate_broker(raw: RawMqttBroker, at: &str) -> Result<MqttBrokerConfig, ConfigError> {
+    validate_connection(raw, at, true)
+}
+
+/// Checks a broker connection; `needs_subscriptions` is false for `[live_query]`, whose one
+/// subscription comes from the device identity.
+fn validate_connection(
+    raw: RawMqttBroker,
+    at: &str,
+    needs_subscriptions: bool,
+) -> Result<MqttBrokerConfig, ConfigError> {
     let name = Name::parse(&raw.name)
         .map_err(|e| invalid(format!("{at}.name"), format!("{:?} {e}", raw.name)))?;
     let (secure, rest) = if let Some(r) = raw.url.strip_prefix("mqtts://") {
@@ -710,7 +895,7 @@ fn validate_broker(raw: RawMqttBroker, at: &str) -> Result<MqttBrokerConfig, Con
         raw.reconnect_min_backoff_ms.max(10),
         3_600_000,
     )?;
-    if raw.subscriptions.is_empty() {
+    if needs_subscriptions && raw.subscriptions.is_empty() {
         return Err(invalid(
             format!("{at}.subscriptions"),
             "at least one [[mqtt.subscriptions]] entry is required",
@@ -880,6 +1065,79 @@ mod tests {
             err.contains("opcua[1].name") && err.contains("used twice"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn live_query_reuses_a_source_broker_or_names_its_own() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"a/+\"\nmachine = \"m\"\nmetric = \"x\"\n\
+                   value = { kind = \"number\" }\n";
+        let tls = BROKER.replace("mqtt://", "mqtts://")
+            + "ca_file = \"/ca.pem\"\nclient_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"\n";
+        let org = uuid::Uuid::new_v4();
+        let c = parse(&format!(
+            "{tls}{sub}[live_query]\nbroker = \"b1\"\norg_id = \"{org}\"\n"
+        ))
+        .unwrap();
+        let lq = c.live_query.unwrap();
+        assert_eq!(lq.broker.port, 1884);
+        assert!(matches!(
+            lq.broker.tls,
+            MqttTls::Tls {
+                client_auth: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(lq.broker.client_id, "kip-live-gw-1");
+        assert_eq!(lq.topic_prefix, "kip/v1");
+        assert_eq!(lq.org_id, Some(org));
+        let own =
+            parse("[live_query]\nurl = \"mqtt://broker:1885\"\ntopic_prefix = \"site/kip\"\n")
+                .unwrap()
+                .live_query
+                .unwrap();
+        assert_eq!(
+            (own.broker.host.as_str(), own.broker.port),
+            ("broker", 1885)
+        );
+        assert!(own.broker.subscriptions.is_empty());
+        assert!(parse("").unwrap().live_query.is_none());
+    }
+
+    #[test]
+    fn live_query_errors_name_the_field() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"a/+\"\nmachine = \"m\"\nmetric = \"x\"\n\
+                   value = { kind = \"number\" }\n";
+        let cases = [
+            ("[live_query]\n".to_owned(), "live_query"),
+            (
+                "[live_query]\nbroker = \"nope\"\n".to_owned(),
+                "live_query.broker",
+            ),
+            (
+                "[live_query]\nurl = \"mqtt://x\"\ntopic_prefix = \"kip/#\"\n".to_owned(),
+                "live_query.topic_prefix",
+            ),
+            (
+                "[live_query]\nurl = \"mqtt://x\"\nmax_tracked_values = 0\n".to_owned(),
+                "live_query.max_tracked_values",
+            ),
+            (
+                "[live_query]\nurl = \"mqtt://x\"\nca_file = \"/ca.pem\"\n".to_owned(),
+                "live_query.url",
+            ),
+            (
+                format!("{BROKER}{sub}[live_query]\nbroker = \"b1\"\nclient_id = \"kip\"\n"),
+                "live_query.client_id",
+            ),
+            (
+                "[live_query]\nurl = \"mqtt://x\"\ntypo = 1\n".to_owned(),
+                "typo",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod config;
 pub mod edge_inference;
 pub mod identity;
 pub mod inference;
+pub mod live;
 pub mod metrics;
 pub mod mqtt;
 pub mod opcua;

@@ -266,26 +266,53 @@ pub struct MqttSource {
     metrics: IngestMetrics,
 }
 
+/// rumqttc options for `cfg`'s connection (TLS files are read here, so a fixed file is picked
+/// up at the next reconnect).
+pub(crate) fn broker_options(
+    cfg: &MqttBrokerConfig,
+    clean_session: bool,
+) -> Result<MqttOptions, MqttError> {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_clean_session(clean_session);
+    if let MqttTls::Tls {
+        ca_file,
+        client_auth,
+    } = &cfg.tls
+    {
+        let tls = tls_client_config(
+            ca_file,
+            client_auth
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    }
+    Ok(opts)
+}
+
 /// Exponential backoff with jitter, reset after a successful connection.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max,
             next: min,
         }
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         // Up to 20% jitter so a fleet does not reconnect in lockstep after a broker restart.
@@ -306,25 +333,7 @@ impl MqttSource {
     }
 
     fn options(&self) -> Result<MqttOptions, MqttError> {
-        let mut opts = MqttOptions::new(&self.cfg.client_id, &self.cfg.host, self.cfg.port);
-        opts.set_keep_alive(self.cfg.keep_alive);
-        opts.set_clean_session(false);
-        if let MqttTls::Tls {
-            ca_file,
-            client_auth,
-        } = &self.cfg.tls
-        {
-            let tls = tls_client_config(
-                ca_file,
-                client_auth
-                    .as_ref()
-                    .map(|(c, k)| (c.as_path(), k.as_path())),
-            )?;
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
-        }
-        Ok(opts)
+        broker_options(&self.cfg, false)
     }
 
     /// Runs until `cancel` fires or `tx` closes. Configuration errors (unreadable
@@ -486,7 +495,7 @@ async fn send(tx: &mpsc::Sender<Record>, record: Record, cancel: &CancellationTo
 }
 
 /// Sleeps for `d`; true when cancelled meanwhile.
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
+pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     tokio::select! {
         () = cancel.cancelled() => true,
         () = tokio::time::sleep(d) => false,

@@ -14,6 +14,9 @@
 //! When `[sync]` lists endpoints and the device is enrolled (`<state_dir>/identity`), the
 //! certificate renewer and the [`crate::sync`] loop run on the same tracker.
 //!
+//! With `[live_query]`, readings also update the [`crate::live`] latest-value map on their way
+//! to the buffer, and the live-query responder runs on the same tracker and token.
+//!
 //! OPC UA endpoints plug in next to the MQTT brokers: `OpcUaSource::new(cfg, &mut registry)`
 //! before the registry is frozen, then `run(tx.clone(), cancel.clone())` on the tracker.
 
@@ -44,6 +47,7 @@ use crate::{
     config::Config,
     edge_inference::{Inference, InferenceFeed},
     identity::{Identity, IdentityError, RenewalPolicy, Renewer},
+    live::{LiveMetrics, LiveResponder, LiveValues},
     metrics::{self, IngestMetrics},
     mqtt::MqttSource,
     sync::{SyncError, SyncReport, SyncStatus, Syncer},
@@ -70,6 +74,8 @@ pub enum RuntimeError {
     OpcUa { endpoint: String, message: String },
     #[error(transparent)]
     Inference(#[from] crate::edge_inference::StartError),
+    #[error("live_query: {0}")]
+    LiveQuery(String),
     #[error("cannot listen on {addr} (http.listen_addr): {source}")]
     Listen {
         addr: SocketAddr,
@@ -259,10 +265,16 @@ async fn write_records(
     metrics: IngestMetrics,
     surface: Arc<Surface>,
     feed: Option<InferenceFeed>,
+    live: Option<Arc<LiveValues>>,
 ) {
     while let Some(record) = rx.recv().await {
-        if let (Some(f), Record::Reading(r)) = (&feed, &record) {
-            f.offer(r);
+        if let Record::Reading(r) = &record {
+            if let Some(f) = &feed {
+                f.offer(r);
+            }
+            if let Some(l) = &live {
+                l.observe(r);
+            }
         }
         match buffer.append(&record) {
             Ok(_) => {
@@ -377,6 +389,27 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     }
     let sync_status = syncer.as_ref().map(Syncer::status);
 
+    let live = match &cfg.live_query {
+        Some(lq) => {
+            let org_id = live_org(lq.org_id, &cfg)?;
+            let m = LiveMetrics::register(&mut registry);
+            let values = Arc::new(LiveValues::new(
+                lq.max_tracked_values,
+                m.values_dropped.clone(),
+            ));
+            let responder = LiveResponder::new(
+                lq.clone(),
+                org_id,
+                cfg.device.as_str(),
+                values.clone(),
+                inference.as_ref().map(|(i, _)| i.clone()),
+                m,
+            );
+            Some((responder, values))
+        }
+        None => None,
+    };
+
     let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
         .await
         .map_err(|source| RuntimeError::Listen {
@@ -445,6 +478,10 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         tracker.spawn(s.run(cancel.clone()));
     }
 
+    let live_values = live.map(|(responder, values)| {
+        tracker.spawn(responder.run(cancel.clone()));
+        values
+    });
     for source in sources {
         tracing::info!(source = source.name(), "starting mqtt source");
         tracker.spawn(source.run(tx.clone(), cancel.clone()));
@@ -461,6 +498,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         metrics.clone(),
         surface.clone(),
         feed,
+        live_values,
     ));
     {
         let buffer = buffer.clone();
@@ -487,6 +525,23 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         tracker,
         cancel,
     })
+}
+
+/// The organisation of `[live_query]`: the configured one, else the enrolled identity's; both
+/// must agree when both exist.
+fn live_org(configured: Option<uuid::Uuid>, cfg: &Config) -> Result<uuid::Uuid, RuntimeError> {
+    let enrolled = Identity::load(&cfg.identity_dir())?.map(|i| i.org_id());
+    match (configured, enrolled) {
+        (Some(c), Some(e)) if c != e => Err(RuntimeError::LiveQuery(format!(
+            "org_id {c} differs from the enrolled identity's organisation {e}"
+        ))),
+        (Some(c), _) => Ok(c),
+        (None, Some(e)) => Ok(e),
+        (None, None) => Err(RuntimeError::LiveQuery(format!(
+            "the device is not enrolled ({} has no identity): enroll it or set live_query.org_id",
+            cfg.identity_dir().display()
+        ))),
+    }
 }
 
 /// Minimal HTTP/1.1 GET against the agent's own loopback surface (no TLS, no redirects), so
@@ -549,6 +604,60 @@ mod tests {
         let code = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (code, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_reading_the_writer_stores_updates_the_live_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        let live = Arc::new(LiveValues::new(
+            10,
+            prometheus_client::metrics::counter::Counter::default(),
+        ));
+        let (tx, rx) = mpsc::channel(4);
+        let writer = write_records(
+            s.buffer.clone(),
+            rx,
+            s.metrics.clone(),
+            s.clone(),
+            None,
+            Some(live.clone()),
+        );
+        let now = chrono::Utc::now();
+        // One reading from an OPC UA endpoint, one from an MQTT broker: same path.
+        for (source, metric, value) in [
+            ("plc1", "spindle_speed", 1500.0),
+            ("b1", "temperature", 21.5),
+        ] {
+            tx.send(Record::Reading(kip_shared::Reading {
+                source: source.into(),
+                machine: "press-1".into(),
+                metric: metric.into(),
+                ts: now,
+                value,
+                quality: kip_shared::Quality::Good,
+            }))
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        writer.await;
+        let req = kip_shared::live::LiveRequest {
+            v: kip_shared::live::LIVE_PROTOCOL_VERSION,
+            request_id: uuid::Uuid::nil(),
+            org_id: uuid::Uuid::nil(),
+            device: "gw".into(),
+            reply_to: "r".into(),
+            sent_at: now,
+            machines: vec![],
+            metrics: vec![],
+        };
+        let got: Vec<(String, f64)> = live
+            .snapshot(&req)
+            .into_iter()
+            .map(|v| (v.source, v.value))
+            .collect();
+        assert_eq!(got, vec![("plc1".into(), 1500.0), ("b1".into(), 21.5)]);
     }
 
     #[tokio::test]

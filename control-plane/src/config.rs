@@ -573,6 +573,22 @@ impl RawConfig {
         let pki = self.pki.validate()?;
         let ingest = self.ingest.validate()?;
         let llm = self.llm.validate()?;
+        // A question waits for the agents inside the HTTP request: the request must outlast it.
+        for (name, p) in &llm.providers {
+            if let Some(m) = &p.mqtt
+                && m.request_timeout >= request_timeout
+            {
+                return Err(invalid(
+                    "llm",
+                    format!(
+                        "llm.providers.{name}.mqtt.request_timeout_ms ({} ms) must be below \
+                         server.request_timeout_ms ({} ms)",
+                        m.request_timeout.as_millis(),
+                        request_timeout.as_millis()
+                    ),
+                ));
+            }
+        }
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         Ok(Config {
             llm,
@@ -639,6 +655,32 @@ mod tests {
         assert!(cfg.pki.ca_dir.is_some());
         assert!(cfg.llm.providers.contains_key("deepseek"));
         assert_eq!(cfg.llm.aliases["smart"].len(), 2);
+    }
+
+    #[test]
+    fn live_queries_must_time_out_before_the_http_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.toml");
+        std::fs::write(
+            &path,
+            "[server]\nrequest_timeout_ms = 1000\n[llm.providers.aleph]\nkind = \"aleph\"\n\
+             models = [\"aleph\"]\n[llm.providers.aleph.mqtt]\nurl = \"mqtt://x\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&path), no_env).unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.request_timeout_ms") && err.contains("server.request_timeout_ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn quickstart_config_loads_with_aleph_asking_agents_over_mqtt() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.toml");
+        let cfg = Config::load(Some(&path), no_env).unwrap();
+        let mqtt = cfg.llm.providers["aleph"].mqtt.as_ref().unwrap();
+        assert_eq!((mqtt.host.as_str(), mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(mqtt.client_id, "kip-cp-quickstart");
     }
 
     #[test]

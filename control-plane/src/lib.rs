@@ -68,6 +68,7 @@ pub async fn run(cfg: config::Config, token: CancellationToken) -> anyhow::Resul
     // Ends after the router (and with it every log sender) is dropped at shutdown, so
     // `serve` draining the tracker also flushes queued inference logs.
     state.llm.start_log_writer(&tracker);
+    state.llm.start_providers(&tracker, &token);
     let signals = tracker.spawn(server::shutdown_signal(token.clone()));
     match pki::Pki::from_config(&cfg.pki, &pool).await? {
         Some(p) => {

@@ -17,4 +17,5 @@ pub use record::{
     DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
 };
 pub mod features;
+pub mod live;
 pub mod sync;

@@ -8,7 +8,7 @@
 //!   `Display` print `...`, so a key never reaches a log line.
 //! - Every target named in an alias or fallback chain refers to a configured provider.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use uuid::Uuid;
@@ -111,8 +111,187 @@ pub struct RawProvider {
     /// Prices per model.
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// Aleph only: ask the agents for live values over MQTT.
+    #[serde(default)]
+    pub mqtt: Option<RawAlephMqtt>,
     #[serde(skip)]
     resolved_env_key: Option<String>,
+}
+
+/// `[llm.providers.<aleph>.mqtt]` as written: the broker through which the Aleph provider asks
+/// agents for their current values (see `kip_shared::live`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlephMqtt {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// PEM CA file for `mqtts://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and key for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// MQTT client id, also this instance's level in its reply topics; must be unique per
+    /// control-plane instance on the broker. Default: `kip-cp-` and 8 random hex digits.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Must equal the agents' `live_query.topic_prefix`.
+    #[serde(default = "default_live_topic_prefix")]
+    pub topic_prefix: String,
+    /// How long a question waits for the agents' answers.
+    #[serde(default = "default_live_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Devices asked per question (named in it, else those with the most recent data).
+    #[serde(default = "default_max_devices_per_question")]
+    pub max_devices_per_question: usize,
+    /// Requests waiting for an answer across all questions; beyond it devices are answered
+    /// from synced data at once.
+    #[serde(default = "default_max_pending_requests")]
+    pub max_pending_requests: usize,
+    #[serde(default = "default_live_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+}
+
+fn default_live_topic_prefix() -> String {
+    "kip/v1".into()
+}
+fn default_live_request_timeout_ms() -> u64 {
+    2_000
+}
+fn default_max_devices_per_question() -> usize {
+    8
+}
+fn default_max_pending_requests() -> usize {
+    1_024
+}
+fn default_live_keep_alive_ms() -> u64 {
+    30_000
+}
+
+/// TLS of the Aleph MQTT connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlephMqttTls {
+    pub ca_file: PathBuf,
+    /// (certificate, key) for mutual TLS.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+}
+
+/// The checked `[llm.providers.<aleph>.mqtt]`.
+#[derive(Debug, Clone)]
+pub struct AlephMqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// `None` for `mqtt://`.
+    pub tls: Option<AlephMqttTls>,
+    pub client_id: String,
+    pub topic_prefix: String,
+    pub request_timeout: Duration,
+    pub max_devices_per_question: usize,
+    pub max_pending_requests: usize,
+    pub keep_alive: Duration,
+}
+
+impl RawAlephMqtt {
+    fn validate(self, field: &str) -> Result<AlephMqttConfig, ConfigError> {
+        let (secure, rest) = if let Some(r) = self.url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = self.url.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(invalid(format!(
+                "{field}.url: {:?} must start with mqtt:// or mqtts://",
+                self.url
+            )));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid(format!("{field}.url: {p:?} is not a port number")))?,
+            ),
+            None => (rest, if secure { 8883 } else { 1883 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains('/') {
+            return Err(invalid(format!(
+                "{field}.url: {:?} must be mqtt[s]://host[:port]",
+                self.url
+            )));
+        }
+        let client_auth = match (self.client_cert_file, self.client_key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(format!(
+                    "{field}: client_cert_file and client_key_file go together"
+                )));
+            }
+        };
+        let tls = match (secure, self.ca_file) {
+            (true, Some(ca_file)) => Some(AlephMqttTls {
+                ca_file,
+                client_auth,
+            }),
+            (true, None) => {
+                return Err(invalid(format!(
+                    "{field}.ca_file: is required for an mqtts:// url"
+                )));
+            }
+            (false, ca) => {
+                if ca.is_some() || client_auth.is_some() {
+                    return Err(invalid(format!(
+                        "{field}.url: TLS files are configured but the url is mqtt:// (plain); \
+                         use mqtts://"
+                    )));
+                }
+                None
+            }
+        };
+        let client_id = self
+            .client_id
+            .unwrap_or_else(|| format!("kip-cp-{:08x}", rand::random::<u32>()));
+        kip_shared::live::check_instance(&client_id)
+            .map_err(|m| invalid(format!("{field}.client_id: {m}")))?;
+        kip_shared::live::check_prefix(&self.topic_prefix)
+            .map_err(|m| invalid(format!("{field}.topic_prefix: {m}")))?;
+        let ms = |name: &str, v: u64, min: u64, max: u64| {
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(invalid(format!(
+                    "{field}.{name}: must be between {min} and {max} ms, got {v}"
+                )))
+            }
+        };
+        if !(1..=100).contains(&self.max_devices_per_question) {
+            return Err(invalid(format!(
+                "{field}.max_devices_per_question: must be between 1 and 100, got {}",
+                self.max_devices_per_question
+            )));
+        }
+        if !(1..=100_000).contains(&self.max_pending_requests) {
+            return Err(invalid(format!(
+                "{field}.max_pending_requests: must be between 1 and 100000, got {}",
+                self.max_pending_requests
+            )));
+        }
+        Ok(AlephMqttConfig {
+            host: host.to_owned(),
+            port,
+            tls,
+            client_id,
+            topic_prefix: self.topic_prefix,
+            request_timeout: ms("request_timeout_ms", self.request_timeout_ms, 10, 60_000)?,
+            max_devices_per_question: self.max_devices_per_question,
+            max_pending_requests: self.max_pending_requests,
+            keep_alive: ms("keep_alive_ms", self.keep_alive_ms, 5_000, 3_600_000)?,
+        })
+    }
 }
 
 /// Limits of one organisation, overriding the defaults.
@@ -264,6 +443,7 @@ fn default_providers() -> BTreeMap<String, RawProvider> {
             stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
             stream_usage: true,
             prices: BTreeMap::new(),
+            mqtt: None,
             resolved_env_key: None,
         },
     )])
@@ -313,6 +493,8 @@ pub struct ProviderConfig {
     pub stream_idle_timeout: Duration,
     pub stream_usage: bool,
     pub prices: BTreeMap<String, Price>,
+    /// Aleph only: the live-query MQTT connection; `None` answers from synced data only.
+    pub mqtt: Option<AlephMqttConfig>,
 }
 
 /// Per-organisation limits after defaults were applied.
@@ -465,7 +647,17 @@ impl RawLlm {
                     )));
                 }
             }
+            let mqtt = match (p.kind, p.mqtt) {
+                (_, None) => None,
+                (ProviderKind::Aleph, Some(m)) => Some(m.validate(&format!("{field}.mqtt"))?),
+                (_, Some(_)) => {
+                    return Err(invalid(format!(
+                        "{field}.mqtt: only an aleph provider asks agents over MQTT"
+                    )));
+                }
+            };
             let cfg = ProviderConfig {
+                mqtt,
                 name: name.clone(),
                 kind: p.kind,
                 base_url,
@@ -718,6 +910,63 @@ mod tests {
                 .to_string();
             assert!(err.contains(field), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn aleph_mqtt_gets_defaults_and_checks_its_fields() {
+        let base =
+            "[providers.aleph]\nkind = \"aleph\"\nmodels = [\"aleph\"]\n[providers.aleph.mqtt]\n";
+        let c =
+            LlmConfig::from_toml(&format!("{base}url = \"mqtt://127.0.0.1\"\n"), |_| None).unwrap();
+        let m = c.providers["aleph"].mqtt.as_ref().unwrap();
+        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1883));
+        assert_eq!(m.request_timeout, Duration::from_millis(2000));
+        assert_eq!(m.topic_prefix, "kip/v1");
+        assert!(m.client_id.starts_with("kip-cp-"), "{}", m.client_id);
+        assert!(m.tls.is_none());
+        let c = LlmConfig::from_toml(
+            &format!(
+                "{base}url = \"mqtts://broker\"\nca_file = \"/ca\"\nclient_cert_file = \"/c\"\n\
+                 client_key_file = \"/k\"\nclient_id = \"cp-1\"\n"
+            ),
+            |_| None,
+        )
+        .unwrap();
+        let m = c.providers["aleph"].mqtt.as_ref().unwrap();
+        assert_eq!(m.port, 8883);
+        assert!(m.tls.as_ref().unwrap().client_auth.is_some());
+        let cases = [
+            ("url = \"http://x\"", "mqtt.url"),
+            ("url = \"mqtts://x\"", "mqtt.ca_file"),
+            ("url = \"mqtt://x\"\nca_file = \"/ca\"", "mqtt.url"),
+            ("url = \"mqtt://x\"\nclient_id = \"a/b\"", "mqtt.client_id"),
+            (
+                "url = \"mqtt://x\"\ntopic_prefix = \"a/+\"",
+                "mqtt.topic_prefix",
+            ),
+            (
+                "url = \"mqtt://x\"\nrequest_timeout_ms = 0",
+                "mqtt.request_timeout_ms",
+            ),
+            (
+                "url = \"mqtt://x\"\nmax_devices_per_question = 0",
+                "max_devices_per_question",
+            ),
+            ("url = \"mqtt://x\"\nbogus = 1", "bogus"),
+        ];
+        for (extra, field) in cases {
+            let err = LlmConfig::from_toml(&format!("{base}{extra}\n"), |_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
+        let err = LlmConfig::from_toml(
+            "[providers.a]\nkind = \"deepseek\"\nbase_url = \"http://x\"\n[providers.a.mqtt]\nurl = \"mqtt://x\"\n",
+            |_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only an aleph provider"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct TokenLabels {
     pub kind: String,
 }
 
+/// Outcome of a live-query request or response (fixed words).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LiveOutcome {
+    pub outcome: &'static str,
+}
+
 /// The gateway's metrics.
 #[derive(Debug, Clone)]
 pub struct LlmMetrics {
@@ -47,6 +53,13 @@ pub struct LlmMetrics {
     pub log_rows_written: Counter,
     pub log_rows_dropped: Counter,
     pub log_write_failures: Counter,
+    /// Aleph live queries to agents: `sent`, `answered`, `timed_out`, `not_connected`, `busy`.
+    pub live_requests: Family<LiveOutcome, Counter>,
+    /// Responses received from agents that were not used: `malformed`, `unknown` (unknown or
+    /// expired request id), `mismatched` (another organisation or device than asked).
+    pub live_responses_dropped: Family<LiveOutcome, Counter>,
+    /// 1 while the Aleph MQTT client is connected and subscribed to its reply topics.
+    pub live_connected: Gauge,
 }
 
 fn buckets() -> Histogram {
@@ -71,6 +84,9 @@ impl LlmMetrics {
             log_rows_written: Counter::default(),
             log_rows_dropped: Counter::default(),
             log_write_failures: Counter::default(),
+            live_requests: Family::default(),
+            live_responses_dropped: Family::default(),
+            live_connected: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("llm");
         r.register(
@@ -132,6 +148,21 @@ impl LlmMetrics {
             "log_write_failures",
             "Failed inference_logs batch inserts",
             m.log_write_failures.clone(),
+        );
+        r.register(
+            "live_requests",
+            "Aleph live-value requests to agents over MQTT, by outcome",
+            m.live_requests.clone(),
+        );
+        r.register(
+            "live_responses_dropped",
+            "Live-value responses from agents that were dropped, by reason",
+            m.live_responses_dropped.clone(),
+        );
+        r.register(
+            "live_connected",
+            "1 while the Aleph MQTT client is connected and subscribed to its reply topics",
+            m.live_connected.clone(),
         );
         m
     }

@@ -14,9 +14,11 @@
 //!   `inference_logs` row; the request never waits for the database.
 //! - Provider API keys stay inside [`config::Secret`] and the HTTP clients.
 
+pub mod aleph;
 pub mod api;
 pub mod cache;
 pub mod config;
+pub mod live;
 pub mod logs;
 pub mod metrics;
 pub mod provider;
@@ -149,7 +151,7 @@ impl Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut slots = BTreeMap::new();
         for (name, p) in &cfg.providers {
-            match AnyProvider::build(p) {
+            match AnyProvider::build(p, &metrics) {
                 Ok(provider) => {
                     slots.insert(
                         name.clone(),
@@ -202,6 +204,20 @@ impl Gateway {
             self.metrics.clone(),
         ));
         true
+    }
+
+    /// Starts the providers' background connections (Aleph's MQTT client) on `tracker`;
+    /// they end when `token` fires.
+    pub fn start_providers(
+        &self,
+        tracker: &TaskTracker,
+        token: &tokio_util::sync::CancellationToken,
+    ) {
+        for slot in self.slots.values() {
+            if let AnyProvider::Aleph(a) = &slot.provider {
+                a.start(tracker, token);
+            }
+        }
     }
 
     /// The configuration in force.
@@ -677,7 +693,9 @@ impl Gateway {
                             },
                         );
                         attempts.push(attempt(t, "ok"));
-                        if let Some(key) = call.cache_key {
+                        if let Some(key) = call.cache_key
+                            && slot.provider.cacheable()
+                        {
                             self.cache.put(
                                 call.org_id,
                                 key,

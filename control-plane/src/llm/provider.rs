@@ -5,8 +5,8 @@
 //!   body with only `model`, `stream` and `stream_options` set, and responses are passed on
 //!   as received, so fields kip does not know (tools, `reasoning_content`, logprobs...) survive
 //!   both ways: there is no translation layer to get wrong.
-//! - [`AlephProvider`]: answers from the organisation's latest `sensor_data` rows (every
-//!   query filters by `org_id`). The MQTT request/response to an agent is not built.
+//! - [`AlephProvider`] (in `aleph.rs`): answers about the organisation's machines from the
+//!   agents' live values over MQTT and from the latest synced `sensor_data` rows.
 //! - [`local_fallback`]: needs no network and labels its answer as such.
 //!
 //! Invariants: every failure is a typed [`ProviderError`] whose message never contains the API
@@ -21,7 +21,11 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::config::{ProviderConfig, ProviderKind, Secret};
+pub use super::aleph::AlephProvider;
+use super::{
+    config::{ProviderConfig, ProviderKind, Secret},
+    metrics::LlmMetrics,
+};
 
 /// The model name of the built-in fallback's answers.
 pub const LOCAL_MODEL: &str = "kip-local-fallback";
@@ -179,13 +183,19 @@ pub enum AnyProvider {
 
 impl AnyProvider {
     /// Builds the provider described by `cfg`.
-    pub fn build(cfg: &ProviderConfig) -> Result<Self, reqwest::Error> {
+    pub fn build(cfg: &ProviderConfig, metrics: &LlmMetrics) -> Result<Self, reqwest::Error> {
         Ok(match cfg.kind {
-            ProviderKind::Aleph => Self::Aleph(AlephProvider),
+            ProviderKind::Aleph => Self::Aleph(AlephProvider::new(cfg, metrics)),
             ProviderKind::OpenaiCompatible | ProviderKind::Deepseek => {
                 Self::Http(HttpProvider::new(cfg)?)
             }
         })
+    }
+
+    /// Whether answers may be stored in the response cache: not Aleph's, which describe
+    /// machines at one moment (a cached answer would present old values as live).
+    pub fn cacheable(&self) -> bool {
+        !matches!(self, Self::Aleph(_))
     }
 
     /// First-byte timeout for streams.
@@ -602,7 +612,7 @@ pub fn completion_to_chunks(c: &Completion) -> Vec<Chunk> {
     ]
 }
 
-fn single_stream(c: &Completion) -> ChunkStream {
+pub(crate) fn single_stream(c: &Completion) -> ChunkStream {
     futures_util::stream::iter(completion_to_chunks(c).into_iter().map(Ok)).boxed()
 }
 
@@ -615,132 +625,6 @@ pub fn local_fallback(note: &str) -> Completion {
     Completion {
         body: completion_json(LOCAL_MODEL, &content, Usage::default()),
         usage: Usage::default(),
-    }
-}
-
-/// AIX Aleph: grounded answers about the organisation's machines from live sensor data.
-#[derive(Debug, Clone, Copy)]
-pub struct AlephProvider;
-
-#[derive(sqlx::FromRow)]
-struct Latest {
-    device: String,
-    machine: String,
-    metric: String,
-    value: f64,
-    ts: chrono::DateTime<chrono::Utc>,
-}
-
-/// Readings summarised per answer, newest per (device, machine, metric).
-const ALEPH_MAX_ROWS: i64 = 200;
-
-impl AlephProvider {
-    async fn answer(
-        &self,
-        ctx: CallCtx<'_>,
-        model: &str,
-        body: &Map<String, Value>,
-    ) -> Result<Completion, ProviderError> {
-        let rows: Vec<Latest> = sqlx::query_as(
-            "SELECT d.name AS device, l.machine, l.metric, l.value, l.ts FROM ( \
-               SELECT DISTINCT ON (device_id, machine, metric) device_id, machine, metric, value, ts \
-               FROM sensor_data WHERE org_id = $1 \
-               ORDER BY device_id, machine, metric, ts DESC) l \
-             JOIN devices d ON d.id = l.device_id AND d.org_id = $1 \
-             ORDER BY d.name, l.machine, l.metric LIMIT $2",
-        )
-        .bind(ctx.org_id)
-        .bind(ALEPH_MAX_ROWS)
-        .fetch_all(ctx.pool)
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "aleph: reading sensor data failed");
-            ProviderError::Server {
-                status: 503,
-                message: "machine data is unavailable".into(),
-            }
-        })?;
-        let question = body
-            .get("messages")
-            .and_then(Value::as_array)
-            .and_then(|m| {
-                m.iter()
-                    .rev()
-                    .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-            })
-            .and_then(|m| m.get("content"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_lowercase();
-        // Keep the readings the question names (device, machine or metric); all otherwise.
-        let words: Vec<&str> = question
-            .split(|c: char| !c.is_alphanumeric() && c != '-' && c != '_' && c != '.')
-            .filter(|w| w.len() > 1)
-            .collect();
-        let named: Vec<&Latest> = rows
-            .iter()
-            .filter(|r| {
-                words.iter().any(|w| {
-                    r.device.to_lowercase() == *w
-                        || r.machine.to_lowercase() == *w
-                        || r.metric.to_lowercase() == *w
-                })
-            })
-            .collect();
-        let shown: Vec<&Latest> = if named.is_empty() {
-            rows.iter().collect()
-        } else {
-            named
-        };
-        let content = if shown.is_empty() {
-            "AIX Aleph: no sensor data has been received from this organisation's devices yet."
-                .to_owned()
-        } else {
-            let mut s = format!(
-                "AIX Aleph, from live machine data ({} latest readings):\n",
-                shown.len()
-            );
-            for r in shown {
-                let machine = if r.machine.is_empty() {
-                    String::new()
-                } else {
-                    format!(" machine {}", r.machine)
-                };
-                s.push_str(&format!(
-                    "- device {}{machine}: {} = {} at {}\n",
-                    r.device,
-                    r.metric,
-                    r.value,
-                    r.ts.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                ));
-            }
-            s
-        };
-        Ok(Completion {
-            body: completion_json(model, &content, Usage::default()),
-            usage: Usage::default(),
-        })
-    }
-}
-
-impl Provider for AlephProvider {
-    async fn complete(
-        &self,
-        ctx: CallCtx<'_>,
-        model: &str,
-        body: &Map<String, Value>,
-    ) -> Result<Completion, ProviderError> {
-        self.answer(ctx, model, body).await
-    }
-
-    async fn stream(
-        &self,
-        ctx: CallCtx<'_>,
-        model: &str,
-        body: &Map<String, Value>,
-    ) -> Result<ChunkStream, ProviderError> {
-        let c = self.answer(ctx, model, body).await?;
-        Ok(single_stream(&c))
     }
 }
 

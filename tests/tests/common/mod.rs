@@ -56,6 +56,15 @@ impl Drop for ControlPlane {
 
 /// Starts the admin API and the mTLS agent listener on loopback ports.
 pub async fn start(pool: PgPool, limits: Option<IngestLimits>) -> ControlPlane {
+    start_with(pool, limits, |_| {}).await
+}
+
+/// [`start`] with the config adjusted by `tweak` (e.g. an `[llm]` section).
+pub async fn start_with(
+    pool: PgPool,
+    limits: Option<IngestLimits>,
+    tweak: impl FnOnce(&mut Config),
+) -> ControlPlane {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     FleetCa::init(&ca_dir, SystemTime::now() - Duration::from_secs(86_400)).unwrap();
@@ -65,6 +74,7 @@ pub async fn start(pool: PgPool, limits: Option<IngestLimits>) -> ControlPlane {
     if let Some(l) = limits {
         cfg.ingest = l;
     }
+    tweak(&mut cfg);
     let key_file = dir.path().join("admin.key");
     kip_control_plane::db::ensure_admin_key(&pool, &key_file)
         .await
@@ -78,6 +88,7 @@ pub async fn start(pool: PgPool, limits: Option<IngestLimits>) -> ControlPlane {
     state.pki = Some(pki.clone());
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    state.llm.start_providers(&tracker, &token);
     let agent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let agent_url = format!("https://127.0.0.1:{}", agent.local_addr().unwrap().port());
     spawn_agent_listener(
