@@ -354,7 +354,7 @@ pub struct RawLlm {
     /// Spend limit per organisation and calendar month (UTC); absent means none.
     #[serde(default)]
     pub monthly_budget_usd: Option<f64>,
-    /// How long the month's spend read from `inference_logs` is trusted.
+    /// How long the month's spend read from `llm_spend` is trusted.
     #[serde(default = "default_budget_refresh_ms")]
     pub budget_refresh_ms: u64,
     #[serde(default)]

@@ -5,8 +5,9 @@
 //! - A breaker opens after `threshold` consecutive failures, refuses calls for `cooldown`, then
 //!   lets exactly one probe through at a time (half-open): its success closes the breaker, its failure
 //!   opens it again.
-//! - Spend is read from `inference_logs` at most every `refresh` per organisation and advanced
-//!   in memory by each call's cost in between, so budget checks cost no query per request.
+//! - Spend is read from `llm_spend` (one row per org and month, kept by the log writer) at most
+//!   every `refresh` per organisation and advanced in memory by each call's cost in between, so
+//!   budget checks cost no query per request.
 
 use std::{
     collections::HashMap,
