@@ -16,8 +16,14 @@
 //! - The old key and certificate stay in use (and on disk) until the new pair has been
 //!   checked (key matches, same device) and stored; only then is the new rustls
 //!   `ClientConfig` published through the `watch` channel. Open connections keep the old one.
-//! - The trust bundle returned on renewal replaces the stored one: that is how agents pick
-//!   up a CA rollover.
+//! - The trust bundle returned on renewal replaces the stored one, and so does a bundle the
+//!   control plane sends in a sync ack ([`IdentityHint::TrustBundle`]): that is how agents
+//!   pick up a CA rollover on their next sync. A new bundle is written atomically (temp,
+//!   fsync, rename) before the rebuilt `ClientConfig` is published; requests in flight finish
+//!   on the connections (and configuration) they started with.
+//! - A renewal hint ([`IdentityHint::RenewSoon`], sent while the certificate comes from an
+//!   intermediate that no longer signs) brings the renewal forward to a random moment within
+//!   [`RenewalPolicy::hint_delay_max`], so a fleet does not renew at once after a rollover.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +36,7 @@ use std::{
 
 use kip_certs::{DeviceKey, PeerCert, TrustBundle, certs_from_pem, files, rustls};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -49,6 +55,49 @@ pub enum IdentityError {
     Refused { status: u16, message: String },
     #[error("control plane answered an unusable certificate: {0}")]
     BadAnswer(String),
+    #[error(
+        "the control plane at {url} does not accept the CA that issued this device certificate \
+         (its intermediate was retired after a CA rollover, or the certificate belongs to another \
+         deployment): enroll again with a new token (`kip-agent enroll`)"
+    )]
+    UnknownCa { url: String },
+}
+
+/// Whether `e` (anywhere in its source chain) is a TLS alert `unknown_ca` sent by the
+/// server: the control plane refused our client certificate's issuer.
+pub fn is_unknown_ca(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            // io::Error hides its inner error from `source()`.
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            tls,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+            ))
+        ) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn http_error(url: &str, source: reqwest::Error) -> IdentityError {
+    if is_unknown_ca(&source) {
+        IdentityError::UnknownCa {
+            url: url.to_owned(),
+        }
+    } else {
+        IdentityError::Http {
+            url: url.to_owned(),
+            source,
+        }
+    }
 }
 
 /// File names inside the identity directory.
@@ -140,6 +189,20 @@ impl Identity {
         seconds_until(self.cert.not_after, now)
     }
 
+    /// The trust bundle in use.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// The same key and certificate, trusting `bundle` instead.
+    pub fn with_bundle(&self, bundle: TrustBundle) -> Result<Self, IdentityError> {
+        Self::new(
+            DeviceKey::from_pem(&self.key.to_pem())?,
+            self.chain_pem.clone(),
+            bundle,
+        )
+    }
+
     /// The TLS 1.3 client configuration presenting this identity.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
         let chain = certs_from_pem(&self.chain_pem, "device certificate chain")?;
@@ -170,10 +233,7 @@ async fn post_csr(
     url: &str,
     body: serde_json::Value,
 ) -> Result<CertificateAnswer, IdentityError> {
-    let http_err = |source| IdentityError::Http {
-        url: url.to_owned(),
-        source,
-    };
+    let http_err = |source| http_error(url, source);
     let resp = http.post(url).json(&body).send().await.map_err(http_err)?;
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(http_err)?;
@@ -321,6 +381,9 @@ pub struct RenewalPolicy {
     pub deadline_margin: Duration,
     /// Timeout of one renewal request.
     pub request_timeout: Duration,
+    /// After a renewal hint from the control plane (CA rollover), renew after a random delay
+    /// of at most this much (never later than the normal renewal time).
+    pub hint_delay_max: Duration,
 }
 
 impl Default for RenewalPolicy {
@@ -332,6 +395,7 @@ impl Default for RenewalPolicy {
             retry_max: Duration::from_secs(300),
             deadline_margin: Duration::from_secs(120),
             request_timeout: Duration::from_secs(30),
+            hint_delay_max: Duration::from_secs(600),
         }
     }
 }
@@ -372,11 +436,44 @@ impl RenewalPolicy {
     }
 }
 
+/// What the sync loop passes on to the renewer from the control plane's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityHint {
+    /// A trust bundle (PEM) other than the one in use, with the fingerprint the control
+    /// plane announced for it (checked before use).
+    TrustBundle { pem: String, sha256: Option<String> },
+    /// The certificate's intermediate no longer signs: renew soon.
+    RenewSoon,
+}
+
+/// The sync loop's side of the identity: the fingerprint of the bundle in use (reported to
+/// the control plane) and a way to pass [`IdentityHint`]s to the renewer.
+#[derive(Debug, Clone)]
+pub struct IdentityHints {
+    bundle_sha256: watch::Receiver<String>,
+    tx: mpsc::Sender<IdentityHint>,
+}
+
+impl IdentityHints {
+    /// sha256 of the trust bundle in use ([`TrustBundle::sha256_hex`]).
+    pub fn bundle_sha256(&self) -> String {
+        self.bundle_sha256.borrow().clone()
+    }
+
+    /// Passes a hint on without waiting. A hint that does not fit is dropped: the control
+    /// plane repeats it in every ack until it is acted on.
+    pub fn offer(&self, hint: IdentityHint) {
+        let _ = self.tx.try_send(hint);
+    }
+}
+
 /// The live credentials other agent modules use: the current TLS client configuration (new
 /// connections should take the latest) and the seconds left on the certificate (a metric).
 #[derive(Debug, Clone)]
 pub struct IdentityHandle {
     pub client_config: watch::Receiver<Arc<rustls::ClientConfig>>,
+    /// For the sync loop: bundle fingerprint and hints from the desired state.
+    pub hints: IdentityHints,
     not_after_unix: Arc<AtomicI64>,
 }
 
@@ -397,6 +494,8 @@ pub struct Renewer {
     policy: RenewalPolicy,
     tx: watch::Sender<Arc<rustls::ClientConfig>>,
     not_after_unix: Arc<AtomicI64>,
+    hints: mpsc::Receiver<IdentityHint>,
+    bundle_sha256: watch::Sender<String>,
     /// Plain client and admin URL for `/renew-expired`, used once the certificate expired.
     recovery: Option<(reqwest::Client, String)>,
 }
@@ -421,8 +520,15 @@ impl Renewer {
             identity.cert.not_after,
             SystemTime::UNIX_EPOCH,
         )));
+        let (bundle_sha256, bundle_rx) = watch::channel(identity.bundle.sha256_hex());
+        // Hints repeat with every ack; a few slots are plenty.
+        let (hint_tx, hints) = mpsc::channel(4);
         let handle = IdentityHandle {
             client_config: rx,
+            hints: IdentityHints {
+                bundle_sha256: bundle_rx,
+                tx: hint_tx,
+            },
             not_after_unix: not_after_unix.clone(),
         };
         Ok((
@@ -433,6 +539,8 @@ impl Renewer {
                 policy,
                 tx,
                 not_after_unix,
+                hints,
+                bundle_sha256,
                 recovery: None,
             },
             handle,
@@ -466,42 +574,111 @@ impl Renewer {
             seconds_to_expiry = new.seconds_to_expiry(SystemTime::now()),
             "device certificate renewed"
         );
+        self.bundle_sha256.send_replace(new.bundle.sha256_hex());
         self.identity = new;
         self.tx.send_replace(cfg);
         Ok(())
     }
 
-    /// Renews at the policy's time, retrying on failure, until `token` is cancelled.
+    /// The identity in use.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Switches to the trust bundle `pem` (CA rollover): checks it against `sha256` when
+    /// given, stores it atomically, then publishes the rebuilt client configuration. Returns
+    /// false when it is the bundle already in use. On error nothing changes.
+    pub fn apply_bundle(&mut self, pem: &str, sha256: Option<&str>) -> Result<bool, IdentityError> {
+        let bundle = TrustBundle::from_pem(pem)?;
+        let sha = bundle.sha256_hex();
+        if sha256.is_some_and(|want| !want.eq_ignore_ascii_case(&sha)) {
+            return Err(IdentityError::BadAnswer(format!(
+                "trust bundle has sha256 {sha}, the control plane announced {}",
+                sha256.unwrap_or_default()
+            )));
+        }
+        if bundle == self.identity.bundle {
+            return Ok(false);
+        }
+        let new = self.identity.with_bundle(bundle)?;
+        let cfg = new.client_config()?;
+        // Stored before it is used, as on renewal: a restart comes back with the new bundle.
+        files::write_public(&self.dir.join(BUNDLE_FILE), &new.bundle.to_pem())?;
+        tracing::info!(
+            old_bundle_sha256 = %self.identity.bundle.sha256_hex(), bundle_sha256 = %sha,
+            roots = new.bundle.certs().len(),
+            "trust bundle updated from the control plane (CA rollover)"
+        );
+        self.identity = new;
+        self.bundle_sha256.send_replace(sha);
+        self.tx.send_replace(cfg);
+        Ok(true)
+    }
+
+    /// When the next renewal is due by the policy (with fresh jitter).
+    fn scheduled(&self) -> SystemTime {
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        self.policy.renew_at(
+            self.identity.cert.not_before,
+            self.identity.cert.not_after,
+            jitter,
+        )
+    }
+
+    /// Renews at the policy's time, retrying on failure, and acts on hints from the sync
+    /// loop, until `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken) {
         let mut attempt: u32 = 0;
+        let mut due = self.scheduled();
+        // Whether `due` was already brought forward by a renewal hint (hints repeat).
+        let mut hinted = false;
         loop {
-            let now = SystemTime::now();
-            let wait = if attempt == 0 {
-                let jitter = rand::random::<f64>() * 2.0 - 1.0;
-                let at = self.policy.renew_at(
-                    self.identity.cert.not_before,
-                    self.identity.cert.not_after,
-                    jitter,
-                );
-                at.duration_since(now).unwrap_or(Duration::ZERO)
-            } else {
-                self.policy
-                    .retry_delay(attempt, now, self.identity.cert.not_after)
-            };
+            let wait = due
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             tokio::select! {
                 () = token.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
+                Some(hint) = self.hints.recv() => {
+                    match hint {
+                        IdentityHint::TrustBundle { pem, sha256 } => {
+                            if let Err(e) = self.apply_bundle(&pem, sha256.as_deref()) {
+                                tracing::warn!(error = %e, "trust bundle from the control plane not applied; keeping the current one");
+                            }
+                        }
+                        IdentityHint::RenewSoon if !hinted && attempt == 0 => {
+                            hinted = true;
+                            let delay = self.policy.hint_delay_max.mul_f64(rand::random::<f64>());
+                            let at = SystemTime::now() + delay;
+                            if at < due {
+                                due = at;
+                                tracing::info!(delay_s = delay.as_secs(), "the control plane asks for an early renewal (CA rollover)");
+                            }
+                        }
+                        IdentityHint::RenewSoon => {}
+                    }
+                    continue;
+                }
             }
             match self.renew_now().await {
-                Ok(()) => attempt = 0,
+                Ok(()) => {
+                    attempt = 0;
+                    hinted = false;
+                    due = self.scheduled();
+                }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
-                    let left = self.identity.seconds_to_expiry(SystemTime::now());
+                    let now = SystemTime::now();
+                    let left = self.identity.seconds_to_expiry(now);
                     if left <= 0 {
                         tracing::error!(error = %e, attempt, "certificate EXPIRED and renewal failed; re-enrollment may be needed");
                     } else {
                         tracing::warn!(error = %e, attempt, seconds_to_expiry = left, "certificate renewal failed; retrying");
                     }
+                    due = now
+                        + self
+                            .policy
+                            .retry_delay(attempt, now, self.identity.cert.not_after);
                 }
             }
         }

@@ -384,7 +384,8 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
                 handle.client_config,
                 &mut registry,
             )?
-            .with_inference(inference.as_ref().map(|(i, _)| i.clone())),
+            .with_inference(inference.as_ref().map(|(i, _)| i.clone()))
+            .with_identity_hints(handle.hints),
         );
     }
     let sync_status = syncer.as_ref().map(Syncer::status);

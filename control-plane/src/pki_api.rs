@@ -236,8 +236,10 @@ async fn issue(
     id: DeviceIdentity,
     device_name: String,
 ) -> ApiResult<CertificateResponse> {
-    let issued: IssuedCert = pki
-        .ca()
+    // One snapshot: the certificate, its recorded issuer and the bundle agree even if the CA
+    // is reloaded meanwhile.
+    let ca = pki.ca();
+    let issued: IssuedCert = ca
         .current()
         .sign_device_csr(csr_pem, id, SystemTime::now(), pki.device_cert_lifetime())
         .map_err(|e| match e {
@@ -246,12 +248,14 @@ async fn issue(
         })?;
     let not_after: DateTime<Utc> = issued.not_after.into();
     sqlx::query(
-        "INSERT INTO certificates (serial, org_id, device_id, not_after) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO certificates (serial, org_id, device_id, not_after, issuer_sha256) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&issued.serial_hex)
     .bind(id.org_id)
     .bind(id.device_id)
     .bind(not_after)
+    .bind(ca.current().fingerprint())
     .execute(&mut *tx)
     .await?;
     Ok(CertificateResponse {
@@ -262,7 +266,7 @@ async fn issue(
         not_before: issued.not_before.into(),
         not_after,
         certificate_chain_pem: issued.chain_pem,
-        trust_bundle_pem: pki.bundle_pem(),
+        trust_bundle_pem: ca.bundle().to_pem(),
     })
 }
 
@@ -392,12 +396,12 @@ pub async fn renew_expired(
         .map_err(|e| ApiError::validation("certificate_chain_pem", e.to_string()))?;
     let now = SystemTime::now();
     let revoked = crate::pki::revoked_serials(&st.pool).await?;
-    let crls = pki
-        .ca()
+    let ca = pki.ca();
+    let crls = ca
         .crls(&revoked, now, Duration::from_secs(3600))
         .map_err(ApiError::internal)?;
     let peer = kip_certs::verify_for_recovery(
-        pki.ca().bundle(),
+        ca.bundle(),
         crls,
         &chain,
         &body.csr_pem,
@@ -441,6 +445,8 @@ pub struct DeviceCert {
     pub device_name: String,
     pub serial: String,
     pub not_after: DateTime<Utc>,
+    /// Issued by the intermediate that signs now (false during a rollover until renewal).
+    pub issued_by_current: bool,
 }
 
 impl FromRequestParts<AppState> for DeviceCert {
@@ -475,6 +481,10 @@ impl FromRequestParts<AppState> for DeviceCert {
                 device_name,
                 serial: peer.serial_hex,
                 not_after: peer.not_after.into(),
+                issued_by_current: st
+                    .pki
+                    .as_ref()
+                    .is_some_and(|p| p.ca().current().is_issuer_of(leaf)),
             }),
             Some((Some(_), _)) => Err(ApiError::Forbidden("the client certificate is revoked")),
             _ => Err(ApiError::Forbidden(
@@ -607,6 +617,7 @@ pub async fn sync(
                 Ok(model) => ack.desired.model = model,
                 Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
             }
+            desired_trust(&st, &dev, &headers, &mut ack.desired);
             if let Err(e) = crate::registry::record_device_model_status(
                 &st.pool,
                 id.org_id,
@@ -644,6 +655,30 @@ pub async fn sync(
             Err(e.into())
         }
     }
+}
+
+/// CA rollover through the sync ack: always the current bundle's fingerprint; the bundle
+/// itself when the agent reported another one (agents that report nothing predate bundle
+/// updates and would ignore it); a renewal hint when the device certificate was issued by an
+/// intermediate that no longer signs.
+fn desired_trust(
+    st: &AppState,
+    dev: &DeviceCert,
+    headers: &HeaderMap,
+    desired: &mut kip_shared::sync::DesiredState,
+) {
+    let Some(pki) = &st.pki else { return };
+    let ca = pki.ca();
+    let sha = ca.bundle().sha256_hex();
+    let reported = headers
+        .get(kip_shared::sync::TRUST_BUNDLE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    if reported.is_some_and(|r| !r.eq_ignore_ascii_case(&sha)) {
+        desired.trust_bundle_pem = Some(ca.bundle().to_pem());
+    }
+    desired.trust_bundle_sha256 = Some(sha);
+    desired.renew_certificate |= !dev.issued_by_current;
 }
 
 async fn agent_not_found() -> ApiError {
