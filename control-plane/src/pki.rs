@@ -227,11 +227,7 @@ impl Pki {
             .is_ok_and(|left| left > self.server_cert_lifetime / 2);
         if !half_left || server.issuer != issuer.fingerprint() {
             *server = ServerCert {
-                id: issuer.issue_server_cert(
-                    &self.server_names,
-                    now,
-                    self.server_cert_lifetime,
-                )?,
+                id: issuer.issue_server_cert(&self.server_names, now, self.server_cert_lifetime)?,
                 issuer: issuer.fingerprint(),
             };
             tracing::info!(issuer = %server.issuer, "agent listener certificate re-issued");

@@ -189,6 +189,89 @@ pub async fn revoke_device(
     }))
 }
 
+// ---------- CA status and reload (platform admin) ----------
+
+/// One intermediate CA.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CaCertInfo {
+    /// sha256 of the certificate (DER), as recorded per device certificate.
+    pub fingerprint: String,
+    pub not_after: DateTime<Utc>,
+}
+
+/// Unexpired, unrevoked device certificates by issuing intermediate.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ActiveCertificates {
+    pub current: i64,
+    /// Still issued by the previous intermediate: `kipctl ca finish-rotation` would cut
+    /// these devices off until they renew.
+    pub previous: i64,
+    /// Issued by a retired intermediate, or before issuers were recorded.
+    pub other: i64,
+}
+
+/// The fleet CA as this control plane uses it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// The intermediate that signs new certificates.
+    pub intermediate: CaCertInfo,
+    /// The intermediate kept from an unfinished rotation.
+    pub previous_intermediate: Option<CaCertInfo>,
+    /// Expiry of the root above the signing intermediate.
+    pub root_not_after: Option<DateTime<Utc>>,
+    pub bundle_sha256: String,
+    pub bundle_roots: usize,
+    pub active_certificates: ActiveCertificates,
+    /// Set by `POST /v1/pki/ca/reload`: whether the CA files had changed and were loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reloaded: Option<bool>,
+}
+
+async fn ca_status_of(st: &AppState, pki: &Pki) -> ApiResult<CaStatus> {
+    let (current, previous, other) =
+        crate::pki::count_active_certificates(pki, &st.pool, &st.metrics.pki).await?;
+    let ca = pki.ca();
+    let info = |i: &kip_certs::Intermediate| CaCertInfo {
+        fingerprint: i.fingerprint(),
+        not_after: i.not_after().into(),
+    };
+    Ok(CaStatus {
+        intermediate: info(ca.current()),
+        previous_intermediate: ca.previous().map(info),
+        root_not_after: ca.root_not_after().map(Into::into),
+        bundle_sha256: ca.bundle().sha256_hex(),
+        bundle_roots: ca.bundle().certs().len(),
+        active_certificates: ActiveCertificates {
+            current,
+            previous,
+            other,
+        },
+        reloaded: None,
+    })
+}
+
+/// `GET /v1/pki/ca` (platform key): the CA in use and how many active device certificates
+/// each intermediate issued.
+pub async fn ca_status(State(st): State<AppState>, p: Principal) -> ApiResult<Json<CaStatus>> {
+    p.require_platform()?;
+    let pki = pki(&st)?;
+    Ok(Json(ca_status_of(&st, pki).await?))
+}
+
+/// `POST /v1/pki/ca/reload` (platform key): checks the CA files now instead of at the next
+/// poll (same as SIGHUP). 422 when the files do not form a usable CA; the old one stays.
+pub async fn ca_reload(State(st): State<AppState>, p: Principal) -> ApiResult<Json<CaStatus>> {
+    p.require_platform()?;
+    let pki = pki(&st)?;
+    let reloaded = pki.reload_ca(&st.pool).await.map_err(|e| match e {
+        crate::pki::PkiError::Ca(e) => ApiError::validation("ca_dir", e.to_string()),
+        other => ApiError::internal(other),
+    })?;
+    let mut status = ca_status_of(&st, pki).await?;
+    status.reloaded = Some(reloaded);
+    Ok(Json(status))
+}
+
 // ---------- enrollment (token) ----------
 
 #[derive(Debug, Deserialize, Serialize)]
