@@ -68,7 +68,7 @@ schemas = {
     "intermediate": {"type": "object", "properties": {"fingerprint": {"type": "string"}, "not_after": ts}},
     "previous_intermediate": {"type": ["object", "null"], "properties": {"fingerprint": {"type": "string"}, "not_after": ts}},
     "root_not_after": {"type": ["string", "null"], "format": "date-time"}, "bundle_sha256": {"type": "string"}, "bundle_roots": {"type": "integer"},
-    "active_certificates": {"type": "object", "description": "Unexpired, unrevoked device certificates by issuing intermediate", "properties": {"current": {"type": "integer"}, "previous": {"type": "integer"}, "other": {"type": "integer"}}},
+    "devices_by_issuer": {"type": "object", "description": "Devices by the intermediate that issued their newest unexpired, unrevoked certificate; previous > 0 means finish-rotation would cut devices off", "properties": {"current": {"type": "integer"}, "previous": {"type": "integer"}, "other": {"type": "integer"}}},
     "reloaded": {"type": "boolean", "description": "Only from POST /v1/pki/ca/reload: the CA files had changed and were loaded"}}},
   "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
@@ -148,7 +148,7 @@ paths = {
     "post": op("Create a one-time device enrollment token; the token is in this response only", ok("Created", ref("EnrollToken"), "201"), [ORG], body(ref("CreateEnrollToken")), extra=["404"])},
   "/v1/organisations/{org_id}/devices/{device_id}/revoke": {
     "post": op("Revoke every unexpired certificate of a device; effective on its next TLS handshake", ok("Revoked", ref("Revocation")), [ORG, P("device_id", "Device id")], extra=["404"])},
-  "/v1/pki/ca": {"get": op("The fleet CA in use (platform key): intermediates, root expiry, bundle fingerprint, active certificates per intermediate", {**ok("CA", ref("CaStatus")), "503": err("No fleet CA configured")}, extra=["403"])},
+  "/v1/pki/ca": {"get": op("The fleet CA in use (platform key): intermediates, root expiry, bundle fingerprint, devices per intermediate", {**ok("CA", ref("CaStatus")), "503": err("No fleet CA configured")}, extra=["403"])},
   "/v1/pki/ca/reload": {"post": op("Load changed CA files now instead of at the next poll (as SIGHUP) (platform key)", {**ok("CA after the check", ref("CaStatus")), "503": err("No fleet CA configured")}, extra=["403"])},
   "/enroll": {"post": {"summary": "Enroll a device: a one-time token plus a CSR give a short-lived client certificate, its chain and the trust bundle", "security": [],
     "requestBody": body(ref("EnrollRequest")),

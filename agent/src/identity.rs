@@ -687,9 +687,122 @@ impl Renewer {
 
 #[cfg(test)]
 mod tests {
+    use kip_certs::{DeviceIdentity, FleetCa, RootCa};
+
     use super::*;
 
     const H: Duration = Duration::from_secs(3600);
+
+    /// An identity signed by a fresh CA, stored in `dir`, and a second root for a rollover.
+    fn enrolled(dir: &Path) -> (Identity, TrustBundle) {
+        let now = SystemTime::now();
+        let ca = FleetCa::init(&dir.join("ca"), now).unwrap();
+        let key = DeviceKey::generate().unwrap();
+        let issued = ca
+            .current()
+            .sign_device_csr(
+                &key.csr_pem("gw").unwrap(),
+                DeviceIdentity {
+                    org_id: Uuid::new_v4(),
+                    device_id: Uuid::new_v4(),
+                },
+                now,
+                H,
+            )
+            .unwrap();
+        let id = Identity::new(key, issued.chain_pem, ca.bundle().clone()).unwrap();
+        id.store(&dir.join("identity")).unwrap();
+        let new_root = RootCa::generate("next root", now, 10 * H).unwrap();
+        let mut both = ca.bundle().clone();
+        both.merge(&TrustBundle::new(vec![new_root.cert_der().clone()]).unwrap());
+        (id, both)
+    }
+
+    #[test]
+    fn a_new_bundle_is_stored_then_published_and_a_bad_one_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, both) = enrolled(tmp.path());
+        let dir = tmp.path().join("identity");
+        let old_sha = id.bundle().sha256_hex();
+        let serial = id.cert().serial_hex.clone();
+        let (mut renewer, mut handle) = Renewer::new(
+            id,
+            dir.clone(),
+            "https://127.0.0.1:1".into(),
+            RenewalPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(handle.hints.bundle_sha256(), old_sha);
+        handle.client_config.mark_unchanged();
+
+        // A bundle whose fingerprint does not match the announced one is refused.
+        let err = renewer
+            .apply_bundle(&both.to_pem(), Some(&"0".repeat(64)))
+            .unwrap_err();
+        assert!(err.to_string().contains("announced"), "{err}");
+        assert!(!handle.client_config.has_changed().unwrap());
+        assert_eq!(
+            Identity::load(&dir)
+                .unwrap()
+                .unwrap()
+                .bundle()
+                .certs()
+                .len(),
+            1
+        );
+        assert!(renewer.apply_bundle("not pem", None).is_err());
+
+        // The overlap bundle: on disk first, then published; key and certificate unchanged.
+        assert!(
+            renewer
+                .apply_bundle(&both.to_pem(), Some(&both.sha256_hex()))
+                .unwrap()
+        );
+        assert!(handle.client_config.has_changed().unwrap());
+        assert_eq!(handle.hints.bundle_sha256(), both.sha256_hex());
+        let stored = Identity::load(&dir).unwrap().unwrap();
+        assert_eq!(stored.bundle(), &both);
+        assert_eq!(stored.cert().serial_hex, serial);
+        assert!(
+            !dir.join("bundle.pem.tmp").exists(),
+            "no temporary file left"
+        );
+        // Applying it again is a no-op.
+        handle.client_config.mark_unchanged();
+        assert!(!renewer.apply_bundle(&both.to_pem(), None).unwrap());
+        assert!(!handle.client_config.has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn the_running_renewer_applies_a_bundle_hint_from_the_sync_loop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, both) = enrolled(tmp.path());
+        let dir = tmp.path().join("identity");
+        let (renewer, mut handle) = Renewer::new(
+            id,
+            dir.clone(),
+            "https://127.0.0.1:1".into(),
+            RenewalPolicy::default(),
+        )
+        .unwrap();
+        handle.client_config.mark_unchanged();
+        let stop = CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        tracker.spawn(renewer.run(stop.clone()));
+        handle.hints.offer(IdentityHint::TrustBundle {
+            pem: both.to_pem(),
+            sha256: Some(both.sha256_hex()),
+        });
+        tokio::time::timeout(Duration::from_secs(10), handle.client_config.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(handle.hints.bundle_sha256(), both.sha256_hex());
+        assert_eq!(Identity::load(&dir).unwrap().unwrap().bundle(), &both);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
 
     #[test]
     fn renewal_starts_at_two_thirds_of_the_lifetime_within_the_jitter() {

@@ -711,26 +711,26 @@ fn ca_status_rows(s: &CaStatus) -> Vec<Vec<String>> {
         "intermediate".to_owned(),
         s.intermediate.fingerprint.chars().take(16).collect(),
         s.intermediate.not_after.to_rfc3339(),
-        s.active_certificates.current.to_string(),
+        s.devices_by_issuer.current.to_string(),
     ]];
     if let Some(p) = &s.previous_intermediate {
         rows.push(vec![
             "previous".to_owned(),
             p.fingerprint.chars().take(16).collect(),
             p.not_after.to_rfc3339(),
-            s.active_certificates.previous.to_string(),
+            s.devices_by_issuer.previous.to_string(),
         ]);
     }
     rows.push(vec![
         format!("root ({} in bundle)", s.bundle_roots),
         s.bundle_sha256.chars().take(16).collect(),
         s.root_not_after.map(|t| t.to_rfc3339()).unwrap_or_default(),
-        format!("{} other", s.active_certificates.other),
+        format!("{} other", s.devices_by_issuer.other),
     ]);
     rows
 }
 
-const CA_HEADERS: &[&str] = &["CA", "FINGERPRINT", "NOT AFTER", "ACTIVE CERTS"];
+const CA_HEADERS: &[&str] = &["CA", "FINGERPRINT", "NOT AFTER", "DEVICES"];
 
 /// CA commands that ask the server.
 async fn ca_server_cmd(
@@ -763,12 +763,12 @@ async fn ca_server_cmd(
         }
         CaCmd::FinishRotation { .. } => {
             let s: CaStatus = client.get("/v1/pki/ca").await?;
-            if s.active_certificates.previous > 0 {
+            if s.devices_by_issuer.previous > 0 {
                 return Err(CliError::Refused(format!(
-                    "{} active device certificates were issued by the previous intermediate; \
+                    "{} devices still use a certificate of the previous intermediate; \
                      wait until those agents renew (they are asked to on their next sync) or \
                      pass --force to cut them off",
-                    s.active_certificates.previous
+                    s.devices_by_issuer.previous
                 )));
             }
             ca_cmd(cmd, out)?;

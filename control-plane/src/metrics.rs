@@ -46,7 +46,7 @@ pub struct IssuerLabels {
 #[derive(Debug, Clone, Default)]
 pub struct PkiMetrics {
     pub ca_expiry_seconds: Family<CaLabels, Gauge>,
-    pub active_certificates: Family<IssuerLabels, Gauge>,
+    pub devices_by_issuer: Family<IssuerLabels, Gauge>,
     pub ca_reloads: Family<ResultLabels, Counter>,
 }
 
@@ -59,9 +59,9 @@ impl PkiMetrics {
             m.ca_expiry_seconds.clone(),
         );
         registry.register(
-            "pki_active_certificates",
-            "Unexpired, unrevoked device certificates by issuing intermediate (current, previous, other)",
-            m.active_certificates.clone(),
+            "pki_devices_by_issuer",
+            "Devices by the intermediate (current, previous, other) that issued their newest unexpired, unrevoked certificate",
+            m.devices_by_issuer.clone(),
         );
         registry.register(
             "pki_ca_reloads",

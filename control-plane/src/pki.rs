@@ -290,16 +290,22 @@ pub fn update_expiry_metrics(pki: &Pki, m: &crate::metrics::PkiMetrics, now: Sys
     }
 }
 
-/// Counts unexpired, unrevoked device certificates by issuing intermediate into
-/// `kip_pki_active_certificates` and returns (current, previous, other).
-pub async fn count_active_certificates(
+/// Counts devices by the intermediate that issued their newest unexpired, unrevoked
+/// certificate into `kip_pki_devices_by_issuer`, and returns (current, previous, other).
+/// `previous` is the number of devices that have not renewed since a rotation: until it is
+/// 0, finishing the rotation would cut them off.
+pub async fn count_devices_by_issuer(
     pki: &Pki,
     pool: &PgPool,
     m: &crate::metrics::PkiMetrics,
 ) -> Result<(i64, i64, i64), sqlx::Error> {
     use crate::metrics::IssuerLabels;
     let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
-        "SELECT issuer_sha256, count(*) FROM certificates          WHERE revoked_at IS NULL AND not_after > now() GROUP BY issuer_sha256",
+        "SELECT issuer_sha256, count(*) FROM ( \
+             SELECT DISTINCT ON (org_id, device_id) issuer_sha256 FROM certificates \
+             WHERE revoked_at IS NULL AND not_after > now() \
+             ORDER BY org_id, device_id, issued_at DESC \
+         ) newest GROUP BY issuer_sha256",
     )
     .fetch_all(pool)
     .await?;
@@ -315,7 +321,7 @@ pub async fn count_active_certificates(
         }
     }
     for (issuer, n) in [("current", c), ("previous", p), ("other", o)] {
-        m.active_certificates
+        m.devices_by_issuer
             .get_or_create(&IssuerLabels { issuer })
             .set(n);
     }
@@ -341,8 +347,8 @@ pub async fn revoked_serials(pool: &PgPool) -> Result<Vec<RevokedSerial>, sqlx::
 }
 
 async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &crate::metrics::PkiMetrics) {
-    if let Err(e) = count_active_certificates(pki, pool, m).await {
-        tracing::warn!(error = %e, "cannot count active device certificates");
+    if let Err(e) = count_devices_by_issuer(pki, pool, m).await {
+        tracing::warn!(error = %e, "cannot count devices by certificate issuer");
     }
 }
 

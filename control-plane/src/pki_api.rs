@@ -199,12 +199,12 @@ pub struct CaCertInfo {
     pub not_after: DateTime<Utc>,
 }
 
-/// Unexpired, unrevoked device certificates by issuing intermediate.
+/// Devices by the intermediate that issued their newest unexpired, unrevoked certificate.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ActiveCertificates {
+pub struct DevicesByIssuer {
     pub current: i64,
-    /// Still issued by the previous intermediate: `kipctl ca finish-rotation` would cut
-    /// these devices off until they renew.
+    /// Not renewed since the rotation: `kipctl ca finish-rotation` would cut these devices
+    /// off (they would need a new enrollment token).
     pub previous: i64,
     /// Issued by a retired intermediate, or before issuers were recorded.
     pub other: i64,
@@ -221,7 +221,7 @@ pub struct CaStatus {
     pub root_not_after: Option<DateTime<Utc>>,
     pub bundle_sha256: String,
     pub bundle_roots: usize,
-    pub active_certificates: ActiveCertificates,
+    pub devices_by_issuer: DevicesByIssuer,
     /// Set by `POST /v1/pki/ca/reload`: whether the CA files had changed and were loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reloaded: Option<bool>,
@@ -229,7 +229,7 @@ pub struct CaStatus {
 
 async fn ca_status_of(st: &AppState, pki: &Pki) -> ApiResult<CaStatus> {
     let (current, previous, other) =
-        crate::pki::count_active_certificates(pki, &st.pool, &st.metrics.pki).await?;
+        crate::pki::count_devices_by_issuer(pki, &st.pool, &st.metrics.pki).await?;
     let ca = pki.ca();
     let info = |i: &kip_certs::Intermediate| CaCertInfo {
         fingerprint: i.fingerprint(),
@@ -241,7 +241,7 @@ async fn ca_status_of(st: &AppState, pki: &Pki) -> ApiResult<CaStatus> {
         root_not_after: ca.root_not_after().map(Into::into),
         bundle_sha256: ca.bundle().sha256_hex(),
         bundle_roots: ca.bundle().certs().len(),
-        active_certificates: ActiveCertificates {
+        devices_by_issuer: DevicesByIssuer {
             current,
             previous,
             other,
@@ -250,8 +250,8 @@ async fn ca_status_of(st: &AppState, pki: &Pki) -> ApiResult<CaStatus> {
     })
 }
 
-/// `GET /v1/pki/ca` (platform key): the CA in use and how many active device certificates
-/// each intermediate issued.
+/// `GET /v1/pki/ca` (platform key): the CA in use and how many devices each intermediate
+/// serves.
 pub async fn ca_status(State(st): State<AppState>, p: Principal) -> ApiResult<Json<CaStatus>> {
     p.require_platform()?;
     let pki = pki(&st)?;
@@ -548,6 +548,17 @@ impl FromRequestParts<AppState> for DeviceCert {
         ))?;
         let peer = kip_certs::parse_peer_cert(leaf)
             .map_err(|_| ApiError::Forbidden("the client certificate does not name a device"))?;
+        let ca = st.pki.as_ref().map(|p| p.ca());
+        // The verifier ran at the handshake; a rotation finished since then must also end
+        // requests on connections opened before it, as revocation does.
+        if let Some(ca) = &ca
+            && !ca.current().is_issuer_of(leaf)
+            && !ca.previous().is_some_and(|p| p.is_issuer_of(leaf))
+        {
+            return Err(ApiError::Forbidden(
+                "the client certificate was issued by a retired intermediate CA: enroll again with a new token",
+            ));
+        }
         let row: Option<(Option<DateTime<Utc>>, Option<String>)> = sqlx::query_as(
             "SELECT c.revoked_at, d.name FROM certificates c \
              LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
@@ -564,10 +575,7 @@ impl FromRequestParts<AppState> for DeviceCert {
                 device_name,
                 serial: peer.serial_hex,
                 not_after: peer.not_after.into(),
-                issued_by_current: st
-                    .pki
-                    .as_ref()
-                    .is_some_and(|p| p.ca().current().is_issuer_of(leaf)),
+                issued_by_current: ca.is_some_and(|c| c.current().is_issuer_of(leaf)),
             }),
             Some((Some(_), _)) => Err(ApiError::Forbidden("the client certificate is revoked")),
             _ => Err(ApiError::Forbidden(
