@@ -62,6 +62,7 @@ schemas = {
     "protocol_version": {"type": "integer"}, "epoch": {"type": "integer"}, "acked_seq": {"type": "integer", "description": "Every record of this epoch up to here is stored; the agent may delete them"},
     "inserted": {"type": "integer"}, "duplicates": {"type": "integer", "description": "Records already stored (a replay)"},
     "desired": {"type": "object", "properties": {"config_version": {"type": ["string", "null"]}, "model": {"type": ["object", "null"]}, "renew_certificate": {"type": "boolean", "description": "The client certificate comes from an intermediate that no longer signs (CA rollover): renew soon, with jitter"},
+      "renew_serial": {"type": "string", "description": "With renew_certificate: serial of the client certificate to replace"},
       "trust_bundle_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 over the DER roots of the trust bundle, in order"},
       "trust_bundle_pem": {"type": "string", "description": "The trust bundle (PEM), only when the agent reported another fingerprint in kip-trust-bundle-sha256"}}}}},
   "CaStatus": {"type": "object", "properties": {

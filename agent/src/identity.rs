@@ -440,10 +440,16 @@ impl RenewalPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdentityHint {
     /// A trust bundle (PEM) other than the one in use, with the fingerprint the control
-    /// plane announced for it (checked before use).
-    TrustBundle { pem: String, sha256: Option<String> },
-    /// The certificate's intermediate no longer signs: renew soon.
-    RenewSoon,
+    /// plane announced for it (checked before use) and the fingerprint the agent reported in
+    /// the request (a hint answering an older bundle is stale and ignored).
+    TrustBundle {
+        pem: String,
+        sha256: Option<String>,
+        reported_sha256: String,
+    },
+    /// The certificate with this serial comes from an intermediate that no longer signs:
+    /// renew soon. Ignored when the agent has renewed since (another serial).
+    RenewSoon { serial: Option<String> },
 }
 
 /// The sync loop's side of the identity: the fingerprint of the bundle in use (reported to
@@ -641,12 +647,18 @@ impl Renewer {
                 () = tokio::time::sleep(wait) => {}
                 Some(hint) = self.hints.recv() => {
                     match hint {
-                        IdentityHint::TrustBundle { pem, sha256 } => {
+                        // Hints queue up; one answering an older bundle or certificate is
+                        // stale (a renewal already brought newer ones).
+                        IdentityHint::TrustBundle { reported_sha256, .. }
+                            if reported_sha256 != self.identity.bundle.sha256_hex() => {}
+                        IdentityHint::TrustBundle { pem, sha256, .. } => {
                             if let Err(e) = self.apply_bundle(&pem, sha256.as_deref()) {
                                 tracing::warn!(error = %e, "trust bundle from the control plane not applied; keeping the current one");
                             }
                         }
-                        IdentityHint::RenewSoon if !hinted && attempt == 0 => {
+                        IdentityHint::RenewSoon { serial: Some(serial) }
+                            if serial != self.identity.cert.serial_hex => {}
+                        IdentityHint::RenewSoon { .. } if !hinted && attempt == 0 => {
                             hinted = true;
                             let delay = self.policy.hint_delay_max.mul_f64(rand::random::<f64>());
                             let at = SystemTime::now() + delay;
@@ -655,7 +667,7 @@ impl Renewer {
                                 tracing::info!(delay_s = delay.as_secs(), "the control plane asks for an early renewal (CA rollover)");
                             }
                         }
-                        IdentityHint::RenewSoon => {}
+                        IdentityHint::RenewSoon { .. } => {}
                     }
                     continue;
                 }
@@ -789,9 +801,17 @@ mod tests {
         let stop = CancellationToken::new();
         let tracker = tokio_util::task::TaskTracker::new();
         tracker.spawn(renewer.run(stop.clone()));
+        let reported_sha256 = handle.hints.bundle_sha256();
+        // A stale hint (answering another bundle) is ignored; the fresh one applied.
+        handle.hints.offer(IdentityHint::TrustBundle {
+            pem: "stale".into(),
+            sha256: None,
+            reported_sha256: "0".repeat(64),
+        });
         handle.hints.offer(IdentityHint::TrustBundle {
             pem: both.to_pem(),
             sha256: Some(both.sha256_hex()),
+            reported_sha256,
         });
         tokio::time::timeout(Duration::from_secs(10), handle.client_config.changed())
             .await

@@ -459,7 +459,8 @@ impl Syncer {
         let (first_seq, last_seq, n) = (first.seq, last.seq, records.len());
         let full = n >= limit;
         let started = Instant::now();
-        let outcome = self.send(body).await;
+        let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
+        let outcome = self.send(body, reported_bundle.as_deref()).await;
         match outcome {
             Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
                 let buffer = self.buffer.clone();
@@ -488,15 +489,18 @@ impl Syncer {
                 self.status.set_error(None);
                 tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
                     duplicates = ack.duplicates, "batch acknowledged");
-                if let Some(h) = &self.identity_hints {
+                if let (Some(h), Some(reported)) = (&self.identity_hints, reported_bundle) {
                     if let Some(pem) = ack.desired.trust_bundle_pem.clone() {
                         h.offer(crate::identity::IdentityHint::TrustBundle {
                             pem,
                             sha256: ack.desired.trust_bundle_sha256.clone(),
+                            reported_sha256: reported,
                         });
                     }
                     if ack.desired.renew_certificate {
-                        h.offer(crate::identity::IdentityHint::RenewSoon);
+                        h.offer(crate::identity::IdentityHint::RenewSoon {
+                            serial: ack.desired.renew_serial.clone(),
+                        });
                     }
                 }
                 if let Some(m) = ack.desired.model.clone() {
@@ -678,7 +682,7 @@ impl Syncer {
         }
     }
 
-    async fn send(&self, body: Vec<u8>) -> Outcome {
+    async fn send(&self, body: Vec<u8>, bundle_sha256: Option<&str>) -> Outcome {
         let Some(base) = self.cfg.endpoints.get(self.endpoint) else {
             return Outcome::Failed {
                 reason: "config",
@@ -690,8 +694,8 @@ impl Syncer {
             .post(format!("{base}/v1/agent/sync"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::CONTENT_ENCODING, "gzip");
-        if let Some(h) = &self.identity_hints {
-            req = req.header(kip_shared::sync::TRUST_BUNDLE_HEADER, h.bundle_sha256());
+        if let Some(sha) = bundle_sha256 {
+            req = req.header(kip_shared::sync::TRUST_BUNDLE_HEADER, sha);
         }
         let resp = req.body(body).send().await;
         let resp = match resp {

@@ -832,7 +832,7 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     writeln!(
         out,
         "# set [pki] ca_dir = {:?} in the control-plane config; root.key is only needed \
-         for `kipctl ca rotate-intermediate` and can be kept offline",
+         for `kipctl ca rotate-intermediate` and `rotate-root` and can be kept offline",
         dir.display().to_string()
     )?;
     Ok(())
@@ -1044,6 +1044,65 @@ mod tests {
                 .unwrap();
         let err = run(again, &mut Vec::new()).await.unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ca_rotations_are_two_phase_and_local_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let d = ca_dir.to_str().unwrap();
+        let kipctl = |args: &[&str]| {
+            let mut all = vec!["kipctl", "ca"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap()
+        };
+        run(kipctl(&["init", "--dir", d]), &mut Vec::new())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        run(kipctl(&["rotate-root", "--dir", d]), &mut out)
+            .await
+            .unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("finish-rotation"));
+        let err = run(
+            kipctl(&["rotate-intermediate", "--dir", d]),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("still in progress"), "{err}");
+        // Without --force the safety check needs a server (none here): refused, nothing moved.
+        let no_server = Cli::try_parse_from([
+            "kipctl",
+            "--server",
+            "http://127.0.0.1:1",
+            "--api-key",
+            "kip_x_y",
+            "ca",
+            "finish-rotation",
+            "--dir",
+            d,
+        ])
+        .unwrap();
+        assert!(run(no_server, &mut Vec::new()).await.is_err());
+        assert!(ca_dir.join("intermediate-previous.crt").exists());
+        let mut out = Vec::new();
+        run(
+            kipctl(&["finish-rotation", "--dir", d, "--force"]),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("retired:"), "{out}");
+        assert!(!ca_dir.join("intermediate-previous.crt").exists());
+        run(
+            kipctl(&["rotate-intermediate", "--dir", d]),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
     }
 
     #[test]

@@ -769,7 +769,10 @@ fn desired_trust(
         desired.trust_bundle_pem = Some(ca.bundle().to_pem());
     }
     desired.trust_bundle_sha256 = Some(sha);
-    desired.renew_certificate |= !dev.issued_by_current;
+    if !dev.issued_by_current {
+        desired.renew_certificate = true;
+        desired.renew_serial = Some(dev.serial.clone());
+    }
 }
 
 async fn agent_not_found() -> ApiError {

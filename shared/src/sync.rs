@@ -54,6 +54,10 @@ pub struct DesiredState {
     /// agents renew after a random delay so a fleet does not renew at once.
     #[serde(default)]
     pub renew_certificate: bool,
+    /// With `renew_certificate`: serial (lowercase hex) of the certificate the request came
+    /// with, so an agent that renewed meanwhile ignores a hint meant for its old certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_serial: Option<String>,
     /// sha256 (lowercase hex, over the DER certificates in order) of the trust bundle the
     /// agent should use for the agent listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -47,6 +47,26 @@ fn stored_bundle(identity_dir: &Path) -> TrustBundle {
         .clone()
 }
 
+/// Runs `kipctl` with the platform-admin key against `cp`; returns its output.
+async fn kipctl(
+    cp: &ControlPlane,
+    args: &[&str],
+) -> Result<String, kip_control_plane::cli::CliError> {
+    use clap::Parser as _;
+    let mut all = vec![
+        "kipctl",
+        "--server",
+        &cp.admin_url,
+        "--api-key",
+        &cp.admin_key,
+    ];
+    all.extend_from_slice(args);
+    let cli = kip_control_plane::cli::Cli::try_parse_from(all).unwrap();
+    let mut out = Vec::new();
+    kip_control_plane::cli::run(cli, &mut out).await?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
 async fn ca_status(cp: &ControlPlane) -> Value {
     let r = cp
         .http
@@ -276,6 +296,9 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
     stale.stop().await;
 
     // --- Root rollover. ---
+    // Device C enrolls under intermediate 2 and never syncs: it holds up the finish below.
+    let c_dir = tempfile::tempdir().unwrap();
+    let c = cp.enroll(org, "gw-c", c_dir.path()).await;
     let rotated = FleetCa::rotate_root(&ca_dir, SystemTime::now()).unwrap();
     let i3 = rotated.current().fingerprint();
     let overlap = rotated.bundle().clone();
@@ -294,7 +317,23 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
                 && m.agent.as_ref().unwrap().handle.hints.bundle_sha256() == overlap_sha
         })
         .await;
-    assert_eq!(ca_status(&cp).await["devices_by_issuer"]["previous"], 0);
+    assert_eq!(
+        ca_status(&cp).await["devices_by_issuer"]["previous"],
+        1,
+        "C"
+    );
+
+    // kipctl refuses to finish while C has not renewed; once C is gone, it finishes.
+    let err = kipctl(
+        &cp,
+        &["ca", "finish-rotation", "--dir", ca_dir.to_str().unwrap()],
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("1 devices still use"), "{err}");
+    assert!(ca_dir.join("intermediate-previous.crt").exists());
+    cp.revoke(org, c.device_id()).await;
 
     // Finish: the old root leaves the bundle, the listener now presents a chain to the new
     // root, and agents get the one-root bundle on their next sync. Their certificates are
@@ -311,7 +350,13 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
                 .clone()
         })
         .collect();
-    FleetCa::finish_rotation(&ca_dir, SystemTime::now()).unwrap();
+    let out = kipctl(
+        &cp,
+        &["ca", "finish-rotation", "--dir", ca_dir.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    assert!(out.contains("retired:"), "{out}");
     let new_root = TrustBundle::new(vec![overlap.certs()[1].clone()]).unwrap();
     wait_for_ca(&cp, "the finished root rotation", |s| {
         s["bundle_roots"] == 1 && s["previous_intermediate"].is_null()
