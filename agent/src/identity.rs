@@ -592,9 +592,15 @@ impl Renewer {
     }
 
     /// Switches to the trust bundle `pem` (CA rollover): checks it against `sha256` when
-    /// given, stores it atomically, then publishes the rebuilt client configuration. Returns
-    /// false when it is the bundle already in use. On error nothing changes.
-    pub fn apply_bundle(&mut self, pem: &str, sha256: Option<&str>) -> Result<bool, IdentityError> {
+    /// given, probes the agent listener with it (a TLS handshake must verify the listener's
+    /// certificate with the new bundle: a bundle that would lock the agent out is never
+    /// stored), stores it atomically, then publishes the rebuilt client configuration.
+    /// Returns false when it is the bundle already in use. On error nothing changes.
+    pub async fn apply_bundle(
+        &mut self,
+        pem: &str,
+        sha256: Option<&str>,
+    ) -> Result<bool, IdentityError> {
         let bundle = TrustBundle::from_pem(pem)?;
         let sha = bundle.sha256_hex();
         if sha256.is_some_and(|want| !want.eq_ignore_ascii_case(&sha)) {
@@ -608,6 +614,16 @@ impl Renewer {
         }
         let new = self.identity.with_bundle(bundle)?;
         let cfg = new.client_config()?;
+        // Any HTTP answer proves the handshake, i.e. that the new bundle verifies the listener.
+        let url = format!(
+            "{}/v1/agent/whoami",
+            self.agent_api_url.trim_end_matches('/')
+        );
+        mtls_client(&new, self.policy.request_timeout)?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| http_error(&url, e))?;
         // Stored before it is used, as on renewal: a restart comes back with the new bundle.
         files::write_public(&self.dir.join(BUNDLE_FILE), &new.bundle.to_pem())?;
         tracing::info!(
@@ -652,7 +668,7 @@ impl Renewer {
                         IdentityHint::TrustBundle { reported_sha256, .. }
                             if reported_sha256 != self.identity.bundle.sha256_hex() => {}
                         IdentityHint::TrustBundle { pem, sha256, .. } => {
-                            if let Err(e) = self.apply_bundle(&pem, sha256.as_deref()) {
+                            if let Err(e) = self.apply_bundle(&pem, sha256.as_deref()).await {
                                 tracing::warn!(error = %e, "trust bundle from the control plane not applied; keeping the current one");
                             }
                         }
@@ -730,44 +746,90 @@ mod tests {
         (id, both)
     }
 
-    #[test]
-    fn a_new_bundle_is_stored_then_published_and_a_bad_one_changes_nothing() {
+    /// A minimal agent listener: mTLS with the CA in `dir/ca`, answers every request with
+    /// 200 `{}`. Returns its URL.
+    async fn listener(dir: &Path, tracker: &tokio_util::task::TaskTracker) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let now = SystemTime::now();
+        let ca = FleetCa::load(&dir.join("ca")).unwrap();
+        let server = ca
+            .current()
+            .issue_server_cert(&["127.0.0.1".to_owned()], now, H)
+            .unwrap();
+        let cfg = kip_certs::server_config(
+            ca.bundle(),
+            server.chain,
+            server.key,
+            ca.crls(&[], now, H).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", tcp.local_addr().unwrap());
+        tracker.spawn(async move {
+            while let Ok((sock, _)) = tcp.accept().await {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_new_bundle_is_probed_stored_then_published_and_a_bad_one_changes_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let (id, both) = enrolled(tmp.path());
         let dir = tmp.path().join("identity");
         let old_sha = id.bundle().sha256_hex();
         let serial = id.cert().serial_hex.clone();
-        let (mut renewer, mut handle) = Renewer::new(
-            id,
-            dir.clone(),
-            "https://127.0.0.1:1".into(),
-            RenewalPolicy::default(),
-        )
-        .unwrap();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let url = listener(tmp.path(), &tracker).await;
+        let (mut renewer, mut handle) =
+            Renewer::new(id, dir.clone(), url, RenewalPolicy::default()).unwrap();
         assert_eq!(handle.hints.bundle_sha256(), old_sha);
         handle.client_config.mark_unchanged();
-
-        // A bundle whose fingerprint does not match the announced one is refused.
-        let err = renewer
-            .apply_bundle(&both.to_pem(), Some(&"0".repeat(64)))
-            .unwrap_err();
-        assert!(err.to_string().contains("announced"), "{err}");
-        assert!(!handle.client_config.has_changed().unwrap());
-        assert_eq!(
+        let stored_roots = || {
             Identity::load(&dir)
                 .unwrap()
                 .unwrap()
                 .bundle()
                 .certs()
-                .len(),
-            1
-        );
-        assert!(renewer.apply_bundle("not pem", None).is_err());
+                .len()
+        };
+
+        // A bundle whose fingerprint does not match the announced one is refused.
+        let err = renewer
+            .apply_bundle(&both.to_pem(), Some(&"0".repeat(64)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("announced"), "{err}");
+        assert!(renewer.apply_bundle("not pem", None).await.is_err());
+        // A bundle that does not verify the listener would lock the agent out: refused.
+        let foreign = RootCa::generate("foreign", SystemTime::now(), H).unwrap();
+        let foreign = TrustBundle::new(vec![foreign.cert_der().clone()]).unwrap();
+        let err = renewer
+            .apply_bundle(&foreign.to_pem(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IdentityError::Http { .. }), "{err:?}");
+        assert!(!handle.client_config.has_changed().unwrap());
+        assert_eq!(stored_roots(), 1);
+        assert_eq!(handle.hints.bundle_sha256(), old_sha);
 
         // The overlap bundle: on disk first, then published; key and certificate unchanged.
         assert!(
             renewer
                 .apply_bundle(&both.to_pem(), Some(&both.sha256_hex()))
+                .await
                 .unwrap()
         );
         assert!(handle.client_config.has_changed().unwrap());
@@ -781,28 +843,26 @@ mod tests {
         );
         // Applying it again is a no-op.
         handle.client_config.mark_unchanged();
-        assert!(!renewer.apply_bundle(&both.to_pem(), None).unwrap());
+        assert!(!renewer.apply_bundle(&both.to_pem(), None).await.unwrap());
         assert!(!handle.client_config.has_changed().unwrap());
+        tracker.close();
     }
 
     #[tokio::test]
-    async fn the_running_renewer_applies_a_bundle_hint_from_the_sync_loop() {
+    async fn the_running_renewer_applies_a_fresh_bundle_hint_and_ignores_stale_ones() {
         let tmp = tempfile::tempdir().unwrap();
         let (id, both) = enrolled(tmp.path());
         let dir = tmp.path().join("identity");
-        let (renewer, mut handle) = Renewer::new(
-            id,
-            dir.clone(),
-            "https://127.0.0.1:1".into(),
-            RenewalPolicy::default(),
-        )
-        .unwrap();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let url = listener(tmp.path(), &tracker).await;
+        let (renewer, mut handle) =
+            Renewer::new(id, dir.clone(), url, RenewalPolicy::default()).unwrap();
         handle.client_config.mark_unchanged();
         let stop = CancellationToken::new();
-        let tracker = tokio_util::task::TaskTracker::new();
-        tracker.spawn(renewer.run(stop.clone()));
+        let renewer_tracker = tokio_util::task::TaskTracker::new();
+        renewer_tracker.spawn(renewer.run(stop.clone()));
         let reported_sha256 = handle.hints.bundle_sha256();
-        // A stale hint (answering another bundle) is ignored; the fresh one applied.
+        // Answers to requests made with another bundle are stale: ignored.
         handle.hints.offer(IdentityHint::TrustBundle {
             pem: "stale".into(),
             sha256: None,
@@ -820,8 +880,9 @@ mod tests {
         assert_eq!(handle.hints.bundle_sha256(), both.sha256_hex());
         assert_eq!(Identity::load(&dir).unwrap().unwrap().bundle(), &both);
         stop.cancel();
+        renewer_tracker.close();
+        renewer_tracker.wait().await;
         tracker.close();
-        tracker.wait().await;
     }
 
     #[test]

@@ -102,6 +102,16 @@ fn server_identity_clone(s: &ServerIdentity) -> ServerIdentity {
 impl Pki {
     /// Builds the PKI state from a loaded CA and the current revocations in `pool`.
     pub async fn new(ca: FleetCa, cfg: &PkiConfig, pool: &PgPool) -> Result<Arc<Self>, PkiError> {
+        Self::build(ca, cfg, pool, None).await
+    }
+
+    /// `source`: the CA directory and the content hash it was loaded with (hot reload).
+    async fn build(
+        ca: FleetCa,
+        cfg: &PkiConfig,
+        pool: &PgPool,
+        source: Option<(std::path::PathBuf, [u8; 32])>,
+    ) -> Result<Arc<Self>, PkiError> {
         let now = SystemTime::now();
         let issuer = ca.server_issuer(now);
         let server = ServerCert {
@@ -118,9 +128,9 @@ impl Pki {
         warn_if_expiring(&ca, now);
         Ok(Arc::new(Self {
             ca: ArcSwap::from_pointee(ca),
-            ca_dir: None,
+            ca_hash: tokio::sync::Mutex::new(source.as_ref().map(|(_, h)| *h)),
+            ca_dir: source.map(|(d, _)| d),
             ca_reload_interval: cfg.ca_reload_interval,
-            ca_hash: tokio::sync::Mutex::new(None),
             device_cert_lifetime: cfg.device_cert_lifetime,
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
@@ -142,12 +152,9 @@ impl Pki {
         // check, never missed.
         let hash = CaPaths::new(dir).content_sha256()?;
         let ca = FleetCa::load(dir)?;
-        let mut pki = Self::new(ca, cfg, pool).await?;
-        if let Some(p) = Arc::get_mut(&mut pki) {
-            p.ca_dir = Some(dir.clone());
-            *p.ca_hash.get_mut() = Some(hash);
-        }
-        Ok(Some(pki))
+        Ok(Some(
+            Self::build(ca, cfg, pool, Some((dir.clone(), hash))).await?,
+        ))
     }
 
     /// The CA as loaded now. Take one snapshot per operation, so that signing, bundle and
@@ -173,8 +180,15 @@ impl Pki {
         if *last == Some(hash) {
             return Ok(false);
         }
-        let new = FleetCa::load(dir)?;
-        let old = self.ca.swap(Arc::new(new));
+        let new = Arc::new(FleetCa::load(dir)?);
+        // The TLS configuration for the new CA is built first and the signer swapped under
+        // the same lock: if building fails (e.g. the database is down for the CRLs), nothing
+        // changes and the next check tries again, so no device certificate is ever signed by
+        // an intermediate the listener does not accept yet.
+        let old = self
+            .rebuild(pool, Some(new))
+            .await?
+            .unwrap_or_else(|| self.ca());
         *last = Some(hash);
         drop(last);
         let ca = self.ca();
@@ -187,7 +201,6 @@ impl Pki {
             "fleet CA reloaded"
         );
         warn_if_expiring(&ca, SystemTime::now());
-        self.refresh(pool).await?;
         Ok(true)
     }
 
@@ -213,12 +226,22 @@ impl Pki {
     /// Rebuilds CRLs (and the server certificate when due) and swaps the configuration in.
     /// New handshakes use it at once.
     pub async fn refresh(&self, pool: &PgPool) -> Result<(), PkiError> {
+        self.rebuild(pool, None).await.map(|_| ())
+    }
+
+    /// [`Pki::refresh`] for the current CA, or for `replace`, which is swapped in (and the
+    /// CA it replaces returned) only once its TLS configuration is live.
+    async fn rebuild(
+        &self,
+        pool: &PgPool,
+        replace: Option<Arc<FleetCa>>,
+    ) -> Result<Option<Arc<FleetCa>>, PkiError> {
         let now = SystemTime::now();
         let revoked = revoked_serials(pool).await?;
-        // Held across the rebuild so two refreshes cannot swap in out of order.
+        // Held across the rebuild so two refreshes cannot swap in out of order, and a
+        // refresh cannot rebuild for the old CA after a reload swapped the new one in.
         let mut server = self.server.lock().await;
-        // Read under the lock: a reload that swapped the CA before taking it is seen here.
-        let ca = self.ca();
+        let ca = replace.clone().unwrap_or_else(|| self.ca());
         let issuer = ca.server_issuer(now);
         let half_left = server
             .id
@@ -240,8 +263,9 @@ impl Pki {
             ca.crls(&revoked, now, CRL_VALIDITY)?,
         )?;
         self.tls.reload_from_config(cfg);
+        let old = replace.map(|new| self.ca.swap(new));
         tracing::debug!(revoked = revoked.len(), "agent TLS configuration refreshed");
-        Ok(())
+        Ok(old)
     }
 }
 
