@@ -13,6 +13,13 @@
 //!   revocation.
 //! - Errors never reveal which check a token failed (unknown, used, expired, other
 //!   organisation): all answer the same 403.
+//! - CA rollover: each request takes one snapshot of the CA ([`Pki::ca`]), so a certificate,
+//!   the issuer recorded for it and the bundle returned come from the same CA even while it is
+//!   reloaded. A certificate whose intermediate is neither the current nor the previous one
+//!   (retired by `finish-rotation`) is refused on every request, like a revoked one.
+//! - Sync acks carry the bundle fingerprint, the bundle itself only when the agent reported
+//!   another one, and a renewal hint naming the certificate to replace while it comes from
+//!   the previous intermediate.
 
 use std::{
     sync::Arc,
