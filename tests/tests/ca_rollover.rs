@@ -67,6 +67,74 @@ async fn kipctl(
     Ok(String::from_utf8(out).unwrap())
 }
 
+/// An independent client: `openssl s_client` (TLS 1.3) presents the device credentials in
+/// `device_pem` (key, leaf, intermediate) to the agent listener and asks `whoami`.
+/// Returns whether an HTTP 200 came back, and everything openssl printed.
+async fn openssl_whoami(
+    cp: &ControlPlane,
+    device_pem: &str,
+    bundle: &TrustBundle,
+) -> (bool, String) {
+    // Blocking: off the test's (single) runtime thread, which also serves the control plane.
+    let (addr, device_pem, bundle) = (
+        cp.agent_url.trim_start_matches("https://").to_owned(),
+        device_pem.to_owned(),
+        bundle.clone(),
+    );
+    tokio::task::spawn_blocking(move || openssl_whoami_blocking(&addr, &device_pem, &bundle))
+        .await
+        .unwrap()
+}
+
+fn openssl_whoami_blocking(addr: &str, device_pem: &str, bundle: &TrustBundle) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let chain = kip_certs::certs_from_pem(device_pem, "chain").unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let key = write("key.pem", device_pem);
+    let leaf = write("leaf.pem", &kip_certs::cert_to_pem(&chain[0]));
+    let inter = write("inter.pem", &kip_certs::cert_to_pem(&chain[1]));
+    let ca = write("bundle.pem", &bundle.to_pem());
+    // `timeout` bounds a hung session instead of hanging the test.
+    let mut child = std::process::Command::new("timeout")
+        .args(["20", "openssl", "s_client", "-connect"])
+        .arg(addr)
+        .args(["-tls1_3", "-quiet", "-verify_return_error", "-cert"])
+        .arg(&leaf)
+        .arg("-cert_chain")
+        .arg(&inter)
+        .arg("-key")
+        .arg(&key)
+        .arg("-CAfile")
+        .arg(&ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("timeout/openssl");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(
+                b"GET /v1/agent/whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        // -quiet implies -ign_eof: closing stdin does not end the session; the server's
+        // close after the answer (or its alert) does.
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("HTTP/1.1 200"), text)
+}
+
 async fn ca_status(cp: &ControlPlane) -> Value {
     let r = cp
         .http
@@ -228,6 +296,7 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
         i1.as_str()
     );
     let root1 = stored_bundle(&fleet.members[a].identity_dir);
+    let a_pem = std::fs::read_to_string(fleet.members[a].identity_dir.join("device.pem")).unwrap();
     fleet.settle().await;
 
     // --- Intermediate rollover, without restarting the control plane. ---
@@ -243,6 +312,15 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
     // syncing through the overlap and is asked to renew on its next sync.
     let (b, _) = fleet.join(&cp, org, "gw-b").await;
     assert_eq!(issuer_of(&fleet.members[b].identity_dir), i2);
+    // An independent TLS client agrees: both intermediates are accepted during the overlap.
+    let b_pem = std::fs::read_to_string(fleet.members[b].identity_dir.join("device.pem")).unwrap();
+    for (who, pem) in [
+        ("A (intermediate 1)", &a_pem),
+        ("B (intermediate 2)", &b_pem),
+    ] {
+        let (ok, out) = openssl_whoami(&cp, pem, &root1).await;
+        assert!(ok, "openssl as {who} during the overlap:\n{out}");
+    }
     fleet
         .until("A renewed onto intermediate 2", |m| {
             issuer_of(&m.identity_dir) == i2
@@ -271,6 +349,13 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
         .unwrap_err();
     assert!(matches!(err, IdentityError::UnknownCa { .. }), "{err:?}");
     assert!(err.to_string().contains("enroll again"), "{err}");
+    let (ok, out) = openssl_whoami(&cp, &a_pem, &root1).await;
+    assert!(
+        !ok && out.contains("unknown ca"),
+        "openssl with the retired certificate:\n{out}"
+    );
+    let (ok, out) = openssl_whoami(&cp, &b_pem, &root1).await;
+    assert!(ok, "openssl as B after the finish:\n{out}");
     let stale_dir = tempfile::tempdir().unwrap();
     let stale_buffer = open_buffer(stale_dir.path());
     stale_buffer.append(&reading(0)).unwrap();
