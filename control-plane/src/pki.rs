@@ -468,6 +468,9 @@ pub fn spawn_agent_listener(
                     }
                     count_certificates_logged(&pki, &pool, &metrics).await;
                     update_expiry_metrics(&pki, &metrics, SystemTime::now());
+                    // Repeated (every crl_refresh_interval) so a long-running process keeps
+                    // reminding, not only at start.
+                    warn_if_expiring(&pki.ca(), SystemTime::now());
                     continue;
                 }
                 _ = reload.tick() => "poll",
