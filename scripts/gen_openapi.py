@@ -61,7 +61,16 @@ schemas = {
   "SyncAck": {"type": "object", "required": ["protocol_version", "epoch", "acked_seq", "inserted", "duplicates"], "properties": {
     "protocol_version": {"type": "integer"}, "epoch": {"type": "integer"}, "acked_seq": {"type": "integer", "description": "Every record of this epoch up to here is stored; the agent may delete them"},
     "inserted": {"type": "integer"}, "duplicates": {"type": "integer", "description": "Records already stored (a replay)"},
-    "desired": {"type": "object", "properties": {"config_version": {"type": ["string", "null"]}, "model": {"type": ["object", "null"]}, "renew_certificate": {"type": "boolean"}}}}},
+    "desired": {"type": "object", "properties": {"config_version": {"type": ["string", "null"]}, "model": {"type": ["object", "null"]}, "renew_certificate": {"type": "boolean", "description": "The client certificate comes from an intermediate that no longer signs (CA rollover): renew soon, with jitter"},
+      "renew_serial": {"type": "string", "description": "With renew_certificate: serial of the client certificate to replace"},
+      "trust_bundle_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 over the DER roots of the trust bundle, in order"},
+      "trust_bundle_pem": {"type": "string", "description": "The trust bundle (PEM), only when the agent reported another fingerprint in kip-trust-bundle-sha256"}}}}},
+  "CaStatus": {"type": "object", "properties": {
+    "intermediate": {"type": "object", "properties": {"fingerprint": {"type": "string"}, "not_after": ts}},
+    "previous_intermediate": {"type": ["object", "null"], "properties": {"fingerprint": {"type": "string"}, "not_after": ts}},
+    "root_not_after": {"type": ["string", "null"], "format": "date-time"}, "bundle_sha256": {"type": "string"}, "bundle_roots": {"type": "integer"},
+    "devices_by_issuer": {"type": "object", "description": "Devices by the intermediate that issued their newest unexpired, unrevoked certificate; previous > 0 means finish-rotation would cut devices off", "properties": {"current": {"type": "integer"}, "previous": {"type": "integer"}, "other": {"type": "integer"}}},
+    "reloaded": {"type": "boolean", "description": "Only from POST /v1/pki/ca/reload: the CA files had changed and were loaded"}}},
   "AgentWhoami": {"type": "object", "properties": {"org_id": uuid, "device_id": uuid, "device_name": name, "serial": {"type": "string"}, "not_after": ts}},
 }
 msg = {"type": "object", "additionalProperties": False, "required": ["role"], "properties": {"role": {"enum": ["system", "developer", "user", "assistant", "tool"]}, "content": {"type": ["string", "null"]}, "name": {"type": "string"}, "tool_call_id": {"type": "string"}, "tool_calls": {"type": "array", "items": {"type": "object"}}}}
@@ -140,6 +149,8 @@ paths = {
     "post": op("Create a one-time device enrollment token; the token is in this response only", ok("Created", ref("EnrollToken"), "201"), [ORG], body(ref("CreateEnrollToken")), extra=["404"])},
   "/v1/organisations/{org_id}/devices/{device_id}/revoke": {
     "post": op("Revoke every unexpired certificate of a device; effective on its next TLS handshake", ok("Revoked", ref("Revocation")), [ORG, P("device_id", "Device id")], extra=["404"])},
+  "/v1/pki/ca": {"get": op("The fleet CA in use (platform key): intermediates, root expiry, bundle fingerprint, devices per intermediate", {**ok("CA", ref("CaStatus")), "503": err("No fleet CA configured")}, extra=["403"])},
+  "/v1/pki/ca/reload": {"post": op("Load changed CA files now instead of at the next poll (as SIGHUP) (platform key)", {**ok("CA after the check", ref("CaStatus")), "503": err("No fleet CA configured")}, extra=["403"])},
   "/enroll": {"post": {"summary": "Enroll a device: a one-time token plus a CSR give a short-lived client certificate, its chain and the trust bundle", "security": [],
     "requestBody": body(ref("EnrollRequest")),
     "responses": {**ok("Enrolled", ref("CertificateResponse"), "201"), "400": COMMON["400"], "403": err("Token invalid, expired, used or for another organisation"),
@@ -156,6 +167,7 @@ agent_paths = {
   "/v1/agent/renew": {"post": {"summary": "Renew the device certificate; authenticated by the current client certificate", "security": [{"mtls": []}],
     "requestBody": body(ref("RenewRequest")), "responses": {**ok("Renewed", ref("CertificateResponse")), **TLS_ERR, "400": COMMON["400"], "422": COMMON["422"]}}},
   "/v1/agent/sync": {"post": {"summary": "Store a batch of buffered agent records idempotently (one transaction, keyed by device, epoch, seq) and acknowledge it. Body JSON, gzip with Content-Encoding: gzip; limits ingest.max_batch_bytes (after decompression) and ingest.max_batch_records", "security": [{"mtls": []}],
+    "parameters": [{"name": "kip-trust-bundle-sha256", "in": "header", "required": False, "description": "sha256 of the agent's trust bundle; the ack carries the bundle when it differs", "schema": {"type": "string"}}],
     "requestBody": body(ref("SyncBatch")), "responses": {**ok("Stored (or already stored)", ref("SyncAck")), **TLS_ERR,
       "400": err("Not gzip, not JSON for this protocol version, or unsupported Content-Encoding (named in the message)"),
       "413": err("Body or decompressed batch larger than ingest.max_batch_bytes"),

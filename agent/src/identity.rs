@@ -16,8 +16,14 @@
 //! - The old key and certificate stay in use (and on disk) until the new pair has been
 //!   checked (key matches, same device) and stored; only then is the new rustls
 //!   `ClientConfig` published through the `watch` channel. Open connections keep the old one.
-//! - The trust bundle returned on renewal replaces the stored one: that is how agents pick
-//!   up a CA rollover.
+//! - The trust bundle returned on renewal replaces the stored one, and so does a bundle the
+//!   control plane sends in a sync ack ([`IdentityHint::TrustBundle`]): that is how agents
+//!   pick up a CA rollover on their next sync. A new bundle is written atomically (temp,
+//!   fsync, rename) before the rebuilt `ClientConfig` is published; requests in flight finish
+//!   on the connections (and configuration) they started with.
+//! - A renewal hint ([`IdentityHint::RenewSoon`], sent while the certificate comes from an
+//!   intermediate that no longer signs) brings the renewal forward to a random moment within
+//!   [`RenewalPolicy::hint_delay_max`], so a fleet does not renew at once after a rollover.
 
 use std::{
     path::{Path, PathBuf},
@@ -30,7 +36,7 @@ use std::{
 
 use kip_certs::{DeviceKey, PeerCert, TrustBundle, certs_from_pem, files, rustls};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -49,6 +55,49 @@ pub enum IdentityError {
     Refused { status: u16, message: String },
     #[error("control plane answered an unusable certificate: {0}")]
     BadAnswer(String),
+    #[error(
+        "the control plane at {url} does not accept the CA that issued this device certificate \
+         (its intermediate was retired after a CA rollover, or the certificate belongs to another \
+         deployment): enroll again with a new token (`kip-agent enroll`)"
+    )]
+    UnknownCa { url: String },
+}
+
+/// Whether `e` (anywhere in its source chain) is a TLS alert `unknown_ca` sent by the
+/// server: the control plane refused our client certificate's issuer.
+pub fn is_unknown_ca(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            // io::Error hides its inner error from `source()`.
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if matches!(
+            tls,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+            ))
+        ) {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn http_error(url: &str, source: reqwest::Error) -> IdentityError {
+    if is_unknown_ca(&source) {
+        IdentityError::UnknownCa {
+            url: url.to_owned(),
+        }
+    } else {
+        IdentityError::Http {
+            url: url.to_owned(),
+            source,
+        }
+    }
 }
 
 /// File names inside the identity directory.
@@ -140,6 +189,20 @@ impl Identity {
         seconds_until(self.cert.not_after, now)
     }
 
+    /// The trust bundle in use.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// The same key and certificate, trusting `bundle` instead.
+    pub fn with_bundle(&self, bundle: TrustBundle) -> Result<Self, IdentityError> {
+        Self::new(
+            DeviceKey::from_pem(&self.key.to_pem())?,
+            self.chain_pem.clone(),
+            bundle,
+        )
+    }
+
     /// The TLS 1.3 client configuration presenting this identity.
     pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, IdentityError> {
         let chain = certs_from_pem(&self.chain_pem, "device certificate chain")?;
@@ -170,10 +233,7 @@ async fn post_csr(
     url: &str,
     body: serde_json::Value,
 ) -> Result<CertificateAnswer, IdentityError> {
-    let http_err = |source| IdentityError::Http {
-        url: url.to_owned(),
-        source,
-    };
+    let http_err = |source| http_error(url, source);
     let resp = http.post(url).json(&body).send().await.map_err(http_err)?;
     let status = resp.status();
     let bytes = resp.bytes().await.map_err(http_err)?;
@@ -321,6 +381,9 @@ pub struct RenewalPolicy {
     pub deadline_margin: Duration,
     /// Timeout of one renewal request.
     pub request_timeout: Duration,
+    /// After a renewal hint from the control plane (CA rollover), renew after a random delay
+    /// of at most this much (never later than the normal renewal time).
+    pub hint_delay_max: Duration,
 }
 
 impl Default for RenewalPolicy {
@@ -332,6 +395,7 @@ impl Default for RenewalPolicy {
             retry_max: Duration::from_secs(300),
             deadline_margin: Duration::from_secs(120),
             request_timeout: Duration::from_secs(30),
+            hint_delay_max: Duration::from_secs(600),
         }
     }
 }
@@ -372,11 +436,50 @@ impl RenewalPolicy {
     }
 }
 
+/// What the sync loop passes on to the renewer from the control plane's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityHint {
+    /// A trust bundle (PEM) other than the one in use, with the fingerprint the control
+    /// plane announced for it (checked before use) and the fingerprint the agent reported in
+    /// the request (a hint answering an older bundle is stale and ignored).
+    TrustBundle {
+        pem: String,
+        sha256: Option<String>,
+        reported_sha256: String,
+    },
+    /// The certificate with this serial comes from an intermediate that no longer signs:
+    /// renew soon. Ignored when the agent has renewed since (another serial).
+    RenewSoon { serial: Option<String> },
+}
+
+/// The sync loop's side of the identity: the fingerprint of the bundle in use (reported to
+/// the control plane) and a way to pass [`IdentityHint`]s to the renewer.
+#[derive(Debug, Clone)]
+pub struct IdentityHints {
+    bundle_sha256: watch::Receiver<String>,
+    tx: mpsc::Sender<IdentityHint>,
+}
+
+impl IdentityHints {
+    /// sha256 of the trust bundle in use ([`TrustBundle::sha256_hex`]).
+    pub fn bundle_sha256(&self) -> String {
+        self.bundle_sha256.borrow().clone()
+    }
+
+    /// Passes a hint on without waiting. A hint that does not fit is dropped: the control
+    /// plane repeats it in every ack until it is acted on.
+    pub fn offer(&self, hint: IdentityHint) {
+        let _ = self.tx.try_send(hint);
+    }
+}
+
 /// The live credentials other agent modules use: the current TLS client configuration (new
 /// connections should take the latest) and the seconds left on the certificate (a metric).
 #[derive(Debug, Clone)]
 pub struct IdentityHandle {
     pub client_config: watch::Receiver<Arc<rustls::ClientConfig>>,
+    /// For the sync loop: bundle fingerprint and hints from the desired state.
+    pub hints: IdentityHints,
     not_after_unix: Arc<AtomicI64>,
 }
 
@@ -397,6 +500,8 @@ pub struct Renewer {
     policy: RenewalPolicy,
     tx: watch::Sender<Arc<rustls::ClientConfig>>,
     not_after_unix: Arc<AtomicI64>,
+    hints: mpsc::Receiver<IdentityHint>,
+    bundle_sha256: watch::Sender<String>,
     /// Plain client and admin URL for `/renew-expired`, used once the certificate expired.
     recovery: Option<(reqwest::Client, String)>,
 }
@@ -421,8 +526,15 @@ impl Renewer {
             identity.cert.not_after,
             SystemTime::UNIX_EPOCH,
         )));
+        let (bundle_sha256, bundle_rx) = watch::channel(identity.bundle.sha256_hex());
+        // Hints repeat with every ack; a few slots are plenty.
+        let (hint_tx, hints) = mpsc::channel(4);
         let handle = IdentityHandle {
             client_config: rx,
+            hints: IdentityHints {
+                bundle_sha256: bundle_rx,
+                tx: hint_tx,
+            },
             not_after_unix: not_after_unix.clone(),
         };
         Ok((
@@ -433,6 +545,8 @@ impl Renewer {
                 policy,
                 tx,
                 not_after_unix,
+                hints,
+                bundle_sha256,
                 recovery: None,
             },
             handle,
@@ -466,42 +580,133 @@ impl Renewer {
             seconds_to_expiry = new.seconds_to_expiry(SystemTime::now()),
             "device certificate renewed"
         );
+        self.bundle_sha256.send_replace(new.bundle.sha256_hex());
         self.identity = new;
         self.tx.send_replace(cfg);
         Ok(())
     }
 
-    /// Renews at the policy's time, retrying on failure, until `token` is cancelled.
+    /// The identity in use.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Switches to the trust bundle `pem` (CA rollover): checks it against `sha256` when
+    /// given, probes the agent listener with it (a TLS handshake must verify the listener's
+    /// certificate with the new bundle: a bundle that would lock the agent out is never
+    /// stored), stores it atomically, then publishes the rebuilt client configuration.
+    /// Returns false when it is the bundle already in use. On error nothing changes.
+    pub async fn apply_bundle(
+        &mut self,
+        pem: &str,
+        sha256: Option<&str>,
+    ) -> Result<bool, IdentityError> {
+        let bundle = TrustBundle::from_pem(pem)?;
+        let sha = bundle.sha256_hex();
+        if sha256.is_some_and(|want| !want.eq_ignore_ascii_case(&sha)) {
+            return Err(IdentityError::BadAnswer(format!(
+                "trust bundle has sha256 {sha}, the control plane announced {}",
+                sha256.unwrap_or_default()
+            )));
+        }
+        if bundle == self.identity.bundle {
+            return Ok(false);
+        }
+        let new = self.identity.with_bundle(bundle)?;
+        let cfg = new.client_config()?;
+        // Any HTTP answer proves the handshake, i.e. that the new bundle verifies the listener.
+        let url = format!(
+            "{}/v1/agent/whoami",
+            self.agent_api_url.trim_end_matches('/')
+        );
+        mtls_client(&new, self.policy.request_timeout)?
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| http_error(&url, e))?;
+        // Stored before it is used, as on renewal: a restart comes back with the new bundle.
+        files::write_public(&self.dir.join(BUNDLE_FILE), &new.bundle.to_pem())?;
+        tracing::info!(
+            old_bundle_sha256 = %self.identity.bundle.sha256_hex(), bundle_sha256 = %sha,
+            roots = new.bundle.certs().len(),
+            "trust bundle updated from the control plane (CA rollover)"
+        );
+        self.identity = new;
+        self.bundle_sha256.send_replace(sha);
+        self.tx.send_replace(cfg);
+        Ok(true)
+    }
+
+    /// When the next renewal is due by the policy (with fresh jitter).
+    fn scheduled(&self) -> SystemTime {
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        self.policy.renew_at(
+            self.identity.cert.not_before,
+            self.identity.cert.not_after,
+            jitter,
+        )
+    }
+
+    /// Renews at the policy's time, retrying on failure, and acts on hints from the sync
+    /// loop, until `token` is cancelled.
     pub async fn run(mut self, token: CancellationToken) {
         let mut attempt: u32 = 0;
+        let mut due = self.scheduled();
+        // Whether `due` was already brought forward by a renewal hint (hints repeat).
+        let mut hinted = false;
         loop {
-            let now = SystemTime::now();
-            let wait = if attempt == 0 {
-                let jitter = rand::random::<f64>() * 2.0 - 1.0;
-                let at = self.policy.renew_at(
-                    self.identity.cert.not_before,
-                    self.identity.cert.not_after,
-                    jitter,
-                );
-                at.duration_since(now).unwrap_or(Duration::ZERO)
-            } else {
-                self.policy
-                    .retry_delay(attempt, now, self.identity.cert.not_after)
-            };
+            let wait = due
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             tokio::select! {
                 () = token.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
+                Some(hint) = self.hints.recv() => {
+                    match hint {
+                        // Hints queue up; one answering an older bundle or certificate is
+                        // stale (a renewal already brought newer ones).
+                        IdentityHint::TrustBundle { reported_sha256, .. }
+                            if reported_sha256 != self.identity.bundle.sha256_hex() => {}
+                        IdentityHint::TrustBundle { pem, sha256, .. } => {
+                            if let Err(e) = self.apply_bundle(&pem, sha256.as_deref()).await {
+                                tracing::warn!(error = %e, "trust bundle from the control plane not applied; keeping the current one");
+                            }
+                        }
+                        IdentityHint::RenewSoon { serial: Some(serial) }
+                            if serial != self.identity.cert.serial_hex => {}
+                        IdentityHint::RenewSoon { .. } if !hinted && attempt == 0 => {
+                            hinted = true;
+                            let delay = self.policy.hint_delay_max.mul_f64(rand::random::<f64>());
+                            let at = SystemTime::now() + delay;
+                            if at < due {
+                                due = at;
+                                tracing::info!(delay_s = delay.as_secs(), "the control plane asks for an early renewal (CA rollover)");
+                            }
+                        }
+                        IdentityHint::RenewSoon { .. } => {}
+                    }
+                    continue;
+                }
             }
             match self.renew_now().await {
-                Ok(()) => attempt = 0,
+                Ok(()) => {
+                    attempt = 0;
+                    hinted = false;
+                    due = self.scheduled();
+                }
                 Err(e) => {
                     attempt = attempt.saturating_add(1);
-                    let left = self.identity.seconds_to_expiry(SystemTime::now());
+                    let now = SystemTime::now();
+                    let left = self.identity.seconds_to_expiry(now);
                     if left <= 0 {
                         tracing::error!(error = %e, attempt, "certificate EXPIRED and renewal failed; re-enrollment may be needed");
                     } else {
                         tracing::warn!(error = %e, attempt, seconds_to_expiry = left, "certificate renewal failed; retrying");
                     }
+                    due = now
+                        + self
+                            .policy
+                            .retry_delay(attempt, now, self.identity.cert.not_after);
                 }
             }
         }
@@ -510,9 +715,175 @@ impl Renewer {
 
 #[cfg(test)]
 mod tests {
+    use kip_certs::{DeviceIdentity, FleetCa, RootCa};
+
     use super::*;
 
     const H: Duration = Duration::from_secs(3600);
+
+    /// An identity signed by a fresh CA, stored in `dir`, and a second root for a rollover.
+    fn enrolled(dir: &Path) -> (Identity, TrustBundle) {
+        let now = SystemTime::now();
+        let ca = FleetCa::init(&dir.join("ca"), now).unwrap();
+        let key = DeviceKey::generate().unwrap();
+        let issued = ca
+            .current()
+            .sign_device_csr(
+                &key.csr_pem("gw").unwrap(),
+                DeviceIdentity {
+                    org_id: Uuid::new_v4(),
+                    device_id: Uuid::new_v4(),
+                },
+                now,
+                H,
+            )
+            .unwrap();
+        let id = Identity::new(key, issued.chain_pem, ca.bundle().clone()).unwrap();
+        id.store(&dir.join("identity")).unwrap();
+        let new_root = RootCa::generate("next root", now, 10 * H).unwrap();
+        let mut both = ca.bundle().clone();
+        both.merge(&TrustBundle::new(vec![new_root.cert_der().clone()]).unwrap());
+        (id, both)
+    }
+
+    /// A minimal agent listener: mTLS with the CA in `dir/ca`, answers every request with
+    /// 200 `{}`. Returns its URL.
+    async fn listener(dir: &Path, tracker: &tokio_util::task::TaskTracker) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let now = SystemTime::now();
+        let ca = FleetCa::load(&dir.join("ca")).unwrap();
+        let server = ca
+            .current()
+            .issue_server_cert(&["127.0.0.1".to_owned()], now, H)
+            .unwrap();
+        let cfg = kip_certs::server_config(
+            ca.bundle(),
+            server.chain,
+            server.key,
+            ca.crls(&[], now, H).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", tcp.local_addr().unwrap());
+        tracker.spawn(async move {
+            while let Ok((sock, _)) = tcp.accept().await {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    continue;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_new_bundle_is_probed_stored_then_published_and_a_bad_one_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, both) = enrolled(tmp.path());
+        let dir = tmp.path().join("identity");
+        let old_sha = id.bundle().sha256_hex();
+        let serial = id.cert().serial_hex.clone();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let url = listener(tmp.path(), &tracker).await;
+        let (mut renewer, mut handle) =
+            Renewer::new(id, dir.clone(), url, RenewalPolicy::default()).unwrap();
+        assert_eq!(handle.hints.bundle_sha256(), old_sha);
+        handle.client_config.mark_unchanged();
+        let stored_roots = || {
+            Identity::load(&dir)
+                .unwrap()
+                .unwrap()
+                .bundle()
+                .certs()
+                .len()
+        };
+
+        // A bundle whose fingerprint does not match the announced one is refused.
+        let err = renewer
+            .apply_bundle(&both.to_pem(), Some(&"0".repeat(64)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("announced"), "{err}");
+        assert!(renewer.apply_bundle("not pem", None).await.is_err());
+        // A bundle that does not verify the listener would lock the agent out: refused.
+        let foreign = RootCa::generate("foreign", SystemTime::now(), H).unwrap();
+        let foreign = TrustBundle::new(vec![foreign.cert_der().clone()]).unwrap();
+        let err = renewer
+            .apply_bundle(&foreign.to_pem(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IdentityError::Http { .. }), "{err:?}");
+        assert!(!handle.client_config.has_changed().unwrap());
+        assert_eq!(stored_roots(), 1);
+        assert_eq!(handle.hints.bundle_sha256(), old_sha);
+
+        // The overlap bundle: on disk first, then published; key and certificate unchanged.
+        assert!(
+            renewer
+                .apply_bundle(&both.to_pem(), Some(&both.sha256_hex()))
+                .await
+                .unwrap()
+        );
+        assert!(handle.client_config.has_changed().unwrap());
+        assert_eq!(handle.hints.bundle_sha256(), both.sha256_hex());
+        let stored = Identity::load(&dir).unwrap().unwrap();
+        assert_eq!(stored.bundle(), &both);
+        assert_eq!(stored.cert().serial_hex, serial);
+        assert!(
+            !dir.join("bundle.pem.tmp").exists(),
+            "no temporary file left"
+        );
+        // Applying it again is a no-op.
+        handle.client_config.mark_unchanged();
+        assert!(!renewer.apply_bundle(&both.to_pem(), None).await.unwrap());
+        assert!(!handle.client_config.has_changed().unwrap());
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn the_running_renewer_applies_a_fresh_bundle_hint_and_ignores_stale_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, both) = enrolled(tmp.path());
+        let dir = tmp.path().join("identity");
+        let tracker = tokio_util::task::TaskTracker::new();
+        let url = listener(tmp.path(), &tracker).await;
+        let (renewer, mut handle) =
+            Renewer::new(id, dir.clone(), url, RenewalPolicy::default()).unwrap();
+        handle.client_config.mark_unchanged();
+        let stop = CancellationToken::new();
+        let renewer_tracker = tokio_util::task::TaskTracker::new();
+        renewer_tracker.spawn(renewer.run(stop.clone()));
+        let reported_sha256 = handle.hints.bundle_sha256();
+        // Answers to requests made with another bundle are stale: ignored.
+        handle.hints.offer(IdentityHint::TrustBundle {
+            pem: "stale".into(),
+            sha256: None,
+            reported_sha256: "0".repeat(64),
+        });
+        handle.hints.offer(IdentityHint::TrustBundle {
+            pem: both.to_pem(),
+            sha256: Some(both.sha256_hex()),
+            reported_sha256,
+        });
+        tokio::time::timeout(Duration::from_secs(10), handle.client_config.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(handle.hints.bundle_sha256(), both.sha256_hex());
+        assert_eq!(Identity::load(&dir).unwrap().unwrap().bundle(), &both);
+        stop.cancel();
+        renewer_tracker.close();
+        renewer_tracker.wait().await;
+        tracker.close();
+    }
 
     #[test]
     fn renewal_starts_at_two_thirds_of_the_lifetime_within_the_jitter() {

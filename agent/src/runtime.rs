@@ -37,7 +37,7 @@ use axum::{
     routing::get,
 };
 use kip_shared::{Record, Sequenced};
-use prometheus_client::registry::Registry;
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -98,6 +98,9 @@ struct Surface {
     inference: Option<Arc<Inference>>,
     /// The sync loop's state; `None` when sync is not configured or the agent not enrolled.
     sync: Option<Arc<SyncStatus>>,
+    /// The identity and its `kip_agent_certificate_expiry_seconds` gauge, set at each scrape;
+    /// `None` when the agent is not enrolled (no gauge, rather than a misleading 0).
+    cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
 }
 
 /// One source's state in [`StatusReport`].
@@ -189,6 +192,9 @@ async fn metrics_handler(State(s): State<Arc<Surface>>) -> Response {
     // Refreshes the time-dependent gauges (oldest unacked age) before encoding.
     if let Err(e) = s.buffer.stats() {
         tracing::warn!(error = %e, "buffer stats failed");
+    }
+    if let Some((id, gauge)) = &s.cert_expiry {
+        gauge.set(id.seconds_to_expiry(std::time::SystemTime::now()));
     }
     (
         [(
@@ -369,6 +375,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     };
     let mut syncer = None;
     let mut renewer = None;
+    let mut cert_expiry = None;
     if let (Some(id), Some(first)) = (identity, cfg.sync.endpoints.first()) {
         let (r, handle) = Renewer::new(
             id,
@@ -377,15 +384,23 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             RenewalPolicy::default(),
         )?;
         renewer = Some(r);
+        let gauge = Gauge::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the device certificate expires (negative once expired); renewal starts at 2/3 of its lifetime",
+            gauge.clone(),
+        );
         syncer = Some(
             Syncer::new(
                 buffer.clone(),
                 cfg.sync.clone(),
-                handle.client_config,
+                handle.client_config.clone(),
                 &mut registry,
             )?
-            .with_inference(inference.as_ref().map(|(i, _)| i.clone())),
+            .with_inference(inference.as_ref().map(|(i, _)| i.clone()))
+            .with_identity_hints(handle.hints.clone()),
         );
+        cert_expiry = Some((handle, gauge));
     }
     let sync_status = syncer.as_ref().map(Syncer::status);
 
@@ -462,6 +477,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         writer_alive: AtomicBool::new(true),
         inference: inference.as_ref().map(|(i, _)| i.clone()),
         sync: sync_status,
+        cert_expiry,
     });
 
     // Inference runs beside the writer and ends when the writer drops the feed.
@@ -593,6 +609,7 @@ mod tests {
             writer_alive: AtomicBool::new(true),
             inference: None,
             sync: None,
+            cert_expiry: None,
         })
     }
 

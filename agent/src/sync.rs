@@ -15,7 +15,10 @@
 //!   completed flush may be lost by a power cut or `kill -9` of the agent. Sync itself adds no
 //!   window: an acked record was committed by PostgreSQL first.
 //! - Identity: the client is rebuilt when the identity's `watch` channel publishes a renewed
-//!   certificate, between batches, so renewal never interrupts sync.
+//!   certificate or a new trust bundle, between batches, so neither interrupts sync.
+//! - CA rollover: every batch reports the fingerprint of the trust bundle in use
+//!   (`kip-trust-bundle-sha256`); a bundle or a renewal hint in the ack's desired state is
+//!   passed to the renewer ([`crate::identity::IdentityHints`]), which stores and publishes.
 //! - Backlog drain: after a full batch the next one is sent at once; the loop sleeps
 //!   `interval_ms` only when caught up. Sled reads, gzip and acks run on the blocking pool, so
 //!   the buffer writer keeps ingesting while a backlog drains.
@@ -266,6 +269,8 @@ pub struct Syncer {
     /// sha256 of a desired model that failed to download or load: not retried until the
     /// desired state names another one (the last good model keeps serving meanwhile).
     model_refused: Option<String>,
+    /// Bundle fingerprint and hint channel of the identity; `None`: no CA rollover via sync.
+    identity_hints: Option<crate::identity::IdentityHints>,
 }
 
 fn build_client(
@@ -313,7 +318,15 @@ impl Syncer {
             next_seq,
             inference: None,
             model_refused: None,
+            identity_hints: None,
         })
+    }
+
+    /// Reports the trust bundle in use and passes CA-rollover hints from the desired state
+    /// (new bundle, early renewal) to the renewer.
+    pub fn with_identity_hints(mut self, hints: crate::identity::IdentityHints) -> Self {
+        self.identity_hints = Some(hints);
+        self
     }
 
     /// Lets the desired state roll models out to `inference`.
@@ -418,7 +431,7 @@ impl Syncer {
         if self.tls.has_changed().unwrap_or(false) {
             let cfg = self.tls.borrow_and_update().clone();
             self.client = build_client(&cfg, self.cfg.request_timeout)?;
-            tracing::info!("sync client rebuilt with the renewed certificate");
+            tracing::info!("sync client rebuilt with the renewed certificate or trust bundle");
         }
         if self.split.is_some_and(|(_, until)| self.next_seq > until) {
             self.split = None;
@@ -446,7 +459,8 @@ impl Syncer {
         let (first_seq, last_seq, n) = (first.seq, last.seq, records.len());
         let full = n >= limit;
         let started = Instant::now();
-        let outcome = self.send(body).await;
+        let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
+        let outcome = self.send(body, reported_bundle.as_deref()).await;
         match outcome {
             Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
                 let buffer = self.buffer.clone();
@@ -475,6 +489,20 @@ impl Syncer {
                 self.status.set_error(None);
                 tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
                     duplicates = ack.duplicates, "batch acknowledged");
+                if let (Some(h), Some(reported)) = (&self.identity_hints, reported_bundle) {
+                    if let Some(pem) = ack.desired.trust_bundle_pem.clone() {
+                        h.offer(crate::identity::IdentityHint::TrustBundle {
+                            pem,
+                            sha256: ack.desired.trust_bundle_sha256.clone(),
+                            reported_sha256: reported,
+                        });
+                    }
+                    if ack.desired.renew_certificate {
+                        h.offer(crate::identity::IdentityHint::RenewSoon {
+                            serial: ack.desired.renew_serial.clone(),
+                        });
+                    }
+                }
                 if let Some(m) = ack.desired.model.clone() {
                     self.apply_desired_model(m).await;
                 }
@@ -654,23 +682,31 @@ impl Syncer {
         }
     }
 
-    async fn send(&self, body: Vec<u8>) -> Outcome {
+    async fn send(&self, body: Vec<u8>, bundle_sha256: Option<&str>) -> Outcome {
         let Some(base) = self.cfg.endpoints.get(self.endpoint) else {
             return Outcome::Failed {
                 reason: "config",
                 message: "no endpoint".into(),
             };
         };
-        let resp = self
+        let mut req = self
             .client
             .post(format!("{base}/v1/agent/sync"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::CONTENT_ENCODING, "gzip")
-            .body(body)
-            .send()
-            .await;
+            .header(reqwest::header::CONTENT_ENCODING, "gzip");
+        if let Some(sha) = bundle_sha256 {
+            req = req.header(kip_shared::sync::TRUST_BUNDLE_HEADER, sha);
+        }
+        let resp = req.body(body).send().await;
         let resp = match resp {
             Ok(r) => r,
+            Err(e) if crate::identity::is_unknown_ca(&e) => {
+                return Outcome::Failed {
+                    reason: "unknown_ca",
+                    message: crate::identity::IdentityError::UnknownCa { url: base.clone() }
+                        .to_string(),
+                };
+            }
             Err(e) => {
                 let reason = if e.is_timeout() {
                     "timeout"

@@ -10,6 +10,16 @@
 //!   until they expire or renew.
 //! - `bundle.crt` (optional): trust bundle given to agents; defaults to `root.crt`. During a
 //!   root rollover it holds the old and the new root.
+//! - `root-previous.crt`, `root-previous.key` (optional): the root before `ca rotate-root`,
+//!   until `ca finish-rotation` moves it (and `intermediate-previous.*`) to `retired/`.
+//!
+//! Rollover (intermediate or root) is two-phase: *rotate* adds the new CA material and keeps
+//! the old one (overlap: both verify, the new one signs), *finish* retires the old one. A
+//! second rotation before the first is finished is refused, because overwriting
+//! `intermediate-previous` would strand certificates that still chain to it.
+//! Files are written so that every intermediate state a concurrent reader (the control plane
+//! polls this directory) can see is either consistent or refused by [`FleetCa::load`] (a key
+//! that does not match its certificate is an error, never a silently wrong signer).
 //!
 //! Invariants: every key is ECDSA P-256; a certificate never outlives its issuer (the leaf
 //! lifetime is clamped to the intermediate's `not_after`); serial numbers are 128 random bits
@@ -17,6 +27,7 @@
 
 use std::{
     fmt,
+    os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -84,6 +95,22 @@ fn not_after_of(der: &[u8]) -> Result<SystemTime, CertError> {
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
+fn subject_raw(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(c.subject().as_raw().to_vec())
+}
+
+fn issuer_raw(der: &[u8]) -> Option<Vec<u8>> {
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(c.issuer().as_raw().to_vec())
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    to_hex(&sha2::Sha256::digest(bytes))
+}
+
 fn ca_params(
     common_name: &str,
     now: SystemTime,
@@ -122,6 +149,15 @@ impl CaCert {
             .next()
             .ok_or_else(|| CertError::BadCert("empty CA certificate file".into()))?;
         let key = KeyPair::from_pem(key_pem)?;
+        // A rotation writes key and certificate one after the other; a reader in between
+        // must not sign with a key that does not belong to the certificate.
+        let (_, x) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+            .map_err(|e| CertError::BadCert(format!("not an X.509 certificate: {e}")))?;
+        if x.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertError::BadCert(
+                "the CA key does not match the CA certificate (rotation in progress?)".into(),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
         let not_after = not_after_of(&cert_der)?;
         Ok(Self {
@@ -186,6 +222,10 @@ impl RootCa {
     /// The private key as PKCS#8 PEM. Secret: write it only with [`crate::files::write_private`].
     pub fn key_pem(&self) -> String {
         self.0.key_pem()
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.0.not_after
     }
 
     /// Issues an intermediate CA (path length 0: it may sign only end-entity certificates).
@@ -282,6 +322,22 @@ impl Intermediate {
 
     pub fn not_after(&self) -> SystemTime {
         self.0.not_after
+    }
+
+    /// Lowercase hex sha256 of the certificate (DER): names this intermediate in the
+    /// `certificates` table and in logs.
+    pub fn fingerprint(&self) -> String {
+        sha256_hex(&self.0.cert_der)
+    }
+
+    /// Whether `leaf_der` names this intermediate as its issuer (by subject; intermediate
+    /// subjects are unique, see `intermediate_name`). Not a signature check: use it only on
+    /// certificates the TLS verifier accepted.
+    pub fn is_issuer_of(&self, leaf_der: &[u8]) -> bool {
+        match (issuer_raw(leaf_der), subject_raw(&self.0.cert_der)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        }
     }
 
     fn leaf_params(
@@ -427,7 +483,11 @@ pub struct CaPaths {
     pub intermediate_key: PathBuf,
     pub previous_cert: PathBuf,
     pub previous_key: PathBuf,
+    pub root_previous_cert: PathBuf,
+    pub root_previous_key: PathBuf,
     pub bundle: PathBuf,
+    /// Where `finish-rotation` moves retired CA files.
+    pub retired_dir: PathBuf,
 }
 
 impl CaPaths {
@@ -439,8 +499,53 @@ impl CaPaths {
             intermediate_key: dir.join("intermediate.key"),
             previous_cert: dir.join("intermediate-previous.crt"),
             previous_key: dir.join("intermediate-previous.key"),
+            root_previous_cert: dir.join("root-previous.crt"),
+            root_previous_key: dir.join("root-previous.key"),
             bundle: dir.join("bundle.crt"),
+            retired_dir: dir.join("retired"),
         }
+    }
+
+    /// The CA files a running control plane reads (not the root key, not `retired/`).
+    fn loaded_files(&self) -> [&Path; 6] {
+        [
+            &self.root_cert,
+            &self.intermediate_cert,
+            &self.intermediate_key,
+            &self.previous_cert,
+            &self.previous_key,
+            &self.bundle,
+        ]
+    }
+
+    /// sha256 over the names, presence and contents of the files [`FleetCa::load`] reads:
+    /// changes whenever a rotation (or an operator) changes what the CA would load.
+    pub fn content_sha256(&self) -> Result<[u8; 32], CertError> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for f in self.loaded_files() {
+            h.update(f.as_os_str().as_encoded_bytes());
+            match std::fs::read(f) {
+                Ok(bytes) => {
+                    h.update([1]);
+                    h.update((bytes.len() as u64).to_le_bytes());
+                    h.update(&bytes);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => h.update([0]),
+                Err(source) => {
+                    return Err(CertError::Io {
+                        path: f.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// Whether a rotation is in progress (an `intermediate-previous` is kept).
+    pub fn rotation_in_progress(&self) -> bool {
+        self.previous_cert.exists() || self.root_previous_cert.exists()
     }
 }
 
@@ -514,11 +619,15 @@ impl FleetCa {
     }
 
     /// Issues a new intermediate with the root key from `dir`; the current one becomes
-    /// `intermediate-previous` (its certificates stay valid and revocable until they expire).
+    /// `intermediate-previous` (its certificates stay valid and revocable until they expire,
+    /// or until [`FleetCa::finish_rotation`]). Refused while another rotation is unfinished.
     pub fn rotate_intermediate(dir: &Path, now: SystemTime) -> Result<Self, CertError> {
         let p = CaPaths::new(dir);
         if !p.root_key.exists() {
             return Err(CertError::NoRootKey(p.root_key));
+        }
+        if p.rotation_in_progress() {
+            return Err(CertError::RotationInProgress(p.previous_cert));
         }
         let root = RootCa::from_pem(&read(&p.root_cert)?, &read(&p.root_key)?)?;
         let new = root.issue_intermediate(&intermediate_name(now), now, INTERMEDIATE_LIFETIME)?;
@@ -531,9 +640,135 @@ impl FleetCa {
         Self::load(dir)
     }
 
+    /// Creates a new root and a new intermediate under it (root key from `dir`, needed to
+    /// make the old root's material `root-previous`). The trust bundle then holds the old and
+    /// the new root; the old intermediate becomes `intermediate-previous` and keeps signing
+    /// the agent listener's certificate (see [`FleetCa::server_issuer`]) until
+    /// [`FleetCa::finish_rotation`], so agents that still trust only the old root can connect
+    /// and receive the new bundle. Refused while another rotation is unfinished.
+    pub fn rotate_root(dir: &Path, now: SystemTime) -> Result<Self, CertError> {
+        let p = CaPaths::new(dir);
+        if !p.root_key.exists() {
+            return Err(CertError::NoRootKey(p.root_key));
+        }
+        if p.rotation_in_progress() {
+            return Err(CertError::RotationInProgress(p.previous_cert));
+        }
+        let old_root_cert = read(&p.root_cert)?;
+        let old_root_key = read(&p.root_key)?;
+        // Checks that the old root's key matches before anything is written.
+        RootCa::from_pem(&old_root_cert, &old_root_key)?;
+        let mut bundle = if p.bundle.exists() {
+            TrustBundle::from_pem(&read(&p.bundle)?)?
+        } else {
+            TrustBundle::from_pem(&old_root_cert)?
+        };
+        let root = RootCa::generate(
+            &format!(
+                "kip fleet root CA {} {:04x}",
+                unix_secs(now),
+                rand::random::<u16>()
+            ),
+            now,
+            ROOT_LIFETIME,
+        )?;
+        let inter = root.issue_intermediate(&intermediate_name(now), now, INTERMEDIATE_LIFETIME)?;
+        bundle.merge(&TrustBundle::new(vec![root.cert_der().clone()])?);
+        // Order: first trust more (the bundle), then keep the old material, then switch the
+        // signer, and the root last. A reader sees either a consistent CA or a key/certificate
+        // mismatch, which `load` refuses.
+        write_public(&p.bundle, &bundle.to_pem())?;
+        write_private(&p.root_previous_key, &old_root_key)?;
+        write_public(&p.root_previous_cert, &old_root_cert)?;
+        write_private(&p.previous_key, &read(&p.intermediate_key)?)?;
+        write_public(&p.previous_cert, &read(&p.intermediate_cert)?)?;
+        write_private(&p.intermediate_key, &inter.key_pem())?;
+        write_public(&p.intermediate_cert, &inter.cert_pem())?;
+        write_private(&p.root_key, &root.key_pem())?;
+        write_public(&p.root_cert, &root.cert_pem())?;
+        Self::load(dir)
+    }
+
+    /// Ends a rotation: moves `intermediate-previous.*` and `root-previous.*` to
+    /// `retired/{unix time}-{name}` and makes the bundle the current root only. From then on
+    /// certificates of the old intermediate are refused (no CRL, unknown CA). Returns the
+    /// moved files (empty when no rotation was in progress).
+    pub fn finish_rotation(dir: &Path, now: SystemTime) -> Result<Vec<PathBuf>, CertError> {
+        let p = CaPaths::new(dir);
+        let mut moved = Vec::new();
+        let stamp = unix_secs(now);
+        for f in [
+            &p.previous_cert,
+            &p.previous_key,
+            &p.root_previous_cert,
+            &p.root_previous_key,
+        ] {
+            if !f.exists() {
+                continue;
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p.retired_dir)
+                .map_err(|source| CertError::Io {
+                    path: p.retired_dir.clone(),
+                    source,
+                })?;
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let to = p.retired_dir.join(format!("{stamp}-{name}"));
+            std::fs::rename(f, &to).map_err(|source| CertError::Io {
+                path: f.clone(),
+                source,
+            })?;
+            moved.push(to);
+        }
+        if p.bundle.exists() {
+            let root = read(&p.root_cert)?;
+            if TrustBundle::from_pem(&read(&p.bundle)?)? != TrustBundle::from_pem(&root)? {
+                write_public(&p.bundle, &root)?;
+                moved.push(p.bundle.clone());
+            }
+        }
+        Ok(moved)
+    }
+
     /// The intermediate that signs new certificates.
     pub fn current(&self) -> &Intermediate {
         &self.current
+    }
+
+    /// The intermediate kept from the last rotation, if it is not finished.
+    pub fn previous(&self) -> Option<&Intermediate> {
+        self.previous.as_ref()
+    }
+
+    /// The intermediate that signs the agent listener's own certificate: the current one,
+    /// except during a root rollover, when it is the previous one (under the old root) so
+    /// that agents which have not yet received the new bundle can still verify the listener.
+    /// An expired previous intermediate is never used.
+    pub fn server_issuer(&self, now: SystemTime) -> &Intermediate {
+        match &self.previous {
+            Some(prev)
+                if prev.not_after() > now
+                    && issuer_raw(prev.cert_der()) != issuer_raw(self.current.cert_der()) =>
+            {
+                prev
+            }
+            _ => &self.current,
+        }
+    }
+
+    /// Expiry of the root that issued the current intermediate (from the bundle), if known.
+    pub fn root_not_after(&self) -> Option<SystemTime> {
+        let want = issuer_raw(self.current.cert_der())?;
+        self.bundle
+            .certs()
+            .iter()
+            .find(|c| subject_raw(c).as_ref() == Some(&want))
+            .and_then(|c| not_after_of(c).ok())
     }
 
     pub fn bundle(&self) -> &TrustBundle {
@@ -747,6 +982,107 @@ mod tests {
         assert_eq!(rotated.bundle(), first.bundle(), "root unchanged");
         let crls = rotated.crls(&[], now, DAY).unwrap();
         assert_eq!(crls.len(), 2);
+    }
+
+    #[test]
+    fn a_second_rotation_is_refused_until_the_first_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        FleetCa::init(dir.path(), now).unwrap();
+        FleetCa::rotate_intermediate(dir.path(), now).unwrap();
+        assert!(matches!(
+            FleetCa::rotate_intermediate(dir.path(), now),
+            Err(CertError::RotationInProgress(_))
+        ));
+        assert!(matches!(
+            FleetCa::rotate_root(dir.path(), now),
+            Err(CertError::RotationInProgress(_))
+        ));
+        let moved = FleetCa::finish_rotation(dir.path(), now).unwrap();
+        assert_eq!(moved.len(), 2, "{moved:?}");
+        let ca = FleetCa::load(dir.path()).unwrap();
+        assert!(ca.previous().is_none());
+        assert_eq!(ca.crls(&[], now, DAY).unwrap().len(), 1);
+        FleetCa::rotate_intermediate(dir.path(), now).unwrap();
+    }
+
+    #[test]
+    fn root_rotation_overlaps_both_roots_then_keeps_only_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let first = FleetCa::init(dir.path(), now).unwrap();
+        let old_root = first.bundle().certs()[0].clone();
+        let rotated = FleetCa::rotate_root(dir.path(), now).unwrap();
+        assert_eq!(rotated.bundle().certs().len(), 2);
+        assert_eq!(
+            rotated.bundle().certs()[0],
+            old_root,
+            "old root first, then the new"
+        );
+        assert_eq!(
+            rotated.previous().unwrap().cert_der(),
+            first.current().cert_der()
+        );
+        // The listener keeps presenting a chain to the old root during the overlap.
+        assert_eq!(
+            rotated.server_issuer(now).cert_der(),
+            first.current().cert_der()
+        );
+        let new_root = &rotated.bundle().certs()[1];
+        let root_not_after = rotated.root_not_after().unwrap();
+        assert_eq!(root_not_after, not_after_of(new_root).unwrap());
+
+        FleetCa::finish_rotation(dir.path(), now).unwrap();
+        let done = FleetCa::load(dir.path()).unwrap();
+        assert_eq!(done.bundle().certs(), std::slice::from_ref(new_root));
+        assert!(done.previous().is_none());
+        assert_eq!(
+            done.server_issuer(now).cert_der(),
+            rotated.current().cert_der()
+        );
+        assert!(
+            CaPaths::new(dir.path())
+                .retired_dir
+                .read_dir()
+                .unwrap()
+                .count()
+                >= 4
+        );
+    }
+
+    #[test]
+    fn intermediate_rotation_serves_from_the_new_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        FleetCa::init(dir.path(), now).unwrap();
+        let ca = FleetCa::rotate_intermediate(dir.path(), now).unwrap();
+        assert_eq!(ca.server_issuer(now).cert_der(), ca.current().cert_der());
+        let key = DeviceKey::generate().unwrap();
+        let issued = ca
+            .current()
+            .sign_device_csr(&key.csr_pem("gw").unwrap(), id(), now, DAY)
+            .unwrap();
+        let leaf = &certs_from_pem(&issued.cert_pem, "leaf").unwrap()[0];
+        assert!(ca.current().is_issuer_of(leaf));
+        assert!(!ca.previous().unwrap().is_issuer_of(leaf));
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_its_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        FleetCa::init(dir.path(), now).unwrap();
+        let p = CaPaths::new(dir.path());
+        let before = p.content_sha256().unwrap();
+        // What a reader sees between the two writes of a rotation.
+        write_private(
+            &p.intermediate_key,
+            &DeviceKey::generate().unwrap().to_pem(),
+        )
+        .unwrap();
+        assert_ne!(p.content_sha256().unwrap(), before);
+        let err = FleetCa::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub enum CertError {
     /// The operation needs the root key, which is kept offline.
     #[error("the root CA key is not available (kept offline?): {0}")]
     NoRootKey(PathBuf),
+    /// A rotation was started and not finished (`kipctl ca finish-rotation`).
+    #[error(
+        "a CA rotation is still in progress ({0} exists): run `kipctl ca finish-rotation` once every agent has renewed"
+    )]
+    RotationInProgress(PathBuf),
     /// A requested lifetime or time window is not possible.
     #[error("invalid validity: {0}")]
     Validity(String),

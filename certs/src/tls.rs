@@ -48,6 +48,17 @@ impl TrustBundle {
         &self.certs
     }
 
+    /// Lowercase hex sha256 over the DER certificates in bundle order: what an agent reports
+    /// and the control plane compares to decide whether to send its bundle.
+    pub fn sha256_hex(&self) -> String {
+        let all: Vec<u8> = self
+            .certs
+            .iter()
+            .flat_map(|c| c.as_ref().to_vec())
+            .collect();
+        crate::ca::sha256_hex(&all)
+    }
+
     /// Adds `other`'s certificates that are not already present (rollover overlap).
     pub fn merge(&mut self, other: &TrustBundle) {
         for c in &other.certs {

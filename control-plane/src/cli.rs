@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::{
     api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation},
-    pki_api::{EnrollToken, Revocation},
+    pki_api::{CaStatus, EnrollToken, Revocation},
 };
 
 #[derive(Parser, Debug)]
@@ -58,7 +58,8 @@ pub enum Command {
     /// AI models of an organisation.
     #[command(subcommand)]
     Model(ModelCmd),
-    /// The fleet CA (local files; no server or API key involved).
+    /// The fleet CA: init and rotations work on local files; status, reload and the safety
+    /// check of finish-rotation ask the server (platform-admin key).
     #[command(subcommand)]
     Ca(CaCmd),
 }
@@ -70,11 +71,44 @@ pub enum CaCmd {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Issue a new intermediate (needs DIR/root.key); the old one stays for its CRLs.
+    /// Issue a new intermediate (needs DIR/root.key); the old one stays trusted until
+    /// `finish-rotation`. Running control planes load it within pki.ca_reload_interval_s.
     RotateIntermediate {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Create a new root and an intermediate under it (needs DIR/root.key). The trust bundle
+    /// holds the old and the new root until `finish-rotation`; agents receive it on their
+    /// next sync.
+    RotateRoot {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// End a rotation: retire the previous intermediate (and root) into DIR/retired/. Refused
+    /// while the server still counts active certificates of the previous intermediate,
+    /// unless --force (then it needs no server).
+    FinishRotation {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Skip the server check: agents still on the previous intermediate are cut off.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The CA the server uses and its active certificates per intermediate.
+    Status,
+    /// Make the server load changed CA files now (as SIGHUP; it also polls by itself).
+    Reload,
+}
+
+impl CaCmd {
+    /// Commands that touch only local files.
+    fn is_local(&self) -> bool {
+        match self {
+            Self::Init { .. } | Self::RotateIntermediate { .. } | Self::RotateRoot { .. } => true,
+            Self::FinishRotation { force, .. } => *force,
+            Self::Status | Self::Reload => false,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,6 +312,8 @@ pub enum CliError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Ca(#[from] kip_certs::CertError),
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 struct Client {
@@ -401,7 +437,9 @@ fn read_key(cli: &Cli) -> Result<String, CliError> {
 
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
-    if let Command::Ca(cmd) = &cli.cmd {
+    if let Command::Ca(cmd) = &cli.cmd
+        && cmd.is_local()
+    {
         return ca_cmd(cmd, out);
     }
     let key = read_key(&cli)?;
@@ -481,7 +519,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Ca(cmd) => ca_cmd(cmd, out),
+        Command::Ca(cmd) => ca_server_cmd(&client, cmd, json, out).await,
         Command::Device(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let base = format!("/v1/organisations/{org}/devices");
@@ -668,6 +706,88 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
+fn ca_status_rows(s: &CaStatus) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "intermediate".to_owned(),
+        s.intermediate.fingerprint.chars().take(16).collect(),
+        s.intermediate.not_after.to_rfc3339(),
+        s.devices_by_issuer.current.to_string(),
+    ]];
+    if let Some(p) = &s.previous_intermediate {
+        rows.push(vec![
+            "previous".to_owned(),
+            p.fingerprint.chars().take(16).collect(),
+            p.not_after.to_rfc3339(),
+            s.devices_by_issuer.previous.to_string(),
+        ]);
+    }
+    rows.push(vec![
+        format!("root ({} in bundle)", s.bundle_roots),
+        s.bundle_sha256.chars().take(16).collect(),
+        s.root_not_after.map(|t| t.to_rfc3339()).unwrap_or_default(),
+        format!("{} other", s.devices_by_issuer.other),
+    ]);
+    rows
+}
+
+const CA_HEADERS: &[&str] = &["CA", "FINGERPRINT", "NOT AFTER", "DEVICES"];
+
+/// CA commands that ask the server.
+async fn ca_server_cmd(
+    client: &Client,
+    cmd: &CaCmd,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        CaCmd::Status => {
+            let s: CaStatus = client.get("/v1/pki/ca").await?;
+            emit(out, json, &s, CA_HEADERS, ca_status_rows)
+        }
+        CaCmd::Reload => {
+            let s: CaStatus = client
+                .post("/v1/pki/ca/reload", serde_json::json!({}))
+                .await?;
+            if !json {
+                writeln!(
+                    out,
+                    "{}",
+                    if s.reloaded == Some(true) {
+                        "CA files changed: loaded"
+                    } else {
+                        "CA files unchanged"
+                    }
+                )?;
+            }
+            emit(out, json, &s, CA_HEADERS, ca_status_rows)
+        }
+        CaCmd::FinishRotation { .. } => {
+            let s: CaStatus = client.get("/v1/pki/ca").await?;
+            if s.devices_by_issuer.previous > 0 {
+                return Err(CliError::Refused(format!(
+                    "{} devices still use a certificate of the previous intermediate; \
+                     wait until those agents renew (they are asked to on their next sync) or \
+                     pass --force to cut them off",
+                    s.devices_by_issuer.previous
+                )));
+            }
+            ca_cmd(cmd, out)?;
+            // Best effort: the server polls the files anyway.
+            if let Err(e) = client
+                .post::<CaStatus>("/v1/pki/ca/reload", serde_json::json!({}))
+                .await
+            {
+                writeln!(
+                    out,
+                    "# the server will load the change at its next check ({e})"
+                )?;
+            }
+            Ok(())
+        }
+        _ => ca_cmd(cmd, out),
+    }
+}
+
 /// Local CA commands: they touch only files in `--dir`.
 fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     let now = std::time::SystemTime::now();
@@ -676,7 +796,32 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
         CaCmd::RotateIntermediate { dir } => {
             (dir, kip_certs::FleetCa::rotate_intermediate(dir, now)?)
         }
+        CaCmd::RotateRoot { dir } => (dir, kip_certs::FleetCa::rotate_root(dir, now)?),
+        CaCmd::FinishRotation { dir, .. } => {
+            let moved = kip_certs::FleetCa::finish_rotation(dir, now)?;
+            if moved.is_empty() {
+                writeln!(out, "no rotation in progress in {}", dir.display())?;
+            }
+            for m in &moved {
+                writeln!(out, "retired: {}", m.display())?;
+            }
+            (dir, kip_certs::FleetCa::load(dir)?)
+        }
+        CaCmd::Status | CaCmd::Reload => {
+            return Err(CliError::Refused("this command needs the server".into()));
+        }
     };
+    if matches!(
+        cmd,
+        CaCmd::RotateIntermediate { .. } | CaCmd::RotateRoot { .. }
+    ) {
+        writeln!(
+            out,
+            "# running control planes load the new CA within pki.ca_reload_interval_s (or now: \
+             `kipctl ca reload`, or SIGHUP); agents get a renewal hint and the new bundle on \
+             their next sync. Watch `kipctl ca status`, then run `kipctl ca finish-rotation`."
+        )?;
+    }
     let not_after: chrono::DateTime<chrono::Utc> = ca.current().not_after().into();
     writeln!(
         out,
@@ -687,7 +832,7 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     writeln!(
         out,
         "# set [pki] ca_dir = {:?} in the control-plane config; root.key is only needed \
-         for `kipctl ca rotate-intermediate` and can be kept offline",
+         for `kipctl ca rotate-intermediate` and `rotate-root` and can be kept offline",
         dir.display().to_string()
     )?;
     Ok(())
@@ -899,6 +1044,65 @@ mod tests {
                 .unwrap();
         let err = run(again, &mut Vec::new()).await.unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ca_rotations_are_two_phase_and_local_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let d = ca_dir.to_str().unwrap();
+        let kipctl = |args: &[&str]| {
+            let mut all = vec!["kipctl", "ca"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap()
+        };
+        run(kipctl(&["init", "--dir", d]), &mut Vec::new())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        run(kipctl(&["rotate-root", "--dir", d]), &mut out)
+            .await
+            .unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("finish-rotation"));
+        let err = run(
+            kipctl(&["rotate-intermediate", "--dir", d]),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("still in progress"), "{err}");
+        // Without --force the safety check needs a server (none here): refused, nothing moved.
+        let no_server = Cli::try_parse_from([
+            "kipctl",
+            "--server",
+            "http://127.0.0.1:1",
+            "--api-key",
+            "kip_x_y",
+            "ca",
+            "finish-rotation",
+            "--dir",
+            d,
+        ])
+        .unwrap();
+        assert!(run(no_server, &mut Vec::new()).await.is_err());
+        assert!(ca_dir.join("intermediate-previous.crt").exists());
+        let mut out = Vec::new();
+        run(
+            kipctl(&["finish-rotation", "--dir", d, "--force"]),
+            &mut out,
+        )
+        .await
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("retired:"), "{out}");
+        assert!(!ca_dir.join("intermediate-previous.crt").exists());
+        run(
+            kipctl(&["rotate-intermediate", "--dir", d]),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
     }
 
     #[test]

@@ -129,6 +129,10 @@ pub struct RawPki {
     /// offline for longer than the certificate lifetime.
     #[serde(default = "default_expired_renewal_grace_s")]
     pub expired_renewal_grace_s: u64,
+    /// How often the CA files in `ca_dir` are checked for changes (content hash). A change
+    /// (e.g. `kipctl ca rotate-intermediate`) is loaded without restart; SIGHUP checks at once.
+    #[serde(default = "default_ca_reload_interval_s")]
+    pub ca_reload_interval_s: u64,
 }
 
 /// `[ingest]`: limits on agent sync batches (`POST /v1/agent/sync` on the agent listener).
@@ -207,6 +211,9 @@ fn default_crl_refresh_interval_s() -> u64 {
 fn default_expired_renewal_grace_s() -> u64 {
     30 * 86_400
 }
+fn default_ca_reload_interval_s() -> u64 {
+    10
+}
 
 impl Default for RawPki {
     fn default() -> Self {
@@ -218,6 +225,7 @@ impl Default for RawPki {
             server_cert_lifetime_s: default_server_cert_lifetime_s(),
             crl_refresh_interval_s: default_crl_refresh_interval_s(),
             expired_renewal_grace_s: default_expired_renewal_grace_s(),
+            ca_reload_interval_s: default_ca_reload_interval_s(),
         }
     }
 }
@@ -232,6 +240,7 @@ pub struct PkiConfig {
     pub server_cert_lifetime: Duration,
     pub crl_refresh_interval: Duration,
     pub expired_renewal_grace: Duration,
+    pub ca_reload_interval: Duration,
 }
 
 impl RawPki {
@@ -280,6 +289,12 @@ impl RawPki {
             0,
             365 * 86_400,
         )?;
+        let ca_reload_interval = s_in(
+            "pki.ca_reload_interval_s",
+            self.ca_reload_interval_s,
+            1,
+            3_600,
+        )?;
         let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
             invalid(
                 "pki.agent_listen_addr",
@@ -310,6 +325,7 @@ impl RawPki {
             server_cert_lifetime,
             crl_refresh_interval,
             expired_renewal_grace,
+            ca_reload_interval,
         })
     }
 }

@@ -13,7 +13,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -27,6 +27,49 @@ pub struct ResultLabels {
 pub struct ReasonLabels {
     /// [`crate::ingest::IngestError::reason`], or `too_large` for an oversized body.
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabels {
+    /// `intermediate` (the one that signs) or `root` (the root above it).
+    pub ca: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabels {
+    /// `current` or `previous` intermediate, or `other` (retired or unrecorded issuer).
+    pub issuer: &'static str,
+}
+
+/// Fleet PKI (`kip_pki_*`). Families stay empty when PKI is not configured, so no
+/// misleading zero appears.
+#[derive(Debug, Clone, Default)]
+pub struct PkiMetrics {
+    pub ca_expiry_seconds: Family<CaLabels, Gauge>,
+    pub devices_by_issuer: Family<IssuerLabels, Gauge>,
+    pub ca_reloads: Family<ResultLabels, Counter>,
+}
+
+impl PkiMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "pki_ca_expiry_seconds",
+            "Seconds until the signing intermediate CA (ca=intermediate) or its root (ca=root) expires",
+            m.ca_expiry_seconds.clone(),
+        );
+        registry.register(
+            "pki_devices_by_issuer",
+            "Devices by the intermediate (current, previous, other) that issued their newest unexpired, unrevoked certificate",
+            m.devices_by_issuer.clone(),
+        );
+        registry.register(
+            "pki_ca_reloads",
+            "CA reloads after the CA files changed, by result (ok, error)",
+            m.ca_reloads.clone(),
+        );
+        m
+    }
 }
 
 /// Agent sync ingest (`kip_ingest_*`).
@@ -85,6 +128,8 @@ pub struct Metrics {
     pub mlflow_sync_failures: Counter,
     /// Agent sync ingest (`kip_ingest_*`).
     pub ingest: IngestMetrics,
+    /// Fleet PKI (`kip_pki_*`).
+    pub pki: PkiMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,7 +162,9 @@ impl Metrics {
             mlflow_sync_failures.clone(),
         );
         let ingest = IngestMetrics::register(&mut registry);
+        let pki = PkiMetrics::register(&mut registry);
         Self {
+            pki,
             mlflow_sync_failures,
             ingest,
             registry,

@@ -12,6 +12,15 @@
 //!   half of its lifetime has passed, on the periodic refresh (`crl_refresh_interval`, which the
 //!   config keeps below half the server lifetime). A failed refresh keeps the last good
 //!   configuration and is logged as an error.
+//! - Hot CA reload: the CA files are checked every `ca_reload_interval` (and at once on
+//!   SIGHUP) by content hash. A changed CA is loaded, checked (every key matches its
+//!   certificate) and swapped in atomically ([`ArcSwap`]); then the TLS configuration is
+//!   rebuilt with the new bundle and one CRL per kept intermediate, so during a rollover the
+//!   listener accepts devices of the old and the new intermediate, and new certificates are
+//!   signed by the new one. A CA that does not load (e.g. read between two writes of a
+//!   rotation) is not used: the last good CA stays, and the next check tries again.
+//! - The listener's own certificate comes from [`FleetCa::server_issuer`] and is re-issued as
+//!   soon as that issuer changes (rotation, finished rotation).
 
 use std::{
     net::SocketAddr,
@@ -19,9 +28,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use arc_swap::ArcSwap;
 use axum_server::tls_rustls::RustlsConfig;
 use chrono::{DateTime, Utc};
-use kip_certs::{FleetCa, RevokedSerial, ServerIdentity};
+use kip_certs::{CaPaths, FleetCa, RevokedSerial, ServerIdentity};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -45,17 +55,31 @@ pub enum PkiError {
 /// Validity of a CRL. CRL expiry is not enforced by the verifier; this is what a third party
 /// reading the CRL would see. Refreshes happen far more often.
 const CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
+/// Below this much time left on the intermediate or the root, every CA check logs a warning.
+pub const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
+/// The listener's certificate and the fingerprint of the intermediate that issued it.
+struct ServerCert {
+    id: ServerIdentity,
+    issuer: String,
+}
 
 /// The loaded fleet CA plus the agent listener's live TLS configuration.
 pub struct Pki {
-    ca: FleetCa,
+    ca: ArcSwap<FleetCa>,
+    /// Where the CA was loaded from; `None` for a CA built in memory (never reloaded).
+    ca_dir: Option<std::path::PathBuf>,
+    ca_reload_interval: Duration,
+    /// Content hash of the CA files last loaded successfully.
+    ca_hash: tokio::sync::Mutex<Option<[u8; 32]>>,
     device_cert_lifetime: Duration,
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
     expired_renewal_grace: Duration,
     tls: RustlsConfig,
-    /// Current server identity; replaced when half of its lifetime has passed.
-    server: tokio::sync::Mutex<ServerIdentity>,
+    /// Current server identity; replaced when half of its lifetime has passed or when
+    /// [`FleetCa::server_issuer`] changes.
+    server: tokio::sync::Mutex<ServerCert>,
 }
 
 impl std::fmt::Debug for Pki {
@@ -78,27 +102,35 @@ fn server_identity_clone(s: &ServerIdentity) -> ServerIdentity {
 impl Pki {
     /// Builds the PKI state from a loaded CA and the current revocations in `pool`.
     pub async fn new(ca: FleetCa, cfg: &PkiConfig, pool: &PgPool) -> Result<Arc<Self>, PkiError> {
+        Self::build(ca, cfg, pool, None).await
+    }
+
+    /// `source`: the CA directory and the content hash it was loaded with (hot reload).
+    async fn build(
+        ca: FleetCa,
+        cfg: &PkiConfig,
+        pool: &PgPool,
+        source: Option<(std::path::PathBuf, [u8; 32])>,
+    ) -> Result<Arc<Self>, PkiError> {
         let now = SystemTime::now();
-        let server =
-            ca.current()
-                .issue_server_cert(&cfg.server_names, now, cfg.server_cert_lifetime)?;
+        let issuer = ca.server_issuer(now);
+        let server = ServerCert {
+            id: issuer.issue_server_cert(&cfg.server_names, now, cfg.server_cert_lifetime)?,
+            issuer: issuer.fingerprint(),
+        };
         let revoked = revoked_serials(pool).await?;
         let tls_cfg = kip_certs::server_config(
             ca.bundle(),
-            server.chain.clone(),
-            server.key.clone_key(),
+            server.id.chain.clone(),
+            server.id.key.clone_key(),
             ca.crls(&revoked, now, CRL_VALIDITY)?,
         )?;
-        if let Ok(left) = ca.current().not_after().duration_since(now)
-            && left < Duration::from_secs(90 * 86_400)
-        {
-            tracing::warn!(
-                days_left = left.as_secs() / 86_400,
-                "the fleet intermediate CA expires soon: run `kipctl ca rotate-intermediate`"
-            );
-        }
+        warn_if_expiring(&ca, now);
         Ok(Arc::new(Self {
-            ca,
+            ca: ArcSwap::from_pointee(ca),
+            ca_hash: tokio::sync::Mutex::new(source.as_ref().map(|(_, h)| *h)),
+            ca_dir: source.map(|(d, _)| d),
+            ca_reload_interval: cfg.ca_reload_interval,
             device_cert_lifetime: cfg.device_cert_lifetime,
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
@@ -116,12 +148,60 @@ impl Pki {
         let Some(dir) = &cfg.ca_dir else {
             return Ok(None);
         };
+        // Hashed before loading: a change racing the load is seen (and loaded) on the next
+        // check, never missed.
+        let hash = CaPaths::new(dir).content_sha256()?;
         let ca = FleetCa::load(dir)?;
-        Ok(Some(Self::new(ca, cfg, pool).await?))
+        Ok(Some(
+            Self::build(ca, cfg, pool, Some((dir.clone(), hash))).await?,
+        ))
     }
 
-    pub fn ca(&self) -> &FleetCa {
-        &self.ca
+    /// The CA as loaded now. Take one snapshot per operation, so that signing, bundle and
+    /// CRLs of one request come from the same CA even if a reload happens meanwhile.
+    pub fn ca(&self) -> Arc<FleetCa> {
+        self.ca.load_full()
+    }
+
+    /// How often [`Pki::reload_ca`] runs.
+    pub fn ca_reload_interval(&self) -> Duration {
+        self.ca_reload_interval
+    }
+
+    /// Loads the CA files again when their content changed, swaps the new CA in and rebuilds
+    /// the TLS configuration. `Ok(false)`: nothing changed (or the CA is not file-based).
+    /// On error the current CA stays in use.
+    pub async fn reload_ca(&self, pool: &PgPool) -> Result<bool, PkiError> {
+        let Some(dir) = &self.ca_dir else {
+            return Ok(false);
+        };
+        let mut last = self.ca_hash.lock().await;
+        let hash = CaPaths::new(dir).content_sha256()?;
+        if *last == Some(hash) {
+            return Ok(false);
+        }
+        let new = Arc::new(FleetCa::load(dir)?);
+        // The TLS configuration for the new CA is built first and the signer swapped under
+        // the same lock: if building fails (e.g. the database is down for the CRLs), nothing
+        // changes and the next check tries again, so no device certificate is ever signed by
+        // an intermediate the listener does not accept yet.
+        let old = self
+            .rebuild(pool, Some(new))
+            .await?
+            .unwrap_or_else(|| self.ca());
+        *last = Some(hash);
+        drop(last);
+        let ca = self.ca();
+        tracing::info!(
+            old_intermediate = %old.current().fingerprint(),
+            intermediate = %ca.current().fingerprint(),
+            previous_intermediate = ca.previous().map(|p| p.fingerprint()).unwrap_or_default(),
+            bundle_sha256 = %ca.bundle().sha256_hex(),
+            bundle_roots = ca.bundle().certs().len(),
+            "fleet CA reloaded"
+        );
+        warn_if_expiring(&ca, SystemTime::now());
+        Ok(true)
     }
 
     pub fn device_cert_lifetime(&self) -> Duration {
@@ -135,7 +215,7 @@ impl Pki {
 
     /// The trust bundle agents must use (PEM).
     pub fn bundle_pem(&self) -> String {
-        self.ca.bundle().to_pem()
+        self.ca().bundle().to_pem()
     }
 
     /// The live TLS configuration of the agent listener.
@@ -146,33 +226,130 @@ impl Pki {
     /// Rebuilds CRLs (and the server certificate when due) and swaps the configuration in.
     /// New handshakes use it at once.
     pub async fn refresh(&self, pool: &PgPool) -> Result<(), PkiError> {
+        self.rebuild(pool, None).await.map(|_| ())
+    }
+
+    /// [`Pki::refresh`] for the current CA, or for `replace`, which is swapped in (and the
+    /// CA it replaces returned) only once its TLS configuration is live.
+    async fn rebuild(
+        &self,
+        pool: &PgPool,
+        replace: Option<Arc<FleetCa>>,
+    ) -> Result<Option<Arc<FleetCa>>, PkiError> {
         let now = SystemTime::now();
         let revoked = revoked_serials(pool).await?;
-        // Held across the rebuild so two refreshes cannot swap in out of order.
+        // Held across the rebuild so two refreshes cannot swap in out of order, and a
+        // refresh cannot rebuild for the old CA after a reload swapped the new one in.
         let mut server = self.server.lock().await;
+        let ca = replace.clone().unwrap_or_else(|| self.ca());
+        let issuer = ca.server_issuer(now);
         let half_left = server
+            .id
             .not_after
             .duration_since(now)
             .is_ok_and(|left| left > self.server_cert_lifetime / 2);
-        if !half_left {
-            *server = self.ca.current().issue_server_cert(
-                &self.server_names,
-                now,
-                self.server_cert_lifetime,
-            )?;
-            tracing::info!("agent listener certificate re-issued");
+        if !half_left || server.issuer != issuer.fingerprint() {
+            *server = ServerCert {
+                id: issuer.issue_server_cert(&self.server_names, now, self.server_cert_lifetime)?,
+                issuer: issuer.fingerprint(),
+            };
+            tracing::info!(issuer = %server.issuer, "agent listener certificate re-issued");
         }
-        let id = server_identity_clone(&server);
+        let id = server_identity_clone(&server.id);
         let cfg = kip_certs::server_config(
-            self.ca.bundle(),
+            ca.bundle(),
             id.chain,
             id.key,
-            self.ca.crls(&revoked, now, CRL_VALIDITY)?,
+            ca.crls(&revoked, now, CRL_VALIDITY)?,
         )?;
         self.tls.reload_from_config(cfg);
+        let old = replace.map(|new| self.ca.swap(new));
         tracing::debug!(revoked = revoked.len(), "agent TLS configuration refreshed");
-        Ok(())
+        Ok(old)
     }
+}
+
+/// Seconds from `now` to `t`, negative once passed.
+fn seconds_until(t: SystemTime, now: SystemTime) -> i64 {
+    match t.duration_since(now) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Logs a warning when the signing intermediate or its root expires within
+/// [`CA_EXPIRY_WARNING`].
+fn warn_if_expiring(ca: &FleetCa, now: SystemTime) {
+    for (what, not_after, fix) in [
+        (
+            "intermediate",
+            Some(ca.current().not_after()),
+            "kipctl ca rotate-intermediate",
+        ),
+        ("root", ca.root_not_after(), "kipctl ca rotate-root"),
+    ] {
+        let Some(not_after) = not_after else { continue };
+        let left = seconds_until(not_after, now);
+        if left < i64::try_from(CA_EXPIRY_WARNING.as_secs()).unwrap_or(i64::MAX) {
+            tracing::warn!(
+                ca = what,
+                days_left = left / 86_400,
+                "the fleet {what} CA expires soon: run `{fix}` (see docs/operations.md)"
+            );
+        }
+    }
+}
+
+/// Sets the `kip_pki_ca_expiry_seconds` gauges from the current CA.
+pub fn update_expiry_metrics(pki: &Pki, m: &crate::metrics::PkiMetrics, now: SystemTime) {
+    use crate::metrics::CaLabels;
+    let ca = pki.ca();
+    m.ca_expiry_seconds
+        .get_or_create(&CaLabels { ca: "intermediate" })
+        .set(seconds_until(ca.current().not_after(), now));
+    if let Some(root) = ca.root_not_after() {
+        m.ca_expiry_seconds
+            .get_or_create(&CaLabels { ca: "root" })
+            .set(seconds_until(root, now));
+    }
+}
+
+/// Counts devices by the intermediate that issued their newest unexpired, unrevoked
+/// certificate into `kip_pki_devices_by_issuer`, and returns (current, previous, other).
+/// `previous` is the number of devices that have not renewed since a rotation: until it is
+/// 0, finishing the rotation would cut them off.
+pub async fn count_devices_by_issuer(
+    pki: &Pki,
+    pool: &PgPool,
+    m: &crate::metrics::PkiMetrics,
+) -> Result<(i64, i64, i64), sqlx::Error> {
+    use crate::metrics::IssuerLabels;
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT issuer_sha256, count(*) FROM ( \
+             SELECT DISTINCT ON (org_id, device_id) issuer_sha256 FROM certificates \
+             WHERE revoked_at IS NULL AND not_after > now() \
+             ORDER BY org_id, device_id, issued_at DESC \
+         ) newest GROUP BY issuer_sha256",
+    )
+    .fetch_all(pool)
+    .await?;
+    let ca = pki.ca();
+    let current = ca.current().fingerprint();
+    let previous = ca.previous().map(|p| p.fingerprint());
+    let (mut c, mut p, mut o) = (0, 0, 0);
+    for (issuer, n) in rows {
+        match issuer {
+            Some(i) if i == current => c += n,
+            Some(i) if Some(&i) == previous.as_ref() => p += n,
+            _ => o += n,
+        }
+    }
+    for (issuer, n) in [("current", c), ("previous", p), ("other", o)] {
+        m.devices_by_issuer
+            .get_or_create(&IssuerLabels { issuer })
+            .set(n);
+    }
+    Ok((c, p, o))
 }
 
 /// Certificates to list in CRLs: revoked or belonging to a deleted device, not yet expired.
@@ -193,6 +370,42 @@ pub async fn revoked_serials(pool: &PgPool) -> Result<Vec<RevokedSerial>, sqlx::
         .collect())
 }
 
+async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &crate::metrics::PkiMetrics) {
+    if let Err(e) = count_devices_by_issuer(pki, pool, m).await {
+        tracing::warn!(error = %e, "cannot count devices by certificate issuer");
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; CA changes are found by polling only");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Resolves on SIGHUP; never when there is no handler.
+async fn recv_hangup(h: &mut Hangup) -> Option<()> {
+    #[cfg(unix)]
+    if let Some(s) = h {
+        return s.recv().await;
+    }
+    let _ = h;
+    std::future::pending().await
+}
+
 /// Serves the agent API with mTLS on `listener` until `token` is cancelled, and refreshes the
 /// TLS configuration every `refresh_every`. Both tasks run on `tracker`. `state.pki` must be
 /// set (the caller checked it).
@@ -207,6 +420,7 @@ pub fn spawn_agent_listener(
 ) -> Result<(), PkiError> {
     let router = crate::pki_api::agent_router(state.clone());
     let pool = state.pool.clone();
+    let metrics = state.metrics.pki.clone();
     let addr = listener.local_addr().map_err(|source| PkiError::Listen {
         addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
@@ -239,15 +453,47 @@ pub fn spawn_agent_listener(
         let mut tick = tokio::time::interval(refresh_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut reload = tokio::time::interval(pki.ca_reload_interval());
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reload.tick().await;
+        let mut hangup = hangup_signal();
+        update_expiry_metrics(&pki, &metrics, SystemTime::now());
+        count_certificates_logged(&pki, &pool, &metrics).await;
         loop {
-            tokio::select! {
+            let reason = tokio::select! {
                 () = token.cancelled() => return,
                 _ = tick.tick() => {
                     if let Err(e) = pki.refresh(&pool).await {
                         tracing::error!(error = %e, "agent TLS refresh failed; keeping the last configuration");
                     }
+                    count_certificates_logged(&pki, &pool, &metrics).await;
+                    update_expiry_metrics(&pki, &metrics, SystemTime::now());
+                    // Repeated (every crl_refresh_interval) so a long-running process keeps
+                    // reminding, not only at start.
+                    warn_if_expiring(&pki.ca(), SystemTime::now());
+                    continue;
+                }
+                _ = reload.tick() => "poll",
+                Some(()) = recv_hangup(&mut hangup) => "SIGHUP",
+            };
+            match pki.reload_ca(&pool).await {
+                Ok(true) => {
+                    metrics.ca_reloads.get_or_create(&crate::metrics::ResultLabels { result: "ok" }).inc();
+                    count_certificates_logged(&pki, &pool, &metrics).await;
+                }
+                Ok(false) => {
+                    if reason == "SIGHUP" {
+                        tracing::info!("SIGHUP: the CA files are unchanged");
+                    }
+                }
+                Err(e) => {
+                    metrics.ca_reloads.get_or_create(&crate::metrics::ResultLabels { result: "error" }).inc();
+                    tracing::warn!(error = %e, trigger = reason,
+                        "the CA files changed but cannot be loaded (rotation still writing?); \
+                         keeping the current CA and retrying at the next check");
                 }
             }
+            update_expiry_metrics(&pki, &metrics, SystemTime::now());
         }
     });
     tracing::info!(%addr, "agent mTLS listener listening");

@@ -13,6 +13,13 @@
 //!   revocation.
 //! - Errors never reveal which check a token failed (unknown, used, expired, other
 //!   organisation): all answer the same 403.
+//! - CA rollover: each request takes one snapshot of the CA ([`Pki::ca`]), so a certificate,
+//!   the issuer recorded for it and the bundle returned come from the same CA even while it is
+//!   reloaded. A certificate whose intermediate is neither the current nor the previous one
+//!   (retired by `finish-rotation`) is refused on every request, like a revoked one.
+//! - Sync acks carry the bundle fingerprint, the bundle itself only when the agent reported
+//!   another one, and a renewal hint naming the certificate to replace while it comes from
+//!   the previous intermediate.
 
 use std::{
     sync::Arc,
@@ -189,6 +196,89 @@ pub async fn revoke_device(
     }))
 }
 
+// ---------- CA status and reload (platform admin) ----------
+
+/// One intermediate CA.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CaCertInfo {
+    /// sha256 of the certificate (DER), as recorded per device certificate.
+    pub fingerprint: String,
+    pub not_after: DateTime<Utc>,
+}
+
+/// Devices by the intermediate that issued their newest unexpired, unrevoked certificate.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DevicesByIssuer {
+    pub current: i64,
+    /// Not renewed since the rotation: `kipctl ca finish-rotation` would cut these devices
+    /// off (they would need a new enrollment token).
+    pub previous: i64,
+    /// Issued by a retired intermediate, or before issuers were recorded.
+    pub other: i64,
+}
+
+/// The fleet CA as this control plane uses it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// The intermediate that signs new certificates.
+    pub intermediate: CaCertInfo,
+    /// The intermediate kept from an unfinished rotation.
+    pub previous_intermediate: Option<CaCertInfo>,
+    /// Expiry of the root above the signing intermediate.
+    pub root_not_after: Option<DateTime<Utc>>,
+    pub bundle_sha256: String,
+    pub bundle_roots: usize,
+    pub devices_by_issuer: DevicesByIssuer,
+    /// Set by `POST /v1/pki/ca/reload`: whether the CA files had changed and were loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reloaded: Option<bool>,
+}
+
+async fn ca_status_of(st: &AppState, pki: &Pki) -> ApiResult<CaStatus> {
+    let (current, previous, other) =
+        crate::pki::count_devices_by_issuer(pki, &st.pool, &st.metrics.pki).await?;
+    let ca = pki.ca();
+    let info = |i: &kip_certs::Intermediate| CaCertInfo {
+        fingerprint: i.fingerprint(),
+        not_after: i.not_after().into(),
+    };
+    Ok(CaStatus {
+        intermediate: info(ca.current()),
+        previous_intermediate: ca.previous().map(info),
+        root_not_after: ca.root_not_after().map(Into::into),
+        bundle_sha256: ca.bundle().sha256_hex(),
+        bundle_roots: ca.bundle().certs().len(),
+        devices_by_issuer: DevicesByIssuer {
+            current,
+            previous,
+            other,
+        },
+        reloaded: None,
+    })
+}
+
+/// `GET /v1/pki/ca` (platform key): the CA in use and how many devices each intermediate
+/// serves.
+pub async fn ca_status(State(st): State<AppState>, p: Principal) -> ApiResult<Json<CaStatus>> {
+    p.require_platform()?;
+    let pki = pki(&st)?;
+    Ok(Json(ca_status_of(&st, pki).await?))
+}
+
+/// `POST /v1/pki/ca/reload` (platform key): checks the CA files now instead of at the next
+/// poll (same as SIGHUP). 422 when the files do not form a usable CA; the old one stays.
+pub async fn ca_reload(State(st): State<AppState>, p: Principal) -> ApiResult<Json<CaStatus>> {
+    p.require_platform()?;
+    let pki = pki(&st)?;
+    let reloaded = pki.reload_ca(&st.pool).await.map_err(|e| match e {
+        crate::pki::PkiError::Ca(e) => ApiError::validation("ca_dir", e.to_string()),
+        other => ApiError::internal(other),
+    })?;
+    let mut status = ca_status_of(&st, pki).await?;
+    status.reloaded = Some(reloaded);
+    Ok(Json(status))
+}
+
 // ---------- enrollment (token) ----------
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -236,8 +326,10 @@ async fn issue(
     id: DeviceIdentity,
     device_name: String,
 ) -> ApiResult<CertificateResponse> {
-    let issued: IssuedCert = pki
-        .ca()
+    // One snapshot: the certificate, its recorded issuer and the bundle agree even if the CA
+    // is reloaded meanwhile.
+    let ca = pki.ca();
+    let issued: IssuedCert = ca
         .current()
         .sign_device_csr(csr_pem, id, SystemTime::now(), pki.device_cert_lifetime())
         .map_err(|e| match e {
@@ -246,12 +338,14 @@ async fn issue(
         })?;
     let not_after: DateTime<Utc> = issued.not_after.into();
     sqlx::query(
-        "INSERT INTO certificates (serial, org_id, device_id, not_after) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO certificates (serial, org_id, device_id, not_after, issuer_sha256) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(&issued.serial_hex)
     .bind(id.org_id)
     .bind(id.device_id)
     .bind(not_after)
+    .bind(ca.current().fingerprint())
     .execute(&mut *tx)
     .await?;
     Ok(CertificateResponse {
@@ -262,7 +356,7 @@ async fn issue(
         not_before: issued.not_before.into(),
         not_after,
         certificate_chain_pem: issued.chain_pem,
-        trust_bundle_pem: pki.bundle_pem(),
+        trust_bundle_pem: ca.bundle().to_pem(),
     })
 }
 
@@ -392,12 +486,12 @@ pub async fn renew_expired(
         .map_err(|e| ApiError::validation("certificate_chain_pem", e.to_string()))?;
     let now = SystemTime::now();
     let revoked = crate::pki::revoked_serials(&st.pool).await?;
-    let crls = pki
-        .ca()
+    let ca = pki.ca();
+    let crls = ca
         .crls(&revoked, now, Duration::from_secs(3600))
         .map_err(ApiError::internal)?;
     let peer = kip_certs::verify_for_recovery(
-        pki.ca().bundle(),
+        ca.bundle(),
         crls,
         &chain,
         &body.csr_pem,
@@ -441,6 +535,8 @@ pub struct DeviceCert {
     pub device_name: String,
     pub serial: String,
     pub not_after: DateTime<Utc>,
+    /// Issued by the intermediate that signs now (false during a rollover until renewal).
+    pub issued_by_current: bool,
 }
 
 impl FromRequestParts<AppState> for DeviceCert {
@@ -459,6 +555,17 @@ impl FromRequestParts<AppState> for DeviceCert {
         ))?;
         let peer = kip_certs::parse_peer_cert(leaf)
             .map_err(|_| ApiError::Forbidden("the client certificate does not name a device"))?;
+        let ca = st.pki.as_ref().map(|p| p.ca());
+        // The verifier ran at the handshake; a rotation finished since then must also end
+        // requests on connections opened before it, as revocation does.
+        if let Some(ca) = &ca
+            && !ca.current().is_issuer_of(leaf)
+            && !ca.previous().is_some_and(|p| p.is_issuer_of(leaf))
+        {
+            return Err(ApiError::Forbidden(
+                "the client certificate was issued by a retired intermediate CA: enroll again with a new token",
+            ));
+        }
         let row: Option<(Option<DateTime<Utc>>, Option<String>)> = sqlx::query_as(
             "SELECT c.revoked_at, d.name FROM certificates c \
              LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
@@ -475,6 +582,7 @@ impl FromRequestParts<AppState> for DeviceCert {
                 device_name,
                 serial: peer.serial_hex,
                 not_after: peer.not_after.into(),
+                issued_by_current: ca.is_some_and(|c| c.current().is_issuer_of(leaf)),
             }),
             Some((Some(_), _)) => Err(ApiError::Forbidden("the client certificate is revoked")),
             _ => Err(ApiError::Forbidden(
@@ -607,6 +715,7 @@ pub async fn sync(
                 Ok(model) => ack.desired.model = model,
                 Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
             }
+            desired_trust(&st, &dev, &headers, &mut ack.desired);
             if let Err(e) = crate::registry::record_device_model_status(
                 &st.pool,
                 id.org_id,
@@ -643,6 +752,33 @@ pub async fn sync(
             );
             Err(e.into())
         }
+    }
+}
+
+/// CA rollover through the sync ack: always the current bundle's fingerprint; the bundle
+/// itself when the agent reported another one (agents that report nothing predate bundle
+/// updates and would ignore it); a renewal hint when the device certificate was issued by an
+/// intermediate that no longer signs.
+fn desired_trust(
+    st: &AppState,
+    dev: &DeviceCert,
+    headers: &HeaderMap,
+    desired: &mut kip_shared::sync::DesiredState,
+) {
+    let Some(pki) = &st.pki else { return };
+    let ca = pki.ca();
+    let sha = ca.bundle().sha256_hex();
+    let reported = headers
+        .get(kip_shared::sync::TRUST_BUNDLE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    if reported.is_some_and(|r| !r.eq_ignore_ascii_case(&sha)) {
+        desired.trust_bundle_pem = Some(ca.bundle().to_pem());
+    }
+    desired.trust_bundle_sha256 = Some(sha);
+    if !dev.issued_by_current {
+        desired.renew_certificate = true;
+        desired.renew_serial = Some(dev.serial.clone());
     }
 }
 

@@ -148,6 +148,8 @@ pub fn router(state: AppState) -> Router {
             "/organisations/{org_id}/devices/{device_id}/revoke",
             post(pki_api::revoke_device),
         )
+        .route("/pki/ca", get(pki_api::ca_status))
+        .route("/pki/ca/reload", post(pki_api::ca_reload))
         .route("/query", post(crate::llm::api::query))
         .route("/chat/completions", post(crate::llm::api::chat_completions));
     Router::new()

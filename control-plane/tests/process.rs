@@ -31,7 +31,12 @@ struct Server {
 
 impl Server {
     fn start(db: &str, port: u16, key_file: &Path) -> Self {
+        Self::start_with(db, port, key_file, &[])
+    }
+
+    fn start_with(db: &str, port: u16, key_file: &Path, env: &[(&str, &str)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+            .envs(env.iter().copied())
             .env("KIP_DATABASE_URL", format!("{PG}/{db}"))
             .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("KIP_ADMIN_KEY_FILE", key_file)
@@ -190,6 +195,112 @@ async fn first_start_bootstraps_kipctl_works_and_restart_keeps_data() {
     assert_eq!(devs[0]["labels"]["site"], "berlin");
     let (ok, out, _) = kipctl(&server.url, &org_key_file, &["model", "list"]);
     assert!(ok && out.contains("rul"), "{out}");
+    assert!(server.sigterm_and_wait().success());
+    drop_db(&db).await;
+}
+
+/// `kipctl --json ca status`, parsed.
+fn ca_status(server: &str, key_file: &Path) -> serde_json::Value {
+    let (ok, out, err) = kipctl(server, key_file, &["--json", "ca", "status"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[tokio::test]
+async fn sighup_and_kipctl_ca_reload_load_a_rotated_ca_without_restart() {
+    let db = format!("kip_proc_{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("admin.key");
+    let ca_dir = dir.path().join("ca");
+    let ca = ca_dir.to_str().unwrap();
+    let (ok, _, err) = kipctl(
+        "http://127.0.0.1:1",
+        &key_file,
+        &["ca", "init", "--dir", ca],
+    );
+    assert!(ok, "{err}");
+    // Polling is effectively off (1 h): only SIGHUP or `kipctl ca reload` load a change.
+    let config = dir.path().join("cp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pki]\nca_dir = {ca:?}\nagent_listen_addr = \"127.0.0.1:{}\"\nca_reload_interval_s = 3600\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let server = Server::start_with(
+        &db,
+        port,
+        &key_file,
+        &[("KIP_CONFIG", config.to_str().unwrap())],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !key_file.exists() {
+        assert!(Instant::now() < deadline, "admin key file not written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = ca_status(&server.url, &key_file)["intermediate"]["fingerprint"].clone();
+
+    let (ok, out, err) = kipctl(
+        &server.url,
+        &key_file,
+        &["ca", "rotate-intermediate", "--dir", ca],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("finish-rotation"), "{out}");
+    assert_eq!(
+        ca_status(&server.url, &key_file)["intermediate"]["fingerprint"],
+        first,
+        "not loaded before the signal"
+    );
+    let ok = Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rotated = loop {
+        let s = ca_status(&server.url, &key_file);
+        if s["intermediate"]["fingerprint"] != first {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the CA: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(rotated["previous_intermediate"]["fingerprint"], first);
+
+    // A broken CA directory is refused and the running CA stays.
+    let good = std::fs::read(ca_dir.join("intermediate.crt")).unwrap();
+    std::fs::write(ca_dir.join("intermediate.crt"), "garbage").unwrap();
+    let (ok, _, err) = kipctl(&server.url, &key_file, &["ca", "reload"]);
+    assert!(!ok);
+    assert!(
+        err.contains("HTTP 422") && err.contains("CA certificate"),
+        "{err}"
+    );
+    assert_eq!(
+        ca_status(&server.url, &key_file)["intermediate"],
+        rotated["intermediate"]
+    );
+    std::fs::write(ca_dir.join("intermediate.crt"), good).unwrap();
+    let (ok, out, err) = kipctl(&server.url, &key_file, &["ca", "reload"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("CA files unchanged"), "{out}");
+
+    // finish-rotation asks the server first (no device holds an old certificate here).
+    let (ok, out, err) = kipctl(
+        &server.url,
+        &key_file,
+        &["ca", "finish-rotation", "--dir", ca],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("retired:"), "{out}");
+    assert!(ca_status(&server.url, &key_file)["previous_intermediate"].is_null());
     assert!(server.sigterm_and_wait().success());
     drop_db(&db).await;
 }

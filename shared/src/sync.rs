@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::Sequenced;
 
+/// Request header of `POST /v1/agent/sync` in which an agent reports the sha256 of the trust
+/// bundle it uses (see [`DesiredState::trust_bundle_sha256`]).
+pub const TRUST_BUNDLE_HEADER: &str = "kip-trust-bundle-sha256";
+
 /// Oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -46,8 +50,22 @@ pub struct DesiredState {
     #[serde(default)]
     pub model: Option<DesiredModel>,
     /// The agent should renew its certificate now (e.g. CA rollover or revocation of a sibling).
+    /// Set while the agent's certificate comes from an intermediate that no longer signs;
+    /// agents renew after a random delay so a fleet does not renew at once.
     #[serde(default)]
     pub renew_certificate: bool,
+    /// With `renew_certificate`: serial (lowercase hex) of the certificate the request came
+    /// with, so an agent that renewed meanwhile ignores a hint meant for its old certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_serial: Option<String>,
+    /// sha256 (lowercase hex, over the DER certificates in order) of the trust bundle the
+    /// agent should use for the agent listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle_sha256: Option<String>,
+    /// The trust bundle (PEM), sent only when the agent reported another fingerprint in the
+    /// `kip-trust-bundle-sha256` request header (CA rollover: old and new roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle_pem: Option<String>,
 }
 
 /// A model version to deploy.

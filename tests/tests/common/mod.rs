@@ -74,6 +74,8 @@ pub async fn start_with(
     if let Some(l) = limits {
         cfg.ingest = l;
     }
+    // CA rollover tests rotate the files while the control plane runs.
+    cfg.pki.ca_reload_interval = Duration::from_millis(100);
     tweak(&mut cfg);
     let key_file = dir.path().join("admin.key");
     kip_control_plane::db::ensure_admin_key(&pool, &key_file)
@@ -269,6 +271,56 @@ pub fn start_sync(buffer: Arc<Buffer>, id: &Identity, cfg: SyncConfig) -> Runnin
         cancel,
         tracker,
         _tls: tx,
+    }
+}
+
+/// A running agent: renewer and sync loop wired as in `kip-agent run` (bundle fingerprint
+/// reported, CA-rollover hints from the ack passed to the renewer).
+pub struct RunningAgent {
+    pub status: Arc<SyncStatus>,
+    pub registry: Arc<std::sync::Mutex<prometheus_client::registry::Registry>>,
+    pub handle: identity::IdentityHandle,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl RunningAgent {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    pub fn metrics(&self) -> String {
+        kip_agent::metrics::render(&self.registry.lock().unwrap())
+    }
+}
+
+pub fn start_agent(
+    buffer: Arc<Buffer>,
+    id: Identity,
+    identity_dir: &Path,
+    agent_url: &str,
+    policy: identity::RenewalPolicy,
+    cfg: SyncConfig,
+) -> RunningAgent {
+    let (renewer, handle) =
+        identity::Renewer::new(id, identity_dir.to_owned(), agent_url.to_owned(), policy).unwrap();
+    let mut registry = kip_agent::metrics::new_registry();
+    let syncer = Syncer::new(buffer, cfg, handle.client_config.clone(), &mut registry)
+        .unwrap()
+        .with_identity_hints(handle.hints.clone());
+    let status = syncer.status();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(renewer.run(cancel.clone()));
+    tracker.spawn(syncer.run(cancel.clone()));
+    RunningAgent {
+        status,
+        registry: Arc::new(std::sync::Mutex::new(registry)),
+        handle,
+        cancel,
+        tracker,
     }
 }
 
