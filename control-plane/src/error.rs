@@ -45,6 +45,9 @@ pub enum ApiError {
     /// Every upstream (LLM provider) failed.
     #[error("{0}")]
     BadGateway(String),
+    /// This process is at its configured concurrency limit; retry shortly (`Retry-After: 1`).
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 #[derive(Serialize)]
@@ -85,6 +88,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -103,6 +107,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => "rate_limited",
             Self::PaymentRequired(_) => "budget_exceeded",
             Self::BadGateway(_) => "bad_gateway",
+            Self::Overloaded(_) => "overloaded",
         }
     }
 }
@@ -123,6 +128,10 @@ impl IntoResponse for ApiError {
         if let Self::TooManyRequests { retry_after_s, .. } = &self {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        if let Self::Overloaded(_) = &self {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, 1u64.into());
         }
         resp
     }

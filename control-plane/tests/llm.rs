@@ -1143,3 +1143,68 @@ async fn latency_strategy_learns_to_prefer_the_faster_target(pool: PgPool) {
     }
     assert_eq!(slow.hits(), 1);
 }
+
+/// `llm.max_in_flight_requests` bounds concurrent LLM calls; a stream counts until its last
+/// byte. Beyond the bound: 503 `overloaded` with `Retry-After`, counted, no provider call.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn calls_beyond_the_in_flight_limit_are_refused_with_503(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fake = FakeLlm::start(Reply::Stream {
+        events: fake_llm::text_chunks("m", &["a", "b"]),
+        gate: Some(gate.clone()),
+    })
+    .await;
+    let toml = llm_toml(
+        "max_in_flight_requests = 1",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk")
+        .unwrap()
+        .unwrap();
+    // The stream is open: a second call is refused at once, before reaching the provider.
+    let plain = json!({"model": "p/m", "messages": user("hi")});
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/query")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(plain.to_string()))
+        .unwrap();
+    let refused = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let b: Value =
+        serde_json::from_slice(&refused.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(b["error"]["code"], "overloaded");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("llm.max_in_flight_requests"),
+        "{b}"
+    );
+    assert_eq!(fake.hits(), 1);
+    // The stream ends; its permit is returned and the next call goes through.
+    gate.notify_one();
+    body.collect().await.unwrap();
+    fake.set_default(Reply::Json(fake_llm::completion("m", "ok")));
+    let r = app.post("/v1/query", &key, plain).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    assert!(
+        metrics.contains("kip_llm_refused_total{provider=\"-\",status=\"overloaded\"} 1"),
+        "{metrics}"
+    );
+}

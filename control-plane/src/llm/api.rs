@@ -157,7 +157,7 @@ pub async fn chat_completions(
         (estimate_tokens(&messages), max_out),
     )?;
     let request_id = Uuid::new_v4();
-    gw.admit(org_id, request_id).await?;
+    let in_flight = gw.admit(org_id, request_id).await?;
     if stream {
         let call = Call {
             org_id,
@@ -167,7 +167,7 @@ pub async fn chat_completions(
             cache_key: None,
         };
         let (target, sse) = gw.stream(call, include_usage).await?;
-        let mut resp = Response::new(Body::from_stream(sse.into_stream()));
+        let mut resp = Response::new(Body::from_stream(sse.hold(in_flight).into_stream()));
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -341,7 +341,7 @@ pub async fn query(
         est,
     )?;
     let request_id = Uuid::new_v4();
-    gw.admit(org_id, request_id).await?;
+    let _in_flight = gw.admit(org_id, request_id).await?;
     let mut body = Map::new();
     body.insert("messages".into(), messages);
     if let Some(m) = req.options.max_tokens {

@@ -367,6 +367,11 @@ pub struct RawLlm {
     pub log_batch_max_rows: usize,
     #[serde(default = "default_log_flush_interval_ms")]
     pub log_flush_interval_ms: u64,
+    /// LLM calls (`/v1/query`, `/v1/chat/completions`, streams until their last chunk) this
+    /// process serves at once; more are refused at once with 503 `overloaded`, so an overload
+    /// cannot pile up connections and memory.
+    #[serde(default = "default_max_in_flight_requests")]
+    pub max_in_flight_requests: usize,
 }
 
 fn default_true() -> bool {
@@ -416,6 +421,9 @@ fn default_rate_limit_burst() -> u32 {
 }
 fn default_budget_refresh_ms() -> u64 {
     10_000
+}
+fn default_max_in_flight_requests() -> usize {
+    1_024
 }
 fn default_log_queue_capacity() -> usize {
     10_000
@@ -473,6 +481,7 @@ impl Default for RawLlm {
             log_queue_capacity: default_log_queue_capacity(),
             log_batch_max_rows: default_log_batch_max_rows(),
             log_flush_interval_ms: default_log_flush_interval_ms(),
+            max_in_flight_requests: default_max_in_flight_requests(),
         }
     }
 }
@@ -527,6 +536,7 @@ pub struct LlmConfig {
     pub log_queue_capacity: usize,
     pub log_batch_max_rows: usize,
     pub log_flush_interval: Duration,
+    pub max_in_flight_requests: usize,
 }
 
 impl Default for LlmConfig {
@@ -558,6 +568,7 @@ impl Default for LlmConfig {
                 log_queue_capacity: 10_000,
                 log_batch_max_rows: 500,
                 log_flush_interval: Duration::from_millis(200),
+                max_in_flight_requests: 1_024,
             },
         }
     }
@@ -797,6 +808,12 @@ impl RawLlm {
                 self.log_batch_max_rows
             )));
         }
+        if !(1..=100_000).contains(&self.max_in_flight_requests) {
+            return Err(invalid(format!(
+                "llm.max_in_flight_requests: must be between 1 and 100000, got {}",
+                self.max_in_flight_requests
+            )));
+        }
         if self.cache_max_entries > 10_000_000 {
             return Err(invalid(
                 "llm.cache_max_entries: must be at most 10000000".into(),
@@ -837,6 +854,7 @@ impl RawLlm {
                 1,
                 60_000,
             )?,
+            max_in_flight_requests: self.max_in_flight_requests,
         })
     }
 }

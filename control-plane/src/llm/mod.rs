@@ -134,7 +134,12 @@ pub struct Gateway {
     log_rx: Mutex<Option<mpsc::Receiver<LogRecord>>>,
     metrics: LlmMetrics,
     pool: PgPool,
+    /// Permits for LLM calls in flight (`llm.max_in_flight_requests`).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Held while an LLM call is served (for a stream: until its body is dropped).
+pub type InFlight = tokio::sync::OwnedSemaphorePermit;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -186,6 +191,7 @@ impl Gateway {
             metrics,
             pool,
             slots,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight_requests)),
             cfg,
         }
     }
@@ -449,7 +455,15 @@ impl Gateway {
     }
 
     /// Rate limit and monthly budget of the organisation: 429 / 402 when exceeded.
-    pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<(), ApiError> {
+    pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<InFlight, ApiError> {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.refuse(org_id, request_id, "overloaded");
+            return Err(ApiError::Overloaded(format!(
+                "the gateway is serving its maximum of {} LLM calls at once \
+                 (llm.max_in_flight_requests); retry in a moment",
+                self.cfg.max_in_flight_requests
+            )));
+        };
         let limits = self.cfg.limits(org_id);
         if let Err(wait) = self.rate.take(
             org_id,
@@ -485,7 +499,7 @@ impl Gateway {
                 Err(e) => tracing::warn!(error = %e, "cannot read month-to-date LLM spend"),
             }
         }
-        Ok(())
+        Ok(permit)
     }
 
     fn cache_lookup(&self, call: &Call) -> Option<Answer> {
@@ -854,6 +868,7 @@ impl Gateway {
                 rest,
                 fin,
                 include_usage,
+                in_flight: None,
             },
         ))
     }
@@ -958,6 +973,8 @@ pub struct SseBody {
     rest: ChunkStream,
     fin: StreamFinish,
     include_usage: bool,
+    /// The call's in-flight permit: a stream counts until the client got its last byte.
+    in_flight: Option<InFlight>,
 }
 
 impl std::fmt::Debug for SseBody {
@@ -986,6 +1003,12 @@ fn usage_only(c: &Chunk) -> bool {
 }
 
 impl SseBody {
+    /// Keeps `permit` until the stream is finished or dropped.
+    pub fn hold(mut self, permit: InFlight) -> Self {
+        self.in_flight = Some(permit);
+        self
+    }
+
     /// The SSE byte stream: each provider event is forwarded as soon as it was parsed.
     pub fn into_stream(
         self,
