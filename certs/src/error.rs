@@ -23,6 +23,13 @@ pub enum CertError {
     /// The client-certificate verifier could not be built (e.g. empty trust bundle, bad CRL).
     #[error("client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A PEM file (CA bundle, certificate chain, key) is unreadable, empty or malformed.
+    #[error("cannot read {what} {path}: {message}")]
+    PemFile {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

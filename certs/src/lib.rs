@@ -37,7 +37,8 @@ pub use identity::{DeviceIdentity, PeerCert, device_uri, parse_device_uri, parse
 pub use recovery::verify_for_recovery;
 pub use rustls;
 pub use tls::{
-    TrustBundle, cert_to_pem, certs_from_pem, client_config, key_from_pem, server_config,
+    TrustBundle, cert_to_pem, certs_from_pem, client_config, client_config_from_files,
+    key_from_pem, server_config,
 };
 
 /// Scheme of the URI SAN that names a device in its client certificate:

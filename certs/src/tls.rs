@@ -4,7 +4,7 @@
 //! server requires a client certificate chaining to a bundle root and checks the leaf against
 //! the CRLs given (unknown revocation status is an error, see the crate docs).
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -193,9 +193,83 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+fn pem_file_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> CertError {
+    CertError::PemFile {
+        what,
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Client configuration for a TLS connection outside the agent channel (an MQTT broker):
+/// trusts the certificates in the PEM file `ca_file` and, when `client_auth` names a
+/// (certificate chain, key) pair of PEM files, presents them. rustls' safe default protocol
+/// versions (brokers may not speak TLS 1.3 only). Errors name the file and what it should hold.
+pub fn client_config_from_files(
+    ca_file: &Path,
+    client_auth: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, CertError> {
+    let mut roots = RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| pem_file_err("CA file", ca_file, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_file_err("CA file", ca_file, e))?;
+    if cas.is_empty() {
+        return Err(pem_file_err("CA file", ca_file, "no certificate in it"));
+    }
+    for ca in cas {
+        roots
+            .add(ca)
+            .map_err(|e| pem_file_err("CA file", ca_file, e))?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((cert_file, key_file)) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .map_err(|e| pem_file_err("client certificate", cert_file, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_file_err("client certificate", cert_file, e))?;
+            if chain.is_empty() {
+                return Err(pem_file_err(
+                    "client certificate",
+                    cert_file,
+                    "no certificate in it",
+                ));
+            }
+            let key = PrivateKeyDer::from_pem_file(key_file)
+                .map_err(|e| pem_file_err("client key", key_file, e))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_file_errors_name_the_file_and_its_role() {
+        let dir = std::env::temp_dir().join(format!("kip-certs-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let err = client_config_from_files(&empty, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("CA file") && err.contains("empty.pem") && err.contains("no certificate"),
+            "{err}"
+        );
+        let missing = dir.join("missing.pem");
+        let err = client_config_from_files(&missing, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn base64_matches_known_vectors() {

@@ -23,7 +23,6 @@
 
 use std::{
     collections::HashMap,
-    path::Path,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -39,7 +38,6 @@ use kip_shared::live::{
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -73,14 +71,8 @@ impl LiveFailure {
 /// Why the TLS settings could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveSetupError {
-    #[error("cannot read {what} {path}: {message}")]
-    Pem {
-        what: &'static str,
-        path: std::path::PathBuf,
-        message: String,
-    },
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Tls(#[from] kip_certs::CertError),
 }
 
 #[derive(Debug)]
@@ -119,49 +111,6 @@ impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.client.lock_pending().remove(&self.id);
     }
-}
-
-fn pem_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> LiveSetupError {
-    LiveSetupError::Pem {
-        what,
-        path: path.to_owned(),
-        message: e.to_string(),
-    }
-}
-
-/// A rustls client config (ring) trusting `ca_file`, with a client certificate when given.
-fn tls_config(
-    ca_file: &Path,
-    client_auth: Option<(&Path, &Path)>,
-) -> Result<rustls::ClientConfig, LiveSetupError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| pem_err("CA file", ca_file, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err("CA file", ca_file, e))?;
-    if cas.is_empty() {
-        return Err(pem_err("CA file", ca_file, "no certificate in it"));
-    }
-    for ca in cas {
-        roots.add(ca).map_err(|e| pem_err("CA file", ca_file, e))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    Ok(match client_auth {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| pem_err("client certificate", cert, e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err("client certificate", cert, e))?;
-            let key =
-                PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("client key", key, e))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    })
 }
 
 impl LiveClient {
@@ -335,7 +284,7 @@ impl LiveClient {
                     .client_auth
                     .as_ref()
                     .map(|(c, k)| (c.as_path(), k.as_path()));
-                match tls_config(&t.ca_file, auth) {
+                match kip_certs::client_config_from_files(&t.ca_file, auth) {
                     Ok(c) => {
                         eventloop
                             .mqtt_options
