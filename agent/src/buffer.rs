@@ -260,6 +260,11 @@ pub struct Buffer {
     metrics: BufferMetrics,
     /// False after a failed flush, until one succeeds.
     flush_ok: AtomicBool,
+    /// The durable sequence, published by every successful flush (the MQTT acknowledgements
+    /// wait on it).
+    durable: tokio::sync::watch::Sender<u64>,
+    /// Asks [`Buffer::run_flusher`] to flush before its next tick.
+    flush_requested: tokio::sync::Notify,
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -418,6 +423,8 @@ impl Buffer {
             }),
             metrics,
             flush_ok: AtomicBool::new(true),
+            durable: tokio::sync::watch::Sender::new(max_seq),
+            flush_requested: tokio::sync::Notify::new(),
         })
     }
 
@@ -735,8 +742,7 @@ impl Buffer {
         let flushed = self.db.flush_async().await;
         self.note_flush(flushed.is_ok());
         flushed?;
-        let mut st = self.lock();
-        st.durable_seq = st.durable_seq.max(upto);
+        self.mark_durable(upto);
         Ok(upto)
     }
 
@@ -746,9 +752,34 @@ impl Buffer {
         let flushed = self.db.flush();
         self.note_flush(flushed.is_ok());
         flushed?;
-        let mut st = self.lock();
-        st.durable_seq = st.durable_seq.max(upto);
+        self.mark_durable(upto);
         Ok(upto)
+    }
+
+    fn mark_durable(&self, upto: u64) {
+        let durable = {
+            let mut st = self.lock();
+            st.durable_seq = st.durable_seq.max(upto);
+            st.durable_seq
+        };
+        // Monotonic even when two flushes finish out of order.
+        self.durable.send_if_modified(|d| {
+            let changed = *d < durable;
+            *d = (*d).max(durable);
+            changed
+        });
+    }
+
+    /// Watches the durable sequence: every sequence up to the watched value was covered by a
+    /// completed flush. It only grows; a failed flush leaves it where it was.
+    pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Asks the flusher ([`Buffer::run_flusher`]) to flush now instead of at its next tick.
+    /// Requests made while a flush runs coalesce into one more flush.
+    pub fn request_flush(&self) {
+        self.flush_requested.notify_one();
     }
 
     fn note_flush(&self, ok: bool) {
@@ -817,8 +848,9 @@ impl Buffer {
         })
     }
 
-    /// Flushes every `interval` until `cancel` fires, then once more. Run it on the runtime's
-    /// tracker; a failed flush is logged and retried at the next tick (sled keeps the data).
+    /// Flushes every `interval`, and whenever [`Buffer::request_flush`] asks, until `cancel`
+    /// fires, then once more. Run it on the runtime's tracker; a failed flush is logged and
+    /// retried at the next tick or request (sled keeps the data).
     pub async fn run_flusher(
         &self,
         interval: Duration,
@@ -832,6 +864,11 @@ impl Buffer {
                 _ = tick.tick() => {
                     if let Err(e) = self.flush().await {
                         tracing::error!(error = %e, "buffer flush failed; retrying next interval");
+                    }
+                }
+                () = self.flush_requested.notified() => {
+                    if let Err(e) = self.flush().await {
+                        tracing::error!(error = %e, "requested buffer flush failed");
                     }
                 }
             }
