@@ -5,6 +5,7 @@
 //! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
 //! `kip-agent status` and `kip-agent buffer inspect`.
 
+pub mod ack;
 pub mod buffer;
 pub mod cli;
 pub mod config;

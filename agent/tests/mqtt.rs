@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{Mosquitto, Pki, publish};
 use kip_agent::{
+    ack::{AckOutcome, AckedRecord, Acknowledge},
     config::{Config, RawConfig},
     metrics::{IngestMetrics, SourceLabels, new_registry},
     mqtt::MqttSource,
@@ -56,7 +57,7 @@ value = {{ kind = "json", pointer = "/v", timestamp_pointer = "/ts" }}
 }
 
 struct Running {
-    rx: mpsc::Receiver<Record>,
+    rx: mpsc::Receiver<AckedRecord>,
     metrics: IngestMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -91,7 +92,7 @@ impl Running {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             publish(port, topic, payload, tls);
-            match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
+            match tokio::time::timeout(Duration::from_millis(300), self.recv()).await {
                 Ok(Some(Record::Gap(_))) | Err(_) => {}
                 Ok(Some(r)) => return r,
                 Ok(None) => panic!("source stopped"),
@@ -103,8 +104,17 @@ impl Running {
         }
     }
 
+    /// The next record; its message is acknowledged at once (no buffer here).
+    async fn recv(&mut self) -> Option<Record> {
+        let AckedRecord { record, ack } = self.rx.recv().await?;
+        if let Some(token) = ack {
+            assert_eq!(token.try_ack(), AckOutcome::Sent);
+        }
+        Some(record)
+    }
+
     async fn next(&mut self) -> Record {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+        tokio::time::timeout(Duration::from_secs(10), self.recv())
             .await
             .expect("a record within 10 s")
             .expect("source running")
@@ -267,7 +277,7 @@ async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
     );
     publish(broker.port, "plant/x/temp", b"1", Some(&pki));
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), run.rx.recv())
+        tokio::time::timeout(Duration::from_millis(500), run.recv())
             .await
             .is_err(),
         "nothing may arrive over a refused connection"
