@@ -284,3 +284,46 @@ async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
     );
     run.stop().await;
 }
+
+#[tokio::test]
+async fn messages_whose_tokens_never_fired_are_redelivered_to_the_next_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let port = broker.port;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let mut run = Running::start(config(&url, ""));
+    run.publish_until_received(port, "plant/a/temp", b"0", None)
+        .await;
+    for i in 1..=8 {
+        publish(port, "plant/a/temp", i.to_string().as_bytes(), None);
+    }
+    // Received but never acknowledged (as if the agent died before the flush).
+    let mut values = Vec::new();
+    for _ in 0..8 {
+        let AckedRecord { record, ack } =
+            tokio::time::timeout(Duration::from_secs(10), run.rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(ack.is_some(), "QoS 1 messages carry a token");
+        let Record::Reading(r) = record else {
+            panic!("expected a reading")
+        };
+        values.push(r.value);
+    }
+    assert_eq!(values, (1..=8).map(f64::from).collect::<Vec<_>>());
+    run.stop().await;
+
+    // Same client id, persistent session: the broker sends them again; now they are acked.
+    let mut run = Running::start(config(&url, ""));
+    let mut again = Vec::new();
+    for _ in 0..8 {
+        let Record::Reading(r) = run.next().await else {
+            panic!("expected a reading")
+        };
+        again.push(r.value);
+    }
+    again.sort_by(f64::total_cmp);
+    assert_eq!(again, values);
+    run.stop().await;
+}
