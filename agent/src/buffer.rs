@@ -44,8 +44,16 @@
 //!     ([`BufferStats::durable_seq`]) survives; the records appended after the last completed
 //!     flush (again at most one flush interval) are still in the process's memory and are
 //!     lost with it. "Zero loss after kill -9" therefore holds for every record the buffer
-//!     reported as flushed; a source that can redeliver (MQTT QoS 1 with a persistent session)
-//!     can close the window by acknowledging upstream only after the flush (not done yet).
+//!     reported as flushed.
+//!   - MQTT closes that window (and the power-loss one, when the broker survives it) for its
+//!     messages: it acknowledges upstream only once [`Buffer::watch_durable`] covers the
+//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable (at
+//!     least once: a message whose record became durable just before the crash can be stored
+//!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
+//!     stands.
+//! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
+//!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
+//!   the interval stays the upper bound.
 //! - A failed flush (disk full, I/O error) is counted (`kip_agent_buffer_flush_failures`),
 //!   turns `/healthz` red until a flush succeeds, and is retried at the next interval.
 //! - A flushed record is never reordered or duplicated by a crash: keys are unique sequence

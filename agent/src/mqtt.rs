@@ -15,10 +15,24 @@
 //!   `reconnect_min_backoff_ms` and `reconnect_max_backoff_ms` (with jitter), reset by a
 //!   ConnAck; each disconnect increments `kip_agent_source_reconnects` and, once connected
 //!   again, writes a [`Gap`] record spanning the time without a connection.
-//! - When a message is received rumqttc acknowledges it (PubAck) before the buffer flushed
-//!   it, so an agent crash in the flush window can lose it (see the buffer's loss window).
+//! - A message is acknowledged (PubAck, rumqttc manual acks) only once its record is durable
+//!   in the buffer: each record goes out with an [`AckToken`] that the buffer writer fires
+//!   when the durable sequence covers it ([`crate::ack`]). A crash (`kill -9`, power loss)
+//!   before that leaves the message unacknowledged, and the broker redelivers it to the
+//!   persistent session. At least once: a message whose record became durable but whose
+//!   PubAck did not reach the broker is stored again when redelivered.
+//! - Tokens belong to one connection: after a connection loss they are stale (rumqttc drops
+//!   queued PubAcks then too) and the redelivered copy carries a fresh token. A PubAck fired
+//!   in the instant between rumqttc noticing the loss and the source marking the tokens stale
+//!   goes out on the next connection, where it acknowledges the same message (the session
+//!   keeps the packet id); only its redelivered copy's PubAck is then redundant.
+//! - After `cancel` the source reads no more messages but keeps the connection polled until
+//!   the writer fired or dropped every token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then
+//!   sends DISCONNECT: a clean shutdown acknowledges everything it stored.
 //! - Backpressure: records go into a bounded channel; a full channel stops polling the
-//!   broker connection, and thus stops reading from the socket.
+//!   broker connection, and thus stops reading from the socket. Unacknowledged messages count
+//!   against the broker's in-flight limit, so a buffer that cannot flush stops the flow at the
+//!   broker, which keeps the messages.
 //!
 //! When a received topic matches several subscriptions, the first one in config order maps it.
 

@@ -6,8 +6,19 @@
 //!   task runs on one [`TaskTracker`]. The writer stops only when every source has dropped
 //!   its sender, so it drains the channel completely, then flushes: a clean shutdown loses
 //!   nothing that a source handed over.
-//! - The channel is bounded (`buffer.queue_capacity_records`): a slow disk slows the sources
+//! - The channels are bounded (`buffer.queue_capacity_records` each: one for OPC UA records,
+//!   one for MQTT records with their acknowledgement tokens): a slow disk slows the sources
 //!   down (MQTT stops reading its socket) instead of growing memory.
+//! - MQTT acknowledgements wait in the writer until the buffer's durable sequence covers their
+//!   records, then are fired without waiting (`try_ack`: the source may be blocked on the
+//!   channel, not polling its connection); the writer asks for an early flush once
+//!   `buffer.ack_flush_threshold_records` wait or the oldest waited 5 ms. At most
+//!   `queue_capacity_records` acknowledgements wait; beyond that (flushes failing) the writer
+//!   stops taking MQTT records. A record the buffer rejects as full is acknowledged like an
+//!   evicted reading (its loss record says so); one a storage error kept out is not, and the
+//!   broker redelivers it on the next connection. After the channels closed the writer
+//!   flushes, fires what became durable and drops the rest (not durable: the broker keeps
+//!   them).
 //! - The HTTP surface is read-only and meant for loopback; it never takes the buffer's lock
 //!   for longer than a stats snapshot.
 //!
