@@ -44,8 +44,16 @@
 //!     ([`BufferStats::durable_seq`]) survives; the records appended after the last completed
 //!     flush (again at most one flush interval) are still in the process's memory and are
 //!     lost with it. "Zero loss after kill -9" therefore holds for every record the buffer
-//!     reported as flushed; a source that can redeliver (MQTT QoS 1 with a persistent session)
-//!     can close the window by acknowledging upstream only after the flush (not done yet).
+//!     reported as flushed.
+//!   - MQTT closes that window (and the power-loss one, when the broker survives it) for its
+//!     messages: it acknowledges upstream only once [`Buffer::watch_durable`] covers the
+//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable (at
+//!     least once: a message whose record became durable just before the crash can be stored
+//!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
+//!     stands.
+//! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
+//!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
+//!   the interval stays the upper bound.
 //! - A failed flush (disk full, I/O error) is counted (`kip_agent_buffer_flush_failures`),
 //!   turns `/healthz` red until a flush succeeds, and is retried at the next interval.
 //! - A flushed record is never reordered or duplicated by a crash: keys are unique sequence
@@ -260,6 +268,11 @@ pub struct Buffer {
     metrics: BufferMetrics,
     /// False after a failed flush, until one succeeds.
     flush_ok: AtomicBool,
+    /// The durable sequence, published by every successful flush (the MQTT acknowledgements
+    /// wait on it).
+    durable: tokio::sync::watch::Sender<u64>,
+    /// Asks [`Buffer::run_flusher`] to flush before its next tick.
+    flush_requested: tokio::sync::Notify,
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -418,6 +431,8 @@ impl Buffer {
             }),
             metrics,
             flush_ok: AtomicBool::new(true),
+            durable: tokio::sync::watch::Sender::new(max_seq),
+            flush_requested: tokio::sync::Notify::new(),
         })
     }
 
@@ -735,8 +750,7 @@ impl Buffer {
         let flushed = self.db.flush_async().await;
         self.note_flush(flushed.is_ok());
         flushed?;
-        let mut st = self.lock();
-        st.durable_seq = st.durable_seq.max(upto);
+        self.mark_durable(upto);
         Ok(upto)
     }
 
@@ -746,9 +760,34 @@ impl Buffer {
         let flushed = self.db.flush();
         self.note_flush(flushed.is_ok());
         flushed?;
-        let mut st = self.lock();
-        st.durable_seq = st.durable_seq.max(upto);
+        self.mark_durable(upto);
         Ok(upto)
+    }
+
+    fn mark_durable(&self, upto: u64) {
+        let durable = {
+            let mut st = self.lock();
+            st.durable_seq = st.durable_seq.max(upto);
+            st.durable_seq
+        };
+        // Monotonic even when two flushes finish out of order.
+        self.durable.send_if_modified(|d| {
+            let changed = *d < durable;
+            *d = (*d).max(durable);
+            changed
+        });
+    }
+
+    /// Watches the durable sequence: every sequence up to the watched value was covered by a
+    /// completed flush. It only grows; a failed flush leaves it where it was.
+    pub fn watch_durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Asks the flusher ([`Buffer::run_flusher`]) to flush now instead of at its next tick.
+    /// Requests made while a flush runs coalesce into one more flush.
+    pub fn request_flush(&self) {
+        self.flush_requested.notify_one();
     }
 
     fn note_flush(&self, ok: bool) {
@@ -817,8 +856,9 @@ impl Buffer {
         })
     }
 
-    /// Flushes every `interval` until `cancel` fires, then once more. Run it on the runtime's
-    /// tracker; a failed flush is logged and retried at the next tick (sled keeps the data).
+    /// Flushes every `interval`, and whenever [`Buffer::request_flush`] asks, until `cancel`
+    /// fires, then once more. Run it on the runtime's tracker; a failed flush is logged and
+    /// retried at the next tick or request (sled keeps the data).
     pub async fn run_flusher(
         &self,
         interval: Duration,
@@ -832,6 +872,11 @@ impl Buffer {
                 _ = tick.tick() => {
                     if let Err(e) = self.flush().await {
                         tracing::error!(error = %e, "buffer flush failed; retrying next interval");
+                    }
+                }
+                () = self.flush_requested.notified() => {
+                    if let Err(e) = self.flush().await {
+                        tracing::error!(error = %e, "requested buffer flush failed");
                     }
                 }
             }

@@ -316,6 +316,10 @@ pub struct RawBuffer {
     /// Capacity of the channel between the sources and the buffer writer.
     #[serde(default = "default_queue_capacity_records")]
     pub queue_capacity_records: usize,
+    /// Flush early once this many MQTT messages wait for their acknowledgement (which is sent
+    /// only after the flush); keep it below the broker's in-flight limit per client.
+    #[serde(default = "default_ack_flush_threshold_records")]
+    pub ack_flush_threshold_records: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,6 +399,11 @@ fn default_flush_interval_ms() -> u64 {
 fn default_queue_capacity_records() -> usize {
     10_000
 }
+fn default_ack_flush_threshold_records() -> usize {
+    // Half of Mosquitto's default max_inflight_messages (20): the next half arrives while
+    // the flush runs.
+    10
+}
 fn default_http_listen_addr() -> String {
     "127.0.0.1:9464".into()
 }
@@ -420,6 +429,7 @@ impl Default for RawBuffer {
             max_bytes: default_max_bytes(),
             flush_interval_ms: default_flush_interval_ms(),
             queue_capacity_records: default_queue_capacity_records(),
+            ack_flush_threshold_records: default_ack_flush_threshold_records(),
         }
     }
 }
@@ -470,6 +480,7 @@ pub struct BufferConfig {
     pub max_bytes: u64,
     pub flush_interval: Duration,
     pub queue_capacity_records: usize,
+    pub ack_flush_threshold_records: usize,
 }
 
 /// MQTT transport security.
@@ -573,6 +584,15 @@ impl RawConfig {
                 ),
             ));
         }
+        if !(1..=10_000).contains(&b.ack_flush_threshold_records) {
+            return Err(invalid(
+                "buffer.ack_flush_threshold_records",
+                format!(
+                    "must be between 1 and 10000, got {}",
+                    b.ack_flush_threshold_records
+                ),
+            ));
+        }
         let http_listen_addr = self.http.listen_addr.parse().map_err(|e| {
             invalid(
                 "http.listen_addr",
@@ -636,6 +656,7 @@ impl RawConfig {
                 max_bytes: b.max_bytes,
                 flush_interval: Duration::from_millis(b.flush_interval_ms),
                 queue_capacity_records: b.queue_capacity_records,
+                ack_flush_threshold_records: b.ack_flush_threshold_records,
             },
             http_listen_addr,
             log_format,
@@ -1246,6 +1267,10 @@ mod tests {
                 "buffer.flush_interval_ms",
             ),
             ("[buffer]\nmax_bytes = 10".into(), "buffer.max_bytes"),
+            (
+                "[buffer]\nack_flush_threshold_records = 0".into(),
+                "buffer.ack_flush_threshold_records",
+            ),
             ("[http]\nlisten_addr = \"x\"".into(), "http.listen_addr"),
             ("[log]\nformat = \"xml\"".into(), "log.format"),
             (

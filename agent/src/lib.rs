@@ -1,10 +1,12 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
-//! Data path: sources ([`mqtt`], [`opcua`]) -> bounded channel -> buffer writer ->
+//! Data path: sources ([`mqtt`], [`opcua`]) -> bounded channels -> buffer writer ->
 //! [`buffer`] (sled, durable `(epoch, seq)`) -> [`sync`] (mTLS batches to the control plane, effectively once). [`runtime`] wires it
 //! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
-//! `kip-agent status` and `kip-agent buffer inspect`.
+//! `kip-agent status` and `kip-agent buffer inspect`. MQTT messages are acknowledged to the
+//! broker only once their records are durable ([`ack`]).
 
+pub mod ack;
 pub mod buffer;
 pub mod cli;
 pub mod config;

@@ -35,6 +35,10 @@ pub struct IngestMetrics {
     /// Records the buffer writer stored / could not store.
     pub records_buffered: Counter,
     pub records_dropped: Counter,
+    /// MQTT messages acknowledged to the broker once their records were durable / whose
+    /// acknowledgement could not be sent (the broker redelivers those).
+    pub mqtt_acks_sent: Counter,
+    pub mqtt_acks_failed: Counter,
     /// Readings per source, for `kip-agent status` (not exported: `readings` has it).
     pub readings_per_source: Family<SourceLabels, Counter>,
 }
@@ -72,6 +76,17 @@ impl IngestMetrics {
             "records_dropped",
             "Records the buffer rejected (full with nothing evictable, or a storage error)",
             m.records_dropped.clone(),
+        );
+        registry.register(
+            "mqtt_acks_sent",
+            "MQTT messages acknowledged to the broker after their records became durable",
+            m.mqtt_acks_sent.clone(),
+        );
+        registry.register(
+            "mqtt_acks_failed",
+            "MQTT acknowledgements not sent (connection lost or source stopped); the broker \
+             redelivers those messages on the next connection",
+            m.mqtt_acks_failed.clone(),
         );
         m
     }

@@ -15,10 +15,24 @@
 //!   `reconnect_min_backoff_ms` and `reconnect_max_backoff_ms` (with jitter), reset by a
 //!   ConnAck; each disconnect increments `kip_agent_source_reconnects` and, once connected
 //!   again, writes a [`Gap`] record spanning the time without a connection.
-//! - When a message is received rumqttc acknowledges it (PubAck) before the buffer flushed
-//!   it, so an agent crash in the flush window can lose it (see the buffer's loss window).
+//! - A message is acknowledged (PubAck, rumqttc manual acks) only once its record is durable
+//!   in the buffer: each record goes out with an [`AckToken`] that the buffer writer fires
+//!   when the durable sequence covers it ([`crate::ack`]). A crash (`kill -9`, power loss)
+//!   before that leaves the message unacknowledged, and the broker redelivers it to the
+//!   persistent session. At least once: a message whose record became durable but whose
+//!   PubAck did not reach the broker is stored again when redelivered.
+//! - Tokens belong to one connection: after a connection loss they are stale (rumqttc drops
+//!   queued PubAcks then too) and the redelivered copy carries a fresh token. A PubAck fired
+//!   in the instant between rumqttc noticing the loss and the source marking the tokens stale
+//!   goes out on the next connection, where it acknowledges the same message (the session
+//!   keeps the packet id); only its redelivered copy's PubAck is then redundant.
+//! - After `cancel` the source reads no more messages but keeps the connection polled until
+//!   the writer fired or dropped every token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then
+//!   sends DISCONNECT: a clean shutdown acknowledges everything it stored.
 //! - Backpressure: records go into a bounded channel; a full channel stops polling the
-//!   broker connection, and thus stops reading from the socket.
+//!   broker connection, and thus stops reading from the socket. Unacknowledged messages count
+//!   against the broker's in-flight limit, so a buffer that cannot flush stops the flow at the
+//!   broker, which keeps the messages.
 //!
 //! When a received topic matches several subscriptions, the first one in config order maps it.
 
@@ -34,9 +48,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    ack::{AckToken, AckedRecord, Connection},
     config::{MqttBrokerConfig, MqttTls, Subscription, ValueFormat},
     metrics::{IngestMetrics, ReadingLabels},
 };
+
+/// Capacity of rumqttc's request queue (subscriptions and PubAcks). The queue drains
+/// whenever the source polls its connection; the PubAcks released by one flush are bounded by
+/// the broker's in-flight limit, typically well below this.
+const REQUEST_QUEUE_CAPACITY: usize = 1024;
+
+/// How long a stopping source keeps its connection polled for the last acknowledgements.
+pub const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// Why the MQTT source could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -333,56 +356,117 @@ impl MqttSource {
     }
 
     fn options(&self) -> Result<MqttOptions, MqttError> {
-        broker_options(&self.cfg, false)
+        let mut opts = broker_options(&self.cfg, false)?;
+        // PubAck only once the record is durable (the receiver fires the AckToken).
+        opts.set_manual_acks(true);
+        Ok(opts)
     }
 
     /// Runs until `cancel` fires or `tx` closes. Configuration errors (unreadable
     /// certificates) are logged and retried at the maximum backoff, so fixing the files
     /// brings the source up without a restart.
-    pub async fn run(self, tx: mpsc::Sender<Record>, cancel: CancellationToken) {
+    ///
+    /// Each message goes out with an [`AckToken`]; the broker gets its PubAck only when the
+    /// receiver fires the token. After `cancel` the source stops reading messages but keeps
+    /// the connection polled until every token it issued was fired or dropped (bounded by
+    /// [`SHUTDOWN_ACK_WAIT`]), so the final flush's acknowledgements reach the broker, then
+    /// disconnects.
+    pub async fn run(self, tx: mpsc::Sender<AckedRecord>, cancel: CancellationToken) {
         let name = self.cfg.name.to_string();
         let labels = IngestMetrics::source(&name);
         let mut backoff = Backoff::new(
             self.cfg.reconnect_min_backoff,
             self.cfg.reconnect_max_backoff,
         );
+        let connection = Connection::default();
         loop {
             let opts = match self.options() {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::error!(source = %name, error = %e, "mqtt source cannot start");
                     if sleep_or_cancel(self.cfg.reconnect_max_backoff, &cancel).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
             };
-            let (client, eventloop) = AsyncClient::new(opts, 64);
-            self.drive(client, eventloop, &tx, &cancel, &mut backoff, &labels)
+            let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE_CAPACITY);
+            let drained = self
+                .drive(
+                    &client,
+                    &mut eventloop,
+                    tx,
+                    &connection,
+                    &cancel,
+                    &mut backoff,
+                    &labels,
+                )
                 .await;
+            if drained {
+                self.linger(&client, &mut eventloop, &connection).await;
+            }
             break;
         }
+        connection.close();
         self.metrics.connected.get_or_create(&labels).set(0);
     }
 
+    /// After `cancel`: polls the connection (ignoring new messages, which stay unacknowledged
+    /// and are redelivered next session) until no token of this source is alive, then
+    /// disconnects cleanly.
+    async fn linger(&self, client: &AsyncClient, eventloop: &mut EventLoop, conn: &Connection) {
+        let name = self.cfg.name.as_str();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_ACK_WAIT;
+        let mut check = tokio::time::interval(Duration::from_millis(5));
+        while conn.tokens_alive() > 0 {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(source = name, tokens = conn.tokens_alive(), "mqtt acknowledgements still pending at shutdown; the broker redelivers those messages");
+                    break;
+                }
+                _ = check.tick() => {}
+                ev = eventloop.poll() => if ev.is_err() {
+                    // Queued acknowledgements are gone with the connection.
+                    conn.lost();
+                    return;
+                },
+            }
+        }
+        if client.try_disconnect().is_err() {
+            return;
+        }
+        // Poll until the DISCONNECT is written, so the broker sees a clean leave.
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(_) => {}
+                },
+            }
+        }
+    }
+
+    /// Drives the connection until `cancel` or `tx` closed; true when it is still connected
+    /// (worth lingering for the last acknowledgements).
+    #[expect(clippy::too_many_arguments, reason = "one private call site")]
     async fn drive(
         &self,
-        client: AsyncClient,
-        mut eventloop: EventLoop,
-        tx: &mpsc::Sender<Record>,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        tx: mpsc::Sender<AckedRecord>,
+        connection: &Connection,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
         labels: &crate::metrics::SourceLabels,
-    ) {
+    ) -> bool {
         let name = self.cfg.name.as_str();
         let mut disconnected_since: Option<(DateTime<Utc>, String)> = None;
+        let mut connected = false;
         loop {
             let event = tokio::select! {
-                () = cancel.cancelled() => {
-                    // Best effort: tell the broker we leave, without waiting for it.
-                    let _ = client.try_disconnect();
-                    return;
-                }
+                () = cancel.cancelled() => return connected,
                 ev = eventloop.poll() => ev,
             };
             match event {
@@ -393,6 +477,7 @@ impl MqttSource {
                         "mqtt connected"
                     );
                     backoff.reset();
+                    connected = true;
                     for sub in &self.cfg.subscriptions {
                         if let Err(e) = client.try_subscribe(&sub.topic, QoS::AtLeastOnce) {
                             tracing::error!(source = name, topic = %sub.topic, error = %e, "mqtt subscribe request failed");
@@ -405,8 +490,10 @@ impl MqttSource {
                             to: Utc::now(),
                             reason,
                         });
-                        if !send(tx, gap, cancel).await {
-                            return;
+                        match send(&tx, gap, None, cancel).await {
+                            Sent::Yes => {}
+                            Sent::Cancelled => return true,
+                            Sent::Closed => return false,
                         }
                     }
                 }
@@ -423,12 +510,21 @@ impl MqttSource {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let record = self.to_record(&p.topic, &p.payload);
-                    if !send(tx, record, cancel).await {
-                        return;
+                    // QoS 0 needs no acknowledgement (only reachable if a broker downgrades).
+                    let token =
+                        (p.qos != QoS::AtMostOnce).then(|| AckToken::new(client, &p, connection));
+                    match send(&tx, record, token, cancel).await {
+                        Sent::Yes => {}
+                        Sent::Cancelled => return true,
+                        Sent::Closed => return false,
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // rumqttc dropped the PubAcks still queued; tokens of this connection
+                    // are stale from now on (the broker redelivers their messages).
+                    connection.lost();
+                    connected = false;
                     self.metrics.connected.get_or_create(labels).set(0);
                     self.metrics.reconnects.get_or_create(labels).inc();
                     if disconnected_since.is_none() {
@@ -438,10 +534,9 @@ impl MqttSource {
                     let delay = backoff.next_delay();
                     tracing::warn!(source = name, error = %e, retry_in_ms = delay.as_millis() as u64, "mqtt connection error");
                     if sleep_or_cancel(delay, cancel).await {
-                        return;
+                        return false;
                     }
-                    // The event loop reconnects on the next poll; requests queued meanwhile
-                    // (none here) would be replayed.
+                    // The event loop reconnects on the next poll.
                 }
             }
         }
@@ -486,11 +581,22 @@ impl MqttSource {
     }
 }
 
-/// Sends unless cancelled; false when the source should stop.
-async fn send(tx: &mpsc::Sender<Record>, record: Record, cancel: &CancellationToken) -> bool {
+enum Sent {
+    Yes,
+    Cancelled,
+    Closed,
+}
+
+/// Sends unless cancelled.
+async fn send(
+    tx: &mpsc::Sender<AckedRecord>,
+    record: Record,
+    ack: Option<AckToken>,
+    cancel: &CancellationToken,
+) -> Sent {
     tokio::select! {
-        () = cancel.cancelled() => false,
-        r = tx.send(record) => r.is_ok(),
+        () = cancel.cancelled() => Sent::Cancelled,
+        r = tx.send(AckedRecord { record, ack }) => if r.is_ok() { Sent::Yes } else { Sent::Closed },
     }
 }
 

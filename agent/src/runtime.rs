@@ -6,8 +6,19 @@
 //!   task runs on one [`TaskTracker`]. The writer stops only when every source has dropped
 //!   its sender, so it drains the channel completely, then flushes: a clean shutdown loses
 //!   nothing that a source handed over.
-//! - The channel is bounded (`buffer.queue_capacity_records`): a slow disk slows the sources
+//! - The channels are bounded (`buffer.queue_capacity_records` each: one for OPC UA records,
+//!   one for MQTT records with their acknowledgement tokens): a slow disk slows the sources
 //!   down (MQTT stops reading its socket) instead of growing memory.
+//! - MQTT acknowledgements wait in the writer until the buffer's durable sequence covers their
+//!   records, then are fired without waiting (`try_ack`: the source may be blocked on the
+//!   channel, not polling its connection); the writer asks for an early flush once
+//!   `buffer.ack_flush_threshold_records` wait or the oldest waited 5 ms. At most
+//!   `queue_capacity_records` acknowledgements wait; beyond that (flushes failing) the writer
+//!   stops taking MQTT records. A record the buffer rejects as full is acknowledged like an
+//!   evicted reading (its loss record says so); one a storage error kept out is not, and the
+//!   broker redelivers it on the next connection. After the channels closed the writer
+//!   flushes, fires what became durable and drops the rest (not durable: the broker keeps
+//!   them).
 //! - The HTTP surface is read-only and meant for loopback; it never takes the buffer's lock
 //!   for longer than a stats snapshot.
 //!
@@ -43,6 +54,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    ack::{AckToken, AckedRecord, PendingAcks},
     buffer::{Buffer, BufferError, BufferOptions, BufferStats},
     config::Config,
     edge_inference::{Inference, InferenceFeed},
@@ -264,41 +276,162 @@ fn router(surface: Arc<Surface>) -> Router {
         .with_state(surface)
 }
 
-/// Moves records from the channel into the buffer until every sender is gone, then flushes.
+/// How long the oldest MQTT message may wait for a flush nobody asked for yet before the
+/// writer asks for one (see [`crate::ack`]).
+const ACK_FLUSH_MAX_DELAY: Duration = Duration::from_millis(5);
+/// How soon a busy acknowledgement (rumqttc's request queue full) is retried.
+const ACK_RETRY_DELAY: Duration = Duration::from_millis(5);
+
+/// The writer's side of the MQTT acknowledgements.
+#[derive(Debug)]
+struct AckPath {
+    rx: mpsc::Receiver<AckedRecord>,
+    /// Ask for an early flush once this many acknowledgements wait for one.
+    flush_threshold: usize,
+    /// The writer stops taking MQTT records while this many acknowledgements wait (flushes
+    /// failing): the backpressure then reaches the broker, which keeps the messages.
+    max_pending: usize,
+}
+
+/// Appends one record; returns the sequence an acknowledgement waits for (`None`: do not
+/// acknowledge, the broker keeps the message).
+fn store(
+    buffer: &Buffer,
+    record: &Record,
+    metrics: &IngestMetrics,
+    feed: Option<&InferenceFeed>,
+    live: Option<&LiveValues>,
+) -> Option<u64> {
+    if let Record::Reading(r) = record {
+        if let Some(f) = feed {
+            f.offer(r);
+        }
+        if let Some(l) = live {
+            l.observe(r);
+        }
+    }
+    match buffer.append(record) {
+        Ok(seq) => {
+            metrics.records_buffered.inc();
+            Some(seq)
+        }
+        // Rejected like any record when the buffer is full of unevictable records; its loss
+        // record names the sequence. Acknowledged (after the next flush) like an evicted
+        // reading: holding it would stall the broker session instead.
+        Err(e @ BufferError::Full { seq, .. }) => {
+            metrics.records_dropped.inc();
+            tracing::warn!(error = %e, "record dropped");
+            Some(seq)
+        }
+        // Storage error: not stored, so not acknowledged; the broker redelivers it on the next
+        // connection.
+        Err(e) => {
+            metrics.records_dropped.inc();
+            tracing::error!(error = %e, "buffer write failed; record dropped");
+            None
+        }
+    }
+}
+
+/// Fires the acknowledgements `durable` covers; returns when to retry a busy one.
+fn release(
+    pending: &mut PendingAcks<AckToken>,
+    durable: u64,
+    metrics: &IngestMetrics,
+) -> Option<Instant> {
+    let now = Instant::now();
+    let r = pending.release(durable, now);
+    metrics.mqtt_acks_sent.inc_by(r.sent);
+    if r.failed > 0 {
+        metrics.mqtt_acks_failed.inc_by(r.failed);
+        tracing::warn!(
+            failed = r.failed,
+            "mqtt acknowledgements not sent (connection lost or source stopped); the broker \
+             redelivers those messages"
+        );
+    }
+    r.busy.then(|| now + ACK_RETRY_DELAY)
+}
+
+/// Moves records from the channels into the buffer until every sender is gone, then flushes.
+/// MQTT records carry acknowledgements, fired once the buffer's durable sequence covers them.
 async fn write_records(
     buffer: Arc<Buffer>,
     mut rx: mpsc::Receiver<Record>,
+    mut acks: AckPath,
     metrics: IngestMetrics,
     surface: Arc<Surface>,
     feed: Option<InferenceFeed>,
     live: Option<Arc<LiveValues>>,
 ) {
-    while let Some(record) = rx.recv().await {
-        if let Record::Reading(r) = &record {
-            if let Some(f) = &feed {
-                f.offer(r);
-            }
-            if let Some(l) = &live {
-                l.observe(r);
-            }
-        }
-        match buffer.append(&record) {
-            Ok(_) => {
-                metrics.records_buffered.inc();
-            }
-            Err(e @ BufferError::Full { .. }) => {
-                metrics.records_dropped.inc();
-                tracing::warn!(error = %e, "record dropped");
-            }
-            Err(e) => {
-                metrics.records_dropped.inc();
-                tracing::error!(error = %e, "buffer write failed; record dropped");
+    let mut pending: PendingAcks<AckToken> = PendingAcks::default();
+    let mut durable = buffer.watch_durable();
+    let (mut plain_open, mut acked_open, mut durable_open) = (true, true, true);
+    let mut retry_at: Option<Instant> = None;
+    while plain_open || acked_open {
+        let wake = [pending.flush_deadline(ACK_FLUSH_MAX_DELAY), retry_at]
+            .into_iter()
+            .flatten()
+            .min();
+        tokio::select! {
+            r = rx.recv(), if plain_open => match r {
+                Some(record) => {
+                    store(&buffer, &record, &metrics, feed.as_ref(), live.as_deref());
+                }
+                None => plain_open = false,
+            },
+            r = acks.rx.recv(), if acked_open && pending.len() < acks.max_pending => match r {
+                Some(AckedRecord { record, ack }) => {
+                    let seq = store(&buffer, &record, &metrics, feed.as_ref(), live.as_deref());
+                    match (ack, seq) {
+                        (Some(token), Some(seq)) => pending.push(seq, token, Instant::now()),
+                        (Some(_), None) => {
+                            metrics.mqtt_acks_failed.inc();
+                        }
+                        (None, _) => {}
+                    }
+                    if pending.take_flush_request(acks.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
+                        buffer.request_flush();
+                    }
+                }
+                None => acked_open = false,
+            },
+            changed = durable.changed(), if durable_open => match changed {
+                Ok(()) => {
+                    let d = *durable.borrow_and_update();
+                    retry_at = release(&mut pending, d, &metrics);
+                }
+                Err(_) => durable_open = false,
+            },
+            () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+                if pending.take_flush_request(acks.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
+                    buffer.request_flush();
+                }
+                if retry_at.is_some() {
+                    let d = *durable.borrow();
+                    retry_at = release(&mut pending, d, &metrics);
+                }
             }
         }
     }
     match buffer.flush().await {
         Ok(seq) => tracing::info!(durable_seq = seq, "buffer flushed at shutdown"),
         Err(e) => tracing::error!(error = %e, "final buffer flush failed"),
+    }
+    // The MQTT sources keep their connections polled until these are fired or dropped.
+    let deadline = Instant::now() + crate::ack::BUSY_GIVE_UP;
+    let d = *durable.borrow();
+    while release(&mut pending, d, &metrics).is_some() && Instant::now() < deadline {
+        tokio::time::sleep(ACK_RETRY_DELAY).await;
+    }
+    let left = pending.abandon();
+    if left > 0 {
+        // Not durable (the final flush failed): the broker keeps them.
+        metrics.mqtt_acks_failed.inc_by(left);
+        tracing::warn!(
+            messages = left,
+            "mqtt messages left unacknowledged at shutdown"
+        );
     }
     surface.writer_alive.store(false, Ordering::Relaxed);
 }
@@ -439,6 +572,8 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         })?;
 
     let (tx, rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
+    // MQTT records come with acknowledgements, on their own channel (OPC UA has none).
+    let (acked_tx, acked_rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
     let tracker = TaskTracker::new();
     let sources: Vec<MqttSource> = cfg
         .mqtt
@@ -500,7 +635,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     });
     for source in sources {
         tracing::info!(source = source.name(), "starting mqtt source");
-        tracker.spawn(source.run(tx.clone(), cancel.clone()));
+        tracker.spawn(source.run(acked_tx.clone(), cancel.clone()));
     }
     for (source, ep) in opcua_sources.into_iter().zip(&cfg.opcua) {
         tracing::info!(source = %ep.name, url = %ep.url, "starting OPC UA source");
@@ -508,9 +643,18 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     }
     // The writer ends when the last sender is gone: drop ours now.
     drop(tx);
+    drop(acked_tx);
     tracker.spawn(write_records(
         buffer.clone(),
         rx,
+        AckPath {
+            rx: acked_rx,
+            flush_threshold: cfg.buffer.ack_flush_threshold_records,
+            max_pending: cfg
+                .buffer
+                .queue_capacity_records
+                .max(cfg.buffer.ack_flush_threshold_records),
+        },
         metrics.clone(),
         surface.clone(),
         feed,
@@ -632,9 +776,17 @@ mod tests {
             prometheus_client::metrics::counter::Counter::default(),
         ));
         let (tx, rx) = mpsc::channel(4);
+        // No MQTT source here: the acked channel is closed from the start.
+        let (acked_tx, acked_rx) = mpsc::channel(4);
+        drop(acked_tx);
         let writer = write_records(
             s.buffer.clone(),
             rx,
+            AckPath {
+                rx: acked_rx,
+                flush_threshold: 10,
+                max_pending: 10,
+            },
             s.metrics.clone(),
             s.clone(),
             None,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::{Mosquitto, Pki, publish};
 use kip_agent::{
+    ack::{AckOutcome, AckedRecord, Acknowledge},
     config::{Config, RawConfig},
     metrics::{IngestMetrics, SourceLabels, new_registry},
     mqtt::MqttSource,
@@ -56,7 +57,7 @@ value = {{ kind = "json", pointer = "/v", timestamp_pointer = "/ts" }}
 }
 
 struct Running {
-    rx: mpsc::Receiver<Record>,
+    rx: mpsc::Receiver<AckedRecord>,
     metrics: IngestMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -91,7 +92,7 @@ impl Running {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             publish(port, topic, payload, tls);
-            match tokio::time::timeout(Duration::from_millis(300), self.rx.recv()).await {
+            match tokio::time::timeout(Duration::from_millis(300), self.recv()).await {
                 Ok(Some(Record::Gap(_))) | Err(_) => {}
                 Ok(Some(r)) => return r,
                 Ok(None) => panic!("source stopped"),
@@ -103,8 +104,17 @@ impl Running {
         }
     }
 
+    /// The next record; its message is acknowledged at once (no buffer here).
+    async fn recv(&mut self) -> Option<Record> {
+        let AckedRecord { record, ack } = self.rx.recv().await?;
+        if let Some(token) = ack {
+            assert_eq!(token.try_ack(), AckOutcome::Sent);
+        }
+        Some(record)
+    }
+
     async fn next(&mut self) -> Record {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+        tokio::time::timeout(Duration::from_secs(10), self.recv())
             .await
             .expect("a record within 10 s")
             .expect("source running")
@@ -267,10 +277,53 @@ async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
     );
     publish(broker.port, "plant/x/temp", b"1", Some(&pki));
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), run.rx.recv())
+        tokio::time::timeout(Duration::from_millis(500), run.recv())
             .await
             .is_err(),
         "nothing may arrive over a refused connection"
     );
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn messages_whose_tokens_never_fired_are_redelivered_to_the_next_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let port = broker.port;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let mut run = Running::start(config(&url, ""));
+    run.publish_until_received(port, "plant/a/temp", b"0", None)
+        .await;
+    for i in 1..=8 {
+        publish(port, "plant/a/temp", i.to_string().as_bytes(), None);
+    }
+    // Received but never acknowledged (as if the agent died before the flush).
+    let mut values = Vec::new();
+    for _ in 0..8 {
+        let AckedRecord { record, ack } =
+            tokio::time::timeout(Duration::from_secs(10), run.rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(ack.is_some(), "QoS 1 messages carry a token");
+        let Record::Reading(r) = record else {
+            panic!("expected a reading")
+        };
+        values.push(r.value);
+    }
+    assert_eq!(values, (1..=8).map(f64::from).collect::<Vec<_>>());
+    run.stop().await;
+
+    // Same client id, persistent session: the broker sends them again; now they are acked.
+    let mut run = Running::start(config(&url, ""));
+    let mut again = Vec::new();
+    for _ in 0..8 {
+        let Record::Reading(r) = run.next().await else {
+            panic!("expected a reading")
+        };
+        again.push(r.value);
+    }
+    again.sort_by(f64::total_cmp);
+    assert_eq!(again, values);
     run.stop().await;
 }
