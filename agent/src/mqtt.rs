@@ -43,7 +43,6 @@ use kip_shared::{DeadLetter, Gap, Quality, Reading, Record, record::DEAD_LETTER_
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -61,67 +60,16 @@ const REQUEST_QUEUE_CAPACITY: usize = 1024;
 /// How long a stopping source keeps its connection polled for the last acknowledgements.
 pub const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
-/// Why the MQTT source could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum MqttError {
-    #[error("cannot read {what} {path}: {message}")]
-    Pem {
-        what: &'static str,
-        path: std::path::PathBuf,
-        message: String,
-    },
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
-}
+/// Why the MQTT source could not be set up (its TLS files).
+pub type MqttError = kip_certs::CertError;
 
-fn pem_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> MqttError {
-    MqttError::Pem {
-        what,
-        path: path.to_owned(),
-        message: e.to_string(),
-    }
-}
-
-/// Builds the rustls client config (ring provider) for a TLS broker connection.
+/// Builds the rustls client config (ring provider) for a TLS broker connection; errors name
+/// the file that is missing, empty or malformed.
 pub fn tls_client_config(
     ca_file: &Path,
     client_auth: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, MqttError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| pem_err("CA file", ca_file, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err("CA file", ca_file, e))?;
-    if cas.is_empty() {
-        return Err(pem_err("CA file", ca_file, "no certificate in it"));
-    }
-    for ca in cas {
-        roots.add(ca).map_err(|e| pem_err("CA file", ca_file, e))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    Ok(match client_auth {
-        None => builder.with_no_client_auth(),
-        Some((cert_file, key_file)) => {
-            let chain = CertificateDer::pem_file_iter(cert_file)
-                .map_err(|e| pem_err("client certificate", cert_file, e))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| pem_err("client certificate", cert_file, e))?;
-            if chain.is_empty() {
-                return Err(pem_err(
-                    "client certificate",
-                    cert_file,
-                    "no certificate in it",
-                ));
-            }
-            let key = PrivateKeyDer::from_pem_file(key_file)
-                .map_err(|e| pem_err("client key", key_file, e))?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    })
+    kip_certs::client_config_from_files(ca_file, client_auth)
 }
 
 /// Does topic `topic` match the MQTT filter `filter`?
