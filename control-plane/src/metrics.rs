@@ -60,7 +60,7 @@ impl PkiMetrics {
         );
         registry.register(
             "pki_devices_by_issuer",
-            "Devices by the intermediate (current, previous, other) that issued their newest unexpired, unrevoked certificate",
+            "Devices by the intermediate (current, previous, other) that issued their newest unexpired, unrevoked certificate; recomputed every minute",
             m.devices_by_issuer.clone(),
         );
         registry.register(

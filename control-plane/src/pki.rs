@@ -314,6 +314,9 @@ pub fn update_expiry_metrics(pki: &Pki, m: &crate::metrics::PkiMetrics, now: Sys
     }
 }
 
+/// How often `kip_pki_devices_by_issuer` and the expiry gauges are recomputed.
+const DEVICE_COUNT_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Counts devices by the intermediate that issued their newest unexpired, unrevoked
 /// certificate into `kip_pki_devices_by_issuer`, and returns (current, previous, other).
 /// `previous` is the number of devices that have not renewed since a rotation: until it is
@@ -457,11 +460,21 @@ pub fn spawn_agent_listener(
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reload.tick().await;
         let mut hangup = hangup_signal();
+        // Enrollments and renewals change the per-issuer device counts at any time; a minute
+        // is fresh enough for a rotation dashboard and cheap for the database.
+        let mut recount = tokio::time::interval(DEVICE_COUNT_INTERVAL);
+        recount.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        recount.tick().await;
         update_expiry_metrics(&pki, &metrics, SystemTime::now());
         count_certificates_logged(&pki, &pool, &metrics).await;
         loop {
             let reason = tokio::select! {
                 () = token.cancelled() => return,
+                _ = recount.tick() => {
+                    count_certificates_logged(&pki, &pool, &metrics).await;
+                    update_expiry_metrics(&pki, &metrics, SystemTime::now());
+                    continue;
+                }
                 _ = tick.tick() => {
                     if let Err(e) = pki.refresh(&pool).await {
                         tracing::error!(error = %e, "agent TLS refresh failed; keeping the last configuration");
