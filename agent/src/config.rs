@@ -239,24 +239,13 @@ impl RawSync {
             }
             endpoints.push(e.to_owned());
         }
-        if !(1..=100_000).contains(&self.batch_max_records) {
-            return Err(invalid(
-                "sync.batch_max_records",
-                format!(
-                    "must be between 1 and 100000, got {}",
-                    self.batch_max_records
-                ),
-            ));
-        }
-        if !(4096..=256 * 1024 * 1024).contains(&self.batch_max_bytes) {
-            return Err(invalid(
-                "sync.batch_max_bytes",
-                format!(
-                    "must be between 4096 and 268435456, got {}",
-                    self.batch_max_bytes
-                ),
-            ));
-        }
+        check_range("sync.batch_max_records", self.batch_max_records, 1, 100_000)?;
+        check_range(
+            "sync.batch_max_bytes",
+            self.batch_max_bytes,
+            4096,
+            256 * 1024 * 1024,
+        )?;
         let interval = ms_in("sync.interval_ms".into(), self.interval_ms, 1, 3_600_000)?;
         let backoff_min = ms_in(
             "sync.backoff_min_ms".into(),
@@ -557,15 +546,12 @@ impl RawConfig {
             return Err(invalid("agent.state_dir", "must not be empty"));
         }
         let b = &self.buffer;
-        if !(64 * 1024..=1024 * 1024 * 1024 * 1024).contains(&b.max_bytes) {
-            return Err(invalid(
-                "buffer.max_bytes",
-                format!(
-                    "must be between 65536 and 1099511627776, got {}",
-                    b.max_bytes
-                ),
-            ));
-        }
+        check_range(
+            "buffer.max_bytes",
+            b.max_bytes,
+            64 * 1024,
+            1024 * 1024 * 1024 * 1024,
+        )?;
         if !(1..=60_000).contains(&b.flush_interval_ms) {
             return Err(invalid(
                 "buffer.flush_interval_ms",
@@ -575,24 +561,18 @@ impl RawConfig {
                 ),
             ));
         }
-        if !(1..=1_000_000).contains(&b.queue_capacity_records) {
-            return Err(invalid(
-                "buffer.queue_capacity_records",
-                format!(
-                    "must be between 1 and 1000000, got {}",
-                    b.queue_capacity_records
-                ),
-            ));
-        }
-        if !(1..=10_000).contains(&b.ack_flush_threshold_records) {
-            return Err(invalid(
-                "buffer.ack_flush_threshold_records",
-                format!(
-                    "must be between 1 and 10000, got {}",
-                    b.ack_flush_threshold_records
-                ),
-            ));
-        }
+        check_range(
+            "buffer.queue_capacity_records",
+            b.queue_capacity_records,
+            1,
+            1_000_000,
+        )?;
+        check_range(
+            "buffer.ack_flush_threshold_records",
+            b.ack_flush_threshold_records,
+            1,
+            10_000,
+        )?;
         let http_listen_addr = self.http.listen_addr.parse().map_err(|e| {
             invalid(
                 "http.listen_addr",
@@ -756,15 +736,12 @@ fn validate_live_query(
     }
     kip_shared::live::check_prefix(&raw.topic_prefix)
         .map_err(|m| invalid("live_query.topic_prefix", m))?;
-    if !(1..=1_000_000).contains(&raw.max_tracked_values) {
-        return Err(invalid(
-            "live_query.max_tracked_values",
-            format!(
-                "must be between 1 and 1000000, got {}",
-                raw.max_tracked_values
-            ),
-        ));
-    }
+    check_range(
+        "live_query.max_tracked_values",
+        raw.max_tracked_values,
+        1,
+        1_000_000,
+    )?;
     Ok(LiveQueryConfig {
         broker,
         topic_prefix: raw.topic_prefix,
@@ -793,13 +770,12 @@ fn validate_inference(
             "needs inference.model_path",
         ));
     }
-    let queue = raw.queue_capacity_readings.unwrap_or(10_000);
-    if !(1..=1_000_000).contains(&queue) {
-        return Err(invalid(
-            "inference.queue_capacity_readings",
-            format!("must be between 1 and 1000000, got {queue}"),
-        ));
-    }
+    let queue = check_range(
+        "inference.queue_capacity_readings",
+        raw.queue_capacity_readings.unwrap_or(10_000),
+        1,
+        1_000_000,
+    )?;
     Ok(Some(crate::edge_inference::InferenceConfig {
         ort_library: raw.ort_library,
         model_path: raw.model_path,
@@ -809,14 +785,18 @@ fn validate_inference(
 }
 
 fn ms_in(field: String, v: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
-    if (min..=max).contains(&v) {
-        Ok(Duration::from_millis(v))
-    } else {
-        Err(invalid(
-            field,
-            format!("must be between {min} and {max} ms, got {v}"),
-        ))
-    }
+    kip_shared::validate::in_range(v, min, max, " ms")
+        .map(Duration::from_millis)
+        .map_err(|m| invalid(field, m))
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    v: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    kip_shared::validate::in_range(v, min, max, "").map_err(|m| invalid(field, m))
 }
 
 fn validate_broker(raw: RawMqttBroker, at: &str) -> Result<MqttBrokerConfig, ConfigError> {

@@ -8,6 +8,7 @@
 
 use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
+use kip_shared::validate::in_range;
 use serde::Deserialize;
 
 /// Why the configuration could not be loaded.
@@ -168,24 +169,10 @@ impl RawIngest {
     fn validate(self) -> Result<crate::ingest::IngestLimits, ConfigError> {
         let invalid =
             |field: &'static str, message: String| ConfigError::Invalid { field, message };
-        if !(64 * 1024..=256 * 1024 * 1024).contains(&self.max_batch_bytes) {
-            return Err(invalid(
-                "ingest.max_batch_bytes",
-                format!(
-                    "must be between 65536 and 268435456, got {}",
-                    self.max_batch_bytes
-                ),
-            ));
-        }
-        if !(1..=100_000).contains(&self.max_batch_records) {
-            return Err(invalid(
-                "ingest.max_batch_records",
-                format!(
-                    "must be between 1 and 100000, got {}",
-                    self.max_batch_records
-                ),
-            ));
-        }
+        in_range(self.max_batch_bytes, 64 * 1024, 256 * 1024 * 1024, "")
+            .map_err(|m| invalid("ingest.max_batch_bytes", m))?;
+        in_range(self.max_batch_records, 1, 100_000, "")
+            .map_err(|m| invalid("ingest.max_batch_records", m))?;
         Ok(crate::ingest::IngestLimits {
             max_records: usize::try_from(self.max_batch_records).unwrap_or(usize::MAX),
             max_decoded_bytes: usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX),
@@ -248,14 +235,9 @@ impl RawPki {
         let invalid =
             |field: &'static str, message: String| ConfigError::Invalid { field, message };
         let s_in = |field: &'static str, v: u64, min: u64, max: u64| {
-            if (min..=max).contains(&v) {
-                Ok(Duration::from_secs(v))
-            } else {
-                Err(invalid(
-                    field,
-                    format!("must be between {min} and {max} s, got {v}"),
-                ))
-            }
+            in_range(v, min, max, " s")
+                .map(Duration::from_secs)
+                .map_err(|m| invalid(field, m))
         };
         let device_cert_lifetime = s_in(
             "pki.device_cert_lifetime_s",
@@ -513,22 +495,17 @@ impl RawConfig {
                 ),
             )
         })?;
-        let body = self.server.request_body_limit_bytes;
-        if !(1024..=64 * 1024 * 1024).contains(&body) {
-            return Err(invalid(
-                "server.request_body_limit_bytes",
-                format!("must be between 1024 and 67108864, got {body}"),
-            ));
-        }
+        let body = in_range(
+            self.server.request_body_limit_bytes,
+            1024,
+            64 * 1024 * 1024,
+            "",
+        )
+        .map_err(|m| invalid("server.request_body_limit_bytes", m))?;
         let ms_in = |field: &'static str, v: u64, min: u64, max: u64| {
-            if (min..=max).contains(&v) {
-                Ok(Duration::from_millis(v))
-            } else {
-                Err(invalid(
-                    field,
-                    format!("must be between {min} and {max} ms, got {v}"),
-                ))
-            }
+            in_range(v, min, max, " ms")
+                .map(Duration::from_millis)
+                .map_err(|m| invalid(field, m))
         };
         let request_timeout = ms_in(
             "server.request_timeout_ms",

@@ -19,3 +19,4 @@ pub use record::{
 pub mod features;
 pub mod live;
 pub mod sync;
+pub mod validate;

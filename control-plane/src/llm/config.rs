@@ -10,6 +10,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
+use kip_shared::validate::in_range;
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -260,26 +261,14 @@ impl RawAlephMqtt {
         kip_shared::live::check_prefix(&self.topic_prefix)
             .map_err(|m| invalid(format!("{field}.topic_prefix: {m}")))?;
         let ms = |name: &str, v: u64, min: u64, max: u64| {
-            if (min..=max).contains(&v) {
-                Ok(Duration::from_millis(v))
-            } else {
-                Err(invalid(format!(
-                    "{field}.{name}: must be between {min} and {max} ms, got {v}"
-                )))
-            }
+            in_range(v, min, max, " ms")
+                .map(Duration::from_millis)
+                .map_err(|m| invalid(format!("{field}.{name}: {m}")))
         };
-        if !(1..=100).contains(&self.max_devices_per_question) {
-            return Err(invalid(format!(
-                "{field}.max_devices_per_question: must be between 1 and 100, got {}",
-                self.max_devices_per_question
-            )));
-        }
-        if !(1..=100_000).contains(&self.max_pending_requests) {
-            return Err(invalid(format!(
-                "{field}.max_pending_requests: must be between 1 and 100000, got {}",
-                self.max_pending_requests
-            )));
-        }
+        in_range(self.max_devices_per_question, 1, 100, "")
+            .map_err(|m| invalid(format!("{field}.max_devices_per_question: {m}")))?;
+        in_range(self.max_pending_requests, 1, 100_000, "")
+            .map_err(|m| invalid(format!("{field}.max_pending_requests: {m}")))?;
         Ok(AlephMqttConfig {
             host: host.to_owned(),
             port,
@@ -594,13 +583,9 @@ impl RawLlm {
     /// Checks every field; messages name the field as `llm.<path>`.
     pub fn validate(self) -> Result<LlmConfig, ConfigError> {
         let ms = |field: &str, v: u64, min: u64, max: u64| {
-            if (min..=max).contains(&v) {
-                Ok(Duration::from_millis(v))
-            } else {
-                Err(invalid(format!(
-                    "{field}: must be between {min} and {max} ms, got {v}"
-                )))
-            }
+            in_range(v, min, max, " ms")
+                .map(Duration::from_millis)
+                .map_err(|m| invalid(format!("{field}: {m}")))
         };
         let mut providers = BTreeMap::new();
         for (name, p) in self.providers {
@@ -796,24 +781,12 @@ impl RawLlm {
                 )?,
             );
         }
-        if !(1..=1_000_000).contains(&self.log_queue_capacity) {
-            return Err(invalid(format!(
-                "llm.log_queue_capacity: must be between 1 and 1000000, got {}",
-                self.log_queue_capacity
-            )));
-        }
-        if !(1..=10_000).contains(&self.log_batch_max_rows) {
-            return Err(invalid(format!(
-                "llm.log_batch_max_rows: must be between 1 and 10000, got {}",
-                self.log_batch_max_rows
-            )));
-        }
-        if !(1..=100_000).contains(&self.max_in_flight_requests) {
-            return Err(invalid(format!(
-                "llm.max_in_flight_requests: must be between 1 and 100000, got {}",
-                self.max_in_flight_requests
-            )));
-        }
+        in_range(self.log_queue_capacity, 1, 1_000_000, "")
+            .map_err(|m| invalid(format!("llm.log_queue_capacity: {m}")))?;
+        in_range(self.log_batch_max_rows, 1, 10_000, "")
+            .map_err(|m| invalid(format!("llm.log_batch_max_rows: {m}")))?;
+        in_range(self.max_in_flight_requests, 1, 100_000, "")
+            .map_err(|m| invalid(format!("llm.max_in_flight_requests: {m}")))?;
         if self.cache_max_entries > 10_000_000 {
             return Err(invalid(
                 "llm.cache_max_entries: must be at most 10000000".into(),
