@@ -334,29 +334,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|source| CliError::Connect {
-            server: self.base.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| CliError::Connect {
-            server: self.base.clone(),
-            source,
-        })?;
-        if !status.is_success() {
-            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            return Err(CliError::Api {
-                status: status.as_u16(),
-                code: v["error"]["code"]
-                    .as_str()
-                    .unwrap_or("http_error")
-                    .to_owned(),
-                message: v["error"]["message"]
-                    .as_str()
-                    .map(ToOwned::to_owned)
-                    .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
-            });
-        }
+        let bytes = self.answer(req).await?;
         if bytes.is_empty() {
             return Ok(None);
         }
@@ -372,23 +350,26 @@ impl Client {
         bytes: Vec<u8>,
     ) -> Result<T, CliError> {
         let url = format!("{}{path}", self.base);
-        let resp = self
+        let req = self
             .http
             .put(&url)
             .bearer_auth(&self.key)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(bytes)
-            .send()
-            .await
-            .map_err(|source| CliError::Connect {
-                server: self.base.clone(),
-                source,
-            })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| CliError::Connect {
+            .body(bytes);
+        let bytes = self.answer(req).await?;
+        serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()))
+    }
+
+    /// Sends `req` and returns the body of a 2xx answer; anything else becomes
+    /// [`CliError::Api`] with the server's error code and message.
+    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<axum::body::Bytes, CliError> {
+        let connect = |source| CliError::Connect {
             server: self.base.clone(),
             source,
-        })?;
+        };
+        let resp = req.send().await.map_err(connect)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(connect)?;
         if !status.is_success() {
             let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
             return Err(CliError::Api {
@@ -403,7 +384,7 @@ impl Client {
                     .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|e| CliError::Decode(e.to_string()))
+        Ok(bytes)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
