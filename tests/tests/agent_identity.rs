@@ -7,109 +7,34 @@ use std::{os::unix::fs::PermissionsExt as _, time::Duration, time::SystemTime};
 
 use kip_agent::identity::{self, Identity, RenewalPolicy, Renewer};
 use kip_certs::FleetCa;
-use kip_control_plane::{
-    config::Config,
-    pki::{Pki, spawn_agent_listener},
-    server::{AppState, router},
-};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+mod common;
+
+/// The shared in-process control plane plus the organisation these tests enroll into.
 struct ControlPlane {
-    admin_url: String,
-    agent_url: String,
-    admin_key: String,
+    cp: common::ControlPlane,
     org_id: String,
-    http: reqwest::Client,
-    token: CancellationToken,
-    _dir: tempfile::TempDir,
 }
 
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        self.token.cancel();
+impl std::ops::Deref for ControlPlane {
+    type Target = common::ControlPlane;
+    fn deref(&self) -> &common::ControlPlane {
+        &self.cp
     }
 }
 
 async fn start(pool: PgPool) -> (ControlPlane, TaskTracker) {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = dir.path().join("ca");
-    // Created in the past so that tests can issue certificates that expired days ago.
-    FleetCa::init(
-        &ca_dir,
-        SystemTime::now() - Duration::from_secs(60 * 86_400),
-    )
-    .unwrap();
-    let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
-    let cfg = Config::load(None, |k| (k == "KIP_PKI_CA_DIR").then(|| ca_dir_s.clone())).unwrap();
-    let key_file = dir.path().join("admin.key");
-    kip_control_plane::db::ensure_admin_key(&pool, &key_file)
-        .await
-        .unwrap();
-    let admin_key = std::fs::read_to_string(&key_file)
-        .unwrap()
-        .trim()
-        .to_owned();
-    let pki = Pki::from_config(&cfg.pki, &pool).await.unwrap().unwrap();
-    let mut state = AppState::new(pool, &cfg);
-    state.pki = Some(pki.clone());
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let agent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let agent_url = format!("https://127.0.0.1:{}", agent.local_addr().unwrap().port());
-    spawn_agent_listener(
-        agent,
-        &state,
-        pki,
-        Duration::from_secs(3600),
-        token.clone(),
-        &tracker,
-        Duration::from_secs(1),
-    )
-    .unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let stop = token.clone();
-    let app = router(state);
-    tracker.spawn(async move {
-        axum::serve(admin, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
-    // The workspace's one provider; already installed is fine.
-    let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
-    let mut cp = ControlPlane {
-        admin_url,
-        agent_url,
-        admin_key,
-        org_id: String::new(),
-        http,
-        token,
-        _dir: dir,
-    };
-    let org = cp
-        .admin("/v1/organisations", json!({ "name": "acme" }))
-        .await;
-    cp.org_id = org["id"].as_str().unwrap().to_owned();
-    (cp, tracker)
+    // CA created in the past so that tests can issue certificates that expired days ago.
+    let cp = common::start_with_ca_age(pool, None, Duration::from_secs(60 * 86_400), |_| {}).await;
+    let tracker = cp.tracker.clone();
+    let org_id = cp.create_org("acme").await.to_string();
+    (ControlPlane { cp, org_id }, tracker)
 }
 
 impl ControlPlane {
-    async fn admin(&self, path: &str, body: Value) -> Value {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.admin_url))
-            .bearer_auth(&self.admin_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-        r.json().await.unwrap()
-    }
-
     async fn enroll_token(&self) -> String {
         let v = self
             .admin(
@@ -266,7 +191,7 @@ async fn an_agent_back_from_a_long_outage_renews_its_expired_certificate(pool: P
         .await
         .unwrap();
     // Simulate the outage: the same key, a certificate that expired two days ago.
-    let ca = FleetCa::load(&cp._dir.path().join("ca")).unwrap();
+    let ca = FleetCa::load(&cp.dir.path().join("ca")).unwrap();
     let key_pem = std::fs::read_to_string(dir.join("device.pem")).unwrap();
     let key = kip_certs::DeviceKey::from_pem(&key_pem).unwrap();
     let old = ca

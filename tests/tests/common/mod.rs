@@ -65,9 +65,20 @@ pub async fn start_with(
     limits: Option<IngestLimits>,
     tweak: impl FnOnce(&mut Config),
 ) -> ControlPlane {
+    start_with_ca_age(pool, limits, Duration::from_secs(86_400), tweak).await
+}
+
+/// [`start_with`] with a CA created `ca_age` ago (tests that issue certificates which expired
+/// days ago need an older CA).
+pub async fn start_with_ca_age(
+    pool: PgPool,
+    limits: Option<IngestLimits>,
+    ca_age: Duration,
+    tweak: impl FnOnce(&mut Config),
+) -> ControlPlane {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    FleetCa::init(&ca_dir, SystemTime::now() - Duration::from_secs(86_400)).unwrap();
+    FleetCa::init(&ca_dir, SystemTime::now() - ca_age).unwrap();
     let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
     let mut cfg =
         Config::load(None, |k| (k == "KIP_PKI_CA_DIR").then(|| ca_dir_s.clone())).unwrap();
