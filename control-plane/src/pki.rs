@@ -479,8 +479,6 @@ pub fn spawn_agent_listener(
                     if let Err(e) = pki.refresh(&pool).await {
                         tracing::error!(error = %e, "agent TLS refresh failed; keeping the last configuration");
                     }
-                    count_certificates_logged(&pki, &pool, &metrics).await;
-                    update_expiry_metrics(&pki, &metrics, SystemTime::now());
                     // Repeated (every crl_refresh_interval) so a long-running process keeps
                     // reminding, not only at start.
                     warn_if_expiring(&pki.ca(), SystemTime::now());
