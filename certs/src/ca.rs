@@ -46,7 +46,7 @@ use x509_parser::prelude::FromDer as _;
 use crate::{
     CertError,
     files::{read, write_private, write_public},
-    identity::{DeviceIdentity, device_uri, to_hex},
+    identity::{DeviceIdentity, device_uri, parse_hex, to_hex},
     tls::{TrustBundle, cert_to_pem, certs_from_pem},
 };
 
@@ -76,16 +76,6 @@ fn random_serial() -> [u8; 16] {
     let mut s: [u8; 16] = rand::random();
     s[0] = (s[0] & 0x7f).max(1);
     s
-}
-
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect()
 }
 
 fn not_after_of(der: &[u8]) -> Result<SystemTime, CertError> {
@@ -1100,5 +1090,7 @@ mod tests {
         assert_eq!(parse_hex("1"), None);
         assert_eq!(parse_hex("zz"), None);
         assert_eq!(parse_hex(""), None);
+        // from_str_radix alone would read "+f" as 15.
+        assert_eq!(parse_hex("+f"), None);
     }
 }

@@ -54,6 +54,21 @@ pub(crate) fn to_hex(bytes: &[u8]) -> String {
     })
 }
 
+/// Bytes of a hex string (either case); `None` for an empty, odd-length or non-hex string.
+pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            s.get(i..i + 2)
+                .filter(|b| b.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect()
+}
+
 fn unix_to_system(secs: i64) -> SystemTime {
     match u64::try_from(secs) {
         Ok(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),

@@ -26,6 +26,7 @@ mod error;
 pub mod files;
 mod identity;
 mod recovery;
+pub mod signing;
 mod tls;
 
 pub use ca::{
