@@ -33,9 +33,9 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams,
-    CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    PublicKeyData, RevokedCertParams, SanType, SerialNumber,
 };
 use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
@@ -45,6 +45,7 @@ use x509_parser::prelude::FromDer as _;
 
 use crate::{
     CertError,
+    csr::parse_csr_pem,
     files::{read, write_private, write_public},
     identity::{DeviceIdentity, device_uri, parse_hex, to_hex},
     tls::{TrustBundle, cert_to_pem, certs_from_pem},
@@ -66,7 +67,7 @@ fn odt(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
 }
 
-fn new_key() -> Result<KeyPair, CertError> {
+pub(crate) fn new_key() -> Result<KeyPair, CertError> {
     Ok(KeyPair::generate_for(alg())?)
 }
 
@@ -93,6 +94,14 @@ fn subject_raw(der: &[u8]) -> Option<Vec<u8>> {
 fn issuer_raw(der: &[u8]) -> Option<Vec<u8>> {
     let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     Some(c.issuer().as_raw().to_vec())
+}
+
+/// A subject alternative name for a DNS name or, when it parses as one, an IP address.
+pub(crate) fn name_san(name: &str) -> Result<SanType, rcgen::Error> {
+    Ok(match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => SanType::IpAddress(ip),
+        Err(_) => SanType::DnsName(name.to_owned().try_into()?),
+    })
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -330,7 +339,10 @@ impl Intermediate {
         }
     }
 
-    fn leaf_params(
+    /// Parameters every end-entity certificate shares: lifetime checked (at least 60 s) and
+    /// clamped to this intermediate, clock-skew backdating, random serial, not a CA,
+    /// digitalSignature, authority key identifier. Callers add names and usages.
+    pub(crate) fn leaf_params(
         &self,
         now: SystemTime,
         lifetime: Duration,
@@ -352,6 +364,27 @@ impl Intermediate {
         Ok((params, serial))
     }
 
+    /// Signs `params` (from [`Intermediate::leaf_params`]) for `key`; returns the certificate
+    /// with its chain and its DER.
+    pub(crate) fn sign_leaf(
+        &self,
+        params: &CertificateParams,
+        serial: [u8; 16],
+        now: SystemTime,
+        key: &impl PublicKeyData,
+    ) -> Result<(IssuedCert, CertificateDer<'static>), CertError> {
+        let cert = params.signed_by(key, &self.0.issuer)?;
+        let cert_pem = cert_to_pem(cert.der());
+        let issued = IssuedCert {
+            chain_pem: format!("{cert_pem}{}", self.cert_pem()),
+            cert_pem,
+            serial_hex: to_hex(&serial),
+            not_before: now - CLOCK_SKEW,
+            not_after: not_after_of(cert.der())?,
+        };
+        Ok((issued, cert.der().clone()))
+    }
+
     /// Signs a device CSR (PEM) into a client certificate naming `id` in its URI SAN.
     ///
     /// Only the CSR's public key is used (see the crate docs). The CSR's self-signature is
@@ -363,7 +396,7 @@ impl Intermediate {
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<IssuedCert, CertError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CertError::Csr)?;
+        let csr = parse_csr_pem(csr_pem)?;
         let (mut params, serial) = self.leaf_params(now, lifetime)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, id.org_id.to_string());
@@ -372,15 +405,7 @@ impl Intermediate {
         let uri = device_uri(id.org_id, id.device_id);
         params.subject_alt_names = vec![SanType::URI(uri.try_into().map_err(CertError::Rcgen)?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&csr.public_key, &self.0.issuer)?;
-        let cert_pem = cert_to_pem(cert.der());
-        Ok(IssuedCert {
-            chain_pem: format!("{cert_pem}{}", self.cert_pem()),
-            cert_pem,
-            serial_hex: to_hex(&serial),
-            not_before: now - CLOCK_SKEW,
-            not_after: not_after_of(cert.der())?,
-        })
+        Ok(self.sign_leaf(&params, serial, now, &csr.spki)?.0)
     }
 
     /// Issues a server certificate for `names` (DNS names or IP addresses) with a fresh key.
@@ -390,7 +415,7 @@ impl Intermediate {
         now: SystemTime,
         lifetime: Duration,
     ) -> Result<ServerIdentity, CertError> {
-        let (mut params, _) = self.leaf_params(now, lifetime)?;
+        let (mut params, serial) = self.leaf_params(now, lifetime)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "kip");
         dn.push(
@@ -403,17 +428,14 @@ impl Intermediate {
         params.distinguished_name = dn;
         params.subject_alt_names = names
             .iter()
-            .map(|n| match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
-            })
-            .collect::<Result<_, rcgen::Error>>()?;
+            .map(|n| name_san(n))
+            .collect::<Result<_, _>>()?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = new_key()?;
-        let cert = params.signed_by(&key, &self.0.issuer)?;
+        let (issued, der) = self.sign_leaf(&params, serial, now, &key)?;
         Ok(ServerIdentity {
-            not_after: not_after_of(cert.der())?,
-            chain: vec![cert.der().clone(), self.0.cert_der.clone()],
+            not_after: issued.not_after,
+            chain: vec![der, self.0.cert_der.clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         })
     }

@@ -8,9 +8,16 @@ pub enum CertError {
     /// Key generation, certificate or CRL signing failed inside rcgen.
     #[error("certificate operation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    /// The CSR is not valid PEM/DER, or its signature does not verify.
+    /// The CSR is not valid PEM/DER, too large, its signature does not verify, or its key is
+    /// not acceptable for the certificate asked for.
     #[error("invalid certificate signing request: {0}")]
-    Csr(rcgen::Error),
+    Csr(String),
+    /// A field of a certificate request (names, URIs, lifetime) is not acceptable.
+    #[error("invalid {field}: {message}")]
+    InvalidRequest {
+        field: &'static str,
+        message: String,
+    },
     /// A certificate could not be parsed or does not have the expected shape.
     #[error("invalid certificate: {0}")]
     BadCert(String),

@@ -22,9 +22,11 @@
 //!   rather than accepted with unknown status.
 
 mod ca;
+mod csr;
 mod error;
 pub mod files;
 mod identity;
+pub mod ot;
 mod recovery;
 pub mod signing;
 mod tls;
@@ -33,6 +35,7 @@ pub use ca::{
     CaPaths, DeviceKey, FleetCa, Intermediate, IssuedCert, RevokedSerial, RootCa, ServerIdentity,
     crl_for,
 };
+pub use csr::{KeyKind, MAX_CSR_PEM_BYTES};
 pub use error::CertError;
 pub use identity::{DeviceIdentity, PeerCert, device_uri, parse_device_uri, parse_peer_cert};
 pub use recovery::verify_for_recovery;

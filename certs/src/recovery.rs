@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use rcgen::{CertificateSigningRequestParams, PublicKeyData as _};
+use rcgen::PublicKeyData as _;
 use rustls::{
     pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime},
     server::WebPkiClientVerifier,
@@ -55,11 +55,11 @@ pub fn verify_for_recovery(
     .only_check_end_entity_revocation()
     .build()?;
     verifier.verify_client_cert(leaf, intermediates, at)?;
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CertError::Csr)?;
+    let csr = crate::csr::parse_csr_pem(csr_pem)?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
         .map_err(|e| CertError::BadCert(format!("not an X.509 certificate: {e}")))?;
     let cert_key: &[u8] = &cert.public_key().subject_public_key.data;
-    if csr.public_key.der_bytes() != cert_key {
+    if csr.spki.der_bytes() != cert_key {
         return Err(CertError::BadCert(
             "the CSR's key is not the certificate's key".into(),
         ));
