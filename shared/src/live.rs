@@ -455,4 +455,152 @@ mod tests {
             assert!(LiveResponse::decode(s).is_err());
         }
     }
+
+    mod hostile {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::test_support::{damage, hostile_text as text, proptest_config};
+
+        fn timestamp() -> impl Strategy<Value = DateTime<Utc>> {
+            prop_oneof![
+                3 => (0i64..4_102_444_800).prop_filter_map("range", |s| DateTime::from_timestamp(s, 0)),
+                1 => (-8_200_000_000_000i64..8_200_000_000_000)
+                    .prop_filter_map("chrono range", |s| DateTime::from_timestamp(s, 0)),
+            ]
+        }
+
+        fn live_value() -> impl Strategy<Value = LiveValue> {
+            (text(), text(), text(), any::<f64>(), timestamp()).prop_map(
+                |(source, machine, metric, value, ts)| LiveValue {
+                    source,
+                    machine,
+                    metric,
+                    value,
+                    ts,
+                    quality: Quality::Bad,
+                },
+            )
+        }
+
+        fn live_prediction() -> impl Strategy<Value = LivePrediction> {
+            (
+                text(),
+                text(),
+                timestamp(),
+                any::<f64>(),
+                proptest::option::of(any::<f64>()),
+            )
+                .prop_map(|(machine, model_version, ts, rul_cycles, anomaly_score)| {
+                    LivePrediction {
+                        machine,
+                        model_version,
+                        ts,
+                        rul_cycles,
+                        anomaly_score,
+                    }
+                })
+        }
+
+        fn any_response() -> impl Strategy<Value = LiveResponse> {
+            (
+                proptest::collection::vec(live_value(), 0..40),
+                proptest::collection::vec(live_prediction(), 0..10),
+                timestamp(),
+            )
+                .prop_map(|(values, predictions, agent_time)| LiveResponse {
+                    v: LIVE_PROTOCOL_VERSION,
+                    request_id: Uuid::nil(),
+                    org_id: Uuid::nil(),
+                    device: "gw-1".into(),
+                    agent_time,
+                    values,
+                    predictions,
+                    truncated: false,
+                })
+        }
+
+        fn any_request() -> impl Strategy<Value = LiveRequest> {
+            (
+                proptest::collection::vec(text(), 0..4),
+                proptest::collection::vec(text(), 0..70),
+                timestamp(),
+            )
+                .prop_map(|(machines, metrics, sent_at)| {
+                    let mut r = request();
+                    r.machines = machines;
+                    r.metrics = metrics;
+                    r.sent_at = sent_at;
+                    r
+                })
+        }
+
+        /// What a decoded request guarantees its reader.
+        fn assert_request_invariants(r: &LiveRequest) {
+            assert_eq!(r.v, LIVE_PROTOCOL_VERSION);
+            Name::parse(&r.device).unwrap();
+            check_topic(&r.reply_to).unwrap();
+            assert!(r.machines.len() <= MAX_FILTERS && r.metrics.len() <= MAX_FILTERS);
+            LiveRequest::decode(&r.encode()).unwrap();
+        }
+
+        fn assert_response_invariants(r: &LiveResponse) {
+            assert_eq!(r.v, LIVE_PROTOCOL_VERSION);
+            Name::parse(&r.device).unwrap();
+            assert!(r.values.len() <= MAX_VALUES && r.predictions.len() <= MAX_PREDICTIONS);
+        }
+
+        proptest! {
+            #![proptest_config(proptest_config(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_decoders(
+                bytes in proptest::collection::vec(any::<u8>(), 0..1024),
+            ) {
+                match LiveRequest::decode(&bytes) {
+                    Ok(r) => assert_request_invariants(&r),
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+                match LiveResponse::decode(&bytes) {
+                    Ok(r) => assert_response_invariants(&r),
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            #[test]
+            fn damaged_requests_decode_to_valid_requests_or_fail_by_name(
+                r in any_request(),
+                d in damage(),
+            ) {
+                let bytes = d.apply(r.encode(), "\"gw-1\"", "\"v\":1");
+                match LiveRequest::decode(&bytes) {
+                    Ok(r) => assert_request_invariants(&r),
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            #[test]
+            fn damaged_responses_decode_to_valid_responses_or_fail_by_name(
+                r in any_response(),
+                d in damage(),
+            ) {
+                let json = serde_json::to_vec(&r).unwrap_or_default();
+                let bytes = d.apply(json, "\"gw-1\"", "\"v\":1");
+                match LiveResponse::decode(&bytes) {
+                    Ok(r) => assert_response_invariants(&r),
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            /// The module invariant: whatever an agent has to report, what it sends is
+            /// accepted by the control plane.
+            #[test]
+            fn every_encoded_response_fits_and_decodes(r in any_response()) {
+                let bytes = r.encode();
+                prop_assert!(bytes.len() <= MAX_RESPONSE_BYTES);
+                let back = LiveResponse::decode(&bytes);
+                prop_assert!(back.is_ok(), "{:?}", back);
+            }
+        }
+    }
 }
