@@ -139,4 +139,41 @@ mod tests {
         let err = parse_csr_der(&der).unwrap_err().to_string();
         assert!(err.contains("trailing"), "{err}");
     }
+
+    /// Regression: rcgen's CSR parser refuses any extension it does not model, so a CSR from
+    /// `openssl req -addext subjectKeyIdentifier=hash` (common in OT tooling) failed. Only
+    /// the key matters here, so such a CSR is accepted.
+    #[test]
+    fn an_openssl_csr_with_extensions_rcgen_refuses_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "k.pem",
+                "-out",
+                "r.csr",
+                "-subj",
+                "/CN=plc",
+                "-addext",
+                "subjectKeyIdentifier=hash",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pem = std::fs::read_to_string(dir.path().join("r.csr")).unwrap();
+        assert!(rcgen::CertificateSigningRequestParams::from_pem(&pem).is_err());
+        assert_eq!(parse_csr_pem(&pem).unwrap().kind, KeyKind::EcP256);
+    }
 }

@@ -231,6 +231,58 @@ fn openssl_verifies_every_profile_for_its_purpose_only() {
     );
 }
 
+/// async-opcua (the OPC UA stack the agent uses) reads an issued OPC UA certificate: the
+/// ApplicationUri as the first SAN, the host name, RSA 2048, validity; and the generated key
+/// loads as its private key and signs and decrypts under Basic256Sha256 in a way the
+/// certificate's public key verifies and encrypts.
+#[test]
+fn async_opcua_accepts_an_issued_opcua_certificate_and_key() {
+    use opcua_crypto::{PrivateKey, SecurityPolicy, X509};
+
+    let now = SystemTime::now();
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = FleetCa::init(dir.path(), now).unwrap();
+    let issued = ot::issue(
+        fleet.current(),
+        &spec(
+            OtProfile::OpcUa {
+                application_uri: "urn:site:plc-1".into(),
+            },
+            "plc-1",
+        ),
+        OtKeySource::Generate,
+        now,
+    )
+    .unwrap();
+    let cert = X509::from_der(&issued.cert_der).unwrap();
+    cert.is_application_uri_valid("urn:site:plc-1").unwrap();
+    assert!(cert.is_application_uri_valid("urn:site:plc-2").is_err());
+    cert.is_hostname_valid("localhost").unwrap();
+    cert.is_time_valid(&chrono::Utc::now()).unwrap();
+    assert_eq!(cert.key_length().unwrap(), 2048);
+    // async-opcua returns the attribute with its type (`CN=plc-1`).
+    assert!(cert.common_name().unwrap().ends_with("plc-1"));
+
+    let key = PrivateKey::from_pem(issued.private_key.unwrap().pem().as_bytes()).unwrap();
+    let public = cert.public_key().unwrap();
+    let policy = SecurityPolicy::Basic256Sha256;
+    let data = b"OpenSecureChannel";
+    let mut sig = vec![0u8; 256];
+    let n = policy.asymmetric_sign(&key, data, &mut sig).unwrap();
+    policy
+        .asymmetric_verify_signature(&public, data, &sig[..n])
+        .unwrap();
+    let mut secret = vec![0u8; 256];
+    let n = policy
+        .asymmetric_encrypt(&public, b"nonce", &mut secret)
+        .unwrap();
+    let mut plain = vec![0u8; 256];
+    let m = policy
+        .asymmetric_decrypt(&key, &secret[..n], &mut plain)
+        .unwrap();
+    assert_eq!(&plain[..m], b"nonce");
+}
+
 /// A Mosquitto process on its own port; killed and reaped on drop.
 struct Mosquitto {
     port: u16,

@@ -9,9 +9,9 @@
 //!   the limit before it is refused as [`DecodeError::TooLarge`].
 //! - A batch that decodes is storable: every string that reaches PostgreSQL (as `text` or
 //!   inside `jsonb`) is free of NUL and within its byte bound, every number stored is finite,
-//!   every timestamp lies in years 1 to 9999. PostgreSQL refuses NUL in text and `\u0000` in
-//!   jsonb; before these checks such a batch failed inside the transaction (a 500 the agent
-//!   retried forever) instead of being refused as a bad request.
+//!   every timestamp lies in years 1 to 9999. PostgreSQL refuses NUL in text, `\u0000` in
+//!   jsonb and years before 4713 BC; before these checks such a batch failed inside the
+//!   transaction (a 500 the agent retried forever) instead of being refused as a bad request.
 //! - Every failure is a [`DecodeError`] whose message names the problem (and the record index
 //!   and field for a bad record), with a stable [`DecodeError::reason`] for metrics.
 
@@ -370,24 +370,27 @@ mod tests {
         assert!(err.to_string().contains("running_model"), "{err}");
     }
 
-    /// Regression: chrono reads years far outside what PostgreSQL stores; they used to fail
-    /// inside the insert.
+    /// Regression: chrono reads years from -262143 to 262143; PostgreSQL's timestamptz
+    /// refuses years before 4713 BC, so such a record used to fail inside the insert (500).
+    /// Years beyond 9999 are refused too: no reading is dated there, and they need a sign.
     #[test]
     fn timestamps_outside_years_1_to_9999_are_refused() {
         let json = serde_json::to_string(&batch(vec![reading("m", "t")])).unwrap();
-        let far = json.replace("2023-11-14T22:13:20Z", "+20000-01-01T00:00:00Z");
-        assert_ne!(far, json);
-        let err = decode_batch(far.as_bytes(), BodyEncoding::Identity, limits()).unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                DecodeError::Record {
-                    error: RecordError::Timestamp { .. },
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        for far in ["-005000-01-01T00:00:00Z", "+20000-01-01T00:00:00Z"] {
+            let bad = json.replace("2023-11-14T22:13:20Z", far);
+            assert_ne!(bad, json);
+            let err = decode_batch(bad.as_bytes(), BodyEncoding::Identity, limits()).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    DecodeError::Record {
+                        error: RecordError::Timestamp { .. },
+                        ..
+                    }
+                ),
+                "{far}: {err}"
+            );
+        }
     }
 
     #[test]
