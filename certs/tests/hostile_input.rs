@@ -24,6 +24,7 @@ use kip_certs::{
     ot::{self, OtCertSpec, OtKeySource, OtProfile},
     parse_device_uri, parse_peer_cert,
     signing::{KeyId, PublicKey, Signature, SigningKey},
+    verify_for_recovery,
 };
 use proptest::prelude::*;
 use uuid::Uuid;
@@ -47,6 +48,8 @@ struct Fixture {
     device_key_raw: Vec<u8>,
     rsa_csr_pem: String,
     cert_der: Vec<u8>,
+    root_der: Vec<u8>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     signing_pem: String,
     public_pem: String,
 }
@@ -95,12 +98,22 @@ fn fixture() -> &'static Fixture {
             .pem()
             .unwrap();
         let signing = SigningKey::generate().unwrap();
+        let crls = vec![inter.crl(&[], now, DAY).unwrap()];
+        // The undamaged chain recovers: the property below exercises the accepting path.
+        let bundle = TrustBundle::new(vec![root.cert_der().clone()]).unwrap();
+        let chain = vec![
+            rustls::pki_types::CertificateDer::from(cert_der.clone()),
+            inter.cert_der().clone(),
+        ];
+        verify_for_recovery(&bundle, crls.clone(), &chain, &csr_pem, DAY, now).unwrap();
         Fixture {
             inter,
             device_csr_der,
             device_key_raw,
             rsa_csr_pem,
             cert_der,
+            root_der: root.cert_der().to_vec(),
+            crls,
             signing_pem: signing.to_pem(),
             public_pem: signing.public_key().to_pem(),
         }
@@ -245,10 +258,20 @@ proptest! {
 
     #[test]
     fn certificate_der_decoders_never_panic(ms in mutations()) {
-        let der = mutate(fixture().cert_der.clone(), &ms);
+        let f = fixture();
+        let der = mutate(f.cert_der.clone(), &ms);
         let _ = parse_peer_cert(&der);
-        let _ = fixture().inter.is_issuer_of(&der);
-        let _ = TrustBundle::new(vec![der.into()]).map(|b| b.root_store());
+        let _ = f.inter.is_issuer_of(&der);
+        let _ = TrustBundle::new(vec![der.clone().into()]).map(|b| b.root_store());
+        // Recovery takes a presented chain and a CSR from an unauthenticated request; a
+        // damaged chain must be refused (or, if the damage missed everything signed, name the
+        // original device).
+        let bundle = TrustBundle::new(vec![f.root_der.clone().into()]).unwrap();
+        let chain = vec![der.into(), f.inter.cert_der().clone()];
+        let csr = pem("CERTIFICATE REQUEST", &f.device_csr_der);
+        if let Ok(peer) = verify_for_recovery(&bundle, f.crls.clone(), &chain, &csr, DAY, SystemTime::now()) {
+            prop_assert_eq!(peer.identity, id());
+        }
     }
 
     /// A damaged CSR is refused, or (when the damage missed everything signed) gives a

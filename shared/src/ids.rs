@@ -98,4 +98,20 @@ mod tests {
         let err = serde_json::from_str::<Name>("\"A\"").unwrap_err();
         assert!(err.to_string().contains("must start with"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(crate::test_support::proptest_config(2000))]
+
+        #[test]
+        fn any_string_is_a_name_exactly_when_it_follows_the_rules(s in "\\PC{0,70}|[a-z0-9._-]{0,70}") {
+            let follows = !s.is_empty()
+                && s.len() <= NAME_MAX_LEN
+                && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            proptest::prop_assert_eq!(Name::parse(&s).is_ok(), follows);
+            // Through JSON as well.
+            let json = serde_json::to_string(&s).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<Name>(&json).is_ok(), follows);
+        }
+    }
 }
