@@ -540,7 +540,9 @@ impl SigningKeyStore {
         })
     }
 
-    /// Loads the signing key and, during a rotation, the previous public key.
+    /// Loads the signing key and, during a rotation, the previous public key. Rewrites
+    /// `model-signing.pub` when it is missing or does not match the key (a crash between the
+    /// two writes of [`SigningKeyStore::init`] or [`SigningKeyStore::rotate`]).
     pub fn load(dir: &Path) -> Result<Self, SigningError> {
         let p = SigningKeyPaths::new(dir);
         let signer = SigningKey::load(&p.key)?;
@@ -616,8 +618,10 @@ impl SigningKeyStore {
     /// The keys a verifier should trust now: the signer's, then the previous one during a
     /// rotation. This is what the control plane gives agents.
     pub fn trusted(&self) -> Vec<PublicKey> {
-        std::iter::once(self.signer.public_key().clone())
-            .chain(self.previous.clone())
+        let current = self.signer.public_key();
+        std::iter::once(current.clone())
+            // Equal only after a crash inside `rotate`; list the key once.
+            .chain(self.previous.clone().filter(|p| p != current))
             .collect()
     }
 
