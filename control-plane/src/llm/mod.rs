@@ -47,7 +47,16 @@ use self::{
     provider::{AnyProvider, CallCtx, Chunk, ChunkStream, Completion, ProviderError, Usage},
     routing::{Breaker, Ewma, RateLimiter, Spending},
 };
-use crate::error::ApiError;
+use crate::http::ApiError;
+
+/// A configured provider whose HTTP client could not be built (a start-up error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the client of LLM provider {provider:?}: {source}")]
+pub struct ProviderBuildError {
+    pub provider: String,
+    #[source]
+    pub source: crate::outbound::ClientError,
+}
 
 /// Provider name of the built-in local fallback in logs and responses.
 pub const LOCAL_PROVIDER: &str = "kip-local";
@@ -151,37 +160,36 @@ fn sleep_capped(d: Duration) -> tokio::time::Sleep {
 
 impl Gateway {
     /// Builds providers and state; the log writer starts with [`Gateway::start_log_writer`].
-    pub fn new(cfg: LlmConfig, pool: PgPool, metrics: LlmMetrics) -> Self {
-        // reqwest is built without a default TLS crypto provider; ring is the workspace's one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+    /// A provider whose client cannot be built is an error: the gateway never starts with a
+    /// configured provider silently missing.
+    pub fn new(
+        cfg: LlmConfig,
+        pool: PgPool,
+        metrics: LlmMetrics,
+    ) -> Result<Self, ProviderBuildError> {
         let mut slots = BTreeMap::new();
         for (name, p) in &cfg.providers {
-            match AnyProvider::build(p, &metrics) {
-                Ok(provider) => {
-                    slots.insert(
-                        name.clone(),
-                        Slot {
-                            provider,
-                            breaker: Breaker::new(
-                                cfg.breaker_failure_threshold,
-                                cfg.breaker_cooldown,
-                            ),
-                        },
-                    );
-                    metrics
-                        .breaker_state
-                        .get_or_create(&ProviderLabel {
-                            provider: name.clone(),
-                        })
-                        .set(0);
-                }
-                Err(e) => {
-                    tracing::error!(provider = %name, error = %e, "cannot build LLM provider client")
-                }
-            }
+            let provider =
+                AnyProvider::build(p, &metrics).map_err(|source| ProviderBuildError {
+                    provider: name.clone(),
+                    source,
+                })?;
+            slots.insert(
+                name.clone(),
+                Slot {
+                    provider,
+                    breaker: Breaker::new(cfg.breaker_failure_threshold, cfg.breaker_cooldown),
+                },
+            );
+            metrics
+                .breaker_state
+                .get_or_create(&ProviderLabel {
+                    provider: name.clone(),
+                })
+                .set(0);
         }
         let (logs, rx) = LogSink::new(cfg.log_queue_capacity, metrics.clone());
-        Self {
+        Ok(Self {
             cache: ResponseCache::new(cfg.cache_ttl, cfg.cache_max_entries),
             rate: RateLimiter::default(),
             spend: Spending::default(),
@@ -193,7 +201,7 @@ impl Gateway {
             slots,
             in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight_requests)),
             cfg,
-        }
+        })
     }
 
     /// Starts the `inference_logs` writer on `tracker` (once; later calls return false).
