@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Answer, Call, Gateway, Strategy, Target, cache};
+use super::{Answer, Call, Gateway, LlmError, Strategy, Target, cache};
 use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal, Scope};
 
 /// The LLM routes, to be nested under `/v1`.
@@ -39,6 +39,26 @@ where
     Router::new()
         .route("/query", post(query))
         .route("/chat/completions", post(chat_completions))
+}
+
+/// The HTTP edge of the gateway's errors.
+impl From<LlmError> for ApiError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::Invalid { field, message } => ApiError::Validation { field, message },
+            LlmError::ProviderRejected(m) => ApiError::BadRequest(m),
+            LlmError::Overloaded(m) => ApiError::Overloaded(m),
+            LlmError::RateLimited {
+                message,
+                retry_after_s,
+            } => ApiError::TooManyRequests {
+                message,
+                retry_after_s,
+            },
+            LlmError::BudgetExceeded(m) => ApiError::PaymentRequired(m),
+            LlmError::AllFailed(m) => ApiError::BadGateway(m),
+        }
+    }
 }
 
 fn org_of(p: &Principal) -> ApiResult<Uuid> {
