@@ -28,6 +28,9 @@ pub mod server;
 pub mod state;
 pub mod telemetry;
 
+#[cfg(test)]
+mod layout_tests;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::Router;

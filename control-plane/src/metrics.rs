@@ -3,7 +3,7 @@
 //!
 //! Each domain defines its own metric families (`http::HttpMetrics`, `llm::metrics`,
 //! `pki::PkiMetrics`, `telemetry::IngestMetrics`); only the composition root (this module,
-//! [`crate::state`] and [`crate::server`]) sees them all. Handlers receive their domain's
+//! the `state` and `server` modules) sees them all. Handlers receive their domain's
 //! families as a substate, never this struct.
 
 use prometheus_client::{metrics::counter::Counter, registry::Registry};

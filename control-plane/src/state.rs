@@ -4,7 +4,7 @@
 //! Invariants:
 //! - No domain imports this module: domain routers are generic over any state that yields the
 //!   substates they need, so this struct is only named by the composition root
-//!   ([`crate::ControlPlane`], [`crate::server`]).
+//!   ([`crate::ControlPlane`] and the `server` module).
 //! - Built only by [`crate::ControlPlane::builder`], so a test's state is production's.
 
 use std::sync::Arc;
