@@ -77,7 +77,7 @@ export ORT_DYLIB_PATH
 command -v curl >/dev/null || ensure_packages curl
 
 say "3/8 building kip (release; the first build takes a while)"
-cargo build --release --locked -p kip-control-plane -p kip-agent -p kip-sim
+cargo build --release --locked -p kip-control-plane -p kipctl -p kip-agent -p kip-sim
 BIN="${CARGO_TARGET_DIR:-$KIP_ROOT/target}/release"
 KIPCTL="$BIN/kipctl"
 

@@ -11,24 +11,7 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use kip_shared::validate::in_range;
 use serde::Deserialize;
 
-/// Why the configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid value for environment variable {var}: {message}")]
-    Env { var: &'static str, message: String },
-    #[error("invalid config: {field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
-}
+pub use crate::config_error::ConfigError;
 
 /// The file as written by the operator, before validation.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -50,7 +33,7 @@ pub struct RawConfig {
     pub llm: crate::llm::config::RawLlm,
     /// `[mlflow]`: mirror the model registry into MLflow.
     #[serde(default)]
-    pub mlflow: crate::registry::mlflow::RawMlflow,
+    pub mlflow: crate::models::mlflow::RawMlflow,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,14 +149,14 @@ impl Default for RawIngest {
 }
 
 impl RawIngest {
-    fn validate(self) -> Result<crate::ingest::IngestLimits, ConfigError> {
+    fn validate(self) -> Result<crate::telemetry::IngestLimits, ConfigError> {
         let invalid =
             |field: &'static str, message: String| ConfigError::Invalid { field, message };
         in_range(self.max_batch_bytes, 64 * 1024, 256 * 1024 * 1024, "")
             .map_err(|m| invalid("ingest.max_batch_bytes", m))?;
         in_range(self.max_batch_records, 1, 100_000, "")
             .map_err(|m| invalid("ingest.max_batch_records", m))?;
-        Ok(crate::ingest::IngestLimits {
+        Ok(crate::telemetry::IngestLimits {
             max_records: usize::try_from(self.max_batch_records).unwrap_or(usize::MAX),
             max_decoded_bytes: usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX),
         })
@@ -413,13 +396,13 @@ pub struct Config {
     pub log_filter: String,
     pub pki: PkiConfig,
     /// Limits on agent sync batches.
-    pub ingest: crate::ingest::IngestLimits,
+    pub ingest: crate::telemetry::IngestLimits,
     /// The LLM gateway (`[llm]`).
     pub llm: crate::llm::config::LlmConfig,
     /// Set by `kip-control-plane --reset-admin-key`, never from the file.
     pub reset_admin_key: bool,
     /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
-    pub mlflow: Option<crate::registry::mlflow::MlflowConfig>,
+    pub mlflow: Option<crate::models::mlflow::MlflowConfig>,
 }
 
 /// Environment variables that override file settings, in the order they are applied.

@@ -621,7 +621,9 @@ async fn deleting_an_organisation_stops_its_cached_keys_at_once(pool: PgPool) {
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn revocation_by_another_replica_is_bounded_by_the_key_cache_ttl(pool: PgPool) {
     let cached = app(pool.clone()).await;
-    let uncached = cached.replica(|c| c.key_cache_ttl = std::time::Duration::ZERO);
+    let uncached = cached
+        .replica(|c| c.key_cache_ttl = std::time::Duration::ZERO)
+        .await;
     let (_, key) = cached.org_with_key("r").await;
     assert_eq!(cached.get("/v1/me", &key).await.status, StatusCode::OK);
     assert_eq!(uncached.get("/v1/me", &key).await.status, StatusCode::OK);

@@ -1208,3 +1208,88 @@ async fn calls_beyond_the_in_flight_limit_are_refused_with_503(pool: PgPool) {
         "{metrics}"
     );
 }
+
+/// A private Mosquitto on a free loopback port, killed (and reaped) on drop.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (apt-get install mosquitto)");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test harness starts the system through `ControlPlane::builder`, like the binary: the
+/// `inference_logs` writer stores a request's row, and the providers' background connections
+/// run (the Aleph provider's MQTT client reaches its broker).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn the_harness_runs_the_log_writer_and_the_providers(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("gpt-5", "hello"))).await;
+    let broker = Broker::start();
+    let toml = llm_toml(
+        "",
+        &[(
+            "fake",
+            "openai_compatible",
+            fake.base_url(),
+            "models = [\"gpt-5\"]",
+        )],
+    ) + &format!(
+        "[providers.aleph]\nkind = \"aleph\"\nmodels = [\"aleph\"]\n\
+         [providers.aleph.mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n",
+        broker.port
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = chat(
+        &app,
+        &key,
+        json!({"model": "fake/gpt-5", "messages": user("hi")}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let rows = log_rows(&pool, &org, 1).await;
+    assert_eq!(rows[0].provider, "fake");
+    assert_eq!(rows[0].status, "ok");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.state.metrics.llm.live_connected.get() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Aleph provider never connected to its broker"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -15,7 +15,7 @@ use std::{
 };
 
 use axum::http::StatusCode;
-use kip_control_plane::registry::mlflow::MlflowConfig;
+use kip_control_plane::models::mlflow::MlflowConfig;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 

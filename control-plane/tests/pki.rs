@@ -8,13 +8,9 @@ use axum::{
     body::Body,
     http::{Request, StatusCode},
 };
+use kip_api::{AgentWhoami, CertificateResponse, EnrollToken, Revocation};
 use kip_certs::{DeviceKey, FleetCa, certs_from_pem, rustls};
-use kip_control_plane::{
-    config::Config,
-    pki::{Pki, spawn_agent_listener},
-    pki_api::{AgentWhoami, CertificateResponse, EnrollToken, Revocation},
-    server::{AppState, router},
-};
+use kip_control_plane::{ControlPlane, config::Config};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -22,7 +18,9 @@ use tower::ServiceExt as _;
 use uuid::Uuid;
 
 struct Env {
-    state: AppState,
+    router: axum::Router,
+    /// The running system; dropping it stops it.
+    _cp: ControlPlane,
     admin_key: String,
     org_id: Uuid,
     agent_url: String,
@@ -55,32 +53,29 @@ async fn setup(pool: PgPool) -> Env {
     })
     .unwrap();
     let key_file = dir.path().join("admin.key");
-    kip_control_plane::db::ensure_admin_key(&pool, &key_file)
+    let mut cfg = cfg;
+    cfg.admin_key_file = key_file.clone();
+    cfg.pki.crl_refresh_interval = Duration::from_secs(3600);
+    cfg.shutdown_grace = Duration::from_secs(1);
+    let token = CancellationToken::new();
+    let cp = ControlPlane::builder(cfg)
+        .pool(pool)
+        .without_admin_listener()
+        .agent_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .cancellation_token(token.clone())
+        .start()
         .await
         .unwrap();
     let admin_key = std::fs::read_to_string(&key_file)
         .unwrap()
         .trim()
         .to_owned();
-    let pki = Pki::from_config(&cfg.pki, &pool).await.unwrap().unwrap();
-    let mut state = AppState::new(pool, &cfg);
-    state.pki = Some(pki.clone());
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    spawn_agent_listener(
-        listener,
-        &state,
-        pki.clone(),
-        Duration::from_secs(3600),
-        token.clone(),
-        &tracker,
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let port = cp.agent_addr().unwrap().port();
+    let pki = cp.state().pki.clone().unwrap();
+    let tracker: TaskTracker = cp.tracker().clone();
     let mut env = Env {
-        state,
+        router: cp.router(),
+        _cp: cp,
         admin_key,
         org_id: Uuid::nil(),
         agent_url: format!("https://127.0.0.1:{port}"),
@@ -112,7 +107,7 @@ impl Env {
             None => req.body(Body::empty()),
         }
         .unwrap();
-        let resp = router(self.state.clone()).oneshot(req).await.unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await

@@ -1,6 +1,7 @@
-//! The real `kip-control-plane` and `kipctl` binaries against a real PostgreSQL: first start
-//! creates the database, schema and admin key; `kipctl` drives the admin API; SIGTERM stops
-//! the server cleanly; a restart keeps every row.
+//! The real `kip-control-plane` binary against a real PostgreSQL: first start creates the
+//! database, schema and admin key; `kipctl` (its library, run in-process exactly as its thin
+//! binary runs it; the binary itself is tested in the kipctl crate) drives the admin API;
+//! SIGTERM stops the server cleanly; a restart keeps every row.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -80,20 +81,34 @@ impl Drop for Server {
     }
 }
 
+/// Runs `kipctl ARGS` against `server` with the key in `key_file`: (success, stdout, stderr),
+/// where stderr is what the binary prints for an error. On its own thread and runtime, as
+/// the binary runs, so the blocking callers below need no async context.
 fn kipctl(server: &str, key_file: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kipctl"))
-        .env("KIP_SERVER", server)
-        .env("KIP_API_KEY_FILE", key_file)
-        .env_remove("KIP_API_KEY")
-        .env_remove("KIP_ORG")
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut argv = vec![
+        "kipctl".to_owned(),
+        "--server".to_owned(),
+        server.to_owned(),
+        "--api-key-file".to_owned(),
+        key_file.to_str().unwrap().to_owned(),
+    ];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    std::thread::spawn(move || {
+        let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        let res = rt.block_on(kipctl::run(cli, &mut out));
+        let out = String::from_utf8_lossy(&out).into_owned();
+        match res {
+            Ok(()) => (true, out, String::new()),
+            Err(e) => (false, out, format!("kipctl: error: {e}\n")),
+        }
+    })
+    .join()
+    .unwrap()
 }
 
 async fn drop_db(db: &str) {

@@ -10,11 +10,10 @@ use axum::{
     Router,
     body::Body,
     http::{Method, Request, StatusCode},
-    routing::get,
 };
 use common::{App, Resp};
 use kip_certs::{DeviceKey, FleetCa, certs_from_pem};
-use kip_control_plane::{pki::Pki, registry};
+use kip_control_plane::models;
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
@@ -227,7 +226,7 @@ async fn a_rollout_names_the_desired_model_of_a_device_and_reports_its_status(po
         StatusCode::CREATED
     );
     assert!(
-        registry::desired_model_for(&pool, org_id, dev_id)
+        models::desired_for(&pool, org_id, dev_id)
             .await
             .unwrap()
             .is_none()
@@ -237,7 +236,7 @@ async fn a_rollout_names_the_desired_model_of_a_device_and_reports_its_status(po
     assert_eq!(r.body["desired_model"], "rul-fd001@1.0.0");
     assert_eq!(r.body["in_sync"], false);
 
-    let d = registry::desired_model_for(&pool, org_id, dev_id)
+    let d = models::desired_for(&pool, org_id, dev_id)
         .await
         .unwrap()
         .unwrap();
@@ -246,7 +245,7 @@ async fn a_rollout_names_the_desired_model_of_a_device_and_reports_its_status(po
     assert_eq!(d.sha256, sha(bytes));
     assert_eq!(d.download_path, format!("/v1/agent/models/{id}/artifact"));
 
-    registry::record_device_model_status(&pool, org_id, dev_id, Some("rul-fd001@1.0.0"), None)
+    models::record_running(&pool, org_id, dev_id, Some("rul-fd001@1.0.0"), None)
         .await
         .unwrap();
     let r = app
@@ -274,12 +273,12 @@ async fn a_rollout_names_the_desired_model_of_a_device_and_reports_its_status(po
     .execute(&pool)
     .await
     .unwrap();
-    let got = registry::desired_model_for(&pool, org_id, other.parse().unwrap())
+    let got = models::desired_for(&pool, org_id, other.parse().unwrap())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(got.version, "2.0.0");
-    let got = registry::desired_model_for(&pool, org_id, dev_id)
+    let got = models::desired_for(&pool, org_id, dev_id)
         .await
         .unwrap()
         .unwrap();
@@ -292,7 +291,7 @@ async fn a_rollout_names_the_desired_model_of_a_device_and_reports_its_status(po
     let r = put_json(&app, &desired_uri, &key, json!({ "model_id": null })).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert!(
-        registry::desired_model_for(&pool, org_id, dev_id)
+        models::desired_for(&pool, org_id, dev_id)
             .await
             .unwrap()
             .is_none()
@@ -351,21 +350,8 @@ async fn a_device_downloads_only_the_model_desired_for_it(pool: PgPool) {
         std::time::SystemTime::now() - Duration::from_secs(60),
     )
     .unwrap();
-    let ca = ca_dir.to_str().unwrap().to_owned();
-    let mut app = common::app_with(pool.clone(), |_| {}).await;
-    let cfg = kip_control_plane::config::Config::load(None, |k| {
-        (k == "KIP_PKI_CA_DIR").then(|| ca.clone())
-    })
-    .unwrap();
-    let pki = Pki::from_config(&cfg.pki, &pool).await.unwrap().unwrap();
-    app.state.pki = Some(pki);
-    app.router = kip_control_plane::server::router(app.state.clone());
-    let device_router = Router::new()
-        .route(
-            "/v1/agent/models/{model_id}/artifact",
-            get(registry::download_artifact_for_device),
-        )
-        .with_state(app.state.clone());
+    let app = common::app_with(pool.clone(), |c| c.pki.ca_dir = Some(ca_dir.clone())).await;
+    let device_router = kip_control_plane::server::agent_router(app.state.clone());
 
     let (org, key) = app.org_with_key("acme").await;
     let (dev, cert) = enrolled(&app, &org, "gw-1").await;

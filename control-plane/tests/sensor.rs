@@ -10,7 +10,7 @@ mod common;
 
 use axum::http::StatusCode;
 use chrono::{DateTime, TimeZone as _, Utc};
-use kip_control_plane::ingest::{self, DeviceIdentity};
+use kip_control_plane::telemetry::{DeviceIdentity, ingest};
 use kip_shared::{Quality, Reading, Record, Sequenced, sync::SyncBatch};
 use serde_json::{Value, json};
 use sqlx::PgPool;

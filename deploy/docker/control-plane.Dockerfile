@@ -9,7 +9,7 @@ COPY . .
 # ring needs a C compiler: the rust slim image ships gcc. The caches keep CI rebuilds fast.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p kip-control-plane --bin kip-control-plane --bin kipctl \
+    cargo build --release --locked -p kip-control-plane --bin kip-control-plane -p kipctl --bin kipctl \
     && install -D -m 0755 target/release/kip-control-plane /out/kip-control-plane \
     && install -D -m 0755 target/release/kipctl /out/kipctl
 

@@ -48,10 +48,7 @@ fn stored_bundle(identity_dir: &Path) -> TrustBundle {
 }
 
 /// Runs `kipctl` with the platform-admin key against `cp`; returns its output.
-async fn kipctl(
-    cp: &ControlPlane,
-    args: &[&str],
-) -> Result<String, kip_control_plane::cli::CliError> {
+async fn kipctl(cp: &ControlPlane, args: &[&str]) -> Result<String, kipctl::CliError> {
     use clap::Parser as _;
     let mut all = vec![
         "kipctl",
@@ -61,9 +58,9 @@ async fn kipctl(
         &cp.admin_key,
     ];
     all.extend_from_slice(args);
-    let cli = kip_control_plane::cli::Cli::try_parse_from(all).unwrap();
+    let cli = kipctl::Cli::try_parse_from(all).unwrap();
     let mut out = Vec::new();
-    kip_control_plane::cli::run(cli, &mut out).await?;
+    kipctl::run(cli, &mut out).await?;
     Ok(String::from_utf8(out).unwrap())
 }
 

@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, io::Write as _, time::Duration};
 
 use common::{Link, Proxy, eventually, reading, start, start_sync, stored, sync_config};
 use kip_agent::identity::{self, Identity};
-use kip_control_plane::ingest::IngestLimits;
+use kip_control_plane::telemetry::IngestLimits;
 use kip_shared::{Reading, Record, Sequenced, sync::SyncAck, sync::SyncBatch};
 use serde_json::{Value, json};
 use sqlx::PgPool;

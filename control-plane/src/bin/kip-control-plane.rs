@@ -1,4 +1,5 @@
-//! `kip-control-plane`: the server binary. Parses flags, loads config, runs the library.
+//! `kip-control-plane`: the server binary. Parses flags, loads config, starts the system
+//! through [`kip_control_plane::ControlPlane::builder`] and waits for SIGTERM/SIGINT.
 
 use std::path::PathBuf;
 
@@ -40,5 +41,11 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("database schema up to date (--migrate-only)");
         return Ok(());
     }
-    kip_control_plane::run(cfg, tokio_util::sync::CancellationToken::new()).await
+    kip_control_plane::ControlPlane::builder(cfg)
+        .handle_signals(true)
+        .start()
+        .await?
+        .wait()
+        .await;
+    Ok(())
 }

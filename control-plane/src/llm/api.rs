@@ -9,23 +9,57 @@
 //!   the provider untouched.
 //! - Streams are never buffered: each provider event is written to the client as it arrives.
 
+use std::sync::Arc;
+
 use axum::{
+    Router,
     body::{Body, Bytes},
-    extract::{State, rejection::BytesRejection},
+    extract::{FromRef, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
+    routing::post,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Answer, Call, Strategy, Target, cache};
-use crate::{
-    api::ApiJson,
-    auth::{Principal, Scope},
-    error::{ApiError, ApiResult},
-    server::AppState,
-};
+use super::{Answer, Call, Gateway, LlmError, Strategy, Target, cache};
+use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal, Scope};
+
+/// The LLM routes, to be nested under `/v1`.
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    PgPool: FromRef<S>,
+    Arc<KeyCache>: FromRef<S>,
+    HttpLimits: FromRef<S>,
+    Arc<Gateway>: FromRef<S>,
+{
+    Router::new()
+        .route("/query", post(query))
+        .route("/chat/completions", post(chat_completions))
+}
+
+/// The HTTP edge of the gateway's errors.
+impl From<LlmError> for ApiError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::Invalid { field, message } => ApiError::Validation { field, message },
+            LlmError::ProviderRejected(m) => ApiError::BadRequest(m),
+            LlmError::Overloaded(m) => ApiError::Overloaded(m),
+            LlmError::RateLimited {
+                message,
+                retry_after_s,
+            } => ApiError::TooManyRequests {
+                message,
+                retry_after_s,
+            },
+            LlmError::BudgetExceeded(m) => ApiError::PaymentRequired(m),
+            LlmError::AllFailed(m) => ApiError::BadGateway(m),
+        }
+    }
+}
 
 fn org_of(p: &Principal) -> ApiResult<Uuid> {
     match p.scope {
@@ -72,7 +106,8 @@ fn cacheable(temperature: Option<f64>, opt_in: Option<bool>) -> bool {
 /// header `x-kip-fallback: provider/model,...` appends fallbacks; header
 /// `x-kip-strategy: cost|latency` reorders the chain.
 pub async fn chat_completions(
-    State(st): State<AppState>,
+    State(gw): State<Arc<Gateway>>,
+    State(limits): State<HttpLimits>,
     p: Principal,
     hdrs: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -81,7 +116,7 @@ pub async fn chat_completions(
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge {
-                limit_bytes: st.body_limit_bytes,
+                limit_bytes: limits.body_limit_bytes,
             }
         } else {
             ApiError::BadRequest(r.body_text())
@@ -148,7 +183,6 @@ pub async fn chat_completions(
         .or_else(|| obj.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(512);
-    let gw = st.llm.clone();
     let targets = gw.resolve(
         model.as_deref(),
         None,
@@ -296,7 +330,7 @@ pub struct QueryResponse {
 
 /// `POST /v1/query`: kip's own LLM API.
 pub async fn query(
-    State(st): State<AppState>,
+    State(gw): State<Arc<Gateway>>,
     p: Principal,
     ApiJson(req): ApiJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
@@ -312,7 +346,6 @@ pub async fn query(
             "must be between 0 and 2",
         ));
     }
-    let gw = st.llm.clone();
     let model =
         match (&req.task, &req.model) {
             (Some(_), Some(_)) => {

@@ -14,7 +14,7 @@ use kip_shared::validate::in_range;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 /// A provider API key. Never printed.
 #[derive(Clone, PartialEq, Eq)]

@@ -47,7 +47,15 @@ use self::{
     provider::{AnyProvider, CallCtx, Chunk, ChunkStream, Completion, ProviderError, Usage},
     routing::{Breaker, Ewma, RateLimiter, Spending},
 };
-use crate::error::ApiError;
+
+/// A configured provider whose HTTP client could not be built (a start-up error).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the client of LLM provider {provider:?}: {source}")]
+pub struct ProviderBuildError {
+    pub provider: String,
+    #[source]
+    pub source: crate::outbound::ClientError,
+}
 
 /// Provider name of the built-in local fallback in logs and responses.
 pub const LOCAL_PROVIDER: &str = "kip-local";
@@ -151,37 +159,36 @@ fn sleep_capped(d: Duration) -> tokio::time::Sleep {
 
 impl Gateway {
     /// Builds providers and state; the log writer starts with [`Gateway::start_log_writer`].
-    pub fn new(cfg: LlmConfig, pool: PgPool, metrics: LlmMetrics) -> Self {
-        // reqwest is built without a default TLS crypto provider; ring is the workspace's one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+    /// A provider whose client cannot be built is an error: the gateway never starts with a
+    /// configured provider silently missing.
+    pub fn new(
+        cfg: LlmConfig,
+        pool: PgPool,
+        metrics: LlmMetrics,
+    ) -> Result<Self, ProviderBuildError> {
         let mut slots = BTreeMap::new();
         for (name, p) in &cfg.providers {
-            match AnyProvider::build(p, &metrics) {
-                Ok(provider) => {
-                    slots.insert(
-                        name.clone(),
-                        Slot {
-                            provider,
-                            breaker: Breaker::new(
-                                cfg.breaker_failure_threshold,
-                                cfg.breaker_cooldown,
-                            ),
-                        },
-                    );
-                    metrics
-                        .breaker_state
-                        .get_or_create(&ProviderLabel {
-                            provider: name.clone(),
-                        })
-                        .set(0);
-                }
-                Err(e) => {
-                    tracing::error!(provider = %name, error = %e, "cannot build LLM provider client")
-                }
-            }
+            let provider =
+                AnyProvider::build(p, &metrics).map_err(|source| ProviderBuildError {
+                    provider: name.clone(),
+                    source,
+                })?;
+            slots.insert(
+                name.clone(),
+                Slot {
+                    provider,
+                    breaker: Breaker::new(cfg.breaker_failure_threshold, cfg.breaker_cooldown),
+                },
+            );
+            metrics
+                .breaker_state
+                .get_or_create(&ProviderLabel {
+                    provider: name.clone(),
+                })
+                .set(0);
         }
         let (logs, rx) = LogSink::new(cfg.log_queue_capacity, metrics.clone());
-        Self {
+        Ok(Self {
             cache: ResponseCache::new(cfg.cache_ttl, cfg.cache_max_entries),
             rate: RateLimiter::default(),
             spend: Spending::default(),
@@ -193,7 +200,7 @@ impl Gateway {
             slots,
             in_flight: Arc::new(tokio::sync::Semaphore::new(cfg.max_in_flight_requests)),
             cfg,
-        }
+        })
     }
 
     /// Starts the `inference_logs` writer on `tracker` (once; later calls return false).
@@ -231,19 +238,16 @@ impl Gateway {
         &self.cfg
     }
 
-    fn expand(&self, field: &str, name: &str, out: &mut Vec<Target>) -> Result<(), ApiError> {
+    fn expand(&self, field: &str, name: &str, out: &mut Vec<Target>) -> Result<(), LlmError> {
         if let Some((p, m)) = name.split_once('/') {
             if !self.cfg.providers.contains_key(p) && p != LOCAL_PROVIDER {
-                return Err(ApiError::validation(
+                return Err(LlmError::invalid(
                     field,
                     format!("unknown provider {p:?} in {name:?}"),
                 ));
             }
             if m.is_empty() {
-                return Err(ApiError::validation(
-                    field,
-                    format!("{name:?} has no model"),
-                ));
+                return Err(LlmError::invalid(field, format!("{name:?} has no model")));
             }
             out.push(Target::new(p, m));
             return Ok(());
@@ -263,7 +267,7 @@ impl Gateway {
             out.push(Target::new(&p.name, name));
             return Ok(());
         }
-        Err(ApiError::validation(
+        Err(LlmError::invalid(
             field,
             format!(
                 "unknown model {name:?}: use provider/model, a configured alias, or a model \
@@ -281,12 +285,12 @@ impl Gateway {
         fallback: &[String],
         strategy: Option<Strategy>,
         est: (u64, u64),
-    ) -> Result<Vec<Target>, ApiError> {
+    ) -> Result<Vec<Target>, LlmError> {
         let mut chain = Vec::new();
         match (model, provider) {
             (Some(m), Some(p)) if !m.contains('/') && !self.cfg.aliases.contains_key(m) => {
                 if !self.cfg.providers.contains_key(p) {
-                    return Err(ApiError::validation(
+                    return Err(LlmError::invalid(
                         "options.provider",
                         format!("unknown provider {p:?}"),
                     ));
@@ -298,7 +302,7 @@ impl Gateway {
                 if let Some(p) = p {
                     chain.retain(|t| t.provider == p);
                     if chain.is_empty() {
-                        return Err(ApiError::validation(
+                        return Err(LlmError::invalid(
                             "options.provider",
                             format!("model {m:?} is not served by provider {p:?}"),
                         ));
@@ -307,10 +311,10 @@ impl Gateway {
             }
             (None, Some(p)) => {
                 let cfg = self.cfg.providers.get(p).ok_or_else(|| {
-                    ApiError::validation("options.provider", format!("unknown provider {p:?}"))
+                    LlmError::invalid("options.provider", format!("unknown provider {p:?}"))
                 })?;
                 let m = cfg.default_model.as_deref().ok_or_else(|| {
-                    ApiError::validation(
+                    LlmError::invalid(
                         "model",
                         format!("provider {p:?} has no default_model; name a model"),
                     )
@@ -319,7 +323,7 @@ impl Gateway {
             }
             (None, None) => {
                 let d = self.cfg.default_model.as_deref().ok_or_else(|| {
-                    ApiError::validation("model", "required (no llm.default_model configured)")
+                    LlmError::invalid("model", "required (no llm.default_model configured)")
                 })?;
                 self.expand("model", d, &mut chain)?;
             }
@@ -455,10 +459,10 @@ impl Gateway {
     }
 
     /// Rate limit and monthly budget of the organisation: 429 / 402 when exceeded.
-    pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<InFlight, ApiError> {
+    pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<InFlight, LlmError> {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             self.refuse(org_id, request_id, "overloaded");
-            return Err(ApiError::Overloaded(format!(
+            return Err(LlmError::Overloaded(format!(
                 "the gateway is serving its maximum of {} LLM calls at once \
                  (llm.max_in_flight_requests); retry in a moment",
                 self.cfg.max_in_flight_requests
@@ -471,7 +475,7 @@ impl Gateway {
             limits.rate_limit_burst,
         ) {
             self.refuse(org_id, request_id, "rate_limited");
-            return Err(ApiError::TooManyRequests {
+            return Err(LlmError::RateLimited {
                 message: format!(
                     "rate limit of {} requests per minute (burst {}) exceeded for this \
                      organisation",
@@ -488,7 +492,7 @@ impl Gateway {
             {
                 Ok(spent) if spent >= budget => {
                     self.refuse(org_id, request_id, "budget_exceeded");
-                    return Err(ApiError::PaymentRequired(format!(
+                    return Err(LlmError::BudgetExceeded(format!(
                         "monthly LLM budget of {budget:.2} USD is used up for this organisation \
                          (spent {spent:.4} USD this month)"
                     )));
@@ -623,10 +627,10 @@ impl Gateway {
     }
 
     /// Client errors that another provider would reject as well: passed to the client.
-    fn client_fault(e: &ProviderError) -> Option<ApiError> {
+    fn client_fault(e: &ProviderError) -> Option<LlmError> {
         match e {
             ProviderError::Rejected { status, message } if matches!(status, 400 | 413 | 422) => {
-                Some(ApiError::BadRequest(format!(
+                Some(LlmError::ProviderRejected(format!(
                     "the provider rejected the request ({status}): {message}"
                 )))
             }
@@ -660,27 +664,32 @@ impl Gateway {
         }
     }
 
-    fn all_failed(&self, attempts: &[Attempt]) -> ApiError {
-        ApiError::BadGateway(format!(
+    fn all_failed(&self, attempts: &[Attempt]) -> LlmError {
+        LlmError::AllFailed(format!(
             "no provider could answer ({})",
             Self::note(attempts)
         ))
     }
 
-    /// Runs a non-streaming call through cache, chain, retries and fallback.
-    pub async fn complete(&self, call: &Call) -> Result<Answer, ApiError> {
-        if let Some(a) = self.cache_lookup(call) {
-            return Ok(a);
-        }
-        let started = Instant::now();
+    /// The attempt loop shared by [`Gateway::complete`] and [`Gateway::stream`]: walks the
+    /// target chain, skips providers that are not configured or whose breaker is open, and
+    /// retries each target with backoff on retryable errors. Every failed attempt is recorded
+    /// (breaker, metrics, `inference_logs`) and appended to `attempts`; a client fault (the
+    /// request itself was refused) ends the loop with an error. The winning attempt is
+    /// returned unrecorded: success bookkeeping differs between the two modes.
+    async fn run_chain(
+        &self,
+        call: &Call,
+        mode: Mode,
+        attempts: &mut Vec<Attempt>,
+    ) -> Result<ChainEnd, LlmError> {
         let ctx = CallCtx {
             org_id: call.org_id,
             pool: &self.pool,
         };
-        let mut attempts = Vec::new();
         for t in &call.targets {
             if t.provider == LOCAL_PROVIDER {
-                return Ok(self.local_answer(call, attempts, started));
+                return Ok(ChainEnd::Local);
             }
             let Some(slot) = self.slots.get(&t.provider) else {
                 attempts.push(attempt(t, "unavailable"));
@@ -694,41 +703,12 @@ impl Gateway {
                     break;
                 }
                 let t0 = Instant::now();
-                match slot.provider.complete(ctx, &t.model, &call.body).await {
-                    Ok(c) => {
-                        let latency_ms = ms(t0.elapsed());
-                        let cost = self.record_success(
-                            call,
-                            t,
-                            c.usage,
-                            LogFields {
-                                latency_ms,
-                                ..LogFields::default()
-                            },
-                        );
-                        attempts.push(attempt(t, "ok"));
-                        if let Some(key) = call.cache_key
-                            && slot.provider.cacheable()
-                        {
-                            self.cache.put(
-                                call.org_id,
-                                key,
-                                CachedAnswer {
-                                    provider: t.provider.clone(),
-                                    model: t.model.clone(),
-                                    body: c.body.clone(),
-                                    usage: c.usage,
-                                },
-                            );
-                        }
-                        return Ok(Answer {
+                match Self::try_once(slot, ctx, t, &call.body, mode).await {
+                    Ok(outcome) => {
+                        return Ok(ChainEnd::Won {
                             target: t.clone(),
-                            completion: c,
-                            attempts,
-                            cost_usd: cost,
-                            latency_ms: ms(started.elapsed()),
-                            cache_hit: false,
-                            local: false,
+                            outcome,
+                            started: t0,
                         });
                     }
                     Err(e) => {
@@ -749,11 +729,100 @@ impl Gateway {
                 }
             }
         }
-        if self.cfg.local_fallback {
-            Ok(self.local_answer(call, attempts, started))
-        } else {
-            Err(self.all_failed(&attempts))
+        Ok(ChainEnd::Exhausted)
+    }
+
+    /// One attempt at one target: the whole completion, or a stream up to its first event
+    /// (bounded by the provider's first-byte timeout).
+    async fn try_once(
+        slot: &Slot,
+        ctx: CallCtx<'_>,
+        t: &Target,
+        body: &Map<String, Value>,
+        mode: Mode,
+    ) -> Result<Outcome, ProviderError> {
+        match mode {
+            Mode::Complete => slot
+                .provider
+                .complete(ctx, &t.model, body)
+                .await
+                .map(Outcome::Completion),
+            Mode::Stream => {
+                let mut s = slot.provider.stream(ctx, &t.model, body).await?;
+                match tokio::time::timeout(slot.provider.first_byte_timeout(), s.next()).await {
+                    Err(_) => Err(ProviderError::Timeout),
+                    Ok(None) => Err(ProviderError::Connection(
+                        "stream ended before the first event".into(),
+                    )),
+                    Ok(Some(Err(e))) => Err(e),
+                    Ok(Some(Ok(c))) => Ok(Outcome::Stream(c, s)),
+                }
+            }
         }
+    }
+
+    /// Runs a non-streaming call through cache, chain, retries and fallback.
+    pub async fn complete(&self, call: &Call) -> Result<Answer, LlmError> {
+        if let Some(a) = self.cache_lookup(call) {
+            return Ok(a);
+        }
+        let started = Instant::now();
+        let mut attempts = Vec::new();
+        let end = self.run_chain(call, Mode::Complete, &mut attempts).await?;
+        let (t, c, t0) = match end {
+            ChainEnd::Won {
+                target,
+                outcome: Outcome::Completion(c),
+                started: t0,
+            } => (target, c, t0),
+            // `run_chain` in complete mode only yields completions.
+            ChainEnd::Won { target, .. } => {
+                attempts.push(attempt(&target, "internal"));
+                return Err(self.all_failed(&attempts));
+            }
+            ChainEnd::Local => return Ok(self.local_answer(call, attempts, started)),
+            ChainEnd::Exhausted if self.cfg.local_fallback => {
+                return Ok(self.local_answer(call, attempts, started));
+            }
+            ChainEnd::Exhausted => return Err(self.all_failed(&attempts)),
+        };
+        let latency_ms = ms(t0.elapsed());
+        let cost = self.record_success(
+            call,
+            &t,
+            c.usage,
+            LogFields {
+                latency_ms,
+                ..LogFields::default()
+            },
+        );
+        attempts.push(attempt(&t, "ok"));
+        if let Some(key) = call.cache_key
+            && self
+                .slots
+                .get(&t.provider)
+                .is_some_and(|s| s.provider.cacheable())
+        {
+            self.cache.put(
+                call.org_id,
+                key,
+                CachedAnswer {
+                    provider: t.provider.clone(),
+                    model: t.model.clone(),
+                    body: c.body.clone(),
+                    usage: c.usage,
+                },
+            );
+        }
+        Ok(Answer {
+            target: t,
+            completion: c,
+            attempts,
+            cost_usd: cost,
+            latency_ms: ms(started.elapsed()),
+            cache_hit: false,
+            local: false,
+        })
     }
 
     /// Runs a streaming call: tries the chain until a target produced its first chunk, then
@@ -763,79 +832,35 @@ impl Gateway {
         self: &Arc<Self>,
         call: Call,
         include_usage: bool,
-    ) -> Result<(Target, SseBody), ApiError> {
+    ) -> Result<(Target, SseBody), LlmError> {
         let started = Instant::now();
-        let ctx = CallCtx {
-            org_id: call.org_id,
-            pool: &self.pool,
-        };
         let mut attempts = Vec::new();
-        let mut committed: Option<(Target, Chunk, ChunkStream, f64)> = None;
-        'targets: for t in &call.targets {
-            if t.provider == LOCAL_PROVIDER {
-                break;
+        let end = self.run_chain(&call, Mode::Stream, &mut attempts).await?;
+        let (target, first, rest, ttft_ms, local) = match end {
+            ChainEnd::Won {
+                target,
+                outcome: Outcome::Stream(c, s),
+                started: t0,
+            } => {
+                if let Some(slot) = self.slots.get(&target.provider) {
+                    slot.breaker.success();
+                }
+                self.set_breaker_gauge(&target.provider);
+                let ttft = t0.elapsed();
+                self.metrics
+                    .ttft
+                    .get_or_create(&ProviderLabel {
+                        provider: target.provider.clone(),
+                    })
+                    .observe(ttft.as_secs_f64());
+                (target, c, s, ms(ttft), false)
             }
-            let Some(slot) = self.slots.get(&t.provider) else {
-                attempts.push(attempt(t, "unavailable"));
-                continue;
-            };
-            let mut n = 0;
-            loop {
-                if !slot.breaker.allow() {
-                    self.observe(t, "breaker_open", Duration::ZERO, Usage::default(), 0.0);
-                    attempts.push(attempt(t, "breaker_open"));
-                    break;
-                }
-                let t0 = Instant::now();
-                let first = async {
-                    let mut s = slot.provider.stream(ctx, &t.model, &call.body).await?;
-                    match tokio::time::timeout(slot.provider.first_byte_timeout(), s.next()).await {
-                        Err(_) => Err(ProviderError::Timeout),
-                        Ok(None) => Err(ProviderError::Connection(
-                            "stream ended before the first event".into(),
-                        )),
-                        Ok(Some(Err(e))) => Err(e),
-                        Ok(Some(Ok(c))) => Ok((c, s)),
-                    }
-                }
-                .await;
-                match first {
-                    Ok((c, s)) => {
-                        if let Some(slot) = self.slots.get(&t.provider) {
-                            slot.breaker.success();
-                        }
-                        self.set_breaker_gauge(&t.provider);
-                        let ttft = t0.elapsed();
-                        self.metrics
-                            .ttft
-                            .get_or_create(&ProviderLabel {
-                                provider: t.provider.clone(),
-                            })
-                            .observe(ttft.as_secs_f64());
-                        committed = Some((t.clone(), c, s, ms(ttft)));
-                        break 'targets;
-                    }
-                    Err(e) => {
-                        self.record_failure(&call, t, &e, t0);
-                        attempts.push(attempt(t, e.kind()));
-                        if let Some(err) = Self::client_fault(&e) {
-                            return Err(err);
-                        }
-                        if !e.retryable() || n >= self.cfg.max_retries {
-                            break;
-                        }
-                        let Some(wait) = self.backoff(n, &e) else {
-                            break;
-                        };
-                        sleep_capped(wait).await;
-                        n += 1;
-                    }
-                }
+            // `run_chain` in stream mode only yields streams.
+            ChainEnd::Won { target, .. } => {
+                attempts.push(attempt(&target, "internal"));
+                return Err(self.all_failed(&attempts));
             }
-        }
-        let (target, first, rest, ttft_ms, local) = match committed {
-            Some((t, c, s, ttft)) => (t, c, s, ttft, false),
-            None if self.cfg.local_fallback => {
+            ChainEnd::Local | ChainEnd::Exhausted if self.cfg.local_fallback => {
                 let mut s = provider::local_fallback_stream(&Self::note(&attempts));
                 let Some(Ok(first)) = s.next().await else {
                     return Err(self.all_failed(&attempts));
@@ -848,7 +873,7 @@ impl Gateway {
                     true,
                 )
             }
-            None => return Err(self.all_failed(&attempts)),
+            ChainEnd::Local | ChainEnd::Exhausted => return Err(self.all_failed(&attempts)),
         };
         let fin = StreamFinish {
             gw: self.clone(),
@@ -871,6 +896,69 @@ impl Gateway {
                 in_flight: None,
             },
         ))
+    }
+}
+
+/// Which kind of answer an attempt waits for.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// The whole completion.
+    Complete,
+    /// A stream's first event.
+    Stream,
+}
+
+/// What a successful attempt produced.
+enum Outcome {
+    Completion(Completion),
+    /// The first chunk and the rest of the stream.
+    Stream(Chunk, ChunkStream),
+}
+
+/// How the attempt loop ended.
+enum ChainEnd {
+    /// A target answered; `started` is when its winning attempt began.
+    Won {
+        target: Target,
+        outcome: Outcome,
+        started: Instant,
+    },
+    /// The chain reached the built-in local fallback target.
+    Local,
+    /// Every target failed or was skipped.
+    Exhausted,
+}
+
+/// Why the gateway refused or could not answer a call. The HTTP edge (`llm::api`) maps each
+/// kind to its status code; the messages are the client-facing text.
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    /// A request field or routing option does not resolve (422 naming the field).
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    /// A provider refused the request itself (400); another provider would too.
+    #[error("{0}")]
+    ProviderRejected(String),
+    /// At the in-flight limit (`llm.max_in_flight_requests`, 503 with `Retry-After: 1`).
+    #[error("{0}")]
+    Overloaded(String),
+    /// The organisation's rate limit (429 with `Retry-After`).
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_s: u64 },
+    /// The organisation's monthly budget is used up (402).
+    #[error("{0}")]
+    BudgetExceeded(String),
+    /// No target could answer (502).
+    #[error("{0}")]
+    AllFailed(String),
+}
+
+impl LlmError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 

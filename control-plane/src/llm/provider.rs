@@ -183,7 +183,10 @@ pub enum AnyProvider {
 
 impl AnyProvider {
     /// Builds the provider described by `cfg`.
-    pub fn build(cfg: &ProviderConfig, metrics: &LlmMetrics) -> Result<Self, reqwest::Error> {
+    pub fn build(
+        cfg: &ProviderConfig,
+        metrics: &LlmMetrics,
+    ) -> Result<Self, crate::outbound::ClientError> {
         Ok(match cfg.kind {
             ProviderKind::Aleph => Self::Aleph(AlephProvider::new(cfg, metrics)),
             ProviderKind::OpenaiCompatible | ProviderKind::Deepseek => {
@@ -245,8 +248,8 @@ pub struct HttpProvider {
 
 impl HttpProvider {
     /// One HTTP client (connection pool) per provider, with the provider's own timeouts.
-    pub fn new(cfg: &ProviderConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    pub fn new(cfg: &ProviderConfig) -> Result<Self, crate::outbound::ClientError> {
+        let client = crate::outbound::client_builder()?
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)

@@ -1,4 +1,8 @@
 //! Helpers for the control plane's router tests: an app on a fresh database, keys, requests.
+//!
+//! The app is started by [`ControlPlane::builder`], the same path as the binary, so the
+//! `inference_logs` writer, the LLM providers and (when configured) the PKI run here as in
+//! production; only the admin listener is left out (requests go through `oneshot`).
 #![allow(dead_code)]
 
 pub mod fake_llm;
@@ -9,7 +13,7 @@ use axum::{
     http::{Method, Request, StatusCode},
 };
 use http_body_util::BodyExt as _;
-use kip_control_plane::{config::Config, db, server};
+use kip_control_plane::{ControlPlane, config::Config, state::AppState};
 use serde_json::Value;
 use sqlx::PgPool;
 use tower::ServiceExt as _;
@@ -18,8 +22,10 @@ pub struct App {
     pub router: Router,
     pub pool: PgPool,
     pub admin_key: String,
-    pub state: server::AppState,
+    pub state: AppState,
     pub tracker: tokio_util::task::TaskTracker,
+    /// The running system; dropping it stops its background services.
+    pub cp: ControlPlane,
     _dir: tempfile::TempDir,
 }
 
@@ -45,42 +51,49 @@ pub async fn app(pool: PgPool) -> App {
 pub async fn app_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> App {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("admin.key");
-    assert!(db::ensure_admin_key(&pool, &key_file).await.unwrap());
+    let mut cfg = Config::load(None, |_| None).unwrap();
+    cfg.admin_key_file = key_file.clone();
+    tweak(&mut cfg);
+    let cp = start(pool.clone(), cfg).await;
     let admin_key = std::fs::read_to_string(&key_file)
         .unwrap()
         .trim()
         .to_owned();
-    let mut cfg = Config::load(None, |_| None).unwrap();
-    tweak(&mut cfg);
-    let state = server::AppState::new(pool.clone(), &cfg);
-    let tracker = tokio_util::task::TaskTracker::new();
-    state.llm.start_log_writer(&tracker);
-    let router = server::router(state.clone());
-    App {
-        router,
-        pool,
-        admin_key,
-        state,
-        tracker,
-        _dir: dir,
-    }
+    App::new(cp, pool, admin_key, dir)
+}
+
+/// Starts the system on `pool` the way the binary does, without the admin listener.
+pub async fn start(pool: PgPool, cfg: Config) -> ControlPlane {
+    ControlPlane::builder(cfg)
+        .pool(pool)
+        .without_admin_listener()
+        .agent_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .start()
+        .await
+        .unwrap()
 }
 
 impl App {
     /// A second control-plane replica on the same database (its own in-process state).
-    pub fn replica(&self, tweak: impl FnOnce(&mut Config)) -> App {
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> App {
+        let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::load(None, |_| None).unwrap();
+        // The admin key exists already: the replica only notes that this file is missing.
+        cfg.admin_key_file = dir.path().join("admin.key");
         tweak(&mut cfg);
-        let state = server::AppState::new(self.pool.clone(), &cfg);
-        let tracker = tokio_util::task::TaskTracker::new();
-        state.llm.start_log_writer(&tracker);
+        let cp = start(self.pool.clone(), cfg).await;
+        App::new(cp, self.pool.clone(), self.admin_key.clone(), dir)
+    }
+
+    fn new(cp: ControlPlane, pool: PgPool, admin_key: String, dir: tempfile::TempDir) -> App {
         App {
-            router: server::router(state.clone()),
-            pool: self.pool.clone(),
-            admin_key: self.admin_key.clone(),
-            state,
-            tracker,
-            _dir: tempfile::tempdir().unwrap(),
+            router: cp.router(),
+            state: cp.state().clone(),
+            tracker: cp.tracker().clone(),
+            pool,
+            admin_key,
+            cp,
+            _dir: dir,
         }
     }
 

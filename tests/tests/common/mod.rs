@@ -24,12 +24,7 @@ use kip_agent::{
     sync::{SyncStatus, Syncer},
 };
 use kip_certs::FleetCa;
-use kip_control_plane::{
-    config::Config,
-    ingest::IngestLimits,
-    pki::{Pki, spawn_agent_listener},
-    server::{AppState, router},
-};
+use kip_control_plane::{config::Config, telemetry::IngestLimits};
 use kip_shared::{Reading, Record};
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -46,6 +41,8 @@ pub struct ControlPlane {
     pub token: CancellationToken,
     pub tracker: TaskTracker,
     pub dir: tempfile::TempDir,
+    /// The running system (`kip_control_plane::ControlPlane`); dropping it stops it.
+    _cp: kip_control_plane::ControlPlane,
 }
 
 impl Drop for ControlPlane {
@@ -89,42 +86,28 @@ pub async fn start_with_ca_age(
     cfg.pki.ca_reload_interval = Duration::from_millis(100);
     tweak(&mut cfg);
     let key_file = dir.path().join("admin.key");
-    kip_control_plane::db::ensure_admin_key(&pool, &key_file)
+    cfg.admin_key_file = key_file.clone();
+    cfg.pki.crl_refresh_interval = Duration::from_secs(3600);
+    cfg.shutdown_grace = Duration::from_secs(1);
+    let token = CancellationToken::new();
+    let cp = kip_control_plane::ControlPlane::builder(cfg)
+        .pool(pool.clone())
+        .admin_listener(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .agent_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .cancellation_token(token.clone())
+        .start()
         .await
         .unwrap();
     let admin_key = std::fs::read_to_string(&key_file)
         .unwrap()
         .trim()
         .to_owned();
-    let pki = Pki::from_config(&cfg.pki, &pool).await.unwrap().unwrap();
-    let mut state = AppState::new(pool.clone(), &cfg);
-    state.pki = Some(pki.clone());
-    let token = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    state.llm.start_providers(&tracker, &token);
-    let agent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let agent_url = format!("https://127.0.0.1:{}", agent.local_addr().unwrap().port());
-    spawn_agent_listener(
-        agent,
-        &state,
-        pki,
-        Duration::from_secs(3600),
-        token.clone(),
-        &tracker,
-        Duration::from_secs(1),
-    )
-    .unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_url = format!("http://{}", admin.local_addr().unwrap());
-    let stop = token.clone();
-    let app = router(state);
-    tracker.spawn(async move {
-        axum::serve(admin, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let agent_url = format!("https://127.0.0.1:{}", cp.agent_addr().unwrap().port());
+    let admin_url = format!("http://{}", cp.admin_addr().unwrap());
+    let tracker = cp.tracker().clone();
     let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
     ControlPlane {
+        _cp: cp,
         admin_url,
         agent_url,
         admin_key,

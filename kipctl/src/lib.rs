@@ -1,4 +1,9 @@
-//! `kipctl`: the admin CLI. The binary only calls [`run`].
+//! `kipctl`: the admin CLI of the kip control plane. The binary only parses the command line
+//! and calls [`run`]; tests call [`run`] in-process.
+//!
+//! This crate is a thin HTTP client: it decodes the server's answers into the shared
+//! [`kip_api`] types and links neither axum nor sqlx (`cargo tree -p kipctl -i axum` finds
+//! nothing).
 //!
 //! Invariants: the server's error body is shown verbatim (code and message) so the operator
 //! sees the same text the API gives; secrets (API keys) are only printed when they are the
@@ -10,9 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
-use crate::{
-    api::{AiModel, ApiKeyInfo, CreatedApiKey, Device, Me, Organisation},
-    pki_api::{CaStatus, EnrollToken, Revocation},
+use kip_api::{
+    AiModel, ApiKeyInfo, ArtifactInfo, CaStatus, CreatedApiKey, Device, DeviceModelStatus,
+    EnrollToken, Me, Organisation, Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -244,7 +249,7 @@ pub struct RegisterModelArgs {
 fn status_table(
     out: &mut dyn Write,
     json: bool,
-    rows: &[crate::registry::DeviceModelStatus],
+    rows: &[DeviceModelStatus],
 ) -> Result<(), CliError> {
     emit(
         out,
@@ -314,6 +319,23 @@ pub enum CliError {
     Ca(#[from] kip_certs::CertError),
     #[error("refused: {0}")]
     Refused(String),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
+}
+
+/// TLS for `https://` servers with the workspace's one crypto provider (ring), passed to
+/// reqwest explicitly so that [`run`] never installs a process-wide default provider behind
+/// its caller's back; server certificates are checked against the system's roots.
+fn tls_config() -> Result<rustls::ClientConfig, CliError> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+        .map_err(|e| CliError::Tls(e.to_string()))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CliError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth())
 }
 
 struct Client {
@@ -362,7 +384,7 @@ impl Client {
 
     /// Sends `req` and returns the body of a 2xx answer; anything else becomes
     /// [`CliError::Api`] with the server's error code and message.
-    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<axum::body::Bytes, CliError> {
+    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<Vec<u8>, CliError> {
         let connect = |source| CliError::Connect {
             server: self.base.clone(),
             source,
@@ -384,7 +406,7 @@ impl Client {
                     .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
             });
         }
-        Ok(bytes)
+        Ok(bytes.to_vec())
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
@@ -424,9 +446,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         return ca_cmd(cmd, out);
     }
     let key = read_key(&cli)?;
-    // The workspace's one rustls provider; ignoring the error is right when it is already set.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config()?)
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(CliError::Client)?;
@@ -621,7 +642,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     let bytes = std::fs::read(file.as_path()).map_err(|e| {
                         CliError::Decode(format!("cannot read {}: {e}", file.display()))
                     })?;
-                    let a: crate::registry::ArtifactInfo = client
+                    let a: ArtifactInfo = client
                         .put_bytes(&format!("{base}/{model_id}/artifact"), bytes)
                         .await?;
                     if json {
@@ -643,7 +664,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             ))
                         })?),
                     };
-                    let s: crate::registry::DeviceModelStatus = client
+                    let s: DeviceModelStatus = client
                         .send(
                             reqwest::Method::PUT,
                             &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
@@ -654,7 +675,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return status_table(out, json, &[s]);
                 }
                 ModelCmd::Status => {
-                    let s: Vec<crate::registry::DeviceModelStatus> = client
+                    let s: Vec<DeviceModelStatus> = client
                         .get(&format!("/v1/organisations/{org}/model-status"))
                         .await?;
                     return status_table(out, json, &s);

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-use crate::{api::AiModel, config::ConfigError};
+use kip_api::AiModel;
+
+use crate::{config_error::ConfigError, outbound};
 
 /// `[mlflow]` as written in the config file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -114,8 +116,12 @@ const ALIASES: [&str; 2] = ["champion", "challenger"];
 
 impl MlflowSync {
     /// Builds the client; `failures` is the registered `kip_mlflow_sync_failures` counter.
-    pub fn new(cfg: MlflowConfig, pool: PgPool, failures: Counter) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    pub fn new(
+        cfg: MlflowConfig,
+        pool: PgPool,
+        failures: Counter,
+    ) -> Result<Self, outbound::ClientError> {
+        let client = outbound::client_builder()?
             .timeout(cfg.request_timeout)
             .build()?;
         Ok(Self {

@@ -1,9 +1,15 @@
-//! Fleet PKI glue: the loaded CA, the agent mTLS listener and its live TLS configuration.
+//! PKI domain: the loaded fleet CA and the agent listener's live TLS configuration, CA reload
+//! and rollover, enrollment, renewal, revocation and CRLs.
+//!
+//! Interface for other domains: [`Pki`] (the TLS configuration the agent listener serves
+//! with), [`authenticate_device`] (who is behind a client certificate), [`renew_device`],
+//! [`desired_trust`] (CA rollover hints for a sync ack) and [`spawn_maintenance`] (the
+//! periodic CRL refresh, CA reload and recount, started by the composition root).
 //!
 //! Invariants:
 //! - The agent listener speaks TLS 1.3 only and requires a client certificate from the fleet
 //!   CA (see `kip_certs::server_config`). Handlers learn the device from that certificate
-//!   ([`crate::pki_api::DeviceCert`]), never from a header or the body.
+//!   ([`DeviceCert`], checked by [`authenticate_device`]), never from a header or the body.
 //! - Revocation takes effect on the next handshake: [`Pki::refresh`] rebuilds the server
 //!   configuration with fresh CRLs from the `certificates` table and swaps it in through
 //!   `RustlsConfig::reload_from_config`; open connections finish on the old configuration,
@@ -23,7 +29,6 @@
 //!   soon as that issuer changes (rotation, finished rotation).
 
 use std::{
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -35,7 +40,17 @@ use kip_certs::{CaPaths, FleetCa, RevokedSerial, ServerIdentity};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use self::metrics::{CaLabels, IssuerLabels, ReloadLabels};
+pub use self::{
+    api::{DeviceCert, authenticate_device, desired_trust, renew_device},
+    metrics::PkiMetrics,
+};
 use crate::config::PkiConfig;
+
+mod api;
+mod metrics;
+
+pub use self::api::router;
 
 /// Why the PKI could not be set up or refreshed.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +59,6 @@ pub enum PkiError {
     Ca(#[from] kip_certs::CertError),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Validity of a CRL. CRL expiry is not enforced by the verifier; this is what a third party
@@ -301,8 +310,7 @@ fn warn_if_expiring(ca: &FleetCa, now: SystemTime) {
 }
 
 /// Sets the `kip_pki_ca_expiry_seconds` gauges from the current CA.
-pub fn update_expiry_metrics(pki: &Pki, m: &crate::metrics::PkiMetrics, now: SystemTime) {
-    use crate::metrics::CaLabels;
+pub fn update_expiry_metrics(pki: &Pki, m: &PkiMetrics, now: SystemTime) {
     let ca = pki.ca();
     m.ca_expiry_seconds
         .get_or_create(&CaLabels { ca: "intermediate" })
@@ -324,9 +332,8 @@ const DEVICE_COUNT_INTERVAL: Duration = Duration::from_secs(60);
 pub async fn count_devices_by_issuer(
     pki: &Pki,
     pool: &PgPool,
-    m: &crate::metrics::PkiMetrics,
+    m: &PkiMetrics,
 ) -> Result<(i64, i64, i64), sqlx::Error> {
-    use crate::metrics::IssuerLabels;
     let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT issuer_sha256, count(*) FROM ( \
              SELECT DISTINCT ON (org_id, device_id) issuer_sha256 FROM certificates \
@@ -373,7 +380,7 @@ pub async fn revoked_serials(pool: &PgPool) -> Result<Vec<RevokedSerial>, sqlx::
         .collect())
 }
 
-async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &crate::metrics::PkiMetrics) {
+async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &PkiMetrics) {
     if let Err(e) = count_devices_by_issuer(pki, pool, m).await {
         tracing::warn!(error = %e, "cannot count devices by certificate issuer");
     }
@@ -409,49 +416,18 @@ async fn recv_hangup(h: &mut Hangup) -> Option<()> {
     std::future::pending().await
 }
 
-/// Serves the agent API with mTLS on `listener` until `token` is cancelled, and refreshes the
-/// TLS configuration every `refresh_every`. Both tasks run on `tracker`. `state.pki` must be
-/// set (the caller checked it).
-pub fn spawn_agent_listener(
-    listener: std::net::TcpListener,
-    state: &crate::server::AppState,
+/// Keeps the agent listener's TLS configuration and the PKI metrics current, on `tracker`
+/// until `token` is cancelled: rebuilds CRLs (and the server certificate when due) every
+/// `refresh_every`, reloads changed CA files every `ca_reload_interval` and on SIGHUP, and
+/// recounts devices by issuer every minute.
+pub fn spawn_maintenance(
     pki: Arc<Pki>,
+    pool: PgPool,
+    metrics: PkiMetrics,
     refresh_every: Duration,
     token: CancellationToken,
     tracker: &TaskTracker,
-    grace: Duration,
-) -> Result<(), PkiError> {
-    let router = crate::pki_api::agent_router(state.clone());
-    let pool = state.pool.clone();
-    let metrics = state.metrics.pki.clone();
-    let addr = listener.local_addr().map_err(|source| PkiError::Listen {
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-        source,
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| PkiError::Listen { addr, source })?;
-    let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener, pki.tls().clone())
-        .map_err(|source| PkiError::Listen { addr, source })?
-        .handle(handle.clone());
-    let stop = token.clone();
-    tracker.spawn(async move {
-        let serve = server.serve(router.into_make_service());
-        tokio::pin!(serve);
-        tokio::select! {
-            r = &mut serve => {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "agent listener failed");
-                }
-                return;
-            }
-            () = stop.cancelled() => handle.graceful_shutdown(Some(grace)),
-        }
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "agent listener failed during shutdown");
-        }
-    });
+) {
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(refresh_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -489,7 +465,7 @@ pub fn spawn_agent_listener(
             };
             match pki.reload_ca(&pool).await {
                 Ok(true) => {
-                    metrics.ca_reloads.get_or_create(&crate::metrics::ResultLabels { result: "ok" }).inc();
+                    metrics.ca_reloads.get_or_create(&ReloadLabels { result: "ok" }).inc();
                     count_certificates_logged(&pki, &pool, &metrics).await;
                 }
                 Ok(false) => {
@@ -498,7 +474,7 @@ pub fn spawn_agent_listener(
                     }
                 }
                 Err(e) => {
-                    metrics.ca_reloads.get_or_create(&crate::metrics::ResultLabels { result: "error" }).inc();
+                    metrics.ca_reloads.get_or_create(&ReloadLabels { result: "error" }).inc();
                     tracing::warn!(error = %e, trigger = reason,
                         "the CA files changed but cannot be loaded (rotation still writing?); \
                          keeping the current CA and retrying at the next check");
@@ -507,6 +483,4 @@ pub fn spawn_agent_listener(
             update_expiry_metrics(&pki, &metrics, SystemTime::now());
         }
     });
-    tracing::info!(%addr, "agent mTLS listener listening");
-    Ok(())
 }

@@ -1,5 +1,5 @@
-//! Model registry: artifact upload/download, champion/challenger aliases, rollout of a model
-//! version to devices, and the devices' reported model status.
+//! Model registry internals: artifact upload/download, champion/challenger aliases, rollout of
+//! a model version to devices, and the devices' reported model status.
 //!
 //! Artifacts are stored in PostgreSQL (`model_artifacts.bytes`), not in a file store:
 //! - the artifact and its registry row commit in one transaction, so a registered hash never
@@ -20,7 +20,7 @@
 //!   alias demotes the previous holder to `none` in the same transaction, under row locks on
 //!   every version of that name (partial unique indexes back this up).
 //! - A device is only ever offered, and can only download, the model desired for it
-//!   ([`desired_model_for`]); its identity comes from its client certificate.
+//!   ([`desired_for`]); its identity comes from its client certificate.
 //! - MLflow (when configured) is told after kip committed; its failures are logged and counted
 //!   and never fail the kip request (kip's registry is the source of truth).
 
@@ -32,26 +32,16 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use kip_api::{AiModel, ArtifactInfo, DeviceModelStatus, ModelStage, SetDesiredModel, SetStage};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{
-    api::{AiModel, ApiJson, ApiPath, ModelStage},
-    auth::Principal,
-    error::{ApiError, ApiResult},
-    pki_api::DeviceCert,
-    server::AppState,
-};
-
-pub mod mlflow;
+use super::{MODEL_COLUMNS, Mlflow, ModelRow};
+use crate::http::{ApiError, ApiJson, ApiPath, ApiResult, Principal};
 
 /// Largest artifact accepted by `PUT .../artifact`.
 pub const MAX_ARTIFACT_BYTES: usize = 64 * 1024 * 1024;
-
-const MODEL_COLUMNS: &str =
-    "id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at";
 
 /// Path on the agent listener from which a device downloads a model desired for it.
 pub fn agent_download_path(model_id: Uuid) -> String {
@@ -65,19 +55,10 @@ pub fn admin_artifact_path(org_id: Uuid, model_id: Uuid) -> String {
 
 // ---------- artifacts ----------
 
-/// What an upload answers.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ArtifactInfo {
-    pub model_id: Uuid,
-    pub sha256: String,
-    pub size_bytes: i64,
-    pub uploaded_at: DateTime<Utc>,
-}
-
 /// `PUT /v1/organisations/{org_id}/models/{model_id}/artifact`: stores the raw body as the
 /// model's artifact. Idempotent for the same bytes; other bytes than registered are a 422.
 pub async fn upload_artifact(
-    State(st): State<AppState>,
+    State(pool): State<PgPool>,
     p: Principal,
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
     body: Result<Bytes, BytesRejection>,
@@ -96,7 +77,7 @@ pub async fn upload_artifact(
         return Err(ApiError::validation("artifact", "must not be empty"));
     }
     let sha = hex::encode(Sha256::digest(&bytes));
-    let mut tx = st.pool.begin().await?;
+    let mut tx = pool.begin().await?;
     let registered: Option<Option<String>> = sqlx::query_scalar(
         "SELECT artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 FOR UPDATE",
     )
@@ -195,53 +176,48 @@ async fn artifact_bytes(
 /// `GET /v1/organisations/{org_id}/models/{model_id}/artifact`: the artifact bytes, with the
 /// sha256 in `x-kip-sha256` and the ETag.
 pub async fn download_artifact(
-    State(st): State<AppState>,
+    State(pool): State<PgPool>,
     p: Principal,
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Response> {
     let org_id = p.org_scope(org_id)?;
-    let (sha, bytes) = artifact_bytes(&st.pool, org_id, model_id).await?;
+    let (sha, bytes) = artifact_bytes(&pool, org_id, model_id).await?;
     Ok(artifact_response(sha, bytes))
 }
 
-/// `GET /v1/agent/models/{model_id}/artifact` on the agent listener: the artifact of the
-/// model desired for the calling device, and only that one (404 otherwise, so a device cannot
-/// probe other models or other organisations).
-pub async fn download_artifact_for_device(
-    State(st): State<AppState>,
-    dev: DeviceCert,
-    ApiPath(model_id): ApiPath<Uuid>,
+/// The answer of `GET /v1/agent/models/{model_id}/artifact` on the agent listener for the
+/// device `(org_id, device_id)` named by its client certificate: the artifact of the model
+/// desired for it, and only that one (404 otherwise, so a device cannot probe other models or
+/// other organisations).
+pub async fn artifact_for_device(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+    model_id: Uuid,
 ) -> ApiResult<Response> {
-    let (org_id, device_id) = (dev.identity.org_id, dev.identity.device_id);
-    let desired = desired_model_id_for(&st.pool, org_id, device_id).await?;
+    let desired = desired_model_id_for(pool, org_id, device_id).await?;
     if desired != Some(model_id) {
         tracing::warn!(%org_id, %device_id, %model_id, "device asked for a model not desired for it");
         return Err(ApiError::NotFound("model artifact"));
     }
-    let (sha, bytes) = artifact_bytes(&st.pool, org_id, model_id).await?;
+    let (sha, bytes) = artifact_bytes(pool, org_id, model_id).await?;
     tracing::info!(%org_id, %device_id, %model_id, "model artifact sent to device");
     Ok(artifact_response(sha, bytes))
 }
 
 // ---------- stage / alias ----------
 
-/// Body of `POST .../models/{model_id}/stage`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetStage {
-    pub stage: ModelStage,
-}
-
 /// `POST /v1/organisations/{org_id}/models/{model_id}/stage`: moves the model to `stage`.
 /// Moving `champion` or `challenger` demotes the previous holder to `none` atomically.
 pub async fn set_stage(
-    State(st): State<AppState>,
+    State(pool): State<PgPool>,
+    State(mlflow): State<Mlflow>,
     p: Principal,
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
     ApiJson(body): ApiJson<SetStage>,
 ) -> ApiResult<Json<AiModel>> {
     let org_id = p.org_scope(org_id)?;
-    let mut tx = st.pool.begin().await?;
+    let mut tx = pool.begin().await?;
     let (name, previous): (String, String) =
         sqlx::query_as("SELECT name, stage FROM ai_models WHERE org_id = $1 AND id = $2")
             .bind(org_id)
@@ -257,7 +233,7 @@ pub async fn set_stage(
         .await?;
     let mut demoted: Vec<AiModel> = Vec::new();
     if matches!(body.stage, ModelStage::Champion | ModelStage::Challenger) {
-        demoted = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<ModelRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "UPDATE ai_models SET stage = 'none' \
              WHERE org_id = $1 AND name = $2 AND stage = $3 AND id <> $4 RETURNING {MODEL_COLUMNS}"
         )))
@@ -267,21 +243,23 @@ pub async fn set_stage(
         .bind(model_id)
         .fetch_all(&mut *tx)
         .await?;
+        demoted = rows.into_iter().map(Into::into).collect();
     }
-    let model: AiModel = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let model: AiModel = sqlx::query_as::<_, ModelRow>(sqlx::AssertSqlSafe(format!(
         "UPDATE ai_models SET stage = $3 WHERE org_id = $1 AND id = $2 RETURNING {MODEL_COLUMNS}"
     )))
     .bind(org_id)
     .bind(model_id)
     .bind(body.stage.as_str())
     .fetch_one(&mut *tx)
-    .await?;
+    .await?
+    .into();
     tx.commit().await?;
     tracing::info!(
         %org_id, %model_id, name = %model.name, version = %model.version,
         from = %previous, to = %model.stage, demoted = demoted.len(), "model stage changed"
     );
-    if let Some(ml) = &st.mlflow {
+    if let Some(ml) = &mlflow {
         ml.stage_changed(&model, &previous, &demoted).await;
     }
     Ok(Json(model))
@@ -289,28 +267,32 @@ pub async fn set_stage(
 
 // ---------- rollout ----------
 
-/// Body of `PUT /v1/organisations/{org_id}/devices/{device_id}/desired-model`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetDesiredModel {
-    /// The model version the device should run; `null` stops the rollout for this device.
-    pub model_id: Option<Uuid>,
+/// `device_model_status` joined with the rollout; the API shape is [`DeviceModelStatus`].
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    device_id: Uuid,
+    device_name: String,
+    desired_model_id: Option<Uuid>,
+    desired_model: Option<String>,
+    running_model: Option<String>,
+    last_error: Option<String>,
+    updated_at: Option<DateTime<Utc>>,
+    in_sync: bool,
 }
 
-/// What a device should run and what it reports running.
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
-pub struct DeviceModelStatus {
-    pub device_id: Uuid,
-    pub device_name: String,
-    pub desired_model_id: Option<Uuid>,
-    /// `name@version` of the desired model.
-    pub desired_model: Option<String>,
-    /// `name@version` the agent last reported running.
-    pub running_model: Option<String>,
-    pub last_error: Option<String>,
-    pub updated_at: Option<DateTime<Utc>>,
-    /// The device reports running exactly the desired model.
-    pub in_sync: bool,
+impl From<StatusRow> for DeviceModelStatus {
+    fn from(r: StatusRow) -> Self {
+        Self {
+            device_id: r.device_id,
+            device_name: r.device_name,
+            desired_model_id: r.desired_model_id,
+            desired_model: r.desired_model,
+            running_model: r.running_model,
+            last_error: r.last_error,
+            updated_at: r.updated_at,
+            in_sync: r.in_sync,
+        }
+    }
 }
 
 /// Resolution of the desired model of each device: a device row, else the most recently
@@ -335,7 +317,7 @@ async fn desired_model_id_for(
 
 /// The model the control plane wants `device_id` to run, for `SyncAck.desired.model`;
 /// `None` when nothing is rolled out to it (or its artifact is missing).
-pub async fn desired_model_for(
+pub async fn desired_for(
     pool: &PgPool,
     org_id: Uuid,
     device_id: Uuid,
@@ -364,7 +346,7 @@ pub async fn desired_model_for(
 
 /// Records what a device reports running (`name@version`) and its last model error; called
 /// by the sync endpoint.
-pub async fn record_device_model_status(
+pub async fn record_running(
     pool: &PgPool,
     org_id: Uuid,
     device_id: Uuid,
@@ -390,7 +372,7 @@ pub async fn record_device_model_status(
 /// `PUT /v1/organisations/{org_id}/devices/{device_id}/desired-model`: rolls a model version
 /// (which must have an uploaded artifact) out to one device, or stops it (`model_id: null`).
 pub async fn put_desired_model(
-    State(st): State<AppState>,
+    State(pool): State<PgPool>,
     p: Principal,
     ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
     ApiJson(body): ApiJson<SetDesiredModel>,
@@ -400,7 +382,7 @@ pub async fn put_desired_model(
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE org_id = $1 AND id = $2)")
             .bind(org_id)
             .bind(device_id)
-            .fetch_one(&st.pool)
+            .fetch_one(&pool)
             .await?;
     if !exists {
         return Err(ApiError::NotFound("device"));
@@ -413,7 +395,7 @@ pub async fn put_desired_model(
             )
             .bind(org_id)
             .bind(model_id)
-            .fetch_optional(&st.pool)
+            .fetch_optional(&pool)
             .await?;
             match has_artifact {
                 None => return Err(ApiError::validation("model_id", "no such model")),
@@ -434,7 +416,7 @@ pub async fn put_desired_model(
             .bind(org_id)
             .bind(device_id)
             .bind(model_id)
-            .execute(&st.pool)
+            .execute(&pool)
             .await?;
             tracing::info!(%org_id, %device_id, %model_id, "model rolled out to device");
         }
@@ -442,12 +424,12 @@ pub async fn put_desired_model(
             sqlx::query("DELETE FROM desired_models WHERE org_id = $1 AND device_id = $2")
                 .bind(org_id)
                 .bind(device_id)
-                .execute(&st.pool)
+                .execute(&pool)
                 .await?;
             tracing::info!(%org_id, %device_id, "model rollout to device removed");
         }
     }
-    let mut status = statuses(&st.pool, org_id, Some(device_id), 1).await?;
+    let mut status = statuses(&pool, org_id, Some(device_id), 1).await?;
     status.pop().map(Json).ok_or(ApiError::NotFound("device"))
 }
 
@@ -457,7 +439,7 @@ async fn statuses(
     device_id: Option<Uuid>,
     limit: i64,
 ) -> ApiResult<Vec<DeviceModelStatus>> {
-    Ok(sqlx::query_as(
+    let rows: Vec<StatusRow> = sqlx::query_as(
         "SELECT d.id AS device_id, d.name AS device_name, m.id AS desired_model_id, \
                 m.name || '@' || m.version AS desired_model, s.running_model, s.last_error, \
                 s.updated_at, \
@@ -477,15 +459,16 @@ async fn statuses(
     .bind(device_id)
     .bind(limit)
     .fetch_all(pool)
-    .await?)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// `GET /v1/organisations/{org_id}/model-status`: desired and running model of every device.
 pub async fn list_device_model_status(
-    State(st): State<AppState>,
+    State(pool): State<PgPool>,
     p: Principal,
     ApiPath(org_id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Vec<DeviceModelStatus>>> {
     let org_id = p.org_scope(org_id)?;
-    Ok(Json(statuses(&st.pool, org_id, None, 1000).await?))
+    Ok(Json(statuses(&pool, org_id, None, 1000).await?))
 }

@@ -1,4 +1,4 @@
-//! Query API for an organisation's sensor data: raw readings or time buckets, paginated.
+//! Query API for an organisation's sensor data (`GET .../devices/{device_id}/sensor-data`): raw readings or time buckets, paginated.
 //!
 //! Invariants:
 //! - Every query filters by the `org_id` checked against the caller's key and by a device of
@@ -16,12 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::{
-    api::ApiPath,
-    auth::Principal,
-    error::{ApiError, ApiResult},
-    server::AppState,
-};
+use crate::http::{ApiError, ApiPath, ApiResult, Principal};
 
 /// Query string of `GET .../devices/{device_id}/sensor-data`.
 #[derive(Debug, Deserialize)]
@@ -107,7 +102,7 @@ fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
 
 /// `GET /v1/organisations/{org_id}/devices/{device_id}/sensor-data`
 pub async fn query(
-    State(st): State<AppState>,
+    State(pool): State<sqlx::PgPool>,
     p: Principal,
     ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
     q: Result<Query<SensorQuery>, QueryRejection>,
@@ -135,7 +130,7 @@ pub async fn query(
         sqlx::query_scalar("SELECT id FROM devices WHERE org_id = $1 AND id = $2")
             .bind(org_id)
             .bind(device_id)
-            .fetch_optional(&st.pool)
+            .fetch_optional(&pool)
             .await?;
     if exists.is_none() {
         return Err(ApiError::NotFound("device"));
@@ -171,7 +166,7 @@ pub async fn query(
             .bind(cep)
             .bind(cseq)
             .bind(q.limit)
-            .fetch_all(&st.pool)
+            .fetch_all(&pool)
             .await?;
             let next_cursor = (rows.len() as i64 == q.limit)
                 .then(|| rows.last())
@@ -212,7 +207,7 @@ pub async fn query(
             .bind(&cmachine)
             .bind(&cmetric)
             .bind(q.limit)
-            .fetch_all(&st.pool)
+            .fetch_all(&pool)
             .await?;
             let next_cursor = (rows.len() as i64 == q.limit)
                 .then(|| rows.last())

@@ -1,4 +1,4 @@
-//! Request authentication by API key.
+//! Request authentication by API key: the [`Principal`] extractor and the [`KeyCache`].
 //!
 //! Invariants:
 //! - Every `/v1` handler takes a [`Principal`]; there is no unauthenticated `/v1` route.
@@ -15,14 +15,19 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::{FromRef, FromRequestParts},
+    http::request::Parts,
+};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{error::ApiError, keys, server::AppState};
+use super::ApiError;
+use crate::keys;
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,10 +151,15 @@ struct KeyRow {
     key_sha256: Vec<u8>,
 }
 
-impl FromRequestParts<AppState> for Principal {
+impl<S> FromRequestParts<S> for Principal
+where
+    PgPool: FromRef<S>,
+    Arc<KeyCache>: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -162,14 +172,15 @@ impl FromRequestParts<AppState> for Principal {
         let prefix = keys::prefix_of(key).ok_or(ApiError::Unauthorized)?;
         let digest = keys::hash(key);
         let now = Instant::now();
-        if let Some(p) = state.keys.get(&digest, now) {
+        let cache = Arc::<KeyCache>::from_ref(state);
+        if let Some(p) = cache.get(&digest, now) {
             return Ok(p);
         }
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT id, org_id, key_sha256 FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
         )
         .bind(prefix)
-        .fetch_optional(&state.pool)
+        .fetch_optional(&PgPool::from_ref(state))
         .await?;
         let row = row.ok_or(ApiError::Unauthorized)?;
         if !keys::digest_eq(&row.key_sha256, &digest) {
@@ -179,7 +190,7 @@ impl FromRequestParts<AppState> for Principal {
             key_id: row.id,
             scope: row.org_id.map_or(Scope::Platform, Scope::Org),
         };
-        state.keys.insert(digest, p, now);
+        cache.insert(digest, p, now);
         Ok(p)
     }
 }

@@ -23,7 +23,7 @@ use kip_shared::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::http::ApiError;
 
 /// The authenticated device a request comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +66,9 @@ pub enum IngestError {
     UnknownDevice,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// The blocking decoder task panicked or was cancelled.
+    #[error("batch decoder failed: {0}")]
+    Decoder(String),
 }
 
 impl IngestError {
@@ -79,6 +82,7 @@ impl IngestError {
             Self::Record { .. } => "record",
             Self::UnknownDevice => "unknown_device",
             Self::Db(_) => "database",
+            Self::Decoder(_) => "internal",
         }
     }
 }
@@ -93,6 +97,7 @@ impl From<IngestError> for ApiError {
             }
             IngestError::UnknownDevice => ApiError::Forbidden("device is not registered"),
             IngestError::Db(db) => ApiError::from(db),
+            IngestError::Decoder(_) => ApiError::internal(e),
         }
     }
 }

@@ -1,0 +1,87 @@
+//! Organisations, API keys and devices (`/v1/me`, `/v1/organisations/...`).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// `GET /v1/me`: the key in use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Me {
+    pub key_id: Uuid,
+    /// `platform` or `org`.
+    pub scope: String,
+    pub org_id: Option<Uuid>,
+}
+
+/// An organisation (tenant).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Organisation {
+    pub id: Uuid,
+    pub name: String,
+    pub display_name: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Body of `POST /v1/organisations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrganisation {
+    pub name: String,
+    pub display_name: Option<String>,
+}
+
+/// Body of `PATCH /v1/organisations/{org_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOrganisation {
+    pub display_name: String,
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    pub id: Uuid,
+    pub org_id: Option<Uuid>,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Answer of `POST .../api-keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreatedApiKey {
+    #[serde(flatten)]
+    pub info: ApiKeyInfo,
+    /// The key itself. Shown only in this response; only its hash is stored.
+    pub key: String,
+}
+
+/// Body of `POST .../api-keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKey {
+    pub name: String,
+}
+
+/// A device (edge gateway) of an organisation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Device {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    /// String values only.
+    pub labels: serde_json::Map<String, serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// Body of `POST .../devices`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDevice {
+    pub name: String,
+    #[serde(default)]
+    pub labels: serde_json::Map<String, serde_json::Value>,
+}

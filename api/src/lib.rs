@@ -1,0 +1,27 @@
+//! Request and response types of the kip control plane's HTTP API.
+//!
+//! The server (`kip-control-plane`) serialises exactly these types and `kipctl` deserialises
+//! them, so the two cannot drift apart. This crate depends on serde, uuid and chrono only: no
+//! axum, no sqlx, so a client links none of the server's stack.
+//!
+//! Invariants:
+//! - Request bodies are `deny_unknown_fields`: a misspelt field is a 400 naming it.
+//! - Wire names are the field names; changing one is a breaking API change (see
+//!   `docs/openapi.json`, which documents the same shapes).
+
+pub mod fleet;
+pub mod models;
+pub mod pki;
+
+pub use fleet::{
+    ApiKeyInfo, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me, Organisation,
+    RegisterDevice, UpdateOrganisation,
+};
+pub use models::{
+    AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelStage, RegisterModel,
+    SetDesiredModel, SetStage,
+};
+pub use pki::{
+    AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,
+    EnrollRequest, EnrollToken, RenewExpiredRequest, RenewRequest, Revocation,
+};

@@ -1,0 +1,124 @@
+//! The model registry and rollout (`/v1/organisations/{org_id}/models/...`,
+//! `.../desired-model`, `.../model-status`).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A registered model version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AiModel {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub version: String,
+    /// [`ModelKind`] as text.
+    pub kind: String,
+    /// [`ModelStage`] as text.
+    pub stage: String,
+    pub artifact_sha256: Option<String>,
+    pub uri: Option<String>,
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Body of `POST .../models`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterModel {
+    pub name: String,
+    pub version: String,
+    pub kind: ModelKind,
+    #[serde(default)]
+    pub stage: Option<ModelStage>,
+    pub artifact_sha256: Option<String>,
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a model predicts.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Rul,
+    Anomaly,
+    Llm,
+    Other,
+}
+
+impl ModelKind {
+    /// The kind as stored and shown (`rul`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rul => "rul",
+            Self::Anomaly => "anomaly",
+            Self::Llm => "llm",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Lifecycle stage (alias) of a model version.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelStage {
+    None,
+    Staging,
+    Challenger,
+    Champion,
+    Archived,
+}
+
+impl ModelStage {
+    /// The stage as stored and shown (`champion`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Staging => "staging",
+            Self::Challenger => "challenger",
+            Self::Champion => "champion",
+            Self::Archived => "archived",
+        }
+    }
+}
+
+/// Answer of `PUT .../models/{model_id}/artifact`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    pub model_id: Uuid,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub uploaded_at: DateTime<Utc>,
+}
+
+/// Body of `POST .../models/{model_id}/stage`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetStage {
+    pub stage: ModelStage,
+}
+
+/// Body of `PUT /v1/organisations/{org_id}/devices/{device_id}/desired-model`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDesiredModel {
+    /// The model version the device should run; `null` stops the rollout for this device.
+    pub model_id: Option<Uuid>,
+}
+
+/// What a device should run and what it reports running.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceModelStatus {
+    pub device_id: Uuid,
+    pub device_name: String,
+    pub desired_model_id: Option<Uuid>,
+    /// `name@version` of the desired model.
+    pub desired_model: Option<String>,
+    /// `name@version` the agent last reported running.
+    pub running_model: Option<String>,
+    pub last_error: Option<String>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The device reports running exactly the desired model.
+    pub in_sync: bool,
+}

@@ -1,0 +1,247 @@
+//! Agent API domain: the mTLS listener agents talk to (`/v1/agent/sync`, `/v1/agent/renew`,
+//! `/v1/agent/whoami`, `/v1/agent/models/{model_id}/artifact`).
+//!
+//! The data path reads top to bottom: [`sync`] authenticates the device by its client
+//! certificate ([`crate::pki::authenticate_device`]), hands the body to
+//! [`crate::telemetry::store`] (PostgreSQL), and answers the ack with the desired state from
+//! [`crate::models::desired_for`] and [`crate::pki::desired_trust`]. This module owns no table:
+//! it only calls those named functions.
+//!
+//! Invariants:
+//! - The device is known only from its verified client certificate ([`Device`]), checked
+//!   against the `certificates` table on every request, so a revoked certificate is refused
+//!   even on a connection opened before the revocation. The body has no device field.
+//! - Sync batches have their own body limit (`ingest.max_decoded_bytes`); every other route
+//!   has the admin API's (`server.request_body_limit_bytes`).
+//! - Desired state is advisory: a stored batch is acknowledged even when reading the desired
+//!   model or recording the running one fails (logged).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, FromRef, FromRequestParts, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header, request::Parts},
+    response::Response,
+    routing::{get, post},
+};
+use axum_server::tls_rustls::RustlsConfig;
+use kip_api::{AgentWhoami, CertificateResponse, RenewRequest};
+use kip_shared::sync::SyncAck;
+use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+use crate::{
+    http::{ApiError, ApiJson, ApiPath, ApiResult, HttpLimits},
+    models,
+    pki::{self, DeviceCert, Pki},
+    telemetry::{self, IngestLimits, IngestMetrics},
+};
+
+/// The device behind a request on the agent listener (extractor).
+#[derive(Debug, Clone)]
+pub struct Device(pub DeviceCert);
+
+impl<S> FromRequestParts<S> for Device
+where
+    PgPool: FromRef<S>,
+    Option<Arc<Pki>>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        // Present only on the TLS listener, after the verifier accepted the chain.
+        let info = parts
+            .extensions
+            .get::<Arc<axum_server::tls::TlsInfo>>()
+            .ok_or(ApiError::Forbidden(
+                "a device client certificate is required",
+            ))?;
+        let leaf = info.peer_certificates.first().ok_or(ApiError::Forbidden(
+            "a device client certificate is required",
+        ))?;
+        let pki = Option::<Arc<Pki>>::from_ref(state);
+        pki::authenticate_device(&PgPool::from_ref(state), pki.as_deref(), leaf)
+            .await
+            .map(Self)
+    }
+}
+
+/// Routes served on the agent mTLS listener, with their body limits: sync batches are larger
+/// than ordinary requests and get `ingest.max_decoded_bytes`; every other route gets
+/// `http.body_limit_bytes`.
+pub fn router<S>(http: HttpLimits, ingest: IngestLimits) -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    PgPool: FromRef<S>,
+    Option<Arc<Pki>>: FromRef<S>,
+    HttpLimits: FromRef<S>,
+    IngestLimits: FromRef<S>,
+    IngestMetrics: FromRef<S>,
+{
+    Router::new()
+        .route("/v1/agent/renew", post(renew))
+        .route("/v1/agent/whoami", get(whoami))
+        .route("/v1/agent/models/{model_id}/artifact", get(download_model))
+        .route(
+            "/v1/agent/sync",
+            post(sync).layer(DefaultBodyLimit::max(ingest.max_decoded_bytes)),
+        )
+        .fallback(crate::http::not_found)
+        .layer(DefaultBodyLimit::max(http.body_limit_bytes))
+}
+
+/// `POST /v1/agent/renew`: a new certificate for the device named by the current one.
+async fn renew(
+    State(pool): State<PgPool>,
+    State(maybe_pki): State<Option<Arc<Pki>>>,
+    Device(dev): Device,
+    ApiJson(body): ApiJson<RenewRequest>,
+) -> ApiResult<Json<CertificateResponse>> {
+    pki::renew_device(&pool, maybe_pki.as_deref(), dev, &body.csr_pem)
+        .await
+        .map(Json)
+}
+
+/// `GET /v1/agent/whoami`: the identity the control plane sees in the client certificate.
+async fn whoami(Device(dev): Device) -> Json<AgentWhoami> {
+    Json(AgentWhoami {
+        org_id: dev.identity.org_id,
+        device_id: dev.identity.device_id,
+        device_name: dev.device_name,
+        serial: dev.serial,
+        not_after: dev.not_after,
+    })
+}
+
+/// `GET /v1/agent/models/{model_id}/artifact`: the artifact of the model desired for the
+/// calling device, and only that one.
+async fn download_model(
+    State(pool): State<PgPool>,
+    Device(dev): Device,
+    ApiPath(model_id): ApiPath<Uuid>,
+) -> ApiResult<Response> {
+    models::artifact_for_device(&pool, dev.identity.org_id, dev.identity.device_id, model_id).await
+}
+
+/// `POST /v1/agent/sync`: stores a [`kip_shared::sync::SyncBatch`] (JSON, gzip when
+/// `Content-Encoding: gzip`) for the device of the client certificate and answers the
+/// [`SyncAck`].
+async fn sync(
+    State(pool): State<PgPool>,
+    State(maybe_pki): State<Option<Arc<Pki>>>,
+    State(limits): State<IngestLimits>,
+    State(metrics): State<IngestMetrics>,
+    Device(dev): Device,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<SyncAck>> {
+    let body = match body {
+        Ok(b) => b,
+        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            telemetry::count_refused(&metrics, "too_large");
+            return Err(ApiError::PayloadTooLarge {
+                limit_bytes: limits.max_decoded_bytes,
+            });
+        }
+        Err(r) => {
+            telemetry::count_refused(&metrics, "body");
+            return Err(ApiError::BadRequest(format!("cannot read the body: {r}")));
+        }
+    };
+    let gzip = match headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("?").trim().to_ascii_lowercase())
+    {
+        None => false,
+        Some(e) if e == "gzip" => true,
+        Some(e) if e == "identity" => false,
+        Some(e) => {
+            telemetry::count_refused(&metrics, "encoding");
+            return Err(ApiError::BadRequest(format!(
+                "Content-Encoding {e:?} is not supported: send gzip or identity"
+            )));
+        }
+    };
+    let id = telemetry::DeviceIdentity {
+        org_id: dev.identity.org_id,
+        device_id: dev.identity.device_id,
+    };
+    let stored = telemetry::store(&pool, limits, &metrics, id, body, gzip).await?;
+    let mut ack = stored.ack;
+    match models::desired_for(&pool, id.org_id, id.device_id).await {
+        Ok(model) => ack.desired.model = model,
+        Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
+    }
+    let reported = headers
+        .get(kip_shared::sync::TRUST_BUNDLE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    pki::desired_trust(maybe_pki.as_deref(), &dev, reported, &mut ack.desired);
+    if let Err(e) = models::record_running(
+        &pool,
+        id.org_id,
+        id.device_id,
+        stored.running_model.as_deref(),
+        None,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "cannot record the device's model status");
+    }
+    Ok(Json(ack))
+}
+
+/// Why the agent listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} (pki.agent_listen_addr): {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Serves `router` with mTLS (`tls`, which the PKI keeps current) on `listener` until `token`
+/// is cancelled, then drains open connections for at most `grace`. Runs on `tracker`;
+/// returns the bound address.
+pub fn spawn_listener(
+    listener: std::net::TcpListener,
+    router: Router,
+    tls: RustlsConfig,
+    token: CancellationToken,
+    tracker: &TaskTracker,
+    grace: Duration,
+) -> Result<SocketAddr, ListenError> {
+    let addr = listener.local_addr().map_err(|source| ListenError {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ListenError { addr, source })?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .map_err(|source| ListenError { addr, source })?
+        .handle(handle.clone());
+    tracker.spawn(async move {
+        let serve = server.serve(router.into_make_service());
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "agent listener failed");
+                }
+                return;
+            }
+            () = token.cancelled() => handle.graceful_shutdown(Some(grace)),
+        }
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "agent listener failed during shutdown");
+        }
+    });
+    tracing::info!(%addr, "agent mTLS listener listening");
+    Ok(addr)
+}

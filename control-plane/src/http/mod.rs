@@ -1,0 +1,17 @@
+//! The HTTP edge shared by every domain: the one error type ([`ApiError`]), the extractors
+//! ([`ApiJson`], [`ApiPath`], [`Principal`]) and the middleware.
+//!
+//! Nothing here knows the application state: every extractor is generic over any state `S`
+//! that yields what it needs through `FromRef` (`PgPool` and `Arc<KeyCache>` for
+//! [`Principal`], [`HttpLimits`] for [`ApiJson`]), so a domain router stays generic too and
+//! no domain imports the composition root.
+
+mod auth;
+mod error;
+mod extract;
+mod middleware;
+
+pub use auth::{KeyCache, Principal, Scope};
+pub use error::{ApiError, ApiResult};
+pub use extract::{ApiJson, ApiPath, HttpLimits, ListParams, list_limit, parse_name};
+pub use middleware::{HttpMetrics, method_not_allowed, not_found, timeout, track};

@@ -1,0 +1,214 @@
+//! Models domain: the model registry (versions, artifacts, stages), the MLflow mirror and the
+//! rollout of model versions to devices.
+//!
+//! Invariants:
+//! - Every query filters by the `org_id` checked by [`Principal::org_scope`].
+//! - A device is only ever offered, and can only download, the model desired for it
+//!   ([`desired_for`]); its identity comes from its client certificate, which the agent API
+//!   checked before calling [`artifact_for_device`].
+//! - MLflow (when configured) is told after kip committed; its failures are logged and counted
+//!   and never fail the kip request (kip's registry is the source of truth).
+//!
+//! Interface for other domains: [`desired_for`] (the model for a sync ack),
+//! [`record_running`] (what a device reports running) and [`artifact_for_device`] (the
+//! agent's download).
+
+pub mod mlflow;
+mod registry;
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, FromRef, Query, State, rejection::QueryRejection},
+    http::StatusCode,
+    routing::{get, post, put},
+};
+use chrono::{DateTime, Utc};
+use kip_api::{AiModel, ModelStage, RegisterModel};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use self::mlflow::MlflowSync;
+pub use self::registry::{
+    MAX_ARTIFACT_BYTES, admin_artifact_path, agent_download_path, artifact_for_device, desired_for,
+    record_running,
+};
+use crate::http::{
+    ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, list_limit,
+    parse_name,
+};
+
+/// The MLflow mirror as held in the application state; `None` unless `[mlflow] tracking_uri`
+/// is set.
+pub type Mlflow = Option<Arc<MlflowSync>>;
+
+/// The model routes, to be nested under `/v1`.
+pub fn router<S>() -> Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    PgPool: FromRef<S>,
+    Arc<KeyCache>: FromRef<S>,
+    HttpLimits: FromRef<S>,
+    Mlflow: FromRef<S>,
+{
+    Router::new()
+        .route(
+            "/organisations/{org_id}/models",
+            get(list_models).post(register_model),
+        )
+        .route("/organisations/{org_id}/models/{model_id}", get(get_model))
+        .route(
+            "/organisations/{org_id}/models/{model_id}/artifact",
+            get(registry::download_artifact)
+                .put(registry::upload_artifact)
+                .layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES)),
+        )
+        .route(
+            "/organisations/{org_id}/models/{model_id}/stage",
+            post(registry::set_stage),
+        )
+        .route(
+            "/organisations/{org_id}/devices/{device_id}/desired-model",
+            put(registry::put_desired_model),
+        )
+        .route(
+            "/organisations/{org_id}/model-status",
+            get(registry::list_device_model_status),
+        )
+}
+
+/// Columns of an [`ModelRow`], for `RETURNING` and `SELECT`.
+const MODEL_COLUMNS: &str =
+    "id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at";
+
+/// `ai_models` row; the API shape is [`AiModel`].
+#[derive(sqlx::FromRow)]
+struct ModelRow {
+    id: Uuid,
+    org_id: Uuid,
+    name: String,
+    version: String,
+    kind: String,
+    stage: String,
+    artifact_sha256: Option<String>,
+    uri: Option<String>,
+    metrics: sqlx::types::Json<serde_json::Map<String, serde_json::Value>>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<ModelRow> for AiModel {
+    fn from(r: ModelRow) -> Self {
+        Self {
+            id: r.id,
+            org_id: r.org_id,
+            name: r.name,
+            version: r.version,
+            kind: r.kind,
+            stage: r.stage,
+            artifact_sha256: r.artifact_sha256,
+            uri: r.uri,
+            metrics: r.metrics.0,
+            created_at: r.created_at,
+        }
+    }
+}
+
+async fn register_model(
+    State(pool): State<PgPool>,
+    State(mlflow): State<Mlflow>,
+    p: Principal,
+    ApiPath(org_id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<RegisterModel>,
+) -> ApiResult<(StatusCode, Json<AiModel>)> {
+    let org_id = p.org_scope(org_id)?;
+    let name = parse_name("name", &body.name)?;
+    if body.version.is_empty()
+        || body.version.len() > 64
+        || !body
+            .version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+    {
+        return Err(ApiError::validation(
+            "version",
+            "must be 1 to 64 characters of letters, digits, '-', '_', '.', '+'",
+        ));
+    }
+    if let Some(h) = &body.artifact_sha256
+        && (h.len() != 64
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        return Err(ApiError::validation(
+            "artifact_sha256",
+            "must be 64 lowercase hex characters",
+        ));
+    }
+    if let Some(u) = &body.uri
+        && (u.is_empty() || u.len() > 2048)
+    {
+        return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
+    }
+    let model: AiModel = sqlx::query_as::<_, ModelRow>(
+        "INSERT INTO ai_models (id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics) \
+         SELECT $1, o.id, $3, $4, $5, $6, $7, $8, $9 FROM organisations o WHERE o.id = $2 \
+         RETURNING id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at",
+    )
+    .bind(Uuid::new_v4())
+    .bind(org_id)
+    .bind(name.as_str())
+    .bind(&body.version)
+    .bind(body.kind.as_str())
+    .bind(body.stage.unwrap_or(ModelStage::None).as_str())
+    .bind(&body.artifact_sha256)
+    .bind(&body.uri)
+    .bind(sqlx::types::Json(&body.metrics))
+    .fetch_optional(&pool)
+    .await?
+    .ok_or(ApiError::NotFound("organisation"))?
+    .into();
+    tracing::info!(%org_id, model_id = %model.id, name = %model.name, version = %model.version, "model registered");
+    if let Some(ml) = &mlflow {
+        ml.model_registered(&model).await;
+    }
+    Ok((StatusCode::CREATED, Json(model)))
+}
+
+async fn list_models(
+    State(pool): State<PgPool>,
+    p: Principal,
+    ApiPath(org_id): ApiPath<Uuid>,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> ApiResult<Json<Vec<AiModel>>> {
+    let org_id = p.org_scope(org_id)?;
+    let limit = list_limit(q)?;
+    let models: Vec<ModelRow> = sqlx::query_as(
+        "SELECT id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at \
+         FROM ai_models WHERE org_id = $1 ORDER BY name, created_at LIMIT $2",
+    )
+    .bind(org_id)
+    .bind(limit)
+    .fetch_all(&pool)
+    .await?;
+    Ok(Json(models.into_iter().map(Into::into).collect()))
+}
+
+async fn get_model(
+    State(pool): State<PgPool>,
+    p: Principal,
+    ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult<Json<AiModel>> {
+    let org_id = p.org_scope(org_id)?;
+    sqlx::query_as::<_, ModelRow>(
+        "SELECT id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at \
+         FROM ai_models WHERE org_id = $1 AND id = $2",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(&pool)
+    .await?
+    .map(|r| Json(r.into()))
+    .ok_or(ApiError::NotFound("model"))
+}
