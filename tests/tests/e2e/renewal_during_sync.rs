@@ -7,18 +7,19 @@
     reason = "test code"
 )]
 
-mod common;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use common::{open_buffer, reading, stored, sync_config};
 use kip_agent::{identity, sync::Syncer};
+use kip_tests::{
+    agent::{open_buffer, reading, sync_config},
+    control_plane::stored,
+};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn renewal_keeps_a_running_sync_loop_going_with_zero_failed_requests(pool: PgPool) {
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", dir.path()).await;
