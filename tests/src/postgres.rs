@@ -89,10 +89,11 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop is synchronous and may run inside a runtime: drop the database from a thread
-        // with its own runtime, and wait for it so the database is gone when drop returns.
-        let (admin_url, name, pool) =
-            (self.admin_url.clone(), self.name.clone(), self.pool.clone());
+        // Drop is synchronous and may run on the test's runtime thread: drop the database from
+        // a thread with its own runtime, and wait for it so the database is gone when drop
+        // returns. The pool is not closed there (its connections belong to the test's runtime,
+        // which is blocked here: awaiting them would deadlock); `WITH (FORCE)` ends them.
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         let done = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -101,7 +102,6 @@ impl Drop for TestDb {
                 return;
             };
             rt.block_on(async move {
-                pool.close().await;
                 if let Ok(admin) = PgPool::connect(&admin_url).await {
                     let _ = admin
                         .execute(sqlx::AssertSqlSafe(format!(
