@@ -109,6 +109,9 @@ mod tests {
     #[tokio::test]
     #[should_panic(expected = "timed out after 100ms waiting for: the impossible")]
     async fn wait_until_names_what_it_waited_for() {
-        wait_until(Duration::from_millis(100), "the impossible", || async { false }).await;
+        wait_until(Duration::from_millis(100), "the impossible", || async {
+            false
+        })
+        .await;
     }
 }
