@@ -150,18 +150,12 @@ async fn ca_status(cp: &ControlPlane) -> Value {
 
 /// Waits until the running control plane has loaded CA files satisfying `check`.
 async fn wait_for_ca(cp: &ControlPlane, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let loaded = kip_tests::eventually(Duration::from_secs(20), || async {
         let s = ca_status(cp).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "control plane did not load {what}: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if check(&s) { Ok(s) } else { Err(s) }
+    })
+    .await;
+    loaded.unwrap_or_else(|s| panic!("control plane did not load {what}: {s}"))
 }
 
 struct Member {

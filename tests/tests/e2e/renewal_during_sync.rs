@@ -13,6 +13,7 @@ use kip_agent::{identity, sync::Syncer};
 use kip_tests::{
     agent::{open_buffer, reading, sync_config},
     control_plane::stored,
+    eventually,
 };
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -47,18 +48,16 @@ async fn renewal_keeps_a_running_sync_loop_going_with_zero_failed_requests(pool:
     let wait_for = |want: usize| {
         let pool = pool.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
+            let synced = eventually(Duration::from_secs(30), || async {
                 let got = stored(&pool, device).await.len();
                 if got >= want {
-                    return;
+                    Ok(())
+                } else {
+                    Err(format!("{got} of {want} synced"))
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{got} of {want} synced"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await;
+            assert_eq!(synced, Ok(()));
         }
     };
 

@@ -17,7 +17,7 @@ use kip_agent::{
 };
 use kip_tests::{
     agent::{open_buffer, reading, sync_config},
-    ort_library, reference_model, wait_until, workspace_root,
+    eventually, ort_library, reference_model, wait_until, workspace_root,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -180,18 +180,16 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
 
     // A broken version: refused, the good model keeps serving, the device is reported out of sync.
     desired(&bad_id).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let tried = eventually(Duration::from_secs(30), || async {
         let m = kip_agent::metrics::render(&registry);
         if m.contains("kip_agent_model_swap_failures_total 1") {
-            break;
+            Ok(())
+        } else {
+            Err(format!("the broken model was never tried:\n{m}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broken model was never tried:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(tried, Ok(()));
     assert_eq!(inference.running_model().as_deref(), Some(want.as_str()));
 
     // Rollback: point the desired state back; the device is in sync again without a reload.
@@ -280,15 +278,19 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
             .map(|s| (s.epoch, s.seq))
             .collect::<std::collections::BTreeSet<_>>()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while predicted().len() < 40 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} predictions",
-            predicted().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "40 predictions buffered",
+        || async { predicted().len() >= 40 },
+    )
+    .await;
+    // The agent tried to sync through the cut link (the proxy refused its connections).
+    wait_until(
+        Duration::from_secs(30),
+        "sync attempts while cut",
+        || async { proxy.connections() >= 2 },
+    )
+    .await;
     let expected = predicted();
     let stored_predictions = |pool: PgPool| async move {
         sqlx::query_as::<_, (i64, i64)>("SELECT epoch, seq FROM predictions WHERE device_id = $1")
@@ -306,20 +308,20 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
     );
 
     proxy.set(kip_tests::proxy::Link::Up);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let synced = eventually(Duration::from_secs(60), || async {
         let stored = stored_predictions(pool.clone()).await;
         if stored == expected {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of {} predictions synced",
+                stored.len(),
+                expected.len()
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} predictions synced",
-            stored.len(),
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(synced, Ok(()));
     let rul: Vec<f64> =
         sqlx::query_scalar("SELECT rul_cycles FROM predictions WHERE device_id = $1 ORDER BY seq")
             .bind(device)
