@@ -13,6 +13,12 @@ use kip_agent::identity::Identity;
 use kip_certs::{DeviceIdentity, DeviceKey, FleetCa, TrustBundle};
 use uuid::Uuid;
 
+/// Installs ring as the process-wide rustls crypto provider (the workspace's one provider) if
+/// none is installed yet. reqwest clients (built with `rustls-no-provider`) need one.
+pub fn install_crypto_provider() {
+    let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Files of a test PKI in one folder: a CA, a server certificate for 127.0.0.1/localhost, a
 /// client certificate (CN `gw-1`), and a client certificate of the same name from another CA.
 #[derive(Debug, Clone)]

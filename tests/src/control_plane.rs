@@ -116,7 +116,7 @@ pub async fn start_with_ca_age(
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
     });
-    let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
+    crate::certs::install_crypto_provider();
     ControlPlane {
         admin_url,
         agent_url,

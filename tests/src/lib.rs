@@ -51,7 +51,7 @@ pub mod proxy;
 pub use artifacts::{
     ReferenceModel, ort_library, reference_model, workspace_binary, workspace_root,
 };
-pub use certs::{BrokerPki, device_identity};
+pub use certs::{BrokerPki, device_identity, install_crypto_provider};
 pub use control_plane::ControlPlane;
 pub use eventually::{eventually, wait_until};
 pub use mlflow::MlflowServer;

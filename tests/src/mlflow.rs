@@ -59,6 +59,7 @@ impl MlflowServer {
             _child: child,
             _dir: dir,
         };
+        crate::certs::install_crypto_provider();
         let client = reqwest::Client::new();
         let health = format!("{}/health", server.url);
         let up = crate::eventually(START_TIMEOUT, || async {
@@ -78,5 +79,31 @@ impl MlflowServer {
     /// The tracking URI, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The server's process group id (its processes: [`crate::process::live_members`]).
+    pub fn process_group(&self) -> u32 {
+        self._child.id()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::live_members;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_server_and_every_worker_it_forked_stop_on_drop() {
+        let server = MlflowServer::start().await;
+        let pgid = rustix::process::Pid::from_raw(server.process_group() as i32).unwrap();
+        let members = live_members(pgid);
+        // python -m mlflow server forks a web server and its worker(s).
+        assert!(members.len() > 1, "{members:?}");
+        let health = reqwest::get(format!("{}/health", server.url()))
+            .await
+            .unwrap();
+        assert!(health.status().is_success());
+        drop(server);
+        assert_eq!(live_members(pgid), Vec::<i32>::new());
     }
 }

@@ -171,3 +171,21 @@ impl Drop for OpcUaServer {
         self.handle.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_server_listens_until_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = OpcUaServer::start(listener, dir.path(), 21.5).await;
+        server.set("Temp", Variant::Double(22.0));
+        server.add_bulk(3);
+        assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+        server.stop().await;
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+}
