@@ -53,7 +53,7 @@ pub use artifacts::{
 };
 pub use certs::{BrokerPki, device_identity, install_crypto_provider};
 pub use control_plane::ControlPlane;
-pub use eventually::{eventually, wait_until};
+pub use eventually::{eventually, eventually_ok, wait_until};
 pub use mlflow::MlflowServer;
 pub use mosquitto::Mosquitto;
 pub use opcua::OpcUaServer;

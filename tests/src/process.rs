@@ -96,7 +96,7 @@ impl ChildGroup {
         let deadline = Instant::now() + timeout;
         loop {
             let leader_gone = !matches!(self.child.try_wait(), Ok(None));
-            if leader_gone && live_members(self.pgid).is_empty() {
+            if leader_gone && live_members(self.child.id()).is_empty() {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -109,7 +109,10 @@ impl ChildGroup {
 
 /// Pids of the processes in group `pgid` that are not zombies (from `/proc`). Zombies are
 /// dead already; whether they are reaped depends on their parent (or on PID 1 in a container).
-pub fn live_members(pgid: Pid) -> Vec<i32> {
+pub fn live_members(pgid: u32) -> Vec<i32> {
+    let Ok(pgid) = i32::try_from(pgid) else {
+        return Vec::new();
+    };
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -126,7 +129,7 @@ pub fn live_members(pgid: Pid) -> Vec<i32> {
                 .split_whitespace();
             let state = rest.next();
             let pgrp = rest.nth(1).and_then(|g| g.parse::<i32>().ok());
-            state != Some("Z") && pgrp == Some(pgid.as_raw_nonzero().get())
+            state != Some("Z") && pgrp == Some(pgid)
         })
         .collect()
 }
@@ -163,7 +166,7 @@ mod tests {
         )
         .unwrap();
         let sleeper: i32 = line.trim().parse().unwrap();
-        let pgid = Pid::from_raw(group.id() as i32).unwrap();
+        let pgid = group.id();
         assert!(
             live_members(pgid).contains(&sleeper),
             "{:?}",
