@@ -110,3 +110,38 @@ ensure_deploy_tools() {
         hash -r
     fi
 }
+
+# Survivors of a test run. Test commands run with KIP_TEST_RUN=<id> in their environment; every
+# process a test starts inherits it (mosquitto, mlflow and its workers, kip-agent,
+# kip-control-plane, python peers, a private PostgreSQL), whatever its name. After the run,
+# none may be left: fixtures stop what they start (kip-tests' ChildGroup kills process groups).
+new_test_run_id() { printf '%s-%s' "$(date +%s)" "$$"; }
+
+# test_run_processes ID: "pid rss command" of live processes carrying KIP_TEST_RUN=ID.
+test_run_processes() {
+    local id="$1" p
+    for p in /proc/[0-9]*; do
+        if grep -qsxz "KIP_TEST_RUN=$id" "$p/environ" 2>/dev/null; then
+            printf '%s %s %s\n' "${p#/proc/}" \
+                "$(awk '/^VmRSS:/ {print $2 "kB"}' "$p/status" 2>/dev/null)" \
+                "$({ tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null | cut -c1-200)"
+        fi
+    done
+}
+
+# check_no_test_survivors ID: fails (after a 10 s grace for processes still exiting) with the
+# list of processes started by test run ID that are still running, and kills them so the
+# machine is clean for what follows.
+check_no_test_survivors() {
+    local id="$1" left="" deadline=$((SECONDS + 10))
+    while :; do
+        left="$(test_run_processes "$id")"
+        [ -z "$left" ] && return 0
+        [ "$SECONDS" -lt "$deadline" ] || break
+        sleep 0.5
+    done
+    printf '\033[1;31m[kip] error:\033[0m processes started by the tests are still running (pid rss command):\n%s\n' "$left" >&2
+    # shellcheck disable=SC2086 # word splitting of the pid list is intended
+    kill -KILL $(printf '%s\n' "$left" | awk '{print $1}') 2>/dev/null || true
+    return 1
+}

@@ -2,7 +2,7 @@
 # The one command that runs every check and test of kip on a fresh Debian machine:
 # installs what is missing, starts PostgreSQL, then fmt, clippy, the whole test suite, the
 # deployment checks (deploy/, .github/) and the agent release tarball (built and installed into
-# a temporary root).
+# a temporary root). Fails when a process started by the tests survives them.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
 
@@ -17,7 +17,12 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 say "cargo test"
-cargo test --workspace --locked
+# Every process the tests start carries KIP_TEST_RUN; none may outlive the run.
+run_id="$(new_test_run_id)"
+test_status=0
+KIP_TEST_RUN="$run_id" cargo test --workspace --locked || test_status=$?
+check_no_test_survivors "$run_id" || test_status=1
+[ "$test_status" -eq 0 ] || die "cargo test failed (exit $test_status; see above)"
 say "deployment checks (scripts/check-deploy.sh)"
 bash scripts/check-deploy.sh
 say "agent release tarball (scripts/test-agent-package.sh)"

@@ -7,18 +7,20 @@
     reason = "test code"
 )]
 
-mod common;
-
 use std::{collections::BTreeSet, time::Duration};
 
-use common::{open_buffer, reading, stored, sync_config};
 use kip_agent::{identity, sync::Syncer};
+use kip_tests::{
+    agent::{open_buffer, reading, sync_config},
+    control_plane::stored,
+    eventually,
+};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn renewal_keeps_a_running_sync_loop_going_with_zero_failed_requests(pool: PgPool) {
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", dir.path()).await;
@@ -46,18 +48,16 @@ async fn renewal_keeps_a_running_sync_loop_going_with_zero_failed_requests(pool:
     let wait_for = |want: usize| {
         let pool = pool.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
+            let synced = eventually(Duration::from_secs(30), || async {
                 let got = stored(&pool, device).await.len();
                 if got >= want {
-                    return;
+                    Ok(())
+                } else {
+                    Err(format!("{got} of {want} synced"))
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{got} of {want} synced"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await;
+            assert_eq!(synced, Ok(()));
         }
     };
 

@@ -9,10 +9,6 @@
     reason = "test code"
 )]
 
-#[path = "../../agent/tests/common/mod.rs"]
-mod broker;
-mod common;
-
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex},
@@ -30,7 +26,7 @@ use uuid::Uuid;
 
 const TIMEOUT_MS: u64 = 1000;
 
-fn llm_toml(port: u16, pki: &broker::Pki) -> String {
+fn llm_toml(port: u16, pki: &kip_tests::BrokerPki) -> String {
     format!(
         r#"
 [providers.aleph]
@@ -53,7 +49,7 @@ request_timeout_ms = {TIMEOUT_MS}
 fn agent_config(
     state_dir: &std::path::Path,
     port: u16,
-    pki: &broker::Pki,
+    pki: &kip_tests::BrokerPki,
     sync_url: &str,
 ) -> kip_agent::config::Config {
     let text = format!(
@@ -108,7 +104,7 @@ struct Spy {
 
 fn spy(
     port: u16,
-    pki: &broker::Pki,
+    pki: &kip_tests::BrokerPki,
     tracker: &tokio_util::task::TaskTracker,
     stop: CancellationToken,
 ) -> Spy {
@@ -151,7 +147,7 @@ fn spy(
     Spy { seen, subscribed }
 }
 
-async fn org_key(cp: &common::ControlPlane, org: Uuid) -> String {
+async fn org_key(cp: &kip_tests::control_plane::ControlPlane, org: Uuid) -> String {
     let v = cp
         .admin(
             &format!("/v1/organisations/{org}/api-keys"),
@@ -161,7 +157,12 @@ async fn org_key(cp: &common::ControlPlane, org: Uuid) -> String {
     v["key"].as_str().unwrap().to_owned()
 }
 
-async fn register(cp: &common::ControlPlane, org: Uuid, key: &str, name: &str) -> Uuid {
+async fn register(
+    cp: &kip_tests::control_plane::ControlPlane,
+    org: Uuid,
+    key: &str,
+    name: &str,
+) -> Uuid {
     let r = cp
         .http
         .post(format!("{}/v1/organisations/{org}/devices", cp.admin_url))
@@ -189,7 +190,11 @@ async fn synced(pool: &PgPool, org: Uuid, device: Uuid, value: f64) {
     .unwrap();
 }
 
-async fn ask(cp: &common::ControlPlane, key: &str, question: &str) -> (String, Duration) {
+async fn ask(
+    cp: &kip_tests::control_plane::ControlPlane,
+    key: &str,
+    question: &str,
+) -> (String, Duration) {
     let t0 = Instant::now();
     let r = cp
         .http
@@ -224,11 +229,11 @@ async fn agent_metrics(addr: std::net::SocketAddr) -> String {
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
-    let pki = broker::Pki::generate(dir.path());
-    let mosquitto = broker::Mosquitto::start(dir.path(), &pki.listener_conf());
+    let pki = kip_tests::BrokerPki::generate(dir.path());
+    let mosquitto = kip_tests::Mosquitto::start(dir.path(), &pki.listener_conf());
     let port = mosquitto.port;
     let llm = LlmConfig::from_toml(&llm_toml(port, &pki), |_| None).unwrap();
-    let cp = common::start_with(pool.clone(), None, |c| c.llm = llm).await;
+    let cp = kip_tests::control_plane::start_with(pool.clone(), None, |c| c.llm = llm).await;
 
     // Organisation A: gw-1 is enrolled and runs the agent; gw-2 exists but no agent runs.
     let org_a = cp.create_org("acme").await;
@@ -249,11 +254,11 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     let spy = spy(port, &pki, &tracker, stop.clone());
     // The agent takes its organisation from the enrolled certificate (no org_id in its config).
     // The agent syncs through a proxy whose link the test cuts.
-    let proxy = common::Proxy::start(common::agent_addr(&cp)).await;
+    let proxy = kip_tests::proxy::Proxy::start(kip_tests::control_plane::agent_addr(&cp)).await;
     let agent_cfg = agent_config(&state_dir, port, &pki, &proxy.url());
     let agent = runtime::start(agent_cfg, stop.clone()).await.unwrap();
     let agent_addr = agent.http_addr;
-    common::eventually(
+    kip_tests::wait_until(
         Duration::from_secs(10),
         "all MQTT clients subscribed",
         || {
@@ -284,16 +289,16 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
             .unwrap()
         }
     };
-    broker::publish(port, "plant/press-1/temperature", b"40", Some(&pki));
-    common::eventually(Duration::from_secs(15), "40.0 synced", || async {
+    kip_tests::mosquitto::publish(port, "plant/press-1/temperature", b"40", Some(&pki));
+    kip_tests::wait_until(Duration::from_secs(15), "40.0 synced", || async {
         count(40.0).await == 1
     })
     .await;
     // Then the link to the control plane goes down, and the agent ingests 77.25 after the
     // last sync: only the agent knows it.
-    proxy.set(common::Link::Drop);
-    broker::publish(port, "plant/press-1/temperature", b"77.25", Some(&pki));
-    common::eventually(
+    proxy.set(kip_tests::proxy::Link::Drop);
+    kip_tests::mosquitto::publish(port, "plant/press-1/temperature", b"77.25", Some(&pki));
+    kip_tests::wait_until(
         Duration::from_secs(10),
         "the agent ingested 77.25",
         || async {
@@ -346,11 +351,11 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     // 3. A malformed response and one for an unknown request are counted and dropped; the next
     //    question is answered live as before.
     let reply = kip_shared::live::reply_topic("kip/v1", org_a, "cp-test");
-    broker::publish(port, &reply, b"{not json", Some(&pki));
+    kip_tests::mosquitto::publish(port, &reply, b"{not json", Some(&pki));
     let stale = json!({"v": 1, "request_id": Uuid::new_v4(), "org_id": org_a, "device": "gw-1",
                        "agent_time": "2026-01-01T00:00:00Z", "values": []});
-    broker::publish(port, &reply, stale.to_string().as_bytes(), Some(&pki));
-    common::eventually(Duration::from_secs(10), "bad responses counted", || async {
+    kip_tests::mosquitto::publish(port, &reply, stale.to_string().as_bytes(), Some(&pki));
+    kip_tests::wait_until(Duration::from_secs(10), "bad responses counted", || async {
         let m = cp.metrics().await;
         metric(
             &m,
@@ -365,7 +370,7 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
     // The agent side: a malformed request, and one whose reply topic lies in another
     // organisation, are counted and not answered; the agent keeps answering.
     let req_topic = kip_shared::live::request_topic("kip/v1", org_a, "gw-1");
-    broker::publish(port, &req_topic, b"\xff garbage", Some(&pki));
+    kip_tests::mosquitto::publish(port, &req_topic, b"\xff garbage", Some(&pki));
     let foreign_id = Uuid::new_v4();
     let foreign = LiveRequest {
         v: 1,
@@ -377,8 +382,8 @@ async fn aleph_answers_from_the_agents_live_values_and_falls_back_with_a_note(po
         machines: vec![],
         metrics: vec![],
     };
-    broker::publish(port, &req_topic, &foreign.encode(), Some(&pki));
-    common::eventually(
+    kip_tests::mosquitto::publish(port, &req_topic, &foreign.encode(), Some(&pki));
+    kip_tests::wait_until(
         Duration::from_secs(10),
         "agent refusals counted",
         || async {

@@ -9,36 +9,22 @@
     reason = "test code"
 )]
 
-mod common;
+use std::{sync::Arc, time::Duration};
 
-use std::{path::Path, sync::Arc, time::Duration};
-
-use common::{eventually, open_buffer, reading, sync_config};
 use kip_agent::{
     edge_inference::{Inference, InferenceConfig},
     sync::Syncer,
+};
+use kip_tests::{
+    agent::{open_buffer, reading, sync_config},
+    eventually, ort_library, reference_model, wait_until, workspace_root,
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-fn root() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn reference_model() -> (Vec<u8>, Value) {
-    let onnx = std::fs::read_dir(root().join("ml/models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .unwrap();
-    let card =
-        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
-    (std::fs::read(onnx).unwrap(), card)
-}
-
 async fn call(
-    cp: &common::ControlPlane,
+    cp: &kip_tests::control_plane::ControlPlane,
     method: reqwest::Method,
     path: &str,
     body: Option<Value>,
@@ -64,7 +50,7 @@ async fn call(
 }
 
 async fn register(
-    cp: &common::ControlPlane,
+    cp: &kip_tests::control_plane::ControlPlane,
     org: uuid::Uuid,
     version: &str,
     bytes: &[u8],
@@ -91,13 +77,14 @@ async fn register(
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool: PgPool) {
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let agent_dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", agent_dir.path()).await;
     let device = id.device_id();
 
-    let (good, card) = reference_model();
+    let reference = reference_model();
+    let (good, card) = (reference.onnx_bytes(), reference.card());
     let version = card["version"].as_str().unwrap().to_owned();
     let good_id = register(&cp, org, &version, &good).await;
     // A "model" that passes its checksum (the registry stored what was uploaded) but is no model.
@@ -119,9 +106,7 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
     desired(&good_id).await;
 
     // The agent: inference with no model yet, and its sync loop.
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    let lib = ort_library();
     let mut registry = kip_agent::metrics::new_registry();
     let inference: Arc<Inference> = Inference::start(
         &InferenceConfig {
@@ -161,7 +146,7 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
     };
 
     let want = format!("rul-fd001@{version}");
-    eventually(
+    wait_until(
         Duration::from_secs(30),
         "the desired model is installed",
         || {
@@ -186,7 +171,7 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
             .iter()
             .any(|d| d["device_id"] == json!(device) && d["in_sync"] == json!(true))
     };
-    eventually(
+    wait_until(
         Duration::from_secs(30),
         "the control plane sees the device in sync",
         in_sync,
@@ -195,23 +180,21 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
 
     // A broken version: refused, the good model keeps serving, the device is reported out of sync.
     desired(&bad_id).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let tried = eventually(Duration::from_secs(30), || async {
         let m = kip_agent::metrics::render(&registry);
         if m.contains("kip_agent_model_swap_failures_total 1") {
-            break;
+            Ok(())
+        } else {
+            Err(format!("the broken model was never tried:\n{m}"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broken model was never tried:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(tried, Ok(()));
     assert_eq!(inference.running_model().as_deref(), Some(want.as_str()));
 
     // Rollback: point the desired state back; the device is in sync again without a reload.
     desired(&good_id).await;
-    eventually(
+    wait_until(
         Duration::from_secs(30),
         "back in sync after rollback",
         in_sync,
@@ -231,22 +214,16 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
 async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
     use kip_shared::{Quality, Reading, Record};
 
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let agent_dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", agent_dir.path()).await;
     let device = id.device_id();
-    let proxy = common::Proxy::start(common::agent_addr(&cp)).await;
-    proxy.set(common::Link::Drop);
+    let proxy = kip_tests::proxy::Proxy::start(kip_tests::control_plane::agent_addr(&cp)).await;
+    proxy.set(kip_tests::proxy::Link::Drop);
 
-    let model = std::fs::read_dir(root().join("ml/models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .unwrap();
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
+    let model = reference_model().onnx_path;
+    let lib = ort_library();
     let mut registry = kip_agent::metrics::new_registry();
     let inference = Inference::start(
         &InferenceConfig {
@@ -274,7 +251,7 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
     tracker.spawn(inference.clone().run(buffer.clone(), irx));
 
     // 40 cycles of engine 1, fed as the buffer writer would: buffered and handed to inference.
-    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let engines = kip_ml::cmapss::load(&workspace_root().join("ml/data/train_FD001.txt")).unwrap();
     let spec = kip_shared::features::FeatureSpec::cmapss_v1();
     let series = engines[0].select(&spec.channels).unwrap();
     for row in series.iter().take(40) {
@@ -301,15 +278,19 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
             .map(|s| (s.epoch, s.seq))
             .collect::<std::collections::BTreeSet<_>>()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while predicted().len() < 40 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {} predictions",
-            predicted().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        "40 predictions buffered",
+        || async { predicted().len() >= 40 },
+    )
+    .await;
+    // The agent tried to sync through the cut link (the proxy refused its connections).
+    wait_until(
+        Duration::from_secs(30),
+        "sync attempts while cut",
+        || async { proxy.connections() >= 2 },
+    )
+    .await;
     let expected = predicted();
     let stored_predictions = |pool: PgPool| async move {
         sqlx::query_as::<_, (i64, i64)>("SELECT epoch, seq FROM predictions WHERE device_id = $1")
@@ -326,21 +307,21 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
         "nothing can arrive while cut"
     );
 
-    proxy.set(common::Link::Up);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    proxy.set(kip_tests::proxy::Link::Up);
+    let synced = eventually(Duration::from_secs(60), || async {
         let stored = stored_predictions(pool.clone()).await;
         if stored == expected {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of {} predictions synced",
+                stored.len(),
+                expected.len()
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} predictions synced",
-            stored.len(),
-            expected.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(synced, Ok(()));
     let rul: Vec<f64> =
         sqlx::query_scalar("SELECT rul_cycles FROM predictions WHERE device_id = $1 ORDER BY seq")
             .bind(device)

@@ -11,24 +11,28 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-mod common;
-
 /// The shared in-process control plane plus the organisation these tests enroll into.
 struct ControlPlane {
-    cp: common::ControlPlane,
+    cp: kip_tests::control_plane::ControlPlane,
     org_id: String,
 }
 
 impl std::ops::Deref for ControlPlane {
-    type Target = common::ControlPlane;
-    fn deref(&self) -> &common::ControlPlane {
+    type Target = kip_tests::control_plane::ControlPlane;
+    fn deref(&self) -> &kip_tests::control_plane::ControlPlane {
         &self.cp
     }
 }
 
 async fn start(pool: PgPool) -> (ControlPlane, TaskTracker) {
     // CA created in the past so that tests can issue certificates that expired days ago.
-    let cp = common::start_with_ca_age(pool, None, Duration::from_secs(60 * 86_400), |_| {}).await;
+    let cp = kip_tests::control_plane::start_with_ca_age(
+        pool,
+        None,
+        Duration::from_secs(60 * 86_400),
+        |_| {},
+    )
+    .await;
     let tracker = cp.tracker.clone();
     let org_id = cp.create_org("acme").await.to_string();
     (ControlPlane { cp, org_id }, tracker)

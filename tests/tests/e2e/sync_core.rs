@@ -7,14 +7,17 @@
     reason = "test code: a failure should abort the test"
 )]
 
-mod common;
-
 use std::{collections::BTreeSet, io::Write as _, time::Duration};
 
-use common::{Link, Proxy, eventually, reading, start, start_sync, stored, sync_config};
 use kip_agent::identity::{self, Identity};
 use kip_control_plane::telemetry::IngestLimits;
 use kip_shared::{Reading, Record, Sequenced, sync::SyncAck, sync::SyncBatch};
+use kip_tests::{
+    agent::{reading, start_sync, sync_config},
+    control_plane::{start, stored},
+    proxy::{Link, Proxy},
+    wait_until,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
@@ -78,8 +81,8 @@ async fn every_reading_lands_exactly_once_across_network_cuts(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", &dir.path().join("identity")).await;
     let device = id.device_id();
-    let buffer = common::open_buffer(&dir.path().join("buffer"));
-    let proxy = Proxy::start(common::agent_addr(&cp)).await;
+    let buffer = kip_tests::agent::open_buffer(&dir.path().join("buffer"));
+    let proxy = Proxy::start(kip_tests::control_plane::agent_addr(&cp)).await;
     let sync = start_sync(buffer.clone(), &id, sync_config(vec![proxy.url()]));
 
     // Readings keep arriving on their own task, whatever the link does.
@@ -102,21 +105,28 @@ async fn every_reading_lands_exactly_once_across_network_cuts(pool: PgPool) {
     }
     let epoch = buffer.epoch();
     let count = || async { stored(&pool, device).await.len() };
-    eventually(Duration::from_secs(20), "first readings synced", || async {
+    wait_until(Duration::from_secs(20), "first readings synced", || async {
         count().await >= 200
     })
     .await;
 
     // Silent network: requests time out, nothing lands, readings pile up in the buffer.
     proxy.set(Link::Blackhole);
-    eventually(
+    wait_until(
         Duration::from_secs(20),
         "agent notices it is offline",
         || async { !sync.status.report().online },
     )
     .await;
     let during_cut = count().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Evidence that the agent tried through the blackhole: one more attempt timed out.
+    let failed = sync.status.report().consecutive_failures;
+    wait_until(
+        Duration::from_secs(20),
+        "another attempt through the blackhole",
+        || async { sync.status.report().consecutive_failures > failed },
+    )
+    .await;
     assert_eq!(
         count().await,
         during_cut,
@@ -125,20 +135,36 @@ async fn every_reading_lands_exactly_once_across_network_cuts(pool: PgPool) {
     let backlog = buffer.stats().unwrap().counts.total();
     assert!(backlog > 0, "readings should pile up while cut");
 
-    // Hard cut: connections refused and reset.
+    // Hard cut: connections refused and reset. Evidence: two more connections refused.
     proxy.set(Link::Drop);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (failed, tried) = (
+        sync.status.report().consecutive_failures,
+        proxy.connections(),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "two attempts against the cut link",
+        || async {
+            sync.status.report().consecutive_failures >= failed + 2
+                && proxy.connections() >= tried + 2
+        },
+    )
+    .await;
     assert_eq!(count().await, during_cut);
 
-    // Restore, keep ingesting a bit, then stop the writer and wait for the drain.
+    // Restore, keep ingesting until the agent is back online, then stop the writer and wait
+    // for the drain.
     proxy.set(Link::Up);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(Duration::from_secs(20), "agent back online", || async {
+        sync.status.report().online
+    })
+    .await;
     go_on.store(false, std::sync::atomic::Ordering::Relaxed);
     writer.close();
     writer.wait().await;
     let want = appended.lock().unwrap().clone();
     assert!(want.len() > 1000, "{}", want.len());
-    eventually(Duration::from_secs(60), "backlog drained", || async {
+    wait_until(Duration::from_secs(60), "backlog drained", || async {
         buffer.stats().unwrap().counts.total() == 0
     })
     .await;
@@ -279,7 +305,7 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
         .unwrap();
     assert_eq!(s, 413, "{v}");
 
-    assert_eq!(common::total_rows(&pool).await, 0);
+    assert_eq!(kip_tests::control_plane::total_rows(&pool).await, 0);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM device_sync_state")
         .fetch_one(&pool)
         .await
@@ -300,7 +326,7 @@ async fn an_agent_moves_a_poison_record_aside_and_the_stream_continues(pool: PgP
     let org = cp.create_org("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let id = cp.enroll(org, "gw-1", &dir.path().join("identity")).await;
-    let buffer = common::open_buffer(&dir.path().join("buffer"));
+    let buffer = kip_tests::agent::open_buffer(&dir.path().join("buffer"));
     let mut want = BTreeSet::new();
     let mut poison_seq = 0;
     for i in 0..500u64 {
@@ -324,7 +350,7 @@ async fn an_agent_moves_a_poison_record_aside_and_the_stream_continues(pool: PgP
         }
     }
     let sync = start_sync(buffer.clone(), &id, sync_config(vec![cp.agent_url.clone()]));
-    eventually(Duration::from_secs(30), "buffer drained", || async {
+    wait_until(Duration::from_secs(30), "buffer drained", || async {
         buffer.stats().unwrap().counts.total() == 0
     })
     .await;
@@ -441,7 +467,7 @@ async fn a_device_writes_only_into_its_own_organisation(pool: PgPool) {
         .await
         .unwrap_err();
     assert!(!err.is_empty());
-    assert_eq!(common::total_rows(&pool).await, 5);
+    assert_eq!(kip_tests::control_plane::total_rows(&pool).await, 5);
 }
 
 async fn post_batch_result(

@@ -7,8 +7,6 @@
     reason = "test code"
 )]
 
-mod common;
-
 use std::time::Duration;
 
 use kip_agent::{config::Config, runtime};
@@ -17,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn the_enrolled_agent_exports_its_certificate_expiry(pool: PgPool) {
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -54,7 +52,7 @@ async fn the_enrolled_agent_exports_its_certificate_expiry(pool: PgPool) {
     // 24 h certificates, just issued (less the clock-skew allowance, never more).
     assert!((23 * 3600..=24 * 3600).contains(&left), "{line}");
     // The sync loop of the runtime reaches the agent listener with that identity.
-    common::eventually(Duration::from_secs(20), "the runtime's first sync", || {
+    kip_tests::wait_until(Duration::from_secs(20), "the runtime's first sync", || {
         let (http, url) = (cp.http.clone(), url.clone());
         async move {
             let m = http.get(&url).send().await.unwrap().text().await.unwrap();

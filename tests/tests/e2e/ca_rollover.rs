@@ -11,8 +11,6 @@
     reason = "test code"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -20,12 +18,15 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use common::{ControlPlane, RunningAgent, open_buffer, reading, start_agent, stored, sync_config};
 use kip_agent::{
     buffer::Buffer,
     identity::{self, Identity, IdentityError, RenewalPolicy},
 };
 use kip_certs::{FleetCa, TrustBundle};
+use kip_tests::{
+    agent::{RunningAgent, open_buffer, reading, start_agent, sync_config},
+    control_plane::{ControlPlane, stored},
+};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
@@ -146,18 +147,12 @@ async fn ca_status(cp: &ControlPlane) -> Value {
 
 /// Waits until the running control plane has loaded CA files satisfying `check`.
 async fn wait_for_ca(cp: &ControlPlane, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let loaded = kip_tests::eventually(Duration::from_secs(20), || async {
         let s = ca_status(cp).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "control plane did not load {what}: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        if check(&s) { Ok(s) } else { Err(s) }
+    })
+    .await;
+    loaded.unwrap_or_else(|s| panic!("control plane did not load {what}: {s}"))
 }
 
 struct Member {
@@ -275,7 +270,7 @@ impl Fleet {
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
-    let cp = common::start(pool.clone(), None).await;
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let ca_dir = cp.dir.path().join("ca");
     let org = cp.create_org("acme").await;
     let mut fleet = Fleet {
@@ -356,12 +351,12 @@ async fn ca_rollover_with_old_and_new_agents_connected(pool: PgPool) {
     let stale_dir = tempfile::tempdir().unwrap();
     let stale_buffer = open_buffer(stale_dir.path());
     stale_buffer.append(&reading(0)).unwrap();
-    let stale = common::start_sync(
+    let stale = kip_tests::agent::start_sync(
         stale_buffer,
         &a_enrolled,
         sync_config(vec![cp.agent_url.clone()]),
     );
-    common::eventually(
+    kip_tests::wait_until(
         Duration::from_secs(20),
         "the stale agent's sync error",
         || {

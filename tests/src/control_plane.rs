@@ -1,0 +1,200 @@
+//! The in-process control plane for end-to-end tests: the admin API and the real mTLS agent
+//! listener on loopback ports, on the caller's database, with a fresh fleet CA; plus queries of
+//! what the control plane stored.
+//!
+//! All start-up goes through [`start_with_ca_age`] (one function), so switching the harness to
+//! the control plane's builder is one edit there. The control plane stops (its token is
+//! cancelled) when the [`ControlPlane`] is dropped.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use kip_agent::identity::{self, Identity};
+use kip_certs::FleetCa;
+use kip_control_plane::{config::Config, telemetry::IngestLimits};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+/// A running in-process control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// `http://127.0.0.1:PORT` of the admin API.
+    pub admin_url: String,
+    /// `https://127.0.0.1:PORT` of the mTLS agent listener.
+    pub agent_url: String,
+    pub admin_key: String,
+    pub http: reqwest::Client,
+    pub pool: PgPool,
+    pub token: CancellationToken,
+    pub tracker: TaskTracker,
+    pub dir: tempfile::TempDir,
+    /// The running system (`kip_control_plane::ControlPlane`); dropping it stops it.
+    _cp: kip_control_plane::ControlPlane,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Starts the admin API and the mTLS agent listener on loopback ports.
+pub async fn start(pool: PgPool, limits: Option<IngestLimits>) -> ControlPlane {
+    start_with(pool, limits, |_| {}).await
+}
+
+/// [`start`] with the config adjusted by `tweak` (e.g. an `[llm]` section).
+pub async fn start_with(
+    pool: PgPool,
+    limits: Option<IngestLimits>,
+    tweak: impl FnOnce(&mut Config),
+) -> ControlPlane {
+    start_with_ca_age(pool, limits, Duration::from_secs(86_400), tweak).await
+}
+
+/// [`start_with`] with a CA created `ca_age` ago (tests that issue certificates which expired
+/// days ago need an older CA).
+pub async fn start_with_ca_age(
+    pool: PgPool,
+    limits: Option<IngestLimits>,
+    ca_age: Duration,
+    tweak: impl FnOnce(&mut Config),
+) -> ControlPlane {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    FleetCa::init(&ca_dir, SystemTime::now() - ca_age).unwrap();
+    let ca_dir_s = ca_dir.to_str().unwrap().to_owned();
+    let mut cfg =
+        Config::load(None, |k| (k == "KIP_PKI_CA_DIR").then(|| ca_dir_s.clone())).unwrap();
+    if let Some(l) = limits {
+        cfg.ingest = l;
+    }
+    // CA rollover tests rotate the files while the control plane runs.
+    cfg.pki.ca_reload_interval = Duration::from_millis(100);
+    tweak(&mut cfg);
+    let key_file = dir.path().join("admin.key");
+    cfg.admin_key_file = key_file.clone();
+    cfg.pki.crl_refresh_interval = Duration::from_secs(3600);
+    cfg.shutdown_grace = Duration::from_secs(1);
+    let token = CancellationToken::new();
+    let cp = kip_control_plane::ControlPlane::builder(cfg)
+        .pool(pool.clone())
+        .admin_listener(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .agent_listener(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .cancellation_token(token.clone())
+        .start()
+        .await
+        .unwrap();
+    let admin_key = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let agent_url = format!("https://127.0.0.1:{}", cp.agent_addr().unwrap().port());
+    let admin_url = format!("http://{}", cp.admin_addr().unwrap());
+    let tracker = cp.tracker().clone();
+    crate::certs::install_crypto_provider();
+    ControlPlane {
+        admin_url,
+        agent_url,
+        admin_key,
+        http: reqwest::Client::new(),
+        pool,
+        token,
+        tracker,
+        dir,
+        _cp: cp,
+    }
+}
+
+impl ControlPlane {
+    pub async fn admin(&self, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.admin_url))
+            .bearer_auth(&self.admin_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    pub async fn create_org(&self, name: &str) -> Uuid {
+        let org = self
+            .admin("/v1/organisations", json!({ "name": name }))
+            .await;
+        org["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Enrolls device `name` in `org` and stores its identity in `dir`.
+    pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
+        let v = self
+            .admin(
+                &format!("/v1/organisations/{org}/enroll-tokens"),
+                json!({ "ttl_s": 600 }),
+            )
+            .await;
+        let token = v["token"].as_str().unwrap();
+        identity::enroll(&self.http, &self.admin_url, token, name, None, dir)
+            .await
+            .unwrap()
+    }
+
+    pub async fn revoke(&self, org: Uuid, device: Uuid) {
+        self.admin(
+            &format!("/v1/organisations/{org}/devices/{device}/revoke"),
+            json!({}),
+        )
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// Every `(epoch, seq)` the control plane stored for `device`, across the three record tables.
+pub async fn stored(pool: &PgPool, device: Uuid) -> BTreeSet<(u64, u64)> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT epoch, seq FROM sensor_data WHERE device_id = $1 \
+         UNION ALL SELECT epoch, seq FROM agent_events WHERE device_id = $1 \
+         UNION ALL SELECT epoch, seq FROM predictions WHERE device_id = $1",
+    )
+    .bind(device)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let set: BTreeSet<(u64, u64)> = rows.iter().map(|&(e, s)| (e as u64, s as u64)).collect();
+    assert_eq!(set.len(), rows.len(), "a record was stored twice");
+    set
+}
+
+/// Total rows of the record tables (all devices).
+pub async fn total_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM sensor_data) + (SELECT count(*) FROM agent_events) \
+                + (SELECT count(*) FROM predictions)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The agent listener's address.
+pub fn agent_addr(cp: &ControlPlane) -> SocketAddr {
+    cp.agent_url.trim_start_matches("https://").parse().unwrap()
+}

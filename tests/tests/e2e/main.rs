@@ -1,0 +1,18 @@
+//! kip's end-to-end tests across the agent and the control plane, as one test binary (one
+//! link instead of one per file). Each module is one scenario family; fixtures come from the
+//! `kip_tests` kit. Real PostgreSQL (`DATABASE_URL`), Mosquitto and ONNX Runtime; a missing
+//! service fails the test.
+//!
+//! `sync_crash` runs the real `kip-agent` and `kip-control-plane` binaries
+//! ([`kip_tests::workspace_binary`]): `cargo test --workspace` builds them in the same run; to
+//! run this binary alone, build them first:
+//! `cargo build -p kip-agent -p kip-control-plane --bins && cargo test -p kip-tests --test e2e`.
+
+mod agent_identity;
+mod agent_runtime_identity;
+mod aleph_live;
+mod ca_rollover;
+mod renewal_during_sync;
+mod rollout;
+mod sync_core;
+mod sync_crash;
