@@ -16,6 +16,7 @@ pub mod record;
 pub use record::{
     DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
 };
+pub mod feature_set;
 pub mod features;
 pub mod live;
 pub mod sync;
