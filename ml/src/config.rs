@@ -237,7 +237,9 @@ mod tests {
         assert_eq!(c.data, dir.path().join("d.txt"));
         assert_eq!(c.options(7).model_version, "1.0.0+seed7");
         assert_eq!(c.ensemble_members, 1);
-        let err = load(&format!("{good}colour = 1\n")).unwrap_err().to_string();
+        let err = load(&format!("{good}colour = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("colour"), "{err}");
         let err = load(&good.replace("epochs = 2", "epochs = 0"))
             .unwrap_err()

@@ -177,7 +177,12 @@ fn value_info(name: &str, width: usize) -> ValueInfoProto {
 /// With several networks (an ensemble) every member reads the same normalised input and the
 /// output is their mean: `Sum(z_m0, z_m1, ...) * (1/k)` before the clip. A single network gives
 /// exactly the graph kip has always written.
-pub fn export(nets: &[Mlp], norm: &Normalizer, clip_max: f32, metadata: &[(&str, String)]) -> Vec<u8> {
+pub fn export(
+    nets: &[Mlp],
+    norm: &Normalizer,
+    clip_max: f32,
+    metadata: &[(&str, String)],
+) -> Vec<u8> {
     let inputs = norm.mean.len();
     let mut init = vec![
         tensor("norm_mean", &[inputs], norm.mean.iter().copied()),
@@ -224,7 +229,11 @@ pub fn export(nets: &[Mlp], norm: &Normalizer, clip_max: f32, metadata: &[(&str,
             &[],
             [1.0 / member_outputs.len().max(1) as f32],
         ));
-        nodes.push(node("Mul", &["ensemble_sum", "ensemble_weight"], "ensemble_mean"));
+        nodes.push(node(
+            "Mul",
+            &["ensemble_sum", "ensemble_weight"],
+            "ensemble_mean",
+        ));
         "ensemble_mean".to_owned()
     };
     nodes.push(node("Clip", &[&prev, "clip_min", "clip_max"], OUTPUT));
@@ -293,7 +302,9 @@ mod tests {
         let ops: Vec<_> = g.node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(
             ops,
-            ["Sub", "Div", "Gemm", "Relu", "Gemm", "Gemm", "Relu", "Gemm", "Sum", "Mul", "Clip"]
+            [
+                "Sub", "Div", "Gemm", "Relu", "Gemm", "Gemm", "Relu", "Gemm", "Sum", "Mul", "Clip"
+            ]
         );
         assert!(g.initializer.iter().any(|t| t.name == "m1_w0"));
     }

@@ -162,7 +162,11 @@ pub fn fit_feature_set(
 }
 
 /// Features of `engine` observed up to cycle `cut` (1-based, inclusive).
-pub fn features_at(fs: &FeatureSet, engine: &Engine, cut: usize) -> Result<Vec<f32>, PipelineError> {
+pub fn features_at(
+    fs: &FeatureSet,
+    engine: &Engine,
+    cut: usize,
+) -> Result<Vec<f32>, PipelineError> {
     let series = engine.select(fs.inputs())?;
     let upto = series.get(..cut).unwrap_or(&series);
     Ok(fs.compute(upto, cut as f32)?)
@@ -341,6 +345,40 @@ mod tests {
         let b = run(&engines, &opts).unwrap();
         assert_eq!(a.card.artifact_sha256, b.card.artifact_sha256);
         assert!(run(&engines[..5], &opts).is_err());
+    }
+
+    /// The feature code every shipped `cmapss-w30-v1` model was trained with, as it was before
+    /// feature sets became documents (kept here as the reference).
+    fn hard_wired_v1(cycles: &[Vec<f32>], cycle: f32) -> Vec<f32> {
+        let start = cycles.len().saturating_sub(30);
+        let recent = &cycles[start..];
+        let mut out = Vec::new();
+        for _ in recent.len()..30 {
+            out.extend_from_slice(&cycles[0]);
+        }
+        for row in recent {
+            out.extend_from_slice(row);
+        }
+        out.push(cycle);
+        out
+    }
+
+    #[test]
+    fn the_cmapss_w30_v1_document_reproduces_the_hard_wired_features_bit_for_bit() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/train_FD001.txt");
+        let engines = crate::cmapss::load(&path).unwrap();
+        let fs = FeatureSet::builtin("cmapss-w30-v1").unwrap();
+        let spec = kip_shared::features::FeatureSpec::cmapss_v1();
+        for e in engines.iter().step_by(7) {
+            let series = e.select(fs.inputs()).unwrap();
+            for cut in 1..=series.len() {
+                let want = hard_wired_v1(&series[..cut], cut as f32);
+                assert_eq!(fs.compute(&series[..cut], cut as f32).unwrap(), want);
+                if cut % 50 == 1 {
+                    assert_eq!(spec.features(&series[..cut], cut as f32).unwrap(), want);
+                }
+            }
+        }
     }
 
     #[test]

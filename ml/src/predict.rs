@@ -65,7 +65,9 @@ fn runtime(configured: Option<&Path>) -> Result<ort::environment::Environment, P
     // ONNX Runtime allows one environment per process: keep the first.
     static ENV: std::sync::Mutex<Option<ort::environment::Environment>> =
         std::sync::Mutex::new(None);
-    let mut env = ENV.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut env = ENV
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(e) = env.as_ref() {
         return Ok(e.clone());
     }

@@ -161,10 +161,7 @@ mod tests {
             rows.push(vec![signal, c[0] + noise, c[1] + noise * 1e-2, c[2]]);
         }
         let f = fit(&rows, 1, 6, 1);
-        let mut seen: Vec<usize> = conditions
-            .iter()
-            .map(|c| nearest_regime(&f, c))
-            .collect();
+        let mut seen: Vec<usize> = conditions.iter().map(|c| nearest_regime(&f, c)).collect();
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 6, "each condition is its own regime: {f:?}");

@@ -327,9 +327,19 @@ impl FeatureSet {
     /// Feature sets every agent knows without a document: only `cmapss-w30-v1`, for models
     /// shipped before documents travelled with them.
     pub fn builtin(id: &str) -> Option<Self> {
-        (id == crate::features::CMAPSS_V1)
-            .then(|| Self::new(cmapss_w30_v1()).ok())
-            .flatten()
+        (id == crate::features::CMAPSS_V1).then(Self::cmapss_w30_v1)
+    }
+
+    /// The interpreter of [`cmapss_w30_v1`] (a constant document; a unit test checks that it
+    /// passes [`FeatureSet::new`]).
+    pub fn cmapss_w30_v1() -> Self {
+        let doc = cmapss_w30_v1();
+        let n = doc.signals.len();
+        Self {
+            inputs: doc.signals.clone(),
+            len: doc.window_cycles as usize * n + 1,
+            doc,
+        }
     }
 
     /// The feature set of a model: its embedded document when it has one (its id must equal
@@ -808,6 +818,7 @@ mod tests {
     fn documents_round_trip_and_unknown_fields_are_refused() {
         let fs = FeatureSet::builtin(crate::features::CMAPSS_V1).unwrap();
         assert_eq!(fs.len(), 30 * 14 + 1);
+        assert_eq!(FeatureSet::new(cmapss_w30_v1()).unwrap(), fs);
         let again = FeatureSet::from_json(&fs.to_json()).unwrap();
         assert_eq!(again, fs);
         let mut v: serde_json::Value = serde_json::from_str(&fs.to_json()).unwrap();

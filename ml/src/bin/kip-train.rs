@@ -173,7 +173,8 @@ fn predict(
     if out == std::path::Path::new("-") {
         kip_ml::predict::write_csv(&preds, std::io::stdout().lock())?;
     } else {
-        let f = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        let f =
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
         kip_ml::predict::write_csv(&preds, std::io::BufWriter::new(f))?;
     }
     eprintln!(
@@ -187,7 +188,8 @@ fn predict(
     );
     if let Some(truth) = truth {
         let t = kip_ml::predict::read_truth(truth)?;
-        let s = kip_ml::predict::score_against(&preds, &t, scorer.feature_set.label().max_output())?;
+        let s =
+            kip_ml::predict::score_against(&preds, &t, scorer.feature_set.label().max_output())?;
         eprintln!(
             "against {}: RMSE {:.2}, PHM08 score {:.1} ({} units); RMSE vs truth capped at {}: {:.2}",
             truth.display(),
