@@ -216,6 +216,31 @@ mod tests {
     }
 
     #[test]
+    fn the_cmapss_w30_v1_file_is_the_built_in_document() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("feature-sets/cmapss-w30-v1.json");
+        let file = FeatureSet::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(Some(file), FeatureSet::builtin("cmapss-w30-v1"));
+        let c = TrainingConfig::load(&configs().join("fd001-v1.toml")).unwrap();
+        let (a, b) = (c.options(42), Options::reference(42));
+        assert_eq!(a.feature_set, b.feature_set);
+        assert_eq!(a.model_version, b.model_version);
+        assert_eq!(
+            (
+                a.train.hidden,
+                a.train.epochs,
+                a.train.learning_rate,
+                a.train.weight_decay
+            ),
+            (
+                b.train.hidden,
+                b.train.epochs,
+                b.train.learning_rate,
+                b.train.weight_decay
+            )
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused_with_the_field() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
