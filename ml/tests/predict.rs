@@ -46,7 +46,7 @@ fn shipped_models() -> Vec<(PathBuf, serde_json::Value)> {
             }
         }
     }
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
