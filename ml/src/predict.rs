@@ -190,6 +190,55 @@ impl Scorer {
     }
 }
 
+/// Batch-1 latency of one model on this machine, as a gateway runs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Latency {
+    pub runs: usize,
+    pub features_p50_us: f64,
+    pub features_p99_us: f64,
+    pub inference_p50_us: f64,
+    pub inference_p99_us: f64,
+    pub inference_max_us: f64,
+}
+
+impl Scorer {
+    /// Times `runs` feature computations from `unit`'s latest full window and `runs` batch-1
+    /// ONNX runs on their result (one intra-op thread, like the agent), after a warm-up.
+    pub fn latency(&mut self, unit: &Engine, runs: usize) -> Result<Latency, PredictError> {
+        let series = unit.select(self.feature_set.inputs())?;
+        let cycle = series.len() as f32;
+        let x = self.feature_set.compute(&series, cycle)?;
+        for _ in 0..runs.min(1000) {
+            self.run(x.clone(), 1)?;
+        }
+        let mut feat = Vec::with_capacity(runs);
+        let mut inf = Vec::with_capacity(runs);
+        for _ in 0..runs.max(1) {
+            let t = std::time::Instant::now();
+            let f = self.feature_set.compute(&series, cycle)?;
+            feat.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = std::time::Instant::now();
+            std::hint::black_box(self.run(f, 1)?);
+            inf.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        feat.sort_by(f64::total_cmp);
+        inf.sort_by(f64::total_cmp);
+        let q = |v: &[f64], p: f64| {
+            v.get(((v.len() - 1) as f64 * p) as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Ok(Latency {
+            runs: inf.len(),
+            features_p50_us: q(&feat, 0.5),
+            features_p99_us: q(&feat, 0.99),
+            inference_p50_us: q(&inf, 0.5),
+            inference_p99_us: q(&inf, 0.99),
+            inference_max_us: inf.last().copied().unwrap_or(f64::NAN),
+        })
+    }
+}
+
 /// Writes `unit,rul` CSV (header line, RUL with two decimals).
 pub fn write_csv(preds: &[UnitPrediction], mut w: impl Write) -> Result<(), PredictError> {
     writeln!(w, "unit,rul")?;

@@ -71,6 +71,19 @@ enum Command {
         #[arg(long)]
         ort_library: Option<PathBuf>,
     },
+    /// Batch-1 latency of a model as a gateway runs it (one intra-op thread): feature
+    /// computation from the first unit's latest window, then the ONNX run.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// C-MAPSS-layout file; its first unit gives the window.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 20_000)]
+        runs: usize,
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +97,38 @@ fn main() -> anyhow::Result<()> {
     }) = &args.command
     {
         return predict(model, data, out, truth.as_deref(), ort_library.as_deref());
+    }
+    if let Some(Command::Bench {
+        model,
+        data,
+        runs,
+        ort_library,
+    }) = &args.command
+    {
+        let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+        let t = std::time::Instant::now();
+        let mut scorer = kip_ml::predict::Scorer::load(ort_library.as_deref(), &bytes)?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let units = kip_ml::cmapss::load(data)?;
+        let unit = units.first().context("no unit in the data file")?;
+        let l = scorer.latency(unit, *runs)?;
+        eprintln!(
+            "{}@{} (feature set {}, {} features, window {} cycles): session load {load_ms:.1} ms; \
+             over {} runs: features p50 {:.1} us, p99 {:.1} us; batch-1 inference p50 {:.1} us, \
+             p99 {:.1} us, max {:.1} us",
+            scorer.name,
+            scorer.version,
+            scorer.feature_set.id(),
+            scorer.feature_set.len(),
+            scorer.feature_set.window_cycles(),
+            l.runs,
+            l.features_p50_us,
+            l.features_p99_us,
+            l.inference_p50_us,
+            l.inference_p99_us,
+            l.inference_max_us
+        );
+        return Ok(());
     }
     let (mut opts, default_data) = match &args.config {
         Some(path) => {
