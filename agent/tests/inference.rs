@@ -317,3 +317,63 @@ fn a_new_machine_type_is_a_document_inside_the_model_not_an_agent_change() {
     assert!(predictor.observe(&mut slot, &r).unwrap().is_none());
     assert_eq!(predictor.cycles("fd003-41"), 0);
 }
+
+#[test]
+fn the_shipped_fd003_model_predicts_from_replayed_readings_with_its_own_document() {
+    let dir = root().join("ml/models/fd003");
+    let onnx = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .expect("the FD003 model in ml/models/fd003");
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(
+        &rt,
+        &std::fs::read(&onnx).unwrap(),
+        card["artifact_sha256"].as_str(),
+    )
+    .unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    assert_eq!(spec.id(), card["feature_set"].as_str().unwrap());
+    let card_doc: kip_shared::feature_set::FeatureSetDoc =
+        serde_json::from_value(card["feature_set_doc"].clone()).unwrap();
+    assert_eq!(
+        spec.doc(),
+        &card_doc,
+        "the document inside the model is the card's"
+    );
+    // A held-out engine, replayed as readings for 150 cycles (more than the 100-cycle window).
+    let held = card["holdout_units"][0].as_u64().unwrap();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD003.txt")).unwrap();
+    let engine = engines.iter().find(|e| u64::from(e.unit) == held).unwrap();
+    let series = engine.select(spec.inputs()).unwrap();
+    let cycles = 150.min(series.len());
+    let mut predictor = Predictor::default();
+    let mut predictions = Vec::new();
+    for row in &series[..cycles] {
+        for (metric, v) in spec.inputs().iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: "fd003".into(),
+                metric: metric.clone(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            predictions.extend(predictor.observe(&mut slot, &r).unwrap());
+        }
+    }
+    assert_eq!(predictions.len(), cycles);
+    let last = predictions.last().unwrap();
+    assert_eq!(last.model_version, card["version"].as_str().unwrap());
+    let direct = slot
+        .current_mut()
+        .unwrap()
+        .predict_rows(&spec.compute(&series[..cycles], cycles as f32).unwrap(), 1)
+        .unwrap()[0];
+    assert!((last.rul_cycles - f64::from(direct)).abs() < 1e-5);
+    assert!((0.0..=125.0).contains(&last.rul_cycles));
+}
