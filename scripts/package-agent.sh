@@ -44,7 +44,9 @@ install -d "$STAGE/bin" "$STAGE/lib/kip-agent" "$STAGE/share/kip-agent/models" \
     "$STAGE/share/doc/kip-agent" "$STAGE/etc/kip-agent" "$STAGE/systemd"
 install -m 0755 "$TARGET/$PROFILE/kip-agent" "$STAGE/bin/kip-agent"
 install -m 0644 "$ORT_DYLIB_PATH" "$STAGE/lib/kip-agent/"
-install -m 0644 ml/models/*.onnx ml/models/*.json "$STAGE/share/kip-agent/models/"
+# Every fleet's model: ml/models/ (the default) and ml/models/<fleet>/, flat in the package.
+install -m 0644 ml/models/*.onnx ml/models/*.json ml/models/*/*.onnx ml/models/*/*.json \
+    "$STAGE/share/kip-agent/models/"
 install -m 0644 deploy/agent.toml "$STAGE/etc/kip-agent/agent.toml.example"
 install -m 0644 deploy/systemd/kip-agent.service "$STAGE/systemd/kip-agent.service"
 install -m 0644 docs/install-agent.md "$STAGE/share/doc/kip-agent/install-agent.md"

@@ -8,14 +8,17 @@
 //!   equal to the expected one, a session that builds, metadata naming a feature set this agent
 //!   implements with the right input width, and a smoke inference with a finite result. Until
 //!   then the previous model keeps serving ([`ModelSlot::try_swap`]).
-//! - Features come from `kip_shared::features`, the same code the training pipeline used.
+//! - Features come from `kip_shared::feature_set::FeatureSet::compute`, the interpreter the
+//!   training pipeline used, reading the feature-set document the model carries in its ONNX
+//!   metadata (`kip.feature_set_doc`); a model without one (shipped before documents existed)
+//!   names a built-in set (`cmapss-w30-v1`). A new machine type is a new model, not a new agent.
 
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
 };
 
-use kip_shared::{Prediction, Reading, features::FeatureSpec};
+use kip_shared::{Prediction, Reading, feature_set::FeatureSet};
 use sha2::Digest as _;
 
 /// Library file name inside the onnxruntime wheel and kip's packages.
@@ -119,7 +122,8 @@ pub struct RulModel {
     pub name: String,
     pub version: String,
     pub sha256: String,
-    pub spec: FeatureSpec,
+    /// The feature set the model reads (its embedded document, or a built-in set).
+    pub spec: FeatureSet,
     input: String,
     output: String,
 }
@@ -163,8 +167,9 @@ impl RulModel {
         let feature_set = custom("kip.feature_set")?;
         let name = custom("kip.model_name")?;
         let version = custom("kip.model_version")?;
+        let document = meta.custom("kip.feature_set_doc");
         drop(meta);
-        let spec = FeatureSpec::by_version(&feature_set)?;
+        let spec = FeatureSet::for_model(&feature_set, document.as_deref())?;
         let input = session
             .inputs()
             .first()
@@ -268,12 +273,17 @@ impl ModelSlot {
 
 /// Turns a stream of readings into per-machine cycles and predictions.
 ///
-/// A machine's cycle is complete when every channel of the feature set has a new value since
-/// the previous cycle; the row then holds the latest value of each channel. Readings of other
-/// metrics are ignored. At most `window_len` rows are kept per machine (bounded memory).
+/// A machine's cycle is complete when every input of the feature set (its signals, then its
+/// operating settings when it normalises by regime) has a new value since the previous cycle;
+/// the row then holds the latest value of each input. Readings of other metrics are ignored. At
+/// most `window_cycles` rows are kept per machine (bounded memory). When the serving model reads
+/// a different feature set than the rows were collected for, every machine starts over (rows of
+/// another layout would be meaningless to it).
 #[derive(Debug, Default)]
 pub struct Predictor {
     machines: HashMap<String, MachineState>,
+    /// Id of the feature set the rows were collected for.
+    feature_set: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -294,28 +304,32 @@ impl Predictor {
             return Ok(None);
         };
         let spec = &model.spec;
-        if !spec.channels.contains(&reading.metric.as_str()) || !reading.value.is_finite() {
+        if self.feature_set.as_deref() != Some(spec.id()) {
+            self.machines.clear();
+            self.feature_set = Some(spec.id().to_owned());
+        }
+        let inputs = spec.inputs();
+        if !inputs.contains(&reading.metric) || !reading.value.is_finite() {
             return Ok(None);
         }
         let st = self.machines.entry(reading.machine.clone()).or_default();
         st.pending
             .insert(reading.metric.clone(), reading.value as f32);
-        if st.pending.len() < spec.channels.len() {
+        if st.pending.len() < inputs.len() {
             return Ok(None);
         }
-        let row: Vec<f32> = spec
-            .channels
+        let row: Vec<f32> = inputs
             .iter()
-            .map(|c| st.pending.get(*c).copied().unwrap_or(f32::NAN))
+            .map(|c| st.pending.get(c).copied().unwrap_or(f32::NAN))
             .collect();
         st.pending.clear();
         st.rows.push_back(row);
-        while st.rows.len() > spec.window_len {
+        while st.rows.len() > spec.window_cycles() {
             st.rows.pop_front();
         }
         st.cycles += 1;
         let rows: Vec<Vec<f32>> = st.rows.iter().cloned().collect();
-        let features = spec.features(&rows, st.cycles as f32)?;
+        let features = spec.compute(&rows, st.cycles as f32)?;
         let out = model.predict_rows(&features, 1)?;
         let rul = out.first().copied().unwrap_or(f32::NAN);
         Ok(Some(Prediction {

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use kip_agent::inference::{InferenceError, ModelSlot, OrtRuntime, Predictor, RulModel};
-use kip_shared::{Quality, Reading, features::FeatureSpec};
+use kip_shared::{Quality, Reading, feature_set::FeatureSet};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -41,14 +41,14 @@ fn reference_model() -> (Vec<u8>, serde_json::Value) {
 }
 
 /// Feature rows from the first engines of FD001, cut at several cycles.
-fn fd001_rows(spec: &FeatureSpec) -> (Vec<f32>, usize) {
+fn fd001_rows(spec: &FeatureSet) -> (Vec<f32>, usize) {
     let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
     let mut out = Vec::new();
     let mut n = 0;
     for e in engines.iter().take(8) {
-        let series = e.select(&spec.channels).unwrap();
+        let series = e.select(spec.inputs()).unwrap();
         for cut in [1, 10, 31, 80, series.len()] {
-            out.extend(spec.features(&series[..cut], cut as f32).unwrap());
+            out.extend(spec.compute(&series[..cut], cut as f32).unwrap());
             n += 1;
         }
     }
@@ -104,7 +104,7 @@ fn rust_predictions_equal_python_onnxruntime_to_1e_5() {
     let (bytes, card) = reference_model();
     let mut model = RulModel::load(&rt, &bytes, card["artifact_sha256"].as_str()).unwrap();
     assert_eq!(model.version, card["version"].as_str().unwrap());
-    assert_eq!(model.spec.version, card["feature_set"].as_str().unwrap());
+    assert_eq!(model.spec.id(), card["feature_set"].as_str().unwrap());
     let (x, rows) = fd001_rows(&model.spec);
     let ours = model.predict_rows(&x, rows).unwrap();
     let theirs = python_reference(&bytes, &x, rows, model.spec.len());
@@ -196,14 +196,14 @@ fn readings_become_cycles_and_predictions_per_machine() {
 
     let spec = slot.current().unwrap().spec.clone();
     let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
-    let series = engines[0].select(&spec.channels).unwrap();
+    let series = engines[0].select(spec.inputs()).unwrap();
     let mut last = None;
     for (cycle, row) in series.iter().enumerate().take(50) {
         // An unrelated metric and another machine's data do not disturb the window.
         predictor
             .observe(&mut slot, &reading("u1", "vibration", 9.9))
             .unwrap();
-        for (metric, v) in spec.channels.iter().zip(row) {
+        for (metric, v) in spec.inputs().iter().zip(row) {
             let p = predictor
                 .observe(&mut slot, &reading("u1", metric, f64::from(*v)))
                 .unwrap();
@@ -222,11 +222,158 @@ fn readings_become_cycles_and_predictions_per_machine() {
     let direct = slot
         .current_mut()
         .unwrap()
-        .predict_rows(&spec.features(&series[..50], 50.0).unwrap(), 1)
+        .predict_rows(&spec.compute(&series[..50], 50.0).unwrap(), 1)
         .unwrap()[0];
     assert!(
         (p.rul_cycles - f64::from(direct)).abs() < 1e-5,
         "{} vs {direct}",
         p.rul_cycles
     );
+}
+
+#[test]
+fn a_new_machine_type_is_a_document_inside_the_model_not_an_agent_change() {
+    // A feature set this agent has no code for: other signals, window statistics, smoothing
+    // and regime normalisation by operating settings. Train a tiny model on a few FD003 engines.
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD003.txt")).unwrap();
+    let doc = serde_json::json!({
+        "format_version": 1,
+        "id": "test-fd003-regimes-v1",
+        "signals": ["s2", "s3", "s4", "s7", "s11", "s12"],
+        "window_cycles": 25,
+        "smoothing": { "kind": "exponential", "alpha": 0.4 },
+        "normalisation": { "kind": "regime_zscore", "settings": ["setting1", "setting2"], "regimes": 2 },
+        "outputs": {
+            "aggregations": [{ "op": "last" }, { "op": "mean" }, { "op": "slope" },
+                             { "op": "slope", "last_cycles": 10 }, { "op": "std" }],
+            "cycle": true
+        },
+        "label": { "kind": "rul", "cap_cycles": 125 }
+    });
+    let mut opts = kip_ml::pipeline::Options::reference(1);
+    opts.model_name = "rul-test-fd003".into();
+    opts.model_version = "0.1.0".into();
+    opts.feature_set = FeatureSet::from_json(&doc.to_string()).unwrap();
+    opts.holdout_engines = 2;
+    opts.ensemble_members = 2;
+    opts.train.epochs = 3;
+    opts.train.hidden = vec![16];
+    let trained = kip_ml::pipeline::run(&engines[..12], &opts).unwrap();
+
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &trained.onnx, Some(&trained.card.artifact_sha256))
+        .unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    assert_eq!(spec.id(), "test-fd003-regimes-v1");
+    assert_eq!(
+        &spec, &trained.feature_set,
+        "the fitted document travelled inside the model"
+    );
+    assert_eq!(spec.inputs().last().map(String::as_str), Some("setting2"));
+
+    // Replay an engine the model never saw as live readings, settings included.
+    let engine = &engines[40];
+    let series = engine.select(spec.inputs()).unwrap();
+    let mut predictor = Predictor::default();
+    let mut last = None;
+    for row in series.iter().take(40) {
+        for (metric, v) in spec.inputs().iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: "fd003-41".into(),
+                metric: metric.clone(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            if let Some(p) = predictor.observe(&mut slot, &r).unwrap() {
+                last = Some(p);
+            }
+        }
+    }
+    assert_eq!(predictor.cycles("fd003-41"), 40);
+    let agent = last.unwrap().rul_cycles;
+    // Training's own arithmetic on the same cycles gives the same RUL.
+    let x = kip_ml::pipeline::features_at(&trained.feature_set, engine, 40).unwrap();
+    let x = ndarray::Array2::from_shape_vec((1, x.len()), x).unwrap();
+    let training = kip_ml::pipeline::predict(&trained.nets, &trained.norm, &x, 125.0)[0];
+    assert!(
+        (agent - f64::from(training)).abs() < 1e-3,
+        "agent {agent} vs training {training}"
+    );
+
+    // Swapping back to the first shipped model (another feature set) starts the windows over.
+    let (bytes, _) = reference_model();
+    slot.try_swap(&rt, &bytes, None).unwrap();
+    let r = Reading {
+        source: "sim".into(),
+        machine: "fd003-41".into(),
+        metric: "s2".into(),
+        ts: chrono::Utc::now(),
+        value: 642.0,
+        quality: Quality::Good,
+    };
+    assert!(predictor.observe(&mut slot, &r).unwrap().is_none());
+    assert_eq!(predictor.cycles("fd003-41"), 0);
+}
+
+#[test]
+fn the_shipped_fd003_model_predicts_from_replayed_readings_with_its_own_document() {
+    let dir = root().join("ml/models/fd003");
+    let onnx = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .expect("the FD003 model in ml/models/fd003");
+    let card: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(
+        &rt,
+        &std::fs::read(&onnx).unwrap(),
+        card["artifact_sha256"].as_str(),
+    )
+    .unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    assert_eq!(spec.id(), card["feature_set"].as_str().unwrap());
+    let card_doc: kip_shared::feature_set::FeatureSetDoc =
+        serde_json::from_value(card["feature_set_doc"].clone()).unwrap();
+    assert_eq!(
+        spec.doc(),
+        &card_doc,
+        "the document inside the model is the card's"
+    );
+    // A held-out engine, replayed as readings for 150 cycles (more than the 100-cycle window).
+    let held = card["holdout_units"][0].as_u64().unwrap();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD003.txt")).unwrap();
+    let engine = engines.iter().find(|e| u64::from(e.unit) == held).unwrap();
+    let series = engine.select(spec.inputs()).unwrap();
+    let cycles = 150.min(series.len());
+    let mut predictor = Predictor::default();
+    let mut predictions = Vec::new();
+    for row in &series[..cycles] {
+        for (metric, v) in spec.inputs().iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: "fd003".into(),
+                metric: metric.clone(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            predictions.extend(predictor.observe(&mut slot, &r).unwrap());
+        }
+    }
+    assert_eq!(predictions.len(), cycles);
+    let last = predictions.last().unwrap();
+    assert_eq!(last.model_version, card["version"].as_str().unwrap());
+    let direct = slot
+        .current_mut()
+        .unwrap()
+        .predict_rows(&spec.compute(&series[..cycles], cycles as f32).unwrap(), 1)
+        .unwrap()[0];
+    assert!((last.rul_cycles - f64::from(direct)).abs() < 1e-5);
+    assert!((0.0..=125.0).contains(&last.rul_cycles));
 }

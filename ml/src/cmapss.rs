@@ -42,10 +42,10 @@ pub struct Engine {
 
 impl Engine {
     /// Values of `channels` for every cycle, oldest first.
-    pub fn select(&self, channels: &[&str]) -> Result<Vec<Vec<f32>>, DataError> {
+    pub fn select<S: AsRef<str>>(&self, channels: &[S]) -> Result<Vec<Vec<f32>>, DataError> {
         let idx = channels
             .iter()
-            .map(|c| column_of(c))
+            .map(|c| column_of(c.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(self
             .rows

@@ -171,9 +171,18 @@ fn value_info(name: &str, width: usize) -> ValueInfoProto {
     }
 }
 
-/// Encodes the model; `metadata` lands in the model's `metadata_props` (feature set version,
-/// model version, ...), readable by any ONNX runtime.
-pub fn export(net: &Mlp, norm: &Normalizer, clip_max: f32, metadata: &[(&str, String)]) -> Vec<u8> {
+/// Encodes the model; `metadata` lands in the model's `metadata_props` (feature set id and
+/// document, model version, ...), readable by any ONNX runtime.
+///
+/// With several networks (an ensemble) every member reads the same normalised input and the
+/// output is their mean: `Sum(z_m0, z_m1, ...) * (1/k)` before the clip. A single network gives
+/// exactly the graph kip has always written.
+pub fn export(
+    nets: &[Mlp],
+    norm: &Normalizer,
+    clip_max: f32,
+    metadata: &[(&str, String)],
+) -> Vec<u8> {
     let inputs = norm.mean.len();
     let mut init = vec![
         tensor("norm_mean", &[inputs], norm.mean.iter().copied()),
@@ -185,22 +194,48 @@ pub fn export(net: &Mlp, norm: &Normalizer, clip_max: f32, metadata: &[(&str, St
         node("Sub", &[INPUT, "norm_mean"], "centred"),
         node("Div", &["centred", "norm_std"], "h0"),
     ];
-    let last = net.layers.len().saturating_sub(1);
-    let mut prev = "h0".to_owned();
-    for (i, l) in net.layers.iter().enumerate() {
-        let (w, b) = (format!("w{i}"), format!("b{i}"));
-        init.push(tensor(&w, &[l.w.nrows(), l.w.ncols()], l.w.iter().copied()));
-        init.push(tensor(&b, &[l.b.len()], l.b.iter().copied()));
-        let z = format!("z{i}");
-        nodes.push(node("Gemm", &[&prev, &w, &b], &z));
-        if i < last {
-            let a = format!("a{i}");
-            nodes.push(node("Relu", &[&z], &a));
-            prev = a;
+    let mut member_outputs = Vec::with_capacity(nets.len());
+    for (m, net) in nets.iter().enumerate() {
+        let prefix = if nets.len() == 1 {
+            String::new()
         } else {
-            prev = z;
+            format!("m{m}_")
+        };
+        let last = net.layers.len().saturating_sub(1);
+        let mut prev = "h0".to_owned();
+        for (i, l) in net.layers.iter().enumerate() {
+            let (w, b) = (format!("{prefix}w{i}"), format!("{prefix}b{i}"));
+            init.push(tensor(&w, &[l.w.nrows(), l.w.ncols()], l.w.iter().copied()));
+            init.push(tensor(&b, &[l.b.len()], l.b.iter().copied()));
+            let z = format!("{prefix}z{i}");
+            nodes.push(node("Gemm", &[&prev, &w, &b], &z));
+            if i < last {
+                let a = format!("{prefix}a{i}");
+                nodes.push(node("Relu", &[&z], &a));
+                prev = a;
+            } else {
+                prev = z;
+            }
         }
+        member_outputs.push(prev);
     }
+    let prev = if member_outputs.len() == 1 {
+        member_outputs.pop().unwrap_or_default()
+    } else {
+        let refs: Vec<&str> = member_outputs.iter().map(String::as_str).collect();
+        nodes.push(node("Sum", &refs, "ensemble_sum"));
+        init.push(tensor(
+            "ensemble_weight",
+            &[],
+            [1.0 / member_outputs.len().max(1) as f32],
+        ));
+        nodes.push(node(
+            "Mul",
+            &["ensemble_sum", "ensemble_weight"],
+            "ensemble_mean",
+        ));
+        "ensemble_mean".to_owned()
+    };
     nodes.push(node("Clip", &[&prev, "clip_min", "clip_max"], OUTPUT));
     let model = ModelProto {
         ir_version: 8,
@@ -208,7 +243,7 @@ pub fn export(net: &Mlp, norm: &Normalizer, clip_max: f32, metadata: &[(&str, St
         producer_version: env!("CARGO_PKG_VERSION").into(),
         domain: "ai.kip".into(),
         model_version: 1,
-        doc_string: "kip remaining-useful-life MLP".into(),
+        doc_string: "kip remaining-useful-life MLP (ensemble mean when several)".into(),
         graph: Some(GraphProto {
             node: nodes,
             name: "kip_rul".into(),
@@ -244,7 +279,12 @@ mod tests {
             mean: ndarray::arr1(&[0.0, 1.0, 2.0]),
             std: ndarray::arr1(&[1.0, 1.0, 1.0]),
         };
-        let bytes = export(&net, &norm, 125.0, &[("feature_set", "x".into())]);
+        let bytes = export(
+            std::slice::from_ref(&net),
+            &norm,
+            125.0,
+            &[("feature_set", "x".into())],
+        );
         let m = ModelProto::decode(bytes.as_slice()).unwrap();
         let g = m.graph.unwrap();
         let ops: Vec<_> = g.node.iter().map(|n| n.op_type.as_str()).collect();
@@ -254,5 +294,18 @@ mod tests {
             vec![3, 4]
         );
         assert_eq!(m.metadata_props[0].value, "x");
+
+        // Two members: two chains on the same normalised input, averaged before the clip.
+        let other = Mlp::new(3, &[4], &mut rng);
+        let bytes = export(&[net, other], &norm, 125.0, &[]);
+        let g = ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+        let ops: Vec<_> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Sub", "Div", "Gemm", "Relu", "Gemm", "Gemm", "Relu", "Gemm", "Sum", "Mul", "Clip"
+            ]
+        );
+        assert!(g.initializer.iter().any(|t| t.name == "m1_w0"));
     }
 }

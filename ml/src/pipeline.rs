@@ -1,11 +1,19 @@
 //! The training pipeline: engines -> split -> features -> training -> evaluation -> ONNX + card.
 //!
+//! Features come from the run's feature-set document through
+//! `kip_shared::feature_set::FeatureSet::compute`, the interpreter the agent runs; when the
+//! document asks for regime normalisation, the regimes are fitted on the training engines only
+//! ([`crate::regimes`]) and the fitted document is what the model ships with (inside the ONNX
+//! metadata as `kip.feature_set_doc`, and in the model card).
+//!
 //! Evaluation protocol (like the C-MAPSS test set): `holdout_engines` engines never seen in
 //! training, each cut at `cuts_per_engine` random cycles; the model predicts the RUL at the cut
-//! and is compared with the true RUL (capped at 125 for `rmse`, as in the literature, and
-//! uncapped for `rmse_uncapped`). The split and the cuts are drawn from the seed.
+//! and is compared with the true RUL (capped at the label cap for `rmse`, as in the literature,
+//! and uncapped for `rmse_uncapped`). The split and the cuts are drawn from the seed and do not
+//! depend on the feature set or the model, so runs with the same seed are scored on the same
+//! points.
 
-use kip_shared::features::{FeatureSpec, RUL_CAP_CYCLES};
+use kip_shared::feature_set::{FeatureSet, FeatureSetDoc, Normalisation};
 use ndarray::Array2;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
 use serde::{Deserialize, Serialize};
@@ -15,8 +23,13 @@ use crate::{
     cmapss::{DataError, Engine},
     eval,
     mlp::{Mlp, Normalizer, TrainConfig},
-    onnx,
+    onnx, regimes,
 };
+
+/// ONNX metadata key of the feature-set id.
+pub const META_FEATURE_SET: &str = "kip.feature_set";
+/// ONNX metadata key of the (fitted) feature-set document, JSON.
+pub const META_FEATURE_SET_DOC: &str = "kip.feature_set_doc";
 
 /// Options of one training run.
 #[derive(Debug, Clone)]
@@ -25,17 +38,24 @@ pub struct Options {
     pub model_version: String,
     pub holdout_engines: usize,
     pub cuts_per_engine: usize,
+    /// The document the features come from (regimes unfitted or fitted; refitted here).
+    pub feature_set: FeatureSet,
+    /// Networks trained (member `i` from seed `seed + i`) and averaged.
+    pub ensemble_members: usize,
     pub train: TrainConfig,
 }
 
 impl Options {
-    /// The configuration whose figures are reported in docs/ml.md.
+    /// The configuration of the first shipped model (`rul-fd001-1.0.0+seed42`): feature set
+    /// `cmapss-w30-v1`, one MLP 64-32. `ml/configs/fd001-v1.toml` says the same in a file.
     pub fn reference(seed: u64) -> Self {
+        let feature_set = FeatureSet::cmapss_w30_v1();
         Self {
             model_name: "rul-fd001".into(),
             model_version: format!("1.0.0+seed{seed}"),
             holdout_engines: 20,
             cuts_per_engine: 5,
+            ensemble_members: 1,
             train: TrainConfig {
                 hidden: vec![64, 32],
                 epochs: 60,
@@ -43,8 +63,9 @@ impl Options {
                 learning_rate: 0.002,
                 weight_decay: 3e-3,
                 seed,
-                target_scale: RUL_CAP_CYCLES,
+                target_scale: feature_set.label().max_output(),
             },
+            feature_set,
         }
     }
 }
@@ -68,6 +89,7 @@ pub struct ModelCard {
     pub name: String,
     pub version: String,
     pub kind: String,
+    /// Id of the feature set (also in the ONNX metadata as `kip.feature_set`).
     pub feature_set: String,
     pub input: String,
     pub output: String,
@@ -79,6 +101,18 @@ pub struct ModelCard {
     pub holdout_units: Vec<u32>,
     pub artifact_sha256: String,
     pub metrics: Metrics,
+    /// Number of averaged networks (cards written before ensembles existed: 1).
+    #[serde(default = "one")]
+    pub ensemble_members: usize,
+    /// The fitted feature-set document the model was trained with (also inside the ONNX file
+    /// as `kip.feature_set_doc`). Absent in cards of models that predate documents; their set
+    /// is the built-in `cmapss-w30-v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_set_doc: Option<FeatureSetDoc>,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Result of [`run`].
@@ -86,8 +120,10 @@ pub struct ModelCard {
 pub struct Trained {
     pub onnx: Vec<u8>,
     pub card: ModelCard,
-    pub net: Mlp,
+    pub nets: Vec<Mlp>,
     pub norm: Normalizer,
+    /// The fitted feature set the model reads.
+    pub feature_set: FeatureSet,
     /// Evaluation inputs and the model's outputs, for cross-checking runtimes.
     pub eval_features: Array2<f32>,
     pub eval_predictions: Vec<f32>,
@@ -100,19 +136,44 @@ pub enum PipelineError {
     Data(#[from] DataError),
     #[error(transparent)]
     Features(#[from] kip_shared::features::FeatureError),
+    #[error(transparent)]
+    FeatureSet(#[from] kip_shared::feature_set::FeatureSetError),
     #[error("need more than {holdout} engines to hold {holdout} out, got {got}")]
     TooFewEngines { holdout: usize, got: usize },
+    #[error("feature matrix of {rows} x {width} could not be built")]
+    Shape { rows: usize, width: usize },
 }
 
-fn windows(spec: &FeatureSpec, engine: &Engine, cut: usize) -> Result<Vec<f32>, PipelineError> {
-    let series = engine.select(&spec.channels)?;
+/// Fits what the feature set needs from the training engines (operating regimes).
+pub fn fit_feature_set(
+    fs: &FeatureSet,
+    engines: &[&Engine],
+    seed: u64,
+) -> Result<FeatureSet, PipelineError> {
+    let Normalisation::RegimeZscore { regimes, .. } = &fs.doc().normalisation else {
+        return Ok(fs.clone());
+    };
+    let mut rows = Vec::new();
+    for e in engines {
+        rows.extend(e.select(fs.inputs())?);
+    }
+    let fitted = regimes::fit(&rows, fs.signals().len(), *regimes as usize, seed);
+    Ok(fs.with_fitted(fitted)?)
+}
+
+/// Features of `engine` observed up to cycle `cut` (1-based, inclusive).
+pub fn features_at(
+    fs: &FeatureSet,
+    engine: &Engine,
+    cut: usize,
+) -> Result<Vec<f32>, PipelineError> {
+    let series = engine.select(fs.inputs())?;
     let upto = series.get(..cut).unwrap_or(&series);
-    Ok(spec.features(upto, cut as f32)?)
+    Ok(fs.compute(upto, cut as f32)?)
 }
 
 /// Runs the whole pipeline on `engines`.
 pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError> {
-    let spec = FeatureSpec::cmapss_v1();
     if engines.len() <= opts.holdout_engines {
         return Err(PipelineError::TooFewEngines {
             holdout: opts.holdout_engines,
@@ -125,25 +186,38 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
     let (held, trained) = order.split_at(opts.holdout_engines);
     let mut holdout_units: Vec<u32> = held.iter().map(|&i| engines[i].unit).collect();
     holdout_units.sort_unstable();
+    let train_engines: Vec<&Engine> = trained.iter().map(|&i| &engines[i]).collect();
+    let fs = fit_feature_set(&opts.feature_set, &train_engines, opts.train.seed)?;
+    let label = fs.label();
 
     // Training set: every cycle of every training engine.
     let mut xs = Vec::new();
     let mut ys = Vec::new();
-    for &i in trained {
-        let e = &engines[i];
-        let series = e.select(&spec.channels)?;
+    for e in &train_engines {
+        let series = e.select(fs.inputs())?;
         let n = series.len();
         for cut in 1..=n {
-            xs.extend(spec.features(&series[..cut], cut as f32)?);
-            ys.push(((n - cut) as f32).min(RUL_CAP_CYCLES));
+            fs.compute_into(&series[..cut], cut as f32, &mut xs)?;
+            ys.push(label.target((n - cut) as f32));
         }
     }
-    let width = spec.len();
-    let x = Array2::from_shape_vec((ys.len(), width), xs)
-        .map_err(|_| PipelineError::TooFewEngines { holdout: 0, got: 0 })?;
+    let width = fs.len();
+    let x = Array2::from_shape_vec((ys.len(), width), xs).map_err(|_| PipelineError::Shape {
+        rows: ys.len(),
+        width,
+    })?;
     let norm = Normalizer::fit(x.view());
     let xn = norm.apply(x.view());
-    let (net, losses) = Mlp::train(xn.view(), &ys, &opts.train);
+    let mut nets = Vec::with_capacity(opts.ensemble_members.max(1));
+    let mut final_loss = 0f64;
+    for m in 0..opts.ensemble_members.max(1) {
+        let mut cfg = opts.train.clone();
+        cfg.seed = opts.train.seed.wrapping_add(m as u64);
+        let (net, losses) = Mlp::train(xn.view(), &ys, &cfg);
+        final_loss += f64::from(losses.last().copied().unwrap_or(f32::NAN));
+        nets.push(net);
+    }
+    final_loss /= nets.len() as f64;
 
     // Evaluation: random cuts of held-out engines.
     let mut ex = Vec::new();
@@ -154,14 +228,18 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
         let lo = 20.min(n.saturating_sub(1)).max(1);
         for _ in 0..opts.cuts_per_engine {
             let cut = rng.random_range(lo..n.max(lo + 1));
-            ex.extend(windows(&spec, e, cut)?);
+            ex.extend(features_at(&fs, e, cut)?);
             truth.push((n - cut) as f32);
         }
     }
-    let eval_features = Array2::from_shape_vec((truth.len(), width), ex)
-        .map_err(|_| PipelineError::TooFewEngines { holdout: 0, got: 0 })?;
-    let eval_predictions = predict(&net, &norm, &eval_features);
-    let capped: Vec<f32> = truth.iter().map(|t| t.min(RUL_CAP_CYCLES)).collect();
+    let eval_features =
+        Array2::from_shape_vec((truth.len(), width), ex).map_err(|_| PipelineError::Shape {
+            rows: truth.len(),
+            width,
+        })?;
+    let cap = label.max_output();
+    let eval_predictions = predict(&nets, &norm, &eval_features, cap);
+    let capped: Vec<f32> = truth.iter().map(|t| label.target(*t)).collect();
     let metrics = Metrics {
         rmse: eval::rmse(&eval_predictions, &capped),
         rmse_uncapped: eval::rmse(&eval_predictions, &truth),
@@ -170,51 +248,61 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
             / truth.len().max(1) as f64,
         eval_points: truth.len(),
         train_windows: ys.len(),
-        final_train_loss: f64::from(losses.last().copied().unwrap_or(f32::NAN)),
+        final_train_loss: final_loss,
     };
+    let doc_json = serde_json::to_string(fs.doc()).unwrap_or_default();
     let bytes = onnx::export(
-        &net,
+        &nets,
         &norm,
-        RUL_CAP_CYCLES,
+        cap,
         &[
             ("kip.model_name", opts.model_name.clone()),
             ("kip.model_version", opts.model_version.clone()),
-            ("kip.feature_set", spec.version.to_owned()),
+            (META_FEATURE_SET, fs.id().to_owned()),
+            (META_FEATURE_SET_DOC, doc_json),
         ],
     );
     let card = ModelCard {
         name: opts.model_name.clone(),
         version: opts.model_version.clone(),
         kind: "rul".into(),
-        feature_set: spec.version.to_owned(),
+        feature_set: fs.id().to_owned(),
         input: onnx::INPUT.into(),
         output: onnx::OUTPUT.into(),
         n_features: width,
-        parameters: net.parameter_count(),
+        parameters: nets.iter().map(Mlp::parameter_count).sum(),
         hidden: opts.train.hidden.clone(),
         epochs: opts.train.epochs,
         seed: opts.train.seed,
         holdout_units,
         artifact_sha256: hex::encode(sha2::Sha256::digest(&bytes)),
         metrics,
+        ensemble_members: nets.len(),
+        feature_set_doc: Some(fs.doc().clone()),
     };
     Ok(Trained {
         onnx: bytes,
         card,
-        net,
+        nets,
         norm,
+        feature_set: fs,
         eval_features,
         eval_predictions,
     })
 }
 
-/// The model's prediction in Rust (same arithmetic as the ONNX graph, clipped to the cap).
-pub fn predict(net: &Mlp, norm: &Normalizer, x: &Array2<f32>) -> Vec<f32> {
-    net.forward(norm.apply(x.view()).view())
-        .column(0)
-        .iter()
-        .map(|v| v.clamp(0.0, RUL_CAP_CYCLES))
-        .collect()
+/// The model's prediction in Rust (same arithmetic as the ONNX graph: mean of the members,
+/// clipped to `[0, cap]`).
+pub fn predict(nets: &[Mlp], norm: &Normalizer, x: &Array2<f32>, cap: f32) -> Vec<f32> {
+    let xn = norm.apply(x.view());
+    let mut sum = vec![0f32; x.nrows()];
+    for net in nets {
+        for (s, v) in sum.iter_mut().zip(net.forward(xn.view()).column(0)) {
+            *s += v;
+        }
+    }
+    let k = nets.len().max(1) as f32;
+    sum.into_iter().map(|v| (v / k).clamp(0.0, cap)).collect()
 }
 
 #[cfg(test)]
@@ -257,5 +345,80 @@ mod tests {
         let b = run(&engines, &opts).unwrap();
         assert_eq!(a.card.artifact_sha256, b.card.artifact_sha256);
         assert!(run(&engines[..5], &opts).is_err());
+    }
+
+    /// The feature code every shipped `cmapss-w30-v1` model was trained with, as it was before
+    /// feature sets became documents (kept here as the reference).
+    fn hard_wired_v1(cycles: &[Vec<f32>], cycle: f32) -> Vec<f32> {
+        let start = cycles.len().saturating_sub(30);
+        let recent = &cycles[start..];
+        let mut out = Vec::new();
+        for _ in recent.len()..30 {
+            out.extend_from_slice(&cycles[0]);
+        }
+        for row in recent {
+            out.extend_from_slice(row);
+        }
+        out.push(cycle);
+        out
+    }
+
+    #[test]
+    fn the_cmapss_w30_v1_document_reproduces_the_hard_wired_features_bit_for_bit() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/train_FD001.txt");
+        let engines = crate::cmapss::load(&path).unwrap();
+        let fs = FeatureSet::builtin("cmapss-w30-v1").unwrap();
+        let spec = kip_shared::features::FeatureSpec::cmapss_v1();
+        for e in engines.iter().step_by(7) {
+            let series = e.select(fs.inputs()).unwrap();
+            for cut in 1..=series.len() {
+                let want = hard_wired_v1(&series[..cut], cut as f32);
+                assert_eq!(fs.compute(&series[..cut], cut as f32).unwrap(), want);
+                if cut % 50 == 1 {
+                    assert_eq!(spec.features(&series[..cut], cut as f32).unwrap(), want);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ensemble_with_aggregations_and_regimes_trains_and_ships_its_fitted_document() {
+        let engines = synthetic(30);
+        let mut doc = kip_shared::feature_set::cmapss_w30_v1();
+        doc.id = "synthetic-agg-v1".into();
+        doc.signals = vec!["s2".into(), "s3".into()];
+        doc.window_cycles = 20;
+        doc.outputs.raw_window = false;
+        doc.outputs.aggregations = ["last", "mean", "slope", "std"]
+            .iter()
+            .map(|op| serde_json::from_value(serde_json::json!({ "op": op })).unwrap())
+            .collect();
+        doc.normalisation = Normalisation::RegimeZscore {
+            settings: vec!["setting1".into()],
+            regimes: 1,
+            fitted: None,
+        };
+        let mut opts = Options::reference(5);
+        opts.feature_set = FeatureSet::new(doc).unwrap();
+        opts.holdout_engines = 6;
+        opts.train.epochs = 15;
+        opts.train.hidden = vec![16];
+        opts.ensemble_members = 3;
+        let t = run(&engines, &opts).unwrap();
+        assert!(t.card.metrics.rmse < 20.0, "{:?}", t.card.metrics);
+        assert_eq!(t.card.n_features, 2 * 4 + 1);
+        assert_eq!(t.card.ensemble_members, 3);
+        assert_eq!(t.nets.len(), 3);
+        let doc = t.card.feature_set_doc.as_ref().unwrap();
+        assert!(FeatureSet::new(doc.clone()).unwrap().is_fitted());
+        // The ONNX file carries the same fitted document, so the agent needs nothing else.
+        let m = <onnx::ModelProto as prost::Message>::decode(t.onnx.as_slice()).unwrap();
+        let embedded = m
+            .metadata_props
+            .iter()
+            .find(|p| p.key == META_FEATURE_SET_DOC)
+            .unwrap();
+        let fs = FeatureSet::for_model("synthetic-agg-v1", Some(&embedded.value)).unwrap();
+        assert_eq!(fs.doc(), doc);
     }
 }

@@ -1,14 +1,13 @@
-//! Versioned feature definitions for the predictive-maintenance models.
+//! The first, hard-wired feature set (`cmapss-w30-v1`) and the errors of feature computation.
 //!
-//! The same code runs in training (control plane, `kip-ml`) and at inference (agent), so a
-//! model never sees features computed differently from the ones it was trained on.
+//! Feature sets are documents now ([`crate::feature_set`]); [`FeatureSpec`] remains as a
+//! compatibility view of `cmapss-w30-v1` for callers that name its channels statically. Its
+//! [`FeatureSpec::features`] runs the document interpreter, so there is still one
+//! implementation of the arithmetic.
 //!
 //! Invariants:
-//! - A feature set is identified by [`FeatureSpec::version`]; a model records the version it was
-//!   trained with and the agent refuses a model whose version it does not implement.
-//! - [`FeatureSpec::features`] is a pure function of the window of raw per-cycle values and the
-//!   current cycle number: no I/O, no state, no normalisation (normalisation constants live in the
-//!   model graph so they travel with the model).
+//! - A feature set is identified by its id (`FeatureSpec::version` here); a model records the id
+//!   it was trained with and the agent refuses a model whose set it cannot interpret.
 //! - Output layout: `window_len * channels.len()` values, oldest cycle first, channels in
 //!   [`FeatureSpec::channels`] order, then the cycle number. Missing early cycles (an engine
 //!   younger than the window) are filled with its first observed cycle (edge padding).
@@ -40,6 +39,8 @@ pub enum FeatureError {
     NotFinite { index: usize, channel: String },
     #[error("unknown feature set version {0:?}")]
     UnknownVersion(String),
+    #[error("feature set document: {0}")]
+    Document(String),
 }
 
 /// Definition of a feature set.
@@ -80,44 +81,21 @@ impl FeatureSpec {
         false
     }
 
+    /// The document equivalent to this spec (raw window plus cycle number, RUL capped at
+    /// [`RUL_CAP_CYCLES`]).
+    pub fn to_feature_set(&self) -> Result<crate::feature_set::FeatureSet, FeatureError> {
+        let mut doc = crate::feature_set::cmapss_w30_v1();
+        doc.id = self.version.to_owned();
+        doc.signals = self.channels.iter().map(|c| (*c).to_owned()).collect();
+        doc.window_cycles = u32::try_from(self.window_len).unwrap_or(u32::MAX);
+        crate::feature_set::FeatureSet::new(doc).map_err(|e| FeatureError::Document(e.to_string()))
+    }
+
     /// Computes features from `cycles` (oldest first, each with one value per channel; only the
-    /// last `window_len` are used) observed up to cycle number `cycle`.
+    /// last `window_len` are used) observed up to cycle number `cycle`, with the document
+    /// interpreter ([`crate::feature_set::FeatureSet::compute`]).
     pub fn features(&self, cycles: &[Vec<f32>], cycle: f32) -> Result<Vec<f32>, FeatureError> {
-        let first = cycles.first().ok_or(FeatureError::Empty)?;
-        let width = self.channels.len();
-        let start = cycles.len().saturating_sub(self.window_len);
-        let recent = cycles.get(start..).unwrap_or_default();
-        for (i, row) in recent.iter().enumerate() {
-            if row.len() != width {
-                return Err(FeatureError::Width {
-                    index: start + i,
-                    got: row.len(),
-                    expected: width,
-                });
-            }
-            if let Some(c) = row.iter().position(|v| !v.is_finite()) {
-                return Err(FeatureError::NotFinite {
-                    index: start + i,
-                    channel: self.channels.get(c).copied().unwrap_or("?").to_owned(),
-                });
-            }
-        }
-        if first.len() != width {
-            return Err(FeatureError::Width {
-                index: 0,
-                got: first.len(),
-                expected: width,
-            });
-        }
-        let mut out = Vec::with_capacity(self.len());
-        for _ in recent.len()..self.window_len {
-            out.extend_from_slice(first);
-        }
-        for row in recent {
-            out.extend_from_slice(row);
-        }
-        out.push(cycle);
-        Ok(out)
+        self.to_feature_set()?.compute(cycles, cycle)
     }
 }
 

@@ -17,6 +17,7 @@ pub use record::{
     DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
 };
 pub mod batch;
+pub mod feature_set;
 pub mod features;
 pub mod live;
 pub mod sync;

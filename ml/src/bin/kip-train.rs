@@ -1,23 +1,34 @@
-//! `kip-train`: trains the remaining-useful-life model on C-MAPSS data, writes
-//! `<out>/<name>-<version>.onnx` and its model card (JSON), and prints the metrics.
+//! `kip-train`: trains a remaining-useful-life model from a training config (or the built-in
+//! FD001 reference), writes `<out>/<name>-<version>.onnx` and its model card (JSON), and prints
+//! the metrics. `kip-train predict` scores a file of partial trajectories with a model.
 
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Train kip's RUL model and export it to ONNX")]
+#[command(
+    version,
+    about = "Train kip's RUL model and export it to ONNX; score partial trajectories",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
-    /// C-MAPSS training file (26 columns).
-    #[arg(long, default_value = "ml/data/train_FD001.txt")]
-    data: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Training config (ml/configs/*.toml: data, feature-set document, model, hyper-parameters).
+    /// Without it: the FD001 reference configuration (feature set cmapss-w30-v1).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// C-MAPSS training file (26 columns); overrides the config's.
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Output directory.
     #[arg(long, default_value = "target/models")]
     out: PathBuf,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Override the number of epochs of the reference configuration.
+    /// Override the number of epochs.
     #[arg(long)]
     epochs: Option<usize>,
     /// Override the hidden layer widths, e.g. 64,32.
@@ -29,6 +40,9 @@ struct Args {
     /// Override the L2 weight decay.
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Override the number of averaged networks.
+    #[arg(long)]
+    ensemble_members: Option<usize>,
     /// Register the trained version (with its metrics) in kip's model registry and upload the
     /// artifact. Server and key come from KIP_SERVER / KIP_API_KEY (or KIP_API_KEY_FILE), the
     /// organisation from KIP_ORG (default: the key's), like kipctl.
@@ -36,10 +50,98 @@ struct Args {
     register: bool,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Predict the RUL of every unit of a C-MAPSS-layout file of partial trajectories (the
+    /// official test layout) at its last cycle; writes CSV `unit,rul`.
+    Predict {
+        /// ONNX model written by kip-train.
+        #[arg(long)]
+        model: PathBuf,
+        /// C-MAPSS-layout file (26 columns), each unit's cycles from 1.
+        #[arg(long)]
+        data: PathBuf,
+        /// CSV output (`-` for stdout).
+        #[arg(long)]
+        out: PathBuf,
+        /// Optional true RUL per unit (RUL_FDxxx.txt): prints RMSE and PHM08 score.
+        #[arg(long)]
+        truth: Option<PathBuf>,
+        /// ONNX Runtime library; default ORT_DYLIB_PATH, then target/ort/lib/.
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+    },
+    /// Batch-1 latency of a model as a gateway runs it (one intra-op thread): feature
+    /// computation from the first unit's latest window, then the ONNX run.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// C-MAPSS-layout file; its first unit gives the window.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 20_000)]
+        runs: usize,
+        #[arg(long)]
+        ort_library: Option<PathBuf>,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let engines = kip_ml::cmapss::load(&args.data)?;
-    let mut opts = kip_ml::pipeline::Options::reference(args.seed);
+    if let Some(Command::Predict {
+        model,
+        data,
+        out,
+        truth,
+        ort_library,
+    }) = &args.command
+    {
+        return predict(model, data, out, truth.as_deref(), ort_library.as_deref());
+    }
+    if let Some(Command::Bench {
+        model,
+        data,
+        runs,
+        ort_library,
+    }) = &args.command
+    {
+        let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+        let t = std::time::Instant::now();
+        let mut scorer = kip_ml::predict::Scorer::load(ort_library.as_deref(), &bytes)?;
+        let load_ms = t.elapsed().as_secs_f64() * 1e3;
+        let units = kip_ml::cmapss::load(data)?;
+        let unit = units.first().context("no unit in the data file")?;
+        let l = scorer.latency(unit, *runs)?;
+        eprintln!(
+            "{}@{} (feature set {}, {} features, window {} cycles): session load {load_ms:.1} ms; \
+             over {} runs: features p50 {:.1} us, p99 {:.1} us; batch-1 inference p50 {:.1} us, \
+             p99 {:.1} us, max {:.1} us",
+            scorer.name,
+            scorer.version,
+            scorer.feature_set.id(),
+            scorer.feature_set.len(),
+            scorer.feature_set.window_cycles(),
+            l.runs,
+            l.features_p50_us,
+            l.features_p99_us,
+            l.inference_p50_us,
+            l.inference_p99_us,
+            l.inference_max_us
+        );
+        return Ok(());
+    }
+    let (mut opts, default_data) = match &args.config {
+        Some(path) => {
+            let c = kip_ml::config::TrainingConfig::load(path)?;
+            (c.options(args.seed), c.data)
+        }
+        None => (
+            kip_ml::pipeline::Options::reference(args.seed),
+            PathBuf::from("ml/data/train_FD001.txt"),
+        ),
+    };
+    let data = args.data.clone().unwrap_or(default_data);
+    let engines = kip_ml::cmapss::load(&data)?;
     if let Some(e) = args.epochs {
         opts.train.epochs = e;
     }
@@ -51,6 +153,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(wd) = args.weight_decay {
         opts.train.weight_decay = wd;
+    }
+    if let Some(k) = args.ensemble_members {
+        opts.ensemble_members = k;
     }
     let started = std::time::Instant::now();
     let t = kip_ml::pipeline::run(&engines, &opts)?;
@@ -65,11 +170,21 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", card_path.display()))?;
     let m = &t.card.metrics;
     eprintln!(
-        "trained {} on {} windows in {:.1}s ({} parameters)\n\
+        "trained {} ({} x {} networks, feature set {}, {} features) on {} windows of {} in {:.1}s ({} parameters)\n\
          held-out engines: {} points: RMSE {:.2} (uncapped truth {:.2}), NASA score {:.1} ({:.2}/point)\n\
          model: {} (sha256 {})\ncard:  {}",
         stem,
+        t.card.ensemble_members,
+        t.card
+            .hidden
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("-"),
+        t.card.feature_set,
+        t.card.n_features,
         m.train_windows,
+        data.display(),
         started.elapsed().as_secs_f64(),
         t.card.parameters,
         m.eval_points,
@@ -83,6 +198,52 @@ fn main() -> anyhow::Result<()> {
     );
     if args.register {
         register(&t.card, &t.onnx)?;
+    }
+    Ok(())
+}
+
+fn predict(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    truth: Option<&std::path::Path>,
+    ort_library: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(model).with_context(|| format!("reading {}", model.display()))?;
+    let mut scorer = kip_ml::predict::Scorer::load(ort_library, &bytes)?;
+    let units = kip_ml::cmapss::load(data)?;
+    let started = std::time::Instant::now();
+    let preds = scorer.score(&units)?;
+    let elapsed = started.elapsed();
+    if out == std::path::Path::new("-") {
+        kip_ml::predict::write_csv(&preds, std::io::stdout().lock())?;
+    } else {
+        let f =
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+        kip_ml::predict::write_csv(&preds, std::io::BufWriter::new(f))?;
+    }
+    eprintln!(
+        "{}@{} (feature set {}): {} units scored in {:.1} ms -> {}",
+        scorer.name,
+        scorer.version,
+        scorer.feature_set.id(),
+        preds.len(),
+        elapsed.as_secs_f64() * 1e3,
+        out.display()
+    );
+    if let Some(truth) = truth {
+        let t = kip_ml::predict::read_truth(truth)?;
+        let s =
+            kip_ml::predict::score_against(&preds, &t, scorer.feature_set.label().max_output())?;
+        eprintln!(
+            "against {}: RMSE {:.2}, PHM08 score {:.1} ({} units); RMSE vs truth capped at {}: {:.2}",
+            truth.display(),
+            s.rmse,
+            s.nasa_score,
+            preds.len(),
+            scorer.feature_set.label().max_output(),
+            s.rmse_capped
+        );
     }
     Ok(())
 }
