@@ -12,6 +12,10 @@
 //!   `b"acked_up_to"` -> `u64` BE, the highest sequence ever acknowledged (0 = none).
 //! - `readings`: raw readings, the only evictable kind.
 //! - `records`: every other kind (gaps, dead letters, loss records, predictions).
+//! - `deliveries`: delivery notes of redeliverable upstream messages (MQTT QoS 1):
+//!   `[session bytes][0][id: u16 BE]` -> `[sha256 digest: 32 bytes][seq: u64 BE]`, the last
+//!   message stored under that (session, id). Bounded by the id space: at most 65,536 notes
+//!   per session (about 3.5 MB), each overwritten when the id comes back with a new message.
 //!
 //! In both record trees the key is the sequence number as 8 bytes big-endian, so sled's byte
 //! order is sequence order and a range scan is a sequence scan. A sequence number lives in
@@ -51,6 +55,12 @@
 //!     least once: a message whose record became durable just before the crash can be stored
 //!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
 //!     stands.
+//! - Delivery notes ([`Buffer::append_delivered`]): the record is inserted before its note,
+//!   both go to disk in the same flush, and recovery keeps a prefix of sled's log, so a note
+//!   is never durable without its record. The opposite (record durable, note cut off by a
+//!   crash in the middle of a flush) costs at most a duplicate, never a loss: the
+//!   acknowledgement waits for the flush to complete, so the message comes back and, finding
+//!   no note, is stored again.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.
@@ -85,6 +95,7 @@ use std::{
     time::Duration,
 };
 
+use crate::source::Delivery;
 use chrono::{DateTime, Utc};
 use kip_shared::{
     DeadLetter, Loss, Record, RecordKind, Sequenced, record::DEAD_LETTER_PREFIX_BYTES,
@@ -262,6 +273,7 @@ pub struct Buffer {
     meta: sled::Tree,
     readings: sled::Tree,
     records: sled::Tree,
+    deliveries: sled::Tree,
     epoch: u64,
     max_bytes: u64,
     state: Mutex<State>,
@@ -343,6 +355,14 @@ fn decode(seq: u64, value: &[u8]) -> Record {
     })
 }
 
+fn delivery_key(session: &str, id: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(session.len() + 3);
+    k.extend_from_slice(session.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 fn entry_bytes(value: &[u8]) -> u64 {
     KEY_LEN + value.len() as u64
 }
@@ -369,6 +389,7 @@ impl Buffer {
         let meta = db.open_tree("meta")?;
         let readings = db.open_tree("readings")?;
         let records = db.open_tree("records")?;
+        let deliveries = db.open_tree("deliveries")?;
 
         let epoch = match read_u64(&meta, META_EPOCH)? {
             Some(e) => {
@@ -418,6 +439,7 @@ impl Buffer {
             meta,
             readings,
             records,
+            deliveries,
             epoch,
             max_bytes: opts.max_bytes,
             state: Mutex::new(State {
@@ -546,6 +568,57 @@ impl Buffer {
         }
         self.insert(&mut st, seq, kind, &value)?;
         Ok(seq)
+    }
+
+    /// Appends `record` like [`Buffer::append`], then notes `delivery` as stored under the
+    /// returned sequence, so that a redelivery of the same message can be recognised
+    /// ([`Buffer::delivered`]) after a disconnect or a crash.
+    pub fn append_delivered(
+        &self,
+        record: &Record,
+        delivery: &Delivery,
+    ) -> Result<u64, BufferError> {
+        let seq = self.append(record)?;
+        let mut value = [0u8; 40];
+        value[..32].copy_from_slice(&delivery.digest);
+        value[32..].copy_from_slice(&seq.to_be_bytes());
+        // After the record: a note never becomes durable without its record.
+        self.deliveries
+            .insert(delivery_key(&delivery.session, delivery.id), &value[..])?;
+        Ok(seq)
+    }
+
+    /// The sequence under which the message `delivery` describes (same session, id and
+    /// digest) was stored, if it was.
+    pub fn delivered(&self, delivery: &Delivery) -> Result<Option<u64>, BufferError> {
+        let Some(v) = self
+            .deliveries
+            .get(delivery_key(&delivery.session, delivery.id))?
+        else {
+            return Ok(None);
+        };
+        Ok((v.len() == 40 && v[..32] == delivery.digest).then(|| key_seq(&v[32..])))
+    }
+
+    /// Forgets every note of `session` (the broker started a new session: its ids start over
+    /// and the old messages will never be redelivered). Returns how many were removed.
+    pub fn forget_deliveries(&self, session: &str) -> Result<usize, BufferError> {
+        let mut prefix = session.as_bytes().to_vec();
+        prefix.push(0);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.deliveries.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            batch.remove(k);
+            n += 1;
+        }
+        self.deliveries.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// How many delivery notes are kept (all sessions).
+    pub fn delivery_notes(&self) -> usize {
+        self.deliveries.len()
     }
 
     fn insert(

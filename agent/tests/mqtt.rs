@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use common::{Mosquitto, Pki, publish};
 use kip_agent::{
-    ack::{AckOutcome, AckedRecord, Acknowledge},
+    ack::{AckOutcome, Acknowledge},
     config::{Config, RawConfig},
     metrics::{IngestMetrics, SourceLabels, new_registry},
     mqtt::MqttSource,
+    source::Envelope,
 };
 use kip_shared::Record;
 use tokio::sync::mpsc;
@@ -57,7 +58,7 @@ value = {{ kind = "json", pointer = "/v", timestamp_pointer = "/ts" }}
 }
 
 struct Running {
-    rx: mpsc::Receiver<AckedRecord>,
+    rx: mpsc::Receiver<Envelope>,
     metrics: IngestMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -106,7 +107,7 @@ impl Running {
 
     /// The next record; its message is acknowledged at once (no buffer here).
     async fn recv(&mut self) -> Option<Record> {
-        let AckedRecord { record, ack } = self.rx.recv().await?;
+        let Envelope { record, ack, .. } = self.rx.recv().await?;
         if let Some(token) = ack {
             assert_eq!(token.try_ack(), AckOutcome::Sent);
         }
@@ -300,7 +301,7 @@ async fn messages_whose_tokens_never_fired_are_redelivered_to_the_next_session()
     // Received but never acknowledged (as if the agent died before the flush).
     let mut values = Vec::new();
     for _ in 0..8 {
-        let AckedRecord { record, ack } =
+        let Envelope { record, ack, .. } =
             tokio::time::timeout(Duration::from_secs(10), run.rx.recv())
                 .await
                 .unwrap()
