@@ -13,9 +13,13 @@
 //! - `readings`: raw readings, the only evictable kind.
 //! - `records`: every other kind (gaps, dead letters, loss records, predictions).
 //! - `deliveries`: delivery notes of redeliverable upstream messages (MQTT QoS 1):
-//!   `[session bytes][0][id: u16 BE]` -> `[sha256 digest: 32 bytes][seq: u64 BE]`, the last
-//!   message stored under that (session, id). Bounded by the id space: at most 65,536 notes
-//!   per session (about 3.5 MB), each overwritten when the id comes back with a new message.
+//!   `[session bytes][0][id: u16 BE][sha256 digest: 32 bytes]` -> `seq: u64 BE`, the sequence
+//!   the message was stored under. The id alone is not unique: a broker with more than 65,535
+//!   messages in flight for one client (Mosquitto 2.0.11 on session resume) reuses packet ids
+//!   among them, hence the digest in the key.
+//! - `delivery_order`: `seq: u64 BE` -> the `deliveries` key noted under that sequence. The
+//!   notes form a FIFO of the last [`MAX_DELIVERY_NOTES`] stored deliveries; the oldest are
+//!   dropped beyond it (about 100 bytes each before sled's overhead).
 //!
 //! In both record trees the key is the sequence number as 8 bytes big-endian, so sled's byte
 //! order is sequence order and a range scan is a sequence scan. A sequence number lives in
@@ -158,6 +162,8 @@ pub struct BufferOptions {
     pub min_epoch: u64,
     /// sled page cache size; sled's default (1 GiB) is too much for a gateway.
     pub cache_capacity_bytes: u64,
+    /// Stored deliveries remembered for redelivery detection ([`MAX_DELIVERY_NOTES`]).
+    pub max_delivery_notes: usize,
 }
 
 impl BufferOptions {
@@ -167,6 +173,7 @@ impl BufferOptions {
             max_bytes,
             min_epoch: 0,
             cache_capacity_bytes: 32 * 1024 * 1024,
+            max_delivery_notes: MAX_DELIVERY_NOTES,
         }
     }
 }
@@ -274,6 +281,10 @@ pub struct Buffer {
     readings: sled::Tree,
     records: sled::Tree,
     deliveries: sled::Tree,
+    delivery_order: sled::Tree,
+    /// Entries in `delivery_order` (sled's `len` is a full scan).
+    delivery_count: std::sync::atomic::AtomicUsize,
+    max_delivery_notes: usize,
     epoch: u64,
     max_bytes: u64,
     state: Mutex<State>,
@@ -355,11 +366,18 @@ fn decode(seq: u64, value: &[u8]) -> Record {
     })
 }
 
-fn delivery_key(session: &str, id: u16) -> Vec<u8> {
-    let mut k = Vec::with_capacity(session.len() + 3);
-    k.extend_from_slice(session.as_bytes());
+/// How many stored deliveries are remembered for redelivery detection. A redelivery of a
+/// message stored more deliveries ago than this is stored again (a duplicate, never a loss).
+/// Covers what can be stored but unacknowledged at once: the writer's pending
+/// acknowledgements (`queue_capacity_records`) plus rumqttc's request queue (65,536).
+pub const MAX_DELIVERY_NOTES: usize = 1 << 18;
+
+fn delivery_key(d: &Delivery) -> Vec<u8> {
+    let mut k = Vec::with_capacity(d.session.len() + 35);
+    k.extend_from_slice(d.session.as_bytes());
     k.push(0);
-    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(&d.id.to_be_bytes());
+    k.extend_from_slice(&d.digest);
     k
 }
 
@@ -390,6 +408,7 @@ impl Buffer {
         let readings = db.open_tree("readings")?;
         let records = db.open_tree("records")?;
         let deliveries = db.open_tree("deliveries")?;
+        let delivery_order = db.open_tree("delivery_order")?;
 
         let epoch = match read_u64(&meta, META_EPOCH)? {
             Some(e) => {
@@ -440,6 +459,9 @@ impl Buffer {
             readings,
             records,
             deliveries,
+            delivery_count: std::sync::atomic::AtomicUsize::new(delivery_order.len()),
+            delivery_order,
+            max_delivery_notes: opts.max_delivery_notes.max(1),
             epoch,
             max_bytes: opts.max_bytes,
             state: Mutex::new(State {
@@ -579,46 +601,35 @@ impl Buffer {
         delivery: &Delivery,
     ) -> Result<u64, BufferError> {
         let seq = self.append(record)?;
-        let mut value = [0u8; 40];
-        value[..32].copy_from_slice(&delivery.digest);
-        value[32..].copy_from_slice(&seq.to_be_bytes());
+        let key = delivery_key(delivery);
         // After the record: a note never becomes durable without its record.
-        self.deliveries
-            .insert(delivery_key(&delivery.session, delivery.id), &value[..])?;
+        self.deliveries.insert(&key, &seq.to_be_bytes())?;
+        self.delivery_order.insert(seq_key(seq), key)?;
+        let count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
+        if count > self.max_delivery_notes
+            && let Some((k, old_key)) = self.delivery_order.pop_min()?
+        {
+            self.delivery_count.fetch_sub(1, Ordering::Relaxed);
+            // Only if no later delivery refreshed the note.
+            let _ = self
+                .deliveries
+                .compare_and_swap(&old_key, Some(k), None as Option<&[u8]>)?;
+        }
         Ok(seq)
     }
 
     /// The sequence under which the message `delivery` describes (same session, id and
-    /// digest) was stored, if it was.
+    /// digest) was stored, if it is among the remembered deliveries.
     pub fn delivered(&self, delivery: &Delivery) -> Result<Option<u64>, BufferError> {
-        let Some(v) = self
+        Ok(self
             .deliveries
-            .get(delivery_key(&delivery.session, delivery.id))?
-        else {
-            return Ok(None);
-        };
-        Ok((v.len() == 40 && v[..32] == delivery.digest).then(|| key_seq(&v[32..])))
-    }
-
-    /// Forgets every note of `session` (the broker started a new session: its ids start over
-    /// and the old messages will never be redelivered). Returns how many were removed.
-    pub fn forget_deliveries(&self, session: &str) -> Result<usize, BufferError> {
-        let mut prefix = session.as_bytes().to_vec();
-        prefix.push(0);
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for item in self.deliveries.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            batch.remove(k);
-            n += 1;
-        }
-        self.deliveries.apply_batch(batch)?;
-        Ok(n)
+            .get(delivery_key(delivery))?
+            .map(|v| key_seq(&v)))
     }
 
     /// How many delivery notes are kept (all sessions).
     pub fn delivery_notes(&self) -> usize {
-        self.deliveries.len()
+        self.delivery_count.load(Ordering::Relaxed)
     }
 
     fn insert(

@@ -334,10 +334,11 @@ struct State {
     /// Read off the connection, waiting for room in the writer's channel (bounded by
     /// `staging_capacity_messages`; gaps are not counted against it).
     staged: VecDeque<Envelope>,
-    /// Packet ids of QoS 1 messages read but not handed over (staging full, or read while
-    /// leaving): the broker redelivers them with DUP set, and that copy must not be matched
-    /// against an older delivery note of the same id. Bounded by the id space.
-    deferred: HashSet<u16>,
+    /// QoS 1 messages read but not handed over (staging full, or read while leaving), by
+    /// [`deferred_key`]: the broker redelivers them with DUP set, and that copy must not be
+    /// matched against a delivery note of an earlier identical message with the same packet
+    /// id. At most [`MAX_DEFERRED_KEYS`] (8 bytes each).
+    deferred: HashSet<u64>,
     /// Messages deferred on the current connection: once the staging drained and every
     /// acknowledgement went out, the source reconnects so the broker sends them again.
     deferred_now: u64,
@@ -345,6 +346,25 @@ struct State {
     disconnected_since: Option<(DateTime<Utc>, String)>,
     /// rumqttc's incoming packet limit.
     read_limit: usize,
+}
+
+/// Deferred messages remembered by [`State::deferred`]; beyond it (a broker pushing more than
+/// this at once) the guard is skipped for further ones: see `docs/operations.md`.
+const MAX_DEFERRED_KEYS: usize = 1 << 20;
+
+/// Identifies a deferred message: packet id and content (packet ids repeat among the
+/// messages in flight when a broker has more than 65,535 of them out).
+fn deferred_key(pkid: u16, digest: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(b) ^ u64::from(pkid)
+}
+
+/// Remembers a message that was read but not handed over.
+fn defer(deferred: &mut HashSet<u64>, p: &rumqttc::Publish) {
+    if p.qos != QoS::AtMostOnce && deferred.len() < MAX_DEFERRED_KEYS {
+        deferred.insert(deferred_key(p.pkid, &message_digest(&p.topic, &p.payload)));
+    }
 }
 
 /// Hands staged envelopes to the writer while its channel has room, without waiting.
@@ -651,11 +671,9 @@ impl MqttSource {
         p: rumqttc::Publish,
     ) {
         let qos1 = p.qos != QoS::AtMostOnce;
-        // This copy is the redelivery of one read earlier but never handed over.
-        let was_deferred = qos1 && st.deferred.remove(&p.pkid);
         if st.staged.len() >= self.cfg.staging_capacity_messages {
             if qos1 {
-                st.deferred.insert(p.pkid);
+                defer(&mut st.deferred, &p);
                 st.deferred_now += 1;
                 self.metrics.mqtt_deferred.get_or_create(labels).inc();
             } else {
@@ -666,12 +684,16 @@ impl MqttSource {
         }
         let record = self.to_record(&p.topic, &p.payload, p.size());
         let (ack, delivery) = if qos1 {
+            let digest = message_digest(&p.topic, &p.payload);
+            // This copy is the redelivery of one read earlier but never handed over.
+            let was_deferred =
+                !st.deferred.is_empty() && st.deferred.remove(&deferred_key(p.pkid, &digest));
             (
                 Some(AckHandle::new(AckToken::new(client, &p, connection))),
                 Some(Delivery {
                     session: self.cfg.client_id.clone(),
                     id: p.pkid,
-                    digest: message_digest(&p.topic, &p.payload),
+                    digest,
                     redelivered: p.dup && !was_deferred,
                 }),
             )
@@ -748,7 +770,7 @@ impl MqttSource {
 
 /// Sends DISCONNECT and polls until it is written (at most a second), so the broker sees a
 /// clean leave; messages read meanwhile are not handed over, so their ids go to `deferred`.
-async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &mut HashSet<u16>) {
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &mut HashSet<u64>) {
     if client.try_disconnect().is_err() {
         return;
     }
@@ -758,9 +780,7 @@ async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &
             () = tokio::time::sleep_until(until) => return,
             ev = eventloop.poll() => match ev {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
-                Ok(Event::Incoming(Packet::Publish(p))) if p.qos != QoS::AtMostOnce => {
-                    deferred.insert(p.pkid);
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
                 Ok(_) => {}
             },
         }
