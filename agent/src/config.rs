@@ -309,7 +309,8 @@ pub struct RawBuffer {
     #[serde(default = "default_queue_capacity_records")]
     pub queue_capacity_records: usize,
     /// Flush early once this many MQTT messages wait for their acknowledgement (which is sent
-    /// only after the flush); keep it below the broker's in-flight limit per client.
+    /// only after the flush): a broker that keeps to its in-flight limit per client sends no
+    /// more until acknowledgements come back.
     #[serde(default = "default_ack_flush_threshold_records")]
     pub ack_flush_threshold_records: usize,
 }
@@ -401,8 +402,8 @@ fn default_queue_capacity_records() -> usize {
     10_000
 }
 fn default_ack_flush_threshold_records() -> usize {
-    // Half of Mosquitto's default max_inflight_messages (20): the next half arrives while
-    // the flush runs.
+    // Half of Mosquitto's default max_inflight_messages (20): with a broker that keeps to it,
+    // the next half arrives while the flush runs.
     10
 }
 fn default_http_listen_addr() -> String {

@@ -42,6 +42,9 @@ pub struct IngestMetrics {
     /// MQTT redeliveries recognised by their delivery note and acknowledged without being
     /// stored again.
     pub mqtt_redeliveries_skipped: Counter,
+    /// MQTT messages marked as redeliveries (DUP) without a delivery note: never stored
+    /// before (read but not stored when the connection or the agent went), stored now.
+    pub mqtt_redeliveries_stored: Counter,
     /// MQTT messages above `max_packet_size_bytes`, kept as dead letters, by source.
     pub mqtt_oversized: Family<SourceLabels, Counter>,
     /// MQTT messages read while the source's staging was full: left unacknowledged (the
@@ -104,6 +107,11 @@ impl IngestMetrics {
             "MQTT redeliveries (DUP, same packet id, topic and payload as a stored message) \
              acknowledged without storing them again",
             m.mqtt_redeliveries_skipped.clone(),
+        );
+        registry.register(
+            "mqtt_redeliveries_stored",
+            "MQTT messages with DUP set but no delivery note (never stored before), stored",
+            m.mqtt_redeliveries_stored.clone(),
         );
         registry.register(
             "mqtt_oversized_messages",

@@ -334,10 +334,10 @@ struct State {
     /// Read off the connection, waiting for room in the writer's channel (bounded by
     /// `staging_capacity_messages`; gaps are not counted against it).
     staged: VecDeque<Envelope>,
-    /// QoS 1 messages read but not handed over (staging full, or read while leaving), by
-    /// [`deferred_key`]: the broker redelivers them with DUP set, and that copy must not be
-    /// matched against a delivery note of an earlier identical message with the same packet
-    /// id. At most [`MAX_DEFERRED_KEYS`] (8 bytes each).
+    /// First transmissions of QoS 1 messages read but not handed over (staging full, or read
+    /// while leaving), by [`deferred_key`]: the broker redelivers them with DUP set, and that
+    /// copy must not be matched against a delivery note of an earlier identical message with
+    /// the same packet id. At most [`MAX_DEFERRED_KEYS`] (8 bytes each).
     deferred: HashSet<u64>,
     /// Messages deferred on the current connection: once the staging drained and every
     /// acknowledgement went out, the source reconnects so the broker sends them again.
@@ -360,9 +360,11 @@ fn deferred_key(pkid: u16, digest: &[u8; 32]) -> u64 {
     u64::from_be_bytes(b) ^ u64::from(pkid)
 }
 
-/// Remembers a message that was read but not handed over.
+/// Remembers a first transmission (DUP clear) that was read but not handed over, so that its
+/// redelivery is stored rather than matched against an older note. A redelivery that is
+/// deferred again changes nothing: it was stored before (and has a note) or it was not.
 fn defer(deferred: &mut HashSet<u64>, p: &rumqttc::Publish) {
-    if p.qos != QoS::AtMostOnce && deferred.len() < MAX_DEFERRED_KEYS {
+    if p.qos != QoS::AtMostOnce && !p.dup && deferred.len() < MAX_DEFERRED_KEYS {
         deferred.insert(deferred_key(p.pkid, &message_digest(&p.topic, &p.payload)));
     }
 }
@@ -674,6 +676,7 @@ impl MqttSource {
         if st.staged.len() >= self.cfg.staging_capacity_messages {
             if qos1 {
                 defer(&mut st.deferred, &p);
+                tracing::trace!(pkid = p.pkid, dup = p.dup, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message deferred");
                 st.deferred_now += 1;
                 self.metrics.mqtt_deferred.get_or_create(labels).inc();
             } else {
@@ -688,6 +691,7 @@ impl MqttSource {
             // This copy is the redelivery of one read earlier but never handed over.
             let was_deferred =
                 !st.deferred.is_empty() && st.deferred.remove(&deferred_key(p.pkid, &digest));
+            tracing::trace!(pkid = p.pkid, dup = p.dup, was_deferred, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message staged");
             (
                 Some(AckHandle::new(AckToken::new(client, &p, connection))),
                 Some(Delivery {

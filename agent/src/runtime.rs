@@ -322,7 +322,10 @@ fn store(
                 metrics.mqtt_redeliveries_skipped.inc();
                 return Stored::Redelivery(seq);
             }
-            Ok(None) => {}
+            Ok(None) => {
+                metrics.mqtt_redeliveries_stored.inc();
+                tracing::debug!(id = d.id, "redelivery without a delivery note: stored");
+            }
             // Stored again rather than risk a loss.
             Err(e) => {
                 tracing::warn!(error = %e, "delivery note unreadable; storing the redelivery")

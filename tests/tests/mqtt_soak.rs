@@ -250,7 +250,8 @@ async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> Published {
     let want = messages.len() as u64;
     let acks = Arc::new(AtomicU64::new(0));
     let counter = acks.clone();
-    let poller = tokio::spawn(async move {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let poller = tracker.spawn(async move {
         while counter.load(Ordering::Relaxed) < want {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => {
@@ -306,6 +307,19 @@ struct Scenario {
     drain_limit: Duration,
 }
 
+/// The test's work directory (logs, agent state), kept for inspection when the test fails.
+struct WorkDir(Option<tempfile::TempDir>);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("work directory kept: {}", dir.keep().display());
+        }
+    }
+}
+
 /// Drops the test's database whatever the outcome.
 struct DbGuard(String);
 
@@ -335,7 +349,7 @@ impl Drop for DbGuard {
 }
 
 struct Env {
-    _work: tempfile::TempDir,
+    _work: WorkDir,
     work: PathBuf,
     _db: DbGuard,
     pool: PgPool,
@@ -439,7 +453,7 @@ impl Env {
         )
         .unwrap();
         Self {
-            _work: work_dir,
+            _work: WorkDir(Some(work_dir)),
             work,
             _db: DbGuard(db),
             pool,
@@ -508,6 +522,36 @@ impl Env {
         .fetch_one(&self.pool)
         .await
         .unwrap()
+    }
+
+    /// A summary of the numbers stored more than once (for a failure message).
+    async fn duplicates(&self) -> String {
+        let rows: Vec<(f64, Vec<i64>)> = sqlx::query_as(
+            "SELECT value, array_agg(seq ORDER BY seq) FROM sensor_data \
+             WHERE device_id = $1 AND metric = 'seq' GROUP BY value HAVING count(*) > 1 \
+             ORDER BY value",
+        )
+        .bind(self.device)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let sample: Vec<_> = rows.iter().step_by((rows.len() / 20).max(1)).collect();
+        format!("{} numbers; sample (value, seqs): {sample:?}", rows.len())
+    }
+
+    /// The agent's MQTT and buffer metrics.
+    async fn agent_metrics(&self) -> String {
+        let body = kip_agent::runtime::local_get(
+            SocketAddr::from(([127, 0, 0, 1], self.http_port)),
+            "/metrics",
+        )
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_records"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     async fn dead_letters(&self) -> Vec<serde_json::Value> {
@@ -597,7 +641,8 @@ async fn run(s: Scenario) {
         }
     }
     let mqtt_port = env.mqtt_port;
-    let publisher = tokio::spawn(publish_all(mqtt_port, live));
+    let tracker = TaskTracker::new();
+    let publisher = tracker.spawn(publish_all(mqtt_port, live));
 
     // 4. kill -9 mid-stream, once the agent took in part of the backlog.
     let took_some = wait_for(Duration::from_secs(30), || async {
@@ -665,7 +710,9 @@ async fn run(s: Scenario) {
         status.map(|s| s.to_string()).unwrap_or_default()
     );
     let diagnostics = format!(
-        "agent log:\n{}\nmosquitto log:\n{}",
+        "duplicates: {}\nagent metrics:\n{}\nagent log:\n{}\nmosquitto log:\n{}",
+        env.duplicates().await,
+        env.agent_metrics().await,
         env.tail("agent.log", 40),
         env.tail("mosquitto.log", 10)
     );

@@ -627,13 +627,21 @@ fn delivery(id: u16, payload: &str) -> Delivery {
 fn delivery_notes_survive_a_reopen_and_match_only_the_same_id_and_content() {
     let dir = tempfile::tempdir().unwrap();
     let buf = Buffer::open(dir.path(), big()).unwrap();
-    let a = buf.append_delivered(&reading(1, 0), &delivery(7, "1")).unwrap();
+    let a = buf
+        .append_delivered(&reading(1, 0), &delivery(7, "1"))
+        .unwrap();
     // The same packet id in flight twice (a broker past 65,535 in flight): both are kept.
-    let b = buf.append_delivered(&reading(2, 0), &delivery(7, "2")).unwrap();
+    let b = buf
+        .append_delivered(&reading(2, 0), &delivery(7, "2"))
+        .unwrap();
     assert_eq!(buf.delivered(&delivery(7, "1")).unwrap(), Some(a));
     assert_eq!(buf.delivered(&delivery(7, "2")).unwrap(), Some(b));
     assert_eq!(buf.delivered(&delivery(8, "1")).unwrap(), None, "other id");
-    assert_eq!(buf.delivered(&delivery(7, "3")).unwrap(), None, "other content");
+    assert_eq!(
+        buf.delivered(&delivery(7, "3")).unwrap(),
+        None,
+        "other content"
+    );
     let mut other_session = delivery(7, "1");
     other_session.session = "client-2".into();
     assert_eq!(buf.delivered(&other_session).unwrap(), None);
@@ -658,7 +666,11 @@ fn delivery_notes_are_a_bounded_fifo() {
         buf.append_delivered(&reading(i as u64, 0), &d).unwrap();
     }
     assert_eq!(buf.delivery_notes(), 100);
-    assert_eq!(buf.delivered(&delivery(0, "0")).unwrap(), None, "oldest dropped");
+    assert_eq!(
+        buf.delivered(&delivery(0, "0")).unwrap(),
+        None,
+        "oldest dropped"
+    );
     assert_eq!(buf.delivered(&delivery(2, "2")).unwrap(), None);
     assert!(buf.delivered(&delivery(3, "3")).unwrap().is_some());
     let last = n - 1;
