@@ -1297,6 +1297,42 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_brokers_packet_and_staging_limits_are_checked() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"#\"\nmachine = \"m\"\n\
+                   metric_topic_level = 4\nvalue = { kind = \"number\" }\n";
+        let with = |url: &str, extra: &str| {
+            parse(&format!(
+                "{}{extra}{sub}",
+                BROKER.replace("mqtt://127.0.0.1:1884", url)
+            ))
+        };
+        let cfg = with("mqtt://[::1]:1884", "").unwrap();
+        let b = &cfg.mqtt[0];
+        assert_eq!((b.endpoint.host(), b.endpoint.port()), ("::1", 1884));
+        assert_eq!(b.endpoint.socket_host(), "[::1]");
+        assert_eq!(b.staging_capacity_messages, 50_000);
+        let field = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(with("mqtt://::1", "")), "mqtt[0].url");
+        assert_eq!(
+            field(with("mqtts://[::1]:8883", "ca_file = \"/ca\"\n")),
+            "mqtt[0].url"
+        );
+        assert_eq!(
+            field(with("mqtt://b", "max_packet_size_bytes = 10\n")),
+            "mqtt[0].max_packet_size_bytes"
+        );
+        assert_eq!(
+            field(with("mqtt://b", "staging_capacity_messages = 0\n")),
+            "mqtt[0].staging_capacity_messages"
+        );
+        let cfg = with("mqtt://b", "max_packet_size_bytes = 2048\n").unwrap();
+        assert_eq!(cfg.mqtt[0].max_packet_size_bytes, 2048);
+    }
+
+    #[test]
     fn urls_without_a_port_get_the_mqtt_default() {
         let sub = "[[mqtt.subscriptions]]\ntopic = \"#\"\nmachine = \"m\"\n\
                    metric_topic_level = 4\nvalue = { kind = \"number\" }\n";

@@ -1416,6 +1416,28 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_of_the_last_stored_value_of_a_node_is_recognised_within_the_node_bound() {
+        let at = |s: i64, v: f64, metric: &str| Reading {
+            source: "plc".into(),
+            machine: "m".into(),
+            metric: metric.into(),
+            ts: DateTime::from_timestamp(s, 0).unwrap(),
+            value: v,
+            quality: Quality::Good,
+        };
+        let mut last = LastValues::new(2);
+        assert!(!last.is_repeat(&at(1, 1.0, "a")));
+        // The initial value after a reconnect: same source timestamp and value.
+        assert!(last.is_repeat(&at(1, 1.0, "a")));
+        assert!(!last.is_repeat(&at(1, 2.0, "a")), "other value");
+        assert!(!last.is_repeat(&at(2, 2.0, "a")), "other timestamp");
+        assert!(!last.is_repeat(&at(1, 1.0, "b")));
+        // A third node is beyond the bound: never remembered, never skipped.
+        assert!(!last.is_repeat(&at(1, 1.0, "c")));
+        assert!(!last.is_repeat(&at(1, 1.0, "c")));
+    }
+
+    #[test]
     fn source_timestamp_wins_then_server_then_receive_time() {
         let src = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let srv = DateTime::from_timestamp(1_700_000_100, 0).unwrap();

@@ -922,6 +922,98 @@ mod tests {
         assert_eq!(got, vec![("plc1".into(), 1500.0), ("b1".into(), 21.5)]);
     }
 
+    /// Counts how often it was fired.
+    #[derive(Debug, Clone, Default)]
+    struct CountingAck(Arc<std::sync::atomic::AtomicU64>);
+
+    impl crate::ack::Acknowledge for CountingAck {
+        fn try_ack(&self) -> crate::ack::AckOutcome {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            crate::ack::AckOutcome::Sent
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_matching_a_delivery_note_is_acknowledged_without_storing_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        let (tx, rx) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let flusher = {
+            let (b, c) = (s.buffer.clone(), cancel.clone());
+            tracker.spawn(async move { b.run_flusher(Duration::from_millis(10), c).await })
+        };
+        let writer = tracker.spawn(write_records(
+            s.buffer.clone(),
+            rx,
+            AckPolicy {
+                flush_threshold: 1,
+                max_pending: 10,
+            },
+            s.metrics.clone(),
+            s.clone(),
+            None,
+            None,
+        ));
+        let acks = CountingAck::default();
+        let reading = |v: f64| {
+            Record::Reading(kip_shared::Reading {
+                source: "b1".into(),
+                machine: "m".into(),
+                metric: "x".into(),
+                ts: chrono::Utc::now(),
+                value: v,
+                quality: kip_shared::Quality::Good,
+            })
+        };
+        let delivery = |payload: &str, redelivered: bool| Delivery {
+            session: "c1".into(),
+            id: 7,
+            digest: crate::mqtt::message_digest("t", payload.as_bytes()),
+            redelivered,
+        };
+        let send = |payload: &'static str, redelivered: bool| {
+            let (tx, acks) = (tx.clone(), acks.clone());
+            async move {
+                tx.send(Envelope {
+                    record: reading(payload.parse().unwrap()),
+                    ack: Some(AckHandle::new(acks)),
+                    delivery: Some(delivery(payload, redelivered)),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        // Stored, then its redelivery (DUP): acknowledged twice, stored once.
+        send("1", false).await;
+        send("1", true).await;
+        // Same packet id, other content, DUP set, never stored: stored.
+        send("2", true).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while acks.0.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "acknowledgements missing");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(tx);
+        writer.await.unwrap();
+        cancel.cancel();
+        flusher.await.unwrap();
+        let values: Vec<f64> = s
+            .buffer
+            .read_range(0, 10, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.record {
+                Record::Reading(r) => Some(r.value),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(values, vec![1.0, 2.0]);
+        assert_eq!(s.metrics.mqtt_redeliveries_skipped.get(), 1);
+        assert_eq!(s.metrics.mqtt_redeliveries_stored.get(), 1);
+    }
+
     #[tokio::test]
     async fn healthz_fails_once_the_writer_is_gone() {
         let dir = tempfile::tempdir().unwrap();
