@@ -1,22 +1,24 @@
 //! Acknowledge upstream only after durability: the pieces between the MQTT source and the
 //! buffer writer.
 //!
-//! An MQTT source hands each record to the writer as an [`AckedRecord`] carrying an
-//! [`AckToken`] (the packet id and QoS of the PUBLISH, not its payload). The writer appends
+//! An MQTT source hands each record to the writer in an [`crate::source::Envelope`] carrying
+//! an [`AckToken`] (the packet id and QoS of the PUBLISH, not its payload). The writer appends
 //! the record, keeps `(seq, token)` in [`PendingAcks`], and fires the token once the buffer's
 //! durable sequence (see [`crate::buffer::Buffer::watch_durable`]) reaches `seq`.
 //!
 //! Invariants:
-//! - A token fires only when `durable_seq >= seq`, in append order (a FIFO: sequences are
-//!   appended in increasing order, so the durable ones are always a prefix).
+//! - A token fires only when `durable_seq >= seq`, in push order (a FIFO: a token pushed with
+//!   a sequence below the last one pushed, as for a recognised redelivery whose record was
+//!   stored earlier, waits for the last one, so the durable ones are always a prefix).
 //! - Firing never waits: [`Acknowledge::try_ack`] either queues the PubAck in rumqttc's request
 //!   queue, reports it busy (queue full: the head stays, retried shortly, so order holds), or
 //!   stale (the connection it arrived on is gone: the broker redelivers it on the next
 //!   connection of the persistent session, and that copy carries its own token). A token busy
 //!   for longer than [`BUSY_GIVE_UP`] is given up as failed, so one wedged source cannot hold
 //!   back the others' acknowledgements forever. Failed tokens are counted by the writer.
-//! - Delivery is at-least-once: a message whose record became durable but whose PubAck did not
-//!   reach the broker (crash, disconnect) is delivered again and stored twice.
+//! - A message whose record became durable but whose PubAck did not reach the broker (crash,
+//!   disconnect) is delivered again; the writer recognises it by its delivery note
+//!   ([`crate::buffer::Buffer::delivered`]) and fires the new copy's token without storing it.
 //! - The FIFO also decides when to ask for an early flush: when `threshold` tokens wait for a
 //!   flush nobody asked for yet, or the oldest of them waited `max_delay`. Brokers cap the
 //!   unacknowledged QoS 1 messages per client (Mosquitto `max_inflight_messages`, 20 by
@@ -31,21 +33,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kip_shared::Record;
 use rumqttc::{AsyncClient, Publish};
 
 /// How long the head of the FIFO may stay busy (rumqttc's request queue full) before it is
 /// given up as failed. The source drains that queue whenever it polls its connection, so a
 /// queue full for this long means the source is not polling any more.
 pub const BUSY_GIVE_UP: Duration = Duration::from_secs(1);
-
-/// A record from a source that wants to know when it is durable.
-#[derive(Debug)]
-pub struct AckedRecord {
-    pub record: Record,
-    /// `None` for records nobody acknowledges upstream (gaps).
-    pub ack: Option<AckToken>,
-}
 
 /// What firing a token did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,10 +166,11 @@ impl<T> Default for PendingAcks<T> {
 }
 
 impl<T: Acknowledge> PendingAcks<T> {
-    /// Keeps `token` until sequence `seq` is durable. Sequences must be pushed in increasing
-    /// order (the buffer issues them that way).
+    /// Keeps `token` until sequence `seq` (and every one pushed before) is durable.
     pub fn push(&mut self, seq: u64, token: T, now: Instant) {
-        debug_assert!(self.queue.back().is_none_or(|p| p.seq < seq));
+        // An older sequence (a redelivery stored earlier) waits behind the newest one, which
+        // keeps the queue sorted; it is durable no later than that.
+        let seq = self.queue.back().map_or(seq, |p| p.seq.max(seq));
         self.queue.push_back(Pending {
             seq,
             at: now,

@@ -12,6 +12,14 @@
 //!   `b"acked_up_to"` -> `u64` BE, the highest sequence ever acknowledged (0 = none).
 //! - `readings`: raw readings, the only evictable kind.
 //! - `records`: every other kind (gaps, dead letters, loss records, predictions).
+//! - `deliveries`: delivery notes of redeliverable upstream messages (MQTT QoS 1):
+//!   `[session bytes][0][id: u16 BE][sha256 digest: 32 bytes]` -> `seq: u64 BE`, the sequence
+//!   the message was stored under. The id alone is not unique: a broker with more than 65,535
+//!   messages in flight for one client (Mosquitto 2.0.11 on session resume) reuses packet ids
+//!   among them, hence the digest in the key.
+//! - `delivery_order`: `seq: u64 BE` -> the `deliveries` key noted under that sequence. The
+//!   notes form a FIFO of the last [`MAX_DELIVERY_NOTES`] stored deliveries; the oldest are
+//!   dropped beyond it (about 100 bytes each before sled's overhead).
 //!
 //! In both record trees the key is the sequence number as 8 bytes big-endian, so sled's byte
 //! order is sequence order and a range scan is a sequence scan. A sequence number lives in
@@ -51,6 +59,12 @@
 //!     least once: a message whose record became durable just before the crash can be stored
 //!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
 //!     stands.
+//! - Delivery notes ([`Buffer::append_delivered`]): the record is inserted before its note,
+//!   both go to disk in the same flush, and recovery keeps a prefix of sled's log, so a note
+//!   is never durable without its record. The opposite (record durable, note cut off by a
+//!   crash in the middle of a flush) costs at most a duplicate, never a loss: the
+//!   acknowledgement waits for the flush to complete, so the message comes back and, finding
+//!   no note, is stored again.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.
@@ -85,6 +99,7 @@ use std::{
     time::Duration,
 };
 
+use crate::source::Delivery;
 use chrono::{DateTime, Utc};
 use kip_shared::{
     DeadLetter, Loss, Record, RecordKind, Sequenced, record::DEAD_LETTER_PREFIX_BYTES,
@@ -147,6 +162,8 @@ pub struct BufferOptions {
     pub min_epoch: u64,
     /// sled page cache size; sled's default (1 GiB) is too much for a gateway.
     pub cache_capacity_bytes: u64,
+    /// Stored deliveries remembered for redelivery detection ([`MAX_DELIVERY_NOTES`]).
+    pub max_delivery_notes: usize,
 }
 
 impl BufferOptions {
@@ -156,6 +173,7 @@ impl BufferOptions {
             max_bytes,
             min_epoch: 0,
             cache_capacity_bytes: 32 * 1024 * 1024,
+            max_delivery_notes: MAX_DELIVERY_NOTES,
         }
     }
 }
@@ -262,6 +280,11 @@ pub struct Buffer {
     meta: sled::Tree,
     readings: sled::Tree,
     records: sled::Tree,
+    deliveries: sled::Tree,
+    delivery_order: sled::Tree,
+    /// Entries in `delivery_order` (sled's `len` is a full scan).
+    delivery_count: std::sync::atomic::AtomicUsize,
+    max_delivery_notes: usize,
     epoch: u64,
     max_bytes: u64,
     state: Mutex<State>,
@@ -343,6 +366,21 @@ fn decode(seq: u64, value: &[u8]) -> Record {
     })
 }
 
+/// How many stored deliveries are remembered for redelivery detection. A redelivery of a
+/// message stored more deliveries ago than this is stored again (a duplicate, never a loss).
+/// Covers what can be stored but unacknowledged at once: the writer's pending
+/// acknowledgements (`queue_capacity_records`) plus rumqttc's request queue (65,536).
+pub const MAX_DELIVERY_NOTES: usize = 1 << 18;
+
+fn delivery_key(d: &Delivery) -> Vec<u8> {
+    let mut k = Vec::with_capacity(d.session.len() + 35);
+    k.extend_from_slice(d.session.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&d.id.to_be_bytes());
+    k.extend_from_slice(&d.digest);
+    k
+}
+
 fn entry_bytes(value: &[u8]) -> u64 {
     KEY_LEN + value.len() as u64
 }
@@ -369,6 +407,8 @@ impl Buffer {
         let meta = db.open_tree("meta")?;
         let readings = db.open_tree("readings")?;
         let records = db.open_tree("records")?;
+        let deliveries = db.open_tree("deliveries")?;
+        let delivery_order = db.open_tree("delivery_order")?;
 
         let epoch = match read_u64(&meta, META_EPOCH)? {
             Some(e) => {
@@ -418,6 +458,10 @@ impl Buffer {
             meta,
             readings,
             records,
+            deliveries,
+            delivery_count: std::sync::atomic::AtomicUsize::new(delivery_order.len()),
+            delivery_order,
+            max_delivery_notes: opts.max_delivery_notes.max(1),
             epoch,
             max_bytes: opts.max_bytes,
             state: Mutex::new(State {
@@ -546,6 +590,46 @@ impl Buffer {
         }
         self.insert(&mut st, seq, kind, &value)?;
         Ok(seq)
+    }
+
+    /// Appends `record` like [`Buffer::append`], then notes `delivery` as stored under the
+    /// returned sequence, so that a redelivery of the same message can be recognised
+    /// ([`Buffer::delivered`]) after a disconnect or a crash.
+    pub fn append_delivered(
+        &self,
+        record: &Record,
+        delivery: &Delivery,
+    ) -> Result<u64, BufferError> {
+        let seq = self.append(record)?;
+        let key = delivery_key(delivery);
+        // After the record: a note never becomes durable without its record.
+        self.deliveries.insert(&key, &seq.to_be_bytes())?;
+        self.delivery_order.insert(seq_key(seq), key)?;
+        let count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
+        if count > self.max_delivery_notes
+            && let Some((k, old_key)) = self.delivery_order.pop_min()?
+        {
+            self.delivery_count.fetch_sub(1, Ordering::Relaxed);
+            // Only if no later delivery refreshed the note.
+            let _ = self
+                .deliveries
+                .compare_and_swap(&old_key, Some(k), None as Option<&[u8]>)?;
+        }
+        Ok(seq)
+    }
+
+    /// The sequence under which the message `delivery` describes (same session, id and
+    /// digest) was stored, if it is among the remembered deliveries.
+    pub fn delivered(&self, delivery: &Delivery) -> Result<Option<u64>, BufferError> {
+        Ok(self
+            .deliveries
+            .get(delivery_key(delivery))?
+            .map(|v| key_seq(&v)))
+    }
+
+    /// How many delivery notes are kept (all sessions).
+    pub fn delivery_notes(&self) -> usize {
+        self.delivery_count.load(Ordering::Relaxed)
     }
 
     fn insert(

@@ -18,7 +18,10 @@
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, time::Duration};
 
-use kip_shared::Name;
+use kip_shared::{
+    Name,
+    mqtt::{MqttEndpoint, TlsFiles},
+};
 use serde::Deserialize;
 
 /// Why the configuration could not be loaded.
@@ -306,7 +309,8 @@ pub struct RawBuffer {
     #[serde(default = "default_queue_capacity_records")]
     pub queue_capacity_records: usize,
     /// Flush early once this many MQTT messages wait for their acknowledgement (which is sent
-    /// only after the flush); keep it below the broker's in-flight limit per client.
+    /// only after the flush): a broker that keeps to its in-flight limit per client sends no
+    /// more until acknowledgements come back.
     #[serde(default = "default_ack_flush_threshold_records")]
     pub ack_flush_threshold_records: usize,
 }
@@ -346,6 +350,15 @@ pub struct RawMqttBroker {
     pub reconnect_min_backoff_ms: u64,
     #[serde(default = "default_reconnect_max_backoff_ms")]
     pub reconnect_max_backoff_ms: u64,
+    /// A message whose PUBLISH packet is larger than this is acknowledged and kept as a dead
+    /// letter (size and topic) instead of a reading.
+    #[serde(default = "default_max_packet_size_bytes")]
+    pub max_packet_size_bytes: usize,
+    /// Messages read off the connection and held in memory while the buffer writer is busy;
+    /// beyond it further messages are left unacknowledged (the broker keeps them) and fetched
+    /// again by a reconnect once the backlog is stored. The connection is polled regardless.
+    #[serde(default = "default_staging_capacity_messages")]
+    pub staging_capacity_messages: usize,
     #[serde(default)]
     pub subscriptions: Vec<RawSubscription>,
 }
@@ -389,8 +402,8 @@ fn default_queue_capacity_records() -> usize {
     10_000
 }
 fn default_ack_flush_threshold_records() -> usize {
-    // Half of Mosquitto's default max_inflight_messages (20): the next half arrives while
-    // the flush runs.
+    // Half of Mosquitto's default max_inflight_messages (20): with a broker that keeps to it,
+    // the next half arrives while the flush runs.
     10
 }
 fn default_http_listen_addr() -> String {
@@ -410,6 +423,15 @@ fn default_reconnect_min_backoff_ms() -> u64 {
 }
 fn default_reconnect_max_backoff_ms() -> u64 {
     30_000
+}
+/// The largest packet MQTT can express (remaining length of 268,435,455 bytes).
+pub const MQTT_MAX_PACKET_BYTES: usize = 268_435_455 + 5;
+
+fn default_max_packet_size_bytes() -> usize {
+    1024 * 1024
+}
+fn default_staging_capacity_messages() -> usize {
+    50_000
 }
 
 impl Default for RawBuffer {
@@ -472,29 +494,20 @@ pub struct BufferConfig {
     pub ack_flush_threshold_records: usize,
 }
 
-/// MQTT transport security.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MqttTls {
-    /// `mqtt://`: plain TCP.
-    None,
-    /// `mqtts://`: TLS with the given CA, and a client certificate when configured.
-    Tls {
-        ca_file: PathBuf,
-        client_auth: Option<(PathBuf, PathBuf)>,
-    },
-}
-
 /// Validated `[[mqtt]]` broker.
 #[derive(Debug, Clone)]
 pub struct MqttBrokerConfig {
     pub name: Name,
-    pub host: String,
-    pub port: u16,
-    pub tls: MqttTls,
+    /// Host, port and TLS files (`url`, `ca_file`, `client_cert_file`, `client_key_file`).
+    pub endpoint: MqttEndpoint,
     pub client_id: String,
     pub keep_alive: Duration,
     pub reconnect_min_backoff: Duration,
     pub reconnect_max_backoff: Duration,
+    /// Messages above this PUBLISH packet size become dead letters.
+    pub max_packet_size_bytes: usize,
+    /// Messages held in memory between the connection and the buffer writer.
+    pub staging_capacity_messages: usize,
     pub subscriptions: Vec<Subscription>,
 }
 
@@ -683,9 +696,7 @@ fn validate_live_query(
             }
             MqttBrokerConfig {
                 name: src.name.clone(),
-                host: src.host.clone(),
-                port: src.port,
-                tls: src.tls.clone(),
+                endpoint: src.endpoint.clone(),
                 client_id,
                 keep_alive: ms_in(
                     "live_query.keep_alive_ms".into(),
@@ -695,6 +706,8 @@ fn validate_live_query(
                 )?,
                 reconnect_min_backoff: src.reconnect_min_backoff,
                 reconnect_max_backoff: src.reconnect_max_backoff,
+                max_packet_size_bytes: src.max_packet_size_bytes,
+                staging_capacity_messages: src.staging_capacity_messages,
                 subscriptions: Vec::new(),
             }
         }
@@ -709,6 +722,8 @@ fn validate_live_query(
                 keep_alive_ms: raw.keep_alive_ms,
                 reconnect_min_backoff_ms: raw.reconnect_min_backoff_ms,
                 reconnect_max_backoff_ms: raw.reconnect_max_backoff_ms,
+                max_packet_size_bytes: default_max_packet_size_bytes(),
+                staging_capacity_messages: default_staging_capacity_messages(),
                 subscriptions: Vec::new(),
             },
             "live_query",
@@ -812,66 +827,23 @@ fn validate_connection(
 ) -> Result<MqttBrokerConfig, ConfigError> {
     let name = Name::parse(&raw.name)
         .map_err(|e| invalid(format!("{at}.name"), format!("{:?} {e}", raw.name)))?;
-    let (secure, rest) = if let Some(r) = raw.url.strip_prefix("mqtts://") {
-        (true, r)
-    } else if let Some(r) = raw.url.strip_prefix("mqtt://") {
-        (false, r)
-    } else {
+    let endpoint = MqttEndpoint::parse(
+        &raw.url,
+        TlsFiles {
+            ca_file: raw.ca_file,
+            client_cert_file: raw.client_cert_file,
+            client_key_file: raw.client_key_file,
+        },
+    )
+    .map_err(|e| invalid(format!("{at}.{}", e.field), e.message))?;
+    if endpoint.tls().is_some() && endpoint.is_ipv6_literal() {
+        // rumqttc 0.25 takes the TLS server name from the host string and cannot make one
+        // from a bracketed IPv6 address.
         return Err(invalid(
             format!("{at}.url"),
-            format!("{:?} must start with mqtt:// or mqtts://", raw.url),
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.contains(']') || h.ends_with(']') => {
-            let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-                invalid(format!("{at}.url"), format!("{p:?} is not a port number"))
-            })?;
-            (h, port)
-        }
-        _ => (rest, if secure { 8883 } else { 1883 }),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains('/') {
-        return Err(invalid(
-            format!("{at}.url"),
-            format!("{:?} must be mqtt[s]://host[:port]", raw.url),
+            "mqtts:// to an IPv6 address is not supported (TLS needs a host name); use a name",
         ));
     }
-    let client_auth = match (raw.client_cert_file, raw.client_key_file) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(invalid(
-                format!("{at}.client_key_file"),
-                "is required when client_cert_file is set",
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(invalid(
-                format!("{at}.client_cert_file"),
-                "is required when client_key_file is set",
-            ));
-        }
-    };
-    let tls = if secure {
-        let ca_file = raw
-            .ca_file
-            .ok_or_else(|| invalid(format!("{at}.ca_file"), "is required for an mqtts:// url"))?;
-        MqttTls::Tls {
-            ca_file,
-            client_auth,
-        }
-    } else {
-        if raw.ca_file.is_some() || client_auth.is_some() {
-            return Err(invalid(
-                format!("{at}.url"),
-                "TLS files are configured but the url is mqtt:// (plain); use mqtts://",
-            ));
-        }
-        MqttTls::None
-    };
     if raw.client_id.is_empty() || raw.client_id.len() > 128 {
         return Err(invalid(
             format!("{at}.client_id"),
@@ -896,6 +868,18 @@ fn validate_connection(
         raw.reconnect_min_backoff_ms.max(10),
         3_600_000,
     )?;
+    let max_packet_size_bytes = check_range(
+        &format!("{at}.max_packet_size_bytes"),
+        raw.max_packet_size_bytes,
+        1024,
+        MQTT_MAX_PACKET_BYTES,
+    )?;
+    let staging_capacity_messages = check_range(
+        &format!("{at}.staging_capacity_messages"),
+        raw.staging_capacity_messages,
+        100,
+        1_000_000,
+    )?;
     if needs_subscriptions && raw.subscriptions.is_empty() {
         return Err(invalid(
             format!("{at}.subscriptions"),
@@ -910,13 +894,13 @@ fn validate_connection(
         .collect::<Result<Vec<_>, _>>()?;
     Ok(MqttBrokerConfig {
         name,
-        host: host.to_owned(),
-        port,
-        tls,
+        endpoint,
         client_id: raw.client_id,
         keep_alive,
         reconnect_min_backoff,
         reconnect_max_backoff,
+        max_packet_size_bytes,
+        staging_capacity_messages,
         subscriptions,
     })
 }
@@ -1080,14 +1064,8 @@ mod tests {
         ))
         .unwrap();
         let lq = c.live_query.unwrap();
-        assert_eq!(lq.broker.port, 1884);
-        assert!(matches!(
-            lq.broker.tls,
-            MqttTls::Tls {
-                client_auth: Some(_),
-                ..
-            }
-        ));
+        assert_eq!(lq.broker.endpoint.port(), 1884);
+        assert!(lq.broker.endpoint.tls().unwrap().client_auth.is_some());
         assert_eq!(lq.broker.client_id, "kip-live-gw-1");
         assert_eq!(lq.topic_prefix, "kip/v1");
         assert_eq!(lq.org_id, Some(org));
@@ -1097,7 +1075,7 @@ mod tests {
                 .live_query
                 .unwrap();
         assert_eq!(
-            (own.broker.host.as_str(), own.broker.port),
+            (own.broker.endpoint.host(), own.broker.endpoint.port()),
             ("broker", 1885)
         );
         assert!(own.broker.subscriptions.is_empty());
@@ -1156,14 +1134,12 @@ mod tests {
             crate::opcua::OpcUaSecurityPolicy::Basic256Sha256
         );
         let b = &cfg.mqtt[0];
-        assert_eq!((b.host.as_str(), b.port), ("broker.plant.local", 8883));
-        assert!(matches!(
-            &b.tls,
-            MqttTls::Tls {
-                client_auth: Some(_),
-                ..
-            }
-        ));
+        assert_eq!(
+            (b.endpoint.host(), b.endpoint.port()),
+            ("broker.plant.local", 8883)
+        );
+        assert!(b.endpoint.tls().unwrap().client_auth.is_some());
+        assert_eq!(b.max_packet_size_bytes, 1024 * 1024);
         assert_eq!(b.subscriptions.len(), 3);
         assert_eq!(
             cfg.sync.endpoints,
@@ -1321,12 +1297,48 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_brokers_packet_and_staging_limits_are_checked() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"#\"\nmachine = \"m\"\n\
+                   metric_topic_level = 4\nvalue = { kind = \"number\" }\n";
+        let with = |url: &str, extra: &str| {
+            parse(&format!(
+                "{}{extra}{sub}",
+                BROKER.replace("mqtt://127.0.0.1:1884", url)
+            ))
+        };
+        let cfg = with("mqtt://[::1]:1884", "").unwrap();
+        let b = &cfg.mqtt[0];
+        assert_eq!((b.endpoint.host(), b.endpoint.port()), ("::1", 1884));
+        assert_eq!(b.endpoint.socket_host(), "[::1]");
+        assert_eq!(b.staging_capacity_messages, 50_000);
+        let field = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(with("mqtt://::1", "")), "mqtt[0].url");
+        assert_eq!(
+            field(with("mqtts://[::1]:8883", "ca_file = \"/ca\"\n")),
+            "mqtt[0].url"
+        );
+        assert_eq!(
+            field(with("mqtt://b", "max_packet_size_bytes = 10\n")),
+            "mqtt[0].max_packet_size_bytes"
+        );
+        assert_eq!(
+            field(with("mqtt://b", "staging_capacity_messages = 0\n")),
+            "mqtt[0].staging_capacity_messages"
+        );
+        let cfg = with("mqtt://b", "max_packet_size_bytes = 2048\n").unwrap();
+        assert_eq!(cfg.mqtt[0].max_packet_size_bytes, 2048);
+    }
+
+    #[test]
     fn urls_without_a_port_get_the_mqtt_default() {
         let sub = "[[mqtt.subscriptions]]\ntopic = \"#\"\nmachine = \"m\"\n\
                    metric_topic_level = 4\nvalue = { kind = \"number\" }\n";
         let cfg = parse(&format!("{}{sub}", BROKER.replace(":1884", ""))).unwrap();
         assert_eq!(
-            (cfg.mqtt[0].host.as_str(), cfg.mqtt[0].port),
+            (cfg.mqtt[0].endpoint.host(), cfg.mqtt[0].endpoint.port()),
             ("127.0.0.1", 1883)
         );
     }

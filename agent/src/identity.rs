@@ -424,10 +424,9 @@ impl RenewalPolicy {
 
     /// Delay before retry number `attempt` (1-based), capped so it ends before the deadline.
     pub fn retry_delay(&self, attempt: u32, now: SystemTime, not_after: SystemTime) -> Duration {
-        let exp = self
-            .retry_min
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(self.retry_max);
+        // No jitter: the renewal time itself is jittered; retries only need to back off.
+        let exp =
+            kip_shared::backoff::Backoff::new(self.retry_min, self.retry_max).ceiling(attempt);
         let until_deadline = not_after
             .checked_sub(self.deadline_margin)
             .and_then(|d| d.duration_since(now).ok())

@@ -1,6 +1,7 @@
 //! kip edge agent library. The binary `kip-agent` is a thin wrapper around it.
 //!
-//! Data path: sources ([`mqtt`], [`opcua`]) -> bounded channels -> buffer writer ->
+//! Data path: sources ([`source::Source`]: [`mqtt`], [`opcua`]) -> one bounded channel of
+//! envelopes -> buffer writer ->
 //! [`buffer`] (sled, durable `(epoch, seq)`) -> [`sync`] (mTLS batches to the control plane, effectively once). [`runtime`] wires it
 //! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
 //! `kip-agent status` and `kip-agent buffer inspect`. MQTT messages are acknowledged to the
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod opcua;
 pub mod runtime;
+pub mod source;
 pub mod sync;
 
 /// Protocol version the agent speaks.

@@ -30,6 +30,7 @@ use std::{
 };
 
 use chrono::Utc;
+use kip_shared::backoff::Backoff;
 use kip_shared::{
     Reading,
     live::{
@@ -48,7 +49,7 @@ use uuid::Uuid;
 use crate::{
     config::LiveQueryConfig,
     edge_inference::Inference,
-    mqtt::{Backoff, broker_options, sleep_or_cancel},
+    mqtt::{broker_options, sleep_or_cancel},
 };
 
 /// Outcome label of `kip_agent_live_requests_total`.
@@ -303,7 +304,11 @@ impl LiveResponder {
         // control plane waits only `request_timeout_ms`).
         let opts = loop {
             match broker_options(b, true) {
-                Ok(o) => break o,
+                Ok(mut o) => {
+                    // Answers can be larger than rumqttc's 10 KiB default, in both directions.
+                    o.set_max_packet_size(b.max_packet_size_bytes, b.max_packet_size_bytes);
+                    break o;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "live-query responder cannot start");
                     if sleep_or_cancel(b.reconnect_max_backoff, &cancel).await {
@@ -313,7 +318,7 @@ impl LiveResponder {
             }
         };
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
-        tracing::info!(%topic, host = %b.host, port = b.port, "live-query responder starting");
+        tracing::info!(%topic, broker = %b.endpoint, "live-query responder starting");
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => {

@@ -39,6 +39,20 @@ pub struct IngestMetrics {
     /// acknowledgement could not be sent (the broker redelivers those).
     pub mqtt_acks_sent: Counter,
     pub mqtt_acks_failed: Counter,
+    /// MQTT redeliveries recognised by their delivery note and acknowledged without being
+    /// stored again.
+    pub mqtt_redeliveries_skipped: Counter,
+    /// MQTT messages marked as redeliveries (DUP) without a delivery note: never stored
+    /// before (read but not stored when the connection or the agent went), stored now.
+    pub mqtt_redeliveries_stored: Counter,
+    /// MQTT messages above `max_packet_size_bytes`, kept as dead letters, by source.
+    pub mqtt_oversized: Family<SourceLabels, Counter>,
+    /// MQTT messages read while the source's staging was full: left unacknowledged (the
+    /// broker keeps them) and fetched again by a reconnect, by source.
+    pub mqtt_deferred: Family<SourceLabels, Counter>,
+    /// Messages held in a source's staging (read off the connection, not yet handed to the
+    /// writer), by source.
+    pub mqtt_staged: Family<SourceLabels, Gauge>,
     /// Readings per source, for `kip-agent status` (not exported: `readings` has it).
     pub readings_per_source: Family<SourceLabels, Counter>,
 }
@@ -87,6 +101,33 @@ impl IngestMetrics {
             "MQTT acknowledgements not sent (connection lost or source stopped); the broker \
              redelivers those messages on the next connection",
             m.mqtt_acks_failed.clone(),
+        );
+        registry.register(
+            "mqtt_redeliveries_skipped",
+            "MQTT redeliveries (DUP, same packet id, topic and payload as a stored message) \
+             acknowledged without storing them again",
+            m.mqtt_redeliveries_skipped.clone(),
+        );
+        registry.register(
+            "mqtt_redeliveries_stored",
+            "MQTT messages with DUP set but no delivery note (never stored before), stored",
+            m.mqtt_redeliveries_stored.clone(),
+        );
+        registry.register(
+            "mqtt_oversized_messages",
+            "MQTT messages larger than max_packet_size_bytes, kept as dead letters, by source",
+            m.mqtt_oversized.clone(),
+        );
+        registry.register(
+            "mqtt_deferred_messages",
+            "MQTT messages left unacknowledged because the source's staging was full; the \
+             broker redelivers them after a reconnect, by source",
+            m.mqtt_deferred.clone(),
+        );
+        registry.register(
+            "mqtt_staged_messages",
+            "MQTT messages read off the connection and waiting for the buffer writer, by source",
+            m.mqtt_staged.clone(),
         );
         m
     }

@@ -19,43 +19,71 @@
 //!   in the buffer: each record goes out with an [`AckToken`] that the buffer writer fires
 //!   when the durable sequence covers it ([`crate::ack`]). A crash (`kill -9`, power loss)
 //!   before that leaves the message unacknowledged, and the broker redelivers it to the
-//!   persistent session. At least once: a message whose record became durable but whose
-//!   PubAck did not reach the broker is stored again when redelivered.
+//!   persistent session.
+//! - Redeliveries are recognised, not stored twice: every QoS 1 record carries a
+//!   [`Delivery`] (client id, packet id, sha256 of topic and payload, DUP flag); the writer
+//!   keeps a durable note of it next to the record, and a copy with DUP set matching a note is
+//!   acknowledged without being stored again (see `docs/operations.md` for the windows that
+//!   remain).
+//! - The connection is polled continuously whatever the buffer's state, so keep-alive pings
+//!   and acknowledgements always flow. Backpressure does not rely on the broker's in-flight
+//!   limit (Mosquitto 2.0.11 sends far more than `max_inflight_messages` unacknowledged
+//!   messages, all of a queued backlog at once on session resume): messages read off the
+//!   socket wait in a staging queue of at most `staging_capacity_messages` until the writer's
+//!   channel has room. A message read while the staging is full is deferred: neither stored
+//!   nor acknowledged, so the broker keeps it; once the staging drained and every
+//!   acknowledgement went out, the source reconnects (clean DISCONNECT, same persistent
+//!   session), and the broker sends the deferred messages again. Their DUP flag is ignored
+//!   for redelivery detection (they were never stored).
+//! - rumqttc's request queue holds 65,536 entries, more than the packet ids a broker can have
+//!   in flight, so firing an acknowledgement never blocks and never finds it full.
+//! - A message whose PUBLISH packet exceeds `max_packet_size_bytes` (default 1 MiB) is
+//!   acknowledged and kept as a dead letter naming its size and topic
+//!   (`kip_agent_mqtt_oversized_messages_total`); the source carries on. rumqttc reads
+//!   packets up to twice the limit on the same connection; a larger one makes it drop the
+//!   connection once (it refuses to read it), and the next connection reads with a limit that
+//!   fits that packet (memory for one such packet), so it too becomes a dead letter instead
+//!   of a reconnect loop.
 //! - Tokens belong to one connection: after a connection loss they are stale (rumqttc drops
-//!   queued PubAcks then too) and the redelivered copy carries a fresh token. A PubAck fired
-//!   in the instant between rumqttc noticing the loss and the source marking the tokens stale
-//!   goes out on the next connection, where it acknowledges the same message (the session
-//!   keeps the packet id); only its redelivered copy's PubAck is then redundant.
-//! - After `cancel` the source reads no more messages but keeps the connection polled until
-//!   the writer fired or dropped every token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then
-//!   sends DISCONNECT: a clean shutdown acknowledges everything it stored.
-//! - Backpressure: records go into a bounded channel; a full channel stops polling the
-//!   broker connection, and thus stops reading from the socket. Unacknowledged messages count
-//!   against the broker's in-flight limit, so a buffer that cannot flush stops the flow at the
-//!   broker, which keeps the messages.
+//!   queued PubAcks then too) and the redelivered copy carries a fresh token.
+//! - After `cancel` the source drops its staging (unacknowledged: the broker keeps it), reads
+//!   no more messages but keeps the connection polled until the writer fired or dropped every
+//!   token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then sends DISCONNECT: a clean shutdown
+//!   acknowledges everything it stored.
 //!
 //! When a received topic matches several subscriptions, the first one in config order maps it.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
+use kip_shared::backoff::Backoff;
 use kip_shared::{DeadLetter, Gap, Quality, Reading, Record, record::DEAD_LETTER_PREFIX_BYTES};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ack::{AckToken, AckedRecord, Connection},
-    config::{MqttBrokerConfig, MqttTls, Subscription, ValueFormat},
+    ack::{AckToken, Connection},
+    config::{MQTT_MAX_PACKET_BYTES, MqttBrokerConfig, Subscription, ValueFormat},
     metrics::{IngestMetrics, ReadingLabels},
+    source::{AckHandle, Delivery, Envelope, Sink, Source, SourceKind, SourceTask},
 };
 
-/// Capacity of rumqttc's request queue (subscriptions and PubAcks). The queue drains
-/// whenever the source polls its connection; the PubAcks released by one flush are bounded by
-/// the broker's in-flight limit, typically well below this.
-const REQUEST_QUEUE_CAPACITY: usize = 1024;
+/// Capacity of rumqttc's request queue (subscriptions and PubAcks): more than the packet ids
+/// a broker can have in flight, so an acknowledgement never finds it full. Under an incoming
+/// flood rumqttc writes one request per turn of its poll loop, so the queue can hold many.
+const REQUEST_QUEUE_CAPACITY: usize = 65_536;
+
+/// How often a source with deferred messages checks whether its staging drained.
+const DEFERRED_CHECK: Duration = Duration::from_millis(20);
 
 /// How long a stopping source keeps its connection polled for the last acknowledgements.
 pub const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
@@ -243,17 +271,15 @@ pub(crate) fn broker_options(
     cfg: &MqttBrokerConfig,
     clean_session: bool,
 ) -> Result<MqttOptions, MqttError> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    let ep = &cfg.endpoint;
+    // rumqttc formats "{host}:{port}" before resolving: an IPv6 literal needs its brackets.
+    let mut opts = MqttOptions::new(&cfg.client_id, ep.socket_host(), ep.port());
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_clean_session(clean_session);
-    if let MqttTls::Tls {
-        ca_file,
-        client_auth,
-    } = &cfg.tls
-    {
+    if let Some(tls) = ep.tls() {
         let tls = tls_client_config(
-            ca_file,
-            client_auth
+            &tls.ca_file,
+            tls.client_auth
                 .as_ref()
                 .map(|(c, k)| (c.as_path(), k.as_path())),
         )?;
@@ -264,31 +290,111 @@ pub(crate) fn broker_options(
     Ok(opts)
 }
 
-/// Exponential backoff with jitter, reset after a successful connection.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
+/// The read limit handed to rumqttc for `max_packet_size_bytes`: a packet up to twice the
+/// limit is read and dead-lettered on the same connection; a larger one makes rumqttc drop
+/// the connection once, and the next connection reads with a limit that fits it.
+pub fn read_limit(max_packet_size_bytes: usize) -> usize {
+    max_packet_size_bytes
+        .saturating_mul(2)
+        .min(MQTT_MAX_PACKET_BYTES)
 }
 
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
+/// sha256 over a message's topic and payload (the topic length first, so that the split
+/// between the two is part of the digest).
+pub fn message_digest(topic: &str, payload: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update((topic.len() as u64).to_be_bytes());
+    h.update(topic.as_bytes());
+    h.update(payload);
+    h.finalize().into()
+}
+
+/// The packet size rumqttc refused to read, when that is why the connection failed.
+fn oversized_packet(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Why [`MqttSource::drive`] returned.
+enum End {
+    /// Cancelled (`linger`: still connected, worth waiting for the last acknowledgements) or
+    /// the writer is gone.
+    Stop { linger: bool },
+    /// Open a new connection (new options): deferred messages to fetch again, or a larger
+    /// read limit.
+    Reopen,
+}
+
+/// What a source carries across its connections.
+struct State {
+    /// Read off the connection, waiting for room in the writer's channel (bounded by
+    /// `staging_capacity_messages`; gaps are not counted against it).
+    staged: VecDeque<Envelope>,
+    /// First transmissions of QoS 1 messages read but not handed over (staging full, or read
+    /// while leaving), by [`deferred_key`]: the broker redelivers them with DUP set, and that
+    /// copy must not be matched against a delivery note of an earlier identical message with
+    /// the same packet id. At most [`MAX_DEFERRED_KEYS`] (8 bytes each).
+    deferred: HashSet<u64>,
+    /// Messages deferred on the current connection: once the staging drained and every
+    /// acknowledgement went out, the source reconnects so the broker sends them again.
+    deferred_now: u64,
+    /// Since when and why the source is disconnected (closed with a gap at the next ConnAck).
+    disconnected_since: Option<(DateTime<Utc>, String)>,
+    /// rumqttc's incoming packet limit.
+    read_limit: usize,
+}
+
+/// Deferred messages remembered by [`State::deferred`]; beyond it (a broker pushing more than
+/// this at once) the guard is skipped for further ones: see `docs/operations.md`.
+const MAX_DEFERRED_KEYS: usize = 1 << 20;
+
+/// Identifies a deferred message: packet id and content (packet ids repeat among the
+/// messages in flight when a broker has more than 65,535 of them out).
+fn deferred_key(pkid: u16, digest: &[u8; 32]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(b) ^ u64::from(pkid)
+}
+
+/// Remembers a first transmission (DUP clear) that was read but not handed over, so that its
+/// redelivery is stored rather than matched against an older note. A redelivery that is
+/// deferred again changes nothing: it was stored before (and has a note) or it was not.
+fn defer(deferred: &mut HashSet<u64>, p: &rumqttc::Publish) {
+    if p.qos != QoS::AtMostOnce && !p.dup && deferred.len() < MAX_DEFERRED_KEYS {
+        deferred.insert(deferred_key(p.pkid, &message_digest(&p.topic, &p.payload)));
+    }
+}
+
+/// Hands staged envelopes to the writer while its channel has room, without waiting.
+/// `Err` when the writer is gone.
+fn pump(tx: &Sink, staged: &mut VecDeque<Envelope>) -> Result<(), ()> {
+    while !staged.is_empty() {
+        match tx.try_reserve() {
+            Ok(permit) => {
+                if let Some(e) = staged.pop_front() {
+                    permit.send(e);
+                }
+            }
+            Err(mpsc::error::TrySendError::Full(())) => break,
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(()),
         }
     }
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
+    Ok(())
+}
+
+impl Source for MqttSource {
+    fn name(&self) -> &str {
+        self.cfg.name.as_str()
     }
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // Up to 20% jitter so a fleet does not reconnect in lockstep after a broker restart.
-        let jitter_ms = rand::random_range(0..=base.as_millis() as u64 / 5);
-        (base + Duration::from_millis(jitter_ms)).min(self.max)
+    fn kind(&self) -> SourceKind {
+        SourceKind::Mqtt
+    }
+    fn run(self: Box<Self>, sink: Sink, cancel: CancellationToken) -> SourceTask {
+        Box::pin(MqttSource::run(*self, sink, cancel))
     }
 }
 
@@ -303,10 +409,12 @@ impl MqttSource {
         self.cfg.name.as_str()
     }
 
-    fn options(&self) -> Result<MqttOptions, MqttError> {
+    fn options(&self, read_limit: usize) -> Result<MqttOptions, MqttError> {
         let mut opts = broker_options(&self.cfg, false)?;
         // PubAck only once the record is durable (the receiver fires the AckToken).
         opts.set_manual_acks(true);
+        // Outgoing packets are subscriptions and acknowledgements: small.
+        opts.set_max_packet_size(read_limit, 64 * 1024);
         Ok(opts)
     }
 
@@ -315,48 +423,92 @@ impl MqttSource {
     /// brings the source up without a restart.
     ///
     /// Each message goes out with an [`AckToken`]; the broker gets its PubAck only when the
-    /// receiver fires the token. After `cancel` the source stops reading messages but keeps
-    /// the connection polled until every token it issued was fired or dropped (bounded by
-    /// [`SHUTDOWN_ACK_WAIT`]), so the final flush's acknowledgements reach the broker, then
-    /// disconnects.
-    pub async fn run(self, tx: mpsc::Sender<AckedRecord>, cancel: CancellationToken) {
-        let name = self.cfg.name.to_string();
-        let labels = IngestMetrics::source(&name);
+    /// receiver fires the token. After `cancel` the source drops what it staged (not
+    /// acknowledged: the broker keeps it) and keeps the connection polled until every token it
+    /// issued was fired or dropped (bounded by [`SHUTDOWN_ACK_WAIT`]), so the final flush's
+    /// acknowledgements reach the broker, then disconnects.
+    pub async fn run(self, tx: Sink, cancel: CancellationToken) {
+        let labels = IngestMetrics::source(self.name());
         let mut backoff = Backoff::new(
             self.cfg.reconnect_min_backoff,
             self.cfg.reconnect_max_backoff,
         );
         let connection = Connection::default();
+        let mut st = State {
+            staged: VecDeque::new(),
+            deferred: HashSet::new(),
+            deferred_now: 0,
+            disconnected_since: None,
+            read_limit: read_limit(self.cfg.max_packet_size_bytes),
+        };
         loop {
-            let opts = match self.options() {
+            let opts = match self.options(st.read_limit) {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::error!(source = %name, error = %e, "mqtt source cannot start");
-                    if sleep_or_cancel(self.cfg.reconnect_max_backoff, &cancel).await {
+                    tracing::error!(source = self.name(), error = %e, "mqtt source cannot start");
+                    if self
+                        .pause(self.cfg.reconnect_max_backoff, &tx, &mut st, &cancel)
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                     continue;
                 }
             };
             let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE_CAPACITY);
-            let drained = self
+            let end = self
                 .drive(
                     &client,
                     &mut eventloop,
-                    tx,
+                    &tx,
                     &connection,
                     &cancel,
                     &mut backoff,
+                    &mut st,
                     &labels,
                 )
                 .await;
-            if drained {
-                self.linger(&client, &mut eventloop, &connection).await;
+            // Tokens of this connection are stale from here on.
+            connection.lost();
+            match end {
+                End::Reopen => continue,
+                End::Stop { linger } => {
+                    // Not acknowledged: the broker keeps these for the next session.
+                    st.staged.clear();
+                    self.metrics.mqtt_staged.get_or_create(&labels).set(0);
+                    if linger {
+                        self.linger(&client, &mut eventloop, &connection).await;
+                    }
+                    break;
+                }
             }
-            break;
         }
         connection.close();
         self.metrics.connected.get_or_create(&labels).set(0);
+    }
+
+    /// Sleeps for `d` while handing staged envelopes over. `Err` when cancelled or the writer
+    /// is gone.
+    async fn pause(
+        &self,
+        d: Duration,
+        tx: &Sink,
+        st: &mut State,
+        cancel: &CancellationToken,
+    ) -> Result<(), End> {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            pump(tx, &mut st.staged).map_err(|()| End::Stop { linger: false })?;
+            tokio::select! {
+                () = cancel.cancelled() => return Err(End::Stop { linger: false }),
+                () = tokio::time::sleep_until(until) => return Ok(()),
+                permit = tx.reserve(), if !st.staged.is_empty() => match permit {
+                    Ok(p) => if let Some(e) = st.staged.pop_front() { p.send(e) },
+                    Err(_) => return Err(End::Stop { linger: false }),
+                },
+            }
+        }
     }
 
     /// After `cancel`: polls the connection (ignoring new messages, which stay unacknowledged
@@ -375,46 +527,63 @@ impl MqttSource {
                 _ = check.tick() => {}
                 ev = eventloop.poll() => if ev.is_err() {
                     // Queued acknowledgements are gone with the connection.
-                    conn.lost();
                     return;
                 },
             }
         }
-        if client.try_disconnect().is_err() {
-            return;
-        }
-        // Poll until the DISCONNECT is written, so the broker sees a clean leave.
-        let until = tokio::time::Instant::now() + Duration::from_secs(1);
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(until) => return,
-                ev = eventloop.poll() => match ev {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
-                    Ok(_) => {}
-                },
-            }
-        }
+        disconnect(client, eventloop, &mut HashSet::new()).await;
     }
 
-    /// Drives the connection until `cancel` or `tx` closed; true when it is still connected
-    /// (worth lingering for the last acknowledgements).
+    /// Drives one client until `cancel`, the writer closing, or a reason to reopen. The
+    /// connection is polled whatever the writer's state: incoming messages go to the staging
+    /// (or, when it is full, are deferred), so pings and acknowledgements always flow.
     #[expect(clippy::too_many_arguments, reason = "one private call site")]
     async fn drive(
         &self,
         client: &AsyncClient,
         eventloop: &mut EventLoop,
-        tx: mpsc::Sender<AckedRecord>,
+        tx: &Sink,
         connection: &Connection,
         cancel: &CancellationToken,
         backoff: &mut Backoff,
+        st: &mut State,
         labels: &crate::metrics::SourceLabels,
-    ) -> bool {
+    ) -> End {
         let name = self.cfg.name.as_str();
-        let mut disconnected_since: Option<(DateTime<Utc>, String)> = None;
+        let staged_gauge = self.metrics.mqtt_staged.get_or_create(labels).clone();
         let mut connected = false;
+        let mut check = tokio::time::interval(DEFERRED_CHECK);
         loop {
+            if pump(tx, &mut st.staged).is_err() {
+                return End::Stop { linger: false };
+            }
+            staged_gauge.set(i64::try_from(st.staged.len()).unwrap_or(i64::MAX));
+            if connected
+                && st.deferred_now > 0
+                && st.staged.is_empty()
+                && connection.tokens_alive() == 0
+            {
+                // Everything read was stored and acknowledged: reconnect so the broker sends
+                // the deferred messages again (MQTT 3.1.1 redelivers only on a new connection).
+                tracing::info!(
+                    source = name,
+                    deferred = st.deferred_now,
+                    "mqtt backlog stored; reconnecting to fetch the deferred messages"
+                );
+                disconnect(client, eventloop, &mut st.deferred).await;
+                st.deferred_now = 0;
+                return End::Reopen;
+            }
             let event = tokio::select! {
-                () = cancel.cancelled() => return connected,
+                () = cancel.cancelled() => return End::Stop { linger: connected },
+                permit = tx.reserve(), if !st.staged.is_empty() => {
+                    match permit {
+                        Ok(p) => if let Some(e) = st.staged.pop_front() { p.send(e) },
+                        Err(_) => return End::Stop { linger: false },
+                    }
+                    continue;
+                }
+                _ = check.tick(), if st.deferred_now > 0 => continue,
                 ev = eventloop.poll() => ev,
             };
             match event {
@@ -431,18 +600,13 @@ impl MqttSource {
                             tracing::error!(source = name, topic = %sub.topic, error = %e, "mqtt subscribe request failed");
                         }
                     }
-                    if let Some((from, reason)) = disconnected_since.take() {
-                        let gap = Record::Gap(Gap {
+                    if let Some((from, reason)) = st.disconnected_since.take() {
+                        st.staged.push_back(Envelope::plain(Record::Gap(Gap {
                             source: name.to_owned(),
                             from,
                             to: Utc::now(),
                             reason,
-                        });
-                        match send(&tx, gap, None, cancel).await {
-                            Sent::Yes => {}
-                            Sent::Cancelled => return true,
-                            Sent::Closed => return false,
-                        }
+                        })));
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -457,15 +621,7 @@ impl MqttSource {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let record = self.to_record(&p.topic, &p.payload);
-                    // QoS 0 needs no acknowledgement (only reachable if a broker downgrades).
-                    let token =
-                        (p.qos != QoS::AtMostOnce).then(|| AckToken::new(client, &p, connection));
-                    match send(&tx, record, token, cancel).await {
-                        Sent::Yes => {}
-                        Sent::Cancelled => return true,
-                        Sent::Closed => return false,
-                    }
+                    self.take(client, connection, st, labels, p);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -473,16 +629,32 @@ impl MqttSource {
                     // are stale from now on (the broker redelivers their messages).
                     connection.lost();
                     connected = false;
+                    // The broker sends the deferred messages again on the next connection.
+                    st.deferred_now = 0;
                     self.metrics.connected.get_or_create(labels).set(0);
                     self.metrics.reconnects.get_or_create(labels).inc();
-                    if disconnected_since.is_none() {
-                        disconnected_since =
+                    if st.disconnected_since.is_none() {
+                        st.disconnected_since =
                             Some((Utc::now(), format!("mqtt connection lost: {e}")));
+                    }
+                    if let Some(n) = oversized_packet(&e) {
+                        let wanted = n.saturating_add(5).min(MQTT_MAX_PACKET_BYTES);
+                        if wanted > st.read_limit {
+                            tracing::warn!(
+                                source = name,
+                                packet_bytes = n,
+                                max_packet_size_bytes = self.cfg.max_packet_size_bytes,
+                                "mqtt message above the read limit: reconnecting to read it \
+                                 once and keep it as a dead letter"
+                            );
+                            st.read_limit = wanted;
+                            return End::Reopen;
+                        }
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(source = name, error = %e, retry_in_ms = delay.as_millis() as u64, "mqtt connection error");
-                    if sleep_or_cancel(delay, cancel).await {
-                        return false;
+                    if let Err(end) = self.pause(delay, tx, st, cancel).await {
+                        return end;
                     }
                     // The event loop reconnects on the next poll.
                 }
@@ -490,9 +662,80 @@ impl MqttSource {
         }
     }
 
-    fn to_record(&self, topic: &str, payload: &[u8]) -> Record {
+    /// One received PUBLISH: staged as a record (with its acknowledgement and delivery note)
+    /// or, when the staging is full, deferred (left unacknowledged for a later redelivery).
+    fn take(
+        &self,
+        client: &AsyncClient,
+        connection: &Connection,
+        st: &mut State,
+        labels: &crate::metrics::SourceLabels,
+        p: rumqttc::Publish,
+    ) {
+        let qos1 = p.qos != QoS::AtMostOnce;
+        if st.staged.len() >= self.cfg.staging_capacity_messages {
+            if qos1 {
+                defer(&mut st.deferred, &p);
+                tracing::trace!(pkid = p.pkid, dup = p.dup, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message deferred");
+                st.deferred_now += 1;
+                self.metrics.mqtt_deferred.get_or_create(labels).inc();
+            } else {
+                // QoS 0 has no redelivery: the broker already forgot it.
+                self.metrics.records_dropped.inc();
+            }
+            return;
+        }
+        let record = self.to_record(&p.topic, &p.payload, p.size());
+        let (ack, delivery) = if qos1 {
+            let digest = message_digest(&p.topic, &p.payload);
+            // This copy is the redelivery of one read earlier but never handed over.
+            let was_deferred =
+                !st.deferred.is_empty() && st.deferred.remove(&deferred_key(p.pkid, &digest));
+            tracing::trace!(pkid = p.pkid, dup = p.dup, was_deferred, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message staged");
+            (
+                Some(AckHandle::new(AckToken::new(client, &p, connection))),
+                Some(Delivery {
+                    session: self.cfg.client_id.clone(),
+                    id: p.pkid,
+                    digest,
+                    redelivered: p.dup && !was_deferred,
+                }),
+            )
+        } else {
+            (None, None)
+        };
+        st.staged.push_back(Envelope {
+            record,
+            ack,
+            delivery,
+        });
+    }
+
+    fn to_record(&self, topic: &str, payload: &[u8], packet_bytes: usize) -> Record {
         let name = self.cfg.name.as_str();
         let now = Utc::now();
+        if packet_bytes > self.cfg.max_packet_size_bytes {
+            self.metrics
+                .mqtt_oversized
+                .get_or_create(&IngestMetrics::source(name))
+                .inc();
+            self.metrics
+                .dead_letters
+                .get_or_create(&IngestMetrics::source(name))
+                .inc();
+            tracing::warn!(
+                source = name,
+                topic,
+                packet_bytes,
+                max_packet_size_bytes = self.cfg.max_packet_size_bytes,
+                "mqtt message too large: kept as a dead letter"
+            );
+            let reason = format!(
+                "message of {packet_bytes} bytes exceeds max_packet_size_bytes ({})",
+                self.cfg.max_packet_size_bytes
+            );
+            return Record::DeadLetter(dead_letter(name, topic, reason, payload, now));
+        }
         let mapped = match self
             .cfg
             .subscriptions
@@ -529,22 +772,22 @@ impl MqttSource {
     }
 }
 
-enum Sent {
-    Yes,
-    Cancelled,
-    Closed,
-}
-
-/// Sends unless cancelled.
-async fn send(
-    tx: &mpsc::Sender<AckedRecord>,
-    record: Record,
-    ack: Option<AckToken>,
-    cancel: &CancellationToken,
-) -> Sent {
-    tokio::select! {
-        () = cancel.cancelled() => Sent::Cancelled,
-        r = tx.send(AckedRecord { record, ack }) => if r.is_ok() { Sent::Yes } else { Sent::Closed },
+/// Sends DISCONNECT and polls until it is written (at most a second), so the broker sees a
+/// clean leave; messages read meanwhile are not handed over, so their ids go to `deferred`.
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &mut HashSet<u64>) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return,
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
+                Ok(_) => {}
+            },
+        }
     }
 }
 
@@ -692,17 +935,5 @@ mod tests {
         let payload = vec![b'x'; 1000];
         let d = dead_letter("b", "t", "r".into(), &payload, now());
         assert_eq!(d.payload_prefix.len(), DEAD_LETTER_PREFIX_BYTES);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_maximum_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
-        let d: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
-        assert!(d[0] >= Duration::from_millis(100) && d[0] <= Duration::from_millis(120));
-        assert!(d[1] >= Duration::from_millis(200));
-        assert!(d.iter().all(|x| *x <= Duration::from_millis(1000)));
-        assert_eq!(d[5], Duration::from_millis(1000));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(120));
     }
 }

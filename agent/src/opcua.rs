@@ -33,6 +33,9 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use kip_shared::record::DEAD_LETTER_PREFIX_BYTES;
 use kip_shared::{DeadLetter, Gap, Quality, Reading, Record};
+
+use crate::source::{Envelope, Sink, Source, SourceKind, SourceTask};
+use kip_shared::backoff::Backoff;
 use opcua::client::{
     ClientBuilder, IdentityToken, Session, SessionPollResult, SubscriptionActivity,
     SubscriptionCallbacks,
@@ -48,7 +51,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use rand::Rng;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -354,6 +356,7 @@ pub struct OpcUaMetrics {
     reconnects: Family<SourceLabels, Counter>,
     gaps: Family<SourceLabels, Counter>,
     connected: Family<SourceLabels, Gauge>,
+    duplicates: Family<SourceLabels, Counter>,
 }
 
 impl OpcUaMetrics {
@@ -364,6 +367,12 @@ impl OpcUaMetrics {
             "kip_opcua_notifications",
             "OPC UA data-change notifications received",
             m.notifications.clone(),
+        );
+        registry.register(
+            "kip_opcua_duplicates_skipped",
+            "OPC UA values not stored again: same node, source timestamp and value as the last \
+             one stored (initial values after a reconnect re-created the subscriptions)",
+            m.duplicates.clone(),
         );
         registry.register(
             "kip_opcua_readings",
@@ -407,11 +416,63 @@ struct Item {
     metric: String,
 }
 
+impl Source for OpcUaSource {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+    fn kind(&self) -> SourceKind {
+        SourceKind::OpcUa
+    }
+    fn run(self: Box<Self>, sink: Sink, cancel: CancellationToken) -> SourceTask {
+        Box::pin(OpcUaSource::run(*self, sink, cancel))
+    }
+}
+
+/// What a reconnect gap may have lost: subscriptions cannot redeliver, so only the current
+/// value at reconnect comes back (and is stored only if it differs from the last stored one).
+const GAP_LOSS: &str = "value changes between from and to that were not the current value at \
+                        reconnect are lost; the current values were re-read (repeats of the \
+                        last stored value skipped)";
+
 /// Subscribes to one OPC UA server and emits readings, gaps and dead letters.
 #[derive(Debug)]
 pub struct OpcUaSource {
     cfg: OpcUaEndpointConfig,
     metrics: OpcUaMetrics,
+    /// Last value stored per (machine, metric), i.e. per configured node: bounded by the
+    /// node list. Never held across an await.
+    last: std::sync::Mutex<LastValues>,
+}
+
+/// The last (source timestamp, value, quality) stored per node, so that the initial values a
+/// server sends for re-created monitored items are not stored a second time.
+#[derive(Debug, Default)]
+pub struct LastValues {
+    map: std::collections::HashMap<(String, String), (DateTime<Utc>, u64, Quality)>,
+    limit: usize,
+}
+
+impl LastValues {
+    /// Remembers at most `limit` nodes (the configured node count).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            map: std::collections::HashMap::new(),
+            limit,
+        }
+    }
+
+    /// True when `r` repeats the last value stored for its node; otherwise remembers it.
+    pub fn is_repeat(&mut self, r: &Reading) -> bool {
+        let value = (r.ts, r.value.to_bits(), r.quality);
+        let key = (r.machine.clone(), r.metric.clone());
+        if self.map.get(&key) == Some(&value) {
+            return true;
+        }
+        if self.map.len() < self.limit || self.map.contains_key(&key) {
+            self.map.insert(key, value);
+        }
+        false
+    }
 }
 
 /// Why one session ended.
@@ -442,7 +503,25 @@ impl OpcUaSource {
 
     /// Creates the source with already registered (shared) metrics.
     pub fn with_metrics(cfg: OpcUaEndpointConfig, metrics: OpcUaMetrics) -> Self {
-        Self { cfg, metrics }
+        let last = std::sync::Mutex::new(LastValues::new(cfg.nodes.len()));
+        Self { cfg, metrics, last }
+    }
+
+    /// Hands `record` to the writer unless it repeats the node's last stored value; false
+    /// when the writer is gone.
+    async fn forward(&self, tx: &Sink, record: Record) -> bool {
+        if let Record::Reading(r) = &record {
+            let repeat = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_repeat(r);
+            if repeat {
+                self.metrics.duplicates.get_or_create(&self.labels()).inc();
+                return true;
+            }
+        }
+        tx.send(Envelope::plain(record)).await.is_ok()
     }
 
     fn labels(&self) -> SourceLabels {
@@ -452,9 +531,13 @@ impl OpcUaSource {
     }
 
     /// Runs until `cancel` fires, reconnecting forever. Records go to `tx`.
-    pub async fn run(self, tx: mpsc::Sender<Record>, cancel: CancellationToken) {
+    pub async fn run(self, tx: Sink, cancel: CancellationToken) {
         let mut outage: Option<Outage> = None;
         let mut attempt: u32 = 0;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.cfg.reconnect_min_ms),
+            Duration::from_millis(self.cfg.reconnect_max_ms),
+        );
         let connected = self.metrics.connected.get_or_create(&self.labels()).clone();
         loop {
             if cancel.is_cancelled() {
@@ -471,6 +554,7 @@ impl OpcUaSource {
                 } => {
                     if healthy {
                         attempt = 0;
+                        backoff.reset();
                     }
                     if let Some(last_alive) = established {
                         warn!(source = %self.cfg.name, %reason, "OPC UA session lost, reconnecting");
@@ -487,12 +571,7 @@ impl OpcUaSource {
                     }
                 }
             }
-            let delay = backoff_delay(
-                self.cfg.reconnect_min_ms,
-                self.cfg.reconnect_max_ms,
-                attempt,
-                &mut rand::rng(),
-            );
+            let delay = backoff.next_delay();
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -506,7 +585,7 @@ impl OpcUaSource {
     /// monitored items exist.
     async fn session(
         &self,
-        tx: &mpsc::Sender<Record>,
+        tx: &Sink,
         cancel: &CancellationToken,
         outage: &mut Option<Outage>,
     ) -> SessionEnd {
@@ -566,11 +645,11 @@ impl OpcUaSource {
             self.metrics.gaps.get_or_create(&labels).inc();
             let reason = if o.failed_attempts > 0 {
                 format!(
-                    "{}; reconnected after {} failed attempts",
+                    "{}; reconnected after {} failed attempts; {GAP_LOSS}",
                     o.reason, o.failed_attempts
                 )
             } else {
-                format!("{}; reconnected", o.reason)
+                format!("{}; reconnected; {GAP_LOSS}", o.reason)
             };
             let gap = Record::Gap(Gap {
                 source: self.cfg.name.clone(),
@@ -578,7 +657,7 @@ impl OpcUaSource {
                 to: connected_at,
                 reason,
             });
-            if tx.send(gap).await.is_err() {
+            if !self.forward(tx, gap).await {
                 return self.downstream_closed(cancel, &session, &mut events).await;
             }
         }
@@ -605,7 +684,7 @@ impl OpcUaSource {
                     return SessionEnd::Stop;
                 }
                 Some(rec) = item_rx.recv() => {
-                    if tx.send(rec).await.is_err() {
+                    if !self.forward(tx, rec).await {
                         return self.downstream_closed(cancel, &session, &mut events).await;
                     }
                 }
@@ -644,7 +723,7 @@ impl OpcUaSource {
             warn!(source = %self.cfg.name, node_id, %reason, "OPC UA node skipped");
             self.metrics.dead_letters.get_or_create(&labels).inc();
             let rec = dead_letter(&self.cfg.name, &node_id, reason, &[], now);
-            if tx.send(rec).await.is_err() {
+            if !self.forward(tx, rec).await {
                 return self.downstream_closed(cancel, &session, &mut events).await;
             }
         }
@@ -660,7 +739,7 @@ impl OpcUaSource {
                     return SessionEnd::Stop;
                 }
                 Some(rec) = item_rx.recv() => {
-                    if tx.send(rec).await.is_err() {
+                    if !self.forward(tx, rec).await {
                         return self.downstream_closed(cancel, &session, &mut events).await;
                     }
                     None
@@ -683,14 +762,14 @@ impl OpcUaSource {
             };
             if let Some(gap) = overflow.take_gap(&self.cfg.name) {
                 self.metrics.gaps.get_or_create(&labels).inc();
-                if tx.send(gap).await.is_err() {
+                if !self.forward(tx, gap).await {
                     return self.downstream_closed(cancel, &session, &mut events).await;
                 }
             }
             if let Some(reason) = end {
                 // Deliver what was already received before giving up the session.
                 while let Ok(rec) = item_rx.try_recv() {
-                    if tx.send(rec).await.is_err() {
+                    if !self.forward(tx, rec).await {
                         break;
                     }
                 }
@@ -1108,19 +1187,6 @@ fn watchdog_period(publishing_interval_ms: u64) -> Duration {
     keep_alive.max(MIN_WATCHDOG)
 }
 
-/// Exponential backoff from `min_ms` doubling per attempt up to `max_ms`, with "equal jitter":
-/// a uniform delay between half and all of that value, so many agents do not reconnect to a
-/// restarted server in lockstep.
-pub fn backoff_delay(min_ms: u64, max_ms: u64, attempt: u32, rng: &mut impl Rng) -> Duration {
-    let max_ms = max_ms.max(min_ms).max(1);
-    let base = min_ms
-        .max(1)
-        .saturating_mul(1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX))
-        .min(max_ms);
-    let low = base / 2;
-    Duration::from_millis(rng.random_range(low..=base))
-}
-
 /// Turns one data-change notification into a reading, or a dead letter saying why not.
 ///
 /// `ts` is the SourceTimestamp, else the ServerTimestamp, else `received`.
@@ -1350,6 +1416,28 @@ mod tests {
     }
 
     #[test]
+    fn a_repeat_of_the_last_stored_value_of_a_node_is_recognised_within_the_node_bound() {
+        let at = |s: i64, v: f64, metric: &str| Reading {
+            source: "plc".into(),
+            machine: "m".into(),
+            metric: metric.into(),
+            ts: DateTime::from_timestamp(s, 0).unwrap(),
+            value: v,
+            quality: Quality::Good,
+        };
+        let mut last = LastValues::new(2);
+        assert!(!last.is_repeat(&at(1, 1.0, "a")));
+        // The initial value after a reconnect: same source timestamp and value.
+        assert!(last.is_repeat(&at(1, 1.0, "a")));
+        assert!(!last.is_repeat(&at(1, 2.0, "a")), "other value");
+        assert!(!last.is_repeat(&at(2, 2.0, "a")), "other timestamp");
+        assert!(!last.is_repeat(&at(1, 1.0, "b")));
+        // A third node is beyond the bound: never remembered, never skipped.
+        assert!(!last.is_repeat(&at(1, 1.0, "c")));
+        assert!(!last.is_repeat(&at(1, 1.0, "c")));
+    }
+
+    #[test]
     fn source_timestamp_wins_then_server_then_receive_time() {
         let src = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
         let srv = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
@@ -1369,18 +1457,5 @@ mod tests {
         assert_eq!(ts(Some(src), Some(srv)), src);
         assert_eq!(ts(None, Some(srv)), srv);
         assert_eq!(ts(None, None), rcv);
-    }
-
-    #[test]
-    fn backoff_grows_to_the_maximum_with_jitter() {
-        let mut rng = rand::rng();
-        for attempt in 0..40 {
-            let d = backoff_delay(100, 5000, attempt, &mut rng).as_millis() as u64;
-            let base = (100u64 << attempt.min(20)).min(5000);
-            assert!(
-                d >= base / 2 && d <= base,
-                "attempt {attempt}: {d} vs {base}"
-            );
-        }
     }
 }

@@ -6,19 +6,20 @@
 //!   task runs on one [`TaskTracker`]. The writer stops only when every source has dropped
 //!   its sender, so it drains the channel completely, then flushes: a clean shutdown loses
 //!   nothing that a source handed over.
-//! - The channels are bounded (`buffer.queue_capacity_records` each: one for OPC UA records,
-//!   one for MQTT records with their acknowledgement tokens): a slow disk slows the sources
-//!   down (MQTT stops reading its socket) instead of growing memory.
-//! - MQTT acknowledgements wait in the writer until the buffer's durable sequence covers their
-//!   records, then are fired without waiting (`try_ack`: the source may be blocked on the
-//!   channel, not polling its connection); the writer asks for an early flush once
-//!   `buffer.ack_flush_threshold_records` wait or the oldest waited 5 ms. At most
+//! - Every source ([`crate::source::Source`]) writes [`Envelope`]s into one channel bounded
+//!   by `buffer.queue_capacity_records`: a slow disk slows the sources down (the MQTT source
+//!   stages, then defers messages to the broker, but keeps polling its connection) instead of
+//!   growing memory.
+//! - Acknowledgements wait in the writer until the buffer's durable sequence covers their
+//!   records, then are fired without waiting (`try_ack`); the writer asks for an early flush
+//!   once `buffer.ack_flush_threshold_records` wait or the oldest waited 5 ms. At most
 //!   `queue_capacity_records` acknowledgements wait; beyond that (flushes failing) the writer
-//!   stops taking MQTT records. A record the buffer rejects as full is acknowledged like an
+//!   stops taking envelopes. A record the buffer rejects as full is acknowledged like an
 //!   evicted reading (its loss record says so); one a storage error kept out is not, and the
-//!   broker redelivers it on the next connection. After the channels closed the writer
-//!   flushes, fires what became durable and drops the rest (not durable: the broker keeps
-//!   them).
+//!   broker redelivers it on the next connection. A redelivery that matches a delivery note
+//!   ([`crate::buffer::Buffer::delivered`]) is not stored again; its acknowledgement fires
+//!   once the earlier record is durable. After the channel closed the writer flushes, fires
+//!   what became durable and drops the rest (not durable: the broker keeps them).
 //! - The HTTP surface is read-only and meant for loopback; it never takes the buffer's lock
 //!   for longer than a stats snapshot.
 //!
@@ -28,8 +29,8 @@
 //! With `[live_query]`, readings also update the [`crate::live`] latest-value map on their way
 //! to the buffer, and the live-query responder runs on the same tracker and token.
 //!
-//! OPC UA endpoints plug in next to the MQTT brokers: `OpcUaSource::new(cfg, &mut registry)`
-//! before the registry is frozen, then `run(tx.clone(), cancel.clone())` on the tracker.
+//! [`start`] runs named steps (open the buffer, inference, sync, live query, HTTP, sources,
+//! spawn); a new source kind is one more entry in [`build_sources`].
 
 use std::{
     net::SocketAddr,
@@ -54,7 +55,7 @@ use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    ack::{AckToken, AckedRecord, PendingAcks},
+    ack::PendingAcks,
     buffer::{Buffer, BufferError, BufferOptions, BufferStats},
     config::Config,
     edge_inference::{Inference, InferenceFeed},
@@ -62,6 +63,7 @@ use crate::{
     live::{LiveMetrics, LiveResponder, LiveValues},
     metrics::{self, IngestMetrics},
     mqtt::MqttSource,
+    source::{AckHandle, Delivery, Envelope, Source},
     sync::{SyncError, SyncReport, SyncStatus, Syncer},
 };
 
@@ -282,26 +284,54 @@ const ACK_FLUSH_MAX_DELAY: Duration = Duration::from_millis(5);
 /// How soon a busy acknowledgement (rumqttc's request queue full) is retried.
 const ACK_RETRY_DELAY: Duration = Duration::from_millis(5);
 
-/// The writer's side of the MQTT acknowledgements.
-#[derive(Debug)]
-struct AckPath {
-    rx: mpsc::Receiver<AckedRecord>,
+/// How the writer handles acknowledgements.
+#[derive(Debug, Clone, Copy)]
+struct AckPolicy {
     /// Ask for an early flush once this many acknowledgements wait for one.
     flush_threshold: usize,
-    /// The writer stops taking MQTT records while this many acknowledgements wait (flushes
-    /// failing): the backpressure then reaches the broker, which keeps the messages.
+    /// The writer stops taking envelopes while this many acknowledgements wait (flushes
+    /// failing): the backpressure then reaches the sources (MQTT defers, the broker keeps the
+    /// messages).
     max_pending: usize,
 }
 
-/// Appends one record; returns the sequence an acknowledgement waits for (`None`: do not
-/// acknowledge, the broker keeps the message).
+/// What the writer did with one envelope's record.
+enum Stored {
+    /// Appended (or rejected as full, which is acknowledged like an eviction) under this
+    /// sequence: acknowledge once it is durable.
+    At(u64),
+    /// A redelivery of a message already stored under this sequence: acknowledge once it is
+    /// durable, store nothing.
+    Redelivery(u64),
+    /// Not stored (storage error): do not acknowledge, the upstream redelivers it.
+    No,
+}
+
+/// Appends one envelope's record, unless it is a recognised redelivery.
 fn store(
     buffer: &Buffer,
     record: &Record,
+    delivery: Option<&Delivery>,
     metrics: &IngestMetrics,
     feed: Option<&InferenceFeed>,
     live: Option<&LiveValues>,
-) -> Option<u64> {
+) -> Stored {
+    if let Some(d) = delivery.filter(|d| d.redelivered) {
+        match buffer.delivered(d) {
+            Ok(Some(seq)) => {
+                metrics.mqtt_redeliveries_skipped.inc();
+                return Stored::Redelivery(seq);
+            }
+            Ok(None) => {
+                metrics.mqtt_redeliveries_stored.inc();
+                tracing::debug!(id = d.id, "redelivery without a delivery note: stored");
+            }
+            // Stored again rather than risk a loss.
+            Err(e) => {
+                tracing::warn!(error = %e, "delivery note unreadable; storing the redelivery")
+            }
+        }
+    }
     if let Record::Reading(r) = record {
         if let Some(f) = feed {
             f.offer(r);
@@ -310,10 +340,14 @@ fn store(
             l.observe(r);
         }
     }
-    match buffer.append(record) {
+    let appended = match delivery {
+        Some(d) => buffer.append_delivered(record, d),
+        None => buffer.append(record),
+    };
+    match appended {
         Ok(seq) => {
             metrics.records_buffered.inc();
-            Some(seq)
+            Stored::At(seq)
         }
         // Rejected like any record when the buffer is full of unevictable records; its loss
         // record names the sequence. Acknowledged (after the next flush) like an evicted
@@ -321,21 +355,21 @@ fn store(
         Err(e @ BufferError::Full { seq, .. }) => {
             metrics.records_dropped.inc();
             tracing::warn!(error = %e, "record dropped");
-            Some(seq)
+            Stored::At(seq)
         }
         // Storage error: not stored, so not acknowledged; the broker redelivers it on the next
         // connection.
         Err(e) => {
             metrics.records_dropped.inc();
             tracing::error!(error = %e, "buffer write failed; record dropped");
-            None
+            Stored::No
         }
     }
 }
 
 /// Fires the acknowledgements `durable` covers; returns when to retry a busy one.
 fn release(
-    pending: &mut PendingAcks<AckToken>,
+    pending: &mut PendingAcks<AckHandle>,
     durable: u64,
     metrics: &IngestMetrics,
 ) -> Option<Instant> {
@@ -353,49 +387,47 @@ fn release(
     r.busy.then(|| now + ACK_RETRY_DELAY)
 }
 
-/// Moves records from the channels into the buffer until every sender is gone, then flushes.
-/// MQTT records carry acknowledgements, fired once the buffer's durable sequence covers them.
+/// Moves envelopes from the sources' channel into the buffer until every source dropped its
+/// sender, then flushes. Acknowledgements fire once the buffer's durable sequence covers
+/// their records.
 async fn write_records(
     buffer: Arc<Buffer>,
-    mut rx: mpsc::Receiver<Record>,
-    mut acks: AckPath,
+    mut rx: mpsc::Receiver<Envelope>,
+    policy: AckPolicy,
     metrics: IngestMetrics,
     surface: Arc<Surface>,
     feed: Option<InferenceFeed>,
     live: Option<Arc<LiveValues>>,
 ) {
-    let mut pending: PendingAcks<AckToken> = PendingAcks::default();
+    let mut pending: PendingAcks<AckHandle> = PendingAcks::default();
     let mut durable = buffer.watch_durable();
-    let (mut plain_open, mut acked_open, mut durable_open) = (true, true, true);
+    let mut durable_open = true;
     let mut retry_at: Option<Instant> = None;
-    while plain_open || acked_open {
+    loop {
         let wake = [pending.flush_deadline(ACK_FLUSH_MAX_DELAY), retry_at]
             .into_iter()
             .flatten()
             .min();
         tokio::select! {
-            r = rx.recv(), if plain_open => match r {
-                Some(record) => {
-                    store(&buffer, &record, &metrics, feed.as_ref(), live.as_deref());
-                }
-                None => plain_open = false,
-            },
-            r = acks.rx.recv(), if acked_open && pending.len() < acks.max_pending => match r {
-                Some(AckedRecord { record, ack }) => {
-                    let seq = store(&buffer, &record, &metrics, feed.as_ref(), live.as_deref());
-                    match (ack, seq) {
-                        (Some(token), Some(seq)) => pending.push(seq, token, Instant::now()),
-                        (Some(_), None) => {
-                            metrics.mqtt_acks_failed.inc();
-                        }
-                        (None, _) => {}
+            r = rx.recv(), if pending.len() < policy.max_pending => {
+                let Some(Envelope { record, ack, delivery }) = r else { break };
+                let stored = store(&buffer, &record, delivery.as_ref(), &metrics, feed.as_ref(), live.as_deref());
+                match (ack, stored) {
+                    (Some(token), Stored::At(seq)) => pending.push(seq, token, Instant::now()),
+                    (Some(token), Stored::Redelivery(seq)) => {
+                        pending.push(seq, token, Instant::now());
+                        // Its record may be durable long since: no flush will announce it.
+                        retry_at = release(&mut pending, *durable.borrow(), &metrics);
                     }
-                    if pending.take_flush_request(acks.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
-                        buffer.request_flush();
+                    (Some(_), Stored::No) => {
+                        metrics.mqtt_acks_failed.inc();
                     }
+                    (None, _) => {}
                 }
-                None => acked_open = false,
-            },
+                if pending.take_flush_request(policy.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
+                    buffer.request_flush();
+                }
+            }
             changed = durable.changed(), if durable_open => match changed {
                 Ok(()) => {
                     let d = *durable.borrow_and_update();
@@ -404,7 +436,7 @@ async fn write_records(
                 Err(_) => durable_open = false,
             },
             () = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
-                if pending.take_flush_request(acks.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
+                if pending.take_flush_request(policy.flush_threshold, ACK_FLUSH_MAX_DELAY, Instant::now()) {
                     buffer.request_flush();
                 }
                 if retry_at.is_some() {
@@ -468,7 +500,63 @@ impl RunningAgent {
 }
 
 /// Opens the buffer, binds the HTTP port and starts every task. Stops when `cancel` fires.
+///
+/// The steps, in order: [`open_buffer`], metrics, [`start_inference`], [`prepare_sync`],
+/// [`prepare_live_query`], [`bind_http`], [`build_sources`], then everything is spawned on
+/// one tracker ([`spawn_tasks`]). A step that fails stops the start-up before any task runs.
 pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgent, RuntimeError> {
+    let buffer = open_buffer(&cfg)?;
+    let mut registry = metrics::new_registry();
+    let metrics = IngestMetrics::register(&mut registry);
+    buffer.register_metrics(&mut registry);
+    let inference = start_inference(&cfg, &mut registry)?;
+    let sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
+    let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
+    let (listener, http_addr) = bind_http(&cfg).await?;
+    let sources = build_sources(&cfg, &metrics, &mut registry)?;
+    let surface = Arc::new(Surface {
+        device: cfg.device.to_string(),
+        started: Instant::now(),
+        registry,
+        buffer: buffer.clone(),
+        metrics: metrics.clone(),
+        sources: sources
+            .iter()
+            .map(|s| (s.name().to_owned(), s.kind().as_str()))
+            .collect(),
+        writer_alive: AtomicBool::new(true),
+        inference: inference.as_ref().map(|(i, _)| i.clone()),
+        sync: sync.syncer.as_ref().map(Syncer::status),
+        cert_expiry: sync.cert_expiry,
+    });
+    let tracker = TaskTracker::new();
+    spawn_tasks(
+        &cfg,
+        &tracker,
+        &cancel,
+        Tasks {
+            buffer: buffer.clone(),
+            metrics,
+            surface,
+            inference,
+            syncer: sync.syncer,
+            renewer: sync.renewer,
+            live,
+            sources,
+            listener,
+        },
+    );
+    tracing::info!(%http_addr, device = %cfg.device, "agent running");
+    Ok(RunningAgent {
+        http_addr,
+        buffer,
+        tracker,
+        cancel,
+    })
+}
+
+/// Creates the state directory and opens the buffer in it.
+fn open_buffer(cfg: &Config) -> Result<Arc<Buffer>, RuntimeError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| RuntimeError::StateDir {
         path: cfg.state_dir.clone(),
         source,
@@ -481,107 +569,123 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         epoch = buffer.epoch(),
         "buffer open"
     );
+    Ok(buffer)
+}
 
-    let mut registry = metrics::new_registry();
-    let metrics = IngestMetrics::register(&mut registry);
-    buffer.register_metrics(&mut registry);
-    let inference = match &cfg.inference {
-        Some(ic) => Some((
-            Inference::start(ic, &mut registry)?,
-            ic.queue_capacity_readings,
-        )),
+/// Loads the model (when `[inference]` is on); returns it with its queue capacity.
+fn start_inference(
+    cfg: &Config,
+    registry: &mut Registry,
+) -> Result<Option<(Arc<Inference>, usize)>, RuntimeError> {
+    Ok(match &cfg.inference {
+        Some(ic) => Some((Inference::start(ic, registry)?, ic.queue_capacity_readings)),
         None => None,
-    };
+    })
+}
 
-    // Sync needs the enrolled identity; without one the agent still buffers everything.
-    let identity = if cfg.sync.endpoints.is_empty() {
-        None
-    } else {
-        let id = Identity::load(&cfg.identity_dir())?;
-        if id.is_none() {
-            tracing::error!(
-                dir = %cfg.identity_dir().display(),
-                "sync is configured but the device is not enrolled: records stay buffered"
-            );
-        }
-        id
+/// The sync loop and certificate renewer, when sync is configured and the device enrolled.
+#[derive(Default)]
+struct SyncParts {
+    syncer: Option<Syncer>,
+    renewer: Option<Renewer>,
+    cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
+}
+
+/// Sync needs the enrolled identity; without one the agent still buffers everything.
+fn prepare_sync(
+    cfg: &Config,
+    buffer: &Arc<Buffer>,
+    inference: Option<&(Arc<Inference>, usize)>,
+    registry: &mut Registry,
+) -> Result<SyncParts, RuntimeError> {
+    let Some(first) = cfg.sync.endpoints.first() else {
+        return Ok(SyncParts::default());
     };
-    let mut syncer = None;
-    let mut renewer = None;
-    let mut cert_expiry = None;
-    if let (Some(id), Some(first)) = (identity, cfg.sync.endpoints.first()) {
-        let (r, handle) = Renewer::new(
-            id,
-            cfg.identity_dir(),
-            first.clone(),
-            RenewalPolicy::default(),
-        )?;
-        renewer = Some(r);
-        let gauge = Gauge::default();
-        registry.register(
-            "certificate_expiry_seconds",
-            "Seconds until the device certificate expires (negative once expired); renewal starts at 2/3 of its lifetime",
-            gauge.clone(),
+    let Some(id) = Identity::load(&cfg.identity_dir())? else {
+        tracing::error!(
+            dir = %cfg.identity_dir().display(),
+            "sync is configured but the device is not enrolled: records stay buffered"
         );
-        syncer = Some(
-            Syncer::new(
-                buffer.clone(),
-                cfg.sync.clone(),
-                handle.client_config.clone(),
-                &mut registry,
-            )?
-            .with_inference(inference.as_ref().map(|(i, _)| i.clone()))
-            .with_identity_hints(handle.hints.clone()),
-        );
-        cert_expiry = Some((handle, gauge));
-    }
-    let sync_status = syncer.as_ref().map(Syncer::status);
-
-    let live = match &cfg.live_query {
-        Some(lq) => {
-            let org_id = live_org(lq.org_id, &cfg)?;
-            let m = LiveMetrics::register(&mut registry);
-            let values = Arc::new(LiveValues::new(
-                lq.max_tracked_values,
-                m.values_dropped.clone(),
-            ));
-            let responder = LiveResponder::new(
-                lq.clone(),
-                org_id,
-                cfg.device.as_str(),
-                values.clone(),
-                inference.as_ref().map(|(i, _)| i.clone()),
-                m,
-            );
-            Some((responder, values))
-        }
-        None => None,
+        return Ok(SyncParts::default());
     };
+    let (renewer, handle) = Renewer::new(
+        id,
+        cfg.identity_dir(),
+        first.clone(),
+        RenewalPolicy::default(),
+    )?;
+    let gauge = Gauge::default();
+    registry.register(
+        "certificate_expiry_seconds",
+        "Seconds until the device certificate expires (negative once expired); renewal starts at 2/3 of its lifetime",
+        gauge.clone(),
+    );
+    let syncer = Syncer::new(
+        buffer.clone(),
+        cfg.sync.clone(),
+        handle.client_config.clone(),
+        registry,
+    )?
+    .with_inference(inference.map(|(i, _)| i.clone()))
+    .with_identity_hints(handle.hints.clone());
+    Ok(SyncParts {
+        syncer: Some(syncer),
+        renewer: Some(renewer),
+        cert_expiry: Some((handle, gauge)),
+    })
+}
 
+/// The live-query responder and the latest-value map it answers from (`[live_query]`).
+fn prepare_live_query(
+    cfg: &Config,
+    inference: Option<&(Arc<Inference>, usize)>,
+    registry: &mut Registry,
+) -> Result<Option<(LiveResponder, Arc<LiveValues>)>, RuntimeError> {
+    let Some(lq) = &cfg.live_query else {
+        return Ok(None);
+    };
+    let org_id = live_org(lq.org_id, cfg)?;
+    let m = LiveMetrics::register(registry);
+    let values = Arc::new(LiveValues::new(
+        lq.max_tracked_values,
+        m.values_dropped.clone(),
+    ));
+    let responder = LiveResponder::new(
+        lq.clone(),
+        org_id,
+        cfg.device.as_str(),
+        values.clone(),
+        inference.map(|(i, _)| i.clone()),
+        m,
+    );
+    Ok(Some((responder, values)))
+}
+
+/// Binds the local HTTP surface (`http.listen_addr`).
+async fn bind_http(cfg: &Config) -> Result<(tokio::net::TcpListener, SocketAddr), RuntimeError> {
+    let listen = |source| RuntimeError::Listen {
+        addr: cfg.http_listen_addr,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.http_listen_addr)
         .await
-        .map_err(|source| RuntimeError::Listen {
-            addr: cfg.http_listen_addr,
-            source,
-        })?;
-    let http_addr = listener
-        .local_addr()
-        .map_err(|source| RuntimeError::Listen {
-            addr: cfg.http_listen_addr,
-            source,
-        })?;
+        .map_err(listen)?;
+    let addr = listener.local_addr().map_err(listen)?;
+    Ok((listener, addr))
+}
 
-    let (tx, rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
-    // MQTT records come with acknowledgements, on their own channel (OPC UA has none).
-    let (acked_tx, acked_rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
-    let tracker = TaskTracker::new();
-    let sources: Vec<MqttSource> = cfg
-        .mqtt
-        .iter()
-        .map(|b| MqttSource::new(b.clone(), metrics.clone()))
-        .collect();
-    let opcua_metrics = crate::opcua::OpcUaMetrics::register(&mut registry);
-    let mut opcua_sources = Vec::with_capacity(cfg.opcua.len());
+/// Every configured source, in config order (MQTT brokers, then OPC UA endpoints). A new
+/// source kind adds its loop here and nothing else in the runtime.
+fn build_sources(
+    cfg: &Config,
+    metrics: &IngestMetrics,
+    registry: &mut Registry,
+) -> Result<Vec<Box<dyn Source>>, RuntimeError> {
+    let mut sources: Vec<Box<dyn Source>> = Vec::new();
+    for b in &cfg.mqtt {
+        sources.push(Box::new(MqttSource::new(b.clone(), metrics.clone())));
+    }
+    let opcua_metrics = crate::opcua::OpcUaMetrics::register(registry);
     for ep in &cfg.opcua {
         if ep.security_policy != crate::opcua::OpcUaSecurityPolicy::None {
             // Created once; the operator adds this certificate to the PLC's trust list.
@@ -593,98 +697,91 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
                 })?;
             tracing::info!(source = %ep.name, cert = %cert.display(), "OPC UA client certificate");
         }
-        opcua_sources.push(crate::opcua::OpcUaSource::with_metrics(
+        sources.push(Box::new(crate::opcua::OpcUaSource::with_metrics(
             ep.clone(),
             opcua_metrics.clone(),
-        ));
+        )));
     }
-    let surface = Arc::new(Surface {
-        device: cfg.device.to_string(),
-        started: Instant::now(),
-        registry,
-        buffer: buffer.clone(),
-        metrics: metrics.clone(),
-        sources: sources
-            .iter()
-            .map(|s| (s.name().to_owned(), "mqtt"))
-            .chain(cfg.opcua.iter().map(|e| (e.name.clone(), "opcua")))
-            .collect(),
-        writer_alive: AtomicBool::new(true),
-        inference: inference.as_ref().map(|(i, _)| i.clone()),
-        sync: sync_status,
-        cert_expiry,
-    });
+    Ok(sources)
+}
 
+/// What [`spawn_tasks`] starts.
+struct Tasks {
+    buffer: Arc<Buffer>,
+    metrics: IngestMetrics,
+    surface: Arc<Surface>,
+    inference: Option<(Arc<Inference>, usize)>,
+    syncer: Option<Syncer>,
+    renewer: Option<Renewer>,
+    live: Option<(LiveResponder, Arc<LiveValues>)>,
+    sources: Vec<Box<dyn Source>>,
+    listener: tokio::net::TcpListener,
+}
+
+/// Spawns every task on `tracker`: inference, renewer, sync, live-query responder, the
+/// sources (one bounded channel of envelopes), the buffer writer, the flusher, and the HTTP
+/// surface.
+fn spawn_tasks(cfg: &Config, tracker: &TaskTracker, cancel: &CancellationToken, t: Tasks) {
     // Inference runs beside the writer and ends when the writer drops the feed.
-    let feed = inference.map(|(inf, capacity)| {
+    let feed = t.inference.map(|(inf, capacity)| {
         let (itx, irx) = mpsc::channel(capacity);
         let dropped = inf.metrics.dropped_readings.clone();
-        tracker.spawn(inf.run(buffer.clone(), irx));
+        tracker.spawn(inf.run(t.buffer.clone(), irx));
         InferenceFeed { tx: itx, dropped }
     });
-    if let Some(r) = renewer {
+    if let Some(r) = t.renewer {
         tracker.spawn(r.run(cancel.clone()));
     }
-    if let Some(s) = syncer {
+    if let Some(s) = t.syncer {
         tracker.spawn(s.run(cancel.clone()));
     }
-
-    let live_values = live.map(|(responder, values)| {
+    let live_values = t.live.map(|(responder, values)| {
         tracker.spawn(responder.run(cancel.clone()));
         values
     });
-    for source in sources {
-        tracing::info!(source = source.name(), "starting mqtt source");
-        tracker.spawn(source.run(acked_tx.clone(), cancel.clone()));
-    }
-    for (source, ep) in opcua_sources.into_iter().zip(&cfg.opcua) {
-        tracing::info!(source = %ep.name, url = %ep.url, "starting OPC UA source");
+    let (tx, rx) = mpsc::channel(cfg.buffer.queue_capacity_records);
+    for source in t.sources {
+        tracing::info!(
+            source = source.name(),
+            kind = source.kind().as_str(),
+            "starting source"
+        );
         tracker.spawn(source.run(tx.clone(), cancel.clone()));
     }
     // The writer ends when the last sender is gone: drop ours now.
     drop(tx);
-    drop(acked_tx);
     tracker.spawn(write_records(
-        buffer.clone(),
+        t.buffer.clone(),
         rx,
-        AckPath {
-            rx: acked_rx,
+        AckPolicy {
             flush_threshold: cfg.buffer.ack_flush_threshold_records,
             max_pending: cfg
                 .buffer
                 .queue_capacity_records
                 .max(cfg.buffer.ack_flush_threshold_records),
         },
-        metrics.clone(),
-        surface.clone(),
+        t.metrics,
+        t.surface.clone(),
         feed,
         live_values,
     ));
     {
-        let buffer = buffer.clone();
+        let buffer = t.buffer.clone();
         let cancel = cancel.clone();
         let interval = cfg.buffer.flush_interval;
         tracker.spawn(async move { buffer.run_flusher(interval, cancel).await });
     }
-    {
-        let cancel = cancel.clone();
-        let app = router(surface);
-        tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
-    }
-    tracing::info!(%http_addr, device = %cfg.device, "agent running");
-    Ok(RunningAgent {
-        http_addr,
-        buffer,
-        tracker,
-        cancel,
-    })
+    let cancel = cancel.clone();
+    let app = router(t.surface);
+    let listener = t.listener;
+    tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
 }
 
 /// The organisation of `[live_query]`: the configured one, else the enrolled identity's; both
@@ -776,14 +873,10 @@ mod tests {
             prometheus_client::metrics::counter::Counter::default(),
         ));
         let (tx, rx) = mpsc::channel(4);
-        // No MQTT source here: the acked channel is closed from the start.
-        let (acked_tx, acked_rx) = mpsc::channel(4);
-        drop(acked_tx);
         let writer = write_records(
             s.buffer.clone(),
             rx,
-            AckPath {
-                rx: acked_rx,
+            AckPolicy {
                 flush_threshold: 10,
                 max_pending: 10,
             },
@@ -798,14 +891,14 @@ mod tests {
             ("plc1", "spindle_speed", 1500.0),
             ("b1", "temperature", 21.5),
         ] {
-            tx.send(Record::Reading(kip_shared::Reading {
+            tx.send(Envelope::plain(Record::Reading(kip_shared::Reading {
                 source: source.into(),
                 machine: "press-1".into(),
                 metric: metric.into(),
                 ts: now,
                 value,
                 quality: kip_shared::Quality::Good,
-            }))
+            })))
             .await
             .unwrap();
         }
@@ -827,6 +920,98 @@ mod tests {
             .map(|v| (v.source, v.value))
             .collect();
         assert_eq!(got, vec![("plc1".into(), 1500.0), ("b1".into(), 21.5)]);
+    }
+
+    /// Counts how often it was fired.
+    #[derive(Debug, Clone, Default)]
+    struct CountingAck(Arc<std::sync::atomic::AtomicU64>);
+
+    impl crate::ack::Acknowledge for CountingAck {
+        fn try_ack(&self) -> crate::ack::AckOutcome {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            crate::ack::AckOutcome::Sent
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_matching_a_delivery_note_is_acknowledged_without_storing_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = surface(dir.path());
+        let (tx, rx) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let flusher = {
+            let (b, c) = (s.buffer.clone(), cancel.clone());
+            tracker.spawn(async move { b.run_flusher(Duration::from_millis(10), c).await })
+        };
+        let writer = tracker.spawn(write_records(
+            s.buffer.clone(),
+            rx,
+            AckPolicy {
+                flush_threshold: 1,
+                max_pending: 10,
+            },
+            s.metrics.clone(),
+            s.clone(),
+            None,
+            None,
+        ));
+        let acks = CountingAck::default();
+        let reading = |v: f64| {
+            Record::Reading(kip_shared::Reading {
+                source: "b1".into(),
+                machine: "m".into(),
+                metric: "x".into(),
+                ts: chrono::Utc::now(),
+                value: v,
+                quality: kip_shared::Quality::Good,
+            })
+        };
+        let delivery = |payload: &str, redelivered: bool| Delivery {
+            session: "c1".into(),
+            id: 7,
+            digest: crate::mqtt::message_digest("t", payload.as_bytes()),
+            redelivered,
+        };
+        let send = |payload: &'static str, redelivered: bool| {
+            let (tx, acks) = (tx.clone(), acks.clone());
+            async move {
+                tx.send(Envelope {
+                    record: reading(payload.parse().unwrap()),
+                    ack: Some(AckHandle::new(acks)),
+                    delivery: Some(delivery(payload, redelivered)),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        // Stored, then its redelivery (DUP): acknowledged twice, stored once.
+        send("1", false).await;
+        send("1", true).await;
+        // Same packet id, other content, DUP set, never stored: stored.
+        send("2", true).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while acks.0.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "acknowledgements missing");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(tx);
+        writer.await.unwrap();
+        cancel.cancel();
+        flusher.await.unwrap();
+        let values: Vec<f64> = s
+            .buffer
+            .read_range(0, 10, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r.record {
+                Record::Reading(r) => Some(r.value),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(values, vec![1.0, 2.0]);
+        assert_eq!(s.metrics.mqtt_redeliveries_skipped.get(), 1);
+        assert_eq!(s.metrics.mqtt_redeliveries_stored.get(), 1);
     }
 
     #[tokio::test]

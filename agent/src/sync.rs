@@ -23,8 +23,8 @@
 //!   `interval_ms` only when caught up. Sled reads, gzip and acks run on the blocking pool, so
 //!   the buffer writer keeps ingesting while a backlog drains.
 //! - Failures (connect error, timeout, 5xx, 408, 429, 401/403/404, a bad answer): the records
-//!   stay buffered, the next endpoint is tried after full-jitter exponential backoff
-//!   (`backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
+//!   stay buffered, the next endpoint is tried after exponential backoff with equal jitter
+//!   ([`kip_shared::backoff::Backoff`], `backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
 //!   halve the batch size; fast, full batches double it again up to the configured caps.
 //!
 //! # Poison batches
@@ -42,6 +42,7 @@
 //! not a bad record, and a refused dead letter written by this module means the control plane
 //! refuses even minimal records; both are treated as failures (backoff, nothing dropped).
 
+use kip_shared::backoff::Backoff;
 use std::{
     io::Write as _,
     sync::{
@@ -657,12 +658,8 @@ impl Syncer {
         if let Some(e) = self.cfg.endpoints.get(self.endpoint) {
             self.status.set_endpoint(e);
         }
-        let delay = backoff(
-            self.cfg.backoff_min,
-            self.cfg.backoff_max,
-            self.failures,
-            rand::random::<f64>(),
-        );
+        let delay = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max)
+            .delay_for(self.failures, rand::random::<f64>());
         tracing::warn!(endpoint = %failed, reason, %message, failures = self.failures,
             retry_in_ms = delay.as_millis() as u64, "sync failed; records stay buffered");
         delay
@@ -768,14 +765,6 @@ impl Syncer {
     }
 }
 
-/// Full-jitter exponential backoff: uniform in `[0, min(max, min * 2^(failures-1))]`, but at
-/// least `min / 2` so a flapping link is not hammered. `unit` is a random number in `[0, 1)`.
-pub fn backoff(min: Duration, max: Duration, failures: u32, unit: f64) -> Duration {
-    let exp = min.saturating_mul(1u32 << failures.saturating_sub(1).min(20));
-    let cap = exp.min(max);
-    cap.mul_f64(unit.clamp(0.0, 1.0)).max(min / 2)
-}
-
 /// Reads up to `max_records` records from `from_seq` and encodes them as a gzip JSON batch.
 fn read_and_encode(
     buffer: &Buffer,
@@ -805,19 +794,4 @@ fn read_and_encode(
     gz.write_all(&json)?;
     let body = gz.finish()?;
     Ok((batch.records, body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_full_jitter() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        assert_eq!(backoff(min, max, 1, 1.0), min);
-        assert_eq!(backoff(min, max, 3, 1.0), Duration::from_millis(400));
-        assert_eq!(backoff(min, max, 30, 1.0), max);
-        assert_eq!(backoff(min, max, 30, 0.0), min / 2);
-        assert!(backoff(min, max, 30, 0.5) <= max);
-    }
 }

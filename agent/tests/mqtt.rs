@@ -12,16 +12,22 @@ use std::time::Duration;
 
 use common::{Mosquitto, Pki, publish};
 use kip_agent::{
-    ack::{AckOutcome, AckedRecord, Acknowledge},
+    ack::{AckOutcome, Acknowledge},
     config::{Config, RawConfig},
     metrics::{IngestMetrics, SourceLabels, new_registry},
     mqtt::MqttSource,
+    source::Envelope,
 };
 use kip_shared::Record;
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 fn config(url: &str, tls_lines: &str) -> Config {
+    config_with(url, tls_lines, "")
+}
+
+/// `extra` goes into the `[[mqtt]]` section (e.g. `max_packet_size_bytes = 2048`).
+fn config_with(url: &str, tls_lines: &str, extra: &str) -> Config {
     let text = format!(
         r#"
 [agent]
@@ -35,6 +41,7 @@ client_id = "kip-test-{port}"
 reconnect_min_backoff_ms = 50
 reconnect_max_backoff_ms = 200
 {tls_lines}
+{extra}
 
 [[mqtt.subscriptions]]
 topic = "plant/+/temp"
@@ -57,7 +64,7 @@ value = {{ kind = "json", pointer = "/v", timestamp_pointer = "/ts" }}
 }
 
 struct Running {
-    rx: mpsc::Receiver<AckedRecord>,
+    rx: mpsc::Receiver<Envelope>,
     metrics: IngestMetrics,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -106,7 +113,7 @@ impl Running {
 
     /// The next record; its message is acknowledged at once (no buffer here).
     async fn recv(&mut self) -> Option<Record> {
-        let AckedRecord { record, ack } = self.rx.recv().await?;
+        let Envelope { record, ack, .. } = self.rx.recv().await?;
         if let Some(token) = ack {
             assert_eq!(token.try_ack(), AckOutcome::Sent);
         }
@@ -300,7 +307,7 @@ async fn messages_whose_tokens_never_fired_are_redelivered_to_the_next_session()
     // Received but never acknowledged (as if the agent died before the flush).
     let mut values = Vec::new();
     for _ in 0..8 {
-        let AckedRecord { record, ack } =
+        let Envelope { record, ack, .. } =
             tokio::time::timeout(Duration::from_secs(10), run.rx.recv())
                 .await
                 .unwrap()
@@ -326,4 +333,134 @@ async fn messages_whose_tokens_never_fired_are_redelivered_to_the_next_session()
     again.sort_by(f64::total_cmp);
     assert_eq!(again, values);
     run.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_messages_become_dead_letters_and_the_source_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let port = broker.port;
+    let mut run = Running::start(config_with(
+        &format!("mqtt://127.0.0.1:{port}"),
+        "",
+        "max_packet_size_bytes = 4096",
+    ));
+    run.publish_until_received(port, "plant/a/temp", b"1", None)
+        .await;
+    // Below the limit (padded number): a reading. Above it, within rumqttc's read limit
+    // (twice the configured one): a dead letter on the same connection. Far above: one
+    // reconnect with a larger read limit, then a dead letter. After each, the stream goes on.
+    let mut padded = b"2".to_vec();
+    padded.resize(3000, b' ');
+    let cases: [(Vec<u8>, bool); 3] = [
+        (padded, false),
+        (vec![b'x'; 6000], true),
+        (vec![b'y'; 100_000], true),
+    ];
+    for (i, (payload, oversized)) in cases.into_iter().enumerate() {
+        publish(port, "plant/a/temp", &payload, None);
+        let mut got = run.next().await;
+        if let Record::Gap(_) = got {
+            got = run.next().await;
+        }
+        match (got, oversized) {
+            (Record::Reading(r), false) => assert_eq!(r.value, 2.0),
+            (Record::DeadLetter(d), true) => {
+                assert_eq!(d.origin, "plant/a/temp");
+                assert!(
+                    d.reason.contains("exceeds max_packet_size_bytes (4096)"),
+                    "{}",
+                    d.reason
+                );
+                let size: usize = d.reason.split(' ').nth(2).unwrap().parse().unwrap();
+                assert!(size > payload.len(), "{}", d.reason);
+            }
+            (other, _) => panic!("case {i}: unexpected {other:?}"),
+        }
+        publish(port, "plant/a/temp", b"3", None);
+        let mut next = run.next().await;
+        if let Record::Gap(_) = next {
+            next = run.next().await;
+        }
+        assert!(
+            matches!(next, Record::Reading(r) if r.value == 3.0),
+            "case {i}"
+        );
+    }
+    assert_eq!(run.count(|m, l| m.mqtt_oversized.get_or_create(l).get()), 2);
+    // Only the far larger message cost a reconnect.
+    assert_eq!(run.count(|m, l| m.reconnects.get_or_create(l).get()), 1);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_staging_defers_messages_to_the_broker_and_fetches_them_after_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let port = broker.port;
+    // Channel of 64 (Running) and staging of 100: a burst of 1,000 with nobody reading
+    // overflows both, yet the source keeps its connection and every message arrives.
+    let mut run = Running::start(config_with(
+        &format!("mqtt://127.0.0.1:{port}"),
+        "",
+        "staging_capacity_messages = 100",
+    ));
+    run.publish_until_received(port, "plant/a/temp", b"0", None)
+        .await;
+    publish_many(port, "plant/a/temp", 1..=1000).await;
+    // Each acknowledgement lets Mosquitto 2.0.11 send a window of 20 more: a few are enough
+    // to overflow staging and channel.
+    for _ in 0..20 {
+        run.next().await;
+    }
+    // Let the source read what the broker pushes (nobody drains the channel meanwhile).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while run.count(|m, l| m.mqtt_deferred.get_or_create(l).get()) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing deferred");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seen: std::collections::BTreeSet<u64> = (1..=20).collect();
+    while seen.len() < 1000 {
+        match run.next().await {
+            Record::Reading(r) => {
+                seen.insert(r.value as u64);
+            }
+            Record::Gap(g) => panic!("a deferral reconnect is not a gap: {g:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen.iter().next(), Some(&1));
+    assert_eq!(seen.iter().last(), Some(&1000));
+    assert_eq!(run.count(|m, l| m.reconnects.get_or_create(l).get()), 0);
+    run.stop().await;
+}
+
+/// Publishes `values` as QoS 1 messages from one rumqttc client; returns once the broker
+/// acknowledged every one.
+async fn publish_many(port: u16, topic: &str, values: std::ops::RangeInclusive<u64>) {
+    let mut opts = rumqttc::MqttOptions::new("test-pub", "127.0.0.1", port);
+    opts.set_inflight(100);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+    let n = values.clone().count();
+    let tracker = TaskTracker::new();
+    let poller = tracker.spawn(async move {
+        let mut acks = 0;
+        while acks < n {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                eventloop.poll().await.unwrap()
+            {
+                acks += 1;
+            }
+        }
+    });
+    for v in values {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, v.to_string())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), poller)
+        .await
+        .unwrap()
+        .unwrap();
 }

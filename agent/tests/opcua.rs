@@ -201,7 +201,7 @@ fn config(port: u16, pki_dir: &Path, nodes: Vec<OpcUaNodeConfig>) -> OpcUaEndpoi
 
 /// The source running on a tracker, with its record stream and metrics.
 struct Running {
-    rx: mpsc::Receiver<Record>,
+    rx: mpsc::Receiver<kip_agent::source::Envelope>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     registry: Registry,
@@ -230,7 +230,7 @@ impl Running {
         let mut seen = Vec::new();
         let res = tokio::time::timeout(WAIT, async {
             loop {
-                let r = self.rx.recv().await.expect("source stopped");
+                let r = self.rx.recv().await.expect("source stopped").record;
                 seen.push(r);
                 if done(&seen) {
                     return;

@@ -131,7 +131,7 @@ async fn readings_flow_from_an_independent_python_asyncua_server() {
     let mut wait_for = async |what: &str, done: &dyn Fn(&[Record]) -> bool| {
         let r = tokio::time::timeout(WAIT, async {
             while !done(&seen) {
-                seen.push(rx.recv().await.expect("source stopped"));
+                seen.push(rx.recv().await.expect("source stopped").record);
             }
         })
         .await;

@@ -5,7 +5,9 @@
 //! - Every type that crosses the network is versioned through [`PROTOCOL_VERSION`];
 //!   a field added later is optional so that older peers keep decoding newer messages.
 
+pub mod backoff;
 pub mod ids;
+pub mod mqtt;
 
 pub use ids::{Name, NameError};
 

@@ -613,3 +613,70 @@ fn records_reported_as_flushed_survive_kill_9() {
     let next = buf.append(&reading(0, 0)).unwrap();
     assert!(next > *seqs.last().unwrap());
 }
+
+fn delivery(id: u16, payload: &str) -> Delivery {
+    Delivery {
+        session: "client-1".into(),
+        id,
+        digest: crate::mqtt::message_digest("t/x", payload.as_bytes()),
+        redelivered: true,
+    }
+}
+
+#[test]
+fn delivery_notes_survive_a_reopen_and_match_only_the_same_id_and_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), big()).unwrap();
+    let a = buf
+        .append_delivered(&reading(1, 0), &delivery(7, "1"))
+        .unwrap();
+    // The same packet id in flight twice (a broker past 65,535 in flight): both are kept.
+    let b = buf
+        .append_delivered(&reading(2, 0), &delivery(7, "2"))
+        .unwrap();
+    assert_eq!(buf.delivered(&delivery(7, "1")).unwrap(), Some(a));
+    assert_eq!(buf.delivered(&delivery(7, "2")).unwrap(), Some(b));
+    assert_eq!(buf.delivered(&delivery(8, "1")).unwrap(), None, "other id");
+    assert_eq!(
+        buf.delivered(&delivery(7, "3")).unwrap(),
+        None,
+        "other content"
+    );
+    let mut other_session = delivery(7, "1");
+    other_session.session = "client-2".into();
+    assert_eq!(buf.delivered(&other_session).unwrap(), None);
+    buf.flush_blocking().unwrap();
+    // Synced and deleted records keep their notes: the broker may still redeliver them.
+    buf.ack(b).unwrap();
+    drop(buf);
+    let buf = reopen(dir.path(), big());
+    assert_eq!(buf.delivered(&delivery(7, "1")).unwrap(), Some(a));
+    assert_eq!(buf.delivery_notes(), 2);
+}
+
+#[test]
+fn delivery_notes_are_a_bounded_fifo() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = big();
+    opts.max_delivery_notes = 100;
+    let buf = Buffer::open(dir.path(), opts).unwrap();
+    let n = 103;
+    for i in 0..n {
+        let d = delivery((i % 50) as u16, &i.to_string());
+        buf.append_delivered(&reading(i as u64, 0), &d).unwrap();
+    }
+    assert_eq!(buf.delivery_notes(), 100);
+    assert_eq!(
+        buf.delivered(&delivery(0, "0")).unwrap(),
+        None,
+        "oldest dropped"
+    );
+    assert_eq!(buf.delivered(&delivery(2, "2")).unwrap(), None);
+    assert!(buf.delivered(&delivery(3, "3")).unwrap().is_some());
+    let last = n - 1;
+    assert!(
+        buf.delivered(&delivery((last % 50) as u16, &last.to_string()))
+            .unwrap()
+            .is_some()
+    );
+}

@@ -1,0 +1,791 @@
+//! MQTT soak test (issue #19): the real `kip-agent` and `kip-control-plane` binaries as child
+//! processes, a private Mosquitto on a free port, a TCP proxy (written here) between agent
+//! and control plane, and a publisher (written here) that counts the broker's PUBACKs.
+//!
+//! The scenario a factory gateway meets after every outage: the broker already holds a
+//! backlog for the agent's persistent session when the agent starts, more messages arrive at
+//! full publisher speed, the agent is killed with `kill -9` once and restarted, and its link
+//! to the control plane is cut for a while. It passes only when PostgreSQL holds every
+//! numbered message exactly once (distinct count AND total count) and an oversized message
+//! became exactly one dead letter.
+//!
+//! Every process started here runs in its own process group and is killed (the whole group)
+//! on drop, whatever the outcome.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failure should abort the test"
+)]
+
+use std::{
+    net::SocketAddr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use sqlx::PgPool;
+use tokio::{net::TcpStream, sync::watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+const TOPIC_PREFIX: &str = "soak";
+const CLIENT_ID: &str = "kip-soak-agent";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The workspace's binaries next to this test executable (`target/<profile>`).
+fn binary(name: &str) -> PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "--bin", "kip-agent", "--bin", "kip-control-plane"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "building the binaries failed");
+    }
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: nothing listens on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process in its own process group; the group is killed on drop.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { child, name }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// SIGKILL: no cleanup, no flush.
+    fn kill9(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit (SIGKILL after `grace`).
+    fn terminate(mut self, grace: Duration) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {grace:?}; killing it", self.name);
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.signal("-KILL");
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A private Mosquitto: queues without limit for offline persistent sessions (so a backlog
+/// builds up), default in-flight settings otherwise.
+fn start_mosquitto(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+    let p = Proc::spawn(
+        "mosquitto",
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    wait_port(port, "mosquitto");
+    (p, port)
+}
+
+/// TCP proxy between agent and control plane. `cut` closes every forwarded connection and
+/// refuses new ones (closes them at once) until `restore`.
+struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, rx) = watch::channel(true);
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (t, s) = (tracker.clone(), stop.clone());
+        tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    () = s.cancelled() => return,
+                };
+                let Ok((mut client, _)) = accepted else {
+                    continue;
+                };
+                if !*rx.borrow() {
+                    drop(client);
+                    continue;
+                }
+                let (mut rx, s) = (rx.clone(), s.clone());
+                t.spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                        () = s.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            stop,
+            tracker,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.tracker.close();
+    }
+}
+
+/// What one publisher run did.
+#[derive(Debug, Default)]
+struct Published {
+    pubacks: u64,
+}
+
+/// Publishes `messages` (topic, payload) as QoS 1 at full speed from one connection and
+/// returns once the broker acknowledged every one (PUBACKs counted here, not trusted from a
+/// tool's exit code).
+async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> Published {
+    let mut opts = MqttOptions::new(
+        format!("soak-pub-{}", Uuid::new_v4().simple()),
+        "127.0.0.1",
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(1000);
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let want = messages.len() as u64;
+    let acks = Arc::new(AtomicU64::new(0));
+    let counter = acks.clone();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let poller = tracker.spawn(async move {
+        while counter.load(Ordering::Relaxed) < want {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("publisher connection failed: {e}"),
+            }
+        }
+        eventloop
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut eventloop = tokio::time::timeout(Duration::from_secs(120), poller)
+        .await
+        .expect("the broker did not acknowledge every message in 120 s")
+        .unwrap();
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    Published {
+        pubacks: acks.load(Ordering::Relaxed),
+    }
+}
+
+/// Message `i` of the numbered stream: its number as the payload (a reading with value `i`),
+/// padded with spaces to `pad_to` bytes when given (still a number after trimming).
+fn numbered(i: u64, pad_to: Option<usize>) -> (String, Vec<u8>) {
+    let mut payload = i.to_string().into_bytes();
+    if let Some(n) = pad_to {
+        payload.resize(n.max(payload.len()), b' ');
+    }
+    (format!("{TOPIC_PREFIX}/seq"), payload)
+}
+
+/// One soak scenario.
+#[derive(Debug, Clone)]
+struct Scenario {
+    /// Messages queued at the broker for the agent's session before the agent starts.
+    backlog: u64,
+    /// Messages published at full speed once the agent runs again.
+    live: u64,
+    /// `[buffer]` lines added to the otherwise default agent configuration.
+    buffer_toml: &'static str,
+    /// How long the agent's link to the control plane is cut.
+    cut: Duration,
+    /// Put an 11 KiB numbered message and a 1 MiB (over the limit) message mid-stream.
+    large_messages: bool,
+    /// Overall limit for everything to land in PostgreSQL after the last event.
+    drain_limit: Duration,
+}
+
+/// The test's work directory (logs, agent state), kept for inspection when the test fails.
+struct WorkDir(Option<tempfile::TempDir>);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("work directory kept: {}", dir.keep().display());
+        }
+    }
+}
+
+/// Drops the test's database whatever the outcome.
+struct DbGuard(String);
+
+impl Drop for DbGuard {
+    fn drop(&mut self) {
+        let db = self.0.clone();
+        // Drop may run inside the test's runtime: use a runtime of its own on a thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(admin) = PgPool::connect(&format!("{PG}/postgres")).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+                    )))
+                    .execute(&admin)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+struct Env {
+    _work: WorkDir,
+    work: PathBuf,
+    _db: DbGuard,
+    pool: PgPool,
+    cp: Proc,
+    proxy: Proxy,
+    mqtt_port: u16,
+    _mosquitto: Proc,
+    device: Uuid,
+    config: PathBuf,
+    http_port: u16,
+    agent_runs: u32,
+}
+
+impl Env {
+    async fn start(s: &Scenario) -> Self {
+        let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
+        let work_dir = tempfile::tempdir().unwrap();
+        let work = work_dir.path().to_owned();
+        let db = format!("kip_mqtt_soak_{}", Uuid::new_v4().simple());
+        kip_certs::FleetCa::init(&work.join("ca"), std::time::SystemTime::now()).unwrap();
+        let (admin_port, agent_port) = (free_port(), free_port());
+        let db_url = format!("{PG}/{db}");
+        let cp_log = std::fs::File::create(work.join("control-plane.log")).unwrap();
+        let cp = Proc::spawn(
+            "kip-control-plane",
+            Command::new(binary("kip-control-plane"))
+                .env("KIP_DATABASE_URL", &db_url)
+                .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{admin_port}"))
+                .env("KIP_AGENT_LISTEN_ADDR", format!("127.0.0.1:{agent_port}"))
+                .env("KIP_ADMIN_KEY_FILE", work.join("admin.key"))
+                .env("KIP_PKI_CA_DIR", work.join("ca"))
+                .env("KIP_LOG_FORMAT", "text")
+                .env("KIP_LOG_FILTER", "warn")
+                .stdout(Stdio::null())
+                .stderr(cp_log),
+        );
+        wait_port(admin_port, "control plane admin");
+        wait_port(agent_port, "control plane agent listener");
+        let pool = PgPool::connect(&db_url).await.unwrap();
+        let admin_url = format!("http://127.0.0.1:{admin_port}");
+        let admin_key = std::fs::read_to_string(work.join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let http = reqwest::Client::new();
+        let org: serde_json::Value = http
+            .post(format!("{admin_url}/v1/organisations"))
+            .bearer_auth(&admin_key)
+            .json(&serde_json::json!({ "name": "acme" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let org_id = org["id"].as_str().unwrap();
+        let tok: serde_json::Value = http
+            .post(format!(
+                "{admin_url}/v1/organisations/{org_id}/enroll-tokens"
+            ))
+            .bearer_auth(&admin_key)
+            .json(&serde_json::json!({ "ttl_s": 600 }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let state = work.join("agent");
+        let id = kip_agent::identity::enroll(
+            &http,
+            &admin_url,
+            tok["token"].as_str().unwrap(),
+            "gw-soak",
+            None,
+            &state.join("identity"),
+        )
+        .await
+        .unwrap();
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], agent_port))).await;
+        let (mosquitto, mqtt_port) = start_mosquitto(&work);
+        let http_port = free_port();
+        let config = work.join("agent.toml");
+        // The default configuration but for what a test must set: where things are.
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ndevice = \"gw-soak\"\nstate_dir = \"{state}\"\n\
+                 [buffer]\n{buffer}\n\
+                 [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
+                 [log]\nformat = \"text\"\nfilter = \"info\"\n\
+                 [sync]\nendpoints = [\"https://127.0.0.1:{proxy}\"]\n\
+                 [[mqtt]]\nname = \"plant\"\nurl = \"mqtt://127.0.0.1:{mqtt_port}\"\n\
+                 client_id = \"{CLIENT_ID}\"\n\
+                 [[mqtt.subscriptions]]\ntopic = \"{TOPIC_PREFIX}/+\"\nmachine = \"m1\"\n\
+                 metric_topic_level = 1\nvalue = {{ kind = \"number\" }}\n",
+                state = state.display(),
+                buffer = s.buffer_toml,
+                proxy = proxy.addr.port(),
+            ),
+        )
+        .unwrap();
+        Self {
+            _work: WorkDir(Some(work_dir)),
+            work,
+            _db: DbGuard(db),
+            pool,
+            cp,
+            proxy,
+            mqtt_port,
+            _mosquitto: mosquitto,
+            device: id.device_id(),
+            config,
+            http_port,
+            agent_runs: 0,
+        }
+    }
+
+    /// Starts `kip-agent run` and waits for its HTTP port.
+    fn spawn_agent(&mut self) -> Proc {
+        self.agent_runs += 1;
+        // sled may still hold the buffer's lock for a moment after the previous owner died.
+        for _ in 0..100 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.work.join("agent.log"))
+                .unwrap();
+            let mut p = Proc::spawn(
+                "kip-agent",
+                Command::new(binary("kip-agent"))
+                    .args(["run", "--config"])
+                    .arg(&self.config)
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok() {
+                    return p;
+                }
+                if p.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "agent did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("agent could not start");
+    }
+
+    async fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = kip_agent::runtime::local_get(
+            SocketAddr::from(([127, 0, 0, 1], self.http_port)),
+            "/v1/status",
+        )
+        .await
+        .ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// (rows, distinct values) of numbered readings in PostgreSQL.
+    async fn stored(&self) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT count(*), count(DISTINCT value) FROM sensor_data \
+             WHERE device_id = $1 AND metric = 'seq'",
+        )
+        .bind(self.device)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// A summary of the numbers stored more than once (for a failure message).
+    async fn duplicates(&self) -> String {
+        let rows: Vec<(f64, Vec<i64>)> = sqlx::query_as(
+            "SELECT value, array_agg(seq ORDER BY seq) FROM sensor_data \
+             WHERE device_id = $1 AND metric = 'seq' GROUP BY value HAVING count(*) > 1 \
+             ORDER BY value",
+        )
+        .bind(self.device)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let sample: Vec<_> = rows.iter().step_by((rows.len() / 20).max(1)).collect();
+        format!("{} numbers; sample (value, seqs): {sample:?}", rows.len())
+    }
+
+    /// The agent's MQTT and buffer metrics.
+    async fn agent_metrics(&self) -> String {
+        let body = kip_agent::runtime::local_get(
+            SocketAddr::from(([127, 0, 0, 1], self.http_port)),
+            "/metrics",
+        )
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+        body.lines()
+            .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_records"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn dead_letters(&self) -> Vec<serde_json::Value> {
+        sqlx::query_scalar(
+            "SELECT body FROM agent_events WHERE device_id = $1 AND kind = 'dead_letter'",
+        )
+        .bind(self.device)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    fn tail(&self, file: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.work.join(file)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    async fn cleanup(self) {
+        self.pool.close().await;
+        drop(self.cp);
+        // The database goes with `_db`.
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes; returns whether it held.
+async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn readings_of(status: &serde_json::Value) -> u64 {
+    status["sources"][0]["readings"].as_u64().unwrap_or(0)
+}
+
+async fn run(s: Scenario) {
+    let started = Instant::now();
+    let mut env = Env::start(&s).await;
+    let total = s.backlog + s.live;
+    // Message numbers of the 11 KiB reading and the position of the oversized message.
+    let (big_reading, oversized_after) = (s.backlog + s.live / 3, s.backlog + s.live / 2);
+
+    // 1. The agent's persistent session exists at the broker (subscribed), then it stops.
+    let agent = env.spawn_agent();
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            env.status()
+                .await
+                .is_some_and(|st| st["sources"][0]["connected"] == true)
+        })
+        .await,
+        "agent never subscribed\n{}",
+        env.tail("agent.log", 30)
+    );
+    agent.terminate(Duration::from_secs(20));
+
+    // 2. The broker queues a backlog for the offline session.
+    let backlog: Vec<_> = (0..s.backlog).map(|i| numbered(i, None)).collect();
+    let p = publish_all(env.mqtt_port, backlog).await;
+    assert_eq!(p.pubacks, s.backlog);
+    eprintln!(
+        "[{:?}] backlog of {} queued at the broker",
+        started.elapsed(),
+        s.backlog
+    );
+
+    // 3. The agent starts with that backlog waiting; the rest arrives at full speed.
+    let agent = env.spawn_agent();
+    let mut live: Vec<_> = Vec::with_capacity(s.live as usize + 1);
+    for i in s.backlog..total {
+        let big = s.large_messages && i == big_reading;
+        live.push(numbered(i, big.then_some(11 * 1024)));
+        if s.large_messages && i == oversized_after {
+            live.push((format!("{TOPIC_PREFIX}/oversized"), vec![b'x'; 1024 * 1024]));
+        }
+    }
+    let mqtt_port = env.mqtt_port;
+    let tracker = TaskTracker::new();
+    let publisher = tracker.spawn(publish_all(mqtt_port, live));
+
+    // 4. kill -9 mid-stream, once the agent took in part of the backlog.
+    let took_some = wait_for(Duration::from_secs(30), || async {
+        env.status()
+            .await
+            .is_some_and(|st| readings_of(&st) >= s.backlog / 3)
+    })
+    .await;
+    eprintln!(
+        "[{:?}] kill -9 of the agent (it took in a third of the backlog: {took_some}); stored {:?}",
+        started.elapsed(),
+        env.stored().await
+    );
+    agent.kill9();
+    let agent = env.spawn_agent();
+
+    // 5. The link to the control plane is cut while the agent drains the broker.
+    let (rows, _) = env.stored().await;
+    let _ = wait_for(Duration::from_secs(20), || async {
+        env.stored().await.0 >= rows + (total as i64 / 10)
+    })
+    .await;
+    eprintln!(
+        "[{:?}] link cut for {:?}; stored {:?}",
+        started.elapsed(),
+        s.cut,
+        env.stored().await
+    );
+    env.proxy.cut();
+    tokio::time::sleep(s.cut).await;
+    env.proxy.restore();
+    eprintln!(
+        "[{:?}] link restored; stored {:?}",
+        started.elapsed(),
+        env.stored().await
+    );
+
+    let published = tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("publisher did not finish")
+        .unwrap();
+    assert_eq!(
+        published.pubacks,
+        s.live + u64::from(s.large_messages),
+        "the broker did not acknowledge every published message"
+    );
+
+    // 6. Everything lands: every number present, and the agent's buffer empty (synced).
+    let want = total as i64;
+    let drained = wait_for(s.drain_limit, || async {
+        env.stored().await.1 >= want
+            && env.status().await.is_some_and(|st| {
+                st["buffer"]["counts"]
+                    .as_object()
+                    .is_some_and(|c| c.values().all(|v| v.as_u64() == Some(0)))
+            })
+    })
+    .await;
+    let (rows, distinct) = env.stored().await;
+    let status = env.status().await;
+    eprintln!(
+        "[{:?}] stored rows {rows}, distinct {distinct} of {want}; agent runs {}; status {}",
+        started.elapsed(),
+        env.agent_runs,
+        status.map(|s| s.to_string()).unwrap_or_default()
+    );
+    let diagnostics = format!(
+        "duplicates: {}\nagent metrics:\n{}\nagent log:\n{}\nmosquitto log:\n{}",
+        env.duplicates().await,
+        env.agent_metrics().await,
+        env.tail("agent.log", 40),
+        env.tail("mosquitto.log", 10)
+    );
+    assert!(
+        drained,
+        "not drained in {:?}: {distinct} of {want} distinct, {rows} rows\n{diagnostics}",
+        s.drain_limit
+    );
+    assert_eq!(distinct, want, "messages lost\n{diagnostics}");
+    assert_eq!(rows, want, "messages stored more than once\n{diagnostics}");
+    if s.large_messages {
+        let dl = env.dead_letters().await;
+        let oversized: Vec<_> = dl
+            .iter()
+            .filter(|b| b.to_string().contains("oversized"))
+            .collect();
+        assert_eq!(
+            oversized.len(),
+            1,
+            "one dead letter for the oversized message: {dl:?}"
+        );
+        let (rows_big,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM sensor_data WHERE device_id = $1 AND value = $2")
+                .bind(env.device)
+                .bind(big_reading as f64)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        assert_eq!(rows_big, 1, "the 11 KiB message is one reading");
+    }
+    agent.terminate(Duration::from_secs(20));
+    env.cleanup().await;
+}
+
+/// The issue's scenario with the default configuration: 200,000 messages, 100,000 of them
+/// queued before the agent starts, one `kill -9`, a 30 s cut of the control-plane link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_config_200k_with_backlog_kill_and_link_cut_stores_every_message_once() {
+    run(Scenario {
+        backlog: 100_000,
+        live: 100_000,
+        buffer_toml: "",
+        cut: Duration::from_secs(30),
+        large_messages: false,
+        drain_limit: Duration::from_secs(150),
+    })
+    .await;
+}
+
+/// Small channel and acknowledgement batches, with an 11 KiB and an oversized message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_queue_and_ack_threshold_with_large_messages_store_every_message_once() {
+    run(Scenario {
+        backlog: 15_000,
+        live: 15_000,
+        buffer_toml: "queue_capacity_records = 100\nack_flush_threshold_records = 1\n",
+        cut: Duration::from_secs(5),
+        large_messages: true,
+        drain_limit: Duration::from_secs(90),
+    })
+    .await;
+}
+
+/// Large channel and acknowledgement batches, with an 11 KiB and an oversized message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_queue_and_ack_threshold_with_large_messages_store_every_message_once() {
+    run(Scenario {
+        backlog: 15_000,
+        live: 15_000,
+        buffer_toml: "queue_capacity_records = 100000\nack_flush_threshold_records = 1000\n",
+        cut: Duration::from_secs(5),
+        large_messages: true,
+        drain_limit: Duration::from_secs(90),
+    })
+    .await;
+}
