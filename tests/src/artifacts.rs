@@ -92,7 +92,8 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     let crate_dir = match name {
         "kip-agent" => "agent",
-        "kip-control-plane" | "kipctl" => "control-plane",
+        "kip-control-plane" => "control-plane",
+        "kipctl" => "kipctl",
         other => panic!("workspace_binary: unknown binary {other}"),
     };
     let build = format!("cargo build -p {} --bins", package_of(crate_dir));
@@ -113,10 +114,10 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 }
 
 fn package_of(crate_dir: &str) -> &'static str {
-    if crate_dir == "agent" {
-        "kip-agent"
-    } else {
-        "kip-control-plane"
+    match crate_dir {
+        "agent" => "kip-agent",
+        "kipctl" => "kipctl",
+        _ => "kip-control-plane",
     }
 }
 

@@ -11,6 +11,7 @@
 //!
 //! Every process started here runs in its own process group and is killed (the whole group)
 //! on drop, whatever the outcome.
+
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -20,9 +21,8 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -40,98 +40,36 @@ const PG: &str = "postgres://postgres@127.0.0.1:5432";
 const TOPIC_PREFIX: &str = "soak";
 const CLIENT_ID: &str = "kip-soak-agent";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The workspace's binaries next to this test executable (`target/<profile>`).
-fn binary(name: &str) -> PathBuf {
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "--bin", "kip-agent", "--bin", "kip-control-plane"])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "building the binaries failed");
-    }
-    assert!(path.exists(), "{} not found", path.display());
-    path
-}
+use kip_tests::{ChildGroup, free_port, wait_for_port, workspace_binary as binary};
 
 fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_for_port(port, Duration::from_secs(60)),
+        "{what}: nothing listens on {port}"
+    );
 }
 
-/// A child process in its own process group; the group is killed on drop.
+/// A child process in its own process group (the kit's [`ChildGroup`]: the whole group is
+/// killed on drop, whatever the outcome).
 struct Proc {
-    child: Child,
-    name: &'static str,
+    group: ChildGroup,
 }
 
 impl Proc {
     fn spawn(name: &'static str, cmd: &mut Command) -> Self {
-        let child = cmd
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { child, name }
+        let group = ChildGroup::spawn(cmd).unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { group }
     }
 
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, "--", &format!("-{}", self.child.id())])
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    /// SIGKILL: no cleanup, no flush.
+    /// SIGKILL to the group: no cleanup, no flush.
     fn kill9(mut self) {
-        self.signal("-KILL");
-        let _ = self.child.wait();
+        self.group.kill9();
     }
 
     /// SIGTERM, then waits for the exit (SIGKILL after `grace`).
-    fn terminate(mut self, grace: Duration) {
-        self.signal("-TERM");
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!("{} did not stop within {grace:?}; killing it", self.name);
-        self.signal("-KILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.signal("-KILL");
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
+    fn terminate(self, grace: Duration) {
+        let mut group = self.group.with_grace(grace);
+        group.terminate();
     }
 }
 
@@ -491,7 +429,7 @@ impl Env {
                 if std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok() {
                     return p;
                 }
-                if p.child.try_wait().unwrap().is_some() {
+                if p.group.try_wait().unwrap().is_some() {
                     break;
                 }
                 assert!(Instant::now() < deadline, "agent did not start");
