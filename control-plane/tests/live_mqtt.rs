@@ -22,7 +22,7 @@ use kip_shared::live::{
 use kip_tests::{Mosquitto, wait_until};
 use prometheus_client::registry::Registry;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 /// Publishes the file's bytes with `mosquitto_pub` (an independent client), QoS 1.
@@ -90,7 +90,8 @@ async fn hostile_messages_on_the_answer_topic_are_dropped_without_reconnecting()
         metrics.clone(),
     );
     let cancel = CancellationToken::new();
-    let run = tokio::spawn(client.clone().run(cancel.clone()));
+    let tasks = TaskTracker::new();
+    tasks.spawn(client.clone().run(cancel.clone()));
     wait_until(
         Duration::from_secs(20),
         "the live client subscribed",
@@ -114,9 +115,14 @@ async fn hostile_messages_on_the_answer_topic_are_dropped_without_reconnecting()
         .unwrap();
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
     let mut subscribed_tx = Some(subscribed_tx);
-    let responder = tokio::spawn(async move {
+    let stop = cancel.clone();
+    tasks.spawn(async move {
         loop {
-            match events.poll().await {
+            let ev = tokio::select! {
+                () = stop.cancelled() => return,
+                ev = events.poll() => ev,
+            };
+            match ev {
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     if let Some(tx) = subscribed_tx.take() {
                         let _ = tx.send(());
@@ -180,7 +186,9 @@ async fn hostile_messages_on_the_answer_topic_are_dropped_without_reconnecting()
     );
     assert!(client.connected());
 
-    responder.abort();
     cancel.cancel();
-    run.await.unwrap();
+    tasks.close();
+    tokio::time::timeout(Duration::from_secs(10), tasks.wait())
+        .await
+        .expect("the client and the fake agent stop on cancel");
 }
