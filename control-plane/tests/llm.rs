@@ -1661,3 +1661,48 @@ async fn a_full_log_queue_still_records_spend_and_the_budget_holds(pool: PgPool)
     assert!((spend_reaches(&pool, &org, 12.0).await - 12.0).abs() < 1e-9);
     lock.rollback().await.unwrap();
 }
+
+/// Hole 4: Aleph reads a bounded window of synced data, not the organisation's whole history:
+/// a series last seen two days ago is not read (nor shown).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn aleph_reads_a_bounded_window_of_synced_data(pool: PgPool) {
+    let app = gateway(pool.clone(), "").await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/devices"),
+            &key,
+            json!({"name": "press-1"}),
+        )
+        .await;
+    let dev_id: uuid::Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    for (seq, metric, age_h, v) in [
+        (1_i64, "temperature", 0.01, 71.5),
+        (2, "stale_pressure", 48.0, 3.25),
+    ] {
+        sqlx::query(
+            "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value) \
+             VALUES ($1, $2, 0, $3, 'm1', $4, now() - make_interval(secs => $5 * 3600), $6)",
+        )
+        .bind(org.parse::<uuid::Uuid>().unwrap())
+        .bind(dev_id)
+        .bind(seq)
+        .bind(metric)
+        .bind(age_h)
+        .bind(v)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"task": "machine_status", "messages": user("How is press-1?")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let text = r.body["content"].as_str().unwrap();
+    assert!(text.contains("temperature = 71.5"), "{text}");
+    assert!(!text.contains("stale_pressure"), "{text}");
+}
