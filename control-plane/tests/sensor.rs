@@ -260,18 +260,30 @@ async fn a_slow_sensor_query_ends_at_its_statement_timeout(pool: PgPool) {
     let base = format!("/v1/organisations/{org}/devices/{dev}/sensor-data");
     let t = std::time::Instant::now();
     let r = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(40),
         app.get(&format!("{base}?bucket_s=60"), &key),
     )
     .await
     .expect("the query must end at its statement timeout, not wait for the lock");
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text);
     assert_eq!(r.body["error"]["code"], "timeout");
+    let limit =
+        std::time::Duration::from_millis(kip_control_plane::telemetry::SENSOR_QUERY_TIMEOUT_MS);
+    // The statement's own timeout answered, not the HTTP request timeout (30 s).
     assert!(
+        t.elapsed() >= limit && t.elapsed() < limit * 3,
+        "{:?}",
         t.elapsed()
-            >= std::time::Duration::from_millis(
-                kip_control_plane::telemetry::SENSOR_QUERY_TIMEOUT_MS
-            )
     );
+    // And the database stopped the statement: no backend still waits for the lock.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND query LIKE '%FROM sensor_data%' \
+           AND datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0);
     lock.rollback().await.unwrap();
 }
