@@ -537,7 +537,8 @@ async fn monthly_budget_used_up_is_a_402(pool: PgPool) {
         );
         log_rows(&pool, &org, n).await;
     }
-    // The log writer keeps the month-to-date figure in step with the log rows.
+    // The spend ledger's flusher writes the month-to-date figure (in step with the log rows).
+    spend_reaches(&pool, &org, 6.0).await;
     let org_id: uuid::Uuid = org.parse().unwrap();
     let (logged, spend): (f64, f64) = sqlx::query_as(
         "SELECT (SELECT sum(cost_usd) FROM inference_logs WHERE org_id = $1), \
