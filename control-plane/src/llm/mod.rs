@@ -10,8 +10,14 @@
 //! Invariants:
 //! - Per-organisation state (rate limit bucket, spend, cache entries) is keyed by the org id
 //!   taken from the caller's API key, never from the request body.
-//! - Every provider attempt, cache hit, refusal and fallback answer is queued as one
-//!   `inference_logs` row; the request never waits for the database.
+//! - Every provider attempt, cache hit and fallback answer is queued as one `inference_logs`
+//!   row (refusals only while more than half the queue is free); the request never waits for
+//!   the database. A call's cost goes to the spend ledger ([`spend`]), never dropped.
+//! - Only configured models go upstream: priced, or of a `free` (or Aleph) provider; anything
+//!   else is `LlmError::UnknownModel` before any call.
+//! - One request causes at most `max_upstream_attempts_per_request` provider calls and names
+//!   at most `max_fallbacks_per_request` fallbacks; budgets are checked at admission and before
+//!   each attempt; breakers are per (provider, organisation).
 //! - Provider API keys stay inside [`config::Secret`] and the HTTP clients.
 
 pub mod aleph;
@@ -86,7 +92,7 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// Cheapest estimated cost first (price tables; unpriced targets count as free).
+    /// Cheapest estimated cost first (price tables; models of a `free` provider cost 0).
     Cost,
     /// Lowest moving-average latency first (unmeasured targets first, to measure them).
     Latency,
