@@ -25,11 +25,18 @@ use sqlx::PgPool;
 use tower::ServiceExt as _;
 
 /// `top` holds top-level `[llm]` keys; each provider is (name, kind, base_url, extra lines).
+/// A provider without a price table is marked `free = true` (only configured models are
+/// accepted).
 fn llm_toml(top: &str, providers: &[(&str, &str, String, &str)]) -> String {
     let mut s = format!("{top}\n");
     for (name, kind, url, extra) in providers {
+        let free = if extra.contains("prices") || extra.contains("free =") {
+            ""
+        } else {
+            "free = true\n"
+        };
         s.push_str(&format!(
-            "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"\n{extra}\n"
+            "[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"\n{free}{extra}\n"
         ));
     }
     s
@@ -530,7 +537,8 @@ async fn monthly_budget_used_up_is_a_402(pool: PgPool) {
         );
         log_rows(&pool, &org, n).await;
     }
-    // The log writer keeps the month-to-date figure in step with the log rows.
+    // The spend ledger's flusher writes the month-to-date figure (in step with the log rows).
+    spend_reaches(&pool, &org, 6.0).await;
     let org_id: uuid::Uuid = org.parse().unwrap();
     let (logged, spend): (f64, f64) = sqlx::query_as(
         "SELECT (SELECT sum(cost_usd) FROM inference_logs WHERE org_id = $1), \
@@ -1292,4 +1300,410 @@ async fn the_harness_runs_the_log_writer_and_the_providers(pool: PgPool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---------- issue 13, holes 2-4: budgets, fallback amplification, tenant isolation ----------
+
+/// Waits (bounded) until the organisation's month-to-date `llm_spend` reaches `usd`.
+async fn spend_reaches(pool: &PgPool, org: &str, usd: f64) -> f64 {
+    let org: uuid::Uuid = org.parse().unwrap();
+    let mut last = 0.0;
+    for _ in 0..500 {
+        last = sqlx::query_scalar::<_, f64>(
+            "SELECT COALESCE(sum(usd), 0)::float8 FROM llm_spend WHERE org_id = $1",
+        )
+        .bind(org)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if last >= usd - 1e-9 {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("llm_spend stayed at {last} USD, expected {usd} USD");
+}
+
+/// Hole 2: a model without a price is not forwarded (it would cost 0 and bypass the budget);
+/// the answer is OpenAI's `model_not_found` shape, naming the model.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn an_unpriced_model_is_refused_with_400_naming_it(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    let toml = llm_toml(
+        "monthly_budget_usd = 0.05",
+        &[(
+            "openai",
+            "openai_compatible",
+            fake.base_url(),
+            "[providers.openai.prices]\nm = { input_per_1m_usd = 1.0, output_per_1m_usd = 2.0 }",
+        )],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    for uri in ["/v1/query", "/v1/chat/completions"] {
+        let r = app
+            .post(
+                uri,
+                &key,
+                json!({"model": "openai/unlisted-x", "messages": user("hi")}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {}", r.text);
+        assert_eq!(r.code(), "model_not_found", "{}", r.text);
+        assert_eq!(r.body["error"]["type"], "invalid_request_error");
+        assert_eq!(r.body["error"]["param"], "model");
+        assert!(r.message().contains("openai/unlisted-x"), "{}", r.text);
+    }
+    // As a fallback too.
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "openai/m", "messages": user("hi"),
+                   "options": {"fallback": ["openai/unlisted-x"]}}),
+        )
+        .await;
+    assert_eq!(r.code(), "model_not_found", "{}", r.text);
+    assert_eq!(fake.hits(), 0, "nothing unpriced reached the provider");
+    // The configured model works.
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "openai/m", "messages": user("hi")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // And a config listing a model without a price does not load.
+    let err = LlmConfig::from_toml(
+        "[providers.o]\nkind = \"openai_compatible\"\nbase_url = \"http://x\"\nmodels = [\"gpt-5\"]\n",
+        |_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("llm.providers.o.prices") && err.contains("gpt-5"),
+        "{err}"
+    );
+}
+
+/// Hole 2: a client that drops a stream before the usage chunk is charged for the prompt
+/// (estimated) and for the text it received (counted from the deltas).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_stream_dropped_before_its_usage_chunk_is_charged_from_the_tokens_seen(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let mut events = vec![
+        json!({"id": "c", "object": "chat.completion.chunk", "created": 1,
+        "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant",
+        "content": "x".repeat(400)}, "finish_reason": null}]}),
+    ];
+    events.extend(fake_llm::text_chunks("m", &["never", "sent"]));
+    let fake = FakeLlm::start(Reply::Stream {
+        events,
+        gate: Some(gate.clone()),
+    })
+    .await;
+    // 1 USD per output token, prompt tokens 0.01 USD each.
+    let toml = llm_toml(
+        "",
+        &[(
+            "p",
+            "openai_compatible",
+            fake.base_url(),
+            "[providers.p.prices]\nm = { input_per_1m_usd = 10000.0, output_per_1m_usd = 1000000.0 }",
+        )],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk")
+        .unwrap()
+        .unwrap();
+    assert!(first.into_data().unwrap().len() > 400);
+    // The client goes away before the usage chunk.
+    drop(body);
+    let rows = log_rows(&pool, &org, 1).await;
+    let row = &rows[0];
+    assert_eq!(row.status, "client_closed", "{rows:?}");
+    assert_eq!(row.tokens_out, 100, "400 characters streamed: {rows:?}");
+    assert!(row.tokens_in > 0, "the prompt is estimated: {rows:?}");
+    let expected = 100.0 + f64::from(row.tokens_in) * 0.01;
+    assert!((row.cost_usd - expected).abs() < 1e-9, "{rows:?}");
+    spend_reaches(&pool, &org, expected).await;
+    gate.notify_one();
+}
+
+/// Hole 3: the fallback list is capped (400 naming the limit, no upstream call), and one
+/// request's upstream calls are capped whatever its chain and retries.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn fallbacks_and_upstream_attempts_per_request_are_capped(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Status {
+        status: 404,
+        retry_after: None,
+        retry_after_ms: None,
+    })
+    .await;
+    let toml = llm_toml(
+        "local_fallback = false\nmax_retries = 2\nretry_base_ms = 1\n\
+         max_upstream_attempts_per_request = 4\nbreaker_failure_threshold = 1000",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let many: Vec<String> = (0..200).map(|i| format!("p/m{i}")).collect();
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("hi"), "options": {"fallback": many}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(
+        r.message().contains("llm.max_fallbacks_per_request") && r.message().contains("3"),
+        "{}",
+        r.text
+    );
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .header("x-kip-fallback", many.join(","))
+        .body(Body::from(
+            json!({"model": "p/m", "messages": user("hi")}).to_string(),
+        ))
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(fake.hits(), 0);
+    // Within the cap: 404s move on once per target; 500s with retries stop at 4 calls.
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("hi"),
+                   "options": {"fallback": ["p/a", "p/b", "p/c"]}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    assert_eq!(fake.hits(), 4, "one call per target: {}", r.text);
+    fake.set_default(Reply::Status {
+        status: 500,
+        retry_after: None,
+        retry_after_ms: None,
+    });
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"model": "p/m", "messages": user("hi"),
+                   "options": {"fallback": ["p/a", "p/b", "p/c"]}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    assert_eq!(fake.hits(), 8, "{}", r.text);
+    assert!(r.message().contains("attempt_limit"), "{}", r.text);
+}
+
+/// Hole 3: a 404 (model unknown upstream) is a configuration error, not a success: it counts
+/// toward the breaker.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn upstream_404s_open_the_breaker(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Status {
+        status: 404,
+        retry_after: None,
+        retry_after_ms: None,
+    })
+    .await;
+    let toml = llm_toml(
+        "local_fallback = false\nmax_retries = 0\nbreaker_failure_threshold = 2\n\
+         breaker_cooldown_ms = 3600000",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let body = json!({"model": "p/m", "messages": user("hi")});
+    for _ in 0..2 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    }
+    let r = app.post("/v1/query", &key, body).await;
+    assert!(r.message().contains("breaker_open"), "{}", r.text);
+    assert_eq!(fake.hits(), 2);
+}
+
+/// Hole 4: one organisation's failures open its own breaker, not the others'.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn one_organisations_failures_do_not_open_the_breaker_for_another(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    let err = Reply::Status {
+        status: 500,
+        retry_after: None,
+        retry_after_ms: None,
+    };
+    fake.script([err.clone(), err]);
+    let toml = llm_toml(
+        "local_fallback = false\nmax_retries = 0\nbreaker_failure_threshold = 2\n\
+         breaker_cooldown_ms = 3600000",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("noisy").await;
+    let (_, other_key) = app.org_with_key("quiet").await;
+    let body = json!({"model": "p/m", "messages": user("hi")});
+    for _ in 0..2 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text);
+    }
+    let r = app.post("/v1/query", &key, body.clone()).await;
+    assert!(r.message().contains("breaker_open"), "{}", r.text);
+    assert_eq!(fake.hits(), 2);
+    let r = app.post("/v1/query", &other_key, body).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(fake.hits(), 3);
+}
+
+/// Hole 4: an organisation at its own in-flight limit is refused while another is served.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn the_in_flight_limit_per_organisation_leaves_room_for_others(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let fake = FakeLlm::start(Reply::Stream {
+        events: fake_llm::text_chunks("m", &["a", "b"]),
+        gate: Some(gate.clone()),
+    })
+    .await;
+    let toml = llm_toml(
+        "max_in_flight_requests = 10\nmax_in_flight_requests_per_org = 1",
+        &[("p", "openai_compatible", fake.base_url(), "")],
+    );
+    let app = gateway(pool, &toml).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let (_, other_key) = app.org_with_key("other").await;
+    let resp = sse_request(
+        &app,
+        &key,
+        json!({"model": "p/m", "messages": user("hi"), "stream": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk")
+        .unwrap()
+        .unwrap();
+    fake.set_default(Reply::Json(fake_llm::completion("m", "ok")));
+    let plain = json!({"model": "p/m", "messages": user("hi")});
+    let r = app.post("/v1/query", &key, plain.clone()).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert!(
+        r.message().contains("llm.max_in_flight_requests_per_org"),
+        "{}",
+        r.text
+    );
+    let r = app.post("/v1/query", &other_key, plain.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    gate.notify_one();
+    body.collect().await.unwrap();
+    let r = app.post("/v1/query", &key, plain).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
+/// Hole 4: spend is never dropped with log rows. With the log writer stuck (its table locked)
+/// and its queue full, every call's cost still reaches `llm_spend`, and the budget holds.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_full_log_queue_still_records_spend_and_the_budget_holds(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "ok"))).await;
+    // 12 prompt tokens at 250,000 USD per million: 3 USD a call.
+    let toml = llm_toml(
+        "monthly_budget_usd = 10.0\nbudget_refresh_ms = 0\nlog_queue_capacity = 1\n\
+         log_flush_interval_ms = 10",
+        &[(
+            "p",
+            "openai_compatible",
+            fake.base_url(),
+            "[providers.p.prices]\nm = { input_per_1m_usd = 250000.0, output_per_1m_usd = 0.0 }",
+        )],
+    );
+    let app = gateway(pool.clone(), &toml).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE inference_logs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let body = json!({"model": "p/m", "messages": user("hi")});
+    for _ in 0..4 {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    // The fifth call: 12 USD spent of 10, refused although no log row was written.
+    let r = app.post("/v1/query", &key, body).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text);
+    assert_eq!(fake.hits(), 4);
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kip_llm_log_rows_dropped_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(dropped >= 1.0, "the log queue overflowed: {metrics}");
+    assert!((spend_reaches(&pool, &org, 12.0).await - 12.0).abs() < 1e-9);
+    lock.rollback().await.unwrap();
+}
+
+/// Hole 4: Aleph reads a bounded window of synced data, not the organisation's whole history:
+/// a series last seen two days ago is not read (nor shown).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn aleph_reads_a_bounded_window_of_synced_data(pool: PgPool) {
+    let app = gateway(pool.clone(), "").await;
+    let (org, key) = app.org_with_key("acme").await;
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/devices"),
+            &key,
+            json!({"name": "press-1"}),
+        )
+        .await;
+    let dev_id: uuid::Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    for (seq, metric, age_h, v) in [
+        (1_i64, "temperature", 0.01, 71.5),
+        (2, "stale_pressure", 48.0, 3.25),
+    ] {
+        sqlx::query(
+            "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value) \
+             VALUES ($1, $2, 0, $3, 'm1', $4, now() - make_interval(secs => $5 * 3600), $6)",
+        )
+        .bind(org.parse::<uuid::Uuid>().unwrap())
+        .bind(dev_id)
+        .bind(seq)
+        .bind(metric)
+        .bind(age_h)
+        .bind(v)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"task": "machine_status", "messages": user("How is press-1?")}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let text = r.body["content"].as_str().unwrap();
+    assert!(text.contains("temperature = 71.5"), "{text}");
+    assert!(!text.contains("stale_pressure"), "{text}");
 }

@@ -185,3 +185,105 @@ async fn another_organisation_and_bad_parameters_are_refused(pool: PgPool) {
 fn urlencode(s: &str) -> String {
     s.replace('+', "%2B").replace(':', "%3A")
 }
+
+/// Bucket pages aggregate a bounded window: readings far apart still page through, every
+/// bucket exactly once, and no page is empty while readings follow.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn bucket_pages_cross_gaps_in_the_data(pool: PgPool) {
+    let app = common::app(pool).await;
+    let (org, key) = app.org_with_key("a").await;
+    let dev = seed(&app, &org, &key).await;
+    // One more reading 30 days later.
+    let id = DeviceIdentity {
+        org_id: org.parse().unwrap(),
+        device_id: dev.parse().unwrap(),
+    };
+    let late = Sequenced {
+        epoch: 2,
+        seq: 1,
+        record: Record::Reading(Reading {
+            source: "plc".into(),
+            machine: "m1".into(),
+            metric: "temp".into(),
+            ts: t0() + chrono::Duration::days(30),
+            value: 99.0,
+            quality: Quality::Good,
+        }),
+    };
+    let batch = SyncBatch {
+        protocol_version: 1,
+        agent_version: String::new(),
+        epoch: 2,
+        first_seq: 1,
+        last_seq: 1,
+        records: vec![late],
+        running_model: None,
+    };
+    ingest::store(&app.pool, id, &batch).await.unwrap();
+    let base = format!("/v1/organisations/{org}/devices/{dev}/sensor-data");
+    let mut pages = Vec::new();
+    let mut uri = format!("{base}?bucket_s=60&limit=3&machine=m1&metric=temp");
+    loop {
+        let r = app.get(&uri, &key).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let pts = r.body["points"].as_array().unwrap().clone();
+        assert!(!pts.is_empty(), "an empty page: {}", r.text);
+        pages.push(pts);
+        match r.body["next_cursor"].as_str() {
+            Some(c) => {
+                uri = format!("{base}?bucket_s=60&limit=3&machine=m1&metric=temp&cursor={c}")
+            }
+            None => break,
+        }
+        assert!(pages.len() < 10, "too many pages");
+    }
+    let counts: Vec<i64> = pages
+        .iter()
+        .flatten()
+        .map(|p| p["count"].as_i64().unwrap())
+        .collect();
+    assert_eq!(counts, vec![6, 6, 1], "{pages:?}");
+}
+
+/// A sensor query stops after its statement timeout (504) instead of holding a connection:
+/// here it waits on a lock held by another transaction.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_slow_sensor_query_ends_at_its_statement_timeout(pool: PgPool) {
+    let app = common::app(pool.clone()).await;
+    let (org, key) = app.org_with_key("a").await;
+    let dev = seed(&app, &org, &key).await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sensor_data IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let base = format!("/v1/organisations/{org}/devices/{dev}/sensor-data");
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(40),
+        app.get(&format!("{base}?bucket_s=60"), &key),
+    )
+    .await
+    .expect("the query must end at its statement timeout, not wait for the lock");
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{}", r.text);
+    assert_eq!(r.body["error"]["code"], "timeout");
+    let limit =
+        std::time::Duration::from_millis(kip_control_plane::telemetry::SENSOR_QUERY_TIMEOUT_MS);
+    // The statement's own timeout answered, not the HTTP request timeout (30 s).
+    assert!(
+        t.elapsed() >= limit && t.elapsed() < limit * 3,
+        "{:?}",
+        t.elapsed()
+    );
+    // And the database stopped the statement: no backend still waits for the lock.
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND query LIKE '%FROM sensor_data%' \
+           AND datname = current_database()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 0);
+    lock.rollback().await.unwrap();
+}

@@ -12,6 +12,11 @@
 //!   live requests go only to that organisation's topics.
 //! - A question takes at most `request_timeout_ms` of waiting for agents, whatever their number.
 //! - The text says where each value comes from (live or synced) and when it was measured.
+//! - Synced values are read from a bounded window only (the last [`ALEPH_WINDOW_HOURS`] hours,
+//!   by the `(org, device, machine, metric, ts)` index), never by `DISTINCT ON` over an
+//!   organisation's whole history, and each read stops after [`ALEPH_QUERY_TIMEOUT_MS`]
+//!   (`SET LOCAL statement_timeout`): one organisation's long history cannot make every
+//!   Aleph answer slow.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -32,6 +37,10 @@ use super::{
 
 /// Readings summarised per answer, newest per (device, machine, metric).
 const ALEPH_MAX_ROWS: i64 = 200;
+/// How far back synced values are looked for; older series are not shown.
+pub const ALEPH_WINDOW_HOURS: i64 = 24;
+/// Longest a synced-data read may run.
+pub const ALEPH_QUERY_TIMEOUT_MS: u64 = 3_000;
 /// Devices considered when matching names in a question.
 const ALEPH_MAX_DEVICES_SCANNED: i64 = 10_000;
 
@@ -203,30 +212,39 @@ impl AlephProvider {
         ctx: CallCtx<'_>,
         devices: Option<&[Uuid]>,
     ) -> Result<Vec<Latest>, ProviderError> {
+        let mut tx = ctx.pool.begin().await.map_err(|e| db_error(&e))?;
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(ALEPH_QUERY_TIMEOUT_MS.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| db_error(&e))?;
         let q = match devices {
             None => sqlx::query_as(
                 "SELECT d.name AS device, l.machine, l.metric, l.value, l.ts FROM ( \
                    SELECT DISTINCT ON (device_id, machine, metric) device_id, machine, metric, value, ts \
-                   FROM sensor_data WHERE org_id = $1 \
-                   ORDER BY device_id, machine, metric, ts DESC) l \
-                 JOIN devices d ON d.id = l.device_id AND d.org_id = $1 \
-                 ORDER BY d.name, l.machine, l.metric LIMIT $2",
-            )
-            .bind(ctx.org_id)
-            .bind(ALEPH_MAX_ROWS),
-            Some(ids) => sqlx::query_as(
-                "SELECT d.name AS device, l.machine, l.metric, l.value, l.ts FROM ( \
-                   SELECT DISTINCT ON (device_id, machine, metric) device_id, machine, metric, value, ts \
-                   FROM sensor_data WHERE org_id = $1 AND device_id = ANY($3) \
+                   FROM sensor_data WHERE org_id = $1 AND ts >= now() - make_interval(hours => $3) \
                    ORDER BY device_id, machine, metric, ts DESC) l \
                  JOIN devices d ON d.id = l.device_id AND d.org_id = $1 \
                  ORDER BY d.name, l.machine, l.metric LIMIT $2",
             )
             .bind(ctx.org_id)
             .bind(ALEPH_MAX_ROWS)
-            .bind(ids.to_vec()),
+            .bind(ALEPH_WINDOW_HOURS as i32),
+            Some(ids) => sqlx::query_as(
+                "SELECT d.name AS device, l.machine, l.metric, l.value, l.ts FROM ( \
+                   SELECT DISTINCT ON (device_id, machine, metric) device_id, machine, metric, value, ts \
+                   FROM sensor_data WHERE org_id = $1 AND device_id = ANY($3) \
+                     AND ts >= now() - make_interval(hours => $4) \
+                   ORDER BY device_id, machine, metric, ts DESC) l \
+                 JOIN devices d ON d.id = l.device_id AND d.org_id = $1 \
+                 ORDER BY d.name, l.machine, l.metric LIMIT $2",
+            )
+            .bind(ctx.org_id)
+            .bind(ALEPH_MAX_ROWS)
+            .bind(ids.to_vec())
+            .bind(ALEPH_WINDOW_HOURS as i32),
         };
-        q.fetch_all(ctx.pool).await.map_err(|e| db_error(&e))
+        q.fetch_all(&mut *tx).await.map_err(|e| db_error(&e))
     }
 
     /// Today's answer without MQTT: the latest synced rows the question names (all otherwise).

@@ -41,10 +41,53 @@ where
         .route("/chat/completions", post(chat_completions))
 }
 
+/// An error of the LLM routes: the shared [`ApiError`], or an OpenAI-style error for the cases
+/// OpenAI clients recognise (`model_not_found` carries `type` and `param` like OpenAI's).
+#[derive(Debug)]
+pub enum LlmApiError {
+    Api(ApiError),
+    /// 400 `model_not_found` naming the model.
+    UnknownModel(String),
+}
+
+impl From<ApiError> for LlmApiError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<LlmError> for LlmApiError {
+    fn from(e: LlmError) -> Self {
+        match e {
+            LlmError::UnknownModel(_) => Self::UnknownModel(e.to_string()),
+            other => Self::Api(other.into()),
+        }
+    }
+}
+
+impl IntoResponse for LlmApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Api(e) => e.into_response(),
+            Self::UnknownModel(message) => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {
+                    "code": "model_not_found",
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": "model",
+                }})),
+            )
+                .into_response(),
+        }
+    }
+}
+
 /// The HTTP edge of the gateway's errors.
 impl From<LlmError> for ApiError {
     fn from(e: LlmError) -> Self {
         match e {
+            LlmError::UnknownModel(_) => ApiError::BadRequest(e.to_string()),
             LlmError::Invalid { field, message } => ApiError::Validation { field, message },
             LlmError::ProviderRejected(m) => ApiError::BadRequest(m),
             LlmError::Overloaded(m) => ApiError::Overloaded(m),
@@ -57,6 +100,7 @@ impl From<LlmError> for ApiError {
             },
             LlmError::BudgetExceeded(m) => ApiError::PaymentRequired(m),
             LlmError::AllFailed(m) => ApiError::BadGateway(m),
+            LlmError::TooManyFallbacks(m) => ApiError::BadRequest(m),
         }
     }
 }
@@ -183,13 +227,16 @@ pub async fn chat_completions(
         .or_else(|| obj.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(512);
-    let targets = gw.resolve(
+    let targets = match gw.resolve(
         model.as_deref(),
         None,
         &fallback,
         strategy,
         (estimate_tokens(&messages), max_out),
-    )?;
+    ) {
+        Ok(t) => t,
+        Err(e) => return Ok(LlmApiError::from(e).into_response()),
+    };
     let request_id = Uuid::new_v4();
     let in_flight = gw.admit(org_id, request_id).await?;
     if stream {
@@ -366,13 +413,16 @@ pub async fn query(
         estimate_tokens(&messages),
         u64::from(req.options.max_tokens.unwrap_or(512)),
     );
-    let targets = gw.resolve(
+    let targets = match gw.resolve(
         model.as_deref(),
         req.options.provider.as_deref(),
         &req.options.fallback,
         req.options.strategy,
         est,
-    )?;
+    ) {
+        Ok(t) => t,
+        Err(e) => return Ok(LlmApiError::from(e).into_response()),
+    };
     let request_id = Uuid::new_v4();
     let _in_flight = gw.admit(org_id, request_id).await?;
     let mut body = Map::new();

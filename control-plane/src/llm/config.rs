@@ -109,9 +109,14 @@ pub struct RawProvider {
     /// reject the field.
     #[serde(default = "default_true")]
     pub stream_usage: bool,
-    /// Prices per model.
+    /// Prices per model. A model of a provider that is not `free` is accepted only when it
+    /// has a row here (zero prices are allowed: an explicitly free model).
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// Every model of this provider costs nothing (a self-hosted server): requests may name any
+    /// model and are charged 0. Off by default, so an unpriced model cannot bypass a budget.
+    #[serde(default)]
+    pub free: bool,
     /// Aleph only: ask the agents for live values over MQTT.
     #[serde(default)]
     pub mqtt: Option<RawAlephMqtt>,
@@ -293,6 +298,9 @@ pub struct RawOrgLimits {
     pub rate_limit_burst: Option<u32>,
     #[serde(default)]
     pub monthly_budget_usd: Option<f64>,
+    /// LLM calls this organisation may have in flight at once.
+    #[serde(default)]
+    pub max_in_flight_requests: Option<usize>,
 }
 
 /// The `[llm]` section as written.
@@ -361,6 +369,18 @@ pub struct RawLlm {
     /// cannot pile up connections and memory.
     #[serde(default = "default_max_in_flight_requests")]
     pub max_in_flight_requests: usize,
+    /// LLM calls one organisation may have in flight at once (503 `overloaded` beyond), so one
+    /// tenant cannot take every place of `max_in_flight_requests`. Per organisation under
+    /// `[llm.orgs."<uuid>"]`. Default: 256, or `max_in_flight_requests` when smaller.
+    #[serde(default)]
+    pub max_in_flight_requests_per_org: Option<usize>,
+    /// Longest fallback list a request may give (`options.fallback`, `x-kip-fallback`);
+    /// longer lists answer 400.
+    #[serde(default = "default_max_fallbacks_per_request")]
+    pub max_fallbacks_per_request: usize,
+    /// Upstream calls (first tries, retries and fallbacks together) one request may cause.
+    #[serde(default = "default_max_upstream_attempts_per_request")]
+    pub max_upstream_attempts_per_request: u32,
 }
 
 fn default_true() -> bool {
@@ -414,6 +434,15 @@ fn default_budget_refresh_ms() -> u64 {
 fn default_max_in_flight_requests() -> usize {
     1_024
 }
+fn default_max_in_flight_requests_per_org() -> usize {
+    256
+}
+fn default_max_fallbacks_per_request() -> usize {
+    3
+}
+fn default_max_upstream_attempts_per_request() -> u32 {
+    8
+}
 fn default_log_queue_capacity() -> usize {
     10_000
 }
@@ -440,6 +469,7 @@ fn default_providers() -> BTreeMap<String, RawProvider> {
             stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
             stream_usage: true,
             prices: BTreeMap::new(),
+            free: false,
             mqtt: None,
             resolved_env_key: None,
         },
@@ -471,6 +501,9 @@ impl Default for RawLlm {
             log_batch_max_rows: default_log_batch_max_rows(),
             log_flush_interval_ms: default_log_flush_interval_ms(),
             max_in_flight_requests: default_max_in_flight_requests(),
+            max_in_flight_requests_per_org: None,
+            max_fallbacks_per_request: default_max_fallbacks_per_request(),
+            max_upstream_attempts_per_request: default_max_upstream_attempts_per_request(),
         }
     }
 }
@@ -491,8 +524,18 @@ pub struct ProviderConfig {
     pub stream_idle_timeout: Duration,
     pub stream_usage: bool,
     pub prices: BTreeMap<String, Price>,
+    /// Every model is free (`free = true`); otherwise only priced models are accepted.
+    pub free: bool,
     /// Aleph only: the live-query MQTT connection; `None` answers from synced data only.
     pub mqtt: Option<AlephMqttConfig>,
+}
+
+impl ProviderConfig {
+    /// Whether requests may name `model`: priced, or the provider is free (Aleph always is:
+    /// it answers from kip's own data and bills no tokens).
+    pub fn accepts(&self, model: &str) -> bool {
+        self.kind == ProviderKind::Aleph || self.free || self.prices.contains_key(model)
+    }
 }
 
 /// Per-organisation limits after defaults were applied.
@@ -501,6 +544,7 @@ pub struct OrgLimits {
     pub rate_limit_per_minute: u32,
     pub rate_limit_burst: u32,
     pub monthly_budget_usd: Option<f64>,
+    pub max_in_flight_requests: usize,
 }
 
 /// The checked `[llm]` section.
@@ -526,6 +570,8 @@ pub struct LlmConfig {
     pub log_batch_max_rows: usize,
     pub log_flush_interval: Duration,
     pub max_in_flight_requests: usize,
+    pub max_fallbacks_per_request: usize,
+    pub max_upstream_attempts_per_request: u32,
 }
 
 impl Default for LlmConfig {
@@ -551,6 +597,7 @@ impl Default for LlmConfig {
                     rate_limit_per_minute: 600,
                     rate_limit_burst: 60,
                     monthly_budget_usd: None,
+                    max_in_flight_requests: 256,
                 },
                 orgs: BTreeMap::new(),
                 budget_refresh: Duration::from_secs(10),
@@ -558,6 +605,8 @@ impl Default for LlmConfig {
                 log_batch_max_rows: 500,
                 log_flush_interval: Duration::from_millis(200),
                 max_in_flight_requests: 1_024,
+                max_fallbacks_per_request: 3,
+                max_upstream_attempts_per_request: 8,
             },
         }
     }
@@ -686,7 +735,16 @@ impl RawLlm {
                 )?,
                 stream_usage: p.stream_usage,
                 prices: p.prices,
+                free: p.free,
             };
+            for m in cfg.models.iter().chain(cfg.default_model.as_ref()) {
+                if !cfg.accepts(m) {
+                    return Err(invalid(format!(
+                        "{field}.prices: model {m:?} has no price; add it under \
+                         [{field}.prices] (zero prices mark it free) or set free = true"
+                    )));
+                }
+            }
             providers.insert(name, cfg);
         }
         let check_target = |field: &str, t: &str, aliases: &BTreeMap<String, Vec<String>>| {
@@ -698,6 +756,14 @@ impl RawLlm {
                 }
                 if model.is_empty() {
                     return Err(invalid(format!("{field}: {t:?} has an empty model")));
+                }
+                if let Some(p) = providers.get(prov)
+                    && !p.accepts(model)
+                {
+                    return Err(invalid(format!(
+                        "{field}: {t:?} has no price under [llm.providers.{prov}.prices] \
+                         (and the provider is not free = true)"
+                    )));
                 }
                 Ok(())
             } else if aliases.contains_key(t) {
@@ -744,28 +810,39 @@ impl RawLlm {
                 "llm.breaker_failure_threshold: must be at least 1".into(),
             ));
         }
-        let limits = |field: &str, per_min: u32, burst: u32, budget: Option<f64>| {
-            if per_min == 0 || burst == 0 {
-                return Err(invalid(format!(
-                    "{field}: rate_limit_per_minute and rate_limit_burst must be at least 1"
-                )));
-            }
-            if budget.is_some_and(|b| !b.is_finite() || b < 0.0) {
-                return Err(invalid(format!(
-                    "{field}.monthly_budget_usd: must be finite and >= 0"
-                )));
-            }
-            Ok(OrgLimits {
-                rate_limit_per_minute: per_min,
-                rate_limit_burst: burst,
-                monthly_budget_usd: budget,
-            })
-        };
+        let limits =
+            |field: &str, per_min: u32, burst: u32, budget: Option<f64>, in_flight: usize| {
+                in_range(in_flight, 1, self.max_in_flight_requests.max(1), "").map_err(|m| {
+                    invalid(format!(
+                        "{field}: max_in_flight_requests (per organisation): {m} \
+                     (at most llm.max_in_flight_requests)"
+                    ))
+                })?;
+                if per_min == 0 || burst == 0 {
+                    return Err(invalid(format!(
+                        "{field}: rate_limit_per_minute and rate_limit_burst must be at least 1"
+                    )));
+                }
+                if budget.is_some_and(|b| !b.is_finite() || b < 0.0) {
+                    return Err(invalid(format!(
+                        "{field}.monthly_budget_usd: must be finite and >= 0"
+                    )));
+                }
+                Ok(OrgLimits {
+                    rate_limit_per_minute: per_min,
+                    rate_limit_burst: burst,
+                    monthly_budget_usd: budget,
+                    max_in_flight_requests: in_flight,
+                })
+            };
         let default_limits = limits(
             "llm",
             self.rate_limit_per_minute,
             self.rate_limit_burst,
             self.monthly_budget_usd,
+            self.max_in_flight_requests_per_org.unwrap_or(
+                default_max_in_flight_requests_per_org().min(self.max_in_flight_requests),
+            ),
         )?;
         let mut orgs = BTreeMap::new();
         for (id, o) in self.orgs {
@@ -778,6 +855,8 @@ impl RawLlm {
                     o.rate_limit_burst
                         .unwrap_or(default_limits.rate_limit_burst),
                     o.monthly_budget_usd.or(default_limits.monthly_budget_usd),
+                    o.max_in_flight_requests
+                        .unwrap_or(default_limits.max_in_flight_requests),
                 )?,
             );
         }
@@ -787,6 +866,10 @@ impl RawLlm {
             .map_err(|m| invalid(format!("llm.log_batch_max_rows: {m}")))?;
         in_range(self.max_in_flight_requests, 1, 100_000, "")
             .map_err(|m| invalid(format!("llm.max_in_flight_requests: {m}")))?;
+        in_range(self.max_fallbacks_per_request, 0, 32, "")
+            .map_err(|m| invalid(format!("llm.max_fallbacks_per_request: {m}")))?;
+        in_range(self.max_upstream_attempts_per_request, 1, 64, "")
+            .map_err(|m| invalid(format!("llm.max_upstream_attempts_per_request: {m}")))?;
         if self.cache_max_entries > 10_000_000 {
             return Err(invalid(
                 "llm.cache_max_entries: must be at most 10000000".into(),
@@ -828,6 +911,8 @@ impl RawLlm {
                 60_000,
             )?,
             max_in_flight_requests: self.max_in_flight_requests,
+            max_fallbacks_per_request: self.max_fallbacks_per_request,
+            max_upstream_attempts_per_request: self.max_upstream_attempts_per_request,
         })
     }
 }

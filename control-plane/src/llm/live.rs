@@ -20,6 +20,18 @@
 //! - The event loop is never blocked by a question: requests are queued with `try_publish`.
 //!   While the connection is down no request is queued (it would be stale by the time it is
 //!   sent); questions are answered from synced data with a note.
+//! - A hostile or broken message cannot make the connection flap (issue 13 hole 7, issue 19).
+//!   The client speaks MQTT 5 and announces a Maximum Packet Size ([`MAX_INCOMING_PACKET_BYTES`]:
+//!   the largest valid answer plus topic and header room), so the broker discards larger
+//!   messages instead of sending them (MQTT 5, 3.1.2.11.4), and the reply subscription asks
+//!   for no retained messages (Retain Handling 2), so a retained message, whatever its size, is
+//!   never delivered. What does arrive and cannot be accepted (oversized payload, malformed
+//!   JSON, topic not UTF-8 or of another shape, wrong organisation or device) is dropped and
+//!   counted in `kip_llm_live_responses_dropped_total{outcome}`; the connection stays up.
+//!   Connections are counted in `kip_llm_live_connections_total` (one per ConnAck).
+//! - Outgoing requests are bounded too: a request larger than
+//!   [`kip_shared::live::MAX_REQUEST_BYTES`] is not sent (`busy`), and rumqttc also keeps to
+//!   the broker's announced maximum.
 
 use std::{
     collections::HashMap,
@@ -32,11 +44,18 @@ use std::{
 
 use chrono::Utc;
 use kip_shared::live::{
-    LIVE_PROTOCOL_VERSION, LiveRequest, LiveResponse, reply_filter, reply_topic, reply_topic_org,
-    request_topic,
+    LIVE_PROTOCOL_VERSION, LiveRequest, LiveResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    MAX_TOPIC_BYTES, reply_filter, reply_topic, reply_topic_org, request_topic,
 };
 use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+    TlsConfiguration, Transport,
+    v5::{
+        AsyncClient, Event, EventLoop, MqttOptions,
+        mqttbytes::{
+            QoS,
+            v5::{Filter, Packet, RetainForwardRule, SubscribeReasonCode},
+        },
+    },
 };
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +65,10 @@ use super::{
     config::AlephMqttConfig,
     metrics::{LiveOutcome, LlmMetrics},
 };
+
+/// Largest MQTT packet the client accepts (announced to the broker in CONNECT): a maximal
+/// answer plus room for the fixed header, the topic and properties.
+pub const MAX_INCOMING_PACKET_BYTES: u32 = (MAX_RESPONSE_BYTES + MAX_TOPIC_BYTES + 4096) as u32;
 
 /// Why a device could not be asked or did not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -119,7 +142,9 @@ impl LiveClient {
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
         opts.set_keep_alive(cfg.keep_alive);
         // Answers to requests of a previous run are of no use.
-        opts.set_clean_session(true);
+        opts.set_clean_start(true);
+        // The broker must not send larger packets (it drops them), and rumqttc reads none.
+        opts.set_max_packet_size(Some(MAX_INCOMING_PACKET_BYTES));
         // Bounded: at most this many requests queue in front of the connection.
         let (client, eventloop) = AsyncClient::new(opts, 256);
         Arc::new(Self {
@@ -204,9 +229,17 @@ impl LiveClient {
             metrics: Vec::new(),
         };
         let topic = request_topic(prefix, org_id, device);
+        let payload = req.encode();
+        if payload.len() > MAX_REQUEST_BYTES {
+            tracing::warn!(
+                bytes = payload.len(),
+                "live request larger than MAX_REQUEST_BYTES not sent"
+            );
+            return Err(LiveFailure::Busy);
+        }
         if let Err(e) = self
             .client
-            .try_publish(topic, QoS::AtLeastOnce, false, req.encode())
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
         {
             tracing::warn!(error = %e, "live request not queued");
             return Err(LiveFailure::Busy);
@@ -219,6 +252,25 @@ impl LiveClient {
             // it as no answer.
             Ok(Err(_)) | Err(_) => Err(LiveFailure::Timeout(ms)),
         }
+    }
+
+    /// Checks a received message's topic and size, then matches it with its waiting request.
+    fn handle_publish(&self, topic: &[u8], payload: &[u8]) {
+        let Ok(topic) = std::str::from_utf8(topic) else {
+            self.drop_response("malformed", "a topic that is not UTF-8");
+            return;
+        };
+        if payload.len() > MAX_RESPONSE_BYTES {
+            self.drop_response(
+                "oversized",
+                &format!(
+                    "{} bytes on {topic:?}, more than the {MAX_RESPONSE_BYTES} an answer may have",
+                    payload.len()
+                ),
+            );
+            return;
+        }
+        self.handle_response(topic, payload);
     }
 
     /// Matches a received answer with its waiting request.
@@ -274,6 +326,15 @@ impl LiveClient {
             return;
         };
         let filter = reply_filter(&self.cfg.topic_prefix, &self.cfg.client_id);
+        let subscription = Filter {
+            path: filter.clone(),
+            qos: QoS::AtLeastOnce,
+            nolocal: true,
+            preserve_retain: false,
+            // Answers are never retained: a retained message is junk (or an attack) and would
+            // come back at every reconnect.
+            retain_forward_rule: RetainForwardRule::Never,
+        };
         let min = Duration::from_millis(200);
         let max = Duration::from_secs(30);
         let mut delay = min;
@@ -286,11 +347,9 @@ impl LiveClient {
                     .map(|(c, k)| (c.as_path(), k.as_path()));
                 match kip_certs::client_config_from_files(&t.ca_file, auth) {
                     Ok(c) => {
-                        eventloop
-                            .mqtt_options
-                            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                                Arc::new(c),
-                            )));
+                        eventloop.options.set_transport(Transport::tls_with_config(
+                            TlsConfiguration::Rustls(Arc::new(c)),
+                        ));
                         break;
                     }
                     Err(e) => {
@@ -315,7 +374,11 @@ impl LiveClient {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     delay = min;
-                    if let Err(e) = self.client.try_subscribe(&filter, QoS::AtLeastOnce) {
+                    self.metrics.live_connections.inc();
+                    if let Err(e) = self
+                        .client
+                        .try_subscribe_many(std::iter::once(subscription.clone()))
+                    {
                         tracing::error!(error = %e, "Aleph MQTT subscribe request failed");
                     }
                 }
@@ -323,7 +386,7 @@ impl LiveClient {
                     if ack
                         .return_codes
                         .iter()
-                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .any(|c| !matches!(c, SubscribeReasonCode::Success(_)))
                     {
                         tracing::error!(%filter, "broker refused the Aleph reply subscription (ACL?)");
                     } else {
@@ -333,7 +396,7 @@ impl LiveClient {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    self.handle_response(&p.topic, &p.payload);
+                    self.handle_publish(&p.topic, &p.payload);
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -4,10 +4,14 @@
 //! - The request path only calls [`LogSink::record`], which never waits: when the queue is full
 //!   the record is dropped and `kip_llm_log_rows_dropped` rises. A slow database therefore
 //!   slows nothing but the log, and memory stays bounded by the queue capacity.
+//! - A dropped row never loses spend: costs are accounted separately ([`super::spend`]); the
+//!   row's `cost_usd` is a record only.
+//! - Refusals (rate limit, budget, overload) use [`LogSink::record_refusal`], which queues only
+//!   while more than half the queue is free: a flood of refused requests from one organisation
+//!   cannot take the places of other organisations' answered calls.
 //! - One multi-row `INSERT ... SELECT FROM UNNEST(...)` per batch (one round trip, any size up
 //!   to `log_batch_max_rows`), ids in queue order; rows of organisations deleted meanwhile are
-//!   skipped, so one such row cannot fail a whole batch. The same statement adds the batch's
-//!   cost to `llm_spend` (org, month), which is what budget checks read.
+//!   skipped, so one such row cannot fail a whole batch.
 //! - The writer runs on the server's `TaskTracker` and ends when every sender is gone (the
 //!   router was dropped at shutdown) after writing what was queued.
 
@@ -57,6 +61,15 @@ impl LogSink {
             self.metrics.log_rows_dropped.inc();
         }
     }
+
+    /// Queues the row of a refused request only while more than half the queue is free.
+    pub fn record_refusal(&self, r: LogRecord) {
+        if self.tx.capacity() * 2 <= self.tx.max_capacity() {
+            self.metrics.log_rows_dropped.inc();
+            return;
+        }
+        self.record(r);
+    }
 }
 
 fn clamp_i32(v: u64) -> i32 {
@@ -94,8 +107,6 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
         status.push(r.status.as_str());
         hit.push(r.cache_hit);
     }
-    // One statement: the rows and their cost added to `llm_spend`, so the month-to-date
-    // figure that budget checks read always matches the log.
     let written: i64 = sqlx::query_scalar(
         "WITH ins AS ( \
            INSERT INTO inference_logs (org_id, request_id, provider, model, tokens_in, \
@@ -108,12 +119,7 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
                   tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
            WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
            ORDER BY u.n \
-           RETURNING org_id, cost_usd, created_at), \
-         spend AS ( \
-           INSERT INTO llm_spend (org_id, month, usd) \
-           SELECT org_id, date_trunc('month', created_at AT TIME ZONE 'UTC')::date, sum(cost_usd) \
-           FROM ins WHERE cost_usd > 0 GROUP BY 1, 2 \
-           ON CONFLICT (org_id, month) DO UPDATE SET usd = llm_spend.usd + EXCLUDED.usd) \
+           RETURNING 1) \
          SELECT count(*) FROM ins",
     )
     .bind(&org)
@@ -200,5 +206,24 @@ mod tests {
             sink.record(record());
         }
         assert_eq!(metrics.log_rows_dropped.get(), 3);
+    }
+
+    #[test]
+    fn refusals_leave_half_the_queue_to_answered_calls() {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let metrics = LlmMetrics::register(&mut reg);
+        let (sink, _rx) = LogSink::new(4, metrics.clone());
+        for _ in 0..4 {
+            sink.record_refusal(record());
+        }
+        // Two refusals queued (the queue is then half full), two dropped.
+        assert_eq!(metrics.log_rows_dropped.get(), 2);
+        sink.record(record());
+        sink.record(record());
+        assert_eq!(
+            metrics.log_rows_dropped.get(),
+            2,
+            "answered calls still fit"
+        );
     }
 }

@@ -60,6 +60,8 @@ pub struct LlmMetrics {
     pub live_responses_dropped: Family<LiveOutcome, Counter>,
     /// 1 while the Aleph MQTT client is connected and subscribed to its reply topics.
     pub live_connected: Gauge,
+    /// Connections of the live-query client to its broker (ConnAcks); rising fast means flapping.
+    pub live_connections: Counter,
 }
 
 fn buckets() -> Histogram {
@@ -87,6 +89,7 @@ impl LlmMetrics {
             live_requests: Family::default(),
             live_responses_dropped: Family::default(),
             live_connected: Gauge::default(),
+            live_connections: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("llm");
         r.register(
@@ -163,6 +166,11 @@ impl LlmMetrics {
             "live_connected",
             "1 while the Aleph MQTT client is connected and subscribed to its reply topics",
             m.live_connected.clone(),
+        );
+        r.register(
+            "live_connections",
+            "Connections of the Aleph MQTT client to its broker (ConnAcks received)",
+            m.live_connections.clone(),
         );
         m
     }

@@ -10,8 +10,14 @@
 //! Invariants:
 //! - Per-organisation state (rate limit bucket, spend, cache entries) is keyed by the org id
 //!   taken from the caller's API key, never from the request body.
-//! - Every provider attempt, cache hit, refusal and fallback answer is queued as one
-//!   `inference_logs` row; the request never waits for the database.
+//! - Every provider attempt, cache hit and fallback answer is queued as one `inference_logs`
+//!   row (refusals only while more than half the queue is free); the request never waits for
+//!   the database. A call's cost goes to the spend ledger ([`spend`]), never dropped.
+//! - Only configured models go upstream: priced, or of a `free` (or Aleph) provider; anything
+//!   else is `LlmError::UnknownModel` before any call.
+//! - One request causes at most `max_upstream_attempts_per_request` provider calls and names
+//!   at most `max_fallbacks_per_request` fallbacks; budgets are checked at admission and before
+//!   each attempt; breakers are per (provider, organisation).
 //! - Provider API keys stay inside [`config::Secret`] and the HTTP clients.
 
 pub mod aleph;
@@ -23,6 +29,7 @@ pub mod logs;
 pub mod metrics;
 pub mod provider;
 pub mod routing;
+pub mod spend;
 
 use std::{
     collections::BTreeMap,
@@ -45,7 +52,8 @@ use self::{
     logs::{LogRecord, LogSink},
     metrics::{LlmMetrics, ProviderLabel, ProviderStatus, TokenLabels},
     provider::{AnyProvider, CallCtx, Chunk, ChunkStream, Completion, ProviderError, Usage},
-    routing::{Breaker, Ewma, RateLimiter, Spending},
+    routing::{Breaker, Ewma, RateLimiter},
+    spend::Spending,
 };
 
 /// A configured provider whose HTTP client could not be built (a start-up error).
@@ -84,7 +92,7 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
-    /// Cheapest estimated cost first (price tables; unpriced targets count as free).
+    /// Cheapest estimated cost first (price tables; models of a `free` provider cost 0).
     Cost,
     /// Lowest moving-average latency first (unmeasured targets first, to measure them).
     Latency,
@@ -123,10 +131,39 @@ pub struct Answer {
     pub local: bool,
 }
 
+/// A provider and its circuit breakers, one per organisation: timeouts and 5xx answers that
+/// one organisation's requests cause (a huge prompt, a model only it uses) open the breaker
+/// for that organisation only, never for the others. The cost: a real provider outage is
+/// detected per organisation (each sees `breaker_failure_threshold` failures first). The map
+/// is bounded by the number of organisations (ids come from API keys, not from requests).
 #[derive(Debug)]
 struct Slot {
     provider: AnyProvider,
-    breaker: Breaker,
+    breakers: Mutex<std::collections::HashMap<Uuid, Arc<Breaker>>>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Slot {
+    fn breaker(&self, org: Uuid) -> Arc<Breaker> {
+        self.breakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(org)
+            .or_insert_with(|| Arc::new(Breaker::new(self.threshold, self.cooldown)))
+            .clone()
+    }
+
+    /// The most open state among the organisations' breakers (the gauge value).
+    fn worst(&self) -> i64 {
+        self.breakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|b| b.view() as i64)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The gateway; one per process, shared by the handlers.
@@ -136,7 +173,6 @@ pub struct Gateway {
     slots: BTreeMap<String, Slot>,
     cache: ResponseCache,
     rate: RateLimiter,
-    spend: Spending,
     ewma: Ewma,
     logs: LogSink,
     log_rx: Mutex<Option<mpsc::Receiver<LogRecord>>>,
@@ -144,10 +180,35 @@ pub struct Gateway {
     pool: PgPool,
     /// Permits for LLM calls in flight (`llm.max_in_flight_requests`).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Calls in flight per organisation (`llm.max_in_flight_requests_per_org`).
+    org_in_flight: Arc<Mutex<std::collections::HashMap<Uuid, usize>>>,
+    /// Month-to-date spend and the ledger that writes it (never dropped).
+    spend: Arc<Spending>,
+    /// Wakes the spend flusher; dropped with the gateway, which ends the flusher.
+    spend_wake: mpsc::Sender<()>,
+    spend_rx: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
-/// Held while an LLM call is served (for a stream: until its body is dropped).
-pub type InFlight = tokio::sync::OwnedSemaphorePermit;
+/// Held while an LLM call is served (for a stream: until its body is dropped): a place of the
+/// global limit and one of the organisation's.
+#[derive(Debug)]
+pub struct InFlight {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    org: Uuid,
+    counts: Arc<Mutex<std::collections::HashMap<Uuid, usize>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.org) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.org);
+            }
+        }
+    }
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -177,7 +238,9 @@ impl Gateway {
                 name.clone(),
                 Slot {
                     provider,
-                    breaker: Breaker::new(cfg.breaker_failure_threshold, cfg.breaker_cooldown),
+                    breakers: Mutex::new(std::collections::HashMap::new()),
+                    threshold: cfg.breaker_failure_threshold,
+                    cooldown: cfg.breaker_cooldown,
                 },
             );
             metrics
@@ -188,10 +251,14 @@ impl Gateway {
                 .set(0);
         }
         let (logs, rx) = LogSink::new(cfg.log_queue_capacity, metrics.clone());
+        let (spend_wake, spend_rx) = mpsc::channel(1);
         Ok(Self {
             cache: ResponseCache::new(cfg.cache_ttl, cfg.cache_max_entries),
             rate: RateLimiter::default(),
-            spend: Spending::default(),
+            spend: Arc::new(Spending::default()),
+            spend_wake,
+            spend_rx: Mutex::new(Some(spend_rx)),
+            org_in_flight: Arc::new(Mutex::new(std::collections::HashMap::new())),
             ewma: Ewma::default(),
             logs,
             log_rx: Mutex::new(Some(rx)),
@@ -203,12 +270,27 @@ impl Gateway {
         })
     }
 
-    /// Starts the `inference_logs` writer on `tracker` (once; later calls return false).
+    /// Starts the `inference_logs` writer and the spend ledger's flusher on `tracker` (once;
+    /// later calls return false). Both end after writing what is queued when the gateway is
+    /// dropped.
     pub fn start_log_writer(&self, tracker: &TaskTracker) -> bool {
         let rx = self.log_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(rx) = rx else {
             return false;
         };
+        if let Some(wake) = self
+            .spend_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            tracker.spawn(spend::run_flusher(
+                self.spend.clone(),
+                wake,
+                self.pool.clone(),
+                self.cfg.log_flush_interval,
+            ));
+        }
         tracker.spawn(logs::run_writer(
             rx,
             self.pool.clone(),
@@ -286,6 +368,14 @@ impl Gateway {
         strategy: Option<Strategy>,
         est: (u64, u64),
     ) -> Result<Vec<Target>, LlmError> {
+        if fallback.len() > self.cfg.max_fallbacks_per_request {
+            return Err(LlmError::TooManyFallbacks(format!(
+                "the fallback list has {} entries; at most {} are allowed \
+                 (llm.max_fallbacks_per_request)",
+                fallback.len(),
+                self.cfg.max_fallbacks_per_request
+            )));
+        }
         let mut chain = Vec::new();
         match (model, provider) {
             (Some(m), Some(p)) if !m.contains('/') && !self.cfg.aliases.contains_key(m) => {
@@ -350,6 +440,18 @@ impl Gateway {
         }
         let mut seen = std::collections::HashSet::new();
         chain.retain(|t| seen.insert(t.label()));
+        // A model without a price would be forwarded and cost 0: a budget bypass. Only
+        // configured (priced or explicitly free) models go out.
+        if let Some(t) = chain.iter().find(|t| {
+            t.provider != LOCAL_PROVIDER
+                && self
+                    .cfg
+                    .providers
+                    .get(&t.provider)
+                    .is_none_or(|p| !p.accepts(&t.model))
+        }) {
+            return Err(LlmError::UnknownModel(t.label()));
+        }
         match strategy {
             Some(Strategy::Cost) => {
                 let cost = |t: &Target| self.price(t).map_or(0.0, |p| p.cost(est.0, est.1, 0));
@@ -375,6 +477,24 @@ impl Gateway {
     fn cost(&self, t: &Target, u: Usage) -> f64 {
         self.price(t)
             .map_or(0.0, |p| p.cost(u.input, u.output, u.cached))
+    }
+
+    /// Books a call's cost: into the ledger at once (budgets see it on the next check), to
+    /// `llm_spend` by the flusher.
+    fn charge(&self, org: Uuid, cost: f64) {
+        if cost > 0.0 && cost.is_finite() {
+            self.spend.add(org, cost);
+            // Full: a wake-up is already pending.
+            let _ = self.spend_wake.try_send(());
+        }
+    }
+
+    /// Spend already known to have reached the budget (no database read): checked before each
+    /// upstream attempt, so a chain stops once a call of it used the budget up.
+    fn over_budget(&self, org: Uuid) -> Option<(f64, f64)> {
+        let budget = self.cfg.limits(org).monthly_budget_usd?;
+        let spent = self.spend.known(org);
+        (spent >= budget).then_some((budget, spent))
     }
 
     fn log(&self, org_id: Uuid, request_id: Uuid, t: &Target, status: &str, l: LogFields) {
@@ -437,7 +557,7 @@ impl Gateway {
                 .get_or_create(&ProviderLabel {
                     provider: provider.to_owned(),
                 })
-                .set(s.breaker.view() as i64);
+                .set(s.worst());
         }
     }
 
@@ -449,17 +569,26 @@ impl Gateway {
                 status: status.into(),
             })
             .inc();
-        self.log(
+        self.logs.record_refusal(LogRecord {
             org_id,
             request_id,
-            &Target::new("-", "-"),
-            status,
-            LogFields::default(),
-        );
+            provider: "-".into(),
+            model: "-".into(),
+            tokens_in: 0,
+            tokens_out: 0,
+            tokens_cached: 0,
+            cost_usd: 0.0,
+            latency_ms: 0.0,
+            ttft_ms: None,
+            status: status.to_owned(),
+            cache_hit: false,
+        });
     }
 
-    /// Rate limit and monthly budget of the organisation: 429 / 402 when exceeded.
+    /// In-flight limits (global and per organisation: 503), rate limit (429) and monthly
+    /// budget (402) of the organisation.
     pub async fn admit(&self, org_id: Uuid, request_id: Uuid) -> Result<InFlight, LlmError> {
+        let limits = self.cfg.limits(org_id);
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             self.refuse(org_id, request_id, "overloaded");
             return Err(LlmError::Overloaded(format!(
@@ -468,7 +597,28 @@ impl Gateway {
                 self.cfg.max_in_flight_requests
             )));
         };
-        let limits = self.cfg.limits(org_id);
+        {
+            let mut c = self.org_in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let n = c.entry(org_id).or_insert(0);
+            if *n >= limits.max_in_flight_requests {
+                if *n == 0 {
+                    c.remove(&org_id);
+                }
+                drop(c);
+                self.refuse(org_id, request_id, "overloaded");
+                return Err(LlmError::Overloaded(format!(
+                    "this organisation has its maximum of {} LLM calls in flight \
+                     (llm.max_in_flight_requests_per_org); retry in a moment",
+                    limits.max_in_flight_requests
+                )));
+            }
+            *n += 1;
+        }
+        let permit = InFlight {
+            _global: permit,
+            org: org_id,
+            counts: self.org_in_flight.clone(),
+        };
         if let Err(wait) = self.rate.take(
             org_id,
             limits.rate_limit_per_minute,
@@ -569,11 +719,17 @@ impl Gateway {
     fn record_failure(&self, call: &Call, t: &Target, e: &ProviderError, started: Instant) {
         let latency = started.elapsed();
         if let Some(s) = self.slots.get(&t.provider) {
-            // A request refused for its content says nothing about the provider's health.
-            if !matches!(e, ProviderError::Rejected { .. }) {
-                s.breaker.failure();
-            } else {
-                s.breaker.success();
+            match e {
+                // 401/403/404: the key or the model is wrong on the provider's side, a
+                // configuration error, not a healthy answer: it counts toward the breaker.
+                ProviderError::Rejected {
+                    status: 401 | 403 | 404,
+                    ..
+                } => s.breaker(call.org_id).failure(),
+                // A request refused for its content says nothing about the provider's health
+                // either way (and must not reset the failure count).
+                ProviderError::Rejected { .. } => {}
+                _ => s.breaker(call.org_id).failure(),
             }
         }
         self.set_breaker_gauge(&t.provider);
@@ -599,7 +755,7 @@ impl Gateway {
     fn record_success(&self, call: &Call, t: &Target, usage: Usage, l: LogFields) -> f64 {
         let cost = self.cost(t, usage);
         if let Some(s) = self.slots.get(&t.provider) {
-            s.breaker.success();
+            s.breaker(call.org_id).success();
         }
         self.set_breaker_gauge(&t.provider);
         self.ewma
@@ -611,7 +767,7 @@ impl Gateway {
             usage,
             cost,
         );
-        self.spend.add(call.org_id, cost);
+        self.charge(call.org_id, cost);
         self.log(
             call.org_id,
             call.request_id,
@@ -687,6 +843,7 @@ impl Gateway {
             org_id: call.org_id,
             pool: &self.pool,
         };
+        let mut upstream = 0u32;
         for t in &call.targets {
             if t.provider == LOCAL_PROVIDER {
                 return Ok(ChainEnd::Local);
@@ -695,14 +852,26 @@ impl Gateway {
                 attempts.push(attempt(t, "unavailable"));
                 continue;
             };
+            let breaker = slot.breaker(call.org_id);
             let mut n = 0;
             loop {
-                if !slot.breaker.allow() {
+                if upstream >= self.cfg.max_upstream_attempts_per_request {
+                    attempts.push(attempt(t, "attempt_limit"));
+                    return Ok(ChainEnd::Exhausted);
+                }
+                if let Some((budget, spent)) = self.over_budget(call.org_id) {
+                    return Err(LlmError::BudgetExceeded(format!(
+                        "monthly LLM budget of {budget:.2} USD is used up for this organisation \
+                         (spent {spent:.4} USD this month)"
+                    )));
+                }
+                if !breaker.allow() {
                     self.observe(t, "breaker_open", Duration::ZERO, Usage::default(), 0.0);
                     attempts.push(attempt(t, "breaker_open"));
                     break;
                 }
                 let t0 = Instant::now();
+                upstream += 1;
                 match Self::try_once(slot, ctx, t, &call.body, mode).await {
                     Ok(outcome) => {
                         return Ok(ChainEnd::Won {
@@ -843,7 +1012,7 @@ impl Gateway {
                 started: t0,
             } => {
                 if let Some(slot) = self.slots.get(&target.provider) {
-                    slot.breaker.success();
+                    slot.breaker(call.org_id).success();
                 }
                 self.set_breaker_gauge(&target.provider);
                 let ttft = t0.elapsed();
@@ -885,6 +1054,8 @@ impl Gateway {
             usage: None,
             status: None,
             local,
+            est_input: estimate_tokens_of_chars(Value::Object(call.body).to_string().len() as u64),
+            streamed_chars: 0,
         };
         Ok((
             target,
@@ -936,6 +1107,15 @@ pub enum LlmError {
     /// A request field or routing option does not resolve (422 naming the field).
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    /// A target names a model that is not configured with a price (400 `model_not_found`).
+    #[error(
+        "the model {0:?} is not configured on this gateway (it has no price under \
+         [llm.providers.<provider>.prices] and its provider is not marked free)"
+    )]
+    UnknownModel(String),
+    /// The request's fallback list is longer than `llm.max_fallbacks_per_request` (400).
+    #[error("{0}")]
+    TooManyFallbacks(String),
     /// A provider refused the request itself (400); another provider would too.
     #[error("{0}")]
     ProviderRejected(String),
@@ -992,12 +1172,65 @@ struct StreamFinish {
     /// `None` until the stream ended; still `None` at drop means the client went away.
     status: Option<&'static str>,
     local: bool,
+    /// Prompt tokens estimated from the request body, for a stream without usage.
+    est_input: u64,
+    /// Characters of generated text (content, reasoning, tool calls) streamed so far.
+    streamed_chars: u64,
+}
+
+/// Tokens estimated from characters: 4 characters per token, rounded up (the usual figure for
+/// English text with GPT and DeepSeek tokenizers; code and other languages use more tokens per
+/// character, so this estimate errs low there; it applies only when the provider sent no
+/// usage).
+fn estimate_tokens_of_chars(chars: u64) -> u64 {
+    chars.div_ceil(4)
+}
+
+/// Characters of generated text in one chunk: every choice's `delta.content`,
+/// `delta.reasoning_content`, `delta.refusal` and tool-call names and arguments.
+fn delta_chars(c: &Chunk) -> u64 {
+    let Some(choices) = c.value.get("choices").and_then(Value::as_array) else {
+        return 0;
+    };
+    let len = |v: Option<&Value>| {
+        v.and_then(Value::as_str)
+            .map_or(0, |s| s.chars().count() as u64)
+    };
+    let mut n = 0;
+    for ch in choices {
+        let Some(d) = ch.get("delta") else {
+            continue;
+        };
+        n += len(d.get("content")) + len(d.get("reasoning_content")) + len(d.get("refusal"));
+        for tc in d
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            n += len(tc.pointer("/function/name")) + len(tc.pointer("/function/arguments"));
+        }
+    }
+    n
+}
+
+impl StreamFinish {
+    /// The provider's usage when it sent one; otherwise (a client that went away before the
+    /// usage chunk, or a provider that never sends usage) an estimate from the request and the
+    /// text streamed so far, so a cut stream is never free.
+    fn usage(&self) -> Usage {
+        self.usage.unwrap_or(Usage {
+            input: self.est_input,
+            output: estimate_tokens_of_chars(self.streamed_chars),
+            cached: 0,
+        })
+    }
 }
 
 impl Drop for StreamFinish {
     fn drop(&mut self) {
         let status = self.status.unwrap_or("client_closed");
-        let usage = self.usage.unwrap_or_default();
+        let usage = self.usage();
         let latency = self.started.elapsed();
         let latency_ms = self.ttft_ms + ms(latency);
         let call = Call {
@@ -1030,7 +1263,7 @@ impl Drop for StreamFinish {
                 self.gw.record_success(&call, &self.target, usage, fields);
             } else {
                 let cost = self.gw.cost(&self.target, usage);
-                self.gw.spend.add(self.call_org, cost);
+                self.gw.charge(self.call_org, cost);
                 self.gw.observe(&self.target, status, latency, usage, cost);
                 self.gw.log(
                     self.call_org,
@@ -1045,12 +1278,23 @@ impl Drop for StreamFinish {
             }
         } else {
             if let Some(s) = self.gw.slots.get(&self.target.provider) {
-                s.breaker.failure();
+                s.breaker(self.call_org).failure();
             }
             self.gw.set_breaker_gauge(&self.target.provider);
-            self.gw.observe(&self.target, status, latency, usage, 0.0);
-            self.gw
-                .log(self.call_org, self.request_id, &self.target, status, fields);
+            // The tokens streamed before the failure were produced and are billed.
+            let cost = self.gw.cost(&self.target, usage);
+            self.gw.charge(self.call_org, cost);
+            self.gw.observe(&self.target, status, latency, usage, cost);
+            self.gw.log(
+                self.call_org,
+                self.request_id,
+                &self.target,
+                status,
+                LogFields {
+                    cost_usd: cost,
+                    ..fields
+                },
+            );
         }
     }
 }
@@ -1113,6 +1357,7 @@ impl SseBody {
                         if let Some(u) = c.usage() {
                             st.fin.usage = Some(u);
                         }
+                        st.fin.streamed_chars += delta_chars(&c);
                         if !st.include_usage && usage_only(&c) {
                             continue;
                         }

@@ -5,9 +5,7 @@
 //! - A breaker opens after `threshold` consecutive failures, refuses calls for `cooldown`, then
 //!   lets exactly one probe through at a time (half-open): its success closes the breaker, its failure
 //!   opens it again.
-//! - Spend is read from `llm_spend` (one row per org and month, kept by the log writer) at most
-//!   every `refresh` per organisation and advanced in memory by each call's cost in between, so
-//!   budget checks cost no query per request.
+//! - Spend lives in [`super::spend`].
 
 use std::{
     collections::HashMap,
@@ -15,8 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::Datelike as _;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,71 +172,6 @@ impl RateLimiter {
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - e.tokens) / rate))
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Spend {
-    month: (i32, u32),
-    usd: f64,
-    fetched: Instant,
-}
-
-/// Month-to-date spend per organisation.
-#[derive(Debug, Default)]
-pub struct Spending {
-    cache: Mutex<HashMap<Uuid, Spend>>,
-}
-
-fn this_month() -> (i32, u32) {
-    let now = chrono::Utc::now();
-    (now.year(), now.month())
-}
-
-impl Spending {
-    /// Spend of `org` this calendar month (UTC).
-    pub async fn month_to_date(
-        &self,
-        pool: &PgPool,
-        org: Uuid,
-        refresh: Duration,
-    ) -> Result<f64, sqlx::Error> {
-        let month = this_month();
-        if let Some(s) = lock(&self.cache).get(&org)
-            && s.month == month
-            && s.fetched.elapsed() < refresh
-        {
-            return Ok(s.usd);
-        }
-        // One row by primary key, kept by the log writer (see `logs`), whatever the log volume.
-        let usd: f64 = sqlx::query_scalar(
-            "SELECT COALESCE((SELECT usd FROM llm_spend WHERE org_id = $1 \
-               AND month = date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0)::float8",
-        )
-        .bind(org)
-        .fetch_one(pool)
-        .await?;
-        lock(&self.cache).insert(
-            org,
-            Spend {
-                month,
-                usd,
-                fetched: Instant::now(),
-            },
-        );
-        Ok(usd)
-    }
-
-    /// Adds a call's cost to the in-memory figure until the next refresh.
-    pub fn add(&self, org: Uuid, usd: f64) {
-        if usd <= 0.0 || !usd.is_finite() {
-            return;
-        }
-        if let Some(s) = lock(&self.cache).get_mut(&org)
-            && s.month == this_month()
-        {
-            s.usd += usd;
         }
     }
 }

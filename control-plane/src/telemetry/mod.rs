@@ -9,6 +9,7 @@
 pub mod ingest;
 mod metrics;
 mod query;
+pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx};
 
 use axum::{Router, body::Bytes, extract::FromRef, routing::get};
 use kip_shared::sync::SyncAck;

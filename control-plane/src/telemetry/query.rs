@@ -6,6 +6,14 @@
 //! - Pagination is by keyset, not offset: the cursor names the last row returned
 //!   (`(ts, epoch, seq)` for raw rows, `(bucket, machine, metric)` for buckets), so pages stay
 //!   consistent while agents keep inserting, and deep pages cost the same as the first.
+//! - Every query runs in a read-only transaction with `SET LOCAL statement_timeout`
+//!   ([`SENSOR_QUERY_TIMEOUT_MS`]); one slow query answers 504 `timeout` instead of holding a
+//!   pooled connection (and other tenants' requests) for minutes.
+//! - A bucket page aggregates a bounded window only: from its start (the cursor's bucket, else
+//!   `from`, else the device's first reading) to at most `limit` buckets later. Rows before the
+//!   cursor are filtered before aggregation, so no page re-aggregates the history behind it. A
+//!   page whose window holds fewer than `limit` buckets still carries a `next_cursor` when
+//!   readings follow (pointing at the next reading's bucket, so no page is empty).
 
 use axum::{
     Json,
@@ -38,6 +46,35 @@ pub struct SensorQuery {
 
 fn default_limit() -> i64 {
     1000
+}
+
+/// Longest a sensor-data query may run (`statement_timeout`, per statement).
+pub const SENSOR_QUERY_TIMEOUT_MS: u64 = 5_000;
+
+/// Maps a statement timeout (SQLSTATE 57014) to 504 `timeout`, anything else as usual.
+fn query_error(e: sqlx::Error) -> ApiError {
+    if let sqlx::Error::Database(db) = &e
+        && db.code().as_deref() == Some("57014")
+    {
+        return ApiError::Timeout(u128::from(SENSOR_QUERY_TIMEOUT_MS));
+    }
+    e.into()
+}
+
+/// A read-only transaction whose statements each stop after [`SENSOR_QUERY_TIMEOUT_MS`].
+pub async fn bounded_tx(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // `set_config(..., true)` is `SET LOCAL` with a bind parameter: this transaction only.
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(SENSOR_QUERY_TIMEOUT_MS.to_string())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SET TRANSACTION READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
 }
 
 /// One stored reading.
@@ -100,6 +137,39 @@ fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
     Ok((ts, a, b))
 }
 
+/// Start of the `bucket_s` bucket holding `t` (buckets are aligned to 2000-01-01 UTC, like
+/// the query's `date_bin`).
+fn bucket_start(t: DateTime<Utc>, bucket_s: i64) -> DateTime<Utc> {
+    let origin = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or(DateTime::UNIX_EPOCH);
+    let d = (t - origin).num_seconds();
+    let b = d.div_euclid(bucket_s.max(1)) * bucket_s.max(1);
+    origin + chrono::TimeDelta::seconds(b)
+}
+
+/// The first reading at or after `after` (else the first at all) within the query's filters.
+async fn first_reading(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    org_id: Uuid,
+    device_id: Uuid,
+    q: &SensorQuery,
+    after: Option<DateTime<Utc>>,
+) -> ApiResult<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "SELECT min(ts) FROM sensor_data WHERE org_id = $1 AND device_id = $2 \
+           AND ($3::text IS NULL OR metric = $3) AND ($4::text IS NULL OR machine = $4) \
+           AND ($5::timestamptz IS NULL OR ts >= $5) AND ($6::timestamptz IS NULL OR ts < $6)",
+    )
+    .bind(org_id)
+    .bind(device_id)
+    .bind(&q.metric)
+    .bind(&q.machine)
+    .bind(after.or(q.from))
+    .bind(q.to)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(query_error)
+}
+
 /// `GET /v1/organisations/{org_id}/devices/{device_id}/sensor-data`
 pub async fn query(
     State(pool): State<sqlx::PgPool>,
@@ -136,6 +206,7 @@ pub async fn query(
         return Err(ApiError::NotFound("device"));
     }
     let cursor = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let mut tx = bounded_tx(&pool).await.map_err(query_error)?;
     match q.bucket_s {
         None => {
             let (cts, cep, cseq) = match &cursor {
@@ -166,8 +237,9 @@ pub async fn query(
             .bind(cep)
             .bind(cseq)
             .bind(q.limit)
-            .fetch_all(&pool)
-            .await?;
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error)?;
             let next_cursor = (rows.len() as i64 == q.limit)
                 .then(|| rows.last())
                 .flatten()
@@ -182,6 +254,23 @@ pub async fn query(
                 Some((ts, a, b)) => (Some(ts), a, b),
                 None => (None, String::new(), String::new()),
             };
+            // The window of this page: its start, then at most `limit` buckets.
+            let start = match cts.or(q.from) {
+                Some(t) => Some(t),
+                None => first_reading(&mut tx, org_id, device_id, &q, None).await?,
+            };
+            let Some(start) = start else {
+                return Ok(Json(SensorPage {
+                    points: Points::Buckets(Vec::new()),
+                    next_cursor: None,
+                }));
+            };
+            let window_end = start
+                .checked_add_signed(chrono::TimeDelta::seconds(
+                    bucket_s.saturating_mul(q.limit).saturating_add(bucket_s),
+                ))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let end = q.to.map_or(window_end, |t| t.min(window_end));
             let rows: Vec<BucketPoint> = sqlx::query_as(
                 "SELECT date_bin(make_interval(secs => $3), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, \
                         machine, metric, avg(value) AS avg, min(value) AS min, max(value) AS max, \
@@ -189,7 +278,7 @@ pub async fn query(
                  FROM sensor_data \
                  WHERE org_id = $1 AND device_id = $2 \
                    AND ($4::text IS NULL OR metric = $4) AND ($5::text IS NULL OR machine = $5) \
-                   AND ($6::timestamptz IS NULL OR ts >= $6) AND ($7::timestamptz IS NULL OR ts < $7) \
+                   AND ts >= $6 AND ts < $7 \
                  GROUP BY 1, 2, 3 \
                  HAVING ($8::timestamptz IS NULL OR \
                          (date_bin(make_interval(secs => $3), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00'), machine, metric) \
@@ -201,18 +290,32 @@ pub async fn query(
             .bind(bucket_s as f64)
             .bind(&q.metric)
             .bind(&q.machine)
-            .bind(q.from)
-            .bind(q.to)
+            // Rows before the cursor's bucket cannot be in this page: filtered before
+            // aggregation (the cursor is a bucket start, so `ts >= cursor` keeps its bucket).
+            .bind(q.from.map_or(start, |f| f.max(start)))
+            .bind(end)
             .bind(cts)
             .bind(&cmachine)
             .bind(&cmetric)
             .bind(q.limit)
-            .fetch_all(&pool)
-            .await?;
-            let next_cursor = (rows.len() as i64 == q.limit)
-                .then(|| rows.last())
-                .flatten()
-                .map(|r| encode_cursor(r.bucket, &r.machine, &r.metric));
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error)?;
+            let next_cursor = if rows.len() as i64 == q.limit {
+                rows.last()
+                    .map(|r| encode_cursor(r.bucket, &r.machine, &r.metric))
+            } else if end < q.to.unwrap_or(DateTime::<Utc>::MAX_UTC) {
+                // The window ended before `to`: continue at the next reading's bucket.
+                first_reading(&mut tx, org_id, device_id, &q, Some(end))
+                    .await?
+                    .map(|t| {
+                        let b = bucket_start(t, bucket_s);
+                        // Machine "" sorts first: the whole bucket is in the next page.
+                        encode_cursor(b, "", "")
+                    })
+            } else {
+                None
+            };
             Ok(Json(SensorPage {
                 points: Points::Buckets(rows),
                 next_cursor,

@@ -1,0 +1,227 @@
+//! Month-to-date LLM spend per organisation: the figure budget checks read, and the ledger
+//! that writes every call's cost to `llm_spend`.
+//!
+//! Invariants:
+//! - Spend is never dropped. A call's cost goes into an in-memory ledger keyed by
+//!   (organisation, month), not into the droppable `inference_logs` queue; one background task
+//!   ([`run_flusher`]) adds the ledger to `llm_spend` and removes an amount only after the
+//!   statement that added it committed. A failed write keeps the amounts and is retried. The
+//!   ledger holds one number per (organisation, month), so it is bounded by the number of
+//!   organisations, whatever the request rate.
+//! - The month-to-date figure is the last `llm_spend` read (at most `refresh` old) plus what
+//!   the ledger has not written yet, so a budget sees a call's cost as soon as the call ended,
+//!   not when a log batch was written. Reads and flushes of the database are serialised (one
+//!   async lock), so a read never misses an amount that is between ledger and table.
+//! - No `std::sync::Mutex` is held across an `.await`.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use chrono::{Datelike as _, NaiveDate};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// First day of the current month, UTC (the `llm_spend.month` key).
+pub fn this_month() -> NaiveDate {
+    let now = chrono::Utc::now().date_naive();
+    now.with_day(1).unwrap_or(now)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    month: NaiveDate,
+    usd: f64,
+    fetched: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Last value read from `llm_spend` per organisation.
+    read: HashMap<Uuid, Read>,
+    /// Costs not yet in `llm_spend`.
+    unflushed: HashMap<(Uuid, NaiveDate), f64>,
+}
+
+/// Spend per organisation: budget reads and the never-dropping ledger.
+#[derive(Debug, Default)]
+pub struct Spending {
+    state: Mutex<State>,
+    /// Serialises `llm_spend` reads with ledger flushes.
+    db: tokio::sync::Mutex<()>,
+}
+
+impl Spending {
+    /// Spend of `org` this calendar month (UTC), including costs not written yet.
+    pub async fn month_to_date(
+        &self,
+        pool: &PgPool,
+        org: Uuid,
+        refresh: Duration,
+    ) -> Result<f64, sqlx::Error> {
+        if let Some(v) = self.cached(org, refresh) {
+            return Ok(v);
+        }
+        let _db = self.db.lock().await;
+        let month = this_month();
+        // One row by primary key, whatever the log volume.
+        let usd: f64 = sqlx::query_scalar(
+            "SELECT COALESCE((SELECT usd FROM llm_spend WHERE org_id = $1 AND month = $2), 0)::float8",
+        )
+        .bind(org)
+        .bind(month)
+        .fetch_one(pool)
+        .await?;
+        let mut s = lock(&self.state);
+        s.read.insert(
+            org,
+            Read {
+                month,
+                usd,
+                fetched: Instant::now(),
+            },
+        );
+        Ok(usd + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0))
+    }
+
+    /// The figure without a database read, when the last read is younger than `refresh`.
+    pub fn cached(&self, org: Uuid, refresh: Duration) -> Option<f64> {
+        let month = this_month();
+        let s = lock(&self.state);
+        let r = s.read.get(&org)?;
+        (r.month == month && r.fetched.elapsed() < refresh)
+            .then(|| r.usd + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0))
+    }
+
+    /// The best figure known without a database read (last read plus ledger), however old.
+    pub fn known(&self, org: Uuid) -> f64 {
+        let month = this_month();
+        let s = lock(&self.state);
+        let read = s
+            .read
+            .get(&org)
+            .filter(|r| r.month == month)
+            .map_or(0.0, |r| r.usd);
+        read + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0)
+    }
+
+    /// Adds a call's cost to the ledger (written by [`run_flusher`]).
+    pub fn add(&self, org: Uuid, usd: f64) {
+        if usd <= 0.0 || !usd.is_finite() {
+            return;
+        }
+        *lock(&self.state)
+            .unflushed
+            .entry((org, this_month()))
+            .or_insert(0.0) += usd;
+    }
+
+    /// Total not yet written (for tests and shutdown logs).
+    pub fn unflushed_usd(&self) -> f64 {
+        lock(&self.state).unflushed.values().sum()
+    }
+
+    /// Writes the ledger to `llm_spend`; amounts leave the ledger only after the commit.
+    pub async fn flush(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let _db = self.db.lock().await;
+        let taken: Vec<((Uuid, NaiveDate), f64)> = lock(&self.state)
+            .unflushed
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if taken.is_empty() {
+            return Ok(());
+        }
+        let org: Vec<Uuid> = taken.iter().map(|((o, _), _)| *o).collect();
+        let month: Vec<NaiveDate> = taken.iter().map(|((_, m), _)| *m).collect();
+        let usd: Vec<f64> = taken.iter().map(|(_, v)| *v).collect();
+        // Rows of organisations deleted meanwhile are skipped (their spend went with them).
+        sqlx::query(
+            "INSERT INTO llm_spend (org_id, month, usd) \
+             SELECT u.org_id, u.month, u.usd FROM UNNEST($1::uuid[], $2::date[], $3::float8[]) \
+               AS u(org_id, month, usd) \
+             WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
+             ON CONFLICT (org_id, month) DO UPDATE SET usd = llm_spend.usd + EXCLUDED.usd",
+        )
+        .bind(&org)
+        .bind(&month)
+        .bind(&usd)
+        .execute(pool)
+        .await?;
+        let mut s = lock(&self.state);
+        for ((o, m), v) in taken {
+            // Costs added while the statement ran stay in the ledger.
+            if let Some(left) = s.unflushed.get_mut(&(o, m)) {
+                *left -= v;
+                if *left <= 1e-12 {
+                    s.unflushed.remove(&(o, m));
+                }
+            }
+            if let Some(r) = s.read.get_mut(&o)
+                && r.month == m
+            {
+                r.usd += v;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the ledger after each wake-up (a call had a cost), batching what arrives within
+/// `interval`; on a failed write it retries every `interval`. Returns after a final flush when
+/// every waker is gone (the gateway was dropped at shutdown).
+pub async fn run_flusher(
+    spending: std::sync::Arc<Spending>,
+    mut wake: mpsc::Receiver<()>,
+    pool: PgPool,
+    interval: Duration,
+) {
+    let mut open = true;
+    while open {
+        match wake.recv().await {
+            Some(()) => {
+                // Batch the costs of the next moments into one statement.
+                tokio::time::sleep(interval).await;
+            }
+            None => open = false,
+        }
+        let mut tries = 0u32;
+        while let Err(e) = spending.flush(&pool).await {
+            tries += 1;
+            tracing::warn!(error = %e, tries, "writing llm_spend failed; retrying");
+            if !open && tries >= 5 {
+                tracing::error!(
+                    unflushed_usd = spending.unflushed_usd(),
+                    "LLM spend could not be written at shutdown"
+                );
+                break;
+            }
+            tokio::time::sleep(interval.max(Duration::from_millis(100))).await;
+        }
+    }
+    tracing::debug!("LLM spend flusher stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_counts_until_written() {
+        let s = Spending::default();
+        let org = Uuid::new_v4();
+        s.add(org, 1.5);
+        s.add(org, 0.5);
+        s.add(org, f64::NAN);
+        assert!((s.known(org) - 2.0).abs() < 1e-12);
+        assert_eq!(s.cached(org, Duration::from_secs(60)), None);
+        assert!((s.unflushed_usd() - 2.0).abs() < 1e-12);
+    }
+}
