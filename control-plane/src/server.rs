@@ -54,6 +54,13 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            http::AuthState {
+                pool: state.pool.clone(),
+                keys: state.keys.clone(),
+            },
+            http::authorize,
+        ))
         .layer(middleware::from_fn_with_state(state.http, http::timeout))
         .layer(DefaultBodyLimit::max(state.http.body_limit_bytes))
         .layer(middleware::from_fn_with_state(
@@ -135,8 +142,12 @@ pub fn spawn_admin(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { token.cancelled().await });
+    // The peer address reaches handlers as `ConnectInfo` (the audit log's client IP).
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { token.cancelled().await });
     tracker.spawn(async move {
         if let Err(e) = server.await {
             tracing::error!(error = %e, "admin API listener failed");
