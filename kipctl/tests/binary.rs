@@ -63,7 +63,14 @@ fn a_closed_stdout_ends_the_command_quietly_with_success() {
     drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "status {:?}, stderr {err}", out.status);
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr {err}",
+        out.status
+    );
     assert!(err.is_empty(), "{err}");
-    assert!(ca.join("intermediate.crt").exists(), "the work itself was done");
+    assert!(
+        ca.join("intermediate.crt").exists(),
+        "the work itself was done"
+    );
 }

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     http::{
         ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, Role,
-        Scope, list_limit, parse_name,
+        Scope, list_limit, parse_name, pg_json, pg_text,
     },
     keys,
 };
@@ -86,6 +86,8 @@ async fn me(p: Principal) -> Json<Me> {
 // ---------- organisations ----------
 
 fn check_display_name(s: &str) -> ApiResult<()> {
+    // 200 characters are at most 800 bytes of UTF-8.
+    pg_text("display_name", s, 800)?;
     if s.trim().is_empty() || s.chars().count() > 200 {
         return Err(ApiError::validation(
             "display_name",
@@ -283,6 +285,9 @@ async fn revoke_key(
 
 // ---------- devices ----------
 
+/// Largest label set of a device, as compact JSON.
+const MAX_LABELS_BYTES: usize = 16 * 1024;
+
 async fn register_device(
     State(pool): State<PgPool>,
     p: Principal,
@@ -297,6 +302,11 @@ async fn register_device(
             "must be at most 64 entries whose values are strings",
         ));
     }
+    pg_json(
+        "labels",
+        &serde_json::Value::Object(body.labels.clone()),
+        MAX_LABELS_BYTES,
+    )?;
     let dev: Device = sqlx::query_as::<_, DeviceRow>(
         "INSERT INTO devices (id, org_id, name, labels) \
          SELECT $1, o.id, $3, $4 FROM organisations o WHERE o.id = $2 \

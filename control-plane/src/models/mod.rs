@@ -36,7 +36,7 @@ pub use self::registry::{
 };
 use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, list_limit,
-    parse_name,
+    parse_name, pg_json, pg_text,
 };
 
 /// The MLflow mirror as held in the application state; `None` unless `[mlflow] tracking_uri`
@@ -114,6 +114,9 @@ impl From<ModelRow> for AiModel {
     }
 }
 
+/// Largest metrics document of a model, as compact JSON.
+const MAX_METRICS_BYTES: usize = 64 * 1024;
+
 async fn register_model(
     State(pool): State<PgPool>,
     State(mlflow): State<Mlflow>,
@@ -146,11 +149,17 @@ async fn register_model(
             "must be 64 lowercase hex characters",
         ));
     }
-    if let Some(u) = &body.uri
-        && (u.is_empty() || u.len() > 2048)
-    {
-        return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
+    if let Some(u) = &body.uri {
+        pg_text("uri", u, 2048)?;
+        if u.is_empty() {
+            return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
+        }
     }
+    pg_json(
+        "metrics",
+        &serde_json::Value::Object(body.metrics.clone()),
+        MAX_METRICS_BYTES,
+    )?;
     let model: AiModel = sqlx::query_as::<_, ModelRow>(
         "INSERT INTO ai_models (id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics) \
          SELECT $1, o.id, $3, $4, $5, $6, $7, $8, $9 FROM organisations o WHERE o.id = $2 \
