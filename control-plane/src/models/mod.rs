@@ -114,6 +114,32 @@ impl From<ModelRow> for AiModel {
     }
 }
 
+/// Largest magnitude of a number in a model's metrics. PostgreSQL keeps jsonb numbers as
+/// exact decimals; one near `f64::MAX` comes back as a 309-digit literal that serde_json reads
+/// as infinity ("number out of range"), which made every later listing of the model fail.
+const MAX_METRIC_MAGNITUDE: f64 = 1e300;
+
+/// Refuses numbers in `metrics` that could not be read back (see [`MAX_METRIC_MAGNITUDE`]).
+fn check_metric_numbers(metrics: &serde_json::Value) -> ApiResult<()> {
+    let mut stack = vec![metrics];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Number(n) => {
+                if n.as_f64().is_none_or(|x| x.abs() > MAX_METRIC_MAGNITUDE) {
+                    return Err(ApiError::validation(
+                        "metrics",
+                        "numbers must lie between -1e300 and 1e300",
+                    ));
+                }
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            serde_json::Value::Object(o) => stack.extend(o.values()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Largest metrics document of a model, as compact JSON.
 const MAX_METRICS_BYTES: usize = 64 * 1024;
 
@@ -155,11 +181,9 @@ async fn register_model(
             return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
         }
     }
-    pg_json(
-        "metrics",
-        &serde_json::Value::Object(body.metrics.clone()),
-        MAX_METRICS_BYTES,
-    )?;
+    let metrics = serde_json::Value::Object(body.metrics.clone());
+    pg_json("metrics", &metrics, MAX_METRICS_BYTES)?;
+    check_metric_numbers(&metrics)?;
     let model: AiModel = sqlx::query_as::<_, ModelRow>(
         "INSERT INTO ai_models (id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics) \
          SELECT $1, o.id, $3, $4, $5, $6, $7, $8, $9 FROM organisations o WHERE o.id = $2 \
