@@ -124,13 +124,13 @@ fn check_metric_numbers(metrics: &serde_json::Value) -> ApiResult<()> {
     let mut stack = vec![metrics];
     while let Some(v) = stack.pop() {
         match v {
-            serde_json::Value::Number(n) => {
-                if n.as_f64().is_none_or(|x| x.abs() > MAX_METRIC_MAGNITUDE) {
-                    return Err(ApiError::validation(
-                        "metrics",
-                        "numbers must lie between -1e300 and 1e300",
-                    ));
-                }
+            serde_json::Value::Number(n)
+                if n.as_f64().is_none_or(|x| x.abs() > MAX_METRIC_MAGNITUDE) =>
+            {
+                return Err(ApiError::validation(
+                    "metrics",
+                    "numbers must lie between -1e300 and 1e300",
+                ));
             }
             serde_json::Value::Array(a) => stack.extend(a),
             serde_json::Value::Object(o) => stack.extend(o.values()),
