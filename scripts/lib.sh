@@ -89,6 +89,9 @@ ensure_python_peers() {
     python3 -c 'import onnxruntime' 2>/dev/null || missing+=("${want[0]}" "${want[1]}")
     python3 -c 'import openai' 2>/dev/null || missing+=("${want[2]}")
     python3 -c 'import asyncua' 2>/dev/null || missing+=("${want[3]}")
+    # schemathesis: property-based tests of the admin API against docs/openapi.json
+    # (control-plane/tests/schemathesis.rs).
+    command -v schemathesis >/dev/null || missing+=("schemathesis==4.32.5")
     # MLflow (~850 MB) for the model-registry mirror test against a real MLflow server.
     python3 -c 'import mlflow' 2>/dev/null || missing+=("mlflow>=3,<4")
     if [ "${#missing[@]}" -gt 0 ]; then

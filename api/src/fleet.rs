@@ -11,6 +11,9 @@ pub struct Me {
     /// `platform` or `org`.
     pub scope: String,
     pub org_id: Option<Uuid>,
+    /// `platform-admin`, `org-admin`, `operator`, `llm` or `read-only`.
+    #[serde(default)]
+    pub role: String,
 }
 
 /// An organisation (tenant).
@@ -45,6 +48,9 @@ pub struct ApiKeyInfo {
     pub org_id: Option<Uuid>,
     pub name: String,
     pub prefix: String,
+    /// What the key may do (see [`CreateApiKey::role`]).
+    #[serde(default)]
+    pub role: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -63,6 +69,10 @@ pub struct CreatedApiKey {
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKey {
     pub name: String,
+    /// `org-admin` (the default, everything in the organisation), `operator` (devices,
+    /// models, rollouts), `llm` (the LLM API only) or `read-only`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A device (edge gateway) of an organisation.
@@ -84,4 +94,35 @@ pub struct RegisterDevice {
     pub name: String,
     #[serde(default)]
     pub labels: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One audited state-changing call (`GET /v1/organisations/{org_id}/audit`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Increases with time; the page cursor.
+    pub id: i64,
+    pub org_id: Option<Uuid>,
+    /// Who: the API key's id, name and role at the time of the call.
+    pub key_id: Uuid,
+    pub key_name: String,
+    pub role: String,
+    /// What: the action (`device.register`), method and request path (the target).
+    pub action: String,
+    pub method: String,
+    pub target: String,
+    /// From where: the client's IP address as the control plane saw it.
+    pub client_ip: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// `ok`, `denied` (401/403) or `failed`.
+    pub outcome: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub items: Vec<AuditEntry>,
+    /// Pass as `cursor` to get the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
 }

@@ -14,8 +14,8 @@ pub mod models;
 pub mod pki;
 
 pub use fleet::{
-    ApiKeyInfo, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me, Organisation,
-    RegisterDevice, UpdateOrganisation,
+    ApiKeyInfo, AuditEntry, AuditPage, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me,
+    Organisation, RegisterDevice, UpdateOrganisation,
 };
 pub use models::{
     AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelStage, RegisterModel,

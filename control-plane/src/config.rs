@@ -47,6 +47,12 @@ pub struct RawServer {
     pub request_timeout_ms: u64,
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,6 +313,15 @@ fn default_key_cache_ttl_ms() -> u64 {
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_connections_per_ip() -> u64 {
+    256
+}
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
@@ -339,6 +354,9 @@ impl Default for RawServer {
             request_body_limit_bytes: default_request_body_limit_bytes(),
             request_timeout_ms: default_request_timeout_ms(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            max_connections_per_ip: default_max_connections_per_ip(),
         }
     }
 }
@@ -384,6 +402,9 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub request_body_limit_bytes: usize,
     pub request_timeout: Duration,
+    /// Slow-client limits of the admin listener (`server.header_read_timeout_ms`,
+    /// `server.idle_timeout_ms`, `server.max_connections_per_ip`).
+    pub admin_connections: crate::http::ConnLimits,
     pub shutdown_grace: Duration,
     pub database_url: String,
     pub database_max_connections: NonZeroU32,
@@ -496,6 +517,37 @@ impl RawConfig {
             100,
             600_000,
         )?;
+        let header_read_timeout = ms_in(
+            "server.header_read_timeout_ms",
+            self.server.header_read_timeout_ms,
+            100,
+            600_000,
+        )?;
+        let idle_timeout = ms_in(
+            "server.idle_timeout_ms",
+            self.server.idle_timeout_ms,
+            1_000,
+            3_600_000,
+        )?;
+        // A request the server still works on must end (504) before its connection counts
+        // as idle.
+        if idle_timeout <= request_timeout {
+            return Err(invalid(
+                "server.idle_timeout_ms",
+                format!(
+                    "must be above server.request_timeout_ms ({} ms), got {} ms",
+                    request_timeout.as_millis(),
+                    idle_timeout.as_millis()
+                ),
+            ));
+        }
+        let max_connections_per_ip = in_range(self.server.max_connections_per_ip, 1, 100_000, "")
+            .map_err(|m| invalid("server.max_connections_per_ip", m))?;
+        let admin_connections = crate::http::ConnLimits {
+            header_read_timeout,
+            idle_timeout,
+            max_connections_per_ip: usize::try_from(max_connections_per_ip).unwrap_or(usize::MAX),
+        };
         let shutdown_grace = ms_in(
             "server.shutdown_grace_ms",
             self.server.shutdown_grace_ms,
@@ -572,6 +624,7 @@ impl RawConfig {
             listen_addr,
             request_body_limit_bytes: usize::try_from(body).unwrap_or(usize::MAX),
             request_timeout,
+            admin_connections,
             shutdown_grace,
             database_url: self.database.url,
             database_max_connections,

@@ -142,8 +142,8 @@ pub async fn ensure_admin_key(pool: &PgPool, path: &Path) -> Result<bool, DbErro
         source,
     })?;
     sqlx::query(
-        "INSERT INTO api_keys (id, org_id, scope, name, prefix, key_sha256) \
-         VALUES ($1, NULL, 'platform', 'platform-admin', $2, $3)",
+        "INSERT INTO api_keys (id, org_id, scope, name, prefix, key_sha256, role) \
+         VALUES ($1, NULL, 'platform', 'platform-admin', $2, $3, 'platform-admin')",
     )
     .bind(uuid::Uuid::new_v4())
     .bind(&key.prefix)

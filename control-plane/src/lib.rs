@@ -269,7 +269,13 @@ impl ControlPlaneBuilder {
             })?;
             tracing::info!(%addr, "control plane listening");
             admin_addr = Some(addr);
-            server::spawn_admin(l, router.clone(), token.clone(), &tracker);
+            server::spawn_admin(
+                l,
+                router.clone(),
+                cfg.admin_connections,
+                token.clone(),
+                &tracker,
+            );
         }
         Ok(ControlPlane {
             state,

@@ -54,12 +54,20 @@ pub fn router(state: AppState) -> Router {
         .nest("/v1", v1)
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            http::AuthState {
+                pool: state.pool.clone(),
+                keys: state.keys.clone(),
+            },
+            http::authorize,
+        ))
         .layer(middleware::from_fn_with_state(state.http, http::timeout))
         .layer(DefaultBodyLimit::max(state.http.body_limit_bytes))
         .layer(middleware::from_fn_with_state(
             state.metrics.http.clone(),
             http::track,
         ))
+        .layer(middleware::from_fn(http::head_limits))
         .with_state(state)
 }
 
@@ -120,26 +128,14 @@ pub async fn shutdown_signal(token: CancellationToken) {
 }
 
 /// Serves the admin API on `listener` (on `tracker`) until `token` is cancelled; in-flight
-/// requests then finish (bounded by the caller's wait on `tracker`).
+/// requests then finish (bounded by the caller's wait on `tracker`). Slow and greedy clients
+/// are bounded by `limits` (see [`http::listener`]).
 pub fn spawn_admin(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: http::ConnLimits,
     token: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    use axum::serve::ListenerExt as _;
-    // Small JSON answers must leave at once: without TCP_NODELAY, Nagle's algorithm can hold a
-    // response segment until the client's delayed ACK (up to 40 ms on Linux).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, router)
-        .with_graceful_shutdown(async move { token.cancelled().await });
-    tracker.spawn(async move {
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, "admin API listener failed");
-        }
-    });
+    http::listener::spawn_serve(listener, router, limits, token, tracker);
 }

@@ -16,8 +16,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
 use kip_api::{
-    AiModel, ApiKeyInfo, ArtifactInfo, CaStatus, CreatedApiKey, Device, DeviceModelStatus,
-    EnrollToken, Me, Organisation, Revocation,
+    AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, CreatedApiKey, Device,
+    DeviceModelStatus, EnrollToken, Me, Organisation, Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -67,6 +67,22 @@ pub enum Command {
     /// check of finish-rotation ask the server (platform-admin key).
     #[command(subcommand)]
     Ca(CaCmd),
+    /// The organisation's audit log: every state-changing call, newest first (org-admin).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// One page of the audit log, newest first; the next page's cursor is printed last.
+    List {
+        /// Rows per page (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// `next_cursor` of the previous page.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -142,6 +158,10 @@ pub enum KeyCmd {
     /// Create a key; it is shown once.
     Create {
         name: String,
+        /// org-admin (everything in the organisation), operator (devices, models,
+        /// rollouts), llm (the LLM API only) or read-only.
+        #[arg(long, default_value = "org-admin")]
+        role: String,
     },
     List,
     Revoke {
@@ -464,19 +484,24 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 .org_id
                 .map(|o| o.to_string())
                 .unwrap_or_else(|| "-".into());
-            emit(out, json, &me, &["KEY ID", "SCOPE", "ORG"], |m| {
-                vec![vec![m.key_id.to_string(), m.scope.clone(), org.clone()]]
+            emit(out, json, &me, &["KEY ID", "SCOPE", "ROLE", "ORG"], |m| {
+                vec![vec![
+                    m.key_id.to_string(),
+                    m.scope.clone(),
+                    m.role.clone(),
+                    org.clone(),
+                ]]
             })
         }
         Command::Org(cmd) => org_cmd(&client, cmd, json, out).await,
         Command::Key(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             match cmd {
-                KeyCmd::Create { name } => {
+                KeyCmd::Create { name, role } => {
                     let k: CreatedApiKey = client
                         .post(
                             &format!("/v1/organisations/{org}/api-keys"),
-                            serde_json::json!({ "name": name }),
+                            serde_json::json!({ "name": name, "role": role }),
                         )
                         .await?;
                     if json {
@@ -485,8 +510,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     writeln!(out, "{}", k.key)?;
                     writeln!(
                         out,
-                        "# key {} ({}) created; it is shown only once",
-                        k.info.id, k.info.name
+                        "# key {} ({}, role {}) created; it is shown only once",
+                        k.info.id, k.info.name, k.info.role
                     )?;
                     Ok(())
                 }
@@ -498,7 +523,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         out,
                         json,
                         &keys,
-                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
                         |ks| key_rows(ks),
                     )
                 }
@@ -515,13 +540,53 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         out,
                         json,
                         &vec![k],
-                        &["ID", "NAME", "PREFIX", "CREATED", "REVOKED"],
+                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
                         |ks| key_rows(ks),
                     )
                 }
             }
         }
         Command::Ca(cmd) => ca_server_cmd(&client, cmd, json, out).await,
+        Command::Audit(AuditCmd::List { limit, cursor }) => {
+            let org = resolve_org(&client, cli.org.as_deref()).await?;
+            let mut path = format!("/v1/organisations/{org}/audit?limit={limit}");
+            if let Some(c) = cursor {
+                // Cursors are decimal ids; anything else is refused by the server anyway.
+                path.push_str("&cursor=");
+                path.push_str(
+                    &c.chars()
+                        .filter(char::is_ascii_alphanumeric)
+                        .collect::<String>(),
+                );
+            }
+            let page: AuditPage = client.get(&path).await?;
+            if json {
+                return write_json(out, &page);
+            }
+            let rows = page
+                .items
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.created_at.to_rfc3339(),
+                        format!("{} ({})", e.key_name, e.role),
+                        e.action.clone(),
+                        format!("{} {}", e.method, e.target),
+                        e.client_ip.clone().unwrap_or_else(|| "-".into()),
+                        format!("{} {}", e.status, e.outcome),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            write_table(
+                out,
+                &["WHEN", "WHO", "ACTION", "TARGET", "FROM", "OUTCOME"],
+                &rows,
+            )?;
+            if let Some(c) = page.next_cursor {
+                writeln!(out, "# more: --cursor {c}")?;
+            }
+            Ok(())
+        }
         Command::Device(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let base = format!("/v1/organisations/{org}/devices");
@@ -846,6 +911,7 @@ fn key_rows(keys: &[ApiKeyInfo]) -> Vec<Vec<String>> {
             vec![
                 k.id.to_string(),
                 k.name.clone(),
+                k.role.clone(),
                 k.prefix.clone(),
                 k.created_at.to_rfc3339(),
                 k.revoked_at

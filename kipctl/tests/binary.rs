@@ -45,3 +45,32 @@ fn ca_init_works_on_local_files_without_a_server() {
     assert!(ca.join("intermediate.crt").exists());
     assert!(ca.join("root.key").exists());
 }
+
+/// `kipctl ... | head -n1`: the reader closes the pipe before kipctl has written everything;
+/// kipctl ends quietly with success (the quickstart pipes it under `set -o pipefail`).
+#[test]
+fn a_closed_stdout_ends_the_command_quietly_with_success() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let mut child = kipctl()
+        .args(["ca", "init", "--dir", ca.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before kipctl writes its first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "status {:?}, stderr {err}",
+        out.status
+    );
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        ca.join("intermediate.crt").exists(),
+        "the work itself was done"
+    );
+}

@@ -18,16 +18,16 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use kip_api::{
-    ApiKeyInfo, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me, Organisation,
-    RegisterDevice, UpdateOrganisation,
+    ApiKeyInfo, AuditEntry, AuditPage, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me,
+    Organisation, RegisterDevice, UpdateOrganisation,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
     http::{
-        ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, Scope,
-        list_limit, parse_name,
+        ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, Role,
+        Scope, list_limit, parse_name, pg_json, pg_text,
     },
     keys,
 };
@@ -63,6 +63,7 @@ where
             "/organisations/{org_id}/devices/{device_id}",
             get(get_device).delete(delete_device),
         )
+        .route("/organisations/{org_id}/audit", get(list_audit))
 }
 
 type ListQuery = Result<Query<ListParams>, QueryRejection>;
@@ -78,12 +79,15 @@ async fn me(p: Principal) -> Json<Me> {
         key_id: p.key_id,
         scope: scope.into(),
         org_id,
+        role: p.role.as_str().into(),
     })
 }
 
 // ---------- organisations ----------
 
 fn check_display_name(s: &str) -> ApiResult<()> {
+    // 200 characters are at most 800 bytes of UTF-8.
+    pg_text("display_name", s, 800)?;
     if s.trim().is_empty() || s.chars().count() > 200 {
         return Err(ApiError::validation(
             "display_name",
@@ -203,22 +207,33 @@ async fn create_key(
 ) -> ApiResult<(StatusCode, Json<CreatedApiKey>)> {
     let org_id = p.org_scope(org_id)?;
     let name = parse_name("name", &body.name)?;
+    // An organisation key never has more power than org-admin (the role check already
+    // refused this call to every role below org-admin, so no key can mint a stronger one).
+    let role = match body.role.as_deref() {
+        None => Role::OrgAdmin,
+        Some(r) => Role::parse(r)
+            .filter(|r| *r != Role::PlatformAdmin)
+            .ok_or_else(|| {
+                ApiError::validation("role", "must be one of org-admin, operator, llm, read-only")
+            })?,
+    };
     let new = keys::generate();
     let info: ApiKeyInfo = sqlx::query_as::<_, KeyRow>(
-        "INSERT INTO api_keys (id, org_id, scope, name, prefix, key_sha256) \
-         SELECT $1, o.id, 'org', $3, $4, $5 FROM organisations o WHERE o.id = $2 \
-         RETURNING id, org_id, name, prefix, created_at, revoked_at",
+        "INSERT INTO api_keys (id, org_id, scope, name, prefix, key_sha256, role) \
+         SELECT $1, o.id, 'org', $3, $4, $5, $6 FROM organisations o WHERE o.id = $2 \
+         RETURNING id, org_id, name, prefix, role, created_at, revoked_at",
     )
     .bind(Uuid::new_v4())
     .bind(org_id)
     .bind(name.as_str())
     .bind(&new.prefix)
     .bind(&new.sha256[..])
+    .bind(role.as_str())
     .fetch_optional(&pool)
     .await?
     .ok_or(ApiError::NotFound("organisation"))?
     .into();
-    tracing::info!(%org_id, key_id = %info.id, prefix = %info.prefix, "api key created");
+    tracing::info!(%org_id, key_id = %info.id, prefix = %info.prefix, role = %info.role, "api key created");
     Ok((
         StatusCode::CREATED,
         Json(CreatedApiKey { info, key: new.key }),
@@ -234,7 +249,7 @@ async fn list_keys(
     let org_id = p.org_scope(org_id)?;
     let limit = list_limit(q)?;
     let keys: Vec<KeyRow> = sqlx::query_as(
-        "SELECT id, org_id, name, prefix, created_at, revoked_at FROM api_keys \
+        "SELECT id, org_id, name, prefix, role, created_at, revoked_at FROM api_keys \
          WHERE org_id = $1 ORDER BY created_at, id LIMIT $2",
     )
     .bind(org_id)
@@ -255,7 +270,7 @@ async fn revoke_key(
     let info: ApiKeyInfo = sqlx::query_as::<_, KeyRow>(
         "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) \
          WHERE id = $1 AND org_id = $2 \
-         RETURNING id, org_id, name, prefix, created_at, revoked_at",
+         RETURNING id, org_id, name, prefix, role, created_at, revoked_at",
     )
     .bind(key_id)
     .bind(org_id)
@@ -269,6 +284,9 @@ async fn revoke_key(
 }
 
 // ---------- devices ----------
+
+/// Largest label set of a device, as compact JSON.
+const MAX_LABELS_BYTES: usize = 16 * 1024;
 
 async fn register_device(
     State(pool): State<PgPool>,
@@ -284,6 +302,11 @@ async fn register_device(
             "must be at most 64 entries whose values are strings",
         ));
     }
+    pg_json(
+        "labels",
+        &serde_json::Value::Object(body.labels.clone()),
+        MAX_LABELS_BYTES,
+    )?;
     let dev: Device = sqlx::query_as::<_, DeviceRow>(
         "INSERT INTO devices (id, org_id, name, labels) \
          SELECT $1, o.id, $3, $4 FROM organisations o WHERE o.id = $2 \
@@ -356,6 +379,105 @@ async fn delete_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+// ---------- audit log ----------
+
+/// `?limit=&cursor=` of the audit log.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    #[serde(default = "default_audit_limit")]
+    limit: i64,
+    cursor: Option<String>,
+}
+
+fn default_audit_limit() -> i64 {
+    100
+}
+
+/// The organisation's audit log, newest first, by keyset on the row id (a page costs the
+/// same however deep it is). Rows are written by [`crate::http::authorize`].
+async fn list_audit(
+    State(pool): State<PgPool>,
+    p: Principal,
+    ApiPath(org_id): ApiPath<Uuid>,
+    q: Result<Query<AuditParams>, QueryRejection>,
+) -> ApiResult<Json<AuditPage>> {
+    let org_id = p.org_scope(org_id)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
+    if !(1..=1000).contains(&q.limit) {
+        return Err(ApiError::validation("limit", "must be between 1 and 1000"));
+    }
+    let before = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            // Only the decimal ids this API hands out (no sign, no leading zero).
+            Some(c)
+                .filter(|c| !c.starts_with('0') && c.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|c| c.parse::<i64>().ok())
+                .ok_or_else(|| {
+                    ApiError::validation("cursor", "is not a cursor returned by this API")
+                })
+        })
+        .transpose()?;
+    let mut rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT id, org_id, key_id, key_name, role, action, method, target, \
+                host(client_ip) AS client_ip, status, outcome, created_at \
+         FROM audit_log WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) \
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(org_id)
+    .bind(before)
+    .bind(q.limit + 1)
+    .fetch_all(&pool)
+    .await?;
+    let more = rows.len() > usize::try_from(q.limit).unwrap_or(usize::MAX);
+    rows.truncate(usize::try_from(q.limit).unwrap_or(usize::MAX));
+    let next_cursor = more
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    Ok(Json(AuditPage {
+        items: rows.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    org_id: Option<Uuid>,
+    key_id: Uuid,
+    key_name: String,
+    role: String,
+    action: String,
+    method: String,
+    target: String,
+    client_ip: Option<String>,
+    status: i16,
+    outcome: String,
+    created_at: DateTime<Utc>,
+}
+
+impl From<AuditRow> for AuditEntry {
+    fn from(r: AuditRow) -> Self {
+        Self {
+            id: r.id,
+            org_id: r.org_id,
+            key_id: r.key_id,
+            key_name: r.key_name,
+            role: r.role,
+            action: r.action,
+            method: r.method,
+            target: r.target,
+            client_ip: r.client_ip,
+            status: u16::try_from(r.status).unwrap_or(0),
+            outcome: r.outcome,
+            created_at: r.created_at,
+        }
+    }
+}
+
 // ---------- rows ----------
 
 /// `organisations` row; the API shape is [`Organisation`].
@@ -387,6 +509,7 @@ struct KeyRow {
     org_id: Option<Uuid>,
     name: String,
     prefix: String,
+    role: String,
     created_at: DateTime<Utc>,
     revoked_at: Option<DateTime<Utc>>,
 }
@@ -398,6 +521,7 @@ impl From<KeyRow> for ApiKeyInfo {
             org_id: r.org_id,
             name: r.name,
             prefix: r.prefix,
+            role: r.role,
             created_at: r.created_at,
             revoked_at: r.revoked_at,
         }

@@ -2,6 +2,9 @@
 //!
 //! Invariants:
 //! - Every `/v1` handler takes a [`Principal`]; there is no unauthenticated `/v1` route.
+//! - What a key may do is decided once, before the handler runs, by the route table of
+//!   [`super::policy`] and the key's [`Role`]; the authorising middleware leaves the
+//!   [`Principal`] in the request's extensions and this extractor takes it from there.
 //! - An organisation key can only reach its own organisation: [`Principal::org_scope`] answers
 //!   404 (not 403) for another organisation, so a key cannot even learn that it exists.
 //! - A key revoked through this process stops working on the next request: revocation and
@@ -26,7 +29,7 @@ use axum::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::ApiError;
+use super::{ApiError, policy::Role};
 use crate::keys;
 
 /// What a key may do.
@@ -43,6 +46,15 @@ pub enum Scope {
 pub struct Principal {
     pub key_id: Uuid,
     pub scope: Scope,
+    /// What the key may do (checked by [`super::policy::authorize`]).
+    pub role: Role,
+}
+
+/// A [`Principal`] with the key's name (for the audit log).
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub principal: Principal,
+    pub key_name: Arc<str>,
 }
 
 impl Principal {
@@ -72,7 +84,7 @@ impl Principal {
 pub struct KeyCache {
     ttl: Duration,
     max_entries: usize,
-    entries: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    entries: Mutex<HashMap<[u8; 32], (Authenticated, Instant)>>,
 }
 
 impl KeyCache {
@@ -85,20 +97,20 @@ impl KeyCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Principal, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Authenticated, Instant)>> {
         // The map holds no invariant a panicking holder could break halfway.
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Principal> {
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Authenticated> {
         if self.ttl.is_zero() {
             return None;
         }
         let mut map = self.lock();
         match map.get(digest) {
-            Some((p, at)) if now.duration_since(*at) < self.ttl => Some(*p),
+            Some((p, at)) if now.duration_since(*at) < self.ttl => Some(p.clone()),
             Some(_) => {
                 map.remove(digest);
                 None
@@ -107,7 +119,7 @@ impl KeyCache {
         }
     }
 
-    fn insert(&self, digest: [u8; 32], p: Principal, now: Instant) {
+    fn insert(&self, digest: [u8; 32], p: Authenticated, now: Instant) {
         if self.ttl.is_zero() {
             return;
         }
@@ -125,13 +137,13 @@ impl KeyCache {
 
     /// Forgets one key (it was revoked).
     pub fn forget_key(&self, key_id: Uuid) {
-        self.lock().retain(|_, (p, _)| p.key_id != key_id);
+        self.lock().retain(|_, (p, _)| p.principal.key_id != key_id);
     }
 
     /// Forgets every key of an organisation (it was deleted).
     pub fn forget_org(&self, org_id: Uuid) {
         self.lock()
-            .retain(|_, (p, _)| p.scope != Scope::Org(org_id));
+            .retain(|_, (p, _)| p.principal.scope != Scope::Org(org_id));
     }
 
     /// Number of cached keys (for tests and metrics).
@@ -149,6 +161,54 @@ struct KeyRow {
     id: Uuid,
     org_id: Option<Uuid>,
     key_sha256: Vec<u8>,
+    name: String,
+    role: String,
+}
+
+/// Authenticates the bearer key of a request (cache first, then PostgreSQL).
+pub async fn authenticate(
+    parts: &Parts,
+    pool: &PgPool,
+    cache: &KeyCache,
+) -> Result<Authenticated, ApiError> {
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized)?;
+    let key = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let prefix = keys::prefix_of(key).ok_or(ApiError::Unauthorized)?;
+    let digest = keys::hash(key);
+    let now = Instant::now();
+    if let Some(a) = cache.get(&digest, now) {
+        return Ok(a);
+    }
+    let row: Option<KeyRow> = sqlx::query_as(
+        "SELECT id, org_id, key_sha256, name, role FROM api_keys \
+         WHERE prefix = $1 AND revoked_at IS NULL",
+    )
+    .bind(prefix)
+    .fetch_optional(pool)
+    .await?;
+    let row = row.ok_or(ApiError::Unauthorized)?;
+    if !keys::digest_eq(&row.key_sha256, &digest) {
+        return Err(ApiError::Unauthorized);
+    }
+    let role = Role::parse(&row.role)
+        .ok_or_else(|| ApiError::internal(anyhow::anyhow!("api key has unknown role")))?;
+    let a = Authenticated {
+        principal: Principal {
+            key_id: row.id,
+            scope: row.org_id.map_or(Scope::Platform, Scope::Org),
+            role,
+        },
+        key_name: row.name.into(),
+    };
+    cache.insert(digest, a.clone(), now);
+    Ok(a)
 }
 
 impl<S> FromRequestParts<S> for Principal
@@ -160,38 +220,14 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized)?;
-        let key = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        let prefix = keys::prefix_of(key).ok_or(ApiError::Unauthorized)?;
-        let digest = keys::hash(key);
-        let now = Instant::now();
+        // The authorising middleware already checked this request's key and role.
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(*p);
+        }
         let cache = Arc::<KeyCache>::from_ref(state);
-        if let Some(p) = cache.get(&digest, now) {
-            return Ok(p);
-        }
-        let row: Option<KeyRow> = sqlx::query_as(
-            "SELECT id, org_id, key_sha256 FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
-        )
-        .bind(prefix)
-        .fetch_optional(&PgPool::from_ref(state))
-        .await?;
-        let row = row.ok_or(ApiError::Unauthorized)?;
-        if !keys::digest_eq(&row.key_sha256, &digest) {
-            return Err(ApiError::Unauthorized);
-        }
-        let p = Principal {
-            key_id: row.id,
-            scope: row.org_id.map_or(Scope::Platform, Scope::Org),
-        };
-        cache.insert(digest, p, now);
-        Ok(p)
+        authenticate(parts, &PgPool::from_ref(state), &cache)
+            .await
+            .map(|a| a.principal)
     }
 }
 
@@ -199,10 +235,14 @@ where
 mod tests {
     use super::*;
 
-    fn principal(org: Option<Uuid>) -> Principal {
-        Principal {
-            key_id: Uuid::new_v4(),
-            scope: org.map_or(Scope::Platform, Scope::Org),
+    fn principal(org: Option<Uuid>) -> Authenticated {
+        Authenticated {
+            principal: Principal {
+                key_id: Uuid::new_v4(),
+                scope: org.map_or(Scope::Platform, Scope::Org),
+                role: org.map_or(Role::PlatformAdmin, |_| Role::OrgAdmin),
+            },
+            key_name: "k".into(),
         }
     }
 
@@ -211,11 +251,12 @@ mod tests {
         let c = KeyCache::new(Duration::from_secs(5), 10);
         let t0 = Instant::now();
         let p = principal(None);
+        let id = p.principal.key_id;
         c.insert([1; 32], p, t0);
         assert_eq!(
             c.get(&[1; 32], t0 + Duration::from_secs(4))
-                .map(|p| p.key_id),
-            Some(p.key_id)
+                .map(|p| p.principal.key_id),
+            Some(id)
         );
         assert!(c.get(&[1; 32], t0 + Duration::from_secs(5)).is_none());
         assert!(c.is_empty(), "an expired entry is removed when it is found");
@@ -236,10 +277,11 @@ mod tests {
         let t0 = Instant::now();
         let org = Uuid::new_v4();
         let (a, b, admin) = (principal(Some(org)), principal(Some(org)), principal(None));
+        let a_id = a.principal.key_id;
         c.insert([1; 32], a, t0);
         c.insert([2; 32], b, t0);
         c.insert([3; 32], admin, t0);
-        c.forget_key(a.key_id);
+        c.forget_key(a_id);
         assert!(c.get(&[1; 32], t0).is_none());
         assert!(c.get(&[2; 32], t0).is_some());
         c.forget_org(org);

@@ -21,6 +21,17 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The key's role lacks a permission; the body names it in `permission`.
+    #[error(
+        "a key with role {role} may not do this: it lacks the permission {permission} \
+         (roles that hold it: {holders})"
+    )]
+    MissingPermission {
+        permission: &'static str,
+        role: &'static str,
+        /// The roles that hold `permission`, comma-separated.
+        holders: String,
+    },
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{0}")]
@@ -58,6 +69,9 @@ struct Body<'a> {
 struct Inner<'a> {
     code: &'a str,
     message: String,
+    /// The missing permission of a 403 from the role check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    permission: Option<&'a str>,
 }
 
 impl ApiError {
@@ -77,7 +91,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden(_) | Self::MissingPermission { .. } => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -96,7 +110,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
+            Self::Forbidden(_) | Self::MissingPermission { .. } => "forbidden",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge { .. } => "payload_too_large",
@@ -122,6 +136,10 @@ impl IntoResponse for ApiError {
             error: Inner {
                 code: self.code(),
                 message: self.to_string(),
+                permission: match &self {
+                    Self::MissingPermission { permission, .. } => Some(permission),
+                    _ => None,
+                },
             },
         };
         let mut resp = (status, Json(body)).into_response();

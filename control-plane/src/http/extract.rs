@@ -66,6 +66,25 @@ pub fn parse_name(field: &str, s: &str) -> ApiResult<Name> {
     Name::parse(s).map_err(|e| ApiError::validation(field, e.to_string()))
 }
 
+/// A string from a client bound for a PostgreSQL `text` column or query parameter: no NUL
+/// (PostgreSQL refuses it, which would surface as a 500) and at most `max_bytes`; otherwise
+/// 400 naming `field`.
+pub fn pg_text<'a>(field: &str, value: &'a str, max_bytes: usize) -> ApiResult<&'a str> {
+    kip_shared::validate::pg_text(field, value, max_bytes).map_err(ApiError::from)
+}
+
+/// A JSON document from a client bound for a `jsonb` column: no NUL in any key or string, a
+/// bounded depth and size; otherwise 400 naming the path (`labels.site`).
+pub fn pg_json(field: &str, value: &serde_json::Value, max_bytes: usize) -> ApiResult<()> {
+    kip_shared::validate::pg_json(field, value, max_bytes).map_err(ApiError::from)
+}
+
+impl From<kip_shared::validate::TextError> for ApiError {
+    fn from(e: kip_shared::validate::TextError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
 /// `?limit=` for list endpoints.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

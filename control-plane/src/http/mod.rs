@@ -9,9 +9,15 @@
 mod auth;
 mod error;
 mod extract;
+pub mod listener;
 mod middleware;
+pub mod policy;
 
-pub use auth::{KeyCache, Principal, Scope};
+pub use auth::{Authenticated, KeyCache, Principal, Scope};
 pub use error::{ApiError, ApiResult};
-pub use extract::{ApiJson, ApiPath, HttpLimits, ListParams, list_limit, parse_name};
+pub use extract::{
+    ApiJson, ApiPath, HttpLimits, ListParams, list_limit, parse_name, pg_json, pg_text,
+};
+pub use listener::{ConnLimits, head_limits};
 pub use middleware::{HttpMetrics, method_not_allowed, not_found, timeout, track};
+pub use policy::{AuthState, Permission, Role, authorize};

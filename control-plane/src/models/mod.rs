@@ -36,7 +36,7 @@ pub use self::registry::{
 };
 use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, list_limit,
-    parse_name,
+    parse_name, pg_json, pg_text,
 };
 
 /// The MLflow mirror as held in the application state; `None` unless `[mlflow] tracking_uri`
@@ -114,6 +114,35 @@ impl From<ModelRow> for AiModel {
     }
 }
 
+/// Largest magnitude of a number in a model's metrics. PostgreSQL keeps jsonb numbers as
+/// exact decimals; one near `f64::MAX` comes back as a 309-digit literal that serde_json reads
+/// as infinity ("number out of range"), which made every later listing of the model fail.
+const MAX_METRIC_MAGNITUDE: f64 = 1e300;
+
+/// Refuses numbers in `metrics` that could not be read back (see [`MAX_METRIC_MAGNITUDE`]).
+fn check_metric_numbers(metrics: &serde_json::Value) -> ApiResult<()> {
+    let mut stack = vec![metrics];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Number(n)
+                if n.as_f64().is_none_or(|x| x.abs() > MAX_METRIC_MAGNITUDE) =>
+            {
+                return Err(ApiError::validation(
+                    "metrics",
+                    "numbers must lie between -1e300 and 1e300",
+                ));
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            serde_json::Value::Object(o) => stack.extend(o.values()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Largest metrics document of a model, as compact JSON.
+const MAX_METRICS_BYTES: usize = 64 * 1024;
+
 async fn register_model(
     State(pool): State<PgPool>,
     State(mlflow): State<Mlflow>,
@@ -146,11 +175,15 @@ async fn register_model(
             "must be 64 lowercase hex characters",
         ));
     }
-    if let Some(u) = &body.uri
-        && (u.is_empty() || u.len() > 2048)
-    {
-        return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
+    if let Some(u) = &body.uri {
+        pg_text("uri", u, 2048)?;
+        if u.is_empty() {
+            return Err(ApiError::validation("uri", "must be 1 to 2048 characters"));
+        }
     }
+    let metrics = serde_json::Value::Object(body.metrics.clone());
+    pg_json("metrics", &metrics, MAX_METRICS_BYTES)?;
+    check_metric_numbers(&metrics)?;
     let model: AiModel = sqlx::query_as::<_, ModelRow>(
         "INSERT INTO ai_models (id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics) \
          SELECT $1, o.id, $3, $4, $5, $6, $7, $8, $9 FROM organisations o WHERE o.id = $2 \

@@ -29,7 +29,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{FromRef, Path, State},
+    extract::{FromRef, State},
     http::StatusCode,
     routing::{get, post},
 };
@@ -47,7 +47,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{Pki, PkiMetrics};
-use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal};
+use crate::http::{ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, Principal};
 
 /// The PKI state as held in the application state; `None` when `pki.ca_dir` is not set.
 type MaybePki = Option<Arc<Pki>>;
@@ -105,7 +105,7 @@ fn token_hash(token: &str) -> [u8; 32] {
 async fn create_enroll_token(
     State(pool): State<PgPool>,
     p: Principal,
-    Path(org_id): Path<Uuid>,
+    ApiPath(org_id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<CreateEnrollToken>,
 ) -> ApiResult<(StatusCode, Json<EnrollToken>)> {
     let org_id = p.org_scope(org_id)?;
@@ -162,7 +162,7 @@ async fn revoke_device(
     State(pool): State<PgPool>,
     State(maybe_pki): State<MaybePki>,
     p: Principal,
-    Path((org_id, device_id)): Path<(Uuid, Uuid)>,
+    ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<Revocation>> {
     let org_id = p.org_scope(org_id)?;
     let known: bool = sqlx::query_scalar(

@@ -10,15 +10,17 @@
 //!   NOTHING`, so a replayed batch (after a lost ack, a crash, a retry) counts once.
 //! - The device row is locked (`FOR UPDATE`) for the transaction, so two concurrent batches of
 //!   one device serialise and the acknowledged high-water mark only grows.
-//! - Decompression is bounded: a gzip body that inflates beyond the limit is refused (413)
-//!   before it is parsed.
-
-use std::io::Read as _;
+//! - Decoding is [`kip_shared::batch::decode_batch`]'s (one decoder, property-tested there):
+//!   decompression is bounded (a gzip body that inflates beyond the limit is refused, 413,
+//!   before it is parsed), and a batch that decodes is storable (no NUL, bounded strings,
+//!   finite numbers, years 1 to 9999), so a bad record is a 422 naming it, never a failed
+//!   transaction.
 
 use chrono::{DateTime, Utc};
 use kip_shared::{
-    Record, Sequenced,
-    sync::{BatchError, SyncAck, SyncBatch},
+    Record,
+    batch::{BodyEncoding, DecodeError, DecodeLimits, decode_batch},
+    sync::{SyncAck, SyncBatch},
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -52,16 +54,9 @@ impl Default for IngestLimits {
 /// Why a batch was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("batch body is not valid gzip: {0}")]
-    Gzip(String),
-    #[error("batch inflates to more than {0} bytes")]
-    TooLarge(usize),
-    #[error("batch is not valid JSON for protocol version {version}: {message}")]
-    Json { version: u32, message: String },
-    #[error("invalid batch: {0}")]
-    Batch(#[from] BatchError),
-    #[error("record {index}: {message}")]
-    Record { index: usize, message: String },
+    /// The body does not decode into a storable batch (gzip, size, JSON, structure, a record).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
     #[error("device is not registered in its organisation")]
     UnknownDevice,
     #[error("database: {0}")]
@@ -72,14 +67,11 @@ pub enum IngestError {
 }
 
 impl IngestError {
-    /// Short, stable label for metrics.
+    /// Short, stable label for metrics (the decoder's [`DecodeError::reason`] for bad bodies:
+    /// `gzip`, `too_large`, `json`, `batch`, `record`).
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Gzip(_) => "gzip",
-            Self::TooLarge(_) => "too_large",
-            Self::Json { .. } => "json",
-            Self::Batch(_) => "batch",
-            Self::Record { .. } => "record",
+            Self::Decode(d) => d.reason(),
             Self::UnknownDevice => "unknown_device",
             Self::Db(_) => "database",
             Self::Decoder(_) => "internal",
@@ -90,11 +82,15 @@ impl IngestError {
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
         match e {
-            IngestError::TooLarge(limit_bytes) => ApiError::PayloadTooLarge { limit_bytes },
-            IngestError::Gzip(_) | IngestError::Json { .. } => ApiError::BadRequest(e.to_string()),
-            IngestError::Batch(_) | IngestError::Record { .. } => {
-                ApiError::validation("batch", e.to_string())
+            IngestError::Decode(DecodeError::TooLarge(limit_bytes)) => {
+                ApiError::PayloadTooLarge { limit_bytes }
             }
+            IngestError::Decode(DecodeError::Gzip(_) | DecodeError::Json { .. }) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            IngestError::Decode(
+                DecodeError::Batch(_) | DecodeError::Field(_) | DecodeError::Record { .. },
+            ) => ApiError::validation("batch", e.to_string()),
             IngestError::UnknownDevice => ApiError::Forbidden("device is not registered"),
             IngestError::Db(db) => ApiError::from(db),
             IngestError::Decoder(_) => ApiError::internal(e),
@@ -104,59 +100,16 @@ impl From<IngestError> for ApiError {
 
 /// Decodes a request body (gzip when `gzip`), bounded by `limits`.
 pub fn decode(body: &[u8], gzip: bool, limits: IngestLimits) -> Result<SyncBatch, IngestError> {
-    let json: std::borrow::Cow<'_, [u8]> = if gzip {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(body)
-            .take(limits.max_decoded_bytes as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| IngestError::Gzip(e.to_string()))?;
-        out.into()
+    let encoding = if gzip {
+        BodyEncoding::Gzip
     } else {
-        body.into()
+        BodyEncoding::Identity
     };
-    if json.len() > limits.max_decoded_bytes {
-        return Err(IngestError::TooLarge(limits.max_decoded_bytes));
-    }
-    let batch: SyncBatch = serde_json::from_slice(&json).map_err(|e| IngestError::Json {
-        version: kip_shared::PROTOCOL_VERSION,
-        message: e.to_string(),
-    })?;
-    batch.check(limits.max_records)?;
-    for (index, r) in batch.records.iter().enumerate() {
-        check_record(r).map_err(|message| IngestError::Record { index, message })?;
-    }
-    Ok(batch)
-}
-
-fn check_text(field: &str, s: &str, max: usize) -> Result<(), String> {
-    if s.len() > max {
-        return Err(format!("{field} is longer than {max} bytes"));
-    }
-    Ok(())
-}
-
-fn check_record(r: &Sequenced) -> Result<(), String> {
-    match &r.record {
-        Record::Reading(x) => {
-            check_text("machine", &x.machine, 128)?;
-            check_text("metric", &x.metric, 256)?;
-            if x.metric.is_empty() {
-                return Err("metric must not be empty".into());
-            }
-            if !x.value.is_finite() {
-                return Err(format!("value of {} is not finite", x.metric));
-            }
-        }
-        Record::Prediction(p) => {
-            check_text("machine", &p.machine, 128)?;
-            check_text("model_version", &p.model_version, 128)?;
-            if !p.rul_cycles.is_finite() {
-                return Err("rul_cycles is not finite".into());
-            }
-        }
-        Record::Gap(_) | Record::DeadLetter(_) | Record::Loss(_) => {}
-    }
-    Ok(())
+    let limits = DecodeLimits {
+        max_records: limits.max_records,
+        max_decoded_bytes: limits.max_decoded_bytes,
+    };
+    Ok(decode_batch(body, encoding, limits)?)
 }
 
 #[derive(Default)]

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::http::{ApiError, ApiPath, ApiResult, Principal};
+use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
 
 /// Query string of `GET .../devices/{device_id}/sensor-data`.
 #[derive(Debug, Deserialize)]
@@ -116,12 +116,18 @@ pub struct SensorPage {
     pub next_cursor: Option<String>,
 }
 
+/// Longest `machine` / `metric` filter (and cursor part); longer ones can match nothing.
+const MAX_FILTER_BYTES: usize = 1024;
+/// Longest cursor accepted (base64 of a timestamp and two filter-sized parts).
+const MAX_CURSOR_BYTES: usize = 4 * MAX_FILTER_BYTES;
+
 fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{a}|{b}", ts.to_rfc3339()))
 }
 
 fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
     let bad = || ApiError::validation("cursor", "is not a cursor returned by this API");
+    pg_text("cursor", c, MAX_CURSOR_BYTES)?;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(c)
         .map_err(|_| bad())?;
@@ -132,9 +138,12 @@ fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .ok_or_else(bad)?
         .with_timezone(&Utc);
-    let a = parts.next().ok_or_else(bad)?.to_owned();
-    let b = parts.next().ok_or_else(bad)?.to_owned();
-    Ok((ts, a, b))
+    let a = parts.next().ok_or_else(bad)?;
+    let b = parts.next().ok_or_else(bad)?;
+    // A forged cursor could carry NUL into the keyset comparison.
+    pg_text("cursor", a, MAX_FILTER_BYTES)?;
+    pg_text("cursor", b, MAX_FILTER_BYTES)?;
+    Ok((ts, a.to_owned(), b.to_owned()))
 }
 
 /// Start of the `bucket_s` bucket holding `t` (buckets are aligned to 2000-01-01 UTC, like
@@ -180,6 +189,12 @@ pub async fn query(
     let org_id = p.org_scope(org_id)?;
     let Query(q) =
         q.map_err(|e| ApiError::BadRequest(format!("invalid query string: {}", e.body_text())))?;
+    if let Some(m) = &q.metric {
+        pg_text("metric", m, MAX_FILTER_BYTES)?;
+    }
+    if let Some(m) = &q.machine {
+        pg_text("machine", m, MAX_FILTER_BYTES)?;
+    }
     if !(1..=10_000).contains(&q.limit) {
         return Err(ApiError::validation("limit", "must be between 1 and 10000"));
     }
