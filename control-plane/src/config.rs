@@ -117,6 +117,21 @@ pub struct RawPki {
     /// (e.g. `kipctl ca rotate-intermediate`) is loaded without restart; SIGHUP checks at once.
     #[serde(default = "default_ca_reload_interval_s")]
     pub ca_reload_interval_s: u64,
+    /// How long a certificate keeps working after a renewal or re-enrollment issued its
+    /// successor (so requests in flight and an agent that missed the answer are not cut off);
+    /// older certificates of the device stop at once.
+    #[serde(default = "default_renewal_overlap_s")]
+    pub renewal_overlap_s: u64,
+    /// Most certificates issued to one device (renewals, recoveries) within
+    /// `renewal_window_s`; beyond it renewal answers 429 with `Retry-After`.
+    #[serde(default = "default_renewals_per_window")]
+    pub renewals_per_window: u32,
+    #[serde(default = "default_renewal_window_s")]
+    pub renewal_window_s: u64,
+    /// Longest a request on the agent mTLS listener may take, body upload included; slower
+    /// ones answer 504.
+    #[serde(default = "default_agent_request_timeout_ms")]
+    pub agent_request_timeout_ms: u64,
 }
 
 /// `[ingest]`: limits on agent sync batches (`POST /v1/agent/sync` on the agent listener).
@@ -184,6 +199,18 @@ fn default_expired_renewal_grace_s() -> u64 {
 fn default_ca_reload_interval_s() -> u64 {
     10
 }
+fn default_renewal_overlap_s() -> u64 {
+    300
+}
+fn default_renewals_per_window() -> u32 {
+    6
+}
+fn default_renewal_window_s() -> u64 {
+    3_600
+}
+fn default_agent_request_timeout_ms() -> u64 {
+    120_000
+}
 
 impl Default for RawPki {
     fn default() -> Self {
@@ -196,6 +223,10 @@ impl Default for RawPki {
             crl_refresh_interval_s: default_crl_refresh_interval_s(),
             expired_renewal_grace_s: default_expired_renewal_grace_s(),
             ca_reload_interval_s: default_ca_reload_interval_s(),
+            renewal_overlap_s: default_renewal_overlap_s(),
+            renewals_per_window: default_renewals_per_window(),
+            renewal_window_s: default_renewal_window_s(),
+            agent_request_timeout_ms: default_agent_request_timeout_ms(),
         }
     }
 }
@@ -211,6 +242,13 @@ pub struct PkiConfig {
     pub crl_refresh_interval: Duration,
     pub expired_renewal_grace: Duration,
     pub ca_reload_interval: Duration,
+    /// `pki.renewal_overlap_s`.
+    pub renewal_overlap: Duration,
+    /// `pki.renewals_per_window` certificates per device within `renewal_window`.
+    pub renewals_per_window: u32,
+    pub renewal_window: Duration,
+    /// `pki.agent_request_timeout_ms`.
+    pub agent_request_timeout: Duration,
 }
 
 impl RawPki {
@@ -260,6 +298,13 @@ impl RawPki {
             1,
             3_600,
         )?;
+        let renewal_overlap = s_in("pki.renewal_overlap_s", self.renewal_overlap_s, 0, 86_400)?;
+        let renewal_window = s_in("pki.renewal_window_s", self.renewal_window_s, 1, 7 * 86_400)?;
+        in_range(u64::from(self.renewals_per_window), 1, 1_000, "")
+            .map_err(|m| invalid("pki.renewals_per_window", m))?;
+        let agent_request_timeout = in_range(self.agent_request_timeout_ms, 100, 3_600_000, " ms")
+            .map(Duration::from_millis)
+            .map_err(|m| invalid("pki.agent_request_timeout_ms", m))?;
         let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
             invalid(
                 "pki.agent_listen_addr",
@@ -291,6 +336,10 @@ impl RawPki {
             crl_refresh_interval,
             expired_renewal_grace,
             ca_reload_interval,
+            renewal_overlap,
+            renewals_per_window: self.renewals_per_window,
+            renewal_window,
+            agent_request_timeout,
         })
     }
 }

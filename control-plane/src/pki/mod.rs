@@ -73,6 +73,16 @@ struct ServerCert {
     issuer: String,
 }
 
+/// What happens to a device's certificates when it gets a new one, and how often it may.
+#[derive(Debug, Clone, Copy)]
+pub struct RenewalPolicy {
+    /// The direct predecessor keeps working this long (`pki.renewal_overlap_s`).
+    pub overlap: Duration,
+    /// At most this many certificates per device within `window`.
+    pub per_window: u32,
+    pub window: Duration,
+}
+
 /// The loaded fleet CA plus the agent listener's live TLS configuration.
 pub struct Pki {
     ca: ArcSwap<FleetCa>,
@@ -85,6 +95,8 @@ pub struct Pki {
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
     expired_renewal_grace: Duration,
+    /// Renewal policy: predecessor overlap and the per-device rate limit.
+    renewal: RenewalPolicy,
     tls: RustlsConfig,
     /// Current server identity; replaced when half of its lifetime has passed or when
     /// [`FleetCa::server_issuer`] changes.
@@ -127,7 +139,7 @@ impl Pki {
             id: issuer.issue_server_cert(&cfg.server_names, now, cfg.server_cert_lifetime)?,
             issuer: issuer.fingerprint(),
         };
-        let revoked = revoked_serials(pool).await?;
+        let revoked = revoked_serials(pool, cfg.expired_renewal_grace).await?;
         let tls_cfg = kip_certs::server_config(
             ca.bundle(),
             server.id.chain.clone(),
@@ -144,6 +156,11 @@ impl Pki {
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
             expired_renewal_grace: cfg.expired_renewal_grace,
+            renewal: RenewalPolicy {
+                overlap: cfg.renewal_overlap,
+                per_window: cfg.renewals_per_window,
+                window: cfg.renewal_window,
+            },
             tls: RustlsConfig::from_config(tls_cfg),
             server: tokio::sync::Mutex::new(server),
         }))
@@ -222,6 +239,11 @@ impl Pki {
         self.expired_renewal_grace
     }
 
+    /// Overlap of a superseded certificate and the per-device renewal rate limit.
+    pub fn renewal_policy(&self) -> RenewalPolicy {
+        self.renewal
+    }
+
     /// The trust bundle agents must use (PEM).
     pub fn bundle_pem(&self) -> String {
         self.ca().bundle().to_pem()
@@ -246,7 +268,7 @@ impl Pki {
         replace: Option<Arc<FleetCa>>,
     ) -> Result<Option<Arc<FleetCa>>, PkiError> {
         let now = SystemTime::now();
-        let revoked = revoked_serials(pool).await?;
+        let revoked = revoked_serials(pool, self.expired_renewal_grace).await?;
         // Held across the rebuild so two refreshes cannot swap in out of order, and a
         // refresh cannot rebuild for the old CA after a reload swapped the new one in.
         let mut server = self.server.lock().await;
@@ -362,13 +384,23 @@ pub async fn count_devices_by_issuer(
     Ok((c, p, o))
 }
 
-/// Certificates to list in CRLs: revoked or belonging to a deleted device, not yet expired.
-pub async fn revoked_serials(pool: &PgPool) -> Result<Vec<RevokedSerial>, sqlx::Error> {
+/// Certificates to list in CRLs: revoked, of a revoked device or of a deleted device, and
+/// not expired for longer than `grace` (`pki.expired_renewal_grace_s`), so a revoked
+/// certificate stays listed for as long as anything would still accept it, expired or not.
+/// Superseded (retired) certificates are not listed: there is one per renewal, and every
+/// request checks them against the database ([`authenticate_device`]).
+pub async fn revoked_serials(
+    pool: &PgPool,
+    grace: Duration,
+) -> Result<Vec<RevokedSerial>, sqlx::Error> {
     let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT c.serial, coalesce(c.revoked_at, now()) FROM certificates c \
+        "SELECT c.serial, coalesce(c.revoked_at, r.revoked_at, now()) FROM certificates c \
          LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
-         WHERE c.not_after > now() AND (c.revoked_at IS NOT NULL OR d.id IS NULL)",
+         LEFT JOIN device_revocations r ON r.org_id = c.org_id AND r.device_id = c.device_id \
+         WHERE c.not_after > now() - make_interval(secs => $1::float8) \
+           AND (c.revoked_at IS NOT NULL OR r.device_id IS NOT NULL OR d.id IS NULL)",
     )
+    .bind(grace.as_secs_f64())
     .fetch_all(pool)
     .await?;
     Ok(rows
