@@ -8,6 +8,7 @@ use axum::{
     body::Body,
     http::{Request, StatusCode},
 };
+use futures_util::StreamExt as _;
 use kip_api::{AgentWhoami, CertificateResponse, EnrollToken, Revocation};
 use kip_certs::{DeviceKey, FleetCa, certs_from_pem, rustls};
 use kip_control_plane::{ControlPlane, config::Config};
@@ -827,4 +828,59 @@ async fn renewals_are_rate_limited_per_device(pool: PgPool) {
         .renew_with(&other, &other_key, &DeviceKey::generate().unwrap())
         .await;
     assert_eq!(s, 200, "{v}");
+}
+
+// ---------- issue #13, hole 10: per-request expiry and the agent request timeout ----------
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_certificate_that_expires_on_an_open_connection_is_refused(pool: PgPool) {
+    // The shortest lifetime the CA signs (60 s): the test waits for it to pass.
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.device_cert_lifetime = Duration::from_secs(60);
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let open = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    assert_eq!(whoami(&open, &env).await.unwrap().0, StatusCode::OK);
+    wait_past(cert.not_after).await;
+    // Same pooled connection (the handshake happened while the certificate was valid).
+    let (s, v) = whoami(&open, &env).await.unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_stalled_agent_request_times_out(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.agent_request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    // One byte of the body, then nothing: the handler waits for the rest.
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("{"))])
+        .chain(futures_util::stream::pending());
+    let started = std::time::Instant::now();
+    let r = client
+        .post(format!("{}/v1/agent/sync", env.agent_url))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "timeout", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

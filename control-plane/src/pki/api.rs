@@ -634,7 +634,7 @@ pub struct DeviceCert {
 }
 
 /// Who is behind `leaf` (DER), the client certificate the TLS verifier accepted at the
-/// handshake: its certificate must be known, unrevoked, of an existing device, and issued by
+/// handshake: it must not have expired since, its certificate must be known, unrevoked, of an existing device, and issued by
 /// the current or the previous intermediate (a rotation finished since the handshake ends
 /// requests on old connections too, as revocation does). 403 otherwise.
 pub async fn authenticate_device(
@@ -644,6 +644,13 @@ pub async fn authenticate_device(
 ) -> ApiResult<DeviceCert> {
     let peer = kip_certs::parse_peer_cert(leaf)
         .map_err(|_| ApiError::Forbidden("the client certificate does not name a device"))?;
+    // The handshake checked validity once; a connection may outlive the certificate, so
+    // every request checks it again (cheap, before the database).
+    if peer.not_after <= SystemTime::now() {
+        return Err(ApiError::Forbidden(
+            "the client certificate has expired: renew it with POST /renew-expired",
+        ));
+    }
     let ca = pki.map(Pki::ca);
     if let Some(ca) = &ca
         && !ca.current().is_issuer_of(leaf)

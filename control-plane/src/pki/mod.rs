@@ -95,6 +95,7 @@ pub struct Pki {
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
     expired_renewal_grace: Duration,
+    agent_request_timeout: Duration,
     /// Renewal policy: predecessor overlap and the per-device rate limit.
     renewal: RenewalPolicy,
     tls: RustlsConfig,
@@ -156,6 +157,7 @@ impl Pki {
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
             expired_renewal_grace: cfg.expired_renewal_grace,
+            agent_request_timeout: cfg.agent_request_timeout,
             renewal: RenewalPolicy {
                 overlap: cfg.renewal_overlap,
                 per_window: cfg.renewals_per_window,
@@ -237,6 +239,11 @@ impl Pki {
     /// How long after expiry a device certificate may still be renewed (0: never).
     pub fn expired_renewal_grace(&self) -> Duration {
         self.expired_renewal_grace
+    }
+
+    /// Longest a request on the agent listener may take (`pki.agent_request_timeout_ms`).
+    pub fn agent_request_timeout(&self) -> Duration {
+        self.agent_request_timeout
     }
 
     /// Overlap of a superseded certificate and the per-device renewal rate limit.
