@@ -61,6 +61,14 @@ pub struct RawDatabase {
     /// Create the database named in `url` when it does not exist yet.
     #[serde(default = "default_true")]
     pub create_if_missing: bool,
+    /// PostgreSQL `statement_timeout` of every connection: no query runs longer.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// Connections of the agent listener's own pool (sync, renewal, whoami), separate from
+    /// `max_connections`, so admin or unauthenticated load cannot starve ingest. 0: the agent
+    /// listener shares the main pool.
+    #[serde(default = "default_agent_max_connections")]
+    pub agent_max_connections: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +81,16 @@ pub struct RawAuth {
     /// how long a key revoked through another replica keeps working here; 0 = no cache.
     #[serde(default = "default_key_cache_ttl_ms")]
     pub key_cache_ttl_ms: u64,
+    /// How long an unknown API key is refused without asking PostgreSQL again (0: off).
+    #[serde(default = "default_negative_cache_ttl_ms")]
+    pub negative_cache_ttl_ms: u64,
+    /// Bound on remembered unknown keys and on addresses tracked for failed authentication.
+    #[serde(default = "default_negative_cache_max_entries")]
+    pub negative_cache_max_entries: u64,
+    /// Failed authentications per client address per minute before the address is answered
+    /// 429 without asking PostgreSQL (0: off).
+    #[serde(default = "default_failed_auth_per_ip_per_minute")]
+    pub failed_auth_per_ip_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -353,6 +371,21 @@ fn default_request_body_limit_bytes() -> u64 {
 fn default_key_cache_ttl_ms() -> u64 {
     5_000
 }
+fn default_negative_cache_ttl_ms() -> u64 {
+    60_000
+}
+fn default_negative_cache_max_entries() -> u64 {
+    65_536
+}
+fn default_failed_auth_per_ip_per_minute() -> u32 {
+    30
+}
+fn default_statement_timeout_ms() -> u64 {
+    30_000
+}
+fn default_agent_max_connections() -> u32 {
+    4
+}
 fn default_request_timeout_ms() -> u64 {
     30_000
 }
@@ -398,6 +431,8 @@ impl Default for RawDatabase {
             max_connections: default_max_connections(),
             connect_timeout_ms: default_connect_timeout_ms(),
             create_if_missing: true,
+            statement_timeout_ms: default_statement_timeout_ms(),
+            agent_max_connections: default_agent_max_connections(),
         }
     }
 }
@@ -406,6 +441,9 @@ impl Default for RawAuth {
         Self {
             admin_key_file: default_admin_key_file(),
             key_cache_ttl_ms: default_key_cache_ttl_ms(),
+            negative_cache_ttl_ms: default_negative_cache_ttl_ms(),
+            negative_cache_max_entries: default_negative_cache_max_entries(),
+            failed_auth_per_ip_per_minute: default_failed_auth_per_ip_per_minute(),
         }
     }
 }
@@ -438,6 +476,12 @@ pub struct Config {
     pub database_max_connections: NonZeroU32,
     pub database_connect_timeout: Duration,
     pub database_create_if_missing: bool,
+    /// `database.statement_timeout_ms`, set on every connection.
+    pub database_statement_timeout: Duration,
+    /// `database.agent_max_connections`; 0 shares the main pool.
+    pub database_agent_max_connections: u32,
+    /// Negative cache and per-IP failed-authentication limit (`[auth]`).
+    pub auth_guard: crate::http::AuthGuardConfig,
     pub admin_key_file: PathBuf,
     /// `auth.key_cache_ttl_ms`; zero disables the API-key cache.
     pub key_cache_ttl: Duration,
@@ -563,6 +607,32 @@ impl RawConfig {
             100,
             600_000,
         )?;
+        let database_statement_timeout = ms_in(
+            "database.statement_timeout_ms",
+            self.database.statement_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        in_range(self.database.agent_max_connections, 0, 1000, "")
+            .map_err(|m| invalid("database.agent_max_connections", m))?;
+        let auth_guard = crate::http::AuthGuardConfig {
+            negative_ttl: ms_in(
+                "auth.negative_cache_ttl_ms",
+                self.auth.negative_cache_ttl_ms,
+                0,
+                3_600_000,
+            )?,
+            max_entries: in_range(self.auth.negative_cache_max_entries, 1, 10_000_000, "")
+                .map_err(|m| invalid("auth.negative_cache_max_entries", m))
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX))?,
+            failures_per_ip_per_minute: in_range(
+                self.auth.failed_auth_per_ip_per_minute,
+                0,
+                1_000_000,
+                "",
+            )
+            .map_err(|m| invalid("auth.failed_auth_per_ip_per_minute", m))?,
+        };
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
@@ -626,6 +696,9 @@ impl RawConfig {
             database_max_connections,
             database_connect_timeout,
             database_create_if_missing: self.database.create_if_missing,
+            database_statement_timeout,
+            database_agent_max_connections: self.database.agent_max_connections,
+            auth_guard,
             admin_key_file: self.auth.admin_key_file,
             key_cache_ttl,
             log_format,

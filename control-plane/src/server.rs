@@ -140,7 +140,9 @@ pub fn spawn_admin(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, router)
+    // The peer address feeds the per-IP failed-authentication limit (`http::AuthGuard`).
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service)
         .with_graceful_shutdown(async move { token.cancelled().await });
     tracker.spawn(async move {
         if let Err(e) = server.await {

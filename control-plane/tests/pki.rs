@@ -884,3 +884,37 @@ async fn a_stalled_agent_request_times_out(pool: PgPool) {
     assert_eq!(v["error"]["code"], "timeout", "{v}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+// ---------- issue #13, hole 5: cheap checks before the database ----------
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn forged_recovery_and_malformed_tokens_are_refused_without_the_database(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, real) = env.enrolled_device("gw-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = FleetCa::init(dir.path(), std::time::SystemTime::now()).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let forged = rogue
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw-1").unwrap(),
+            kip_certs::DeviceIdentity {
+                org_id: env.org_id,
+                device_id: real.device_id,
+            },
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    // Without a database, anything that reached it would answer 500 or 503.
+    pool.close().await;
+    let (s, v) = env.renew_expired(&forged.chain_pem, &key).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    for token in [
+        "kipenroll_short",
+        "kipenroll_%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%",
+    ] {
+        let (s, v) = env.enroll(token, &key, "gw-9").await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{token}: {v}");
+    }
+}

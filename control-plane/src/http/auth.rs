@@ -10,8 +10,9 @@
 //!   `auth.key_cache_ttl_ms` (default 5 s; 0 turns the cache off and every request reads
 //!   PostgreSQL).
 //! - The cache holds sha256 digests of presented keys, never the keys, and only keys that
-//!   authenticated; unknown keys always go to PostgreSQL, so a flood of bad keys cannot evict
-//!   good ones.
+//!   authenticated, so a flood of bad keys cannot evict good ones. Unknown keys go to
+//!   PostgreSQL unless the [`AuthGuard`] (negative cache, per-IP failure limit) refuses them
+//!   first.
 
 use std::{
     collections::HashMap,
@@ -26,7 +27,10 @@ use axum::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::ApiError;
+use super::{
+    ApiError,
+    auth_guard::{AuthGuard, AuthGuardConfig},
+};
 use crate::keys;
 
 /// What a key may do.
@@ -73,6 +77,8 @@ pub struct KeyCache {
     ttl: Duration,
     max_entries: usize,
     entries: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// Failed authentications (see [`AuthGuard`]); off unless set by [`KeyCache::with_guard`].
+    guard: AuthGuard,
 }
 
 impl KeyCache {
@@ -82,7 +88,14 @@ impl KeyCache {
             ttl,
             max_entries,
             entries: Mutex::new(HashMap::new()),
+            guard: AuthGuard::new(AuthGuardConfig::OFF),
         }
+    }
+
+    /// Puts the failed-authentication guard in front of PostgreSQL.
+    pub fn with_guard(mut self, cfg: AuthGuardConfig) -> Self {
+        self.guard = AuthGuard::new(cfg);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Principal, Instant)>> {
@@ -176,16 +189,21 @@ where
         if let Some(p) = cache.get(&digest, now) {
             return Ok(p);
         }
+        let ip = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        cache.guard.check(&digest, ip, now)?;
         let row: Option<KeyRow> = sqlx::query_as(
             "SELECT id, org_id, key_sha256 FROM api_keys WHERE prefix = $1 AND revoked_at IS NULL",
         )
         .bind(prefix)
         .fetch_optional(&PgPool::from_ref(state))
         .await?;
-        let row = row.ok_or(ApiError::Unauthorized)?;
-        if !keys::digest_eq(&row.key_sha256, &digest) {
+        let Some(row) = row.filter(|r| keys::digest_eq(&r.key_sha256, &digest)) else {
+            cache.guard.record_failure(digest, ip, now);
             return Err(ApiError::Unauthorized);
-        }
+        };
         let p = Principal {
             key_id: row.id,
             scope: row.org_id.map_or(Scope::Platform, Scope::Org),

@@ -7,11 +7,13 @@
 //! no domain imports the composition root.
 
 mod auth;
+mod auth_guard;
 mod error;
 mod extract;
 mod middleware;
 
 pub use auth::{KeyCache, Principal, Scope};
+pub use auth_guard::{AuthGuard, AuthGuardConfig};
 pub use error::{ApiError, ApiResult};
 pub use extract::{ApiJson, ApiPath, HttpLimits, ListParams, list_limit, parse_name};
 pub use middleware::{HttpMetrics, method_not_allowed, not_found, timeout, track};
