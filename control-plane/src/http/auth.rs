@@ -208,6 +208,7 @@ where
             key_id: row.id,
             scope: row.org_id.map_or(Scope::Platform, Scope::Org),
         };
+        cache.guard.record_success(digest, now);
         cache.insert(digest, p, now);
         Ok(p)
     }

@@ -9,9 +9,11 @@
 //!   if it is still full, a new digest or address is simply not tracked (it then goes to
 //!   PostgreSQL as before). Memory never grows with the attack.
 //! - Only failures are recorded, only sha256 digests of presented keys are kept (never keys).
-//! - The guard runs after the positive [`super::KeyCache`]: a key that authenticated recently
-//!   keeps working from an address that is being limited. An uncached valid key from a limited
-//!   address is answered 429 until the address's window ends (at most a minute).
+//! - The guard runs after the positive [`super::KeyCache`], and a key digest that authenticated
+//!   within [`KNOWN_GOOD_TTL`] is exempt from the per-IP limit (it is still checked against
+//!   PostgreSQL): legitimate clients behind the same address as an attacker (NAT, a shared
+//!   proxy) keep working. Only a valid key never seen within that time, from a limited address,
+//!   is answered 429 until the address's window ends (at most a minute).
 //! - A digest in the negative cache stays refused for `negative_ttl` even if a key with that
 //!   digest were created meanwhile; keys are 32 random bytes, so that cannot happen by chance.
 
@@ -26,6 +28,9 @@ use super::ApiError;
 
 /// The per-IP window of [`AuthGuardConfig::failures_per_ip_per_minute`].
 const IP_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a key digest that authenticated stays exempt from the per-IP limit.
+pub const KNOWN_GOOD_TTL: Duration = Duration::from_secs(3_600);
 
 /// `[auth]` settings of the guard (validated).
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +60,8 @@ pub struct AuthGuard {
     negative: Mutex<HashMap<[u8; 32], Instant>>,
     /// Address -> (window start, failures in the window).
     per_ip: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Digests that authenticated recently (exempt from the per-IP limit).
+    known_good: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,7 +75,22 @@ impl AuthGuard {
             cfg,
             negative: Mutex::new(HashMap::new()),
             per_ip: Mutex::new(HashMap::new()),
+            known_good: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records that `digest` authenticated (exempts it from the per-IP limit for a while).
+    pub fn record_success(&self, digest: [u8; 32], now: Instant) {
+        if self.cfg.failures_per_ip_per_minute == 0 {
+            return;
+        }
+        insert_bounded(
+            &mut lock(&self.known_good),
+            digest,
+            now,
+            self.cfg.max_entries,
+            |at| now.duration_since(*at) < KNOWN_GOOD_TTL,
+        );
     }
 
     /// Refuses, before any database work, a key digest known to be bad (401) or a request
@@ -94,6 +116,9 @@ impl AuthGuard {
         let limit = self.cfg.failures_per_ip_per_minute;
         if let (Some(ip), true) = (ip, limit > 0)
             && let Some((start, n)) = lock(&self.per_ip).get(&ip).copied()
+            && !lock(&self.known_good)
+                .get(digest)
+                .is_some_and(|at| now.duration_since(*at) < KNOWN_GOOD_TTL)
         {
             let elapsed = now.duration_since(start);
             if elapsed < IP_WINDOW && n >= limit {
@@ -201,6 +226,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(g.check(&[9; 32], Some(other), t0).is_ok());
+        // A key that authenticated before is exempt (PostgreSQL still checks it).
+        g.record_success([7; 32], t0);
+        assert!(
+            g.check(&[7; 32], Some(ip), t0 + Duration::from_secs(20))
+                .is_ok()
+        );
         assert!(g.check(&[9; 32], Some(ip), t0 + IP_WINDOW).is_ok());
         g.record_failure([9; 32], Some(ip), t0 + IP_WINDOW);
         assert!(
