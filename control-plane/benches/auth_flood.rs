@@ -41,7 +41,7 @@ use kip_shared::{
 };
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions as _, Executor as _, postgres::PgConnectOptions};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -157,13 +157,14 @@ async fn run(mode: &str) {
         .build()
         .unwrap();
 
+    let tracker = TaskTracker::new();
     let deadline = Instant::now() + Duration::from_secs(flood_s);
     // The flood: garbage keys of the valid shape, each a new one.
     let answers: Arc<[AtomicU64; 4]> = Arc::new(Default::default()); // 401, 429, other, error
     let mut flood = Vec::new();
     for c in 0..concurrency {
         let (http, url, answers) = (http.clone(), admin_url.clone(), answers.clone());
-        flood.push(tokio::spawn(async move {
+        flood.push(tracker.spawn(async move {
             let mut i: u64 = 0;
             while Instant::now() < deadline {
                 i += 1;
@@ -186,7 +187,7 @@ async fn run(mode: &str) {
     // Legitimate admin traffic, closed loop.
     let admin = {
         let (http, url, key) = (http.clone(), admin_url.clone(), admin_key.clone());
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             let (mut lat, mut failed) = (Vec::new(), 0u64);
             while Instant::now() < deadline {
                 let t = Instant::now();
@@ -204,7 +205,7 @@ async fn run(mode: &str) {
         })
     };
     // Agent ingest, closed loop.
-    let sync = tokio::spawn(async move {
+    let sync = tracker.spawn(async move {
         let (mut batches, mut failed, mut seq) = (0u64, 0u64, 0u64);
         while Instant::now() < deadline {
             let first = seq + 1;
@@ -251,6 +252,8 @@ async fn run(mode: &str) {
     for f in flood {
         f.await.unwrap();
     }
+    tracker.close();
+    tracker.wait().await;
     lat.sort();
     let n = |i: usize| answers[i].load(Ordering::Relaxed);
     println!(

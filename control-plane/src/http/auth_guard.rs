@@ -116,9 +116,9 @@ impl AuthGuard {
         let limit = self.cfg.failures_per_ip_per_minute;
         if let (Some(ip), true) = (ip, limit > 0)
             && let Some((start, n)) = lock(&self.per_ip).get(&ip).copied()
-            && !lock(&self.known_good)
+            && lock(&self.known_good)
                 .get(digest)
-                .is_some_and(|at| now.duration_since(*at) < KNOWN_GOOD_TTL)
+                .is_none_or(|at| now.duration_since(*at) >= KNOWN_GOOD_TTL)
         {
             let elapsed = now.duration_since(start);
             if elapsed < IP_WINDOW && n >= limit {
