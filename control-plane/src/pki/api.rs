@@ -12,6 +12,16 @@
 //!   ([`DeviceCert`]), which is also checked against the `certificates` table on every
 //!   request, so a revoked certificate is refused even on a connection opened before the
 //!   revocation.
+//! - Revocation is per device (`device_revocations`) and per certificate, and covers every
+//!   certificate the device ever had, expired ones included. A revoked device gets no new
+//!   certificate (renewal, `/renew-expired`) and is re-admitted only by an enrollment token
+//!   created after its revocation.
+//! - Every new certificate of a device retires the others ([`issue`]): the predecessor works
+//!   for `pki.renewal_overlap_s`, older ones stop at once, so at most two work at a time.
+//!   Renewals and recoveries are rate limited per device (`pki.renewals_per_window`), counted
+//!   under the device row lock.
+//! - Cheap checks first: `/enroll` checks the token's shape and `/renew-expired` verifies the
+//!   chain and the proof of possession in memory before any database work or signing.
 //! - Errors never reveal which check a token failed (unknown, used, expired, other
 //!   organisation): all answer the same 403.
 //! - CA rollover: each request takes one snapshot of the CA ([`Pki::ca`]), so a certificate,

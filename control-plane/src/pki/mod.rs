@@ -10,6 +10,9 @@
 //! - The agent listener speaks TLS 1.3 only and requires a client certificate from the fleet
 //!   CA (see `kip_certs::server_config`). Handlers learn the device from that certificate
 //!   ([`DeviceCert`], checked by [`authenticate_device`]), never from a header or the body.
+//! - CRLs list every revoked certificate (and every certificate of a revoked or deleted
+//!   device) not expired for longer than `pki.expired_renewal_grace_s`; superseded
+//!   certificates are refused per request instead (see `api`).
 //! - Revocation takes effect on the next handshake: [`Pki::refresh`] rebuilds the server
 //!   configuration with fresh CRLs from the `certificates` table and swaps it in through
 //!   `RustlsConfig::reload_from_config`; open connections finish on the old configuration,
