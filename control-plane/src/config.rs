@@ -815,6 +815,24 @@ mod tests {
             ),
             ("[pki]\nagent_listen_addr = \"x\"", "pki.agent_listen_addr"),
             ("[pki]\nserver_names = []", "pki.server_names"),
+            ("[pki]\nrenewals_per_window = 0", "pki.renewals_per_window"),
+            ("[pki]\nrenewal_overlap_s = 90000", "pki.renewal_overlap_s"),
+            (
+                "[pki]\nagent_request_timeout_ms = 5",
+                "pki.agent_request_timeout_ms",
+            ),
+            (
+                "[database]\nstatement_timeout_ms = 0",
+                "database.statement_timeout_ms",
+            ),
+            (
+                "[database]\nagent_max_connections = 5000",
+                "database.agent_max_connections",
+            ),
+            (
+                "[auth]\nnegative_cache_max_entries = 0",
+                "auth.negative_cache_max_entries",
+            ),
             (
                 "[pki]\nserver_cert_lifetime_s = 7200\ncrl_refresh_interval_s = 3600",
                 "pki.crl_refresh_interval_s",
