@@ -67,6 +67,14 @@ pub struct RawDatabase {
     /// Create the database named in `url` when it does not exist yet.
     #[serde(default = "default_true")]
     pub create_if_missing: bool,
+    /// PostgreSQL `statement_timeout` of every connection: no query runs longer.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    /// Connections of the agent listener's own pool (sync, renewal, whoami), separate from
+    /// `max_connections`, so admin or unauthenticated load cannot starve ingest. 0: the agent
+    /// listener shares the main pool.
+    #[serde(default = "default_agent_max_connections")]
+    pub agent_max_connections: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -79,6 +87,16 @@ pub struct RawAuth {
     /// how long a key revoked through another replica keeps working here; 0 = no cache.
     #[serde(default = "default_key_cache_ttl_ms")]
     pub key_cache_ttl_ms: u64,
+    /// How long an unknown API key is refused without asking PostgreSQL again (0: off).
+    #[serde(default = "default_negative_cache_ttl_ms")]
+    pub negative_cache_ttl_ms: u64,
+    /// Bound on remembered unknown keys and on addresses tracked for failed authentication.
+    #[serde(default = "default_negative_cache_max_entries")]
+    pub negative_cache_max_entries: u64,
+    /// Failed authentications per client address per minute before the address is answered
+    /// 429 without asking PostgreSQL (0: off).
+    #[serde(default = "default_failed_auth_per_ip_per_minute")]
+    pub failed_auth_per_ip_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -123,6 +141,21 @@ pub struct RawPki {
     /// (e.g. `kipctl ca rotate-intermediate`) is loaded without restart; SIGHUP checks at once.
     #[serde(default = "default_ca_reload_interval_s")]
     pub ca_reload_interval_s: u64,
+    /// How long a certificate keeps working after a renewal or re-enrollment issued its
+    /// successor (so requests in flight and an agent that missed the answer are not cut off);
+    /// older certificates of the device stop at once.
+    #[serde(default = "default_renewal_overlap_s")]
+    pub renewal_overlap_s: u64,
+    /// Most certificates issued to one device (renewals, recoveries) within
+    /// `renewal_window_s`; beyond it renewal answers 429 with `Retry-After`.
+    #[serde(default = "default_renewals_per_window")]
+    pub renewals_per_window: u32,
+    #[serde(default = "default_renewal_window_s")]
+    pub renewal_window_s: u64,
+    /// Longest a request on the agent mTLS listener may take, body upload included; slower
+    /// ones answer 504.
+    #[serde(default = "default_agent_request_timeout_ms")]
+    pub agent_request_timeout_ms: u64,
 }
 
 /// `[ingest]`: limits on agent sync batches (`POST /v1/agent/sync` on the agent listener).
@@ -190,6 +223,18 @@ fn default_expired_renewal_grace_s() -> u64 {
 fn default_ca_reload_interval_s() -> u64 {
     10
 }
+fn default_renewal_overlap_s() -> u64 {
+    300
+}
+fn default_renewals_per_window() -> u32 {
+    6
+}
+fn default_renewal_window_s() -> u64 {
+    3_600
+}
+fn default_agent_request_timeout_ms() -> u64 {
+    120_000
+}
 
 impl Default for RawPki {
     fn default() -> Self {
@@ -202,6 +247,10 @@ impl Default for RawPki {
             crl_refresh_interval_s: default_crl_refresh_interval_s(),
             expired_renewal_grace_s: default_expired_renewal_grace_s(),
             ca_reload_interval_s: default_ca_reload_interval_s(),
+            renewal_overlap_s: default_renewal_overlap_s(),
+            renewals_per_window: default_renewals_per_window(),
+            renewal_window_s: default_renewal_window_s(),
+            agent_request_timeout_ms: default_agent_request_timeout_ms(),
         }
     }
 }
@@ -217,6 +266,13 @@ pub struct PkiConfig {
     pub crl_refresh_interval: Duration,
     pub expired_renewal_grace: Duration,
     pub ca_reload_interval: Duration,
+    /// `pki.renewal_overlap_s`.
+    pub renewal_overlap: Duration,
+    /// `pki.renewals_per_window` certificates per device within `renewal_window`.
+    pub renewals_per_window: u32,
+    pub renewal_window: Duration,
+    /// `pki.agent_request_timeout_ms`.
+    pub agent_request_timeout: Duration,
 }
 
 impl RawPki {
@@ -266,6 +322,13 @@ impl RawPki {
             1,
             3_600,
         )?;
+        let renewal_overlap = s_in("pki.renewal_overlap_s", self.renewal_overlap_s, 0, 86_400)?;
+        let renewal_window = s_in("pki.renewal_window_s", self.renewal_window_s, 1, 7 * 86_400)?;
+        in_range(u64::from(self.renewals_per_window), 1, 1_000, "")
+            .map_err(|m| invalid("pki.renewals_per_window", m))?;
+        let agent_request_timeout = in_range(self.agent_request_timeout_ms, 100, 3_600_000, " ms")
+            .map(Duration::from_millis)
+            .map_err(|m| invalid("pki.agent_request_timeout_ms", m))?;
         let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
             invalid(
                 "pki.agent_listen_addr",
@@ -297,6 +360,10 @@ impl RawPki {
             crl_refresh_interval,
             expired_renewal_grace,
             ca_reload_interval,
+            renewal_overlap,
+            renewals_per_window: self.renewals_per_window,
+            renewal_window,
+            agent_request_timeout,
         })
     }
 }
@@ -309,6 +376,21 @@ fn default_request_body_limit_bytes() -> u64 {
 }
 fn default_key_cache_ttl_ms() -> u64 {
     5_000
+}
+fn default_negative_cache_ttl_ms() -> u64 {
+    60_000
+}
+fn default_negative_cache_max_entries() -> u64 {
+    65_536
+}
+fn default_failed_auth_per_ip_per_minute() -> u32 {
+    30
+}
+fn default_statement_timeout_ms() -> u64 {
+    30_000
+}
+fn default_agent_max_connections() -> u32 {
+    4
 }
 fn default_request_timeout_ms() -> u64 {
     30_000
@@ -367,6 +449,8 @@ impl Default for RawDatabase {
             max_connections: default_max_connections(),
             connect_timeout_ms: default_connect_timeout_ms(),
             create_if_missing: true,
+            statement_timeout_ms: default_statement_timeout_ms(),
+            agent_max_connections: default_agent_max_connections(),
         }
     }
 }
@@ -375,6 +459,9 @@ impl Default for RawAuth {
         Self {
             admin_key_file: default_admin_key_file(),
             key_cache_ttl_ms: default_key_cache_ttl_ms(),
+            negative_cache_ttl_ms: default_negative_cache_ttl_ms(),
+            negative_cache_max_entries: default_negative_cache_max_entries(),
+            failed_auth_per_ip_per_minute: default_failed_auth_per_ip_per_minute(),
         }
     }
 }
@@ -410,6 +497,12 @@ pub struct Config {
     pub database_max_connections: NonZeroU32,
     pub database_connect_timeout: Duration,
     pub database_create_if_missing: bool,
+    /// `database.statement_timeout_ms`, set on every connection.
+    pub database_statement_timeout: Duration,
+    /// `database.agent_max_connections`; 0 shares the main pool.
+    pub database_agent_max_connections: u32,
+    /// Negative cache and per-IP failed-authentication limit (`[auth]`).
+    pub auth_guard: crate::http::AuthGuardConfig,
     pub admin_key_file: PathBuf,
     /// `auth.key_cache_ttl_ms`; zero disables the API-key cache.
     pub key_cache_ttl: Duration,
@@ -566,6 +659,32 @@ impl RawConfig {
             100,
             600_000,
         )?;
+        let database_statement_timeout = ms_in(
+            "database.statement_timeout_ms",
+            self.database.statement_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        in_range(self.database.agent_max_connections, 0, 1000, "")
+            .map_err(|m| invalid("database.agent_max_connections", m))?;
+        let auth_guard = crate::http::AuthGuardConfig {
+            negative_ttl: ms_in(
+                "auth.negative_cache_ttl_ms",
+                self.auth.negative_cache_ttl_ms,
+                0,
+                3_600_000,
+            )?,
+            max_entries: in_range(self.auth.negative_cache_max_entries, 1, 10_000_000, "")
+                .map_err(|m| invalid("auth.negative_cache_max_entries", m))
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX))?,
+            failures_per_ip_per_minute: in_range(
+                self.auth.failed_auth_per_ip_per_minute,
+                0,
+                1_000_000,
+                "",
+            )
+            .map_err(|m| invalid("auth.failed_auth_per_ip_per_minute", m))?,
+        };
         if !(self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
@@ -630,6 +749,9 @@ impl RawConfig {
             database_max_connections,
             database_connect_timeout,
             database_create_if_missing: self.database.create_if_missing,
+            database_statement_timeout,
+            database_agent_max_connections: self.database.agent_max_connections,
+            auth_guard,
             admin_key_file: self.auth.admin_key_file,
             key_cache_ttl,
             log_format,
@@ -746,6 +868,24 @@ mod tests {
             ),
             ("[pki]\nagent_listen_addr = \"x\"", "pki.agent_listen_addr"),
             ("[pki]\nserver_names = []", "pki.server_names"),
+            ("[pki]\nrenewals_per_window = 0", "pki.renewals_per_window"),
+            ("[pki]\nrenewal_overlap_s = 90000", "pki.renewal_overlap_s"),
+            (
+                "[pki]\nagent_request_timeout_ms = 5",
+                "pki.agent_request_timeout_ms",
+            ),
+            (
+                "[database]\nstatement_timeout_ms = 0",
+                "database.statement_timeout_ms",
+            ),
+            (
+                "[database]\nagent_max_connections = 5000",
+                "database.agent_max_connections",
+            ),
+            (
+                "[auth]\nnegative_cache_max_entries = 0",
+                "auth.negative_cache_max_entries",
+            ),
             (
                 "[pki]\nserver_cert_lifetime_s = 7200\ncrl_refresh_interval_s = 3600",
                 "pki.crl_refresh_interval_s",

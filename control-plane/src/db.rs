@@ -1,6 +1,10 @@
 //! Database connection, schema migrations and the platform-admin key bootstrap.
 //!
 //! Invariants:
+//! - Every connection the control plane opens has `statement_timeout` set
+//!   (`database.statement_timeout_ms`).
+//! - The agent listener has its own small pool ([`agent_pool`]), so ingest keeps connections
+//!   however busy the admin API is.
 //! - Migrations in `control-plane/migrations/` are applied at every start; sqlx records applied
 //!   versions, so a restart (or two replicas starting together: sqlx takes an advisory lock)
 //!   applies each migration once.
@@ -54,9 +58,16 @@ pub enum DbError {
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Connects to the configured database, creating it first when allowed and missing.
+/// Connects to the configured database, creating it first when allowed and missing. Every
+/// connection runs with `statement_timeout` = `database.statement_timeout_ms`, so no query
+/// (a heavy report, a lock wait) holds a connection longer.
 pub async fn connect(cfg: &Config) -> Result<PgPool, DbError> {
-    let opts = PgConnectOptions::from_str(&cfg.database_url).map_err(DbError::Url)?;
+    let opts = PgConnectOptions::from_str(&cfg.database_url)
+        .map_err(DbError::Url)?
+        .options([(
+            "statement_timeout",
+            format!("{}ms", cfg.database_statement_timeout.as_millis()),
+        )]);
     let target = format!(
         "{}:{}/{}",
         opts.get_host(),
@@ -81,6 +92,20 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, DbError> {
         }
         Err(source) => Err(DbError::Connect { target, source }),
     }
+}
+
+/// The agent listener's pool: `database.agent_max_connections` connections of their own, with
+/// `main`'s connection options (so the same database and `statement_timeout`), opened on
+/// demand. Admin requests and unauthenticated load use `main` and cannot take these; `None`
+/// when the setting is 0 (the agent listener shares `main`).
+pub fn agent_pool(cfg: &Config, main: &PgPool) -> Option<PgPool> {
+    let n = cfg.database_agent_max_connections;
+    (n > 0).then(|| {
+        PgPoolOptions::new()
+            .max_connections(n)
+            .acquire_timeout(cfg.database_connect_timeout)
+            .connect_lazy_with((*main.connect_options()).clone())
+    })
 }
 
 async fn create_database(opts: &PgConnectOptions, name: &str) -> Result<(), DbError> {

@@ -191,7 +191,9 @@ impl ControlPlaneBuilder {
         let state = AppState {
             pool: pool.clone(),
             metrics,
-            keys: Arc::new(KeyCache::new(cfg.key_cache_ttl, KEY_CACHE_MAX_ENTRIES)),
+            keys: Arc::new(
+                KeyCache::new(cfg.key_cache_ttl, KEY_CACHE_MAX_ENTRIES).with_guard(cfg.auth_guard),
+            ),
             http: HttpLimits {
                 body_limit_bytes: cfg.request_body_limit_bytes,
                 request_timeout: cfg.request_timeout,
@@ -235,7 +237,13 @@ impl ControlPlaneBuilder {
                 if let Some(l) = listener {
                     agent_addr = Some(agent_api::spawn_listener(
                         l,
-                        server::agent_router(state.clone()),
+                        server::agent_router(match db::agent_pool(&cfg, &pool) {
+                            Some(pool) => AppState {
+                                pool,
+                                ..state.clone()
+                            },
+                            None => state.clone(),
+                        }),
                         p.tls().clone(),
                         token.clone(),
                         &tracker,

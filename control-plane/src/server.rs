@@ -73,7 +73,12 @@ pub fn router(state: AppState) -> Router {
 
 /// The agent API served on the mTLS listener.
 pub fn agent_router(state: AppState) -> Router {
-    agent_api::router(state.http, state.ingest).with_state(state)
+    // Without PKI there is no agent listener; the admin timeout is only a placeholder then.
+    let timeout = state
+        .pki
+        .as_ref()
+        .map_or(state.http.request_timeout, |p| p.agent_request_timeout());
+    agent_api::router(state.http, state.ingest, timeout).with_state(state)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

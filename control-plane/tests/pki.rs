@@ -8,6 +8,7 @@ use axum::{
     body::Body,
     http::{Request, StatusCode},
 };
+use futures_util::StreamExt as _;
 use kip_api::{AgentWhoami, CertificateResponse, EnrollToken, Revocation};
 use kip_certs::{DeviceKey, FleetCa, certs_from_pem, rustls};
 use kip_control_plane::{ControlPlane, config::Config};
@@ -38,6 +39,11 @@ impl Drop for Env {
 }
 
 async fn setup(pool: PgPool) -> Env {
+    setup_with(pool, |_| {}).await
+}
+
+/// [`setup`] with the config adjusted by `tweak` (short lifetimes, small limits).
+async fn setup_with(pool: PgPool, tweak: impl FnOnce(&mut Config)) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
     // Created in the past so that tests can issue certificates that expired days ago.
@@ -57,6 +63,7 @@ async fn setup(pool: PgPool) -> Env {
     cfg.admin_key_file = key_file.clone();
     cfg.pki.crl_refresh_interval = Duration::from_secs(3600);
     cfg.shutdown_grace = Duration::from_secs(1);
+    tweak(&mut cfg);
     let token = CancellationToken::new();
     let cp = ControlPlane::builder(cfg)
         .pool(pool)
@@ -568,4 +575,346 @@ async fn an_expired_certificate_is_not_renewed_when_revoked_or_past_grace(pool: 
     let body = json!({ "certificate_chain_pem": chain, "csr_pem": key.csr_pem("gw").unwrap() });
     let (s, _) = env.call("POST", "/renew-expired", Some(body), false).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+// ---------- issue #13, hole 1: a revoked device stays out ----------
+
+/// Waits (polling, bounded) until `t` has passed.
+async fn wait_past(t: chrono::DateTime<chrono::Utc>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while chrono::Utc::now() <= t {
+        assert!(std::time::Instant::now() < deadline, "{t} never passed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Env {
+    async fn revoke(&self, org: Uuid, device: Uuid) -> (StatusCode, Value) {
+        self.call(
+            "POST",
+            &format!("/v1/organisations/{org}/devices/{device}/revoke"),
+            None,
+            true,
+        )
+        .await
+    }
+
+    async fn renew_expired(&self, chain_pem: &str, key: &DeviceKey) -> (StatusCode, Value) {
+        let body = json!({
+            "certificate_chain_pem": chain_pem,
+            "csr_pem": key.csr_pem("gw").unwrap(),
+        });
+        self.call("POST", "/renew-expired", Some(body), false).await
+    }
+
+    /// `POST /v1/agent/renew` on a fresh connection presenting `cert`; returns the status, the
+    /// `Retry-After` header and the body.
+    async fn renew_with(
+        &self,
+        cert: &CertificateResponse,
+        key: &DeviceKey,
+        new_key: &DeviceKey,
+    ) -> (u16, Option<String>, Value) {
+        let client = agent_client(tls_config(
+            &self.bundle_pem,
+            &cert.certificate_chain_pem,
+            key,
+        ));
+        let r = client
+            .post(format!("{}/v1/agent/renew", self.agent_url))
+            .json(&json!({ "csr_pem": new_key.csr_pem("gw").unwrap() }))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, retry, r.json().await.unwrap())
+    }
+
+    /// The status of `whoami` on a fresh connection presenting `cert` (`None`: the
+    /// handshake itself was refused).
+    async fn whoami_status(&self, cert: &CertificateResponse, key: &DeviceKey) -> Option<u16> {
+        let client = agent_client(tls_config(
+            &self.bundle_pem,
+            &cert.certificate_chain_pem,
+            key,
+        ));
+        whoami(&client, self).await.ok().map(|(s, _)| s.as_u16())
+    }
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_revoked_device_whose_certificate_expired_cannot_renew_itself(pool: PgPool) {
+    // The shortest lifetime the CA signs (60 s): the test waits for it to pass.
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.device_cert_lifetime = Duration::from_secs(60);
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("stolen").await;
+    let (other_key, other) = env.enrolled_device("kept").await;
+    wait_past(cert.not_after.max(other.not_after)).await;
+
+    // Revocation covers the certificate although it expired, and says so.
+    let (s, v) = env.revoke(env.org_id, cert.device_id).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r: Revocation = serde_json::from_value(v).unwrap();
+    assert_eq!(r.revoked_serials, vec![cert.serial.clone()]);
+
+    // The old certificate and key no longer buy a new certificate.
+    let (s, v) = env.renew_expired(&cert.certificate_chain_pem, &key).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // A device that was not revoked recovers its expired certificate the same way.
+    let (s, v) = env
+        .renew_expired(&other.certificate_chain_pem, &other_key)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let renewed: CertificateResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(env.whoami_status(&renewed, &other_key).await, Some(200));
+
+    // Revoking again revokes nothing new and still refuses.
+    let (_, v) = env.revoke(env.org_id, cert.device_id).await;
+    assert_eq!(v["revoked_serials"], json!([]));
+    let (s, _) = env.renew_expired(&cert.certificate_chain_pem, &key).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // Only a token created after the revocation re-admits the device.
+    let t = env
+        .enroll_token(env.org_id, json!({ "device_name": "stolen" }))
+        .await;
+    let new_key = DeviceKey::generate().unwrap();
+    let (s, v) = env.enroll(&t.token, &new_key, "stolen").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let back: CertificateResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(back.device_id, cert.device_id);
+    assert_eq!(env.whoami_status(&back, &new_key).await, Some(200));
+    // The revoked certificate stays revoked.
+    let (s, _) = env.renew_expired(&cert.certificate_chain_pem, &key).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_token_created_before_the_revocation_does_not_readmit_the_device(pool: PgPool) {
+    let env = setup(pool).await;
+    let (_, cert) = env.enrolled_device("gw-1").await;
+    let early = env
+        .enroll_token(env.org_id, json!({ "device_name": "gw-1" }))
+        .await;
+    let (s, _) = env.revoke(env.org_id, cert.device_id).await;
+    assert_eq!(s, StatusCode::OK);
+    let key = DeviceKey::generate().unwrap();
+    let (s, v) = env.enroll(&early.token, &key, "gw-1").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("revoked"));
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn another_organisation_cannot_revoke_a_device(pool: PgPool) {
+    let env = setup(pool).await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let other_org = env.create_org("evil").await;
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("/v1/organisations/{other_org}/api-keys"),
+            Some(json!({ "name": "k" })),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let evil_key = v["key"].as_str().unwrap().to_owned();
+    for org in [env.org_id, other_org] {
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!(
+                "/v1/organisations/{org}/devices/{}/revoke",
+                cert.device_id
+            ))
+            .header("authorization", format!("Bearer {evil_key}"))
+            .body(Body::empty())
+            .unwrap();
+        let resp = env.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "org {org}");
+    }
+    assert_eq!(env.whoami_status(&cert, &key).await, Some(200));
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn renewal_retires_the_previous_certificate_after_the_overlap(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.renewal_overlap = Duration::from_secs(3);
+    })
+    .await;
+    let (key, first) = env.enrolled_device("gw-1").await;
+    let mut held = vec![(key, first)];
+    for _ in 0..3 {
+        let (cert, key) = held.last().map(|(k, c)| (c.clone(), k)).unwrap();
+        let new_key = DeviceKey::generate().unwrap();
+        let (s, _, v) = env.renew_with(&cert, key, &new_key).await;
+        assert_eq!(s, 200, "{v}");
+        held.push((new_key, serde_json::from_value(v).unwrap()));
+    }
+    let mut working = Vec::new();
+    for (key, cert) in &held {
+        working.push(env.whoami_status(cert, key).await == Some(200));
+    }
+    // During the overlap: the newest and its direct predecessor only.
+    assert_eq!(working, vec![false, false, true, true]);
+    let (k, superseded) = &held[0];
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &superseded.certificate_chain_pem,
+        k,
+    ));
+    let (s, v) = whoami(&client, &env).await.unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("superseded"),
+        "{v}"
+    );
+    // After the overlap: the newest only.
+    let (k, predecessor) = &held[2];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while env.whoami_status(predecessor, k).await == Some(200) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the overlap never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (newest_key, newest) = &held[3];
+    assert_eq!(env.whoami_status(newest, newest_key).await, Some(200));
+    // A superseded certificate cannot renew either.
+    let (s, _, _) = env
+        .renew_with(predecessor, k, &DeviceKey::generate().unwrap())
+        .await;
+    assert_eq!(s, 403);
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn renewals_are_rate_limited_per_device(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.renewals_per_window = 3;
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let (other_key, other) = env.enrolled_device("gw-2").await;
+    let (mut key, mut cert) = (key, cert);
+    // The enrollment counts: two renewals fill the window of three.
+    for _ in 0..2 {
+        let new_key = DeviceKey::generate().unwrap();
+        let (s, _, v) = env.renew_with(&cert, &key, &new_key).await;
+        assert_eq!(s, 200, "{v}");
+        (key, cert) = (new_key, serde_json::from_value(v).unwrap());
+    }
+    // A burst beyond it is refused, with a Retry-After, and issues nothing.
+    for _ in 0..3 {
+        let (s, retry, v) = env
+            .renew_with(&cert, &key, &DeviceKey::generate().unwrap())
+            .await;
+        assert_eq!(s, 429, "{v}");
+        assert_eq!(v["error"]["code"], "rate_limited");
+        let retry: u64 = retry.expect("Retry-After").parse().unwrap();
+        assert!((1..=3600).contains(&retry), "{retry}");
+    }
+    assert_eq!(env.whoami_status(&cert, &key).await, Some(200));
+    // Per device: another device still renews.
+    let (s, _, v) = env
+        .renew_with(&other, &other_key, &DeviceKey::generate().unwrap())
+        .await;
+    assert_eq!(s, 200, "{v}");
+}
+
+// ---------- issue #13, hole 10: per-request expiry and the agent request timeout ----------
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_certificate_that_expires_on_an_open_connection_is_refused(pool: PgPool) {
+    // The shortest lifetime the CA signs (60 s): the test waits for it to pass.
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.device_cert_lifetime = Duration::from_secs(60);
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let open = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    assert_eq!(whoami(&open, &env).await.unwrap().0, StatusCode::OK);
+    wait_past(cert.not_after).await;
+    // Same pooled connection (the handshake happened while the certificate was valid).
+    let (s, v) = whoami(&open, &env).await.unwrap();
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("expired"),
+        "{v}"
+    );
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_stalled_agent_request_times_out(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.agent_request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (key, cert) = env.enrolled_device("gw-1").await;
+    let client = agent_client(tls_config(
+        &env.bundle_pem,
+        &cert.certificate_chain_pem,
+        &key,
+    ));
+    // One byte of the body, then nothing: the handler waits for the rest.
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("{"))])
+        .chain(futures_util::stream::pending());
+    let started = std::time::Instant::now();
+    let r = client
+        .post(format!("{}/v1/agent/sync", env.agent_url))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "timeout", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+// ---------- issue #13, hole 5: cheap checks before the database ----------
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn forged_recovery_and_malformed_tokens_are_refused_without_the_database(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (_, real) = env.enrolled_device("gw-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = FleetCa::init(dir.path(), std::time::SystemTime::now()).unwrap();
+    let key = DeviceKey::generate().unwrap();
+    let forged = rogue
+        .current()
+        .sign_device_csr(
+            &key.csr_pem("gw-1").unwrap(),
+            kip_certs::DeviceIdentity {
+                org_id: env.org_id,
+                device_id: real.device_id,
+            },
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    // Without a database, anything that reached it would answer 500 or 503.
+    pool.close().await;
+    let (s, v) = env.renew_expired(&forged.chain_pem, &key).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    for token in [
+        "kipenroll_short",
+        "kipenroll_%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%",
+    ] {
+        let (s, v) = env.enroll(token, &key, "gw-9").await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{token}: {v}");
+    }
 }

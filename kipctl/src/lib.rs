@@ -622,6 +622,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         "device {device_id}: {} certificate(s) revoked",
                         r.revoked_serials.len()
                     )?;
+                    // Every serial, expired ones included: what an auditor checks against.
+                    for serial in &r.revoked_serials {
+                        writeln!(out, "  {serial}")?;
+                    }
                     return Ok(());
                 }
                 DeviceCmd::Register { name, labels } => {

@@ -11,6 +11,9 @@
 //! - The device is known only from its verified client certificate ([`Device`]), checked
 //!   against the `certificates` table on every request, so a revoked certificate is refused
 //!   even on a connection opened before the revocation. The body has no device field.
+//! - A certificate that expires while its connection stays open is refused on the next
+//!   request ([`crate::pki::authenticate_device`] checks `not_after` every time).
+//! - Every request has a deadline (`pki.agent_request_timeout_ms`, 504 after it).
 //! - Sync batches have their own body limit (`ingest.max_decoded_bytes`); every other route
 //!   has the admin API's (`server.request_body_limit_bytes`).
 //! - Desired state is advisory: a stored batch is acknowledged even when reading the desired
@@ -72,8 +75,10 @@ where
 
 /// Routes served on the agent mTLS listener, with their body limits: sync batches are larger
 /// than ordinary requests and get `ingest.max_decoded_bytes`; every other route gets
-/// `http.body_limit_bytes`.
-pub fn router<S>(http: HttpLimits, ingest: IngestLimits) -> Router<S>
+/// `http.body_limit_bytes`. Every request, body upload included, is answered 504 after
+/// `request_timeout` (`pki.agent_request_timeout_ms`), so a stalled client cannot hold a
+/// handler (and its database work) open.
+pub fn router<S>(http: HttpLimits, ingest: IngestLimits, request_timeout: Duration) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     PgPool: FromRef<S>,
@@ -91,6 +96,13 @@ where
             post(sync).layer(DefaultBodyLimit::max(ingest.max_decoded_bytes)),
         )
         .fallback(crate::http::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            HttpLimits {
+                request_timeout,
+                ..http
+            },
+            crate::http::timeout,
+        ))
         .layer(DefaultBodyLimit::max(http.body_limit_bytes))
 }
 

@@ -13,8 +13,9 @@
 //!   `auth.key_cache_ttl_ms` (default 5 s; 0 turns the cache off and every request reads
 //!   PostgreSQL).
 //! - The cache holds sha256 digests of presented keys, never the keys, and only keys that
-//!   authenticated; unknown keys always go to PostgreSQL, so a flood of bad keys cannot evict
-//!   good ones.
+//!   authenticated, so a flood of bad keys cannot evict good ones. Unknown keys go to
+//!   PostgreSQL unless the [`AuthGuard`] (negative cache, per-IP failure limit) refuses them
+//!   first.
 
 use std::{
     collections::HashMap,
@@ -29,7 +30,11 @@ use axum::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ApiError, policy::Role};
+use super::{
+    ApiError,
+    auth_guard::{AuthGuard, AuthGuardConfig},
+    policy::Role,
+};
 use crate::keys;
 
 /// What a key may do.
@@ -85,6 +90,8 @@ pub struct KeyCache {
     ttl: Duration,
     max_entries: usize,
     entries: Mutex<HashMap<[u8; 32], (Authenticated, Instant)>>,
+    /// Failed authentications (see [`AuthGuard`]); off unless set by [`KeyCache::with_guard`].
+    guard: AuthGuard,
 }
 
 impl KeyCache {
@@ -94,7 +101,14 @@ impl KeyCache {
             ttl,
             max_entries,
             entries: Mutex::new(HashMap::new()),
+            guard: AuthGuard::new(AuthGuardConfig::OFF),
         }
+    }
+
+    /// Puts the failed-authentication guard in front of PostgreSQL.
+    pub fn with_guard(mut self, cfg: AuthGuardConfig) -> Self {
+        self.guard = AuthGuard::new(cfg);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Authenticated, Instant)>> {
@@ -186,6 +200,12 @@ pub async fn authenticate(
     if let Some(a) = cache.get(&digest, now) {
         return Ok(a);
     }
+    // Unknown keys and addresses that keep failing are refused before PostgreSQL.
+    let ip = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    cache.guard.check(&digest, ip, now)?;
     let row: Option<KeyRow> = sqlx::query_as(
         "SELECT id, org_id, key_sha256, name, role FROM api_keys \
          WHERE prefix = $1 AND revoked_at IS NULL",
@@ -193,10 +213,10 @@ pub async fn authenticate(
     .bind(prefix)
     .fetch_optional(pool)
     .await?;
-    let row = row.ok_or(ApiError::Unauthorized)?;
-    if !keys::digest_eq(&row.key_sha256, &digest) {
+    let Some(row) = row.filter(|r| keys::digest_eq(&r.key_sha256, &digest)) else {
+        cache.guard.record_failure(digest, ip, now);
         return Err(ApiError::Unauthorized);
-    }
+    };
     let role = Role::parse(&row.role)
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("api key has unknown role")))?;
     let a = Authenticated {
@@ -207,6 +227,7 @@ pub async fn authenticate(
         },
         key_name: row.name.into(),
     };
+    cache.guard.record_success(digest, now);
     cache.insert(digest, a.clone(), now);
     Ok(a)
 }

@@ -7,6 +7,7 @@
 //! no domain imports the composition root.
 
 mod auth;
+mod auth_guard;
 mod error;
 mod extract;
 pub mod listener;
@@ -14,6 +15,7 @@ mod middleware;
 pub mod policy;
 
 pub use auth::{Authenticated, KeyCache, Principal, Scope};
+pub use auth_guard::{AuthGuard, AuthGuardConfig};
 pub use error::{ApiError, ApiResult};
 pub use extract::{
     ApiJson, ApiPath, HttpLimits, ListParams, list_limit, parse_name, pg_json, pg_text,

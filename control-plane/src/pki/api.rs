@@ -12,6 +12,16 @@
 //!   ([`DeviceCert`]), which is also checked against the `certificates` table on every
 //!   request, so a revoked certificate is refused even on a connection opened before the
 //!   revocation.
+//! - Revocation is per device (`device_revocations`) and per certificate, and covers every
+//!   certificate the device ever had, expired ones included. A revoked device gets no new
+//!   certificate (renewal, `/renew-expired`) and is re-admitted only by an enrollment token
+//!   created after its revocation.
+//! - Every new certificate of a device retires the others ([`issue`]): the predecessor works
+//!   for `pki.renewal_overlap_s`, older ones stop at once, so at most two work at a time.
+//!   Renewals and recoveries are rate limited per device (`pki.renewals_per_window`), counted
+//!   under the device row lock.
+//! - Cheap checks first: `/enroll` checks the token's shape and `/renew-expired` verifies the
+//!   chain and the proof of possession in memory before any database work or signing.
 //! - Errors never reveal which check a token failed (unknown, used, expired, other
 //!   organisation): all answer the same 403.
 //! - CA rollover: each request takes one snapshot of the CA ([`Pki::ca`]), so a certificate,
@@ -22,10 +32,7 @@
 //!   another one, and a renewal hint naming the certificate to replace while it comes from
 //!   the previous intermediate.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{sync::Arc, time::SystemTime};
 
 use axum::{
     Json, Router,
@@ -155,9 +162,11 @@ async fn create_enroll_token(
 
 // ---------- revocation (admin) ----------
 
-/// Revokes every unexpired certificate of a device. Takes effect on the next handshake (the
-/// agent listener's CRLs are rebuilt before this returns) and on the next request of an
-/// already open connection.
+/// Revokes the device and every certificate it ever had, expired ones included, and answers
+/// every serial this call revoked. Takes effect on the next handshake (the agent listener's
+/// CRLs are rebuilt before this returns) and on the next request of an already open
+/// connection; the device-level revocation also refuses renewal and recovery
+/// (`/renew-expired`) and any certificate issued concurrently with this call.
 async fn revoke_device(
     State(pool): State<PgPool>,
     State(maybe_pki): State<MaybePki>,
@@ -176,15 +185,28 @@ async fn revoke_device(
     if !known {
         return Err(ApiError::NotFound("device"));
     }
-    let revoked_serials: Vec<String> = sqlx::query_scalar(
+    let mut tx = pool.begin().await?;
+    // The device row first: a revocation racing a renewal must leave the device out even if
+    // the new certificate commits after the UPDATE below ran (authenticate_device checks it).
+    sqlx::query(
+        "INSERT INTO device_revocations (org_id, device_id) VALUES ($1, $2) \
+         ON CONFLICT (org_id, device_id) DO NOTHING",
+    )
+    .bind(org_id)
+    .bind(device_id)
+    .execute(&mut *tx)
+    .await?;
+    let mut revoked_serials: Vec<String> = sqlx::query_scalar(
         "UPDATE certificates SET revoked_at = now() \
-         WHERE org_id = $1 AND device_id = $2 AND revoked_at IS NULL AND not_after > now() \
+         WHERE org_id = $1 AND device_id = $2 AND revoked_at IS NULL \
          RETURNING serial",
     )
     .bind(org_id)
     .bind(device_id)
-    .fetch_all(&pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
+    revoked_serials.sort();
     if let Some(pki) = &maybe_pki {
         pki.refresh(&pool).await.map_err(ApiError::internal)?;
     }
@@ -264,13 +286,17 @@ fn check_csr(csr_pem: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Signs `csr_pem` for `id` and records the certificate inside `tx`.
+/// Signs `csr_pem` for `id`, records the certificate inside `tx` and retires the device's
+/// other certificates: `predecessor` (or, when `None`, the newest other working one) keeps
+/// working for `pki.renewal_overlap_s`, every other one stops now. So a device holds at most
+/// two working certificates, and only during the overlap.
 async fn issue(
     tx: &mut sqlx::PgConnection,
     pki: &Pki,
     csr_pem: &str,
     id: DeviceIdentity,
     device_name: String,
+    predecessor: Option<&str>,
 ) -> ApiResult<CertificateResponse> {
     // One snapshot: the certificate, its recorded issuer and the bundle agree even if the CA
     // is reloaded meanwhile.
@@ -294,6 +320,26 @@ async fn issue(
     .bind(ca.current().fingerprint())
     .execute(&mut *tx)
     .await?;
+    sqlx::query(
+        "UPDATE certificates c SET retire_at = CASE WHEN c.serial = k.serial \
+             THEN least(coalesce(c.retire_at, 'infinity'::timestamptz), \
+                        now() + make_interval(secs => $5::float8)) \
+             ELSE now() END \
+         FROM (SELECT coalesce($4::text, ( \
+                 SELECT serial FROM certificates \
+                 WHERE org_id = $1 AND device_id = $2 AND serial <> $3 AND revoked_at IS NULL \
+                   AND (retire_at IS NULL OR retire_at > now()) \
+                 ORDER BY issued_at DESC LIMIT 1)) AS serial) k \
+         WHERE c.org_id = $1 AND c.device_id = $2 AND c.serial <> $3 AND c.revoked_at IS NULL \
+           AND (c.retire_at IS NULL OR c.retire_at > now())",
+    )
+    .bind(id.org_id)
+    .bind(id.device_id)
+    .bind(&issued.serial_hex)
+    .bind(predecessor)
+    .bind(pki.renewal_policy().overlap.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
     Ok(CertificateResponse {
         org_id: id.org_id,
         device_id: id.device_id,
@@ -311,8 +357,19 @@ struct TokenRow {
     id: Uuid,
     org_id: Uuid,
     device_name: Option<String>,
+    created_at: DateTime<Utc>,
     expired: bool,
     used: bool,
+}
+
+/// Whether `token` has the shape [`create_enroll_token`] gives every token (prefix and 32
+/// random bytes in URL-safe base64), checked before any database work.
+fn token_well_formed(token: &str) -> bool {
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|t| {
+        t.len() == 43
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// `POST /enroll`: the bootstrap token authenticates the request.
@@ -325,12 +382,13 @@ async fn enroll(
     let name = Name::parse(&body.device_name)
         .map_err(|e| ApiError::validation("device_name", e.to_string()))?;
     check_csr(&body.csr_pem)?;
-    if !body.token.starts_with(TOKEN_PREFIX) {
+    // Cheap checks first: a malformed token never reaches the row lock below.
+    if !token_well_formed(&body.token) {
         return Err(ApiError::Forbidden(BAD_TOKEN));
     }
     let mut tx = pool.begin().await?;
     let tok: Option<TokenRow> = sqlx::query_as(
-        "SELECT id, org_id, device_name, expires_at <= now() AS expired, \
+        "SELECT id, org_id, device_name, created_at, expires_at <= now() AS expired, \
                 used_at IS NOT NULL AS used \
          FROM bootstrap_tokens WHERE token_sha256 = $1 FOR UPDATE",
     )
@@ -385,11 +443,35 @@ async fn enroll(
             id
         }
     };
+    // A revoked device is re-admitted only by a token created after its revocation: a token
+    // handed out before (perhaps to whoever stole the device) stays useless.
+    let revoked_at: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT revoked_at FROM device_revocations WHERE org_id = $1 AND device_id = $2 \
+         FOR UPDATE",
+    )
+    .bind(tok.org_id)
+    .bind(device_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(at) = revoked_at {
+        if tok.created_at <= at {
+            tracing::warn!(token_id = %tok.id, %device_id, "enrollment of a revoked device refused");
+            return Err(ApiError::Forbidden(
+                "this device is revoked: create a new enrollment token for it to re-enroll",
+            ));
+        }
+        sqlx::query("DELETE FROM device_revocations WHERE org_id = $1 AND device_id = $2")
+            .bind(tok.org_id)
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(%device_id, "revoked device re-enrolled with a newer token");
+    }
     let id = DeviceIdentity {
         org_id: tok.org_id,
         device_id,
     };
-    let resp = issue(&mut tx, pki, &body.csr_pem, id, name.to_string()).await?;
+    let resp = issue(&mut tx, pki, &body.csr_pem, id, name.to_string(), None).await?;
     sqlx::query("UPDATE bootstrap_tokens SET used_at = now(), device_id = $2 WHERE id = $1")
         .bind(tok.id)
         .bind(device_id)
@@ -404,13 +486,17 @@ async fn enroll(
 
 /// `POST /renew-expired`: a device whose certificate expired (offline too long) gets a new
 /// one without a bootstrap token, by proving it holds the certificate's key. Allowed for
-/// `pki.expired_renewal_grace_s` after expiry; revoked or deleted devices are refused.
+/// `pki.expired_renewal_grace_s` after expiry, for the device's current certificate only (not
+/// one a renewal superseded); revoked or deleted devices are refused.
+///
+/// Order (cheapest first, nothing signed or locked for a request that proves nothing): the
+/// chain and the proof of possession are verified in memory, then one transaction checks the
+/// device and the certificate (revocation, supersession, rate limit) and only then signs.
 async fn renew_expired(
     State(pool): State<PgPool>,
     State(maybe_pki): State<MaybePki>,
     ApiJson(body): ApiJson<RenewExpiredRequest>,
 ) -> ApiResult<Json<CertificateResponse>> {
-    const REFUSED: &str = "this certificate cannot be renewed: enroll again with a new token";
     let pki = pki(&maybe_pki)?;
     if pki.expired_renewal_grace().is_zero() {
         return Err(ApiError::Forbidden(
@@ -423,39 +509,32 @@ async fn renew_expired(
     }
     let chain = kip_certs::certs_from_pem(&body.certificate_chain_pem, "certificate chain")
         .map_err(|e| ApiError::validation("certificate_chain_pem", e.to_string()))?;
-    let now = SystemTime::now();
-    let revoked = super::revoked_serials(&pool).await?;
     let ca = pki.ca();
-    let crls = ca
-        .crls(&revoked, now, Duration::from_secs(3600))
-        .map_err(ApiError::internal)?;
+    // No CRLs here: revocation is checked in the database below (device and certificate),
+    // which also covers certificates expired long ago, without signing CRLs per request.
     let peer = kip_certs::verify_for_recovery(
         ca.bundle(),
-        crls,
+        Vec::new(),
         &chain,
         &body.csr_pem,
         pki.expired_renewal_grace(),
-        now,
+        SystemTime::now(),
     )
     .map_err(|e| {
         tracing::warn!(error = %e, "renewal of an expired certificate refused");
-        ApiError::Forbidden(REFUSED)
+        ApiError::Forbidden(RECOVERY_REFUSED)
     })?;
     let mut tx = pool.begin().await?;
-    let row: Option<(Option<DateTime<Utc>>, Option<String>)> = sqlx::query_as(
-        "SELECT c.revoked_at, d.name FROM certificates c \
-         LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
-         WHERE c.serial = $1 AND c.org_id = $2 AND c.device_id = $3 FOR UPDATE OF c",
+    let device_name = lock_renewable(&mut tx, pki, &peer.serial_hex, peer.identity, false).await?;
+    let resp = issue(
+        &mut tx,
+        pki,
+        &body.csr_pem,
+        peer.identity,
+        device_name,
+        Some(&peer.serial_hex),
     )
-    .bind(&peer.serial_hex)
-    .bind(peer.identity.org_id)
-    .bind(peer.identity.device_id)
-    .fetch_optional(&mut *tx)
     .await?;
-    let Some((None, Some(device_name))) = row else {
-        return Err(ApiError::Forbidden(REFUSED));
-    };
-    let resp = issue(&mut tx, pki, &body.csr_pem, peer.identity, device_name).await?;
     tx.commit().await?;
     tracing::info!(
         org_id = %peer.identity.org_id, device_id = %peer.identity.device_id,
@@ -463,6 +542,92 @@ async fn renew_expired(
         "expired device certificate renewed by key possession"
     );
     Ok(Json(resp))
+}
+
+const RECOVERY_REFUSED: &str = "this certificate cannot be renewed: enroll again with a new token";
+
+/// Locks the device of `serial` for issuing it a new certificate inside `tx` and checks that
+/// it may have one: the device exists and is not revoked, the certificate is known, not
+/// revoked and not retired (`in_overlap`: a certificate superseded less than
+/// `pki.renewal_overlap_s` ago still counts, for an agent that missed the answer to its
+/// renewal; recovery of an expired certificate passes `false`), and the device is under its
+/// renewal rate limit. Returns the device name.
+async fn lock_renewable(
+    tx: &mut sqlx::PgConnection,
+    pki: &Pki,
+    serial: &str,
+    id: DeviceIdentity,
+    in_overlap: bool,
+) -> ApiResult<String> {
+    let refused = if in_overlap {
+        "the client certificate is revoked or superseded"
+    } else {
+        RECOVERY_REFUSED
+    };
+    // The device row lock serialises renewals of one device, so the rate limit count below
+    // cannot be raced.
+    let name: Option<String> =
+        sqlx::query_scalar("SELECT name FROM devices WHERE org_id = $1 AND id = $2 FOR UPDATE")
+            .bind(id.org_id)
+            .bind(id.device_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(name) = name else {
+        return Err(ApiError::Forbidden(refused));
+    };
+    let row: Option<(bool, bool)> = sqlx::query_as(
+        "SELECT c.revoked_at IS NOT NULL OR EXISTS ( \
+                    SELECT 1 FROM device_revocations r \
+                    WHERE r.org_id = c.org_id AND r.device_id = c.device_id), \
+                c.retire_at IS NOT NULL AND (NOT $4 OR c.retire_at <= now()) \
+         FROM certificates c WHERE c.serial = $1 AND c.org_id = $2 AND c.device_id = $3",
+    )
+    .bind(serial)
+    .bind(id.org_id)
+    .bind(id.device_id)
+    .bind(in_overlap)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match row {
+        Some((false, false)) => {}
+        Some((revoked, retired)) => {
+            tracing::warn!(
+                org_id = %id.org_id, device_id = %id.device_id, %serial, revoked, retired,
+                "certificate renewal refused"
+            );
+            return Err(ApiError::Forbidden(refused));
+        }
+        None => return Err(ApiError::Forbidden(refused)),
+    }
+    let policy = pki.renewal_policy();
+    let (issued, retry_after_s): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), coalesce(extract(epoch FROM \
+                    min(issued_at) + make_interval(secs => $3::float8) - now()), 0)::float8 \
+         FROM certificates WHERE org_id = $1 AND device_id = $2 \
+           AND issued_at > now() - make_interval(secs => $3::float8)",
+    )
+    .bind(id.org_id)
+    .bind(id.device_id)
+    .bind(policy.window.as_secs_f64())
+    .fetch_one(&mut *tx)
+    .await?;
+    if issued >= i64::from(policy.per_window) {
+        tracing::warn!(
+            org_id = %id.org_id, device_id = %id.device_id, issued,
+            "certificate renewal rate limited"
+        );
+        return Err(ApiError::TooManyRequests {
+            message: format!(
+                "this device was issued {issued} certificates within {} s \
+                 (pki.renewals_per_window = {}); retry later",
+                policy.window.as_secs(),
+                policy.per_window
+            ),
+            // Whole seconds, at least 1: the oldest certificate of the window leaves it then.
+            retry_after_s: retry_after_s.ceil().max(1.0) as u64,
+        });
+    }
+    Ok(name)
 }
 
 // ---------- agent listener (mTLS): functions the agent API calls ----------
@@ -479,7 +644,7 @@ pub struct DeviceCert {
 }
 
 /// Who is behind `leaf` (DER), the client certificate the TLS verifier accepted at the
-/// handshake: its certificate must be known, unrevoked, of an existing device, and issued by
+/// handshake: it must not have expired since, its certificate must be known, unrevoked, of an existing device, and issued by
 /// the current or the previous intermediate (a rotation finished since the handshake ends
 /// requests on old connections too, as revocation does). 403 otherwise.
 pub async fn authenticate_device(
@@ -489,6 +654,13 @@ pub async fn authenticate_device(
 ) -> ApiResult<DeviceCert> {
     let peer = kip_certs::parse_peer_cert(leaf)
         .map_err(|_| ApiError::Forbidden("the client certificate does not name a device"))?;
+    // The handshake checked validity once; a connection may outlive the certificate, so
+    // every request checks it again (cheap, before the database).
+    if peer.not_after <= SystemTime::now() {
+        return Err(ApiError::Forbidden(
+            "the client certificate has expired: renew it with POST /renew-expired",
+        ));
+    }
     let ca = pki.map(Pki::ca);
     if let Some(ca) = &ca
         && !ca.current().is_issuer_of(leaf)
@@ -498,8 +670,12 @@ pub async fn authenticate_device(
             "the client certificate was issued by a retired intermediate CA: enroll again with a new token",
         ));
     }
-    let row: Option<(Option<DateTime<Utc>>, Option<String>)> = sqlx::query_as(
-        "SELECT c.revoked_at, d.name FROM certificates c \
+    let row: Option<(bool, bool, Option<String>)> = sqlx::query_as(
+        "SELECT c.revoked_at IS NOT NULL OR EXISTS ( \
+                    SELECT 1 FROM device_revocations r \
+                    WHERE r.org_id = c.org_id AND r.device_id = c.device_id), \
+                c.retire_at IS NOT NULL AND c.retire_at <= now(), d.name \
+         FROM certificates c \
          LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
          WHERE c.serial = $1 AND c.org_id = $2 AND c.device_id = $3",
     )
@@ -509,14 +685,17 @@ pub async fn authenticate_device(
     .fetch_optional(pool)
     .await?;
     match row {
-        Some((None, Some(device_name))) => Ok(DeviceCert {
+        Some((false, false, Some(device_name))) => Ok(DeviceCert {
             identity: peer.identity,
             device_name,
             serial: peer.serial_hex,
             not_after: peer.not_after.into(),
             issued_by_current: ca.is_some_and(|c| c.current().is_issuer_of(leaf)),
         }),
-        Some((Some(_), _)) => Err(ApiError::Forbidden("the client certificate is revoked")),
+        Some((true, _, _)) => Err(ApiError::Forbidden("the client certificate is revoked")),
+        Some((_, true, _)) => Err(ApiError::Forbidden(
+            "the client certificate was superseded by a newer one: use the newest certificate",
+        )),
         _ => Err(ApiError::Forbidden(
             "the client certificate is unknown or its device was deleted",
         )),
@@ -535,16 +714,17 @@ pub async fn renew_device(
     ))?;
     check_csr(csr_pem)?;
     let mut tx = pool.begin().await?;
-    // Re-check under lock: a revocation committed since the extractor ran must win.
-    let revoked: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT revoked_at FROM certificates WHERE serial = $1 FOR UPDATE")
-            .bind(&dev.serial)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if !matches!(revoked, Some(None)) {
-        return Err(ApiError::Forbidden("the client certificate is revoked"));
-    }
-    let resp = issue(&mut tx, pki, csr_pem, dev.identity, dev.device_name).await?;
+    // Re-check under lock: a revocation or renewal committed since the extractor ran must win.
+    lock_renewable(&mut tx, pki, &dev.serial, dev.identity, true).await?;
+    let resp = issue(
+        &mut tx,
+        pki,
+        csr_pem,
+        dev.identity,
+        dev.device_name,
+        Some(&dev.serial),
+    )
+    .await?;
     sqlx::query("UPDATE devices SET last_seen_at = now() WHERE org_id = $1 AND id = $2")
         .bind(dev.identity.org_id)
         .bind(dev.identity.device_id)

@@ -10,6 +10,9 @@
 //! - The agent listener speaks TLS 1.3 only and requires a client certificate from the fleet
 //!   CA (see `kip_certs::server_config`). Handlers learn the device from that certificate
 //!   ([`DeviceCert`], checked by [`authenticate_device`]), never from a header or the body.
+//! - CRLs list every revoked certificate (and every certificate of a revoked or deleted
+//!   device) not expired for longer than `pki.expired_renewal_grace_s`; superseded
+//!   certificates are refused per request instead (see `api`).
 //! - Revocation takes effect on the next handshake: [`Pki::refresh`] rebuilds the server
 //!   configuration with fresh CRLs from the `certificates` table and swaps it in through
 //!   `RustlsConfig::reload_from_config`; open connections finish on the old configuration,
@@ -73,6 +76,16 @@ struct ServerCert {
     issuer: String,
 }
 
+/// What happens to a device's certificates when it gets a new one, and how often it may.
+#[derive(Debug, Clone, Copy)]
+pub struct RenewalPolicy {
+    /// The direct predecessor keeps working this long (`pki.renewal_overlap_s`).
+    pub overlap: Duration,
+    /// At most this many certificates per device within `window`.
+    pub per_window: u32,
+    pub window: Duration,
+}
+
 /// The loaded fleet CA plus the agent listener's live TLS configuration.
 pub struct Pki {
     ca: ArcSwap<FleetCa>,
@@ -85,6 +98,9 @@ pub struct Pki {
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
     expired_renewal_grace: Duration,
+    agent_request_timeout: Duration,
+    /// Renewal policy: predecessor overlap and the per-device rate limit.
+    renewal: RenewalPolicy,
     tls: RustlsConfig,
     /// Current server identity; replaced when half of its lifetime has passed or when
     /// [`FleetCa::server_issuer`] changes.
@@ -127,7 +143,7 @@ impl Pki {
             id: issuer.issue_server_cert(&cfg.server_names, now, cfg.server_cert_lifetime)?,
             issuer: issuer.fingerprint(),
         };
-        let revoked = revoked_serials(pool).await?;
+        let revoked = revoked_serials(pool, cfg.expired_renewal_grace).await?;
         let tls_cfg = kip_certs::server_config(
             ca.bundle(),
             server.id.chain.clone(),
@@ -144,6 +160,12 @@ impl Pki {
             server_names: cfg.server_names.clone(),
             server_cert_lifetime: cfg.server_cert_lifetime,
             expired_renewal_grace: cfg.expired_renewal_grace,
+            agent_request_timeout: cfg.agent_request_timeout,
+            renewal: RenewalPolicy {
+                overlap: cfg.renewal_overlap,
+                per_window: cfg.renewals_per_window,
+                window: cfg.renewal_window,
+            },
             tls: RustlsConfig::from_config(tls_cfg),
             server: tokio::sync::Mutex::new(server),
         }))
@@ -222,6 +244,16 @@ impl Pki {
         self.expired_renewal_grace
     }
 
+    /// Longest a request on the agent listener may take (`pki.agent_request_timeout_ms`).
+    pub fn agent_request_timeout(&self) -> Duration {
+        self.agent_request_timeout
+    }
+
+    /// Overlap of a superseded certificate and the per-device renewal rate limit.
+    pub fn renewal_policy(&self) -> RenewalPolicy {
+        self.renewal
+    }
+
     /// The trust bundle agents must use (PEM).
     pub fn bundle_pem(&self) -> String {
         self.ca().bundle().to_pem()
@@ -246,7 +278,7 @@ impl Pki {
         replace: Option<Arc<FleetCa>>,
     ) -> Result<Option<Arc<FleetCa>>, PkiError> {
         let now = SystemTime::now();
-        let revoked = revoked_serials(pool).await?;
+        let revoked = revoked_serials(pool, self.expired_renewal_grace).await?;
         // Held across the rebuild so two refreshes cannot swap in out of order, and a
         // refresh cannot rebuild for the old CA after a reload swapped the new one in.
         let mut server = self.server.lock().await;
@@ -362,13 +394,23 @@ pub async fn count_devices_by_issuer(
     Ok((c, p, o))
 }
 
-/// Certificates to list in CRLs: revoked or belonging to a deleted device, not yet expired.
-pub async fn revoked_serials(pool: &PgPool) -> Result<Vec<RevokedSerial>, sqlx::Error> {
+/// Certificates to list in CRLs: revoked, of a revoked device or of a deleted device, and
+/// not expired for longer than `grace` (`pki.expired_renewal_grace_s`), so a revoked
+/// certificate stays listed for as long as anything would still accept it, expired or not.
+/// Superseded (retired) certificates are not listed: there is one per renewal, and every
+/// request checks them against the database ([`authenticate_device`]).
+pub async fn revoked_serials(
+    pool: &PgPool,
+    grace: Duration,
+) -> Result<Vec<RevokedSerial>, sqlx::Error> {
     let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT c.serial, coalesce(c.revoked_at, now()) FROM certificates c \
+        "SELECT c.serial, coalesce(c.revoked_at, r.revoked_at, now()) FROM certificates c \
          LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
-         WHERE c.not_after > now() AND (c.revoked_at IS NOT NULL OR d.id IS NULL)",
+         LEFT JOIN device_revocations r ON r.org_id = c.org_id AND r.device_id = c.device_id \
+         WHERE c.not_after > now() - make_interval(secs => $1::float8) \
+           AND (c.revoked_at IS NOT NULL OR r.device_id IS NOT NULL OR d.id IS NULL)",
     )
+    .bind(grace.as_secs_f64())
     .fetch_all(pool)
     .await?;
     Ok(rows
