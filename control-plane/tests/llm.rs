@@ -1643,9 +1643,31 @@ async fn a_full_log_queue_still_records_spend_and_the_budget_holds(pool: PgPool)
         .await
         .unwrap();
     let body = json!({"model": "p/m", "messages": user("hi")});
-    for _ in 0..4 {
+    for i in 0..4 {
         let r = app.post("/v1/query", &key, body.clone()).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        if i == 0 {
+            // Positive signal: the log writer holds the first row and waits on the lock, so
+            // the queue (capacity 1) takes the second row and must drop the third.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND query ILIKE '%inference_logs%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the log writer never waited on the locked table"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
     // The fifth call: 12 USD spent of 10, refused although no log row was written.
     let r = app.post("/v1/query", &key, body).await;
