@@ -81,6 +81,7 @@ where
     HttpLimits: FromRef<S>,
     IngestLimits: FromRef<S>,
     IngestMetrics: FromRef<S>,
+    models::Signing: FromRef<S>,
 {
     Router::new()
         .route("/v1/agent/renew", post(renew))
@@ -135,6 +136,7 @@ async fn sync(
     State(maybe_pki): State<Option<Arc<Pki>>>,
     State(limits): State<IngestLimits>,
     State(metrics): State<IngestMetrics>,
+    State(signing): State<models::Signing>,
     Device(dev): Device,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -181,12 +183,16 @@ async fn sync(
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
     pki::desired_trust(maybe_pki.as_deref(), &dev, reported, &mut ack.desired);
+    ack.desired.model_signing_keys_pem = models::trusted_signing_keys(&signing);
+    let model_error = headers
+        .get(kip_shared::sync::MODEL_ERROR_HEADER)
+        .and_then(|v| v.to_str().ok());
     if let Err(e) = models::record_running(
         &pool,
         id.org_id,
         id.device_id,
         stored.running_model.as_deref(),
-        None,
+        model_error,
     )
     .await
     {

@@ -37,7 +37,7 @@ use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{MODEL_COLUMNS, Mlflow, ModelRow};
+use super::{MODEL_COLUMNS, Mlflow, ModelRow, Signing};
 use crate::http::{ApiError, ApiJson, ApiPath, ApiResult, Principal};
 
 /// Largest artifact accepted by `PUT .../artifact`.
@@ -59,6 +59,7 @@ pub fn admin_artifact_path(org_id: Uuid, model_id: Uuid) -> String {
 /// model's artifact. Idempotent for the same bytes; other bytes than registered are a 422.
 pub async fn upload_artifact(
     State(pool): State<PgPool>,
+    State(signing): State<Signing>,
     p: Principal,
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
     body: Result<Bytes, BytesRejection>,
@@ -78,14 +79,25 @@ pub async fn upload_artifact(
     }
     let sha = hex::encode(Sha256::digest(&bytes));
     let mut tx = pool.begin().await?;
-    let registered: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 FOR UPDATE",
+    let (name, version, registered): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT name, version, artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 \
+         FOR UPDATE",
     )
     .bind(org_id)
     .bind(model_id)
     .fetch_optional(&mut *tx)
-    .await?;
-    let registered = registered.ok_or(ApiError::NotFound("model"))?;
+    .await?
+    .ok_or(ApiError::NotFound("model"))?;
+    // Signed here, by the only path that saw the bytes: the signature covers the sha256 just
+    // computed from the body, never a hash taken from the database.
+    let signature = match &signing {
+        Some(sg) => Some(
+            sg.sign(org_id, &name, &version, &sha)
+                .map_err(|e| ApiError::validation("model", e.to_string()))?
+                .to_string(),
+        ),
+        None => None,
+    };
     if let Some(want) = &registered
         && *want != sha
     {
@@ -95,33 +107,71 @@ pub async fn upload_artifact(
         ));
     }
     let size = i64::try_from(bytes.len()).map_err(ApiError::internal)?;
-    let (status, info) = match sqlx::query_as::<_, (String, i64, DateTime<Utc>)>(
-        "SELECT sha256, size_bytes, uploaded_at FROM model_artifacts WHERE model_id = $1",
+    let (status, info) = match sqlx::query_as::<_, (String, i64, DateTime<Utc>, Option<String>)>(
+        "SELECT sha256, size_bytes, uploaded_at, signature FROM model_artifacts \
+         WHERE org_id = $1 AND model_id = $2",
     )
+    .bind(org_id)
     .bind(model_id)
     .fetch_optional(&mut *tx)
     .await?
     {
-        // Same bytes again (the hash is fixed once stored): nothing to do.
-        Some((sha256, size_bytes, uploaded_at)) => (
-            StatusCode::OK,
-            ArtifactInfo {
-                model_id,
-                sha256,
-                size_bytes,
-                uploaded_at,
-            },
-        ),
+        // Same bytes again (the hash is fixed once stored). An artifact whose signature is
+        // missing or does not verify (stored before signing existed, written around the API,
+        // or signed by a retired key) is signed now: the caller just proved it holds exactly
+        // these bytes.
+        Some((stored, size_bytes, uploaded_at, existing)) => {
+            if stored != sha {
+                return Err(ApiError::validation(
+                    "artifact",
+                    format!("sha256 {sha} does not match the stored artifact {stored}"),
+                ));
+            }
+            let valid = match (&signing, &existing) {
+                (Some(sg), Some(e)) => sg.verifies(org_id, &name, &version, &sha, e),
+                _ => existing.is_some(),
+            };
+            let signature = match (existing, signature) {
+                (Some(e), _) if valid => Some(e),
+                (_, Some(new)) => {
+                    sqlx::query(
+                        "UPDATE model_artifacts SET signature = $3, signed_at = now() \
+                         WHERE org_id = $1 AND model_id = $2",
+                    )
+                    .bind(org_id)
+                    .bind(model_id)
+                    .bind(&new)
+                    .execute(&mut *tx)
+                    .await?;
+                    tracing::info!(%org_id, %model_id, "unsigned model artifact signed on re-upload");
+                    Some(new)
+                }
+                (e, None) => e,
+            };
+            (
+                StatusCode::OK,
+                ArtifactInfo {
+                    model_id,
+                    sha256: stored,
+                    size_bytes,
+                    uploaded_at,
+                    signature,
+                },
+            )
+        }
         None => {
             let uploaded_at: DateTime<Utc> = sqlx::query_scalar(
-                "INSERT INTO model_artifacts (model_id, org_id, bytes, sha256, size_bytes) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING uploaded_at",
+                "INSERT INTO model_artifacts (model_id, org_id, bytes, sha256, size_bytes, \
+                 signature, signed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $6::text IS NULL THEN NULL ELSE now() END) \
+                 RETURNING uploaded_at",
             )
             .bind(model_id)
             .bind(org_id)
             .bind(&bytes[..])
             .bind(&sha)
             .bind(size)
+            .bind(&signature)
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
@@ -140,6 +190,7 @@ pub async fn upload_artifact(
                     sha256: sha,
                     size_bytes: size,
                     uploaded_at,
+                    signature,
                 },
             )
         }
@@ -325,8 +376,8 @@ pub async fn desired_for(
     let Some(model_id) = desired_model_id_for(pool, org_id, device_id).await? else {
         return Ok(None);
     };
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT m.name, m.version, a.sha256 FROM ai_models m \
+    let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT m.name, m.version, a.sha256, a.signature FROM ai_models m \
          JOIN model_artifacts a ON a.model_id = m.id AND a.org_id = m.org_id \
          WHERE m.org_id = $1 AND m.id = $2",
     )
@@ -334,14 +385,15 @@ pub async fn desired_for(
     .bind(model_id)
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(name, version, sha256)| kip_shared::sync::DesiredModel {
+    Ok(row.map(
+        |(name, version, sha256, signature)| kip_shared::sync::DesiredModel {
             name,
             version,
             sha256,
             download_path: agent_download_path(model_id),
-        }),
-    )
+            signature,
+        },
+    ))
 }
 
 /// Records what a device reports running (`name@version`) and its last model error; called
@@ -353,6 +405,13 @@ pub async fn record_running(
     running_model: Option<&str>,
     last_error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
+    // Device-supplied text: bounded and free of NUL before it reaches PostgreSQL.
+    let last_error: Option<String> = last_error.map(|e| {
+        e.chars()
+            .filter(|c| *c != '\0')
+            .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
+            .collect()
+    });
     sqlx::query(
         "INSERT INTO device_model_status (device_id, org_id, running_model, last_error) \
          VALUES ($2, $1, $3, $4) \
