@@ -304,3 +304,66 @@ async fn signing_status_counts_signed_and_unsigned_artifacts(pool: PgPool) {
             .contains("PUBLIC KEY")
     );
 }
+
+/// Rotation: after `rotate` the control plane loads the new key, re-signs the artifacts that
+/// the previous key signed (but not an unsigned one), and agents get both keys until
+/// `finish_rotation`.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_signing_key_rotation_re_signs_only_valid_artifacts(pool: PgPool) {
+    use kip_certs::signing::SigningKeyStore;
+
+    let cp = kip_tests::control_plane::start(pool.clone(), None).await;
+    let org = cp.create_org("acme").await;
+    let bytes = b"model bytes".to_vec();
+    let a = register(&cp, org, "1.0.0", &bytes).await;
+    let old_sig = upload(&cp, org, &a, &bytes).await["signature"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let b = register(&cp, org, "2.0.0", &bytes).await;
+    insert_unsigned_artifact(&pool, org, &b, &bytes).await;
+    let ca_dir = cp.dir.path().join("ca");
+    let before = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+    let rotated = SigningKeyStore::rotate(&ca_dir).unwrap();
+    let new_key = rotated.signer().key_id().to_string();
+    let status = eventually(Duration::from_secs(30), || async {
+        let s = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+        if s["key_id"] == json!(new_key) && s["signed_by_current"] == json!(1) {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status["previous_key_id"], before["key_id"], "{status}");
+    assert_eq!(status["signed_by_previous"], json!(0), "{status}");
+    assert_eq!(
+        status["unsigned"],
+        json!(1),
+        "the unsigned row stays unsigned: {status}"
+    );
+    let new_sig: String =
+        sqlx::query_scalar("SELECT signature FROM model_artifacts WHERE model_id = $1::uuid")
+            .bind(&a)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_ne!(new_sig, old_sig);
+    assert!(new_sig.contains(&new_key));
+    let pem = status["trusted_keys_pem"].as_str().unwrap();
+    assert_eq!(pem.matches("BEGIN PUBLIC KEY").count(), 2);
+
+    SigningKeyStore::finish_rotation(&ca_dir, std::time::SystemTime::now()).unwrap();
+    let finished = eventually(Duration::from_secs(30), || async {
+        let s = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+        if s["previous_key_id"].is_null() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(finished["signed_by_current"], json!(1), "{finished}");
+}
