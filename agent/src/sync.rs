@@ -229,7 +229,7 @@ impl SyncStatus {
 /// What one batch attempt came to.
 #[derive(Debug)]
 enum Outcome {
-    Acked(SyncAck),
+    Acked(Box<SyncAck>),
     /// Worth retrying later: network, timeout, 5xx, 408, 429, auth, a bad answer.
     Failed {
         reason: &'static str,
@@ -749,7 +749,7 @@ impl Syncer {
         };
         if status == 200 {
             return match serde_json::from_slice::<SyncAck>(&bytes) {
-                Ok(ack) => Outcome::Acked(ack),
+                Ok(ack) => Outcome::Acked(Box::new(ack)),
                 Err(e) => Outcome::Failed {
                     reason: "bad_answer",
                     message: format!("answer is not a SyncAck: {e}"),

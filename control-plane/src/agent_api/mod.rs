@@ -131,6 +131,10 @@ async fn download_model(
 /// `POST /v1/agent/sync`: stores a [`kip_shared::sync::SyncBatch`] (JSON, gzip when
 /// `Content-Encoding: gzip`) for the device of the client certificate and answers the
 /// [`SyncAck`].
+#[expect(
+    clippy::too_many_arguments,
+    reason = "axum handler: each extractor is one substate"
+)]
 async fn sync(
     State(pool): State<PgPool>,
     State(maybe_pki): State<Option<Arc<Pki>>>,
