@@ -14,18 +14,40 @@ pub async fn insert_raw(
     signature: Option<&str>,
 ) {
     sqlx::query(
-        "INSERT INTO model_artifacts (model_id, org_id, bytes, sha256, size_bytes, signature) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO model_artifacts (model_id, org_id, sha256, size_bytes, signature) \
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(model)
     .bind(org)
-    .bind(bytes)
     .bind(sha256)
     .bind(bytes.len() as i64)
     .bind(signature)
     .execute(pool)
     .await
     .unwrap();
+    write_chunks(pool, org, model, bytes).await;
+}
+
+/// Replaces the chunk rows of `model` with `bytes` (1 MiB per row).
+async fn write_chunks(pool: &PgPool, org: Uuid, model: Uuid, bytes: &[u8]) {
+    sqlx::query("DELETE FROM model_artifact_chunks WHERE org_id = $1 AND model_id = $2")
+        .bind(org)
+        .bind(model)
+        .execute(pool)
+        .await
+        .unwrap();
+    for (i, c) in bytes.chunks(1024 * 1024).enumerate() {
+        sqlx::query(
+            "INSERT INTO model_artifact_chunks (org_id, model_id, idx, bytes) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(org)
+        .bind(model)
+        .bind(i as i32)
+        .bind(c)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
 }
 
 /// Swaps the stored bytes of `model`'s artifact for `bytes` and updates the digest columns
@@ -34,12 +56,11 @@ pub async fn replace_bytes(pool: &PgPool, org: Uuid, model: Uuid, bytes: &[u8]) 
     use sha2::Digest as _;
     let sha = hex::encode(sha2::Sha256::digest(bytes));
     sqlx::query(
-        "UPDATE model_artifacts SET bytes = $3, sha256 = $4, size_bytes = $5 \
+        "UPDATE model_artifacts SET sha256 = $3, size_bytes = $4 \
          WHERE org_id = $1 AND model_id = $2",
     )
     .bind(org)
     .bind(model)
-    .bind(bytes)
     .bind(&sha)
     .bind(bytes.len() as i64)
     .execute(pool)
