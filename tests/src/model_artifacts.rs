@@ -66,6 +66,7 @@ pub async fn replace_bytes(pool: &PgPool, org: Uuid, model: Uuid, bytes: &[u8]) 
     .execute(pool)
     .await
     .unwrap();
+    write_chunks(pool, org, model, bytes).await;
     sqlx::query("UPDATE ai_models SET artifact_sha256 = $3 WHERE org_id = $1 AND id = $2")
         .bind(org)
         .bind(model)
