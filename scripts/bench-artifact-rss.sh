@@ -29,6 +29,7 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 createdb -h "$PGHOST" -U "$PGUSER" "$DB"
 head -c $((SIZE_MIB * 1024 * 1024)) /dev/urandom > "$WORK/model.bin"
@@ -62,18 +63,23 @@ done
 base_hwm=$(awk '/VmHWM/ {print $2}' "/proc/$CP_PID/status")
 
 t0=$(date +%s.%N)
+PIDS=()
 for id in "${IDS[@]}"; do
     timeout 120 curl -fsS -o /dev/null -X PUT -H "authorization: Bearer $KEY" \
         -H 'content-type: application/octet-stream' -T "$WORK/model.bin" \
         "$URL/v1/organisations/$ORG/models/$id/artifact" &
+    PIDS+=($!)
 done
-wait
+# Only the transfers: a bare `wait` would also wait for the control plane.
+wait "${PIDS[@]}" || true
 t1=$(date +%s.%N)
+PIDS=()
 for id in "${IDS[@]}"; do
     timeout 120 curl -fsS -o "$WORK/out-$id" -H "authorization: Bearer $KEY" \
         "$URL/v1/organisations/$ORG/models/$id/artifact" &
+    PIDS+=($!)
 done
-wait
+wait "${PIDS[@]}" || true
 t2=$(date +%s.%N)
 ok=0
 for id in "${IDS[@]}"; do
