@@ -22,8 +22,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router,
-    Extension,
+    Extension, Json, Router,
     body::Body,
     extract::{DefaultBodyLimit, FromRef, FromRequestParts, State},
     http::{HeaderMap, header, request::Parts},
@@ -283,10 +282,16 @@ mod tests {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let first = gate.try_enter(a);
         assert!(first.is_some());
-        assert!(gate.try_enter(a).is_none(), "a second sync of the same device");
+        assert!(
+            gate.try_enter(a).is_none(),
+            "a second sync of the same device"
+        );
         assert!(gate.try_enter(b).is_some(), "another device is not held up");
         drop(first);
-        assert!(gate.try_enter(a).is_some(), "free again once the first ended");
+        assert!(
+            gate.try_enter(a).is_some(),
+            "free again once the first ended"
+        );
     }
 }
 
