@@ -457,9 +457,17 @@ pub enum IdentityHint {
 pub struct IdentityHints {
     bundle_sha256: watch::Receiver<String>,
     tx: mpsc::Sender<IdentityHint>,
+    /// The organisation in the device certificate (fixed for a device's life: renewal keeps
+    /// it); model signatures are checked against it.
+    org_id: Uuid,
 }
 
 impl IdentityHints {
+    /// The organisation named by the device's own certificate.
+    pub fn org_id(&self) -> Uuid {
+        self.org_id
+    }
+
     /// sha256 of the trust bundle in use ([`TrustBundle::sha256_hex`]).
     pub fn bundle_sha256(&self) -> String {
         self.bundle_sha256.borrow().clone()
@@ -533,6 +541,7 @@ impl Renewer {
             hints: IdentityHints {
                 bundle_sha256: bundle_rx,
                 tx: hint_tx,
+                org_id: identity.org_id(),
             },
             not_after_unix: not_after_unix.clone(),
         };

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod inference;
 pub mod live;
 pub mod metrics;
+pub mod model_trust;
 pub mod mqtt;
 pub mod opcua;
 pub mod runtime;

@@ -230,7 +230,7 @@ impl SyncStatus {
 /// What one batch attempt came to.
 #[derive(Debug)]
 enum Outcome {
-    Acked(SyncAck),
+    Acked(Box<SyncAck>),
     /// Worth retrying later: network, timeout, 5xx, 408, 429, auth, a bad answer.
     Failed {
         reason: &'static str,
@@ -267,9 +267,14 @@ pub struct Syncer {
     next_seq: u64,
     /// Local inference, for model rollout from the desired state; `None` when off.
     inference: Option<Arc<crate::edge_inference::Inference>>,
-    /// sha256 of a desired model that failed to download or load: not retried until the
-    /// desired state names another one (the last good model keeps serving meanwhile).
+    /// sha256 and signature of a desired model that failed to download, verify or load: not
+    /// retried until the desired state names another one or re-signs it (the last good model
+    /// keeps serving meanwhile).
     model_refused: Option<String>,
+    /// Why the last desired model was refused; reported in the `kip-model-error` header.
+    model_error: Option<String>,
+    /// Trusted model signing keys and the device's organisation (see [`crate::model_trust`]).
+    model_trust: crate::model_trust::ModelTrust,
     /// Bundle fingerprint and hint channel of the identity; `None`: no CA rollover via sync.
     identity_hints: Option<crate::identity::IdentityHints>,
 }
@@ -319,6 +324,8 @@ impl Syncer {
             next_seq,
             inference: None,
             model_refused: None,
+            model_error: None,
+            model_trust: crate::model_trust::ModelTrust::new(registry),
             identity_hints: None,
         })
     }
@@ -326,7 +333,15 @@ impl Syncer {
     /// Reports the trust bundle in use and passes CA-rollover hints from the desired state
     /// (new bundle, early renewal) to the renewer.
     pub fn with_identity_hints(mut self, hints: crate::identity::IdentityHints) -> Self {
+        self.model_trust.set_org(hints.org_id());
         self.identity_hints = Some(hints);
+        self
+    }
+
+    /// The organisation of the device certificate, against which model signatures are
+    /// checked (set by [`Syncer::with_identity_hints`] too). Without it no model is loaded.
+    pub fn with_device_org(mut self, org_id: uuid::Uuid) -> Self {
+        self.model_trust.set_org(org_id);
         self
     }
 
@@ -339,52 +354,48 @@ impl Syncer {
         self
     }
 
-    /// Downloads, verifies and hot-swaps the model named by the desired state when it is not
-    /// the one serving. Never fails the sync loop: a refused model is logged, counted by the
-    /// inference metrics, and the previous model keeps serving.
+    /// Downloads, verifies (signature, then sha256) and hot-swaps the model named by the
+    /// desired state when it is not the one serving. Never fails the sync loop: a refused
+    /// model is logged, counted, reported on the next sync, and the previous model keeps
+    /// serving.
     async fn apply_desired_model(&mut self, m: kip_shared::sync::DesiredModel) {
         let Some(inf) = self.inference.clone() else {
             return;
         };
         let want = format!("{}@{}", m.name, m.version);
+        let attempt = format!("{}:{}", m.sha256, m.signature.as_deref().unwrap_or("-"));
         if inf.running_model().as_deref() == Some(want.as_str())
-            || self.model_refused.as_deref() == Some(m.sha256.as_str())
+            || self.model_refused.as_deref() == Some(attempt.as_str())
         {
             return;
         }
         let Some(base) = self.cfg.endpoints.get(self.endpoint).cloned() else {
             return;
         };
-        let client = self.client.clone();
-        let result: Result<(), String> = async {
-            let resp = client
-                .get(format!("{base}{}", m.download_path))
-                .send()
-                .await
-                .map_err(|e| format!("download failed: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("download answered HTTP {}", resp.status()));
-            }
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| format!("download failed: {e}"))?;
-            let sha = m.sha256.clone();
-            tokio::task::spawn_blocking(move || {
+        let url = format!("{base}{}", m.download_path);
+        let result: Result<(), String> = match self
+            .model_trust
+            .fetch_verified(&self.client, &url, &m)
+            .await
+        {
+            Err(refused) => Err(refused.to_string()),
+            Ok((bytes, sha)) => tokio::task::spawn_blocking(move || {
                 inf.install(&bytes, Some(&sha)).map_err(|e| e.to_string())
             })
             .await
-            .map_err(|e| e.to_string())?
-        }
-        .await;
+            .map_err(|e| e.to_string())
+            .and_then(|r| r),
+        };
         match result {
             Ok(()) => {
                 self.model_refused = None;
+                self.model_error = None;
                 tracing::info!(model = %want, "desired model installed");
             }
             Err(e) => {
                 tracing::error!(model = %want, error = %e, "desired model refused; the previous model keeps serving");
-                self.model_refused = Some(m.sha256);
+                self.model_error = Some(crate::model_trust::header_value(&format!("{want}: {e}")));
+                self.model_refused = Some(attempt);
             }
         }
     }
@@ -504,6 +515,8 @@ impl Syncer {
                         });
                     }
                 }
+                self.model_trust
+                    .update_keys(ack.desired.model_signing_keys_pem.as_deref());
                 if let Some(m) = ack.desired.model.clone() {
                     self.apply_desired_model(m).await;
                 }
@@ -694,6 +707,9 @@ impl Syncer {
         if let Some(sha) = bundle_sha256 {
             req = req.header(kip_shared::sync::TRUST_BUNDLE_HEADER, sha);
         }
+        if let Some(e) = &self.model_error {
+            req = req.header(kip_shared::sync::MODEL_ERROR_HEADER, e);
+        }
         let resp = req.body(body).send().await;
         let resp = match resp {
             Ok(r) => r,
@@ -730,7 +746,7 @@ impl Syncer {
         };
         if status == 200 {
             return match serde_json::from_slice::<SyncAck>(&bytes) {
-                Ok(ack) => Outcome::Acked(ack),
+                Ok(ack) => Outcome::Acked(Box::new(ack)),
                 Err(e) => Outcome::Failed {
                     reason: "bad_answer",
                     message: format!("answer is not a SyncAck: {e}"),

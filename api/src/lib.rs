@@ -18,8 +18,8 @@ pub use fleet::{
     Organisation, RegisterDevice, UpdateOrganisation,
 };
 pub use models::{
-    AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelStage, RegisterModel,
-    SetDesiredModel, SetStage,
+    AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,
+    RegisterModel, SetDesiredModel, SetStage,
 };
 pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,

@@ -90,6 +90,27 @@ pub struct ArtifactInfo {
     pub sha256: String,
     pub size_bytes: i64,
     pub uploaded_at: DateTime<Utc>,
+    /// The control plane's signature over the artifact (`ed25519:<key id>:<signature>`, see
+    /// docs/pki.md "Model signing"); agents refuse a model without a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// Answer of `GET /v1/model-signing` (platform-admin): the model signing keys and how many
+/// artifacts each signs. A rotation may be finished once `signed_by_previous` is 0.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSigningStatus {
+    /// Key id (sha256 of the public key's SubjectPublicKeyInfo DER) of the key that signs now.
+    pub key_id: String,
+    /// The key before a rotation, still trusted until the rotation is finished.
+    pub previous_key_id: Option<String>,
+    /// The trusted public keys (PEM), as agents receive them.
+    pub trusted_keys_pem: String,
+    pub signed_by_current: i64,
+    pub signed_by_previous: i64,
+    /// Artifacts with no signature or one by a retired key: agents refuse them. Upload the
+    /// same bytes again (`kipctl model upload`) to sign one.
+    pub unsigned: i64,
 }
 
 /// Body of `POST .../models/{model_id}/stage`.

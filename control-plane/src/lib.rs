@@ -70,6 +70,8 @@ pub enum StartError {
     LlmProvider(#[from] llm::ProviderBuildError),
     #[error("cannot build the MLflow client: {0}")]
     Mlflow(#[source] outbound::ClientError),
+    #[error("model signing key (in pki.ca_dir): {0}")]
+    ModelSigning(#[source] kip_certs::signing::SigningError),
 }
 
 /// Where a listener comes from.
@@ -188,6 +190,13 @@ impl ControlPlaneBuilder {
             None => None,
         };
         let pki = pki::Pki::from_config(&cfg.pki, &pool).await?;
+        // Kept beside the CA key and created on first start, like the CA it belongs to.
+        let model_signing = match &cfg.pki.ca_dir {
+            Some(dir) => {
+                Some(models::signing::ModelSigning::open(dir).map_err(StartError::ModelSigning)?)
+            }
+            None => None,
+        };
         let state = AppState {
             pool: pool.clone(),
             metrics,
@@ -202,6 +211,7 @@ impl ControlPlaneBuilder {
             llm,
             mlflow,
             ingest: cfg.ingest,
+            model_signing: model_signing.clone(),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in
@@ -223,6 +233,15 @@ impl ControlPlaneBuilder {
                     token.clone(),
                     &tracker,
                 );
+                if let Some(sg) = &model_signing {
+                    models::signing::spawn_maintenance(
+                        sg.clone(),
+                        pool.clone(),
+                        cfg.pki.ca_reload_interval,
+                        token.clone(),
+                        &tracker,
+                    );
+                }
                 let listener = match agent {
                     Listen::FromConfig => {
                         let addr = cfg.pki.agent_listen_addr;

@@ -16,7 +16,7 @@ use crate::{
     http::{HttpLimits, HttpMetrics, KeyCache},
     llm::Gateway,
     metrics::Metrics,
-    models::mlflow::MlflowSync,
+    models::{mlflow::MlflowSync, signing::ModelSigning},
     pki::{Pki, PkiMetrics},
     telemetry::{IngestLimits, IngestMetrics},
 };
@@ -42,6 +42,8 @@ pub struct AppState {
     pub mlflow: Option<Arc<MlflowSync>>,
     /// Limits on agent sync batches (`[ingest]`).
     pub ingest: IngestLimits,
+    /// The model signing keys; `None` when `pki.ca_dir` is not configured.
+    pub model_signing: Option<Arc<ModelSigning>>,
 }
 
 impl FromRef<AppState> for HttpMetrics {

@@ -119,6 +119,70 @@ async fn an_artifact_is_uploaded_once_downloaded_and_checked_against_its_hash(po
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
 }
 
+/// Artifacts are stored in 1 MiB chunk rows and streamed back whole; an upload over the limit
+/// is refused with 413 and leaves nothing behind (hole 6 of issue 13).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_multi_chunk_artifact_round_trips_and_an_oversized_one_is_refused(pool: PgPool) {
+    let app = common::app(pool.clone()).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let bytes: Vec<u8> = (0..(2 * 1024 * 1024 + 12_345))
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let id = register(&app, &org, &key, "1.0.0", None).await;
+    let uri = format!("/v1/organisations/{org}/models/{id}/artifact");
+    let r = put_bytes(&app, &uri, &key, &bytes).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.body["sha256"], sha(&bytes));
+    assert_eq!(r.body["size_bytes"], json!(bytes.len()));
+    let sizes: Vec<i32> = sqlx::query_scalar(
+        "SELECT length(bytes) FROM model_artifact_chunks WHERE model_id = $1::uuid ORDER BY idx",
+    )
+    .bind(&id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sizes, vec![1024 * 1024, 1024 * 1024, 12_345]);
+    let resp = app
+        .router
+        .clone()
+        .oneshot(
+            Request::get(&uri)
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()["content-length"],
+        bytes.len().to_string().as_str()
+    );
+    let got = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert!(got[..] == bytes[..], "the downloaded artifact differs");
+
+    // Over 64 MiB: refused without storing any chunk of it.
+    let id2 = register(&app, &org, &key, "2.0.0", None).await;
+    let big = vec![7u8; 64 * 1024 * 1024 + 1];
+    let r = put_bytes(
+        &app,
+        &format!("/v1/organisations/{org}/models/{id2}/artifact"),
+        &key,
+        &big,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM model_artifact_chunks WHERE model_id = $1::uuid")
+            .bind(&id2)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
+
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn another_organisation_cannot_read_or_write_an_artifact(pool: PgPool) {
     let app = common::app(pool).await;
@@ -470,11 +534,12 @@ async fn kip_train_register_records_the_version_with_metrics_and_uploads_the_art
         .await;
     assert_eq!(m.body["artifact_sha256"], sha(&onnx));
     assert!(m.body["metrics"]["rmse"].as_f64().is_some(), "{}", m.text);
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT bytes FROM model_artifacts")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(stored, onnx);
+    let chunks: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT bytes FROM model_artifact_chunks ORDER BY idx")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(chunks.concat(), onnx);
     stop.cancel();
     tracker.close();
     tracker.wait().await;

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use kip_api::{
     AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, CreatedApiKey, Device,
-    DeviceModelStatus, EnrollToken, Me, Organisation, Revocation,
+    DeviceModelStatus, EnrollToken, Me, ModelSigningStatus, Organisation, Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -115,6 +115,25 @@ pub enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Start a model signing key rotation: a new key signs from now on, the previous public
+    /// key stays trusted; running control planes load it within pki.ca_reload_interval_s and
+    /// re-sign every artifact with the new key. Then run `finish-signing-key-rotation`.
+    RotateSigningKey {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// End a model signing key rotation: retire the previous public key into DIR/retired/.
+    /// Refused while the server still counts artifacts signed only by the previous key,
+    /// unless --force (then it needs no server).
+    FinishSigningKeyRotation {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Skip the server check: models still signed by the previous key stop loading.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The model signing keys the server uses and how many artifacts each signs.
+    SigningStatus,
     /// The CA the server uses and its active certificates per intermediate.
     Status,
     /// Make the server load changed CA files now (as SIGHUP; it also polls by itself).
@@ -125,9 +144,14 @@ impl CaCmd {
     /// Commands that touch only local files.
     fn is_local(&self) -> bool {
         match self {
-            Self::Init { .. } | Self::RotateIntermediate { .. } | Self::RotateRoot { .. } => true,
-            Self::FinishRotation { force, .. } => *force,
-            Self::Status | Self::Reload => false,
+            Self::Init { .. }
+            | Self::RotateIntermediate { .. }
+            | Self::RotateRoot { .. }
+            | Self::RotateSigningKey { .. } => true,
+            Self::FinishRotation { force, .. } | Self::FinishSigningKeyRotation { force, .. } => {
+                *force
+            }
+            Self::Status | Self::Reload | Self::SigningStatus => false,
         }
     }
 }
@@ -832,6 +856,22 @@ async fn ca_server_cmd(
             }
             emit(out, json, &s, CA_HEADERS, ca_status_rows)
         }
+        CaCmd::SigningStatus => {
+            let s: ModelSigningStatus = client.get("/v1/model-signing").await?;
+            emit(out, json, &s, SIGNING_HEADERS, signing_rows)
+        }
+        CaCmd::FinishSigningKeyRotation { .. } => {
+            let s: ModelSigningStatus = client.get("/v1/model-signing").await?;
+            if s.signed_by_previous > 0 {
+                return Err(CliError::Refused(format!(
+                    "{} model artifacts are still signed only by the previous key; the server \
+                     re-signs them within pki.ca_reload_interval_s of the rotation (check \
+                     `kipctl ca signing-status`), or pass --force to retire it anyway",
+                    s.signed_by_previous
+                )));
+            }
+            ca_cmd(cmd, out)
+        }
         CaCmd::FinishRotation { .. } => {
             let s: CaStatus = client.get("/v1/pki/ca").await?;
             if s.devices_by_issuer.previous > 0 {
@@ -859,11 +899,81 @@ async fn ca_server_cmd(
     }
 }
 
+const SIGNING_HEADERS: &[&str] = &["KEY", "KEY ID", "ARTIFACTS"];
+
+fn signing_rows(s: &ModelSigningStatus) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "current".to_owned(),
+        s.key_id.clone(),
+        s.signed_by_current.to_string(),
+    ]];
+    if let Some(p) = &s.previous_key_id {
+        rows.push(vec![
+            "previous".to_owned(),
+            p.clone(),
+            s.signed_by_previous.to_string(),
+        ]);
+    }
+    rows.push(vec![
+        "unsigned".to_owned(),
+        "-".to_owned(),
+        s.unsigned.to_string(),
+    ]);
+    rows
+}
+
+/// Local model signing key commands: they touch only files in `--dir`.
+fn signing_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<bool, CliError> {
+    use kip_certs::signing::SigningKeyStore;
+    match cmd {
+        CaCmd::RotateSigningKey { dir } => {
+            let s = SigningKeyStore::rotate(dir).map_err(|e| CliError::Refused(e.to_string()))?;
+            writeln!(
+                out,
+                "model signing key rotated in {}: new key {}; the previous key stays trusted",
+                dir.display(),
+                s.signer().key_id()
+            )?;
+            writeln!(
+                out,
+                "# running control planes load it within pki.ca_reload_interval_s and re-sign \
+                 every artifact; agents get both keys on their next sync. Watch `kipctl ca \
+                 signing-status`, then run `kipctl ca finish-signing-key-rotation`."
+            )?;
+            Ok(true)
+        }
+        CaCmd::FinishSigningKeyRotation { dir, .. } => {
+            match SigningKeyStore::finish_rotation(dir, std::time::SystemTime::now())
+                .map_err(|e| CliError::Refused(e.to_string()))?
+            {
+                Some(m) => writeln!(out, "retired: {}", m.display())?,
+                None => writeln!(
+                    out,
+                    "no signing key rotation in progress in {}",
+                    dir.display()
+                )?,
+            }
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Local CA commands: they touch only files in `--dir`.
 fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
+    if signing_cmd(cmd, out)? {
+        return Ok(());
+    }
     let now = std::time::SystemTime::now();
     let (dir, ca) = match cmd {
-        CaCmd::Init { dir } => (dir, kip_certs::FleetCa::init(dir, now)?),
+        CaCmd::Init { dir } => {
+            let ca = kip_certs::FleetCa::init(dir, now)?;
+            // The model signing key lives beside the CA key (the control plane would create
+            // it on first start otherwise).
+            kip_certs::signing::SigningKeyStore::init(dir)
+                .map_err(|e| CliError::Refused(e.to_string()))?;
+            (dir, ca)
+        }
         CaCmd::RotateIntermediate { dir } => {
             (dir, kip_certs::FleetCa::rotate_intermediate(dir, now)?)
         }
@@ -878,7 +988,11 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
             }
             (dir, kip_certs::FleetCa::load(dir)?)
         }
-        CaCmd::Status | CaCmd::Reload => {
+        CaCmd::Status
+        | CaCmd::Reload
+        | CaCmd::SigningStatus
+        | CaCmd::RotateSigningKey { .. }
+        | CaCmd::FinishSigningKeyRotation { .. } => {
             return Err(CliError::Refused("this command needs the server".into()));
         }
     };
@@ -1116,6 +1230,52 @@ mod tests {
                 .unwrap();
         let err = run(again, &mut Vec::new()).await.unwrap_err().to_string();
         assert!(err.contains("already exists"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn ca_init_creates_the_model_signing_key_and_its_rotation_is_two_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let d = ca_dir.to_str().unwrap();
+        let kipctl = |args: &[&str]| {
+            let mut all = vec!["kipctl", "ca"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap()
+        };
+        run(kipctl(&["init", "--dir", d]), &mut Vec::new())
+            .await
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = ca_dir.join("model-signing.key");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let before = std::fs::read_to_string(ca_dir.join("model-signing.pub")).unwrap();
+        let mut out = Vec::new();
+        run(kipctl(&["rotate-signing-key", "--dir", d]), &mut out)
+            .await
+            .unwrap();
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("finish-signing-key-rotation")
+        );
+        assert_eq!(
+            std::fs::read_to_string(ca_dir.join("model-signing-previous.pub")).unwrap(),
+            before
+        );
+        // A second rotation before the first is finished is refused.
+        assert!(
+            run(kipctl(&["rotate-signing-key", "--dir", d]), &mut Vec::new())
+                .await
+                .is_err()
+        );
+        run(
+            kipctl(&["finish-signing-key-rotation", "--dir", d, "--force"]),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert!(!ca_dir.join("model-signing-previous.pub").exists());
     }
 
     #[tokio::test]

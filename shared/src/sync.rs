@@ -66,6 +66,11 @@ pub struct DesiredState {
     /// `kip-trust-bundle-sha256` request header (CA rollover: old and new roots).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle_pem: Option<String>,
+    /// The public keys (concatenated `PUBLIC KEY` PEM blocks) that sign models; during a
+    /// signing-key rotation the new and the previous key. Agents verify
+    /// [`DesiredModel::signature`] against these before loading a model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_signing_keys_pem: Option<String>,
 }
 
 /// A model version to deploy.
@@ -76,7 +81,19 @@ pub struct DesiredModel {
     pub sha256: String,
     /// Path on the agent listener to download the artifact from.
     pub download_path: String,
+    /// The control plane's signature (`ed25519:<key id>:<signature>`) over the organisation,
+    /// name, version and sha256 (`kip_certs::signing`); `None` for an unsigned artifact,
+    /// which agents refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
+
+/// Request header of `POST /v1/agent/sync` in which an agent reports why it refused the
+/// desired model (printable ASCII, at most [`MODEL_ERROR_MAX_BYTES`]); absent when the last
+/// model install worked.
+pub const MODEL_ERROR_HEADER: &str = "kip-model-error";
+/// Longest [`MODEL_ERROR_HEADER`] value an agent sends.
+pub const MODEL_ERROR_MAX_BYTES: usize = 512;
 
 /// The control plane's answer to a [`SyncBatch`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

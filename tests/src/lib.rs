@@ -24,6 +24,7 @@
 //! | [`mlflow`] | [`MlflowServer`]: a private MLflow tracking server |
 //! | [`opcua`] | [`OpcUaServer`]: an in-process OPC UA server with a few machine variables |
 //! | [`certs`] | test CAs and certificates ([`BrokerPki`], [`device_identity`]) |
+//! | [`model_artifacts`] | writes around the API into the model artifact tables (signing tests) |
 //! | [`artifacts`] | the ONNX Runtime library, the reference model, workspace binaries |
 //! | [`control_plane`] | the in-process control plane (admin API + mTLS agent listener) |
 //! | [`agent`] | agent pieces for sync tests: buffer, readings, sync loop, renewer |
@@ -41,6 +42,7 @@ pub mod certs;
 pub mod control_plane;
 pub mod eventually;
 pub mod mlflow;
+pub mod model_artifacts;
 pub mod mosquitto;
 pub mod opcua;
 pub mod ports;

@@ -16,16 +16,19 @@
 //! - Every request has a deadline (`pki.agent_request_timeout_ms`, 504 after it).
 //! - Sync batches have their own body limit (`ingest.max_decoded_bytes`); every other route
 //!   has the admin API's (`server.request_body_limit_bytes`).
+//! - At most one sync per device is in flight on a listener ([`SyncGate`]): a second
+//!   concurrent sync from the same device is answered 429 before its body is read, so one
+//!   device cannot make the listener buffer and decode many batches at once.
 //! - Desired state is advisory: a stored batch is acknowledged even when reading the desired
 //!   model or recording the running one fails (logged).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
-    Json, Router,
-    body::Bytes,
-    extract::{DefaultBodyLimit, FromRef, FromRequestParts, State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode, header, request::Parts},
+    Extension, Json, Router,
+    body::Body,
+    extract::{DefaultBodyLimit, FromRef, FromRequestParts, State},
+    http::{HeaderMap, header, request::Parts},
     response::Response,
     routing::{get, post},
 };
@@ -86,6 +89,7 @@ where
     HttpLimits: FromRef<S>,
     IngestLimits: FromRef<S>,
     IngestMetrics: FromRef<S>,
+    models::Signing: FromRef<S>,
 {
     Router::new()
         .route("/v1/agent/renew", post(renew))
@@ -93,8 +97,11 @@ where
         .route("/v1/agent/models/{model_id}/artifact", get(download_model))
         .route(
             "/v1/agent/sync",
+            // The handler reads the raw body itself (after the per-device gate) and enforces
+            // ingest.max_decoded_bytes; the layer keeps the limit visible here.
             post(sync).layer(DefaultBodyLimit::max(ingest.max_decoded_bytes)),
         )
+        .layer(Extension(SyncGate::default()))
         .fallback(crate::http::not_found)
         .layer(axum::middleware::from_fn_with_state(
             HttpLimits {
@@ -142,26 +149,40 @@ async fn download_model(
 /// `POST /v1/agent/sync`: stores a [`kip_shared::sync::SyncBatch`] (JSON, gzip when
 /// `Content-Encoding: gzip`) for the device of the client certificate and answers the
 /// [`SyncAck`].
+#[expect(
+    clippy::too_many_arguments,
+    reason = "axum handler: each extractor is one substate"
+)]
 async fn sync(
     State(pool): State<PgPool>,
     State(maybe_pki): State<Option<Arc<Pki>>>,
     State(limits): State<IngestLimits>,
     State(metrics): State<IngestMetrics>,
+    State(signing): State<models::Signing>,
+    Extension(gate): Extension<SyncGate>,
     Device(dev): Device,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> ApiResult<Json<SyncAck>> {
-    let body = match body {
-        Ok(b) => b,
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+    // Before the body is read: a refused concurrent sync costs no buffering.
+    let Some(_slot) = gate.try_enter(dev.identity.device_id) else {
+        telemetry::count_refused(&metrics, "in_flight");
+        return Err(ApiError::TooManyRequests {
+            message: "a sync from this device is already in flight".into(),
+            retry_after_s: 1,
+        });
+    };
+    let body = match read_limited(body, limits.max_decoded_bytes).await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
             telemetry::count_refused(&metrics, "too_large");
             return Err(ApiError::PayloadTooLarge {
                 limit_bytes: limits.max_decoded_bytes,
             });
         }
-        Err(r) => {
+        Err(e) => {
             telemetry::count_refused(&metrics, "body");
-            return Err(ApiError::BadRequest(format!("cannot read the body: {r}")));
+            return Err(ApiError::BadRequest(format!("cannot read the body: {e}")));
         }
     };
     let gzip = match headers
@@ -193,18 +214,97 @@ async fn sync(
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
     pki::desired_trust(maybe_pki.as_deref(), &dev, reported, &mut ack.desired);
+    ack.desired.model_signing_keys_pem = models::trusted_signing_keys(&signing);
+    let model_error = headers
+        .get(kip_shared::sync::MODEL_ERROR_HEADER)
+        .and_then(|v| v.to_str().ok());
     if let Err(e) = models::record_running(
         &pool,
         id.org_id,
         id.device_id,
         stored.running_model.as_deref(),
-        None,
+        model_error,
     )
     .await
     {
         tracing::warn!(error = %e, "cannot record the device's model status");
     }
     Ok(Json(ack))
+}
+
+/// The whole body, or `None` as soon as it exceeds `limit` bytes.
+async fn read_limited(body: Body, limit: usize) -> Result<Option<axum::body::Bytes>, axum::Error> {
+    use futures_util::StreamExt as _;
+    let mut frames = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(frame) = frames.next().await {
+        let frame = frame?;
+        if out.len() + frame.len() > limit {
+            return Ok(None);
+        }
+        out.extend_from_slice(&frame);
+    }
+    Ok(Some(out.into()))
+}
+
+/// The devices with a sync in flight on this listener (per process: replicas each keep
+/// their own, which still bounds a device to one batch per replica).
+#[derive(Debug, Clone, Default)]
+pub struct SyncGate(Arc<std::sync::Mutex<std::collections::HashSet<Uuid>>>);
+
+/// A device's in-flight sync; leaving it (drop, also on error or a cancelled request) frees
+/// the device.
+#[derive(Debug)]
+pub struct SyncSlot {
+    gate: SyncGate,
+    device: Uuid,
+}
+
+impl SyncGate {
+    /// The slot of `device`, or `None` while another sync of it is in flight.
+    pub fn try_enter(&self, device: Uuid) -> Option<SyncSlot> {
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.insert(device).then(|| SyncSlot {
+            gate: self.clone(),
+            device,
+        })
+    }
+}
+
+impl Drop for SyncSlot {
+    fn drop(&mut self) {
+        self.gate
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.device);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sync_per_device_is_in_flight() {
+        let gate = SyncGate::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let first = gate.try_enter(a);
+        assert!(first.is_some());
+        assert!(
+            gate.try_enter(a).is_none(),
+            "a second sync of the same device"
+        );
+        assert!(gate.try_enter(b).is_some(), "another device is not held up");
+        drop(first);
+        assert!(
+            gate.try_enter(a).is_some(),
+            "free again once the first ended"
+        );
+    }
 }
 
 /// Why the agent listener could not start.

@@ -9,12 +9,17 @@
 //! - MLflow (when configured) is told after kip committed; its failures are logged and counted
 //!   and never fail the kip request (kip's registry is the source of truth).
 //!
+//! - Every artifact is signed at upload with the model signing key ([`signing`]); agents
+//!   receive the trusted public keys with each sync ack ([`trusted_signing_keys`]) and refuse
+//!   a model whose signature does not verify.
+//!
 //! Interface for other domains: [`desired_for`] (the model for a sync ack),
-//! [`record_running`] (what a device reports running) and [`artifact_for_device`] (the
-//! agent's download).
+//! [`trusted_signing_keys`] (the keys for a sync ack), [`record_running`] (what a device
+//! reports running) and [`artifact_for_device`] (the agent's download).
 
 pub mod mlflow;
 mod registry;
+pub mod signing;
 
 use std::sync::Arc;
 
@@ -43,6 +48,15 @@ use crate::http::{
 /// is set.
 pub type Mlflow = Option<Arc<MlflowSync>>;
 
+/// The model signing key set as held in the application state; `None` when `pki.ca_dir` is
+/// not set (then there is no agent listener either).
+pub type Signing = Option<Arc<signing::ModelSigning>>;
+
+/// The model signing public keys agents must trust (PEM), for the sync ack's desired state.
+pub fn trusted_signing_keys(signing: &Signing) -> Option<String> {
+    signing.as_ref().map(|s| s.trusted_pem())
+}
+
 /// The model routes, to be nested under `/v1`.
 pub fn router<S>() -> Router<S>
 where
@@ -51,8 +65,10 @@ where
     Arc<KeyCache>: FromRef<S>,
     HttpLimits: FromRef<S>,
     Mlflow: FromRef<S>,
+    Signing: FromRef<S>,
 {
     Router::new()
+        .route("/model-signing", get(signing_status))
         .route(
             "/organisations/{org_id}/models",
             get(list_models).post(register_model),
@@ -244,4 +260,18 @@ async fn get_model(
     .await?
     .map(|r| Json(r.into()))
     .ok_or(ApiError::NotFound("model"))
+}
+
+/// `GET /v1/model-signing` (platform-admin): the model signing keys and how many artifacts
+/// each signs (what `kipctl ca finish-signing-key-rotation` checks).
+async fn signing_status(
+    State(pool): State<PgPool>,
+    State(signing): State<Signing>,
+    p: Principal,
+) -> ApiResult<Json<kip_api::ModelSigningStatus>> {
+    p.require_platform()?;
+    let sg = signing.ok_or(ApiError::NotFound(
+        "model signing key (pki.ca_dir is not set)",
+    ))?;
+    Ok(Json(signing::status(&pool, &sg).await?))
 }

@@ -1,7 +1,8 @@
 //! Model registry internals: artifact upload/download, champion/challenger aliases, rollout of
 //! a model version to devices, and the devices' reported model status.
 //!
-//! Artifacts are stored in PostgreSQL (`model_artifacts.bytes`), not in a file store:
+//! Artifacts are stored in PostgreSQL (`model_artifact_chunks`, 1 MiB per row, with the
+//! digest, size and signature in `model_artifacts`), not in a file store:
 //! - the artifact and its registry row commit in one transaction, so a registered hash never
 //!   points at a missing or half-written file, and a replica never sees a row whose file lives
 //!   on another replica's disk;
@@ -9,9 +10,11 @@
 //!   (`(org_id, model_id)`), and organisation deletion cascades to artifacts;
 //! - backups and restores of the database carry the models with them.
 //!
-//! The cost is memory per transfer: an artifact is read whole. Edge models (MLP, gradient
-//! boosting, small ONNX graphs) are kilobytes to a few megabytes, so uploads are capped at
-//! [`MAX_ARTIFACT_BYTES`]; large models (LLMs) are registered by `uri` and never uploaded.
+//! Memory per transfer is bounded by one chunk ([`CHUNK_BYTES`]), not by the artifact:
+//! uploads are streamed from the request body into chunk rows (hashing as they go) inside the
+//! upload's transaction, downloads stream one chunk row at a time into the response. Uploads
+//! are capped at [`MAX_ARTIFACT_BYTES`]; large models (LLMs) are registered by `uri` and never
+//! uploaded. An upload holds one database connection for its duration (the transaction).
 //!
 //! Invariants:
 //! - Artifacts are immutable: the sha256 is fixed by registration or by the first upload, and
@@ -26,22 +29,25 @@
 
 use axum::{
     Json,
-    body::Bytes,
-    extract::{State, rejection::BytesRejection},
-    http::{HeaderValue, StatusCode, header},
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
 use kip_api::{AiModel, ArtifactInfo, DeviceModelStatus, ModelStage, SetDesiredModel, SetStage};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{MODEL_COLUMNS, Mlflow, ModelRow};
+use super::{MODEL_COLUMNS, Mlflow, ModelRow, Signing};
 use crate::http::{ApiError, ApiJson, ApiPath, ApiResult, Principal};
 
 /// Largest artifact accepted by `PUT .../artifact`.
 pub const MAX_ARTIFACT_BYTES: usize = 64 * 1024 * 1024;
+/// Size of one stored chunk (`model_artifact_chunks.bytes`); the last one may be shorter.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Path on the agent listener from which a device downloads a model desired for it.
 pub fn agent_download_path(model_id: Uuid) -> String {
@@ -59,33 +65,105 @@ pub fn admin_artifact_path(org_id: Uuid, model_id: Uuid) -> String {
 /// model's artifact. Idempotent for the same bytes; other bytes than registered are a 422.
 pub async fn upload_artifact(
     State(pool): State<PgPool>,
+    State(signing): State<Signing>,
     p: Principal,
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> ApiResult<(StatusCode, Json<ArtifactInfo>)> {
     let org_id = p.org_scope(org_id)?;
-    let bytes = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge {
-                limit_bytes: MAX_ARTIFACT_BYTES,
-            }
-        } else {
-            ApiError::BadRequest(r.body_text())
-        }
-    })?;
-    if bytes.is_empty() {
-        return Err(ApiError::validation("artifact", "must not be empty"));
+    let too_large = || ApiError::PayloadTooLarge {
+        limit_bytes: MAX_ARTIFACT_BYTES,
+    };
+    // Refuse an announced oversize body before reading any of it.
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_ARTIFACT_BYTES as u64)
+    {
+        return Err(too_large());
     }
-    let sha = hex::encode(Sha256::digest(&bytes));
     let mut tx = pool.begin().await?;
-    let registered: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 FOR UPDATE",
+    // Locked before the body is read: uploads of one model are serialised (no two streams
+    // write the same chunk rows), and an unknown model is a 404 before any byte is stored.
+    let (name, version, registered): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT name, version, artifact_sha256 FROM ai_models WHERE org_id = $1 AND id = $2 \
+         FOR UPDATE",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(ApiError::NotFound("model"))?;
+    let stored: Option<(String, i64, DateTime<Utc>, Option<String>)> = sqlx::query_as(
+        "SELECT sha256, size_bytes, uploaded_at, signature FROM model_artifacts \
+         WHERE org_id = $1 AND model_id = $2",
     )
     .bind(org_id)
     .bind(model_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let registered = registered.ok_or(ApiError::NotFound("model"))?;
+    // Stream the body: hash every frame; store it in chunk rows unless the artifact exists
+    // (then the bytes are only hashed, to compare). Dropping `tx` on any error rolls the
+    // chunks back.
+    let mut hash = Sha256::new();
+    let mut size = 0usize;
+    let mut pending: Vec<u8> = Vec::with_capacity(CHUNK_BYTES);
+    let mut idx = 0i32;
+    let mut frames = body.into_data_stream();
+    loop {
+        let frame = frames
+            .next()
+            .await
+            .transpose()
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the body: {e}")))?;
+        let last = frame.is_none();
+        let frame: Bytes = frame.unwrap_or_default();
+        size += frame.len();
+        if size > MAX_ARTIFACT_BYTES {
+            return Err(too_large());
+        }
+        hash.update(&frame);
+        if stored.is_some() {
+            if last {
+                break;
+            }
+            continue;
+        }
+        let mut rest = &frame[..];
+        while !rest.is_empty() {
+            let take = (CHUNK_BYTES - pending.len()).min(rest.len());
+            pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if pending.len() == CHUNK_BYTES {
+                store_chunk(&mut tx, org_id, model_id, idx, &pending).await?;
+                idx += 1;
+                pending.clear();
+            }
+        }
+        if last {
+            if !pending.is_empty() {
+                store_chunk(&mut tx, org_id, model_id, idx, &pending).await?;
+            }
+            break;
+        }
+    }
+    drop(pending);
+    if size == 0 {
+        return Err(ApiError::validation("artifact", "must not be empty"));
+    }
+    let sha = hex::encode(hash.finalize());
+    // Signed here, by the only path that saw the bytes: the signature covers the sha256 just
+    // computed from the body, never a hash taken from the database.
+    let signature = match &signing {
+        Some(sg) => Some(
+            sg.sign(org_id, &name, &version, &sha)
+                .map_err(|e| ApiError::validation("model", e.to_string()))?
+                .to_string(),
+        ),
+        None => None,
+    };
     if let Some(want) = &registered
         && *want != sha
     {
@@ -94,34 +172,63 @@ pub async fn upload_artifact(
             format!("sha256 {sha} does not match the registered artifact_sha256 {want}"),
         ));
     }
-    let size = i64::try_from(bytes.len()).map_err(ApiError::internal)?;
-    let (status, info) = match sqlx::query_as::<_, (String, i64, DateTime<Utc>)>(
-        "SELECT sha256, size_bytes, uploaded_at FROM model_artifacts WHERE model_id = $1",
-    )
-    .bind(model_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    {
-        // Same bytes again (the hash is fixed once stored): nothing to do.
-        Some((sha256, size_bytes, uploaded_at)) => (
-            StatusCode::OK,
-            ArtifactInfo {
-                model_id,
-                sha256,
-                size_bytes,
-                uploaded_at,
-            },
-        ),
+    let size = i64::try_from(size).map_err(ApiError::internal)?;
+    let (status, info) = match stored {
+        // Same bytes again (the hash is fixed once stored). An artifact whose signature is
+        // missing or does not verify (stored before signing existed, written around the API,
+        // or signed by a retired key) is signed now: the caller just proved it holds exactly
+        // these bytes.
+        Some((stored, size_bytes, uploaded_at, existing)) => {
+            if stored != sha {
+                return Err(ApiError::validation(
+                    "artifact",
+                    format!("sha256 {sha} does not match the stored artifact {stored}"),
+                ));
+            }
+            let valid = match (&signing, &existing) {
+                (Some(sg), Some(e)) => sg.verifies(org_id, &name, &version, &sha, e),
+                _ => existing.is_some(),
+            };
+            let signature = match (existing, signature) {
+                (Some(e), _) if valid => Some(e),
+                (_, Some(new)) => {
+                    sqlx::query(
+                        "UPDATE model_artifacts SET signature = $3, signed_at = now() \
+                         WHERE org_id = $1 AND model_id = $2",
+                    )
+                    .bind(org_id)
+                    .bind(model_id)
+                    .bind(&new)
+                    .execute(&mut *tx)
+                    .await?;
+                    tracing::info!(%org_id, %model_id, "unsigned model artifact signed on re-upload");
+                    Some(new)
+                }
+                (e, None) => e,
+            };
+            (
+                StatusCode::OK,
+                ArtifactInfo {
+                    model_id,
+                    sha256: stored,
+                    size_bytes,
+                    uploaded_at,
+                    signature,
+                },
+            )
+        }
         None => {
             let uploaded_at: DateTime<Utc> = sqlx::query_scalar(
-                "INSERT INTO model_artifacts (model_id, org_id, bytes, sha256, size_bytes) \
-                 VALUES ($1, $2, $3, $4, $5) RETURNING uploaded_at",
+                "INSERT INTO model_artifacts (model_id, org_id, sha256, size_bytes, \
+                 signature, signed_at) \
+                 VALUES ($1, $2, $3, $4, $5, CASE WHEN $5::text IS NULL THEN NULL ELSE now() END) \
+                 RETURNING uploaded_at",
             )
             .bind(model_id)
             .bind(org_id)
-            .bind(&bytes[..])
             .bind(&sha)
             .bind(size)
+            .bind(&signature)
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
@@ -140,6 +247,7 @@ pub async fn upload_artifact(
                     sha256: sha,
                     size_bytes: size,
                     uploaded_at,
+                    signature,
                 },
             )
         }
@@ -149,28 +257,77 @@ pub async fn upload_artifact(
     Ok((status, Json(info)))
 }
 
-fn artifact_response(sha: String, bytes: Vec<u8>) -> Response {
-    let mut resp = ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response();
+async fn store_chunk(
+    tx: &mut sqlx::PgConnection,
+    org_id: Uuid,
+    model_id: Uuid,
+    idx: i32,
+    bytes: &[u8],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO model_artifact_chunks (org_id, model_id, idx, bytes) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .bind(idx)
+    .bind(bytes)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The artifact of `model_id` as a streamed response: one chunk row read at a time, so memory
+/// is one chunk whatever the artifact's size. Artifacts are immutable, so reading the chunks
+/// in separate statements sees one consistent artifact; a chunk that cannot be read (database
+/// down, organisation deleted meanwhile) ends the body with an error, which the client sees as
+/// a cut transfer (and the length and sha256 headers let it notice).
+async fn artifact_response(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<Response> {
+    let (sha, size): (String, i64) = sqlx::query_as(
+        "SELECT sha256, size_bytes FROM model_artifacts WHERE org_id = $1 AND model_id = $2",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(ApiError::NotFound("model artifact"))?;
+    let pool = pool.clone();
+    let chunks = futures_util::stream::unfold(Some(0i32), move |next| {
+        let pool = pool.clone();
+        async move {
+            let idx = next?;
+            let row: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT bytes FROM model_artifact_chunks \
+                 WHERE org_id = $1 AND model_id = $2 AND idx = $3",
+            )
+            .bind(org_id)
+            .bind(model_id)
+            .bind(idx)
+            .fetch_optional(&pool)
+            .await;
+            match row {
+                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(idx + 1))),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(%org_id, %model_id, chunk = idx, error = %e, "model artifact download cut");
+                    Some((Err(std::io::Error::other(e)), None))
+                }
+            }
+        }
+    });
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(chunks),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     if let Ok(v) = HeaderValue::from_str(&sha) {
         resp.headers_mut().insert("x-kip-sha256", v);
     }
     if let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\"")) {
         resp.headers_mut().insert(header::ETAG, v);
     }
-    resp
-}
-
-async fn artifact_bytes(
-    pool: &PgPool,
-    org_id: Uuid,
-    model_id: Uuid,
-) -> ApiResult<(String, Vec<u8>)> {
-    sqlx::query_as("SELECT sha256, bytes FROM model_artifacts WHERE org_id = $1 AND model_id = $2")
-        .bind(org_id)
-        .bind(model_id)
-        .fetch_optional(pool)
-        .await?
-        .ok_or(ApiError::NotFound("model artifact"))
+    Ok(resp)
 }
 
 /// `GET /v1/organisations/{org_id}/models/{model_id}/artifact`: the artifact bytes, with the
@@ -181,8 +338,7 @@ pub async fn download_artifact(
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Response> {
     let org_id = p.org_scope(org_id)?;
-    let (sha, bytes) = artifact_bytes(&pool, org_id, model_id).await?;
-    Ok(artifact_response(sha, bytes))
+    artifact_response(&pool, org_id, model_id).await
 }
 
 /// The answer of `GET /v1/agent/models/{model_id}/artifact` on the agent listener for the
@@ -200,9 +356,9 @@ pub async fn artifact_for_device(
         tracing::warn!(%org_id, %device_id, %model_id, "device asked for a model not desired for it");
         return Err(ApiError::NotFound("model artifact"));
     }
-    let (sha, bytes) = artifact_bytes(pool, org_id, model_id).await?;
+    let resp = artifact_response(pool, org_id, model_id).await?;
     tracing::info!(%org_id, %device_id, %model_id, "model artifact sent to device");
-    Ok(artifact_response(sha, bytes))
+    Ok(resp)
 }
 
 // ---------- stage / alias ----------
@@ -325,8 +481,8 @@ pub async fn desired_for(
     let Some(model_id) = desired_model_id_for(pool, org_id, device_id).await? else {
         return Ok(None);
     };
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT m.name, m.version, a.sha256 FROM ai_models m \
+    let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT m.name, m.version, a.sha256, a.signature FROM ai_models m \
          JOIN model_artifacts a ON a.model_id = m.id AND a.org_id = m.org_id \
          WHERE m.org_id = $1 AND m.id = $2",
     )
@@ -334,14 +490,15 @@ pub async fn desired_for(
     .bind(model_id)
     .fetch_optional(pool)
     .await?;
-    Ok(
-        row.map(|(name, version, sha256)| kip_shared::sync::DesiredModel {
+    Ok(row.map(
+        |(name, version, sha256, signature)| kip_shared::sync::DesiredModel {
             name,
             version,
             sha256,
             download_path: agent_download_path(model_id),
-        }),
-    )
+            signature,
+        },
+    ))
 }
 
 /// Records what a device reports running (`name@version`) and its last model error; called
@@ -353,6 +510,13 @@ pub async fn record_running(
     running_model: Option<&str>,
     last_error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
+    // Device-supplied text: bounded and free of NUL before it reaches PostgreSQL.
+    let last_error: Option<String> = last_error.map(|e| {
+        e.chars()
+            .filter(|c| *c != '\0')
+            .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
+            .collect()
+    });
     sqlx::query(
         "INSERT INTO device_model_status (device_id, org_id, running_model, last_error) \
          VALUES ($2, $1, $3, $4) \

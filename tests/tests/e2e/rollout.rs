@@ -128,7 +128,8 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
         &mut registry,
     )
     .unwrap()
-    .with_inference(Some(inference.clone()));
+    .with_inference(Some(inference.clone()))
+    .with_device_org(id.org_id());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(syncer.run(cancel.clone()));
