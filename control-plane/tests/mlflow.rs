@@ -9,83 +9,12 @@
 
 mod common;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use kip_control_plane::models::mlflow::MlflowConfig;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-
-struct Mlflow {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mlflow {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start_mlflow() -> Mlflow {
-    let python = std::env::var("KIP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import mlflow"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
-    assert!(
-        probe.status.success(),
-        "MLflow is not installed for {python}: run `python3 -m pip install mlflow` \
-         (or point KIP_TEST_PYTHON at a Python that has it): {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let child = Command::new(&python)
-        .args(["-m", "mlflow", "server", "--backend-store-uri"])
-        .arg(format!("sqlite:///{}/db", dir.path().display()))
-        .arg("--artifacts-destination")
-        .arg(dir.path().join("artifacts"))
-        .args(["--serve-artifacts", "--host", "127.0.0.1", "--port"])
-        .arg(port.to_string())
-        .args(["--workers", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Mlflow {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        _dir: dir,
-    };
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = client.get(format!("{}/health", m.url)).send().await
-            && r.status().is_success()
-        {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "MLflow did not answer /health within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 async fn alias(url: &str, name: &str, alias: &str) -> Option<Value> {
     let r = reqwest::Client::new()
@@ -119,8 +48,10 @@ fn rustls() {
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn registrations_and_aliases_are_mirrored_to_a_real_mlflow(pool: PgPool) {
     rustls();
-    let ml = start_mlflow().await;
-    let url = ml.url.clone();
+    // The kit's fixture kills MLflow's whole process group (uvicorn, job runner, huey workers)
+    // on drop; killing only the direct child left nine processes behind.
+    let ml = kip_tests::MlflowServer::start().await;
+    let url = ml.url().to_owned();
     let app = common::app_with(pool, |c| c.mlflow = Some(cfg(&url))).await;
     let (org, key) = app.org_with_key("acme").await;
     let mut ids = Vec::new();
@@ -185,7 +116,7 @@ async fn registrations_and_aliases_are_mirrored_to_a_real_mlflow(pool: PgPool) {
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn an_unreachable_mlflow_is_counted_and_never_fails_kip(pool: PgPool) {
     rustls();
-    let url = format!("http://127.0.0.1:{}", free_port());
+    let url = format!("http://127.0.0.1:{}", kip_tests::free_port());
     let app = common::app_with(pool, |c| c.mlflow = Some(cfg(&url))).await;
     let (org, key) = app.org_with_key("acme").await;
     let r = app
