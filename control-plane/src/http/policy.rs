@@ -307,6 +307,12 @@ pub const ROUTES: &[Rule] = &[
     ),
     rule("GET", "/v1/pki/ca", P::PkiAdmin, "pki.status"),
     rule("POST", "/v1/pki/ca/reload", P::PkiAdmin, "pki.reload"),
+    rule(
+        "GET",
+        "/v1/model-signing",
+        P::PkiAdmin,
+        "pki.model_signing_status",
+    ),
     Rule {
         audited: false,
         ..rule("POST", "/v1/query", P::LlmQuery, "llm.query")
