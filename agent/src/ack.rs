@@ -9,7 +9,11 @@
 //! Invariants:
 //! - A token fires only when `durable_seq >= seq`, in push order (a FIFO: a token pushed with
 //!   a sequence below the last one pushed, as for a recognised redelivery whose record was
-//!   stored earlier, waits for the last one, so the durable ones are always a prefix).
+//!   stored earlier, waits for the last one, so the durable ones are always a prefix). Push
+//!   order is the order the source read the messages, which is the order a broker that reuses
+//!   packet ids among its in-flight messages matches PUBACKs in (the first in flight with that
+//!   id); the source never hands over a message whose id an earlier, deferred one still holds
+//!   on the same connection ([`crate::mqtt::admit`]).
 //! - Firing never waits: [`Acknowledge::try_ack`] either queues the PubAck in rumqttc's request
 //!   queue, reports it busy (queue full: the head stays, retried shortly, so order holds), or
 //!   stale (the connection it arrived on is gone: the broker redelivers it on the next

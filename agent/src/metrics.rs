@@ -50,6 +50,9 @@ pub struct IngestMetrics {
     /// MQTT messages read while the source's staging was full: left unacknowledged (the
     /// broker keeps them) and fetched again by a reconnect, by source.
     pub mqtt_deferred: Family<SourceLabels, Counter>,
+    /// Of those, messages deferred with room in the staging, because an earlier message with
+    /// the same packet id is unacknowledged on the connection (see [`crate::mqtt::admit`]).
+    pub mqtt_deferred_same_id: Family<SourceLabels, Counter>,
     /// Messages held in a source's staging (read off the connection, not yet handed to the
     /// writer), by source.
     pub mqtt_staged: Family<SourceLabels, Gauge>,
@@ -123,6 +126,13 @@ impl IngestMetrics {
             "MQTT messages left unacknowledged because the source's staging was full; the \
              broker redelivers them after a reconnect, by source",
             m.mqtt_deferred.clone(),
+        );
+        registry.register(
+            "mqtt_deferred_same_id_messages",
+            "MQTT messages deferred because an earlier message with the same packet id is \
+             unacknowledged on the connection (a broker with more than 65,535 in flight \
+             reuses ids and matches a PUBACK to the first), by source",
+            m.mqtt_deferred_same_id.clone(),
         );
         registry.register(
             "mqtt_staged_messages",

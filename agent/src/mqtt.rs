@@ -35,6 +35,14 @@
 //!   acknowledgement went out, the source reconnects (clean DISCONNECT, same persistent
 //!   session), and the broker sends the deferred messages again. Their DUP flag is ignored
 //!   for redelivery detection (they were never stored).
+//! - Packet ids are acknowledged in the order the broker can match them: a broker with more
+//!   than 65,535 messages in flight for the session (Mosquitto 2.0.11 after a backlog) reuses
+//!   packet ids among them, and a PUBACK removes the *first* in-flight message with that id
+//!   (Mosquitto's `db__message_delete_outgoing`). So once a message with id X is deferred on
+//!   a connection, every later message with id X on that connection is deferred too
+//!   ([`HeldIds`]): acknowledging one of them would make the broker drop the deferred one,
+//!   which was never stored (the loss of #19's 3,083 messages). The broker resends its
+//!   in-flight messages in order on the next connection, where the ids start free again.
 //! - rumqttc's request queue holds 65,536 entries, more than the packet ids a broker can have
 //!   in flight, so firing an acknowledgement never blocks and never finds it full.
 //! - A message whose PUBLISH packet exceeds `max_packet_size_bytes` (default 1 MiB) is
@@ -342,10 +350,65 @@ struct State {
     /// Messages deferred on the current connection: once the staging drained and every
     /// acknowledgement went out, the source reconnects so the broker sends them again.
     deferred_now: u64,
+    /// Packet ids with a message deferred on the current connection (cleared at ConnAck).
+    held: HeldIds,
     /// Since when and why the source is disconnected (closed with a gap at the next ConnAck).
     disconnected_since: Option<(DateTime<Utc>, String)>,
     /// rumqttc's incoming packet limit.
     read_limit: usize,
+}
+
+/// The packet ids that have a message deferred (left unacknowledged) on the current
+/// connection, as a bitset over all 65,536 ids (8 KiB).
+///
+/// A broker matches a PUBACK to the first in-flight message with that packet id; while an
+/// earlier message with id X waits unacknowledged, a later one with id X must not be
+/// acknowledged either, or the broker would drop the earlier one. [`admit`] keeps that rule.
+#[derive(Debug)]
+pub struct HeldIds(Vec<u64>);
+
+impl Default for HeldIds {
+    fn default() -> Self {
+        Self(vec![0; (usize::from(u16::MAX) + 1) / 64])
+    }
+}
+
+impl HeldIds {
+    fn slot(id: u16) -> (usize, u64) {
+        (usize::from(id) / 64, 1 << (id % 64))
+    }
+
+    /// Is a message with `id` deferred on this connection?
+    pub fn contains(&self, id: u16) -> bool {
+        let (i, bit) = Self::slot(id);
+        self.0.get(i).is_some_and(|w| w & bit != 0)
+    }
+
+    fn insert(&mut self, id: u16) {
+        let (i, bit) = Self::slot(id);
+        if let Some(w) = self.0.get_mut(i) {
+            *w |= bit;
+        }
+    }
+
+    /// A new connection: the broker resends its in-flight messages in order, every id is free.
+    pub fn clear(&mut self) {
+        self.0.fill(0);
+    }
+}
+
+/// Whether a QoS 1 message with packet id `id`, received now, may be handed over (stored and
+/// later acknowledged) on this connection: not when the staging is full, and not when an
+/// earlier message with the same id was deferred on it (its PUBACK would remove that one at
+/// the broker). A message not admitted is deferred and holds its id until the next
+/// connection.
+pub fn admit(held: &mut HeldIds, id: u16, staging_full: bool) -> bool {
+    if staging_full || held.contains(id) {
+        held.insert(id);
+        false
+    } else {
+        true
+    }
 }
 
 /// Deferred messages remembered by [`State::deferred`]; beyond it (a broker pushing more than
@@ -438,6 +501,7 @@ impl MqttSource {
             staged: VecDeque::new(),
             deferred: HashSet::new(),
             deferred_now: 0,
+            held: HeldIds::default(),
             disconnected_since: None,
             read_limit: read_limit(self.cfg.max_packet_size_bytes),
         };
@@ -595,6 +659,9 @@ impl MqttSource {
                     );
                     backoff.reset();
                     connected = true;
+                    // The broker resends its in-flight messages in order from here: no id is
+                    // held by a message deferred on this connection yet.
+                    st.held.clear();
                     for sub in &self.cfg.subscriptions {
                         if let Err(e) = client.try_subscribe(&sub.topic, QoS::AtLeastOnce) {
                             tracing::error!(source = name, topic = %sub.topic, error = %e, "mqtt subscribe request failed");
@@ -673,8 +740,21 @@ impl MqttSource {
         p: rumqttc::Publish,
     ) {
         let qos1 = p.qos != QoS::AtMostOnce;
-        if st.staged.len() >= self.cfg.staging_capacity_messages {
+        let staging_full = st.staged.len() >= self.cfg.staging_capacity_messages;
+        let admitted = if qos1 {
+            admit(&mut st.held, p.pkid, staging_full)
+        } else {
+            !staging_full
+        };
+        if !admitted {
             if qos1 {
+                if !staging_full {
+                    // Room, but an earlier message with this id waits unacknowledged.
+                    self.metrics
+                        .mqtt_deferred_same_id
+                        .get_or_create(labels)
+                        .inc();
+                }
                 defer(&mut st.deferred, &p);
                 tracing::trace!(pkid = p.pkid, dup = p.dup, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message deferred");
                 st.deferred_now += 1;
@@ -928,6 +1008,27 @@ mod tests {
                 Err(reason) => proptest::prop_assert!(!reason.is_empty()),
             }
         }
+    }
+
+    #[test]
+    fn a_packet_id_deferred_on_a_connection_holds_later_messages_with_that_id() {
+        let mut held = HeldIds::default();
+        // Room: admitted.
+        assert!(admit(&mut held, 7, false));
+        // Staging full: deferred, id 7 held from now on.
+        assert!(!admit(&mut held, 7, true));
+        // Room again, but an earlier message with id 7 waits unacknowledged at the broker: a
+        // PUBACK for this one would remove that one. Other ids (even the extremes) are free.
+        assert!(!admit(&mut held, 7, false));
+        assert!(admit(&mut held, 8, false));
+        assert!(admit(&mut held, 0, false));
+        assert!(admit(&mut held, u16::MAX, false));
+        assert!(!admit(&mut held, u16::MAX, true));
+        assert!(held.contains(u16::MAX) && held.contains(7) && !held.contains(8));
+        // The next connection: the broker resends in order, every id starts free.
+        held.clear();
+        assert!(admit(&mut held, 7, false));
+        assert!(admit(&mut held, u16::MAX, false));
     }
 
     #[test]
