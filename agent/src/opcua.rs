@@ -17,11 +17,15 @@
 //! - Monitored items are created at most [`MAX_ITEMS_PER_SUBSCRIPTION`] per call and per
 //!   subscription, and the client's `max_array_length` is raised, because larger requests fail
 //!   with a decoding error and a closed transport on common servers.
-//! - Backpressure: notifications are queued in a bounded channel; the OPC UA event loop is only
-//!   polled while that queue has room for a whole publish response. If a server still overflows
-//!   it, the dropped span is reported as a [`Record::Gap`].
+//! - Backpressure never stops the session: the OPC UA event loop (publish requests, keep-alives,
+//!   session renewal) is polled whatever the writer's state, and records wait for room in the
+//!   writer's channel one at a time, without blocking that loop. Notifications go into a bounded
+//!   queue ([`INTERNAL_QUEUE`]); while the writer applies backpressure long enough for it to
+//!   fill, further notifications are dropped (OPC UA subscriptions cannot redeliver), counted
+//!   (`kip_opcua_notifications_dropped`), and once the queue has room again a [`Record::Gap`]
+//!   states what is lost: how many value changes, of which nodes, between which times.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::str::FromStr;
@@ -357,6 +361,7 @@ pub struct OpcUaMetrics {
     gaps: Family<SourceLabels, Counter>,
     connected: Family<SourceLabels, Gauge>,
     duplicates: Family<SourceLabels, Counter>,
+    dropped: Family<SourceLabels, Counter>,
 }
 
 impl OpcUaMetrics {
@@ -398,6 +403,12 @@ impl OpcUaMetrics {
             "kip_opcua_gaps",
             "Gap records emitted by OPC UA sources",
             m.gaps.clone(),
+        );
+        registry.register(
+            "kip_opcua_notifications_dropped",
+            "OPC UA notifications dropped while the agent's buffer applied backpressure (the \
+             ingest queue was full); each span is written as a gap record",
+            m.dropped.clone(),
         );
         registry.register(
             "kip_opcua_connected",
@@ -507,10 +518,9 @@ impl OpcUaSource {
         Self { cfg, metrics, last }
     }
 
-    /// Hands `record` to the writer unless it repeats the node's last stored value; false
-    /// when the writer is gone.
-    async fn forward(&self, tx: &Sink, record: Record) -> bool {
-        if let Record::Reading(r) = &record {
+    /// False when `record` repeats the node's last stored value (counted, not stored again).
+    fn fresh(&self, record: &Record) -> bool {
+        if let Record::Reading(r) = record {
             let repeat = self
                 .last
                 .lock()
@@ -518,8 +528,18 @@ impl OpcUaSource {
                 .is_repeat(r);
             if repeat {
                 self.metrics.duplicates.get_or_create(&self.labels()).inc();
-                return true;
+                return false;
             }
+        }
+        true
+    }
+
+    /// Hands `record` to the writer unless it repeats the node's last stored value, waiting
+    /// for room; false when the writer is gone. Only for a session being given up: a live
+    /// session queues in its outbox instead, so its event loop keeps being polled.
+    async fn forward(&self, tx: &Sink, record: Record) -> bool {
+        if !self.fresh(&record) {
+            return true;
         }
         tx.send(Envelope::plain(record)).await.is_ok()
     }
@@ -638,6 +658,10 @@ impl OpcUaSource {
         let connected_at = Utc::now();
         let labels = self.labels();
 
+        // Records waiting for room in the writer's channel, handed over one at a time without
+        // blocking the event loop; at most the records of one queue entry plus gaps and the
+        // session's dead letters.
+        let mut out: VecDeque<Record> = VecDeque::new();
         // The gap goes out before anything of the new session, so it precedes its readings.
         let gap_sent = outage.is_some();
         if let Some(o) = outage.take() {
@@ -651,15 +675,12 @@ impl OpcUaSource {
             } else {
                 format!("{}; reconnected; {GAP_LOSS}", o.reason)
             };
-            let gap = Record::Gap(Gap {
+            out.push_back(Record::Gap(Gap {
                 source: self.cfg.name.clone(),
                 from: o.from.min(connected_at),
                 to: connected_at,
                 reason,
-            });
-            if !self.forward(tx, gap).await {
-                return self.downstream_closed(cancel, &session, &mut events).await;
-            }
+            }));
         }
         // Once a gap was sent, a failure from here on starts a new outage at `connected_at`.
         let lost_after_connect = |reason: String| SessionEnd::Lost {
@@ -683,13 +704,17 @@ impl OpcUaSource {
                     close_session(&session, &mut events).await;
                     return SessionEnd::Stop;
                 }
-                Some(rec) = item_rx.recv() => {
-                    if !self.forward(tx, rec).await {
-                        return self.downstream_closed(cancel, &session, &mut events).await;
+                permit = tx.reserve(), if !out.is_empty() => match permit {
+                    Ok(p) => if let Some(rec) = out.pop_front() { p.send(Envelope::plain(rec)) },
+                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
+                },
+                Some(rec) = item_rx.recv(), if out.is_empty() => {
+                    if self.fresh(&rec) {
+                        out.push_back(rec);
                     }
                 }
                 r = &mut setup => break r,
-                ev = events.next(), if item_tx.capacity() >= headroom => {
+                ev = events.next() => {
                     if let Some(reason) = fatal_event(ev) {
                         return lost_after_connect(reason);
                     }
@@ -722,10 +747,7 @@ impl OpcUaSource {
         for (node_id, reason) in bad {
             warn!(source = %self.cfg.name, node_id, %reason, "OPC UA node skipped");
             self.metrics.dead_letters.get_or_create(&labels).inc();
-            let rec = dead_letter(&self.cfg.name, &node_id, reason, &[], now);
-            if !self.forward(tx, rec).await {
-                return self.downstream_closed(cancel, &session, &mut events).await;
-            }
+            out.push_back(dead_letter(&self.cfg.name, &node_id, reason, &[], now));
         }
 
         let watchdog = watchdog_period(self.cfg.publishing_interval_ms);
@@ -738,13 +760,24 @@ impl OpcUaSource {
                     close_session(&session, &mut events).await;
                     return SessionEnd::Stop;
                 }
-                Some(rec) = item_rx.recv() => {
-                    if !self.forward(tx, rec).await {
-                        return self.downstream_closed(cancel, &session, &mut events).await;
+                permit = tx.reserve(), if !out.is_empty() => match permit {
+                    Ok(p) => {
+                        if let Some(rec) = out.pop_front() {
+                            p.send(Envelope::plain(rec));
+                        }
+                        None
+                    }
+                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
+                },
+                Some(rec) = item_rx.recv(), if out.is_empty() => {
+                    if self.fresh(&rec) {
+                        out.push_back(rec);
                     }
                     None
                 }
-                ev = events.next(), if item_tx.capacity() >= headroom => match ev {
+                // Polled whatever the writer's state: publish requests and keep-alives keep
+                // the subscription and the session alive under backpressure.
+                ev = events.next() => match ev {
                     Some(Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish))) => {
                         last_alive = tokio::time::Instant::now();
                         last_alive_utc = Utc::now();
@@ -760,14 +793,20 @@ impl OpcUaSource {
                     "no publish response for {} ms", watchdog.as_millis()
                 )),
             };
-            if let Some(gap) = overflow.take_gap(&self.cfg.name) {
+            // An overflow is over once the queue has room for a whole publish response again.
+            if item_tx.capacity() >= headroom
+                && let Some(gap) = overflow.take_gap(&self.cfg.name)
+            {
                 self.metrics.gaps.get_or_create(&labels).inc();
-                if !self.forward(tx, gap).await {
-                    return self.downstream_closed(cancel, &session, &mut events).await;
-                }
+                out.push_back(gap);
             }
             if let Some(reason) = end {
                 // Deliver what was already received before giving up the session.
+                for rec in std::mem::take(&mut out) {
+                    if tx.send(Envelope::plain(rec)).await.is_err() {
+                        break;
+                    }
+                }
                 while let Ok(rec) = item_rx.try_recv() {
                     if !self.forward(tx, rec).await {
                         break;
@@ -979,7 +1018,13 @@ impl OpcUaSource {
                         .inc();
                 }
                 if item_tx.try_send(record).is_err() {
-                    overflow.record(now);
+                    metrics
+                        .dropped
+                        .get_or_create(&SourceLabels {
+                            source: source.clone(),
+                        })
+                        .inc();
+                    overflow.record(now, &it.metric);
                 }
             },
             |_, _| {},
@@ -1079,10 +1124,24 @@ struct Overflow {
     dropped: AtomicU64,
     /// Milliseconds since the epoch of the first dropped notification; 0 when none.
     first_ms: AtomicI64,
+    /// Metrics (one per configured node) with a dropped notification: bounded by the config.
+    metrics: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
+/// Metric names listed in an overflow gap's reason; the rest are counted.
+const GAP_LISTED_METRICS: usize = 10;
+
 impl Overflow {
-    fn record(&self, now: DateTime<Utc>) {
+    fn record(&self, now: DateTime<Utc>, metric: &str) {
+        {
+            let mut m = self
+                .metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !m.contains(metric) {
+                m.insert(metric.to_owned());
+            }
+        }
         self.dropped.fetch_add(1, Ordering::Relaxed);
         let _ = self.first_ms.compare_exchange(
             0,
@@ -1102,11 +1161,35 @@ impl Overflow {
         let from = DateTime::from_timestamp_millis(first)
             .unwrap_or(now)
             .min(now);
+        let metrics = std::mem::take(
+            &mut *self
+                .metrics
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let listed: Vec<&str> = metrics
+            .iter()
+            .take(GAP_LISTED_METRICS)
+            .map(String::as_str)
+            .collect();
+        let more = metrics.len().saturating_sub(listed.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
         Some(Record::Gap(Gap {
             source: source.to_owned(),
             from,
             to: now,
-            reason: format!("{dropped} notifications dropped: ingest queue full"),
+            reason: format!(
+                "{dropped} notifications dropped: ingest queue full while the agent's buffer \
+                 applied backpressure; value changes of {} metric(s) ({}{more}) between from \
+                 and to may be lost (OPC UA subscriptions cannot redeliver); the session stayed \
+                 up and later values flow",
+                metrics.len(),
+                listed.join(", ")
+            ),
         }))
     }
 }
