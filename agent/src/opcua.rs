@@ -812,6 +812,11 @@ impl OpcUaSource {
                         break;
                     }
                 }
+                // An overflow not reported yet is reported now, not folded into the next gap.
+                if let Some(gap) = overflow.take_gap(&self.cfg.name) {
+                    self.metrics.gaps.get_or_create(&labels).inc();
+                    let _ = self.forward(tx, gap).await;
+                }
                 close_session(&session, &mut events).await;
                 return SessionEnd::Lost {
                     reason,
