@@ -453,10 +453,20 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        self.send(reqwest::Method::GET, path, None)
+    /// [`Client::send`] where the answer must have a body.
+    async fn request<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, CliError> {
+        self.send(method, path, body)
             .await?
             .ok_or_else(|| CliError::Decode("empty body".into()))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.request(reqwest::Method::GET, path, None).await
     }
 
     async fn post<T: DeserializeOwned>(
@@ -464,9 +474,14 @@ impl Client {
         path: &str,
         body: serde_json::Value,
     ) -> Result<T, CliError> {
-        self.send(reqwest::Method::POST, path, Some(body))
-            .await?
-            .ok_or_else(|| CliError::Decode("empty body".into()))
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// DELETE whose answer (if any) is not needed.
+    async fn delete(&self, path: &str) -> Result<(), CliError> {
+        self.send::<serde_json::Value>(reqwest::Method::DELETE, path, None)
+            .await
+            .map(drop)
     }
 }
 
@@ -543,30 +558,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     let keys: Vec<ApiKeyInfo> = client
                         .get(&format!("/v1/organisations/{org}/api-keys"))
                         .await?;
-                    emit(
-                        out,
-                        json,
-                        &keys,
-                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
-                        |ks| key_rows(ks),
-                    )
+                    emit(out, json, &keys, KEY_HEADERS, |ks| key_rows(ks))
                 }
                 KeyCmd::Revoke { key_id } => {
                     let k: ApiKeyInfo = client
-                        .send(
+                        .request(
                             reqwest::Method::DELETE,
                             &format!("/v1/organisations/{org}/api-keys/{key_id}"),
                             None,
                         )
-                        .await?
-                        .ok_or_else(|| CliError::Decode("empty body".into()))?;
-                    emit(
-                        out,
-                        json,
-                        &vec![k],
-                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
-                        |ks| key_rows(ks),
-                    )
+                        .await?;
+                    emit(out, json, &vec![k], KEY_HEADERS, |ks| key_rows(ks))
                 }
             }
         }
@@ -668,13 +670,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     vec![client.get(&format!("{base}/{device_id}")).await?]
                 }
                 DeviceCmd::Delete { device_id } => {
-                    client
-                        .send::<serde_json::Value>(
-                            reqwest::Method::DELETE,
-                            &format!("{base}/{device_id}"),
-                            None,
-                        )
-                        .await?;
+                    client.delete(&format!("{base}/{device_id}")).await?;
                     writeln!(out, "device {device_id} deleted")?;
                     return Ok(());
                 }
@@ -758,13 +754,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         })?),
                     };
                     let s: DeviceModelStatus = client
-                        .send(
+                        .request(
                             reqwest::Method::PUT,
                             &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
                             Some(serde_json::json!({ "model_id": model_id })),
                         )
-                        .await?
-                        .ok_or_else(|| CliError::Decode("empty body".into()))?;
+                        .await?;
                     return status_table(out, json, &[s]);
                 }
                 ModelCmd::Status => {
@@ -1023,6 +1018,8 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
+const KEY_HEADERS: &[&str] = &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"];
+
 fn key_rows(keys: &[ApiKeyInfo]) -> Vec<Vec<String>> {
     keys.iter()
         .map(|k| {
@@ -1064,24 +1061,17 @@ async fn org_cmd(
             let id = resolve_org(client, Some(org)).await?;
             vec![
                 client
-                    .send(
+                    .request(
                         reqwest::Method::PATCH,
                         &format!("/v1/organisations/{id}"),
                         Some(serde_json::json!({ "display_name": display_name })),
                     )
-                    .await?
-                    .ok_or_else(|| CliError::Decode("empty body".into()))?,
+                    .await?,
             ]
         }
         OrgCmd::Delete { org } => {
             let id = resolve_org(client, Some(org)).await?;
-            client
-                .send::<serde_json::Value>(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/organisations/{id}"),
-                    None,
-                )
-                .await?;
+            client.delete(&format!("/v1/organisations/{id}")).await?;
             writeln!(out, "organisation {id} deleted")?;
             return Ok(());
         }

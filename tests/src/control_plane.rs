@@ -112,12 +112,32 @@ pub async fn start_with_ca_age(
     }
 }
 
-impl ControlPlane {
+/// The admin API of a control plane (in-process or a child process) with the platform-admin
+/// key: the calls tests make to set up a fleet.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub key: String,
+}
+
+impl AdminApi {
+    pub fn new(url: String, key: String) -> Self {
+        crate::certs::install_crypto_provider();
+        Self {
+            http: reqwest::Client::new(),
+            url,
+            key,
+        }
+    }
+
+    /// POSTs `body` to `path`; panics unless the answer is 2xx.
     pub async fn admin(&self, path: &str, body: Value) -> Value {
         let r = self
             .http
-            .post(format!("{}{path}", self.admin_url))
-            .bearer_auth(&self.admin_key)
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
             .json(&body)
             .send()
             .await
@@ -133,7 +153,8 @@ impl ControlPlane {
         org["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// Enrolls device `name` in `org` and stores its identity in `dir`.
+    /// Enrolls device `name` in `org` (a fresh enrollment token) and stores its identity in
+    /// `dir`.
     pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
         let v = self
             .admin(
@@ -142,7 +163,7 @@ impl ControlPlane {
             )
             .await;
         let token = v["token"].as_str().unwrap();
-        identity::enroll(&self.http, &self.admin_url, token, name, None, dir)
+        identity::enroll(&self.http, &self.url, token, name, None, dir)
             .await
             .unwrap()
     }
@@ -153,6 +174,34 @@ impl ControlPlane {
             json!({}),
         )
         .await;
+    }
+}
+
+impl ControlPlane {
+    /// Its admin API (the calls below go through it).
+    pub fn api(&self) -> AdminApi {
+        AdminApi {
+            http: self.http.clone(),
+            url: self.admin_url.clone(),
+            key: self.admin_key.clone(),
+        }
+    }
+
+    pub async fn admin(&self, path: &str, body: Value) -> Value {
+        self.api().admin(path, body).await
+    }
+
+    pub async fn create_org(&self, name: &str) -> Uuid {
+        self.api().create_org(name).await
+    }
+
+    /// Enrolls device `name` in `org` and stores its identity in `dir`.
+    pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
+        self.api().enroll(org, name, dir).await
+    }
+
+    pub async fn revoke(&self, org: Uuid, device: Uuid) {
+        self.api().revoke(org, device).await;
     }
 
     pub async fn metrics(&self) -> String {
