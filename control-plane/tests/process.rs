@@ -63,33 +63,10 @@ async fn key_written(key_file: &Path) {
 }
 
 /// Runs `kipctl ARGS` against `server` with the key in `key_file`: (success, stdout, stderr),
-/// where stderr is what the binary prints for an error. On its own thread and runtime, as
-/// the binary runs, so the blocking callers below need no async context.
+/// where stderr is what the binary prints for an error.
 fn kipctl(server: &str, key_file: &Path, args: &[&str]) -> (bool, String, String) {
-    let mut argv = vec![
-        "kipctl".to_owned(),
-        "--server".to_owned(),
-        server.to_owned(),
-        "--api-key-file".to_owned(),
-        key_file.to_str().unwrap().to_owned(),
-    ];
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    std::thread::spawn(move || {
-        let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut out = Vec::new();
-        let res = rt.block_on(kipctl::run(cli, &mut out));
-        let out = String::from_utf8_lossy(&out).into_owned();
-        match res {
-            Ok(()) => (true, out, String::new()),
-            Err(e) => (false, out, format!("kipctl: error: {e}\n")),
-        }
-    })
-    .join()
-    .unwrap()
+    let o = kip_tests::kipctl::run_blocking(server, key_file, args);
+    (o.ok, o.stdout, o.stderr)
 }
 
 #[tokio::test]

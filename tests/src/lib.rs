@@ -22,6 +22,7 @@
 //! | [`postgres`] | [`TestDb`] (fresh database, dropped at the end), [`PrivatePostgres`] (a server a test may crash) |
 //! | [`mosquitto`] | [`Mosquitto`]: a private broker (optional TLS with client certificates) |
 //! | [`fake_llm`] | [`FakeLlm`](fake_llm::FakeLlm): a scriptable OpenAI/DeepSeek-compatible provider |
+//! | [`kipctl`](mod@kipctl) | `kipctl` run in-process as its binary runs it |
 //! | [`mlflow`] | [`MlflowServer`]: a private MLflow tracking server |
 //! | [`opcua`] | [`OpcUaServer`]: an in-process OPC UA server with a few machine variables |
 //! | [`certs`] | test CAs and certificates ([`BrokerPki`], [`device_identity`]) |
@@ -45,6 +46,7 @@ pub mod certs;
 pub mod control_plane;
 pub mod eventually;
 pub mod fake_llm;
+pub mod kipctl;
 pub mod mlflow;
 pub mod model_artifacts;
 pub mod mosquitto;
