@@ -175,6 +175,55 @@ impl AdminApi {
         )
         .await;
     }
+
+    /// `method path` with an optional JSON body; panics (with the answer) unless it is 2xx.
+    /// An empty answer is `Value::Null`.
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(path, req).await
+    }
+
+    /// Registers model `rul-fd001` (kind `rul`) at `version` for the artifact `bytes` (their
+    /// sha256); returns the model id. The artifact is not uploaded.
+    pub async fn register_model(&self, org: Uuid, version: &str, bytes: &[u8]) -> String {
+        use sha2::Digest as _;
+        let sha = hex::encode(sha2::Sha256::digest(bytes));
+        let m = self
+            .admin(
+                &format!("/v1/organisations/{org}/models"),
+                json!({ "name": "rul-fd001", "version": version, "kind": "rul", "artifact_sha256": sha }),
+            )
+            .await;
+        m["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Uploads the artifact of model `model` (the control plane signs it); returns the answer.
+    pub async fn upload_artifact(&self, org: Uuid, model: &str, bytes: &[u8]) -> Value {
+        let path = format!("/v1/organisations/{org}/models/{model}/artifact");
+        let req = self
+            .http
+            .put(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec());
+        answer(&path, req).await
+    }
+}
+
+/// Sends `req`; panics with the status and body unless it is 2xx; the JSON answer (`Null`
+/// when empty).
+async fn answer(path: &str, req: reqwest::RequestBuilder) -> Value {
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
 impl ControlPlane {
