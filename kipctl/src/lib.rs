@@ -295,33 +295,7 @@ fn status_table(
     json: bool,
     rows: &[DeviceModelStatus],
 ) -> Result<(), CliError> {
-    emit(
-        out,
-        json,
-        &rows,
-        &[
-            "DEVICE",
-            "NAME",
-            "DESIRED",
-            "RUNNING",
-            "IN SYNC",
-            "LAST ERROR",
-        ],
-        |rs| {
-            rs.iter()
-                .map(|r| {
-                    vec![
-                        r.device_id.to_string(),
-                        r.device_name.clone(),
-                        r.desired_model.clone().unwrap_or_else(|| "-".into()),
-                        r.running_model.clone().unwrap_or_else(|| "-".into()),
-                        if r.in_sync { "yes" } else { "no" }.into(),
-                        r.last_error.clone().unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect()
-        },
-    )
+    emit_rows(out, json, rows)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -558,7 +532,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     let keys: Vec<ApiKeyInfo> = client
                         .get(&format!("/v1/organisations/{org}/api-keys"))
                         .await?;
-                    emit(out, json, &keys, KEY_HEADERS, |ks| key_rows(ks))
+                    emit_rows(out, json, &keys)
                 }
                 KeyCmd::Revoke { key_id } => {
                     let k: ApiKeyInfo = client
@@ -568,7 +542,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             None,
                         )
                         .await?;
-                    emit(out, json, &vec![k], KEY_HEADERS, |ks| key_rows(ks))
+                    emit_rows(out, json, &[k])
                 }
             }
         }
@@ -675,30 +649,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return Ok(());
                 }
             };
-            emit(
-                out,
-                json,
-                &devices,
-                &["ID", "NAME", "LABELS", "LAST SEEN"],
-                |ds| {
-                    ds.iter()
-                        .map(|d| {
-                            vec![
-                                d.id.to_string(),
-                                d.name.clone(),
-                                d.labels
-                                    .iter()
-                                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                                d.last_seen_at
-                                    .map(|t| t.to_rfc3339())
-                                    .unwrap_or_else(|| "never".into()),
-                            ]
-                        })
-                        .collect()
-                },
-            )
+            emit_rows(out, json, &devices)
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
@@ -769,29 +720,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return status_table(out, json, &s);
                 }
             };
-            emit(
-                out,
-                json,
-                &models,
-                &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"],
-                |ms| {
-                    ms.iter()
-                        .map(|m| {
-                            vec![
-                                m.id.to_string(),
-                                m.name.clone(),
-                                m.version.clone(),
-                                m.kind.clone(),
-                                m.stage.clone(),
-                                m.artifact_sha256
-                                    .as_deref()
-                                    .map(|h| h.get(..12).unwrap_or(h).to_owned())
-                                    .unwrap_or_else(|| "-".into()),
-                            ]
-                        })
-                        .collect()
-                },
-            )
+            emit_rows(out, json, &models)
         }
     }
 }
@@ -1018,25 +947,6 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
-const KEY_HEADERS: &[&str] = &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"];
-
-fn key_rows(keys: &[ApiKeyInfo]) -> Vec<Vec<String>> {
-    keys.iter()
-        .map(|k| {
-            vec![
-                k.id.to_string(),
-                k.name.clone(),
-                k.role.clone(),
-                k.prefix.clone(),
-                k.created_at.to_rfc3339(),
-                k.revoked_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect()
-}
-
 async fn org_cmd(
     client: &Client,
     cmd: &OrgCmd,
@@ -1076,24 +986,7 @@ async fn org_cmd(
             return Ok(());
         }
     };
-    emit(
-        out,
-        json,
-        &orgs,
-        &["ID", "NAME", "DISPLAY NAME", "CREATED"],
-        |os| {
-            os.iter()
-                .map(|o| {
-                    vec![
-                        o.id.to_string(),
-                        o.name.clone(),
-                        o.display_name.clone(),
-                        o.created_at.to_rfc3339(),
-                    ]
-                })
-                .collect()
-        },
-    )
+    emit_rows(out, json, &orgs)
 }
 
 /// Turns `--org` (id or name) into an id; without it, uses the key's own organisation.
@@ -1120,6 +1013,112 @@ fn write_json<T: Serialize>(out: &mut dyn Write, v: &T) -> Result<(), CliError> 
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Decode(e.to_string()))?;
     writeln!(out, "{s}")?;
     Ok(())
+}
+
+/// How an API item prints as a table row (`--json` prints the items as they came).
+trait TableRow {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+/// `-` for a missing value.
+fn or_dash(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+impl TableRow for Organisation {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "DISPLAY NAME", "CREATED"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.display_name.clone(),
+            self.created_at.to_rfc3339(),
+        ]
+    }
+}
+
+impl TableRow for ApiKeyInfo {
+    const HEADERS: &'static [&'static str] =
+        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.role.clone(),
+            self.prefix.clone(),
+            self.created_at.to_rfc3339(),
+            or_dash(self.revoked_at.map(|t| t.to_rfc3339())),
+        ]
+    }
+}
+
+impl TableRow for Device {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "LABELS", "LAST SEEN"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.last_seen_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into()),
+        ]
+    }
+}
+
+impl TableRow for AiModel {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.version.clone(),
+            self.kind.clone(),
+            self.stage.clone(),
+            or_dash(
+                self.artifact_sha256
+                    .as_deref()
+                    .map(|h| h.get(..12).unwrap_or(h).to_owned()),
+            ),
+        ]
+    }
+}
+
+impl TableRow for DeviceModelStatus {
+    const HEADERS: &'static [&'static str] = &[
+        "DEVICE",
+        "NAME",
+        "DESIRED",
+        "RUNNING",
+        "IN SYNC",
+        "LAST ERROR",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.device_id.to_string(),
+            self.device_name.clone(),
+            or_dash(self.desired_model.clone()),
+            or_dash(self.running_model.clone()),
+            if self.in_sync { "yes" } else { "no" }.into(),
+            or_dash(self.last_error.clone()),
+        ]
+    }
+}
+
+/// Prints `items` as a JSON array or as a table of their [`TableRow`]s.
+fn emit_rows<T: TableRow + Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    items: &[T],
+) -> Result<(), CliError> {
+    emit(out, json, &items, T::HEADERS, |is| {
+        is.iter().map(TableRow::cells).collect()
+    })
 }
 
 fn emit<T: Serialize>(
