@@ -517,16 +517,16 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             serde_json::json!({ "name": name, "role": role }),
                         )
                         .await?;
-                    if json {
-                        return write_json(out, &k);
-                    }
-                    writeln!(out, "{}", k.key)?;
-                    writeln!(
+                    emit_secret(
                         out,
-                        "# key {} ({}, role {}) created; it is shown only once",
-                        k.info.id, k.info.name, k.info.role
-                    )?;
-                    Ok(())
+                        json,
+                        &k,
+                        &k.key,
+                        &format!(
+                            "key {} ({}, role {}) created; it is shown only once",
+                            k.info.id, k.info.name, k.info.role
+                        ),
+                    )
                 }
                 KeyCmd::List => {
                     let keys: Vec<ApiKeyInfo> = client
@@ -598,17 +598,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             serde_json::json!({ "ttl_s": ttl, "device_name": device_name }),
                         )
                         .await?;
-                    if json {
-                        return write_json(out, &t);
-                    }
-                    writeln!(out, "{}", t.token)?;
-                    writeln!(
+                    return emit_secret(
                         out,
-                        "# one-time enrollment token for organisation {}, expires {}; shown only once",
-                        t.org_id,
-                        t.expires_at.to_rfc3339()
-                    )?;
-                    return Ok(());
+                        json,
+                        &t,
+                        &t.token,
+                        &format!(
+                            "one-time enrollment token for organisation {}, expires {}; shown only once",
+                            t.org_id,
+                            t.expires_at.to_rfc3339()
+                        ),
+                    );
                 }
                 DeviceCmd::Revoke { device_id } => {
                     let r: Revocation = client
@@ -1108,6 +1108,23 @@ impl TableRow for DeviceModelStatus {
             or_dash(self.last_error.clone()),
         ]
     }
+}
+
+/// A secret the server shows once: with `--json` the whole answer, else the secret alone on
+/// the first line (for scripts) and `# note` below it.
+fn emit_secret<T: Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    answer: &T,
+    secret: &str,
+    note: &str,
+) -> Result<(), CliError> {
+    if json {
+        return write_json(out, answer);
+    }
+    writeln!(out, "{secret}")?;
+    writeln!(out, "# {note}")?;
+    Ok(())
 }
 
 /// Prints `items` as a JSON array or as a table of their [`TableRow`]s.
