@@ -16,9 +16,6 @@
     reason = "bench binary"
 )]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -28,6 +25,7 @@ use std::{
 };
 
 use kip_agent::{config::RawConfig, runtime};
+use kip_tests::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -141,7 +139,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     // Mosquitto's max_inflight_messages stays at its default (20); the queue behind it must hold
     // the whole run, or the broker drops what the publisher sends faster than the agent takes.
-    let broker = common::Mosquitto::start(
+    let broker = Mosquitto::start(
         dir.path(),
         "allow_anonymous true\nmax_queued_messages 1000000",
     );

@@ -20,9 +20,6 @@
     reason = "bench binary"
 )]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::{
     process::{Command, Stdio},
     sync::{
@@ -33,6 +30,7 @@ use std::{
 };
 
 use kip_agent::{config::RawConfig, runtime};
+use kip_tests::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
@@ -229,8 +227,7 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     // Default in-flight settings; no queue limit so the backlog is kept whole.
-    let broker =
-        common::Mosquitto::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true\nmax_queued_messages 0");
     let port = broker.port;
     rt.block_on(async {
         // On the wire: what arrives without a single PUBACK.

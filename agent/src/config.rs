@@ -836,14 +836,9 @@ fn validate_connection(
         },
     )
     .map_err(|e| invalid(format!("{at}.{}", e.field), e.message))?;
-    if endpoint.tls().is_some() && endpoint.is_ipv6_literal() {
-        // rumqttc 0.25 takes the TLS server name from the host string and cannot make one
-        // from a bracketed IPv6 address.
-        return Err(invalid(
-            format!("{at}.url"),
-            "mqtts:// to an IPv6 address is not supported (TLS needs a host name); use a name",
-        ));
-    }
+    endpoint
+        .check_rumqttc()
+        .map_err(|e| invalid(format!("{at}.{}", e.field), e.message))?;
     if raw.client_id.is_empty() || raw.client_id.len() > 128 {
         return Err(invalid(
             format!("{at}.client_id"),

@@ -23,11 +23,8 @@
     reason = "benchmark binary: prints its figures and aborts on setup failure"
 )]
 
-#[path = "../tests/common/fake_llm.rs"]
-mod fake_llm;
-
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     str::FromStr as _,
     sync::{
         Arc, Mutex,
@@ -36,7 +33,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fake_llm::{FakeLlm, Reply};
+use kip_tests::{
+    ChildGroup,
+    fake_llm::{self, FakeLlm, Reply},
+    free_port, wait_until,
+};
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions as _, Executor as _, postgres::PgConnectOptions};
 use tokio_util::task::TaskTracker;
@@ -72,27 +73,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The gateway under test, killed on drop.
+/// The gateway under test, stopped (as a process group) on drop.
 struct Gateway {
-    child: Child,
+    child: ChildGroup,
     url: String,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let key_file = dir.path().join("admin.key");
     let config = dir.path().join("control-plane.toml");
     std::fs::write(
@@ -115,13 +105,14 @@ async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let child = ChildGroup::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .unwrap();
     let url = format!("http://127.0.0.1:{port}");
     let gw = Gateway {
         child,
@@ -129,20 +120,18 @@ async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
         _dir: dir,
     };
     let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{url}/readyz")).send().await
-            && r.status().is_success()
-            && key_file.exists()
-        {
-            break;
+    wait_until(Duration::from_secs(60), "the gateway is ready", || {
+        let (client, url, key_file) = (&client, &url, &key_file);
+        async move {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+                && key_file.exists()
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "gateway did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let admin = std::fs::read_to_string(&key_file)
         .unwrap()
         .trim()

@@ -830,7 +830,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/quickstart.toml");
         let cfg = Config::load(Some(&path), no_env).unwrap();
         let mqtt = cfg.llm.providers["aleph"].mqtt.as_ref().unwrap();
-        assert_eq!((mqtt.host.as_str(), mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(
+            (mqtt.endpoint.host(), mqtt.endpoint.port()),
+            ("127.0.0.1", 1883)
+        );
         assert_eq!(mqtt.client_id, "kip-cp-quickstart");
     }
 

@@ -7,7 +7,7 @@
     reason = "test code: a failure should abort the test"
 )]
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use chrono::Utc;
 use kip_control_plane::llm::{
@@ -19,31 +19,11 @@ use kip_shared::live::{
     LIVE_PROTOCOL_VERSION, LiveRequest, LiveResponse, MAX_RESPONSE_BYTES, reply_topic,
     request_topic,
 };
-use kip_tests::{Mosquitto, wait_until};
+use kip_tests::{Mosquitto, mosquitto::publish_retained, wait_until};
 use prometheus_client::registry::Registry;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
-
-/// Publishes the file's bytes with `mosquitto_pub` (an independent client), QoS 1.
-fn publish_file(port: u16, topic: &str, file: &std::path::Path, retain: bool) {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-q",
-        "1",
-        "-t",
-        topic,
-    ]);
-    if retain {
-        cmd.arg("-r");
-    }
-    let st = cmd.arg("-f").arg(file).status().expect("mosquitto_pub");
-    assert!(st.success(), "mosquitto_pub failed");
-}
 
 fn dropped(m: &LlmMetrics, outcome: &'static str) -> u64 {
     m.live_responses_dropped
@@ -62,16 +42,11 @@ async fn hostile_messages_on_the_answer_topic_are_dropped_without_reconnecting()
     // Retained junk on the answer topic before the client exists: one far above any limit,
     // one above rumqttc's old 10 KiB default. A retained message reaches every new
     // subscription, so a client that reconnects on it flaps for ever.
-    let huge = dir.path().join("huge.bin");
-    std::fs::write(&huge, vec![b'x'; 2 * 1024 * 1024]).unwrap();
-    publish_file(broker.port, &answers, &huge, true);
-    let mid = dir.path().join("mid.bin");
-    std::fs::write(&mid, vec![b'{'; 20 * 1024]).unwrap();
-    publish_file(
+    publish_retained(broker.port, &answers, &vec![b'x'; 2 * 1024 * 1024]);
+    publish_retained(
         broker.port,
         &reply_topic("kip/v1", Uuid::new_v4(), instance),
-        &mid,
-        true,
+        &vec![b'{'; 20 * 1024],
     );
 
     let cfg = LlmConfig::from_toml(

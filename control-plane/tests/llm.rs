@@ -14,12 +14,14 @@ use axum::{
     body::Body,
     http::{Method, Request, StatusCode},
 };
-use common::{
-    App, app_with,
-    fake_llm::{self, FakeLlm, Reply},
-};
+use common::{App, app_with};
 use http_body_util::BodyExt as _;
 use kip_control_plane::llm::config::LlmConfig;
+use kip_tests::{
+    Mosquitto, eventually_ok,
+    fake_llm::{self, FakeLlm, Reply},
+    wait_until,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower::ServiceExt as _;
@@ -72,7 +74,7 @@ struct LogRow {
 /// Waits (bounded) until the organisation has at least `n` log rows, then returns them all.
 async fn log_rows(pool: &PgPool, org: &str, n: usize) -> Vec<LogRow> {
     let org: uuid::Uuid = org.parse().unwrap();
-    for _ in 0..500 {
+    eventually_ok(Duration::from_secs(10), || async move {
         let rows: Vec<LogRow> = sqlx::query_as(
             "SELECT provider, model, status, cache_hit, tokens_in, tokens_out, tokens_cached, \
              cost_usd, ttft_ms FROM inference_logs WHERE org_id = $1 ORDER BY id",
@@ -82,11 +84,15 @@ async fn log_rows(pool: &PgPool, org: &str, n: usize) -> Vec<LogRow> {
         .await
         .unwrap();
         if rows.len() >= n {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(format!(
+                "{} of at least {n} inference_logs rows",
+                rows.len()
+            ))
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("fewer than {n} inference_logs rows after 10 s");
+    })
+    .await
 }
 
 async fn sse_request(app: &App, key: &str, body: Value) -> axum::response::Response {
@@ -473,9 +479,22 @@ async fn circuit_breaker_opens_after_consecutive_failures_and_probes_after_coold
     assert_eq!(r.body["model"], "kip-local-fallback");
 
     bad.set_default(Reply::Json(fake_llm::completion("m", "recovered")));
-    // Waiting out the configured cooldown (not an assertion on timing).
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = ask("four").await;
+    // Positive signal instead of waiting out the cooldown: ask until the breaker lets a probe
+    // through. Until then it is open: every answer is the fallback, the provider is not called.
+    let r = eventually_ok(Duration::from_secs(10), || async {
+        let r = ask("four").await;
+        if r.body["content"] == "recovered" {
+            return Ok(r);
+        }
+        assert_eq!(bad.hits(), 2, "breaker open: the provider is not called");
+        assert_eq!(
+            r.body["attempts"][0]["status"], "breaker_open",
+            "{}",
+            r.text
+        );
+        Err(r.text)
+    })
+    .await;
     assert_eq!(r.body["content"], "recovered", "{}", r.text);
     assert_eq!(bad.hits(), 3);
     let metrics = app.call(Method::GET, "/metrics", None, None).await.text;
@@ -1217,56 +1236,14 @@ async fn calls_beyond_the_in_flight_limit_are_refused_with_503(pool: PgPool) {
     );
 }
 
-/// A private Mosquitto on a free loopback port, killed (and reaped) on drop.
-struct Broker {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install mosquitto)");
-        Self {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The test harness starts the system through `ControlPlane::builder`, like the binary: the
 /// `inference_logs` writer stores a request's row, and the providers' background connections
 /// run (the Aleph provider's MQTT client reaches its broker).
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn the_harness_runs_the_log_writer_and_the_providers(pool: PgPool) {
     let fake = FakeLlm::start(Reply::Json(fake_llm::completion("gpt-5", "hello"))).await;
-    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_plain(dir.path());
     let toml = llm_toml(
         "",
         &[(
@@ -1292,14 +1269,15 @@ async fn the_harness_runs_the_log_writer_and_the_providers(pool: PgPool) {
     let rows = log_rows(&pool, &org, 1).await;
     assert_eq!(rows[0].provider, "fake");
     assert_eq!(rows[0].status, "ok");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while app.state.metrics.llm.live_connected.get() != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the Aleph provider never connected to its broker"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(20),
+        "the Aleph provider connects to its broker",
+        || {
+            let connected = app.state.metrics.llm.live_connected.get();
+            async move { connected == 1 }
+        },
+    )
+    .await;
 }
 
 // ---------- issue 13, holes 2-4: budgets, fallback amplification, tenant isolation ----------
@@ -1307,21 +1285,21 @@ async fn the_harness_runs_the_log_writer_and_the_providers(pool: PgPool) {
 /// Waits (bounded) until the organisation's month-to-date `llm_spend` reaches `usd`.
 async fn spend_reaches(pool: &PgPool, org: &str, usd: f64) -> f64 {
     let org: uuid::Uuid = org.parse().unwrap();
-    let mut last = 0.0;
-    for _ in 0..500 {
-        last = sqlx::query_scalar::<_, f64>(
+    eventually_ok(Duration::from_secs(10), || async move {
+        let spent = sqlx::query_scalar::<_, f64>(
             "SELECT COALESCE(sum(usd), 0)::float8 FROM llm_spend WHERE org_id = $1",
         )
         .bind(org)
         .fetch_one(pool)
         .await
         .unwrap();
-        if last >= usd - 1e-9 {
-            return last;
+        if spent >= usd - 1e-9 {
+            Ok(spent)
+        } else {
+            Err(format!("llm_spend at {spent} USD, expected {usd} USD"))
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("llm_spend stayed at {last} USD, expected {usd} USD");
+    })
+    .await
 }
 
 /// Hole 2: a model without a price is not forwarded (it would cost 0 and bypass the budget);
@@ -1649,24 +1627,21 @@ async fn a_full_log_queue_still_records_spend_and_the_budget_holds(pool: PgPool)
         if i == 0 {
             // Positive signal: the log writer holds the first row and waits on the lock, so
             // the queue (capacity 1) takes the second row and must drop the third.
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE wait_event_type = 'Lock' AND query ILIKE '%inference_logs%'",
-                )
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the log writer never waited on the locked table"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            wait_until(
+                Duration::from_secs(20),
+                "the log writer waits on the locked table",
+                || async {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE wait_event_type = 'Lock' AND query ILIKE '%inference_logs%'",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    waiting > 0
+                },
+            )
+            .await;
         }
     }
     // The fifth call: 12 USD spent of 10, refused although no log row was written.

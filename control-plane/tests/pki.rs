@@ -581,11 +581,12 @@ async fn an_expired_certificate_is_not_renewed_when_revoked_or_past_grace(pool: 
 
 /// Waits (polling, bounded) until `t` has passed.
 async fn wait_past(t: chrono::DateTime<chrono::Utc>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while chrono::Utc::now() <= t {
-        assert!(std::time::Instant::now() < deadline, "{t} never passed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    kip_tests::wait_until(
+        Duration::from_secs(90),
+        "the time has passed",
+        || async move { chrono::Utc::now() > t },
+    )
+    .await;
 }
 
 impl Env {
@@ -779,14 +780,10 @@ async fn renewal_retires_the_previous_certificate_after_the_overlap(pool: PgPool
     );
     // After the overlap: the newest only.
     let (k, predecessor) = &held[2];
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while env.whoami_status(predecessor, k).await == Some(200) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the overlap never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    kip_tests::wait_until(Duration::from_secs(30), "the overlap ends", || async {
+        env.whoami_status(predecessor, k).await != Some(200)
+    })
+    .await;
     let (newest_key, newest) = &held[3];
     assert_eq!(env.whoami_status(newest, newest_key).await, Some(200));
     // A superseded certificate cannot renew either.

@@ -9,133 +9,75 @@
     reason = "test code: a failure should abort the test"
 )]
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command, time::Duration};
 
-const PG: &str = "postgres://postgres@127.0.0.1:5432";
+use kip_tests::{ChildGroup, NewDatabase, eventually_ok, free_port, wait_for_port, wait_until};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// How long the server may take to listen, and to exit after SIGTERM.
+const WAIT: Duration = Duration::from_secs(30);
 
 struct Server {
-    child: Child,
+    child: ChildGroup,
     url: String,
 }
 
 impl Server {
-    fn start(db: &str, port: u16, key_file: &Path) -> Self {
+    fn start(db: &NewDatabase, port: u16, key_file: &Path) -> Self {
         Self::start_with(db, port, key_file, &[])
     }
 
-    fn start_with(db: &str, port: u16, key_file: &Path, env: &[(&str, &str)]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
-            .envs(env.iter().copied())
-            .env("KIP_DATABASE_URL", format!("{PG}/{db}"))
-            .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("KIP_ADMIN_KEY_FILE", key_file)
-            .env("KIP_LOG_FORMAT", "text")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "server did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
+    fn start_with(db: &NewDatabase, port: u16, key_file: &Path, env: &[(&str, &str)]) -> Self {
+        let child = ChildGroup::spawn(
+            Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+                .envs(env.iter().copied())
+                .env("KIP_DATABASE_URL", &db.url)
+                .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                .env("KIP_ADMIN_KEY_FILE", key_file)
+                .env("KIP_LOG_FORMAT", "text")
+                .stdout(std::process::Stdio::null()),
+        )
+        .unwrap()
+        .with_grace(WAIT);
+        assert!(wait_for_port(port, WAIT), "server did not start listening");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
         }
-        Self { child, url }
     }
 
+    /// SIGTERM; the server's exit status once it stopped by itself (SIGKILL after [`WAIT`]
+    /// shows as a signal exit).
     fn sigterm_and_wait(mut self) -> std::process::ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "server ignored SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child.terminate();
+        self.child.try_wait().unwrap().expect("server exited")
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits until the server wrote its admin key file.
+async fn key_written(key_file: &Path) {
+    wait_until(WAIT, "the admin key file is written", || {
+        let exists = key_file.exists();
+        async move { exists }
+    })
+    .await;
 }
 
 /// Runs `kipctl ARGS` against `server` with the key in `key_file`: (success, stdout, stderr),
-/// where stderr is what the binary prints for an error. On its own thread and runtime, as
-/// the binary runs, so the blocking callers below need no async context.
+/// where stderr is what the binary prints for an error.
 fn kipctl(server: &str, key_file: &Path, args: &[&str]) -> (bool, String, String) {
-    let mut argv = vec![
-        "kipctl".to_owned(),
-        "--server".to_owned(),
-        server.to_owned(),
-        "--api-key-file".to_owned(),
-        key_file.to_str().unwrap().to_owned(),
-    ];
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    std::thread::spawn(move || {
-        let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut out = Vec::new();
-        let res = rt.block_on(kipctl::run(cli, &mut out));
-        let out = String::from_utf8_lossy(&out).into_owned();
-        match res {
-            Ok(()) => (true, out, String::new()),
-            Err(e) => (false, out, format!("kipctl: error: {e}\n")),
-        }
-    })
-    .join()
-    .unwrap()
-}
-
-async fn drop_db(db: &str) {
-    use sqlx::Connection as _;
-    let mut c = sqlx::PgConnection::connect(&format!("{PG}/postgres"))
-        .await
-        .unwrap();
-    let sql = format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .execute(&mut c)
-        .await
-        .unwrap();
+    let o = kip_tests::kipctl::run_blocking(server, key_file, args);
+    (o.ok, o.stdout, o.stderr)
 }
 
 #[tokio::test]
 async fn first_start_bootstraps_kipctl_works_and_restart_keeps_data() {
-    let db = format!("kip_proc_{}", uuid::Uuid::new_v4().simple());
+    let db = NewDatabase::new();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("admin.key");
     let port = free_port();
 
     let server = Server::start(&db, port, &key_file);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !key_file.exists() {
-        assert!(Instant::now() < deadline, "admin key file not written");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    key_written(&key_file).await;
     let admin_key = std::fs::read_to_string(&key_file).unwrap();
 
     let (ok, out, err) = kipctl(
@@ -211,7 +153,6 @@ async fn first_start_bootstraps_kipctl_works_and_restart_keeps_data() {
     let (ok, out, _) = kipctl(&server.url, &org_key_file, &["model", "list"]);
     assert!(ok && out.contains("rul"), "{out}");
     assert!(server.sigterm_and_wait().success());
-    drop_db(&db).await;
 }
 
 /// `kipctl --json ca status`, parsed.
@@ -223,7 +164,7 @@ fn ca_status(server: &str, key_file: &Path) -> serde_json::Value {
 
 #[tokio::test]
 async fn sighup_and_kipctl_ca_reload_load_a_rotated_ca_without_restart() {
-    let db = format!("kip_proc_{}", uuid::Uuid::new_v4().simple());
+    let db = NewDatabase::new();
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("admin.key");
     let ca_dir = dir.path().join("ca");
@@ -251,11 +192,7 @@ async fn sighup_and_kipctl_ca_reload_load_a_rotated_ca_without_restart() {
         &key_file,
         &[("KIP_CONFIG", config.to_str().unwrap())],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !key_file.exists() {
-        assert!(Instant::now() < deadline, "admin key file not written");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    key_written(&key_file).await;
     let first = ca_status(&server.url, &key_file)["intermediate"]["fingerprint"].clone();
 
     let (ok, out, err) = kipctl(
@@ -275,18 +212,18 @@ async fn sighup_and_kipctl_ca_reload_load_a_rotated_ca_without_restart() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let rotated = loop {
+    let rotated = eventually_ok(Duration::from_secs(20), || {
         let s = ca_status(&server.url, &key_file);
-        if s["intermediate"]["fingerprint"] != first {
-            break s;
+        let reloaded = s["intermediate"]["fingerprint"] != first;
+        async move {
+            if reloaded {
+                Ok(s)
+            } else {
+                Err(format!("SIGHUP did not reload the CA: {s}"))
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "SIGHUP did not reload the CA: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    })
+    .await;
     assert_eq!(rotated["previous_intermediate"]["fingerprint"], first);
 
     // A broken CA directory is refused and the running CA stays.
@@ -317,7 +254,6 @@ async fn sighup_and_kipctl_ca_reload_load_a_rotated_ca_without_restart() {
     assert!(out.contains("retired:"), "{out}");
     assert!(ca_status(&server.url, &key_file)["previous_intermediate"].is_null());
     assert!(server.sigterm_and_wait().success());
-    drop_db(&db).await;
 }
 
 #[test]

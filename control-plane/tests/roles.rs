@@ -438,33 +438,10 @@ async fn all_pages(cp: &ControlPlane, key: &str, org: Uuid, limit: u32) -> Vec<V
     rows
 }
 
-/// Runs kipctl on its own thread and runtime (as the binary runs) without blocking this
-/// test's runtime, which serves the control plane.
+/// Runs kipctl without blocking this test's runtime, which serves the control plane.
 async fn kipctl(server: &str, key_file: &std::path::Path, args: &[&str]) -> (bool, String) {
-    let mut argv = vec![
-        "kipctl".to_owned(),
-        "--server".to_owned(),
-        server.to_owned(),
-        "--api-key-file".to_owned(),
-        key_file.to_str().unwrap().to_owned(),
-    ];
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    tokio::task::spawn_blocking(move || {
-        let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut out = Vec::new();
-        let res = rt.block_on(kipctl::run(cli, &mut out));
-        let out = String::from_utf8_lossy(&out).into_owned();
-        match res {
-            Ok(()) => (true, out),
-            Err(e) => (false, format!("{out}kipctl: error: {e}")),
-        }
-    })
-    .await
-    .unwrap()
+    let o = kip_tests::kipctl::run(server, key_file, args).await;
+    (o.ok, o.stdout + &o.stderr)
 }
 
 /// Keys created before roles existed keep the power they had: the migration makes platform

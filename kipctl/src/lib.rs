@@ -295,33 +295,7 @@ fn status_table(
     json: bool,
     rows: &[DeviceModelStatus],
 ) -> Result<(), CliError> {
-    emit(
-        out,
-        json,
-        &rows,
-        &[
-            "DEVICE",
-            "NAME",
-            "DESIRED",
-            "RUNNING",
-            "IN SYNC",
-            "LAST ERROR",
-        ],
-        |rs| {
-            rs.iter()
-                .map(|r| {
-                    vec![
-                        r.device_id.to_string(),
-                        r.device_name.clone(),
-                        r.desired_model.clone().unwrap_or_else(|| "-".into()),
-                        r.running_model.clone().unwrap_or_else(|| "-".into()),
-                        if r.in_sync { "yes" } else { "no" }.into(),
-                        r.last_error.clone().unwrap_or_else(|| "-".into()),
-                    ]
-                })
-                .collect()
-        },
-    )
+    emit_rows(out, json, rows)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -453,10 +427,20 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        self.send(reqwest::Method::GET, path, None)
+    /// [`Client::send`] where the answer must have a body.
+    async fn request<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<T, CliError> {
+        self.send(method, path, body)
             .await?
             .ok_or_else(|| CliError::Decode("empty body".into()))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.request(reqwest::Method::GET, path, None).await
     }
 
     async fn post<T: DeserializeOwned>(
@@ -464,9 +448,14 @@ impl Client {
         path: &str,
         body: serde_json::Value,
     ) -> Result<T, CliError> {
-        self.send(reqwest::Method::POST, path, Some(body))
-            .await?
-            .ok_or_else(|| CliError::Decode("empty body".into()))
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// DELETE whose answer (if any) is not needed.
+    async fn delete(&self, path: &str) -> Result<(), CliError> {
+        self.send::<serde_json::Value>(reqwest::Method::DELETE, path, None)
+            .await
+            .map(drop)
     }
 }
 
@@ -528,45 +517,32 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             serde_json::json!({ "name": name, "role": role }),
                         )
                         .await?;
-                    if json {
-                        return write_json(out, &k);
-                    }
-                    writeln!(out, "{}", k.key)?;
-                    writeln!(
+                    emit_secret(
                         out,
-                        "# key {} ({}, role {}) created; it is shown only once",
-                        k.info.id, k.info.name, k.info.role
-                    )?;
-                    Ok(())
+                        json,
+                        &k,
+                        &k.key,
+                        &format!(
+                            "key {} ({}, role {}) created; it is shown only once",
+                            k.info.id, k.info.name, k.info.role
+                        ),
+                    )
                 }
                 KeyCmd::List => {
                     let keys: Vec<ApiKeyInfo> = client
                         .get(&format!("/v1/organisations/{org}/api-keys"))
                         .await?;
-                    emit(
-                        out,
-                        json,
-                        &keys,
-                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
-                        |ks| key_rows(ks),
-                    )
+                    emit_rows(out, json, &keys)
                 }
                 KeyCmd::Revoke { key_id } => {
                     let k: ApiKeyInfo = client
-                        .send(
+                        .request(
                             reqwest::Method::DELETE,
                             &format!("/v1/organisations/{org}/api-keys/{key_id}"),
                             None,
                         )
-                        .await?
-                        .ok_or_else(|| CliError::Decode("empty body".into()))?;
-                    emit(
-                        out,
-                        json,
-                        &vec![k],
-                        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"],
-                        |ks| key_rows(ks),
-                    )
+                        .await?;
+                    emit_rows(out, json, &[k])
                 }
             }
         }
@@ -622,17 +598,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             serde_json::json!({ "ttl_s": ttl, "device_name": device_name }),
                         )
                         .await?;
-                    if json {
-                        return write_json(out, &t);
-                    }
-                    writeln!(out, "{}", t.token)?;
-                    writeln!(
+                    return emit_secret(
                         out,
-                        "# one-time enrollment token for organisation {}, expires {}; shown only once",
-                        t.org_id,
-                        t.expires_at.to_rfc3339()
-                    )?;
-                    return Ok(());
+                        json,
+                        &t,
+                        &t.token,
+                        &format!(
+                            "one-time enrollment token for organisation {}, expires {}; shown only once",
+                            t.org_id,
+                            t.expires_at.to_rfc3339()
+                        ),
+                    );
                 }
                 DeviceCmd::Revoke { device_id } => {
                     let r: Revocation = client
@@ -668,41 +644,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     vec![client.get(&format!("{base}/{device_id}")).await?]
                 }
                 DeviceCmd::Delete { device_id } => {
-                    client
-                        .send::<serde_json::Value>(
-                            reqwest::Method::DELETE,
-                            &format!("{base}/{device_id}"),
-                            None,
-                        )
-                        .await?;
+                    client.delete(&format!("{base}/{device_id}")).await?;
                     writeln!(out, "device {device_id} deleted")?;
                     return Ok(());
                 }
             };
-            emit(
-                out,
-                json,
-                &devices,
-                &["ID", "NAME", "LABELS", "LAST SEEN"],
-                |ds| {
-                    ds.iter()
-                        .map(|d| {
-                            vec![
-                                d.id.to_string(),
-                                d.name.clone(),
-                                d.labels
-                                    .iter()
-                                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                                d.last_seen_at
-                                    .map(|t| t.to_rfc3339())
-                                    .unwrap_or_else(|| "never".into()),
-                            ]
-                        })
-                        .collect()
-                },
-            )
+            emit_rows(out, json, &devices)
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
@@ -758,13 +705,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         })?),
                     };
                     let s: DeviceModelStatus = client
-                        .send(
+                        .request(
                             reqwest::Method::PUT,
                             &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
                             Some(serde_json::json!({ "model_id": model_id })),
                         )
-                        .await?
-                        .ok_or_else(|| CliError::Decode("empty body".into()))?;
+                        .await?;
                     return status_table(out, json, &[s]);
                 }
                 ModelCmd::Status => {
@@ -774,29 +720,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     return status_table(out, json, &s);
                 }
             };
-            emit(
-                out,
-                json,
-                &models,
-                &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"],
-                |ms| {
-                    ms.iter()
-                        .map(|m| {
-                            vec![
-                                m.id.to_string(),
-                                m.name.clone(),
-                                m.version.clone(),
-                                m.kind.clone(),
-                                m.stage.clone(),
-                                m.artifact_sha256
-                                    .as_deref()
-                                    .map(|h| h.get(..12).unwrap_or(h).to_owned())
-                                    .unwrap_or_else(|| "-".into()),
-                            ]
-                        })
-                        .collect()
-                },
-            )
+            emit_rows(out, json, &models)
         }
     }
 }
@@ -1023,23 +947,6 @@ fn ca_cmd(cmd: &CaCmd, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
-fn key_rows(keys: &[ApiKeyInfo]) -> Vec<Vec<String>> {
-    keys.iter()
-        .map(|k| {
-            vec![
-                k.id.to_string(),
-                k.name.clone(),
-                k.role.clone(),
-                k.prefix.clone(),
-                k.created_at.to_rfc3339(),
-                k.revoked_at
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect()
-}
-
 async fn org_cmd(
     client: &Client,
     cmd: &OrgCmd,
@@ -1064,46 +971,22 @@ async fn org_cmd(
             let id = resolve_org(client, Some(org)).await?;
             vec![
                 client
-                    .send(
+                    .request(
                         reqwest::Method::PATCH,
                         &format!("/v1/organisations/{id}"),
                         Some(serde_json::json!({ "display_name": display_name })),
                     )
-                    .await?
-                    .ok_or_else(|| CliError::Decode("empty body".into()))?,
+                    .await?,
             ]
         }
         OrgCmd::Delete { org } => {
             let id = resolve_org(client, Some(org)).await?;
-            client
-                .send::<serde_json::Value>(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/organisations/{id}"),
-                    None,
-                )
-                .await?;
+            client.delete(&format!("/v1/organisations/{id}")).await?;
             writeln!(out, "organisation {id} deleted")?;
             return Ok(());
         }
     };
-    emit(
-        out,
-        json,
-        &orgs,
-        &["ID", "NAME", "DISPLAY NAME", "CREATED"],
-        |os| {
-            os.iter()
-                .map(|o| {
-                    vec![
-                        o.id.to_string(),
-                        o.name.clone(),
-                        o.display_name.clone(),
-                        o.created_at.to_rfc3339(),
-                    ]
-                })
-                .collect()
-        },
-    )
+    emit_rows(out, json, &orgs)
 }
 
 /// Turns `--org` (id or name) into an id; without it, uses the key's own organisation.
@@ -1130,6 +1013,129 @@ fn write_json<T: Serialize>(out: &mut dyn Write, v: &T) -> Result<(), CliError> 
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Decode(e.to_string()))?;
     writeln!(out, "{s}")?;
     Ok(())
+}
+
+/// How an API item prints as a table row (`--json` prints the items as they came).
+trait TableRow {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+/// `-` for a missing value.
+fn or_dash(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "-".into())
+}
+
+impl TableRow for Organisation {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "DISPLAY NAME", "CREATED"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.display_name.clone(),
+            self.created_at.to_rfc3339(),
+        ]
+    }
+}
+
+impl TableRow for ApiKeyInfo {
+    const HEADERS: &'static [&'static str] =
+        &["ID", "NAME", "ROLE", "PREFIX", "CREATED", "REVOKED"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.role.clone(),
+            self.prefix.clone(),
+            self.created_at.to_rfc3339(),
+            or_dash(self.revoked_at.map(|t| t.to_rfc3339())),
+        ]
+    }
+}
+
+impl TableRow for Device {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "LABELS", "LAST SEEN"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(","),
+            self.last_seen_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into()),
+        ]
+    }
+}
+
+impl TableRow for AiModel {
+    const HEADERS: &'static [&'static str] = &["ID", "NAME", "VERSION", "KIND", "STAGE", "SHA256"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.version.clone(),
+            self.kind.clone(),
+            self.stage.clone(),
+            or_dash(
+                self.artifact_sha256
+                    .as_deref()
+                    .map(|h| h.get(..12).unwrap_or(h).to_owned()),
+            ),
+        ]
+    }
+}
+
+impl TableRow for DeviceModelStatus {
+    const HEADERS: &'static [&'static str] = &[
+        "DEVICE",
+        "NAME",
+        "DESIRED",
+        "RUNNING",
+        "IN SYNC",
+        "LAST ERROR",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.device_id.to_string(),
+            self.device_name.clone(),
+            or_dash(self.desired_model.clone()),
+            or_dash(self.running_model.clone()),
+            if self.in_sync { "yes" } else { "no" }.into(),
+            or_dash(self.last_error.clone()),
+        ]
+    }
+}
+
+/// A secret the server shows once: with `--json` the whole answer, else the secret alone on
+/// the first line (for scripts) and `# note` below it.
+fn emit_secret<T: Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    answer: &T,
+    secret: &str,
+    note: &str,
+) -> Result<(), CliError> {
+    if json {
+        return write_json(out, answer);
+    }
+    writeln!(out, "{secret}")?;
+    writeln!(out, "# {note}")?;
+    Ok(())
+}
+
+/// Prints `items` as a JSON array or as a table of their [`TableRow`]s.
+fn emit_rows<T: TableRow + Serialize>(
+    out: &mut dyn Write,
+    json: bool,
+    items: &[T],
+) -> Result<(), CliError> {
+    emit(out, json, &items, T::HEADERS, |is| {
+        is.iter().map(TableRow::cells).collect()
+    })
 }
 
 fn emit<T: Serialize>(

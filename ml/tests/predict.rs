@@ -12,22 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use kip_ml::{cmapss, predict};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> PathBuf {
-    let p = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
-    assert!(
-        p.is_file(),
-        "ONNX Runtime library missing at {}: run scripts/test.sh (it fetches it) or set ORT_DYLIB_PATH",
-        p.display()
-    );
-    p
-}
+use kip_tests::{ort_library, workspace_root as root};
 
 /// Every shipped model with its card: `ml/models/*.onnx` and `ml/models/*/*.onnx`.
 fn shipped_models() -> Vec<(PathBuf, serde_json::Value)> {

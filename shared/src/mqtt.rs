@@ -167,6 +167,19 @@ impl MqttEndpoint {
     pub fn tls(&self) -> Option<&MqttTls> {
         self.tls.as_ref()
     }
+
+    /// Refuses what rumqttc cannot connect to: `mqtts://` to an IPv6 literal (rumqttc 0.25
+    /// takes the TLS server name from the host string and cannot make one from a bracketed
+    /// IPv6 address). Every client of this workspace is rumqttc: call it after [`Self::parse`].
+    pub fn check_rumqttc(&self) -> Result<(), MqttEndpointError> {
+        if self.tls.is_some() && self.is_ipv6_literal() {
+            return Err(err(
+                "url",
+                "mqtts:// to an IPv6 address is not supported (TLS needs a host name); use a name",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for MqttEndpoint {
@@ -230,6 +243,19 @@ mod tests {
         assert_eq!(
             plain("mqtt://127.0.0.1:1").unwrap().socket_host(),
             "127.0.0.1"
+        );
+    }
+
+    #[test]
+    fn rumqttc_cannot_do_tls_to_an_ipv6_literal() {
+        let e = MqttEndpoint::parse("mqtts://[::1]:8883", ca()).unwrap();
+        assert_eq!(e.check_rumqttc().unwrap_err().field, "url");
+        assert!(plain("mqtt://[::1]").unwrap().check_rumqttc().is_ok());
+        assert!(
+            MqttEndpoint::parse("mqtts://b", ca())
+                .unwrap()
+                .check_rumqttc()
+                .is_ok()
         );
     }
 

@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
+use kip_shared::mqtt::{MqttEndpoint, TlsFiles};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -72,15 +73,14 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("unit {unit} is not in {}", args.data.display()))?;
         machines.push((kip_sim::machine_name(i), engine));
     }
-    let hostport = args
-        .broker
-        .strip_prefix("mqtt://")
-        .context("--broker must be mqtt://host:port")?;
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .context("--broker must name a port")?;
-    let port: u16 = port.parse().context("--broker port")?;
-    let mut opts = MqttOptions::new(format!("kip-sim-{}", std::process::id()), host, port);
+    // The workspace's one MQTT URL check (plain `mqtt://` only: the simulator has no TLS).
+    let broker = MqttEndpoint::parse(&args.broker, TlsFiles::default())
+        .map_err(|e| anyhow::anyhow!("--broker {:?}: {e}", args.broker))?;
+    let mut opts = MqttOptions::new(
+        format!("kip-sim-{}", std::process::id()),
+        broker.socket_host(),
+        broker.port(),
+    );
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut eventloop) = AsyncClient::new(opts, 1024);
 

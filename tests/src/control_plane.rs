@@ -112,12 +112,32 @@ pub async fn start_with_ca_age(
     }
 }
 
-impl ControlPlane {
+/// The admin API of a control plane (in-process or a child process) with the platform-admin
+/// key: the calls tests make to set up a fleet.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub key: String,
+}
+
+impl AdminApi {
+    pub fn new(url: String, key: String) -> Self {
+        crate::certs::install_crypto_provider();
+        Self {
+            http: reqwest::Client::new(),
+            url,
+            key,
+        }
+    }
+
+    /// POSTs `body` to `path`; panics unless the answer is 2xx.
     pub async fn admin(&self, path: &str, body: Value) -> Value {
         let r = self
             .http
-            .post(format!("{}{path}", self.admin_url))
-            .bearer_auth(&self.admin_key)
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
             .json(&body)
             .send()
             .await
@@ -133,7 +153,8 @@ impl ControlPlane {
         org["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// Enrolls device `name` in `org` and stores its identity in `dir`.
+    /// Enrolls device `name` in `org` (a fresh enrollment token) and stores its identity in
+    /// `dir`.
     pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
         let v = self
             .admin(
@@ -142,7 +163,7 @@ impl ControlPlane {
             )
             .await;
         let token = v["token"].as_str().unwrap();
-        identity::enroll(&self.http, &self.admin_url, token, name, None, dir)
+        identity::enroll(&self.http, &self.url, token, name, None, dir)
             .await
             .unwrap()
     }
@@ -153,6 +174,83 @@ impl ControlPlane {
             json!({}),
         )
         .await;
+    }
+
+    /// `method path` with an optional JSON body; panics (with the answer) unless it is 2xx.
+    /// An empty answer is `Value::Null`.
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        answer(path, req).await
+    }
+
+    /// Registers model `rul-fd001` (kind `rul`) at `version` for the artifact `bytes` (their
+    /// sha256); returns the model id. The artifact is not uploaded.
+    pub async fn register_model(&self, org: Uuid, version: &str, bytes: &[u8]) -> String {
+        use sha2::Digest as _;
+        let sha = hex::encode(sha2::Sha256::digest(bytes));
+        let m = self
+            .admin(
+                &format!("/v1/organisations/{org}/models"),
+                json!({ "name": "rul-fd001", "version": version, "kind": "rul", "artifact_sha256": sha }),
+            )
+            .await;
+        m["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Uploads the artifact of model `model` (the control plane signs it); returns the answer.
+    pub async fn upload_artifact(&self, org: Uuid, model: &str, bytes: &[u8]) -> Value {
+        let path = format!("/v1/organisations/{org}/models/{model}/artifact");
+        let req = self
+            .http
+            .put(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/octet-stream")
+            .body(bytes.to_vec());
+        answer(&path, req).await
+    }
+}
+
+/// Sends `req`; panics with the status and body unless it is 2xx; the JSON answer (`Null`
+/// when empty).
+async fn answer(path: &str, req: reqwest::RequestBuilder) -> Value {
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+impl ControlPlane {
+    /// Its admin API (the calls below go through it).
+    pub fn api(&self) -> AdminApi {
+        AdminApi {
+            http: self.http.clone(),
+            url: self.admin_url.clone(),
+            key: self.admin_key.clone(),
+        }
+    }
+
+    pub async fn admin(&self, path: &str, body: Value) -> Value {
+        self.api().admin(path, body).await
+    }
+
+    pub async fn create_org(&self, name: &str) -> Uuid {
+        self.api().create_org(name).await
+    }
+
+    /// Enrolls device `name` in `org` and stores its identity in `dir`.
+    pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
+        self.api().enroll(org, name, dir).await
+    }
+
+    pub async fn revoke(&self, org: Uuid, device: Uuid) {
+        self.api().revoke(org, device).await;
     }
 
     pub async fn metrics(&self) -> String {

@@ -27,12 +27,27 @@ where
     }
 }
 
+/// Runs `check` until it returns `true` (then `true`); `false` after `timeout`. For a caller
+/// that reports more on failure than [`wait_until`] can (diagnostics of a soak run).
+pub async fn within<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    eventually(timeout, || {
+        let f = check();
+        async move { if f.await { Ok(()) } else { Err(()) } }
+    })
+    .await
+    .is_ok()
+}
+
 /// Runs `check` until it returns `true`; panics with `what` after `timeout`.
 #[track_caller]
 pub fn wait_until<'a, F, Fut>(
     timeout: Duration,
     what: &'a str,
-    mut check: F,
+    check: F,
 ) -> impl Future<Output = ()> + 'a
 where
     F: FnMut() -> Fut + 'a,
@@ -40,12 +55,7 @@ where
 {
     let caller = std::panic::Location::caller();
     async move {
-        let r = eventually(timeout, || {
-            let f = check();
-            async move { if f.await { Ok(()) } else { Err(()) } }
-        })
-        .await;
-        if r.is_err() {
+        if !within(timeout, check).await {
             panic!("{caller}: timed out after {timeout:?} waiting for: {what}");
         }
     }

@@ -21,11 +21,14 @@
 //! | [`process`] | [`ChildGroup`]: a child in its own process group, killed as a group on drop |
 //! | [`postgres`] | [`TestDb`] (fresh database, dropped at the end), [`PrivatePostgres`] (a server a test may crash) |
 //! | [`mosquitto`] | [`Mosquitto`]: a private broker (optional TLS with client certificates) |
+//! | [`fake_llm`] | [`FakeLlm`](fake_llm::FakeLlm): a scriptable OpenAI/DeepSeek-compatible provider |
+//! | [`kipctl`](mod@kipctl) | `kipctl` run in-process as its binary runs it |
 //! | [`mlflow`] | [`MlflowServer`]: a private MLflow tracking server |
 //! | [`opcua`] | [`OpcUaServer`]: an in-process OPC UA server with a few machine variables |
 //! | [`certs`] | test CAs and certificates ([`BrokerPki`], [`device_identity`]) |
 //! | [`model_artifacts`] | writes around the API into the model artifact tables (signing tests) |
 //! | [`artifacts`] | the ONNX Runtime library, the reference model, workspace binaries |
+//! | [`binaries`] | the `kip-control-plane` and `kip-agent` binaries as child processes (crash tests) |
 //! | [`control_plane`] | the in-process control plane (admin API + mTLS agent listener) |
 //! | [`agent`] | agent pieces for sync tests: buffer, readings, sync loop, renewer |
 //! | [`proxy`] | a TCP proxy whose link a test can cut |
@@ -38,9 +41,12 @@
 
 pub mod agent;
 pub mod artifacts;
+pub mod binaries;
 pub mod certs;
 pub mod control_plane;
 pub mod eventually;
+pub mod fake_llm;
+pub mod kipctl;
 pub mod mlflow;
 pub mod model_artifacts;
 pub mod mosquitto;
@@ -55,11 +61,11 @@ pub use artifacts::{
 };
 pub use certs::{BrokerPki, device_identity, install_crypto_provider};
 pub use control_plane::ControlPlane;
-pub use eventually::{eventually, eventually_ok, wait_until};
+pub use eventually::{eventually, eventually_ok, wait_until, within};
 pub use mlflow::MlflowServer;
 pub use mosquitto::Mosquitto;
 pub use opcua::OpcUaServer;
 pub use ports::{free_port, wait_for_port};
-pub use postgres::{PrivatePostgres, TestDb};
+pub use postgres::{NewDatabase, PrivatePostgres, TestDb};
 pub use process::ChildGroup;
 pub use proxy::{Link, Proxy};

@@ -113,6 +113,15 @@ impl Mosquitto {
 /// Publishes one QoS 1 message with `mosquitto_pub` (an independent client); with `tls` it
 /// connects with `pki`'s client certificate.
 pub fn publish(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>) {
+    mosquitto_pub(port, topic, payload, tls, false);
+}
+
+/// [`publish`] without TLS, as a retained message (it reaches every later subscription).
+pub fn publish_retained(port: u16, topic: &str, payload: &[u8]) {
+    mosquitto_pub(port, topic, payload, None, true);
+}
+
+fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>, retain: bool) {
     use std::io::Write as _;
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args([
@@ -126,6 +135,9 @@ pub fn publish(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>) 
         topic,
         "-s",
     ]);
+    if retain {
+        cmd.arg("-r");
+    }
     if let Some(p) = tls {
         cmd.arg("--cafile").arg(&p.ca);
         cmd.arg("--cert").arg(&p.client_cert);

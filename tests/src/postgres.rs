@@ -4,6 +4,8 @@
 //!   `postgres://postgres@127.0.0.1:5432/postgres`), with the control plane's migrations
 //!   applied, dropped (`WITH (FORCE)`) on drop. For tests that cannot use `#[sqlx::test]`
 //!   (e.g. a control-plane child process needs the database URL).
+//! - [`NewDatabase`]: the name and URL of a database a process under test creates itself,
+//!   dropped on drop.
 //! - [`PrivatePostgres`]: a server of the test's own (`initdb` + `pg_ctl` as user `postgres`)
 //!   that a test may crash and restart. Needs root (CI and `scripts/test.sh` run as root).
 
@@ -89,31 +91,72 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Drop is synchronous and may run on the test's runtime thread: drop the database from
-        // a thread with its own runtime, and wait for it so the database is gone when drop
-        // returns. The pool is not closed there (its connections belong to the test's runtime,
-        // which is blocked here: awaiting them would deadlock); `WITH (FORCE)` ends them.
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        let done = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(admin) = PgPool::connect(&admin_url).await {
-                    let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                        )))
-                        .await;
-                    admin.close().await;
-                }
-            });
-        });
-        let _ = done.join();
+        drop_database(&self.admin_url, &self.name);
     }
+}
+
+/// The name and URL of a database that does not exist yet, for a process under test that
+/// creates it (the control plane's first start); dropped, if it exists, when this value is.
+#[derive(Debug)]
+pub struct NewDatabase {
+    /// The database's name (`kip_test_<uuid>`).
+    pub name: String,
+    /// Its URL on the shared server.
+    pub url: String,
+    admin_url: String,
+}
+
+impl NewDatabase {
+    /// A fresh name on the shared server ([`server_url`]).
+    pub fn new() -> Self {
+        let admin_url = server_url();
+        let name = format!("kip_test_{}", Uuid::new_v4().simple());
+        Self {
+            url: with_database(&admin_url, &name),
+            name,
+            admin_url,
+        }
+    }
+}
+
+impl Default for NewDatabase {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NewDatabase {
+    fn drop(&mut self) {
+        drop_database(&self.admin_url, &self.name);
+    }
+}
+
+/// `DROP DATABASE IF EXISTS name WITH (FORCE)` on `admin_url`; returns once it is gone.
+fn drop_database(admin_url: &str, name: &str) {
+    // Drop is synchronous and may run on the test's runtime thread: drop the database from a
+    // thread with its own runtime, and wait for it so the database is gone when drop returns.
+    // A test's pool is not closed here (its connections belong to the test's runtime, which
+    // is blocked here: awaiting them would deadlock); `WITH (FORCE)` ends them.
+    let (admin_url, name) = (admin_url.to_owned(), name.to_owned());
+    let done = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(admin) = PgPool::connect(&admin_url).await {
+                let _ = admin
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .await;
+                admin.close().await;
+            }
+        });
+    });
+    let _ = done.join();
 }
 
 /// A private PostgreSQL server (its own data folder and port), stopped on drop.

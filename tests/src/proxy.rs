@@ -130,6 +130,16 @@ impl Proxy {
         self.link.send_replace(l);
     }
 
+    /// Cuts the link: [`Link::Drop`].
+    pub fn cut(&self) {
+        self.set(Link::Drop);
+    }
+
+    /// Restores the link: [`Link::Up`].
+    pub fn restore(&self) {
+        self.set(Link::Up);
+    }
+
     /// `https://127.0.0.1:PORT` of the proxy.
     pub fn url(&self) -> String {
         format!("https://127.0.0.1:{}", self.addr.port())

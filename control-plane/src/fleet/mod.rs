@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     http::{
         ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, Role,
-        Scope, list_limit, parse_name, pg_json, pg_text,
+        Scope, get_row, list_limit, list_rows, parse_name, pg_json, pg_text,
     },
     keys,
 };
@@ -131,15 +131,14 @@ async fn list_orgs(
         Scope::Platform => None,
         Scope::Org(o) => Some(o),
     };
-    let orgs: Vec<OrgRow> = sqlx::query_as(
+    list_rows::<OrgRow, _>(
+        &pool,
         "SELECT id, name, display_name, created_at, updated_at FROM organisations \
          WHERE ($1::uuid IS NULL OR id = $1) ORDER BY name LIMIT $2",
+        own,
+        limit,
     )
-    .bind(own)
-    .bind(limit)
-    .fetch_all(&pool)
-    .await?;
-    Ok(Json(orgs.into_iter().map(Into::into).collect()))
+    .await
 }
 
 async fn get_org(
@@ -248,15 +247,14 @@ async fn list_keys(
 ) -> ApiResult<Json<Vec<ApiKeyInfo>>> {
     let org_id = p.org_scope(org_id)?;
     let limit = list_limit(q)?;
-    let keys: Vec<KeyRow> = sqlx::query_as(
+    list_rows::<KeyRow, _>(
+        &pool,
         "SELECT id, org_id, name, prefix, role, created_at, revoked_at FROM api_keys \
          WHERE org_id = $1 ORDER BY created_at, id LIMIT $2",
+        Some(org_id),
+        limit,
     )
-    .bind(org_id)
-    .bind(limit)
-    .fetch_all(&pool)
-    .await?;
-    Ok(Json(keys.into_iter().map(Into::into).collect()))
+    .await
 }
 
 /// Revokes a key; revoking an already revoked key keeps the first revocation time.
@@ -332,15 +330,14 @@ async fn list_devices(
 ) -> ApiResult<Json<Vec<Device>>> {
     let org_id = p.org_scope(org_id)?;
     let limit = list_limit(q)?;
-    let devs: Vec<DeviceRow> = sqlx::query_as(
+    list_rows::<DeviceRow, _>(
+        &pool,
         "SELECT id, org_id, name, labels, created_at, last_seen_at FROM devices \
          WHERE org_id = $1 ORDER BY name LIMIT $2",
+        Some(org_id),
+        limit,
     )
-    .bind(org_id)
-    .bind(limit)
-    .fetch_all(&pool)
-    .await?;
-    Ok(Json(devs.into_iter().map(Into::into).collect()))
+    .await
 }
 
 async fn get_device(
@@ -349,16 +346,15 @@ async fn get_device(
     ApiPath((org_id, device_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<Device>> {
     let org_id = p.org_scope(org_id)?;
-    sqlx::query_as::<_, DeviceRow>(
+    get_row::<DeviceRow, _>(
+        &pool,
         "SELECT id, org_id, name, labels, created_at, last_seen_at FROM devices \
          WHERE org_id = $1 AND id = $2",
+        org_id,
+        device_id,
+        "device",
     )
-    .bind(org_id)
-    .bind(device_id)
-    .fetch_optional(&pool)
-    .await?
-    .map(|r| Json(r.into()))
-    .ok_or(ApiError::NotFound("device"))
+    .await
 }
 
 async fn delete_device(

@@ -13,6 +13,7 @@ mod extract;
 pub mod listener;
 mod middleware;
 pub mod policy;
+mod rows;
 
 pub use auth::{Authenticated, KeyCache, Principal, Scope};
 pub use auth_guard::{AuthGuard, AuthGuardConfig};
@@ -23,3 +24,4 @@ pub use extract::{
 pub use listener::{ConnLimits, head_limits};
 pub use middleware::{HttpMetrics, method_not_allowed, not_found, timeout, track};
 pub use policy::{AuthState, Permission, Role, authorize};
+pub use rows::{get_row, list_rows};

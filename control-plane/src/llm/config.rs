@@ -10,7 +10,10 @@
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
-use kip_shared::validate::in_range;
+use kip_shared::{
+    mqtt::{MqttEndpoint, TlsFiles},
+    validate::in_range,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -176,21 +179,12 @@ fn default_live_keep_alive_ms() -> u64 {
     30_000
 }
 
-/// TLS of the Aleph MQTT connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlephMqttTls {
-    pub ca_file: PathBuf,
-    /// (certificate, key) for mutual TLS.
-    pub client_auth: Option<(PathBuf, PathBuf)>,
-}
-
 /// The checked `[llm.providers.<aleph>.mqtt]`.
 #[derive(Debug, Clone)]
 pub struct AlephMqttConfig {
-    pub host: String,
-    pub port: u16,
-    /// `None` for `mqtt://`.
-    pub tls: Option<AlephMqttTls>,
+    /// Host, port and TLS files (`url`, `ca_file`, `client_cert_file`, `client_key_file`),
+    /// checked like the agent's brokers (one type: `kip_shared::mqtt`).
+    pub endpoint: MqttEndpoint,
     pub client_id: String,
     pub topic_prefix: String,
     pub request_timeout: Duration,
@@ -201,63 +195,16 @@ pub struct AlephMqttConfig {
 
 impl RawAlephMqtt {
     fn validate(self, field: &str) -> Result<AlephMqttConfig, ConfigError> {
-        let (secure, rest) = if let Some(r) = self.url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = self.url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(invalid(format!(
-                "{field}.url: {:?} must start with mqtt:// or mqtts://",
-                self.url
-            )));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| invalid(format!("{field}.url: {p:?} is not a port number")))?,
-            ),
-            None => (rest, if secure { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(invalid(format!(
-                "{field}.url: {:?} must be mqtt[s]://host[:port]",
-                self.url
-            )));
-        }
-        let client_auth = match (self.client_cert_file, self.client_key_file) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            _ => {
-                return Err(invalid(format!(
-                    "{field}: client_cert_file and client_key_file go together"
-                )));
-            }
-        };
-        let tls = match (secure, self.ca_file) {
-            (true, Some(ca_file)) => Some(AlephMqttTls {
-                ca_file,
-                client_auth,
-            }),
-            (true, None) => {
-                return Err(invalid(format!(
-                    "{field}.ca_file: is required for an mqtts:// url"
-                )));
-            }
-            (false, ca) => {
-                if ca.is_some() || client_auth.is_some() {
-                    return Err(invalid(format!(
-                        "{field}.url: TLS files are configured but the url is mqtt:// (plain); \
-                         use mqtts://"
-                    )));
-                }
-                None
-            }
-        };
+        let endpoint = MqttEndpoint::parse(
+            &self.url,
+            TlsFiles {
+                ca_file: self.ca_file,
+                client_cert_file: self.client_cert_file,
+                client_key_file: self.client_key_file,
+            },
+        )
+        .and_then(|e| e.check_rumqttc().map(|()| e))
+        .map_err(|e| invalid(format!("{field}.{}: {}", e.field, e.message)))?;
         let client_id = self
             .client_id
             .unwrap_or_else(|| format!("kip-cp-{:08x}", rand::random::<u32>()));
@@ -275,9 +222,7 @@ impl RawAlephMqtt {
         in_range(self.max_pending_requests, 1, 100_000, "")
             .map_err(|m| invalid(format!("{field}.max_pending_requests: {m}")))?;
         Ok(AlephMqttConfig {
-            host: host.to_owned(),
-            port,
-            tls,
+            endpoint,
             client_id,
             topic_prefix: self.topic_prefix,
             request_timeout: ms("request_timeout_ms", self.request_timeout_ms, 10, 60_000)?,
@@ -995,11 +940,11 @@ mod tests {
         let c =
             LlmConfig::from_toml(&format!("{base}url = \"mqtt://127.0.0.1\"\n"), |_| None).unwrap();
         let m = c.providers["aleph"].mqtt.as_ref().unwrap();
-        assert_eq!((m.host.as_str(), m.port), ("127.0.0.1", 1883));
+        assert_eq!((m.endpoint.host(), m.endpoint.port()), ("127.0.0.1", 1883));
         assert_eq!(m.request_timeout, Duration::from_millis(2000));
         assert_eq!(m.topic_prefix, "kip/v1");
         assert!(m.client_id.starts_with("kip-cp-"), "{}", m.client_id);
-        assert!(m.tls.is_none());
+        assert!(m.endpoint.tls().is_none());
         let c = LlmConfig::from_toml(
             &format!(
                 "{base}url = \"mqtts://broker\"\nca_file = \"/ca\"\nclient_cert_file = \"/c\"\n\
@@ -1009,8 +954,8 @@ mod tests {
         )
         .unwrap();
         let m = c.providers["aleph"].mqtt.as_ref().unwrap();
-        assert_eq!(m.port, 8883);
-        assert!(m.tls.as_ref().unwrap().client_auth.is_some());
+        assert_eq!(m.endpoint.port(), 8883);
+        assert!(m.endpoint.tls().unwrap().client_auth.is_some());
         let cases = [
             ("url = \"http://x\"", "mqtt.url"),
             ("url = \"mqtts://x\"", "mqtt.ca_file"),

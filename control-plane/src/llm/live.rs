@@ -43,6 +43,7 @@ use std::{
 };
 
 use chrono::Utc;
+use kip_shared::backoff::Backoff;
 use kip_shared::live::{
     LIVE_PROTOCOL_VERSION, LiveRequest, LiveResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
     MAX_TOPIC_BYTES, reply_filter, reply_topic, reply_topic_org, request_topic,
@@ -65,6 +66,11 @@ use super::{
     config::AlephMqttConfig,
     metrics::{LiveOutcome, LlmMetrics},
 };
+
+/// Reconnect delays of the connection (`kip_shared::backoff`, with jitter); also how long a
+/// TLS file that cannot be read waits before the next try (the maximum).
+const RECONNECT_MIN_BACKOFF: Duration = Duration::from_millis(200);
+const RECONNECT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Largest MQTT packet the client accepts (announced to the broker in CONNECT): a maximal
 /// answer plus room for the fixed header, the topic and properties.
@@ -139,7 +145,9 @@ impl Drop for PendingGuard<'_> {
 impl LiveClient {
     /// Builds the client; nothing is sent until [`LiveClient::run`] drives the connection.
     pub fn new(cfg: AlephMqttConfig, metrics: LlmMetrics) -> Arc<Self> {
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+        let ep = &cfg.endpoint;
+        // `socket_host`: rumqttc formats `{host}:{port}` before resolving (IPv6 bracketed).
+        let mut opts = MqttOptions::new(&cfg.client_id, ep.socket_host(), ep.port());
         opts.set_keep_alive(cfg.keep_alive);
         // Answers to requests of a previous run are of no use.
         opts.set_clean_start(true);
@@ -335,11 +343,9 @@ impl LiveClient {
             // come back at every reconnect.
             retain_forward_rule: RetainForwardRule::Never,
         };
-        let min = Duration::from_millis(200);
-        let max = Duration::from_secs(30);
-        let mut delay = min;
+        let mut backoff = Backoff::new(RECONNECT_MIN_BACKOFF, RECONNECT_MAX_BACKOFF);
         // TLS files are read here, retried after a failure, so fixing them needs no restart.
-        if let Some(t) = &self.cfg.tls {
+        if let Some(t) = self.cfg.endpoint.tls() {
             loop {
                 let auth = t
                     .client_auth
@@ -356,13 +362,13 @@ impl LiveClient {
                         tracing::error!(error = %e, "Aleph MQTT client cannot start; retrying");
                         tokio::select! {
                             () = cancel.cancelled() => return,
-                            () = tokio::time::sleep(max) => {}
+                            () = tokio::time::sleep(RECONNECT_MAX_BACKOFF) => {}
                         }
                     }
                 }
             }
         }
-        tracing::info!(host = %self.cfg.host, port = self.cfg.port, %filter, "Aleph MQTT client starting");
+        tracing::info!(broker = %self.cfg.endpoint, %filter, "Aleph MQTT client starting");
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => {
@@ -373,7 +379,7 @@ impl LiveClient {
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    delay = min;
+                    backoff.reset();
                     self.metrics.live_connections.inc();
                     if let Err(e) = self
                         .client
@@ -402,12 +408,12 @@ impl LiveClient {
                 Err(e) => {
                     self.connected.store(false, Ordering::Relaxed);
                     self.metrics.live_connected.set(0);
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Aleph MQTT connection error");
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(max);
                 }
             }
         }

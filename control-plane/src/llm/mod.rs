@@ -40,6 +40,7 @@ use std::{
 
 use axum::body::Bytes;
 use futures_util::StreamExt as _;
+use kip_shared::backoff::Backoff;
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -700,18 +701,19 @@ impl Gateway {
         format!("tried {}", parts.join(", "))
     }
 
-    /// Backoff before retry `n` (0-based): `retry_after` when given, else base * 2^n with
-    /// jitter; `None` when the wait would exceed `retry_max` (move on to the next target).
+    /// Backoff before retry `n` (0-based): `retry_after` when given, else the workspace's one
+    /// backoff (`kip_shared::backoff`: base * 2^n capped at `retry_max`, equal jitter); `None`
+    /// when the provider asks for a wait beyond `retry_max` (move on to the next target).
     fn backoff(&self, n: u32, e: &ProviderError) -> Option<Duration> {
         let d = match e {
             ProviderError::RateLimited {
                 retry_after: Some(d),
             } => *d,
-            _ => {
-                let base = self.cfg.retry_base.saturating_mul(1u32 << n.min(16));
-                let jitter = rand::random_range(0.8..1.2);
-                base.mul_f64(jitter).min(self.cfg.retry_max)
-            }
+            _ => Backoff::new(
+                self.cfg.retry_base.min(self.cfg.retry_max),
+                self.cfg.retry_max,
+            )
+            .delay_for(n.saturating_add(1), rand::random()),
         };
         (d <= self.cfg.retry_max).then_some(d)
     }

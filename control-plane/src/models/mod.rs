@@ -40,8 +40,8 @@ pub use self::registry::{
     record_running,
 };
 use crate::http::{
-    ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, list_limit,
-    parse_name, pg_json, pg_text,
+    ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, get_row,
+    list_limit, list_rows, parse_name, pg_json, pg_text,
 };
 
 /// The MLflow mirror as held in the application state; `None` unless `[mlflow] tracking_uri`
@@ -233,15 +233,14 @@ async fn list_models(
 ) -> ApiResult<Json<Vec<AiModel>>> {
     let org_id = p.org_scope(org_id)?;
     let limit = list_limit(q)?;
-    let models: Vec<ModelRow> = sqlx::query_as(
+    list_rows::<ModelRow, _>(
+        &pool,
         "SELECT id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at \
          FROM ai_models WHERE org_id = $1 ORDER BY name, created_at LIMIT $2",
+        Some(org_id),
+        limit,
     )
-    .bind(org_id)
-    .bind(limit)
-    .fetch_all(&pool)
-    .await?;
-    Ok(Json(models.into_iter().map(Into::into).collect()))
+    .await
 }
 
 async fn get_model(
@@ -250,16 +249,15 @@ async fn get_model(
     ApiPath((org_id, model_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<AiModel>> {
     let org_id = p.org_scope(org_id)?;
-    sqlx::query_as::<_, ModelRow>(
+    get_row::<ModelRow, _>(
+        &pool,
         "SELECT id, org_id, name, version, kind, stage, artifact_sha256, uri, metrics, created_at \
          FROM ai_models WHERE org_id = $1 AND id = $2",
+        org_id,
+        model_id,
+        "model",
     )
-    .bind(org_id)
-    .bind(model_id)
-    .fetch_optional(&pool)
-    .await?
-    .map(|r| Json(r.into()))
-    .ok_or(ApiError::NotFound("model"))
+    .await
 }
 
 /// `GET /v1/model-signing` (platform-admin): the model signing keys and how many artifacts

@@ -5,8 +5,6 @@
 //! production; only the admin listener is left out (requests go through `oneshot`).
 #![allow(dead_code)]
 
-pub mod fake_llm;
-
 use axum::{
     Router,
     body::Body,

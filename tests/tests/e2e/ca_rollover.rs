@@ -26,6 +26,7 @@ use kip_certs::{FleetCa, TrustBundle};
 use kip_tests::{
     agent::{RunningAgent, open_buffer, reading, start_agent, sync_config},
     control_plane::{ControlPlane, stored},
+    eventually_ok, wait_until,
 };
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -214,39 +215,36 @@ impl Fleet {
     /// Feeds more readings and waits until every agent has synced all of its readings.
     async fn settle(&mut self) {
         self.feed(20);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let pool = &self.pool;
         for m in &self.members {
-            loop {
-                let got = stored(&self.pool, m.device).await;
+            eventually_ok(Duration::from_secs(30), || async move {
+                let got = stored(pool, m.device).await;
                 assert!(
                     got.is_subset(&m.appended),
                     "a record that was never appended"
                 );
                 if got == m.appended {
-                    break;
+                    Ok(())
+                } else {
+                    Err(format!("{} of {} synced", got.len(), m.appended.len()))
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{} of {} synced",
-                    got.len(),
-                    m.appended.len()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await;
         }
     }
 
     /// Keeps feeding until `check` holds for every member, then settles.
     async fn until(&mut self, what: &str, check: impl Fn(&Member) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !self.members.iter().all(&check) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for: {what}"
-            );
-            self.feed(2);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let this = std::cell::RefCell::new(&mut *self);
+        wait_until(Duration::from_secs(30), what, || {
+            let mut this = this.borrow_mut();
+            let done = this.members.iter().all(&check);
+            if !done {
+                this.feed(2);
+            }
+            async move { done }
+        })
+        .await;
         self.settle().await;
     }
 

@@ -18,57 +18,13 @@ use kip_agent::{
 };
 use kip_tests::{
     agent::{open_buffer, reading, sync_config},
-    control_plane::ControlPlane,
     eventually, ort_library, reference_model, wait_until,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Digest as _;
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
-
-async fn call(cp: &ControlPlane, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let resp = cp
-        .http
-        .request(method, format!("{}{path}", cp.admin_url))
-        .bearer_auth(&cp.admin_key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert!(status.is_success(), "{path}: {status} {text}");
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
-
-async fn register(cp: &ControlPlane, org: Uuid, version: &str, bytes: &[u8]) -> String {
-    let sha = hex::encode(sha2::Sha256::digest(bytes));
-    let m = cp
-        .admin(
-            &format!("/v1/organisations/{org}/models"),
-            json!({ "name": "rul-fd001", "version": version, "kind": "rul", "artifact_sha256": sha }),
-        )
-        .await;
-    m["id"].as_str().unwrap().to_owned()
-}
-
-async fn upload(cp: &ControlPlane, org: Uuid, id: &str, bytes: &[u8]) -> Value {
-    let resp = cp
-        .http
-        .put(format!(
-            "{}/v1/organisations/{org}/models/{id}/artifact",
-            cp.admin_url
-        ))
-        .bearer_auth(&cp.admin_key)
-        .header("content-type", "application/octet-stream")
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert!(resp.status().is_success(), "upload: {}", resp.status());
-    resp.json().await.unwrap()
-}
 
 /// Writes an artifact row as an attacker with database access would: bypassing the API, so
 /// without a signature.
@@ -146,13 +102,13 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
     let desired = |model: String| {
         let cp = &cp;
         async move {
-            call(
-                cp,
-                reqwest::Method::PUT,
-                &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
-                json!({ "model_id": model }),
-            )
-            .await
+            cp.api()
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
+                    Some(json!({ "model_id": model })),
+                )
+                .await
         }
     };
     let refused = |reason: &'static str, n: u32| {
@@ -175,13 +131,14 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
         }
     };
     let last_error = || async {
-        let v = call(
-            &cp,
-            reqwest::Method::GET,
-            &format!("/v1/organisations/{org}/model-status"),
-            Value::Null,
-        )
-        .await;
+        let v = cp
+            .api()
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/organisations/{org}/model-status"),
+                None,
+            )
+            .await;
         v.as_array()
             .unwrap()
             .iter()
@@ -190,8 +147,8 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
     };
 
     // 1. Uploaded through the API: signed, verified, runs.
-    let good_id = register(&cp, org, &version, &good).await;
-    let info = upload(&cp, org, &good_id, &good).await;
+    let good_id = cp.api().register_model(org, &version, &good).await;
+    let info = cp.api().upload_artifact(org, &good_id, &good).await;
     assert!(
         info["signature"].as_str().unwrap().starts_with("ed25519:"),
         "{info}"
@@ -206,7 +163,7 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
 
     // 2. Written straight into the database (a loadable model, but no signature): refused,
     //    reported to the control plane, and the good model keeps serving.
-    let rogue_id = register(&cp, org, &rogue_version, &rogue).await;
+    let rogue_id = cp.api().register_model(org, &rogue_version, &rogue).await;
     insert_unsigned_artifact(&pool, org, &rogue_id, &rogue).await;
     desired(rogue_id.clone()).await;
     refused("unsigned", 1).await;
@@ -246,8 +203,8 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
 
     // 4. A signed artifact whose stored bytes were swapped afterwards (digest column updated
     //    to match): the signature is over the original digest, so it is refused.
-    let signed_id = register(&cp, org, "7.7.7", &good).await;
-    upload(&cp, org, &signed_id, &good).await;
+    let signed_id = cp.api().register_model(org, "7.7.7", &good).await;
+    cp.api().upload_artifact(org, &signed_id, &good).await;
     kip_tests::model_artifacts::replace_bytes(&pool, org, signed_id.parse().unwrap(), &rogue).await;
     desired(signed_id.clone()).await;
     refused("bad_signature", 2).await;
@@ -258,7 +215,7 @@ async fn unsigned_and_tampered_models_never_run_and_a_signed_one_does(pool: PgPo
 
     // 5. Re-uploading the rogue bytes through the API signs them (the caller holds the admin
     //    key and the bytes): now they verify and run.
-    upload(&cp, org, &rogue_id, &rogue).await;
+    cp.api().upload_artifact(org, &rogue_id, &rogue).await;
     desired(rogue_id.clone()).await;
     let rogue_running = format!("rul-fd001@{rogue_version}");
     wait_until(
@@ -290,11 +247,14 @@ async fn signing_status_counts_signed_and_unsigned_artifacts(pool: PgPool) {
     let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let bytes = b"model bytes".to_vec();
-    let a = register(&cp, org, "1.0.0", &bytes).await;
-    upload(&cp, org, &a, &bytes).await;
-    let b = register(&cp, org, "2.0.0", &bytes).await;
+    let a = cp.api().register_model(org, "1.0.0", &bytes).await;
+    cp.api().upload_artifact(org, &a, &bytes).await;
+    let b = cp.api().register_model(org, "2.0.0", &bytes).await;
     insert_unsigned_artifact(&pool, org, &b, &bytes).await;
-    let s = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+    let s = cp
+        .api()
+        .request(reqwest::Method::GET, "/v1/model-signing", None)
+        .await;
     assert_eq!(s["signed_by_current"], json!(1), "{s}");
     assert_eq!(s["unsigned"], json!(1), "{s}");
     assert!(
@@ -315,19 +275,25 @@ async fn a_signing_key_rotation_re_signs_only_valid_artifacts(pool: PgPool) {
     let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
     let bytes = b"model bytes".to_vec();
-    let a = register(&cp, org, "1.0.0", &bytes).await;
-    let old_sig = upload(&cp, org, &a, &bytes).await["signature"]
+    let a = cp.api().register_model(org, "1.0.0", &bytes).await;
+    let old_sig = cp.api().upload_artifact(org, &a, &bytes).await["signature"]
         .as_str()
         .unwrap()
         .to_owned();
-    let b = register(&cp, org, "2.0.0", &bytes).await;
+    let b = cp.api().register_model(org, "2.0.0", &bytes).await;
     insert_unsigned_artifact(&pool, org, &b, &bytes).await;
     let ca_dir = cp.dir.path().join("ca");
-    let before = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+    let before = cp
+        .api()
+        .request(reqwest::Method::GET, "/v1/model-signing", None)
+        .await;
     let rotated = SigningKeyStore::rotate(&ca_dir).unwrap();
     let new_key = rotated.signer().key_id().to_string();
     let status = eventually(Duration::from_secs(30), || async {
-        let s = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+        let s = cp
+            .api()
+            .request(reqwest::Method::GET, "/v1/model-signing", None)
+            .await;
         if s["key_id"] == json!(new_key) && s["signed_by_current"] == json!(1) {
             Ok(s)
         } else {
@@ -356,7 +322,10 @@ async fn a_signing_key_rotation_re_signs_only_valid_artifacts(pool: PgPool) {
 
     SigningKeyStore::finish_rotation(&ca_dir, std::time::SystemTime::now()).unwrap();
     let finished = eventually(Duration::from_secs(30), || async {
-        let s = call(&cp, reqwest::Method::GET, "/v1/model-signing", Value::Null).await;
+        let s = cp
+            .api()
+            .request(reqwest::Method::GET, "/v1/model-signing", None)
+            .await;
         if s["previous_key_id"].is_null() {
             Ok(s)
         } else {

@@ -1,6 +1,7 @@
 //! MQTT soak test (issue #19): the real `kip-agent` and `kip-control-plane` binaries as child
-//! processes, a private Mosquitto on a free port, a TCP proxy (written here) between agent
-//! and control plane, and a publisher (written here) that counts the broker's PUBACKs.
+//! processes (the kit's `binaries`), a private Mosquitto on a free port, the kit's TCP proxy
+//! between agent and control plane, and a publisher (written here) that counts the broker's
+//! PUBACKs.
 //!
 //! The scenario a factory gateway meets after every outage: the broker already holds a
 //! backlog for the agent's persistent session when the agent starts, more messages arrive at
@@ -30,16 +31,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kip_tests::{
+    ChildGroup, NewDatabase, Proxy,
+    binaries::{ControlPlaneProcess, spawn_agent},
+    eventually::within as wait_for,
+    free_port, wait_for_port,
+};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sqlx::PgPool;
-use tokio::{net::TcpStream, sync::watch};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 const TOPIC_PREFIX: &str = "soak";
 const CLIENT_ID: &str = "kip-soak-agent";
-
-use kip_tests::{ChildGroup, TestDb, free_port, wait_for_port, workspace_binary as binary};
 
 fn wait_port(port: u16, what: &str) {
     assert!(
@@ -48,33 +52,9 @@ fn wait_port(port: u16, what: &str) {
     );
 }
 
-/// A child process in its own process group (the kit's [`ChildGroup`]: the whole group is
-/// killed on drop, whatever the outcome).
-struct Proc {
-    group: ChildGroup,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command) -> Self {
-        let group = ChildGroup::spawn(cmd).unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { group }
-    }
-
-    /// SIGKILL to the group: no cleanup, no flush.
-    fn kill9(mut self) {
-        self.group.kill9();
-    }
-
-    /// SIGTERM, then waits for the exit (SIGKILL after `grace`).
-    fn terminate(self, grace: Duration) {
-        let mut group = self.group.with_grace(grace);
-        group.terminate();
-    }
-}
-
 /// A private Mosquitto: queues without limit for offline persistent sessions (so a backlog
 /// builds up), default in-flight settings otherwise.
-fn start_mosquitto(dir: &Path) -> (Proc, u16) {
+fn start_mosquitto(dir: &Path) -> (ChildGroup, u16) {
     let port = free_port();
     let conf = dir.join("mosquitto.conf");
     std::fs::write(
@@ -86,83 +66,16 @@ fn start_mosquitto(dir: &Path) -> (Proc, u16) {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
-    let p = Proc::spawn(
-        "mosquitto",
+    let p = ChildGroup::spawn(
         Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(log),
-    );
+    )
+    .unwrap_or_else(|e| panic!("cannot start mosquitto ({e}): apt-get install mosquitto"));
     wait_port(port, "mosquitto");
     (p, port)
-}
-
-/// TCP proxy between agent and control plane. `cut` closes every forwarded connection and
-/// refuses new ones (closes them at once) until `restore`.
-struct Proxy {
-    addr: SocketAddr,
-    up: watch::Sender<bool>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (up, rx) = watch::channel(true);
-        let stop = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let (t, s) = (tracker.clone(), stop.clone());
-        tracker.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    () = s.cancelled() => return,
-                };
-                let Ok((mut client, _)) = accepted else {
-                    continue;
-                };
-                if !*rx.borrow() {
-                    drop(client);
-                    continue;
-                }
-                let (mut rx, s) = (rx.clone(), s.clone());
-                t.spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|up| !*up) => {}
-                        () = s.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            addr,
-            up,
-            stop,
-            tracker,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.send_replace(false);
-    }
-
-    fn restore(&self) {
-        self.up.send_replace(true);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.tracker.close();
-    }
 }
 
 /// What one publisher run did.
@@ -260,13 +173,12 @@ impl Drop for WorkDir {
 struct Env {
     _work: WorkDir,
     work: PathBuf,
-    /// The test's database (`DATABASE_URL`'s server), dropped whatever the outcome.
-    _db: TestDb,
+    _db: NewDatabase,
     pool: PgPool,
-    cp: Proc,
+    cp: ChildGroup,
     proxy: Proxy,
     mqtt_port: u16,
-    _mosquitto: Proc,
+    _mosquitto: ChildGroup,
     device: Uuid,
     config: PathBuf,
     http_port: u16,
@@ -275,71 +187,19 @@ struct Env {
 
 impl Env {
     async fn start(s: &Scenario) -> Self {
-        let _ = kip_certs::rustls::crypto::ring::default_provider().install_default();
+        kip_tests::install_crypto_provider();
         let work_dir = tempfile::tempdir().unwrap();
         let work = work_dir.path().to_owned();
-        // Empty: the control plane migrates it at start.
-        let db = TestDb::create_empty().await;
-        kip_certs::FleetCa::init(&work.join("ca"), std::time::SystemTime::now()).unwrap();
-        let (admin_port, agent_port) = (free_port(), free_port());
-        let db_url = db.url.clone();
-        let cp_log = std::fs::File::create(work.join("control-plane.log")).unwrap();
-        let cp = Proc::spawn(
-            "kip-control-plane",
-            Command::new(binary("kip-control-plane"))
-                .env("KIP_DATABASE_URL", &db_url)
-                .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{admin_port}"))
-                .env("KIP_AGENT_LISTEN_ADDR", format!("127.0.0.1:{agent_port}"))
-                .env("KIP_ADMIN_KEY_FILE", work.join("admin.key"))
-                .env("KIP_PKI_CA_DIR", work.join("ca"))
-                .env("KIP_LOG_FORMAT", "text")
-                .env("KIP_LOG_FILTER", "warn")
-                .stdout(Stdio::null())
-                .stderr(cp_log),
-        );
-        wait_port(admin_port, "control plane admin");
-        wait_port(agent_port, "control plane agent listener");
-        let pool = db.pool.clone();
-        let admin_url = format!("http://127.0.0.1:{admin_port}");
-        let admin_key = std::fs::read_to_string(work.join("admin.key"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        let http = reqwest::Client::new();
-        let org: serde_json::Value = http
-            .post(format!("{admin_url}/v1/organisations"))
-            .bearer_auth(&admin_key)
-            .json(&serde_json::json!({ "name": "acme" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let org_id = org["id"].as_str().unwrap();
-        let tok: serde_json::Value = http
-            .post(format!(
-                "{admin_url}/v1/organisations/{org_id}/enroll-tokens"
-            ))
-            .bearer_auth(&admin_key)
-            .json(&serde_json::json!({ "ttl_s": 600 }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let db = NewDatabase::new();
+        let cp_process =
+            ControlPlaneProcess::new(&db.url, &work).with_log(work.join("control-plane.log"));
+        let cp = cp_process.spawn();
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        let admin = cp_process.admin_api();
+        let org = admin.create_org("acme").await;
         let state = work.join("agent");
-        let id = kip_agent::identity::enroll(
-            &http,
-            &admin_url,
-            tok["token"].as_str().unwrap(),
-            "gw-soak",
-            None,
-            &state.join("identity"),
-        )
-        .await
-        .unwrap();
+        let id = admin.enroll(org, "gw-soak", &state.join("identity")).await;
+        let agent_port = cp_process.agent_port;
         let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], agent_port))).await;
         let (mosquitto, mqtt_port) = start_mosquitto(&work);
         let http_port = free_port();
@@ -381,38 +241,15 @@ impl Env {
         }
     }
 
-    /// Starts `kip-agent run` and waits for its HTTP port.
-    fn spawn_agent(&mut self) -> Proc {
+    /// Starts `kip-agent run` and waits for its HTTP port; a clean stop may take 20 s.
+    fn spawn_agent(&mut self) -> ChildGroup {
         self.agent_runs += 1;
-        // sled may still hold the buffer's lock for a moment after the previous owner died.
-        for _ in 0..100 {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.work.join("agent.log"))
-                .unwrap();
-            let mut p = Proc::spawn(
-                "kip-agent",
-                Command::new(binary("kip-agent"))
-                    .args(["run", "--config"])
-                    .arg(&self.config)
-                    .stdout(Stdio::null())
-                    .stderr(log),
-            );
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_ok() {
-                    return p;
-                }
-                if p.group.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "agent did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("agent could not start");
+        spawn_agent(
+            &self.config,
+            self.http_port,
+            Some(&self.work.join("agent.log")),
+        )
+        .with_grace(Duration::from_secs(20))
     }
 
     async fn status(&self) -> Option<serde_json::Value> {
@@ -511,24 +348,6 @@ impl Env {
     }
 }
 
-/// Polls `check` every 100 ms until it holds or `limit` passes; returns whether it held.
-async fn wait_for<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn readings_of(status: &serde_json::Value) -> u64 {
     status["sources"][0]["readings"].as_u64().unwrap_or(0)
 }
@@ -541,7 +360,7 @@ async fn run(s: Scenario) {
     let (big_reading, oversized_after) = (s.backlog + s.live / 3, s.backlog + s.live / 2);
 
     // 1. The agent's persistent session exists at the broker (subscribed), then it stops.
-    let agent = env.spawn_agent();
+    let mut agent = env.spawn_agent();
     assert!(
         wait_for(Duration::from_secs(30), || async {
             env.status()
@@ -552,7 +371,7 @@ async fn run(s: Scenario) {
         "agent never subscribed\n{}",
         env.tail("agent.log", 30)
     );
-    agent.terminate(Duration::from_secs(20));
+    agent.terminate();
 
     // 2. The broker queues a backlog for the offline session.
     let backlog: Vec<_> = (0..s.backlog).map(|i| numbered(i, None)).collect();
@@ -565,7 +384,7 @@ async fn run(s: Scenario) {
     );
 
     // 3. The agent starts with that backlog waiting; the rest arrives at full speed.
-    let agent = env.spawn_agent();
+    let mut agent = env.spawn_agent();
     let mut live: Vec<_> = Vec::with_capacity(s.live as usize + 1);
     for i in s.backlog..total {
         let big = s.large_messages && i == big_reading;
@@ -591,7 +410,7 @@ async fn run(s: Scenario) {
         env.stored().await
     );
     agent.kill9();
-    let agent = env.spawn_agent();
+    let mut agent = env.spawn_agent();
 
     // 5. The link to the control plane is cut while the agent drains the broker.
     let (rows, _) = env.stored().await;
@@ -678,7 +497,7 @@ async fn run(s: Scenario) {
                 .unwrap();
         assert_eq!(rows_big, 1, "the 11 KiB message is one reading");
     }
-    agent.terminate(Duration::from_secs(20));
+    agent.terminate();
     env.cleanup().await;
 }
 

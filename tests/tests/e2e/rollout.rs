@@ -23,55 +23,16 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-async fn call(
-    cp: &kip_tests::control_plane::ControlPlane,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-    raw: Option<Vec<u8>>,
-) -> Value {
-    let mut req = cp
-        .http
-        .request(method, format!("{}{path}", cp.admin_url))
-        .bearer_auth(&cp.admin_key);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    if let Some(r) = raw {
-        req = req
-            .header("content-type", "application/octet-stream")
-            .body(r);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert!(status.is_success(), "{path}: {status} {text}");
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
-
+/// Registers and uploads an artifact; returns the model id.
 async fn register(
     cp: &kip_tests::control_plane::ControlPlane,
     org: uuid::Uuid,
     version: &str,
     bytes: &[u8],
 ) -> String {
-    use sha2::Digest as _;
-    let sha = hex::encode(sha2::Sha256::digest(bytes));
-    let m = cp
-        .admin(
-            &format!("/v1/organisations/{org}/models"),
-            json!({ "name": "rul-fd001", "version": version, "kind": "rul", "artifact_sha256": sha }),
-        )
-        .await;
-    let id = m["id"].as_str().unwrap().to_owned();
-    call(
-        cp,
-        reqwest::Method::PUT,
-        &format!("/v1/organisations/{org}/models/{id}/artifact"),
-        None,
-        Some(bytes.to_vec()),
-    )
-    .await;
+    let api = cp.api();
+    let id = api.register_model(org, version, bytes).await;
+    api.upload_artifact(org, &id, bytes).await;
     id
 }
 
@@ -93,14 +54,13 @@ async fn a_desired_model_is_rolled_out_a_bad_one_refused_and_rollback_works(pool
     let desired = |model: &str| {
         let (cp, model) = (&cp, model.to_owned());
         async move {
-            call(
-                cp,
-                reqwest::Method::PUT,
-                &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
-                Some(json!({ "model_id": model })),
-                None,
-            )
-            .await
+            cp.api()
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/organisations/{org}/devices/{device}/desired-model"),
+                    Some(json!({ "model_id": model })),
+                )
+                .await
         }
     };
     desired(&good_id).await;

@@ -11,110 +11,19 @@
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use kip_agent::{buffer::Buffer, identity::Identity};
-use kip_certs::FleetCa;
 use kip_tests::{
-    ChildGroup, PrivatePostgres, TestDb,
+    PrivatePostgres, TestDb,
     agent::{RunningSync, open_buffer, reading, start_sync, sync_config},
+    binaries::{ControlPlaneProcess, spawn_agent},
     control_plane::{ControlPlane, start, stored},
-    free_port, wait_for_port, wait_until, workspace_binary,
+    free_port, wait_until,
 };
 use sqlx::PgPool;
-
-/// How long a child process may take to listen on its port.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The `kip-control-plane` binary on a fixed database, ports and folder, so a restarted
-/// process takes over where the killed one stopped.
-struct CpProc {
-    db_url: String,
-    admin_port: u16,
-    agent_port: u16,
-    dir: PathBuf,
-}
-
-impl CpProc {
-    /// Starts the process and waits until both ports listen; starts it again when it exited
-    /// at start-up (a port of the process killed a moment ago may not be free yet).
-    fn spawn(&self) -> ChildGroup {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let mut child = self.spawn_once();
-            let up = loop {
-                if [self.admin_port, self.agent_port]
-                    .iter()
-                    .all(|p| wait_for_port(*p, Duration::ZERO))
-                {
-                    break true;
-                }
-                if child.try_wait().unwrap().is_some() || Instant::now() >= deadline {
-                    break false;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            if up {
-                return child;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kip-control-plane did not listen on {} and {} within {START_TIMEOUT:?}",
-                self.admin_port,
-                self.agent_port
-            );
-        }
-    }
-
-    fn spawn_once(&self) -> ChildGroup {
-        ChildGroup::spawn(
-            Command::new(workspace_binary("kip-control-plane"))
-                .env("KIP_DATABASE_URL", &self.db_url)
-                .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{}", self.admin_port))
-                .env(
-                    "KIP_AGENT_LISTEN_ADDR",
-                    format!("127.0.0.1:{}", self.agent_port),
-                )
-                .env("KIP_ADMIN_KEY_FILE", self.dir.join("admin.key"))
-                .env("KIP_PKI_CA_DIR", self.dir.join("ca"))
-                .env("KIP_LOG_FORMAT", "text")
-                .env("KIP_LOG_FILTER", "warn")
-                .stdout(Stdio::null()),
-        )
-        .unwrap()
-    }
-}
-
-fn spawn_agent(config: &Path, http_port: u16) -> ChildGroup {
-    // sled may still hold the buffer's lock for a moment after the previous owner died: the
-    // new agent then exits at start-up, and is started again.
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let mut child = ChildGroup::spawn(
-            Command::new(workspace_binary("kip-agent"))
-                .args(["run", "--config"])
-                .arg(config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .unwrap();
-        loop {
-            if wait_for_port(http_port, Duration::ZERO) {
-                return child;
-            }
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "agent did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert!(Instant::now() < deadline, "agent could not start");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothing() {
@@ -122,55 +31,13 @@ async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothi
     // The control plane process migrates the database itself.
     let db = TestDb::create_empty().await;
     let work = tempfile::tempdir().unwrap();
-    FleetCa::init(&work.path().join("ca"), std::time::SystemTime::now()).unwrap();
-    let cp = CpProc {
-        db_url: db.url.clone(),
-        admin_port: free_port(),
-        agent_port: free_port(),
-        dir: work.path().to_owned(),
-    };
+    let cp = ControlPlaneProcess::new(&db.url, work.path());
     let mut cp_proc = cp.spawn();
     let pool = db.pool.clone();
-    let admin_url = format!("http://127.0.0.1:{}", cp.admin_port);
-    let admin_key = std::fs::read_to_string(work.path().join("admin.key"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let http = reqwest::Client::new();
-    let org: serde_json::Value = http
-        .post(format!("{admin_url}/v1/organisations"))
-        .bearer_auth(&admin_key)
-        .json(&serde_json::json!({ "name": "acme" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let org_id = org["id"].as_str().unwrap();
-    let tok: serde_json::Value = http
-        .post(format!(
-            "{admin_url}/v1/organisations/{org_id}/enroll-tokens"
-        ))
-        .bearer_auth(&admin_key)
-        .json(&serde_json::json!({ "ttl_s": 600 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = cp.admin_api();
+    let org = admin.create_org("acme").await;
     let state = work.path().join("agent");
-    let id = kip_agent::identity::enroll(
-        &http,
-        &admin_url,
-        tok["token"].as_str().unwrap(),
-        "gw-1",
-        None,
-        &state.join("identity"),
-    )
-    .await
-    .unwrap();
+    let id = admin.enroll(org, "gw-1", &state.join("identity")).await;
 
     // A backlog of readings, durable before the agent starts.
     const N: u64 = 20_000;
@@ -202,7 +69,7 @@ async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothi
     let device = id.device_id();
     let count = || async { stored(&pool, device).await.len() as u64 };
 
-    let mut agent = spawn_agent(&config, http_port);
+    let mut agent = spawn_agent(&config, http_port, None);
     wait_until(Duration::from_secs(60), "agent synced some", || async {
         count().await >= 2_000
     })
@@ -210,7 +77,7 @@ async fn kill_9_of_agent_and_control_plane_mid_stream_loses_and_duplicates_nothi
     agent.kill9();
     let at_kill = count().await;
     assert!(at_kill < N, "the agent finished before it was killed");
-    let agent = spawn_agent(&config, http_port);
+    let agent = spawn_agent(&config, http_port, None);
     wait_until(Duration::from_secs(60), "agent resumed", || async {
         count().await >= at_kill + 3_000
     })

@@ -6,11 +6,8 @@
     reason = "helpers of tests fail the test loudly"
 )]
 
-mod common;
-
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{Mosquitto, publish};
 use kip_agent::{
     buffer::{Buffer, BufferOptions},
     cli,
@@ -18,6 +15,9 @@ use kip_agent::{
     runtime::{self, StatusReport, local_get},
 };
 use kip_shared::Record;
+use kip_tests::{
+    ChildGroup, Mosquitto, eventually, eventually_ok, free_port, mosquitto::publish, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 fn write_config(dir: &Path, broker_port: u16, http_port: u16) -> std::path::PathBuf {
@@ -60,18 +60,19 @@ value = {{ kind = "number" }}
     path
 }
 
+/// How long sled may keep its file lock after the last handle is dropped.
+const LOCK_RELEASE: Duration = Duration::from_secs(5);
+
 /// Opens the buffer once the in-process agent let go of it (sled may finish background log
 /// writes just after the last handle is dropped, holding the file lock for a moment).
-fn open_when_released(dir: &Path) -> Buffer {
-    for _ in 0..200 {
+async fn open_when_released(dir: &Path) -> Buffer {
+    eventually_ok(LOCK_RELEASE, || async {
         match Buffer::open(dir, BufferOptions::with_max_bytes(1 << 30)) {
-            Err(kip_agent::buffer::BufferError::Locked { .. }) => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            other => return other.unwrap(),
+            Err(e @ kip_agent::buffer::BufferError::Locked { .. }) => Err(e),
+            other => Ok(other.unwrap()),
         }
-    }
-    panic!("buffer still locked")
+    })
+    .await
 }
 
 async fn retry_while_locked<F, Fut>(f: F) -> String
@@ -79,15 +80,13 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<String, cli::CliError>>,
 {
-    for _ in 0..200 {
+    eventually_ok(LOCK_RELEASE, || async {
         match f().await {
-            Err(cli::CliError::RunningButSilent { .. }) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            other => return other.unwrap(),
+            Err(e @ cli::CliError::RunningButSilent { .. }) => Err(e),
+            other => Ok(other.unwrap()),
         }
-    }
-    panic!("buffer still locked")
+    })
+    .await
 }
 
 async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
@@ -97,20 +96,17 @@ async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
 
 /// Publishes until the agent reports `n` readings.
 async fn publish_until_readings(addr: std::net::SocketAddr, port: u16, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let _: () = eventually(Duration::from_secs(30), || async move {
         if let Some(s) = status(addr).await
             && s.sources.iter().map(|s| s.readings).sum::<u64>() >= n
         {
-            return;
+            return Ok(());
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readings never arrived"
-        );
         publish(port, "plant/press1/temp", b"20.5", None);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err(())
+    })
+    .await
+    .unwrap_or_else(|()| panic!("readings never arrived"));
 }
 
 #[tokio::test]
@@ -125,14 +121,12 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
 
     publish_until_readings(addr, broker.port, 1).await;
     publish(broker.port, "plant/press1/temp", b"{oops", None);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while status(addr).await.unwrap().sources[0].dead_letters < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "dead letter not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(10),
+        "the dead letter is counted",
+        || async { status(addr).await.unwrap().sources[0].dead_letters >= 1 },
+    )
+    .await;
 
     let (code, body) = local_get(addr, "/healthz").await.unwrap();
     assert_eq!((code, body.trim()), (200, "ok"));
@@ -169,7 +163,7 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
         .await
         .unwrap();
     // Clean shutdown: everything handed to the writer is in the buffer.
-    let buffer = open_when_released(&cfg.buffer_dir());
+    let buffer = open_when_released(&cfg.buffer_dir()).await;
     let all = buffer.read_range(0, usize::MAX, u64::MAX).unwrap();
     let n_readings = all
         .iter()
@@ -196,7 +190,7 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
 #[tokio::test]
 async fn a_locked_buffer_with_a_silent_surface_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg_path = write_config(dir.path(), 1, common::free_port());
+    let cfg_path = write_config(dir.path(), 1, free_port());
     let cfg = Config::load(&cfg_path).unwrap();
     let err = cli::inspect(&cfg, 1).await.unwrap_err().to_string();
     assert!(err.contains("no buffer"), "{err}");
@@ -217,24 +211,23 @@ async fn a_locked_buffer_with_a_silent_surface_is_reported_as_such() {
 async fn the_binary_runs_answers_status_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
-    let http_port = common::free_port();
+    let http_port = free_port();
     let cfg_path = write_config(dir.path(), broker.port, http_port);
     let bin = env!("CARGO_BIN_EXE_kip-agent");
-    let mut child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(&cfg_path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = ChildGroup::spawn(
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg_path)
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap()
+    // A clean stop flushes the buffer: give it time before SIGKILL.
+    .with_grace(Duration::from_secs(30));
     let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while status(addr).await.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(30), "the agent comes up", || async {
+        status(addr).await.is_some()
+    })
+    .await;
     publish_until_readings(addr, broker.port, 3).await;
 
     let out = Command::new(bin)
@@ -251,15 +244,14 @@ async fn the_binary_runs_answers_status_and_stops_cleanly_on_sigterm() {
     assert!(text.contains("running, healthy"), "{text}");
 
     let readings = status(addr).await.unwrap().sources[0].readings;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(code.success(), "{code}");
+    // SIGTERM; the agent must exit by itself, successfully, within the grace period.
+    let code = tokio::task::spawn_blocking(move || {
+        child.terminate();
+        child.try_wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(code.is_some_and(|c| c.success()), "{code:?}");
 
     let out = Command::new(bin)
         .args(["buffer", "inspect", "--config"])

@@ -7,173 +7,21 @@
     reason = "test helpers fail the test loudly"
 )]
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::Duration;
 
 use kip_agent::opcua::{OpcUaEndpointConfig, OpcUaNodeConfig, OpcUaSecurityPolicy, OpcUaSource};
 use kip_shared::{Quality, Record};
-use opcua::crypto::{CertificateStore, SecurityPolicy};
-use opcua::server::address_space::Variable;
-use opcua::server::diagnostics::NamespaceMetadata;
-use opcua::server::node_manager::memory::{SimpleNodeManager, simple_node_manager};
-use opcua::server::{ANONYMOUS_USER_TOKEN_ID, ServerBuilder, ServerHandle};
-use opcua::types::{
-    DataValue, DateTime, MessageSecurityMode, NodeId, StatusCode, UAString, Variant,
-};
+use kip_tests::{OpcUaServer, eventually_ok, wait_until};
+use opcua::crypto::CertificateStore;
+use opcua::types::{DataValue, DateTime, StatusCode, UAString, Variant};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-const NS_URI: &str = "urn:kip:test:machines";
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A unique scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kip-opcua-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// An in-process OPC UA server with a few variables in namespace 2.
-struct TestServer {
-    handle: ServerHandle,
-    nm: Arc<SimpleNodeManager>,
-    ns: u16,
-    tracker: TaskTracker,
-}
-
-impl TestServer {
-    /// `temp` is the initial value of Machine1.Temp, so a restarted server is recognisable.
-    async fn start(listener: TcpListener, pki_dir: &Path, temp: f64) -> Self {
-        let port = listener.local_addr().unwrap().port();
-        let tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID];
-        let (server, handle) = ServerBuilder::new()
-            .application_name("kip test server")
-            .application_uri("urn:kip:test:server")
-            .product_uri("urn:kip:test:server")
-            .create_sample_keypair(true)
-            .pki_dir(pki_dir)
-            .host("127.0.0.1")
-            .port(port)
-            .discovery_urls(vec![format!("opc.tcp://127.0.0.1:{port}/")])
-            .trust_client_certs(false)
-            .add_endpoint(
-                "none",
-                ("/", SecurityPolicy::None, MessageSecurityMode::None, tokens),
-            )
-            .add_endpoint(
-                "basic256sha256",
-                (
-                    "/",
-                    SecurityPolicy::Basic256Sha256,
-                    MessageSecurityMode::SignAndEncrypt,
-                    tokens,
-                ),
-            )
-            .with_node_manager(simple_node_manager(
-                NamespaceMetadata {
-                    namespace_uri: NS_URI.into(),
-                    ..Default::default()
-                },
-                "kip-test",
-            ))
-            .build()
-            .unwrap();
-        let nm = handle
-            .node_managers()
-            .get_of_type::<SimpleNodeManager>()
-            .unwrap();
-        let ns = handle.get_namespace_index(NS_URI).unwrap();
-        {
-            let mut space = nm.address_space().write();
-            let folder = NodeId::new(ns, "Machine1");
-            space.add_folder(
-                &folder,
-                "Machine1",
-                "Machine1",
-                &NodeId::objects_folder_id(),
-            );
-            let var = |name: &str, v: Variant| {
-                Variable::new(&NodeId::new(ns, format!("Machine1.{name}")), name, name, v)
-            };
-            space.add_variables(
-                vec![
-                    var("Temp", Variant::Double(temp)),
-                    var("Speed", Variant::Int32(1500)),
-                    var("Running", Variant::Boolean(true)),
-                    var("Count", Variant::UInt64(7)),
-                    var("Name", Variant::String(UAString::from("press 1"))),
-                ],
-                &folder,
-            );
-        }
-        let tracker = TaskTracker::new();
-        tracker.spawn(server.run_with(listener));
-        tracker.close();
-        Self {
-            handle,
-            nm,
-            ns,
-            tracker,
-        }
-    }
-
-    /// Adds `n` Double variables `Machine1.Bulk{i}` with value `i`.
-    fn add_bulk(&self, n: usize) {
-        let mut space = self.nm.address_space().write();
-        let vars = (0..n)
-            .map(|i| {
-                let name = format!("Bulk{i}");
-                let id = NodeId::new(self.ns, format!("Machine1.{name}"));
-                Variable::new(&id, name.as_str(), name.as_str(), Variant::Double(i as f64))
-            })
-            .collect();
-        space.add_variables(vars, &NodeId::new(self.ns, "Machine1"));
-    }
-
-    fn set(&self, name: &str, value: Variant) {
-        self.set_dv(name, DataValue::new_now(value));
-    }
-
-    fn set_dv(&self, name: &str, dv: DataValue) {
-        self.nm
-            .set_value(
-                self.handle.subscriptions(),
-                &NodeId::new(self.ns, format!("Machine1.{name}")),
-                None,
-                dv,
-            )
-            .unwrap();
-    }
-
-    /// Stops the server and waits until its listener is closed.
-    async fn stop(self) {
-        self.handle.cancel();
-        tokio::time::timeout(WAIT, self.tracker.wait())
-            .await
-            .expect("server did not stop");
-    }
-}
 
 fn node(name: &str, metric: &str) -> OpcUaNodeConfig {
     OpcUaNodeConfig {
@@ -276,13 +124,13 @@ async fn free_listener() -> TcpListener {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_arrive_with_machine_metric_value_quality_and_source_time() {
-    let scratch = Scratch::new("readings");
+    let scratch = tempfile::tempdir().unwrap();
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 21.5).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 21.5).await;
     let mut src = Running::start(config(
         port,
-        &scratch.0.join("agent"),
+        &scratch.path().join("agent"),
         vec![
             node("Temp", "temp"),
             node("Speed", "speed"),
@@ -344,10 +192,10 @@ async fn readings_arrive_with_machine_metric_value_quality_and_source_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_node_ids_become_dead_letters_and_the_good_nodes_keep_flowing() {
-    let scratch = Scratch::new("badnodes");
+    let scratch = tempfile::tempdir().unwrap();
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 1.0).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 1.0).await;
     let mut nodes = vec![node("Temp", "temp"), node("DoesNotExist", "ghost")];
     // An object, not a variable: it has no Value attribute.
     nodes.push(OpcUaNodeConfig {
@@ -359,7 +207,7 @@ async fn bad_node_ids_become_dead_letters_and_the_good_nodes_keep_flowing() {
     // A variable of the wrong type: its values cannot be readings.
     nodes.push(node("Name", "name"));
     nodes.push(node("Speed", "speed"));
-    let mut src = Running::start(config(port, &scratch.0.join("agent"), nodes));
+    let mut src = Running::start(config(port, &scratch.path().join("agent"), nodes));
 
     let dead = |s: &[Record], origin: &str, needle: &str| {
         s.iter().any(|r| {
@@ -411,13 +259,13 @@ async fn bad_node_ids_become_dead_letters_and_the_good_nodes_keep_flowing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_server_restart_the_source_reconnects_reports_a_gap_and_readings_resume() {
-    let scratch = Scratch::new("restart");
+    let scratch = tempfile::tempdir().unwrap();
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 10.0).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 10.0).await;
     let mut src = Running::start(config(
         port,
-        &scratch.0.join("agent"),
+        &scratch.path().join("agent"),
         vec![node("Temp", "temp"), node("Speed", "speed")],
     ));
     src.until("first server's value", |s| has_reading(s, "temp", 10.0))
@@ -431,7 +279,7 @@ async fn after_a_server_restart_the_source_reconnects_reports_a_gap_and_readings
     // A brand-new server (no sessions, no subscriptions) on the same port.
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let restarted_at = chrono::Utc::now();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 20.0).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 20.0).await;
 
     let seen = src
         .until("gap then the new server's value", |s| {
@@ -477,17 +325,17 @@ fn is_value(r: &Record, metric: &str, value: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other() {
-    let scratch = Scratch::new("secure");
-    let server_pki = scratch.0.join("server");
-    let agent_pki = scratch.0.join("agent");
+    let scratch = tempfile::tempdir().unwrap();
+    let server_pki = scratch.path().join("server");
+    let agent_pki = scratch.path().join("agent");
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &server_pki, 5.0).await;
+    let server = OpcUaServer::start(listener, &server_pki, 5.0).await;
 
     let mut cfg = config(port, &agent_pki, vec![node("Temp", "temp")]);
     cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
     // The server's certificate, handed to the agent as a file to trust.
-    let server_cert = scratch.0.join("server-cert.der");
+    let server_cert = scratch.path().join("server-cert.der");
     std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
     cfg.trust_server_certs = vec![server_cert];
     // The agent's certificate, created up front and put into the server's trust list.
@@ -522,31 +370,33 @@ async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_the_server_does_not_trust_gets_no_data_and_lands_in_rejected() {
-    let scratch = Scratch::new("untrusted");
-    let server_pki = scratch.0.join("server");
+    let scratch = tempfile::tempdir().unwrap();
+    let server_pki = scratch.path().join("server");
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &server_pki, 5.0).await;
+    let server = OpcUaServer::start(listener, &server_pki, 5.0).await;
 
-    let mut cfg = config(port, &scratch.0.join("agent"), vec![node("Temp", "temp")]);
+    let mut cfg = config(
+        port,
+        &scratch.path().join("agent"),
+        vec![node("Temp", "temp")],
+    );
     cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
-    let server_cert = scratch.0.join("server-cert.der");
+    let server_cert = scratch.path().join("server-cert.der");
     std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
     cfg.trust_server_certs = vec![server_cert];
     let mut src = Running::start(cfg);
 
     let rejected = server_pki.join("rejected");
-    let waited = tokio::time::timeout(WAIT, async {
-        while std::fs::read_dir(&rejected).map_or(0, |d| d.count()) == 0 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+    wait_until(
+        WAIT,
+        "the agent certificate lands in the server's rejected folder",
+        || {
+            let n = std::fs::read_dir(&rejected).map_or(0, |d| d.count());
+            async move { n > 0 }
+        },
+    )
     .await;
-    assert!(
-        waited.is_ok(),
-        "agent certificate never landed in {}",
-        rejected.display()
-    );
     assert!(
         src.rx.try_recv().is_err(),
         "no record may come from an untrusted session"
@@ -561,17 +411,17 @@ async fn an_agent_the_server_does_not_trust_gets_no_data_and_lands_in_rejected()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_nodes_than_one_subscription_holds_are_split_into_chunks_and_all_flow() {
-    let scratch = Scratch::new("chunks");
+    let scratch = tempfile::tempdir().unwrap();
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 1.0).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 1.0).await;
     // The test server allows 1000 monitored items per subscription, like many PLCs.
     const N: usize = 2500;
     server.add_bulk(N);
     let nodes = (0..N)
         .map(|i| node(&format!("Bulk{i}"), &format!("bulk{i}")))
         .collect();
-    let mut src = Running::start(config(port, &scratch.0.join("agent"), nodes));
+    let mut src = Running::start(config(port, &scratch.path().join("agent"), nodes));
     let seen = src
         .until("all initial values", |s| {
             s.iter().filter(|r| matches!(r, Record::Reading(_))).count() >= N
@@ -599,10 +449,10 @@ async fn more_nodes_than_one_subscription_holds_are_split_into_chunks_and_all_fl
 /// The whole agent, configured from TOML with an `[[opcua]]` endpoint, buffers the readings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_runtime_buffers_readings_of_a_configured_opcua_endpoint() {
-    let scratch = Scratch::new("runtime");
+    let scratch = tempfile::tempdir().unwrap();
     let listener = free_listener().await;
     let port = listener.local_addr().unwrap().port();
-    let server = TestServer::start(listener, &scratch.0.join("server"), 33.25).await;
+    let server = OpcUaServer::start(listener, &scratch.path().join("server"), 33.25).await;
     let toml = format!(
         "[agent]\ndevice = \"gw-1\"\nstate_dir = \"{state}\"\n\
          [http]\nlisten_addr = \"127.0.0.1:0\"\n\
@@ -610,8 +460,8 @@ async fn the_agent_runtime_buffers_readings_of_a_configured_opcua_endpoint() {
          publishing_interval_ms = 100\n\
          [[opcua.nodes]]\nnode_id = \"ns=2;s=Machine1.Temp\"\nmachine = \"press1\"\nmetric = \"temp\"\n\
          sampling_interval_ms = 50\n",
-        state = scratch.0.join("state").display(),
-        pki = scratch.0.join("agent-pki").display(),
+        state = scratch.path().join("state").display(),
+        pki = scratch.path().join("agent-pki").display(),
     );
     let cfg = kip_agent::config::RawConfig::from_toml(&toml, Path::new("agent.toml"))
         .unwrap()
@@ -621,22 +471,21 @@ async fn the_agent_runtime_buffers_readings_of_a_configured_opcua_endpoint() {
     let agent = kip_agent::runtime::start(cfg, cancel.clone())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually_ok(WAIT, || {
         let recs = agent.buffer.read_range(0, 1000, 1 << 20).unwrap();
         let found = recs.iter().any(|s| {
             matches!(&s.record, Record::Reading(r)
                 if r.source == "plc1" && r.machine == "press1" && r.metric == "temp" && r.value == 33.25)
         });
-        if found {
-            break;
+        async move {
+            if found {
+                Ok(())
+            } else {
+                Err(format!("no OPC UA reading buffered: {recs:?}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no OPC UA reading buffered: {recs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let (code, body) = kip_agent::runtime::local_get(agent.http_addr, "/v1/status")
         .await
         .unwrap();

@@ -8,14 +8,8 @@
     reason = "test code"
 )]
 
-mod common;
+use std::{path::Path, time::Duration};
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
-
-use common::{Mosquitto, publish};
 use kip_agent::{
     config::{Config, RawConfig},
     runtime::{self, local_get},
@@ -24,28 +18,11 @@ use kip_shared::{
     features::CMAPSS_INFORMATIVE_SENSORS,
     live::{LIVE_PROTOCOL_VERSION, LiveRequest, LiveResponse, reply_topic, request_topic},
 };
+use kip_tests::{Mosquitto, eventually_ok, mosquitto::publish, ort_library, reference_model};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"))
-}
-
-fn reference_model() -> PathBuf {
-    std::fs::read_dir(root().join("ml/models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .unwrap()
-}
 
 fn config(dir: &Path, port: u16, org: Option<Uuid>, inference: bool) -> Config {
     let org_line = org.map(|o| format!("org_id = \"{o}\"")).unwrap_or_default();
@@ -53,7 +30,7 @@ fn config(dir: &Path, port: u16, org: Option<Uuid>, inference: bool) -> Config {
         format!(
             "[inference]\nenabled = true\nort_library = \"{}\"\nmodel_path = \"{}\"\n",
             ort_library().display(),
-            reference_model().display()
+            reference_model().onnx_path.display()
         )
     } else {
         String::new()
@@ -143,7 +120,7 @@ fn request(org: Uuid) -> LiveRequest {
 #[tokio::test]
 async fn the_agent_answers_with_its_latest_values_and_prediction() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let broker = Mosquitto::start_plain(dir.path());
     let org = Uuid::new_v4();
     let cancel = CancellationToken::new();
     let agent = runtime::start(
@@ -155,25 +132,23 @@ async fn the_agent_answers_with_its_latest_values_and_prediction() {
     let (cp, mut answers) = control_plane(broker.port, org, cancel.clone()).await;
 
     // Cycles of every channel of the feature set until the model made a prediction.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let addr = agent.http_addr;
+    eventually_ok(Duration::from_secs(60), || {
         for (i, ch) in CMAPSS_INFORMATIVE_SENSORS.iter().enumerate() {
             let v = format!("{}", 500.0 + i as f64);
             publish(broker.port, &format!("engines/e7/{ch}"), v.as_bytes(), None);
         }
         publish(broker.port, "engines/e8/other", b"1", None);
-        let (_, body) = local_get(agent.http_addr, "/predictions/latest")
-            .await
-            .unwrap();
-        if body.contains("\"e7\"") {
-            break;
+        async move {
+            let (_, body) = local_get(addr, "/predictions/latest").await.unwrap();
+            if body.contains("\"e7\"") {
+                Ok(())
+            } else {
+                Err(format!("no prediction: {body}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no prediction: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 
     // A malformed request first: counted, and the responder keeps going.
     let topic = request_topic("kip/v1", org, "gw-live");

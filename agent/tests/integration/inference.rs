@@ -7,38 +7,10 @@
     reason = "test code"
 )]
 
-use std::path::{Path, PathBuf};
-
 use kip_agent::inference::{InferenceError, ModelSlot, OrtRuntime, Predictor, RulModel};
 use kip_shared::{Quality, Reading, feature_set::FeatureSet};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> PathBuf {
-    let p = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
-    assert!(
-        p.is_file(),
-        "ONNX Runtime library missing at {}: run scripts/test.sh (it fetches it) or set ORT_DYLIB_PATH",
-        p.display()
-    );
-    p
-}
-
-fn reference_model() -> (Vec<u8>, serde_json::Value) {
-    let dir = root().join("ml/models");
-    let onnx = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .expect("a trained model in ml/models");
-    let card: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(onnx.with_extension("json")).unwrap()).unwrap();
-    (std::fs::read(onnx).unwrap(), card)
-}
+use kip_tests::{ort_library, reference_model, workspace_root as root};
+use std::path::Path;
 
 /// Feature rows from the first engines of FD001, cut at several cycles.
 fn fd001_rows(spec: &FeatureSet) -> (Vec<f32>, usize) {
@@ -101,7 +73,8 @@ fn python_reference(model: &[u8], features: &[f32], rows: usize, width: usize) -
 #[test]
 fn rust_predictions_equal_python_onnxruntime_to_1e_5() {
     let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
-    let (bytes, card) = reference_model();
+    let m = reference_model();
+    let (bytes, card) = (m.onnx_bytes(), m.card());
     let mut model = RulModel::load(&rt, &bytes, card["artifact_sha256"].as_str()).unwrap();
     assert_eq!(model.version, card["version"].as_str().unwrap());
     assert_eq!(model.spec.id(), card["feature_set"].as_str().unwrap());
@@ -133,7 +106,8 @@ fn rust_predictions_equal_python_onnxruntime_to_1e_5() {
 #[test]
 fn a_corrupted_model_is_refused_and_the_old_one_keeps_serving() {
     let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
-    let (bytes, card) = reference_model();
+    let m = reference_model();
+    let (bytes, card) = (m.onnx_bytes(), m.card());
     let sha = card["artifact_sha256"].as_str().unwrap();
     let mut slot = ModelSlot::default();
     slot.try_swap(&rt, &bytes, Some(sha)).unwrap();
@@ -174,7 +148,7 @@ fn a_missing_runtime_library_is_a_clear_error() {
 #[test]
 fn readings_become_cycles_and_predictions_per_machine() {
     let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
-    let (bytes, _) = reference_model();
+    let bytes = reference_model().onnx_bytes();
     let mut slot = ModelSlot::default();
     let mut predictor = Predictor::default();
     let reading = |machine: &str, metric: &str, value: f64| Reading {
@@ -304,7 +278,7 @@ fn a_new_machine_type_is_a_document_inside_the_model_not_an_agent_change() {
     );
 
     // Swapping back to the first shipped model (another feature set) starts the windows over.
-    let (bytes, _) = reference_model();
+    let bytes = reference_model().onnx_bytes();
     slot.try_swap(&rt, &bytes, None).unwrap();
     let r = Reading {
         source: "sim".into(),

@@ -1,7 +1,6 @@
 //! A fake LLM provider on 127.0.0.1:0 speaking the OpenAI and DeepSeek wire formats
 //! (`POST /v1/chat/completions`, JSON and SSE), scriptable per test: each request takes the
 //! next [`Reply`] from the script (the default reply when the script is empty).
-#![allow(dead_code)]
 
 use std::{
     collections::VecDeque,
@@ -26,7 +25,7 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 /// What the fake answers to one request.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Reply {
     /// 200 with this JSON body (a `chat.completion`).
     Json(Value),
@@ -68,6 +67,14 @@ pub struct FakeLlm {
     pub addr: std::net::SocketAddr,
     state: Arc<FakeState>,
     _tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for FakeLlm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeLlm")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl FakeLlm {

@@ -6,11 +6,8 @@
     reason = "helpers of tests fail the test loudly"
 )]
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Mosquitto, Pki, publish};
 use kip_agent::{
     ack::{AckOutcome, Acknowledge},
     config::{Config, RawConfig},
@@ -19,6 +16,7 @@ use kip_agent::{
     source::Envelope,
 };
 use kip_shared::Record;
+use kip_tests::{BrokerPki, Mosquitto, mosquitto::publish, wait_until};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -94,7 +92,7 @@ impl Running {
         port: u16,
         topic: &str,
         payload: &[u8],
-        tls: Option<&Pki>,
+        tls: Option<&BrokerPki>,
     ) -> Record {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -237,7 +235,7 @@ async fn a_disconnect_is_recorded_as_a_gap() {
 #[tokio::test]
 async fn tls_with_a_client_certificate_delivers_readings() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(dir.path());
+    let pki = BrokerPki::generate(dir.path());
     let broker = Mosquitto::start(dir.path(), &pki.listener_conf());
     let port = broker.port;
     let tls = format!(
@@ -260,7 +258,7 @@ async fn tls_with_a_client_certificate_delivers_readings() {
 #[tokio::test]
 async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::generate(dir.path());
+    let pki = BrokerPki::generate(dir.path());
     let broker = Mosquitto::start(dir.path(), &pki.listener_conf());
     let tls = format!(
         "ca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"",
@@ -270,23 +268,26 @@ async fn tls_with_a_certificate_from_another_ca_never_counts_as_connected() {
     );
     let mut run = Running::start(config(&format!("mqtts://127.0.0.1:{}", broker.port), &tls));
     // The refused handshake is retried with backoff; wait for a few attempts.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while run.count(|m, l| m.reconnects.get_or_create(l).get()) < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no reconnect attempts"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let reconnects = |run: &Running| run.count(|m, l| m.reconnects.get_or_create(l).get());
+    wait_until(Duration::from_secs(20), "3 reconnect attempts", || {
+        let n = reconnects(&run);
+        async move { n >= 3 }
+    })
+    .await;
     assert_eq!(
         run.count(|m, l| m.connected.get_or_create(l).get() as u64),
         0
     );
     publish(broker.port, "plant/x/temp", b"1", Some(&pki));
+    // The source had its chance to receive the message: it tried to connect twice more.
+    let after_publish = reconnects(&run);
+    wait_until(Duration::from_secs(20), "2 more reconnect attempts", || {
+        let n = reconnects(&run);
+        async move { n >= after_publish + 2 }
+    })
+    .await;
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), run.recv())
-            .await
-            .is_err(),
+        run.rx.try_recv().is_err(),
         "nothing may arrive over a refused connection"
     );
     run.stop().await;
@@ -414,11 +415,11 @@ async fn a_full_staging_defers_messages_to_the_broker_and_fetches_them_after_a_r
         run.next().await;
     }
     // Let the source read what the broker pushes (nobody drains the channel meanwhile).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while run.count(|m, l| m.mqtt_deferred.get_or_create(l).get()) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "nothing deferred");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(20), "a deferred message", || {
+        let n = run.count(|m, l| m.mqtt_deferred.get_or_create(l).get());
+        async move { n > 0 }
+    })
+    .await;
     let mut seen: std::collections::BTreeSet<u64> = (1..=20).collect();
     while seen.len() < 1000 {
         match run.next().await {

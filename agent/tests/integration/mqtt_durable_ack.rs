@@ -9,12 +9,10 @@
     reason = "test code"
 )]
 
-mod common;
-
 use std::{
     collections::BTreeSet,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -22,12 +20,12 @@ use std::{
     time::Duration,
 };
 
-use common::Mosquitto;
 use kip_agent::{
     buffer::{Buffer, BufferOptions},
     runtime::{BufferReport, StatusReport, local_get},
 };
 use kip_shared::Record;
+use kip_tests::{ChildGroup, Mosquitto, free_port, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_util::task::TaskTracker;
 
@@ -72,19 +70,22 @@ value = {{ kind = "number" }}
     path
 }
 
-fn start_agent(cfg: &Path, log: &Path) -> Child {
+fn start_agent(cfg: &Path, log: &Path) -> ChildGroup {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_kip-agent"))
-        .args(["run", "--config"])
-        .arg(cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    ChildGroup::spawn(
+        Command::new(env!("CARGO_BIN_EXE_kip-agent"))
+            .args(["run", "--config"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .unwrap()
+    // A clean stop flushes the buffer: give it time before SIGKILL.
+    .with_grace(Duration::from_secs(30))
 }
 
 async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
@@ -92,24 +93,13 @@ async fn status(addr: std::net::SocketAddr) -> Option<StatusReport> {
     (code == 200).then(|| serde_json::from_str(&body).unwrap())
 }
 
-/// Polls `f` until it holds (true) or `secs` passed (false).
-async fn wait_until(secs: u64, mut f: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !f().await {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
-}
-
 async fn wait_connected(addr: std::net::SocketAddr) {
-    let up = wait_until(30, async || {
-        status(addr).await.is_some_and(|s| s.sources[0].connected)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the agent subscribes",
+        || async move { status(addr).await.is_some_and(|s| s.sources[0].connected) },
+    )
     .await;
-    assert!(up, "agent did not subscribe");
 }
 
 fn values(records: impl IntoIterator<Item = Record>) -> Vec<u64> {
@@ -135,7 +125,7 @@ async fn kill_9_while_messages_flow_loses_no_acknowledged_message() {
         dir.path(),
         "allow_anonymous true\nmax_queued_messages 100000",
     );
-    let http_port = common::free_port();
+    let http_port = free_port();
     let cfg = write_config(dir.path(), broker.port, http_port);
     let log = dir.path().join("agent.log");
     let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
@@ -174,46 +164,51 @@ async fn kill_9_while_messages_flow_loses_no_acknowledged_message() {
     });
 
     // Kill while messages flow, well inside the first 5 s flush interval.
-    let flowing = wait_until(30, async || {
+    wait_until(Duration::from_secs(30), "200 readings", || async move {
         status(addr)
             .await
             .is_some_and(|s| s.sources[0].readings >= 200)
     })
     .await;
-    assert!(flowing, "no readings");
-    agent.kill().unwrap(); // SIGKILL
-    agent.wait().unwrap();
+    agent.kill9();
     let at_kill = broker_acked.load(Ordering::Relaxed);
     assert!(at_kill < MESSAGES, "publishing must outlast the kill");
 
     // Same state directory, same client id: the broker resumes the session.
     let mut agent = start_agent(&cfg, &log);
-    let published = wait_until(60, async || {
-        broker_acked.load(Ordering::Relaxed) >= MESSAGES
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the broker takes every message",
+        || {
+            let acked = broker_acked.load(Ordering::Relaxed);
+            async move { acked >= MESSAGES }
+        },
+    )
     .await;
-    assert!(published, "the broker did not take every message");
     tracker.close();
     tracker.wait().await;
     // Redelivered messages arrive quickly; lost ones never do (the disk check below says
     // which).
-    wait_until(20, async || {
+    let _ = kip_tests::eventually(Duration::from_secs(20), || async move {
         let Ok((200, body)) = local_get(addr, "/v1/buffer?records=1000").await else {
-            return false;
+            return Err(());
         };
         let report: BufferReport = serde_json::from_str(&body).unwrap();
-        missing(&values(report.oldest.into_iter().map(|s| s.record))).is_empty()
+        if missing(&values(report.oldest.into_iter().map(|s| s.record))).is_empty() {
+            Ok(())
+        } else {
+            Err(())
+        }
     })
     .await;
-    let stopped = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(stopped.success());
-    let code = tokio::task::spawn_blocking(move || agent.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(code.success(), "{code}");
+    // A clean stop: SIGTERM, and the agent exits by itself within the grace period.
+    let code = tokio::task::spawn_blocking(move || {
+        agent.terminate();
+        agent.try_wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(code.is_some_and(|c| c.success()), "{code:?}");
 
     // The assertion that counts: what is on disk after the crash and the clean stop.
     let buffer = Buffer::open(

@@ -8,44 +8,18 @@
     reason = "helpers of tests fail the test loudly"
 )]
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use common::{Mosquitto, publish};
 use kip_agent::{
     config::Config,
     runtime::{self, local_get},
 };
 use kip_shared::{Record, features::CMAPSS_INFORMATIVE_SENSORS};
+use kip_tests::{Mosquitto, eventually_ok, mosquitto::publish, ort_library, reference_model};
 use tokio_util::sync::CancellationToken;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn ort_library() -> PathBuf {
-    let p = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ort/lib/libonnxruntime.so.1.32.0"));
-    assert!(
-        p.is_file(),
-        "ONNX Runtime library missing at {}: run scripts/test.sh (it fetches it) or set ORT_DYLIB_PATH",
-        p.display()
-    );
-    p
-}
-
-fn reference_model() -> PathBuf {
-    std::fs::read_dir(root().join("ml/models"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "onnx"))
-        .unwrap()
-}
 
 fn write_config(dir: &Path, broker_port: u16, ort: &Path) -> PathBuf {
     let path = dir.join("agent.toml");
@@ -84,7 +58,7 @@ value = {{ kind = "number" }}
 "#,
             state = dir.join("state").display(),
             ort = ort.display(),
-            model = reference_model().display(),
+            model = reference_model().onnx_path.display(),
         ),
     )
     .unwrap();
@@ -94,7 +68,7 @@ value = {{ kind = "number" }}
 #[tokio::test]
 async fn readings_become_predictions_in_the_buffer_and_on_the_local_api_without_a_network() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let broker = Mosquitto::start_plain(dir.path());
     let cfg = Config::load(&write_config(dir.path(), broker.port, &ort_library())).unwrap();
     let cancel = CancellationToken::new();
     let agent = runtime::start(cfg, cancel.clone()).await.unwrap();
@@ -102,24 +76,23 @@ async fn readings_become_predictions_in_the_buffer_and_on_the_local_api_without_
 
     // One cycle = one value of every channel of the feature set; repeat until the
     // subscription is up and a prediction is served.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let latest = loop {
+    let latest = eventually_ok(Duration::from_secs(60), || {
         for (i, ch) in CMAPSS_INFORMATIVE_SENSORS.iter().enumerate() {
             let v = format!("{}", 500.0 + i as f64);
             publish(broker.port, &format!("engines/e7/{ch}"), v.as_bytes(), None);
         }
-        let (code, body) = local_get(addr, "/predictions/latest").await.unwrap();
-        assert_eq!(code, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v.get("e7").is_some() {
-            break v;
+        async move {
+            let (code, body) = local_get(addr, "/predictions/latest").await.unwrap();
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v.get("e7").is_some() {
+                Ok(v)
+            } else {
+                Err(format!("no prediction arrived: {body}"))
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no prediction arrived: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let p = &latest["e7"];
     assert!(p["rul_cycles"].as_f64().unwrap().is_finite(), "{p}");
     assert_eq!(p["model_version"], "1.0.0+seed42");
