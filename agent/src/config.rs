@@ -1258,7 +1258,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let cfg = Config::load(&path).unwrap();
         assert_eq!(cfg.device.as_str(), "press-line-1");
-        assert!(cfg.security.require_secure_ot, "installs start with OT TLS enforced");
+        assert!(
+            cfg.security.require_secure_ot,
+            "installs start with OT TLS enforced"
+        );
         assert_eq!(cfg.buffer.flush_interval, Duration::from_millis(200));
         assert_eq!(cfg.http_listen_addr.port(), 9464);
         assert_eq!(cfg.mqtt.len(), 1);

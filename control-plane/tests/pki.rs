@@ -918,3 +918,70 @@ async fn forged_recovery_and_malformed_tokens_are_refused_without_the_database(p
         assert_eq!(s, StatusCode::FORBIDDEN, "{token}: {v}");
     }
 }
+
+/// `POST /enroll` from `ip` (as the admin listener records the peer address).
+async fn enroll_from(env: &Env, ip: &str, token: &str) -> (StatusCode, Option<String>, Value) {
+    let key = DeviceKey::generate().unwrap();
+    let body =
+        json!({ "token": token, "csr_pem": key.csr_pem("gw-x").unwrap(), "device_name": "gw-x" });
+    let peer: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/enroll")
+        .header("content-type", "application/json")
+        .extension(axum::extract::ConnectInfo(peer))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = env.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Hole 5 / #13 item 6: enrollment attempts are limited per address before PostgreSQL is
+/// asked: with the database gone, a limited address still gets its 429 (not a 5xx), while
+/// another address is unaffected by the first one's flood.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn enrollment_is_rate_limited_per_address_before_the_database(pool: PgPool) {
+    let db = pool.clone();
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.enrollments_per_ip_per_minute = 3;
+    })
+    .await;
+    let bogus = "kipenroll_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for _ in 0..3 {
+        let (s, _, v) = enroll_from(&env, "203.0.113.7", bogus).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    }
+    // A valid token does not help once the address is over its limit.
+    let t = env.enroll_token(env.org_id, json!({})).await;
+    let (s, retry, v) = enroll_from(&env, "203.0.113.7", &t.token).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("enrollments_per_ip_per_minute"),
+        "{v}"
+    );
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Another address enrolls with that token.
+    let (s, _, v) = enroll_from(&env, "198.51.100.9", &t.token).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Refused before the database: with PostgreSQL gone the answer is still 429.
+    db.close().await;
+    let (s, _, v) = enroll_from(&env, "203.0.113.7", bogus).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+}

@@ -31,6 +31,8 @@ pub struct PkiMetrics {
     pub ca_expiry_seconds: Family<CaLabels, Gauge>,
     pub devices_by_issuer: Family<IssuerLabels, Gauge>,
     pub ca_reloads: Family<ReloadLabels, Counter>,
+    /// `POST /enroll` attempts refused by the per-address limit.
+    pub enroll_rate_limited: Counter,
 }
 
 impl PkiMetrics {
@@ -51,6 +53,11 @@ impl PkiMetrics {
             "pki_ca_reloads",
             "CA reloads after the CA files changed, by result (ok, error)",
             m.ca_reloads.clone(),
+        );
+        registry.register(
+            "pki_enroll_rate_limited",
+            "POST /enroll attempts refused by pki.enrollments_per_ip_per_minute before any database work",
+            m.enroll_rate_limited.clone(),
         );
         m
     }
