@@ -1459,3 +1459,61 @@ mod tests {
         assert_eq!(ts(None, None), rcv);
     }
 }
+
+/// Property test of the OPC UA value conversion (issue #13, hostile input): any variant,
+/// status and timestamps become a reading with a finite value or a dead letter with a reason.
+#[cfg(test)]
+mod value_proptests {
+    use opcua::types::{ByteString, UAString};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn variant() -> impl Strategy<Value = Variant> {
+        prop_oneof![
+            any::<bool>().prop_map(Variant::Boolean),
+            any::<i8>().prop_map(Variant::SByte),
+            any::<u8>().prop_map(Variant::Byte),
+            any::<i16>().prop_map(Variant::Int16),
+            any::<u16>().prop_map(Variant::UInt16),
+            any::<i32>().prop_map(Variant::Int32),
+            any::<u32>().prop_map(Variant::UInt32),
+            any::<i64>().prop_map(Variant::Int64),
+            any::<u64>().prop_map(Variant::UInt64),
+            any::<f32>().prop_map(Variant::Float),
+            any::<f64>().prop_map(Variant::Double),
+            prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY)]
+                .prop_map(Variant::Double),
+            "\\PC{0,40}".prop_map(|s| Variant::String(UAString::from(s))),
+            proptest::collection::vec(any::<u8>(), 0..600)
+                .prop_map(|b| Variant::ByteString(ByteString::from(b))),
+            Just(Variant::Empty),
+            any::<f64>().prop_map(|v| Variant::Variant(Box::new(Variant::Double(v)))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_value_becomes_a_finite_reading_or_a_bounded_dead_letter(
+            v in variant(),
+            status in any::<u32>(),
+            with_status in any::<bool>(),
+        ) {
+            let dv = DataValue {
+                value: Some(v),
+                status: with_status.then(|| StatusCode::from(status)),
+                ..Default::default()
+            };
+            match data_value_to_record("s", "ns=2;s=x", "m", "x", dv, Utc::now()) {
+                Record::Reading(r) => prop_assert!(r.value.is_finite()),
+                Record::DeadLetter(d) => {
+                    prop_assert!(!d.reason.is_empty());
+                    prop_assert!(d.payload_prefix.len() <= DEAD_LETTER_PREFIX_BYTES);
+                }
+                other => prop_assert!(false, "unexpected record {other:?}"),
+            }
+        }
+    }
+}
