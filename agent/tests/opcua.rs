@@ -67,7 +67,12 @@ impl TestServer {
     async fn start(listener: TcpListener, pki_dir: &Path, temp: f64) -> Self {
         let port = listener.local_addr().unwrap().port();
         let tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID];
+        let secure_tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID];
         let (server, handle) = ServerBuilder::new()
+            .add_user_token(
+                USER_TOKEN_ID,
+                opcua::server::ServerUserToken::user_pass(USER, PASSWORD),
+            )
             .application_name("kip test server")
             .application_uri("urn:kip:test:server")
             .product_uri("urn:kip:test:server")
@@ -87,7 +92,7 @@ impl TestServer {
                     "/",
                     SecurityPolicy::Basic256Sha256,
                     MessageSecurityMode::SignAndEncrypt,
-                    tokens,
+                    secure_tokens,
                 ),
             )
             .with_node_manager(simple_node_manager(
@@ -196,6 +201,7 @@ fn config(port: u16, pki_dir: &Path, nodes: Vec<OpcUaNodeConfig>) -> OpcUaEndpoi
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
         nodes,
+        user_identity: Default::default(),
     }
 }
 
@@ -517,6 +523,75 @@ async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other()
         assert_eq!(n, 0, "{} is not empty", rejected.display());
     }
     src.stop().await;
+    server.stop().await;
+}
+
+/// The server's user with a password (on the basic256sha256 endpoint only).
+const USER_TOKEN_ID: &str = "kip-user";
+const USER: &str = "kip";
+const PASSWORD: &str = "s3cret-pw";
+
+/// OPC UA user identity (issue #13): the agent activates its session as a user whose password
+/// comes from a file; a wrong password gets no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_username_and_password_from_a_file_activate_the_session_and_a_wrong_one_does_not() {
+    let scratch = Scratch::new("userpass");
+    let server_pki = scratch.0.join("server");
+    let agent_pki = scratch.0.join("agent");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server = TestServer::start(listener, &server_pki, 8.0).await;
+
+    let secure = |password: &str, pki: &Path| {
+        let mut cfg = config(port, pki, vec![node("Temp", "temp")]);
+        cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
+        let server_cert = scratch.0.join("server-cert.der");
+        std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
+        cfg.trust_server_certs = vec![server_cert];
+        let agent_cert = cfg.ensure_own_certificate().unwrap();
+        let cert = CertificateStore::read_cert(&agent_cert).unwrap();
+        std::fs::create_dir_all(server_pki.join("trusted")).unwrap();
+        std::fs::copy(
+            &agent_cert,
+            server_pki
+                .join("trusted")
+                .join(CertificateStore::cert_file_name(&cert)),
+        )
+        .unwrap();
+        let pw_file = pki.join("password");
+        std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+        cfg.user_identity = kip_agent::opcua::OpcUaUserIdentity::Username {
+            username: USER.into(),
+            password_file: pw_file,
+        };
+        cfg
+    };
+
+    // A wrong password, started first: when the right one has data, the wrong one has none
+    // (the channel opens, the session is not activated).
+    let mut wrong = Running::start(secure("not-the-password", &scratch.0.join("agent-wrong")));
+    let mut src = Running::start(secure(PASSWORD, &agent_pki));
+    src.until("value as the configured user", |s| {
+        has_reading(s, "temp", 8.0)
+    })
+    .await;
+    while let Ok(e) = wrong.rx.try_recv() {
+        assert!(
+            !matches!(e.record, Record::Reading(_)),
+            "a wrong password produced a reading: {:?}",
+            e.record
+        );
+    }
+    let m = wrong.metrics();
+    assert!(!m.contains("kip_opcua_connected{source=\"plc1\"} 1"), "{m}");
+    wrong.stop().await;
+    src.stop().await;
+
+    // A password over security policy none is refused at load.
+    let mut plain = secure(PASSWORD, &agent_pki);
+    plain.security_policy = OpcUaSecurityPolicy::None;
+    let e = plain.validate().unwrap_err();
+    assert_eq!(e.field, "user_identity", "{e}");
     server.stop().await;
 }
 
