@@ -80,7 +80,11 @@ where
             post(revoke_device),
         )
         .route("/pki/ca", get(ca_status))
-        .route("/pki/ca/reload", post(ca_reload));
+        .route("/pki/ca/reload", post(ca_reload))
+        .route(
+            "/pki/ot-certificates",
+            post(super::ot_api::issue_ot).get(super::ot_api::list_ot),
+        );
     let root = Router::new()
         .route("/enroll", post(enroll))
         .route("/renew-expired", post(renew_expired));

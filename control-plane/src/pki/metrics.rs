@@ -33,6 +33,10 @@ pub struct PkiMetrics {
     pub ca_reloads: Family<ReloadLabels, Counter>,
     /// `POST /enroll` attempts refused by the per-address limit.
     pub enroll_rate_limited: Counter,
+    /// Current OT certificates expiring within 30 days (`kipctl ot list`).
+    pub ot_expiring: Gauge,
+    /// Seconds until the first current OT certificate expires.
+    pub ot_next_expiry_seconds: Gauge,
 }
 
 impl PkiMetrics {
@@ -58,6 +62,16 @@ impl PkiMetrics {
             "pki_enroll_rate_limited",
             "POST /enroll attempts refused by pki.enrollments_per_ip_per_minute before any database work",
             m.enroll_rate_limited.clone(),
+        );
+        registry.register(
+            "pki_ot_certificates_expiring",
+            "OT device certificates (kipctl ot issue) not yet replaced that expire within 30 days",
+            m.ot_expiring.clone(),
+        );
+        registry.register(
+            "pki_ot_certificate_next_expiry_seconds",
+            "Seconds until the first OT device certificate not yet replaced expires",
+            m.ot_next_expiry_seconds.clone(),
         );
         m
     }

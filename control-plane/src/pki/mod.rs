@@ -53,6 +53,7 @@ use crate::config::PkiConfig;
 mod api;
 pub mod enroll_limit;
 mod metrics;
+mod ot_api;
 
 pub use self::api::router;
 
@@ -435,6 +436,7 @@ async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &PkiMetrics) {
     if let Err(e) = count_devices_by_issuer(pki, pool, m).await {
         tracing::warn!(error = %e, "cannot count devices by certificate issuer");
     }
+    ot_api::update_expiry_metrics(pool, m).await;
 }
 
 #[cfg(unix)]
