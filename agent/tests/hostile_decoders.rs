@@ -76,7 +76,7 @@ fn example_config() -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// A damaged configuration file loads or is refused with an error naming a place.
     #[test]
