@@ -65,14 +65,31 @@ struct TestServer {
 impl TestServer {
     /// `temp` is the initial value of Machine1.Temp, so a restarted server is recognisable.
     async fn start(listener: TcpListener, pki_dir: &Path, temp: f64) -> Self {
+        Self::start_with_x509_user(listener, pki_dir, temp, None).await
+    }
+
+    /// [`Self::start`], also accepting the X.509 user certificate (DER) `x509_user` on the
+    /// basic256sha256 endpoint.
+    async fn start_with_x509_user(
+        listener: TcpListener,
+        pki_dir: &Path,
+        temp: f64,
+        x509_user: Option<&Path>,
+    ) -> Self {
         let port = listener.local_addr().unwrap().port();
         let tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID];
-        let secure_tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID];
-        let (server, handle) = ServerBuilder::new()
-            .add_user_token(
-                USER_TOKEN_ID,
-                opcua::server::ServerUserToken::user_pass(USER, PASSWORD),
-            )
+        let secure_tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID, X509_TOKEN_ID];
+        let mut builder = ServerBuilder::new().add_user_token(
+            USER_TOKEN_ID,
+            opcua::server::ServerUserToken::user_pass(USER, PASSWORD),
+        );
+        if let Some(cert) = x509_user {
+            builder = builder.add_user_token(
+                X509_TOKEN_ID,
+                opcua::server::ServerUserToken::x509("kip-x509", cert),
+            );
+        }
+        let (server, handle) = builder
             .application_name("kip test server")
             .application_uri("urn:kip:test:server")
             .product_uri("urn:kip:test:server")
@@ -528,6 +545,7 @@ async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other()
 
 /// The server's user with a password (on the basic256sha256 endpoint only).
 const USER_TOKEN_ID: &str = "kip-user";
+const X509_TOKEN_ID: &str = "kip-x509";
 const USER: &str = "kip";
 const PASSWORD: &str = "s3cret-pw";
 
@@ -592,6 +610,79 @@ async fn a_username_and_password_from_a_file_activate_the_session_and_a_wrong_on
     plain.security_policy = OpcUaSecurityPolicy::None;
     let e = plain.validate().unwrap_err();
     assert_eq!(e.field, "user_identity", "{e}");
+    server.stop().await;
+}
+
+/// Trusts each side's certificate on the other: a basic256sha256 config for `port`.
+fn trusted_secure_config(
+    scratch: &Path,
+    server_pki: &Path,
+    agent_pki: &Path,
+    port: u16,
+) -> OpcUaEndpointConfig {
+    let mut cfg = config(port, agent_pki, vec![node("Temp", "temp")]);
+    cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
+    let server_cert = scratch.join("server-cert.der");
+    std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
+    cfg.trust_server_certs = vec![server_cert];
+    let agent_cert = cfg.ensure_own_certificate().unwrap();
+    let cert = CertificateStore::read_cert(&agent_cert).unwrap();
+    std::fs::create_dir_all(server_pki.join("trusted")).unwrap();
+    std::fs::copy(
+        &agent_cert,
+        server_pki
+            .join("trusted")
+            .join(CertificateStore::cert_file_name(&cert)),
+    )
+    .unwrap();
+    cfg
+}
+
+/// OPC UA X.509 user identity: a user certificate made by the fleet CA (`kip_certs::ot`, RSA)
+/// activates the session on a server that maps that certificate to a user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_user_certificate_activates_the_session() {
+    let scratch = Scratch::new("x509user");
+    let ca = kip_certs::FleetCa::init(&scratch.0.join("ca"), std::time::SystemTime::now()).unwrap();
+    let issued = kip_certs::ot::issue(
+        ca.current(),
+        &kip_certs::ot::OtCertSpec {
+            profile: kip_certs::ot::OtProfile::OpcUa {
+                application_uri: "urn:kip:user:agent".into(),
+            },
+            common_name: "kip-agent-user".into(),
+            dns_names: vec!["agent".into()],
+            ip_addresses: vec![],
+            validity_days: 2,
+        },
+        kip_certs::ot::OtKeySource::Generate,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let (user_pem, user_der, user_key) = (
+        scratch.0.join("user.pem"),
+        scratch.0.join("user.der"),
+        scratch.0.join("user.key"),
+    );
+    std::fs::write(&user_pem, &issued.cert.cert_pem).unwrap();
+    std::fs::write(&user_der, issued.cert_der.as_ref()).unwrap();
+    std::fs::write(&user_key, issued.private_key.unwrap().pem()).unwrap();
+
+    let server_pki = scratch.0.join("server");
+    let agent_pki = scratch.0.join("agent");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server =
+        TestServer::start_with_x509_user(listener, &server_pki, 9.0, Some(&user_der)).await;
+    let mut cfg = trusted_secure_config(&scratch.0, &server_pki, &agent_pki, port);
+    cfg.user_identity = kip_agent::opcua::OpcUaUserIdentity::X509 {
+        cert_file: user_pem,
+        key_file: user_key,
+    };
+    let mut src = Running::start(cfg);
+    src.until("value as the X.509 user", |s| has_reading(s, "temp", 9.0))
+        .await;
+    src.stop().await;
     server.stop().await;
 }
 
