@@ -134,6 +134,11 @@ listen_addr = "$AGENT_HTTP_ADDR"
 format = "text"
 filter = "info"
 
+# The demo broker is plain MQTT on loopback (an isolated network of one machine): opt out of
+# the TLS requirement explicitly.
+[security]
+require_secure_ot = false
+
 [[mqtt]]
 name = "local-broker"
 url = "mqtt://127.0.0.1:$MQTT_PORT"

@@ -91,11 +91,19 @@ pub async fn status(cfg: &Config) -> Result<String, CliError> {
     match open_stopped(cfg) {
         Ok(buffer) => {
             let stats = buffer.stats()?;
-            Ok(format!(
+            let mut out = format!(
                 "kip-agent {}: not running (nothing answers at {addr})\n{}",
                 cfg.device,
                 format_buffer(&stats, 0)
-            ))
+            );
+            for q in crate::buffer_recovery::quarantined_buffers(&cfg.state_dir) {
+                let _ = writeln!(
+                    out,
+                    "QUARANTINED buffer (not synced, inspect then remove): {}",
+                    q.display()
+                );
+            }
+            Ok(out)
         }
         Err(CliError::Buffer(BufferError::Locked { path })) => Err(CliError::RunningButSilent {
             buffer: path.display().to_string(),
@@ -278,6 +286,12 @@ pub fn format_status(r: &StatusReport) -> String {
     out.push_str(&format_sync(r.sync.as_ref(), &r.buffer));
     if r.records_dropped > 0 {
         let _ = writeln!(out, "records dropped by the writer: {}", r.records_dropped);
+    }
+    for q in &r.quarantined_buffers {
+        let _ = writeln!(
+            out,
+            "QUARANTINED buffer (not synced, inspect then remove): {q}"
+        );
     }
     out
 }

@@ -69,6 +69,55 @@ pub struct RawConfig {
     /// `[live_query]`: answer the control plane's live-value requests over MQTT.
     #[serde(default)]
     pub live_query: Option<RawLiveQuery>,
+    /// `[security]`: what the agent refuses on the OT side.
+    #[serde(default)]
+    pub security: RawSecurity,
+}
+
+/// `[security]` as written.
+///
+/// `require_secure_ot` defaults to `false` when the section is absent, so a configuration
+/// written before it existed keeps working after an upgrade; the example configuration and
+/// the installer write `true`, and an operator turns it off only for an isolated machine
+/// network (the quickstart's local broker does so explicitly).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurity {
+    /// Refuse plain `mqtt://`, `mqtts://` without a client certificate and OPC UA security
+    /// policy `none` (sources and the live-query connection).
+    #[serde(default)]
+    pub require_secure_ot: bool,
+}
+
+/// Validated `[security]`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SecurityConfig {
+    pub require_secure_ot: bool,
+}
+
+/// How to opt out, appended to every refusal of `security.require_secure_ot`.
+const SECURE_OT_OPT_OUT: &str = "security.require_secure_ot is true; on an isolated machine \
+    network you may opt out with `[security]` `require_secure_ot = false`";
+
+/// Refuses an MQTT connection without TLS and a client certificate.
+fn require_secure_mqtt(endpoint: &MqttEndpoint, field: String) -> Result<(), ConfigError> {
+    match endpoint.tls() {
+        None => Err(invalid(
+            field,
+            format!(
+                "plain mqtt:// is refused: use mqtts:// with ca_file, client_cert_file and \
+                 client_key_file ({SECURE_OT_OPT_OUT})"
+            ),
+        )),
+        Some(t) if t.client_auth.is_none() => Err(invalid(
+            field,
+            format!(
+                "mqtts:// without a client certificate is refused: set client_cert_file and \
+                 client_key_file ({SECURE_OT_OPT_OUT})"
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// `[live_query]` as written: the connection is either borrowed from a `[[mqtt]]` source
@@ -483,6 +532,7 @@ pub struct Config {
     pub inference: Option<crate::edge_inference::InferenceConfig>,
     /// `None` when there is no `[live_query]` section.
     pub live_query: Option<LiveQueryConfig>,
+    pub security: SecurityConfig,
 }
 
 /// Validated `[buffer]`.
@@ -639,7 +689,30 @@ impl RawConfig {
             Some(raw) => Some(validate_live_query(raw, &device, &mqtt)?),
             None => None,
         };
+        let security = SecurityConfig {
+            require_secure_ot: self.security.require_secure_ot,
+        };
+        if security.require_secure_ot {
+            for (i, b) in mqtt.iter().enumerate() {
+                require_secure_mqtt(&b.endpoint, format!("mqtt[{i}].url"))?;
+            }
+            if let Some(l) = &live_query {
+                require_secure_mqtt(&l.broker.endpoint, "live_query.url".into())?;
+            }
+            for (i, ep) in self.opcua.iter().enumerate() {
+                if ep.security_policy == crate::opcua::OpcUaSecurityPolicy::None {
+                    return Err(invalid(
+                        format!("opcua[{i}].security_policy"),
+                        format!(
+                            "security policy none is refused: use basic256sha256 \
+                             ({SECURE_OT_OPT_OUT})"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Config {
+            security,
             live_query,
             inference,
             sync,
@@ -1048,6 +1121,67 @@ mod tests {
     }
 
     #[test]
+    fn require_secure_ot_refuses_plain_mqtt_one_way_tls_and_opcua_without_security() {
+        let sub = "[[mqtt.subscriptions]]\ntopic = \"a/+\"\nmachine = \"m\"\nmetric = \"x\"\n\
+                   value = { kind = \"number\" }\n";
+        let on = "[security]\nrequire_secure_ot = true\n";
+        let one_way = BROKER.replace("mqtt://", "mqtts://") + "ca_file = \"/ca.pem\"\n";
+        let mutual =
+            one_way.clone() + "client_cert_file = \"/c.pem\"\nclient_key_file = \"/k.pem\"\n";
+        let opcua = |policy: &str| {
+            format!(
+                "[[opcua]]\nname = \"o1\"\nurl = \"opc.tcp://plc:4840\"\npki_dir = \"/tmp/p\"\n\
+                 security_policy = \"{policy}\"\n\
+                 [[opcua.nodes]]\nnode_id = \"ns=2;s=a\"\nmachine = \"m\"\nmetric = \"t\"\n"
+            )
+        };
+        for (cfg, field, says) in [
+            (format!("{on}{BROKER}{sub}"), "mqtt[0].url", "plain mqtt://"),
+            (
+                format!("{on}{one_way}{sub}"),
+                "mqtt[0].url",
+                "client certificate",
+            ),
+            (
+                format!("{on}{mutual}{sub}[live_query]\nurl = \"mqtt://broker:1885\"\n"),
+                "live_query.url",
+                "plain mqtt://",
+            ),
+            (
+                format!("{on}{}", opcua("none")),
+                "opcua[0].security_policy",
+                "none",
+            ),
+        ] {
+            let err = parse(&cfg).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains(says), "{err}");
+            // The error tells how to opt out on an isolated network.
+            assert!(err.contains("require_secure_ot = false"), "{err}");
+            assert!(err.contains("isolated machine network"), "{err}");
+        }
+        let c = parse(&format!("{on}{mutual}{sub}{}", opcua("basic256sha256"))).unwrap();
+        assert!(c.security.require_secure_ot);
+        // Opting out (or an older file without the section) accepts plain brokers.
+        let off = "[security]\nrequire_secure_ot = false\n";
+        assert!(
+            !parse(&format!("{off}{BROKER}{sub}"))
+                .unwrap()
+                .security
+                .require_secure_ot
+        );
+        assert!(
+            !parse(&format!("{BROKER}{sub}"))
+                .unwrap()
+                .security
+                .require_secure_ot
+        );
+        let err = parse("[security]\nrequire_secure_of = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("require_secure_of"), "{err}");
+    }
+
+    #[test]
     fn live_query_reuses_a_source_broker_or_names_its_own() {
         let sub = "[[mqtt.subscriptions]]\ntopic = \"a/+\"\nmachine = \"m\"\nmetric = \"x\"\n\
                    value = { kind = \"number\" }\n";
@@ -1119,6 +1253,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let cfg = Config::load(&path).unwrap();
         assert_eq!(cfg.device.as_str(), "press-line-1");
+        assert!(
+            cfg.security.require_secure_ot,
+            "installs start with OT TLS enforced"
+        );
         assert_eq!(cfg.buffer.flush_interval, Duration::from_millis(200));
         assert_eq!(cfg.http_listen_addr.port(), 9464);
         assert_eq!(cfg.mqtt.len(), 1);

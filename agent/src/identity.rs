@@ -61,6 +61,79 @@ pub enum IdentityError {
          deployment): enroll again with a new token (`kip-agent enroll`)"
     )]
     UnknownCa { url: String },
+    #[error(
+        "refusing to enroll over {url}: the one-time token and the trust bundle would cross the \
+         network in clear; use https:// (plain http:// is accepted only for a loopback address)"
+    )]
+    InsecureEnrollUrl { url: String },
+    #[error("enrollment URL {url:?} is not a valid http(s) URL: {reason}")]
+    BadEnrollUrl { url: String, reason: String },
+}
+
+/// Checks the control-plane URL of `kip-agent enroll`: `https://`, or `http://` to a loopback
+/// address (`127.0.0.0/8`, `::1`, `localhost`), which never leaves the machine.
+pub fn check_enroll_url(url: &str) -> Result<(), IdentityError> {
+    let bad = |reason: String| IdentityError::BadEnrollUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = parsed.host_str().unwrap_or_default();
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err(IdentityError::InsecureEnrollUrl {
+                    url: url.to_owned(),
+                })
+            }
+        }
+        other => Err(bad(format!("scheme {other:?}: use https://"))),
+    }
+}
+
+/// Narrows a leftover temporary file of an interrupted atomic write (`*.tmp`, may hold a
+/// private key) to mode 0600 and removes it: the renamed file is the only valid copy.
+pub fn clean_leftover_temp_files(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "tmp") {
+            continue;
+        }
+        // Narrow first: if removing fails, the key material is at least not readable by others.
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::warn!(path = %path.display(),
+                "removed a temporary file left by an interrupted write"),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e,
+                "cannot remove a leftover temporary file (narrowed to mode 0600)"),
+        }
+    }
+}
+
+/// Narrows `path` to mode 0600 if it is readable by group or others (a key file copied or
+/// restored with a wide mode).
+fn narrow_to_owner(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777),
+            "private key file was readable by others; narrowing it to 0600");
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
 }
 
 /// Whether `e` (anywhere in its source chain) is a TLS alert `unknown_ca` sent by the
@@ -146,10 +219,12 @@ impl Identity {
 
     /// Loads the identity from `dir`; `None` when the device has not enrolled yet.
     pub fn load(dir: &Path) -> Result<Option<Self>, IdentityError> {
+        clean_leftover_temp_files(dir);
         let device = dir.join(DEVICE_FILE);
         if !device.exists() {
             return Ok(None);
         }
+        narrow_to_owner(&device);
         let pem = files::read(&device)?;
         let key = DeviceKey::from_pem(&pem)?;
         let chain_pem: String = certs_from_pem(&pem, "device certificate chain")?
@@ -264,6 +339,7 @@ pub async fn enroll(
     org_id: Option<Uuid>,
     dir: &Path,
 ) -> Result<Identity, IdentityError> {
+    check_enroll_url(control_plane_url)?;
     let key = DeviceKey::generate()?;
     let url = format!("{}/enroll", control_plane_url.trim_end_matches('/'));
     let answer = post_csr(
@@ -730,6 +806,97 @@ mod tests {
     const H: Duration = Duration::from_secs(3600);
 
     /// An identity signed by a fresh CA, stored in `dir`, and a second root for a rollover.
+    #[test]
+    fn enrollment_over_plain_http_is_refused_unless_loopback() {
+        for ok in [
+            "https://kip.example.com",
+            "https://10.0.0.5:8443/",
+            "http://127.0.0.1:8080",
+            "http://127.8.9.10",
+            "http://[::1]:8080",
+            "http://localhost:8080",
+            "http://LOCALHOST",
+        ] {
+            check_enroll_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "http://10.0.0.5:8080",
+            "http://kip.example.com",
+            "http://localhost.evil.example",
+            "http://[::ffff:10.0.0.1]",
+            "http://0.0.0.0:8080",
+        ] {
+            let e = check_enroll_url(bad).unwrap_err();
+            assert!(
+                matches!(e, IdentityError::InsecureEnrollUrl { .. }),
+                "{bad}: {e}"
+            );
+            assert!(e.to_string().contains("https://"), "{e}");
+        }
+        for bad in ["ftp://x", "not a url", "kip.example.com:8443"] {
+            assert!(check_enroll_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// `enroll` itself refuses before sending anything: the token never leaves.
+    #[tokio::test]
+    async fn enroll_refuses_a_remote_http_server_before_any_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build()
+            .unwrap();
+        // TEST-NET-1: without the check this would be a connection attempt (an `Http` error
+        // after the connect timeout), not an immediate refusal.
+        let e = enroll(
+            &http,
+            "http://192.0.2.1:9",
+            "secret-token",
+            "gw",
+            None,
+            dir.path(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, IdentityError::InsecureEnrollUrl { .. }), "{e}");
+        assert!(!dir.path().join(DEVICE_FILE).exists());
+    }
+
+    #[test]
+    fn leftover_temp_key_files_are_removed_and_a_wide_key_file_is_narrowed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, _) = enrolled(tmp.path());
+        let dir = tmp.path().join("identity");
+        id.store(&dir).unwrap();
+        let leftover = dir.join(format!("{DEVICE_FILE}.tmp"));
+        std::fs::write(&leftover, id.key.to_pem()).unwrap();
+        std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            dir.join(DEVICE_FILE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let loaded = Identity::load(&dir).unwrap().unwrap();
+        assert_eq!(loaded.device_id(), id.device_id());
+        assert!(!leftover.exists(), "leftover temp key file removed");
+        let mode = std::fs::metadata(dir.join(DEVICE_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
     fn enrolled(dir: &Path) -> (Identity, TrustBundle) {
         let now = SystemTime::now();
         let ca = FleetCa::init(&dir.join("ca"), now).unwrap();

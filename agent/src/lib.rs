@@ -9,6 +9,7 @@
 
 pub mod ack;
 pub mod buffer;
+pub mod buffer_recovery;
 pub mod cli;
 pub mod config;
 pub mod edge_inference;

@@ -124,6 +124,64 @@ impl OpcUaSecurityPolicy {
     }
 }
 
+/// The user the agent activates its session as (`[opcua.user_identity]`), on top of the
+/// channel's security policy. Secrets stay out of the config file: the password and the key
+/// are read from their files at each connect (so a rotated file takes effect on reconnect).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum OpcUaUserIdentity {
+    /// No user (the default).
+    #[default]
+    Anonymous,
+    /// User name and a password read from `password_file` (trailing newline ignored).
+    Username {
+        username: String,
+        password_file: PathBuf,
+    },
+    /// An X.509 user certificate (PEM or DER) and its RSA private key (PEM).
+    X509 {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+}
+
+impl OpcUaUserIdentity {
+    /// The token for `ActivateSession`, reading the secret files now.
+    fn token(&self) -> Result<IdentityToken, String> {
+        Ok(match self {
+            Self::Anonymous => IdentityToken::Anonymous,
+            Self::Username {
+                username,
+                password_file,
+            } => {
+                let pw = std::fs::read_to_string(password_file).map_err(|e| {
+                    format!(
+                        "user_identity.password_file {}: {e}",
+                        password_file.display()
+                    )
+                })?;
+                IdentityToken::new_user_name(
+                    username.clone(),
+                    pw.trim_end_matches(['\r', '\n']).to_owned(),
+                )
+            }
+            Self::X509 {
+                cert_file,
+                key_file,
+            } => {
+                let bytes = std::fs::read(cert_file)
+                    .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
+                let cert = opcua::crypto::X509::from_pem(&bytes)
+                    .or_else(|_| opcua::crypto::X509::from_der(&bytes))
+                    .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
+                let key = opcua::crypto::PrivateKey::read_pem_file(key_file)
+                    .map_err(|e| format!("user_identity.key_file {}: {e}", key_file.display()))?;
+                IdentityToken::new_x509(cert, key)
+            }
+        })
+    }
+}
+
 /// One server node whose value is a metric of a machine.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,6 +229,9 @@ pub struct OpcUaEndpointConfig {
     pub reconnect_max_ms: u64,
     /// Nodes to subscribe to.
     pub nodes: Vec<OpcUaNodeConfig>,
+    /// The user of the session (default anonymous).
+    #[serde(default)]
+    pub user_identity: OpcUaUserIdentity,
 }
 
 /// An invalid OPC UA endpoint configuration, naming the offending field.
@@ -211,6 +272,47 @@ impl OpcUaEndpointConfig {
                     &format!("trust_server_certs[{i}]"),
                     format!("{} is not a readable file", path.display()),
                 ));
+            }
+        }
+        match &self.user_identity {
+            OpcUaUserIdentity::Anonymous => {}
+            OpcUaUserIdentity::Username {
+                username,
+                password_file,
+            } => {
+                if username.trim().is_empty() {
+                    return Err(err("user_identity.username", "must not be empty".into()));
+                }
+                if !password_file.is_file() {
+                    return Err(err(
+                        "user_identity.password_file",
+                        format!("{} is not a readable file", password_file.display()),
+                    ));
+                }
+                if self.security_policy == OpcUaSecurityPolicy::None {
+                    return Err(err(
+                        "user_identity",
+                        "a password is refused over security_policy \"none\": use \
+                         basic256sha256 so it never crosses the network unencrypted"
+                            .into(),
+                    ));
+                }
+            }
+            OpcUaUserIdentity::X509 {
+                cert_file,
+                key_file,
+            } => {
+                for (field, path) in [
+                    ("user_identity.cert_file", cert_file),
+                    ("user_identity.key_file", key_file),
+                ] {
+                    if !path.is_file() {
+                        return Err(err(
+                            field,
+                            format!("{} is not a readable file", path.display()),
+                        ));
+                    }
+                }
             }
         }
         if self.publishing_interval_ms == 0 {
@@ -628,7 +730,11 @@ impl OpcUaSource {
             sec.mode(),
             UserTokenPolicy::anonymous(),
         );
-        let connect = client.connect_to_matching_endpoint(endpoint, IdentityToken::Anonymous);
+        let identity = match self.cfg.user_identity.token() {
+            Ok(t) => t,
+            Err(e) => return lost(e),
+        };
+        let connect = client.connect_to_matching_endpoint(endpoint, identity);
         let (session, event_loop) = tokio::select! {
             () = cancel.cancelled() => return SessionEnd::Stop,
             r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
@@ -1395,6 +1501,7 @@ mod tests {
                 metric: "temp".into(),
                 sampling_interval_ms: None,
             }],
+            user_identity: OpcUaUserIdentity::Anonymous,
         }
     }
 
@@ -1545,5 +1652,63 @@ mod tests {
         assert_eq!(ts(Some(src), Some(srv)), src);
         assert_eq!(ts(None, Some(srv)), srv);
         assert_eq!(ts(None, None), rcv);
+    }
+}
+
+/// Property test of the OPC UA value conversion (issue #13, hostile input): any variant,
+/// status and timestamps become a reading with a finite value or a dead letter with a reason.
+#[cfg(test)]
+mod value_proptests {
+    use opcua::types::{ByteString, UAString};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn variant() -> impl Strategy<Value = Variant> {
+        prop_oneof![
+            any::<bool>().prop_map(Variant::Boolean),
+            any::<i8>().prop_map(Variant::SByte),
+            any::<u8>().prop_map(Variant::Byte),
+            any::<i16>().prop_map(Variant::Int16),
+            any::<u16>().prop_map(Variant::UInt16),
+            any::<i32>().prop_map(Variant::Int32),
+            any::<u32>().prop_map(Variant::UInt32),
+            any::<i64>().prop_map(Variant::Int64),
+            any::<u64>().prop_map(Variant::UInt64),
+            any::<f32>().prop_map(Variant::Float),
+            any::<f64>().prop_map(Variant::Double),
+            prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY)]
+                .prop_map(Variant::Double),
+            "\\PC{0,40}".prop_map(|s| Variant::String(UAString::from(s))),
+            proptest::collection::vec(any::<u8>(), 0..600)
+                .prop_map(|b| Variant::ByteString(ByteString::from(b))),
+            Just(Variant::Empty),
+            any::<f64>().prop_map(|v| Variant::Variant(Box::new(Variant::Double(v)))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_value_becomes_a_finite_reading_or_a_bounded_dead_letter(
+            v in variant(),
+            status in any::<u32>(),
+            with_status in any::<bool>(),
+        ) {
+            let dv = DataValue {
+                value: Some(v),
+                status: with_status.then(|| StatusCode::from(status)),
+                ..Default::default()
+            };
+            match data_value_to_record("s", "ns=2;s=x", "m", "x", dv, Utc::now()) {
+                Record::Reading(r) => prop_assert!(r.value.is_finite()),
+                Record::DeadLetter(d) => {
+                    prop_assert!(!d.reason.is_empty());
+                    prop_assert!(d.payload_prefix.len() <= DEAD_LETTER_PREFIX_BYTES);
+                }
+                other => prop_assert!(false, "unexpected record {other:?}"),
+            }
+        }
     }
 }

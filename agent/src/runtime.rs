@@ -80,6 +80,8 @@ pub enum RuntimeError {
     },
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    #[error(transparent)]
+    BufferRecovery(#[from] crate::buffer_recovery::RecoveryError),
     #[error("device identity: {0}")]
     Identity(#[from] IdentityError),
     #[error("sync: {0}")]
@@ -112,6 +114,8 @@ struct Surface {
     inference: Option<Arc<Inference>>,
     /// The sync loop's state; `None` when sync is not configured or the agent not enrolled.
     sync: Option<Arc<SyncStatus>>,
+    /// Quarantined buffer directories found at start-up (see [`crate::buffer_recovery`]).
+    quarantined_buffers: Vec<String>,
     /// The identity and its `kip_agent_certificate_expiry_seconds` gauge, set at each scrape;
     /// `None` when the agent is not enrolled (no gauge, rather than a misleading 0).
     cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
@@ -141,6 +145,9 @@ pub struct StatusReport {
     /// Sync to the control plane; `None` when not configured or not enrolled.
     #[serde(default)]
     pub sync: Option<SyncReport>,
+    /// Buffers that could not be opened and were moved aside (paths), oldest first.
+    #[serde(default)]
+    pub quarantined_buffers: Vec<String>,
 }
 
 /// What `/v1/buffer` answers and `kip-agent buffer inspect` prints.
@@ -193,6 +200,7 @@ impl Surface {
             buffer: stats,
             records_dropped: self.metrics.records_dropped.get(),
             sync: self.sync.as_ref().map(|s| s.report()),
+            quarantined_buffers: self.quarantined_buffers.clone(),
         })
     }
 }
@@ -509,6 +517,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     let mut registry = metrics::new_registry();
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
+    let quarantined_buffers = register_quarantined(&cfg, &mut registry);
     let inference = start_inference(&cfg, &mut registry)?;
     let sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
     let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
@@ -528,6 +537,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         inference: inference.as_ref().map(|(i, _)| i.clone()),
         sync: sync.syncer.as_ref().map(Syncer::status),
         cert_expiry: sync.cert_expiry,
+        quarantined_buffers,
     });
     let tracker = TaskTracker::new();
     spawn_tasks(
@@ -563,13 +573,38 @@ fn open_buffer(cfg: &Config) -> Result<Arc<Buffer>, RuntimeError> {
     })?;
     let mut opts = BufferOptions::with_max_bytes(cfg.buffer.max_bytes);
     opts.cache_capacity_bytes = (cfg.buffer.max_bytes / 8).clamp(8 << 20, 256 << 20);
-    let buffer = Arc::new(Buffer::open(&cfg.buffer_dir(), opts)?);
+    let floor = cfg
+        .identity_dir()
+        .join(crate::buffer_recovery::EPOCH_FLOOR_FILE);
+    let opened = crate::buffer_recovery::open(&cfg.buffer_dir(), &floor, opts)?;
+    let buffer = Arc::new(opened.buffer);
     tracing::info!(
         path = %buffer.path().display(),
         epoch = buffer.epoch(),
         "buffer open"
     );
     Ok(buffer)
+}
+
+/// Reports the quarantined buffers in the state directory: a gauge
+/// (`kip_agent_buffer_quarantined_dirs`), an error line each start, the list for the status.
+fn register_quarantined(cfg: &Config, registry: &mut Registry) -> Vec<String> {
+    let found: Vec<String> = crate::buffer_recovery::quarantined_buffers(&cfg.state_dir)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let gauge = Gauge::<i64>::default();
+    gauge.set(i64::try_from(found.len()).unwrap_or(i64::MAX));
+    registry.register(
+        "buffer_quarantined_dirs",
+        "Buffer directories that could not be opened and were moved aside (remove them once inspected)",
+        gauge,
+    );
+    if !found.is_empty() {
+        tracing::error!(quarantined = ?found,
+            "quarantined buffers are present: their records were not synced");
+    }
+    found
 }
 
 /// Loads the model (when `[inference]` is on); returns it with its queue capacity.
@@ -851,6 +886,7 @@ mod tests {
             inference: None,
             sync: None,
             cert_expiry: None,
+            quarantined_buffers: Vec::new(),
         })
     }
 

@@ -29,18 +29,23 @@
 //!
 //! # Poison batches
 //!
-//! A 400 or 422 for a batch (and a 413 for a single record) means the control plane will
-//! never accept it as it is. Looping on it would stop the stream for good, so the loop splits:
-//! it halves the batch until the refused part is one record, then moves that record aside: it
-//! appends a [`DeadLetter`] (source `sync`, origin `epoch E seq S kind K`, the server's status
-//! and message as reason, the record's JSON prefix as payload), acknowledges the refused
-//! record locally (deleting it), counts it in `kip_agent_sync_dead_letters` and logs an error.
-//! The stream then continues; the dead letter itself syncs like any record, so the refusal is
-//! visible in the control plane (`agent_events`).
+//! The control plane's refusal carries a machine-readable `error.code`
+//! ([`kip_shared::sync::error_code`]); the loop acts on the code alone, never on the message.
+//! A code that blames one record (`record_invalid`, `batch_undecodable`) means the control
+//! plane will never accept the batch as it is. Looping on it would stop the stream for good,
+//! so the loop splits: it halves the batch until the refused part is one record, then moves
+//! that record aside: it appends a [`DeadLetter`] (source `sync`, origin `epoch E seq S kind
+//! K`, the server's status, code and message as reason, the record's whole JSON as payload,
+//! not a prefix), acknowledges the refused record locally (deleting it), counts it in
+//! `kip_agent_sync_dead_letters` and logs an error. The stream then continues; the dead
+//! letter itself syncs like any record, so the refusal is visible in the control plane
+//! (`agent_events`).
 //!
-//! Exceptions: a refusal naming `protocol_version` is a version mismatch of the whole agent,
-//! not a bad record, and a refused dead letter written by this module means the control plane
-//! refuses even minimal records; both are treated as failures (backoff, nothing dropped).
+//! Everything else is systemic and treated as a failure (backoff, nothing dropped): a
+//! protocol version the control plane does not accept, a structural or encoding refusal, a
+//! 413 for a single record, a missing or unknown code, and a refused dead letter written by
+//! this module (the control plane refuses even minimal records). `batch_too_many_records`
+//! and a 413 for several records shrink the batch instead.
 
 use kip_shared::backoff::Backoff;
 use std::{
@@ -56,8 +61,7 @@ use chrono::{DateTime, Utc};
 use kip_certs::rustls;
 use kip_shared::{
     DeadLetter, Record, Sequenced,
-    record::DEAD_LETTER_PREFIX_BYTES,
-    sync::{SyncAck, SyncBatch},
+    sync::{SyncAck, SyncBatch, error_code},
 };
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -240,9 +244,11 @@ enum Outcome {
     TooLarge {
         message: String,
     },
-    /// 400/422: the control plane will never take this batch as it is.
+    /// 400/422: the control plane will not take this batch as it is; `code` (the JSON
+    /// body's `error.code`) tells whether one record is to blame.
     Refused {
         status: u16,
+        code: Option<String>,
         message: String,
     },
 }
@@ -562,8 +568,25 @@ impl Syncer {
                     "batch too large for the control plane; shrinking");
                 Ok(None)
             }
-            Outcome::TooLarge { message } => self.refused(records, 413, message).await,
-            Outcome::Refused { status, message } => self.refused(records, status, message).await,
+            Outcome::TooLarge { message } => Ok(Some(self.failure(
+                "refused_systemic",
+                format!("control plane refused (413) a single record as too large: {message}"),
+            ))),
+            Outcome::Refused {
+                code: Some(code),
+                message,
+                ..
+            } if code == error_code::BATCH_TOO_MANY_RECORDS && n > 1 => {
+                self.shrink();
+                tracing::warn!(records = n, batch_records = self.batch_records, %message,
+                    "batch has more records than the control plane takes; shrinking");
+                Ok(None)
+            }
+            Outcome::Refused {
+                status,
+                code,
+                message,
+            } => self.refused(records, status, code, message).await,
         }
     }
 
@@ -572,25 +595,32 @@ impl Syncer {
         &mut self,
         records: Vec<Sequenced>,
         status: u16,
+        code: Option<String>,
         message: String,
     ) -> Result<Option<Duration>, SyncError> {
         self.metrics
             .batches
             .get_or_create(&ResultLabels { result: "refused" })
             .inc();
-        let systemic = message.contains("protocol_version")
+        // By the machine-readable code only: any code that does not blame one record
+        // (protocol version, structure, encoding, an unknown or missing code) keeps every
+        // record and backs off.
+        let systemic = !error_code::blames_a_record(code.as_deref())
             || (records.len() == 1
                 && matches!(&records[0].record,
                     Record::DeadLetter(d) if d.source == DEAD_LETTER_SOURCE));
         if systemic {
             return Ok(Some(self.failure(
                 "refused_systemic",
-                format!("control plane refused ({status}) a batch it should accept: {message}"),
+                format!(
+                    "control plane refused ({status} {}) a batch it should accept: {message}",
+                    code.as_deref().unwrap_or("no error code")
+                ),
             )));
         }
         if records.len() > 1 {
             let half = records.len() / 2;
-            tracing::warn!(status, %message, records = records.len(), next = half,
+            tracing::warn!(status, code, %message, records = records.len(), next = half,
                 "control plane refused a batch; splitting it to isolate the bad record");
             let until = records.last().map_or(0, |r| r.seq);
             self.split = Some((half.max(1), until));
@@ -608,8 +638,12 @@ impl Syncer {
                 bad.seq,
                 bad.record.kind()
             ),
-            reason: format!("control plane refused the record ({status}): {message}"),
-            payload_prefix: json[..json.len().min(DEAD_LETTER_PREFIX_BYTES)].to_vec(),
+            reason: format!(
+                "control plane refused the record ({status} {}): {message}",
+                code.as_deref().unwrap_or_default()
+            ),
+            // The whole record, not a prefix: it is the only copy once acknowledged below.
+            payload_prefix: json,
             ts: Utc::now(),
         });
         let buffer = self.buffer.clone();
@@ -754,13 +788,18 @@ impl Syncer {
             };
         }
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let code = v["error"]["code"].as_str().map(ToOwned::to_owned);
         let message = v["error"]["message"]
             .as_str()
             .map(ToOwned::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
         match status {
             413 => Outcome::TooLarge { message },
-            400 | 422 => Outcome::Refused { status, message },
+            400 | 422 => Outcome::Refused {
+                status,
+                code,
+                message,
+            },
             408 | 429 => Outcome::Failed {
                 reason: "throttled",
                 message: format!("{status}: {message}"),
@@ -811,3 +850,7 @@ fn read_and_encode(
     let body = gz.finish()?;
     Ok((batch.records, body))
 }
+
+#[cfg(test)]
+#[path = "sync_tests.rs"]
+mod tests;

@@ -25,3 +25,4 @@ pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,
     EnrollRequest, EnrollToken, RenewExpiredRequest, RenewRequest, Revocation,
 };
+pub use pki::{IssueOtCertificate, IssuedOtCertificate, OtCertificateInfo};

@@ -129,3 +129,66 @@ pub struct AgentWhoami {
     pub serial: String,
     pub not_after: DateTime<Utc>,
 }
+
+/// Body of `POST /v1/pki/ot-certificates`: a certificate for an OT device (MQTT broker, PLC,
+/// OPC UA server or client) from the fleet CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueOtCertificate {
+    /// `tls-server` (brokers, PLC TLS endpoints), `tls-client` (devices connecting to a
+    /// broker) or `opcua` (an OPC UA application instance certificate).
+    pub profile: String,
+    /// Subject common name (1 to 64 bytes).
+    pub common_name: String,
+    #[serde(default)]
+    pub dns_names: Vec<String>,
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    /// The ApplicationUri; required for `opcua`, refused otherwise.
+    #[serde(default)]
+    pub application_uri: Option<String>,
+    /// Lifetime in days (1 to 825; never beyond the intermediate's expiry).
+    pub validity_days: u32,
+    /// PEM CSR whose public key to certify (the key never leaves the device); without it a
+    /// key is generated and returned once.
+    #[serde(default)]
+    pub csr_pem: Option<String>,
+    /// Serial (hex) of a certificate this one replaces (rotation): recorded, and the old
+    /// one leaves the expiry reminders.
+    #[serde(default)]
+    pub replaces_serial: Option<String>,
+}
+
+/// An issued OT certificate (`POST /v1/pki/ot-certificates`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedOtCertificate {
+    pub info: OtCertificateInfo,
+    /// The certificate alone (PEM).
+    pub certificate_pem: String,
+    /// Certificate then intermediate: what a TLS server presents.
+    pub chain_pem: String,
+    /// The fleet trust bundle (roots): the CA file of whoever verifies this certificate.
+    pub ca_bundle_pem: String,
+    /// The generated private key (PKCS#8 PEM), only when no CSR was sent; shown once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
+}
+
+/// A recorded OT certificate (`GET /v1/pki/ot-certificates`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OtCertificateInfo {
+    pub id: Uuid,
+    pub serial_hex: String,
+    pub profile: String,
+    pub common_name: String,
+    pub dns_names: Vec<String>,
+    pub ip_addresses: Vec<String>,
+    pub application_uri: Option<String>,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    pub issued_at: DateTime<Utc>,
+    /// Serial of the certificate this one replaced.
+    pub replaces_serial: Option<String>,
+    /// Set when a newer certificate replaced this one.
+    pub replaced_at: Option<DateTime<Utc>>,
+}

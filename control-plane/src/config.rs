@@ -156,6 +156,10 @@ pub struct RawPki {
     /// ones answer 504.
     #[serde(default = "default_agent_request_timeout_ms")]
     pub agent_request_timeout_ms: u64,
+    /// Enrollment attempts (`POST /enroll`) per client address per minute, counted before
+    /// any database work; beyond it 429 with `Retry-After` (0: off).
+    #[serde(default = "default_enrollments_per_ip_per_minute")]
+    pub enrollments_per_ip_per_minute: u32,
 }
 
 /// `[ingest]`: limits on agent sync batches (`POST /v1/agent/sync` on the agent listener).
@@ -235,6 +239,9 @@ fn default_renewal_window_s() -> u64 {
 fn default_agent_request_timeout_ms() -> u64 {
     120_000
 }
+fn default_enrollments_per_ip_per_minute() -> u32 {
+    30
+}
 
 impl Default for RawPki {
     fn default() -> Self {
@@ -251,6 +258,7 @@ impl Default for RawPki {
             renewals_per_window: default_renewals_per_window(),
             renewal_window_s: default_renewal_window_s(),
             agent_request_timeout_ms: default_agent_request_timeout_ms(),
+            enrollments_per_ip_per_minute: default_enrollments_per_ip_per_minute(),
         }
     }
 }
@@ -273,6 +281,8 @@ pub struct PkiConfig {
     pub renewal_window: Duration,
     /// `pki.agent_request_timeout_ms`.
     pub agent_request_timeout: Duration,
+    /// `pki.enrollments_per_ip_per_minute` (0: off).
+    pub enrollments_per_ip_per_minute: u32,
 }
 
 impl RawPki {
@@ -329,6 +339,13 @@ impl RawPki {
         let agent_request_timeout = in_range(self.agent_request_timeout_ms, 100, 3_600_000, " ms")
             .map(Duration::from_millis)
             .map_err(|m| invalid("pki.agent_request_timeout_ms", m))?;
+        in_range(
+            u64::from(self.enrollments_per_ip_per_minute),
+            0,
+            1_000_000,
+            "",
+        )
+        .map_err(|m| invalid("pki.enrollments_per_ip_per_minute", m))?;
         let agent_listen_addr = self.agent_listen_addr.parse().map_err(|e| {
             invalid(
                 "pki.agent_listen_addr",
@@ -364,6 +381,7 @@ impl RawPki {
             renewals_per_window: self.renewals_per_window,
             renewal_window,
             agent_request_timeout,
+            enrollments_per_ip_per_minute: self.enrollments_per_ip_per_minute,
         })
     }
 }

@@ -915,3 +915,308 @@ async fn forged_recovery_and_malformed_tokens_are_refused_without_the_database(p
         assert_eq!(s, StatusCode::FORBIDDEN, "{token}: {v}");
     }
 }
+
+/// `POST /enroll` from `ip` (as the admin listener records the peer address).
+async fn enroll_from(env: &Env, ip: &str, token: &str) -> (StatusCode, Option<String>, Value) {
+    let key = DeviceKey::generate().unwrap();
+    let body =
+        json!({ "token": token, "csr_pem": key.csr_pem("gw-x").unwrap(), "device_name": "gw-x" });
+    let peer: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/enroll")
+        .header("content-type", "application/json")
+        .extension(axum::extract::ConnectInfo(peer))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = env.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Hole 5 / #13 item 6: enrollment attempts are limited per address before PostgreSQL is
+/// asked: with the database gone, a limited address still gets its 429 (not a 5xx), while
+/// another address is unaffected by the first one's flood.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn enrollment_is_rate_limited_per_address_before_the_database(pool: PgPool) {
+    let db = pool.clone();
+    let env = setup_with(pool, |cfg| {
+        cfg.pki.enrollments_per_ip_per_minute = 3;
+    })
+    .await;
+    let bogus = "kipenroll_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    for _ in 0..3 {
+        let (s, _, v) = enroll_from(&env, "203.0.113.7", bogus).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    }
+    // A valid token does not help once the address is over its limit.
+    let t = env.enroll_token(env.org_id, json!({})).await;
+    let (s, retry, v) = enroll_from(&env, "203.0.113.7", &t.token).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("enrollments_per_ip_per_minute"),
+        "{v}"
+    );
+    let retry: u64 = retry.unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    // Another address enrolls with that token.
+    let (s, _, v) = enroll_from(&env, "198.51.100.9", &t.token).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // Refused before the database: with PostgreSQL gone the answer is still 429.
+    db.close().await;
+    let (s, _, v) = enroll_from(&env, "203.0.113.7", bogus).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+}
+
+/// Runs `openssl verify -CAfile ca -untrusted chain leaf`; (success, output).
+fn openssl_verify(
+    dir: &std::path::Path,
+    ca_pem: &str,
+    chain_pem: &str,
+    leaf_pem: &str,
+) -> (bool, String) {
+    let (ca, chain, leaf) = (
+        dir.join("ca.pem"),
+        dir.join("chain.pem"),
+        dir.join("leaf.pem"),
+    );
+    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&chain, chain_pem).unwrap();
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&ca)
+        .arg("-untrusted")
+        .arg(&chain)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `kipctl ot issue` end to end through the API (#13, certificates for OT devices): a broker
+/// certificate and an OPC UA certificate verify with openssl against the fleet bundle, a
+/// rotation replaces the old one in the expiry reminders, calls are audited, org keys are
+/// refused, and bad fields get a 422 naming them.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn ot_certificates_are_issued_rotated_listed_by_expiry_and_verify_with_openssl(pool: PgPool) {
+    let db = pool.clone();
+    let env = setup(pool).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/pki/ot-certificates",
+            Some(json!({
+                "profile": "tls-server", "common_name": "broker",
+                "dns_names": ["broker.plant.local"], "ip_addresses": ["10.0.0.5"],
+                "validity_days": 10
+            })),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let broker: kip_api::IssuedOtCertificate = serde_json::from_value(v).unwrap();
+    assert!(
+        broker
+            .private_key_pem
+            .as_deref()
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    let (ok, out) = openssl_verify(
+        tmp.path(),
+        &broker.ca_bundle_pem,
+        &broker.chain_pem,
+        &broker.certificate_pem,
+    );
+    assert!(ok, "{out}");
+    // And it is a server certificate for the names asked for.
+    let text = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(tmp.path().join("leaf.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("DNS:broker.plant.local") && text.contains("IP Address:10.0.0.5"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Server Authentication"), "{text}");
+
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/pki/ot-certificates",
+            Some(json!({
+                "profile": "opcua", "common_name": "plc-1",
+                "application_uri": "urn:plant:plc-1", "dns_names": ["plc-1"],
+                "validity_days": 400
+            })),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let plc: kip_api::IssuedOtCertificate = serde_json::from_value(v).unwrap();
+    let (ok, out) = openssl_verify(
+        tmp.path(),
+        &plc.ca_bundle_pem,
+        &plc.chain_pem,
+        &plc.certificate_pem,
+    );
+    assert!(ok, "{out}");
+
+    // Expiry reminders: only the broker certificate (10 days) is within 30 days.
+    let (s, v) = env
+        .call(
+            "GET",
+            "/v1/pki/ot-certificates?expiring_within_days=30",
+            None,
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let expiring: Vec<kip_api::OtCertificateInfo> = serde_json::from_value(v).unwrap();
+    assert_eq!(expiring.len(), 1);
+    assert_eq!(expiring[0].serial_hex, broker.info.serial_hex);
+
+    // Rotation: the new broker certificate replaces the old one, which leaves the reminders.
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/pki/ot-certificates",
+            Some(json!({
+                "profile": "tls-server", "common_name": "broker",
+                "dns_names": ["broker.plant.local"], "validity_days": 365,
+                "replaces_serial": broker.info.serial_hex
+            })),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, v) = env
+        .call(
+            "GET",
+            "/v1/pki/ot-certificates?expiring_within_days=30",
+            None,
+            true,
+        )
+        .await;
+    assert_eq!(v.as_array().unwrap().len(), 0, "{v}");
+    let (_, v) = env.call("GET", "/v1/pki/ot-certificates", None, true).await;
+    let all: Vec<kip_api::OtCertificateInfo> = serde_json::from_value(v).unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(
+        all.iter()
+            .any(|c| c.serial_hex == broker.info.serial_hex && c.replaced_at.is_some())
+    );
+    // Replacing it again is refused: it is no longer current.
+    let (s, v) = env
+        .call(
+            "POST",
+            "/v1/pki/ot-certificates",
+            Some(json!({
+                "profile": "tls-server", "common_name": "broker", "dns_names": ["b"],
+                "validity_days": 1, "replaces_serial": broker.info.serial_hex
+            })),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+
+    // Bad fields: 422 naming them, nothing recorded.
+    for (body, field) in [
+        (
+            json!({"profile": "tls-server", "common_name": "b", "validity_days": 10}),
+            "dns_names",
+        ),
+        (
+            json!({"profile": "opcua", "common_name": "b", "validity_days": 10}),
+            "application_uri",
+        ),
+        (
+            json!({"profile": "x", "common_name": "b", "validity_days": 10}),
+            "profile",
+        ),
+        (
+            json!({"profile": "tls-client", "common_name": "b", "validity_days": 9999}),
+            "validity_days",
+        ),
+        (
+            json!({"profile": "tls-client", "common_name": "b\u{0}", "validity_days": 1}),
+            "common_name",
+        ),
+        (
+            json!({"profile": "tls-server", "common_name": "b", "dns_names": ["b"], "ip_addresses": ["x"], "validity_days": 1}),
+            "ip_addresses",
+        ),
+    ] {
+        let (s, v) = env
+            .call("POST", "/v1/pki/ot-certificates", Some(body), true)
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(field),
+            "{field}: {v}"
+        );
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ot_certificates")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    // Audited: every issue (and refusal) has a row naming the action.
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'pki.ot_issue' AND outcome = 'ok'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(audited, 3);
+
+    // An organisation key (even org-admin) may not issue.
+    let (s, v) = env
+        .call(
+            "POST",
+            &format!("/v1/organisations/{}/api-keys", env.org_id),
+            Some(json!({"name": "admin", "role": "org-admin"})),
+            true,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let org_key = v["key"].as_str().unwrap().to_owned();
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/pki/ot-certificates")
+        .header("authorization", format!("Bearer {org_key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(
+            json!({"profile": "tls-client", "common_name": "x", "validity_days": 1}).to_string(),
+        ))
+        .unwrap();
+    let resp = env.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}

@@ -70,6 +70,51 @@ pub enum Command {
     /// The organisation's audit log: every state-changing call, newest first (org-admin).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Certificates for OT devices (MQTT brokers, PLCs, OPC UA servers/clients) from the
+    /// fleet CA (platform-admin key).
+    #[command(subcommand)]
+    Ot(OtCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OtCmd {
+    /// Issue (or, with --replaces, rotate) a certificate and write it to --out: cert.pem,
+    /// chain.pem (what a TLS server presents), ca.pem (the fleet roots: the CA file of its
+    /// peers), key.pem (mode 0600, only when no --csr) and, for opcua, cert.der.
+    Issue {
+        /// tls-server, tls-client or opcua.
+        #[arg(long)]
+        profile: String,
+        /// Subject common name (Mosquitto's use_identity_as_username sees it).
+        #[arg(long)]
+        cn: String,
+        /// DNS subject alternative name (repeatable).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// IP subject alternative name (repeatable).
+        #[arg(long = "ip")]
+        ip_addresses: Vec<String>,
+        /// OPC UA ApplicationUri (opcua profile).
+        #[arg(long)]
+        application_uri: Option<String>,
+        /// Lifetime in days (1 to 825).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// PEM CSR made on the device (its key never leaves it); without it a key is made.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Serial (hex) of the certificate this one replaces.
+        #[arg(long)]
+        replaces: Option<String>,
+        /// Directory for the files (created with mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Recorded OT certificates; with --expiring-within-days the renewal reminders.
+    List {
+        #[arg(long)]
+        expiring_within_days: Option<u32>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -547,6 +592,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             }
         }
         Command::Ca(cmd) => ca_server_cmd(&client, cmd, json, out).await,
+        Command::Ot(cmd) => ot_cmd(&client, cmd, json, out).await,
         Command::Audit(AuditCmd::List { limit, cursor }) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let mut path = format!("/v1/organisations/{org}/audit?limit={limit}");
@@ -1136,6 +1182,97 @@ fn emit_rows<T: TableRow + Serialize>(
     emit(out, json, &items, T::HEADERS, |is| {
         is.iter().map(TableRow::cells).collect()
     })
+}
+
+impl TableRow for kip_api::OtCertificateInfo {
+    const HEADERS: &'static [&'static str] = &["SERIAL", "PROFILE", "CN", "NOT AFTER", "REPLACED"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.serial_hex.clone(),
+            self.profile.clone(),
+            self.common_name.clone(),
+            self.not_after.to_rfc3339(),
+            or_dash(self.replaced_at.map(|t| t.to_rfc3339())),
+        ]
+    }
+}
+
+async fn ot_cmd(
+    client: &Client,
+    cmd: &OtCmd,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    match cmd {
+        OtCmd::Issue {
+            profile,
+            cn,
+            dns_names,
+            ip_addresses,
+            application_uri,
+            days,
+            csr,
+            replaces,
+            out: dir,
+        } => {
+            let csr_pem = match csr {
+                Some(p) => Some(kip_certs::files::read(p)?),
+                None => None,
+            };
+            let issued: kip_api::IssuedOtCertificate = client
+                .post(
+                    "/v1/pki/ot-certificates",
+                    serde_json::json!({
+                        "profile": profile,
+                        "common_name": cn,
+                        "dns_names": dns_names,
+                        "ip_addresses": ip_addresses,
+                        "application_uri": application_uri,
+                        "validity_days": days,
+                        "csr_pem": csr_pem,
+                        "replaces_serial": replaces,
+                    }),
+                )
+                .await?;
+            kip_certs::files::write_public(&dir.join("cert.pem"), &issued.certificate_pem)?;
+            kip_certs::files::write_public(&dir.join("chain.pem"), &issued.chain_pem)?;
+            kip_certs::files::write_public(&dir.join("ca.pem"), &issued.ca_bundle_pem)?;
+            if let Some(k) = &issued.private_key_pem {
+                kip_certs::files::write_private(&dir.join("key.pem"), k)?;
+            }
+            if profile == "opcua"
+                && let Some(der) =
+                    kip_certs::certs_from_pem(&issued.certificate_pem, "certificate")?
+                        .into_iter()
+                        .next()
+            {
+                std::fs::write(dir.join("cert.der"), der.as_ref())?;
+            }
+            if json {
+                return write_json(out, &issued.info);
+            }
+            writeln!(
+                out,
+                "issued {} certificate {} for {:?}, valid until {}; files in {}",
+                issued.info.profile,
+                issued.info.serial_hex,
+                issued.info.common_name,
+                issued.info.not_after.to_rfc3339(),
+                dir.display()
+            )?;
+            Ok(())
+        }
+        OtCmd::List {
+            expiring_within_days,
+        } => {
+            let path = match expiring_within_days {
+                Some(d) => format!("/v1/pki/ot-certificates?expiring_within_days={d}"),
+                None => "/v1/pki/ot-certificates".to_owned(),
+            };
+            let certs: Vec<kip_api::OtCertificateInfo> = client.get(&path).await?;
+            emit_rows(out, json, &certs)
+        }
+    }
 }
 
 fn emit<T: Serialize>(

@@ -63,7 +63,9 @@ pub struct DeadLetter {
     /// MQTT topic or OPC UA node id.
     pub origin: String,
     pub reason: String,
-    /// The first bytes of the payload (at most [`DEAD_LETTER_PREFIX_BYTES`]).
+    /// Payload bytes: for a message a source could not decode, its first bytes (at most
+    /// [`DEAD_LETTER_PREFIX_BYTES`]); for a record the control plane refused (source `sync`),
+    /// the record's whole JSON, since the dead letter is then its only copy.
     pub payload_prefix: Vec<u8>,
     pub ts: DateTime<Utc>,
 }

@@ -20,6 +20,39 @@ use crate::record::Sequenced;
 /// bundle it uses (see [`DesiredState::trust_bundle_sha256`]).
 pub const TRUST_BUNDLE_HEADER: &str = "kip-trust-bundle-sha256";
 
+/// Machine-readable `error.code` values of a refused `POST /v1/agent/sync`.
+///
+/// Invariant: an agent decides what to do with a refusal by this code alone, never by the
+/// message text (which is for humans and may change). Only a code in [`RECORD_CODES`] may
+/// make an agent split a batch and dead-letter one record; every other code (and a missing
+/// or unknown one) is systemic: the agent keeps every record and backs off.
+pub mod error_code {
+    /// The batch's `protocol_version` is outside what the control plane accepts (400).
+    pub const PROTOCOL_VERSION_UNSUPPORTED: &str = "protocol_version_unsupported";
+    /// One record cannot be stored (a field breaks a rule); the message names its index (422).
+    pub const RECORD_INVALID: &str = "record_invalid";
+    /// The JSON does not decode into a batch; a single record of an unknown shape can cause
+    /// it, so splitting can isolate it (400).
+    pub const BATCH_UNDECODABLE: &str = "batch_undecodable";
+    /// The batch breaks a structural rule (sequence order, epoch, range): a bug of the
+    /// sender, not of a record (422).
+    pub const BATCH_INVALID: &str = "batch_invalid";
+    /// More records than the control plane takes in one batch: send smaller batches (422).
+    pub const BATCH_TOO_MANY_RECORDS: &str = "batch_too_many_records";
+    /// The body is not valid gzip, or its `Content-Encoding` is unsupported (400).
+    pub const BODY_UNDECODABLE: &str = "body_undecodable";
+    /// The body (or its inflated JSON) is larger than the control plane takes (413).
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+
+    /// The codes that blame one record: split the batch, dead-letter a record refused alone.
+    pub const RECORD_CODES: &[&str] = &[RECORD_INVALID, BATCH_UNDECODABLE];
+
+    /// Whether a refusal with `code` may be caused by one record of the batch.
+    pub fn blames_a_record(code: Option<&str>) -> bool {
+        code.is_some_and(|c| RECORD_CODES.contains(&c))
+    }
+}
+
 /// Oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 

@@ -26,6 +26,15 @@ use tokio_util::task::TaskTracker;
 /// The namespace URI of the test variables.
 pub const NS_URI: &str = "urn:kip:test:machines";
 
+/// The user-token id of the username/password user on the secure endpoint.
+pub const USER_TOKEN_ID: &str = "kip-user";
+/// The user-token id of the optional X.509 user ([`OpcUaServer::start_with_x509_user`]).
+pub const X509_TOKEN_ID: &str = "kip-x509";
+/// The username the secure endpoint accepts.
+pub const TEST_USER: &str = "kip";
+/// [`TEST_USER`]'s password.
+pub const TEST_PASSWORD: &str = "s3cret-pw";
+
 /// How long [`OpcUaServer::stop`] waits for the server to close.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,9 +58,32 @@ impl OpcUaServer {
     /// Starts the server on `listener` (bind `127.0.0.1:0`), with its PKI in `pki_dir`
     /// (a sample RSA key pair is created there).
     pub async fn start(listener: TcpListener, pki_dir: &Path, temp: f64) -> Self {
+        Self::start_with_x509_user(listener, pki_dir, temp, None).await
+    }
+
+    /// [`Self::start`], also accepting the X.509 user certificate (DER file) `x509_user` on
+    /// the `Basic256Sha256` endpoint. That endpoint always accepts anonymous users and the
+    /// user [`TEST_USER`] with password [`TEST_PASSWORD`] (token id [`USER_TOKEN_ID`]).
+    pub async fn start_with_x509_user(
+        listener: TcpListener,
+        pki_dir: &Path,
+        temp: f64,
+        x509_user: Option<&Path>,
+    ) -> Self {
         let port = listener.local_addr().unwrap().port();
         let tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID];
-        let (server, handle) = ServerBuilder::new()
+        let secure_tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID, X509_TOKEN_ID];
+        let mut builder = ServerBuilder::new().add_user_token(
+            USER_TOKEN_ID,
+            opcua::server::ServerUserToken::user_pass(TEST_USER, TEST_PASSWORD),
+        );
+        if let Some(cert) = x509_user {
+            builder = builder.add_user_token(
+                X509_TOKEN_ID,
+                opcua::server::ServerUserToken::x509("kip-x509", cert),
+            );
+        }
+        let (server, handle) = builder
             .application_name("kip test server")
             .application_uri("urn:kip:test:server")
             .product_uri("urn:kip:test:server")
@@ -71,7 +103,7 @@ impl OpcUaServer {
                     "/",
                     SecurityPolicy::Basic256Sha256,
                     MessageSecurityMode::SignAndEncrypt,
-                    tokens,
+                    secure_tokens,
                 ),
             )
             .with_node_manager(simple_node_manager(

@@ -6,11 +6,13 @@
 //! `mqtt_durable_ack` and `runtime` also run this crate's `kip-agent` binary
 //! (`CARGO_BIN_EXE_kip-agent`, built by cargo for this test).
 
+mod hostile_decoders;
 mod inference;
 mod inference_runtime;
 mod live_query;
 mod mqtt;
 mod mqtt_durable_ack;
+mod mqtt_tls_version;
 mod opcua;
 mod opcua_asyncua;
 mod runtime;

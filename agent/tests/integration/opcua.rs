@@ -44,6 +44,7 @@ fn config(port: u16, pki_dir: &Path, nodes: Vec<OpcUaNodeConfig>) -> OpcUaEndpoi
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
         nodes,
+        user_identity: Default::default(),
     }
 }
 
@@ -364,6 +365,150 @@ async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other()
         let n = std::fs::read_dir(&rejected).unwrap().count();
         assert_eq!(n, 0, "{} is not empty", rejected.display());
     }
+    src.stop().await;
+    server.stop().await;
+}
+
+/// The server's user with a password (on the basic256sha256 endpoint only).
+use kip_tests::opcua::{TEST_PASSWORD as PASSWORD, TEST_USER as USER};
+
+/// OPC UA user identity (issue #13): the agent activates its session as a user whose password
+/// comes from a file; a wrong password gets no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_username_and_password_from_a_file_activate_the_session_and_a_wrong_one_does_not() {
+    let scratch = tempfile::tempdir().unwrap();
+    let server_pki = scratch.path().join("server");
+    let agent_pki = scratch.path().join("agent");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server = OpcUaServer::start(listener, &server_pki, 8.0).await;
+
+    let secure = |password: &str, pki: &Path| {
+        let mut cfg = config(port, pki, vec![node("Temp", "temp")]);
+        cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
+        let server_cert = scratch.path().join("server-cert.der");
+        std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
+        cfg.trust_server_certs = vec![server_cert];
+        let agent_cert = cfg.ensure_own_certificate().unwrap();
+        let cert = CertificateStore::read_cert(&agent_cert).unwrap();
+        std::fs::create_dir_all(server_pki.join("trusted")).unwrap();
+        std::fs::copy(
+            &agent_cert,
+            server_pki
+                .join("trusted")
+                .join(CertificateStore::cert_file_name(&cert)),
+        )
+        .unwrap();
+        let pw_file = pki.join("password");
+        std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+        cfg.user_identity = kip_agent::opcua::OpcUaUserIdentity::Username {
+            username: USER.into(),
+            password_file: pw_file,
+        };
+        cfg
+    };
+
+    // A wrong password, started first: when the right one has data, the wrong one has none
+    // (the channel opens, the session is not activated).
+    let mut wrong = Running::start(secure(
+        "not-the-password",
+        &scratch.path().join("agent-wrong"),
+    ));
+    let mut src = Running::start(secure(PASSWORD, &agent_pki));
+    src.until("value as the configured user", |s| {
+        has_reading(s, "temp", 8.0)
+    })
+    .await;
+    while let Ok(e) = wrong.rx.try_recv() {
+        assert!(
+            !matches!(e.record, Record::Reading(_)),
+            "a wrong password produced a reading: {:?}",
+            e.record
+        );
+    }
+    let m = wrong.metrics();
+    assert!(!m.contains("kip_opcua_connected{source=\"plc1\"} 1"), "{m}");
+    wrong.stop().await;
+    src.stop().await;
+
+    // A password over security policy none is refused at load.
+    let mut plain = secure(PASSWORD, &agent_pki);
+    plain.security_policy = OpcUaSecurityPolicy::None;
+    let e = plain.validate().unwrap_err();
+    assert_eq!(e.field, "user_identity", "{e}");
+    server.stop().await;
+}
+
+/// Trusts each side's certificate on the other: a basic256sha256 config for `port`.
+fn trusted_secure_config(
+    scratch: &Path,
+    server_pki: &Path,
+    agent_pki: &Path,
+    port: u16,
+) -> OpcUaEndpointConfig {
+    let mut cfg = config(port, agent_pki, vec![node("Temp", "temp")]);
+    cfg.security_policy = OpcUaSecurityPolicy::Basic256Sha256;
+    let server_cert = scratch.join("server-cert.der");
+    std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
+    cfg.trust_server_certs = vec![server_cert];
+    let agent_cert = cfg.ensure_own_certificate().unwrap();
+    let cert = CertificateStore::read_cert(&agent_cert).unwrap();
+    std::fs::create_dir_all(server_pki.join("trusted")).unwrap();
+    std::fs::copy(
+        &agent_cert,
+        server_pki
+            .join("trusted")
+            .join(CertificateStore::cert_file_name(&cert)),
+    )
+    .unwrap();
+    cfg
+}
+
+/// OPC UA X.509 user identity: a user certificate made by the fleet CA (`kip_certs::ot`, RSA)
+/// activates the session on a server that maps that certificate to a user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_x509_user_certificate_activates_the_session() {
+    let scratch = tempfile::tempdir().unwrap();
+    let ca =
+        kip_certs::FleetCa::init(&scratch.path().join("ca"), std::time::SystemTime::now()).unwrap();
+    let issued = kip_certs::ot::issue(
+        ca.current(),
+        &kip_certs::ot::OtCertSpec {
+            profile: kip_certs::ot::OtProfile::OpcUa {
+                application_uri: "urn:kip:user:agent".into(),
+            },
+            common_name: "kip-agent-user".into(),
+            dns_names: vec!["agent".into()],
+            ip_addresses: vec![],
+            validity_days: 2,
+        },
+        kip_certs::ot::OtKeySource::Generate,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let (user_pem, user_der, user_key) = (
+        scratch.path().join("user.pem"),
+        scratch.path().join("user.der"),
+        scratch.path().join("user.key"),
+    );
+    std::fs::write(&user_pem, &issued.cert.cert_pem).unwrap();
+    std::fs::write(&user_der, issued.cert_der.as_ref()).unwrap();
+    std::fs::write(&user_key, issued.private_key.unwrap().pem()).unwrap();
+
+    let server_pki = scratch.path().join("server");
+    let agent_pki = scratch.path().join("agent");
+    let listener = free_listener().await;
+    let port = listener.local_addr().unwrap().port();
+    let server =
+        OpcUaServer::start_with_x509_user(listener, &server_pki, 9.0, Some(&user_der)).await;
+    let mut cfg = trusted_secure_config(scratch.path(), &server_pki, &agent_pki, port);
+    cfg.user_identity = kip_agent::opcua::OpcUaUserIdentity::X509 {
+        cert_file: user_pem,
+        key_file: user_key,
+    };
+    let mut src = Running::start(cfg);
+    src.until("value as the X.509 user", |s| has_reading(s, "temp", 9.0))
+        .await;
     src.stop().await;
     server.stop().await;
 }

@@ -114,6 +114,7 @@ async fn readings_flow_from_an_independent_python_asyncua_server() {
             node("Count", "count"),
             node("Running", "running"),
         ],
+        user_identity: Default::default(),
     };
     cfg.validate().unwrap();
     let mut registry = Registry::default();

@@ -187,6 +187,48 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
     );
 }
 
+/// Hole 10: a buffer sled cannot open used to stop the agent at every start (crash loop).
+/// Now it is moved aside, counted and reported, and the agent runs on a fresh buffer whose
+/// epoch is above the lost one's.
+#[tokio::test]
+async fn an_unreadable_buffer_is_quarantined_and_the_agent_starts_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = write_config(dir.path(), 1, 0);
+    let cfg = Config::load(&cfg_path).unwrap();
+    std::fs::create_dir_all(&cfg.state_dir).unwrap();
+    let old_epoch = {
+        let b = Buffer::open(&cfg.buffer_dir(), BufferOptions::with_max_bytes(1 << 20)).unwrap();
+        b.append(&Record::Gap(kip_shared::Gap {
+            source: "b1".into(),
+            from: chrono::Utc::now(),
+            to: chrono::Utc::now(),
+            reason: "test".into(),
+        }))
+        .unwrap();
+        b.flush_blocking().unwrap();
+        b.epoch()
+    };
+    let buffer_dir = cfg.buffer_dir();
+    drop(open_when_released(&buffer_dir).await);
+    std::fs::write(cfg.buffer_dir().join("conf"), b"not a sled config").unwrap();
+
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(cfg.clone(), cancel.clone()).await.unwrap();
+    let s = status(agent.http_addr).await.unwrap();
+    assert_eq!(s.quarantined_buffers.len(), 1, "{s:?}");
+    assert!(s.quarantined_buffers[0].contains("buffer.quarantined-"));
+    assert!(s.buffer.epoch > old_epoch);
+    let (_, metrics) = local_get(agent.http_addr, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("kip_agent_buffer_quarantined_dirs 1"),
+        "{metrics}"
+    );
+    cancel.cancel();
+    agent.wait().await;
+    let text = retry_while_locked(|| cli::status(&cfg)).await;
+    assert!(text.contains("QUARANTINED buffer"), "{text}");
+}
+
 #[tokio::test]
 async fn a_locked_buffer_with_a_silent_surface_is_reported_as_such() {
     let dir = tempfile::tempdir().unwrap();

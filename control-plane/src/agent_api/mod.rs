@@ -182,7 +182,11 @@ async fn sync(
         }
         Err(e) => {
             telemetry::count_refused(&metrics, "body");
-            return Err(ApiError::BadRequest(format!("cannot read the body: {e}")));
+            return Err(ApiError::Coded {
+                status: axum::http::StatusCode::BAD_REQUEST,
+                code: kip_shared::sync::error_code::BODY_UNDECODABLE,
+                message: format!("cannot read the body: {e}"),
+            });
         }
     };
     let gzip = match headers
@@ -194,9 +198,11 @@ async fn sync(
         Some(e) if e == "identity" => false,
         Some(e) => {
             telemetry::count_refused(&metrics, "encoding");
-            return Err(ApiError::BadRequest(format!(
-                "Content-Encoding {e:?} is not supported: send gzip or identity"
-            )));
+            return Err(ApiError::Coded {
+                status: axum::http::StatusCode::BAD_REQUEST,
+                code: kip_shared::sync::error_code::BODY_UNDECODABLE,
+                message: format!("Content-Encoding {e:?} is not supported: send gzip or identity"),
+            });
         }
     };
     let id = telemetry::DeviceIdentity {

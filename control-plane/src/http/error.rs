@@ -59,6 +59,14 @@ pub enum ApiError {
     /// This process is at its configured concurrency limit; retry shortly (`Retry-After: 1`).
     #[error("{0}")]
     Overloaded(String),
+    /// A refusal whose `code` a machine acts on (e.g. the agent's sync loop, see
+    /// [`kip_shared::sync::error_code`]): status and code are chosen by the caller.
+    #[error("{message}")]
+    Coded {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -103,6 +111,7 @@ impl ApiError {
             Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Coded { status, .. } => *status,
         }
     }
 
@@ -122,6 +131,7 @@ impl ApiError {
             Self::PaymentRequired(_) => "budget_exceeded",
             Self::BadGateway(_) => "bad_gateway",
             Self::Overloaded(_) => "overloaded",
+            Self::Coded { code, .. } => code,
         }
     }
 }

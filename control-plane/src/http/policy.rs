@@ -308,6 +308,13 @@ pub const ROUTES: &[Rule] = &[
     rule("GET", "/v1/pki/ca", P::PkiAdmin, "pki.status"),
     rule("POST", "/v1/pki/ca/reload", P::PkiAdmin, "pki.reload"),
     rule(
+        "POST",
+        "/v1/pki/ot-certificates",
+        P::PkiAdmin,
+        "pki.ot_issue",
+    ),
+    rule("GET", "/v1/pki/ot-certificates", P::PkiAdmin, "pki.ot_list"),
+    rule(
         "GET",
         "/v1/model-signing",
         P::PkiAdmin,

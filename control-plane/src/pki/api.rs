@@ -80,7 +80,11 @@ where
             post(revoke_device),
         )
         .route("/pki/ca", get(ca_status))
-        .route("/pki/ca/reload", post(ca_reload));
+        .route("/pki/ca/reload", post(ca_reload))
+        .route(
+            "/pki/ot-certificates",
+            post(super::ot_api::issue_ot).get(super::ot_api::list_ot),
+        );
     let root = Router::new()
         .route("/enroll", post(enroll))
         .route("/renew-expired", post(renew_expired));
@@ -376,9 +380,26 @@ fn token_well_formed(token: &str) -> bool {
 async fn enroll(
     State(pool): State<PgPool>,
     State(maybe_pki): State<MaybePki>,
+    State(metrics): State<PkiMetrics>,
+    extensions: axum::http::Extensions,
     ApiJson(body): ApiJson<EnrollRequest>,
 ) -> ApiResult<(StatusCode, Json<CertificateResponse>)> {
     let pki = pki(&maybe_pki)?;
+    // Before anything else: a flood of attempts from one address never reaches PostgreSQL.
+    if let Some(axum::extract::ConnectInfo(peer)) =
+        extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        && let Err(retry) = pki
+            .enroll_limit()
+            .check(peer.ip(), std::time::Instant::now())
+    {
+        metrics.enroll_rate_limited.inc();
+        return Err(ApiError::TooManyRequests {
+            message: "too many enrollment attempts from this address \
+                      (pki.enrollments_per_ip_per_minute); retry later"
+                .into(),
+            retry_after_s: retry.as_secs().max(1),
+        });
+    }
     let name = Name::parse(&body.device_name)
         .map_err(|e| ApiError::validation("device_name", e.to_string()))?;
     check_csr(&body.csr_pem)?;

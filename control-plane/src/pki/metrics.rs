@@ -31,6 +31,12 @@ pub struct PkiMetrics {
     pub ca_expiry_seconds: Family<CaLabels, Gauge>,
     pub devices_by_issuer: Family<IssuerLabels, Gauge>,
     pub ca_reloads: Family<ReloadLabels, Counter>,
+    /// `POST /enroll` attempts refused by the per-address limit.
+    pub enroll_rate_limited: Counter,
+    /// Current OT certificates expiring within 30 days (`kipctl ot list`).
+    pub ot_expiring: Gauge,
+    /// Seconds until the first current OT certificate expires.
+    pub ot_next_expiry_seconds: Gauge,
 }
 
 impl PkiMetrics {
@@ -51,6 +57,21 @@ impl PkiMetrics {
             "pki_ca_reloads",
             "CA reloads after the CA files changed, by result (ok, error)",
             m.ca_reloads.clone(),
+        );
+        registry.register(
+            "pki_enroll_rate_limited",
+            "POST /enroll attempts refused by pki.enrollments_per_ip_per_minute before any database work",
+            m.enroll_rate_limited.clone(),
+        );
+        registry.register(
+            "pki_ot_certificates_expiring",
+            "OT device certificates (kipctl ot issue) not yet replaced that expire within 30 days",
+            m.ot_expiring.clone(),
+        );
+        registry.register(
+            "pki_ot_certificate_next_expiry_seconds",
+            "Seconds until the first OT device certificate not yet replaced expires",
+            m.ot_next_expiry_seconds.clone(),
         );
         m
     }

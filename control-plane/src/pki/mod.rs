@@ -51,7 +51,9 @@ pub use self::{
 use crate::config::PkiConfig;
 
 mod api;
+pub mod enroll_limit;
 mod metrics;
+mod ot_api;
 
 pub use self::api::router;
 
@@ -105,6 +107,8 @@ pub struct Pki {
     /// Current server identity; replaced when half of its lifetime has passed or when
     /// [`FleetCa::server_issuer`] changes.
     server: tokio::sync::Mutex<ServerCert>,
+    /// Per-address limit on `POST /enroll`, checked before the database.
+    enroll_limit: enroll_limit::IpRateLimit,
 }
 
 impl std::fmt::Debug for Pki {
@@ -168,6 +172,7 @@ impl Pki {
             },
             tls: RustlsConfig::from_config(tls_cfg),
             server: tokio::sync::Mutex::new(server),
+            enroll_limit: enroll_limit::IpRateLimit::new(cfg.enrollments_per_ip_per_minute),
         }))
     }
 
@@ -192,6 +197,11 @@ impl Pki {
     /// CRLs of one request come from the same CA even if a reload happens meanwhile.
     pub fn ca(&self) -> Arc<FleetCa> {
         self.ca.load_full()
+    }
+
+    /// The per-address limit of `POST /enroll`.
+    pub fn enroll_limit(&self) -> &enroll_limit::IpRateLimit {
+        &self.enroll_limit
     }
 
     /// How often [`Pki::reload_ca`] runs.
@@ -426,6 +436,7 @@ async fn count_certificates_logged(pki: &Pki, pool: &PgPool, m: &PkiMetrics) {
     if let Err(e) = count_devices_by_issuer(pki, pool, m).await {
         tracing::warn!(error = %e, "cannot count devices by certificate issuer");
     }
+    ot_api::update_expiry_metrics(pool, m).await;
 }
 
 #[cfg(unix)]

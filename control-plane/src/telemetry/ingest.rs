@@ -81,19 +81,44 @@ impl IngestError {
 
 impl From<IngestError> for ApiError {
     fn from(e: IngestError) -> Self {
-        match e {
-            IngestError::Decode(DecodeError::TooLarge(limit_bytes)) => {
-                ApiError::PayloadTooLarge { limit_bytes }
+        use axum::http::StatusCode;
+        use kip_shared::sync::{BatchError, error_code as code};
+        let coded = |status, code: &'static str, e: &IngestError| ApiError::Coded {
+            status,
+            code,
+            message: e.to_string(),
+        };
+        match &e {
+            IngestError::Decode(DecodeError::TooLarge(limit_bytes)) => ApiError::PayloadTooLarge {
+                limit_bytes: *limit_bytes,
+            },
+            IngestError::Decode(DecodeError::Gzip(_)) => {
+                coded(StatusCode::BAD_REQUEST, code::BODY_UNDECODABLE, &e)
             }
-            IngestError::Decode(DecodeError::Gzip(_) | DecodeError::Json { .. }) => {
-                ApiError::BadRequest(e.to_string())
+            IngestError::Decode(DecodeError::Json { .. }) => {
+                coded(StatusCode::BAD_REQUEST, code::BATCH_UNDECODABLE, &e)
             }
-            IngestError::Decode(
-                DecodeError::Batch(_) | DecodeError::Field(_) | DecodeError::Record { .. },
-            ) => ApiError::validation("batch", e.to_string()),
+            IngestError::Decode(DecodeError::Batch(BatchError::Version { .. })) => coded(
+                StatusCode::BAD_REQUEST,
+                code::PROTOCOL_VERSION_UNSUPPORTED,
+                &e,
+            ),
+            IngestError::Decode(DecodeError::Batch(BatchError::TooMany { .. })) => coded(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                code::BATCH_TOO_MANY_RECORDS,
+                &e,
+            ),
+            IngestError::Decode(DecodeError::Batch(_) | DecodeError::Field(_)) => {
+                coded(StatusCode::UNPROCESSABLE_ENTITY, code::BATCH_INVALID, &e)
+            }
+            IngestError::Decode(DecodeError::Record { .. }) => {
+                coded(StatusCode::UNPROCESSABLE_ENTITY, code::RECORD_INVALID, &e)
+            }
             IngestError::UnknownDevice => ApiError::Forbidden("device is not registered"),
-            IngestError::Db(db) => ApiError::from(db),
-            IngestError::Decoder(_) => ApiError::internal(e),
+            IngestError::Db(_) | IngestError::Decoder(_) => match e {
+                IngestError::Db(db) => ApiError::from(db),
+                other => ApiError::internal(other),
+            },
         }
     }
 }

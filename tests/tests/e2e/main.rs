@@ -15,6 +15,7 @@ mod ca_rollover;
 mod model_signing;
 mod mqtt_soak;
 mod opcua_backpressure;
+mod ot_certificates;
 mod renewal_during_sync;
 mod rollout;
 mod sync_core;

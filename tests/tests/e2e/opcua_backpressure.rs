@@ -110,6 +110,7 @@ async fn a_stalled_writer_keeps_the_session_alive_and_a_gap_states_what_was_drop
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
         nodes,
+        user_identity: Default::default(),
     };
     cfg.validate().unwrap();
     let mut registry = Registry::default();

@@ -259,31 +259,38 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
             .unwrap_or_default()
             .to_owned()
     };
+    // Each refusal carries the machine-readable code the agent acts on (never the message).
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_owned();
     let (s, v) = post(&id, url, gzip(b"{not json"), true).await.unwrap();
     assert_eq!(s, 400);
     assert!(msg(&v).contains("not valid JSON"), "{v}");
+    assert_eq!(code(&v), "batch_undecodable");
 
     let (s, v) = post(&id, url, b"this is not gzip".to_vec(), true)
         .await
         .unwrap();
     assert_eq!(s, 400);
     assert!(msg(&v).contains("gzip"), "{v}");
+    assert_eq!(code(&v), "body_undecodable");
 
     let mut unordered = batch(1, 1..=3);
     unordered.records.swap(0, 2);
     let (s, v) = post_batch(&id, url, &unordered).await;
     assert_eq!(s, 422);
     assert!(msg(&v).contains("not greater than the previous"), "{v}");
+    assert_eq!(code(&v), "batch_invalid");
 
     let mut version = batch(1, 1..=3);
     version.protocol_version = 99;
     let (s, v) = post_batch(&id, url, &version).await;
-    assert_eq!(s, 422);
+    assert_eq!(s, 400);
     assert!(msg(&v).contains("protocol_version 99"), "{v}");
+    assert_eq!(code(&v), "protocol_version_unsupported");
 
     let (s, v) = post_batch(&id, url, &batch(1, 1..=101)).await;
     assert_eq!(s, 422);
     assert!(msg(&v).contains("the limit is 100"), "{v}");
+    assert_eq!(code(&v), "batch_too_many_records");
 
     let mut bad_record = batch(1, 1..=3);
     if let Record::Reading(r) = &mut bad_record.records[1].record {
@@ -295,11 +302,13 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
         msg(&v).contains("record 1: metric must not be empty"),
         "{v}"
     );
+    assert_eq!(code(&v), "record_invalid");
 
     // Oversized body, and a small gzip body that inflates beyond the limit.
     let (s, v) = post(&id, url, vec![b' '; 200 * 1024], false).await.unwrap();
     assert_eq!(s, 413, "{v}");
     assert!(msg(&v).contains("65536"), "{v}");
+    assert_eq!(code(&v), "payload_too_large");
     let (s, v) = post(&id, url, gzip(&vec![b' '; 1 << 20]), true)
         .await
         .unwrap();
@@ -374,7 +383,7 @@ async fn an_agent_moves_a_poison_record_aside_and_the_stream_continues(pool: PgP
     );
     let reason = body["reason"].as_str().unwrap();
     assert!(
-        reason.contains("422") && reason.contains("metric must not be empty"),
+        reason.contains("422 record_invalid") && reason.contains("metric must not be empty"),
         "{reason}"
     );
     assert!(
