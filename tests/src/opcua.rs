@@ -72,7 +72,11 @@ impl OpcUaServer {
     ) -> Self {
         let port = listener.local_addr().unwrap().port();
         let tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID];
-        let secure_tokens: &[&str] = &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID, X509_TOKEN_ID];
+        let secure_tokens: &[&str] = if x509_user.is_some() {
+            &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID, X509_TOKEN_ID]
+        } else {
+            &[ANONYMOUS_USER_TOKEN_ID, USER_TOKEN_ID]
+        };
         let mut builder = ServerBuilder::new().add_user_token(
             USER_TOKEN_ID,
             opcua::server::ServerUserToken::user_pass(TEST_USER, TEST_PASSWORD),
