@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    agent_api, fleet,
+    agent_api, fleet, health,
     http::{self, ApiError},
     llm,
     metrics::Metrics,
@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
     let (pki_v1, pki_root) = pki::router();
     let v1 = Router::new()
         .merge(fleet::router())
+        .merge(health::router())
         .merge(telemetry::router())
         .merge(models::router())
         .merge(pki_v1)

@@ -89,7 +89,10 @@ impl From<IngestError> for ApiError {
                 ApiError::BadRequest(e.to_string())
             }
             IngestError::Decode(
-                DecodeError::Batch(_) | DecodeError::Field(_) | DecodeError::Record { .. },
+                DecodeError::Batch(_)
+                | DecodeError::Field(_)
+                | DecodeError::Record { .. }
+                | DecodeError::Health(_),
             ) => ApiError::validation("batch", e.to_string()),
             IngestError::UnknownDevice => ApiError::Forbidden("device is not registered"),
             IngestError::Db(db) => ApiError::from(db),
@@ -268,5 +271,6 @@ pub async fn store(
         inserted,
         duplicates: total.saturating_sub(inserted),
         desired: Default::default(),
+        server_time: None,
     })
 }
