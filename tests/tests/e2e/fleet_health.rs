@@ -27,6 +27,32 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+/// `kipctl --org ORG device health ARGS` in-process; its output.
+async fn kipctl_health(
+    cp: &kip_tests::control_plane::ControlPlane,
+    org: uuid::Uuid,
+    args: &[&str],
+) -> String {
+    let key_file = cp.dir.path().join("kipctl.key");
+    std::fs::write(&key_file, &cp.admin_key).unwrap();
+    let mut argv: Vec<String> = ["kipctl", "--server", &cp.admin_url, "--api-key-file"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    argv.push(key_file.to_str().unwrap().to_owned());
+    argv.extend([
+        "--org".to_owned(),
+        org.to_string(),
+        "device".into(),
+        "health".into(),
+    ]);
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+    let mut out = Vec::new();
+    kipctl::run(cli, &mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 async fn get(cp: &kip_tests::control_plane::ControlPlane, key: &str, path: &str) -> (u16, Value) {
     let r = cp
         .http
@@ -121,6 +147,13 @@ async fn heartbeats_make_a_device_online_and_silence_makes_it_offline(pool: PgPo
             .unwrap()
             .starts_with("kip-agent ")
     );
+    let table = kipctl_health(&cp, org, &[]).await;
+    assert!(table.contains("online 1  stale 0  offline 0"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("gw-1"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("ONLINE") && row.contains("(0 rec)"), "{table}");
     let registry_text = kip_agent::metrics::render(&registry);
     assert!(
         registry_text.contains("kip_agent_sync_heartbeats_total{result=\"acked\"}"),
@@ -219,6 +252,13 @@ async fn heartbeats_make_a_device_online_and_silence_makes_it_offline(pool: PgPo
     })
     .await
     .unwrap();
+    let table = kipctl_health(&cp, org, &["--state", "offline"]).await;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("gw-1") && l.contains("OFFLINE")),
+        "{table}"
+    );
     eventually(Duration::from_secs(10), || async {
         let m = cp.metrics().await;
         if m.contains("kip_fleet_devices{org=\"acme\",state=\"offline\"} 1") {
