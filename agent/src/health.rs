@@ -122,6 +122,10 @@ impl HealthCollector {
             clock_offset_ms,
             rss_bytes: rss_bytes(),
             uptime_s: self.started.elapsed().as_secs(),
+            inference_errors: self
+                .inference
+                .as_ref()
+                .map_or(0, |i| i.metrics.errors.get()),
         };
         match report.check() {
             Ok(()) => Some(report),

@@ -72,6 +72,9 @@ pub struct HealthReport {
     /// Seconds since the agent started.
     #[serde(default)]
     pub uptime_s: u64,
+    /// Inferences that failed since the agent started.
+    #[serde(default)]
+    pub inference_errors: u64,
 }
 
 /// One source's state in a [`HealthReport`].

@@ -5,17 +5,18 @@
 //! Series and their cardinality (O = organisations, N = `health.worst_n`, D = devices):
 //! - `kip_fleet_devices{org,state}`: devices by state: at most 3 x O series.
 //! - `kip_fleet_worst_<signal>{org,device}`: the N worst devices of the whole fleet per
-//!   signal (7 signals, below): at most 7 x N series, whatever the fleet size.
+//!   signal (8 signals, below): at most 8 x N series, whatever the fleet size.
 //! - `kip_fleet_health_refresh_failures_total`, `kip_fleet_health_refreshed_unix_seconds`.
 //! - With `health.per_device_metrics = true` only: `kip_device_<signal>{org,device}` for every
-//!   device and signal, and `kip_device_online{org,device}`: 8 x D series. Meant for fleets of
+//!   device and signal, and `kip_device_online{org,device}`: 9 x D series. Meant for fleets of
 //!   up to a few hundred devices.
 //!
 //! Signals (the report's values, only from devices not OFFLINE, whose report would be stale;
 //! `seconds_since_contact` covers every device): `seconds_since_contact`,
 //! `oldest_unsynced_seconds`, `buffer_fill_ratio`, `disk_free_ratio` (worst = lowest),
 //! `cert_expiry_seconds` (worst = lowest), `clock_offset_seconds` (worst = largest absolute
-//! value, sign kept: positive means the control plane is ahead), `model_drift`.
+//! value, sign kept: positive means the control plane is ahead), `model_drift`,
+//! `inference_errors` (a counter since the agent started).
 
 use std::{sync::atomic::AtomicU64, time::Duration};
 
@@ -52,7 +53,7 @@ enum Worst {
 }
 
 /// The signals, in the order [`Sample::values`] returns them: (name, help, ranking).
-const SIGNALS: [(&str, &str, Worst); 7] = [
+const SIGNALS: [(&str, &str, Worst); 8] = [
     (
         "seconds_since_contact",
         "Seconds since the device's last sync or heartbeat",
@@ -86,6 +87,11 @@ const SIGNALS: [(&str, &str, Worst); 7] = [
     (
         "model_drift",
         "Drift score of the model running on the device, as the agent reports it",
+        Worst::Highest,
+    ),
+    (
+        "inference_errors",
+        "Inferences that failed on the device since its agent started",
         Worst::Highest,
     ),
 ];
@@ -157,11 +163,12 @@ struct Sample {
     cert_expiry_s: Option<f64>,
     clock_offset_ms: Option<f64>,
     model_drift: Option<f64>,
+    inference_errors: Option<f64>,
 }
 
 impl Sample {
     /// The signal values, in [`SIGNALS`] order; report values only when not OFFLINE.
-    fn values(&self, state: DeviceState) -> [Option<f64>; 7] {
+    fn values(&self, state: DeviceState) -> [Option<f64>; 8] {
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
@@ -176,6 +183,7 @@ impl Sample {
             r(self.cert_expiry_s),
             r(self.clock_offset_ms.map(|ms| ms / 1000.0)),
             r(self.model_drift),
+            r(self.inference_errors),
         ]
     }
 }
@@ -189,7 +197,8 @@ const SAMPLE_SQL: &str = "SELECT o.name AS org, d.name AS device, \
        (h.report->>'disk_total_bytes')::float8 AS disk_total, \
        EXTRACT(EPOCH FROM (h.report->>'cert_not_after')::timestamptz - now())::float8 AS cert_expiry_s, \
        (h.report->>'clock_offset_ms')::float8 AS clock_offset_ms, \
-       (h.report->>'model_drift')::float8 AS model_drift \
+       (h.report->>'model_drift')::float8 AS model_drift, \
+       (h.report->>'inference_errors')::float8 AS inference_errors \
      FROM devices d JOIN organisations o ON o.id = d.org_id \
      LEFT JOIN device_health h ON h.device_id = d.id AND h.org_id = d.org_id";
 
