@@ -123,6 +123,31 @@ missing = [f"{a}: no firing test" for a in sorted(alerts - fired)] + [f"{a}: no 
 sys.exit("\n".join(missing) if missing else 0)
 PY
 check "promtool check config accepts the Prometheus config" promtool check config "$MON/prometheus.yml"
+check "Grafana dashboards are valid JSON and every panel's PromQL parses (promtool)" python3 - <<'PY'
+import glob, json, re, subprocess, sys, tempfile, yaml
+errors, rules = [], []
+for path in sorted(glob.glob("deploy/monitoring/grafana/dashboards/*.json")):
+    try:
+        d = json.load(open(path))
+    except ValueError as e:
+        errors.append(f"{path}: not JSON: {e}"); continue
+    for k in ("uid", "title", "panels"):
+        if k not in d: errors.append(f"{path}: no {k}")
+    for p in d.get("panels", []):
+        if not p.get("targets"): errors.append(f"{path}: panel {p.get('title')!r} has no query")
+        for t in p.get("targets", []):
+            # Grafana's variables, as Prometheus would see them after substitution.
+            expr = re.sub(r"\$__rate_interval|\$__interval|\$__range", "5m", t["expr"])
+            expr = re.sub(r"\$\{?(\w+)\}?", "x", expr)
+            rules.append({"record": f"kip:dashboard:{len(rules)}", "expr": expr})
+            rules[-1]["labels"] = {"panel": f"{path}: {p.get('title')}"}
+if not rules: errors.append("no dashboard queries found")
+with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+    yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, f); f.flush()
+    r = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True)
+    if r.returncode: errors.append(r.stdout + r.stderr)
+sys.exit("\n".join(errors) if errors else 0)
+PY
 
 while IFS= read -r dockerfile; do
     check "hadolint accepts $dockerfile" hadolint "$dockerfile"
