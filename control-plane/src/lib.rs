@@ -15,6 +15,7 @@
 pub mod agent_api;
 pub mod config;
 pub mod config_error;
+pub mod console;
 pub mod db;
 pub mod fleet;
 pub mod health;
@@ -214,6 +215,7 @@ impl ControlPlaneBuilder {
             ingest: cfg.ingest,
             model_signing: model_signing.clone(),
             health: cfg.health,
+            console: Arc::default(),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in

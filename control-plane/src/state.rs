@@ -46,6 +46,8 @@ pub struct AppState {
     pub model_signing: Option<Arc<ModelSigning>>,
     /// Device state windows (`[health]`).
     pub health: crate::health::HealthConfig,
+    /// Signed-in web console sessions.
+    pub console: Arc<crate::console::Sessions>,
 }
 
 impl FromRef<AppState> for HttpMetrics {

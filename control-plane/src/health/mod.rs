@@ -186,7 +186,8 @@ impl DeviceState {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// `ONLINE`, `STALE`, `OFFLINE` in any case.
+    pub fn parse(s: &str) -> Option<Self> {
         [Self::Online, Self::Stale, Self::Offline]
             .into_iter()
             .find(|x| x.as_str().eq_ignore_ascii_case(s))

@@ -14,7 +14,7 @@ pub mod listener;
 mod middleware;
 pub mod policy;
 
-pub use auth::{Authenticated, KeyCache, Principal, Scope};
+pub use auth::{Authenticated, KeyCache, Principal, Scope, authenticate};
 pub use auth_guard::{AuthGuard, AuthGuardConfig};
 pub use error::{ApiError, ApiResult};
 pub use extract::{
