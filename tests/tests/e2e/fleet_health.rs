@@ -274,3 +274,151 @@ async fn heartbeats_make_a_device_online_and_silence_makes_it_offline(pool: PgPo
     .await
     .unwrap();
 }
+
+/// The agent runtime (the code `kip-agent run` runs) with a real Prometheus that loads
+/// kip's alert rules and scrapes the control plane: stopping the agent turns the device
+/// OFFLINE in the API and fires `KipDeviceOffline`; restarting it brings it back ONLINE and
+/// resolves the alert. (The test copy of the rules has `for: 0s`: the rule's `for` is the
+/// operator's patience, not what is tested here.)
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_stopped_agent_fires_the_offline_alert_in_prometheus(pool: PgPool) {
+    let cp = start_with(pool.clone(), None, |c| {
+        c.health.stale_after = Duration::from_secs(2);
+        c.health.offline_after = Duration::from_secs(3);
+        c.health.metrics_refresh = Duration::from_millis(200);
+    })
+    .await;
+    let org = cp.create_org("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let id = cp.enroll(org, "gw-1", &state.join("identity")).await;
+    let device = id.device_id();
+    let cfg_path = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[agent]\ndevice = \"gw-1\"\nstate_dir = {:?}\n\n[http]\nlisten_addr = \"127.0.0.1:0\"\n\n\
+             [sync]\nendpoints = [{:?}]\ninterval_ms = 50\nheartbeat_interval_s = 1\n",
+            state.display().to_string(),
+            cp.agent_url
+        ),
+    )
+    .unwrap();
+
+    // Prometheus with the shipped rules (for: 0s), scraping and evaluating every second.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = std::fs::read_to_string(root.join("deploy/monitoring/prometheus/kip-alerts.yml"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("for:") {
+                l.split("for:").next().unwrap().to_owned() + "for: 0s"
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    let admin = cp.admin_url.trim_start_matches("http://").to_owned();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - rules.yml\n\
+             scrape_configs:\n  - job_name: kip\n    static_configs:\n      - targets: [\"{admin}\"]\n"
+        ),
+    )
+    .unwrap();
+    let port = kip_tests::free_port();
+    let _prometheus = kip_tests::ChildGroup::spawn(
+        std::process::Command::new("prometheus")
+            .current_dir(dir.path())
+            .arg("--config.file=prometheus.yml")
+            .arg("--storage.tsdb.path=data")
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("prometheus (Debian package) is required: scripts/lib.sh ensure_monitoring_tools");
+    let alerts = |http: reqwest::Client| async move {
+        let v: Value = http
+            .get(format!("http://127.0.0.1:{port}/api/v1/alerts"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<Value, String>(v)
+    };
+    let offline_firing = |v: &Value| {
+        v["data"]["alerts"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["labels"]["alertname"] == "KipDeviceOffline" && x["state"] == "firing")
+        })
+    };
+    let path = format!("/v1/organisations/{org}/devices/{device}/health");
+    let run_agent = || async {
+        let cfg = kip_agent::config::Config::load(&cfg_path).unwrap();
+        let cancel = CancellationToken::new();
+        let agent = kip_agent::runtime::start(cfg, cancel.clone())
+            .await
+            .unwrap();
+        (agent, cancel)
+    };
+
+    let (agent, cancel) = run_agent().await;
+    let report = eventually(Duration::from_secs(30), || async {
+        let (_, h) = get(&cp, &cp.admin_key, &path).await;
+        if h["state"] == "ONLINE" && !h["report"]["cert_not_after"].is_null() {
+            Ok(h["report"].clone())
+        } else {
+            Err(format!("{h}"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(report["disk_free_bytes"].as_u64().unwrap() > 0, "{report}");
+    // Prometheus sees the device online, and no offline alert.
+    eventually(Duration::from_secs(30), || async {
+        let v = alerts(cp.http.clone()).await?;
+        let q: Value = cp.http.get(format!("http://127.0.0.1:{port}/api/v1/query?query=kip_fleet_devices%7Bstate%3D%22online%22%7D"))
+            .send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+        let online = q["data"]["result"][0]["value"][1] == "1";
+        if online && !offline_firing(&v) { Ok(()) } else { Err(format!("{q} {v}")) }
+    })
+    .await
+    .unwrap();
+
+    // Killed agent: OFFLINE, and the alert fires.
+    cancel.cancel();
+    agent.wait().await;
+    eventually(Duration::from_secs(60), || async {
+        let v = alerts(cp.http.clone()).await?;
+        if offline_firing(&v) {
+            Ok(())
+        } else {
+            Err(format!("{v}"))
+        }
+    })
+    .await
+    .unwrap();
+    let (_, h) = get(&cp, &cp.admin_key, &path).await;
+    assert_eq!(h["state"], "OFFLINE", "{h}");
+
+    // Restarted: ONLINE again, the alert resolves.
+    let (agent, cancel) = run_agent().await;
+    eventually(Duration::from_secs(60), || async {
+        let (_, h) = get(&cp, &cp.admin_key, &path).await;
+        let v = alerts(cp.http.clone()).await?;
+        if h["state"] == "ONLINE" && !offline_firing(&v) {
+            Ok(())
+        } else {
+            Err(format!("{h} {v}"))
+        }
+    })
+    .await
+    .unwrap();
+    cancel.cancel();
+    agent.wait().await;
+}
