@@ -173,6 +173,20 @@ async fn sign_in_find_a_device_and_the_key_scope_applies(pool: PgPool) {
     let (_, theirs) = b.get(&other_cookie, "/console/fleet").await;
     assert!(!theirs.contains("press-1"), "{theirs}");
 
+    // The audit log needs audit.read: the org admin sees its organisation's entries only.
+    let (status, _) = b.get(&cookie, "/console/audit").await;
+    assert_eq!(status, 403, "a read-only key cannot read the audit log");
+    let (status, log) = b.get(&other_cookie, "/console/audit").await;
+    assert_eq!(status, 200, "{log}");
+    assert!(
+        log.contains("key.create") && !log.contains("device.register"),
+        "{log}"
+    );
+    let (status, _) = b
+        .get(&other_cookie, &format!("/console/audit?org={org}"))
+        .await;
+    assert_eq!(status, 404);
+
     // Revoking the key ends its sessions.
     let r = cp
         .http

@@ -2,7 +2,7 @@
 //! external assets: it works offline on a plant network).
 //!
 //! Pages: sign in (`GET /console`, `POST /console/login`), fleet with health state and search
-//! (`GET /console/fleet`), one device (`GET /console/devices/{org_id}/{device_id}`), sign out
+//! (`GET /console/fleet`), the audit log (`GET /console/audit`, needs `audit.read`), one device (`GET /console/devices/{org_id}/{device_id}`), sign out
 //! (`POST /console/logout`).
 //!
 //! Invariants:
@@ -102,6 +102,7 @@ where
         .route("/console/logout", post(logout))
         .route("/console/fleet", get(fleet))
         .route("/console/devices/{org_id}/{device_id}", get(device))
+        .route("/console/audit", get(audit))
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -131,7 +132,7 @@ table{border-collapse:collapse;background:#fff;width:100%}th,td{padding:6px 10px
 
 fn page(title: &str, signed_in: bool, body: &str) -> Html<String> {
     let nav = if signed_in {
-        "<a href=\"/console/fleet\">Fleet</a><span style=\"flex:1\"></span>\
+        "<a href=\"/console/fleet\">Fleet</a><a href=\"/console/audit\">Audit log</a><span style=\"flex:1\"></span>\
          <form class=\"inline\" method=\"post\" action=\"/console/logout\"><button>Sign out</button></form>"
     } else {
         ""
@@ -388,6 +389,64 @@ async fn fleet(
     }
     body.push_str("</tbody></table>");
     Ok(page("Fleet", true, &body).into_response())
+}
+
+#[derive(Deserialize)]
+struct OrgParam {
+    #[serde(default)]
+    org: Option<Uuid>,
+}
+
+async fn audit(
+    State(pool): State<PgPool>,
+    State(keys): State<Arc<KeyCache>>,
+    State(sessions): State<Arc<Sessions>>,
+    headers: HeaderMap,
+    Query(params): Query<OrgParam>,
+) -> Result<Response, ApiError> {
+    let Some(p) = principal(&headers, &sessions, &pool, &keys).await? else {
+        return Ok(Redirect::to("/console").into_response());
+    };
+    if !p.role.allows(Permission::AuditRead) {
+        return Err(ApiError::Forbidden(
+            "the key's role cannot read the audit log",
+        ));
+    }
+    let org = match (params.org, p.scope) {
+        (Some(o), _) | (None, Scope::Org(o)) => p.org_scope(o)?,
+        (None, Scope::Platform) => {
+            return Ok(page(
+                "Audit log",
+                true,
+                "<h1>Audit log</h1><p>Choose an organisation: <code>/console/audit?org=ID</code>.</p>",
+            )
+            .into_response());
+        }
+    };
+    let rows = crate::fleet::recent_audit(&pool, org, 200).await?;
+    let mut body = String::from(
+        "<h1>Audit log</h1><table><thead><tr><th>When</th><th>Key</th><th>Role</th><th>Action</th>\
+         <th>Target</th><th>From</th><th>Status</th></tr></thead><tbody>",
+    );
+    for r in &rows {
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{} {}</td></tr>",
+            r.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            esc(&r.key_name),
+            esc(&r.role),
+            esc(&r.action),
+            esc(&r.method),
+            esc(&r.target),
+            esc(r.client_ip.as_deref().unwrap_or("-")),
+            r.status,
+            esc(&r.outcome),
+        ));
+    }
+    if rows.is_empty() {
+        body.push_str("<tr><td colspan=\"7\">No entries.</td></tr>");
+    }
+    body.push_str("</tbody></table>");
+    Ok(page("Audit log", true, &body).into_response())
 }
 
 async fn device(
