@@ -173,6 +173,14 @@ async fn sign_in_find_a_device_and_the_key_scope_applies(pool: PgPool) {
     let (_, theirs) = b.get(&other_cookie, "/console/fleet").await;
     assert!(!theirs.contains("press-1"), "{theirs}");
 
+    // Model rollout status: every device with its desired and running model.
+    let (status, models) = b.get(&cookie, "/console/models").await;
+    assert_eq!(status, 200, "{models}");
+    assert!(
+        models.contains("press-1") && models.contains("oven-1"),
+        "{models}"
+    );
+
     // The audit log needs audit.read: the org admin sees its organisation's entries only.
     let (status, _) = b.get(&cookie, "/console/audit").await;
     assert_eq!(status, 403, "a read-only key cannot read the audit log");

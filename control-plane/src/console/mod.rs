@@ -2,7 +2,8 @@
 //! external assets: it works offline on a plant network).
 //!
 //! Pages: sign in (`GET /console`, `POST /console/login`), fleet with health state and search
-//! (`GET /console/fleet`), the audit log (`GET /console/audit`, needs `audit.read`), one device (`GET /console/devices/{org_id}/{device_id}`), sign out
+//! (`GET /console/fleet`), model rollout status (`GET /console/models`, desired vs running per
+//! device, needs `models.read`), the audit log (`GET /console/audit`, needs `audit.read`), one device (`GET /console/devices/{org_id}/{device_id}`), sign out
 //! (`POST /console/logout`).
 //!
 //! Invariants:
@@ -103,6 +104,7 @@ where
         .route("/console/fleet", get(fleet))
         .route("/console/devices/{org_id}/{device_id}", get(device))
         .route("/console/audit", get(audit))
+        .route("/console/models", get(models))
 }
 
 /// Escapes text for HTML content and attribute values.
@@ -132,7 +134,7 @@ table{border-collapse:collapse;background:#fff;width:100%}th,td{padding:6px 10px
 
 fn page(title: &str, signed_in: bool, body: &str) -> Html<String> {
     let nav = if signed_in {
-        "<a href=\"/console/fleet\">Fleet</a><a href=\"/console/audit\">Audit log</a><span style=\"flex:1\"></span>\
+        "<a href=\"/console/fleet\">Fleet</a><a href=\"/console/models\">Models</a><a href=\"/console/audit\">Audit log</a><span style=\"flex:1\"></span>\
          <form class=\"inline\" method=\"post\" action=\"/console/logout\"><button>Sign out</button></form>"
     } else {
         ""
@@ -447,6 +449,54 @@ async fn audit(
     }
     body.push_str("</tbody></table>");
     Ok(page("Audit log", true, &body).into_response())
+}
+
+async fn models(
+    State(pool): State<PgPool>,
+    State(keys): State<Arc<KeyCache>>,
+    State(sessions): State<Arc<Sessions>>,
+    headers: HeaderMap,
+    Query(params): Query<OrgParam>,
+) -> Result<Response, ApiError> {
+    let Some(p) = principal(&headers, &sessions, &pool, &keys).await? else {
+        return Ok(Redirect::to("/console").into_response());
+    };
+    if !p.role.allows(Permission::ModelsRead) {
+        return Err(ApiError::Forbidden("the key's role cannot read models"));
+    }
+    let org = match (params.org, p.scope) {
+        (Some(o), _) | (None, Scope::Org(o)) => p.org_scope(o)?,
+        (None, Scope::Platform) => {
+            return Ok(page(
+                "Models",
+                true,
+                "<h1>Models</h1><p>Choose an organisation: <code>/console/models?org=ID</code>.</p>",
+            )
+            .into_response());
+        }
+    };
+    let rows = crate::models::rollout_status(&pool, org).await?;
+    let mut body = String::from(
+        "<h1>Model rollout</h1><p>Roll out or back with <code>kipctl model rollout</code> \
+         (the API's desired-model); agents pick it up with their next sync or heartbeat.</p>\
+         <table><thead><tr><th>Device</th><th>Desired</th><th>Running</th><th>In sync</th>\
+         <th>Last error</th></tr></thead><tbody>",
+    );
+    for r in &rows {
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&r.device_name),
+            esc(r.desired_model.as_deref().unwrap_or("-")),
+            esc(r.running_model.as_deref().unwrap_or("-")),
+            if r.in_sync { "yes" } else { "no" },
+            esc(r.last_error.as_deref().unwrap_or("")),
+        ));
+    }
+    if rows.is_empty() {
+        body.push_str("<tr><td colspan=\"5\">No devices.</td></tr>");
+    }
+    body.push_str("</tbody></table>");
+    Ok(page("Models", true, &body).into_response())
 }
 
 async fn device(
