@@ -10,6 +10,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
 ensure_deploy_tools
+ensure_monitoring_tools
 
 PASS=0 FAIL=0
 LOG="$(mktemp)"
@@ -93,12 +94,60 @@ nps = {p["metadata"]["name"]: p["spec"] for p in kinds.get("NetworkPolicy", [])}
 deny = nps.get("default-deny-all", {})
 if deny.get("podSelector") != {} or sorted(deny.get("policyTypes", [])) != ["Egress", "Ingress"]:
     errors.append("a default-deny-all NetworkPolicy for ingress and egress is required")
+scrape = nps.get("monitoring-scrape", {})
+if [p["port"] for r in scrape.get("ingress", []) for p in r.get("ports", [])] != [8080] or \
+        not any(f.get("namespaceSelector", {}).get("matchLabels", {}).get("kip.io/network") == "monitoring"
+                for r in scrape.get("ingress", []) for f in r.get("from", [])):
+    errors.append("the monitoring namespace (kip.io/network=monitoring) must reach 8080 (/metrics) and nothing else")
 site = nps.get("site-operations-agents", {})
 if [p["port"] for r in site.get("ingress", []) for p in r.get("ports", [])] != [8443]:
     errors.append("agents (ISA-95 level 3) may reach port 8443 only")
 sys.exit("\n".join(errors) if errors else 0)
 PY
 done
+
+# Monitoring (issue #16): alert rules and their unit tests, the Prometheus config.
+MON=deploy/monitoring/prometheus
+check "promtool check rules accepts the alert rules" promtool check rules "$MON/kip-alerts.yml"
+check "promtool test rules: every alert fires and stays quiet where it should" \
+    bash -c "cd '$MON/tests' && promtool test rules kip-alerts.test.yml"
+check "every alert of kip-alerts.yml has a firing and a quiet unit test" python3 - "$MON" <<'PY'
+import sys, yaml
+d = sys.argv[1]
+alerts = {r["alert"] for g in yaml.safe_load(open(f"{d}/kip-alerts.yml"))["groups"] for r in g["rules"] if "alert" in r}
+fired, quiet = set(), set()
+for t in yaml.safe_load(open(f"{d}/tests/kip-alerts.test.yml"))["tests"]:
+    for a in t.get("alert_rule_test", []):
+        (fired if a.get("exp_alerts") else quiet).add(a["alertname"])
+missing = [f"{a}: no firing test" for a in sorted(alerts - fired)] + [f"{a}: no quiet test" for a in sorted(alerts - quiet)]
+sys.exit("\n".join(missing) if missing else 0)
+PY
+check "promtool check config accepts the Prometheus config" promtool check config "$MON/prometheus.yml"
+check "Grafana dashboards are valid JSON and every panel's PromQL parses (promtool)" python3 - <<'PY'
+import glob, json, re, subprocess, sys, tempfile, yaml
+errors, rules = [], []
+for path in sorted(glob.glob("deploy/monitoring/grafana/dashboards/*.json")):
+    try:
+        d = json.load(open(path))
+    except ValueError as e:
+        errors.append(f"{path}: not JSON: {e}"); continue
+    for k in ("uid", "title", "panels"):
+        if k not in d: errors.append(f"{path}: no {k}")
+    for p in d.get("panels", []):
+        if not p.get("targets"): errors.append(f"{path}: panel {p.get('title')!r} has no query")
+        for t in p.get("targets", []):
+            # Grafana's variables, as Prometheus would see them after substitution.
+            expr = re.sub(r"\$__rate_interval|\$__interval|\$__range", "5m", t["expr"])
+            expr = re.sub(r"\$\{?(\w+)\}?", "x", expr)
+            rules.append({"record": f"kip:dashboard:{len(rules)}", "expr": expr})
+            rules[-1]["labels"] = {"panel": f"{path}: {p.get('title')}"}
+if not rules: errors.append("no dashboard queries found")
+with tempfile.NamedTemporaryFile("w", suffix=".yml") as f:
+    yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}, f); f.flush()
+    r = subprocess.run(["promtool", "check", "rules", f.name], capture_output=True, text=True)
+    if r.returncode: errors.append(r.stdout + r.stderr)
+sys.exit("\n".join(errors) if errors else 0)
+PY
 
 while IFS= read -r dockerfile; do
     check "hadolint accepts $dockerfile" hadolint "$dockerfile"

@@ -114,6 +114,19 @@ ensure_deploy_tools() {
     fi
 }
 
+# ensure_monitoring_tools: promtool (Debian prometheus) for the alert rules, their unit tests,
+# the Prometheus config and the dashboards' PromQL (scripts/check-deploy.sh), and the Prometheus
+# the quickstart starts.
+ensure_monitoring_tools() {
+    command -v promtool >/dev/null || ensure_packages prometheus
+}
+
+# ensure_browser: Debian's chromium, the headless browser of the web console test
+# (control-plane/tests/console.rs).
+ensure_browser() {
+    command -v chromium >/dev/null || ensure_packages chromium
+}
+
 # Survivors of a test run. Test commands run with KIP_TEST_RUN=<id> in their environment; every
 # process a test starts inherits it (mosquitto, mlflow and its workers, kip-agent,
 # kip-control-plane, python peers, a private PostgreSQL), whatever its name. After the run,

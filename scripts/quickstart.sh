@@ -15,6 +15,7 @@ LOGS="$STATE/logs"
 CP_ADDR="${KIP_LISTEN_ADDR:-127.0.0.1:8080}"
 AGENT_MTLS_ADDR="${KIP_AGENT_LISTEN_ADDR:-127.0.0.1:8443}"
 AGENT_HTTP_ADDR="${KIP_AGENT_HTTP_ADDR:-127.0.0.1:9464}"
+PROM_ADDR="${KIP_PROMETHEUS_ADDR:-127.0.0.1:9090}"
 MQTT_PORT="${KIP_MQTT_PORT:-1883}"
 ORG=acme
 DEVICE=aleph-gw-1
@@ -68,27 +69,28 @@ wait_http() { # wait_http NAME URL PID LOG
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-say "1/8 PostgreSQL"
+say "1/9 PostgreSQL"
 ensure_postgres
-say "2/8 Mosquitto and ONNX Runtime"
+say "2/9 Mosquitto and ONNX Runtime"
 ensure_mosquitto
 ensure_ort
+ensure_monitoring_tools
 export ORT_DYLIB_PATH
 command -v curl >/dev/null || ensure_packages curl
 
-say "3/8 building kip (release; the first build takes a while)"
+say "3/9 building kip (release; the first build takes a while)"
 cargo build --release --locked -p kip-control-plane -p kipctl -p kip-agent -p kip-sim
 BIN="${CARGO_TARGET_DIR:-$KIP_ROOT/target}/release"
 KIPCTL="$BIN/kipctl"
 
-say "4/8 fleet CA ($STATE/ca)"
+say "4/9 fleet CA ($STATE/ca)"
 if [ ! -f "$STATE/ca/root.crt" ]; then
     "$KIPCTL" ca init --dir "$STATE/ca" >&2
 else
     say "  reusing the existing CA"
 fi
 
-say "5/8 control plane on http://$CP_ADDR (agents: mTLS on $AGENT_MTLS_ADDR)"
+say "5/9 control plane on http://$CP_ADDR (agents: mTLS on $AGENT_MTLS_ADDR)"
 export KIP_DATABASE_URL="${KIP_DATABASE_URL:-$KIP_PG_URL/kip}"
 export KIP_ADMIN_KEY_FILE="${KIP_ADMIN_KEY_FILE:-$STATE/admin.key}"
 export KIP_PKI_CA_DIR="$STATE/ca"
@@ -106,7 +108,7 @@ start control-plane "$LOGS/control-plane.log" env KIP_LISTEN_ADDR="$CP_ADDR" KIP
 wait_http "the control plane" "http://$CP_ADDR/readyz" "${PIDS[-1]}" "$LOGS/control-plane.log"
 export KIP_URL="http://$CP_ADDR"
 
-say "6/8 organisation '$ORG', its key ($STATE/org.key) and agent '$DEVICE'"
+say "6/9 organisation '$ORG', its key ($STATE/org.key) and agent '$DEVICE'"
 admin() { KIP_API_KEY_FILE="$KIP_ADMIN_KEY_FILE" "$KIPCTL" --server "$KIP_URL" "$@"; }
 if ! admin org get "$ORG" >/dev/null 2>&1; then
     admin org create "$ORG" --display-name "ACME Manufacturing" >&2
@@ -158,6 +160,8 @@ broker = "local-broker"
 # Sync to the control plane's mTLS agent listener (certificate from the enrollment below).
 [sync]
 endpoints = ["https://$AGENT_MTLS_ADDR"]
+# An idle agent still reports its health this often (the control plane's [health] windows).
+heartbeat_interval_s = 10
 
 # Remaining-useful-life predictions on the simulated engines with the shipped model.
 [inference]
@@ -172,7 +176,7 @@ else
     say "  reusing the agent's identity in $AGENT_STATE/identity"
 fi
 
-say "7/8 MQTT broker on 127.0.0.1:$MQTT_PORT and the agent (http://$AGENT_HTTP_ADDR)"
+say "7/9 MQTT broker on 127.0.0.1:$MQTT_PORT and the agent (http://$AGENT_HTTP_ADDR)"
 if port_open 127.0.0.1 "$MQTT_PORT"; then
     say "  using the broker already listening on port $MQTT_PORT"
 else
@@ -184,9 +188,22 @@ fi
 start agent "$LOGS/agent.log" "$BIN/kip-agent" run --config "$STATE/agent.toml"
 wait_http "the agent" "http://$AGENT_HTTP_ADDR/healthz" "${PIDS[-1]}" "$LOGS/agent.log"
 
-say "8/8 simulated AIX Aleph machines (C-MAPSS FD001 units $SIM_UNITS, one cycle every ${SIM_INTERVAL_MS} ms)"
+say "8/9 simulated AIX Aleph machines (C-MAPSS FD001 units $SIM_UNITS, one cycle every ${SIM_INTERVAL_MS} ms)"
 start kip-sim "$LOGS/kip-sim.log" "$BIN/kip-sim" --broker "mqtt://127.0.0.1:$MQTT_PORT" \
     --data "$KIP_ROOT/ml/data/train_FD001.txt" --units "$SIM_UNITS" --interval-ms "$SIM_INTERVAL_MS"
+
+say "9/9 Prometheus on http://$PROM_ADDR with kip's alert rules (deploy/monitoring/prometheus)"
+if port_open "${PROM_ADDR%:*}" "${PROM_ADDR##*:}"; then
+    say "  something already listens on $PROM_ADDR: not starting Prometheus"
+else
+    MON="$KIP_ROOT/deploy/monitoring/prometheus"
+    sed -e "s#\"127.0.0.1:8080\"#\"$CP_ADDR\"#" -e "s#- kip-alerts.yml#- $MON/kip-alerts.yml#" \
+        -e "s#scrape_interval: 15s#scrape_interval: 5s#" -e "s#evaluation_interval: 15s#evaluation_interval: 5s#" \
+        "$MON/prometheus.yml" > "$STATE/prometheus.yml"
+    start prometheus "$LOGS/prometheus.log" prometheus --config.file="$STATE/prometheus.yml" \
+        --storage.tsdb.path="$STATE/prometheus" --web.listen-address="$PROM_ADDR"
+    wait_http prometheus "http://$PROM_ADDR/-/ready" "${PIDS[-1]}" "$LOGS/prometheus.log"
+fi
 
 cat >&2 <<MSG
 
@@ -196,10 +213,13 @@ cat >&2 <<MSG
   fleet CA        $STATE/ca                 agents' mTLS listener     $AGENT_MTLS_ADDR
   agent           $DEVICE   http://$AGENT_HTTP_ADDR/healthz  /metrics   config $STATE/agent.toml
   machines        aleph-01.. on mqtt://127.0.0.1:$MQTT_PORT topics aleph/<machine>/<metric>
+  console         http://$CP_ADDR/console   (sign in with the key in $STATE/org.key)
+  alerts          http://$PROM_ADDR/alerts  (Prometheus with deploy/monitoring/prometheus/kip-alerts.yml)
   logs            $LOGS/
 
   try:
     KIP_API_KEY_FILE=$STATE/org.key $KIPCTL device list
+    KIP_API_KEY_FILE=$STATE/org.key $KIPCTL device health
     $BIN/kip-agent status --config $STATE/agent.toml
     curl -s http://$AGENT_HTTP_ADDR/predictions/latest
     curl -s http://$CP_ADDR/v1/chat/completions -H "authorization: Bearer \$(cat $STATE/org.key)" \\

@@ -10,6 +10,8 @@ ensure_postgres
 ensure_mosquitto
 ensure_ort
 ensure_python_peers
+ensure_monitoring_tools
+ensure_browser
 export DATABASE_URL="${DATABASE_URL:-$KIP_PG_URL/postgres}"
 
 say "cargo fmt --check"

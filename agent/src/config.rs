@@ -224,6 +224,15 @@ pub struct RawSync {
     /// Timeout of one batch request (connect + upload + store + ack).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// An idle agent (nothing to send) still contacts the control plane this often: an empty
+    /// sync with its health report, which also picks up desired state and trust bundles.
+    /// The control plane's `health.stale_after_s` should be a few of these.
+    #[serde(default = "default_heartbeat_interval_s")]
+    pub heartbeat_interval_s: u64,
+}
+
+fn default_heartbeat_interval_s() -> u64 {
+    60
 }
 
 fn default_batch_max_records() -> usize {
@@ -255,6 +264,7 @@ impl Default for RawSync {
             backoff_min_ms: default_backoff_min_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             request_timeout_ms: default_request_timeout_ms(),
+            heartbeat_interval_s: default_heartbeat_interval_s(),
         }
     }
 }
@@ -270,6 +280,8 @@ pub struct SyncConfig {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub request_timeout: Duration,
+    /// `sync.heartbeat_interval_s`.
+    pub heartbeat_interval: Duration,
 }
 
 impl RawSync {
@@ -326,6 +338,13 @@ impl RawSync {
             100,
             600_000,
         )?;
+        check_range(
+            "sync.heartbeat_interval_s",
+            self.heartbeat_interval_s,
+            1,
+            86_400,
+        )?;
+        let heartbeat_interval = Duration::from_secs(self.heartbeat_interval_s);
         Ok(SyncConfig {
             endpoints,
             batch_max_records: self.batch_max_records,
@@ -334,6 +353,7 @@ impl RawSync {
             backoff_min,
             backoff_max,
             request_timeout,
+            heartbeat_interval,
         })
     }
 }

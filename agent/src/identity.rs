@@ -572,6 +572,11 @@ impl IdentityHandle {
         let now_unix = seconds_until(now, SystemTime::UNIX_EPOCH);
         self.not_after_unix.load(Ordering::Relaxed) - now_unix
     }
+
+    /// `not_after` of the current certificate, seconds since the Unix epoch.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after_unix.load(Ordering::Relaxed)
+    }
 }
 
 /// The renewal loop's state; run it with [`Renewer::run`] on the agent's task tracker.

@@ -13,6 +13,7 @@ pub mod buffer_recovery;
 pub mod cli;
 pub mod config;
 pub mod edge_inference;
+pub mod health;
 pub mod identity;
 pub mod inference;
 pub mod live;

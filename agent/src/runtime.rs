@@ -119,6 +119,8 @@ struct Surface {
     /// The identity and its `kip_agent_certificate_expiry_seconds` gauge, set at each scrape;
     /// `None` when the agent is not enrolled (no gauge, rather than a misleading 0).
     cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
+    /// When each source last delivered a value (stamped by the writer, read by health).
+    source_clock: Arc<crate::health::SourceClock>,
 }
 
 /// One source's state in [`StatusReport`].
@@ -419,6 +421,9 @@ async fn write_records(
         tokio::select! {
             r = rx.recv(), if pending.len() < policy.max_pending => {
                 let Some(Envelope { record, ack, delivery }) = r else { break };
+                if let Record::Reading(reading) = &record {
+                    surface.source_clock.observe(&reading.source);
+                }
                 let stored = store(&buffer, &record, delivery.as_ref(), &metrics, feed.as_ref(), live.as_deref());
                 match (ack, stored) {
                     (Some(token), Stored::At(seq)) => pending.push(seq, token, Instant::now()),
@@ -523,21 +528,37 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
     let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
     let (listener, http_addr) = bind_http(&cfg).await?;
     let sources = build_sources(&cfg, &metrics, &mut registry)?;
+    let source_names: Vec<(String, &'static str)> = sources
+        .iter()
+        .map(|s| (s.name().to_owned(), s.kind().as_str()))
+        .collect();
+    let source_clock = Arc::new(crate::health::SourceClock::default());
+    let syncer = sync.syncer.map(|s| {
+        s.with_health(Arc::new(crate::health::HealthCollector {
+            buffer: buffer.clone(),
+            buffer_max_bytes: cfg.buffer.max_bytes,
+            metrics: metrics.clone(),
+            sources: source_names.clone(),
+            clock: source_clock.clone(),
+            identity: sync.cert_expiry.as_ref().map(|(h, _)| h.clone()),
+            inference: inference.as_ref().map(|(i, _)| i.clone()),
+            state_dir: cfg.state_dir.clone(),
+            started: Instant::now(),
+        }))
+    });
     let surface = Arc::new(Surface {
         device: cfg.device.to_string(),
         started: Instant::now(),
         registry,
         buffer: buffer.clone(),
         metrics: metrics.clone(),
-        sources: sources
-            .iter()
-            .map(|s| (s.name().to_owned(), s.kind().as_str()))
-            .collect(),
+        sources: source_names,
         writer_alive: AtomicBool::new(true),
         inference: inference.as_ref().map(|(i, _)| i.clone()),
-        sync: sync.syncer.as_ref().map(Syncer::status),
+        sync: syncer.as_ref().map(Syncer::status),
         cert_expiry: sync.cert_expiry,
         quarantined_buffers,
+        source_clock,
     });
     let tracker = TaskTracker::new();
     spawn_tasks(
@@ -549,7 +570,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             metrics,
             surface,
             inference,
-            syncer: sync.syncer,
+            syncer,
             renewer: sync.renewer,
             live,
             sources,
@@ -887,6 +908,7 @@ mod tests {
             sync: None,
             cert_expiry: None,
             quarantined_buffers: Vec::new(),
+            source_clock: Default::default(),
         })
     }
 

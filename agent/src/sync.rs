@@ -46,6 +46,21 @@
 //! 413 for a single record, a missing or unknown code, and a refused dead letter written by
 //! this module (the control plane refuses even minimal records). `batch_too_many_records`
 //! and a 413 for several records shrink the batch instead.
+//!
+//! # Health, heartbeat and clock offset
+//!
+//! With a [`crate::health::HealthCollector`] ([`Syncer::with_health`]) every batch carries the
+//! agent's health report, and an agent with nothing to send still contacts the control plane
+//! every `sync.heartbeat_interval_s`: a heartbeat is an empty batch (`first_seq = last_seq =`
+//! the last acknowledged sequence) with only the report; its ack brings desired state and
+//! trust bundles like any other. Each ack carries the control plane's `server_time`; the
+//! offset is `server_time - midpoint(sent, received)` (error at most half the round trip) and
+//! goes into the next report (`kip_agent_clock_offset_seconds`).
+//!
+//! Compatibility: `SyncBatch` refuses unknown fields, so reports are attached only after an
+//! ack showed `server_time` (a control plane that knows them). Before the first ack the
+//! heartbeat is tried; a control plane that refuses it (400/422) gets neither heartbeats nor
+//! reports until one of its acks carries `server_time`. Nothing is dead-lettered for it.
 
 use kip_shared::backoff::Backoff;
 use std::{
@@ -76,6 +91,9 @@ use crate::{
     buffer::{Buffer, BufferError},
     config::SyncConfig,
 };
+
+/// Takes a health report (on a blocking thread: it reads the buffer and the file system).
+type HealthSource = Box<dyn FnOnce() -> Option<kip_shared::health::HealthReport> + Send>;
 
 /// Source name of the dead letters this module writes.
 pub const DEAD_LETTER_SOURCE: &str = "sync";
@@ -119,6 +137,8 @@ struct SyncMetrics {
     last_ack_unix_seconds: Gauge,
     batch_records: Gauge,
     online: Gauge,
+    heartbeats: Family<ResultLabels, Counter>,
+    clock_offset_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl SyncMetrics {
@@ -168,6 +188,16 @@ impl SyncMetrics {
             "sync_online",
             "1 when the last sync attempt succeeded",
             m.online.clone(),
+        );
+        registry.register(
+            "sync_heartbeats",
+            "Idle heartbeats (empty syncs with the health report) by result (acked, failed, refused)",
+            m.heartbeats.clone(),
+        );
+        registry.register(
+            "clock_offset_seconds",
+            "Control-plane clock minus agent clock, from the last acknowledged sync (positive: the control plane is ahead)",
+            m.clock_offset_seconds.clone(),
         );
         m
     }
@@ -283,6 +313,15 @@ pub struct Syncer {
     model_trust: crate::model_trust::ModelTrust,
     /// Bundle fingerprint and hint channel of the identity; `None`: no CA rollover via sync.
     identity_hints: Option<crate::identity::IdentityHints>,
+    /// Health reports and heartbeats; `None`: neither.
+    health: Option<Arc<crate::health::HealthCollector>>,
+    /// Whether the control plane takes health reports: `None` until an ack (or a refused
+    /// heartbeat) tells (see the module docs, "Compatibility").
+    health_accepted: Option<bool>,
+    /// Control-plane clock minus ours, from the last ack with `server_time`.
+    clock_offset_ms: Option<i64>,
+    /// When the control plane last acknowledged anything (batch or heartbeat).
+    last_contact: Option<Instant>,
 }
 
 fn build_client(
@@ -333,7 +372,144 @@ impl Syncer {
             model_error: None,
             model_trust: crate::model_trust::ModelTrust::new(registry),
             identity_hints: None,
+            health: None,
+            health_accepted: None,
+            clock_offset_ms: None,
+            last_contact: None,
         })
+    }
+
+    /// Sends the agent's health with every batch and as an idle heartbeat.
+    pub fn with_health(mut self, health: Arc<crate::health::HealthCollector>) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    /// How to take the report to attach, if one is due (see the module docs,
+    /// "Compatibility"); called on a blocking thread, only once there is something to send.
+    fn health_source(&self, for_heartbeat: bool) -> Option<HealthSource> {
+        let h = self.health.clone()?;
+        let wanted = if for_heartbeat {
+            self.health_accepted != Some(false)
+        } else {
+            self.health_accepted == Some(true)
+        };
+        if !wanted {
+            return None;
+        }
+        let offset = self.clock_offset_ms;
+        let dead = self.status.dead_letters.load(Ordering::Relaxed);
+        Some(Box::new(move || h.report(offset, dead)))
+    }
+
+    /// Learns from an ack whether the control plane takes reports, and the clock offset.
+    fn observe_ack(&mut self, ack: &SyncAck, sent: DateTime<Utc>, received: DateTime<Utc>) {
+        self.last_contact = Some(Instant::now());
+        self.health_accepted = Some(ack.server_time.is_some());
+        if let Some(t) = ack.server_time {
+            let offset = kip_shared::health::clock_offset_ms(sent, received, t);
+            self.clock_offset_ms = Some(offset);
+            self.metrics
+                .clock_offset_seconds
+                .set(offset as f64 / 1000.0);
+        }
+    }
+
+    /// Acts on the desired state of an ack: CA-rollover hints, model signing keys, the model.
+    async fn apply_desired(&mut self, ack: &SyncAck, reported_bundle: Option<String>) {
+        if let (Some(h), Some(reported)) = (&self.identity_hints, reported_bundle) {
+            if let Some(pem) = ack.desired.trust_bundle_pem.clone() {
+                h.offer(crate::identity::IdentityHint::TrustBundle {
+                    pem,
+                    sha256: ack.desired.trust_bundle_sha256.clone(),
+                    reported_sha256: reported,
+                });
+            }
+            if ack.desired.renew_certificate {
+                h.offer(crate::identity::IdentityHint::RenewSoon {
+                    serial: ack.desired.renew_serial.clone(),
+                });
+            }
+        }
+        self.model_trust
+            .update_keys(ack.desired.model_signing_keys_pem.as_deref());
+        if let Some(m) = ack.desired.model.clone() {
+            self.apply_desired_model(m).await;
+        }
+    }
+
+    /// An empty sync with the health report, when nothing was sent for
+    /// `sync.heartbeat_interval_s`. Returns the pause before the next step.
+    async fn heartbeat(&mut self) -> Result<Duration, SyncError> {
+        let Some(source) = self.health_source(true) else {
+            return Ok(self.cfg.interval);
+        };
+        let Some(report) = tokio::task::spawn_blocking(source).await? else {
+            return Ok(self.cfg.interval);
+        };
+        let acked = self.next_seq.saturating_sub(1);
+        let batch = SyncBatch {
+            protocol_version: kip_shared::PROTOCOL_VERSION,
+            agent_version: format!("kip-agent {}", env!("CARGO_PKG_VERSION")),
+            epoch: self.buffer.epoch(),
+            first_seq: acked,
+            last_seq: acked,
+            records: Vec::new(),
+            running_model: self.inference.as_ref().and_then(|i| i.running_model()),
+            health: Some(report),
+        };
+        let body = tokio::task::spawn_blocking(move || gzip_json(&batch)).await??;
+        let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
+        let sent = Utc::now();
+        let outcome = self.send(body, reported_bundle.as_deref()).await;
+        let received = Utc::now();
+        let result = |r: &'static str| ResultLabels { result: r };
+        match outcome {
+            Outcome::Acked(ack) => {
+                self.metrics
+                    .heartbeats
+                    .get_or_create(&result("acked"))
+                    .inc();
+                self.observe_ack(&ack, sent, received);
+                self.failures = 0;
+                self.metrics.online.set(1);
+                self.status.online.store(true, Ordering::Relaxed);
+                self.status.failures.store(0, Ordering::Relaxed);
+                self.status.set_error(None);
+                tracing::debug!(clock_offset_ms = ?self.clock_offset_ms, "heartbeat acknowledged");
+                self.apply_desired(&ack, reported_bundle).await;
+                Ok(self.cfg.interval)
+            }
+            Outcome::Refused {
+                status,
+                code: _,
+                message,
+            } => {
+                // A control plane that predates heartbeats refuses empty batches.
+                self.metrics
+                    .heartbeats
+                    .get_or_create(&result("refused"))
+                    .inc();
+                self.health_accepted = Some(false);
+                tracing::warn!(status, %message,
+                    "the control plane refused a heartbeat: no heartbeats or health reports until it acknowledges with server_time");
+                Ok(self.cfg.interval)
+            }
+            Outcome::TooLarge { message } => {
+                self.metrics
+                    .heartbeats
+                    .get_or_create(&result("failed"))
+                    .inc();
+                Ok(self.failure("too_large", message))
+            }
+            Outcome::Failed { reason, message } => {
+                self.metrics
+                    .heartbeats
+                    .get_or_create(&result("failed"))
+                    .inc();
+                Ok(self.failure(reason, message))
+            }
+        }
     }
 
     /// Reports the trust bundle in use and passes CA-rollover hints from the desired state
@@ -459,18 +635,25 @@ impl Syncer {
             .map_or(self.batch_records, |(l, _)| l)
             .min(self.batch_records)
             .max(1);
+        let health = self.health_source(false);
         let (records, body) = {
             let buffer = self.buffer.clone();
             let from = self.next_seq;
             let bytes = self.batch_bytes;
             let running = self.inference.as_ref().and_then(|i| i.running_model());
             tokio::task::spawn_blocking(move || {
-                read_and_encode(&buffer, from, limit, bytes, running)
+                read_and_encode(&buffer, from, limit, bytes, running, health)
             })
             .await??
         };
         self.refresh_backlog().await;
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            let heartbeat_due = self
+                .last_contact
+                .is_none_or(|t| t.elapsed() >= self.cfg.heartbeat_interval);
+            if self.health.is_some() && heartbeat_due {
+                return self.heartbeat().await.map(Some);
+            }
             self.status.online.store(true, Ordering::Relaxed);
             return Ok(Some(self.cfg.interval));
         };
@@ -478,9 +661,12 @@ impl Syncer {
         let full = n >= limit;
         let started = Instant::now();
         let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
+        let sent = Utc::now();
         let outcome = self.send(body, reported_bundle.as_deref()).await;
+        let received = Utc::now();
         match outcome {
             Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
+                self.observe_ack(&ack, sent, received);
                 let buffer = self.buffer.clone();
                 tokio::task::spawn_blocking(move || buffer.ack(last_seq)).await??;
                 self.next_seq = last_seq + 1;
@@ -507,25 +693,7 @@ impl Syncer {
                 self.status.set_error(None);
                 tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
                     duplicates = ack.duplicates, "batch acknowledged");
-                if let (Some(h), Some(reported)) = (&self.identity_hints, reported_bundle) {
-                    if let Some(pem) = ack.desired.trust_bundle_pem.clone() {
-                        h.offer(crate::identity::IdentityHint::TrustBundle {
-                            pem,
-                            sha256: ack.desired.trust_bundle_sha256.clone(),
-                            reported_sha256: reported,
-                        });
-                    }
-                    if ack.desired.renew_certificate {
-                        h.offer(crate::identity::IdentityHint::RenewSoon {
-                            serial: ack.desired.renew_serial.clone(),
-                        });
-                    }
-                }
-                self.model_trust
-                    .update_keys(ack.desired.model_signing_keys_pem.as_deref());
-                if let Some(m) = ack.desired.model.clone() {
-                    self.apply_desired_model(m).await;
-                }
+                self.apply_desired(&ack, reported_bundle).await;
                 if self.split.is_some() {
                     // The refused record is further on: keep halving from here.
                     return Ok(None);
@@ -827,6 +995,7 @@ fn read_and_encode(
     max_records: usize,
     max_bytes: u64,
     running_model: Option<String>,
+    health: Option<HealthSource>,
 ) -> Result<(Vec<Sequenced>, Vec<u8>), SyncError> {
     let records = buffer.read_range(from_seq, max_records, max_bytes)?;
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
@@ -840,15 +1009,21 @@ fn read_and_encode(
         last_seq: last.seq,
         records,
         running_model,
+        health: health.and_then(|h| h()),
     };
-    let json = serde_json::to_vec(&batch).map_err(std::io::Error::other)?;
+    let body = gzip_json(&batch)?;
+    Ok((batch.records, body))
+}
+
+/// A batch as gzip JSON (the request body).
+fn gzip_json(batch: &SyncBatch) -> Result<Vec<u8>, SyncError> {
+    let json = serde_json::to_vec(batch).map_err(std::io::Error::other)?;
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(json.len() / 4),
         flate2::Compression::fast(),
     );
     gz.write_all(&json)?;
-    let body = gz.finish()?;
-    Ok((batch.records, body))
+    Ok(gz.finish()?)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ async fn fake_control_plane(answer: Answer) -> Fake {
                                 inserted: batch.records.len() as u64,
                                 duplicates: 0,
                                 desired: Default::default(),
+                                server_time: Some(chrono::Utc::now()),
                             }).unwrap()),
                         ),
                         Some((status, code, message)) => (
@@ -93,6 +94,7 @@ fn syncer(buffer: Arc<Buffer>, url: &str) -> Syncer {
         backoff_min: Duration::from_millis(10),
         backoff_max: Duration::from_millis(20),
         request_timeout: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_secs(3600),
     };
     Syncer::new(buffer, cfg, rx, &mut Registry::default()).unwrap()
 }

@@ -10,6 +10,7 @@
 //!   `docs/openapi.json`, which documents the same shapes).
 
 pub mod fleet;
+pub mod health;
 pub mod models;
 pub mod pki;
 
@@ -17,6 +18,7 @@ pub use fleet::{
     ApiKeyInfo, AuditEntry, AuditPage, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me,
     Organisation, RegisterDevice, UpdateOrganisation,
 };
+pub use health::{DeviceHealth, FleetHealth, HealthCounts};
 pub use models::{
     AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,
     RegisterModel, SetDesiredModel, SetStage,

@@ -234,6 +234,7 @@ async fn run(mode: &str) {
                 last_seq: seq,
                 records,
                 running_model: None,
+                health: None,
             };
             match agent
                 .post(format!("{agent_url}/v1/agent/sync"))

@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// `[mlflow]`: mirror the model registry into MLflow.
     #[serde(default)]
     pub mlflow: crate::models::mlflow::RawMlflow,
+    /// `[health]`: device state windows and fleet metrics.
+    #[serde(default)]
+    pub health: crate::health::RawHealth,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -535,6 +538,8 @@ pub struct Config {
     pub reset_admin_key: bool,
     /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
     pub mlflow: Option<crate::models::mlflow::MlflowConfig>,
+    /// Device state windows and fleet metrics (`[health]`).
+    pub health: crate::health::HealthConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -755,7 +760,9 @@ impl RawConfig {
             }
         }
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
+        let health = self.health.validate()?;
         Ok(Config {
+            health,
             llm,
             mlflow,
             listen_addr,

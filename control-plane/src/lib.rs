@@ -15,8 +15,10 @@
 pub mod agent_api;
 pub mod config;
 pub mod config_error;
+pub mod console;
 pub mod db;
 pub mod fleet;
+pub mod health;
 pub mod http;
 pub mod keys;
 pub mod llm;
@@ -212,6 +214,8 @@ impl ControlPlaneBuilder {
             mlflow,
             ingest: cfg.ingest,
             model_signing: model_signing.clone(),
+            health: cfg.health,
+            console: Arc::default(),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in
@@ -222,6 +226,13 @@ impl ControlPlaneBuilder {
         if signals {
             tracker.spawn(server::shutdown_signal(token.clone()));
         }
+        health::spawn_refresh(
+            pool.clone(),
+            cfg.health,
+            state.metrics.fleet.clone(),
+            token.clone(),
+            &tracker,
+        );
         let mut agent_addr = None;
         match &pki {
             Some(p) => {

@@ -9,7 +9,8 @@
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 use crate::{
-    http::HttpMetrics, llm::metrics::LlmMetrics, pki::PkiMetrics, telemetry::IngestMetrics,
+    health::FleetMetrics, http::HttpMetrics, llm::metrics::LlmMetrics, pki::PkiMetrics,
+    telemetry::IngestMetrics,
 };
 
 /// All metrics of the process, registered once.
@@ -26,6 +27,8 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     /// Fleet PKI (`kip_pki_*`).
     pub pki: PkiMetrics,
+    /// Fleet health (`kip_fleet_*`, `kip_device_*`).
+    pub fleet: FleetMetrics,
 }
 
 impl Metrics {
@@ -41,7 +44,9 @@ impl Metrics {
         );
         let ingest = IngestMetrics::register(&mut registry);
         let pki = PkiMetrics::register(&mut registry);
+        let fleet = FleetMetrics::register(&mut registry);
         Self {
+            fleet,
             registry,
             http,
             llm,

@@ -24,7 +24,7 @@ use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    agent_api, fleet,
+    agent_api, console, fleet, health,
     http::{self, ApiError},
     llm,
     metrics::Metrics,
@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
     let (pki_v1, pki_root) = pki::router();
     let v1 = Router::new()
         .merge(fleet::router())
+        .merge(health::router())
         .merge(telemetry::router())
         .merge(models::router())
         .merge(pki_v1)
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .merge(pki_root)
+        .merge(console::router())
         .nest("/v1", v1)
         .fallback(http::not_found)
         .method_not_allowed_fallback(http::method_not_allowed)

@@ -44,6 +44,10 @@ pub struct AppState {
     pub ingest: IngestLimits,
     /// The model signing keys; `None` when `pki.ca_dir` is not configured.
     pub model_signing: Option<Arc<ModelSigning>>,
+    /// Device state windows (`[health]`).
+    pub health: crate::health::HealthConfig,
+    /// Signed-in web console sessions.
+    pub console: Arc<crate::console::Sessions>,
 }
 
 impl FromRef<AppState> for HttpMetrics {

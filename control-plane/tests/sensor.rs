@@ -58,6 +58,7 @@ async fn seed(app: &common::App, org: &str, key: &str) -> String {
         last_seq: seq,
         records,
         running_model: None,
+        health: None,
     };
     let id = DeviceIdentity {
         org_id: org.parse().unwrap(),
@@ -218,6 +219,7 @@ async fn bucket_pages_cross_gaps_in_the_data(pool: PgPool) {
         last_seq: 1,
         records: vec![late],
         running_model: None,
+        health: None,
     };
     ingest::store(&app.pool, id, &batch).await.unwrap();
     let base = format!("/v1/organisations/{org}/devices/{dev}/sensor-data");

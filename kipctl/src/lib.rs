@@ -266,6 +266,17 @@ pub enum DeviceCmd {
     Revoke {
         device_id: Uuid,
     },
+    /// Fleet health: state (ONLINE, STALE, OFFLINE) and the agents' latest reports, worst
+    /// first; one device with DEVICE_ID.
+    Health {
+        device_id: Option<Uuid>,
+        /// Only devices in this state (online, stale, offline).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only devices whose name contains this.
+        #[arg(long)]
+        search: Option<String>,
+    },
 }
 
 /// Parses a lifetime like `3600`, `90s`, `30m`, `1h` or `7d` into seconds.
@@ -637,6 +648,42 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let base = format!("/v1/organisations/{org}/devices");
             let devices: Vec<Device> = match cmd {
+                DeviceCmd::Health {
+                    device_id,
+                    state,
+                    search,
+                } => {
+                    let devices: Vec<kip_api::DeviceHealth> = match device_id {
+                        Some(id) => vec![client.get(&format!("{base}/{id}/health")).await?],
+                        None => {
+                            let mut q = vec![];
+                            if let Some(s) = state {
+                                q.push(format!("state={}", urlencode(s)));
+                            }
+                            if let Some(s) = search {
+                                q.push(format!("q={}", urlencode(s)));
+                            }
+                            let f: kip_api::FleetHealth = client
+                                .get(&format!(
+                                    "/v1/organisations/{org}/device-health?{}",
+                                    q.join("&")
+                                ))
+                                .await?;
+                            if json {
+                                return write_json(out, &f);
+                            }
+                            writeln!(
+                                out,
+                                "online {}  stale {}  offline {}",
+                                f.counts.online, f.counts.stale, f.counts.offline
+                            )?;
+                            f.devices
+                        }
+                    };
+                    return emit(out, json, &devices, HEALTH_HEADER, |ds| {
+                        ds.iter().map(health_row).collect()
+                    });
+                }
                 DeviceCmd::EnrollToken { ttl, device_name } => {
                     let t: EnrollToken = client
                         .post(
@@ -1273,6 +1320,74 @@ async fn ot_cmd(
             emit_rows(out, json, &certs)
         }
     }
+}
+
+const HEALTH_HEADER: &[&str] = &[
+    "NAME",
+    "STATE",
+    "LAST CONTACT",
+    "BUFFER",
+    "OLDEST UNSYNCED",
+    "DISK FREE",
+    "CERT EXPIRES",
+    "CLOCK OFFSET",
+    "MODEL",
+    "ID",
+];
+
+/// One row of `kipctl device health`; `-` where the agent reported nothing.
+fn health_row(d: &kip_api::DeviceHealth) -> Vec<String> {
+    let r = d.report.as_ref();
+    let num = |k: &str| r.and_then(|r| r[k].as_f64());
+    let dash = || "-".to_owned();
+    let secs = |s: f64| match s {
+        s if s < 120.0 => format!("{s:.0}s"),
+        s if s < 7200.0 => format!("{:.0}m", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1}h", s / 3600.0),
+        s => format!("{:.1}d", s / 86_400.0),
+    };
+    let mib = |b: f64| format!("{:.1} MiB", b / 1_048_576.0);
+    vec![
+        d.name.clone(),
+        d.state.clone(),
+        d.seconds_since_contact
+            .map_or_else(|| "never".into(), |s| format!("{} ago", secs(s))),
+        match (num("buffer_bytes"), num("buffer_records")) {
+            (Some(b), Some(n)) => format!("{} ({n} rec)", mib(b)),
+            _ => dash(),
+        },
+        num("oldest_unsynced_age_s").map_or_else(dash, secs),
+        match (num("disk_free_bytes"), num("disk_total_bytes")) {
+            (Some(f), Some(t)) if t > 0.0 => format!("{} ({:.0}%)", mib(f), f / t * 100.0),
+            _ => dash(),
+        },
+        r.and_then(|r| r["cert_not_after"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or_else(dash, |t| {
+                let left = (t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds();
+                if left < 0 {
+                    "expired".into()
+                } else {
+                    format!("in {}", secs(left as f64))
+                }
+            }),
+        num("clock_offset_ms").map_or_else(dash, |ms| format!("{ms:+.0} ms")),
+        r.and_then(|r| r["running_model"].as_str())
+            .map_or_else(dash, ToOwned::to_owned),
+        d.device_id.to_string(),
+    ]
+}
+
+/// Percent-encodes a query value.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn emit<T: Serialize>(

@@ -97,6 +97,8 @@ pub enum DecodeError {
     Field(RecordError),
     #[error("record {index}: {error}")]
     Record { index: usize, error: RecordError },
+    #[error("invalid health report: {0}")]
+    Health(String),
 }
 
 impl DecodeError {
@@ -107,6 +109,7 @@ impl DecodeError {
             Self::TooLarge(_) => "too_large",
             Self::Json { .. } => "json",
             Self::Batch(_) | Self::Field(_) => "batch",
+            Self::Health(_) => "health",
             Self::Record { .. } => "record",
         }
     }
@@ -151,6 +154,9 @@ pub fn decode_batch(
         .map_err(|e| DecodeError::Field(e.into()))?;
     if let Some(m) = &batch.running_model {
         pg_text("running_model", m, MAX_NAME_BYTES).map_err(|e| DecodeError::Field(e.into()))?;
+    }
+    if let Some(h) = &batch.health {
+        h.check().map_err(|e| DecodeError::Health(e.to_string()))?;
     }
     for (index, r) in batch.records.iter().enumerate() {
         check_record(r).map_err(|error| DecodeError::Record { index, error })?;
@@ -270,6 +276,7 @@ mod tests {
                 })
                 .collect(),
             running_model: None,
+            health: None,
         }
     }
 

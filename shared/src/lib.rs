@@ -21,6 +21,7 @@ pub use record::{
 pub mod batch;
 pub mod feature_set;
 pub mod features;
+pub mod health;
 pub mod live;
 pub mod sync;
 pub mod validate;

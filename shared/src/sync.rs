@@ -71,6 +71,11 @@ pub struct SyncBatch {
     /// Model the agent is running, if any (`name@version`), for rollout status.
     #[serde(default)]
     pub running_model: Option<String>,
+    /// The agent's health ([`crate::health`]). Agents send it only to a control plane whose
+    /// acks carry `server_time` (one that knows the field: this struct refuses unknown
+    /// fields). A batch with a report and no records is a heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::HealthReport>,
 }
 
 /// What the control plane wants the agent to run.
@@ -141,6 +146,11 @@ pub struct SyncAck {
     pub duplicates: u64,
     #[serde(default)]
     pub desired: DesiredState,
+    /// The control plane's clock when it answered, for the agent's clock-offset estimate;
+    /// its presence also tells the agent that this control plane accepts health reports and
+    /// heartbeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Why a batch is malformed.
@@ -180,6 +190,10 @@ impl SyncBatch {
             });
         }
         if self.records.is_empty() {
+            // A heartbeat: a health report and nothing to store.
+            if self.health.is_some() && self.first_seq == self.last_seq {
+                return Ok(());
+            }
             return Err(BatchError::Empty);
         }
         if self.records.len() > max_records {
@@ -262,6 +276,7 @@ mod tests {
             last_seq: last,
             records,
             running_model: None,
+            health: None,
         }
     }
 
@@ -279,6 +294,11 @@ mod tests {
             "protocol_version 99 is not supported: this side speaks 1..=1"
         );
         assert_eq!(batch(vec![], 1, 1).check(10), Err(BatchError::Empty));
+        let mut heartbeat = batch(vec![], 4, 4);
+        heartbeat.health = Some(Default::default());
+        heartbeat.check(10).unwrap();
+        heartbeat.last_seq = 5;
+        assert_eq!(heartbeat.check(10), Err(BatchError::Empty));
         assert!(matches!(
             batch(vec![rec(1, 1), rec(1, 2)], 1, 2).check(1),
             Err(BatchError::TooMany { .. })

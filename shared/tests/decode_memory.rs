@@ -90,6 +90,7 @@ fn decoding_costs_a_bounded_multiple_of_the_limit() {
         last_seq: 1,
         records: vec![],
         running_model: None,
+        health: None,
     };
     let mut seq = 0;
     loop {

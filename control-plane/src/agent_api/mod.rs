@@ -40,6 +40,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
+    health,
     http::{ApiError, ApiJson, ApiPath, ApiResult, HttpLimits},
     models,
     pki::{self, DeviceCert, Pki},
@@ -211,6 +212,13 @@ async fn sync(
     };
     let stored = telemetry::store(&pool, limits, &metrics, id, body, gzip).await?;
     let mut ack = stored.ack;
+    // Also tells the agent that this control plane takes health reports and heartbeats.
+    ack.server_time = Some(chrono::Utc::now());
+    if let Some(report) = &stored.health
+        && let Err(e) = health::record(&pool, id.org_id, id.device_id, report).await
+    {
+        tracing::warn!(error = %e, "cannot record the device's health report");
+    }
     match models::desired_for(&pool, id.org_id, id.device_id).await {
         Ok(model) => ack.desired.model = model,
         Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),

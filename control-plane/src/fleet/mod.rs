@@ -417,17 +417,7 @@ async fn list_audit(
                 })
         })
         .transpose()?;
-    let mut rows: Vec<AuditRow> = sqlx::query_as(
-        "SELECT id, org_id, key_id, key_name, role, action, method, target, \
-                host(client_ip) AS client_ip, status, outcome, created_at \
-         FROM audit_log WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) \
-         ORDER BY id DESC LIMIT $3",
-    )
-    .bind(org_id)
-    .bind(before)
-    .bind(q.limit + 1)
-    .fetch_all(&pool)
-    .await?;
+    let mut rows = audit_rows(&pool, org_id, before, q.limit + 1).await?;
     let more = rows.len() > usize::try_from(q.limit).unwrap_or(usize::MAX);
     rows.truncate(usize::try_from(q.limit).unwrap_or(usize::MAX));
     let next_cursor = more
@@ -437,6 +427,39 @@ async fn list_audit(
         items: rows.into_iter().map(Into::into).collect(),
         next_cursor,
     }))
+}
+
+async fn audit_rows(
+    pool: &PgPool,
+    org_id: Uuid,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<AuditRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, org_id, key_id, key_name, role, action, method, target, \
+                host(client_ip) AS client_ip, status, outcome, created_at \
+         FROM audit_log WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) \
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(org_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// The newest `limit` audit entries of an organisation (for the console; the caller checked
+/// the organisation against its principal).
+pub async fn recent_audit(
+    pool: &PgPool,
+    org_id: Uuid,
+    limit: i64,
+) -> Result<Vec<AuditEntry>, sqlx::Error> {
+    Ok(audit_rows(pool, org_id, None, limit)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect())
 }
 
 #[derive(sqlx::FromRow)]

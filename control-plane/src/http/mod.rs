@@ -15,7 +15,7 @@ mod middleware;
 pub mod policy;
 mod rows;
 
-pub use auth::{Authenticated, KeyCache, Principal, Scope};
+pub use auth::{Authenticated, KeyCache, Principal, Scope, authenticate};
 pub use auth_guard::{AuthGuard, AuthGuardConfig};
 pub use error::{ApiError, ApiResult};
 pub use extract::{

@@ -305,6 +305,18 @@ pub const ROUTES: &[Rule] = &[
         P::AuditRead,
         "audit.list",
     ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/device-health",
+        P::DevicesRead,
+        "health.list",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/devices/{device_id}/health",
+        P::DevicesRead,
+        "health.get",
+    ),
     rule("GET", "/v1/pki/ca", P::PkiAdmin, "pki.status"),
     rule("POST", "/v1/pki/ca/reload", P::PkiAdmin, "pki.reload"),
     rule(

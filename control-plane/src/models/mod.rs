@@ -37,7 +37,7 @@ use uuid::Uuid;
 use self::mlflow::MlflowSync;
 pub use self::registry::{
     MAX_ARTIFACT_BYTES, admin_artifact_path, agent_download_path, artifact_for_device, desired_for,
-    record_running,
+    record_running, rollout_status,
 };
 use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, get_row,

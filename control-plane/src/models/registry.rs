@@ -597,6 +597,12 @@ pub async fn put_desired_model(
     status.pop().map(Json).ok_or(ApiError::NotFound("device"))
 }
 
+/// Desired vs running model of every device of `org_id` (for the console; the caller
+/// checked the organisation against its principal).
+pub async fn rollout_status(pool: &PgPool, org_id: Uuid) -> ApiResult<Vec<DeviceModelStatus>> {
+    statuses(pool, org_id, None, 1000).await
+}
+
 async fn statuses(
     pool: &PgPool,
     org_id: Uuid,

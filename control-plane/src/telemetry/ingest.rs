@@ -108,9 +108,9 @@ impl From<IngestError> for ApiError {
                 code::BATCH_TOO_MANY_RECORDS,
                 &e,
             ),
-            IngestError::Decode(DecodeError::Batch(_) | DecodeError::Field(_)) => {
-                coded(StatusCode::UNPROCESSABLE_ENTITY, code::BATCH_INVALID, &e)
-            }
+            IngestError::Decode(
+                DecodeError::Batch(_) | DecodeError::Field(_) | DecodeError::Health(_),
+            ) => coded(StatusCode::UNPROCESSABLE_ENTITY, code::BATCH_INVALID, &e),
             IngestError::Decode(DecodeError::Record { .. }) => {
                 coded(StatusCode::UNPROCESSABLE_ENTITY, code::RECORD_INVALID, &e)
             }
@@ -293,5 +293,6 @@ pub async fn store(
         inserted,
         duplicates: total.saturating_sub(inserted),
         desired: Default::default(),
+        server_time: None,
     })
 }

@@ -44,6 +44,10 @@ pub struct Stored {
     pub ack: SyncAck,
     /// `name@version` the agent reported running, if any.
     pub running_model: Option<String>,
+    /// The agent's health report, if the batch carried one (checked by the decoder).
+    pub health: Option<kip_shared::health::HealthReport>,
+    /// The batch was a heartbeat (no records, only a report).
+    pub heartbeat: bool,
 }
 
 /// Counts a sync body refused before it was decoded (unreadable body, unsupported encoding).
@@ -75,7 +79,9 @@ pub async fn store(
     let outcome = match decoded {
         Ok(Ok(batch)) => ingest::store(pool, id, &batch).await.map(|ack| Stored {
             ack,
+            heartbeat: batch.records.is_empty(),
             running_model: batch.running_model,
+            health: batch.health,
         }),
         Ok(Err(e)) | Err(e) => Err(e),
     };

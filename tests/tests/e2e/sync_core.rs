@@ -45,6 +45,7 @@ fn batch(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> SyncBatch {
         last_seq: *seqs.end(),
         records,
         running_model: None,
+        health: None,
     }
 }
 
