@@ -10,7 +10,7 @@
 pub mod ack;
 pub mod buffer;
 pub mod cli;
-pub mod config;
+pub use kip_agent_config::config;
 pub mod edge_inference;
 pub mod identity;
 pub mod inference;
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod model_trust;
 pub mod mqtt;
 pub mod opcua;
+pub mod remote_config;
 pub mod runtime;
 pub mod source;
 pub mod sync;

@@ -476,9 +476,38 @@ pub struct RunningAgent {
     pub buffer: Arc<Buffer>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    surface: Arc<Surface>,
 }
 
 impl RunningAgent {
+    /// Why this agent does not yet prove its configuration works, `None` once every source
+    /// is connected and (when sync runs) the control plane acknowledged a batch since start.
+    /// Used to confirm or roll back a remote configuration ([`crate::remote_config`]).
+    pub fn unconfirmed(&self) -> Option<String> {
+        let report = match self.surface.status() {
+            Ok(r) => r,
+            Err(e) => return Some(format!("buffer unavailable: {e}")),
+        };
+        let down: Vec<&str> = report
+            .sources
+            .iter()
+            .filter(|s| !s.connected)
+            .map(|s| s.name.as_str())
+            .collect();
+        if !down.is_empty() {
+            return Some(format!("sources not connected: {}", down.join(", ")));
+        }
+        match &report.sync {
+            Some(s) if s.last_ack_at.is_none() => Some(format!(
+                "control plane not reached ({})",
+                s.last_error
+                    .as_deref()
+                    .unwrap_or("no batch acknowledged yet")
+            )),
+            _ => None,
+        }
+    }
+
     /// Waits until every task ended after `cancel` (bounded by a grace period), then makes
     /// sure the buffer is flushed.
     pub async fn wait(self) {
@@ -505,12 +534,25 @@ impl RunningAgent {
 /// [`prepare_live_query`], [`bind_http`], [`build_sources`], then everything is spawned on
 /// one tracker ([`spawn_tasks`]). A step that fails stops the start-up before any task runs.
 pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgent, RuntimeError> {
+    start_with_remote(cfg, cancel, None).await
+}
+
+/// [`start`], with the sync loop passing remote configurations to `remote` and reporting
+/// its state ([`crate::remote_config`]).
+pub async fn start_with_remote(
+    cfg: Config,
+    cancel: CancellationToken,
+    remote: Option<crate::remote_config::Link>,
+) -> Result<RunningAgent, RuntimeError> {
     let buffer = open_buffer(&cfg)?;
     let mut registry = metrics::new_registry();
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
     let inference = start_inference(&cfg, &mut registry)?;
-    let sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
+    let mut sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
+    if let Some(link) = remote {
+        sync.syncer = sync.syncer.map(|s| s.with_remote_config(link));
+    }
     let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
     let (listener, http_addr) = bind_http(&cfg).await?;
     let sources = build_sources(&cfg, &metrics, &mut registry)?;
@@ -529,6 +571,7 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         sync: sync.syncer.as_ref().map(Syncer::status),
         cert_expiry: sync.cert_expiry,
     });
+    let surface_for_confirm = surface.clone();
     let tracker = TaskTracker::new();
     spawn_tasks(
         &cfg,
@@ -546,12 +589,14 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             listener,
         },
     );
+    let surface = surface_for_confirm;
     tracing::info!(%http_addr, device = %cfg.device, "agent running");
     Ok(RunningAgent {
         http_addr,
         buffer,
         tracker,
         cancel,
+        surface,
     })
 }
 
@@ -685,6 +730,7 @@ fn build_sources(
     for b in &cfg.mqtt {
         sources.push(Box::new(MqttSource::new(b.clone(), metrics.clone())));
     }
+    use crate::opcua::OwnCertificate as _;
     let opcua_metrics = crate::opcua::OpcUaMetrics::register(registry);
     for ep in &cfg.opcua {
         if ep.security_policy != crate::opcua::OpcUaSecurityPolicy::None {
