@@ -16,6 +16,7 @@ pub mod agent_api;
 pub mod config;
 pub mod config_error;
 pub mod db;
+pub mod device_config;
 pub mod fleet;
 pub mod http;
 pub mod keys;
