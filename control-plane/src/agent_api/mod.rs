@@ -224,8 +224,7 @@ async fn sync(
     let config_error = headers
         .get(kip_shared::sync::CONFIG_ERROR_HEADER)
         .and_then(|v| v.to_str().ok());
-    match crate::device_config::desired_for(&pool, id.org_id, id.device_id, config_applied).await
-    {
+    match crate::device_config::desired_for(&pool, id.org_id, id.device_id, config_applied).await {
         Ok(Some((version, doc))) => {
             ack.desired.config_version = Some(version);
             ack.desired.config_toml = doc;

@@ -57,7 +57,10 @@ where
             "/organisations/{org_id}/devices/{device_id}/config/history",
             get(device_history),
         )
-        .route("/organisations/{org_id}/group-config", put(put_group_config))
+        .route(
+            "/organisations/{org_id}/group-config",
+            put(put_group_config),
+        )
 }
 
 #[derive(sqlx::FromRow)]
@@ -304,7 +307,8 @@ async fn get_device_config(
         Some((a, e, u)) => (a, e, Some(u)),
         None => (None, None, None),
     };
-    let in_sync = applied_version.as_deref() == desired.as_ref().map(|d| d.version.to_string()).as_deref();
+    let in_sync =
+        applied_version.as_deref() == desired.as_ref().map(|d| d.version.to_string()).as_deref();
     Ok(Json(DeviceConfigStatus {
         device_id,
         device_name,
@@ -325,11 +329,10 @@ async fn device_history(
 ) -> ApiResult<Json<Vec<ConfigVersion>>> {
     let org_id = p.org_scope(org_id)?;
     device_name(&pool, org_id, device_id).await?;
-    let rows: Vec<VersionRow> =
-        sqlx::query_as(targeting!("ORDER BY c.version DESC LIMIT 1000"))
-            .bind(org_id)
-            .bind(device_id)
-            .fetch_all(&pool)
-            .await?;
+    let rows: Vec<VersionRow> = sqlx::query_as(targeting!("ORDER BY c.version DESC LIMIT 1000"))
+        .bind(org_id)
+        .bind(device_id)
+        .fetch_all(&pool)
+        .await?;
     Ok(Json(rows.into_iter().map(Into::into).collect()))
 }
