@@ -200,6 +200,16 @@ pub struct OpcUaMetrics {
 }
 
 impl OpcUaMetrics {
+    /// Whether source `name` holds a session with a live subscription now.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.connected
+            .get_or_create(&SourceLabels {
+                source: name.to_owned(),
+            })
+            .get()
+            == 1
+    }
+
     /// Creates the metric families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();

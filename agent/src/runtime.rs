@@ -112,6 +112,8 @@ struct Surface {
     inference: Option<Arc<Inference>>,
     /// The sync loop's state; `None` when sync is not configured or the agent not enrolled.
     sync: Option<Arc<SyncStatus>>,
+    /// OPC UA sources keep their connection state in their own metrics.
+    opcua: crate::opcua::OpcUaMetrics,
     /// The identity and its `kip_agent_certificate_expiry_seconds` gauge, set at each scrape;
     /// `None` when the agent is not enrolled (no gauge, rather than a misleading 0).
     cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
@@ -177,7 +179,11 @@ impl Surface {
                 SourceStatus {
                     name: name.clone(),
                     kind: (*kind).into(),
-                    connected: self.metrics.connected.get_or_create(&l).get() == 1,
+                    connected: if *kind == crate::source::SourceKind::OpcUa.as_str() {
+                        self.opcua.is_connected(name)
+                    } else {
+                        self.metrics.connected.get_or_create(&l).get() == 1
+                    },
                     readings: self.metrics.readings_per_source.get_or_create(&l).get(),
                     dead_letters: self.metrics.dead_letters.get_or_create(&l).get(),
                     reconnects: self.metrics.reconnects.get_or_create(&l).get(),
@@ -555,7 +561,7 @@ pub async fn start_with_remote(
     }
     let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
     let (listener, http_addr) = bind_http(&cfg).await?;
-    let sources = build_sources(&cfg, &metrics, &mut registry)?;
+    let (sources, opcua) = build_sources(&cfg, &metrics, &mut registry)?;
     let surface = Arc::new(Surface {
         device: cfg.device.to_string(),
         started: Instant::now(),
@@ -570,6 +576,7 @@ pub async fn start_with_remote(
         inference: inference.as_ref().map(|(i, _)| i.clone()),
         sync: sync.syncer.as_ref().map(Syncer::status),
         cert_expiry: sync.cert_expiry,
+        opcua,
     });
     let surface_for_confirm = surface.clone();
     let tracker = TaskTracker::new();
@@ -725,7 +732,7 @@ fn build_sources(
     cfg: &Config,
     metrics: &IngestMetrics,
     registry: &mut Registry,
-) -> Result<Vec<Box<dyn Source>>, RuntimeError> {
+) -> Result<(Vec<Box<dyn Source>>, crate::opcua::OpcUaMetrics), RuntimeError> {
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     for b in &cfg.mqtt {
         sources.push(Box::new(MqttSource::new(b.clone(), metrics.clone())));
@@ -748,7 +755,7 @@ fn build_sources(
             opcua_metrics.clone(),
         )));
     }
-    Ok(sources)
+    Ok((sources, opcua_metrics))
 }
 
 /// What [`spawn_tasks`] starts.
@@ -897,6 +904,7 @@ mod tests {
             inference: None,
             sync: None,
             cert_expiry: None,
+            opcua: crate::opcua::OpcUaMetrics::default(),
         })
     }
 

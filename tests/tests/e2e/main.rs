@@ -14,6 +14,7 @@ mod aleph_live;
 mod ca_rollover;
 mod model_signing;
 mod mqtt_soak;
+mod remote_config;
 mod renewal_during_sync;
 mod rollout;
 mod sync_core;
