@@ -12,6 +12,7 @@ mod agent_identity;
 mod agent_runtime_identity;
 mod aleph_live;
 mod ca_rollover;
+mod clock;
 mod model_signing;
 mod mqtt_soak;
 mod remote_config;
