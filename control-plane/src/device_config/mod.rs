@@ -32,7 +32,7 @@ use uuid::Uuid;
 use std::sync::Arc;
 
 use crate::http::{
-    ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, Principal, pg_json,
+    ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, Principal, pg_json, pg_text,
 };
 
 /// Largest selector, as compact JSON.
@@ -160,6 +160,8 @@ pub async fn record_reported(
 }
 
 fn check_document(toml: &str, device: &str) -> ApiResult<()> {
+    // Bounded and storable (no NUL) before it is parsed.
+    pg_text("toml", toml, kip_agent_config::remote::MAX_REMOTE_BYTES)?;
     kip_agent_config::remote::validate_for_device(toml, device).map_err(|e| match e {
         kip_agent_config::config::ConfigError::Invalid { field, message } => {
             ApiError::validation(format!("toml: {field}"), message)
