@@ -38,6 +38,8 @@ use crate::runtime::{self, RunningAgent, RuntimeError};
 
 /// How often a configuration on trial is checked.
 const CONFIRM_POLL: Duration = Duration::from_millis(250);
+/// How often the buffer's storage is checked, and the least time between two reopenings.
+const STORAGE_CHECK: Duration = Duration::from_secs(5);
 
 /// A configuration version from the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,10 +238,28 @@ pub async fn supervise(
     let mut child = cancel.child_token();
     let mut agent =
         runtime::start_with_remote(cfg.clone(), child.clone(), remote_link.clone()).await?;
+    let mut storage_check = tokio::time::interval(STORAGE_CHECK);
+    storage_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let offer = tokio::select! {
             () = cancel.cancelled() => break,
             o = rx.recv() => match o { Some(o) => o, None => break },
+            _ = storage_check.tick() => {
+                if !agent.storage_failing() {
+                    continue;
+                }
+                // sled keeps failing after one I/O error (disk full) even once space is back:
+                // reopen it by restarting the pipeline. What was flushed is intact; MQTT
+                // messages not yet durable were never acknowledged and come back.
+                tracing::error!("buffer storage failing (disk full?): restarting the pipeline to reopen it");
+                child.cancel();
+                agent.wait().await;
+                let Some((a, c)) = start_retrying(&cfg, &cancel, remote_link.as_ref()).await else {
+                    return Ok(());
+                };
+                (agent, child) = (a, c);
+                continue;
+            }
         };
         let new_cfg = match effective(&local, &offer.toml) {
             Ok(c) => c,
@@ -294,6 +314,26 @@ pub async fn supervise(
     child.cancel();
     agent.wait().await;
     Ok(())
+}
+
+/// Starts the pipeline with `cfg`, retrying every [`STORAGE_CHECK`] while it cannot (e.g. the
+/// buffer cannot be opened on a full disk); `None` once `cancel` fires.
+async fn start_retrying(
+    cfg: &Config,
+    cancel: &CancellationToken,
+    link: Option<&Link>,
+) -> Option<(RunningAgent, CancellationToken)> {
+    loop {
+        let child = cancel.child_token();
+        match runtime::start_with_remote(cfg.clone(), child.clone(), link.cloned()).await {
+            Ok(a) => return Some((a, child)),
+            Err(e) => tracing::error!(error = %e, "cannot restart the pipeline; retrying"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return None,
+            () = tokio::time::sleep(STORAGE_CHECK) => {}
+        }
+    }
 }
 
 fn reject(

@@ -486,6 +486,12 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
+    /// The buffer's last flush failed (disk full, I/O error): `/healthz` is red, and the
+    /// supervisor ([`crate::remote_config::supervise`]) reopens the buffer.
+    pub fn storage_failing(&self) -> bool {
+        !self.buffer.last_flush_ok()
+    }
+
     /// Why this agent does not yet prove its configuration works, `None` once every source
     /// is connected and (when sync runs) the control plane acknowledged a batch since start.
     /// Used to confirm or roll back a remote configuration ([`crate::remote_config`]).

@@ -13,6 +13,7 @@ mod agent_runtime_identity;
 mod aleph_live;
 mod ca_rollover;
 mod clock;
+mod disk_full;
 mod model_signing;
 mod mqtt_soak;
 mod remote_config;
