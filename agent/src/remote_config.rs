@@ -379,3 +379,66 @@ async fn confirm(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_skip_the_applied_the_tried_and_the_refused_version() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let link = Link {
+            offers: tx,
+            report: Arc::default(),
+        };
+        link.set(|r| {
+            r.applied = Some("3".into());
+            r.rejected = Some(Rejected {
+                version: "4".into(),
+                error: "rolled back: sources not connected: plc\nwithin 5000 ms".into(),
+            });
+        });
+        link.offer("3", Some("[sync]\n"));
+        link.offer("4", Some("[sync]\n"));
+        assert!(rx.try_recv().is_err());
+        link.offer("5", Some("[sync]\n"));
+        assert_eq!(rx.try_recv().unwrap().version, "5");
+        link.set(|r| r.trying = Some("5".into()));
+        link.offer("5", Some("[sync]\n"));
+        assert!(rx.try_recv().is_err());
+        // Headers are printable ASCII whatever the reason holds.
+        let (applied, error) = link.headers();
+        assert_eq!(applied.as_deref(), Some("3"));
+        assert_eq!(
+            error.as_deref(),
+            Some("4: rolled back: sources not connected: plc?within 5000 ms")
+        );
+    }
+
+    #[test]
+    fn the_store_replaces_its_files_whole_and_ignores_a_leftover_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store {
+            dir: dir.path().join("remote-config"),
+        };
+        assert!(store.read::<Versioned>("current.json").is_none());
+        let v1 = Versioned {
+            version: "1".into(),
+            toml: "[sync]\ninterval_ms = 500\n".into(),
+        };
+        store.write("current.json", &v1).unwrap();
+        // A crash between writing the temporary file and the rename leaves the old version.
+        std::fs::write(
+            store.dir.join("current.json.tmp"),
+            b"{\"version\": \"2\", \"to",
+        )
+        .unwrap();
+        assert_eq!(store.read::<Versioned>("current.json"), Some(v1));
+        let v2 = Versioned {
+            version: "2".into(),
+            toml: String::new(),
+        };
+        store.write("current.json", &v2).unwrap();
+        assert_eq!(store.read::<Versioned>("current.json"), Some(v2));
+    }
+}
