@@ -41,6 +41,26 @@ async fn call(
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Runs `kipctl` with the platform-admin key against `cp` for organisation `org`.
+async fn kipctl(cp: &ControlPlane, org: uuid::Uuid, args: &[&str]) -> String {
+    use clap::Parser as _;
+    let org = org.to_string();
+    let mut all = vec![
+        "kipctl",
+        "--server",
+        &cp.admin_url,
+        "--api-key",
+        &cp.admin_key,
+        "--org",
+        &org,
+    ];
+    all.extend_from_slice(args);
+    let cli = kipctl::Cli::try_parse_from(all).unwrap();
+    let mut out = Vec::new();
+    kipctl::run(cli, &mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 struct Agent {
     name: String,
     device: uuid::Uuid,
@@ -315,6 +335,26 @@ async fn a_group_config_applies_to_two_agents_a_bad_one_is_refused_and_a_dead_on
         || async { rows_of(&pool, a.device, "temp").await > before },
     )
     .await;
+    // The operator's view through kipctl.
+    let dev_a = a.device.to_string();
+    let got = kipctl(&cp, org, &["device", "config", "get", &dev_a]).await;
+    assert!(
+        got.contains(&format!("applied {group_version}"))
+            && got.contains(&format!("last refusal: {dead_version}: rolled back")),
+        "{got}"
+    );
+    let history = kipctl(&cp, org, &["device", "config", "history", &dev_a]).await;
+    assert!(
+        history.contains("group site=north") && history.contains("device "),
+        "{history}"
+    );
+    let diff = kipctl(&cp, org, &["device", "config", "diff", &dev_a]).await;
+    assert!(
+        diff.contains(&format!("- url = \"{plc_url}\""))
+            && diff.contains(&format!("+ url = \"opc.tcp://127.0.0.1:{dead_port}/\"")),
+        "{diff}"
+    );
+
     // The other agent was never touched.
     let s = config_status(&cp, org, b.device).await;
     assert_eq!(s["applied_version"], group_version.as_str(), "{s}");
