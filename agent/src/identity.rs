@@ -68,6 +68,68 @@ pub enum IdentityError {
     InsecureEnrollUrl { url: String },
     #[error("enrollment URL {url:?} is not a valid http(s) URL: {reason}")]
     BadEnrollUrl { url: String, reason: String },
+    #[error(
+        "this device's clock is wrong: it reads {local} but the control plane at {url} says \
+         {server} ({offset_s} s apart, more than the {max_s} s certificates tolerate); set the \
+         time (NTP, or the RTC battery) and try again"
+    )]
+    ClockWrong {
+        url: String,
+        local: String,
+        server: String,
+        offset_s: i64,
+        max_s: u64,
+    },
+    #[error(
+        "the control plane's certificate at {url} is {what} at this device's time ({local}): \
+         this device's clock is probably wrong; set the time (NTP, or the RTC battery) and try \
+         again"
+    )]
+    ClockWrongTls {
+        url: String,
+        local: String,
+        what: &'static str,
+    },
+}
+
+/// Largest difference between this device's clock and the control plane's (from its `Date`
+/// header) at which enrollment still goes ahead: the CA backdates certificates by this much
+/// (5 minutes, `CLOCK_SKEW` in `certs/src/ca.rs`), so a device further off could not use
+/// what it gets.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// The control plane's clock minus `local`, from a response's `Date` header (1 s resolution).
+pub fn clock_offset(date_header: Option<&str>, local: SystemTime) -> Option<i64> {
+    let server = chrono::DateTime::parse_from_rfc2822(date_header?.trim()).ok()?;
+    let local = chrono::DateTime::<chrono::Utc>::from(local);
+    Some(server.timestamp() - local.timestamp())
+}
+
+/// Which time check of the server certificate failed, if a TLS error (anywhere in `e`'s source
+/// chain) is one: the device's clock is then the likely culprit.
+pub fn tls_time_error(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(c)) = tls {
+            match c {
+                C::Expired | C::ExpiredContext { .. } => return Some("expired"),
+                C::NotValidYet | C::NotValidYetContext { .. } => return Some("not valid yet"),
+                _ => {}
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Checks the control-plane URL of `kip-agent enroll`: `https://`, or `http://` to a loopback
@@ -161,7 +223,13 @@ pub fn is_unknown_ca(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 fn http_error(url: &str, source: reqwest::Error) -> IdentityError {
-    if is_unknown_ca(&source) {
+    if let Some(what) = tls_time_error(&source) {
+        IdentityError::ClockWrongTls {
+            url: url.to_owned(),
+            local: rfc3339(SystemTime::now()),
+            what,
+        }
+    } else if is_unknown_ca(&source) {
         IdentityError::UnknownCa {
             url: url.to_owned(),
         }
@@ -303,6 +371,37 @@ struct CertificateAnswer {
     trust_bundle_pem: String,
 }
 
+/// Compares this device's clock (`now`) with the control plane's (`Date` of
+/// `GET {base}/healthz`) before a token or an expired certificate is spent on a request whose
+/// answer the device could not use. An unreachable or dateless server passes: the request
+/// itself then fails with its own error.
+async fn check_clock(
+    http: &reqwest::Client,
+    base: &str,
+    now: SystemTime,
+) -> Result<(), IdentityError> {
+    let url = format!("{}/healthz", base.trim_end_matches('/'));
+    let Ok(resp) = http.get(&url).send().await else {
+        return Ok(());
+    };
+    let date = resp
+        .headers()
+        .get(reqwest::header::DATE)
+        .and_then(|v| v.to_str().ok());
+    match clock_offset(date, now) {
+        Some(offset_s) if offset_s.unsigned_abs() > MAX_CLOCK_SKEW.as_secs() => {
+            Err(IdentityError::ClockWrong {
+                url: base.to_owned(),
+                local: rfc3339(now),
+                server: date.unwrap_or_default().to_owned(),
+                offset_s,
+                max_s: MAX_CLOCK_SKEW.as_secs(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn post_csr(
     http: &reqwest::Client,
     url: &str,
@@ -339,7 +438,32 @@ pub async fn enroll(
     org_id: Option<Uuid>,
     dir: &Path,
 ) -> Result<Identity, IdentityError> {
+    enroll_at(
+        http,
+        control_plane_url,
+        token,
+        device_name,
+        org_id,
+        dir,
+        SystemTime::now(),
+    )
+    .await
+}
+
+/// [`enroll`] with this device's time given (`now`): refuses with
+/// [`IdentityError::ClockWrong`] before spending the token when the control plane's clock is
+/// more than [`MAX_CLOCK_SKEW`] away from it.
+pub async fn enroll_at(
+    http: &reqwest::Client,
+    control_plane_url: &str,
+    token: &str,
+    device_name: &str,
+    org_id: Option<Uuid>,
+    dir: &Path,
+    now: SystemTime,
+) -> Result<Identity, IdentityError> {
     check_enroll_url(control_plane_url)?;
+    check_clock(http, control_plane_url, now).await?;
     let key = DeviceKey::generate()?;
     let url = format!("{}/enroll", control_plane_url.trim_end_matches('/'));
     let answer = post_csr(
@@ -420,6 +544,8 @@ pub async fn renew_expired(
     control_plane_url: &str,
     current: &Identity,
 ) -> Result<Identity, IdentityError> {
+    // An agent whose clock runs far ahead believes its certificate expired: say so instead.
+    check_clock(http, control_plane_url, SystemTime::now()).await?;
     let url = format!("{}/renew-expired", control_plane_url.trim_end_matches('/'));
     let answer = post_csr(
         http,
@@ -807,6 +933,25 @@ mod tests {
     use kip_certs::{DeviceIdentity, FleetCa, RootCa};
 
     use super::*;
+
+    #[test]
+    fn the_clock_offset_comes_from_the_date_header_and_tls_time_errors_are_recognised() {
+        let local = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        let server = chrono::DateTime::<chrono::Utc>::from(local + Duration::from_secs(7200))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        assert_eq!(clock_offset(Some(&server), local), Some(7200));
+        assert_eq!(clock_offset(Some("yesterday"), local), None);
+        assert_eq!(clock_offset(None, local), None);
+        let e = rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet);
+        assert_eq!(tls_time_error(&e), Some("not valid yet"));
+        let io = std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        ));
+        assert_eq!(tls_time_error(&io), Some("expired"));
+        let other = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        assert_eq!(tls_time_error(&other), None);
+    }
 
     const H: Duration = Duration::from_secs(3600);
 

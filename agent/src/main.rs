@@ -5,7 +5,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kip_agent::{cli, config::Config, config::LogFormat, runtime};
+use kip_agent::{cli, config::Config, config::LogFormat, remote_config};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -110,9 +110,14 @@ async fn main() -> anyhow::Result<()> {
             let cfg = load(&config)?;
             init_logging(&cfg);
             let cancel = CancellationToken::new();
-            let agent = runtime::start(cfg, cancel.clone()).await?;
-            shutdown_signal(cancel).await;
-            agent.wait().await;
+            // The pipeline runs under the remote-configuration supervisor, which restarts it
+            // when the control plane sends a new configuration (and rolls back by itself).
+            let supervisor = remote_config::supervise(&config, cfg, cancel.clone());
+            tokio::pin!(supervisor);
+            tokio::select! {
+                r = &mut supervisor => r?,
+                () = shutdown_signal(cancel) => supervisor.await?,
+            }
             tracing::info!("stopped");
             Ok(())
         }

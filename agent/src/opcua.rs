@@ -25,7 +25,7 @@
 //!   (`kip_opcua_notifications_dropped`), and once the queue has room again a [`Record::Gap`]
 //!   states what is lost: how many value changes, of which nodes, between which times.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::str::FromStr;
@@ -55,7 +55,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -82,33 +81,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shortest silence on a subscription after which it is considered dead.
 const MIN_WATCHDOG: Duration = Duration::from_secs(10);
-/// Default application URI of the agent's OPC UA client certificate.
-const DEFAULT_APPLICATION_URI: &str = "urn:kip:agent";
 /// Validity of a generated client certificate.
 const OWN_CERT_DAYS: u32 = 5 * 365;
 
-fn default_publishing_interval_ms() -> u64 {
-    1000
-}
-fn default_reconnect_min_ms() -> u64 {
-    500
-}
-fn default_reconnect_max_ms() -> u64 {
-    30_000
+pub use kip_agent_config::opcua::{
+    OpcUaConfigError, OpcUaEndpointConfig, OpcUaNodeConfig, OpcUaSecurityPolicy, OpcUaUserIdentity,
+};
+
+/// The library's policy and mode for a configured [`OpcUaSecurityPolicy`].
+trait SecurityPolicyExt {
+    fn policy(self) -> SecurityPolicy;
+    fn mode(self) -> MessageSecurityMode;
 }
 
-/// Message security the agent uses towards one server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OpcUaSecurityPolicy {
-    /// No signing or encryption (isolated machine networks only).
-    #[default]
-    None,
-    /// Basic256Sha256, always with SignAndEncrypt.
-    Basic256Sha256,
-}
-
-impl OpcUaSecurityPolicy {
+impl SecurityPolicyExt for OpcUaSecurityPolicy {
     fn policy(self) -> SecurityPolicy {
         match self {
             Self::None => SecurityPolicy::None,
@@ -124,250 +110,56 @@ impl OpcUaSecurityPolicy {
     }
 }
 
-/// The user the agent activates its session as (`[opcua.user_identity]`), on top of the
-/// channel's security policy. Secrets stay out of the config file: the password and the key
-/// are read from their files at each connect (so a rotated file takes effect on reconnect).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum OpcUaUserIdentity {
-    /// No user (the default).
-    #[default]
-    Anonymous,
-    /// User name and a password read from `password_file` (trailing newline ignored).
-    Username {
-        username: String,
-        password_file: PathBuf,
-    },
-    /// An X.509 user certificate (PEM or DER) and its RSA private key (PEM).
-    X509 {
-        cert_file: PathBuf,
-        key_file: PathBuf,
-    },
-}
-
-impl OpcUaUserIdentity {
-    /// The token for `ActivateSession`, reading the secret files now.
-    fn token(&self) -> Result<IdentityToken, String> {
-        Ok(match self {
-            Self::Anonymous => IdentityToken::Anonymous,
-            Self::Username {
-                username,
-                password_file,
-            } => {
-                let pw = std::fs::read_to_string(password_file).map_err(|e| {
-                    format!(
-                        "user_identity.password_file {}: {e}",
-                        password_file.display()
-                    )
-                })?;
-                IdentityToken::new_user_name(
-                    username.clone(),
-                    pw.trim_end_matches(['\r', '\n']).to_owned(),
+/// The token for `ActivateSession` of `identity`, reading the secret files now (so a rotated
+/// file takes effect on reconnect).
+fn user_token(identity: &OpcUaUserIdentity) -> Result<IdentityToken, String> {
+    Ok(match identity {
+        OpcUaUserIdentity::Anonymous => IdentityToken::Anonymous,
+        OpcUaUserIdentity::Username {
+            username,
+            password_file,
+        } => {
+            let pw = std::fs::read_to_string(password_file).map_err(|e| {
+                format!(
+                    "user_identity.password_file {}: {e}",
+                    password_file.display()
                 )
-            }
-            Self::X509 {
-                cert_file,
-                key_file,
-            } => {
-                let bytes = std::fs::read(cert_file)
-                    .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
-                let cert = opcua::crypto::X509::from_pem(&bytes)
-                    .or_else(|_| opcua::crypto::X509::from_der(&bytes))
-                    .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
-                let key = opcua::crypto::PrivateKey::read_pem_file(key_file)
-                    .map_err(|e| format!("user_identity.key_file {}: {e}", key_file.display()))?;
-                IdentityToken::new_x509(cert, key)
-            }
-        })
-    }
+            })?;
+            IdentityToken::new_user_name(
+                username.clone(),
+                pw.trim_end_matches(['\r', '\n']).to_owned(),
+            )
+        }
+        OpcUaUserIdentity::X509 {
+            cert_file,
+            key_file,
+        } => {
+            let bytes = std::fs::read(cert_file)
+                .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
+            let cert = opcua::crypto::X509::from_pem(&bytes)
+                .or_else(|_| opcua::crypto::X509::from_der(&bytes))
+                .map_err(|e| format!("user_identity.cert_file {}: {e}", cert_file.display()))?;
+            let key = opcua::crypto::PrivateKey::read_pem_file(key_file)
+                .map_err(|e| format!("user_identity.key_file {}: {e}", key_file.display()))?;
+            IdentityToken::new_x509(cert, key)
+        }
+    })
 }
 
-/// One server node whose value is a metric of a machine.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OpcUaNodeConfig {
-    /// OPC UA node id in string form, e.g. `ns=2;s=Machine1.Temp`.
-    pub node_id: String,
-    /// Machine the value belongs to.
-    pub machine: String,
-    /// Metric name of the value.
-    pub metric: String,
-    /// Requested sampling interval; absent means "the subscription's publishing interval".
-    #[serde(default)]
-    pub sampling_interval_ms: Option<u64>,
+/// Creating the agent's own OPC UA certificate (needs the OPC UA crypto library, so it lives
+/// with the source, not with the configuration types).
+pub trait OwnCertificate {
+    /// Makes sure the agent's own certificate and private key exist in `pki_dir` (see the
+    /// implementation on [`OpcUaEndpointConfig`]).
+    fn ensure_own_certificate(&self) -> Result<PathBuf, String>;
 }
 
-/// One OPC UA server endpoint the agent subscribes to (`[[opcua]]` in the agent config).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OpcUaEndpointConfig {
-    /// Source name written into every record.
-    pub name: String,
-    /// Endpoint URL, `opc.tcp://host:port/path`.
-    pub url: String,
-    /// `none` or `basic256sha256` (always SignAndEncrypt).
-    #[serde(default)]
-    pub security_policy: OpcUaSecurityPolicy,
-    /// PKI directory: `own/cert.der`, `private/private.pem`, `trusted/`, `rejected/`.
-    /// A missing own certificate is generated (RSA 2048) on first use; a server is trusted
-    /// when its exact certificate is in `trusted/`.
-    pub pki_dir: PathBuf,
-    /// ApplicationUri of the agent; must equal the URI in its certificate.
-    #[serde(default)]
-    pub application_uri: Option<String>,
-    /// Server certificate files (DER or PEM) copied into `trusted/` at start-up.
-    #[serde(default)]
-    pub trust_server_certs: Vec<PathBuf>,
-    /// Subscription publishing interval.
-    #[serde(default = "default_publishing_interval_ms")]
-    pub publishing_interval_ms: u64,
-    /// First reconnect delay; doubles per failed attempt up to `reconnect_max_ms`.
-    #[serde(default = "default_reconnect_min_ms")]
-    pub reconnect_min_ms: u64,
-    /// Largest reconnect delay.
-    #[serde(default = "default_reconnect_max_ms")]
-    pub reconnect_max_ms: u64,
-    /// Nodes to subscribe to.
-    pub nodes: Vec<OpcUaNodeConfig>,
-    /// The user of the session (default anonymous).
-    #[serde(default)]
-    pub user_identity: OpcUaUserIdentity,
-}
-
-/// An invalid OPC UA endpoint configuration, naming the offending field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("opcua endpoint {endpoint:?}: `{field}` {problem}")]
-pub struct OpcUaConfigError {
-    /// `name` of the endpoint (may be empty when the name itself is the problem).
-    pub endpoint: String,
-    /// Field path, e.g. `nodes[2].node_id`.
-    pub field: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl OpcUaEndpointConfig {
-    /// Checks the configuration; the error names the first offending field.
-    pub fn validate(&self) -> Result<(), OpcUaConfigError> {
-        let err = |field: &str, problem: String| OpcUaConfigError {
-            endpoint: self.name.clone(),
-            field: field.to_owned(),
-            problem,
-        };
-        if self.name.trim().is_empty() {
-            return Err(err("name", "must not be empty".into()));
-        }
-        validate_url(&self.url).map_err(|p| err("url", p))?;
-        if self.pki_dir.as_os_str().is_empty() {
-            return Err(err("pki_dir", "must not be empty".into()));
-        }
-        if let Some(uri) = &self.application_uri
-            && uri.trim().is_empty()
-        {
-            return Err(err("application_uri", "must not be empty when set".into()));
-        }
-        for (i, path) in self.trust_server_certs.iter().enumerate() {
-            if !path.is_file() {
-                return Err(err(
-                    &format!("trust_server_certs[{i}]"),
-                    format!("{} is not a readable file", path.display()),
-                ));
-            }
-        }
-        match &self.user_identity {
-            OpcUaUserIdentity::Anonymous => {}
-            OpcUaUserIdentity::Username {
-                username,
-                password_file,
-            } => {
-                if username.trim().is_empty() {
-                    return Err(err("user_identity.username", "must not be empty".into()));
-                }
-                if !password_file.is_file() {
-                    return Err(err(
-                        "user_identity.password_file",
-                        format!("{} is not a readable file", password_file.display()),
-                    ));
-                }
-                if self.security_policy == OpcUaSecurityPolicy::None {
-                    return Err(err(
-                        "user_identity",
-                        "a password is refused over security_policy \"none\": use \
-                         basic256sha256 so it never crosses the network unencrypted"
-                            .into(),
-                    ));
-                }
-            }
-            OpcUaUserIdentity::X509 {
-                cert_file,
-                key_file,
-            } => {
-                for (field, path) in [
-                    ("user_identity.cert_file", cert_file),
-                    ("user_identity.key_file", key_file),
-                ] {
-                    if !path.is_file() {
-                        return Err(err(
-                            field,
-                            format!("{} is not a readable file", path.display()),
-                        ));
-                    }
-                }
-            }
-        }
-        if self.publishing_interval_ms == 0 {
-            return Err(err("publishing_interval_ms", "must be > 0".into()));
-        }
-        if self.reconnect_min_ms == 0 {
-            return Err(err("reconnect_min_ms", "must be > 0".into()));
-        }
-        if self.reconnect_max_ms < self.reconnect_min_ms {
-            return Err(err(
-                "reconnect_max_ms",
-                format!("must be >= reconnect_min_ms ({})", self.reconnect_min_ms),
-            ));
-        }
-        if self.nodes.is_empty() {
-            return Err(err("nodes", "must list at least one node".into()));
-        }
-        let mut seen = HashSet::new();
-        for (i, node) in self.nodes.iter().enumerate() {
-            if let Err(e) = NodeId::from_str(node.node_id.trim()) {
-                return Err(err(
-                    &format!("nodes[{i}].node_id"),
-                    format!("{:?} is not an OPC UA node id ({e})", node.node_id),
-                ));
-            }
-            if node.machine.trim().is_empty() {
-                return Err(err(
-                    &format!("nodes[{i}].machine"),
-                    "must not be empty".into(),
-                ));
-            }
-            if node.metric.trim().is_empty() {
-                return Err(err(
-                    &format!("nodes[{i}].metric"),
-                    "must not be empty".into(),
-                ));
-            }
-            if !seen.insert((node.machine.as_str(), node.metric.as_str())) {
-                return Err(err(
-                    &format!("nodes[{i}].metric"),
-                    format!(
-                        "machine {:?} metric {:?} is configured twice",
-                        node.machine, node.metric
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
+impl OwnCertificate for OpcUaEndpointConfig {
     /// Makes sure the agent's own certificate and private key exist in `pki_dir`, creating an
     /// RSA 2048 self-signed pair (first SAN = ApplicationUri, then localhost and this host's
     /// name) when both are missing. Returns the certificate path, the file an operator adds
     /// to the server's trust list.
-    pub fn ensure_own_certificate(&self) -> Result<PathBuf, String> {
+    fn ensure_own_certificate(&self) -> Result<PathBuf, String> {
         let store = CertificateStore::new(&self.pki_dir);
         store
             .ensure_pki_path()
@@ -407,12 +199,6 @@ impl OpcUaEndpointConfig {
         info!(source = %self.name, cert = %cert.display(), "created OPC UA client certificate; add it to the server's trusted certificates");
         Ok(cert)
     }
-
-    fn application_uri(&self) -> &str {
-        self.application_uri
-            .as_deref()
-            .unwrap_or(DEFAULT_APPLICATION_URI)
-    }
 }
 
 #[cfg(unix)]
@@ -424,17 +210,6 @@ fn restrict_permissions(path: &Path) -> Result<(), String> {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) -> Result<(), String> {
-    Ok(())
-}
-
-fn validate_url(url: &str) -> Result<(), String> {
-    let Some(rest) = url.strip_prefix("opc.tcp://") else {
-        return Err(format!("{url:?} must start with opc.tcp://"));
-    };
-    let host_port = rest.split('/').next().unwrap_or_default();
-    if host_port.is_empty() || host_port.starts_with(':') {
-        return Err(format!("{url:?} has no host"));
-    }
     Ok(())
 }
 
@@ -467,6 +242,16 @@ pub struct OpcUaMetrics {
 }
 
 impl OpcUaMetrics {
+    /// Whether source `name` holds a session with a live subscription now.
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.connected
+            .get_or_create(&SourceLabels {
+                source: name.to_owned(),
+            })
+            .get()
+            == 1
+    }
+
     /// Creates the metric families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
@@ -730,7 +515,7 @@ impl OpcUaSource {
             sec.mode(),
             UserTokenPolicy::anonymous(),
         );
-        let identity = match self.cfg.user_identity.token() {
+        let identity = match user_token(&self.cfg.user_identity) {
             Ok(t) => t,
             Err(e) => return lost(e),
         };
@@ -1548,7 +1333,12 @@ mod tests {
 
         let mut c = cfg();
         c.trust_server_certs = vec!["/nonexistent/server.der".into()];
-        assert_eq!(c.validate().unwrap_err().field, "trust_server_certs[0]");
+        // Files are the device's: checked apart from `validate`, which the control plane runs.
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.check_local_files().unwrap_err().field,
+            "trust_server_certs[0]"
+        );
     }
 
     #[test]

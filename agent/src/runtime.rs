@@ -116,6 +116,8 @@ struct Surface {
     sync: Option<Arc<SyncStatus>>,
     /// Quarantined buffer directories found at start-up (see [`crate::buffer_recovery`]).
     quarantined_buffers: Vec<String>,
+    /// OPC UA sources keep their connection state in their own metrics.
+    opcua: crate::opcua::OpcUaMetrics,
     /// The identity and its `kip_agent_certificate_expiry_seconds` gauge, set at each scrape;
     /// `None` when the agent is not enrolled (no gauge, rather than a misleading 0).
     cert_expiry: Option<(crate::identity::IdentityHandle, Gauge)>,
@@ -186,7 +188,11 @@ impl Surface {
                 SourceStatus {
                     name: name.clone(),
                     kind: (*kind).into(),
-                    connected: self.metrics.connected.get_or_create(&l).get() == 1,
+                    connected: if *kind == crate::source::SourceKind::OpcUa.as_str() {
+                        self.opcua.is_connected(name)
+                    } else {
+                        self.metrics.connected.get_or_create(&l).get() == 1
+                    },
                     readings: self.metrics.readings_per_source.get_or_create(&l).get(),
                     dead_letters: self.metrics.dead_letters.get_or_create(&l).get(),
                     reconnects: self.metrics.reconnects.get_or_create(&l).get(),
@@ -489,9 +495,44 @@ pub struct RunningAgent {
     pub buffer: Arc<Buffer>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    surface: Arc<Surface>,
 }
 
 impl RunningAgent {
+    /// The buffer's last flush failed (disk full, I/O error): `/healthz` is red, and the
+    /// supervisor ([`crate::remote_config::supervise`]) reopens the buffer.
+    pub fn storage_failing(&self) -> bool {
+        !self.buffer.last_flush_ok()
+    }
+
+    /// Why this agent does not yet prove its configuration works, `None` once every source
+    /// is connected and (when sync runs) the control plane acknowledged a batch since start.
+    /// Used to confirm or roll back a remote configuration ([`crate::remote_config`]).
+    pub fn unconfirmed(&self) -> Option<String> {
+        let report = match self.surface.status() {
+            Ok(r) => r,
+            Err(e) => return Some(format!("buffer unavailable: {e}")),
+        };
+        let down: Vec<&str> = report
+            .sources
+            .iter()
+            .filter(|s| !s.connected)
+            .map(|s| s.name.as_str())
+            .collect();
+        if !down.is_empty() {
+            return Some(format!("sources not connected: {}", down.join(", ")));
+        }
+        match &report.sync {
+            Some(s) if s.last_ack_at.is_none() => Some(format!(
+                "control plane not reached ({})",
+                s.last_error
+                    .as_deref()
+                    .unwrap_or("no batch acknowledged yet")
+            )),
+            _ => None,
+        }
+    }
+
     /// Waits until every task ended after `cancel` (bounded by a grace period), then makes
     /// sure the buffer is flushed.
     pub async fn wait(self) {
@@ -518,16 +559,29 @@ impl RunningAgent {
 /// [`prepare_live_query`], [`bind_http`], [`build_sources`], then everything is spawned on
 /// one tracker ([`spawn_tasks`]). A step that fails stops the start-up before any task runs.
 pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgent, RuntimeError> {
+    start_with_remote(cfg, cancel, None).await
+}
+
+/// [`start`], with the sync loop passing remote configurations to `remote` and reporting
+/// its state ([`crate::remote_config`]).
+pub async fn start_with_remote(
+    cfg: Config,
+    cancel: CancellationToken,
+    remote: Option<crate::remote_config::Link>,
+) -> Result<RunningAgent, RuntimeError> {
     let buffer = open_buffer(&cfg)?;
     let mut registry = metrics::new_registry();
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
     let quarantined_buffers = register_quarantined(&cfg, &mut registry);
     let inference = start_inference(&cfg, &mut registry)?;
-    let sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
+    let mut sync = prepare_sync(&cfg, &buffer, inference.as_ref(), &mut registry)?;
+    if let Some(link) = remote {
+        sync.syncer = sync.syncer.map(|s| s.with_remote_config(link));
+    }
     let live = prepare_live_query(&cfg, inference.as_ref(), &mut registry)?;
     let (listener, http_addr) = bind_http(&cfg).await?;
-    let sources = build_sources(&cfg, &metrics, &mut registry)?;
+    let (sources, opcua) = build_sources(&cfg, &metrics, &mut registry)?;
     let source_names: Vec<(String, &'static str)> = sources
         .iter()
         .map(|s| (s.name().to_owned(), s.kind().as_str()))
@@ -559,7 +613,9 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
         cert_expiry: sync.cert_expiry,
         quarantined_buffers,
         source_clock,
+        opcua,
     });
+    let surface_for_confirm = surface.clone();
     let tracker = TaskTracker::new();
     spawn_tasks(
         &cfg,
@@ -577,12 +633,14 @@ pub async fn start(cfg: Config, cancel: CancellationToken) -> Result<RunningAgen
             listener,
         },
     );
+    let surface = surface_for_confirm;
     tracing::info!(%http_addr, device = %cfg.device, "agent running");
     Ok(RunningAgent {
         http_addr,
         buffer,
         tracker,
         cancel,
+        surface,
     })
 }
 
@@ -736,11 +794,12 @@ fn build_sources(
     cfg: &Config,
     metrics: &IngestMetrics,
     registry: &mut Registry,
-) -> Result<Vec<Box<dyn Source>>, RuntimeError> {
+) -> Result<(Vec<Box<dyn Source>>, crate::opcua::OpcUaMetrics), RuntimeError> {
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     for b in &cfg.mqtt {
         sources.push(Box::new(MqttSource::new(b.clone(), metrics.clone())));
     }
+    use crate::opcua::OwnCertificate as _;
     let opcua_metrics = crate::opcua::OpcUaMetrics::register(registry);
     for ep in &cfg.opcua {
         if ep.security_policy != crate::opcua::OpcUaSecurityPolicy::None {
@@ -758,7 +817,7 @@ fn build_sources(
             opcua_metrics.clone(),
         )));
     }
-    Ok(sources)
+    Ok((sources, opcua_metrics))
 }
 
 /// What [`spawn_tasks`] starts.
@@ -909,6 +968,7 @@ mod tests {
             cert_expiry: None,
             quarantined_buffers: Vec::new(),
             source_clock: Default::default(),
+            opcua: crate::opcua::OpcUaMetrics::default(),
         })
     }
 

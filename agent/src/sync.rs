@@ -309,6 +309,8 @@ pub struct Syncer {
     model_refused: Option<String>,
     /// Why the last desired model was refused; reported in the `kip-model-error` header.
     model_error: Option<String>,
+    /// Remote configuration: offers from the desired state, reports in the request headers.
+    remote: Option<crate::remote_config::Link>,
     /// Trusted model signing keys and the device's organisation (see [`crate::model_trust`]).
     model_trust: crate::model_trust::ModelTrust,
     /// Bundle fingerprint and hint channel of the identity; `None`: no CA rollover via sync.
@@ -370,6 +372,7 @@ impl Syncer {
             inference: None,
             model_refused: None,
             model_error: None,
+            remote: None,
             model_trust: crate::model_trust::ModelTrust::new(registry),
             identity_hints: None,
             health: None,
@@ -435,6 +438,9 @@ impl Syncer {
             .update_keys(ack.desired.model_signing_keys_pem.as_deref());
         if let Some(m) = ack.desired.model.clone() {
             self.apply_desired_model(m).await;
+        }
+        if let (Some(link), Some(v)) = (&self.remote, &ack.desired.config_version) {
+            link.offer(v, ack.desired.config_toml.as_deref());
         }
     }
 
@@ -524,6 +530,12 @@ impl Syncer {
     /// checked (set by [`Syncer::with_identity_hints`] too). Without it no model is loaded.
     pub fn with_device_org(mut self, org_id: uuid::Uuid) -> Self {
         self.model_trust.set_org(org_id);
+        self
+    }
+
+    /// Passes remote configurations from the desired state to `link` and reports its state.
+    pub fn with_remote_config(mut self, link: crate::remote_config::Link) -> Self {
+        self.remote = Some(link);
         self
     }
 
@@ -911,6 +923,15 @@ impl Syncer {
         }
         if let Some(e) = &self.model_error {
             req = req.header(kip_shared::sync::MODEL_ERROR_HEADER, e);
+        }
+        if let Some(link) = &self.remote {
+            let (applied, error) = link.headers();
+            if let Some(v) = applied {
+                req = req.header(kip_shared::sync::CONFIG_VERSION_HEADER, v);
+            }
+            if let Some(e) = error {
+                req = req.header(kip_shared::sync::CONFIG_ERROR_HEADER, e);
+            }
         }
         let resp = req.body(body).send().await;
         let resp = match resp {

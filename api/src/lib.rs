@@ -9,11 +9,15 @@
 //! - Wire names are the field names; changing one is a breaking API change (see
 //!   `docs/openapi.json`, which documents the same shapes).
 
+pub mod config;
 pub mod fleet;
 pub mod health;
 pub mod models;
 pub mod pki;
 
+pub use config::{
+    ConfigVersion, DeviceConfigStatus, GroupConfigResult, SetDeviceConfig, SetGroupConfig,
+};
 pub use fleet::{
     ApiKeyInfo, AuditEntry, AuditPage, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me,
     Organisation, RegisterDevice, UpdateOrganisation,

@@ -17,6 +17,7 @@ pub mod config;
 pub mod config_error;
 pub mod console;
 pub mod db;
+pub mod device_config;
 pub mod fleet;
 pub mod health;
 pub mod http;

@@ -16,8 +16,9 @@ use serde::{Serialize, de::DeserializeOwned};
 use uuid::Uuid;
 
 use kip_api::{
-    AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, CreatedApiKey, Device,
-    DeviceModelStatus, EnrollToken, Me, ModelSigningStatus, Organisation, Revocation,
+    AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, ConfigVersion, CreatedApiKey, Device,
+    DeviceConfigStatus, DeviceModelStatus, EnrollToken, Me, ModelSigningStatus, Organisation,
+    Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -277,6 +278,73 @@ pub enum DeviceCmd {
         #[arg(long)]
         search: Option<String>,
     },
+    /// Remote agent configuration (sources, buffer, sync, inference), per device or group.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCmd {
+    /// The desired configuration of a device and what its agent reports.
+    Get { device_id: Uuid },
+    /// Set a new version from a TOML file, for one device or for a group (--group k=v).
+    Set {
+        /// The device; omit with --group.
+        device_id: Option<Uuid>,
+        /// TOML with the remotely settable sections only.
+        #[arg(long)]
+        file: PathBuf,
+        /// Label selector of the group, key=value; repeatable.
+        #[arg(long = "group", value_parser = parse_label)]
+        group: Vec<(String, String)>,
+    },
+    /// Line diff from the device's desired configuration to a file (or, without --file,
+    /// from its previous version to its current one).
+    Diff {
+        device_id: Uuid,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Every version that targeted the device, newest first.
+    History { device_id: Uuid },
+}
+
+/// A line diff (`-` removed, `+` added, two spaces unchanged) by longest common subsequence.
+pub fn line_diff(old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    let mut out = String::new();
+    if a.len().saturating_mul(b.len()) > 4_000_000 {
+        // Too large for the quadratic table: show it as replaced.
+        a.iter().for_each(|l| out.push_str(&format!("- {l}\n")));
+        b.iter().for_each(|l| out.push_str(&format!("+ {l}\n")));
+        return out;
+    }
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out.push_str(&format!("  {}\n", a[i]));
+            i += 1;
+            j += 1;
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            out.push_str(&format!("- {}\n", a[i]));
+            i += 1;
+        } else {
+            out.push_str(&format!("+ {}\n", b[j]));
+            j += 1;
+        }
+    }
+    out
 }
 
 /// Parses a lifetime like `3600`, `90s`, `30m`, `1h` or `7d` into seconds.
@@ -395,6 +463,8 @@ pub enum CliError {
     Refused(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// TLS for `https://` servers with the workspace's one crypto provider (ring), passed to
@@ -732,6 +802,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                             .await?,
                     ]
                 }
+                DeviceCmd::Config(c) => return config_cmd(&client, &base, org, c, json, out).await,
                 DeviceCmd::List => client.get(&base).await?,
                 DeviceCmd::Get { device_id } => {
                     vec![client.get(&format!("{base}/{device_id}")).await?]
@@ -1098,6 +1169,151 @@ async fn resolve_org(client: &Client, org: Option<&str>) -> Result<Uuid, CliErro
         None => {
             let me: Me = client.get("/v1/me").await?;
             me.org_id.ok_or(CliError::NeedOrg)
+        }
+    }
+}
+
+async fn config_cmd(
+    client: &Client,
+    base: &str,
+    org: Uuid,
+    cmd: &ConfigCmd,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+    };
+    match cmd {
+        ConfigCmd::Get { device_id } => {
+            let s: DeviceConfigStatus = client.get(&format!("{base}/{device_id}/config")).await?;
+            if json {
+                return write_json(out, &s);
+            }
+            let desired = s.desired.as_ref().map(|d| d.version.to_string());
+            writeln!(
+                out,
+                "device {} ({}): desired {}, applied {}{}",
+                s.device_name,
+                s.device_id,
+                desired.as_deref().unwrap_or("none"),
+                s.applied_version
+                    .as_deref()
+                    .unwrap_or("none (local file only)"),
+                if s.in_sync { ", in sync" } else { "" }
+            )?;
+            if let Some(e) = &s.last_error {
+                writeln!(out, "last refusal: {e}")?;
+            }
+            if let Some(d) = &s.desired {
+                write!(out, "{}", d.toml)?;
+            }
+            Ok(())
+        }
+        ConfigCmd::Set {
+            device_id,
+            file,
+            group,
+        } => {
+            let toml = read(file)?;
+            let v: serde_json::Value = match (device_id, group.is_empty()) {
+                (Some(id), true) => {
+                    client
+                        .send(
+                            reqwest::Method::PUT,
+                            &format!("{base}/{id}/config"),
+                            Some(serde_json::json!({ "toml": toml })),
+                        )
+                        .await?
+                }
+                (None, false) => {
+                    let selector: serde_json::Map<_, _> = group
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect();
+                    client
+                        .send(
+                            reqwest::Method::PUT,
+                            &format!("/v1/organisations/{org}/group-config"),
+                            Some(serde_json::json!({ "selector": selector, "toml": toml })),
+                        )
+                        .await?
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "give either a device id or --group key=value".into(),
+                    ));
+                }
+            }
+            .ok_or_else(|| CliError::Decode("empty body".into()))?;
+            if json {
+                return write_json(out, &v);
+            }
+            let version = v["version"]
+                .as_i64()
+                .or_else(|| v["config"]["version"].as_i64());
+            writeln!(
+                out,
+                "configuration version {} stored",
+                version.unwrap_or_default()
+            )?;
+            if let Some(ds) = v["devices"].as_array() {
+                writeln!(out, "targets {} device(s) now", ds.len())?;
+            }
+            Ok(())
+        }
+        ConfigCmd::Diff { device_id, file } => {
+            let history: Vec<ConfigVersion> = client
+                .get(&format!("{base}/{device_id}/config/history"))
+                .await?;
+            let s: DeviceConfigStatus = client.get(&format!("{base}/{device_id}/config")).await?;
+            let current = s.desired.map(|d| d.toml).unwrap_or_default();
+            let (from, to) = match file {
+                Some(f) => (current, read(f)?),
+                None => (
+                    history.get(1).map(|v| v.toml.clone()).unwrap_or_default(),
+                    current,
+                ),
+            };
+            write!(out, "{}", line_diff(&from, &to))?;
+            Ok(())
+        }
+        ConfigCmd::History { device_id } => {
+            let h: Vec<ConfigVersion> = client
+                .get(&format!("{base}/{device_id}/config/history"))
+                .await?;
+            emit(
+                out,
+                json,
+                &h,
+                &["VERSION", "TARGET", "CREATED", "LINES"],
+                |h| {
+                    h.iter()
+                        .map(|v| {
+                            vec![
+                                v.version.to_string(),
+                                match (&v.device_id, &v.selector) {
+                                    (Some(d), _) => format!("device {d}"),
+                                    (None, Some(s)) => format!(
+                                        "group {}",
+                                        s.iter()
+                                            .map(|(k, v)| format!(
+                                                "{k}={}",
+                                                v.as_str().unwrap_or_default()
+                                            ))
+                                            .collect::<Vec<_>>()
+                                            .join(",")
+                                    ),
+                                    (None, None) => "?".into(),
+                                },
+                                v.created_at.to_rfc3339(),
+                                v.toml.lines().count().to_string(),
+                            ]
+                        })
+                        .collect()
+                },
+            )
         }
     }
 }
@@ -1593,6 +1809,15 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[test]
+    fn line_diff_marks_removed_and_added_lines() {
+        let d = line_diff(
+            "[sync]\ninterval_ms = 1000\n",
+            "[sync]\ninterval_ms = 500\n",
+        );
+        assert_eq!(d, "  [sync]\n- interval_ms = 1000\n+ interval_ms = 500\n");
     }
 
     #[test]

@@ -109,7 +109,20 @@ pub struct DesiredState {
     /// [`DesiredModel::signature`] against these before loading a model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_signing_keys_pem: Option<String>,
+    /// With `config_version`: the remote configuration document (TOML holding only the
+    /// remotely settable sections, see `kip_agent_config::remote`). Sent only while the
+    /// agent reports another applied version in [`CONFIG_VERSION_HEADER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_toml: Option<String>,
 }
+
+/// Request header of `POST /v1/agent/sync`: the remote configuration version the agent runs
+/// (absent: none, only its local file).
+pub const CONFIG_VERSION_HEADER: &str = "kip-config-version";
+/// Request header of `POST /v1/agent/sync`: `<version>: <reason>` of the last remote
+/// configuration the agent refused or rolled back (printable ASCII, at most
+/// [`MODEL_ERROR_MAX_BYTES`]).
+pub const CONFIG_ERROR_HEADER: &str = "kip-config-error";
 
 /// A model version to deploy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,7 +10,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kip_agent::opcua::{OpcUaEndpointConfig, OpcUaNodeConfig, OpcUaSecurityPolicy, OpcUaSource};
+use kip_agent::opcua::{
+    OpcUaEndpointConfig, OpcUaNodeConfig, OpcUaSecurityPolicy, OpcUaSource, OwnCertificate,
+};
 use kip_shared::{Quality, Record};
 use kip_tests::{OpcUaServer, eventually_ok, wait_until};
 use opcua::crypto::CertificateStore;
@@ -340,7 +342,7 @@ async fn basic256sha256_sign_and_encrypt_works_when_each_side_trusts_the_other()
     std::fs::copy(server_pki.join("own/cert.der"), &server_cert).unwrap();
     cfg.trust_server_certs = vec![server_cert];
     // The agent's certificate, created up front and put into the server's trust list.
-    let agent_cert = cfg.ensure_own_certificate().unwrap();
+    let agent_cert = kip_agent::opcua::OwnCertificate::ensure_own_certificate(&cfg).unwrap();
     let cert = CertificateStore::read_cert(&agent_cert).unwrap();
     std::fs::create_dir_all(server_pki.join("trusted")).unwrap();
     std::fs::copy(

@@ -232,6 +232,31 @@ async fn sync(
     let model_error = headers
         .get(kip_shared::sync::MODEL_ERROR_HEADER)
         .and_then(|v| v.to_str().ok());
+    let config_applied = headers
+        .get(kip_shared::sync::CONFIG_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let config_error = headers
+        .get(kip_shared::sync::CONFIG_ERROR_HEADER)
+        .and_then(|v| v.to_str().ok());
+    match crate::device_config::desired_for(&pool, id.org_id, id.device_id, config_applied).await {
+        Ok(Some((version, doc))) => {
+            ack.desired.config_version = Some(version);
+            ack.desired.config_toml = doc;
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the desired configuration"),
+    }
+    if let Err(e) = crate::device_config::record_reported(
+        &pool,
+        id.org_id,
+        id.device_id,
+        config_applied,
+        config_error,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "cannot record the device's configuration status");
+    }
     if let Err(e) = models::record_running(
         &pool,
         id.org_id,

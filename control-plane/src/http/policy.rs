@@ -299,6 +299,31 @@ pub const ROUTES: &[Rule] = &[
         P::ModelsRead,
         "model.status",
     ),
+    // Remote agent configuration (device_config).
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/devices/{device_id}/config",
+        P::DevicesRead,
+        "device.config.get",
+    ),
+    rule(
+        "PUT",
+        "/v1/organisations/{org_id}/devices/{device_id}/config",
+        P::DevicesWrite,
+        "device.config.set",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/devices/{device_id}/config/history",
+        P::DevicesRead,
+        "device.config.history",
+    ),
+    rule(
+        "PUT",
+        "/v1/organisations/{org_id}/group-config",
+        P::DevicesWrite,
+        "group.config.set",
+    ),
     rule(
         "GET",
         "/v1/organisations/{org_id}/audit",

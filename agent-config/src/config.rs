@@ -72,6 +72,9 @@ pub struct RawConfig {
     /// `[security]`: what the agent refuses on the OT side.
     #[serde(default)]
     pub security: RawSecurity,
+    /// `[remote_config]` (local-only): applying configurations sent by the control plane.
+    #[serde(default)]
+    pub remote_config: RawRemoteConfig,
 }
 
 /// `[security]` as written.
@@ -118,6 +121,42 @@ fn require_secure_mqtt(endpoint: &MqttEndpoint, field: String) -> Result<(), Con
         )),
         Some(_) => Ok(()),
     }
+}
+
+/// `[remote_config]` as written; local-only (see [`crate::remote`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRemoteConfig {
+    /// Apply configurations from the control plane (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A new configuration must have every source connected and a batch acknowledged by the
+    /// control plane within this time, otherwise the agent goes back to the last good one.
+    #[serde(default = "default_confirm_within_ms")]
+    pub confirm_within_ms: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_confirm_within_ms() -> u64 {
+    60_000
+}
+
+impl Default for RawRemoteConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            confirm_within_ms: default_confirm_within_ms(),
+        }
+    }
+}
+
+/// Validated `[remote_config]`.
+#[derive(Debug, Clone)]
+pub struct RemoteConfigSettings {
+    pub enabled: bool,
+    pub confirm_within: Duration,
 }
 
 /// `[live_query]` as written: the connection is either borrowed from a `[[mqtt]]` source
@@ -553,6 +592,8 @@ pub struct Config {
     /// `None` when there is no `[live_query]` section.
     pub live_query: Option<LiveQueryConfig>,
     pub security: SecurityConfig,
+    /// `[remote_config]`.
+    pub remote_config: RemoteConfigSettings,
 }
 
 /// Validated `[buffer]`.
@@ -704,6 +745,15 @@ impl RawConfig {
                 ));
             }
         }
+        let remote_config = RemoteConfigSettings {
+            enabled: self.remote_config.enabled,
+            confirm_within: ms_in(
+                "remote_config.confirm_within_ms".into(),
+                self.remote_config.confirm_within_ms,
+                1_000,
+                3_600_000,
+            )?,
+        };
         let inference = validate_inference(self.inference)?;
         let live_query = match self.live_query {
             Some(raw) => Some(validate_live_query(raw, &device, &mqtt)?),
@@ -733,6 +783,7 @@ impl RawConfig {
         }
         Ok(Config {
             security,
+            remote_config,
             live_query,
             inference,
             sync,
@@ -1089,7 +1140,19 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        RawConfig::from_toml(&text, path)?.validate()
+        let cfg = RawConfig::from_toml(&text, path)?.validate()?;
+        cfg.check_local_files()?;
+        Ok(cfg)
+    }
+
+    /// Checks what only the device can see (files named by the config exist); not part of
+    /// [`RawConfig::validate`], which the control plane also runs.
+    pub fn check_local_files(&self) -> Result<(), ConfigError> {
+        for (i, ep) in self.opcua.iter().enumerate() {
+            ep.check_local_files()
+                .map_err(|e| invalid(format!("opcua[{i}].{}", e.field), e.problem.clone()))?;
+        }
+        Ok(())
     }
 
     /// Where the buffer database lives.
