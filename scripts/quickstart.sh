@@ -73,6 +73,8 @@ ensure_postgres
 say "2/8 Mosquitto and ONNX Runtime"
 ensure_mosquitto
 ensure_ort
+ensure_pgvector
+ensure_embedding_model
 export ORT_DYLIB_PATH
 command -v curl >/dev/null || ensure_packages curl
 

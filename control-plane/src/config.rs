@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// `[mlflow]`: mirror the model registry into MLflow.
     #[serde(default)]
     pub mlflow: crate::models::mlflow::RawMlflow,
+    /// `[documents]`: document upload and retrieval (embedding model, limits).
+    #[serde(default)]
+    pub documents: crate::documents::RawDocuments,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -517,6 +520,8 @@ pub struct Config {
     pub reset_admin_key: bool,
     /// MLflow mirror (`[mlflow]`); `None` when `tracking_uri` is unset.
     pub mlflow: Option<crate::models::mlflow::MlflowConfig>,
+    /// Documents and retrieval (`[documents]`).
+    pub documents: crate::documents::DocumentsConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -529,6 +534,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "KIP_PKI_CA_DIR",
     "KIP_AGENT_LISTEN_ADDR",
     "KIP_MLFLOW_TRACKING_URI",
+    "KIP_EMBEDDING_MODEL_DIR",
 ];
 
 impl RawConfig {
@@ -576,6 +582,7 @@ impl RawConfig {
         if let Some(v) = env("KIP_MLFLOW_TRACKING_URI") {
             self.mlflow.tracking_uri = Some(v);
         }
+        self.documents.apply_env(&env);
         Ok(())
     }
 
@@ -737,7 +744,9 @@ impl RawConfig {
             }
         }
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
+        let documents = self.documents.validate()?;
         Ok(Config {
+            documents,
             llm,
             mlflow,
             listen_addr,

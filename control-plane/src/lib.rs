@@ -16,6 +16,7 @@ pub mod agent_api;
 pub mod config;
 pub mod config_error;
 pub mod db;
+pub mod documents;
 pub mod fleet;
 pub mod http;
 pub mod keys;
@@ -212,6 +213,8 @@ impl ControlPlaneBuilder {
             mlflow,
             ingest: cfg.ingest,
             model_signing: model_signing.clone(),
+            // rag: per-organisation documents and retrieval (loads the embedding model).
+            documents: Arc::new(documents::Documents::new(cfg.documents.clone())),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in

@@ -44,7 +44,8 @@ pub fn router(state: AppState) -> Router {
         .merge(telemetry::router())
         .merge(models::router())
         .merge(pki_v1)
-        .merge(llm::api::router());
+        .merge(llm::api::router())
+        .merge(crate::documents::router());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -44,6 +44,8 @@ pub struct AppState {
     pub ingest: IngestLimits,
     /// The model signing keys; `None` when `pki.ca_dir` is not configured.
     pub model_signing: Option<Arc<ModelSigning>>,
+    /// Documents and retrieval (`[documents]`; the embedding model).
+    pub documents: Arc<crate::documents::Documents>,
 }
 
 impl FromRef<AppState> for HttpMetrics {
