@@ -5,7 +5,7 @@
 //!   chunk ids derived from (document id, ordinal) are stable.
 //! - `char_start`/`char_end` are offsets in characters (not bytes) into the extracted text,
 //!   `page` is the 1-based PDF page on which a chunk starts (`None` for text documents).
-//! - Chunks follow paragraph boundaries; a paragraph longer than the limit is cut at the last
+//! - Chunks follow paragraph boundaries and never span two sections or two pages; a paragraph longer than the limit is cut at the last
 //!   sentence end or space before it. No chunk is empty or longer than `max_chars` characters.
 //! - PDF parsing runs untrusted input through a third-party parser: a panic in it is caught
 //!   and reported as an unreadable PDF, never a crashed worker.
@@ -197,9 +197,13 @@ pub fn chunk(
     };
     for p in paras {
         let plen = p.text.chars().count();
-        // A heading change starts a new chunk: a chunk belongs to one section.
+        // A heading or page change starts a new chunk: a chunk belongs to one section and
+        // one page, so its citation is exact.
         if let Some((s, t, h, e)) = open.take() {
-            if h == p.heading && t.chars().count() + 2 + plen <= max_chars {
+            if h == p.heading
+                && page_of(s) == page_of(p.start)
+                && t.chars().count() + 2 + plen <= max_chars
+            {
                 open = Some((s, format!("{t}\n\n{}", p.text), h, p.start + plen));
                 continue;
             }
