@@ -206,7 +206,18 @@ pub struct Documents {
 
 impl Documents {
     /// Loads the embedding model; without it the domain is off (logged, 503 on use).
-    pub fn new(cfg: DocumentsConfig) -> Self {
+    pub fn new(mut cfg: DocumentsConfig) -> Self {
+        // The default directory is relative to the working directory; a binary started from
+        // elsewhere finds the model beside its own target/ directory.
+        if cfg.model_dir.is_relative()
+            && !cfg.model_dir.is_dir()
+            && let Some(beside) = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.parent()?.join("embedding")))
+                .filter(|d| d.is_dir())
+        {
+            cfg.model_dir = beside;
+        }
         let embedder = match Embedder::load(&cfg.model_dir, cfg.ort_library.as_deref()) {
             Ok(e) => {
                 tracing::info!(model = embed::MODEL_ID, dir = %cfg.model_dir.display(), "embedding model loaded");
@@ -341,6 +352,15 @@ fn language_config(lang: Option<&str>, text: &str) -> ApiResult<&'static str> {
     }
 }
 
+/// 404 unless `org` exists (a platform key may name any organisation id).
+async fn org_exists(pool: &PgPool, org: Uuid) -> ApiResult<()> {
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM organisations WHERE id = $1")
+        .bind(org)
+        .fetch_optional(pool)
+        .await?;
+    found.map(|_| ()).ok_or(ApiError::NotFound("organisation"))
+}
+
 /// A chunk id from (document id, ordinal): stable across re-chunking of the same document.
 pub fn chunk_id(document_id: Uuid, ordinal: usize) -> Uuid {
     let mut h = Sha256::new();
@@ -362,6 +382,7 @@ async fn upload(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<Document>)> {
     let org_id = p.org_scope(org_id)?;
+    org_exists(&pool, org_id).await?;
     let Query(params) =
         params.map_err(|r| ApiError::BadRequest(format!("invalid query: {}", r.body_text())))?;
     let limit = docs.cfg.max_document_bytes;
@@ -483,6 +504,7 @@ async fn list(
     ApiPath(org_id): ApiPath<Uuid>,
 ) -> ApiResult<Json<Vec<Document>>> {
     let org_id = p.org_scope(org_id)?;
+    org_exists(&pool, org_id).await?;
     let mut tx = search::tenant_tx(&pool, org_id).await?;
     let docs: Vec<Document> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DOC_COLS} FROM documents ORDER BY created_at, id LIMIT 10000"
@@ -546,6 +568,7 @@ async fn search_route(
     q: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<Hit>>> {
     let org_id = p.org_scope(org_id)?;
+    org_exists(&pool, org_id).await?;
     let Query(q) =
         q.map_err(|r| ApiError::BadRequest(format!("invalid query: {}", r.body_text())))?;
     let k = q.k.unwrap_or(5);
