@@ -197,7 +197,13 @@ schemas.update({
 schemas["QueryRequest"]["properties"]["mode"] = {"enum": ["direct", "grounded"], "default": "direct", "description": "grounded: answer from the organisation's documents, readings and predictions, with citations"}
 schemas["QueryResponse"]["properties"]["grounding"] = ref("Grounding")
 DOC = P("document_id", "Document id")
+OAI_400 = {"400": {"description": "OpenAI-style invalid_request_error naming error.param", "content": {"application/json": {"schema": {"type": "object"}}}}}
 paths.update({
+  "/v1/models": {"get": op("OpenAI-compatible model list: provider/model names, aliases and the local embedding model", {**plain("object: list of models"), "403": err("Needs an organisation key")})},
+  "/v1/embeddings": {"post": op("OpenAI-compatible embeddings from the local model (kip-embedding, 384 dimensions; encoding_format float or base64)",
+     {**plain("object: list of embeddings"), **OAI_400, "403": err("Needs an organisation key"), "503": err("Embedding model not loaded")},
+     req=body({"type": "object", "required": ["model", "input"], "properties": {"model": {"type": "string"}, "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+       "encoding_format": {"enum": ["float", "base64"]}, "dimensions": {"type": "integer"}}}))},
   "/v1/organisations/{org_id}/documents": {
     "get": op("List the organisation's documents", ok("Documents", arr(ref("Document"))), [ORG], extra=["404"]),
     "post": op("Upload a document (raw body: text/markdown, text/plain or application/pdf; at most documents.max_document_bytes); it is chunked, embedded and searchable at once",

@@ -778,3 +778,109 @@ async fn without_a_reachable_model_the_answer_is_assembled_from_the_sources(pool
         assert_eq!(r.body["provider"], "kip-local");
     }
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn models_and_embeddings_answer_the_openai_python_sdk(pool: PgPool) {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    assert!(
+        check.is_ok_and(|o| o.status.success()),
+        "the OpenAI Python SDK is required: pip install openai"
+    );
+    let app = docs_app(pool, Some(&fake_openai("http://127.0.0.1:9/v1".into()))).await;
+    let (_, key) = app.org_with_key("acme").await;
+    // Direct calls: shapes, semantics and the OpenAI error shape.
+    let r = app
+        .post(
+            "/v1/embeddings",
+            &key,
+            json!({"model": "kip-embedding", "input": [
+                "The spindle is overheating.", "Die Spindel ist zu heiß.", "Invoice due on Monday."]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v: Vec<Vec<f64>> = r.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(v.len(), 3);
+    assert!(v.iter().all(|e| e.len() == 384));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    assert!((dot(&v[0], &v[0]) - 1.0).abs() < 1e-3);
+    assert!(
+        dot(&v[0], &v[1]) > dot(&v[0], &v[2]),
+        "{} {}",
+        dot(&v[0], &v[1]),
+        dot(&v[0], &v[2])
+    );
+    for (body, param) in [
+        (
+            json!({"model": "text-embedding-3-small", "input": "x"}),
+            "model",
+        ),
+        (json!({"model": "kip-embedding", "input": 5}), "input"),
+        (json!({"model": "kip-embedding", "input": []}), "input"),
+        (
+            json!({"model": "kip-embedding", "input": "x", "encoding_format": "hex"}),
+            "encoding_format",
+        ),
+        (json!({"input": "x"}), "model"),
+    ] {
+        let r = app.post("/v1/embeddings", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        assert_eq!(
+            r.body["error"]["type"], "invalid_request_error",
+            "{}",
+            r.text
+        );
+        assert_eq!(r.body["error"]["param"], param, "{}", r.text);
+    }
+    let r = app
+        .post(
+            "/v1/embeddings",
+            &app.admin_key,
+            json!({"model": "kip-embedding", "input": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router.clone();
+    app.tracker
+        .spawn(async move { axum::serve(listener, router).await });
+    let script = r#"
+import json, sys, openai
+c = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0, timeout=20)
+out = {"models": sorted(m.id for m in c.models.list())}
+e = c.embeddings.create(model="kip-embedding", input=["spindle temperature", "coolant filter"])
+out["dims"] = [len(d.embedding) for d in e.data]
+f = c.embeddings.create(model="kip-embedding", input="spindle temperature", encoding_format="float")
+out["same"] = max(abs(a - b) for a, b in zip(e.data[0].embedding, f.data[0].embedding))
+try:
+    c.embeddings.create(model="nope", input="x")
+except openai.BadRequestError as err:
+    out["error"] = [err.status_code, err.body.get("param"), err.body.get("type")]
+print(json.dumps(out))
+"#;
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", script, &format!("http://{addr}/v1"), &key])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["models"], json!(["kip-embedding", "openai/gpt-5"]));
+    assert_eq!(v["dims"], json!([384, 384]));
+    // The SDK's default (base64) decodes to the same vector as float.
+    assert!(v["same"].as_f64().unwrap() < 1e-6, "{v}");
+    assert_eq!(v["error"], json!([400, "model", "invalid_request_error"]));
+}

@@ -325,6 +325,15 @@ pub const ROUTES: &[Rule] = &[
         audited: false,
         ..rule("POST", "/v1/query", P::LlmQuery, "llm.query")
     },
+    // rag: OpenAI compatibility (models list, local embeddings).
+    Rule {
+        audited: false,
+        ..rule("GET", "/v1/models", P::LlmQuery, "llm.models")
+    },
+    Rule {
+        audited: false,
+        ..rule("POST", "/v1/embeddings", P::LlmQuery, "llm.embeddings")
+    },
     // rag: documents and retrieval.
     rule(
         "GET",
