@@ -131,10 +131,10 @@ pub fn chunk(
             let len = line.chars().count();
             let trimmed = line.trim();
             let is_heading = markdown && trimmed.starts_with('#');
-            if trimmed.is_empty() || is_heading {
-                if let Some(p) = cur.take() {
-                    paras.push(p);
-                }
+            if (trimmed.is_empty() || is_heading)
+                && let Some(p) = cur.take()
+            {
+                paras.push(p);
             }
             if is_heading {
                 let h = trimmed.trim_start_matches('#').trim();
