@@ -884,3 +884,99 @@ print(json.dumps(out))
     assert!(v["same"].as_f64().unwrap() < 1e-6, "{v}");
     assert_eq!(v["error"], json!([400, "model", "invalid_request_error"]));
 }
+
+/// Runs kipctl on its own thread and runtime (as the binary runs).
+async fn kipctl(server: String, key: String, args: &[&str]) -> (bool, String) {
+    let mut argv = vec![
+        "kipctl".to_owned(),
+        "--server".to_owned(),
+        server,
+        "--api-key".to_owned(),
+        key,
+    ];
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        let res = rt.block_on(kipctl::run(cli, &mut out));
+        let out = String::from_utf8_lossy(&out).into_owned();
+        match res {
+            Ok(()) => (true, out),
+            Err(e) => (false, format!("{out}kipctl: error: {e}")),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn kipctl_adds_lists_searches_and_removes_documents(pool: PgPool) {
+    let app = docs_app(pool, None).await;
+    let (_, key) = app.org_with_key("acme").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let router = app.router.clone();
+    app.tracker
+        .spawn(async move { axum::serve(listener, router).await });
+    let dir = tempfile::tempdir().unwrap();
+    let md = dir.path().join("spindle procedure.md");
+    std::fs::write(&md, PROCEDURE_MD).unwrap();
+    let pdf_file = dir.path().join("manual.pdf");
+    std::fs::write(&pdf_file, german_manual()).unwrap();
+    let (ok, out) = kipctl(
+        server.clone(),
+        key.clone(),
+        &["doc", "add", md.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("spindle procedure.md") && out.contains("text/markdown"),
+        "{out}"
+    );
+    let (ok, out) = kipctl(
+        server.clone(),
+        key.clone(),
+        &[
+            "--json",
+            "doc",
+            "add",
+            pdf_file.to_str().unwrap(),
+            "--title",
+            "Betriebsanleitung P1",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let added: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let pdf_id = added[0]["id"].as_str().unwrap().to_owned();
+    let (ok, out) = kipctl(server.clone(), key.clone(), &["doc", "list"]).await;
+    assert!(
+        ok && out.contains("Betriebsanleitung P1") && out.contains("german"),
+        "{out}"
+    );
+    let (ok, out) = kipctl(
+        server.clone(),
+        key.clone(),
+        &["doc", "search", "Kühlmittelfilter reinigen"],
+    )
+    .await;
+    assert!(
+        ok && out
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .contains("Betriebsanleitung P1"),
+        "{out}"
+    );
+    let (ok, out) = kipctl(server.clone(), key.clone(), &["doc", "rm", &pdf_id]).await;
+    assert!(ok && out.contains("deleted"), "{out}");
+    let (ok, out) = kipctl(server.clone(), key.clone(), &["doc", "list"]).await;
+    assert!(ok && !out.contains("Betriebsanleitung"), "{out}");
+    let (ok, out) = kipctl(server, key, &["doc", "add", "/nonexistent/file.docx"]).await;
+    assert!(!ok && out.contains("unknown file type"), "{out}");
+}

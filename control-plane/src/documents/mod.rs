@@ -413,8 +413,8 @@ async fn upload(
                 "must be text/markdown, text/plain or application/pdf",
             )
         })?;
-    let embedder_ok = docs.embedder().map_err(ApiError::from)?;
-    drop(embedder_ok);
+    // Refuse before parsing anything when the model is not loaded.
+    docs.embedder()?;
     let (chunk_chars, max_chunks) = (docs.cfg.chunk_chars, docs.cfg.max_chunks_per_document);
     let raw = body.clone();
     let chunks = tokio::task::spawn_blocking(move || {
