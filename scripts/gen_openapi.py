@@ -181,6 +181,45 @@ agent_paths = {
     "parameters": [P("model_id", "Model id from SyncAck.desired.model.download_path")],
     "responses": {"200": {"description": "Artifact bytes (sha256 in x-kip-sha256)", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}, **TLS_ERR}}},
 }
+# --- rag: documents, retrieval and grounded answers (control-plane/src/documents) ---
+schemas.update({
+  "Document": {"type": "object", "properties": {"id": uuid, "org_id": uuid, "title": {"type": "string"}, "media_type": {"enum": ["text/markdown", "text/plain", "application/pdf"]},
+    "language": {"enum": ["german", "english", "simple"], "description": "Full-text configuration"}, "size_bytes": {"type": "integer"}, "sha256": {"type": "string"},
+    "chunk_count": {"type": "integer"}, "embedding_model": {"type": "string"}, "created_at": ts}},
+  "SearchHit": {"type": "object", "properties": {"chunk_id": uuid, "document_id": uuid, "title": {"type": "string"}, "ordinal": {"type": "integer"},
+    "char_start": {"type": "integer"}, "char_end": {"type": "integer"}, "page": {"type": ["integer", "null"]}, "heading": {"type": ["string", "null"]},
+    "content": {"type": "string"}, "score": {"type": "number", "description": "Reciprocal rank fusion score"},
+    "vector_rank": {"type": ["integer", "null"]}, "text_rank": {"type": ["integer", "null"]}}},
+  "Grounding": {"type": "object", "properties": {"mode": {"enum": ["llm", "fallback"]}, "grounded": {"type": "boolean", "description": "False when the answer cites no source"},
+    "citations": {"type": "array", "items": {"type": "object", "required": ["kind", "marker"], "properties": {"kind": {"enum": ["document", "reading", "prediction"]}, "marker": {"type": "string"}}}},
+    "tool_calls": {"type": "array", "items": {"type": "object", "properties": {"tool": {"type": "string"}, "results": {"type": "integer"}, "latency_ms": {"type": "number"}}}}}},
+})
+schemas["QueryRequest"]["properties"]["mode"] = {"enum": ["direct", "grounded"], "default": "direct", "description": "grounded: answer from the organisation's documents, readings and predictions, with citations"}
+schemas["QueryResponse"]["properties"]["grounding"] = ref("Grounding")
+DOC = P("document_id", "Document id")
+OAI_400 = {"400": {"description": "OpenAI-style invalid_request_error naming error.param", "content": {"application/json": {"schema": {"type": "object"}}}}}
+paths.update({
+  "/v1/models": {"get": op("OpenAI-compatible model list: provider/model names, aliases and the local embedding model", {**plain("object: list of models"), "403": err("Needs an organisation key")})},
+  "/v1/embeddings": {"post": op("OpenAI-compatible embeddings from the local model (kip-embedding, 384 dimensions; encoding_format float or base64)",
+     {**plain("object: list of embeddings"), **OAI_400, "403": err("Needs an organisation key"), "503": err("Embedding model not loaded")},
+     req=body({"type": "object", "required": ["model", "input"], "properties": {"model": {"type": "string"}, "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+       "encoding_format": {"enum": ["float", "base64"]}, "dimensions": {"type": "integer"}}}))},
+  "/v1/organisations/{org_id}/documents": {
+    "get": op("List the organisation's documents", ok("Documents", arr(ref("Document"))), [ORG], extra=["404"]),
+    "post": op("Upload a document (raw body: text/markdown, text/plain or application/pdf; at most documents.max_document_bytes); it is chunked, embedded and searchable at once",
+               {**ok("Stored", ref("Document"), "201"), "503": err("Embedding model not loaded")},
+               [ORG, {"name": "title", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+                {"name": "language", "in": "query", "required": False, "schema": {"enum": ["auto", "de", "en", "german", "english", "simple"]}}],
+               {"required": True, "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in ["text/markdown", "text/plain", "application/pdf"]}}, extra=["404"])},
+  "/v1/organisations/{org_id}/documents/search": {
+    "get": op("Hybrid retrieval (vector + full text, reciprocal rank fusion) over the organisation's documents",
+              {**ok("Best chunks first", arr(ref("SearchHit"))), "503": err("Embedding model not loaded")},
+              [ORG, {"name": "q", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 2000}},
+               {"name": "k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5}}], extra=["404"])},
+  "/v1/organisations/{org_id}/documents/{document_id}": {
+    "get": op("A document", ok("Document", ref("Document")), [ORG, DOC], extra=["404"]),
+    "delete": op("Delete a document and its chunks; gone from retrieval at once", {"204": {"description": "Deleted"}}, [ORG, DOC], extra=["404"])},
+})
 doc = {"openapi": "3.1.0",
        "info": {"title": "kip control plane", "version": "0.1.0", "description": "Admin API of the kip industrial AI platform. Errors always have the body {\"error\": {\"code\", \"message\"}}."},
        "servers": [{"url": "http://127.0.0.1:8080"}],

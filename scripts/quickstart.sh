@@ -75,6 +75,8 @@ say "2/9 Mosquitto and ONNX Runtime"
 ensure_mosquitto
 ensure_ort
 ensure_monitoring_tools
+ensure_pgvector
+ensure_embedding_model
 export ORT_DYLIB_PATH
 command -v curl >/dev/null || ensure_packages curl
 

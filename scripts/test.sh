@@ -9,6 +9,8 @@ cd "$KIP_ROOT"
 ensure_postgres
 ensure_mosquitto
 ensure_ort
+ensure_pgvector
+ensure_embedding_model
 ensure_python_peers
 ensure_monitoring_tools
 ensure_browser

@@ -37,6 +37,9 @@ pub struct RawConfig {
     /// `[health]`: device state windows and fleet metrics.
     #[serde(default)]
     pub health: crate::health::RawHealth,
+    /// `[documents]`: document upload and retrieval (embedding model, limits).
+    #[serde(default)]
+    pub documents: crate::documents::RawDocuments,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -540,6 +543,8 @@ pub struct Config {
     pub mlflow: Option<crate::models::mlflow::MlflowConfig>,
     /// Device state windows and fleet metrics (`[health]`).
     pub health: crate::health::HealthConfig,
+    /// Documents and retrieval (`[documents]`).
+    pub documents: crate::documents::DocumentsConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -552,6 +557,7 @@ pub const ENV_OVERRIDES: &[&str] = &[
     "KIP_PKI_CA_DIR",
     "KIP_AGENT_LISTEN_ADDR",
     "KIP_MLFLOW_TRACKING_URI",
+    "KIP_EMBEDDING_MODEL_DIR",
 ];
 
 impl RawConfig {
@@ -599,6 +605,7 @@ impl RawConfig {
         if let Some(v) = env("KIP_MLFLOW_TRACKING_URI") {
             self.mlflow.tracking_uri = Some(v);
         }
+        self.documents.apply_env(&env);
         Ok(())
     }
 
@@ -761,8 +768,10 @@ impl RawConfig {
         }
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         let health = self.health.validate()?;
+        let documents = self.documents.validate()?;
         Ok(Config {
             health,
+            documents,
             llm,
             mlflow,
             listen_addr,

@@ -18,6 +18,7 @@ pub mod config_error;
 pub mod console;
 pub mod db;
 pub mod device_config;
+pub mod documents;
 pub mod fleet;
 pub mod health;
 pub mod http;
@@ -217,6 +218,8 @@ impl ControlPlaneBuilder {
             model_signing: model_signing.clone(),
             health: cfg.health,
             console: Arc::default(),
+            // rag: per-organisation documents and retrieval (loads the embedding model).
+            documents: Arc::new(documents::Documents::new(cfg.documents.clone())),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in

@@ -46,7 +46,9 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router())
         .merge(pki_v1)
         .merge(llm::api::router())
-        .merge(crate::device_config::router());
+        .merge(crate::device_config::router())
+        .merge(crate::documents::router())
+        .merge(llm::compat::router());
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -48,6 +48,8 @@ pub struct AppState {
     pub health: crate::health::HealthConfig,
     /// Signed-in web console sessions.
     pub console: Arc<crate::console::Sessions>,
+    /// Documents and retrieval (`[documents]`; the embedding model).
+    pub documents: Arc<crate::documents::Documents>,
 }
 
 impl FromRef<AppState> for HttpMetrics {

@@ -71,6 +71,9 @@ pub enum Command {
     /// The organisation's audit log: every state-changing call, newest first (org-admin).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Documents (manuals, procedures, reports) of an organisation, used by grounded answers.
+    #[command(subcommand)]
+    Doc(DocCmd),
     /// Certificates for OT devices (MQTT brokers, PLCs, OPC UA servers/clients) from the
     /// fleet CA (platform-admin key).
     #[command(subcommand)]
@@ -116,6 +119,175 @@ pub enum OtCmd {
         #[arg(long)]
         expiring_within_days: Option<u32>,
     },
+}
+
+/// `kipctl doc ...` (rag).
+#[derive(Subcommand, Debug)]
+pub enum DocCmd {
+    /// Upload a Markdown (.md), plain text (.txt) or PDF (.pdf) file.
+    Add {
+        file: PathBuf,
+        /// Title shown in citations (default: the file name).
+        #[arg(long)]
+        title: Option<String>,
+        /// de, en, simple or auto (default: detected).
+        #[arg(long)]
+        language: Option<String>,
+    },
+    List,
+    /// Delete a document; it is gone from retrieval at once.
+    Rm {
+        document_id: Uuid,
+    },
+    /// Hybrid search over the organisation's documents.
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 5)]
+        k: u32,
+    },
+}
+
+/// `url` with `params` as its (encoded) query string.
+fn url_with(url: &str, params: &[(&str, String)]) -> Result<reqwest::Url, CliError> {
+    reqwest::Url::parse_with_params(url, params)
+        .map_err(|e| CliError::Decode(format!("invalid server URL {url:?}: {e}")))
+}
+
+/// A stored document, as the server returns it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DocumentInfo {
+    pub id: Uuid,
+    pub title: String,
+    pub media_type: String,
+    pub language: String,
+    pub size_bytes: i64,
+    pub chunk_count: i32,
+    pub created_at: String,
+}
+
+async fn doc_cmd(
+    client: &Client,
+    org: Uuid,
+    cmd: &DocCmd,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let base = format!("/v1/organisations/{org}/documents");
+    let rows = |d: &Vec<DocumentInfo>| {
+        d.iter()
+            .map(|d| {
+                vec![
+                    d.id.to_string(),
+                    d.title.clone(),
+                    d.media_type.clone(),
+                    d.language.clone(),
+                    d.chunk_count.to_string(),
+                    d.size_bytes.to_string(),
+                ]
+            })
+            .collect()
+    };
+    let cols = &["ID", "TITLE", "TYPE", "LANGUAGE", "CHUNKS", "BYTES"];
+    match cmd {
+        DocCmd::Add {
+            file,
+            title,
+            language,
+        } => {
+            let ext = file
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_default();
+            let media = match ext.as_str() {
+                "md" | "markdown" => "text/markdown",
+                "txt" | "text" => "text/plain",
+                "pdf" => "application/pdf",
+                other => {
+                    return Err(CliError::Decode(format!(
+                        "{}: unknown file type {other:?} (use .md, .txt or .pdf)",
+                        file.display()
+                    )));
+                }
+            };
+            let bytes = std::fs::read(file.as_path())
+                .map_err(|e| CliError::Decode(format!("cannot read {}: {e}", file.display())))?;
+            let title = title.clone().unwrap_or_else(|| {
+                file.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "document".into())
+            });
+            let mut query = vec![("title", title)];
+            if let Some(l) = language {
+                query.push(("language", l.clone()));
+            }
+            let req = client
+                .http
+                .post(url_with(&format!("{}{base}", client.base), &query)?)
+                .bearer_auth(&client.key)
+                .header(reqwest::header::CONTENT_TYPE, media)
+                .body(bytes);
+            let body = client.answer(req).await?;
+            let d: DocumentInfo =
+                serde_json::from_slice(&body).map_err(|e| CliError::Decode(e.to_string()))?;
+            emit(out, json, &vec![d], cols, rows)
+        }
+        DocCmd::List => {
+            let d: Vec<DocumentInfo> = client.get(&base).await?;
+            emit(out, json, &d, cols, rows)
+        }
+        DocCmd::Rm { document_id } => {
+            client
+                .send::<serde_json::Value>(
+                    reqwest::Method::DELETE,
+                    &format!("{base}/{document_id}"),
+                    None,
+                )
+                .await?;
+            writeln!(out, "document {document_id} deleted")?;
+            Ok(())
+        }
+        DocCmd::Search { query, k } => {
+            let req = client
+                .http
+                .get(url_with(
+                    &format!("{}{base}/search", client.base),
+                    &[("q", query.clone()), ("k", k.to_string())],
+                )?)
+                .bearer_auth(&client.key);
+            let body = client.answer(req).await?;
+            let hits: Vec<serde_json::Value> =
+                serde_json::from_slice(&body).map_err(|e| CliError::Decode(e.to_string()))?;
+            emit(
+                out,
+                json,
+                &hits,
+                &["CHUNK", "TITLE", "PAGE", "SCORE", "TEXT"],
+                |h| {
+                    h.iter()
+                        .map(|h| {
+                            vec![
+                                h["chunk_id"].as_str().unwrap_or_default().to_owned(),
+                                h["title"].as_str().unwrap_or_default().to_owned(),
+                                h["page"]
+                                    .as_i64()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_else(|| "-".into()),
+                                format!("{:.4}", h["score"].as_f64().unwrap_or_default()),
+                                h["content"]
+                                    .as_str()
+                                    .unwrap_or_default()
+                                    .chars()
+                                    .take(60)
+                                    .collect::<String>()
+                                    .replace('\n', " "),
+                            ]
+                        })
+                        .collect()
+                },
+            )
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -814,6 +986,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                 }
             };
             emit_rows(out, json, &devices)
+        }
+        Command::Doc(cmd) => {
+            let org = resolve_org(&client, cli.org.as_deref()).await?;
+            doc_cmd(&client, org, cmd, json, out).await
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;

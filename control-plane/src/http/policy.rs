@@ -88,11 +88,13 @@ impl Role {
                     | P::ModelsRead
                     | P::ModelsWrite
                     | P::TelemetryRead
+                    | P::DocumentsRead
+                    | P::DocumentsWrite
             ),
             Role::Llm => matches!(perm, P::LlmQuery),
             Role::ReadOnly => matches!(
                 perm,
-                P::OrgRead | P::DevicesRead | P::ModelsRead | P::TelemetryRead
+                P::OrgRead | P::DevicesRead | P::ModelsRead | P::TelemetryRead | P::DocumentsRead
             ),
         }
     }
@@ -120,6 +122,10 @@ pub enum Permission {
     /// Call the LLM gateway (spends the organisation's budget).
     LlmQuery,
     AuditRead,
+    /// List documents and search them (rag).
+    DocumentsRead,
+    /// Upload and delete documents (rag).
+    DocumentsWrite,
     /// Routes without a rule: only the admin roles.
     Unmapped,
 }
@@ -139,6 +145,8 @@ impl Permission {
             Permission::TelemetryRead => "telemetry:read",
             Permission::LlmQuery => "llm:query",
             Permission::AuditRead => "audit:read",
+            Permission::DocumentsRead => "documents:read",
+            Permission::DocumentsWrite => "documents:write",
             Permission::Unmapped => "admin",
         }
     }
@@ -361,6 +369,46 @@ pub const ROUTES: &[Rule] = &[
         audited: false,
         ..rule("POST", "/v1/query", P::LlmQuery, "llm.query")
     },
+    // rag: OpenAI compatibility (models list, local embeddings).
+    Rule {
+        audited: false,
+        ..rule("GET", "/v1/models", P::LlmQuery, "llm.models")
+    },
+    Rule {
+        audited: false,
+        ..rule("POST", "/v1/embeddings", P::LlmQuery, "llm.embeddings")
+    },
+    // rag: documents and retrieval.
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/documents",
+        P::DocumentsRead,
+        "document.list",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/documents",
+        P::DocumentsWrite,
+        "document.upload",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/documents/search",
+        P::DocumentsRead,
+        "document.search",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/documents/{document_id}",
+        P::DocumentsRead,
+        "document.get",
+    ),
+    rule(
+        "DELETE",
+        "/v1/organisations/{org_id}/documents/{document_id}",
+        P::DocumentsWrite,
+        "document.delete",
+    ),
     Rule {
         audited: false,
         ..rule("POST", "/v1/chat/completions", P::LlmQuery, "llm.chat")

@@ -35,6 +35,7 @@ where
     Arc<KeyCache>: FromRef<S>,
     HttpLimits: FromRef<S>,
     Arc<Gateway>: FromRef<S>,
+    Arc<crate::documents::Documents>: FromRef<S>,
 {
     Router::new()
         .route("/query", post(query))
@@ -345,6 +346,22 @@ pub struct QueryRequest {
     pub messages: Vec<QueryMessage>,
     #[serde(default)]
     pub options: QueryOptions,
+    /// `grounded`: answer from the organisation's documents, readings and predictions, with
+    /// citations (see [`crate::documents::grounded`]). Default `direct`.
+    #[serde(default)]
+    pub mode: QueryMode,
+}
+
+/// How `/v1/query` answers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryMode {
+    /// The messages go to the model as they are.
+    #[default]
+    Direct,
+    /// The tools run first; the model answers from their results, citing them; without a
+    /// reachable model the answer is assembled from the results (labelled fallback).
+    Grounded,
 }
 
 #[derive(Debug, Serialize)]
@@ -373,13 +390,18 @@ pub struct QueryResponse {
     /// True when the answer did not come from the first target of the chain.
     pub fallback_used: bool,
     pub attempts: Vec<super::Attempt>,
+    /// Sources and citations of a `grounded` answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grounding: Option<crate::documents::grounded::Grounding>,
 }
 
 /// `POST /v1/query`: kip's own LLM API.
 pub async fn query(
     State(gw): State<Arc<Gateway>>,
+    State(docs): State<Arc<crate::documents::Documents>>,
+    State(pool): State<PgPool>,
     p: Principal,
-    ApiJson(req): ApiJson<QueryRequest>,
+    ApiJson(mut req): ApiJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
     let org_id = org_of(&p)?;
     if req.messages.is_empty() {
@@ -408,6 +430,51 @@ pub async fn query(
             }
             (None, m) => m.clone(),
         };
+    // Grounded mode: the tools run before the model is called; their results go in as a
+    // system message with markers, so the cache key covers them (a deleted passage changes
+    // the key) and the answer can cite them.
+    let grounding_ctx = match req.mode {
+        QueryMode::Direct => None,
+        QueryMode::Grounded => {
+            let question = req
+                .messages
+                .iter()
+                .rev()
+                .find(|m| matches!(m.role, Role::User))
+                .and_then(|m| m.content.clone())
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "messages",
+                        "grounded mode needs a user message with content",
+                    )
+                })?;
+            if question.len() > 8000 || question.contains('\0') {
+                return Err(ApiError::validation(
+                    "messages",
+                    "the question must be at most 8000 bytes, without NUL",
+                ));
+            }
+            let ctx = crate::documents::grounded::gather(&docs, &pool, org_id, &question).await?;
+            req.messages.insert(
+                0,
+                QueryMessage {
+                    role: Role::System,
+                    content: Some(ctx.system_prompt()),
+                    name: None,
+                    tool_call_id: None,
+                    tool_calls: None,
+                },
+            );
+            // No model configured at all: nothing to call, answer from the sources.
+            if model.is_none()
+                && req.options.provider.is_none()
+                && gw.config().default_model.is_none()
+            {
+                return Ok(grounded_fallback(&ctx, Vec::new()));
+            }
+            Some(ctx)
+        }
+    };
     let messages = serde_json::to_value(&req.messages).map_err(ApiError::internal)?;
     let est = (
         estimate_tokens(&messages),
@@ -453,7 +520,14 @@ pub async fn query(
         body,
         cache_key,
     };
-    let a: Answer = gw.complete(&call).await?;
+    let a: Answer = match (gw.complete(&call).await, &grounding_ctx) {
+        (Ok(a), Some(ctx)) if a.local => return Ok(grounded_fallback(ctx, a.attempts)),
+        (Err(super::LlmError::AllFailed(m)), Some(ctx)) => {
+            tracing::warn!(%org_id, error = %m, "no model reachable: grounded fallback answer");
+            return Ok(grounded_fallback(ctx, Vec::new()));
+        }
+        (r, _) => r?,
+    };
     let msg = a
         .completion
         .body
@@ -484,8 +558,49 @@ pub async fn query(
         latency_ms: a.latency_ms,
         cache_hit: a.cache_hit,
         attempts: a.attempts,
+        grounding: grounding_ctx
+            .as_ref()
+            .map(|ctx| ctx.grounding(text("content").as_deref().unwrap_or_default(), "llm")),
     };
     let mut resp = axum::Json(out).into_response();
     headers(&mut resp, request_id, &a.target, a.cache_hit);
     Ok(resp)
+}
+
+/// The answer of grounded mode when no model is reachable: assembled from the tools' results,
+/// labelled `fallback`, citing every source it uses.
+fn grounded_fallback(
+    ctx: &crate::documents::grounded::Context,
+    attempts: Vec<super::Attempt>,
+) -> Response {
+    let request_id = Uuid::new_v4();
+    let content = ctx.fallback_answer();
+    let out = QueryResponse {
+        request_id,
+        provider: super::LOCAL_PROVIDER.to_owned(),
+        model: "grounded-fallback".to_owned(),
+        grounding: Some(ctx.grounding(&content, "fallback")),
+        content: Some(content),
+        reasoning_content: None,
+        tool_calls: None,
+        finish_reason: Some("stop".to_owned()),
+        usage: QueryUsage {
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+        },
+        cost_usd: 0.0,
+        latency_ms: 0.0,
+        cache_hit: false,
+        fallback_used: true,
+        attempts,
+    };
+    let mut resp = axum::Json(out).into_response();
+    headers(
+        &mut resp,
+        request_id,
+        &Target::new(super::LOCAL_PROVIDER, "grounded-fallback"),
+        false,
+    );
+    resp
 }

@@ -23,6 +23,8 @@
 pub mod aleph;
 pub mod api;
 pub mod cache;
+/// OpenAI compatibility: `/v1/models`, `/v1/embeddings` (rag).
+pub mod compat;
 pub mod config;
 pub mod live;
 pub mod logs;

@@ -7,6 +7,8 @@
 //! `device_sync_state` tables stays inside this module.
 
 pub mod ingest;
+/// Latest readings and predictions (tools of grounded answers).
+pub mod latest;
 mod metrics;
 mod query;
 pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx};

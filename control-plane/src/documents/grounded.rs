@@ -1,0 +1,411 @@
+//! Grounded answers: the tools that gather what the plant knows about a question (document
+//! retrieval, the latest readings and their trend, the latest predictions), the prompt that
+//! hands them to a language model with numbered markers, the citations read back from its
+//! answer, and the deterministic answer assembled from the same material when no model is
+//! reachable.
+//!
+//! Invariants:
+//! - Every tool is scoped to the caller's organisation (documents through row-level security,
+//!   readings and predictions by `org_id`) and bounded ([`MAX_PASSAGES`], [`MAX_SERIES`],
+//!   [`MAX_PREDICTIONS`]).
+//! - Citations name only sources that were handed to the model and that its answer marks
+//!   (`[D1]`, `[R2]`, `[P1]`); an answer that marks none is `grounded: false`.
+//! - The fallback answer is labelled as such (`mode: "fallback"`) and cites every source it
+//!   uses; it never invents text beyond the sources.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Documents, DocumentsError, search::Hit};
+use crate::telemetry::latest::{self, LatestPrediction, LatestReading};
+
+/// Passages retrieved per question.
+pub const MAX_PASSAGES: usize = 5;
+/// Reading series handed to the model.
+pub const MAX_SERIES: usize = 8;
+/// Predictions handed to the model.
+pub const MAX_PREDICTIONS: usize = 4;
+/// Characters of a passage in the prompt and in the fallback answer.
+const PASSAGE_CHARS: usize = 700;
+
+/// One call of a server-side tool, reported with the answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCall {
+    pub tool: &'static str,
+    pub results: usize,
+    pub latency_ms: f64,
+}
+
+/// What the tools found.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub passages: Vec<Hit>,
+    pub readings: Vec<LatestReading>,
+    pub predictions: Vec<LatestPrediction>,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A source the answer cites.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Citation {
+    Document {
+        marker: String,
+        chunk_id: Uuid,
+        document_id: Uuid,
+        title: String,
+        page: Option<i32>,
+        heading: Option<String>,
+        char_start: i32,
+        char_end: i32,
+    },
+    Reading {
+        marker: String,
+        device: String,
+        machine: String,
+        metric: String,
+        ts: chrono::DateTime<chrono::Utc>,
+        value: f64,
+    },
+    Prediction {
+        marker: String,
+        prediction_id: String,
+        device: String,
+        machine: String,
+        ts: chrono::DateTime<chrono::Utc>,
+        rul_cycles: f64,
+    },
+}
+
+impl Citation {
+    pub fn marker(&self) -> &str {
+        match self {
+            Self::Document { marker, .. }
+            | Self::Reading { marker, .. }
+            | Self::Prediction { marker, .. } => marker,
+        }
+    }
+}
+
+/// How the answer was made, and from what.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grounding {
+    /// `llm`: a language model wrote it from the sources; `fallback`: no model was reachable,
+    /// the answer is assembled from the sources.
+    pub mode: &'static str,
+    /// False when the answer cites no source.
+    pub grounded: bool,
+    pub citations: Vec<Citation>,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// How well a series' names match the question: shared words, where a word of 4+ letters
+/// also matches its prefixes ("temperature" ~ "temp").
+fn relevance(question: &[String], names: &[&str]) -> usize {
+    let mut score = 0;
+    for n in names.iter().flat_map(|n| words(n)) {
+        if question.iter().any(|q| {
+            *q == n
+                || (n.len() >= 4 && q.starts_with(&n))
+                || (q.len() >= 4 && n.starts_with(q.as_str()))
+        }) {
+            score += 1;
+        }
+    }
+    score
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Runs the tools for `question` within `org`.
+pub async fn gather(
+    docs: &Documents,
+    pool: &PgPool,
+    org: Uuid,
+    question: &str,
+) -> Result<Context, DocumentsError> {
+    let mut ctx = Context::default();
+    let t = Instant::now();
+    ctx.passages = docs.search(pool, org, question, MAX_PASSAGES).await?;
+    ctx.tool_calls.push(ToolCall {
+        tool: "search_documents",
+        results: ctx.passages.len(),
+        latency_ms: ms(t),
+    });
+    let q = words(question);
+    let t = Instant::now();
+    let mut readings = latest::latest_readings(pool, org, 500).await?;
+    // Series named in the question first; if none is, the most recent ones.
+    readings.sort_by_key(|r| std::cmp::Reverse(relevance(&q, &[&r.device, &r.machine, &r.metric])));
+    let named = readings
+        .iter()
+        .take_while(|r| relevance(&q, &[&r.device, &r.machine, &r.metric]) > 0)
+        .count();
+    readings.truncate(if named > 0 { named.min(MAX_SERIES) } else { 3 });
+    ctx.readings = readings;
+    ctx.tool_calls.push(ToolCall {
+        tool: "latest_readings",
+        results: ctx.readings.len(),
+        latency_ms: ms(t),
+    });
+    let t = Instant::now();
+    let mut preds = latest::latest_predictions(pool, org, 100).await?;
+    preds.sort_by_key(|p| std::cmp::Reverse(relevance(&q, &[&p.device, &p.machine])));
+    preds.truncate(MAX_PREDICTIONS);
+    ctx.predictions = preds;
+    ctx.tool_calls.push(ToolCall {
+        tool: "latest_predictions",
+        results: ctx.predictions.len(),
+        latency_ms: ms(t),
+    });
+    tracing::debug!(%org, tools = ?ctx.tool_calls, "grounding tools ran");
+    Ok(ctx)
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let mut out: String = s.chars().take(n).collect();
+    if s.chars().count() > n {
+        out.push('…');
+    }
+    out
+}
+
+fn trend(r: &LatestReading) -> String {
+    match (r.earlier_value, r.earlier_ts) {
+        (Some(v), Some(ts)) => {
+            let dir = if r.value > v {
+                "rising"
+            } else if r.value < v {
+                "falling"
+            } else {
+                "steady"
+            };
+            format!("{dir}, from {v} at {}", ts.to_rfc3339())
+        }
+        _ => "no earlier reading in the hour before".into(),
+    }
+}
+
+fn reading_line(r: &LatestReading) -> String {
+    format!(
+        "{} / {} / {} = {} at {} ({})",
+        r.device,
+        r.machine,
+        r.metric,
+        r.value,
+        r.ts.to_rfc3339(),
+        trend(r)
+    )
+}
+
+fn prediction_line(p: &LatestPrediction) -> String {
+    format!(
+        "{} / {}: remaining useful life {:.1} cycles{} at {} (model {})",
+        p.device,
+        p.machine,
+        p.rul_cycles,
+        p.anomaly_score
+            .map(|a| format!(", anomaly score {a:.3}"))
+            .unwrap_or_default(),
+        p.ts.to_rfc3339(),
+        p.model_version
+    )
+}
+
+fn passage_source(h: &Hit) -> String {
+    let mut s = format!("\"{}\"", h.title);
+    if let Some(p) = h.page {
+        s.push_str(&format!(", page {p}"));
+    }
+    if let Some(hd) = &h.heading {
+        s.push_str(&format!(", section \"{hd}\""));
+    }
+    s
+}
+
+impl Context {
+    /// Every source with its marker.
+    pub fn citations(&self) -> Vec<Citation> {
+        let mut out = Vec::new();
+        for (i, h) in self.passages.iter().enumerate() {
+            out.push(Citation::Document {
+                marker: format!("D{}", i + 1),
+                chunk_id: h.chunk_id,
+                document_id: h.document_id,
+                title: h.title.clone(),
+                page: h.page,
+                heading: h.heading.clone(),
+                char_start: h.char_start,
+                char_end: h.char_end,
+            });
+        }
+        for (i, r) in self.readings.iter().enumerate() {
+            out.push(Citation::Reading {
+                marker: format!("R{}", i + 1),
+                device: r.device.clone(),
+                machine: r.machine.clone(),
+                metric: r.metric.clone(),
+                ts: r.ts,
+                value: r.value,
+            });
+        }
+        for (i, p) in self.predictions.iter().enumerate() {
+            out.push(Citation::Prediction {
+                marker: format!("P{}", i + 1),
+                prediction_id: p.prediction_id.clone(),
+                device: p.device.clone(),
+                machine: p.machine.clone(),
+                ts: p.ts,
+                rul_cycles: p.rul_cycles,
+            });
+        }
+        out
+    }
+
+    /// The system message handing the sources to the model.
+    pub fn system_prompt(&self) -> String {
+        let mut s = String::from(
+            "You are kip's plant assistant. Answer only from the sources below; if they do not \
+             answer the question, say so. Mark every fact with the marker of its source in \
+             square brackets, e.g. [D1] for a document passage, [R1] for a sensor reading, [P1] \
+             for a prediction. Answer in the language of the question.\n",
+        );
+        if !self.readings.is_empty() {
+            s.push_str("\nSensor readings (latest, with trend over the hour before):\n");
+            for (i, r) in self.readings.iter().enumerate() {
+                s.push_str(&format!("[R{}] {}\n", i + 1, reading_line(r)));
+            }
+        }
+        if !self.predictions.is_empty() {
+            s.push_str("\nPredictions:\n");
+            for (i, p) in self.predictions.iter().enumerate() {
+                s.push_str(&format!("[P{}] {}\n", i + 1, prediction_line(p)));
+            }
+        }
+        if !self.passages.is_empty() {
+            s.push_str("\nDocument passages:\n");
+            for (i, h) in self.passages.iter().enumerate() {
+                s.push_str(&format!(
+                    "[D{}] {}:\n{}\n",
+                    i + 1,
+                    passage_source(h),
+                    clip(&h.content, PASSAGE_CHARS)
+                ));
+            }
+        }
+        if self.passages.is_empty() && self.readings.is_empty() && self.predictions.is_empty() {
+            s.push_str("\n(No sources were found for this question.)\n");
+        }
+        s
+    }
+
+    /// The answer assembled from the sources alone (no model reachable), labelled.
+    pub fn fallback_answer(&self) -> String {
+        let mut s = String::from(
+            "No language model was reachable. This answer is assembled automatically from the \
+             plant's data and documents (deterministic fallback), without interpretation.\n",
+        );
+        if self.readings.is_empty() && self.predictions.is_empty() && self.passages.is_empty() {
+            s.push_str("\nNo readings, predictions or document passages match the question.");
+            return s;
+        }
+        if !self.readings.is_empty() {
+            s.push_str("\nLatest readings:\n");
+            for (i, r) in self.readings.iter().enumerate() {
+                s.push_str(&format!("- {} [R{}]\n", reading_line(r), i + 1));
+            }
+        }
+        if !self.predictions.is_empty() {
+            s.push_str("\nPredictions:\n");
+            for (i, p) in self.predictions.iter().enumerate() {
+                s.push_str(&format!("- {} [P{}]\n", prediction_line(p), i + 1));
+            }
+        }
+        if !self.passages.is_empty() {
+            s.push_str("\nWhat the documents say:\n");
+            for (i, h) in self.passages.iter().enumerate() {
+                s.push_str(&format!(
+                    "- {}: {} [D{}]\n",
+                    passage_source(h),
+                    clip(&h.content.replace('\n', " "), 300),
+                    i + 1
+                ));
+            }
+        }
+        s
+    }
+
+    /// The grounding of an answer with `content`: the sources it marks.
+    pub fn grounding(&self, content: &str, mode: &'static str) -> Grounding {
+        let marked = markers(content);
+        let citations: Vec<Citation> = self
+            .citations()
+            .into_iter()
+            .filter(|c| marked.iter().any(|m| m == c.marker()))
+            .collect();
+        Grounding {
+            mode,
+            grounded: !citations.is_empty(),
+            citations,
+            tool_calls: self.tool_calls.clone(),
+        }
+    }
+}
+
+/// The `[D1]`, `[R2]`, `[P3]` markers in a text (also inside `[D1, R2]`).
+pub fn markers(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('[') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find(']') else { break };
+        for part in after[..close].split([',', ';', ' ']) {
+            let part = part.trim();
+            let mut chars = part.chars();
+            if matches!(chars.next(), Some('D' | 'R' | 'P'))
+                && !chars.as_str().is_empty()
+                && chars.as_str().chars().all(|c| c.is_ascii_digit())
+                && !out.iter().any(|m| m == part)
+            {
+                out.push(part.to_owned());
+            }
+        }
+        rest = &after[close..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_are_read_from_brackets_only() {
+        assert_eq!(
+            markers("Hot [R1]. See manual [D2, P1] and [D2]; not D3 or [X1] or [D]."),
+            vec!["R1", "D2", "P1"]
+        );
+        assert!(markers("no sources").is_empty());
+    }
+
+    #[test]
+    fn series_named_in_the_question_rank_first() {
+        let q = words("Why is spindle temperature on press 1 rising?");
+        assert!(
+            relevance(&q, &["gw-1", "press-1", "spindle_temp"])
+                > relevance(&q, &["gw-1", "press-2", "oil_pressure"])
+        );
+    }
+}
