@@ -111,8 +111,13 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 
 const FORMAT_VERSION: u64 = 1;
+/// Value format of a record without a delivery note.
 const VALUE_FORMAT: u8 = 1;
+/// Value format of a record stored with a delivery note: it carries the note's key.
+const VALUE_FORMAT_DELIVERED: u8 = 2;
 const VALUE_HEADER_LEN: usize = 10;
+/// Length prefix of the delivery key in a [`VALUE_FORMAT_DELIVERED`] value.
+const DELIVERY_KEY_LEN_BYTES: usize = 4;
 const KEY_LEN: u64 = 8;
 const META_FORMAT: &[u8] = b"format";
 const META_EPOCH: &[u8] = b"epoch";
@@ -317,14 +322,45 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-fn encode(record: &Record, appended_at_ms: i64) -> Result<Vec<u8>, serde_json::Error> {
+/// Encodes a stored value; with `delivery_key` in [`VALUE_FORMAT_DELIVERED`], so that the
+/// record and the key of its delivery note are one sled insert (see the module docs).
+fn encode(
+    record: &Record,
+    appended_at_ms: i64,
+    delivery_key: Option<&[u8]>,
+) -> Result<Vec<u8>, serde_json::Error> {
     let json = serde_json::to_vec(record)?;
-    let mut v = Vec::with_capacity(VALUE_HEADER_LEN + json.len());
-    v.push(VALUE_FORMAT);
+    let key_bytes = delivery_key.map_or(0, |k| DELIVERY_KEY_LEN_BYTES + k.len());
+    let mut v = Vec::with_capacity(VALUE_HEADER_LEN + key_bytes + json.len());
+    v.push(if delivery_key.is_some() {
+        VALUE_FORMAT_DELIVERED
+    } else {
+        VALUE_FORMAT
+    });
     v.push(record.kind().code());
     v.extend_from_slice(&appended_at_ms.to_be_bytes());
+    if let Some(k) = delivery_key {
+        // A key is a client id (at most 65,535 bytes in MQTT) plus 35 bytes: fits a u32.
+        v.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_be_bytes());
+        v.extend_from_slice(k);
+    }
     v.extend_from_slice(&json);
     Ok(v)
+}
+
+/// The delivery key (format 2 only) and the JSON body of a stored value; `None` when the
+/// format is unknown or the value is cut short.
+fn value_parts(value: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    match *value.first()? {
+        VALUE_FORMAT => Some((None, value.get(VALUE_HEADER_LEN..)?)),
+        VALUE_FORMAT_DELIVERED => {
+            let len_end = VALUE_HEADER_LEN + DELIVERY_KEY_LEN_BYTES;
+            let len = u32::from_be_bytes(value.get(VALUE_HEADER_LEN..len_end)?.try_into().ok()?);
+            let key_end = len_end.checked_add(usize::try_from(len).ok()?)?;
+            Some((Some(value.get(len_end..key_end)?), value.get(key_end..)?))
+        }
+        _ => None,
+    }
 }
 
 /// The kind byte of a stored value; unknown kinds count as dead letters (that is how they
@@ -348,15 +384,18 @@ fn value_appended_at(value: &[u8]) -> DateTime<Utc> {
 /// the stream.
 fn decode(seq: u64, value: &[u8]) -> Record {
     let appended_at = value_appended_at(value);
-    let reason = if value.first() != Some(&VALUE_FORMAT) {
-        format!("stored value format {:?} unknown", value.first())
-    } else {
-        match serde_json::from_slice::<Record>(value.get(VALUE_HEADER_LEN..).unwrap_or_default()) {
+    let parts = value_parts(value);
+    let reason = match parts {
+        None => format!(
+            "stored value format {:?} unknown or value cut short",
+            value.first()
+        ),
+        Some((_, json)) => match serde_json::from_slice::<Record>(json) {
             Ok(r) => return r,
             Err(e) => format!("stored record does not decode: {e}"),
-        }
+        },
     };
-    let body = value.get(VALUE_HEADER_LEN..).unwrap_or(value);
+    let body = parts.map_or_else(|| value.get(VALUE_HEADER_LEN..).unwrap_or(value), |p| p.1);
     Record::DeadLetter(DeadLetter {
         source: "buffer".into(),
         origin: format!("seq {seq}"),
@@ -439,20 +478,31 @@ impl Buffer {
         let mut counts = KindCounts::default();
         let mut bytes = 0;
         let mut max_seq = acked_up_to;
+        // Notes are written in sequence order right after their records, so only records
+        // above the last durable note can have lost theirs in a crash.
+        let last_noted = delivery_order.last()?.map_or(0, |(k, _)| key_seq(&k));
+        let mut unnoted = Vec::new();
         for tree in [&readings, &records] {
             for item in tree.iter() {
                 let (k, v) = item?;
                 *counts.slot(value_kind(&v)) += 1;
                 bytes += entry_bytes(&v);
-                max_seq = max_seq.max(key_seq(&k));
+                let seq = key_seq(&k);
+                max_seq = max_seq.max(seq);
+                if seq > last_noted
+                    && let Some((Some(key), _)) = value_parts(&v)
+                {
+                    unnoted.push((seq, key.to_vec()));
+                }
             }
         }
+        unnoted.sort_unstable_by_key(|(seq, _)| *seq);
         let metrics = BufferMetrics::default();
         metrics.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         metrics
             .records
             .set(i64::try_from(counts.total()).unwrap_or(i64::MAX));
-        Ok(Self {
+        let buffer = Self {
             path,
             db,
             meta,
@@ -477,7 +527,18 @@ impl Buffer {
             flush_ok: AtomicBool::new(true),
             durable: tokio::sync::watch::Sender::new(max_seq),
             flush_requested: tokio::sync::Notify::new(),
-        })
+        };
+        if let Some((first_seq, _)) = unnoted.first() {
+            tracing::info!(
+                notes = unnoted.len(),
+                first_seq,
+                "restoring delivery notes cut off by a crash"
+            );
+        }
+        for (seq, key) in unnoted {
+            buffer.note_delivery(seq, &key)?;
+        }
+        Ok(buffer)
     }
 
     /// The directory of the database.
@@ -561,14 +622,23 @@ impl Buffer {
     /// Returns the sequence number; on [`BufferError::Full`] the record was not stored (a
     /// loss record will describe it).
     pub fn append(&self, record: &Record) -> Result<u64, BufferError> {
-        let mut st = self.lock();
+        self.append_locked(&mut self.lock(), record, None)
+    }
+
+    /// [`Buffer::append`] under the held lock; `delivery_key` goes into the stored value.
+    fn append_locked(
+        &self,
+        st: &mut State,
+        record: &Record,
+        delivery_key: Option<&[u8]>,
+    ) -> Result<u64, BufferError> {
         let now = now_ms();
-        self.write_pending_loss(&mut st, now)?;
+        self.write_pending_loss(st, now)?;
         let kind = record.kind();
-        let value = encode(record, now)?;
+        let value = encode(record, now, delivery_key)?;
         let size = entry_bytes(&value);
         if st.bytes + size > self.max_bytes {
-            self.evict(&mut st, size, now)?;
+            self.evict(st, size, now)?;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -588,7 +658,7 @@ impl Buffer {
                 max_bytes: self.max_bytes,
             });
         }
-        self.insert(&mut st, seq, kind, &value)?;
+        self.insert(st, seq, kind, &value)?;
         Ok(seq)
     }
 
@@ -600,22 +670,44 @@ impl Buffer {
         record: &Record,
         delivery: &Delivery,
     ) -> Result<u64, BufferError> {
-        let seq = self.append(record)?;
         let key = delivery_key(delivery);
-        // After the record: a note never becomes durable without its record.
-        self.deliveries.insert(&key, &seq.to_be_bytes())?;
+        // The lock is held until the note is written, so notes reach sled's log in sequence
+        // order and before any later ack or eviction: what `open` relies on to restore them.
+        let mut st = self.lock();
+        // The record carries the key: a record is never durable without what its note needs.
+        let seq = self.append_locked(&mut st, record, Some(&key))?;
+        self.note_delivery(seq, &key)?;
+        Ok(seq)
+    }
+
+    /// Stores `record` with its delivery key but without writing the note: the state a crash
+    /// leaves when it cuts sled's log between a record and its note.
+    #[cfg(test)]
+    fn append_delivered_torn(
+        &self,
+        record: &Record,
+        delivery: &Delivery,
+    ) -> Result<u64, BufferError> {
+        self.append_locked(&mut self.lock(), record, Some(&delivery_key(delivery)))
+    }
+
+    /// Writes the delivery note `key` -> `seq` (after its record), then drops the oldest
+    /// notes beyond `max_delivery_notes`.
+    fn note_delivery(&self, seq: u64, key: &[u8]) -> Result<(), BufferError> {
+        self.deliveries.insert(key, &seq.to_be_bytes())?;
         self.delivery_order.insert(seq_key(seq), key)?;
-        let count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
-        if count > self.max_delivery_notes
-            && let Some((k, old_key)) = self.delivery_order.pop_min()?
-        {
-            self.delivery_count.fetch_sub(1, Ordering::Relaxed);
+        let mut count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
+        while count > self.max_delivery_notes {
+            let Some((k, old_key)) = self.delivery_order.pop_min()? else {
+                break;
+            };
+            count = self.delivery_count.fetch_sub(1, Ordering::Relaxed) - 1;
             // Only if no later delivery refreshed the note.
             let _ = self
                 .deliveries
                 .compare_and_swap(&old_key, Some(k), None as Option<&[u8]>)?;
         }
-        Ok(seq)
+        Ok(())
     }
 
     /// The sequence under which the message `delivery` describes (same session, id and
@@ -661,7 +753,7 @@ impl Buffer {
             ),
             ts: DateTime::from_timestamp_millis(now).unwrap_or_default(),
         });
-        let value = encode(&loss, now)?;
+        let value = encode(&loss, now, None)?;
         if st.bytes + entry_bytes(&value) > self.max_bytes {
             return Ok(());
         }
@@ -704,7 +796,7 @@ impl Buffer {
             ),
             ts: DateTime::from_timestamp_millis(now).unwrap_or_default(),
         });
-        let value = encode(&loss, now)?;
+        let value = encode(&loss, now, None)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         self.records.insert(seq_key(seq), value.as_slice())?;
