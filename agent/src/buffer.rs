@@ -8,7 +8,8 @@
 //!
 //! One sled database in the buffer directory (`<state_dir>/buffer`), three trees:
 //!
-//! - `meta`: `b"format"` -> `u64` big-endian (currently 1); `b"epoch"` -> `u64` BE;
+//! - `meta`: `b"format"` -> `u64` big-endian (currently 1, the tree layout; value formats
+//!   are per value, below); `b"epoch"` -> `u64` BE;
 //!   `b"acked_up_to"` -> `u64` BE, the highest sequence ever acknowledged (0 = none).
 //! - `readings`: raw readings, the only evictable kind.
 //! - `records`: every other kind (gaps, dead letters, loss records, predictions).
@@ -24,9 +25,14 @@
 //! In both record trees the key is the sequence number as 8 bytes big-endian, so sled's byte
 //! order is sequence order and a range scan is a sequence scan. A sequence number lives in
 //! exactly one of the two trees; a read merges them. The value is
-//! `[format: u8 = 1][kind code: u8][appended_at: i64 BE unix ms][record as JSON]`: the kind
-//! byte lets the buffer count without decoding; `appended_at` (the agent's clock when the
-//! record was appended, not the record's source timestamp) gives the oldest-unacked age.
+//! `[format: u8 = 1][kind code: u8][appended_at: i64 BE unix ms][record as JSON]`, or for a
+//! record stored with a delivery note ([`Buffer::append_delivered`])
+//! `[format: u8 = 2][kind code][appended_at][key length: u32 BE][deliveries key][JSON]`: the
+//! kind byte lets the buffer count without decoding; `appended_at` (the agent's clock when the
+//! record was appended, not the record's source timestamp) gives the oldest-unacked age; the
+//! key lets [`Buffer::open`] restore a note a crash cut off (below). Both formats are read;
+//! an agent older than format 2 reads a format-2 value as a dead letter (see the last
+//! guarantees), so do not downgrade an agent with unsynced MQTT records in its buffer.
 //!
 //! # Guarantees
 //!
@@ -55,16 +61,21 @@
 //!     reported as flushed.
 //!   - MQTT closes that window (and the power-loss one, when the broker survives it) for its
 //!     messages: it acknowledges upstream only once [`Buffer::watch_durable`] covers the
-//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable (at
-//!     least once: a message whose record became durable just before the crash can be stored
-//!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
-//!     stands.
-//! - Delivery notes ([`Buffer::append_delivered`]): the record is inserted before its note,
-//!   both go to disk in the same flush, and recovery keeps a prefix of sled's log, so a note
-//!   is never durable without its record. The opposite (record durable, note cut off by a
-//!   crash in the middle of a flush) costs at most a duplicate, never a loss: the
-//!   acknowledgement waits for the flush to complete, so the message comes back and, finding
-//!   no note, is stored again.
+//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable, and a
+//!     redelivery of a message whose record did become durable (acknowledgement not sent
+//!     before the crash) finds its delivery note and is acknowledged, not stored again.
+//!     OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above stands.
+//! - Delivery notes ([`Buffer::append_delivered`]) are durable together with their record or
+//!   not at all. The record and its note are separate sled inserts (two trees, not one
+//!   atomic write), and a crash in the middle of a flush can cut sled's log between them; so
+//!   the record's value carries the note's key (format 2), and on open every record with a
+//!   sequence above the last durable note (`delivery_order`'s highest key) that carries a key
+//!   gets its note written again (a crash can cut only that tail: notes are written under the
+//!   buffer's lock right after their record, hence in sequence order and before any later
+//!   acknowledgement or eviction removes a record; the scan is the one open already does to
+//!   count). A note is never durable without its record (record first, prefix recovery).
+//!   What stays: a redelivery of a message noted more than `max_delivery_notes` deliveries
+//!   earlier (its note left the FIFO) is stored again.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.
