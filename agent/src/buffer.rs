@@ -8,7 +8,8 @@
 //!
 //! One sled database in the buffer directory (`<state_dir>/buffer`), three trees:
 //!
-//! - `meta`: `b"format"` -> `u64` big-endian (currently 1); `b"epoch"` -> `u64` BE;
+//! - `meta`: `b"format"` -> `u64` big-endian (currently 1, the tree layout; value formats
+//!   are per value, below); `b"epoch"` -> `u64` BE;
 //!   `b"acked_up_to"` -> `u64` BE, the highest sequence ever acknowledged (0 = none).
 //! - `readings`: raw readings, the only evictable kind.
 //! - `records`: every other kind (gaps, dead letters, loss records, predictions).
@@ -24,9 +25,14 @@
 //! In both record trees the key is the sequence number as 8 bytes big-endian, so sled's byte
 //! order is sequence order and a range scan is a sequence scan. A sequence number lives in
 //! exactly one of the two trees; a read merges them. The value is
-//! `[format: u8 = 1][kind code: u8][appended_at: i64 BE unix ms][record as JSON]`: the kind
-//! byte lets the buffer count without decoding; `appended_at` (the agent's clock when the
-//! record was appended, not the record's source timestamp) gives the oldest-unacked age.
+//! `[format: u8 = 1][kind code: u8][appended_at: i64 BE unix ms][record as JSON]`, or for a
+//! record stored with a delivery note ([`Buffer::append_delivered`])
+//! `[format: u8 = 2][kind code][appended_at][key length: u32 BE][deliveries key][JSON]`: the
+//! kind byte lets the buffer count without decoding; `appended_at` (the agent's clock when the
+//! record was appended, not the record's source timestamp) gives the oldest-unacked age; the
+//! key lets [`Buffer::open`] restore a note a crash cut off (below). Both formats are read;
+//! an agent older than format 2 reads a format-2 value as a dead letter (see the last
+//! guarantees), so do not downgrade an agent with unsynced MQTT records in its buffer.
 //!
 //! # Guarantees
 //!
@@ -55,16 +61,21 @@
 //!     reported as flushed.
 //!   - MQTT closes that window (and the power-loss one, when the broker survives it) for its
 //!     messages: it acknowledges upstream only once [`Buffer::watch_durable`] covers the
-//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable (at
-//!     least once: a message whose record became durable just before the crash can be stored
-//!     twice). OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above
-//!     stands.
-//! - Delivery notes ([`Buffer::append_delivered`]): the record is inserted before its note,
-//!   both go to disk in the same flush, and recovery keeps a prefix of sled's log, so a note
-//!   is never durable without its record. The opposite (record durable, note cut off by a
-//!   crash in the middle of a flush) costs at most a duplicate, never a loss: the
-//!   acknowledgement waits for the flush to complete, so the message comes back and, finding
-//!   no note, is stored again.
+//!     record (see [`crate::ack`]), so the broker redelivers whatever was not durable, and a
+//!     redelivery of a message whose record did become durable (acknowledgement not sent
+//!     before the crash) finds its delivery note and is acknowledged, not stored again.
+//!     OPC UA subscriptions cannot redeliver, so for OPC UA readings the window above stands.
+//! - Delivery notes ([`Buffer::append_delivered`]) are durable together with their record or
+//!   not at all. The record and its note are separate sled inserts (two trees, not one
+//!   atomic write), and a crash in the middle of a flush can cut sled's log between them; so
+//!   the record's value carries the note's key (format 2), and on open every record with a
+//!   sequence above the last durable note (`delivery_order`'s highest key) that carries a key
+//!   gets its note written again (a crash can cut only that tail: notes are written under the
+//!   buffer's lock right after their record, hence in sequence order and before any later
+//!   acknowledgement or eviction removes a record; the scan is the one open already does to
+//!   count). A note is never durable without its record (record first, prefix recovery).
+//!   What stays: a redelivery of a message noted more than `max_delivery_notes` deliveries
+//!   earlier (its note left the FIFO) is stored again.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.
@@ -111,8 +122,13 @@ use prometheus_client::{
 use serde::{Deserialize, Serialize};
 
 const FORMAT_VERSION: u64 = 1;
+/// Value format of a record without a delivery note.
 const VALUE_FORMAT: u8 = 1;
+/// Value format of a record stored with a delivery note: it carries the note's key.
+const VALUE_FORMAT_DELIVERED: u8 = 2;
 const VALUE_HEADER_LEN: usize = 10;
+/// Length prefix of the delivery key in a [`VALUE_FORMAT_DELIVERED`] value.
+const DELIVERY_KEY_LEN_BYTES: usize = 4;
 const KEY_LEN: u64 = 8;
 const META_FORMAT: &[u8] = b"format";
 const META_EPOCH: &[u8] = b"epoch";
@@ -317,14 +333,45 @@ fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
 
-fn encode(record: &Record, appended_at_ms: i64) -> Result<Vec<u8>, serde_json::Error> {
+/// Encodes a stored value; with `delivery_key` in [`VALUE_FORMAT_DELIVERED`], so that the
+/// record and the key of its delivery note are one sled insert (see the module docs).
+fn encode(
+    record: &Record,
+    appended_at_ms: i64,
+    delivery_key: Option<&[u8]>,
+) -> Result<Vec<u8>, serde_json::Error> {
     let json = serde_json::to_vec(record)?;
-    let mut v = Vec::with_capacity(VALUE_HEADER_LEN + json.len());
-    v.push(VALUE_FORMAT);
+    let key_bytes = delivery_key.map_or(0, |k| DELIVERY_KEY_LEN_BYTES + k.len());
+    let mut v = Vec::with_capacity(VALUE_HEADER_LEN + key_bytes + json.len());
+    v.push(if delivery_key.is_some() {
+        VALUE_FORMAT_DELIVERED
+    } else {
+        VALUE_FORMAT
+    });
     v.push(record.kind().code());
     v.extend_from_slice(&appended_at_ms.to_be_bytes());
+    if let Some(k) = delivery_key {
+        // A key is a client id (at most 65,535 bytes in MQTT) plus 35 bytes: fits a u32.
+        v.extend_from_slice(&u32::try_from(k.len()).unwrap_or(u32::MAX).to_be_bytes());
+        v.extend_from_slice(k);
+    }
     v.extend_from_slice(&json);
     Ok(v)
+}
+
+/// The delivery key (format 2 only) and the JSON body of a stored value; `None` when the
+/// format is unknown or the value is cut short.
+fn value_parts(value: &[u8]) -> Option<(Option<&[u8]>, &[u8])> {
+    match *value.first()? {
+        VALUE_FORMAT => Some((None, value.get(VALUE_HEADER_LEN..)?)),
+        VALUE_FORMAT_DELIVERED => {
+            let len_end = VALUE_HEADER_LEN + DELIVERY_KEY_LEN_BYTES;
+            let len = u32::from_be_bytes(value.get(VALUE_HEADER_LEN..len_end)?.try_into().ok()?);
+            let key_end = len_end.checked_add(usize::try_from(len).ok()?)?;
+            Some((Some(value.get(len_end..key_end)?), value.get(key_end..)?))
+        }
+        _ => None,
+    }
 }
 
 /// The kind byte of a stored value; unknown kinds count as dead letters (that is how they
@@ -348,15 +395,18 @@ fn value_appended_at(value: &[u8]) -> DateTime<Utc> {
 /// the stream.
 fn decode(seq: u64, value: &[u8]) -> Record {
     let appended_at = value_appended_at(value);
-    let reason = if value.first() != Some(&VALUE_FORMAT) {
-        format!("stored value format {:?} unknown", value.first())
-    } else {
-        match serde_json::from_slice::<Record>(value.get(VALUE_HEADER_LEN..).unwrap_or_default()) {
+    let parts = value_parts(value);
+    let reason = match parts {
+        None => format!(
+            "stored value format {:?} unknown or value cut short",
+            value.first()
+        ),
+        Some((_, json)) => match serde_json::from_slice::<Record>(json) {
             Ok(r) => return r,
             Err(e) => format!("stored record does not decode: {e}"),
-        }
+        },
     };
-    let body = value.get(VALUE_HEADER_LEN..).unwrap_or(value);
+    let body = parts.map_or_else(|| value.get(VALUE_HEADER_LEN..).unwrap_or(value), |p| p.1);
     Record::DeadLetter(DeadLetter {
         source: "buffer".into(),
         origin: format!("seq {seq}"),
@@ -439,20 +489,31 @@ impl Buffer {
         let mut counts = KindCounts::default();
         let mut bytes = 0;
         let mut max_seq = acked_up_to;
+        // Notes are written in sequence order right after their records, so only records
+        // above the last durable note can have lost theirs in a crash.
+        let last_noted = delivery_order.last()?.map_or(0, |(k, _)| key_seq(&k));
+        let mut unnoted = Vec::new();
         for tree in [&readings, &records] {
             for item in tree.iter() {
                 let (k, v) = item?;
                 *counts.slot(value_kind(&v)) += 1;
                 bytes += entry_bytes(&v);
-                max_seq = max_seq.max(key_seq(&k));
+                let seq = key_seq(&k);
+                max_seq = max_seq.max(seq);
+                if seq > last_noted
+                    && let Some((Some(key), _)) = value_parts(&v)
+                {
+                    unnoted.push((seq, key.to_vec()));
+                }
             }
         }
+        unnoted.sort_unstable_by_key(|(seq, _)| *seq);
         let metrics = BufferMetrics::default();
         metrics.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         metrics
             .records
             .set(i64::try_from(counts.total()).unwrap_or(i64::MAX));
-        Ok(Self {
+        let buffer = Self {
             path,
             db,
             meta,
@@ -477,7 +538,18 @@ impl Buffer {
             flush_ok: AtomicBool::new(true),
             durable: tokio::sync::watch::Sender::new(max_seq),
             flush_requested: tokio::sync::Notify::new(),
-        })
+        };
+        if let Some((first_seq, _)) = unnoted.first() {
+            tracing::info!(
+                notes = unnoted.len(),
+                first_seq,
+                "restoring delivery notes cut off by a crash"
+            );
+        }
+        for (seq, key) in unnoted {
+            buffer.note_delivery(seq, &key)?;
+        }
+        Ok(buffer)
     }
 
     /// The directory of the database.
@@ -561,14 +633,23 @@ impl Buffer {
     /// Returns the sequence number; on [`BufferError::Full`] the record was not stored (a
     /// loss record will describe it).
     pub fn append(&self, record: &Record) -> Result<u64, BufferError> {
-        let mut st = self.lock();
+        self.append_locked(&mut self.lock(), record, None)
+    }
+
+    /// [`Buffer::append`] under the held lock; `delivery_key` goes into the stored value.
+    fn append_locked(
+        &self,
+        st: &mut State,
+        record: &Record,
+        delivery_key: Option<&[u8]>,
+    ) -> Result<u64, BufferError> {
         let now = now_ms();
-        self.write_pending_loss(&mut st, now)?;
+        self.write_pending_loss(st, now)?;
         let kind = record.kind();
-        let value = encode(record, now)?;
+        let value = encode(record, now, delivery_key)?;
         let size = entry_bytes(&value);
         if st.bytes + size > self.max_bytes {
-            self.evict(&mut st, size, now)?;
+            self.evict(st, size, now)?;
         }
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -588,7 +669,7 @@ impl Buffer {
                 max_bytes: self.max_bytes,
             });
         }
-        self.insert(&mut st, seq, kind, &value)?;
+        self.insert(st, seq, kind, &value)?;
         Ok(seq)
     }
 
@@ -600,22 +681,44 @@ impl Buffer {
         record: &Record,
         delivery: &Delivery,
     ) -> Result<u64, BufferError> {
-        let seq = self.append(record)?;
         let key = delivery_key(delivery);
-        // After the record: a note never becomes durable without its record.
-        self.deliveries.insert(&key, &seq.to_be_bytes())?;
+        // The lock is held until the note is written, so notes reach sled's log in sequence
+        // order and before any later ack or eviction: what `open` relies on to restore them.
+        let mut st = self.lock();
+        // The record carries the key: a record is never durable without what its note needs.
+        let seq = self.append_locked(&mut st, record, Some(&key))?;
+        self.note_delivery(seq, &key)?;
+        Ok(seq)
+    }
+
+    /// Stores `record` with its delivery key but without writing the note: the state a crash
+    /// leaves when it cuts sled's log between a record and its note.
+    #[cfg(test)]
+    fn append_delivered_torn(
+        &self,
+        record: &Record,
+        delivery: &Delivery,
+    ) -> Result<u64, BufferError> {
+        self.append_locked(&mut self.lock(), record, Some(&delivery_key(delivery)))
+    }
+
+    /// Writes the delivery note `key` -> `seq` (after its record), then drops the oldest
+    /// notes beyond `max_delivery_notes`.
+    fn note_delivery(&self, seq: u64, key: &[u8]) -> Result<(), BufferError> {
+        self.deliveries.insert(key, &seq.to_be_bytes())?;
         self.delivery_order.insert(seq_key(seq), key)?;
-        let count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
-        if count > self.max_delivery_notes
-            && let Some((k, old_key)) = self.delivery_order.pop_min()?
-        {
-            self.delivery_count.fetch_sub(1, Ordering::Relaxed);
+        let mut count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
+        while count > self.max_delivery_notes {
+            let Some((k, old_key)) = self.delivery_order.pop_min()? else {
+                break;
+            };
+            count = self.delivery_count.fetch_sub(1, Ordering::Relaxed) - 1;
             // Only if no later delivery refreshed the note.
             let _ = self
                 .deliveries
                 .compare_and_swap(&old_key, Some(k), None as Option<&[u8]>)?;
         }
-        Ok(seq)
+        Ok(())
     }
 
     /// The sequence under which the message `delivery` describes (same session, id and
@@ -661,7 +764,7 @@ impl Buffer {
             ),
             ts: DateTime::from_timestamp_millis(now).unwrap_or_default(),
         });
-        let value = encode(&loss, now)?;
+        let value = encode(&loss, now, None)?;
         if st.bytes + entry_bytes(&value) > self.max_bytes {
             return Ok(());
         }
@@ -704,7 +807,7 @@ impl Buffer {
             ),
             ts: DateTime::from_timestamp_millis(now).unwrap_or_default(),
         });
-        let value = encode(&loss, now)?;
+        let value = encode(&loss, now, None)?;
         let seq = st.next_seq;
         st.next_seq += 1;
         self.records.insert(seq_key(seq), value.as_slice())?;

@@ -300,7 +300,7 @@ fn a_stored_record_that_no_longer_decodes_is_read_as_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let buf = Buffer::open(dir.path(), big()).unwrap();
     buf.append(&reading(1, 0)).unwrap();
-    let mut v = encode(&prediction(2), now_ms()).unwrap();
+    let mut v = encode(&prediction(2), now_ms(), None).unwrap();
     v.truncate(VALUE_HEADER_LEN + 5);
     buf.records.insert(seq_key(2), v).unwrap();
     buf.lock().next_seq = 3;
@@ -423,7 +423,7 @@ fn check(buf: &Buffer, model: &mut Model, max_bytes: u64) {
     }
     let stored_bytes: u64 = stored
         .iter()
-        .map(|s| KEY_LEN + encode(&s.record, 0).unwrap().len() as u64)
+        .map(|s| KEY_LEN + encode(&s.record, 0, None).unwrap().len() as u64)
         .sum();
     assert_eq!(stats.bytes, stored_bytes);
     assert!(stats.bytes <= max_bytes + LOSS_RECORD_RESERVE_BYTES);
@@ -679,4 +679,96 @@ fn delivery_notes_are_a_bounded_fifo() {
             .unwrap()
             .is_some()
     );
+}
+
+/// The torn state a crash can leave (issue #19): the record durable, its note cut off. The
+/// broker redelivers the unacknowledged message; the note must be found, not a second record.
+#[test]
+fn a_record_whose_note_was_cut_off_by_a_crash_gets_it_back_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), big()).unwrap();
+    let noted = buf
+        .append_delivered(&reading(1, 0), &delivery(1, "1"))
+        .unwrap();
+    let torn = buf
+        .append_delivered_torn(&reading(2, 0), &delivery(2, "2"))
+        .unwrap();
+    // A record without a note of its own after the cut, and one acked meanwhile.
+    let plain = buf.append(&gap(3)).unwrap();
+    let torn_later = buf
+        .append_delivered_torn(&reading(4, 0), &delivery(4, "4"))
+        .unwrap();
+    assert_eq!(buf.delivered(&delivery(2, "2")).unwrap(), None, "torn");
+    assert_eq!(buf.delivery_notes(), 1);
+    buf.flush_blocking().unwrap();
+    drop(buf);
+
+    let buf = reopen(dir.path(), big());
+    assert_eq!(buf.delivered(&delivery(1, "1")).unwrap(), Some(noted));
+    assert_eq!(buf.delivered(&delivery(2, "2")).unwrap(), Some(torn));
+    assert_eq!(buf.delivered(&delivery(4, "4")).unwrap(), Some(torn_later));
+    assert_eq!(buf.delivery_notes(), 3);
+    // The records read back unchanged (format 2 carries the key, format 1 does not).
+    let got: Vec<(u64, Record)> = all(&buf).into_iter().map(|s| (s.seq, s.record)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (noted, reading(1, 0)),
+            (torn, reading(2, 0)),
+            (plain, gap(3)),
+            (torn_later, reading(4, 0)),
+        ]
+    );
+    // Restored notes are ordinary notes: durable, in the FIFO, and a reopen adds none.
+    buf.flush_blocking().unwrap();
+    drop(buf);
+    let buf = reopen(dir.path(), big());
+    assert_eq!(buf.delivery_notes(), 3);
+    assert_eq!(buf.delivered(&delivery(2, "2")).unwrap(), Some(torn));
+    let next = buf
+        .append_delivered(&reading(5, 0), &delivery(5, "5"))
+        .unwrap();
+    assert!(next > torn_later);
+    assert_eq!(buf.delivery_notes(), 4);
+}
+
+#[test]
+fn restored_notes_respect_the_fifo_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = big();
+    opts.max_delivery_notes = 3;
+    let buf = Buffer::open(dir.path(), opts.clone()).unwrap();
+    for i in 0..5u16 {
+        buf.append_delivered_torn(&reading(u64::from(i), 0), &delivery(i, &i.to_string()))
+            .unwrap();
+    }
+    buf.flush_blocking().unwrap();
+    drop(buf);
+    let buf = reopen(dir.path(), opts);
+    assert_eq!(buf.delivery_notes(), 3);
+    assert_eq!(
+        buf.delivered(&delivery(1, "1")).unwrap(),
+        None,
+        "oldest dropped"
+    );
+    assert!(buf.delivered(&delivery(2, "2")).unwrap().is_some());
+    assert!(buf.delivered(&delivery(4, "4")).unwrap().is_some());
+}
+
+#[test]
+fn a_delivered_record_cut_short_is_read_as_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), big()).unwrap();
+    let key = delivery_key(&delivery(1, "1"));
+    let v = encode(&prediction(1), now_ms(), Some(&key)).unwrap();
+    // Cut inside the key: the length prefix points past the end.
+    buf.records
+        .insert(seq_key(1), &v[..VALUE_HEADER_LEN + 10])
+        .unwrap();
+    buf.lock().next_seq = 2;
+    let got = all(&buf);
+    let Record::DeadLetter(d) = &got[0].record else {
+        panic!("{got:?}")
+    };
+    assert!(d.reason.contains("cut short"), "{}", d.reason);
 }
