@@ -10,12 +10,18 @@
 //!   `docs/openapi.json`, which documents the same shapes).
 
 pub mod fleet;
+pub mod ml;
 pub mod models;
 pub mod pki;
 
 pub use fleet::{
     ApiKeyInfo, AuditEntry, AuditPage, CreateApiKey, CreateOrganisation, CreatedApiKey, Device, Me,
     Organisation, RegisterDevice, UpdateOrganisation,
+};
+pub use ml::{
+    FeatureSetInfo, MaintenanceEvent, MaintenanceEventPage, MaintenanceKind, ModelPerformance,
+    PerformanceSource, PredictionPage, PredictionRecord, RecordMaintenanceEvent, RecordPerformance,
+    RecordTrainingData, TrainingData,
 };
 pub use models::{
     AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,

@@ -28,7 +28,7 @@ use crate::{
     http::{self, ApiError},
     llm,
     metrics::Metrics,
-    models, pki,
+    ml, models, pki,
     state::AppState,
     telemetry,
 };
@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .merge(fleet::router())
         .merge(telemetry::router())
         .merge(models::router())
+        .merge(ml::router())
         .merge(pki_v1)
         .merge(llm::api::router());
     Router::new()
