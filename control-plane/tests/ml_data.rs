@@ -455,3 +455,76 @@ async fn predictions_latest_per_machine_and_history_by_keyset(pool: PgPool) {
     assert_eq!(r.body.as_array().unwrap().len(), 2, "{}", r.text);
     assert!(r.body[0]["anomaly_score"].is_null());
 }
+
+/// Runs `kipctl` (the library the binary wraps) with `key` against `server`.
+async fn kipctl(server: &str, key: &str, org: &str, args: &[&str]) -> String {
+    let mut argv = vec!["kipctl", "--server", server, "--api-key", key, "--org", org];
+    argv.extend(args);
+    let cli = <kipctl::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+    let mut out = Vec::new();
+    kipctl::run(cli, &mut out).await.unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn kipctl_records_and_lists_maintenance_events_and_shows_predictions(pool: PgPool) {
+    let app = common::app(pool).await;
+    let (org, key) = app.org_with_key("a").await;
+    let dev = device(&app, &org, &key, "gw-1").await;
+    store_predictions(&app, &org, &dev, 3, true).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let service = app
+        .router
+        .clone()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = app.tracker.spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .unwrap();
+        }
+    });
+
+    let out = kipctl(
+        &server,
+        &key,
+        &org,
+        &[
+            "maintenance",
+            "record",
+            "--device",
+            &dev,
+            "--machine",
+            "unit-1",
+            "--kind",
+            "failure",
+            "--at",
+            "2026-11-02T08:00:00Z",
+            "--note",
+            "bearing",
+        ],
+    )
+    .await;
+    assert!(out.contains("failure") && out.contains("unit-1"), "{out}");
+    let out = kipctl(&server, &key, &org, &["--json", "maintenance", "list"]).await;
+    let events: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(events[0]["note"], "bearing", "{out}");
+    assert_eq!(events[0]["ts"], "2026-11-02T08:00:00Z");
+    let out = kipctl(&server, &key, &org, &["predictions", "latest"]).await;
+    assert!(out.contains("unit-1") && out.contains("197.0"), "{out}");
+    let out = kipctl(
+        &server,
+        &key,
+        &org,
+        &["predictions", "history", "--limit", "2"],
+    )
+    .await;
+    assert!(out.contains("# more: --cursor"), "{out}");
+
+    stop.cancel();
+    served.await.unwrap();
+}
