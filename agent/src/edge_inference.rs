@@ -10,6 +10,8 @@
 //!   predictions continue during a control-plane outage.
 //! - The task ends when the writer drops its sender (the one shutdown path); the model lock is
 //!   a plain mutex, never held across an `await`.
+//! - Each machine's window and cycle count (its age, a model feature) survive a restart: they
+//!   are kept in `<state_dir>/predictor.json` ([`Inference::run`]).
 
 use std::{
     collections::BTreeMap,
@@ -30,6 +32,9 @@ use crate::{
     buffer::Buffer,
     inference::{InferenceError, ModelSlot, OrtRuntime, Predictor},
 };
+
+/// Longest time between saves of the predictor state while predictions are made.
+pub const STATE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Validated `[inference]`.
 #[derive(Debug, Clone)]
@@ -207,16 +212,53 @@ impl Inference {
     }
 
     /// Runs until every sender of `rx` is gone.
-    pub async fn run(self: Arc<Self>, buffer: Arc<Buffer>, mut rx: mpsc::Receiver<Reading>) {
-        let mut predictor = Predictor::default();
+    ///
+    /// With `state_file`, the per-machine state (window and cycle count) is restored from it
+    /// at start, saved at most every [`STATE_SAVE_INTERVAL`] while predictions are made, and
+    /// saved once more when the task ends (the shutdown path), so machines keep their age
+    /// across restarts; a crash loses at most one interval of cycles.
+    pub async fn run(
+        self: Arc<Self>,
+        buffer: Arc<Buffer>,
+        mut rx: mpsc::Receiver<Reading>,
+        state_file: Option<PathBuf>,
+    ) {
+        let mut predictor = match state_file.as_deref().map(Predictor::load) {
+            Some(Ok(p)) => {
+                tracing::info!(machines = p.machines(), "predictor state restored");
+                p
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "predictor state unreadable; machines start over");
+                Predictor::default()
+            }
+            None => Predictor::default(),
+        };
+        let mut saved_at = Instant::now();
+        let mut dirty = false;
+        let save = |p: &Predictor| {
+            if let Some(path) = &state_file
+                && let Err(e) = p.save(path)
+            {
+                tracing::warn!(error = %e, "predictor state not saved");
+            }
+        };
         while let Some(reading) = rx.recv().await {
+            if dirty && saved_at.elapsed() >= STATE_SAVE_INTERVAL {
+                save(&predictor);
+                saved_at = Instant::now();
+                dirty = false;
+            }
             let started = Instant::now();
             let result = {
                 let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
                 predictor.observe(&mut slot, &reading)
             };
             let prediction = match result {
-                Ok(Some(p)) => p,
+                Ok(Some(p)) => {
+                    dirty = true;
+                    p
+                }
                 Ok(None) => continue,
                 Err(e) => {
                     self.metrics.errors.inc();
@@ -236,6 +278,9 @@ impl Inference {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(prediction.machine.clone(), prediction);
+        }
+        if dirty {
+            save(&predictor);
         }
         tracing::info!("inference task stopped");
     }

@@ -377,3 +377,109 @@ fn the_shipped_fd003_model_predicts_from_replayed_readings_with_its_own_document
     assert!((last.rul_cycles - f64::from(direct)).abs() < 1e-5);
     assert!((0.0..=125.0).contains(&last.rul_cycles));
 }
+
+/// Feeds `rows` (one cycle each) of machine `m` to `predictor`; returns the last prediction.
+fn feed(
+    predictor: &mut Predictor,
+    slot: &mut ModelSlot,
+    spec: &FeatureSet,
+    m: &str,
+    rows: &[Vec<f32>],
+) -> Option<kip_shared::Prediction> {
+    let mut last = None;
+    for row in rows {
+        for (metric, v) in spec.inputs().iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: m.into(),
+                metric: metric.clone(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            if let Some(p) = predictor.observe(slot, &r).unwrap() {
+                last = Some(p);
+            }
+        }
+    }
+    last
+}
+
+#[test]
+fn a_machine_keeps_its_age_and_window_across_a_restart_of_the_predictor() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let (bytes, _) = reference_model();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &bytes, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let series = engines[0].select(spec.inputs()).unwrap();
+
+    // One predictor runs through; another is saved after 40 cycles and restored from disk.
+    let mut through = Predictor::default();
+    let want = feed(&mut through, &mut slot, &spec, "u1", &series[..60]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("predictor.json");
+    let mut before = Predictor::default();
+    feed(&mut before, &mut slot, &spec, "u1", &series[..40]);
+    before.save(&file).unwrap();
+    drop(before);
+    let mut after = Predictor::load(&file).unwrap();
+    assert_eq!(after.cycles("u1"), 40);
+    let got = feed(&mut after, &mut slot, &spec, "u1", &series[40..60]).unwrap();
+    assert_eq!(after.cycles("u1"), 60);
+    assert!(
+        (got.rul_cycles - want.rul_cycles).abs() < 1e-6,
+        "{} vs {}",
+        got.rul_cycles,
+        want.rul_cycles
+    );
+    // Without the saved state the machine would start over as a new one.
+    let mut fresh = Predictor::default();
+    let reset = feed(&mut fresh, &mut slot, &spec, "u1", &series[40..60]).unwrap();
+    assert!((reset.rul_cycles - want.rul_cycles).abs() > 1.0);
+    // A missing file is a fresh predictor, not an error.
+    assert_eq!(
+        Predictor::load(&dir.path().join("none.json"))
+            .unwrap()
+            .machines(),
+        0
+    );
+}
+
+#[test]
+fn the_anomaly_score_is_computed_and_rises_for_an_unusual_cycle() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let (bytes, _) = reference_model();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &bytes, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let series = engines[1].select(spec.inputs()).unwrap();
+    let mut predictor = Predictor::default();
+    let mut scores = Vec::new();
+    for row in &series[..40] {
+        let p = feed(
+            &mut predictor,
+            &mut slot,
+            &spec,
+            "u2",
+            std::slice::from_ref(row),
+        )
+        .unwrap();
+        scores.push(p.anomaly_score);
+    }
+    // None until enough earlier cycles, then computed for every cycle.
+    assert!(scores[..3].iter().all(Option::is_none), "{scores:?}");
+    let ordinary: Vec<f64> = scores[10..].iter().map(|s| s.unwrap()).collect();
+    let mean = ordinary.iter().sum::<f64>() / ordinary.len() as f64;
+    assert!((0.2..3.0).contains(&mean), "ordinary cycles score {mean}");
+    // Every signal 10% off its value: far outside the window's spread.
+    let odd: Vec<f32> = series[40].iter().map(|v| v * 1.1).collect();
+    let p = feed(&mut predictor, &mut slot, &spec, "u2", &[odd]).unwrap();
+    let score = p.anomaly_score.unwrap();
+    assert!(
+        score > 20.0 * mean,
+        "unusual cycle scores {score}, ordinary {mean}"
+    );
+}
