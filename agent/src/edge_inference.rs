@@ -65,7 +65,30 @@ pub struct InferenceMetrics {
     pub errors: Counter,
     pub swap_failures: Counter,
     pub model_info: Family<ModelLabels, Gauge>,
+    /// PSI / KS of each input and the output of the serving model over the drift window.
+    pub drift: Family<DriftLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 when a feature's PSI or KS is above its window-calibrated threshold.
+    pub drift_alarm: Family<DriftAlarmLabels, Gauge>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: String,
+    pub version: String,
+    pub feature: String,
+    /// `psi` or `ks`.
+    pub statistic: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftAlarmLabels {
+    pub model: String,
+    pub version: String,
+    pub feature: String,
+}
+
+/// Predictions between two updates of the drift metrics.
+const DRIFT_EVERY_PREDICTIONS: u64 = 20;
 
 impl InferenceMetrics {
     /// Creates and registers the metrics.
@@ -78,6 +101,8 @@ impl InferenceMetrics {
             predictions: Counter::default(),
             dropped_readings: Counter::default(),
             errors: Counter::default(),
+            drift: Family::default(),
+            drift_alarm: Family::default(),
             swap_failures: Counter::default(),
             model_info: Family::default(),
         };
@@ -105,6 +130,16 @@ impl InferenceMetrics {
             "model_swap_failures",
             "Model installs refused by the checks; the previous model kept serving",
             m.swap_failures.clone(),
+        );
+        registry.register(
+            "model_drift",
+            "Drift of a model input or output over the drift window (statistic psi or ks)",
+            m.drift.clone(),
+        );
+        registry.register(
+            "model_drift_alarm",
+            "1 when the feature's PSI or KS is above its window-calibrated threshold",
+            m.drift_alarm.clone(),
         );
         registry.register(
             "model_info",
@@ -197,6 +232,41 @@ impl Inference {
         Ok(())
     }
 
+    /// Sets the drift metrics from `predictor`'s windows (labelled by the serving model).
+    fn export_drift(&self, predictor: &Predictor) {
+        let drift = predictor.drift();
+        let (model, version) = {
+            let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.current() {
+                Some(m) => (m.name.clone(), m.version.clone()),
+                None => return,
+            }
+        };
+        self.metrics.drift.clear();
+        self.metrics.drift_alarm.clear();
+        for d in drift {
+            for (statistic, v) in [("psi", d.psi), ("ks", d.ks)] {
+                self.metrics
+                    .drift
+                    .get_or_create(&DriftLabels {
+                        model: model.clone(),
+                        version: version.clone(),
+                        feature: d.feature.clone(),
+                        statistic,
+                    })
+                    .set(v);
+            }
+            self.metrics
+                .drift_alarm
+                .get_or_create(&DriftAlarmLabels {
+                    model: model.clone(),
+                    version: version.clone(),
+                    feature: d.feature.clone(),
+                })
+                .set(i64::from(d.drifted));
+        }
+    }
+
     /// `name@version` of the serving model, for sync status.
     pub fn running_model(&self) -> Option<String> {
         let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -274,6 +344,9 @@ impl Inference {
                 tracing::warn!(error = %e, "prediction could not be buffered");
             }
             self.metrics.predictions.inc();
+            if self.metrics.predictions.get() % DRIFT_EVERY_PREDICTIONS == 0 {
+                self.export_drift(&predictor);
+            }
             self.latest
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

@@ -18,7 +18,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kip_shared::{Prediction, Reading, feature_set::FeatureSet};
+use kip_shared::{
+    Prediction, Reading,
+    drift::{DriftMonitor, FeatureDrift, Reference},
+    feature_set::FeatureSet,
+};
 use sha2::Digest as _;
 
 /// Library file name inside the onnxruntime wheel and kip's packages.
@@ -124,6 +128,9 @@ pub struct RulModel {
     pub sha256: String,
     /// The feature set the model reads (its embedded document, or a built-in set).
     pub spec: FeatureSet,
+    /// Drift references from training (`kip.drift_reference`): one per input, then `output`;
+    /// empty for models trained before drift existed.
+    pub drift_reference: Vec<Reference>,
     input: String,
     output: String,
 }
@@ -168,7 +175,14 @@ impl RulModel {
         let name = custom("kip.model_name")?;
         let version = custom("kip.model_version")?;
         let document = meta.custom("kip.feature_set_doc");
+        let drift = meta.custom("kip.drift_reference");
         drop(meta);
+        let drift_reference: Vec<Reference> = match drift {
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                InferenceError::Metadata(format!("kip.drift_reference is not readable: {e}"))
+            })?,
+            None => Vec::new(),
+        };
         let spec = FeatureSet::for_model(&feature_set, document.as_deref())?;
         let input = session
             .inputs()
@@ -186,6 +200,7 @@ impl RulModel {
             version,
             sha256,
             spec,
+            drift_reference,
             input,
             output,
         };
@@ -289,7 +304,14 @@ pub struct Predictor {
     machines: HashMap<String, MachineState>,
     /// Id of the feature set the rows were collected for.
     feature_set: Option<String>,
+    /// Drift of the serving model's inputs and output over all machines: (model sha256,
+    /// monitor). Started over for every new model; not persisted (a restart refills it).
+    #[serde(skip)]
+    drift: Option<(String, DriftMonitor)>,
 }
+
+/// Values per input (and output) in the drift windows, over all machines of the agent.
+pub const DRIFT_WINDOW: usize = 200;
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct MachineState {
@@ -383,8 +405,34 @@ impl Predictor {
         let rows: Vec<Vec<f32>> = st.rows.iter().cloned().collect();
         let features = spec.compute(&rows, st.cycles as f32)?;
         let anomaly = anomaly_score(&st.rows);
+        let newest: Vec<f64> = st
+            .rows
+            .back()
+            .map(|r| r.iter().map(|v| f64::from(*v)).collect())
+            .unwrap_or_default();
         let out = model.predict_rows(&features, 1)?;
         let rul = out.first().copied().unwrap_or(f32::NAN);
+        if !model.drift_reference.is_empty() {
+            if self
+                .drift
+                .as_ref()
+                .is_none_or(|(sha, _)| *sha != model.sha256)
+            {
+                self.drift = Some((
+                    model.sha256.clone(),
+                    DriftMonitor::new(model.drift_reference.clone(), DRIFT_WINDOW),
+                ));
+            }
+            if let Some((_, monitor)) = &mut self.drift {
+                let mut values = newest;
+                // References: one per input, then the output.
+                values.resize(model.drift_reference.len() - 1, f64::NAN);
+                values.push(f64::from(rul));
+                monitor.observe(&reading.machine, &values);
+            }
+        } else {
+            self.drift = None;
+        }
         Ok(Some(Prediction {
             machine: reading.machine.clone(),
             model_version: model.version.clone(),
@@ -423,6 +471,15 @@ impl Predictor {
                 source,
             }),
         }
+    }
+
+    /// Drift of the serving model's inputs and output over the latest [`DRIFT_WINDOW`] values
+    /// (only features whose window is full; empty for a model without references).
+    pub fn drift(&self) -> Vec<FeatureDrift> {
+        self.drift
+            .as_ref()
+            .map(|(_, m)| m.evaluate())
+            .unwrap_or_default()
     }
 
     /// Number of machines with state.

@@ -483,3 +483,105 @@ fn the_anomaly_score_is_computed_and_rises_for_an_unusual_cycle() {
         "unusual cycle scores {score}, ordinary {mean}"
     );
 }
+
+/// Trains a tiny FD001 model (the pipeline fits drift references) and replays engines it never
+/// saw, unchanged and with sensor s11 shifted; returns the drift of each replay.
+#[test]
+fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() {
+    use kip_agent::inference::DRIFT_WINDOW;
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let doc = serde_json::json!({
+        "format_version": 1,
+        "id": "test-fd001-drift-v1",
+        "signals": ["s2", "s3", "s4", "s7", "s11", "s12"],
+        "window_cycles": 20,
+        "outputs": { "aggregations": [{ "op": "last" }, { "op": "mean" }], "cycle": true },
+        "label": { "kind": "rul", "cap_cycles": 125 }
+    });
+    let mut opts = kip_ml::pipeline::Options::reference(1);
+    opts.model_name = "rul-test-drift".into();
+    opts.model_version = "0.1.0".into();
+    opts.feature_set = FeatureSet::from_json(&doc.to_string()).unwrap();
+    opts.holdout_engines = 2;
+    opts.ensemble_members = 1;
+    opts.train.epochs = 3;
+    opts.train.hidden = vec![8];
+    let trained = kip_ml::pipeline::run(&engines[..60], &opts).unwrap();
+    assert_eq!(trained.card.drift_reference.len(), 7);
+
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &trained.onnx, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    assert_eq!(slot.current().unwrap().drift_reference.len(), 7);
+
+    // A fleet at staggered ages, as deployed: unseen engines, each a machine, machine k
+    // already k/15 into its life, then one cycle of every machine per round. (A window of one
+    // engine's consecutive cycles is not a sample of the training distribution: its values are
+    // autocorrelated and of one life stage.)
+    let mut replay = |shift: f32| {
+        let mut predictor = Predictor::default();
+        let lives: Vec<Vec<Vec<f32>>> = engines[60..75]
+            .iter()
+            .map(|e| {
+                let mut rows = e.select(spec.inputs()).unwrap();
+                for r in &mut rows {
+                    r[4] += shift; // s11
+                }
+                rows
+            })
+            .collect();
+        let shortest = lives.iter().map(Vec::len).min().unwrap();
+        let offsets: Vec<usize> = (0..lives.len())
+            .map(|k| k * shortest / lives.len())
+            .collect();
+        for (k, rows) in lives.iter().enumerate() {
+            feed(
+                &mut predictor,
+                &mut slot,
+                &spec,
+                &format!("u{k}"),
+                &rows[..offsets[k]],
+            );
+        }
+        let rounds = shortest - offsets.last().unwrap();
+        for t in 0..rounds {
+            for (k, rows) in lives.iter().enumerate() {
+                let i = offsets[k] + t;
+                feed(
+                    &mut predictor,
+                    &mut slot,
+                    &spec,
+                    &format!("u{k}"),
+                    &rows[i..=i],
+                );
+            }
+        }
+        predictor.drift()
+    };
+    let unchanged = replay(0.0);
+    let shifted = replay(1.0);
+    for d in unchanged.iter().chain(&shifted) {
+        assert_eq!(d.window, DRIFT_WINDOW);
+        assert_eq!(d.effective_window, 15, "15 machines in the window");
+    }
+    let of = |ds: &[kip_shared::drift::FeatureDrift], f: &str| {
+        ds.iter().find(|d| d.feature == f).unwrap().clone()
+    };
+    eprintln!(
+        "unchanged: {unchanged:#?}\nshifted: {:#?}",
+        of(&shifted, "s11")
+    );
+    assert!(of(&shifted, "s11").drifted, "{:?}", of(&shifted, "s11"));
+    assert!(
+        !of(&unchanged, "s11").drifted,
+        "{:?}",
+        of(&unchanged, "s11")
+    );
+    let quiet = unchanged.iter().filter(|d| !d.drifted).count();
+    assert_eq!(
+        quiet,
+        unchanged.len(),
+        "unchanged replay drifted: {unchanged:?}"
+    );
+}

@@ -18,7 +18,8 @@
 //!   floors ([`PSI_FLOOR`], [`KS_FLOOR`]). Small windows get wide thresholds: unchanged data
 //!   does not alarm because a window is small.
 //! - [`DriftMonitor`] keeps at most `window` values per feature (bounded memory) and reports
-//!   only over a full window.
+//!   only over a full window; its thresholds use the number of distinct sources (machines) in
+//!   the window as sample size, since one machine's consecutive cycles are not independent.
 
 use std::collections::VecDeque;
 
@@ -57,6 +58,9 @@ pub struct Reference {
     pub quantiles: Vec<f64>,
     /// Number of training values the reference was fitted on.
     pub samples: u64,
+    /// Fraction of the training values in each of the `BINS` bins. Not exactly 1/BINS when
+    /// values repeat (sensors are quantised: a cut point can fall on a run of equal values).
+    pub fractions: Vec<f64>,
 }
 
 /// Quantile `q` (0..=1) of sorted `v`, linear between order statistics.
@@ -79,7 +83,7 @@ impl Reference {
         }
         let mut sorted = values.to_vec();
         sorted.sort_by(f64::total_cmp);
-        Ok(Self {
+        let mut r = Self {
             feature: feature.to_owned(),
             cuts: (1..BINS)
                 .map(|i| quantile(&sorted, i as f64 / BINS as f64))
@@ -88,7 +92,17 @@ impl Reference {
                 .map(|i| quantile(&sorted, i as f64 / QUANTILES as f64))
                 .collect(),
             samples: values.len() as u64,
-        })
+            fractions: Vec::new(),
+        };
+        let mut counts = vec![0usize; BINS];
+        for v in values {
+            counts[r.bin(*v).min(BINS - 1)] += 1;
+        }
+        r.fractions = counts
+            .iter()
+            .map(|c| *c as f64 / values.len() as f64)
+            .collect();
+        Ok(r)
     }
 
     /// Reference CDF at `x`, piecewise linear between the stored quantiles.
@@ -128,11 +142,13 @@ impl Reference {
         for x in window {
             counts[self.bin(*x).min(bins - 1)] += 1;
         }
-        let expected = 1.0 / bins as f64;
         let total = window.len() as f64 + 0.5 * bins as f64;
         counts
             .iter()
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
+                // Empty reference bins (all mass on a tie) are floored like the window's.
+                let expected = self.fractions.get(i).copied().unwrap_or(0.0).max(1e-4);
                 let p = (*c as f64 + 0.5) / total;
                 (p - expected) * (p / expected).ln()
             })
@@ -188,13 +204,23 @@ pub struct FeatureDrift {
     /// Either statistic above its threshold.
     pub drifted: bool,
     pub window: usize,
+    /// Distinct sources in the window: the sample size the thresholds were calibrated for.
+    pub effective_window: usize,
 }
 
 /// Sliding windows of a model's features (and output) compared against their references.
+///
+/// Each row comes from a source (a machine). Consecutive cycles of one machine are strongly
+/// autocorrelated (one machine, one life stage), so they are not independent draws: the
+/// thresholds use as effective window size the number of distinct sources in the window
+/// (at most the window size). A window of 200 cycles from 15 machines is judged like 15
+/// independent values, which keeps an unchanged fleet quiet and still flags a shifted sensor.
 #[derive(Debug, Clone)]
 pub struct DriftMonitor {
     references: Vec<Reference>,
     windows: Vec<VecDeque<f64>>,
+    /// Source of each of the latest `window` rows.
+    sources: VecDeque<String>,
     window: usize,
 }
 
@@ -210,12 +236,18 @@ impl DriftMonitor {
         Self {
             references,
             windows,
+            sources: VecDeque::with_capacity(window),
             window,
         }
     }
 
-    /// Adds one row of values (extra values are ignored, non-finite ones skipped).
-    pub fn observe(&mut self, values: &[f64]) {
+    /// Adds one row of values from `source` (extra values are ignored, non-finite ones
+    /// skipped).
+    pub fn observe(&mut self, source: &str, values: &[f64]) {
+        if self.sources.len() == self.window {
+            self.sources.pop_front();
+        }
+        self.sources.push_back(source.to_owned());
         for (w, v) in self.windows.iter_mut().zip(values) {
             if !v.is_finite() {
                 continue;
@@ -229,6 +261,11 @@ impl DriftMonitor {
 
     /// Drift of every feature whose window is full.
     pub fn evaluate(&self) -> Vec<FeatureDrift> {
+        let distinct = self
+            .sources
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
         self.references
             .iter()
             .zip(&self.windows)
@@ -237,7 +274,7 @@ impl DriftMonitor {
                 let values: Vec<f64> = w.iter().copied().collect();
                 let psi = r.psi(&values);
                 let ks = r.ks(&values);
-                let thresholds = Thresholds::for_window(values.len(), r.samples);
+                let thresholds = Thresholds::for_window(distinct.min(values.len()), r.samples);
                 FeatureDrift {
                     feature: r.feature.clone(),
                     psi,
@@ -245,6 +282,7 @@ impl DriftMonitor {
                     thresholds,
                     drifted: psi > thresholds.psi || ks > thresholds.ks,
                     window: values.len(),
+                    effective_window: distinct.min(values.len()),
                 }
             })
             .collect()
@@ -296,16 +334,16 @@ mod tests {
         let reference = Reference::fit("s2", &normal(1, 20_000, 642.0, 0.5)).unwrap();
         // Half a standard deviation, seen in a window of 100 cycles.
         let mut monitor = DriftMonitor::new(vec![reference.clone()], 100);
-        for v in normal(7, 100, 642.25, 0.5) {
-            monitor.observe(&[v]);
+        for (i, v) in normal(7, 100, 642.25, 0.5).into_iter().enumerate() {
+            monitor.observe(&format!("m{i}"), &[v]);
         }
         let d = &monitor.evaluate()[0];
         assert!(d.drifted, "{d:?}");
         assert!(d.psi > d.thresholds.psi && d.ks > d.thresholds.ks, "{d:?}");
         // The same window size on unchanged data: no drift.
         let mut monitor = DriftMonitor::new(vec![reference], 100);
-        for v in normal(8, 100, 642.0, 0.5) {
-            monitor.observe(&[v]);
+        for (i, v) in normal(8, 100, 642.0, 0.5).into_iter().enumerate() {
+            monitor.observe(&format!("m{i}"), &[v]);
         }
         assert!(!monitor.evaluate()[0].drifted);
     }
@@ -323,8 +361,8 @@ mod tests {
     fn a_window_reports_only_when_full_and_a_bad_reference_is_refused() {
         let reference = Reference::fit("x", &[1.0, 2.0, 3.0]).unwrap();
         let mut m = DriftMonitor::new(vec![reference], 3);
-        m.observe(&[1.0]);
-        m.observe(&[f64::NAN]);
+        m.observe("a", &[1.0]);
+        m.observe("a", &[f64::NAN]);
         assert!(m.evaluate().is_empty());
         assert_eq!(Reference::fit("x", &[]), Err(DriftError::Empty("x".into())));
         assert!(Reference::fit("x", &[f64::INFINITY]).is_err());
