@@ -94,7 +94,7 @@ impl Reference {
             samples: values.len() as u64,
             fractions: Vec::new(),
         };
-        let mut counts = vec![0usize; BINS];
+        let mut counts = [0usize; BINS];
         for v in values {
             counts[r.bin(*v).min(BINS - 1)] += 1;
         }
