@@ -344,7 +344,12 @@ impl Inference {
                 tracing::warn!(error = %e, "prediction could not be buffered");
             }
             self.metrics.predictions.inc();
-            if self.metrics.predictions.get() % DRIFT_EVERY_PREDICTIONS == 0 {
+            if self
+                .metrics
+                .predictions
+                .get()
+                .is_multiple_of(DRIFT_EVERY_PREDICTIONS)
+            {
                 self.export_drift(&predictor);
             }
             self.latest
