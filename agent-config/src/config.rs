@@ -1160,6 +1160,11 @@ impl Config {
         self.state_dir.join("buffer")
     }
 
+    /// Where inference keeps each machine's window and cycle count across restarts.
+    pub fn predictor_state_file(&self) -> PathBuf {
+        self.state_dir.join("predictor.json")
+    }
+
     /// Where the device identity (key, certificate, trust bundle) lives.
     pub fn identity_dir(&self) -> PathBuf {
         self.state_dir.join("identity")

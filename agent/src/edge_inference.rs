@@ -10,6 +10,8 @@
 //!   predictions continue during a control-plane outage.
 //! - The task ends when the writer drops its sender (the one shutdown path); the model lock is
 //!   a plain mutex, never held across an `await`.
+//! - Each machine's window and cycle count (its age, a model feature) survive a restart: they
+//!   are kept in `<state_dir>/predictor.json` ([`Inference::run`]).
 
 use std::{
     collections::BTreeMap,
@@ -33,6 +35,9 @@ use crate::{
 
 pub use kip_agent_config::edge_inference::InferenceConfig;
 
+/// Longest time between saves of the predictor state while predictions are made.
+pub const STATE_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub name: String,
@@ -49,7 +54,30 @@ pub struct InferenceMetrics {
     pub errors: Counter,
     pub swap_failures: Counter,
     pub model_info: Family<ModelLabels, Gauge>,
+    /// PSI / KS of each input and the output of the serving model over the drift window.
+    pub drift: Family<DriftLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 when a feature's PSI or KS is above its window-calibrated threshold.
+    pub drift_alarm: Family<DriftAlarmLabels, Gauge>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub model: String,
+    pub version: String,
+    pub feature: String,
+    /// `psi` or `ks`.
+    pub statistic: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftAlarmLabels {
+    pub model: String,
+    pub version: String,
+    pub feature: String,
+}
+
+/// Predictions between two updates of the drift metrics.
+const DRIFT_EVERY_PREDICTIONS: u64 = 20;
 
 impl InferenceMetrics {
     /// Creates and registers the metrics.
@@ -62,6 +90,8 @@ impl InferenceMetrics {
             predictions: Counter::default(),
             dropped_readings: Counter::default(),
             errors: Counter::default(),
+            drift: Family::default(),
+            drift_alarm: Family::default(),
             swap_failures: Counter::default(),
             model_info: Family::default(),
         };
@@ -89,6 +119,16 @@ impl InferenceMetrics {
             "model_swap_failures",
             "Model installs refused by the checks; the previous model kept serving",
             m.swap_failures.clone(),
+        );
+        registry.register(
+            "model_drift",
+            "Drift of a model input or output over the drift window (statistic psi or ks)",
+            m.drift.clone(),
+        );
+        registry.register(
+            "model_drift_alarm",
+            "1 when the feature's PSI or KS is above its window-calibrated threshold",
+            m.drift_alarm.clone(),
         );
         registry.register(
             "model_info",
@@ -181,6 +221,41 @@ impl Inference {
         Ok(())
     }
 
+    /// Sets the drift metrics from `predictor`'s windows (labelled by the serving model).
+    fn export_drift(&self, predictor: &Predictor) {
+        let drift = predictor.drift();
+        let (model, version) = {
+            let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            match slot.current() {
+                Some(m) => (m.name.clone(), m.version.clone()),
+                None => return,
+            }
+        };
+        self.metrics.drift.clear();
+        self.metrics.drift_alarm.clear();
+        for d in drift {
+            for (statistic, v) in [("psi", d.psi), ("ks", d.ks)] {
+                self.metrics
+                    .drift
+                    .get_or_create(&DriftLabels {
+                        model: model.clone(),
+                        version: version.clone(),
+                        feature: d.feature.clone(),
+                        statistic,
+                    })
+                    .set(v);
+            }
+            self.metrics
+                .drift_alarm
+                .get_or_create(&DriftAlarmLabels {
+                    model: model.clone(),
+                    version: version.clone(),
+                    feature: d.feature.clone(),
+                })
+                .set(i64::from(d.drifted));
+        }
+    }
+
     /// `name@version` of the serving model, for sync status.
     pub fn running_model(&self) -> Option<String> {
         let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
@@ -196,16 +271,53 @@ impl Inference {
     }
 
     /// Runs until every sender of `rx` is gone.
-    pub async fn run(self: Arc<Self>, buffer: Arc<Buffer>, mut rx: mpsc::Receiver<Reading>) {
-        let mut predictor = Predictor::default();
+    ///
+    /// With `state_file`, the per-machine state (window and cycle count) is restored from it
+    /// at start, saved at most every [`STATE_SAVE_INTERVAL`] while predictions are made, and
+    /// saved once more when the task ends (the shutdown path), so machines keep their age
+    /// across restarts; a crash loses at most one interval of cycles.
+    pub async fn run(
+        self: Arc<Self>,
+        buffer: Arc<Buffer>,
+        mut rx: mpsc::Receiver<Reading>,
+        state_file: Option<PathBuf>,
+    ) {
+        let mut predictor = match state_file.as_deref().map(Predictor::load) {
+            Some(Ok(p)) => {
+                tracing::info!(machines = p.machines(), "predictor state restored");
+                p
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "predictor state unreadable; machines start over");
+                Predictor::default()
+            }
+            None => Predictor::default(),
+        };
+        let mut saved_at = Instant::now();
+        let mut dirty = false;
+        let save = |p: &Predictor| {
+            if let Some(path) = &state_file
+                && let Err(e) = p.save(path)
+            {
+                tracing::warn!(error = %e, "predictor state not saved");
+            }
+        };
         while let Some(reading) = rx.recv().await {
+            if dirty && saved_at.elapsed() >= STATE_SAVE_INTERVAL {
+                save(&predictor);
+                saved_at = Instant::now();
+                dirty = false;
+            }
             let started = Instant::now();
             let result = {
                 let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
                 predictor.observe(&mut slot, &reading)
             };
             let prediction = match result {
-                Ok(Some(p)) => p,
+                Ok(Some(p)) => {
+                    dirty = true;
+                    p
+                }
                 Ok(None) => continue,
                 Err(e) => {
                     self.metrics.errors.inc();
@@ -221,10 +333,21 @@ impl Inference {
                 tracing::warn!(error = %e, "prediction could not be buffered");
             }
             self.metrics.predictions.inc();
+            if self
+                .metrics
+                .predictions
+                .get()
+                .is_multiple_of(DRIFT_EVERY_PREDICTIONS)
+            {
+                self.export_drift(&predictor);
+            }
             self.latest
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(prediction.machine.clone(), prediction);
+        }
+        if dirty {
+            save(&predictor);
         }
         tracing::info!("inference task stopped");
     }

@@ -18,7 +18,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use kip_shared::{Prediction, Reading, feature_set::FeatureSet};
+use kip_shared::{
+    Prediction, Reading,
+    drift::{DriftMonitor, FeatureDrift, Reference},
+    feature_set::FeatureSet,
+};
 use sha2::Digest as _;
 
 /// Library file name inside the onnxruntime wheel and kip's packages.
@@ -124,6 +128,9 @@ pub struct RulModel {
     pub sha256: String,
     /// The feature set the model reads (its embedded document, or a built-in set).
     pub spec: FeatureSet,
+    /// Drift references from training (`kip.drift_reference`): one per input, then `output`;
+    /// empty for models trained before drift existed.
+    pub drift_reference: Vec<Reference>,
     input: String,
     output: String,
 }
@@ -168,7 +175,14 @@ impl RulModel {
         let name = custom("kip.model_name")?;
         let version = custom("kip.model_version")?;
         let document = meta.custom("kip.feature_set_doc");
+        let drift = meta.custom("kip.drift_reference");
         drop(meta);
+        let drift_reference: Vec<Reference> = match drift {
+            Some(json) => serde_json::from_str(&json).map_err(|e| {
+                InferenceError::Metadata(format!("kip.drift_reference is not readable: {e}"))
+            })?,
+            None => Vec::new(),
+        };
         let spec = FeatureSet::for_model(&feature_set, document.as_deref())?;
         let input = session
             .inputs()
@@ -186,6 +200,7 @@ impl RulModel {
             version,
             sha256,
             spec,
+            drift_reference,
             input,
             output,
         };
@@ -279,18 +294,77 @@ impl ModelSlot {
 /// most `window_cycles` rows are kept per machine (bounded memory). When the serving model reads
 /// a different feature set than the rows were collected for, every machine starts over (rows of
 /// another layout would be meaningless to it).
-#[derive(Debug, Default)]
+///
+/// The per-machine state (window rows and cycle count, i.e. the machine's age) can be saved
+/// and restored ([`Predictor::save`], [`Predictor::load`]) so an agent restart does not reset
+/// every machine to cycle 1 (the cycle number is a feature: a reset would predict a new
+/// machine).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Predictor {
     machines: HashMap<String, MachineState>,
     /// Id of the feature set the rows were collected for.
     feature_set: Option<String>,
+    /// Drift of the serving model's inputs and output over all machines: (model sha256,
+    /// monitor). Started over for every new model; not persisted (a restart refills it).
+    #[serde(skip)]
+    drift: Option<(String, DriftMonitor)>,
 }
 
-#[derive(Debug, Default)]
+/// Values per input (and output) in the drift windows, over all machines of the agent.
+pub const DRIFT_WINDOW: usize = 200;
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct MachineState {
     pending: BTreeMap<String, f32>,
     rows: std::collections::VecDeque<Vec<f32>>,
     cycles: u64,
+}
+
+/// Fewest earlier cycles in a machine's window before an anomaly score is computed.
+pub const ANOMALY_MIN_CYCLES: usize = 3;
+
+/// Anomaly score of the newest row of `rows` against the earlier rows of the window: the mean
+/// over inputs of the squared z-score (`(x - mean)^2 / var`, variance floored at 1e-6 of the
+/// squared mean so constant signals do not divide by zero). For ordinary cycles of a
+/// stationary machine it is about 1 (a chi-square over its degrees of freedom); a cycle far
+/// outside the machine's recent behaviour scores well above (e.g. 25 for a 5-sigma jump in
+/// every signal). `None` until [`ANOMALY_MIN_CYCLES`] earlier cycles exist.
+pub fn anomaly_score(rows: &std::collections::VecDeque<Vec<f32>>) -> Option<f64> {
+    let last = rows.back()?;
+    let earlier: Vec<&Vec<f32>> = rows.iter().take(rows.len() - 1).collect();
+    if earlier.len() < ANOMALY_MIN_CYCLES || last.is_empty() {
+        return None;
+    }
+    let n = earlier.len() as f64;
+    let mut sum = 0.0;
+    for (i, x) in last.iter().enumerate() {
+        let vals = earlier
+            .iter()
+            .filter_map(|r| r.get(i))
+            .map(|v| f64::from(*v));
+        let mean = vals.clone().sum::<f64>() / n;
+        let var = vals.map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+        let floor = (1e-6 * mean * mean).max(1e-12);
+        let d = f64::from(*x) - mean;
+        sum += d * d / var.max(floor);
+    }
+    let score = sum / last.len() as f64;
+    score.is_finite().then_some(score)
+}
+
+/// Why the predictor state could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("predictor state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("predictor state {path} is not readable JSON: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 impl Predictor {
@@ -330,15 +404,87 @@ impl Predictor {
         st.cycles += 1;
         let rows: Vec<Vec<f32>> = st.rows.iter().cloned().collect();
         let features = spec.compute(&rows, st.cycles as f32)?;
+        let anomaly = anomaly_score(&st.rows);
+        let newest: Vec<f64> = st
+            .rows
+            .back()
+            .map(|r| r.iter().map(|v| f64::from(*v)).collect())
+            .unwrap_or_default();
         let out = model.predict_rows(&features, 1)?;
         let rul = out.first().copied().unwrap_or(f32::NAN);
+        if !model.drift_reference.is_empty() {
+            if self
+                .drift
+                .as_ref()
+                .is_none_or(|(sha, _)| *sha != model.sha256)
+            {
+                self.drift = Some((
+                    model.sha256.clone(),
+                    DriftMonitor::new(model.drift_reference.clone(), DRIFT_WINDOW),
+                ));
+            }
+            if let Some((_, monitor)) = &mut self.drift {
+                let mut values = newest;
+                // References: one per input, then the output.
+                values.resize(model.drift_reference.len() - 1, f64::NAN);
+                values.push(f64::from(rul));
+                monitor.observe(&reading.machine, &values);
+            }
+        } else {
+            self.drift = None;
+        }
         Ok(Some(Prediction {
             machine: reading.machine.clone(),
             model_version: model.version.clone(),
             ts: reading.ts,
             rul_cycles: f64::from(rul),
-            anomaly_score: None,
+            anomaly_score: anomaly,
         }))
+    }
+
+    /// Writes the per-machine state to `path` atomically (a temporary file renamed over it),
+    /// so a crash mid-write leaves the previous state, never a truncated one.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let json = serde_json::to_vec(self).map_err(|source| StateError::Decode {
+            path: path.to_owned(),
+            source,
+        })?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads a state written by [`Predictor::save`]; a missing file is a fresh predictor.
+    pub fn load(path: &Path) -> Result<Self, StateError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Decode {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(StateError::Io {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Drift of the serving model's inputs and output over the latest [`DRIFT_WINDOW`] values
+    /// (only features whose window is full; empty for a model without references).
+    pub fn drift(&self) -> Vec<FeatureDrift> {
+        self.drift
+            .as_ref()
+            .map(|(_, m)| m.evaluate())
+            .unwrap_or_default()
+    }
+
+    /// Number of machines with state.
+    pub fn machines(&self) -> usize {
+        self.machines.len()
     }
 
     /// Latest cycle count per machine.

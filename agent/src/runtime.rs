@@ -841,7 +841,7 @@ fn spawn_tasks(cfg: &Config, tracker: &TaskTracker, cancel: &CancellationToken, 
     let feed = t.inference.map(|(inf, capacity)| {
         let (itx, irx) = mpsc::channel(capacity);
         let dropped = inf.metrics.dropped_readings.clone();
-        tracker.spawn(inf.run(t.buffer.clone(), irx));
+        tracker.spawn(inf.run(t.buffer.clone(), irx, Some(cfg.predictor_state_file())));
         InferenceFeed { tx: itx, dropped }
     });
     if let Some(r) = t.renewer {

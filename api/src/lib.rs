@@ -12,6 +12,7 @@
 pub mod config;
 pub mod fleet;
 pub mod health;
+pub mod ml;
 pub mod models;
 pub mod pki;
 
@@ -23,6 +24,11 @@ pub use fleet::{
     Organisation, RegisterDevice, UpdateOrganisation,
 };
 pub use health::{DeviceHealth, FleetHealth, HealthCounts};
+pub use ml::{
+    FeatureSetInfo, MaintenanceEvent, MaintenanceEventPage, MaintenanceKind, ModelPerformance,
+    PerformanceSource, PredictionPage, PredictionRecord, RecordMaintenanceEvent, RecordPerformance,
+    RecordTrainingData, TrainingData,
+};
 pub use models::{
     AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,
     RegisterModel, SetDesiredModel, SetStage,

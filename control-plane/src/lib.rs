@@ -25,6 +25,7 @@ pub mod http;
 pub mod keys;
 pub mod llm;
 pub mod metrics;
+pub mod ml;
 pub mod models;
 pub mod outbound;
 pub mod pki;

@@ -28,7 +28,7 @@ use crate::{
     http::{self, ApiError},
     llm,
     metrics::Metrics,
-    models, pki,
+    ml, models, pki,
     state::AppState,
     telemetry,
 };
@@ -44,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(telemetry::router())
         .merge(models::router())
+        .merge(ml::router())
         .merge(pki_v1)
         .merge(llm::api::router())
         .merge(crate::device_config::router())

@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use kip_api::{
     AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, ConfigVersion, CreatedApiKey, Device,
-    DeviceConfigStatus, DeviceModelStatus, EnrollToken, Me, ModelSigningStatus, Organisation,
-    Revocation,
+    DeviceConfigStatus, DeviceModelStatus, EnrollToken, MaintenanceEvent, MaintenanceEventPage, Me,
+    ModelSigningStatus, Organisation, PredictionPage, PredictionRecord, Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -71,6 +71,13 @@ pub enum Command {
     /// The organisation's audit log: every state-changing call, newest first (org-admin).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Maintenance events (failure, repair, replacement) of machines: the ground truth that
+    /// labels readings for training.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCmd),
+    /// Predictions the agents synced.
+    #[command(subcommand)]
+    Predictions(PredictionsCmd),
     /// Documents (manuals, procedures, reports) of an organisation, used by grounded answers.
     #[command(subcommand)]
     Doc(DocCmd),
@@ -288,6 +295,56 @@ async fn doc_cmd(
             )
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MaintenanceCmd {
+    /// Record what happened to a machine behind a device.
+    Record {
+        #[arg(long)]
+        device: Uuid,
+        #[arg(long)]
+        machine: String,
+        /// failure, repair or replacement.
+        #[arg(long)]
+        kind: String,
+        /// When it happened (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Events, oldest first.
+    List {
+        #[arg(long)]
+        device: Option<Uuid>,
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PredictionsCmd {
+    /// The latest prediction of every machine.
+    Latest {
+        #[arg(long)]
+        device: Option<Uuid>,
+    },
+    /// Prediction history, oldest first.
+    History {
+        #[arg(long)]
+        device: Option<Uuid>,
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -900,10 +957,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         None => {
                             let mut q = vec![];
                             if let Some(s) = state {
-                                q.push(format!("state={}", urlencode(s)));
+                                q.push(format!("state={}", query_escape(s)));
                             }
                             if let Some(s) = search {
-                                q.push(format!("q={}", urlencode(s)));
+                                q.push(format!("q={}", query_escape(s)));
                             }
                             let f: kip_api::FleetHealth = client
                                 .get(&format!(
@@ -990,6 +1047,137 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Doc(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             doc_cmd(&client, org, cmd, json, out).await
+        }
+        Command::Maintenance(cmd) => {
+            let org = resolve_org(&client, cli.org.as_deref()).await?;
+            let base = format!("/v1/organisations/{org}/maintenance-events");
+            let (events, next) = match cmd {
+                MaintenanceCmd::Record {
+                    device,
+                    machine,
+                    kind,
+                    at,
+                    note,
+                } => {
+                    let e: MaintenanceEvent = client
+                        .post(
+                            &base,
+                            serde_json::json!({
+                                "device_id": device, "machine": machine, "kind": kind,
+                                "ts": at.unwrap_or_else(chrono::Utc::now), "note": note,
+                            }),
+                        )
+                        .await?;
+                    (vec![e], None)
+                }
+                MaintenanceCmd::List {
+                    device,
+                    machine,
+                    limit,
+                    cursor,
+                } => {
+                    let mut q = vec![format!("limit={limit}")];
+                    q.extend(device.map(|d| format!("device_id={d}")));
+                    q.extend(
+                        machine
+                            .as_deref()
+                            .map(|m| format!("machine={}", query_escape(m))),
+                    );
+                    q.extend(
+                        cursor
+                            .as_deref()
+                            .map(|c| format!("cursor={}", query_escape(c))),
+                    );
+                    let page: MaintenanceEventPage =
+                        client.get(&format!("{base}?{}", q.join("&"))).await?;
+                    (page.events, page.next_cursor)
+                }
+            };
+            emit(
+                out,
+                json,
+                &events,
+                &["ID", "WHEN", "DEVICE", "MACHINE", "KIND", "NOTE"],
+                |es| {
+                    es.iter()
+                        .map(|e| {
+                            vec![
+                                e.id.to_string(),
+                                e.ts.to_rfc3339(),
+                                e.device_id.to_string(),
+                                e.machine.clone(),
+                                e.kind.clone(),
+                                e.note.clone(),
+                            ]
+                        })
+                        .collect()
+                },
+            )?;
+            if let (Some(c), false) = (next, json) {
+                writeln!(out, "# more: --cursor {c}")?;
+            }
+            Ok(())
+        }
+        Command::Predictions(cmd) => {
+            let org = resolve_org(&client, cli.org.as_deref()).await?;
+            let base = format!("/v1/organisations/{org}/predictions");
+            let (preds, next): (Vec<PredictionRecord>, _) = match cmd {
+                PredictionsCmd::Latest { device } => {
+                    let uri = match device {
+                        Some(d) => format!("{base}/latest?device_id={d}"),
+                        None => format!("{base}/latest"),
+                    };
+                    (client.get(&uri).await?, None)
+                }
+                PredictionsCmd::History {
+                    device,
+                    machine,
+                    limit,
+                    cursor,
+                } => {
+                    let mut q = vec![format!("limit={limit}")];
+                    q.extend(device.map(|d| format!("device_id={d}")));
+                    q.extend(
+                        machine
+                            .as_deref()
+                            .map(|m| format!("machine={}", query_escape(m))),
+                    );
+                    q.extend(
+                        cursor
+                            .as_deref()
+                            .map(|c| format!("cursor={}", query_escape(c))),
+                    );
+                    let page: PredictionPage =
+                        client.get(&format!("{base}?{}", q.join("&"))).await?;
+                    (page.predictions, page.next_cursor)
+                }
+            };
+            emit(
+                out,
+                json,
+                &preds,
+                &["WHEN", "DEVICE", "MACHINE", "MODEL", "RUL", "ANOMALY"],
+                |ps| {
+                    ps.iter()
+                        .map(|p| {
+                            vec![
+                                p.ts.to_rfc3339(),
+                                p.device_id.to_string(),
+                                p.machine.clone(),
+                                p.model_version.clone(),
+                                format!("{:.1}", p.rul_cycles),
+                                p.anomaly_score
+                                    .map(|a| format!("{a:.3}"))
+                                    .unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect()
+                },
+            )?;
+            if let (Some(c), false) = (next, json) {
+                writeln!(out, "# more: --cursor {c}")?;
+            }
+            Ok(())
         }
         Command::Model(cmd) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
@@ -1494,6 +1682,19 @@ async fn config_cmd(
     }
 }
 
+/// Percent-encodes a query-string value (everything but unreserved characters).
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 fn write_json<T: Serialize>(out: &mut dyn Write, v: &T) -> Result<(), CliError> {
     let s = serde_json::to_string_pretty(v).map_err(|e| CliError::Decode(e.to_string()))?;
     writeln!(out, "{s}")?;
@@ -1768,18 +1969,6 @@ fn health_row(d: &kip_api::DeviceHealth) -> Vec<String> {
             .map_or_else(dash, ToOwned::to_owned),
         d.device_id.to_string(),
     ]
-}
-
-/// Percent-encodes a query value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn emit<T: Serialize>(

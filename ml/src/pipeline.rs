@@ -13,7 +13,10 @@
 //! depend on the feature set or the model, so runs with the same seed are scored on the same
 //! points.
 
-use kip_shared::feature_set::{FeatureSet, FeatureSetDoc, Normalisation};
+use kip_shared::{
+    drift::Reference,
+    feature_set::{FeatureSet, FeatureSetDoc, Normalisation},
+};
 use ndarray::Array2;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::SliceRandom as _};
 use serde::{Deserialize, Serialize};
@@ -30,6 +33,9 @@ use crate::{
 pub const META_FEATURE_SET: &str = "kip.feature_set";
 /// ONNX metadata key of the (fitted) feature-set document, JSON.
 pub const META_FEATURE_SET_DOC: &str = "kip.feature_set_doc";
+/// ONNX metadata key of the drift references (`Vec<kip_shared::drift::Reference>`, JSON): one
+/// per input of the feature set (its per-cycle values in training), then `output`.
+pub const META_DRIFT_REFERENCE: &str = "kip.drift_reference";
 
 /// Options of one training run.
 #[derive(Debug, Clone)]
@@ -109,6 +115,10 @@ pub struct ModelCard {
     /// is the built-in `cmapss-w30-v1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_set_doc: Option<FeatureSetDoc>,
+    /// Reference statistics for drift ([`META_DRIFT_REFERENCE`]); empty in cards written
+    /// before drift existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift_reference: Vec<kip_shared::drift::Reference>,
 }
 
 fn one() -> usize {
@@ -142,6 +152,8 @@ pub enum PipelineError {
     TooFewEngines { holdout: usize, got: usize },
     #[error("feature matrix of {rows} x {width} could not be built")]
     Shape { rows: usize, width: usize },
+    #[error(transparent)]
+    Drift(#[from] kip_shared::drift::DriftError),
 }
 
 /// Fits what the feature set needs from the training engines (operating regimes).
@@ -193,8 +205,15 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
     // Training set: every cycle of every training engine.
     let mut xs = Vec::new();
     let mut ys = Vec::new();
+    // Per-cycle values of each input, for the drift references.
+    let mut input_values: Vec<Vec<f64>> = vec![Vec::new(); fs.inputs().len()];
     for e in &train_engines {
         let series = e.select(fs.inputs())?;
+        for row in &series {
+            for (col, v) in input_values.iter_mut().zip(row) {
+                col.push(f64::from(*v));
+            }
+        }
         let n = series.len();
         for cut in 1..=n {
             fs.compute_into(&series[..cut], cut as f32, &mut xs)?;
@@ -250,7 +269,17 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
         train_windows: ys.len(),
         final_train_loss: final_loss,
     };
+    // Drift references: the inputs as read per cycle, and the model's output on the training
+    // windows (what the agent compares live windows against).
+    let train_out = predict(&nets, &norm, &x, cap);
+    let mut drift_reference = Vec::with_capacity(input_values.len() + 1);
+    for (name, values) in fs.inputs().iter().zip(&input_values) {
+        drift_reference.push(Reference::fit(name, values)?);
+    }
+    let out_values: Vec<f64> = train_out.iter().map(|v| f64::from(*v)).collect();
+    drift_reference.push(Reference::fit("output", &out_values)?);
     let doc_json = serde_json::to_string(fs.doc()).unwrap_or_default();
+    let drift_json = serde_json::to_string(&drift_reference).unwrap_or_default();
     let bytes = onnx::export(
         &nets,
         &norm,
@@ -260,6 +289,7 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
             ("kip.model_version", opts.model_version.clone()),
             (META_FEATURE_SET, fs.id().to_owned()),
             (META_FEATURE_SET_DOC, doc_json),
+            (META_DRIFT_REFERENCE, drift_json),
         ],
     );
     let card = ModelCard {
@@ -279,6 +309,7 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
         metrics,
         ensemble_members: nets.len(),
         feature_set_doc: Some(fs.doc().clone()),
+        drift_reference,
     };
     Ok(Trained {
         onnx: bytes,
@@ -411,6 +442,17 @@ mod tests {
         assert_eq!(t.nets.len(), 3);
         let doc = t.card.feature_set_doc.as_ref().unwrap();
         assert!(FeatureSet::new(doc.clone()).unwrap().is_fitted());
+        // Drift references: one per input, then the output, also inside the ONNX file.
+        let names: Vec<&str> = t
+            .card
+            .drift_reference
+            .iter()
+            .map(|r| r.feature.as_str())
+            .collect();
+        let mut want: Vec<&str> = t.feature_set.inputs().iter().map(String::as_str).collect();
+        want.push("output");
+        assert_eq!(names, want);
+        assert!(t.card.drift_reference.iter().all(|r| r.samples > 0));
         // The ONNX file carries the same fitted document, so the agent needs nothing else.
         let m = <onnx::ModelProto as prost::Message>::decode(t.onnx.as_slice()).unwrap();
         let embedded = m

@@ -19,6 +19,7 @@ pub use record::{
     DeadLetter, Gap, Loss, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
 };
 pub mod batch;
+pub mod drift;
 pub mod feature_set;
 pub mod features;
 pub mod health;

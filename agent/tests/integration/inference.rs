@@ -351,3 +351,211 @@ fn the_shipped_fd003_model_predicts_from_replayed_readings_with_its_own_document
     assert!((last.rul_cycles - f64::from(direct)).abs() < 1e-5);
     assert!((0.0..=125.0).contains(&last.rul_cycles));
 }
+
+/// Feeds `rows` (one cycle each) of machine `m` to `predictor`; returns the last prediction.
+fn feed(
+    predictor: &mut Predictor,
+    slot: &mut ModelSlot,
+    spec: &FeatureSet,
+    m: &str,
+    rows: &[Vec<f32>],
+) -> Option<kip_shared::Prediction> {
+    let mut last = None;
+    for row in rows {
+        for (metric, v) in spec.inputs().iter().zip(row) {
+            let r = Reading {
+                source: "sim".into(),
+                machine: m.into(),
+                metric: metric.clone(),
+                ts: chrono::Utc::now(),
+                value: f64::from(*v),
+                quality: Quality::Good,
+            };
+            if let Some(p) = predictor.observe(slot, &r).unwrap() {
+                last = Some(p);
+            }
+        }
+    }
+    last
+}
+
+#[test]
+fn a_machine_keeps_its_age_and_window_across_a_restart_of_the_predictor() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let bytes = reference_model().onnx_bytes();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &bytes, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let series = engines[0].select(spec.inputs()).unwrap();
+
+    // One predictor runs through; another is saved after 40 cycles and restored from disk.
+    let mut through = Predictor::default();
+    let want = feed(&mut through, &mut slot, &spec, "u1", &series[..60]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("predictor.json");
+    let mut before = Predictor::default();
+    feed(&mut before, &mut slot, &spec, "u1", &series[..40]);
+    before.save(&file).unwrap();
+    drop(before);
+    let mut after = Predictor::load(&file).unwrap();
+    assert_eq!(after.cycles("u1"), 40);
+    let got = feed(&mut after, &mut slot, &spec, "u1", &series[40..60]).unwrap();
+    assert_eq!(after.cycles("u1"), 60);
+    assert!(
+        (got.rul_cycles - want.rul_cycles).abs() < 1e-6,
+        "{} vs {}",
+        got.rul_cycles,
+        want.rul_cycles
+    );
+    // Without the saved state the machine would start over as a new one.
+    let mut fresh = Predictor::default();
+    let reset = feed(&mut fresh, &mut slot, &spec, "u1", &series[40..60]).unwrap();
+    assert!((reset.rul_cycles - want.rul_cycles).abs() > 1.0);
+    // A missing file is a fresh predictor, not an error.
+    assert_eq!(
+        Predictor::load(&dir.path().join("none.json"))
+            .unwrap()
+            .machines(),
+        0
+    );
+}
+
+#[test]
+fn the_anomaly_score_is_computed_and_rises_for_an_unusual_cycle() {
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let bytes = reference_model().onnx_bytes();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &bytes, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let series = engines[1].select(spec.inputs()).unwrap();
+    let mut predictor = Predictor::default();
+    let mut scores = Vec::new();
+    for row in &series[..40] {
+        let p = feed(
+            &mut predictor,
+            &mut slot,
+            &spec,
+            "u2",
+            std::slice::from_ref(row),
+        )
+        .unwrap();
+        scores.push(p.anomaly_score);
+    }
+    // None until enough earlier cycles, then computed for every cycle.
+    assert!(scores[..3].iter().all(Option::is_none), "{scores:?}");
+    let ordinary: Vec<f64> = scores[10..].iter().map(|s| s.unwrap()).collect();
+    let mean = ordinary.iter().sum::<f64>() / ordinary.len() as f64;
+    assert!((0.2..3.0).contains(&mean), "ordinary cycles score {mean}");
+    // Every signal 10% off its value: far outside the window's spread.
+    let odd: Vec<f32> = series[40].iter().map(|v| v * 1.1).collect();
+    let p = feed(&mut predictor, &mut slot, &spec, "u2", &[odd]).unwrap();
+    let score = p.anomaly_score.unwrap();
+    assert!(
+        score > 20.0 * mean,
+        "unusual cycle scores {score}, ordinary {mean}"
+    );
+}
+
+/// Trains a tiny FD001 model (the pipeline fits drift references) and replays engines it never
+/// saw, unchanged and with sensor s11 shifted; returns the drift of each replay.
+#[test]
+fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() {
+    use kip_agent::inference::DRIFT_WINDOW;
+    let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
+    let doc = serde_json::json!({
+        "format_version": 1,
+        "id": "test-fd001-drift-v1",
+        "signals": ["s2", "s3", "s4", "s7", "s11", "s12"],
+        "window_cycles": 20,
+        "outputs": { "aggregations": [{ "op": "last" }, { "op": "mean" }], "cycle": true },
+        "label": { "kind": "rul", "cap_cycles": 125 }
+    });
+    let mut opts = kip_ml::pipeline::Options::reference(1);
+    opts.model_name = "rul-test-drift".into();
+    opts.model_version = "0.1.0".into();
+    opts.feature_set = FeatureSet::from_json(&doc.to_string()).unwrap();
+    opts.holdout_engines = 2;
+    opts.ensemble_members = 1;
+    opts.train.epochs = 3;
+    opts.train.hidden = vec![8];
+    let trained = kip_ml::pipeline::run(&engines[..60], &opts).unwrap();
+    assert_eq!(trained.card.drift_reference.len(), 7);
+
+    let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
+    let mut slot = ModelSlot::default();
+    slot.try_swap(&rt, &trained.onnx, None).unwrap();
+    let spec = slot.current().unwrap().spec.clone();
+    assert_eq!(slot.current().unwrap().drift_reference.len(), 7);
+
+    // A fleet at staggered ages, as deployed: unseen engines, each a machine, machine k
+    // already k/15 into its life, then one cycle of every machine per round. (A window of one
+    // engine's consecutive cycles is not a sample of the training distribution: its values are
+    // autocorrelated and of one life stage.)
+    let mut replay = |shift: f32| {
+        let mut predictor = Predictor::default();
+        let lives: Vec<Vec<Vec<f32>>> = engines[60..75]
+            .iter()
+            .map(|e| {
+                let mut rows = e.select(spec.inputs()).unwrap();
+                for r in &mut rows {
+                    r[4] += shift; // s11
+                }
+                rows
+            })
+            .collect();
+        let shortest = lives.iter().map(Vec::len).min().unwrap();
+        let offsets: Vec<usize> = (0..lives.len())
+            .map(|k| k * shortest / lives.len())
+            .collect();
+        for (k, rows) in lives.iter().enumerate() {
+            feed(
+                &mut predictor,
+                &mut slot,
+                &spec,
+                &format!("u{k}"),
+                &rows[..offsets[k]],
+            );
+        }
+        let rounds = shortest - offsets.last().unwrap();
+        for t in 0..rounds {
+            for (k, rows) in lives.iter().enumerate() {
+                let i = offsets[k] + t;
+                feed(
+                    &mut predictor,
+                    &mut slot,
+                    &spec,
+                    &format!("u{k}"),
+                    &rows[i..=i],
+                );
+            }
+        }
+        predictor.drift()
+    };
+    let unchanged = replay(0.0);
+    let shifted = replay(1.0);
+    for d in unchanged.iter().chain(&shifted) {
+        assert_eq!(d.window, DRIFT_WINDOW);
+        assert_eq!(d.effective_window, 15, "15 machines in the window");
+    }
+    let of = |ds: &[kip_shared::drift::FeatureDrift], f: &str| {
+        ds.iter().find(|d| d.feature == f).unwrap().clone()
+    };
+    eprintln!(
+        "unchanged: {unchanged:#?}\nshifted: {:#?}",
+        of(&shifted, "s11")
+    );
+    assert!(of(&shifted, "s11").drifted, "{:?}", of(&shifted, "s11"));
+    assert!(
+        !of(&unchanged, "s11").drifted,
+        "{:?}",
+        of(&unchanged, "s11")
+    );
+    let quiet = unchanged.iter().filter(|d| !d.drifted).count();
+    assert_eq!(
+        quiet,
+        unchanged.len(),
+        "unchanged replay drifted: {unchanged:?}"
+    );
+}

@@ -138,3 +138,87 @@ async fn a_missing_onnx_runtime_is_a_start_up_error_naming_the_fix() {
     assert!(err.contains("ORT_DYLIB_PATH"), "{err}");
     assert!(err.contains("/nonexistent/libonnxruntime.so"), "{err}");
 }
+
+/// Publishes one cycle of `machine` at a time until the agent at `addr` serves a prediction
+/// for it.
+/// Returns how many cycles were published.
+async fn cycle_until_predicted(port: u16, addr: std::net::SocketAddr, machine: &str) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut published = 0;
+    loop {
+        publish_cycle(port, machine);
+        published += 1;
+        let (_, body) = local_get(addr, "/predictions/latest").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v.get(machine).is_some() {
+            return published;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prediction arrived: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn publish_cycle(port: u16, machine: &str) {
+    for (i, ch) in CMAPSS_INFORMATIVE_SENSORS.iter().enumerate() {
+        let v = format!("{}", 500.0 + i as f64);
+        publish(port, &format!("engines/{machine}/{ch}"), v.as_bytes(), None);
+    }
+}
+
+/// Timestamp of the latest prediction of `machine` served by the agent at `addr`.
+async fn latest_ts(addr: std::net::SocketAddr, machine: &str) -> Option<String> {
+    let (_, body) = local_get(addr, "/predictions/latest").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v[machine]["ts"].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn a_machines_cycle_count_survives_an_agent_restart() {
+    use kip_agent::inference::Predictor;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let config = write_config(dir.path(), broker.port, &ort_library());
+    let state = dir.path().join("state/predictor.json");
+
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(Config::load(&config).unwrap(), cancel.clone())
+        .await
+        .unwrap();
+    cycle_until_predicted(broker.port, agent.http_addr, "e9").await;
+    // 30 more cycles, each waited for (its prediction replaces the latest one).
+    for _ in 0..30 {
+        let prev = latest_ts(agent.http_addr, "e9").await;
+        publish_cycle(broker.port, "e9");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while latest_ts(agent.http_addr, "e9").await == prev {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "cycle not predicted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    cancel.cancel();
+    agent.wait().await;
+    // Saved on the shutdown path.
+    let before = Predictor::load(&state).unwrap().cycles("e9");
+    assert!(before >= 31, "{before} cycles saved");
+
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(Config::load(&config).unwrap(), cancel.clone())
+        .await
+        .unwrap();
+    let published = cycle_until_predicted(broker.port, agent.http_addr, "e9").await;
+    cancel.cancel();
+    agent.wait().await;
+    // Restored, the machine continued from its age; restarted from zero it would hold at
+    // most the cycles published since.
+    let after = Predictor::load(&state).unwrap().cycles("e9");
+    assert!(
+        after > before && after > published,
+        "cycle count restarted: {before} saved, {published} published since, {after} now"
+    );
+}

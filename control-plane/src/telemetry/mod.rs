@@ -1,5 +1,5 @@
 //! Telemetry domain: idempotent ingest of agent sync batches into PostgreSQL and the sensor
-//! data query API.
+//! data and prediction query APIs.
 //!
 //! Interface for other domains: [`store`] (decode, check, store and count one sync body for
 //! an authenticated device; called by `agent_api::sync`) and [`count_refused`] (a body refused
@@ -10,8 +10,9 @@ pub mod ingest;
 /// Latest readings and predictions (tools of grounded answers).
 pub mod latest;
 mod metrics;
+mod predictions;
 mod query;
-pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx};
+pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx, decode_cursor, encode_cursor};
 
 use axum::{Router, body::Bytes, extract::FromRef, routing::get};
 use kip_shared::sync::SyncAck;
@@ -33,10 +34,19 @@ where
     Arc<KeyCache>: FromRef<S>,
     HttpLimits: FromRef<S>,
 {
-    Router::new().route(
-        "/organisations/{org_id}/devices/{device_id}/sensor-data",
-        get(query::query),
-    )
+    Router::new()
+        .route(
+            "/organisations/{org_id}/devices/{device_id}/sensor-data",
+            get(query::query),
+        )
+        .route(
+            "/organisations/{org_id}/predictions",
+            get(predictions::history),
+        )
+        .route(
+            "/organisations/{org_id}/predictions/latest",
+            get(predictions::latest),
+        )
 }
 
 /// A sync batch as stored.

@@ -52,7 +52,7 @@ fn default_limit() -> i64 {
 pub const SENSOR_QUERY_TIMEOUT_MS: u64 = 5_000;
 
 /// Maps a statement timeout (SQLSTATE 57014) to 504 `timeout`, anything else as usual.
-fn query_error(e: sqlx::Error) -> ApiError {
+pub(super) fn query_error(e: sqlx::Error) -> ApiError {
     if let sqlx::Error::Database(db) = &e
         && db.code().as_deref() == Some("57014")
     {
@@ -121,11 +121,14 @@ const MAX_FILTER_BYTES: usize = 1024;
 /// Longest cursor accepted (base64 of a timestamp and two filter-sized parts).
 const MAX_CURSOR_BYTES: usize = 4 * MAX_FILTER_BYTES;
 
-fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
+/// The keyset pagination cursor: a timestamp and two text parts (shared by every paginated
+/// list of this crate).
+pub fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{a}|{b}", ts.to_rfc3339()))
 }
 
-fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
+/// Reads a cursor of [`encode_cursor`]; 400 `cursor` for anything else.
+pub fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
     let bad = || ApiError::validation("cursor", "is not a cursor returned by this API");
     pg_text("cursor", c, MAX_CURSOR_BYTES)?;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -209,7 +209,7 @@ async fn predictions_made_during_a_network_cut_sync_later(pool: PgPool) {
     let tracker = TaskTracker::new();
     tracker.spawn(syncer.run(cancel.clone()));
     let (itx, irx) = tokio::sync::mpsc::channel(1024);
-    tracker.spawn(inference.clone().run(buffer.clone(), irx));
+    tracker.spawn(inference.clone().run(buffer.clone(), irx, None));
 
     // 40 cycles of engine 1, fed as the buffer writer would: buffered and handed to inference.
     let engines = kip_ml::cmapss::load(&workspace_root().join("ml/data/train_FD001.txt")).unwrap();
