@@ -42,6 +42,12 @@ enum Command {
         #[arg(long)]
         org: Option<uuid::Uuid>,
     },
+    /// Load and validate the configuration (as `run` would) without starting anything;
+    /// exits non-zero naming the problem. Used after installing or editing `agent.toml`.
+    CheckConfig {
+        #[arg(long, env = "KIP_AGENT_CONFIG")]
+        config: PathBuf,
+    },
     /// Buffer tools.
     Buffer {
         #[command(subcommand)]
@@ -146,6 +152,17 @@ async fn main() -> anyhow::Result<()> {
                 id.device_id(),
                 id.org_id(),
                 dir.display()
+            ))
+        }
+        Command::CheckConfig { config } => {
+            let cfg = load(&config)?;
+            out(&format!(
+                "{}: valid (device {}, state dir {}, {} MQTT broker(s), {} OPC UA endpoint(s))\n",
+                config.display(),
+                cfg.device,
+                cfg.state_dir.display(),
+                cfg.mqtt.len(),
+                cfg.opcua.len()
             ))
         }
         Command::Buffer {
