@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command that runs every check and test of kip on a fresh Debian machine:
 # installs what is missing, starts PostgreSQL, then fmt, clippy, the whole test suite, the
-# deployment checks (deploy/, .github/) and the agent release tarball (built and installed into
-# a temporary root). Fails when a process started by the tests survives them.
+# deployment checks (deploy/, .github/), the agent release tarball (built and installed into
+# a temporary root) and the agent .deb (installed, upgraded, removed and purged with dpkg in a
+# temporary root). Fails when a process started by the tests survives them.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
 
@@ -31,3 +32,5 @@ say "deployment checks (scripts/check-deploy.sh)"
 bash scripts/check-deploy.sh
 say "agent release tarball (scripts/test-agent-package.sh)"
 bash scripts/test-agent-package.sh --profile debug
+say "agent Debian package (scripts/test-agent-deb.sh)"
+bash scripts/test-agent-deb.sh --profile debug --no-build

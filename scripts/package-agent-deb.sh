@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds the agent's Debian package from the release tarball (same binary, ONNX Runtime library,
+# models and unit, checked against its SHA256SUMS):
+#   target/dist/kip-agent_<version>-<revision>_amd64.deb
+# Layout: /usr/bin/kip-agent, /usr/lib/kip-agent/libonnxruntime.so.*, /usr/share/kip-agent/
+# models/, /lib/systemd/system/kip-agent.service, /etc/kip-agent/agent.toml (conffile), and the
+# maintainer scripts of deploy/debian/ (user, /var/lib/kip-agent, remove vs purge). Only
+# dpkg-deb is needed. Prints the package's path on stdout.
+#
+#   scripts/package-agent-deb.sh [--tarball PATH] [--revision N] [--fast] [package-agent.sh args]
+# --tarball repackages an existing tarball instead of running scripts/package-agent.sh;
+# --revision sets the Debian revision (default 1); --fast compresses with gzip -1 (tests).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$KIP_ROOT"
+
+TARBALL=
+REVISION=1
+COMPRESS=(-Zxz)
+PASS_ON=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tarball) TARBALL="${2:?}"; shift 2 ;;
+        --revision) REVISION="${2:?}"; shift 2 ;;
+        --fast) COMPRESS=(-Zgzip -z1); shift ;;
+        *) PASS_ON+=("$1"); shift ;;
+    esac
+done
+[[ "$REVISION" =~ ^[0-9]+$ ]] || die "--revision must be a number"
+command -v dpkg-deb >/dev/null || die "dpkg-deb not found (Debian package dpkg)"
+[ -n "$TARBALL" ] || TARBALL="$(scripts/package-agent.sh "${PASS_ON[@]}" | tail -n1)"
+[ -f "$TARBALL" ] || die "no tarball $TARBALL"
+
+ARCH="$(dpkg --print-architecture)"
+[ "$ARCH" = amd64 ] || die "the release tarball is x86_64; building on $ARCH is not supported"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+tar -C "$WORK" -xzf "$TARBALL"
+REL="$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'kip-agent-*')"
+(cd "$REL" && sha256sum -c --quiet SHA256SUMS) || die "$TARBALL: checksums do not match"
+# Debian orders '~' before anything: 0.2.0-rc1 becomes 0.2.0~rc1 (older than 0.2.0).
+VERSION="$(tr '-' '~' < "$REL/VERSION")-$REVISION"
+
+PKG="$WORK/pkg"
+install -d -m 0755 "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/usr/lib/kip-agent" "$PKG/usr/share/kip-agent/models" \
+    "$PKG/usr/share/doc/kip-agent" "$PKG/lib/systemd/system"
+install -d -m 0750 "$PKG/etc/kip-agent"
+install -m 0755 "$REL/bin/kip-agent" "$PKG/usr/bin/kip-agent"
+install -m 0644 "$REL"/lib/kip-agent/libonnxruntime.so.* "$PKG/usr/lib/kip-agent/"
+install -m 0644 "$REL"/share/kip-agent/models/* "$PKG/usr/share/kip-agent/models/"
+install -m 0644 "$REL"/share/doc/kip-agent/* deploy/debian/copyright "$PKG/usr/share/doc/kip-agent/"
+install -m 0644 "$REL/systemd/kip-agent.service" "$PKG/lib/systemd/system/kip-agent.service"
+install -m 0640 "$REL/etc/kip-agent/agent.toml.example" "$PKG/etc/kip-agent/agent.toml"
+install -m 0755 deploy/debian/postinst deploy/debian/prerm deploy/debian/postrm "$PKG/DEBIAN/"
+echo /etc/kip-agent/agent.toml > "$PKG/DEBIAN/conffiles"
+# Binary and library need glibc >= 2.34 (GLIBC_2.34 symbols) and libstdc++/libgcc (ONNX Runtime).
+cat > "$PKG/DEBIAN/control" <<CONTROL
+Package: kip-agent
+Version: $VERSION
+Architecture: $ARCH
+Maintainer: kip maintainers <kip@example.com>
+Installed-Size: $(du -sk --exclude=DEBIAN "$PKG" | cut -f1)
+Depends: libc6 (>= 2.34), libgcc-s1, libstdc++6, passwd
+Section: net
+Priority: optional
+Homepage: https://github.com/kip/kip
+Description: kip edge agent (machine data ingest, buffer, inference, sync)
+ Reads machine data from MQTT brokers and OPC UA servers, buffers it durably on the
+ gateway, runs the RUL model on-device (ONNX Runtime included) and syncs to the kip
+ control plane over mTLS. Runs as the kip-agent system user under a hardened systemd unit.
+CONTROL
+
+DEB="$KIP_ROOT/target/dist/kip-agent_${VERSION}_$ARCH.deb"
+mkdir -p "$(dirname "$DEB")"
+# --root-owner-group: every file root:root whoever builds; fixed mtimes for reproducibility.
+find "$PKG" -exec touch -h -d '2026-01-01 00:00Z' {} +
+SOURCE_DATE_EPOCH=1767225600 dpkg-deb --root-owner-group "${COMPRESS[@]}" --build "$PKG" "$DEB" >/dev/null
+say "wrote $DEB ($(du -h "$DEB" | cut -f1))"
+echo "$DEB"
