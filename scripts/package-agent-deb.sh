@@ -50,6 +50,10 @@ install -m 0644 "$REL"/share/kip-agent/models/* "$PKG/usr/share/kip-agent/models
 install -m 0644 "$REL"/share/doc/kip-agent/* deploy/debian/copyright "$PKG/usr/share/doc/kip-agent/"
 install -m 0644 "$REL/systemd/kip-agent.service" "$PKG/lib/systemd/system/kip-agent.service"
 install -m 0640 "$REL/etc/kip-agent/agent.toml.example" "$PKG/etc/kip-agent/agent.toml"
+install -D -m 0644 deploy/debian/lintian-overrides "$PKG/usr/share/lintian/overrides/kip-agent"
+printf 'kip-agent (%s) stable; urgency=medium\n\n  * Built from the kip release tarball %s.\n\n -- kip maintainers <kip@example.com>  Thu, 01 Jan 2026 00:00:00 +0000\n' \
+    "$VERSION" "$(basename "$TARBALL")" | gzip -9n > "$PKG/usr/share/doc/kip-agent/changelog.Debian.gz"
+chmod 0644 "$PKG/usr/share/doc/kip-agent/changelog.Debian.gz"
 install -m 0755 deploy/debian/postinst deploy/debian/prerm deploy/debian/postrm "$PKG/DEBIAN/"
 echo /etc/kip-agent/agent.toml > "$PKG/DEBIAN/conffiles"
 # Binary and library need glibc >= 2.34 (GLIBC_2.34 symbols) and libstdc++/libgcc (ONNX Runtime).
@@ -64,9 +68,10 @@ Section: net
 Priority: optional
 Homepage: https://github.com/kip/kip
 Description: kip edge agent (machine data ingest, buffer, inference, sync)
- Reads machine data from MQTT brokers and OPC UA servers, buffers it durably on the
- gateway, runs the RUL model on-device (ONNX Runtime included) and syncs to the kip
- control plane over mTLS. Runs as the kip-agent system user under a hardened systemd unit.
+ Reads machine data from MQTT brokers and OPC UA servers, buffers it durably
+ on the gateway, runs the RUL model on-device (ONNX Runtime included) and syncs
+ to the kip control plane over mTLS. Runs as the kip-agent system user under a
+ hardened systemd unit.
 CONTROL
 
 DEB="$KIP_ROOT/target/dist/kip-agent_${VERSION}_$ARCH.deb"
