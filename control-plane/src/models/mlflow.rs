@@ -605,3 +605,29 @@ pub fn spawn_alias_poller(sync: Arc<MlflowSync>, token: CancellationToken, track
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(poll: Option<u64>) -> RawMlflow {
+        RawMlflow {
+            tracking_uri: Some("http://mlflow:5000".into()),
+            alias_poll_interval_ms: poll,
+            ..RawMlflow::default()
+        }
+    }
+
+    #[test]
+    fn the_alias_poll_interval_is_validated() {
+        let ok = raw(None).validate("127.0.0.1:8080").unwrap().unwrap();
+        assert_eq!(ok.alias_poll_interval, Duration::from_secs(30));
+        for bad in [0, 199, 3_600_001] {
+            let e = raw(Some(bad)).validate("127.0.0.1:8080").unwrap_err();
+            assert!(
+                e.to_string().contains("mlflow.alias_poll_interval_ms"),
+                "{e}"
+            );
+        }
+    }
+}
