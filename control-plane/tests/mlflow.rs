@@ -269,16 +269,17 @@ async fn the_mlflow_champion_alias_rolls_the_fleet_out_and_back(pool: PgPool) {
         .await
         .unwrap();
     };
+    // Through the audit API, as an operator reads it.
     let audited = async |reason: &str| -> bool {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM audit_log WHERE org_id = $1 \
-             AND action = 'models.mlflow_rollout' AND starts_with(target, $2))",
-        )
-        .bind(org_id)
-        .bind(reason)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
+        let r = app
+            .get(&format!("/v1/organisations/{org}/audit"), &key)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body["items"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "models.mlflow_rollout"
+                && e["key_name"] == "mlflow-alias-poller"
+                && e["target"].as_str().unwrap().starts_with(reason)
+        })
     };
 
     // Champion -> MLflow version 2 (kip 1.1.0): the device's desired model follows.
