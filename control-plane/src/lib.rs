@@ -189,6 +189,7 @@ impl ControlPlaneBuilder {
                     m,
                     pool.clone(),
                     metrics.mlflow_sync_failures.clone(),
+                    metrics.mlflow_poll.clone(),
                 )
                 .map_err(StartError::Mlflow)?,
             )),
@@ -230,6 +231,9 @@ impl ControlPlaneBuilder {
         state.llm.start_providers(&tracker, &token);
         if signals {
             tracker.spawn(server::shutdown_signal(token.clone()));
+        }
+        if let Some(ml) = &state.mlflow {
+            models::mlflow::spawn_alias_poller(ml.clone(), token.clone(), &tracker);
         }
         health::spawn_refresh(
             pool.clone(),

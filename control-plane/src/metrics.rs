@@ -23,6 +23,8 @@ pub struct Metrics {
     pub llm: LlmMetrics,
     /// MLflow mirror calls that failed (`kip_mlflow_sync_failures_total`).
     pub mlflow_sync_failures: Counter,
+    /// MLflow alias poller (`kip_mlflow_sync_errors_total`, last successful poll).
+    pub mlflow_poll: crate::models::mlflow::PollMetrics,
     /// Agent sync ingest (`kip_ingest_*`).
     pub ingest: IngestMetrics,
     /// Fleet PKI (`kip_pki_*`).
@@ -42,6 +44,7 @@ impl Metrics {
             "Model registry changes that could not be mirrored to MLflow",
             mlflow_sync_failures.clone(),
         );
+        let mlflow_poll = crate::models::mlflow::PollMetrics::register(&mut registry);
         let ingest = IngestMetrics::register(&mut registry);
         let pki = PkiMetrics::register(&mut registry);
         let fleet = FleetMetrics::register(&mut registry);
@@ -51,6 +54,7 @@ impl Metrics {
             http,
             llm,
             mlflow_sync_failures,
+            mlflow_poll,
             ingest,
             pki,
         }

@@ -11,7 +11,10 @@ mod common;
 
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::{
+    body::Body,
+    http::{Method, Request, StatusCode},
+};
 use kip_control_plane::models::mlflow::MlflowConfig;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -37,6 +40,9 @@ fn cfg(url: &str) -> MlflowConfig {
         tracking_uri: url.to_owned(),
         kip_public_url: "http://kip.example:8080".into(),
         request_timeout: Duration::from_secs(10),
+        // These tests drive the aliases from kip: the poller (first poll at start, before any
+        // model exists) stays out of their way.
+        alias_poll_interval: Duration::from_secs(3600),
     }
 }
 
@@ -144,4 +150,184 @@ async fn an_unreachable_mlflow_is_counted_and_never_fails_kip(pool: PgPool) {
             .render()
             .contains("kip_mlflow_sync_failures_total 2")
     );
+}
+
+async fn set_alias(url: &str, name: &str, alias: &str, version: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/2.0/mlflow/registered-models/alias"))
+        .json(&json!({ "name": name, "alias": alias, "version": version }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn the_mlflow_champion_alias_rolls_the_fleet_out_and_back(pool: PgPool) {
+    rustls();
+    let ml = kip_tests::MlflowServer::start().await;
+    let url = ml.url().to_owned();
+    let app = common::app_with(pool.clone(), |c| {
+        c.mlflow = Some(MlflowConfig {
+            alias_poll_interval: Duration::from_millis(300),
+            ..cfg(&url)
+        });
+    })
+    .await;
+    let (org, key) = app.org_with_key("acme").await;
+    let org_id: uuid::Uuid = org.parse().unwrap();
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/devices"),
+            &key,
+            json!({ "name": "gw-1", "labels": { "line": "a" } }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let dev = r.body["id"].as_str().unwrap().to_owned();
+    let dev_id: uuid::Uuid = dev.parse().unwrap();
+    // Another organisation's device on the same model name is not a rollout target.
+    let (org_b, key_b) = app.org_with_key("other").await;
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org_b}/devices"),
+            &key_b,
+            json!({ "name": "gw-b", "labels": {} }),
+        )
+        .await;
+    let dev_b: uuid::Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+
+    let mut ids = Vec::new();
+    for v in ["1.0.0", "1.1.0"] {
+        let r = app
+            .post(
+                &format!("/v1/organisations/{org}/models"),
+                &key,
+                json!({ "name": "rul-fd001", "version": v, "kind": "rul" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        let id = r.body["id"].as_str().unwrap().to_owned();
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri(format!("/v1/organisations/{org}/models/{id}/artifact"))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/octet-stream")
+            .body(Body::from(format!("model-{v}")))
+            .unwrap();
+        assert_eq!(app.raw(req).await.status, StatusCode::CREATED);
+        ids.push(id);
+    }
+    // Org B registers its own model of the same name: it has no MLflow version of ours.
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org_b}/models"),
+            &key_b,
+            json!({ "name": "rul-fd001", "version": "9.9.9", "kind": "rul" }),
+        )
+        .await;
+    let id_b = r.body["id"].as_str().unwrap().to_owned();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!("/v1/organisations/{org_b}/models/{id_b}/artifact"))
+        .header("authorization", format!("Bearer {key_b}"))
+        .body(Body::from("model-b"))
+        .unwrap();
+    assert_eq!(app.raw(req).await.status, StatusCode::CREATED);
+    let r = app
+        .call(
+            Method::PUT,
+            &format!("/v1/organisations/{org_b}/devices/{dev_b}/desired-model"),
+            Some(&key_b),
+            Some(json!({ "model_id": id_b })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // The device runs 1.0.0 today.
+    let r = app
+        .call(
+            Method::PUT,
+            &format!("/v1/organisations/{org}/devices/{dev}/desired-model"),
+            Some(&key),
+            Some(json!({ "model_id": ids[0] })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+
+    let desired = async |want: &'static str| {
+        kip_tests::eventually(Duration::from_secs(30), || async {
+            let d = kip_control_plane::models::desired_for(&pool, org_id, dev_id)
+                .await
+                .unwrap()
+                .map(|d| d.version);
+            if d.as_deref() == Some(want) {
+                Ok(())
+            } else {
+                Err(format!("desired {d:?}, want {want}"))
+            }
+        })
+        .await
+        .unwrap();
+    };
+    // Through the audit API, as an operator reads it.
+    let audited = async |reason: &str| -> bool {
+        let r = app
+            .get(&format!("/v1/organisations/{org}/audit"), &key)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body["items"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "models.mlflow_rollout"
+                && e["key_name"] == "mlflow-alias-poller"
+                && e["target"].as_str().unwrap().starts_with(reason)
+        })
+    };
+
+    // Champion -> MLflow version 2 (kip 1.1.0): the device's desired model follows.
+    set_alias(&url, "rul-fd001", "champion", "2").await;
+    desired("1.1.0").await;
+    assert!(audited("mlflow alias champion -> v2").await);
+    let m = app
+        .get(&format!("/v1/organisations/{org}/models/{}", ids[1]), &key)
+        .await;
+    assert_eq!(m.body["stage"], "champion");
+    // Rolling back in MLflow rolls the device back.
+    set_alias(&url, "rul-fd001", "champion", "1").await;
+    desired("1.0.0").await;
+    assert!(audited("mlflow alias champion -> v1").await);
+    let m = app
+        .get(&format!("/v1/organisations/{org}/models/{}", ids[1]), &key)
+        .await;
+    assert_eq!(m.body["stage"], "none");
+    // The other organisation's rollout was never touched.
+    let b = kip_control_plane::models::desired_for(&pool, org_b.parse().unwrap(), dev_b)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.version, "9.9.9");
+    assert!(app.state.metrics.mlflow_poll.last_success.get() > 0);
+    assert_eq!(app.state.metrics.mlflow_poll.errors.get(), 0);
+
+    // MLflow goes away: kip keeps answering from its own tables and counts the failed polls.
+    drop(ml);
+    kip_tests::eventually(Duration::from_secs(30), || async {
+        let n = app.state.metrics.mlflow_poll.errors.get();
+        if n >= 2 { Ok(()) } else { Err(n) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        app.state
+            .metrics
+            .render()
+            .contains("kip_mlflow_sync_errors_total")
+    );
+    let r = app
+        .get(&format!("/v1/organisations/{org}/models"), &key)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let d = kip_control_plane::models::desired_for(&pool, org_id, dev_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.version, "1.0.0");
 }

@@ -10,13 +10,31 @@
 //!   logged, counted in `kip_mlflow_sync_failures_total` and never fails the kip request.
 //! - The MLflow version number of a kip model is remembered in `ai_models.mlflow_version`; a
 //!   version that could not be mirrored at registration is created when its alias is set.
+//!
+//! The other direction ([`spawn_alias_poller`]): every `alias_poll_interval_ms` the `champion`
+//! alias of each mirrored model name is read from MLflow. When it names a version kip knows
+//! (`ai_models.mlflow_version`, and the version's `kip.model_id` tag when present), that kip
+//! model becomes the `champion` and every `desired_models` row (device or label group) of the
+//! organisation that wants another version of the same name is switched to it, with an
+//! `audit_log` row (`action = models.mlflow_rollout`, target = the reason). Moving the alias
+//! back to an earlier version therefore rolls the fleet back. MLflow is the record for the
+//! champion: a kip-side promotion whose mirroring failed is undone by the next poll.
+//! - A poll that cannot reach MLflow changes nothing in kip (devices keep their desired model),
+//!   is logged and counted in `kip_mlflow_sync_errors_total`;
+//!   `kip_mlflow_last_successful_poll_timestamp_seconds` says when MLflow was last read.
+//! - A version without an uploaded artifact is never rolled out (an agent could not fetch it).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
 
 use kip_api::AiModel;
 
@@ -36,6 +54,10 @@ pub struct RawMlflow {
     /// Time limit of one MLflow call.
     #[serde(default)]
     pub request_timeout_ms: Option<u64>,
+    /// How often the `champion` alias of every mirrored model is read back from MLflow
+    /// (default 30000).
+    #[serde(default)]
+    pub alias_poll_interval_ms: Option<u64>,
 }
 
 /// Validated `[mlflow]`.
@@ -44,6 +66,8 @@ pub struct MlflowConfig {
     pub tracking_uri: String,
     pub kip_public_url: String,
     pub request_timeout: Duration,
+    /// Period of the alias poller ([`spawn_alias_poller`]).
+    pub alias_poll_interval: Duration,
 }
 
 impl RawMlflow {
@@ -75,10 +99,18 @@ impl RawMlflow {
                 message: format!("must be between 100 and 120000, got {ms}"),
             });
         }
+        let poll_ms = self.alias_poll_interval_ms.unwrap_or(30_000);
+        if !(200..=3_600_000).contains(&poll_ms) {
+            return Err(ConfigError::Invalid {
+                field: "mlflow.alias_poll_interval_ms",
+                message: format!("must be between 200 and 3600000, got {poll_ms}"),
+            });
+        }
         Ok(Some(MlflowConfig {
             tracking_uri: uri.trim_end_matches('/').to_owned(),
             kip_public_url: public.trim_end_matches('/').to_owned(),
             request_timeout: Duration::from_millis(ms),
+            alias_poll_interval: Duration::from_millis(poll_ms),
         }))
     }
 }
@@ -103,6 +135,32 @@ enum MlflowError {
     Db(#[from] sqlx::Error),
 }
 
+/// Metrics of the alias poller.
+#[derive(Debug, Clone, Default)]
+pub struct PollMetrics {
+    /// `kip_mlflow_sync_errors_total`: alias polls (or applying their result) that failed.
+    pub errors: Counter,
+    /// `kip_mlflow_last_successful_poll_timestamp_seconds` (0: never).
+    pub last_success: Gauge,
+}
+
+impl PollMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "mlflow_sync_errors",
+            "MLflow alias polls that could not read MLflow or apply what it said",
+            m.errors.clone(),
+        );
+        registry.register(
+            "mlflow_last_successful_poll_timestamp_seconds",
+            "Unix time of the last alias poll that read every mirrored model from MLflow",
+            m.last_success.clone(),
+        );
+        m
+    }
+}
+
 /// The MLflow mirror; held in `AppState` when configured.
 #[derive(Debug)]
 pub struct MlflowSync {
@@ -110,16 +168,22 @@ pub struct MlflowSync {
     client: reqwest::Client,
     pool: PgPool,
     failures: Counter,
+    poll: PollMetrics,
 }
+
+/// The alias that drives rollouts.
+const ROLLOUT_ALIAS: &str = "champion";
 
 const ALIASES: [&str; 2] = ["champion", "challenger"];
 
 impl MlflowSync {
-    /// Builds the client; `failures` is the registered `kip_mlflow_sync_failures` counter.
+    /// Builds the client; `failures` is the registered `kip_mlflow_sync_failures` counter,
+    /// `poll` the alias poller's metrics.
     pub fn new(
         cfg: MlflowConfig,
         pool: PgPool,
         failures: Counter,
+        poll: PollMetrics,
     ) -> Result<Self, outbound::ClientError> {
         let client = outbound::client_builder()?
             .timeout(cfg.request_timeout)
@@ -129,6 +193,7 @@ impl MlflowSync {
             client,
             pool,
             failures,
+            poll,
         })
     }
 
@@ -308,6 +373,261 @@ impl MlflowSync {
             && let Err(e) = self.set_alias(model, &model.stage).await
         {
             self.fail("setting an alias", model, &e);
+        }
+    }
+}
+
+/// A kip model version that an MLflow alias points at.
+#[derive(sqlx::FromRow)]
+struct AliasTarget {
+    id: Uuid,
+    org_id: Uuid,
+    name: String,
+    version: String,
+    stage: String,
+    has_artifact: bool,
+}
+
+impl MlflowSync {
+    /// `(MLflow version, kip.model_id tag)` the `champion` alias of `name` points at; `None`
+    /// when the alias (or the registered model) does not exist.
+    async fn champion(&self, name: &str) -> Result<Option<(String, Option<Uuid>)>, MlflowError> {
+        let path = "registered-models/alias";
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/2.0/mlflow/{path}", self.cfg.tracking_uri),
+            &[("name", name), ("alias", ROLLOUT_ALIAS)],
+        )
+        .map_err(|e| MlflowError::Shape {
+            path,
+            body: e.to_string(),
+        })?;
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        // MLflow answers a missing alias with 400 RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER
+        // (not 404), a missing registered model with 404.
+        if matches!(status, 400 | 404) {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(MlflowError::Status {
+                path,
+                status,
+                body: text.chars().take(500).collect(),
+            });
+        }
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let mv = &answer["model_version"];
+        let Some(version) = mv["version"].as_str() else {
+            return Err(MlflowError::Shape {
+                path,
+                body: text.chars().take(500).collect(),
+            });
+        };
+        let kip_id = mv["tags"].as_array().and_then(|tags| {
+            tags.iter()
+                .find(|t| t["key"] == "kip.model_id")
+                .and_then(|t| t["value"].as_str())
+                .and_then(|v| v.parse().ok())
+        });
+        Ok(Some((version.to_owned(), kip_id)))
+    }
+
+    /// Makes `target` the champion of its name and the desired model of every device or label
+    /// group of its organisation that wants another version of that name; audited. Returns
+    /// whether anything changed.
+    async fn roll_out(
+        &self,
+        target: &AliasTarget,
+        mlflow_version: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Same lock as a kip-side stage change: promotions of one name serialize.
+        sqlx::query(
+            "SELECT id FROM ai_models WHERE org_id = $1 AND name = $2 ORDER BY id FOR UPDATE",
+        )
+        .bind(target.org_id)
+        .bind(&target.name)
+        .execute(&mut *tx)
+        .await?;
+        let mut changed = false;
+        if target.stage != ROLLOUT_ALIAS {
+            sqlx::query(
+                "UPDATE ai_models SET stage = 'none' \
+                 WHERE org_id = $1 AND name = $2 AND stage = 'champion' AND id <> $3",
+            )
+            .bind(target.org_id)
+            .bind(&target.name)
+            .bind(target.id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE ai_models SET stage = 'champion' WHERE org_id = $1 AND id = $2")
+                .bind(target.org_id)
+                .bind(target.id)
+                .execute(&mut *tx)
+                .await?;
+            changed = true;
+        }
+        let switched = sqlx::query(
+            "UPDATE desired_models SET model_id = $3, updated_at = now() \
+             WHERE org_id = $1 AND model_id <> $3 AND model_id IN \
+               (SELECT id FROM ai_models WHERE org_id = $1 AND name = $2)",
+        )
+        .bind(target.org_id)
+        .bind(&target.name)
+        .bind(target.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        changed |= switched > 0;
+        if changed {
+            let reason = format!(
+                "mlflow alias {ROLLOUT_ALIAS} -> v{mlflow_version} ({} {}; {switched} rollout targets switched)",
+                target.name, target.version
+            );
+            // No API key made this change: the nil key id and the `system` role mark it.
+            sqlx::query(
+                "INSERT INTO audit_log \
+                 (org_id, key_id, key_name, role, action, method, target, status, outcome) \
+                 VALUES ($1, $2, 'mlflow-alias-poller', 'system', 'models.mlflow_rollout', \
+                         'POLL', $3, 200, 'ok')",
+            )
+            .bind(target.org_id)
+            .bind(Uuid::nil())
+            .bind(&reason)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::info!(
+                org_id = %target.org_id, model_id = %target.id, name = %target.name,
+                version = %target.version, switched, "{reason}"
+            );
+        }
+        Ok(changed)
+    }
+
+    /// One poll: follows the `champion` alias of every mirrored model name.
+    pub async fn poll_aliases(&self) {
+        let names: Vec<String> = match sqlx::query_scalar(
+            "SELECT DISTINCT name FROM ai_models WHERE mlflow_version IS NOT NULL ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                self.poll.errors.inc();
+                tracing::warn!(error = %e, "MLflow alias poll: cannot list mirrored models");
+                return;
+            }
+        };
+        for name in &names {
+            let (version, kip_id) = match self.champion(name).await {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.poll.errors.inc();
+                    tracing::warn!(
+                        error = %e, tracking_uri = %self.cfg.tracking_uri, model = %name,
+                        "MLflow alias poll: cannot read alias {ROLLOUT_ALIAS}; kip keeps \
+                         serving the desired models from its own tables"
+                    );
+                    // One unreachable server fails every name alike: retry at the next tick.
+                    return;
+                }
+            };
+            let targets: Vec<AliasTarget> = match sqlx::query_as(
+                "SELECT m.id, m.org_id, m.name, m.version, m.stage, \
+                        EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) AS has_artifact \
+                 FROM ai_models m \
+                 WHERE m.name = $1 AND m.mlflow_version = $2 AND ($3::uuid IS NULL OR m.id = $3)",
+            )
+            .bind(name)
+            .bind(&version)
+            .bind(kip_id)
+            .fetch_all(&self.pool)
+            .await
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    self.poll.errors.inc();
+                    tracing::warn!(error = %e, model = %name, "MLflow alias poll: lookup failed");
+                    return;
+                }
+            };
+            if targets.is_empty() {
+                tracing::debug!(model = %name, %version, "alias {ROLLOUT_ALIAS} names a version kip does not know");
+            }
+            for t in &targets {
+                if !t.has_artifact {
+                    tracing::warn!(
+                        model_id = %t.id, name = %t.name, version = %t.version,
+                        "alias {ROLLOUT_ALIAS} names a version without an uploaded artifact; not rolled out"
+                    );
+                    continue;
+                }
+                if let Err(e) = self.roll_out(t, &version).await {
+                    self.poll.errors.inc();
+                    tracing::warn!(error = %e, model_id = %t.id, "MLflow alias poll: rollout failed");
+                    return;
+                }
+            }
+        }
+        let now = chrono::Utc::now().timestamp();
+        self.poll.last_success.set(now);
+    }
+}
+
+/// Follows the MLflow `champion` aliases every `alias_poll_interval` on `tracker` until
+/// `token` is cancelled (the first poll runs at start).
+pub fn spawn_alias_poller(sync: Arc<MlflowSync>, token: CancellationToken, tracker: &TaskTracker) {
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(sync.cfg.alias_poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // A poll stuck on a slow MLflow must not hold up shutdown.
+            tokio::select! {
+                () = token.cancelled() => return,
+                () = sync.poll_aliases() => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(poll: Option<u64>) -> RawMlflow {
+        RawMlflow {
+            tracking_uri: Some("http://mlflow:5000".into()),
+            alias_poll_interval_ms: poll,
+            ..RawMlflow::default()
+        }
+    }
+
+    #[test]
+    fn the_alias_poll_interval_is_validated() {
+        let ok = raw(None).validate("127.0.0.1:8080").unwrap().unwrap();
+        assert_eq!(ok.alias_poll_interval, Duration::from_secs(30));
+        for bad in [0, 199, 3_600_001] {
+            let e = raw(Some(bad)).validate("127.0.0.1:8080").unwrap_err();
+            assert!(
+                e.to_string().contains("mlflow.alias_poll_interval_ms"),
+                "{e}"
+            );
         }
     }
 }
