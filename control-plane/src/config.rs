@@ -820,7 +820,7 @@ mod tests {
         let cfg = Config::load(Some(&path), no_env).unwrap();
         assert_eq!(cfg.listen_addr.port(), 8080);
         assert_eq!(cfg.request_body_limit_bytes, 1024 * 1024);
-        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.log_format, LogFormat::Ecs);
         assert_eq!(cfg.pki.device_cert_lifetime, Duration::from_secs(86_400));
         assert_eq!(cfg.pki.agent_listen_addr.port(), 8443);
         assert!(cfg.pki.ca_dir.is_some());
