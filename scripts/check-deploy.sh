@@ -104,7 +104,61 @@ if [p["port"] for r in site.get("ingress", []) for p in r.get("ports", [])] != [
     errors.append("agents (ISA-95 level 3) may reach port 8443 only")
 sys.exit("\n".join(errors) if errors else 0)
 PY
+    # Logs (issue #16): the Fluent Bit DaemonSet ships the control plane's ECS lines.
+    check "the $name overlay ships ECS logs to Elasticsearch (Fluent Bit DaemonSet)" python3 - "$OUT/$name.yaml" <<'PY'
+import re, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+errors = []
+ds = by.get(("DaemonSet", "kip-fluent-bit"))
+cm = by.get(("ConfigMap", "kip-fluent-bit"), {}).get("data", {})
+cp = by.get(("ConfigMap", "kip-control-plane-config"), {}) or next(
+    (d for d in docs if d["kind"] == "ConfigMap" and "control-plane.toml" in d.get("data", {})), {})
+if ds is None:
+    sys.exit("no DaemonSet kip-fluent-bit")
+pod = ds["spec"]["template"]["spec"]
+if pod.get("automountServiceAccountToken") is not False:
+    errors.append("fluent-bit: automountServiceAccountToken must be false")
+for c in pod["containers"]:
+    sc = c.get("securityContext", {})
+    if not sc.get("readOnlyRootFilesystem") or sc.get("allowPrivilegeEscalation") is not False \
+            or sc.get("capabilities", {}).get("drop") != ["ALL"]:
+        errors.append("fluent-bit: read-only root, no privilege escalation, drop ALL capabilities")
+    if "memory" not in c.get("resources", {}).get("limits", {}):
+        errors.append("fluent-bit: needs a memory limit")
+    if c.get("livenessProbe", {}).get("httpGet", {}).get("path") != "/api/v1/health":
+        errors.append("fluent-bit: liveness probe must be /api/v1/health")
+    if c["image"].endswith(":latest") or ":" not in c["image"]:
+        errors.append("fluent-bit: pin the image tag")
+    for m in c.get("volumeMounts", []):
+        if m["mountPath"] == "/var/log" and not m.get("readOnly"):
+            errors.append("fluent-bit: /var/log must be mounted read-only")
+conf = cm.get("fluent-bit.conf", "")
+for want in (r"Name\s+tail", r"Name\s+es\b", r"Logstash_Prefix\s+kip-logs", r"Parser\s+ecs_json",
+             r"tls\.verify\s+On", r"HTTP_Passwd\s+\$\{ES_PASSWORD\}"):
+    if not re.search(want, conf):
+        errors.append(f"fluent-bit.conf lacks {want}")
+toml = cp.get("data", {}).get("control-plane.toml", "")
+if not re.search(r'^\s*format\s*=\s*"ecs"', toml, re.M):
+    errors.append('the control plane must log with [log] format = "ecs" for the shipper')
+if "log-shipping-egress" not in {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}:
+    errors.append("no log-shipping-egress NetworkPolicy (default-deny blocks Elasticsearch)")
+sys.exit("\n".join(errors) if errors else 0)
+PY
 done
+check "the Elasticsearch ILM policy and index template for kip logs agree" python3 - <<'PY'
+import json, sys
+ilm = json.load(open("deploy/logging/ilm-policy.json"))["policy"]["phases"]
+tpl = json.load(open("deploy/logging/index-template.json"))
+errors = []
+if tpl["template"]["settings"].get("index.lifecycle.name") != "kip-logs":
+    errors.append("the index template must attach the ILM policy kip-logs")
+if tpl["index_patterns"] != ["kip-logs-*"]:
+    errors.append("the index template must match Fluent Bit's kip-logs-* indices")
+if "delete" not in ilm.get("delete", {}).get("actions", {}):
+    errors.append("the ILM policy must delete old indices (retention)")
+sys.exit("\n".join(errors) if errors else 0)
+PY
 
 # Monitoring (issue #16): alert rules and their unit tests, the Prometheus config.
 MON=deploy/monitoring/prometheus

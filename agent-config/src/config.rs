@@ -568,12 +568,8 @@ impl Default for RawLog {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
-}
+/// Log output format (`text`, `json` or `ecs`), shared with the other binary.
+pub use kip_shared::logging::LogFormat;
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
@@ -706,16 +702,8 @@ impl RawConfig {
                 ),
             )
         })?;
-        let log_format = match self.log.format.as_str() {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(invalid(
-                    "log.format",
-                    format!("must be \"json\" or \"text\", got {other:?}"),
-                ));
-            }
-        };
+        let log_format =
+            LogFormat::parse(&self.log.format).map_err(|e| invalid("log.format", e))?;
         if self.log.filter.trim().is_empty() {
             return Err(invalid("log.filter", "must not be empty"));
         }

@@ -5,7 +5,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kip_agent::{cli, config::Config, config::LogFormat, remote_config};
+use kip_agent::{cli, config::Config, remote_config};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -68,15 +68,12 @@ enum BufferCommand {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    kip_shared::logging::init(
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        cfg.log_format,
+        &cfg.log_filter,
+    );
 }
 
 async fn shutdown_signal(cancel: CancellationToken) {

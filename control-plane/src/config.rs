@@ -498,14 +498,8 @@ impl Default for RawLog {
     }
 }
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line, for log shippers.
-    Json,
-    /// Human-readable lines, for terminals.
-    Text,
-}
+/// Log output format (`text`, `json` or `ecs`), shared with the other binary.
+pub use kip_shared::logging::LogFormat;
 
 /// Validated configuration.
 #[derive(Debug, Clone)]
@@ -737,16 +731,8 @@ impl RawConfig {
         if self.auth.admin_key_file.as_os_str().is_empty() {
             return Err(invalid("auth.admin_key_file", "must not be empty".into()));
         }
-        let log_format = match self.log.format.as_str() {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(invalid(
-                    "log.format",
-                    format!("must be \"json\" or \"text\", got {other:?}"),
-                ));
-            }
-        };
+        let log_format =
+            LogFormat::parse(&self.log.format).map_err(|e| invalid("log.format", e))?;
         let pki = self.pki.validate()?;
         let ingest = self.ingest.validate()?;
         let llm = self.llm.validate()?;
@@ -834,7 +820,7 @@ mod tests {
         let cfg = Config::load(Some(&path), no_env).unwrap();
         assert_eq!(cfg.listen_addr.port(), 8080);
         assert_eq!(cfg.request_body_limit_bytes, 1024 * 1024);
-        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert_eq!(cfg.log_format, LogFormat::Ecs);
         assert_eq!(cfg.pki.device_cert_lifetime, Duration::from_secs(86_400));
         assert_eq!(cfg.pki.agent_listen_addr.port(), 8443);
         assert!(cfg.pki.ca_dir.is_some());

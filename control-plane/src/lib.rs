@@ -485,15 +485,13 @@ async fn bootstrap_admin_key(cfg: &Config, pool: &PgPool) -> Result<(), db::DbEr
     Ok(())
 }
 
-/// Installs the global tracing subscriber according to the config.
+/// Installs the global tracing subscriber according to the config (see
+/// [`kip_shared::logging`]).
 pub fn init_tracing(format: config::LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        config::LogFormat::Json => builder.json().try_init(),
-        config::LogFormat::Text => builder.try_init(),
-    };
+    kip_shared::logging::init(
+        env!("CARGO_PKG_NAME"),
+        env!("CARGO_PKG_VERSION"),
+        format,
+        filter,
+    );
 }

@@ -1,7 +1,8 @@
 //! Wire types shared by the kip edge agent and the control plane.
 //!
 //! Invariants:
-//! - No I/O lives here: only data types, their validation and their encoding.
+//! - No I/O lives here: only data types, their validation and their encoding; the one
+//!   exception is [`logging`], the log subscriber both binaries install.
 //! - Every type that crosses the network is versioned through [`PROTOCOL_VERSION`];
 //!   a field added later is optional so that older peers keep decoding newer messages.
 
@@ -24,6 +25,7 @@ pub mod feature_set;
 pub mod features;
 pub mod health;
 pub mod live;
+pub mod logging;
 pub mod sync;
 pub mod validate;
 

@@ -34,8 +34,12 @@ pub struct ControlPlaneProcess {
     pub agent_port: u16,
     /// Holds `admin.key` and the fleet CA (`ca/`).
     pub dir: PathBuf,
-    /// The file the process's stderr is appended to; `None`: the test's stderr.
+    /// The file the process's stderr (`ecs`: stdout) is appended to; `None`: the test's
+    /// stderr.
     pub log: Option<PathBuf>,
+    /// `KIP_LOG_FORMAT` and `KIP_LOG_FILTER` (`text`, `warn` unless [`Self::with_ecs_log`]).
+    pub log_format: &'static str,
+    pub log_filter: &'static str,
 }
 
 impl ControlPlaneProcess {
@@ -49,7 +53,18 @@ impl ControlPlaneProcess {
             agent_port: free_port(),
             dir: dir.to_owned(),
             log: None,
+            log_format: "text",
+            log_filter: "warn",
         }
+    }
+
+    /// Logs in the `ecs` format at `filter` and appends stdout (where `ecs` lines go) to
+    /// `path`; stderr (only non-log output, like a panic) goes to the test's stderr.
+    pub fn with_ecs_log(mut self, path: PathBuf, filter: &'static str) -> Self {
+        self.log = Some(path);
+        self.log_format = "ecs";
+        self.log_filter = filter;
+        self
     }
 
     /// Appends the process's stderr to `path` instead of the test's stderr.
@@ -91,10 +106,18 @@ impl ControlPlaneProcess {
                     )
                     .env("KIP_ADMIN_KEY_FILE", self.dir.join("admin.key"))
                     .env("KIP_PKI_CA_DIR", self.dir.join("ca"))
-                    .env("KIP_LOG_FORMAT", "text")
-                    .env("KIP_LOG_FILTER", "warn")
-                    .stdout(Stdio::null())
-                    .stderr(log_target(self.log.as_deref()));
+                    .env("KIP_LOG_FORMAT", self.log_format)
+                    .env("KIP_LOG_FILTER", self.log_filter)
+                    .stdout(if self.log_format == "ecs" {
+                        log_target(self.log.as_deref())
+                    } else {
+                        Stdio::null()
+                    })
+                    .stderr(if self.log_format == "ecs" {
+                        Stdio::inherit()
+                    } else {
+                        log_target(self.log.as_deref())
+                    });
                 cmd
             },
         )

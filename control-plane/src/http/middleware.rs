@@ -1,11 +1,13 @@
-//! Middleware and fallbacks of every router: request metrics, the request timeout, and JSON
-//! answers for unknown routes and methods.
+//! Middleware and fallbacks of every router: request metrics and spans, the request timeout,
+//! and JSON answers for unknown routes and methods.
 //!
 //! Invariant: the `route` label is the matched route template (`/v1/organisations/{org_id}`),
 //! never the raw path, so label cardinality stays bounded whatever clients send; requests that
 //! match no route are counted under `route="unmatched"`.
 
 use std::time::Instant;
+
+use tracing::Instrument as _;
 
 use axum::{
     Json,
@@ -62,7 +64,9 @@ impl HttpMetrics {
     }
 }
 
-/// Counts every request and observes its latency.
+/// Counts every request and observes its latency. The request runs in a `request` span
+/// (method and route template, never the raw URI: a query string may carry a token), so every
+/// log line it causes shares one `trace.id` in the `ecs` log format.
 pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().as_str().to_owned();
@@ -70,7 +74,15 @@ pub async fn track(State(metrics): State<HttpMetrics>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let resp = next.run(req).await;
+    let span = tracing::info_span!("request", method = %method, route = %route);
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "request handled"
+        );
+    });
     let labels = HttpLabels {
         method,
         route,
