@@ -214,8 +214,111 @@ async fn platform_key_is_refused_and_query_is_strict_while_chat_is_lenient(pool:
         json!({"model": "nope/x", "messages": user("hi")}),
     )
     .await;
-    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
     assert!(r.message().contains("nope"), "{}", r.text);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(r.body["error"]["param"], "model");
+
+    // What the gateway forwards is checked: OpenAI's 400 naming the parameter, nothing sent.
+    let sent = fake.requests().len();
+    for (body, param, code) in [
+        (
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role",
+            "invalid_value",
+        ),
+        (
+            json!({"messages": [{"content": "hi"}]}),
+            "messages[0].role",
+            "missing_required_parameter",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": 7}]}),
+            "messages[0].content",
+            "invalid_type",
+        ),
+        (
+            json!({"messages": user("hi"), "temperature": "hot"}),
+            "temperature",
+            "invalid_type",
+        ),
+        (
+            json!({"messages": user("hi"), "temperature": 3}),
+            "temperature",
+            "decimal_above_max_value",
+        ),
+        (
+            json!({"messages": user("hi"), "top_p": -0.5}),
+            "top_p",
+            "decimal_below_min_value",
+        ),
+        (
+            json!({"messages": user("hi"), "max_tokens": "many"}),
+            "max_tokens",
+            "invalid_value",
+        ),
+        (
+            json!({"messages": user("hi"), "n": 0}),
+            "n",
+            "invalid_value",
+        ),
+        (
+            json!({"messages": user("hi"), "stream": "yes"}),
+            "stream",
+            "invalid_type",
+        ),
+        (json!({"messages": []}), "messages", "empty_array"),
+        (
+            json!({"model": 5, "messages": user("hi")}),
+            "model",
+            "invalid_type",
+        ),
+    ] {
+        let r = chat(&app, &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        let e = &r.body["error"];
+        assert_eq!(e["type"], "invalid_request_error", "{body}: {}", r.text);
+        assert_eq!(e["param"], param, "{body}: {}", r.text);
+        assert_eq!(e["code"], code, "{body}: {}", r.text);
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains(param.split('[').next().unwrap()),
+            "{}",
+            r.text
+        );
+    }
+    let r = app
+        .raw(
+            axum::http::Request::post("/v1/chat/completions")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .body(Body::from("{not json"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    assert_eq!(fake.requests().len(), sent, "nothing invalid was forwarded");
+
+    // /v1/query is typed: the same mistakes are a 400 naming the field.
+    for body in [
+        json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+        json!({"messages": user("hi"), "options": {"temperature": "hot"}}),
+    ] {
+        let r = app.post("/v1/query", &key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+    }
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"messages": user("hi"), "options": {"temperature": 3}}),
+        )
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.text);
+    assert!(r.message().contains("temperature"), "{}", r.text);
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
@@ -1068,6 +1171,14 @@ try:
     c.chat.completions.create(model="nope/x", messages=msgs)
 except openai.APIStatusError as e:
     out["error_status"] = e.status_code
+bad = []
+for kw in [dict(messages=[{"role": "wizard", "content": "hi"}]), dict(messages=msgs, temperature="hot"), dict(messages=msgs, temperature=3)]:
+    try:
+        c.chat.completions.create(model="fake/gpt-5", **kw)
+        bad.append("accepted")
+    except openai.BadRequestError as e:
+        bad.append([e.status_code, e.body["type"], e.body["param"], e.code])
+out["bad"] = bad
 print(json.dumps(out))
 "#;
     let out = tokio::process::Command::new("python3")
@@ -1090,7 +1201,25 @@ print(json.dumps(out))
         v["tool"],
         json!(["get_temperature", {"machine": "press-1"}])
     );
-    assert_eq!(v["error_status"], 422);
+    assert_eq!(v["error_status"], 400);
+    assert_eq!(
+        v["bad"],
+        json!([
+            [
+                400,
+                "invalid_request_error",
+                "messages[0].role",
+                "invalid_value"
+            ],
+            [400, "invalid_request_error", "temperature", "invalid_type"],
+            [
+                400,
+                "invalid_request_error",
+                "temperature",
+                "decimal_above_max_value"
+            ],
+        ])
+    );
     assert_eq!(fake.requests()[0]["user"], "u1");
 }
 

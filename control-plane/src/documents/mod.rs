@@ -414,6 +414,31 @@ async fn upload(
             )
         })?;
     // Refuse before parsing anything when the model is not loaded.
+    let doc = ingest(
+        &pool,
+        &docs,
+        org_id,
+        title,
+        media,
+        params.language.as_deref(),
+        body,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(doc)))
+}
+
+/// Extracts, chunks, embeds and stores one document of `org_id` in a row-level-security
+/// transaction: the path of `POST .../documents`, shared with the retrieval evaluation
+/// (`benches/retrieval_eval.rs`) so it measures what uploads store.
+pub async fn ingest(
+    pool: &PgPool,
+    docs: &Documents,
+    org_id: Uuid,
+    title: &str,
+    media: MediaType,
+    language: Option<&str>,
+    body: Bytes,
+) -> ApiResult<Document> {
     docs.embedder()?;
     let (chunk_chars, max_chunks) = (docs.cfg.chunk_chars, docs.cfg.max_chunks_per_document);
     let raw = body.clone();
@@ -437,7 +462,7 @@ async fn upload(
         .flat_map(|c| c.content.chars().take(400))
         .take(20_000)
         .collect();
-    let language = language_config(params.language.as_deref(), &sample)?;
+    let language = language_config(language, &sample)?;
     // The heading gives a passage its context in the embedding (not stored in content).
     let texts: Vec<String> = chunks
         .iter()
@@ -449,7 +474,7 @@ async fn upload(
     let vectors = docs.embed(texts).await?;
     let id = Uuid::new_v4();
     let sha256 = hex::encode(Sha256::digest(&body));
-    let mut tx = search::tenant_tx(&pool, org_id).await?;
+    let mut tx = search::tenant_tx(pool, org_id).await?;
     let doc: Document = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "INSERT INTO documents (id, org_id, title, media_type, language, size_bytes, sha256, \
          chunk_count, embedding_model) VALUES ($1, $2, $3, $4, $5::regconfig, $6, $7, $8, $9) \
@@ -495,7 +520,7 @@ async fn upload(
     .await?;
     tx.commit().await?;
     tracing::info!(%org_id, document_id = %id, chunks = chunks.len(), "document stored");
-    Ok((StatusCode::CREATED, Json(doc)))
+    Ok(doc)
 }
 
 async fn list(

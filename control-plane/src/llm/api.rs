@@ -6,7 +6,11 @@
 //!   gets 403.
 //! - `/v1/query` is strict (unknown fields are a 400 naming them); `/v1/chat/completions` is
 //!   lenient, because the OpenAI SDKs send fields kip does not know: they are passed on to
-//!   the provider untouched.
+//!   the provider untouched. The fields kip knows are checked before anything is forwarded
+//!   (message roles, `temperature`, `top_p`, penalties, token limits, `n`, `stream`).
+//! - Every client error of `/v1/chat/completions` is a 400 in OpenAI's shape
+//!   (`error.type = "invalid_request_error"`, `error.param`, `error.code`), so the SDKs raise
+//!   `BadRequestError`; it never answers 422.
 //! - Streams are never buffered: each provider event is written to the client as it arrives.
 
 use std::sync::Arc;
@@ -49,6 +53,39 @@ pub enum LlmApiError {
     Api(ApiError),
     /// 400 `model_not_found` naming the model.
     UnknownModel(String),
+    /// 400 `invalid_request_error` naming the parameter (`param` is null for the whole body).
+    Invalid {
+        param: Option<String>,
+        code: &'static str,
+        message: String,
+    },
+}
+
+impl LlmApiError {
+    fn invalid(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            param: Some(param.into()),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The OpenAI-compatible form: kip's 400/422 become OpenAI's 400 `invalid_request_error`.
+    fn openai(self) -> Self {
+        match self {
+            Self::Api(ApiError::Validation { field, message }) => Self::Invalid {
+                message: format!("{field}: {message}"),
+                param: Some(field),
+                code: "invalid_value",
+            },
+            Self::Api(ApiError::BadRequest(message)) => Self::Invalid {
+                param: None,
+                code: "invalid_request",
+                message,
+            },
+            other => other,
+        }
+    }
 }
 
 impl From<ApiError> for LlmApiError {
@@ -77,6 +114,20 @@ impl IntoResponse for LlmApiError {
                     "message": message,
                     "type": "invalid_request_error",
                     "param": "model",
+                }})),
+            )
+                .into_response(),
+            Self::Invalid {
+                param,
+                code,
+                message,
+            } => (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": param,
+                    "code": code,
                 }})),
             )
                 .into_response(),
@@ -156,7 +207,170 @@ pub async fn chat_completions(
     p: Principal,
     hdrs: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, LlmApiError> {
+    chat_completions_inner(gw, limits, p, hdrs, body)
+        .await
+        .map_err(LlmApiError::openai)
+}
+
+/// Roles OpenAI's chat API accepts (`function` is its deprecated predecessor of `tool`).
+const CHAT_ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+/// A number in `range`, or absent/null; otherwise the OpenAI error naming `param`.
+fn check_number(
+    obj: &Map<String, Value>,
+    param: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<Option<f64>, LlmApiError> {
+    match obj.get(param) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let v = n.as_f64().unwrap_or(f64::NAN);
+            if v < *range.start() {
+                Err(LlmApiError::invalid(
+                    param,
+                    "decimal_below_min_value",
+                    format!("{param} must be at least {}, got {v}", range.start()),
+                ))
+            } else if v > *range.end() {
+                Err(LlmApiError::invalid(
+                    param,
+                    "decimal_above_max_value",
+                    format!("{param} must be at most {}, got {v}", range.end()),
+                ))
+            } else {
+                Ok(Some(v))
+            }
+        }
+        Some(other) => Err(LlmApiError::invalid(
+            param,
+            "invalid_type",
+            format!("{param} must be a number, got {other}"),
+        )),
+    }
+}
+
+/// A positive integer, or absent/null; otherwise the OpenAI error naming `param`.
+fn check_count(obj: &Map<String, Value>, param: &str) -> Result<Option<u64>, LlmApiError> {
+    match obj.get(param) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(LlmApiError::invalid(
+                param,
+                "invalid_value",
+                format!("{param} must be a positive integer, got {v}"),
+            )),
+        },
+    }
+}
+
+/// Checks what kip forwards of an OpenAI chat request: the messages (objects with a known
+/// role and string/array/null content) and the sampling parameters.
+fn validate_chat(obj: &Map<String, Value>) -> Result<(), LlmApiError> {
+    let messages = match obj.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => m,
+        Some(Value::Array(_)) => {
+            return Err(LlmApiError::invalid(
+                "messages",
+                "empty_array",
+                "messages must be a non-empty array",
+            ));
+        }
+        Some(_) => {
+            return Err(LlmApiError::invalid(
+                "messages",
+                "invalid_type",
+                "messages must be an array of message objects",
+            ));
+        }
+        None => {
+            return Err(LlmApiError::invalid(
+                "messages",
+                "missing_required_parameter",
+                "messages is required",
+            ));
+        }
+    };
+    for (i, m) in messages.iter().enumerate() {
+        let Some(m) = m.as_object() else {
+            return Err(LlmApiError::invalid(
+                format!("messages[{i}]"),
+                "invalid_type",
+                format!("messages[{i}] must be an object"),
+            ));
+        };
+        match m.get("role") {
+            Some(Value::String(r)) if CHAT_ROLES.contains(&r.as_str()) => {}
+            Some(r) => {
+                return Err(LlmApiError::invalid(
+                    format!("messages[{i}].role"),
+                    "invalid_value",
+                    format!(
+                        "messages[{i}].role is {r}; expected one of {}",
+                        CHAT_ROLES.join(", ")
+                    ),
+                ));
+            }
+            None => {
+                return Err(LlmApiError::invalid(
+                    format!("messages[{i}].role"),
+                    "missing_required_parameter",
+                    format!("messages[{i}].role is required"),
+                ));
+            }
+        }
+        if let Some(c) = m.get("content")
+            && !matches!(c, Value::String(_) | Value::Array(_) | Value::Null)
+        {
+            return Err(LlmApiError::invalid(
+                format!("messages[{i}].content"),
+                "invalid_type",
+                format!("messages[{i}].content must be a string or an array of content parts"),
+            ));
+        }
+    }
+    check_number(obj, "temperature", 0.0..=2.0)?;
+    check_number(obj, "top_p", 0.0..=1.0)?;
+    check_number(obj, "presence_penalty", -2.0..=2.0)?;
+    check_number(obj, "frequency_penalty", -2.0..=2.0)?;
+    check_count(obj, "max_tokens")?;
+    check_count(obj, "max_completion_tokens")?;
+    check_count(obj, "n")?;
+    match obj.get("stream") {
+        None | Some(Value::Null | Value::Bool(_)) => {}
+        Some(_) => {
+            return Err(LlmApiError::invalid(
+                "stream",
+                "invalid_type",
+                "stream must be a boolean",
+            ));
+        }
+    }
+    match obj.get("model") {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(_) => Err(LlmApiError::invalid(
+            "model",
+            "invalid_type",
+            "model must be a string",
+        )),
+    }
+}
+
+async fn chat_completions_inner(
+    gw: Arc<Gateway>,
+    limits: HttpLimits,
+    p: Principal,
+    hdrs: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, LlmApiError> {
     let org_id = org_of(&p)?;
     let body = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -167,29 +381,28 @@ pub async fn chat_completions(
             ApiError::BadRequest(r.body_text())
         }
     })?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| LlmApiError::Invalid {
+        param: None,
+        code: "invalid_json",
+        message: format!("malformed JSON: {e}"),
+    })?;
     let Value::Object(mut obj) = v else {
-        return Err(ApiError::BadRequest(
-            "the body must be a JSON object".into(),
-        ));
+        return Err(LlmApiError::Invalid {
+            param: None,
+            code: "invalid_type",
+            message: "the body must be a JSON object".into(),
+        });
     };
+    validate_chat(&obj)?;
     let messages = obj.get("messages").cloned().unwrap_or(Value::Null);
-    if messages.as_array().is_none_or(Vec::is_empty) {
-        return Err(ApiError::validation(
-            "messages",
-            "must be a non-empty array",
-        ));
-    }
     let model = match obj.remove("model") {
         Some(Value::String(m)) => Some(m),
-        None | Some(Value::Null) => None,
-        Some(_) => return Err(ApiError::validation("model", "must be a string")),
+        _ => None,
     };
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::validation("stream", "must be a boolean")),
+        Some(_) => false, // rejected by validate_chat
     };
     let include_usage = obj
         .get("stream_options")
@@ -217,9 +430,10 @@ pub async fn chat_completions(
         Some("cost") => Some(Strategy::Cost),
         Some("latency") => Some(Strategy::Latency),
         Some(_) => {
-            return Err(ApiError::validation(
+            return Err(LlmApiError::invalid(
                 "x-kip-strategy",
-                "must be \"cost\" or \"latency\"",
+                "invalid_value",
+                "x-kip-strategy must be \"cost\" or \"latency\"",
             ));
         }
     };
@@ -236,7 +450,7 @@ pub async fn chat_completions(
         (estimate_tokens(&messages), max_out),
     ) {
         Ok(t) => t,
-        Err(e) => return Ok(LlmApiError::from(e).into_response()),
+        Err(e) => return Err(LlmApiError::from(e)),
     };
     let request_id = Uuid::new_v4();
     let in_flight = gw.admit(org_id, request_id).await?;
