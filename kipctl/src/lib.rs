@@ -1076,43 +1076,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     limit,
                     cursor,
                 } => {
-                    let mut q = vec![format!("limit={limit}")];
-                    q.extend(device.map(|d| format!("device_id={d}")));
-                    q.extend(
-                        machine
-                            .as_deref()
-                            .map(|m| format!("machine={}", query_escape(m))),
-                    );
-                    q.extend(
-                        cursor
-                            .as_deref()
-                            .map(|c| format!("cursor={}", query_escape(c))),
-                    );
-                    let page: MaintenanceEventPage =
-                        client.get(&format!("{base}?{}", q.join("&"))).await?;
+                    let q = page_query(*limit, *device, machine.as_deref(), cursor.as_deref());
+                    let page: MaintenanceEventPage = client.get(&format!("{base}?{q}")).await?;
                     (page.events, page.next_cursor)
                 }
             };
-            emit(
-                out,
-                json,
-                &events,
-                &["ID", "WHEN", "DEVICE", "MACHINE", "KIND", "NOTE"],
-                |es| {
-                    es.iter()
-                        .map(|e| {
-                            vec![
-                                e.id.to_string(),
-                                e.ts.to_rfc3339(),
-                                e.device_id.to_string(),
-                                e.machine.clone(),
-                                e.kind.clone(),
-                                e.note.clone(),
-                            ]
-                        })
-                        .collect()
-                },
-            )?;
+            emit_rows(out, json, &events)?;
             if let (Some(c), false) = (next, json) {
                 writeln!(out, "# more: --cursor {c}")?;
             }
@@ -1135,45 +1104,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     limit,
                     cursor,
                 } => {
-                    let mut q = vec![format!("limit={limit}")];
-                    q.extend(device.map(|d| format!("device_id={d}")));
-                    q.extend(
-                        machine
-                            .as_deref()
-                            .map(|m| format!("machine={}", query_escape(m))),
-                    );
-                    q.extend(
-                        cursor
-                            .as_deref()
-                            .map(|c| format!("cursor={}", query_escape(c))),
-                    );
-                    let page: PredictionPage =
-                        client.get(&format!("{base}?{}", q.join("&"))).await?;
+                    let q = page_query(*limit, *device, machine.as_deref(), cursor.as_deref());
+                    let page: PredictionPage = client.get(&format!("{base}?{q}")).await?;
                     (page.predictions, page.next_cursor)
                 }
             };
-            emit(
-                out,
-                json,
-                &preds,
-                &["WHEN", "DEVICE", "MACHINE", "MODEL", "RUL", "ANOMALY"],
-                |ps| {
-                    ps.iter()
-                        .map(|p| {
-                            vec![
-                                p.ts.to_rfc3339(),
-                                p.device_id.to_string(),
-                                p.machine.clone(),
-                                p.model_version.clone(),
-                                format!("{:.1}", p.rul_cycles),
-                                p.anomaly_score
-                                    .map(|a| format!("{a:.3}"))
-                                    .unwrap_or_else(|| "-".into()),
-                            ]
-                        })
-                        .collect()
-                },
-            )?;
+            emit_rows(out, json, &preds)?;
             if let (Some(c), false) = (next, json) {
                 writeln!(out, "# more: --cursor {c}")?;
             }
@@ -1679,6 +1615,49 @@ async fn config_cmd(
                 },
             )
         }
+    }
+}
+
+/// The query of a filtered, keyset-paged list: `limit`, then the filters that are set.
+fn page_query(
+    limit: i64,
+    device: Option<Uuid>,
+    machine: Option<&str>,
+    cursor: Option<&str>,
+) -> String {
+    let mut q = vec![format!("limit={limit}")];
+    q.extend(device.map(|d| format!("device_id={d}")));
+    q.extend(machine.map(|m| format!("machine={}", query_escape(m))));
+    q.extend(cursor.map(|c| format!("cursor={}", query_escape(c))));
+    q.join("&")
+}
+
+impl TableRow for MaintenanceEvent {
+    const HEADERS: &'static [&'static str] = &["ID", "WHEN", "DEVICE", "MACHINE", "KIND", "NOTE"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.ts.to_rfc3339(),
+            self.device_id.to_string(),
+            self.machine.clone(),
+            self.kind.clone(),
+            self.note.clone(),
+        ]
+    }
+}
+
+impl TableRow for PredictionRecord {
+    const HEADERS: &'static [&'static str] =
+        &["WHEN", "DEVICE", "MACHINE", "MODEL", "RUL", "ANOMALY"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.ts.to_rfc3339(),
+            self.device_id.to_string(),
+            self.machine.clone(),
+            self.model_version.clone(),
+            format!("{:.1}", self.rul_cycles),
+            or_dash(self.anomaly_score.map(|a| format!("{a:.3}"))),
+        ]
     }
 }
 
