@@ -177,15 +177,14 @@ async fn list_feature_sets(
 ) -> ApiResult<Json<Vec<FeatureSetInfo>>> {
     let org_id = p.org_scope(org_id)?;
     let limit = list_limit(q)?;
-    let rows: Vec<FeatureSetRow> = sqlx::query_as(
+    crate::http::list_rows::<FeatureSetRow, _>(
+        &pool,
         "SELECT feature_set_id, sha256, document, created_at FROM feature_sets \
          WHERE org_id = $1 ORDER BY feature_set_id LIMIT $2",
+        Some(org_id),
+        limit,
     )
-    .bind(org_id)
-    .bind(limit)
-    .fetch_all(&pool)
-    .await?;
-    Ok(Json(rows.into_iter().map(Into::into).collect()))
+    .await
 }
 
 // ---------- maintenance events ----------
