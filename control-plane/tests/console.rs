@@ -14,7 +14,6 @@
     reason = "test code: a failure should abort the test"
 )]
 
-
 use serde_json::json;
 use sqlx::PgPool;
 
@@ -376,21 +375,45 @@ async fn an_operator_rolls_a_model_out_and_back_in_the_browser_and_a_viewer_cann
         buffer_max_bytes: 100 << 20,
         buffer_records: 1234,
         oldest_unsynced_age_s: Some(42.0),
-        cert_not_after: Some(chrono::Utc::now() + chrono::Duration::days(12) + chrono::Duration::hours(2)),
+        cert_not_after: Some(
+            chrono::Utc::now() + chrono::Duration::days(12) + chrono::Duration::hours(2),
+        ),
         running_model: Some("rul-fd001@1.0".into()),
         model_drift: Some(0.125),
         disk_free_bytes: Some(30 << 30),
         disk_total_bytes: Some(64 << 30),
+        sources: vec![
+            kip_shared::health::SourceHealth {
+                name: "press-plc".into(),
+                kind: "opcua".into(),
+                connected: true,
+                last_value_age_s: Some(1.0),
+                reconnects: 2,
+            },
+            kip_shared::health::SourceHealth {
+                name: "energy-meter".into(),
+                kind: "mqtt".into(),
+                connected: false,
+                last_value_age_s: Some(900.0),
+                reconnects: 17,
+            },
+        ],
         ..Default::default()
     };
-    kip_control_plane::health::record(&pool, org, press, &report)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE devices SET last_seen_at = now() WHERE id = $1")
-        .bind(press)
+    // press-1 and oven-1 report now, press-2 went quiet four minutes ago (stale).
+    for (device, age_s) in [(press, 0), (devices[2], 5), (devices[1], 240)] {
+        kip_control_plane::health::record(&pool, org, device, &report)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE devices SET last_seen_at = now() - $2 * interval '1 second' WHERE id = $1",
+        )
+        .bind(device)
+        .bind(f64::from(age_s))
         .execute(&pool)
         .await
         .unwrap();
+    }
     sqlx::query(
         "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value) \
          SELECT $1, $2, 1, g, 'm1', CASE WHEN g % 2 = 0 THEN 'spindle_temp' ELSE 'vibration' END, \
@@ -485,6 +508,8 @@ async fn an_operator_rolls_a_model_out_and_back_in_the_browser_and_a_viewer_cann
     let page = br.html().await;
     assert!(br.url().await.ends_with(&press.to_string()));
     for want in [
+        "press-plc",
+        "energy-meter",
         "spindle_temp",
         "vibration",
         "RUL",

@@ -176,7 +176,7 @@ table{border-collapse:collapse;background:#fff;width:100%}th,td{padding:6px 10px
 .err{color:#c5221f;font-weight:600}.warn{color:#b06000;font-weight:600}.ok{color:#137333}\
 .notice{background:#e6f4ea;padding:8px 12px;border-radius:4px}.note{background:#fef7e0;padding:8px 12px;border-radius:4px}\
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;padding:8px;border-radius:6px}\
-.chart svg{display:block}.chart polyline{fill:none;stroke:#1a73e8;stroke-width:1.5}.chart .pred{stroke:#c5221f}\
+.chart svg{display:block}figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}.chart polyline{fill:none;stroke:#1a73e8;stroke-width:1.5}.chart .pred{stroke:#c5221f}\
 .chart text{font-size:11px;fill:#5f6b7a}.chart line{stroke:#dde3ea}h2{margin-top:24px}td form{margin:0}dl{display:grid;grid-template-columns:max-content auto;gap:4px 16px;background:#fff;padding:12px}";
 
 fn page(title: &str, signed_in: bool, body: &str) -> Html<String> {
@@ -562,7 +562,7 @@ async fn fleet(
         ));
     }
     body.push_str(&format!(
-        "<input type=\"search\" name=\"q\" placeholder=\"name or label key=value\" value=\"{}\"> \
+        "<input type=\"search\" name=\"q\" size=\"30\" placeholder=\"name or label key=value\" value=\"{}\"> \
          <select name=\"state\"><option value=\"\">any state</option>",
         esc(q.unwrap_or(""))
     ));
