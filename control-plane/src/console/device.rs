@@ -177,13 +177,16 @@ pub(super) async fn page(
     Ok(render(&d.name, true, &body).into_response())
 }
 
+/// The points of one chart.
+type Series = Vec<(DateTime<Utc>, f64)>;
+
 /// The charts of the device's recent readings (one per series) and predictions (remaining
 /// useful life per machine).
 async fn charts(pool: &PgPool, org: Uuid, device: Uuid) -> Result<String, ConsoleError> {
     let readings = recent::recent_readings(pool, org, device, MAX_SERIES, POINTS).await?;
     let predictions = recent::recent_predictions(pool, org, device, POINTS).await?;
     let mut out = String::from("<h2>Recent readings and predictions</h2><div class=\"charts\">");
-    let mut series: Vec<(String, Vec<(DateTime<Utc>, f64)>)> = Vec::new();
+    let mut series: Vec<(String, Series)> = Vec::new();
     for p in readings {
         let name = if p.machine.is_empty() {
             p.metric.clone()
@@ -195,7 +198,7 @@ async fn charts(pool: &PgPool, org: Uuid, device: Uuid) -> Result<String, Consol
             _ => series.push((name, vec![(p.ts, p.value)])),
         }
     }
-    let mut by_machine: Vec<(String, Vec<(DateTime<Utc>, f64)>)> = Vec::new();
+    let mut by_machine: Vec<(String, Series)> = Vec::new();
     for p in predictions {
         let name = format!("{} RUL (cycles, {})", p.machine, p.model_version);
         match by_machine.iter_mut().find(|(n, _)| *n == name) {
