@@ -119,6 +119,22 @@ async fn sign_in_find_a_device_and_the_key_scope_applies(pool: PgPool) {
         "a key whose role cannot read devices cannot sign in"
     );
 
+    let r = b
+        .http
+        .post(format!("{}/console/login", b.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "cross-site")
+        .body(format!("api_key={acme_key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        403,
+        "a sign-in form posted from another site"
+    );
+    assert!(r.headers().get("set-cookie").is_none());
+
     let r = b.login(&acme_key).await;
     assert_eq!(r.status().as_u16(), 303);
     let (cookie, set_cookie) = session_cookie(&r);
@@ -529,6 +545,11 @@ async fn an_operator_rolls_a_model_out_and_back_in_the_browser_and_a_viewer_cann
         lines,
         json!(3),
         "one chart per series and one of predictions"
+    );
+    assert!(
+        page.len() < 64 * 1024,
+        "the device page with its charts stays small: {} bytes",
+        page.len()
     );
     br.screenshot(&shots.join("console-device.png")).await;
 

@@ -444,6 +444,7 @@ async fn login(
     State(pool): State<PgPool>,
     State(keys): State<Arc<KeyCache>>,
     State(sessions): State<Arc<Sessions>>,
+    headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
     let Ok(Form(form)) = form else {
@@ -453,6 +454,18 @@ async fn login(
         )
             .into_response();
     };
+    // A sign-in form posted from another site would sign the browser in with someone
+    // else's key (login CSRF).
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes() == b"cross-site")
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            sign_in_page(Some("Sign in from the console's own page.")),
+        )
+            .into_response();
+    }
     let key = form.api_key.trim().to_owned();
     match authenticate_key(&key, &pool, &keys).await {
         Ok(_) => {

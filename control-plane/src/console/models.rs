@@ -158,10 +158,10 @@ pub(super) async fn page(
     body.push_str("</tbody></table>");
     if !rollable.is_empty() {
         body.push_str(&format!(
-            "<p><form method=\"post\" action=\"/console/models/rollout\">{csrf}\
+            "<form method=\"post\" action=\"/console/models/rollout\">{csrf}\
              <input type=\"hidden\" name=\"org\" value=\"{org}\">\
              <label>Selector <input name=\"group\" placeholder=\"line=a\" required></label> {} \
-             <button>Roll out to group</button></form></p>",
+             <button>Roll out to group</button></form>",
             model_select("model")
         ));
     }
