@@ -28,6 +28,7 @@
 //! | [`certs`] | test CAs and certificates ([`BrokerPki`], [`device_identity`]) |
 //! | [`model_artifacts`] | writes around the API into the model artifact tables (signing tests) |
 //! | [`artifacts`] | the ONNX Runtime library, the reference model, workspace binaries |
+//! | [`browser`] | [`Browser`](browser::Browser): headless Debian chromium driven over the DevTools protocol |
 //! | [`binaries`] | the `kip-control-plane` and `kip-agent` binaries as child processes (crash tests) |
 //! | [`control_plane`] | the in-process control plane (admin API + mTLS agent listener) |
 //! | [`agent`] | agent pieces for sync tests: buffer, readings, sync loop, renewer |
@@ -42,6 +43,7 @@
 pub mod agent;
 pub mod artifacts;
 pub mod binaries;
+pub mod browser;
 pub mod certs;
 pub mod control_plane;
 pub mod eventually;

@@ -448,14 +448,15 @@ async fn audit_rows(
     .await
 }
 
-/// The newest `limit` audit entries of an organisation (for the console; the caller checked
-/// the organisation against its principal).
+/// The newest `limit` audit entries of an organisation older than entry `before` (keyset
+/// pagination, for the console; the caller checked the organisation against its principal).
 pub async fn recent_audit(
     pool: &PgPool,
     org_id: Uuid,
+    before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<AuditEntry>, sqlx::Error> {
-    Ok(audit_rows(pool, org_id, None, limit)
+    Ok(audit_rows(pool, org_id, before, limit)
         .await?
         .into_iter()
         .map(Into::into)

@@ -243,6 +243,20 @@ struct Row {
     age_s: Option<f64>,
     received_at: Option<DateTime<Utc>>,
     report: Option<serde_json::Value>,
+    labels: serde_json::Value,
+}
+
+impl Row {
+    /// Whether the name or a label (`key=value`) contains `needle` (lower case).
+    fn matches(&self, needle: &str) -> bool {
+        self.name.to_lowercase().contains(needle)
+            || self.labels.as_object().is_some_and(|labels| {
+                labels.iter().any(|(k, v)| {
+                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                    format!("{k}={v}").to_lowercase().contains(needle)
+                })
+            })
+    }
 }
 
 impl Row {
@@ -261,8 +275,8 @@ impl Row {
 }
 
 const SELECT: &str = "SELECT d.id, d.org_id, d.name, d.last_seen_at, \
-     EXTRACT(EPOCH FROM now() - d.last_seen_at)::float8 AS age_s, h.received_at, h.report \
-     FROM devices d LEFT JOIN device_health h ON h.device_id = d.id AND h.org_id = d.org_id ";
+     EXTRACT(EPOCH FROM now() - d.last_seen_at)::float8 AS age_s, h.received_at, h.report, \
+     d.labels FROM devices d LEFT JOIN device_health h ON h.device_id = d.id AND h.org_id = d.org_id ";
 
 /// `?state=&q=&limit=` of the fleet list.
 #[derive(Debug, Deserialize)]
@@ -271,7 +285,7 @@ pub struct FleetQuery {
     /// Only devices in this state (`ONLINE`, `STALE`, `OFFLINE`; any case).
     #[serde(default)]
     pub state: Option<String>,
-    /// Only devices whose name contains this (case-insensitive).
+    /// Only devices whose name or a label (`key=value`) contains this (case-insensitive).
     #[serde(default)]
     pub q: Option<String>,
     #[serde(default = "default_limit")]
@@ -308,11 +322,7 @@ pub async fn fleet(
             DeviceState::Stale => counts.stale += 1,
             DeviceState::Offline => counts.offline += 1,
         }
-        if state.is_some_and(|want| want != s)
-            || needle
-                .as_deref()
-                .is_some_and(|n| !r.name.to_lowercase().contains(n))
-        {
+        if state.is_some_and(|want| want != s) || needle.as_deref().is_some_and(|n| !r.matches(n)) {
             continue;
         }
         devices.push((s, r.into_api(cfg)));

@@ -604,6 +604,46 @@ pub async fn authorize(State(st): State<AuthState>, req: Request, next: Next) ->
     resp
 }
 
+/// The permission the `/v1` route `path` (template) needs for `method`, as [`authorize`]
+/// checks it; a route without a rule needs an admin role. Other entry points that act like a
+/// `/v1` call (the web console's actions) check this, so there is one authorisation table.
+pub fn permission_for(method: &str, path: &str) -> Option<Permission> {
+    match lookup(method, path) {
+        Lookup::Rule(r) => r.permission,
+        Lookup::OtherMethod | Lookup::Unmapped => Some(P::Unmapped),
+    }
+}
+
+/// Writes the audit row of a state-changing call made with a key outside `/v1` (the web
+/// console's actions): the same row [`authorize`] writes, with the same organisation rule
+/// (the caller's own organisation for an organisation key, `org_in_path` for a platform key).
+#[expect(clippy::too_many_arguments, reason = "one audit row's fields")]
+pub async fn audit(
+    pool: &PgPool,
+    auth: &Authenticated,
+    action: &'static str,
+    method: &str,
+    target: &str,
+    client_ip: Option<std::net::IpAddr>,
+    org_in_path: Option<Uuid>,
+    status: u16,
+) -> sqlx::Result<()> {
+    let rec = AuditRecord {
+        key_id: auth.principal.key_id,
+        key_name: auth.key_name.clone(),
+        role: auth.principal.role.as_str(),
+        action,
+        method: method.to_owned(),
+        target: target.chars().take(MAX_TARGET_CHARS).collect(),
+        client_ip,
+    };
+    let org_id = match auth.principal.scope {
+        Scope::Org(own) => Some(own),
+        Scope::Platform => org_in_path,
+    };
+    rec.write(pool, org_id, status).await
+}
+
 async fn org_in_path(parts: &mut Parts) -> Option<Uuid> {
     let params = RawPathParams::from_request_parts(parts, &()).await.ok()?;
     params

@@ -225,3 +225,61 @@ mod tests {
         assert!((s.unflushed_usd() - 2.0).abs() < 1e-12);
     }
 }
+
+/// Month-to-date spend of each organisation as written to `llm_spend` (the ledger's
+/// unwritten rest is at most one flush interval behind), for the console. `org`: only that
+/// organisation (the caller checked it against its principal); `None`: every organisation
+/// (platform keys).
+pub async fn spend_by_org(
+    pool: &PgPool,
+    org: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, f64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT o.id, o.name, COALESCE(s.usd, 0)::float8 FROM organisations o \
+         LEFT JOIN llm_spend s ON s.org_id = o.id AND s.month = $1 \
+         WHERE ($2::uuid IS NULL OR o.id = $2) ORDER BY 3 DESC, o.name LIMIT $3",
+    )
+    .bind(this_month())
+    .bind(org)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// LLM calls of one organisation per provider and model over the last `days` days.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Usage {
+    pub provider: String,
+    pub model: String,
+    pub calls: i64,
+    pub errors: i64,
+    pub cache_hits: i64,
+    pub tokens_in: i64,
+    pub tokens_out: i64,
+    pub cost_usd: f64,
+    pub p50_latency_ms: Option<f64>,
+    pub p99_latency_ms: Option<f64>,
+}
+
+/// Usage of `org` from `inference_logs` over the last `days` days (an index range scan of
+/// `inference_logs_org_time`), most expensive first.
+pub async fn usage(pool: &PgPool, org: Uuid, days: i32) -> Result<Vec<Usage>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT provider, model, count(*) AS calls, \
+                count(*) FILTER (WHERE status <> 'ok') AS errors, \
+                count(*) FILTER (WHERE cache_hit) AS cache_hits, \
+                COALESCE(sum(tokens_in), 0)::int8 AS tokens_in, \
+                COALESCE(sum(tokens_out), 0)::int8 AS tokens_out, \
+                COALESCE(sum(cost_usd), 0)::float8 AS cost_usd, \
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_latency_ms, \
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99_latency_ms \
+         FROM inference_logs \
+         WHERE org_id = $1 AND created_at > now() - make_interval(days => $2) \
+         GROUP BY provider, model ORDER BY cost_usd DESC, calls DESC LIMIT 100",
+    )
+    .bind(org)
+    .bind(days)
+    .fetch_all(pool)
+    .await
+}

@@ -36,8 +36,9 @@ use uuid::Uuid;
 
 use self::mlflow::MlflowSync;
 pub use self::registry::{
-    MAX_ARTIFACT_BYTES, admin_artifact_path, agent_download_path, artifact_for_device, desired_for,
-    record_running, rollout_status,
+    GroupRollout, MAX_ARTIFACT_BYTES, ModelVersion, admin_artifact_path, agent_download_path,
+    artifact_for_device, desired_for, group_rollouts, model_versions, record_running, roll_back,
+    rollout_status, set_desired_model, set_desired_model_for_group,
 };
 use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, get_row,

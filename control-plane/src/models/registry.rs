@@ -542,35 +542,33 @@ pub async fn put_desired_model(
     ApiJson(body): ApiJson<SetDesiredModel>,
 ) -> ApiResult<Json<DeviceModelStatus>> {
     let org_id = p.org_scope(org_id)?;
+    Ok(Json(
+        set_desired_model(&pool, org_id, device_id, body.model_id).await?,
+    ))
+}
+
+/// Rolls `model_id` (which must have an uploaded artifact) out to one device, or halts the
+/// device's own rollout (`None`: its device row is removed, so a group rollout that matches
+/// its labels applies again, else nothing). The API's `PUT .../desired-model` and the
+/// console's actions both come here; the caller checked the organisation and the role.
+pub async fn set_desired_model(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+    model_id: Option<Uuid>,
+) -> ApiResult<DeviceModelStatus> {
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM devices WHERE org_id = $1 AND id = $2)")
             .bind(org_id)
             .bind(device_id)
-            .fetch_one(&pool)
+            .fetch_one(pool)
             .await?;
     if !exists {
         return Err(ApiError::NotFound("device"));
     }
-    match body.model_id {
+    match model_id {
         Some(model_id) => {
-            let has_artifact: Option<bool> = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) \
-                 FROM ai_models m WHERE m.org_id = $1 AND m.id = $2",
-            )
-            .bind(org_id)
-            .bind(model_id)
-            .fetch_optional(&pool)
-            .await?;
-            match has_artifact {
-                None => return Err(ApiError::validation("model_id", "no such model")),
-                Some(false) => {
-                    return Err(ApiError::validation(
-                        "model_id",
-                        "the model has no uploaded artifact (PUT .../artifact first)",
-                    ));
-                }
-                Some(true) => {}
-            }
+            check_rollable(pool, org_id, model_id).await?;
             sqlx::query(
                 "INSERT INTO desired_models (id, org_id, device_id, model_id) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (org_id, device_id) WHERE device_id IS NOT NULL \
@@ -580,7 +578,7 @@ pub async fn put_desired_model(
             .bind(org_id)
             .bind(device_id)
             .bind(model_id)
-            .execute(&pool)
+            .execute(pool)
             .await?;
             tracing::info!(%org_id, %device_id, %model_id, "model rolled out to device");
         }
@@ -588,13 +586,125 @@ pub async fn put_desired_model(
             sqlx::query("DELETE FROM desired_models WHERE org_id = $1 AND device_id = $2")
                 .bind(org_id)
                 .bind(device_id)
-                .execute(&pool)
+                .execute(pool)
                 .await?;
             tracing::info!(%org_id, %device_id, "model rollout to device removed");
         }
     }
-    let mut status = statuses(&pool, org_id, Some(device_id), 1).await?;
-    status.pop().map(Json).ok_or(ApiError::NotFound("device"))
+    let mut status = statuses(pool, org_id, Some(device_id), 1).await?;
+    status.pop().ok_or(ApiError::NotFound("device"))
+}
+
+/// Checks that `model_id` is a model of `org_id` with an uploaded artifact (what a device
+/// needs to download it).
+async fn check_rollable(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<()> {
+    let has_artifact: Option<bool> = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) \
+         FROM ai_models m WHERE m.org_id = $1 AND m.id = $2",
+    )
+    .bind(org_id)
+    .bind(model_id)
+    .fetch_optional(pool)
+    .await?;
+    match has_artifact {
+        None => Err(ApiError::validation("model_id", "no such model")),
+        Some(false) => Err(ApiError::validation(
+            "model_id",
+            "the model has no uploaded artifact (PUT .../artifact first)",
+        )),
+        Some(true) => Ok(()),
+    }
+}
+
+/// Rolls `model_id` out to a device group: every device whose labels contain `selector` (a
+/// non-empty object of label values); `None` halts the group's rollout. A device's own row
+/// still wins over any group. The caller checked the organisation and the role.
+pub async fn set_desired_model_for_group(
+    pool: &PgPool,
+    org_id: Uuid,
+    selector: &serde_json::Map<String, serde_json::Value>,
+    model_id: Option<Uuid>,
+) -> ApiResult<u64> {
+    if selector.is_empty() {
+        return Err(ApiError::validation(
+            "selector",
+            "must name at least one label",
+        ));
+    }
+    let selector = serde_json::Value::Object(selector.clone());
+    match model_id {
+        Some(model_id) => {
+            check_rollable(pool, org_id, model_id).await?;
+            sqlx::query(
+                "INSERT INTO desired_models (id, org_id, selector, model_id) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (org_id, selector) WHERE selector IS NOT NULL \
+                 DO UPDATE SET model_id = EXCLUDED.model_id, updated_at = now()",
+            )
+            .bind(Uuid::new_v4())
+            .bind(org_id)
+            .bind(&selector)
+            .bind(model_id)
+            .execute(pool)
+            .await?;
+            tracing::info!(%org_id, %selector, %model_id, "model rolled out to device group");
+        }
+        None => {
+            sqlx::query("DELETE FROM desired_models WHERE org_id = $1 AND selector = $2")
+                .bind(org_id)
+                .bind(&selector)
+                .execute(pool)
+                .await?;
+            tracing::info!(%org_id, %selector, "model rollout to device group removed");
+        }
+    }
+    let matched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM devices WHERE org_id = $1 AND labels @> $2")
+            .bind(org_id)
+            .bind(&selector)
+            .fetch_one(pool)
+            .await?;
+    Ok(u64::try_from(matched).unwrap_or(0))
+}
+
+/// Rolls one device back to the previous version of the model desired for it: the newest
+/// version of the same model name registered before it that has an artifact. Refused (409)
+/// when nothing is rolled out to the device or there is no earlier version.
+pub async fn roll_back(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+) -> ApiResult<DeviceModelStatus> {
+    let current = statuses(pool, org_id, Some(device_id), 1)
+        .await?
+        .pop()
+        .ok_or(ApiError::NotFound("device"))?;
+    let Some(current_id) = current.desired_model_id else {
+        return Err(ApiError::Conflict(
+            "nothing is rolled out to this device, so there is nothing to roll back".into(),
+        ));
+    };
+    let previous: Option<Uuid> = sqlx::query_scalar(
+        "SELECT p.id FROM ai_models c \
+         JOIN ai_models p ON p.org_id = c.org_id AND p.name = c.name \
+              AND (p.created_at, p.id) < (c.created_at, c.id) \
+         WHERE c.org_id = $1 AND c.id = $2 \
+           AND EXISTS (SELECT 1 FROM model_artifacts a WHERE a.org_id = p.org_id AND a.model_id = p.id) \
+         ORDER BY p.created_at DESC, p.id DESC LIMIT 1",
+    )
+    .bind(org_id)
+    .bind(current_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(previous) = previous else {
+        return Err(ApiError::Conflict(format!(
+            "{} has no earlier version with an uploaded artifact to roll back to",
+            current
+                .desired_model
+                .as_deref()
+                .unwrap_or("the desired model")
+        )));
+    };
+    set_desired_model(pool, org_id, device_id, Some(previous)).await
 }
 
 /// Desired vs running model of every device of `org_id` (for the console; the caller
@@ -641,4 +751,58 @@ pub async fn list_device_model_status(
 ) -> ApiResult<Json<Vec<DeviceModelStatus>>> {
     let org_id = p.org_scope(org_id)?;
     Ok(Json(statuses(&pool, org_id, None, 1000).await?))
+}
+
+/// One model version as the console lists it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelVersion {
+    pub id: Uuid,
+    pub name: String,
+    pub version: String,
+    pub stage: String,
+    /// An artifact is uploaded, so the version can be rolled out.
+    pub has_artifact: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The newest `limit` model versions of `org_id` (the caller checked the organisation).
+pub async fn model_versions(
+    pool: &PgPool,
+    org_id: Uuid,
+    limit: i64,
+) -> Result<Vec<ModelVersion>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.id, m.name, m.version, m.stage, \
+                EXISTS (SELECT 1 FROM model_artifacts a WHERE a.org_id = m.org_id AND a.model_id = m.id) \
+                    AS has_artifact, m.created_at \
+         FROM ai_models m WHERE m.org_id = $1 ORDER BY m.name, m.created_at DESC, m.id DESC LIMIT $2",
+    )
+    .bind(org_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// A rollout to a device group (a label selector).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct GroupRollout {
+    pub selector: sqlx::types::Json<serde_json::Map<String, serde_json::Value>>,
+    /// `name@version`.
+    pub model: String,
+    pub devices: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The group rollouts of `org_id` with how many devices each selector matches.
+pub async fn group_rollouts(pool: &PgPool, org_id: Uuid) -> Result<Vec<GroupRollout>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT dm.selector, m.name || '@' || m.version AS model, \
+                (SELECT count(*) FROM devices d WHERE d.org_id = dm.org_id AND d.labels @> dm.selector) \
+                    AS devices, dm.updated_at \
+         FROM desired_models dm JOIN ai_models m ON m.org_id = dm.org_id AND m.id = dm.model_id \
+         WHERE dm.org_id = $1 AND dm.selector IS NOT NULL ORDER BY dm.updated_at DESC LIMIT 200",
+    )
+    .bind(org_id)
+    .fetch_all(pool)
+    .await
 }

@@ -224,7 +224,9 @@ async fn revoke_device(
 
 // ---------- CA status and reload (platform admin) ----------
 
-async fn ca_status_of(pool: &PgPool, metrics: &PkiMetrics, pki: &Pki) -> ApiResult<CaStatus> {
+/// The CA in use and how many devices each intermediate serves (`GET /v1/pki/ca` and the
+/// console; the caller checked the key is a platform admin).
+pub async fn ca_status_of(pool: &PgPool, metrics: &PkiMetrics, pki: &Pki) -> ApiResult<CaStatus> {
     let (current, previous, other) = super::count_devices_by_issuer(pki, pool, metrics).await?;
     let ca = pki.ca();
     let info = |i: &kip_certs::Intermediate| CaCertInfo {

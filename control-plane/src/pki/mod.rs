@@ -42,6 +42,7 @@ use chrono::{DateTime, Utc};
 use kip_certs::{CaPaths, FleetCa, RevokedSerial, ServerIdentity};
 use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use uuid::Uuid;
 
 use self::metrics::{CaLabels, IssuerLabels, ReloadLabels};
 pub use self::{
@@ -55,7 +56,38 @@ pub mod enroll_limit;
 mod metrics;
 mod ot_api;
 
-pub use self::api::router;
+pub use self::api::{ca_status_of, router};
+
+/// The newest certificate of each device of an organisation that is not revoked, soonest
+/// expiry first (for the console).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeviceCertExpiry {
+    pub device_id: Uuid,
+    pub device_name: Option<String>,
+    pub serial: String,
+    pub issued_at: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+}
+
+/// Each device's newest unrevoked certificate in `org_id`, soonest `not_after` first, at most
+/// `limit` (the caller checked the organisation against its principal).
+pub async fn device_cert_expiries(
+    pool: &PgPool,
+    org_id: Uuid,
+    limit: i64,
+) -> Result<Vec<DeviceCertExpiry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM (SELECT DISTINCT ON (c.device_id) c.device_id, d.name AS device_name, \
+                c.serial, c.issued_at, c.not_after \
+         FROM certificates c LEFT JOIN devices d ON d.org_id = c.org_id AND d.id = c.device_id \
+         WHERE c.org_id = $1 AND c.revoked_at IS NULL \
+         ORDER BY c.device_id, c.not_after DESC) x ORDER BY not_after LIMIT $2",
+    )
+    .bind(org_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
 
 /// Why the PKI could not be set up or refreshed.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,8 @@ pub mod latest;
 mod metrics;
 mod predictions;
 mod query;
+/// A device's recent readings and predictions (the console's chart).
+pub mod recent;
 pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx, decode_cursor, encode_cursor};
 
 use axum::{Router, body::Bytes, extract::FromRef, routing::get};
