@@ -1,8 +1,9 @@
 //! Issue #16's "done when", with the real binaries: `kip-control-plane` (short `[health]`
 //! windows from a config file), `kip-agent run`, `kipctl device health` and the console read
 //! over HTTP, and a real Prometheus scraping the control plane with the shipped alert rules
-//! (`kip_tests::Prometheus`, every rule's `for:` at 0 s). Three faults, each seen in the API,
-//! in `kipctl`, on the console and as a firing alert, and each undone:
+//! (`kip_tests::Prometheus`, every rule's `for:` at 0 s). Three faults, each seen in the API
+//! (the report and its `flags`), in `kipctl` (its columns and FLAGS), on the console and as
+//! a firing alert, and each undone:
 //! - the agent is killed (SIGKILL): OFFLINE and `KipDeviceOffline`; restarted: ONLINE again
 //!   and the alert resolves;
 //! - the agent's state volume (a small tmpfs) fills up: the report's free space drops and
@@ -240,12 +241,15 @@ async fn a_killed_agent_turns_offline_everywhere_fires_the_alert_and_recovers_af
     let mut s = Stack::start(work.path(), &work.path().join("state"), "").await;
 
     // Running: ONLINE in the API, kipctl and the console; Prometheus sees it and no alert.
-    s.wait_health("ONLINE with a report", |h| {
-        h["state"] == "ONLINE" && !h["report"]["cert_not_after"].is_null()
-    })
-    .await;
+    let h = s
+        .wait_health("ONLINE with a report", |h| {
+            h["state"] == "ONLINE" && !h["report"]["cert_not_after"].is_null()
+        })
+        .await;
+    assert_eq!(h["flags"], json!([]), "a healthy device has no flags: {h}");
     let (header, row) = s.kipctl_row(&[]).await;
     assert_eq!(column(&header, &row, "STATE"), "ONLINE", "{header}\n{row}");
+    assert_eq!(column(&header, &row, "FLAGS"), "-", "{header}\n{row}");
     assert!(s.console_fleet_row().await.contains(">ONLINE<"));
     eventually(WAIT, || async {
         let online = s
@@ -373,6 +377,7 @@ async fn a_full_state_volume_fires_the_disk_alert_and_clears_when_space_returns(
             h["state"] == "ONLINE" && ratio(h).is_some_and(|r| r < 0.01)
         })
         .await;
+    assert_eq!(h["flags"], json!(["disk_low"]), "{h}");
     let alert = s
         .prometheus
         .wait_firing("KipGatewayDiskLow", Some("gw-1"), WAIT)
@@ -381,6 +386,11 @@ async fn a_full_state_volume_fires_the_disk_alert_and_clears_when_space_returns(
     let (header, row) = s.kipctl_row(&[]).await;
     let disk = column(&header, &row, "DISK FREE");
     assert!(disk.ends_with("(0%)"), "{header}\n{row}");
+    assert_eq!(
+        column(&header, &row, "FLAGS"),
+        "disk_low",
+        "{header}\n{row}"
+    );
     let console = s.console_fleet_row().await;
     assert!(console.contains(">0 %<"), "{console}");
     let device = s
@@ -393,16 +403,19 @@ async fn a_full_state_volume_fires_the_disk_alert_and_clears_when_space_returns(
 
     // Space back: the next heartbeats say so and the alert resolves.
     std::fs::remove_file(&filler).unwrap();
-    s.wait_health("a report with space again", |h| {
-        ratio(h).is_some_and(|r| r > 0.5)
-    })
-    .await;
+    let h = s
+        .wait_health("a report with space again", |h| {
+            ratio(h).is_some_and(|r| r > 0.5)
+        })
+        .await;
+    assert_eq!(h["flags"], json!([]), "{h}");
     s.prometheus.wait_resolved("KipGatewayDiskLow", WAIT).await;
     let (header, row) = s.kipctl_row(&[]).await;
     assert!(
         !column(&header, &row, "DISK FREE").ends_with("(0%)"),
         "{header}\n{row}"
     );
+    assert_eq!(column(&header, &row, "FLAGS"), "-", "{header}\n{row}");
     drop(s);
     drop(volume);
 }
@@ -422,6 +435,7 @@ async fn a_certificate_near_its_expiry_shows_everywhere_and_fires_the_expiry_ale
         })
         .await;
     let not_after = h["report"]["cert_not_after"].as_str().unwrap().to_owned();
+    assert_eq!(h["flags"], json!(["cert_expiring"]), "{h}");
     let left = chrono::DateTime::parse_from_rfc3339(&not_after).unwrap()
         - chrono::Utc::now().fixed_offset();
     assert!(
@@ -436,6 +450,11 @@ async fn a_certificate_near_its_expiry_shows_everywhere_and_fires_the_expiry_ale
     assert_eq!(alert["org"], "acme", "{alert}");
     assert_eq!(alert["severity"], "warning", "{alert}");
     let (header, row) = s.kipctl_row(&[]).await;
+    assert_eq!(
+        column(&header, &row, "FLAGS"),
+        "cert_expiring",
+        "{header}\n{row}"
+    );
     let expires = column(&header, &row, "CERT EXPIRES");
     assert!(
         ["in 59m", "in 60m", "in 58m"].contains(&expires.as_str()),
