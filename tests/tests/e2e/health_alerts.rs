@@ -67,15 +67,7 @@ impl Stack {
         let cp_proc = cp.spawn();
         let admin = cp.admin_api();
         let org = admin.create_org("acme").await;
-        let org_key = admin
-            .admin(
-                &format!("/v1/organisations/{org}/api-keys"),
-                json!({ "name": "ops", "role": "org-admin" }),
-            )
-            .await["key"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let org_key = admin.create_key(org, "ops", "org-admin").await;
         let org_key_file = work.join("org.key");
         std::fs::write(&org_key_file, &org_key).unwrap();
         let device = admin

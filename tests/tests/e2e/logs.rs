@@ -22,7 +22,7 @@ use kip_tests::{
     control_plane::AdminApi,
     free_port, wait_until,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// `what` and the secret text (see [`assert_no_secret`]).
 type Secrets = Vec<(&'static str, String)>;
@@ -100,23 +100,9 @@ async fn ecs_logs_are_json_lines_with_ecs_fields_and_never_carry_issued_secrets(
     let admin = cp.admin_api();
     let org = admin.create_org("acme").await;
 
-    let created = admin
-        .admin(
-            &format!("/v1/organisations/{org}/api-keys"),
-            json!({ "name": "ops", "role": "org-admin" }),
-        )
-        .await;
-    let api_key = created["key"].as_str().unwrap().to_owned();
+    let api_key = admin.create_key(org, "ops", "org-admin").await;
     let ops = AdminApi::new(cp.admin_url(), api_key.clone());
-    let token = ops
-        .admin(
-            &format!("/v1/organisations/{org}/enroll-tokens"),
-            json!({ "ttl_s": 600 }),
-        )
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = ops.enroll_token(org).await;
     let id_dir = work.path().join("identity");
     identity::enroll(&ops.http, &cp.admin_url(), &token, "gw-1", None, &id_dir)
         .await
@@ -193,25 +179,10 @@ async fn the_agents_ecs_logs_carry_ecs_fields_and_never_its_token_keys_or_privat
     let cp_proc = cp.spawn();
     let admin = cp.admin_api();
     let org = admin.create_org("acme").await;
-    let api_key = admin
-        .admin(
-            &format!("/v1/organisations/{org}/api-keys"),
-            json!({ "name": "ops", "role": "org-admin" }),
-        )
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let ops = AdminApi::new(cp.admin_url(), api_key.clone());
-    let token = ops
-        .admin(
-            &format!("/v1/organisations/{org}/enroll-tokens"),
-            json!({ "ttl_s": 600 }),
-        )
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let api_key = admin.create_key(org, "ops", "org-admin").await;
+    let token = AdminApi::new(cp.admin_url(), api_key.clone())
+        .enroll_token(org)
+        .await;
     let broker = Mosquitto::start_plain(work.path());
     // Retained: it reaches the agent's subscription whenever that is made.
     kip_tests::mosquitto::publish_retained(broker.port, "plant/press1/temp", b"21.5");
