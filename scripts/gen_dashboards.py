@@ -84,7 +84,8 @@ out["kip-llm"] = dash("kip-llm", "kip / LLM gateway", [
     panel(8, "Refused before any provider call", ['sum by (status) (rate(kip_llm_refused_total[$__rate_interval]))'], 8, 24, 8, 8, unit="reqps", legend=["{{status}}"]),
     panel(9, "Circuit breakers (0 closed, 2 open)", ['kip_llm_breaker_state{provider=~"$provider"}'], 16, 24, 8, 8, legend=["{{provider}}"]),
     panel(10, "Log rows dropped /s", ['rate(kip_llm_log_rows_dropped_total[$__rate_interval])'], 0, 32, 12, 8, unit="ops"),
-], [prov], "Per provider: latency, errors, tokens, cost, cache. Panel titles name the OpenTelemetry GenAI metric each corresponds to. Per-organisation usage and spend are in the console (inference_logs), not in metrics (bounded cardinality).")
+    panel(11, "Monthly budget used, per organisation", ['kip_llm_budget_used_ratio'], 12, 32, 12, 8, unit="percentunit", legend=["{{org}}"], desc="Month-to-date spend / monthly budget (organisations with a budget); alert KipLlmBudgetNearlySpent above 90%."),
+], [prov], "Per provider: latency, errors, tokens, cost, cache; budget used per organisation. Panel titles name the OpenTelemetry GenAI metric each corresponds to. Per-organisation usage and spend in detail are in the console (inference_logs).")
 for name, d in out.items():
     with open(f"dashboards/{name}.json", "w") as f:
         json.dump(d, f, indent=2); f.write("\n")

@@ -132,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
             org,
         } => {
             let cfg = load(&config)?;
+            // Enrollment logs like `run` does (`device enrolled` with its ids; never the token
+            // or the key), so a log shipper sees it.
+            init_logging(&cfg);
             // The plain enrollment client needs the process-wide provider (ring).
             let _ = rustls::crypto::ring::default_provider().install_default();
             let http = reqwest::Client::builder()
@@ -143,13 +146,21 @@ async fn main() -> anyhow::Result<()> {
                 kip_agent::identity::enroll(&http, &server, &token, cfg.device.as_str(), org, &dir)
                     .await
                     .with_context(|| format!("enrolling {} at {server}", cfg.device))?;
-            out(&format!(
+            let summary = format!(
                 "enrolled {} (device {}, organisation {}); identity in {}\n",
                 cfg.device,
                 id.device_id(),
                 id.org_id(),
                 dir.display()
-            ))
+            );
+            // `ecs` logs own stdout (one JSON object per line): the summary goes to stderr.
+            if cfg.log_format == kip_shared::logging::LogFormat::Ecs {
+                std::io::stderr()
+                    .write_all(summary.as_bytes())
+                    .context("writing to stderr")
+            } else {
+                out(&summary)
+            }
         }
         Command::CheckConfig { config } => {
             let cfg = load(&config)?;

@@ -21,6 +21,11 @@ pub struct DeviceHealth {
     /// The agent's report (`kip_shared::health::HealthReport` as JSON); `None` before the
     /// first one (or from an agent too old to send one).
     pub report: Option<serde_json::Value>,
+    /// What the report shows wrong, with the thresholds of the shipped alert rules:
+    /// `disk_low`, `cert_expired`, `cert_expiring`, `buffer_filling`, `clock_skew` (empty:
+    /// nothing, or no report).
+    #[serde(default)]
+    pub flags: Vec<String>,
 }
 
 /// Devices by state.

@@ -213,6 +213,17 @@ async fn dashboards_and_alerts_name_only_exported_metrics(pool: PgPool) {
     })
     .await
     .unwrap();
+    // The budget gauge names the organisation (KipLlmBudgetNearlySpent's `org` label) and
+    // says the budget is used up once the gateway refused for it.
+    let used: f64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("kip_llm_budget_used_ratio{org=\"acme\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no budget gauge for acme in:\n{scrape}"));
+    assert!(
+        used >= 1.0,
+        "acme was refused for its budget, yet used {used}"
+    );
     let have = exported(&scrape);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut missing = Vec::new();

@@ -1897,6 +1897,7 @@ async fn ot_cmd(
 const HEALTH_HEADER: &[&str] = &[
     "NAME",
     "STATE",
+    "FLAGS",
     "LAST CONTACT",
     "BUFFER",
     "OLDEST UNSYNCED",
@@ -1922,6 +1923,11 @@ fn health_row(d: &kip_api::DeviceHealth) -> Vec<String> {
     vec![
         d.name.clone(),
         d.state.clone(),
+        if d.flags.is_empty() {
+            dash()
+        } else {
+            d.flags.join(",")
+        },
         d.seconds_since_contact
             .map_or_else(|| "never".into(), |s| format!("{} ago", secs(s))),
         match (num("buffer_bytes"), num("buffer_records")) {

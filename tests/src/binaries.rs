@@ -40,6 +40,8 @@ pub struct ControlPlaneProcess {
     /// `KIP_LOG_FORMAT` and `KIP_LOG_FILTER` (`text`, `warn` unless [`Self::with_ecs_log`]).
     pub log_format: &'static str,
     pub log_filter: &'static str,
+    /// A config file (`--config`); the `KIP_*` variables above override it.
+    pub config: Option<PathBuf>,
 }
 
 impl ControlPlaneProcess {
@@ -55,6 +57,7 @@ impl ControlPlaneProcess {
             log: None,
             log_format: "text",
             log_filter: "warn",
+            config: None,
         }
     }
 
@@ -64,6 +67,12 @@ impl ControlPlaneProcess {
         self.log = Some(path);
         self.log_format = "ecs";
         self.log_filter = filter;
+        self
+    }
+
+    /// Starts the process with `--config PATH` (e.g. short `[health]` windows).
+    pub fn with_config(mut self, path: PathBuf) -> Self {
+        self.config = Some(path);
         self
     }
 
@@ -98,6 +107,9 @@ impl ControlPlaneProcess {
             &[self.admin_port, self.agent_port],
             || {
                 let mut cmd = Command::new(workspace_binary("kip-control-plane"));
+                if let Some(config) = &self.config {
+                    cmd.arg("--config").arg(config);
+                }
                 cmd.env("KIP_DATABASE_URL", &self.db_url)
                     .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{}", self.admin_port))
                     .env(
@@ -125,13 +137,14 @@ impl ControlPlaneProcess {
 }
 
 /// Starts `kip-agent run --config CONFIG` and waits until its HTTP port listens (see the
-/// module docs); its stderr is appended to `log` (`None`: discarded).
+/// module docs); its stdout (where `ecs` logs go) and stderr (`text` and `json` logs) are
+/// appended to `log` (`None`: discarded).
 pub fn spawn_agent(config: &Path, http_port: u16, log: Option<&Path>) -> ChildGroup {
     spawn_until_listening("kip-agent", &[http_port], || {
         let mut cmd = Command::new(workspace_binary("kip-agent"));
         cmd.args(["run", "--config"])
             .arg(config)
-            .stdout(Stdio::null())
+            .stdout(log.map_or_else(Stdio::null, |p| log_target(Some(p))))
             .stderr(log.map_or_else(Stdio::null, |p| log_target(Some(p))));
         cmd
     })

@@ -153,17 +153,35 @@ impl AdminApi {
         org["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Creates API key `name` with `role` (`org-admin`, ...) in `org`; returns the key.
+    pub async fn create_key(&self, org: Uuid, name: &str, role: &str) -> String {
+        self.admin(
+            &format!("/v1/organisations/{org}/api-keys"),
+            json!({ "name": name, "role": role }),
+        )
+        .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Issues a one-time enrollment token for `org`, valid for 10 minutes.
+    pub async fn enroll_token(&self, org: Uuid) -> String {
+        self.admin(
+            &format!("/v1/organisations/{org}/enroll-tokens"),
+            json!({ "ttl_s": 600 }),
+        )
+        .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
     /// Enrolls device `name` in `org` (a fresh enrollment token) and stores its identity in
     /// `dir`.
     pub async fn enroll(&self, org: Uuid, name: &str, dir: &Path) -> Identity {
-        let v = self
-            .admin(
-                &format!("/v1/organisations/{org}/enroll-tokens"),
-                json!({ "ttl_s": 600 }),
-            )
-            .await;
-        let token = v["token"].as_str().unwrap();
-        identity::enroll(&self.http, &self.url, token, name, None, dir)
+        let token = self.enroll_token(org).await;
+        identity::enroll(&self.http, &self.url, &token, name, None, dir)
             .await
             .unwrap()
     }

@@ -33,6 +33,8 @@
 //! | [`control_plane`] | the in-process control plane (admin API + mTLS agent listener) |
 //! | [`agent`] | agent pieces for sync tests: buffer, readings, sync loop, renewer |
 //! | [`proxy`] | a TCP proxy whose link a test can cut |
+//! | [`volume`] | [`Tmpfs`](volume::Tmpfs): a small tmpfs a test fills ([`volume::fill`]) |
+//! | [`prometheus`] | [`Prometheus`]: a real Prometheus with kip's alert rules, scraping a control plane |
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -56,7 +58,9 @@ pub mod opcua;
 pub mod ports;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
+pub mod volume;
 
 pub use artifacts::{
     ReferenceModel, ort_library, reference_model, workspace_binary, workspace_root,
@@ -70,4 +74,5 @@ pub use opcua::OpcUaServer;
 pub use ports::{free_port, wait_for_port};
 pub use postgres::{NewDatabase, PrivatePostgres, TestDb};
 pub use process::ChildGroup;
+pub use prometheus::Prometheus;
 pub use proxy::{Link, Proxy};

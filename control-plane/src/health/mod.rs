@@ -269,9 +269,64 @@ impl Row {
             last_contact_at: self.last_seen_at,
             seconds_since_contact: self.age_s.map(|s| s.max(0.0)),
             report_received_at: self.received_at,
+            flags: self
+                .report
+                .as_ref()
+                .map(|r| flags(r, Utc::now()))
+                .unwrap_or_default(),
             report: self.report,
         }
     }
+}
+
+/// Free share of the state volume under which a device is flagged `disk_low`
+/// (`KipGatewayDiskLow`).
+pub const DISK_LOW_RATIO: f64 = 0.10;
+/// Certificate lifetime left under which a device is flagged `cert_expiring`
+/// (`KipDeviceCertificateExpiring`).
+pub const CERT_EXPIRING_S: i64 = 6 * 3600;
+/// Buffer fill over which a device is flagged `buffer_filling` (`KipBufferFilling`).
+pub const BUFFER_FILLING_RATIO: f64 = 0.8;
+/// Clock offset (either way) over which a device is flagged `clock_skew` (`KipClockSkew`).
+pub const CLOCK_SKEW_MS: i64 = 30_000;
+
+/// The flags of a stored report at `now`, with the thresholds of the alert rules in
+/// `deploy/monitoring/prometheus/kip-alerts.yml` (kept equal by hand: the rules are what
+/// operators tune per site; these are what `kipctl` and the console show). A field the
+/// report lacks flags nothing.
+pub fn flags(report: &serde_json::Value, now: DateTime<Utc>) -> Vec<String> {
+    let num = |k: &str| report[k].as_f64();
+    let mut out = Vec::new();
+    if let (Some(free), Some(total)) = (num("disk_free_bytes"), num("disk_total_bytes"))
+        && total > 0.0
+        && free / total < DISK_LOW_RATIO
+    {
+        out.push("disk_low");
+    }
+    if let Some(not_after) = report["cert_not_after"]
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+    {
+        let left = (not_after.with_timezone(&Utc) - now).num_seconds();
+        if left <= 0 {
+            out.push("cert_expired");
+        } else if left < CERT_EXPIRING_S {
+            out.push("cert_expiring");
+        }
+    }
+    if let (Some(bytes), Some(max)) = (num("buffer_bytes"), num("buffer_max_bytes"))
+        && max > 0.0
+        && bytes / max > BUFFER_FILLING_RATIO
+    {
+        out.push("buffer_filling");
+    }
+    if report["clock_offset_ms"]
+        .as_i64()
+        .is_some_and(|ms| ms.abs() > CLOCK_SKEW_MS)
+    {
+        out.push("clock_skew");
+    }
+    out.into_iter().map(str::to_owned).collect()
 }
 
 const SELECT: &str = "SELECT d.id, d.org_id, d.name, d.last_seen_at, \
@@ -410,6 +465,31 @@ mod tests {
         assert_eq!(DeviceState::of(&cfg, None), DeviceState::Offline);
         assert_eq!(DeviceState::parse("offline"), Some(DeviceState::Offline));
         assert_eq!(DeviceState::parse("gone"), None);
+    }
+
+    #[test]
+    fn reports_are_flagged_with_the_alert_thresholds() {
+        let now = Utc::now();
+        let fine = serde_json::json!({
+            "disk_free_bytes": 50, "disk_total_bytes": 100,
+            "cert_not_after": (now + chrono::Duration::hours(24)).to_rfc3339(),
+            "buffer_bytes": 10, "buffer_max_bytes": 100, "clock_offset_ms": -2000,
+        });
+        assert_eq!(flags(&fine, now), Vec::<String>::new());
+        assert_eq!(flags(&serde_json::json!({}), now), Vec::<String>::new());
+        let bad = serde_json::json!({
+            "disk_free_bytes": 9, "disk_total_bytes": 100,
+            "cert_not_after": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            "buffer_bytes": 81, "buffer_max_bytes": 100, "clock_offset_ms": -31_000,
+        });
+        assert_eq!(
+            flags(&bad, now),
+            ["disk_low", "cert_expiring", "buffer_filling", "clock_skew"]
+        );
+        let expired = serde_json::json!({
+            "cert_not_after": (now - chrono::Duration::seconds(1)).to_rfc3339(),
+        });
+        assert_eq!(flags(&expired, now), ["cert_expired"]);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Prometheus metrics of the LLM gateway, registered in the process's one registry.
 //!
 //! Invariant: labels are provider names from config and fixed status words, never model names
-//! sent by clients or organisation ids, so cardinality stays bounded.
+//! sent by clients or organisation ids, so cardinality stays bounded. The one per-organisation
+//! series, `kip_llm_budget_used_ratio{org}`, is labelled with the organisation's name (as the
+//! fleet metrics are) and exists only for organisations with a monthly budget that called the
+//! gateway: one series per organisation at most.
 
 use std::sync::atomic::AtomicU64;
 
@@ -29,6 +32,12 @@ pub struct TokenLabels {
     pub kind: String,
 }
 
+/// An organisation, by name (`kip_llm_budget_used_ratio`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OrgLabel {
+    pub org: String,
+}
+
 /// Outcome of a live-query request or response (fixed words).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LiveOutcome {
@@ -50,6 +59,9 @@ pub struct LlmMetrics {
     pub cache_misses: Counter,
     /// Requests refused before any provider call (`rate_limited`, `budget_exceeded`).
     pub refused: Family<ProviderStatus, Counter>,
+    /// Month-to-date spend / monthly budget per organisation (1 and above: spent), set at each
+    /// budget check and after each charged call.
+    pub budget_used_ratio: Family<OrgLabel, Gauge<f64, AtomicU64>>,
     pub log_rows_written: Counter,
     pub log_rows_dropped: Counter,
     pub log_write_failures: Counter,
@@ -83,6 +95,7 @@ impl LlmMetrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             refused: Family::default(),
+            budget_used_ratio: Family::default(),
             log_rows_written: Counter::default(),
             log_rows_dropped: Counter::default(),
             log_write_failures: Counter::default(),
@@ -166,6 +179,11 @@ impl LlmMetrics {
             "live_connected",
             "1 while the Aleph MQTT client is connected and subscribed to its reply topics",
             m.live_connected.clone(),
+        );
+        r.register(
+            "budget_used_ratio",
+            "Month-to-date LLM spend of an organisation divided by its monthly budget",
+            m.budget_used_ratio.clone(),
         );
         r.register(
             "live_connections",

@@ -53,7 +53,7 @@ use self::{
     cache::{CachedAnswer, ResponseCache},
     config::LlmConfig,
     logs::{LogRecord, LogSink},
-    metrics::{LlmMetrics, ProviderLabel, ProviderStatus, TokenLabels},
+    metrics::{LlmMetrics, OrgLabel, ProviderLabel, ProviderStatus, TokenLabels},
     provider::{AnyProvider, CallCtx, Chunk, ChunkStream, Completion, ProviderError, Usage},
     routing::{Breaker, Ewma, RateLimiter},
     spend::Spending,
@@ -489,7 +489,23 @@ impl Gateway {
             self.spend.add(org, cost);
             // Full: a wake-up is already pending.
             let _ = self.spend_wake.try_send(());
+            if let Some(budget) = self.cfg.limits(org).monthly_budget_usd {
+                self.note_budget(org, budget, self.spend.known(org));
+            }
         }
+    }
+
+    /// Sets `kip_llm_budget_used_ratio{org}` (the organisation named by the last spend read;
+    /// nothing before one). A zero budget counts as spent.
+    fn note_budget(&self, org: Uuid, budget: f64, spent: f64) {
+        let Some(name) = self.spend.org_name(org) else {
+            return;
+        };
+        let ratio = if budget > 0.0 { spent / budget } else { 1.0 };
+        self.metrics
+            .budget_used_ratio
+            .get_or_create(&OrgLabel { org: name })
+            .set(ratio);
     }
 
     /// Spend already known to have reached the budget (no database read): checked before each
@@ -643,14 +659,16 @@ impl Gateway {
                 .month_to_date(&self.pool, org_id, self.cfg.budget_refresh)
                 .await
             {
-                Ok(spent) if spent >= budget => {
-                    self.refuse(org_id, request_id, "budget_exceeded");
-                    return Err(LlmError::BudgetExceeded(format!(
-                        "monthly LLM budget of {budget:.2} USD is used up for this organisation \
-                         (spent {spent:.4} USD this month)"
-                    )));
+                Ok(spent) => {
+                    self.note_budget(org_id, budget, spent);
+                    if spent >= budget {
+                        self.refuse(org_id, request_id, "budget_exceeded");
+                        return Err(LlmError::BudgetExceeded(format!(
+                            "monthly LLM budget of {budget:.2} USD is used up for this \
+                             organisation (spent {spent:.4} USD this month)"
+                        )));
+                    }
                 }
-                Ok(_) => {}
                 // Availability over strictness: a database hiccup must not stop every LLM
                 // call; the spend is checked again on the next request.
                 Err(e) => tracing::warn!(error = %e, "cannot read month-to-date LLM spend"),

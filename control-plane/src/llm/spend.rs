@@ -35,11 +35,13 @@ pub fn this_month() -> NaiveDate {
     now.with_day(1).unwrap_or(now)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Read {
     month: NaiveDate,
     usd: f64,
     fetched: Instant,
+    /// The organisation's name at the read (`None`: it no longer exists), for metric labels.
+    name: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -72,13 +74,15 @@ impl Spending {
         let _db = self.db.lock().await;
         let month = this_month();
         // One row by primary key, whatever the log volume.
-        let usd: f64 = sqlx::query_scalar(
-            "SELECT COALESCE((SELECT usd FROM llm_spend WHERE org_id = $1 AND month = $2), 0)::float8",
+        let row: Option<(String, f64)> = sqlx::query_as(
+            "SELECT o.name, COALESCE(s.usd, 0)::float8 FROM organisations o \
+             LEFT JOIN llm_spend s ON s.org_id = o.id AND s.month = $2 WHERE o.id = $1",
         )
         .bind(org)
         .bind(month)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await?;
+        let (name, usd) = row.map_or((None, 0.0), |(n, u)| (Some(n), u));
         let mut s = lock(&self.state);
         s.read.insert(
             org,
@@ -86,6 +90,7 @@ impl Spending {
                 month,
                 usd,
                 fetched: Instant::now(),
+                name,
             },
         );
         Ok(usd + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0))
@@ -110,6 +115,11 @@ impl Spending {
             .filter(|r| r.month == month)
             .map_or(0.0, |r| r.usd);
         read + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0)
+    }
+
+    /// The organisation's name as of the last read (`None` before one, or when it is gone).
+    pub fn org_name(&self, org: Uuid) -> Option<String> {
+        lock(&self.state).read.get(&org)?.name.clone()
     }
 
     /// Adds a call's cost to the ledger (written by [`run_flusher`]).

@@ -13,13 +13,16 @@
 use std::{
     collections::BTreeSet,
     io::Write as _,
-    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use kip_shared::Record;
-use kip_tests::{ChildGroup, Mosquitto, free_port, wait_for_port, wait_until, workspace_binary};
+use kip_tests::{
+    ChildGroup, Mosquitto, free_port,
+    volume::{Tmpfs, fill},
+    wait_for_port, wait_until, workspace_binary,
+};
 
 /// Publishes values `range` as QoS 1 messages, one `mosquitto_pub -l` client.
 fn publish_values(port: u16, range: std::ops::Range<u64>) {
@@ -51,38 +54,11 @@ async fn readings(port: u16) -> u64 {
     })
 }
 
-/// Unmounts the tmpfs when the test ends, whatever happens.
-struct Mount<'a>(&'a Path);
-
-impl Drop for Mount<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).status();
-    }
-}
-
-/// Writes zeros into `path` until the volume is full.
-fn fill(path: &Path) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![0u8; 64 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    let _ = f.sync_all();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_state_volume_keeps_the_agent_up_and_it_recovers_without_restart() {
     let work = tempfile::tempdir().unwrap();
     let state = work.path().join("state");
-    std::fs::create_dir(&state).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "mounting a tmpfs failed ({status}): this test needs root (CAP_SYS_ADMIN)"
-    );
-    let _mount = Mount(&state);
+    let _mount = Tmpfs::mount(&state, 4);
     // Mosquitto queues at most 1000 messages per client by default and drops the rest; the
     // messages held back during the outage must all stay with the broker.
     let broker = Mosquitto::start(

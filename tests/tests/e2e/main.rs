@@ -15,6 +15,7 @@ mod ca_rollover;
 mod clock;
 mod disk_full;
 mod fleet_health;
+mod health_alerts;
 mod logs;
 mod model_signing;
 mod mqtt_soak;
