@@ -601,11 +601,16 @@ async fn search_route(
         return Err(ApiError::validation("k", "must be between 1 and 50"));
     }
     let text = q.q.trim();
-    if text.is_empty() || text.len() > 2000 || text.contains('\0') {
+    // 500 characters: even fully percent-encoded 4-byte characters (12 bytes each) stay under
+    // the listener's 8 KiB request-target limit, so a valid query never meets a 414.
+    if text.is_empty() || text.chars().count() > MAX_SEARCH_QUERY_CHARS || text.contains('\0') {
         return Err(ApiError::validation(
             "q",
-            "must be 1 to 2000 bytes, without NUL",
+            "must be 1 to 500 characters, without NUL",
         ));
     }
     Ok(Json(docs.search(&pool, org_id, text, k as usize).await?))
 }
+
+/// Longest search query, in characters (see [`search_route`]).
+const MAX_SEARCH_QUERY_CHARS: usize = 500;
