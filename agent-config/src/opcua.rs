@@ -21,6 +21,9 @@ fn default_reconnect_min_ms() -> u64 {
 fn default_reconnect_max_ms() -> u64 {
     30_000
 }
+fn default_reconnect_probe_interval_ms() -> u64 {
+    250
+}
 
 /// Message security the agent uses towards one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -100,6 +103,10 @@ pub struct OpcUaEndpointConfig {
     /// Largest reconnect delay.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// While waiting to reconnect, the server's port is probed (TCP connect) this often; a
+    /// server seen down and then accepting again ends the wait at once. 0: no probe.
+    #[serde(default = "default_reconnect_probe_interval_ms")]
+    pub reconnect_probe_interval_ms: u64,
     /// Nodes to subscribe to.
     pub nodes: Vec<OpcUaNodeConfig>,
     /// The user of the session (default anonymous).
@@ -149,6 +156,17 @@ impl OpcUaEndpointConfig {
             return Err(err(
                 "reconnect_max_ms",
                 format!("must be >= reconnect_min_ms ({})", self.reconnect_min_ms),
+            ));
+        }
+        if self.reconnect_probe_interval_ms != 0
+            && !(10..=60_000).contains(&self.reconnect_probe_interval_ms)
+        {
+            return Err(err(
+                "reconnect_probe_interval_ms",
+                format!(
+                    "must be 0 (off) or 10..=60000, got {}",
+                    self.reconnect_probe_interval_ms
+                ),
             ));
         }
         if self.nodes.is_empty() {

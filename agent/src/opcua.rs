@@ -7,6 +7,11 @@
 //!   and a completely new client session, subscription and monitored items are created after
 //!   an exponential backoff with jitter. We do not rely on the library's own session
 //!   reactivation or subscription transfer, because a restarted server knows neither.
+//! - While waiting to reconnect, the server's port is probed with a TCP connect every
+//!   `reconnect_probe_interval_ms` ([`crate::sync_probe`]); a server seen down during the wait
+//!   and then accepting connections ends the wait, so a restarted server is back within about
+//!   that interval instead of after the grown backoff. A server that accepts TCP but refuses
+//!   the session does not shorten the wait (no transition), so it is not hammered.
 //! - After any outage that follows an established session, a [`Record::Gap`] from the last
 //!   moment the subscription was known alive (its last publish response) to the moment the new
 //!   session is connected is sent before any record of the new session, so downstream knows
@@ -239,6 +244,14 @@ pub struct OpcUaMetrics {
     connected: Family<SourceLabels, Gauge>,
     duplicates: Family<SourceLabels, Counter>,
     dropped: Family<SourceLabels, Counter>,
+    probe_recoveries: Family<SourceLabels, Counter>,
+}
+
+/// Host and port of an `opc.tcp://host[:port]/path` URL (port 4840 when absent).
+fn server_address(url: &str) -> Option<(String, u16)> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), u.port().unwrap_or(4840)))
 }
 
 impl OpcUaMetrics {
@@ -255,6 +268,11 @@ impl OpcUaMetrics {
     /// Creates the metric families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register(
+            "kip_opcua_reconnect_probe_recoveries",
+            "Reconnect waits ended early because the server, seen down, accepted connections again",
+            m.probe_recoveries.clone(),
+        );
         registry.register(
             "kip_opcua_notifications",
             "OPC UA data-change notifications received",
@@ -480,9 +498,31 @@ impl OpcUaSource {
             }
             let delay = backoff.next_delay();
             attempt = attempt.saturating_add(1);
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
+            let probe = Duration::from_millis(self.cfg.reconnect_probe_interval_ms);
+            let target = server_address(&self.cfg.url);
+            match target {
+                Some((host, port)) if !probe.is_zero() && delay > probe => {
+                    let end = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        end = crate::sync_probe::wait_with(delay, 1, probe, |_, t| {
+                            let host = host.clone();
+                            async move { crate::sync_probe::tcp_connect(&host, port, t).await }
+                        }) => end,
+                    };
+                    if let crate::sync_probe::WaitEnd::Reachable(_) = end {
+                        info!(source = %self.cfg.name, "OPC UA server accepts connections again; reconnecting now");
+                        self.metrics
+                            .probe_recoveries
+                            .get_or_create(&self.labels())
+                            .inc();
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
         }
         info!(source = %self.cfg.name, "OPC UA source stopped");
@@ -1280,6 +1320,7 @@ mod tests {
             publishing_interval_ms: 100,
             reconnect_min_ms: 100,
             reconnect_max_ms: 1000,
+            reconnect_probe_interval_ms: 0,
             nodes: vec![OpcUaNodeConfig {
                 node_id: "ns=2;s=Machine1.Temp".into(),
                 machine: "m1".into(),

@@ -1,4 +1,5 @@
-//! Reachability probes of the sync endpoints while the sync loop backs off.
+//! Reachability probes while a loop backs off: the sync endpoints (TLS handshake) and OPC UA
+//! servers (TCP connect, [`tcp_connect`]).
 //!
 //! The sync backoff grows toward `sync.backoff_max_ms` (60 s by default) while the control
 //! plane cannot be reached, so without probes the first batch after an outage could wait up to
@@ -62,6 +63,14 @@ pub(crate) async fn handshake(
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(())))
 }
 
+/// `true` when a TCP connection to `host:port` opens within `timeout` (closed at once).
+pub(crate) async fn tcp_connect(host: &str, port: u16, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await,
+        Ok(Ok(_))
+    )
+}
+
 /// Waits `pause`, probing `endpoints` every `interval` (jittered to 50-100 %); see the module
 /// docs for when it returns early.
 pub(crate) async fn wait(
@@ -70,10 +79,29 @@ pub(crate) async fn wait(
     tls: Arc<rustls::ClientConfig>,
     interval: Duration,
 ) -> WaitEnd {
+    wait_with(pause, endpoints.len(), interval, |i, timeout| {
+        let tls = tls.clone();
+        let endpoint = endpoints.get(i).cloned().unwrap_or_default();
+        async move { handshake(&endpoint, tls, timeout).await }
+    })
+    .await
+}
+
+/// [`wait`] for `n` targets probed by `probe(i, timeout)`.
+pub(crate) async fn wait_with<F, Fut>(
+    pause: Duration,
+    n: usize,
+    interval: Duration,
+    probe: F,
+) -> WaitEnd
+where
+    F: Fn(usize, Duration) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = Instant::now() + pause;
-    // Per endpoint: seen unreachable during this wait; still worth probing.
-    let mut seen_down = vec![false; endpoints.len()];
-    let mut probing = vec![true; endpoints.len()];
+    // Per target: seen unreachable during this wait; still worth probing.
+    let mut seen_down = vec![false; n];
+    let mut probing = vec![true; n];
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -84,9 +112,14 @@ pub(crate) async fn wait(
             return WaitEnd::Elapsed;
         }
         let timeout = interval.min(deadline - now);
-        let probes = endpoints.iter().zip(&probing).map(|(e, &p)| {
-            let tls = tls.clone();
-            async move { p && handshake(e, tls, timeout).await }
+        let probes = probing.iter().enumerate().map(|(i, &p)| {
+            let probe = p.then(|| probe(i, timeout));
+            async move {
+                match probe {
+                    Some(f) => f.await,
+                    None => false,
+                }
+            }
         });
         let reachable = futures_util::future::join_all(probes).await;
         for (i, up) in reachable.into_iter().enumerate() {

@@ -17,7 +17,7 @@ use std::{
 };
 
 use kip_tests::{
-    ChildGroup, Mosquitto, PrivatePostgres, Proxy, TestDb,
+    ChildGroup, Mosquitto, OpcUaServer, PrivatePostgres, Proxy, TestDb,
     agent::{open_buffer, reading},
     binaries::{ControlPlaneProcess, spawn_agent},
     control_plane::stored,
@@ -416,4 +416,100 @@ async fn an_mqtt_source_fails_over_between_two_brokers_and_back_losing_and_dupli
     })
     .await;
     drop(agent);
+}
+
+/// The value of the first counter on the agent's `/metrics` whose line contains `needle`.
+async fn agent_metric_containing(port: u16, needle: &str) -> u64 {
+    agent_get(port, "/metrics")
+        .await
+        .lines()
+        .find(|l| !l.starts_with('#') && l.contains(needle))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opc_ua_source_reconnects_at_once_when_its_server_returns_not_after_the_grown_backoff() {
+    let (fleet, _cp) = Fleet::start(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = OpcUaServer::start(listener, &dir.path().join("plc-pki"), 21.5).await;
+    let log = dir.path().join("agent.log");
+    let (config, http_port) = fleet.agent_config_with(
+        &[fleet.cp.agent_url()],
+        "backoff_min_ms = 20\nbackoff_max_ms = 300\n",
+        &format!(
+            "[[opcua]]\nname = \"plc\"\nurl = \"opc.tcp://{addr}/\"\npki_dir = \"{}\"\n\
+             reconnect_min_ms = 500\nreconnect_max_ms = 60000\nreconnect_probe_interval_ms = 100\n\
+             [[opcua.nodes]]\nnode_id = \"ns=2;s=Machine1.Temp\"\nmachine = \"press1\"\n\
+             metric = \"plc_temp\"\n",
+            dir.path().join("agent-opcua-pki").display()
+        ),
+    );
+    let agent = spawn_agent(&config, http_port, Some(&log));
+    let temp_stored = |value: f64| {
+        let pool = fleet.pool.clone();
+        let device = fleet.device;
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM sensor_data WHERE device_id = $1 AND metric = 'plc_temp' \
+                 AND value = $2",
+            )
+            .bind(device)
+            .bind(value)
+            .fetch_one(&pool)
+            .await
+            .is_ok_and(|n| n > 0)
+        }
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the first server's value stored",
+        || temp_stored(21.5),
+    )
+    .await;
+
+    // The server goes away long enough for the reconnect backoff to grow: after the session
+    // loss and 5 failed connects the wait is 8..16 s (equal jitter on 500 ms * 2^5).
+    server.stop().await;
+    const FAILED_CONNECTS: usize = 5;
+    let smallest_wait = Duration::from_millis(500 * (1 << FAILED_CONNECTS) / 2);
+    wait_until(
+        Duration::from_secs(60),
+        "the reconnect backoff grew",
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("OPC UA connect failed")
+                .count()
+                >= FAILED_CONNECTS
+        },
+    )
+    .await;
+    let recoveries = "opcua_reconnect_probe_recoveries_total{source=\"plc\"}";
+    assert_eq!(agent_metric_containing(http_port, recoveries).await, 0);
+
+    // The server returns on the same address, recognisable by its value.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = OpcUaServer::start(listener, &dir.path().join("plc-pki"), 22.5).await;
+    let ready = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "the returned server's value stored",
+        || temp_stored(22.5),
+    )
+    .await;
+    let latency = ready.elapsed();
+    eprintln!(
+        "OPC UA value stored {latency:?} after the server returned (backoff wait >= {smallest_wait:?})"
+    );
+    // Reconnected because the probe saw the server return, before the backoff could have.
+    assert_eq!(agent_metric_containing(http_port, recoveries).await, 1);
+    assert!(
+        latency < smallest_wait,
+        "took {latency:?}; the backoff alone would have waited >= {smallest_wait:?}"
+    );
+    drop(agent);
+    server.stop().await;
 }
