@@ -81,6 +81,11 @@ pub struct OpcUaEndpointConfig {
     pub name: String,
     /// Endpoint URL, `opc.tcp://host:port/path`.
     pub url: String,
+    /// Redundant servers of the same source (same nodes and security), tried in order after
+    /// `url`: after a lost session or a failed connect the next attempt goes to the next server
+    /// of the list (wrapping).
+    #[serde(default)]
+    pub failover_urls: Vec<String>,
     /// `none` or `basic256sha256` (always SignAndEncrypt).
     #[serde(default)]
     pub security_policy: OpcUaSecurityPolicy,
@@ -138,6 +143,9 @@ impl OpcUaEndpointConfig {
             return Err(err("name", "must not be empty".into()));
         }
         validate_url(&self.url).map_err(|p| err("url", p))?;
+        for (j, u) in self.failover_urls.iter().enumerate() {
+            validate_url(u).map_err(|p| err(&format!("failover_urls[{j}]"), p))?;
+        }
         if self.pki_dir.as_os_str().is_empty() {
             return Err(err("pki_dir", "must not be empty".into()));
         }

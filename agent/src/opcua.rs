@@ -12,6 +12,12 @@
 //!   and then accepting connections ends the wait, so a restarted server is back within about
 //!   that interval instead of after the grown backoff. A server that accepts TCP but refuses
 //!   the session does not shorten the wait (no transition), so it is not hammered.
+//! - Redundant servers (`failover_urls`): after a lost session or a failed connect, the next
+//!   attempt goes to the next server of `url`, `failover_urls...` (wrapping). The gap record
+//!   of the outage spans the failover, and the initial values of the new server's
+//!   subscription that repeat the last stored value of a node (same source timestamp and
+//!   value) are not stored again (see [`LastValues`]); values the servers stamp differently
+//!   are distinct readings.
 //! - After any outage that follows an established session, a [`Record::Gap`] from the last
 //!   moment the subscription was known alive (its last publish response) to the moment the new
 //!   session is connected is sent before any record of the new session, so downstream knows
@@ -464,11 +470,19 @@ impl OpcUaSource {
             Duration::from_millis(self.cfg.reconnect_max_ms),
         );
         let connected = self.metrics.connected.get_or_create(&self.labels()).clone();
+        let servers: Vec<&str> = std::iter::once(self.cfg.url.as_str())
+            .chain(self.cfg.failover_urls.iter().map(String::as_str))
+            .collect();
+        let mut server = 0usize;
         loop {
             if cancel.is_cancelled() {
                 break;
             }
-            let end = self.session(&tx, &cancel, &mut outage).await;
+            let url = servers
+                .get(server)
+                .copied()
+                .unwrap_or(self.cfg.url.as_str());
+            let end = self.session(url, &tx, &cancel, &mut outage).await;
             connected.set(0);
             match end {
                 SessionEnd::Stop => break,
@@ -480,6 +494,12 @@ impl OpcUaSource {
                     if healthy {
                         attempt = 0;
                         backoff.reset();
+                    }
+                    if servers.len() > 1 {
+                        server = (server + 1) % servers.len();
+                        warn!(source = %self.cfg.name, from = url,
+                            to = servers.get(server).copied().unwrap_or_default(),
+                            "OPC UA failover: the next attempt goes to the next server");
                     }
                     if let Some(last_alive) = established {
                         warn!(source = %self.cfg.name, %reason, "OPC UA session lost, reconnecting");
@@ -499,7 +519,7 @@ impl OpcUaSource {
             let delay = backoff.next_delay();
             attempt = attempt.saturating_add(1);
             let probe = Duration::from_millis(self.cfg.reconnect_probe_interval_ms);
-            let target = server_address(&self.cfg.url);
+            let target = server_address(servers.get(server).copied().unwrap_or_default());
             match target {
                 Some((host, port)) if !probe.is_zero() && delay > probe => {
                     let end = tokio::select! {
@@ -532,6 +552,7 @@ impl OpcUaSource {
     /// monitored items exist.
     async fn session(
         &self,
+        url: &str,
         tx: &Sink,
         cancel: &CancellationToken,
         outage: &mut Option<Outage>,
@@ -550,7 +571,7 @@ impl OpcUaSource {
         };
         let sec = self.cfg.security_policy;
         let endpoint = (
-            self.cfg.url.as_str(),
+            url,
             sec.policy().to_str(),
             sec.mode(),
             UserTokenPolicy::anonymous(),
@@ -1321,6 +1342,7 @@ mod tests {
             reconnect_min_ms: 100,
             reconnect_max_ms: 1000,
             reconnect_probe_interval_ms: 0,
+            failover_urls: Vec::new(),
             nodes: vec![OpcUaNodeConfig {
                 node_id: "ns=2;s=Machine1.Temp".into(),
                 machine: "m1".into(),

@@ -513,3 +513,92 @@ async fn an_opc_ua_source_reconnects_at_once_when_its_server_returns_not_after_t
     drop(agent);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opc_ua_source_fails_over_to_its_redundant_server_with_a_gap_and_no_duplicate_value() {
+    use opcua::types::{DataValue, DateTime, Variant};
+    let (fleet, _cp) = Fleet::start(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &'static str| {
+        let pki = dir.path().join(name);
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            (OpcUaServer::start(listener, &pki, 21.5).await, addr)
+        }
+    };
+    let (first, first_addr) = start("pki-a").await;
+    let (second, second_addr) = start("pki-b").await;
+    // Redundant servers mirror one PLC: the same value with the same source timestamp.
+    let mirrored = |value: f64, ms: i64| {
+        let ts = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        DataValue::new_at(Variant::Double(value), DateTime::from(ts))
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    first.set_dv("Temp", mirrored(30.0, now_ms));
+    second.set_dv("Temp", mirrored(30.0, now_ms));
+    let (config, http_port) = fleet.agent_config_with(
+        &[fleet.cp.agent_url()],
+        "backoff_min_ms = 20\nbackoff_max_ms = 300\n",
+        &format!(
+            "[[opcua]]\nname = \"plc\"\nurl = \"opc.tcp://{first_addr}/\"\n\
+             failover_urls = [\"opc.tcp://{second_addr}/\"]\npki_dir = \"{}\"\n\
+             reconnect_min_ms = 100\nreconnect_max_ms = 1000\n\
+             [[opcua.nodes]]\nnode_id = \"ns=2;s=Machine1.Temp\"\nmachine = \"press1\"\n\
+             metric = \"plc_temp\"\n",
+            dir.path().join("agent-opcua-pki").display()
+        ),
+    );
+    let agent = spawn_agent(&config, http_port, None);
+    let rows = |value: f64| {
+        let pool = fleet.pool.clone();
+        let device = fleet.device;
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM sensor_data WHERE device_id = $1 AND metric = 'plc_temp' \
+                 AND value = $2",
+            )
+            .bind(device)
+            .bind(value)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the first server's value stored",
+        || async { rows(30.0).await == 1 },
+    )
+    .await;
+
+    // The first server dies: the source moves to the second, whose subscription starts with
+    // the mirrored value already stored.
+    first.stop().await;
+    let skipped = "opcua_duplicates_skipped_total{source=\"plc\"}";
+    wait_until(
+        Duration::from_secs(60),
+        "the second server's initial value recognised as already stored",
+        || async { agent_metric_containing(http_port, skipped).await >= 1 },
+    )
+    .await;
+    second.set_dv("Temp", mirrored(31.0, now_ms + 1_000));
+    wait_until(
+        Duration::from_secs(60),
+        "the second server's new value stored",
+        || async { rows(31.0).await == 1 },
+    )
+    .await;
+    assert_eq!(rows(30.0).await, 1, "the mirrored value was stored twice");
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM agent_events WHERE device_id = $1 AND kind = 'gap' \
+         AND strpos(body::text, '\"plc\"') > 0",
+    )
+    .bind(fleet.device)
+    .fetch_one(&fleet.pool)
+    .await
+    .unwrap();
+    assert_eq!(gaps, 1, "the failover left one gap record");
+    drop(agent);
+    second.stop().await;
+}
