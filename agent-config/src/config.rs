@@ -268,10 +268,19 @@ pub struct RawSync {
     /// The control plane's `health.stale_after_s` should be a few of these.
     #[serde(default = "default_heartbeat_interval_s")]
     pub heartbeat_interval_s: u64,
+    /// While backing off after a failure, the endpoints are probed this often with a TLS
+    /// handshake (bounded by the same time); an endpoint seen unreachable and then reachable
+    /// ends the wait at once. 0 turns probing off (the full backoff is waited).
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
 }
 
 fn default_heartbeat_interval_s() -> u64 {
     60
+}
+
+fn default_probe_interval_ms() -> u64 {
+    250
 }
 
 fn default_batch_max_records() -> usize {
@@ -304,6 +313,7 @@ impl Default for RawSync {
             backoff_max_ms: default_backoff_max_ms(),
             request_timeout_ms: default_request_timeout_ms(),
             heartbeat_interval_s: default_heartbeat_interval_s(),
+            probe_interval_ms: default_probe_interval_ms(),
         }
     }
 }
@@ -321,6 +331,8 @@ pub struct SyncConfig {
     pub request_timeout: Duration,
     /// `sync.heartbeat_interval_s`.
     pub heartbeat_interval: Duration,
+    /// `sync.probe_interval_ms`; `None`: no probing while backing off.
+    pub probe_interval: Option<Duration>,
 }
 
 impl RawSync {
@@ -384,6 +396,10 @@ impl RawSync {
             86_400,
         )?;
         let heartbeat_interval = Duration::from_secs(self.heartbeat_interval_s);
+        let probe_interval = match self.probe_interval_ms {
+            0 => None,
+            ms => Some(ms_in("sync.probe_interval_ms".into(), ms, 10, 60_000)?),
+        };
         Ok(SyncConfig {
             endpoints,
             batch_max_records: self.batch_max_records,
@@ -393,6 +409,7 @@ impl RawSync {
             backoff_max,
             request_timeout,
             heartbeat_interval,
+            probe_interval,
         })
     }
 }
@@ -445,6 +462,10 @@ pub struct RawMqttBroker {
     pub name: String,
     /// `mqtt://host:port` or `mqtts://host:port`.
     pub url: String,
+    /// Further brokers of the same source (same TLS files), tried in order after `url`: after
+    /// a connection error the next attempt goes to the next broker of the list (wrapping).
+    #[serde(default)]
+    pub failover_urls: Vec<String>,
     pub client_id: String,
     /// PEM file of the CA(s) that signed the broker's certificate; required for `mqtts://`.
     pub ca_file: Option<PathBuf>,
@@ -607,6 +628,8 @@ pub struct MqttBrokerConfig {
     pub name: Name,
     /// Host, port and TLS files (`url`, `ca_file`, `client_cert_file`, `client_key_file`).
     pub endpoint: MqttEndpoint,
+    /// `failover_urls` with the same TLS files, in order.
+    pub failover_endpoints: Vec<MqttEndpoint>,
     pub client_id: String,
     pub keep_alive: Duration,
     pub reconnect_min_backoff: Duration,
@@ -753,6 +776,9 @@ impl RawConfig {
         if security.require_secure_ot {
             for (i, b) in mqtt.iter().enumerate() {
                 require_secure_mqtt(&b.endpoint, format!("mqtt[{i}].url"))?;
+                for (j, e) in b.failover_endpoints.iter().enumerate() {
+                    require_secure_mqtt(e, format!("mqtt[{i}].failover_urls[{j}]"))?;
+                }
             }
             if let Some(l) = &live_query {
                 require_secure_mqtt(&l.broker.endpoint, "live_query.url".into())?;
@@ -829,6 +855,8 @@ fn validate_live_query(
             MqttBrokerConfig {
                 name: src.name.clone(),
                 endpoint: src.endpoint.clone(),
+                // Live queries use the source's first broker.
+                failover_endpoints: Vec::new(),
                 client_id,
                 keep_alive: ms_in(
                     "live_query.keep_alive_ms".into(),
@@ -847,6 +875,7 @@ fn validate_live_query(
             RawMqttBroker {
                 name: "live-query".into(),
                 url: url.clone(),
+                failover_urls: Vec::new(),
                 client_id,
                 ca_file: raw.ca_file,
                 client_cert_file: raw.client_cert_file,
@@ -971,6 +1000,33 @@ fn validate_connection(
     endpoint
         .check_rumqttc()
         .map_err(|e| invalid(format!("{at}.{}", e.field), e.message))?;
+    let failover_endpoints = raw
+        .failover_urls
+        .iter()
+        .enumerate()
+        .map(|(j, url)| {
+            let at = format!("{at}.failover_urls[{j}]");
+            let files = TlsFiles {
+                ca_file: endpoint.tls().map(|t| t.ca_file.clone()),
+                client_cert_file: endpoint
+                    .tls()
+                    .and_then(|t| t.client_auth.as_ref().map(|(c, _)| c.clone())),
+                client_key_file: endpoint
+                    .tls()
+                    .and_then(|t| t.client_auth.as_ref().map(|(_, k)| k.clone())),
+            };
+            let ep = MqttEndpoint::parse(url, files).map_err(|e| invalid(at.clone(), e.to_string()))?;
+            if ep.tls().is_some() != endpoint.tls().is_some() {
+                return Err(invalid(
+                    at,
+                    "must use the same scheme as url (mqtt:// or mqtts://): the TLS files are shared",
+                ));
+            }
+            ep.check_rumqttc()
+                .map_err(|e| invalid(at.clone(), e.to_string()))?;
+            Ok(ep)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if raw.client_id.is_empty() || raw.client_id.len() > 128 {
         return Err(invalid(
             format!("{at}.client_id"),
@@ -1022,6 +1078,7 @@ fn validate_connection(
     Ok(MqttBrokerConfig {
         name,
         endpoint,
+        failover_endpoints,
         client_id: raw.client_id,
         keep_alive,
         reconnect_min_backoff,

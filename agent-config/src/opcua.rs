@@ -21,6 +21,9 @@ fn default_reconnect_min_ms() -> u64 {
 fn default_reconnect_max_ms() -> u64 {
     30_000
 }
+fn default_reconnect_probe_interval_ms() -> u64 {
+    250
+}
 
 /// Message security the agent uses towards one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -78,6 +81,11 @@ pub struct OpcUaEndpointConfig {
     pub name: String,
     /// Endpoint URL, `opc.tcp://host:port/path`.
     pub url: String,
+    /// Redundant servers of the same source (same nodes and security), tried in order after
+    /// `url`: after a lost session or a failed connect the next attempt goes to the next server
+    /// of the list (wrapping).
+    #[serde(default)]
+    pub failover_urls: Vec<String>,
     /// `none` or `basic256sha256` (always SignAndEncrypt).
     #[serde(default)]
     pub security_policy: OpcUaSecurityPolicy,
@@ -100,6 +108,10 @@ pub struct OpcUaEndpointConfig {
     /// Largest reconnect delay.
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// While waiting to reconnect, the server's port is probed (TCP connect) this often; a
+    /// server seen down and then accepting again ends the wait at once. 0: no probe.
+    #[serde(default = "default_reconnect_probe_interval_ms")]
+    pub reconnect_probe_interval_ms: u64,
     /// Nodes to subscribe to.
     pub nodes: Vec<OpcUaNodeConfig>,
     /// The user of the session (default anonymous).
@@ -131,6 +143,9 @@ impl OpcUaEndpointConfig {
             return Err(err("name", "must not be empty".into()));
         }
         validate_url(&self.url).map_err(|p| err("url", p))?;
+        for (j, u) in self.failover_urls.iter().enumerate() {
+            validate_url(u).map_err(|p| err(&format!("failover_urls[{j}]"), p))?;
+        }
         if self.pki_dir.as_os_str().is_empty() {
             return Err(err("pki_dir", "must not be empty".into()));
         }
@@ -149,6 +164,17 @@ impl OpcUaEndpointConfig {
             return Err(err(
                 "reconnect_max_ms",
                 format!("must be >= reconnect_min_ms ({})", self.reconnect_min_ms),
+            ));
+        }
+        if self.reconnect_probe_interval_ms != 0
+            && !(10..=60_000).contains(&self.reconnect_probe_interval_ms)
+        {
+            return Err(err(
+                "reconnect_probe_interval_ms",
+                format!(
+                    "must be 0 (off) or 10..=60000, got {}",
+                    self.reconnect_probe_interval_ms
+                ),
             ));
         }
         if self.nodes.is_empty() {

@@ -25,6 +25,7 @@ pub mod remote_config;
 pub mod runtime;
 pub mod source;
 pub mod sync;
+mod sync_probe;
 
 /// Protocol version the agent speaks.
 pub const PROTOCOL_VERSION: u32 = kip_shared::PROTOCOL_VERSION;

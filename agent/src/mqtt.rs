@@ -59,6 +59,14 @@
 //!   token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then sends DISCONNECT: a clean shutdown
 //!   acknowledges everything it stored.
 //!
+//! - Broker failover (`failover_urls`): after a connection error (and its backoff) the next
+//!   connection goes to the next broker of the list `url`, `failover_urls...` (wrapping). The
+//!   persistent session is per broker: a broker the agent never connected to has no session
+//!   for it, and what a dead broker queued for the agent is delivered only when the agent
+//!   connects to that broker again (after the next failure of the one it moved to). The Gap
+//!   record of the reconnect spans the failover. What is stored from each broker keeps the
+//!   guarantees above (acknowledged after the flush, redeliveries recognised).
+//!
 //! When a received topic matches several subscriptions, the first one in config order maps it.
 
 use std::{
@@ -279,7 +287,15 @@ pub(crate) fn broker_options(
     cfg: &MqttBrokerConfig,
     clean_session: bool,
 ) -> Result<MqttOptions, MqttError> {
-    let ep = &cfg.endpoint;
+    broker_options_at(cfg, &cfg.endpoint, clean_session)
+}
+
+/// [`broker_options`] for broker `ep` of the source (its `url` or one of `failover_urls`).
+fn broker_options_at(
+    cfg: &MqttBrokerConfig,
+    ep: &kip_shared::mqtt::MqttEndpoint,
+    clean_session: bool,
+) -> Result<MqttOptions, MqttError> {
     // rumqttc formats "{host}:{port}" before resolving: an IPv6 literal needs its brackets.
     let mut opts = MqttOptions::new(&cfg.client_id, ep.socket_host(), ep.port());
     opts.set_keep_alive(cfg.keep_alive);
@@ -335,6 +351,8 @@ enum End {
     /// Open a new connection (new options): deferred messages to fetch again, or a larger
     /// read limit.
     Reopen,
+    /// The connection failed and the source has further brokers: connect to the next one.
+    NextBroker,
 }
 
 /// What a source carries across its connections.
@@ -472,8 +490,21 @@ impl MqttSource {
         self.cfg.name.as_str()
     }
 
-    fn options(&self, read_limit: usize) -> Result<MqttOptions, MqttError> {
-        let mut opts = broker_options(&self.cfg, false)?;
+    /// Broker `i` of `url`, `failover_urls...` (wrapping).
+    fn broker(&self, i: usize) -> &kip_shared::mqtt::MqttEndpoint {
+        let n = 1 + self.cfg.failover_endpoints.len();
+        match i % n {
+            0 => &self.cfg.endpoint,
+            j => self
+                .cfg
+                .failover_endpoints
+                .get(j - 1)
+                .unwrap_or(&self.cfg.endpoint),
+        }
+    }
+
+    fn options(&self, broker: usize, read_limit: usize) -> Result<MqttOptions, MqttError> {
+        let mut opts = broker_options_at(&self.cfg, self.broker(broker), false)?;
         // PubAck only once the record is durable (the receiver fires the AckToken).
         opts.set_manual_acks(true);
         // Outgoing packets are subscriptions and acknowledgements: small.
@@ -505,8 +536,9 @@ impl MqttSource {
             disconnected_since: None,
             read_limit: read_limit(self.cfg.max_packet_size_bytes),
         };
+        let mut broker = 0usize;
         loop {
-            let opts = match self.options(st.read_limit) {
+            let opts = match self.options(broker, st.read_limit) {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::error!(source = self.name(), error = %e, "mqtt source cannot start");
@@ -537,6 +569,13 @@ impl MqttSource {
             connection.lost();
             match end {
                 End::Reopen => continue,
+                End::NextBroker => {
+                    broker = (broker + 1) % (1 + self.cfg.failover_endpoints.len());
+                    let ep = self.broker(broker);
+                    tracing::warn!(source = self.name(), broker = %format!("{}:{}", ep.socket_host(), ep.port()),
+                        "mqtt broker failover: connecting to the next broker of the source");
+                    continue;
+                }
                 End::Stop { linger } => {
                     // Not acknowledged: the broker keeps these for the next session.
                     st.staged.clear();
@@ -722,6 +761,9 @@ impl MqttSource {
                     tracing::warn!(source = name, error = %e, retry_in_ms = delay.as_millis() as u64, "mqtt connection error");
                     if let Err(end) = self.pause(delay, tx, st, cancel).await {
                         return end;
+                    }
+                    if !self.cfg.failover_endpoints.is_empty() {
+                        return End::NextBroker;
                     }
                     // The event loop reconnects on the next poll.
                 }

@@ -7,6 +7,17 @@
 //!   and a completely new client session, subscription and monitored items are created after
 //!   an exponential backoff with jitter. We do not rely on the library's own session
 //!   reactivation or subscription transfer, because a restarted server knows neither.
+//! - While waiting to reconnect, the server's port is probed with a TCP connect every
+//!   `reconnect_probe_interval_ms` ([`crate::sync_probe`]); a server seen down during the wait
+//!   and then accepting connections ends the wait, so a restarted server is back within about
+//!   that interval instead of after the grown backoff. A server that accepts TCP but refuses
+//!   the session does not shorten the wait (no transition), so it is not hammered.
+//! - Redundant servers (`failover_urls`): after a lost session or a failed connect, the next
+//!   attempt goes to the next server of `url`, `failover_urls...` (wrapping). The gap record
+//!   of the outage spans the failover, and the initial values of the new server's
+//!   subscription that repeat the last stored value of a node (same source timestamp and
+//!   value) are not stored again (see [`LastValues`]); values the servers stamp differently
+//!   are distinct readings.
 //! - After any outage that follows an established session, a [`Record::Gap`] from the last
 //!   moment the subscription was known alive (its last publish response) to the moment the new
 //!   session is connected is sent before any record of the new session, so downstream knows
@@ -239,6 +250,14 @@ pub struct OpcUaMetrics {
     connected: Family<SourceLabels, Gauge>,
     duplicates: Family<SourceLabels, Counter>,
     dropped: Family<SourceLabels, Counter>,
+    probe_recoveries: Family<SourceLabels, Counter>,
+}
+
+/// Host and port of an `opc.tcp://host[:port]/path` URL (port 4840 when absent).
+fn server_address(url: &str) -> Option<(String, u16)> {
+    let u = reqwest::Url::parse(url).ok()?;
+    let host = u.host_str()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), u.port().unwrap_or(4840)))
 }
 
 impl OpcUaMetrics {
@@ -255,6 +274,11 @@ impl OpcUaMetrics {
     /// Creates the metric families and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        registry.register(
+            "kip_opcua_reconnect_probe_recoveries",
+            "Reconnect waits ended early because the server, seen down, accepted connections again",
+            m.probe_recoveries.clone(),
+        );
         registry.register(
             "kip_opcua_notifications",
             "OPC UA data-change notifications received",
@@ -446,11 +470,19 @@ impl OpcUaSource {
             Duration::from_millis(self.cfg.reconnect_max_ms),
         );
         let connected = self.metrics.connected.get_or_create(&self.labels()).clone();
+        let servers: Vec<&str> = std::iter::once(self.cfg.url.as_str())
+            .chain(self.cfg.failover_urls.iter().map(String::as_str))
+            .collect();
+        let mut server = 0usize;
         loop {
             if cancel.is_cancelled() {
                 break;
             }
-            let end = self.session(&tx, &cancel, &mut outage).await;
+            let url = servers
+                .get(server)
+                .copied()
+                .unwrap_or(self.cfg.url.as_str());
+            let end = self.session(url, &tx, &cancel, &mut outage).await;
             connected.set(0);
             match end {
                 SessionEnd::Stop => break,
@@ -462,6 +494,12 @@ impl OpcUaSource {
                     if healthy {
                         attempt = 0;
                         backoff.reset();
+                    }
+                    if servers.len() > 1 {
+                        server = (server + 1) % servers.len();
+                        warn!(source = %self.cfg.name, from = url,
+                            to = servers.get(server).copied().unwrap_or_default(),
+                            "OPC UA failover: the next attempt goes to the next server");
                     }
                     if let Some(last_alive) = established {
                         warn!(source = %self.cfg.name, %reason, "OPC UA session lost, reconnecting");
@@ -480,9 +518,31 @@ impl OpcUaSource {
             }
             let delay = backoff.next_delay();
             attempt = attempt.saturating_add(1);
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
+            let probe = Duration::from_millis(self.cfg.reconnect_probe_interval_ms);
+            let target = server_address(servers.get(server).copied().unwrap_or_default());
+            match target {
+                Some((host, port)) if !probe.is_zero() && delay > probe => {
+                    let end = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        end = crate::sync_probe::wait_with(delay, 1, probe, |_, t| {
+                            let host = host.clone();
+                            async move { crate::sync_probe::tcp_connect(&host, port, t).await }
+                        }) => end,
+                    };
+                    if let crate::sync_probe::WaitEnd::Reachable(_) = end {
+                        info!(source = %self.cfg.name, "OPC UA server accepts connections again; reconnecting now");
+                        self.metrics
+                            .probe_recoveries
+                            .get_or_create(&self.labels())
+                            .inc();
+                    }
+                }
+                _ => {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
         }
         info!(source = %self.cfg.name, "OPC UA source stopped");
@@ -492,6 +552,7 @@ impl OpcUaSource {
     /// monitored items exist.
     async fn session(
         &self,
+        url: &str,
         tx: &Sink,
         cancel: &CancellationToken,
         outage: &mut Option<Outage>,
@@ -510,7 +571,7 @@ impl OpcUaSource {
         };
         let sec = self.cfg.security_policy;
         let endpoint = (
-            self.cfg.url.as_str(),
+            url,
             sec.policy().to_str(),
             sec.mode(),
             UserTokenPolicy::anonymous(),
@@ -1280,6 +1341,8 @@ mod tests {
             publishing_interval_ms: 100,
             reconnect_min_ms: 100,
             reconnect_max_ms: 1000,
+            reconnect_probe_interval_ms: 0,
+            failover_urls: Vec::new(),
             nodes: vec![OpcUaNodeConfig {
                 node_id: "ns=2;s=Machine1.Temp".into(),
                 machine: "m1".into(),

@@ -26,6 +26,10 @@
 //!   stay buffered, the next endpoint is tried after exponential backoff with equal jitter
 //!   ([`kip_shared::backoff::Backoff`], `backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
 //!   halve the batch size; fast, full batches double it again up to the configured caps.
+//! - Reconnect: while backing off, the endpoints are probed (TLS handshake every
+//!   `probe_interval_ms`, [`crate::sync_probe`]); an endpoint seen unreachable and then
+//!   reachable ends the wait at once and becomes the endpoint of the next attempt, so the first
+//!   batch after an outage does not wait for a backoff grown toward its cap.
 //!
 //! # Poison batches
 //!
@@ -139,6 +143,7 @@ struct SyncMetrics {
     online: Gauge,
     heartbeats: Family<ResultLabels, Counter>,
     clock_offset_seconds: Gauge<f64, AtomicU64>,
+    probe_recoveries: Counter,
 }
 
 impl SyncMetrics {
@@ -198,6 +203,11 @@ impl SyncMetrics {
             "clock_offset_seconds",
             "Control-plane clock minus agent clock, from the last acknowledged sync (positive: the control plane is ahead)",
             m.clock_offset_seconds.clone(),
+        );
+        registry.register(
+            "sync_probe_recoveries",
+            "Backoff waits ended early because a probe reached an endpoint that had been unreachable",
+            m.probe_recoveries.clone(),
         );
         m
     }
@@ -623,9 +633,29 @@ impl Syncer {
                     self.failure("local", e.to_string())
                 }
             };
-            tokio::select! {
+            let probe = self
+                .cfg
+                .probe_interval
+                .filter(|p| self.failures > 0 && pause > *p);
+            let Some(interval) = probe else {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+                continue;
+            };
+            let tls = self.tls.borrow().clone();
+            let end = tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
+                end = crate::sync_probe::wait(pause, &self.cfg.endpoints, tls, interval) => end,
+            };
+            if let crate::sync_probe::WaitEnd::Reachable(i) = end {
+                self.endpoint = i;
+                if let Some(e) = self.cfg.endpoints.get(i) {
+                    self.status.set_endpoint(e);
+                    tracing::info!(endpoint = %e, "sync endpoint reachable again; retrying now");
+                }
+                self.metrics.probe_recoveries.inc();
             }
         }
         tracing::info!("sync stopped");

@@ -95,6 +95,7 @@ fn syncer(buffer: Arc<Buffer>, url: &str) -> Syncer {
         backoff_max: Duration::from_millis(20),
         request_timeout: Duration::from_secs(5),
         heartbeat_interval: Duration::from_secs(3600),
+        probe_interval: None,
     };
     Syncer::new(buffer, cfg, rx, &mut Registry::default()).unwrap()
 }

@@ -81,6 +81,14 @@ pub struct RawDatabase {
     /// listener shares the main pool.
     #[serde(default = "default_agent_max_connections")]
     pub agent_max_connections: u32,
+    /// With several hosts in `url` (or `target_session_attrs=read-write`): how often the
+    /// current server is checked, and a new primary chosen when it is gone or in recovery.
+    #[serde(default = "default_failover_check_interval_ms")]
+    pub failover_check_interval_ms: u64,
+}
+
+fn default_failover_check_interval_ms() -> u64 {
+    1_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -475,6 +483,7 @@ impl Default for RawDatabase {
             create_if_missing: true,
             statement_timeout_ms: default_statement_timeout_ms(),
             agent_max_connections: default_agent_max_connections(),
+            failover_check_interval_ms: default_failover_check_interval_ms(),
         }
     }
 }
@@ -519,6 +528,8 @@ pub struct Config {
     pub database_statement_timeout: Duration,
     /// `database.agent_max_connections`; 0 shares the main pool.
     pub database_agent_max_connections: u32,
+    /// `database.failover_check_interval_ms`.
+    pub database_failover_check_interval: Duration,
     /// Negative cache and per-IP failed-authentication limit (`[auth]`).
     pub auth_guard: crate::http::AuthGuardConfig,
     pub admin_key_file: PathBuf,
@@ -691,6 +702,14 @@ impl RawConfig {
         )?;
         in_range(self.database.agent_max_connections, 0, 1000, "")
             .map_err(|m| invalid("database.agent_max_connections", m))?;
+        let database_failover_check_interval = ms_in(
+            "database.failover_check_interval_ms",
+            self.database.failover_check_interval_ms,
+            100,
+            60_000,
+        )?;
+        crate::db_hosts::Hosts::parse(&self.database.url)
+            .map_err(|e| invalid("database.url", e.to_string()))?;
         let auth_guard = crate::http::AuthGuardConfig {
             negative_ttl: ms_in(
                 "auth.negative_cache_ttl_ms",
@@ -771,6 +790,7 @@ impl RawConfig {
             database_create_if_missing: self.database.create_if_missing,
             database_statement_timeout,
             database_agent_max_connections: self.database.agent_max_connections,
+            database_failover_check_interval,
             auth_guard,
             admin_key_file: self.auth.admin_key_file,
             key_cache_ttl,

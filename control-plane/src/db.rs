@@ -12,7 +12,7 @@
 //!   written with mode 0600 before the hash is committed, so a crash never leaves a stored
 //!   key whose secret nobody has.
 
-use std::{path::Path, str::FromStr as _};
+use std::path::Path;
 
 use sqlx::{
     ConnectOptions as _, Connection as _, PgPool,
@@ -26,6 +26,8 @@ use crate::{config::Config, keys};
 pub enum DbError {
     #[error("invalid database url: {0}")]
     Url(#[source] sqlx::Error),
+    #[error("database url: {0}")]
+    Hosts(#[from] crate::db_hosts::HostsError),
     #[error(
         "cannot connect to PostgreSQL at {target}: {source}. Is PostgreSQL running? \
          (Debian: `apt-get install postgresql && pg_ctlcluster 15 main start`)"
@@ -61,13 +63,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Connects to the configured database, creating it first when allowed and missing. Every
 /// connection runs with `statement_timeout` = `database.statement_timeout_ms`, so no query
 /// (a heavy report, a lock wait) holds a connection longer.
+///
+/// A URL with several hosts (or `target_session_attrs=read-write`) connects to the first
+/// usable one ([`crate::db_hosts`]).
 pub async fn connect(cfg: &Config) -> Result<PgPool, DbError> {
-    let opts = PgConnectOptions::from_str(&cfg.database_url)
-        .map_err(DbError::Url)?
-        .options([(
-            "statement_timeout",
-            format!("{}ms", cfg.database_statement_timeout.as_millis()),
-        )]);
+    let hosts = hosts(cfg)?;
+    let opts = match hosts.first() {
+        Some(only) if !hosts.needs_follower() => only.clone(),
+        _ => hosts.select(cfg.database_connect_timeout).await?,
+    };
     let target = format!(
         "{}:{}/{}",
         opts.get_host(),
@@ -92,6 +96,13 @@ pub async fn connect(cfg: &Config) -> Result<PgPool, DbError> {
         }
         Err(source) => Err(DbError::Connect { target, source }),
     }
+}
+
+/// The servers of `database.url`, each with `statement_timeout` set.
+pub fn hosts(cfg: &Config) -> Result<crate::db_hosts::Hosts, DbError> {
+    let timeout = format!("{}ms", cfg.database_statement_timeout.as_millis());
+    Ok(crate::db_hosts::Hosts::parse(&cfg.database_url)?
+        .map(|o| o.options([("statement_timeout", timeout.as_str())])))
 }
 
 /// The agent listener's pool: `database.agent_max_connections` connections of their own, with

@@ -17,6 +17,7 @@ pub mod config;
 pub mod config_error;
 pub mod console;
 pub mod db;
+pub mod db_hosts;
 pub mod device_config;
 pub mod documents;
 pub mod fleet;
@@ -242,6 +243,20 @@ impl ControlPlaneBuilder {
             token.clone(),
             &tracker,
         );
+        let agent_pool = db::agent_pool(&cfg, &pool);
+        if owns_pool {
+            // Multi-host database URL: keep every pool on the primary.
+            db_hosts::spawn_follower(
+                db::hosts(&cfg)?,
+                std::iter::once(pool.clone())
+                    .chain(agent_pool.clone())
+                    .collect(),
+                cfg.database_failover_check_interval,
+                cfg.database_connect_timeout,
+                token.clone(),
+                &tracker,
+            );
+        }
         let mut agent_addr = None;
         match &pki {
             Some(p) => {
@@ -276,7 +291,7 @@ impl ControlPlaneBuilder {
                 if let Some(l) = listener {
                     agent_addr = Some(agent_api::spawn_listener(
                         l,
-                        server::agent_router(match db::agent_pool(&cfg, &pool) {
+                        server::agent_router(match agent_pool {
                             Some(pool) => AppState {
                                 pool,
                                 ..state.clone()

@@ -42,6 +42,7 @@ pub fn sync_config(endpoints: Vec<String>) -> SyncConfig {
         backoff_max: Duration::from_millis(300),
         request_timeout: Duration::from_millis(1500),
         heartbeat_interval: Duration::from_secs(60),
+        probe_interval: None,
     }
 }
 

@@ -19,8 +19,8 @@
 //! | [`ports`] | free loopback ports, waiting for a port to accept |
 //! | [`eventually`](mod@eventually) | polling until a positive signal ([`eventually()`], [`wait_until`]) |
 //! | [`process`] | [`ChildGroup`]: a child in its own process group, killed as a group on drop |
-//! | [`postgres`] | [`TestDb`] (fresh database, dropped at the end), [`PrivatePostgres`] (a server a test may crash) |
-//! | [`mosquitto`] | [`Mosquitto`]: a private broker (optional TLS with client certificates) |
+//! | [`postgres`] | [`TestDb`] (fresh database, dropped at the end), [`PrivatePostgres`] (a server a test may crash; a streaming standby of it to promote) |
+//! | [`mosquitto`] | [`Mosquitto`]: a private broker (optional TLS with client certificates); `mosquitto_pub` publishing |
 //! | [`fake_llm`] | [`FakeLlm`](fake_llm::FakeLlm): a scriptable OpenAI/DeepSeek-compatible provider |
 //! | [`kipctl`](mod@kipctl) | `kipctl` run in-process as its binary runs it |
 //! | [`mlflow`] | [`MlflowServer`]: a private MLflow tracking server |

@@ -113,15 +113,30 @@ impl Mosquitto {
 /// Publishes one QoS 1 message with `mosquitto_pub` (an independent client); with `tls` it
 /// connects with `pki`'s client certificate.
 pub fn publish(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>) {
-    mosquitto_pub(port, topic, payload, tls, false);
+    mosquitto_pub(port, topic, payload, tls, false, "-s");
 }
 
 /// [`publish`] without TLS, as a retained message (it reaches every later subscription).
 pub fn publish_retained(port: u16, topic: &str, payload: &[u8]) {
-    mosquitto_pub(port, topic, payload, None, true);
+    mosquitto_pub(port, topic, payload, None, true, "-s");
 }
 
-fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>, retain: bool) {
+/// Publishes each of `payloads` as one QoS 1 message on `topic` (no TLS), in order, from one
+/// `mosquitto_pub -l` connection; returns once it exited successfully.
+pub fn publish_lines(port: u16, topic: &str, payloads: &[String]) {
+    let mut lines = payloads.join("\n");
+    lines.push('\n');
+    mosquitto_pub(port, topic, lines.as_bytes(), None, false, "-l");
+}
+
+fn mosquitto_pub(
+    port: u16,
+    topic: &str,
+    payload: &[u8],
+    tls: Option<&BrokerPki>,
+    retain: bool,
+    input: &str,
+) {
     use std::io::Write as _;
     let mut cmd = Command::new("mosquitto_pub");
     cmd.args([
@@ -133,7 +148,7 @@ fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>
         "1",
         "-t",
         topic,
-        "-s",
+        input,
     ]);
     if retain {
         cmd.arg("-r");

@@ -8,6 +8,8 @@
 //!   dropped on drop.
 //! - [`PrivatePostgres`]: a server of the test's own (`initdb` + `pg_ctl` as user `postgres`)
 //!   that a test may crash and restart. Needs root (CI and `scripts/test.sh` run as root).
+//!   [`PrivatePostgres::standby_of`] makes a streaming-replication standby of one
+//!   (`pg_basebackup -R`), [`PrivatePostgres::promote`] turns it into a primary: a failover.
 
 use std::{
     path::PathBuf,
@@ -185,26 +187,58 @@ impl PrivatePostgres {
             "{} has no initdb: apt-get install postgresql-15",
             bin.display()
         );
+        let pg = Self::empty(bin);
+        sh(&format!(
+            "su postgres -c '{}/initdb -D {} -A trust -U postgres' >/dev/null",
+            pg.bin.display(),
+            pg.data.display()
+        ));
+        pg.start();
+        pg
+    }
+
+    /// A new data folder owned by `postgres` (not initialised) and a free port.
+    fn empty(bin: PathBuf) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         sh(&format!(
-            "chmod 755 {d} && mkdir {data} && chown postgres {data}",
+            "chmod 755 {d} && mkdir -m 700 {data} && chown postgres {data}",
             d = dir.path().display(),
             data = data.display()
         ));
-        sh(&format!(
-            "su postgres -c '{}/initdb -D {} -A trust -U postgres' >/dev/null",
-            bin.display(),
-            data.display()
-        ));
-        let pg = Self {
+        Self {
             bin,
             data,
             port: free_port(),
             _dir: dir,
-        };
+        }
+    }
+
+    /// A streaming-replication standby of `primary` (`pg_basebackup -R`: a copy of its data
+    /// that follows its WAL, read-only), started and connected. The primary's defaults
+    /// (`wal_level = replica`, trust for local replication connections) allow it.
+    pub fn standby_of(primary: &Self) -> Self {
+        let pg = Self::empty(primary.bin.clone());
+        sh(&format!(
+            "su postgres -c '{}/pg_basebackup -h 127.0.0.1 -p {} -U postgres -D {} -R -X stream' \
+             >/dev/null",
+            pg.bin.display(),
+            primary.port,
+            pg.data.display()
+        ));
         pg.start();
         pg
+    }
+
+    /// Promotes a standby to a primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        self.ctl("-w promote");
+    }
+
+    /// Stops the server cleanly (`-m fast`): sessions are ended, and a standby connected to
+    /// it receives every WAL record up to the shutdown checkpoint before it exits.
+    pub fn stop_fast(&self) {
+        self.ctl("-w -m fast stop");
     }
 
     fn ctl(&self, args: &str) {
@@ -233,6 +267,11 @@ impl PrivatePostgres {
     /// URL of its `postgres` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `127.0.0.1:PORT`, for a multi-host URL.
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 }
 

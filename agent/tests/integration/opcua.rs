@@ -45,6 +45,8 @@ fn config(port: u16, pki_dir: &Path, nodes: Vec<OpcUaNodeConfig>) -> OpcUaEndpoi
         publishing_interval_ms: 100,
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
+        reconnect_probe_interval_ms: 0,
+        failover_urls: Vec::new(),
         nodes,
         user_identity: Default::default(),
     }

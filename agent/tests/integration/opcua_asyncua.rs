@@ -109,6 +109,8 @@ async fn readings_flow_from_an_independent_python_asyncua_server() {
         publishing_interval_ms: 100,
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
+        reconnect_probe_interval_ms: 0,
+        failover_urls: Vec::new(),
         nodes: vec![
             node("Temp", "temp"),
             node("Count", "count"),

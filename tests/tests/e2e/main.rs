@@ -14,6 +14,7 @@ mod aleph_live;
 mod ca_rollover;
 mod clock;
 mod disk_full;
+mod failover;
 mod fleet_health;
 mod health_alerts;
 mod logs;

@@ -109,6 +109,8 @@ async fn a_stalled_writer_keeps_the_session_alive_and_a_gap_states_what_was_drop
         publishing_interval_ms: 100,
         reconnect_min_ms: 100,
         reconnect_max_ms: 1000,
+        reconnect_probe_interval_ms: 0,
+        failover_urls: Vec::new(),
         nodes,
         user_identity: Default::default(),
     };
