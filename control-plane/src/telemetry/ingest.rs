@@ -6,8 +6,11 @@
 //!   field at all, so one organisation's device cannot write into another's data.
 //! - One transaction per batch: either every record of the batch is stored (or was already
 //!   stored) and the ack moves, or nothing changes and the agent retries.
-//! - Each record is stored under its key `(device_id, epoch, seq)` with `ON CONFLICT DO
-//!   NOTHING`, so a replayed batch (after a lost ack, a crash, a retry) counts once.
+//! - Each record is stored under its key `(device_id, epoch, seq, ts)` (ts: the record's own
+//!   timestamp, the partition column) with `ON CONFLICT DO NOTHING`, so a replayed batch
+//!   (after a lost ack, a crash, a retry) counts once. Readings go through a binary COPY into
+//!   a staging table and one insert-select that also maintains the rollups
+//!   ([`super::storage`]).
 //! - The device row is locked (`FOR UPDATE`) for the transaction, so two concurrent batches of
 //!   one device serialise and the acknowledged high-water mark only grows.
 //! - Decoding is [`kip_shared::batch::decode_batch`]'s (one decoder, property-tested there):
@@ -25,6 +28,7 @@ use kip_shared::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::{copy::StagingRows, storage};
 use crate::http::ApiError;
 
 /// The authenticated device a request comes from.
@@ -206,30 +210,35 @@ pub async fn store(
     }
     let mut inserted = 0u64;
     if !readings.seq.is_empty() {
-        inserted += sqlx::query(
-            "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value, quality) \
-             SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::timestamptz[], \
-                                              $8::float8[], $9::int2[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(id.org_id)
-        .bind(id.device_id)
-        .bind(epoch)
-        .bind(&readings.seq)
-        .bind(&readings.machine)
-        .bind(&readings.metric)
-        .bind(&readings.ts)
-        .bind(&readings.value)
-        .bind(&readings.quality)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // COPY BINARY into the session's staging table, then one insert-select that skips
+        // keys already stored and rolls up what it inserted (storage::INSERT_STAGED).
+        let mut rows = StagingRows::with_capacity(readings.seq.len());
+        for i in 0..readings.seq.len() {
+            rows.push(
+                id.org_id,
+                id.device_id,
+                epoch,
+                readings.seq[i],
+                &readings.machine[i],
+                &readings.metric[i],
+                readings.ts[i],
+                readings.value[i],
+                readings.quality[i],
+            );
+        }
+        storage::ensure_staging(&mut tx).await?;
+        let mut copy = tx.copy_in_raw(storage::COPY_STAGING).await?;
+        copy.send(rows.finish()).await?;
+        copy.finish().await?;
+        inserted += storage::insert_staged(&mut tx).await?;
     }
     if !preds.seq.is_empty() {
         inserted += sqlx::query(
             "INSERT INTO predictions (org_id, device_id, epoch, seq, machine, ts, rul_cycles, model_version, anomaly_score) \
-             SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::float8[], \
-                                              $8::text[], $9::float8[]) \
+             SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::float8[], \
+                                                $8::text[], $9::float8[]) AS u(seq) \
+              WHERE NOT EXISTS (SELECT 1 FROM predictions_legacy l \
+                                 WHERE l.device_id = $2 AND l.epoch = $3 AND l.seq = u.seq) \
              ON CONFLICT DO NOTHING",
         )
         .bind(id.org_id)
