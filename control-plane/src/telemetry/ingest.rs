@@ -28,7 +28,7 @@ use kip_shared::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{copy::StagingRows, storage};
+use super::storage;
 use crate::http::ApiError;
 
 /// The authenticated device a request comes from.
@@ -210,27 +210,19 @@ pub async fn store(
     }
     let mut inserted = 0u64;
     if !readings.seq.is_empty() {
-        // COPY BINARY into the session's staging table, then one insert-select that skips
-        // keys already stored and rolls up what it inserted (storage::INSERT_STAGED).
-        let mut rows = StagingRows::with_capacity(readings.seq.len());
-        for i in 0..readings.seq.len() {
-            rows.push(
-                id.org_id,
-                id.device_id,
-                epoch,
-                readings.seq[i],
-                &readings.machine[i],
-                &readings.metric[i],
-                readings.ts[i],
-                readings.value[i],
-                readings.quality[i],
-            );
-        }
-        storage::ensure_staging(&mut tx).await?;
-        let mut copy = tx.copy_in_raw(storage::COPY_STAGING).await?;
-        copy.send(rows.finish()).await?;
-        copy.finish().await?;
-        inserted += storage::insert_staged(&mut tx).await?;
+        // Small batches: one insert-select from arrays. Large ones: COPY BINARY into the
+        // session's staging table, then one insert-select. Either skips keys already stored
+        // and rolls up exactly what it inserted (storage::insert_readings).
+        let cols = storage::ReadingColumns {
+            seq: readings.seq,
+            machine: readings.machine,
+            metric: readings.metric,
+            ts: readings.ts,
+            value: readings.value,
+            quality: readings.quality,
+        };
+        inserted +=
+            storage::insert_readings(&mut tx, id.org_id, id.device_id, epoch, &cols).await?;
     }
     if !preds.seq.is_empty() {
         inserted += sqlx::query(
@@ -271,8 +263,10 @@ pub async fn store(
         .await?
         .rows_affected();
     }
+    // The ack and the device's last-seen time in one round trip.
     let acked: i64 = sqlx::query_scalar(
-        "INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
+        "WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1) \
+         INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (device_id, epoch) DO UPDATE SET \
            acked_seq = GREATEST(device_sync_state.acked_seq, EXCLUDED.acked_seq), \
@@ -288,11 +282,6 @@ pub async fn store(
     .bind(&batch.running_model)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("UPDATE devices SET last_seen_at = now() WHERE org_id = $1 AND id = $2")
-        .bind(id.org_id)
-        .bind(id.device_id)
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     let total = batch.records.len() as u64;
     Ok(SyncAck {
