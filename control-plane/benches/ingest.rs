@@ -95,15 +95,17 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let start = Instant::now();
+    let tracker = tokio_util::task::TaskTracker::new();
     let mut tasks = Vec::new();
     for (id, batches) in ids.iter().zip(work) {
         let (id, batches, f) = (*id, batches.clone(), f.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(tracker.spawn(async move {
             for b in batches {
                 f(id, b).await;
             }
         }));
     }
+    tracker.close();
     for t in tasks {
         t.await.unwrap();
     }
