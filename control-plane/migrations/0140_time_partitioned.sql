@@ -183,8 +183,8 @@ CREATE TABLE sensor_rollup_1h (LIKE sensor_rollup_1m INCLUDING ALL);
 ALTER TABLE sensor_rollup_1h
     ADD FOREIGN KEY (org_id, device_id) REFERENCES devices (org_id, id) ON DELETE CASCADE;
 
--- Raw-data retention per organisation (days); absent: the control plane's
--- [telemetry] default_raw_retention_days (absent there too: kept).
+-- Raw-data retention per organisation (days); no row: kept without limit (and so is every
+-- shared partition, see telemetry::storage).
 CREATE TABLE telemetry_retention (
     org_id             uuid PRIMARY KEY REFERENCES organisations (id) ON DELETE CASCADE,
     raw_retention_days integer NOT NULL CHECK (raw_retention_days BETWEEN 1 AND 36500),
