@@ -131,7 +131,7 @@ BEGIN
              ORDER BY c.relname
         LOOP
             IF (to_date(right(part.relname, 8), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC' <= cutoff THEN
-                EXECUTE format('DROP TABLE %I', part.relname);
+                EXECUTE format('DROP TABLE IF EXISTS %I', part.relname);  -- another replica may be first
                 n := n + 1;
             END IF;
         END LOOP;
