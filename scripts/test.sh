@@ -11,6 +11,8 @@ ensure_postgres
 ensure_mosquitto
 ensure_ort
 ensure_pgvector
+ensure_timescaledb
+ensure_timescaledb_preloaded
 ensure_embedding_model
 ensure_python_peers
 ensure_monitoring_tools

@@ -40,6 +40,9 @@ pub struct RawConfig {
     /// `[documents]`: document upload and retrieval (embedding model, limits).
     #[serde(default)]
     pub documents: crate::documents::RawDocuments,
+    /// `[telemetry]`: time partitioning, retention and rollup maintenance.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::storage::RawTelemetry,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -550,6 +553,8 @@ pub struct Config {
     pub health: crate::health::HealthConfig,
     /// Documents and retrieval (`[documents]`).
     pub documents: crate::documents::DocumentsConfig,
+    /// Time-series maintenance (`[telemetry]`).
+    pub telemetry: crate::telemetry::storage::TelemetryConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -774,7 +779,12 @@ impl RawConfig {
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         let health = self.health.validate()?;
         let documents = self.documents.validate()?;
+        let telemetry = self
+            .telemetry
+            .validate()
+            .map_err(|(field, message)| invalid(field, message))?;
         Ok(Config {
+            telemetry,
             health,
             documents,
             llm,

@@ -175,7 +175,7 @@ impl ControlPlaneBuilder {
         let guard = token.clone().drop_guard();
         db::migrate(&pool).await?;
         tracing::info!("database schema up to date");
-        report_timescale(&pool).await;
+        telemetry::storage::report_layout(&pool).await;
         bootstrap_admin_key(&cfg, &pool).await?;
 
         let metrics = Arc::new(Metrics::new());
@@ -236,6 +236,7 @@ impl ControlPlaneBuilder {
         if let Some(ml) = &state.mlflow {
             models::mlflow::spawn_alias_poller(ml.clone(), token.clone(), &tracker);
         }
+        telemetry::storage::spawn_maintenance(pool.clone(), cfg.telemetry, token.clone(), &tracker);
         health::spawn_refresh(
             pool.clone(),
             cfg.health,
@@ -456,23 +457,6 @@ impl ControlPlane {
     pub async fn shutdown(self) {
         self.token.cancel();
         self.wait().await;
-    }
-}
-
-/// sensor_data stays a plain table either way: a hypertable needs the time column in every
-/// unique index, and the idempotency key is (device_id, epoch, seq). Say which one we have.
-async fn report_timescale(pool: &PgPool) {
-    match sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'",
-    )
-    .fetch_one(pool)
-    .await
-    {
-        Ok(0) => tracing::info!("TimescaleDB not installed: sensor_data is a plain indexed table"),
-        Ok(_) => tracing::info!(
-            "TimescaleDB is installed; sensor_data stays a plain table keyed by (device_id, epoch, seq)"
-        ),
-        Err(e) => tracing::warn!(error = %e, "cannot check for TimescaleDB"),
     }
 }
 

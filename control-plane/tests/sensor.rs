@@ -263,7 +263,8 @@ async fn a_slow_sensor_query_ends_at_its_statement_timeout(pool: PgPool) {
     let t = std::time::Instant::now();
     let r = tokio::time::timeout(
         std::time::Duration::from_secs(40),
-        app.get(&format!("{base}?bucket_s=60"), &key),
+        // Raw readings (a 60 s bucket would otherwise be read from the 1-minute rollup).
+        app.get(&format!("{base}?bucket_s=60&resolution=raw"), &key),
     )
     .await
     .expect("the query must end at its statement timeout, not wait for the lock");

@@ -388,6 +388,25 @@ pub const ROUTES: &[Rule] = &[
         P::ModelsWrite,
         "model.performance.record",
     ),
+    // Time-series retention (issue 17).
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/telemetry/retention",
+        P::TelemetryRead,
+        "telemetry.retention.get",
+    ),
+    rule(
+        "PUT",
+        "/v1/organisations/{org_id}/telemetry/retention",
+        P::OrgWrite,
+        "telemetry.retention.set",
+    ),
+    rule(
+        "DELETE",
+        "/v1/organisations/{org_id}/telemetry/retention",
+        P::OrgWrite,
+        "telemetry.retention.delete",
+    ),
     rule(
         "GET",
         "/v1/organisations/{org_id}/predictions",

@@ -6,8 +6,11 @@
 //!   field at all, so one organisation's device cannot write into another's data.
 //! - One transaction per batch: either every record of the batch is stored (or was already
 //!   stored) and the ack moves, or nothing changes and the agent retries.
-//! - Each record is stored under its key `(device_id, epoch, seq)` with `ON CONFLICT DO
-//!   NOTHING`, so a replayed batch (after a lost ack, a crash, a retry) counts once.
+//! - Each record is stored under its key `(device_id, epoch, seq, ts)` (ts: the record's own
+//!   timestamp, the partition column) with `ON CONFLICT DO NOTHING`, so a replayed batch
+//!   (after a lost ack, a crash, a retry) counts once. Readings go through a binary COPY into
+//!   a staging table and one insert-select that also maintains the rollups
+//!   ([`super::storage`]).
 //! - The device row is locked (`FOR UPDATE`) for the transaction, so two concurrent batches of
 //!   one device serialise and the acknowledged high-water mark only grows.
 //! - Decoding is [`kip_shared::batch::decode_batch`]'s (one decoder, property-tested there):
@@ -25,6 +28,7 @@ use kip_shared::{
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::storage;
 use crate::http::ApiError;
 
 /// The authenticated device a request comes from.
@@ -206,30 +210,27 @@ pub async fn store(
     }
     let mut inserted = 0u64;
     if !readings.seq.is_empty() {
-        inserted += sqlx::query(
-            "INSERT INTO sensor_data (org_id, device_id, epoch, seq, machine, metric, ts, value, quality) \
-             SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::timestamptz[], \
-                                              $8::float8[], $9::int2[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(id.org_id)
-        .bind(id.device_id)
-        .bind(epoch)
-        .bind(&readings.seq)
-        .bind(&readings.machine)
-        .bind(&readings.metric)
-        .bind(&readings.ts)
-        .bind(&readings.value)
-        .bind(&readings.quality)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        // Small batches: one insert-select from arrays. Large ones: COPY BINARY into the
+        // session's staging table, then one insert-select. Either skips keys already stored
+        // and rolls up exactly what it inserted (storage::insert_readings).
+        let cols = storage::ReadingColumns {
+            seq: readings.seq,
+            machine: readings.machine,
+            metric: readings.metric,
+            ts: readings.ts,
+            value: readings.value,
+            quality: readings.quality,
+        };
+        inserted +=
+            storage::insert_readings(&mut tx, id.org_id, id.device_id, epoch, &cols).await?;
     }
     if !preds.seq.is_empty() {
         inserted += sqlx::query(
             "INSERT INTO predictions (org_id, device_id, epoch, seq, machine, ts, rul_cycles, model_version, anomaly_score) \
-             SELECT $1, $2, $3, * FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::float8[], \
-                                              $8::text[], $9::float8[]) \
+             SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::float8[], \
+                                                $8::text[], $9::float8[]) AS u(seq) \
+              WHERE NOT EXISTS (SELECT 1 FROM predictions_legacy l \
+                                 WHERE l.device_id = $2 AND l.epoch = $3 AND l.seq = u.seq) \
              ON CONFLICT DO NOTHING",
         )
         .bind(id.org_id)
@@ -262,8 +263,10 @@ pub async fn store(
         .await?
         .rows_affected();
     }
+    // The ack and the device's last-seen time in one round trip.
     let acked: i64 = sqlx::query_scalar(
-        "INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
+        "WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1) \
+         INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
          VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (device_id, epoch) DO UPDATE SET \
            acked_seq = GREATEST(device_sync_state.acked_seq, EXCLUDED.acked_seq), \
@@ -279,11 +282,6 @@ pub async fn store(
     .bind(&batch.running_model)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("UPDATE devices SET last_seen_at = now() WHERE org_id = $1 AND id = $2")
-        .bind(id.org_id)
-        .bind(id.device_id)
-        .execute(&mut *tx)
-        .await?;
     tx.commit().await?;
     let total = batch.records.len() as u64;
     Ok(SyncAck {

@@ -4,8 +4,10 @@
 //! Interface for other domains: [`store`] (decode, check, store and count one sync body for
 //! an authenticated device; called by `agent_api::sync`) and [`count_refused`] (a body refused
 //! before decoding). Everything about the `sensor_data`, `predictions`, `agent_events` and
-//! `device_sync_state` tables stays inside this module.
+//! `device_sync_state` tables, their rollups and retention stays inside this module
+//! ([`storage`] owns the layout and its maintenance).
 
+pub mod copy;
 pub mod ingest;
 /// Latest readings and predictions (tools of grounded answers).
 pub mod latest;
@@ -14,6 +16,8 @@ mod predictions;
 mod query;
 /// A device's recent readings and predictions (the console's chart).
 pub mod recent;
+mod retention;
+pub mod storage;
 pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx, decode_cursor, encode_cursor};
 
 use axum::{Router, body::Bytes, extract::FromRef, routing::get};
@@ -40,6 +44,12 @@ where
         .route(
             "/organisations/{org_id}/devices/{device_id}/sensor-data",
             get(query::query),
+        )
+        .route(
+            "/organisations/{org_id}/telemetry/retention",
+            get(retention::get)
+                .put(retention::put)
+                .delete(retention::delete),
         )
         .route(
             "/organisations/{org_id}/predictions",

@@ -160,6 +160,12 @@ async fn terminated_database_connections_mid_sync_lose_and_duplicate_nothing(poo
     // The drain's pace depends on the machine's load (a batch must commit between two kills):
     // fail when it stalls, not after a fixed total time.
     const STALL: Duration = Duration::from_secs(30);
+    // Kills come every 30 ms; while no batch gets through, the gap doubles (up to 480 ms) so
+    // that a batch on a fresh connection (cold caches: it plans the partitioned insert and
+    // its rollups first) can commit on a loaded machine, and it drops back to 30 ms after
+    // each batch.
+    const KILL_EVERY: Duration = Duration::from_millis(30);
+    let mut gap = KILL_EVERY;
     let (mut left, mut progressed_at) = (u64::MAX, Instant::now());
     loop {
         let now_left = buffer.stats().unwrap().counts.total();
@@ -168,6 +174,9 @@ async fn terminated_database_connections_mid_sync_lose_and_duplicate_nothing(poo
         }
         if now_left < left {
             (left, progressed_at) = (now_left, Instant::now());
+            gap = KILL_EVERY;
+        } else {
+            gap = (gap * 2).min(KILL_EVERY * 16);
         }
         assert!(
             progressed_at.elapsed() < STALL,
@@ -182,7 +191,7 @@ async fn terminated_database_connections_mid_sync_lose_and_duplicate_nothing(poo
         .await
         .unwrap();
         kills += n as u64;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(gap).await;
     }
     assert!(kills > 0);
     let got = stored(&pool, id.device_id()).await;
