@@ -160,6 +160,7 @@ pub async fn store(
     let mut pred_anomaly: Vec<Option<f64>> = Vec::new();
     let (mut ev_seq, mut ev_kind, mut ev_ts, mut ev_body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut drift = crate::ml::monitoring::DriftColumns::default();
     for r in &batch.records {
         let seq = r.seq as i64;
         match &r.record {
@@ -179,12 +180,15 @@ pub async fn store(
                 pred_version.push(p.model_version.clone());
                 pred_anomaly.push(p.anomaly_score);
             }
+            Record::ModelDrift(d) => drift.push(seq, d),
             other => {
                 let (kind, ts) = match other {
                     Record::Gap(g) => ("gap", g.to),
                     Record::DeadLetter(d) => ("dead_letter", d.ts),
                     Record::Loss(l) => ("loss", l.ts),
-                    Record::Reading(_) | Record::Prediction(_) => continue,
+                    Record::Reading(_) | Record::Prediction(_) | Record::ModelDrift(_) => {
+                        continue;
+                    }
                 };
                 ev_seq.push(seq);
                 ev_kind.push(kind.to_owned());
@@ -262,6 +266,7 @@ pub async fn store(
         .await?
         .rows_affected();
     }
+    inserted += drift.insert(&mut tx, id, epoch).await?;
     let acked: i64 = sqlx::query_scalar(
         "INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
          VALUES ($1, $2, $3, $4, $5, $6) \

@@ -16,6 +16,7 @@ mod clock;
 mod disk_full;
 mod fleet_health;
 mod logs;
+mod model_drift;
 mod model_signing;
 mod mqtt_soak;
 mod opcua_backpressure;
