@@ -206,7 +206,9 @@ async fn a_shifted_sensor_replayed_over_mqtt_shows_drift_in_the_control_plane_an
     let engines = kip_ml::cmapss::load(&workspace_root().join("ml/data/train_FD001.txt")).unwrap();
     let model = work.path().join("rul-e2e-drift.onnx");
     std::fs::write(&model, train_model(&engines)).unwrap();
-    let broker = Mosquitto::start_plain(work.path());
+    // No limit on queued QoS 1 messages: the replay arrives faster than a debug agent on a
+    // busy machine reads it, and the default (1000) would drop the rest.
+    let broker = Mosquitto::start(work.path(), "allow_anonymous true\nmax_queued_messages 0\n");
 
     let mut agents = Vec::new();
     let mut devices = Vec::new();
@@ -261,7 +263,7 @@ async fn a_shifted_sensor_replayed_over_mqtt_shows_drift_in_the_control_plane_an
     // (6 signals and the output).
     for (device, cycles) in [(steady, steady_cycles), (shifted, shifted_cycles)] {
         let windows = cycles / DRIFT_WINDOW;
-        eventually_ok(Duration::from_secs(180), || {
+        eventually_ok(Duration::from_secs(300), || {
             let pool = pool.clone();
             async move {
                 let (records, predictions) = counts(&pool, device).await;
