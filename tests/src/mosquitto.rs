@@ -160,22 +160,6 @@ fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], tls: Option<&BrokerPki>
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_tls_broker_accepts_connections_and_stops_on_drop() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = BrokerPki::generate(dir.path());
-        let broker = Mosquitto::start_tls(dir.path(), &pki);
-        let port = broker.port;
-        publish(port, "t/1", b"42", Some(&pki));
-        drop(broker);
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
-    }
-}
-
 /// Publishes `messages` (topic, payload) as QoS 1 at full speed from one connection, in order,
 /// and returns the number of PUBACKs once the broker acknowledged every one (counted here,
 /// not trusted from a tool's exit code). Panics after 120 s or on a connection error.
@@ -225,4 +209,20 @@ pub async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> u64 {
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
     acks.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_broker_accepts_connections_and_stops_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = BrokerPki::generate(dir.path());
+        let broker = Mosquitto::start_tls(dir.path(), &pki);
+        let port = broker.port;
+        publish(port, "t/1", b"42", Some(&pki));
+        drop(broker);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
 }
