@@ -12,6 +12,10 @@
 //!   a plain mutex, never held across an `await`.
 //! - Each machine's window and cycle count (its age, a model feature) survive a restart: they
 //!   are kept in `<state_dir>/predictor.json` ([`Inference::run`]).
+//! - For a model with drift references, every [`DRIFT_RECORD_EVERY_PREDICTIONS`] predictions
+//!   one `Record::ModelDrift` per full drift window goes to the same buffer, so drift syncs
+//!   (and survives outages) like predictions; consecutive records of a feature cover disjoint
+//!   windows.
 
 use std::{
     collections::BTreeMap,
