@@ -202,6 +202,9 @@ pub struct KindCounts {
     pub dead_letter: u64,
     pub loss: u64,
     pub prediction: u64,
+    /// Added with the `model_drift` record kind; absent in counts written before it.
+    #[serde(default)]
+    pub model_drift: u64,
 }
 
 impl KindCounts {
@@ -212,6 +215,7 @@ impl KindCounts {
             RecordKind::DeadLetter => &mut self.dead_letter,
             RecordKind::Loss => &mut self.loss,
             RecordKind::Prediction => &mut self.prediction,
+            RecordKind::ModelDrift => &mut self.model_drift,
         }
     }
 
@@ -223,7 +227,7 @@ impl KindCounts {
 
     /// Sum over all kinds.
     pub fn total(&self) -> u64 {
-        self.reading + self.gap + self.dead_letter + self.loss + self.prediction
+        self.reading + self.gap + self.dead_letter + self.loss + self.prediction + self.model_drift
     }
 }
 

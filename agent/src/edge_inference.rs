@@ -12,6 +12,10 @@
 //!   a plain mutex, never held across an `await`.
 //! - Each machine's window and cycle count (its age, a model feature) survive a restart: they
 //!   are kept in `<state_dir>/predictor.json` ([`Inference::run`]).
+//! - For a model with drift references, every [`DRIFT_RECORD_EVERY_PREDICTIONS`] predictions
+//!   one `Record::ModelDrift` per full drift window goes to the same buffer, so drift syncs
+//!   (and survives outages) like predictions; consecutive records of a feature cover disjoint
+//!   windows.
 
 use std::{
     collections::BTreeMap,
@@ -20,7 +24,7 @@ use std::{
     time::Instant,
 };
 
-use kip_shared::{Prediction, Reading, Record};
+use kip_shared::{ModelDrift, Prediction, Reading, Record, drift::FeatureDrift};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -30,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     buffer::Buffer,
-    inference::{InferenceError, ModelSlot, OrtRuntime, Predictor},
+    inference::{DRIFT_WINDOW, InferenceError, ModelSlot, OrtRuntime, Predictor},
 };
 
 pub use kip_agent_config::edge_inference::InferenceConfig;
@@ -78,6 +82,12 @@ pub struct DriftAlarmLabels {
 
 /// Predictions between two updates of the drift metrics.
 const DRIFT_EVERY_PREDICTIONS: u64 = 20;
+
+/// Predictions between two sets of drift records ([`Record::ModelDrift`], one per monitored
+/// feature): one drift window, so consecutive records of a feature describe disjoint windows
+/// (each prediction adds one value to every window) and the sync carries `features + 1`
+/// records per [`DRIFT_WINDOW`] predictions, not per prediction.
+pub const DRIFT_RECORD_EVERY_PREDICTIONS: u64 = DRIFT_WINDOW as u64;
 
 impl InferenceMetrics {
     /// Creates and registers the metrics.
@@ -221,15 +231,49 @@ impl Inference {
         Ok(())
     }
 
+    /// `predictor`'s drift over its full windows, with the serving model's name and version.
+    fn current_drift(&self, predictor: &Predictor) -> Option<(String, String, Vec<FeatureDrift>)> {
+        let drift = predictor.drift();
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.current()
+            .map(|m| (m.name.clone(), m.version.clone(), drift))
+    }
+
+    /// Buffers one [`Record::ModelDrift`] per feature whose window is full.
+    fn record_drift(
+        &self,
+        buffer: &Buffer,
+        predictor: &Predictor,
+        ts: chrono::DateTime<chrono::Utc>,
+    ) {
+        let Some((model, version, drift)) = self.current_drift(predictor) else {
+            return;
+        };
+        for d in drift {
+            let record = Record::ModelDrift(ModelDrift {
+                model: model.clone(),
+                model_version: version.clone(),
+                feature: d.feature,
+                ts,
+                psi: d.psi,
+                ks: d.ks,
+                psi_threshold: d.thresholds.psi,
+                ks_threshold: d.thresholds.ks,
+                alarm: d.drifted,
+                window: u32::try_from(d.window).unwrap_or(u32::MAX),
+                effective_window: u32::try_from(d.effective_window).unwrap_or(u32::MAX),
+            });
+            if let Err(e) = buffer.append(&record) {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %e, "drift record could not be buffered");
+            }
+        }
+    }
+
     /// Sets the drift metrics from `predictor`'s windows (labelled by the serving model).
     fn export_drift(&self, predictor: &Predictor) {
-        let drift = predictor.drift();
-        let (model, version) = {
-            let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-            match slot.current() {
-                Some(m) => (m.name.clone(), m.version.clone()),
-                None => return,
-            }
+        let Some((model, version, drift)) = self.current_drift(predictor) else {
+            return;
         };
         self.metrics.drift.clear();
         self.metrics.drift_alarm.clear();
@@ -340,6 +384,14 @@ impl Inference {
                 .is_multiple_of(DRIFT_EVERY_PREDICTIONS)
             {
                 self.export_drift(&predictor);
+            }
+            if self
+                .metrics
+                .predictions
+                .get()
+                .is_multiple_of(DRIFT_RECORD_EVERY_PREDICTIONS)
+            {
+                self.record_drift(&buffer, &predictor, chrono::Utc::now());
             }
             self.latest
                 .lock()

@@ -25,9 +25,9 @@ pub use fleet::{
 };
 pub use health::{DeviceHealth, FleetHealth, HealthCounts};
 pub use ml::{
-    FeatureSetInfo, MaintenanceEvent, MaintenanceEventPage, MaintenanceKind, ModelPerformance,
-    PerformanceSource, PredictionPage, PredictionRecord, RecordMaintenanceEvent, RecordPerformance,
-    RecordTrainingData, TrainingData,
+    FeatureSetInfo, MaintenanceEvent, MaintenanceEventPage, MaintenanceKind, ModelMonitoringPage,
+    ModelMonitoringRecord, ModelPerformance, PerformanceSource, PredictionPage, PredictionRecord,
+    RecordMaintenanceEvent, RecordPerformance, RecordTrainingData, TrainingData,
 };
 pub use models::{
     AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,

@@ -165,3 +165,33 @@ pub struct PredictionPage {
     /// Pass as `cursor` to get the next page; absent on the last page.
     pub next_cursor: Option<String>,
 }
+
+/// Drift of one feature of a deployed model over one window, as an agent measured it
+/// (`GET .../model-monitoring`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelMonitoringRecord {
+    pub device_id: Uuid,
+    pub model: String,
+    pub model_version: String,
+    /// An input of the model's feature set, or `output`.
+    pub feature: String,
+    pub ts: DateTime<Utc>,
+    pub psi: f64,
+    pub ks: f64,
+    pub psi_threshold: f64,
+    pub ks_threshold: f64,
+    /// Either statistic above its threshold.
+    pub alarm: bool,
+    /// Values in the window.
+    pub window: i32,
+    /// Distinct machines in the window (the sample size the thresholds assume).
+    pub effective_window: i32,
+}
+
+/// A page of drift records, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelMonitoringPage {
+    pub records: Vec<ModelMonitoringRecord>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}

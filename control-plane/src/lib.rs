@@ -258,6 +258,14 @@ impl ControlPlaneBuilder {
                 &tracker,
             );
         }
+        // Same period as the fleet health metrics: both are read from the synced tables.
+        ml::monitoring::spawn_refresh(
+            pool.clone(),
+            cfg.health.metrics_refresh,
+            state.metrics.model_drift.clone(),
+            token.clone(),
+            &tracker,
+        );
         let mut agent_addr = None;
         match &pki {
             Some(p) => {

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub pki: PkiMetrics,
     /// Fleet health (`kip_fleet_*`, `kip_device_*`).
     pub fleet: FleetMetrics,
+    /// Drift of deployed models over the fleet (`kip_model_drift*`).
+    pub model_drift: crate::ml::monitoring::DriftMetrics,
 }
 
 impl Metrics {
@@ -48,7 +50,9 @@ impl Metrics {
         let ingest = IngestMetrics::register(&mut registry);
         let pki = PkiMetrics::register(&mut registry);
         let fleet = FleetMetrics::register(&mut registry);
+        let model_drift = crate::ml::monitoring::DriftMetrics::register(&mut registry);
         Self {
+            model_drift,
             fleet,
             registry,
             http,

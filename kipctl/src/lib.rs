@@ -18,7 +18,8 @@ use uuid::Uuid;
 use kip_api::{
     AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, ConfigVersion, CreatedApiKey, Device,
     DeviceConfigStatus, DeviceModelStatus, EnrollToken, MaintenanceEvent, MaintenanceEventPage, Me,
-    ModelSigningStatus, Organisation, PredictionPage, PredictionRecord, Revocation,
+    ModelMonitoringPage, ModelMonitoringRecord, ModelSigningStatus, Organisation, PredictionPage,
+    PredictionRecord, Revocation,
 };
 
 #[derive(Parser, Debug)]
@@ -623,6 +624,24 @@ pub enum ModelCmd {
     },
     /// Desired and running model of every device.
     Status,
+    /// Drift records the agents synced (PSI, KS, thresholds, alarm per feature and window),
+    /// oldest first.
+    Drift {
+        #[arg(long)]
+        device: Option<Uuid>,
+        /// Model name.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        version: Option<String>,
+        /// Only windows above their threshold.
+        #[arg(long)]
+        alarms: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -1177,6 +1196,32 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await?;
                     return status_table(out, json, &[s]);
                 }
+                ModelCmd::Drift {
+                    device,
+                    model,
+                    version,
+                    alarms,
+                    limit,
+                    cursor,
+                } => {
+                    let mut q = page_query(*limit, *device, None, cursor.as_deref());
+                    for (k, v) in [("model", model), ("version", version)] {
+                        if let Some(v) = v {
+                            q.push_str(&format!("&{k}={}", query_escape(v)));
+                        }
+                    }
+                    if *alarms {
+                        q.push_str("&alarm=true");
+                    }
+                    let page: ModelMonitoringPage = client
+                        .get(&format!("/v1/organisations/{org}/model-monitoring?{q}"))
+                        .await?;
+                    emit_rows(out, json, &page.records)?;
+                    if let (Some(c), false) = (page.next_cursor, json) {
+                        writeln!(out, "# more: --cursor {c}")?;
+                    }
+                    return Ok(());
+                }
                 ModelCmd::Status => {
                     let s: Vec<DeviceModelStatus> = client
                         .get(&format!("/v1/organisations/{org}/model-status"))
@@ -1642,6 +1687,26 @@ impl TableRow for MaintenanceEvent {
             self.machine.clone(),
             self.kind.clone(),
             self.note.clone(),
+        ]
+    }
+}
+
+impl TableRow for ModelMonitoringRecord {
+    const HEADERS: &'static [&'static str] = &[
+        "WHEN", "DEVICE", "MODEL", "FEATURE", "PSI", "PSI MAX", "KS", "KS MAX", "ALARM", "WINDOW",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.ts.to_rfc3339(),
+            self.device_id.to_string(),
+            format!("{}@{}", self.model, self.model_version),
+            self.feature.clone(),
+            format!("{:.3}", self.psi),
+            format!("{:.3}", self.psi_threshold),
+            format!("{:.3}", self.ks),
+            format!("{:.3}", self.ks_threshold),
+            if self.alarm { "DRIFT" } else { "ok" }.to_owned(),
+            format!("{} ({} machines)", self.window, self.effective_window),
         ]
     }
 }

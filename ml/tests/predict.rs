@@ -180,3 +180,25 @@ fn a_truth_file_of_the_wrong_length_or_content_is_refused() {
     }];
     assert!(predict::score_against(&one, &[1.0, 2.0], 125.0).is_err());
 }
+
+/// The versions trained since references exist carry them (14 sensors and the output), so an
+/// agent serving them monitors drift; the older files stay without.
+#[test]
+fn the_current_fd001_and_fd003_versions_carry_drift_references() {
+    for (path, card) in shipped_models() {
+        let refs = card["drift_reference"].as_array().map_or(0, Vec::len);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let current = name.starts_with("rul-fd001-2.1.0") || name.starts_with("rul-fd003-1.1.0");
+        if current {
+            assert_eq!(refs, 15, "{name}");
+            assert_eq!(card["drift_reference"][14]["feature"], "output", "{name}");
+        }
+    }
+    let names: Vec<String> = shipped_models()
+        .iter()
+        .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["rul-fd001-2.1.0+seed42.onnx", "rul-fd003-1.1.0+seed42.onnx"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+}

@@ -205,6 +205,22 @@ pub fn check_record(r: &Sequenced) -> Result<(), RecordError> {
             }
             in_years("ts", &p.ts)?;
         }
+        Record::ModelDrift(d) => {
+            pg_text("model", &d.model, MAX_NAME_BYTES)?;
+            if d.model.is_empty() {
+                return Err(RecordError::Empty("model"));
+            }
+            pg_text("model_version", &d.model_version, MAX_NAME_BYTES)?;
+            pg_text("feature", &d.feature, MAX_METRIC_BYTES)?;
+            if d.feature.is_empty() {
+                return Err(RecordError::Empty("feature"));
+            }
+            finite("psi", d.psi)?;
+            finite("ks", d.ks)?;
+            finite("psi_threshold", d.psi_threshold)?;
+            finite("ks_threshold", d.ks_threshold)?;
+            in_years("ts", &d.ts)?;
+        }
         Record::Gap(g) => {
             pg_text("source", &g.source, MAX_NAME_BYTES)?;
             pg_text("reason", &g.reason, MAX_TEXT_BYTES)?;
@@ -233,7 +249,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        DeadLetter, Gap, Loss, Prediction, Quality, Reading,
+        DeadLetter, Gap, Loss, ModelDrift, Prediction, Quality, Reading,
         test_support::{damage, hostile_text, proptest_config},
     };
 
@@ -346,6 +362,22 @@ mod tests {
                     anomaly_score: None,
                 }),
                 "model_version",
+            ),
+            (
+                Record::ModelDrift(ModelDrift {
+                    model: "rul".into(),
+                    model_version: "1".into(),
+                    feature: "s\0".into(),
+                    ts: ts(),
+                    psi: 0.1,
+                    ks: 0.1,
+                    psi_threshold: 0.2,
+                    ks_threshold: 0.2,
+                    alarm: false,
+                    window: 200,
+                    effective_window: 10,
+                }),
+                "feature",
             ),
         ];
         for (record, field) in nul_records {
@@ -495,6 +527,26 @@ mod tests {
                         ts,
                         rul_cycles,
                         anomaly_score,
+                    })
+                }),
+            (
+                (hostile_text(), hostile_text(), hostile_text()),
+                (number(), number(), any::<bool>()),
+                timestamp()
+            )
+                .prop_map(|((model, model_version, feature), (psi, ks, alarm), ts)| {
+                    Record::ModelDrift(ModelDrift {
+                        model,
+                        model_version,
+                        feature,
+                        ts,
+                        psi,
+                        ks,
+                        psi_threshold: 0.28,
+                        ks_threshold: 0.195,
+                        alarm,
+                        window: 200,
+                        effective_window: 15,
                     })
                 }),
         ]

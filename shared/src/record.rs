@@ -98,6 +98,33 @@ pub struct Prediction {
     pub anomaly_score: Option<f64>,
 }
 
+/// Drift of one input (or the output, feature `output`) of a serving model over one full
+/// window of the agent's drift monitor (`kip_shared::drift`): an agent emits one per feature
+/// each time the window has been refilled, so consecutive records of a feature cover disjoint
+/// windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDrift {
+    /// Registry name of the model (`rul-fd001`).
+    pub model: String,
+    pub model_version: String,
+    /// Input name from the model's feature set (a signal or setting), or `output`.
+    pub feature: String,
+    /// When the window was evaluated.
+    pub ts: DateTime<Utc>,
+    pub psi: f64,
+    pub ks: f64,
+    /// Thresholds calibrated to the window (see `kip_shared::drift::Thresholds`).
+    pub psi_threshold: f64,
+    pub ks_threshold: f64,
+    /// Either statistic above its threshold.
+    pub alarm: bool,
+    /// Values in the window.
+    pub window: u32,
+    /// Distinct machines in the window: the sample size the thresholds assume.
+    pub effective_window: u32,
+}
+
 /// Anything the agent buffers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -107,6 +134,9 @@ pub enum Record {
     DeadLetter(DeadLetter),
     Loss(Loss),
     Prediction(Prediction),
+    /// Added after protocol 1 went out; a control plane that predates it refuses the record
+    /// as undecodable, and the agent dead-letters it alone (the rest of the batch syncs).
+    ModelDrift(ModelDrift),
 }
 
 impl Record {
@@ -123,6 +153,7 @@ impl Record {
             Self::DeadLetter(_) => RecordKind::DeadLetter,
             Self::Loss(_) => RecordKind::Loss,
             Self::Prediction(_) => RecordKind::Prediction,
+            Self::ModelDrift(_) => RecordKind::ModelDrift,
         }
     }
 
@@ -134,6 +165,7 @@ impl Record {
             Self::DeadLetter(d) => d.ts,
             Self::Loss(l) => l.ts,
             Self::Prediction(p) => p.ts,
+            Self::ModelDrift(d) => d.ts,
         }
     }
 }
@@ -147,16 +179,18 @@ pub enum RecordKind {
     DeadLetter,
     Loss,
     Prediction,
+    ModelDrift,
 }
 
 impl RecordKind {
     /// Every kind, in [`RecordKind::code`] order.
-    pub const ALL: [RecordKind; 5] = [
+    pub const ALL: [RecordKind; 6] = [
         Self::Reading,
         Self::Gap,
         Self::DeadLetter,
         Self::Loss,
         Self::Prediction,
+        Self::ModelDrift,
     ];
 
     /// The `kind` tag used in the JSON encoding of [`Record`].
@@ -167,6 +201,7 @@ impl RecordKind {
             Self::DeadLetter => "dead_letter",
             Self::Loss => "loss",
             Self::Prediction => "prediction",
+            Self::ModelDrift => "model_drift",
         }
     }
 
@@ -178,6 +213,7 @@ impl RecordKind {
             Self::DeadLetter => 2,
             Self::Loss => 3,
             Self::Prediction => 4,
+            Self::ModelDrift => 5,
         }
     }
 

@@ -175,6 +175,57 @@ fn mosquitto_pub(
     );
 }
 
+/// Publishes `messages` (topic, payload) as QoS 1 at full speed from one connection, in order,
+/// and returns the number of PUBACKs once the broker acknowledged every one (counted here,
+/// not trusted from a tool's exit code). Panics after 120 s or on a connection error.
+pub async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> u64 {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+    let mut opts = MqttOptions::new(
+        format!("kip-test-pub-{}", uuid::Uuid::new_v4().simple()),
+        "127.0.0.1",
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(1000);
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let want = messages.len() as u64;
+    let acks = Arc::new(AtomicU64::new(0));
+    let counter = acks.clone();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let poller = tracker.spawn(async move {
+        while counter.load(Ordering::Relaxed) < want {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => panic!("publisher connection failed: {e}"),
+            }
+        }
+        eventloop
+    });
+    for (topic, payload) in messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    let mut eventloop = tokio::time::timeout(Duration::from_secs(120), poller)
+        .await
+        .expect("the broker did not acknowledge every message in 120 s")
+        .unwrap();
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    acks.load(Ordering::Relaxed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

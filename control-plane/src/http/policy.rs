@@ -421,6 +421,12 @@ pub const ROUTES: &[Rule] = &[
     ),
     rule(
         "GET",
+        "/v1/organisations/{org_id}/model-monitoring",
+        P::ModelsRead,
+        "model.monitoring.list",
+    ),
+    rule(
+        "GET",
         "/v1/organisations/{org_id}/audit",
         P::AuditRead,
         "audit.list",

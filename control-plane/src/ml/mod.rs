@@ -38,6 +38,8 @@ use crate::http::{
 };
 use crate::telemetry::{decode_cursor, encode_cursor};
 
+pub mod monitoring;
+
 /// The ML data routes, to be nested under `/v1`.
 pub fn router<S>() -> Router<S>
 where
@@ -66,6 +68,10 @@ where
         .route(
             "/organisations/{org_id}/models/{model_id}/performance",
             get(list_performance).post(record_performance),
+        )
+        .route(
+            "/organisations/{org_id}/model-monitoring",
+            get(monitoring::list),
         )
 }
 

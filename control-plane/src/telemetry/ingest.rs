@@ -164,6 +164,7 @@ pub async fn store(
     let mut pred_anomaly: Vec<Option<f64>> = Vec::new();
     let (mut ev_seq, mut ev_kind, mut ev_ts, mut ev_body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut drift = crate::ml::monitoring::DriftColumns::default();
     for r in &batch.records {
         let seq = r.seq as i64;
         match &r.record {
@@ -183,12 +184,15 @@ pub async fn store(
                 pred_version.push(p.model_version.clone());
                 pred_anomaly.push(p.anomaly_score);
             }
+            Record::ModelDrift(d) => drift.push(seq, d),
             other => {
                 let (kind, ts) = match other {
                     Record::Gap(g) => ("gap", g.to),
                     Record::DeadLetter(d) => ("dead_letter", d.ts),
                     Record::Loss(l) => ("loss", l.ts),
-                    Record::Reading(_) | Record::Prediction(_) => continue,
+                    Record::Reading(_) | Record::Prediction(_) | Record::ModelDrift(_) => {
+                        continue;
+                    }
                 };
                 ev_seq.push(seq);
                 ev_kind.push(kind.to_owned());
@@ -263,6 +267,7 @@ pub async fn store(
         .await?
         .rows_affected();
     }
+    inserted += drift.insert(&mut tx, id, epoch).await?;
     // The ack and the device's last-seen time in one round trip.
     let acked: i64 = sqlx::query_scalar(
         "WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1) \

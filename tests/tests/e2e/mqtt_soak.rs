@@ -24,10 +24,6 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -35,9 +31,10 @@ use kip_tests::{
     ChildGroup, NewDatabase, Proxy,
     binaries::{ControlPlaneProcess, spawn_agent},
     eventually::within as wait_for,
-    free_port, wait_for_port,
+    free_port,
+    mosquitto::publish_all,
+    wait_for_port,
 };
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sqlx::PgPool;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -76,58 +73,6 @@ fn start_mosquitto(dir: &Path) -> (ChildGroup, u16) {
     .unwrap_or_else(|e| panic!("cannot start mosquitto ({e}): apt-get install mosquitto"));
     wait_port(port, "mosquitto");
     (p, port)
-}
-
-/// What one publisher run did.
-#[derive(Debug, Default)]
-struct Published {
-    pubacks: u64,
-}
-
-/// Publishes `messages` (topic, payload) as QoS 1 at full speed from one connection and
-/// returns once the broker acknowledged every one (PUBACKs counted here, not trusted from a
-/// tool's exit code).
-async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> Published {
-    let mut opts = MqttOptions::new(
-        format!("soak-pub-{}", Uuid::new_v4().simple()),
-        "127.0.0.1",
-        port,
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_inflight(1000);
-    opts.set_max_packet_size(4 << 20, 4 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let want = messages.len() as u64;
-    let acks = Arc::new(AtomicU64::new(0));
-    let counter = acks.clone();
-    let tracker = tokio_util::task::TaskTracker::new();
-    let poller = tracker.spawn(async move {
-        while counter.load(Ordering::Relaxed) < want {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(_) => {}
-                Err(e) => panic!("publisher connection failed: {e}"),
-            }
-        }
-        eventloop
-    });
-    for (topic, payload) in messages {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-    let mut eventloop = tokio::time::timeout(Duration::from_secs(120), poller)
-        .await
-        .expect("the broker did not acknowledge every message in 120 s")
-        .unwrap();
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
-    Published {
-        pubacks: acks.load(Ordering::Relaxed),
-    }
 }
 
 /// Message `i` of the numbered stream: its number as the payload (a reading with value `i`),
@@ -375,8 +320,8 @@ async fn run(s: Scenario) {
 
     // 2. The broker queues a backlog for the offline session.
     let backlog: Vec<_> = (0..s.backlog).map(|i| numbered(i, None)).collect();
-    let p = publish_all(env.mqtt_port, backlog).await;
-    assert_eq!(p.pubacks, s.backlog);
+    let pubacks = publish_all(env.mqtt_port, backlog).await;
+    assert_eq!(pubacks, s.backlog);
     eprintln!(
         "[{:?}] backlog of {} queued at the broker",
         started.elapsed(),
@@ -438,7 +383,7 @@ async fn run(s: Scenario) {
         .expect("publisher did not finish")
         .unwrap();
     assert_eq!(
-        published.pubacks,
+        published,
         s.live + u64::from(s.large_messages),
         "the broker did not acknowledge every published message"
     );
