@@ -15,6 +15,7 @@ pub mod health;
 pub mod ml;
 pub mod models;
 pub mod pki;
+pub mod releases;
 
 pub use config::{
     ConfigVersion, DeviceConfigStatus, GroupConfigResult, SetDeviceConfig, SetGroupConfig,
@@ -37,4 +38,5 @@ pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,
     EnrollRequest, EnrollToken, RenewExpiredRequest, RenewRequest, Revocation,
 };
+pub use releases::{AgentRelease, DeviceUpdateStatus, ReleaseRollout, StartReleaseRollout};
 pub use pki::{IssueOtCertificate, IssuedOtCertificate, OtCertificateInfo};

@@ -32,6 +32,8 @@
 //! | [`control_plane`] | the in-process control plane (admin API + mTLS agent listener) |
 //! | [`agent`] | agent pieces for sync tests: buffer, readings, sync loop, renewer |
 //! | [`proxy`] | a TCP proxy whose link a test can cut |
+//! | [`supervisor`] | restarts a command after every exit (systemd `Restart=always`) |
+//! | [`agent_release`] | agent release tarballs and an install root with the launcher |
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -40,6 +42,7 @@
 )]
 
 pub mod agent;
+pub mod agent_release;
 pub mod artifacts;
 pub mod binaries;
 pub mod certs;
@@ -55,6 +58,7 @@ pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
+pub mod supervisor;
 
 pub use artifacts::{
     ReferenceModel, ort_library, reference_model, workspace_binary, workspace_root,
