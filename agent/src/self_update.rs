@@ -174,6 +174,15 @@ impl Install {
     /// docs). The tarball has one top directory (as `scripts/package-agent.sh` makes it),
     /// which is stripped.
     pub fn stage(&self, version: &str, bytes: &[u8]) -> Result<PathBuf, UpdateError> {
+        // The version names a directory: never a path (the control plane checks it too).
+        let plain = version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
+        if version.is_empty() || version.len() > 64 || version.starts_with('.') || !plain {
+            return Err(UpdateError::NotARelease(format!(
+                "version {version:?} is not a plain version name"
+            )));
+        }
         let versions = self.root.join("versions");
         std::fs::create_dir_all(&versions).map_err(io(&versions))?;
         let slot = versions.join(version);
@@ -583,6 +592,7 @@ mod tests {
             Path::new("versions/1.0.0")
         );
         assert!(i.stage("not-gzip", b"plain bytes").is_err());
+        assert!(i.stage("../../etc", b"x").is_err());
     }
 
     #[test]
