@@ -386,7 +386,7 @@ impl SelfUpdate {
     /// Whether `r` should be installed now: another version than this one, not refused or
     /// rolled back already, not while this version is on trial or a restart is pending.
     pub fn wants(&self, r: &DesiredRelease) -> bool {
-        if r.version == self.version || self.trial.is_some() || self.shutdown.is_cancelled() {
+        if r.version == self.version || self.on_trial() || self.shutdown.is_cancelled() {
             return false;
         }
         if self
@@ -400,6 +400,13 @@ impl SelfUpdate {
             return false;
         };
         rep.refused.as_ref() != Some(&(r.version.clone(), r.sha256.clone()))
+    }
+
+    /// Whether this process runs a version on trial that has not confirmed yet.
+    fn on_trial(&self) -> bool {
+        self.trial
+            .as_ref()
+            .is_some_and(|v| self.install.trial().as_deref() == Some(v.as_str()))
     }
 
     /// The release as the signature check sees it: a "model" named
@@ -449,16 +456,7 @@ impl SelfUpdate {
     /// the agent does not work yet, e.g. sources down) is `None`.
     pub fn on_ack(&self, unconfirmed: Option<String>) {
         let Some(v) = &self.trial else { return };
-        let done = self
-            .install
-            .trial()
-            .is_none_or(|t| t != *v)
-            || self.report.lock().is_ok_and(|r| {
-                r.status
-                    .as_deref()
-                    .is_some_and(|s| s.starts_with("confirmed "))
-            });
-        if done {
+        if !self.on_trial() {
             return;
         }
         match unconfirmed {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{CliError, Client, TableRow, emit_rows, or_dash, parse_label, resolve_org, write_json};
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum ReleaseCmd {
     /// Upload an agent release tarball (scripts/package-agent.sh); the control plane signs
     /// it. The version defaults to the one in the file name (kip-agent-<version>-...).
@@ -25,7 +25,7 @@ pub enum ReleaseCmd {
     Rollout(RolloutCmd),
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 pub enum RolloutCmd {
     /// Offer a release to a share of the devices whose labels match.
     Start {

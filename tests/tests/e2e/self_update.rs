@@ -78,6 +78,12 @@ async fn device_state(cp: &ControlPlane, org: Uuid, rollout: &str) -> (String, S
     )
 }
 
+/// The id in `kipctl --json release rollout start` output (a one-row list).
+fn rollout_id(json: &str) -> String {
+    let v: Value = serde_json::from_str(json).unwrap();
+    v[0]["id"].as_str().unwrap_or_else(|| panic!("{json}")).to_owned()
+}
+
 async fn agent_version(pool: &PgPool, device: Uuid) -> Option<String> {
     sqlx::query_scalar(
         "SELECT agent_version FROM device_sync_state WHERE device_id = $1 \
@@ -226,8 +232,7 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
         &["--json", "release", "rollout", "start", "7.1.0", "--percent", "100"],
     )
     .await;
-    let rollout_b: Value = serde_json::from_str(&started).unwrap();
-    let rollout_b = rollout_b["id"].as_str().unwrap().to_owned();
+    let rollout_b = rollout_id(&started);
     // A second open rollout is refused.
     let second = kipctl::run(
         &cp.admin_url,
@@ -283,8 +288,7 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
 
     // B -> C (broken): the launcher rolls back to B and says why.
     let started = kipctl(&cp, org, &["--json", "release", "rollout", "start", "7.2.0"]).await;
-    let rollout_c: Value = serde_json::from_str(&started).unwrap();
-    let rollout_c = rollout_c["id"].as_str().unwrap().to_owned();
+    let rollout_c = rollout_id(&started);
     wait_until(Duration::from_secs(120), "C rolled back", || async {
         let (state, reason, version) = device_state(&cp, org, &rollout_c).await;
         state == "rolled_back" && reason.contains("not confirmed after 3 starts")
