@@ -525,7 +525,8 @@ mod tests {
             h.set_size(data.len() as u64);
             h.set_mode(mode);
             h.set_cksum();
-            b.append_data(&mut h, format!("{top}/{path}"), data).unwrap();
+            b.append_data(&mut h, format!("{top}/{path}"), data)
+                .unwrap();
         };
         add("VERSION", format!("{version}\n").as_bytes(), 0o644);
         add("bin/kip-agent", b"#!/bin/sh\nexit 0\n", 0o755);
@@ -583,7 +584,10 @@ mod tests {
         b.append(&h, &b"x"[..]).unwrap();
         let evil = b.into_inner().unwrap().finish().unwrap();
         let e = i.stage("2.0.0", &evil).unwrap_err();
-        assert!(e.to_string().contains("leaves the release directory"), "{e}");
+        assert!(
+            e.to_string().contains("leaves the release directory"),
+            "{e}"
+        );
         assert!(!dir.path().join("evil.sh").exists());
         assert_eq!(
             std::fs::read_link(dir.path().join("current")).unwrap(),

@@ -453,7 +453,9 @@ impl Syncer {
                 .as_ref()
                 .map(|h| h.sources_down())
                 .unwrap_or_default();
-            u.on_ack((!down.is_empty()).then(|| format!("sources not connected: {}", down.join(", "))));
+            u.on_ack(
+                (!down.is_empty()).then(|| format!("sources not connected: {}", down.join(", "))),
+            );
             if let Some(r) = ack.desired.agent_release.clone()
                 && u.wants(&r)
             {

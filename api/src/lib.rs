@@ -38,5 +38,5 @@ pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,
     EnrollRequest, EnrollToken, RenewExpiredRequest, RenewRequest, Revocation,
 };
-pub use releases::{AgentRelease, DeviceUpdateStatus, ReleaseRollout, StartReleaseRollout};
 pub use pki::{IssueOtCertificate, IssuedOtCertificate, OtCertificateInfo};
+pub use releases::{AgentRelease, DeviceUpdateStatus, ReleaseRollout, StartReleaseRollout};

@@ -908,7 +908,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Ca(cmd) => ca_server_cmd(&client, cmd, json, out).await,
         Command::Ot(cmd) => ot_cmd(&client, cmd, json, out).await,
-        Command::Release(cmd) => release::run(&client, cli.org.as_deref(), cmd.clone(), json, out).await,
+        Command::Release(cmd) => {
+            release::run(&client, cli.org.as_deref(), cmd.clone(), json, out).await
+        }
         Command::Audit(AuditCmd::List { limit, cursor }) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let mut path = format!("/v1/organisations/{org}/audit?limit={limit}");

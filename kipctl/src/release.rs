@@ -63,7 +63,12 @@ impl TableRow for AgentRelease {
             self.version.clone(),
             self.sha256.clone(),
             self.size_bytes.to_string(),
-            if self.signature.is_some() { "yes" } else { "no" }.into(),
+            if self.signature.is_some() {
+                "yes"
+            } else {
+                "no"
+            }
+            .into(),
             self.uploaded_at.to_rfc3339(),
         ]
     }
@@ -107,12 +112,14 @@ pub(super) async fn run(
     let rollouts = format!("/v1/organisations/{org}/release-rollouts");
     match cmd {
         ReleaseCmd::Upload { file, version } => {
-            let version = version.or_else(|| version_from_name(&file)).ok_or_else(|| {
-                CliError::Decode(format!(
-                    "cannot tell the version from {}: pass --version",
-                    file.display()
-                ))
-            })?;
+            let version = version
+                .or_else(|| version_from_name(&file))
+                .ok_or_else(|| {
+                    CliError::Decode(format!(
+                        "cannot tell the version from {}: pass --version",
+                        file.display()
+                    ))
+                })?;
             let bytes = std::fs::read(&file)
                 .map_err(|e| CliError::Decode(format!("cannot read {}: {e}", file.display())))?;
             let r: AgentRelease = client
@@ -189,8 +196,10 @@ mod tests {
     #[test]
     fn the_version_is_read_from_a_package_file_name() {
         assert_eq!(
-            version_from_name(std::path::Path::new("/x/kip-agent-1.4.0-x86_64-linux.tar.gz"))
-                .as_deref(),
+            version_from_name(std::path::Path::new(
+                "/x/kip-agent-1.4.0-x86_64-linux.tar.gz"
+            ))
+            .as_deref(),
             Some("1.4.0")
         );
         assert_eq!(version_from_name(std::path::Path::new("agent.tgz")), None);

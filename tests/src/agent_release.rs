@@ -33,7 +33,8 @@ pub fn tarball(dir: &Path, version: &str, binary: Binary) -> PathBuf {
         h.set_size(data.len() as u64);
         h.set_mode(mode);
         h.set_cksum();
-        b.append_data(&mut h, format!("{top}/{name}"), data).unwrap();
+        b.append_data(&mut h, format!("{top}/{name}"), data)
+            .unwrap();
     };
     add("VERSION", format!("{version}\n").as_bytes(), 0o644);
     match binary {

@@ -37,9 +37,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    http::{
-        ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, Principal, pg_json,
-    },
+    http::{ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, Principal, pg_json},
     models::Signing,
 };
 
@@ -95,8 +93,7 @@ fn check_version(v: &str) -> ApiResult<()> {
     let ok = !v.is_empty()
         && v.len() <= 64
         && v.as_bytes()[0].is_ascii_alphanumeric()
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b));
     if ok {
         Ok(())
@@ -456,7 +453,15 @@ async fn pause_rollout(
     ApiPath((org_id, rollout_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<ReleaseRollout>> {
     let org_id = p.org_scope(org_id)?;
-    change_rollout(&pool, org_id, rollout_id, "pause", &["active", "paused"], "paused").await
+    change_rollout(
+        &pool,
+        org_id,
+        rollout_id,
+        "pause",
+        &["active", "paused"],
+        "paused",
+    )
+    .await
 }
 
 /// `POST /v1/organisations/{org_id}/release-rollouts/{rollout_id}/resume`.
@@ -466,7 +471,15 @@ async fn resume_rollout(
     ApiPath((org_id, rollout_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult<Json<ReleaseRollout>> {
     let org_id = p.org_scope(org_id)?;
-    change_rollout(&pool, org_id, rollout_id, "resume", &["active", "paused"], "active").await
+    change_rollout(
+        &pool,
+        org_id,
+        rollout_id,
+        "resume",
+        &["active", "paused"],
+        "active",
+    )
+    .await
 }
 
 /// `POST /v1/organisations/{org_id}/release-rollouts/{rollout_id}/abort` (idempotent).
@@ -571,7 +584,13 @@ pub async fn record_reported(
         tracing::warn!(%device_id, header = %h, "malformed kip-update-status header ignored");
         return Ok(());
     };
-    const STATES: &[&str] = &["downloading", "trial", "confirmed", "refused", "rolled_back"];
+    const STATES: &[&str] = &[
+        "downloading",
+        "trial",
+        "confirmed",
+        "refused",
+        "rolled_back",
+    ];
     if !STATES.contains(&state) || check_version(version).is_err() {
         tracing::warn!(%device_id, header = %h, "malformed kip-update-status header ignored");
         return Ok(());
@@ -616,13 +635,12 @@ pub async fn artifact_for_device(
         tracing::warn!(%org_id, %device_id, %release_id, "device asked for a release not desired for it");
         return Err(ApiError::NotFound("release"));
     };
-    let size: i64 = sqlx::query_scalar(
-        "SELECT size_bytes FROM agent_releases WHERE org_id = $1 AND id = $2",
-    )
-    .bind(org_id)
-    .bind(id)
-    .fetch_one(pool)
-    .await?;
+    let size: i64 =
+        sqlx::query_scalar("SELECT size_bytes FROM agent_releases WHERE org_id = $1 AND id = $2")
+            .bind(org_id)
+            .bind(id)
+            .fetch_one(pool)
+            .await?;
     let pool = pool.clone();
     let chunks = futures_util::stream::unfold(Some(0i32), move |next| {
         let pool = pool.clone();

@@ -81,7 +81,10 @@ async fn device_state(cp: &ControlPlane, org: Uuid, rollout: &str) -> (String, S
 /// The id in `kipctl --json release rollout start` output (a one-row list).
 fn rollout_id(json: &str) -> String {
     let v: Value = serde_json::from_str(json).unwrap();
-    v[0]["id"].as_str().unwrap_or_else(|| panic!("{json}")).to_owned()
+    v[0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{json}"))
+        .to_owned()
 }
 
 async fn agent_version(pool: &PgPool, device: Uuid) -> Option<String> {
@@ -186,12 +189,11 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
             .join("\n")
     };
     wait_until(Duration::from_secs(60), "version A reported", || async {
-        agent_version(&pool, device).await.as_deref() == Some("kip-agent 7.0.0")
-            || {
-                // A heartbeat is enough to report; readings start below.
-                kip_tests::mosquitto::publish(broker.port, "plant/warmup/seq", b"-1", None);
-                false
-            }
+        agent_version(&pool, device).await.as_deref() == Some("kip-agent 7.0.0") || {
+            // A heartbeat is enough to report; readings start below.
+            kip_tests::mosquitto::publish(broker.port, "plant/warmup/seq", b"-1", None);
+            false
+        }
     })
     .await;
 
@@ -203,7 +205,12 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
         tokio::task::spawn_blocking(move || {
             while !cancel.is_cancelled() {
                 let i = published.load(Ordering::SeqCst);
-                kip_tests::mosquitto::publish(port, "plant/press1/seq", i.to_string().as_bytes(), None);
+                kip_tests::mosquitto::publish(
+                    port,
+                    "plant/press1/seq",
+                    i.to_string().as_bytes(),
+                    None,
+                );
                 published.store(i + 1, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -218,7 +225,15 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
     let again = kipctl::run(
         &cp.admin_url,
         &cp.dir.path().join("admin.key"),
-        &["--org", &org.to_string(), "release", "upload", c.to_str().unwrap(), "--version", "7.1.0"],
+        &[
+            "--org",
+            &org.to_string(),
+            "release",
+            "upload",
+            c.to_str().unwrap(),
+            "--version",
+            "7.1.0",
+        ],
     )
     .await;
     assert!(!again.ok && again.stderr.contains("immutable"), "{again:?}");
@@ -229,7 +244,15 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
     let started = kipctl(
         &cp,
         org,
-        &["--json", "release", "rollout", "start", "7.1.0", "--percent", "100"],
+        &[
+            "--json",
+            "release",
+            "rollout",
+            "start",
+            "7.1.0",
+            "--percent",
+            "100",
+        ],
     )
     .await;
     let rollout_b = rollout_id(&started);
@@ -237,10 +260,20 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
     let second = kipctl::run(
         &cp.admin_url,
         &cp.dir.path().join("admin.key"),
-        &["--org", &org.to_string(), "release", "rollout", "start", "7.2.0"],
+        &[
+            "--org",
+            &org.to_string(),
+            "release",
+            "rollout",
+            "start",
+            "7.2.0",
+        ],
     )
     .await;
-    assert!(!second.ok && second.stderr.contains("abort it first"), "{second:?}");
+    assert!(
+        !second.ok && second.stderr.contains("abort it first"),
+        "{second:?}"
+    );
     // Power loss while B is on trial (its first start, before it confirmed): the launcher
     // starts B again as a second trial boot. Watched on disk, every 5 ms, as B starts.
     let on_trial = |root: &Path| {
@@ -255,7 +288,11 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
         supervisor.kill9();
     })
     .await;
-    assert!(killed_on_trial.is_ok(), "B never went on trial\n{}", log_tail());
+    assert!(
+        killed_on_trial.is_ok(),
+        "B never went on trial\n{}",
+        log_tail()
+    );
     wait_until(Duration::from_secs(120), "B confirmed", || async {
         let (state, _, version) = device_state(&cp, org, &rollout_b).await;
         state == "confirmed" && version == "kip-agent 7.1.0"
@@ -287,16 +324,25 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
     kipctl(&cp, org, &["release", "rollout", "abort", &rollout_b]).await;
 
     // B -> C (broken): the launcher rolls back to B and says why.
-    let started = kipctl(&cp, org, &["--json", "release", "rollout", "start", "7.2.0"]).await;
+    let started = kipctl(
+        &cp,
+        org,
+        &["--json", "release", "rollout", "start", "7.2.0"],
+    )
+    .await;
     let rollout_c = rollout_id(&started);
     wait_until(Duration::from_secs(120), "C rolled back", || async {
         let (state, reason, version) = device_state(&cp, org, &rollout_c).await;
-        state == "rolled_back" && reason.contains("not confirmed after 3 starts")
+        state == "rolled_back"
+            && reason.contains("not confirmed after 3 starts")
             && version == "kip-agent 7.1.0"
     })
     .await;
     let status = kipctl(&cp, org, &["release", "rollout", "status", &rollout_c]).await;
-    assert!(status.contains("rolled_back") && status.contains("kip-agent 7.1.0"), "{status}");
+    assert!(
+        status.contains("rolled_back") && status.contains("kip-agent 7.1.0"),
+        "{status}"
+    );
     assert_eq!(
         std::fs::read_link(root.join("current")).unwrap(),
         Path::new("versions/7.1.0")
@@ -398,7 +444,9 @@ fn the_launcher_starts_a_bootable_version_after_a_crash_at_any_step_of_a_switch_
     // It never confirmed: the next start rolls back and records why.
     assert_eq!(launch(&launcher), "1");
     assert!(
-        read("rolled-back").unwrap().starts_with("2 not confirmed after 2 starts"),
+        read("rolled-back")
+            .unwrap()
+            .starts_with("2 not confirmed after 2 starts"),
         "{:?}",
         read("rolled-back")
     );
@@ -407,7 +455,11 @@ fn the_launcher_starts_a_bootable_version_after_a_crash_at_any_step_of_a_switch_
     // Crash after the rollback was recorded but before `current` moved back: it is repeated.
     trial("2");
     link(root, "current", "2");
-    std::fs::write(root.join("update/trial-failed"), "sources not connected: plc\n").unwrap();
+    std::fs::write(
+        root.join("update/trial-failed"),
+        "sources not connected: plc\n",
+    )
+    .unwrap();
     assert_eq!(launch(&launcher), "1");
     assert_eq!(
         read("rolled-back").as_deref(),
