@@ -513,32 +513,14 @@ impl SelfUpdate {
 mod tests {
     use super::*;
 
-    /// A release tarball as `scripts/package-agent.sh` lays it out.
-    fn tarball(version: &str, extra: Option<(&str, &[u8])>) -> Vec<u8> {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-            Vec::new(),
-            flate2::Compression::fast(),
-        ));
-        let top = format!("kip-agent-{version}-x86_64-linux");
-        let mut add = |path: &str, data: &[u8], mode: u32| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(mode);
-            h.set_cksum();
-            b.append_data(&mut h, format!("{top}/{path}"), data)
-                .unwrap();
-        };
-        add("VERSION", format!("{version}\n").as_bytes(), 0o644);
-        add("bin/kip-agent", b"#!/bin/sh\nexit 0\n", 0o755);
-        if let Some((p, d)) = extra {
-            add(p, d, 0o644);
-        }
-        b.into_inner().unwrap().finish().unwrap()
+    /// A release tarball as `scripts/package-agent.sh` lays it out (the kit's).
+    fn tarball(version: &str) -> Vec<u8> {
+        kip_tests::agent_release::tarball_bytes(version, b"#!/bin/sh\nexit 0\n")
     }
 
     fn installed(root: &Path, version: &str) -> Install {
         let i = Install::new(root);
-        i.stage(version, &tarball(version, None)).unwrap();
+        i.stage(version, &tarball(version)).unwrap();
         std::os::unix::fs::symlink(Path::new("versions").join(version), root.join("current"))
             .unwrap();
         i
@@ -548,7 +530,7 @@ mod tests {
     fn a_release_is_unpacked_beside_the_running_one_and_switched_to_on_trial() {
         let dir = tempfile::tempdir().unwrap();
         let i = installed(dir.path(), "1.0.0");
-        i.stage("1.1.0", &tarball("1.1.0", None)).unwrap();
+        i.stage("1.1.0", &tarball("1.1.0")).unwrap();
         i.switch("1.1.0").unwrap();
         assert_eq!(
             std::fs::read_link(dir.path().join("current")).unwrap(),
@@ -568,7 +550,7 @@ mod tests {
     fn a_tarball_whose_version_file_disagrees_or_escapes_is_refused_and_leaves_current() {
         let dir = tempfile::tempdir().unwrap();
         let i = installed(dir.path(), "1.0.0");
-        let e = i.stage("2.0.0", &tarball("1.9.0", None)).unwrap_err();
+        let e = i.stage("2.0.0", &tarball("1.9.0")).unwrap_err();
         assert!(e.to_string().contains("VERSION file says"), "{e}");
         assert!(!dir.path().join("versions/2.0.0").exists());
         // tar::Builder refuses to write `..`, so the escaping entry is forged in the header.
@@ -604,7 +586,7 @@ mod tests {
         let partial = dir.path().join("versions/1.1.0.partial");
         std::fs::create_dir_all(partial.join("bin")).unwrap();
         std::fs::write(partial.join("bin/kip-agent"), b"half").unwrap();
-        i.stage("1.1.0", &tarball("1.1.0", None)).unwrap();
+        i.stage("1.1.0", &tarball("1.1.0")).unwrap();
         assert!(!partial.exists());
         assert_eq!(
             std::fs::read(dir.path().join("versions/1.1.0/bin/kip-agent")).unwrap(),

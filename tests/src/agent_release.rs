@@ -21,31 +21,35 @@ pub enum Binary {
 
 /// Writes `dir/kip-agent-<version>-x86_64-linux.tar.gz` and returns its path.
 pub fn tarball(dir: &Path, version: &str, binary: Binary) -> PathBuf {
+    let bin = match binary {
+        Binary::Agent => std::fs::read(workspace_binary("kip-agent")).unwrap(),
+        Binary::Broken => b"#!/bin/sh\nexit 1\n".to_vec(),
+    };
+    let path = dir.join(format!("kip-agent-{version}-x86_64-linux.tar.gz"));
+    std::fs::write(&path, tarball_bytes(version, &bin)).unwrap();
+    path
+}
+
+/// A release tarball (gzip) whose `VERSION` says `version` and whose `bin/kip-agent` is
+/// `bin`.
+pub fn tarball_bytes(version: &str, bin: &[u8]) -> Vec<u8> {
     let top = format!("kip-agent-{version}-x86_64-linux");
-    let path = dir.join(format!("{top}.tar.gz"));
-    let file = std::fs::File::create(&path).unwrap();
     let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
-        file,
+        Vec::new(),
         flate2::Compression::fast(),
     ));
-    let mut add = |name: &str, data: &[u8], mode: u32| {
+    for (name, data, mode) in [
+        ("VERSION", format!("{version}\n").into_bytes(), 0o644),
+        ("bin/kip-agent", bin.to_vec(), 0o755),
+    ] {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(mode);
         h.set_cksum();
-        b.append_data(&mut h, format!("{top}/{name}"), data)
+        b.append_data(&mut h, format!("{top}/{name}"), &data[..])
             .unwrap();
-    };
-    add("VERSION", format!("{version}\n").as_bytes(), 0o644);
-    match binary {
-        Binary::Agent => {
-            let bytes = std::fs::read(workspace_binary("kip-agent")).unwrap();
-            add("bin/kip-agent", &bytes, 0o755);
-        }
-        Binary::Broken => add("bin/kip-agent", b"#!/bin/sh\nexit 1\n", 0o755),
     }
-    b.into_inner().unwrap().finish().unwrap();
-    path
+    b.into_inner().unwrap().finish().unwrap()
 }
 
 /// An install root at `root` running `version` from `tarball`: the slot unpacked by the
