@@ -51,6 +51,9 @@ install -m 0644 deploy/agent.toml "$STAGE/etc/kip-agent/agent.toml.example"
 install -m 0644 deploy/systemd/kip-agent.service "$STAGE/systemd/kip-agent.service"
 install -m 0644 docs/install-agent.md "$STAGE/share/doc/kip-agent/install-agent.md"
 install -m 0755 deploy/agent-release/install.sh deploy/agent-release/uninstall.sh "$STAGE/"
+# The self-update launcher (docs/operations.md "Agent self-update"); installed outside the
+# version slots, at <install root>/bin/.
+install -m 0755 deploy/agent-release/kip-agent-launcher "$STAGE/bin/kip-agent-launcher"
 echo "$VERSION" > "$STAGE/VERSION"
 (cd "$STAGE" && find . -type f ! -name SHA256SUMS -printf '%P\n' | LC_ALL=C sort | xargs sha256sum > SHA256SUMS)
 

@@ -72,6 +72,21 @@ pub struct HealthCollector {
 }
 
 impl HealthCollector {
+    /// Names of the sources not connected now.
+    pub fn sources_down(&self) -> Vec<String> {
+        self.sources
+            .iter()
+            .filter(|(name, _)| {
+                self.metrics
+                    .connected
+                    .get_or_create(&IngestMetrics::source(name))
+                    .get()
+                    != 1
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// A report as of now; `clock_offset_ms` and `sync_dead_letters` come from the sync loop.
     /// `None` when the report would not pass [`HealthReport::check`] (logged).
     pub fn report(
@@ -99,7 +114,7 @@ impl HealthCollector {
         let (disk_free_bytes, disk_total_bytes) = disk_space(&self.state_dir);
         let report = HealthReport {
             reported_at: Some(Utc::now()),
-            agent_version: format!("kip-agent {}", env!("CARGO_PKG_VERSION")),
+            agent_version: format!("kip-agent {}", crate::self_update::agent_version()),
             buffer_bytes: stats.as_ref().map_or(0, |s| s.bytes),
             buffer_max_bytes: self.buffer_max_bytes,
             buffer_records: stats.as_ref().map_or(0, |s| s.counts.total()),

@@ -23,6 +23,7 @@ pub mod mqtt;
 pub mod opcua;
 pub mod remote_config;
 pub mod runtime;
+pub mod self_update;
 pub mod source;
 pub mod sync;
 mod sync_probe;

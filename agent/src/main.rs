@@ -5,7 +5,7 @@ use std::{io::Write, path::PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kip_agent::{cli, config::Config, remote_config};
+use kip_agent::{cli, config::Config, remote_config, self_update};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -106,23 +106,37 @@ fn out(text: &str) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = Args::parse();
-    match args.command {
+    let done = match args.command {
         Command::Run { config } => {
             let cfg = load(&config)?;
             init_logging(&cfg);
             let cancel = CancellationToken::new();
+            // Under the launcher: self-update may stop the agent (cancel) to restart it into
+            // a new version, or to have a failed trial rolled back.
+            let trial = self_update::SelfUpdate::init(cancel.clone())
+                .map(|u| u.watch_trial(cancel.clone()));
             // The pipeline runs under the remote-configuration supervisor, which restarts it
             // when the control plane sends a new configuration (and rolls back by itself).
             let supervisor = remote_config::supervise(&config, cfg, cancel.clone());
             tokio::pin!(supervisor);
+            // The trial watch ends the agent through `cancel` (then the supervisor returns),
+            // never by finishing itself.
+            let trial = async move {
+                if let Some(t) = trial {
+                    t.await;
+                }
+                std::future::pending::<()>().await;
+            };
             tokio::select! {
                 r = &mut supervisor => r?,
-                () = shutdown_signal(cancel) => supervisor.await?,
+                () = shutdown_signal(cancel.clone()) => supervisor.await?,
+                () = trial => {}
             }
-            tracing::info!("stopped");
-            Ok(())
+            let code = self_update::exit_code();
+            tracing::info!(exit_code = code, "stopped");
+            return Ok(std::process::ExitCode::from(code));
         }
         Command::Status { config } => out(&cli::status(&load(&config)?).await?),
         Command::Enroll {
@@ -176,5 +190,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Buffer {
             command: BufferCommand::Inspect { config, records },
         } => out(&cli::inspect(&load(&config)?, records).await?),
-    }
+    };
+    done.map(|()| std::process::ExitCode::SUCCESS)
 }

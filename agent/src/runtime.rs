@@ -201,7 +201,7 @@ impl Surface {
             .collect();
         Ok(StatusReport {
             device: self.device.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::self_update::agent_version().into(),
             uptime_s: self.started.elapsed().as_secs(),
             healthy: self.healthy(),
             sources,

@@ -321,6 +321,8 @@ pub struct Syncer {
     model_error: Option<String>,
     /// Remote configuration: offers from the desired state, reports in the request headers.
     remote: Option<crate::remote_config::Link>,
+    /// Self-update (only under the launcher): desired releases, trial confirmation, reports.
+    update: Option<Arc<crate::self_update::SelfUpdate>>,
     /// Trusted model signing keys and the device's organisation (see [`crate::model_trust`]).
     model_trust: crate::model_trust::ModelTrust,
     /// Bundle fingerprint and hint channel of the identity; `None`: no CA rollover via sync.
@@ -383,6 +385,7 @@ impl Syncer {
             model_refused: None,
             model_error: None,
             remote: None,
+            update: crate::self_update::handle(),
             model_trust: crate::model_trust::ModelTrust::new(registry),
             identity_hints: None,
             health: None,
@@ -452,6 +455,58 @@ impl Syncer {
         if let (Some(link), Some(v)) = (&self.remote, &ack.desired.config_version) {
             link.offer(v, ack.desired.config_toml.as_deref());
         }
+        if let Some(u) = self.update.clone() {
+            // An ack is the control plane reached; with every source up the version on
+            // trial (if any) has proved itself.
+            let down = self
+                .health
+                .as_ref()
+                .map(|h| h.sources_down())
+                .unwrap_or_default();
+            u.on_ack(
+                (!down.is_empty()).then(|| format!("sources not connected: {}", down.join(", "))),
+            );
+            if let Some(r) = ack.desired.agent_release.clone()
+                && u.wants(&r)
+            {
+                self.apply_desired_release(u, r).await;
+            }
+        }
+    }
+
+    /// Downloads and verifies (signature, then sha256) the desired agent release, installs it
+    /// beside the running version and asks for a restart ([`crate::self_update`]). A refused
+    /// release is reported and this version keeps running.
+    async fn apply_desired_release(
+        &mut self,
+        u: Arc<crate::self_update::SelfUpdate>,
+        r: kip_shared::sync::DesiredRelease,
+    ) {
+        let Some(base) = self.cfg.endpoints.get(self.endpoint).cloned() else {
+            return;
+        };
+        u.downloading(&r);
+        let signed = crate::self_update::SelfUpdate::as_signed_artifact(&r);
+        let url = format!("{base}{}", r.download_path);
+        let bytes = match self
+            .model_trust
+            .fetch_verified(&self.client, &url, &signed)
+            .await
+        {
+            Ok((bytes, _sha)) => bytes,
+            Err(refused) => {
+                u.refused(&r, &refused.to_string());
+                return;
+            }
+        };
+        let (u2, r2) = (u.clone(), r.clone());
+        let installed = tokio::task::spawn_blocking(move || u2.install(&r2, &bytes))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|res| res.map_err(|e| e.to_string()));
+        if let Err(e) = installed {
+            u.refused(&r, &e);
+        }
     }
 
     /// An empty sync with the health report, when nothing was sent for
@@ -466,7 +521,7 @@ impl Syncer {
         let acked = self.next_seq.saturating_sub(1);
         let batch = SyncBatch {
             protocol_version: kip_shared::PROTOCOL_VERSION,
-            agent_version: format!("kip-agent {}", env!("CARGO_PKG_VERSION")),
+            agent_version: format!("kip-agent {}", crate::self_update::agent_version()),
             epoch: self.buffer.epoch(),
             first_seq: acked,
             last_seq: acked,
@@ -954,6 +1009,9 @@ impl Syncer {
         if let Some(e) = &self.model_error {
             req = req.header(kip_shared::sync::MODEL_ERROR_HEADER, e);
         }
+        if let Some(h) = self.update.as_ref().and_then(|u| u.header()) {
+            req = req.header(kip_shared::sync::UPDATE_STATUS_HEADER, h);
+        }
         if let Some(link) = &self.remote {
             let (applied, error) = link.headers();
             if let Some(v) = applied {
@@ -1054,7 +1112,7 @@ fn read_and_encode(
     };
     let batch = SyncBatch {
         protocol_version: kip_shared::PROTOCOL_VERSION,
-        agent_version: format!("kip-agent {}", env!("CARGO_PKG_VERSION")),
+        agent_version: format!("kip-agent {}", crate::self_update::agent_version()),
         epoch: buffer.epoch(),
         first_seq: first.seq,
         last_seq: last.seq,

@@ -15,6 +15,7 @@ pub mod health;
 pub mod ml;
 pub mod models;
 pub mod pki;
+pub mod releases;
 
 pub use config::{
     ConfigVersion, DeviceConfigStatus, GroupConfigResult, SetDeviceConfig, SetGroupConfig,
@@ -38,3 +39,4 @@ pub use pki::{
     EnrollRequest, EnrollToken, RenewExpiredRequest, RenewRequest, Revocation,
 };
 pub use pki::{IssueOtCertificate, IssuedOtCertificate, OtCertificateInfo};
+pub use releases::{AgentRelease, DeviceUpdateStatus, ReleaseRollout, StartReleaseRollout};

@@ -30,6 +30,7 @@ pub mod ml;
 pub mod models;
 pub mod outbound;
 pub mod pki;
+pub mod releases;
 pub mod server;
 pub mod state;
 pub mod telemetry;

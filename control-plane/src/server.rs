@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .merge(pki_v1)
         .merge(llm::api::router())
         .merge(crate::device_config::router())
+        .merge(crate::releases::router())
         .merge(crate::documents::router())
         .merge(llm::compat::router());
     Router::new()

@@ -9,6 +9,8 @@
 //! sees the same text the API gives; secrets (API keys) are only printed when they are the
 //! result the operator asked for (a newly created key).
 
+mod release;
+
 use std::{io::Write, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
@@ -86,6 +88,9 @@ pub enum Command {
     /// fleet CA (platform-admin key).
     #[command(subcommand)]
     Ot(OtCmd),
+    /// Agent releases (self-update) and their staged rollouts.
+    #[command(subcommand)]
+    Release(release::ReleaseCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -922,6 +927,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Command::Ca(cmd) => ca_server_cmd(&client, cmd, json, out).await,
         Command::Ot(cmd) => ot_cmd(&client, cmd, json, out).await,
+        Command::Release(cmd) => {
+            release::run(&client, cli.org.as_deref(), cmd.clone(), json, out).await
+        }
         Command::Audit(AuditCmd::List { limit, cursor }) => {
             let org = resolve_org(&client, cli.org.as_deref()).await?;
             let mut path = format!("/v1/organisations/{org}/audit?limit={limit}");

@@ -114,7 +114,34 @@ pub struct DesiredState {
     /// agent reports another applied version in [`CONFIG_VERSION_HEADER`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_toml: Option<String>,
+    /// The agent release this device should run (self-update, see `docs/operations.md`
+    /// "Agent self-update"); absent when no rollout selects the device. Older agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_release: Option<DesiredRelease>,
 }
+
+/// An agent release (the tarball of `scripts/package-agent.sh`) to install.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredRelease {
+    pub version: String,
+    pub sha256: String,
+    /// Path on the agent listener to download the tarball from.
+    pub download_path: String,
+    /// The control plane's signature over the organisation, [`RELEASE_SIGNING_NAME`], the
+    /// version and the sha256, made with the model signing key (`kip_certs::signing`);
+    /// `None` for an unsigned release, which agents refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// The `name` an agent release is signed under. It contains a `:`, which no model name may
+/// (`kip_shared::Name`), so a model signature can never pass as a release signature.
+pub const RELEASE_SIGNING_NAME: &str = "agent-release:kip-agent";
+
+/// Request header of `POST /v1/agent/sync`: the agent's self-update state,
+/// `<state> <version>[ <reason>]` with state one of `downloading`, `trial`, `confirmed`,
+/// `refused`, `rolled_back` (printable ASCII, at most [`MODEL_ERROR_MAX_BYTES`]).
+pub const UPDATE_STATUS_HEADER: &str = "kip-update-status";
 
 /// Request header of `POST /v1/agent/sync`: the remote configuration version the agent runs
 /// (absent: none, only its local file).

@@ -35,6 +35,8 @@
 //! | [`proxy`] | a TCP proxy whose link a test can cut |
 //! | [`volume`] | [`Tmpfs`](volume::Tmpfs): a small tmpfs a test fills ([`volume::fill`]) |
 //! | [`prometheus`] | [`Prometheus`]: a real Prometheus with kip's alert rules, scraping a control plane |
+//! | [`supervisor`] | restarts a command after every exit (systemd `Restart=always`) |
+//! | [`agent_release`] | agent release tarballs and an install root with the launcher |
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -43,6 +45,7 @@
 )]
 
 pub mod agent;
+pub mod agent_release;
 pub mod artifacts;
 pub mod binaries;
 pub mod browser;
@@ -61,6 +64,7 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod volume;
+pub mod supervisor;
 
 pub use artifacts::{
     ReferenceModel, ort_library, reference_model, workspace_binary, workspace_root,

@@ -97,6 +97,10 @@ where
         .route("/v1/agent/whoami", get(whoami))
         .route("/v1/agent/models/{model_id}/artifact", get(download_model))
         .route(
+            "/v1/agent/releases/{release_id}/artifact",
+            get(download_release),
+        )
+        .route(
             "/v1/agent/sync",
             // The handler reads the raw body itself (after the per-device gate) and enforces
             // ingest.max_decoded_bytes; the layer keeps the limit visible here.
@@ -145,6 +149,22 @@ async fn download_model(
     ApiPath(model_id): ApiPath<Uuid>,
 ) -> ApiResult<Response> {
     models::artifact_for_device(&pool, dev.identity.org_id, dev.identity.device_id, model_id).await
+}
+
+/// `GET /v1/agent/releases/{release_id}/artifact`: the agent release tarball desired for the
+/// calling device, and only that one.
+async fn download_release(
+    State(pool): State<PgPool>,
+    Device(dev): Device,
+    ApiPath(release_id): ApiPath<Uuid>,
+) -> ApiResult<Response> {
+    crate::releases::artifact_for_device(
+        &pool,
+        dev.identity.org_id,
+        dev.identity.device_id,
+        release_id,
+    )
+    .await
 }
 
 /// `POST /v1/agent/sync`: stores a [`kip_shared::sync::SyncBatch`] (JSON, gzip when
@@ -256,6 +276,19 @@ async fn sync(
     .await
     {
         tracing::warn!(error = %e, "cannot record the device's configuration status");
+    }
+    let update_status = headers
+        .get(kip_shared::sync::UPDATE_STATUS_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) =
+        crate::releases::record_reported(&pool, id.org_id, id.device_id, update_status).await
+    {
+        tracing::warn!(error = %e, "cannot record the device's update status");
+    }
+    // After recording: a paused rollout still offers the release to a device that reported it.
+    match crate::releases::desired_for(&pool, id.org_id, id.device_id).await {
+        Ok(release) => ack.desired.agent_release = release,
+        Err(e) => tracing::warn!(error = %e, "cannot read the desired agent release"),
     }
     if let Err(e) = models::record_running(
         &pool,

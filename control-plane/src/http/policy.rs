@@ -307,6 +307,55 @@ pub const ROUTES: &[Rule] = &[
         P::ModelsRead,
         "model.status",
     ),
+    // Agent releases and their rollouts (releases).
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/releases",
+        P::DevicesRead,
+        "release.list",
+    ),
+    rule(
+        "PUT",
+        "/v1/organisations/{org_id}/releases/{version}",
+        P::DevicesWrite,
+        "release.upload",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/release-rollouts",
+        P::DevicesRead,
+        "release.rollout.list",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/release-rollouts",
+        P::DevicesWrite,
+        "release.rollout.start",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/release-rollouts/{rollout_id}",
+        P::DevicesRead,
+        "release.rollout.status",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/release-rollouts/{rollout_id}/pause",
+        P::DevicesWrite,
+        "release.rollout.pause",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/release-rollouts/{rollout_id}/resume",
+        P::DevicesWrite,
+        "release.rollout.resume",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/release-rollouts/{rollout_id}/abort",
+        P::DevicesWrite,
+        "release.rollout.abort",
+    ),
     // Remote agent configuration (device_config).
     rule(
         "GET",

@@ -26,5 +26,6 @@ mod ot_certificates;
 mod remote_config;
 mod renewal_during_sync;
 mod rollout;
+mod self_update;
 mod sync_core;
 mod sync_crash;
