@@ -63,8 +63,8 @@ pub mod postgres;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
-pub mod volume;
 pub mod supervisor;
+pub mod volume;
 
 pub use artifacts::{
     ReferenceModel, ort_library, reference_model, workspace_binary, workspace_root,
