@@ -69,6 +69,13 @@ pub(super) async fn page(
         esc(&d.state),
         ago(d.seconds_since_contact)
     );
+    if !d.flags.is_empty() {
+        let _ = write!(
+            body,
+            "<p class=\"warn\">Flags: {}</p>",
+            esc(&d.flags.join(", "))
+        );
+    }
     // Summary cards: the questions an operator asks first.
     let buffer = match (num("buffer_bytes"), num("buffer_max_bytes")) {
         (Some(b), Some(m)) if m > 0.0 => format!("{:.0} %", b / m * 100.0),

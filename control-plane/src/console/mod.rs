@@ -588,13 +588,13 @@ async fn fleet(
         body.push_str(&format!("<option{sel}>{s}</option>"));
     }
     body.push_str("</select> <button>Search</button></form><br><table><thead><tr><th>Device</th><th>State</th>\
-        <th>Last contact</th><th>Buffer</th><th>Oldest unsynced</th><th>Disk free</th><th>Model</th></tr></thead><tbody>");
+        <th>Last contact</th><th>Buffer</th><th>Oldest unsynced</th><th>Disk free</th><th>Model</th><th>Flags</th></tr></thead><tbody>");
     for d in &f.devices {
         let r = d.report.as_ref();
         let num = |k: &str| r.and_then(|r| r[k].as_f64());
         body.push_str(&format!(
             "<tr><td><a href=\"/console/devices/{org}/{}\">{}</a></td><td class=\"{}\">{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"warn\">{}</td></tr>",
             d.device_id,
             esc(&d.name),
             esc(&d.state),
@@ -607,10 +607,12 @@ async fn fleet(
                 _ => "-".into(),
             },
             esc(r.and_then(|r| r["running_model"].as_str()).unwrap_or("-")),
+            // The same flags as the API and `kipctl device health` (disk_low, cert_expiring, ...).
+            esc(&d.flags.join(" ")),
         ));
     }
     if f.devices.is_empty() {
-        body.push_str("<tr><td colspan=\"7\">No device matches.</td></tr>");
+        body.push_str("<tr><td colspan=\"8\">No device matches.</td></tr>");
     }
     body.push_str("</tbody></table>");
     Ok(page("Fleet", true, &body).into_response())

@@ -386,6 +386,7 @@ async fn a_full_state_volume_fires_the_disk_alert_and_clears_when_space_returns(
     );
     let console = s.console_fleet_row().await;
     assert!(console.contains(">0 %<"), "{console}");
+    assert!(console.contains(">disk_low<"), "{console}");
     let device = s
         .console(&format!("/console/devices/{}/{}", s.org, s.device))
         .await;
@@ -457,5 +458,6 @@ async fn a_certificate_near_its_expiry_shows_everywhere_and_fires_the_expiry_ale
         .console(&format!("/console/devices/{}/{}", s.org, s.device))
         .await;
     assert!(device.contains(&not_after), "{device}");
+    assert!(device.contains("Flags: cert_expiring"), "{device}");
     drop(s);
 }
