@@ -40,6 +40,8 @@ pub struct ControlPlaneProcess {
     /// `KIP_LOG_FORMAT` and `KIP_LOG_FILTER` (`text`, `warn` unless [`Self::with_ecs_log`]).
     pub log_format: &'static str,
     pub log_filter: &'static str,
+    /// A config file (`KIP_CONFIG`), e.g. with an `[llm]` section; `None`: defaults and env.
+    pub config: Option<PathBuf>,
 }
 
 impl ControlPlaneProcess {
@@ -55,7 +57,14 @@ impl ControlPlaneProcess {
             log: None,
             log_format: "text",
             log_filter: "warn",
+            config: None,
         }
+    }
+
+    /// Starts the process with the config file `path` (`KIP_CONFIG`).
+    pub fn with_config(mut self, path: PathBuf) -> Self {
+        self.config = Some(path);
+        self
     }
 
     /// Logs in the `ecs` format at `filter` and appends stdout (where `ecs` lines go) to
@@ -98,6 +107,9 @@ impl ControlPlaneProcess {
             &[self.admin_port, self.agent_port],
             || {
                 let mut cmd = Command::new(workspace_binary("kip-control-plane"));
+                if let Some(c) = &self.config {
+                    cmd.env("KIP_CONFIG", c);
+                }
                 cmd.env("KIP_DATABASE_URL", &self.db_url)
                     .env("KIP_LISTEN_ADDR", format!("127.0.0.1:{}", self.admin_port))
                     .env(

@@ -19,6 +19,7 @@ mod logs;
 mod model_signing;
 mod mqtt_soak;
 mod opcua_backpressure;
+mod orchestrator;
 mod ot_certificates;
 mod remote_config;
 mod renewal_during_sync;
