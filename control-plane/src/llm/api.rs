@@ -207,6 +207,10 @@ fn cacheable(temperature: Option<f64>, opt_in: Option<bool>) -> bool {
 /// kip extensions, all optional: header `x-kip-cache: true|false` forces caching on or off;
 /// header `x-kip-fallback: provider/model,...` appends fallbacks; header
 /// `x-kip-strategy: cost|latency` reorders the chain.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "axum extractors: each substate is asked for on its own (FromRef)"
+)]
 pub async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
     State(limits): State<HttpLimits>,

@@ -32,8 +32,11 @@ const ANSWER: &str = "The spindle temperature of press-1 rose from 70.5 to 81.5 
 async fn upload(api: &AdminApi, org: Uuid, title: &str, ctype: &str, body: Vec<u8>) {
     let r = api
         .http
-        .post(format!("{}/v1/organisations/{org}/documents", api.url))
-        .query(&[("title", title)])
+        .post(format!(
+            "{}/v1/organisations/{org}/documents?title={}",
+            api.url,
+            title.replace(' ', "%20")
+        ))
         .bearer_auth(&api.key)
         .header("content-type", ctype)
         .body(body)
@@ -269,7 +272,7 @@ async fn a_new_organisation_gets_a_cited_answer_from_its_manual_and_readings_and
         "{sdk}"
     );
     for req in &fake.requests()[before..] {
-        let text = req.to_string();
+        let text = req["messages"].to_string();
         assert!(
             !text.contains("press-1") && !text.contains("Kühlmittel") && !text.contains("coolant"),
             "organisation 1's data reached organisation 2's prompt: {text}"
