@@ -475,3 +475,46 @@ async fn grounded_and_hybrid_answers_count_against_the_organisations_rate_limit(
         .await;
     }
 }
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn hybrid_calls_are_metered_and_stop_at_the_monthly_budget(pool: PgPool) {
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion("gpt-5", "Hot [R1]."))).await;
+    // 12 prompt tokens at 250000 USD per million: 3 USD per model call, budget 5 USD.
+    let toml = format!(
+        "monthly_budget_usd = 5.0\nbudget_refresh_ms = 0\n\
+         [providers.openai]\nkind = \"openai_compatible\"\nbase_url = \"{}\"\n\
+         api_key_env = \"FAKE_KEY\"\nmodels = [\"gpt-5\"]\n\
+         [providers.openai.prices]\n\"gpt-5\" = {{ input_per_1m_usd = 250000.0, output_per_1m_usd = 0.0 }}\n",
+        fake.base_url()
+    );
+    let app = orch_app(pool.clone(), &toml).await;
+    let (org, key) = plant_org(&app, &pool, "acme").await;
+    let r = hybrid(&app, &key, Some("openai/gpt-5")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["cost_usd"], 3.0, "{}", r.text);
+    let r = hybrid(&app, &key, Some("openai/gpt-5")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // 6 USD spent: the third call is refused (402) before any model call.
+    let hits = fake.hits();
+    let r = hybrid(&app, &key, Some("openai/gpt-5")).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{}", r.text);
+    assert_eq!(fake.hits(), hits);
+    let org: Uuid = org.parse().unwrap();
+    kip_tests::wait_until(
+        std::time::Duration::from_secs(10),
+        "the spend of both calls in llm_spend",
+        || {
+            let pool = pool.clone();
+            async move {
+                let spent: Option<f64> =
+                    sqlx::query_scalar("SELECT sum(usd) FROM llm_spend WHERE org_id = $1")
+                        .bind(org)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                spent == Some(6.0)
+            }
+        },
+    )
+    .await;
+}
