@@ -37,7 +37,8 @@ pub struct RawOrchestrator {
     /// Tokens (prompt + completion, all steps) of one tool loop; beyond, it stops.
     #[serde(default = "default_max_total_tokens")]
     pub max_total_tokens: u64,
-    /// Wall time of one orchestrated request (tools, loop and judge together).
+    /// Wall time of one orchestrated request (tools, loop and judge together); below
+    /// `server.request_timeout_ms` (checked at load).
     #[serde(default = "default_max_wall_time_ms")]
     pub max_wall_time_ms: u64,
     /// Wall time of one tool call.
@@ -61,7 +62,7 @@ fn default_max_total_tokens() -> u64 {
     32_000
 }
 fn default_max_wall_time_ms() -> u64 {
-    60_000
+    25_000
 }
 fn default_tool_timeout_ms() -> u64 {
     5_000
