@@ -313,6 +313,24 @@ async fn the_tool_loop_stops_at_its_step_and_tool_call_limits(pool: PgPool) {
     assert_eq!(statuses, ["ok", "ok", "ok", "limit"]);
     assert!(tool_messages(&sent[2])[3].contains("tool call limit of 3"));
 
+    // The token limit: each step uses 40 tokens, so the loop stops after the third (120 > 100).
+    let before = fake.requests().len();
+    let toml = format!(
+        "{}[orchestrator]\nmax_steps = 10\nmax_total_tokens = 100\n",
+        provider("openai", &fake.base_url(), "\"gpt-5\"")
+    );
+    let app = app.replica(orch_config(&toml)).await;
+    let (_org, key) = app.org_with_key("globex").await;
+    let r = hybrid(&app, &key, Some("gpt-5")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let c = &r.body["orchestration"]["candidates"][0];
+    assert_eq!(
+        (c["stop"].as_str(), c["steps"].as_u64()),
+        (Some("max_tokens"), Some(3))
+    );
+    assert_eq!(fake.requests().len() - before, 3);
+    assert_eq!(r.body["usage"]["input_tokens"], 90, "{}", r.text);
+
     // Limits are validated at load, naming the field.
     let e = LlmConfig::from_toml("[orchestrator]\nmax_steps = 0\n", |_| None).unwrap_err();
     assert!(e.to_string().contains("llm.orchestrator.max_steps"), "{e}");
@@ -373,6 +391,22 @@ async fn best_of_n_lets_the_judge_pick_and_without_models_the_answer_is_assemble
     );
     assert_eq!(r.body["grounding"]["citations"][0]["kind"], "reading");
 
+    // The chat alias needs a user message with text: an OpenAI-shaped 400 otherwise.
+    let r = app
+        .post(
+            "/v1/chat/completions",
+            &key,
+            json!({"model": "kip-hybrid", "messages": [{"role": "system", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(
+        (
+            r.body["error"]["type"].as_str(),
+            r.body["error"]["param"].as_str()
+        ),
+        (Some("invalid_request_error"), Some("messages"))
+    );
     // The alias is listed by /v1/models.
     let m = app.get("/v1/models", &key).await;
     assert!(
