@@ -12,7 +12,7 @@
 //! overall and per language pair.
 //!
 //! End to end, every question is also answered by the hybrid orchestrator
-//! ([`kip_control_plane::orchestrator::hybrid`]) through the gateway against the fake OpenAI
+//! ([`kip_control_plane::llm::orchestrator::hybrid`]) through the gateway against the fake OpenAI
 //! provider of the test kit, which answers citing the first passage (`[D1]`) and the first
 //! reading (`[R1]`): the figures are the share of grounded answers, the relevance of the
 //! passage the answer cites (the whole path: prompt, markers, citations mapped back to chunks),
@@ -38,11 +38,11 @@ use kip_control_plane::{
     documents::{
         Documents, RawDocuments, extract::MediaType, grounded, grounded::Citation, ingest,
     },
-    llm::{Gateway, config::LlmConfig, metrics::LlmMetrics},
-    orchestrator::{
+    llm::orchestrator::{
         hybrid::{self, HybridRequest},
         tools::Toolbox,
     },
+    llm::{Gateway, config::LlmConfig, metrics::LlmMetrics},
 };
 use kip_tests::fake_llm::{self, FakeLlm, Reply};
 use serde::Deserialize;

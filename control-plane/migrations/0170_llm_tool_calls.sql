@@ -1,4 +1,4 @@
--- kip control plane: server-side tool calls of the LLM orchestrator (control-plane/src/orchestrator),
+-- kip control plane: server-side tool calls of the LLM orchestrator (control-plane/src/llm/orchestrator),
 -- one row per call, stored beside the request's inference_logs rows (same request_id).
 --
 -- Only sizes are kept, never the arguments or results themselves: a tool result can carry

@@ -27,7 +27,6 @@ pub mod llm;
 pub mod metrics;
 pub mod ml;
 pub mod models;
-pub mod orchestrator;
 pub mod outbound;
 pub mod pki;
 pub mod server;

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::{Answer, Call, Gateway, LlmError, Strategy, Target, cache};
 use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal, Scope};
-use crate::orchestrator::{
+use crate::llm::orchestrator::{
     hybrid::{self, HybridAnswer, HybridRequest},
     tools::Toolbox,
 };
@@ -599,7 +599,7 @@ pub enum QueryMode {
     /// The tools run first; the model answers from their results, citing them; without a
     /// reachable model the answer is assembled from the results (labelled fallback).
     Grounded,
-    /// The hybrid orchestrator ([`crate::orchestrator::hybrid`]): context gathered
+    /// The hybrid orchestrator ([`crate::llm::orchestrator::hybrid`]): context gathered
     /// concurrently, the candidate models in tool loops, best-of-n with a judge, and the
     /// deterministic fallback.
     Hybrid,
@@ -642,8 +642,8 @@ pub struct QueryResponse {
 /// The candidates and the judge of a `hybrid` answer.
 #[derive(Debug, Serialize)]
 pub struct Orchestration {
-    pub candidates: Vec<crate::orchestrator::hybrid::CandidateReport>,
-    pub judge: Option<crate::orchestrator::hybrid::JudgeReport>,
+    pub candidates: Vec<crate::llm::orchestrator::hybrid::CandidateReport>,
+    pub judge: Option<crate::llm::orchestrator::hybrid::JudgeReport>,
 }
 
 /// `POST /v1/query`: kip's own LLM API.

@@ -328,7 +328,7 @@ pub struct RawLlm {
     pub max_upstream_attempts_per_request: u32,
     /// The hybrid orchestrator and its tool loop (`[llm.orchestrator]`).
     #[serde(default)]
-    pub orchestrator: crate::orchestrator::config::RawOrchestrator,
+    pub orchestrator: crate::llm::orchestrator::config::RawOrchestrator,
 }
 
 fn default_true() -> bool {
@@ -521,7 +521,7 @@ pub struct LlmConfig {
     pub max_in_flight_requests: usize,
     pub max_fallbacks_per_request: usize,
     pub max_upstream_attempts_per_request: u32,
-    pub orchestrator: crate::orchestrator::config::OrchestratorConfig,
+    pub orchestrator: crate::llm::orchestrator::config::OrchestratorConfig,
 }
 
 impl Default for LlmConfig {

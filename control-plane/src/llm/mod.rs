@@ -29,6 +29,7 @@ pub mod config;
 pub mod live;
 pub mod logs;
 pub mod metrics;
+pub mod orchestrator;
 pub mod provider;
 pub mod routing;
 pub mod spend;
