@@ -776,6 +776,19 @@ impl RawConfig {
                 ));
             }
         }
+        // An orchestrated request runs inside the HTTP request: its own limit must end first,
+        // so it answers (or falls back) instead of being cut with a 504.
+        if llm.orchestrator.limits.max_wall_time >= request_timeout {
+            return Err(invalid(
+                "llm",
+                format!(
+                    "llm.orchestrator.max_wall_time_ms ({} ms) must be below \
+                     server.request_timeout_ms ({} ms)",
+                    llm.orchestrator.limits.max_wall_time.as_millis(),
+                    request_timeout.as_millis()
+                ),
+            ));
+        }
         let mlflow = self.mlflow.validate(&self.server.listen_addr)?;
         let health = self.health.validate()?;
         let documents = self.documents.validate()?;
@@ -905,6 +918,10 @@ mod tests {
                 "server.request_timeout_ms",
             ),
             ("[auth]\nkey_cache_ttl_ms = 600000", "auth.key_cache_ttl_ms"),
+            (
+                "[server]\nrequest_timeout_ms = 10000\n[llm.orchestrator]\nmax_wall_time_ms = 10000",
+                "llm.orchestrator.max_wall_time_ms",
+            ),
             (
                 "[server]\nrequest_body_limit_bytes = 10",
                 "server.request_body_limit_bytes",

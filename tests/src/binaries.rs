@@ -40,7 +40,8 @@ pub struct ControlPlaneProcess {
     /// `KIP_LOG_FORMAT` and `KIP_LOG_FILTER` (`text`, `warn` unless [`Self::with_ecs_log`]).
     pub log_format: &'static str,
     pub log_filter: &'static str,
-    /// A config file (`--config`); the `KIP_*` variables above override it.
+    /// A config file (`--config`), e.g. with `[llm]` or short `[health]` windows; the `KIP_*`
+    /// variables above override it. `None`: defaults and env.
     pub config: Option<PathBuf>,
 }
 

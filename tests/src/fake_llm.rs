@@ -395,3 +395,20 @@ pub fn tool_call_chunks(model: &str) -> Vec<Value> {
         chunk(model, json!({}), json!("tool_calls")),
     ]
 }
+
+/// A completion calling tools, OpenAI's shape: `calls` are `(id, name, arguments JSON)`.
+pub fn tool_calls_completion(model: &str, calls: &[(&str, &str, &str)]) -> Value {
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(id, name, args)| {
+            json!({"id": id, "type": "function",
+                   "function": {"name": name, "arguments": args}})
+        })
+        .collect();
+    json!({
+        "id": "chatcmpl-tools", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "refusal": null,
+            "tool_calls": calls}, "logprobs": null, "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 10, "total_tokens": 40}
+    })
+}

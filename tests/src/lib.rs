@@ -58,6 +58,7 @@ pub mod mlflow;
 pub mod model_artifacts;
 pub mod mosquitto;
 pub mod opcua;
+pub mod plant;
 pub mod ports;
 pub mod postgres;
 pub mod process;

@@ -34,9 +34,36 @@ const PASSAGE_CHARS: usize = 700;
 /// One call of a server-side tool, reported with the answer.
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolCall {
-    pub tool: &'static str,
+    pub tool: String,
     pub results: usize,
     pub latency_ms: f64,
+    /// Who called it: `kip` (gathered before the model is asked) or `model` (a tool call of
+    /// the model in the tool loop).
+    pub caller: &'static str,
+    /// `ok`, or why the call gave the model an error (`bad_arguments`, `unknown_tool`,
+    /// `failed`, `timeout`, `limit`).
+    pub status: &'static str,
+    /// Size of the arguments the model sent (0 for `kip`).
+    pub arguments_bytes: usize,
+    /// Size of the result handed to the model.
+    pub result_bytes: usize,
+    /// Step of the tool loop (model calls before this one); 0 for `kip`.
+    pub step: u32,
+}
+
+impl ToolCall {
+    fn summary(tool: &str, results: usize, latency_ms: f64) -> Self {
+        Self {
+            tool: tool.to_owned(),
+            results,
+            latency_ms,
+            caller: "kip",
+            status: "ok",
+            arguments_bytes: 0,
+            result_bytes: 0,
+            step: 0,
+        }
+    }
 }
 
 /// What the tools found.
@@ -129,24 +156,42 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Runs the tools for `question` within `org`.
+/// Runs the tools for `question` within `org`, concurrently (retrieval, readings and
+/// predictions do not depend on each other).
 pub async fn gather(
     docs: &Documents,
     pool: &PgPool,
     org: Uuid,
     question: &str,
 ) -> Result<Context, DocumentsError> {
-    let mut ctx = Context::default();
-    let t = Instant::now();
-    ctx.passages = docs.search(pool, org, question, MAX_PASSAGES).await?;
-    ctx.tool_calls.push(ToolCall {
-        tool: "search_documents",
-        results: ctx.passages.len(),
-        latency_ms: ms(t),
-    });
     let q = words(question);
-    let t = Instant::now();
-    let mut readings = latest::latest_readings(pool, org, 500).await?;
+    let passages = async {
+        let t = Instant::now();
+        let r = docs.search(pool, org, question, MAX_PASSAGES).await;
+        (r, ms(t))
+    };
+    let readings = async {
+        let t = Instant::now();
+        let r = latest::latest_readings(pool, org, 500).await;
+        (r, ms(t))
+    };
+    let predictions = async {
+        let t = Instant::now();
+        let r = latest::latest_predictions(pool, org, 100).await;
+        (r, ms(t))
+    };
+    let ((passages, t_docs), (readings, t_readings), (preds, t_preds)) =
+        tokio::join!(passages, readings, predictions);
+    let mut ctx = Context {
+        passages: passages?,
+        ..Context::default()
+    };
+    ctx.tool_calls.push(ToolCall::summary(
+        "search_documents",
+        ctx.passages.len(),
+        t_docs,
+    ));
+    let mut readings = readings?;
     // Series named in the question first; if none is, the most recent ones.
     readings.sort_by_key(|r| std::cmp::Reverse(relevance(&q, &[&r.device, &r.machine, &r.metric])));
     let named = readings
@@ -155,26 +200,25 @@ pub async fn gather(
         .count();
     readings.truncate(if named > 0 { named.min(MAX_SERIES) } else { 3 });
     ctx.readings = readings;
-    ctx.tool_calls.push(ToolCall {
-        tool: "latest_readings",
-        results: ctx.readings.len(),
-        latency_ms: ms(t),
-    });
-    let t = Instant::now();
-    let mut preds = latest::latest_predictions(pool, org, 100).await?;
+    ctx.tool_calls.push(ToolCall::summary(
+        "latest_readings",
+        ctx.readings.len(),
+        t_readings,
+    ));
+    let mut preds = preds?;
     preds.sort_by_key(|p| std::cmp::Reverse(relevance(&q, &[&p.device, &p.machine])));
     preds.truncate(MAX_PREDICTIONS);
     ctx.predictions = preds;
-    ctx.tool_calls.push(ToolCall {
-        tool: "latest_predictions",
-        results: ctx.predictions.len(),
-        latency_ms: ms(t),
-    });
+    ctx.tool_calls.push(ToolCall::summary(
+        "latest_predictions",
+        ctx.predictions.len(),
+        t_preds,
+    ));
     tracing::debug!(%org, tools = ?ctx.tool_calls, "grounding tools ran");
     Ok(ctx)
 }
 
-fn clip(s: &str, n: usize) -> String {
+pub(crate) fn clip(s: &str, n: usize) -> String {
     let mut out: String = s.chars().take(n).collect();
     if s.chars().count() > n {
         out.push('…');
@@ -198,7 +242,7 @@ fn trend(r: &LatestReading) -> String {
     }
 }
 
-fn reading_line(r: &LatestReading) -> String {
+pub(crate) fn reading_line(r: &LatestReading) -> String {
     format!(
         "{} / {} / {} = {} at {} ({})",
         r.device,
@@ -210,7 +254,7 @@ fn reading_line(r: &LatestReading) -> String {
     )
 }
 
-fn prediction_line(p: &LatestPrediction) -> String {
+pub(crate) fn prediction_line(p: &LatestPrediction) -> String {
     format!(
         "{} / {}: remaining useful life {:.1} cycles{} at {} (model {})",
         p.device,
@@ -224,7 +268,7 @@ fn prediction_line(p: &LatestPrediction) -> String {
     )
 }
 
-fn passage_source(h: &Hit) -> String {
+pub(crate) fn passage_source(h: &Hit) -> String {
     let mut s = format!("\"{}\"", h.title);
     if let Some(p) = h.page {
         s.push_str(&format!(", page {p}"));
@@ -236,6 +280,49 @@ fn passage_source(h: &Hit) -> String {
 }
 
 impl Context {
+    /// Adds a passage (once per chunk) and returns its marker.
+    pub fn add_passage(&mut self, h: Hit) -> String {
+        let i = match self.passages.iter().position(|p| p.chunk_id == h.chunk_id) {
+            Some(i) => i,
+            None => {
+                self.passages.push(h);
+                self.passages.len() - 1
+            }
+        };
+        format!("D{}", i + 1)
+    }
+
+    /// Adds a reading (once per series and time) and returns its marker.
+    pub fn add_reading(&mut self, r: LatestReading) -> String {
+        let same = |x: &LatestReading| {
+            x.device == r.device && x.machine == r.machine && x.metric == r.metric && x.ts == r.ts
+        };
+        let i = match self.readings.iter().position(same) {
+            Some(i) => i,
+            None => {
+                self.readings.push(r);
+                self.readings.len() - 1
+            }
+        };
+        format!("R{}", i + 1)
+    }
+
+    /// Adds a prediction (once per id) and returns its marker.
+    pub fn add_prediction(&mut self, p: LatestPrediction) -> String {
+        let i = match self
+            .predictions
+            .iter()
+            .position(|x| x.prediction_id == p.prediction_id)
+        {
+            Some(i) => i,
+            None => {
+                self.predictions.push(p);
+                self.predictions.len() - 1
+            }
+        };
+        format!("P{}", i + 1)
+    }
+
     /// Every source with its marker.
     pub fn citations(&self) -> Vec<Citation> {
         let mut out = Vec::new();

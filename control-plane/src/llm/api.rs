@@ -30,6 +30,11 @@ use uuid::Uuid;
 
 use super::{Answer, Call, Gateway, LlmError, Strategy, Target, cache};
 use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal, Scope};
+use crate::llm::orchestrator::{
+    hybrid::{self, HybridAnswer, HybridRequest},
+    tools::Toolbox,
+};
+use std::time::Duration;
 
 /// The LLM routes, to be nested under `/v1`.
 pub fn router<S>() -> Router<S>
@@ -40,6 +45,7 @@ where
     HttpLimits: FromRef<S>,
     Arc<Gateway>: FromRef<S>,
     Arc<crate::documents::Documents>: FromRef<S>,
+    crate::health::HealthConfig: FromRef<S>,
 {
     Router::new()
         .route("/query", post(query))
@@ -201,14 +207,27 @@ fn cacheable(temperature: Option<f64>, opt_in: Option<bool>) -> bool {
 /// kip extensions, all optional: header `x-kip-cache: true|false` forces caching on or off;
 /// header `x-kip-fallback: provider/model,...` appends fallbacks; header
 /// `x-kip-strategy: cost|latency` reorders the chain.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "axum extractors: each substate is asked for on its own (FromRef)"
+)]
 pub async fn chat_completions(
     State(gw): State<Arc<Gateway>>,
     State(limits): State<HttpLimits>,
+    State(docs): State<Arc<crate::documents::Documents>>,
+    State(pool): State<PgPool>,
+    State(health): State<crate::health::HealthConfig>,
     p: Principal,
     hdrs: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, LlmApiError> {
-    chat_completions_inner(gw, limits, p, hdrs, body)
+    let tools = |org| Toolbox {
+        pool,
+        docs,
+        health,
+        org,
+    };
+    chat_completions_inner(gw, limits, p, hdrs, body, tools)
         .await
         .map_err(LlmApiError::openai)
 }
@@ -370,6 +389,7 @@ async fn chat_completions_inner(
     p: Principal,
     hdrs: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    tools: impl FnOnce(Uuid) -> Toolbox,
 ) -> Result<Response, LlmApiError> {
     let org_id = org_of(&p)?;
     let body = body.map_err(|r| {
@@ -409,6 +429,9 @@ async fn chat_completions_inner(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    if model.as_deref() == Some(gw.config().orchestrator.alias.as_str()) {
+        return hybrid_chat(&gw, tools(org_id), obj, stream, include_usage).await;
+    }
     let temperature = obj.get("temperature").and_then(Value::as_f64);
     let hdr = |n: &str| hdrs.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     let opt_in = match hdr("x-kip-cache") {
@@ -576,6 +599,10 @@ pub enum QueryMode {
     /// The tools run first; the model answers from their results, citing them; without a
     /// reachable model the answer is assembled from the results (labelled fallback).
     Grounded,
+    /// The hybrid orchestrator ([`crate::llm::orchestrator::hybrid`]): context gathered
+    /// concurrently, the candidate models in tool loops, best-of-n with a judge, and the
+    /// deterministic fallback.
+    Hybrid,
 }
 
 #[derive(Debug, Serialize)]
@@ -604,9 +631,19 @@ pub struct QueryResponse {
     /// True when the answer did not come from the first target of the chain.
     pub fallback_used: bool,
     pub attempts: Vec<super::Attempt>,
-    /// Sources and citations of a `grounded` answer.
+    /// Sources and citations of a `grounded` or `hybrid` answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grounding: Option<crate::documents::grounded::Grounding>,
+    /// How a `hybrid` answer was made: the candidates and the judge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orchestration: Option<Orchestration>,
+}
+
+/// The candidates and the judge of a `hybrid` answer.
+#[derive(Debug, Serialize)]
+pub struct Orchestration {
+    pub candidates: Vec<crate::llm::orchestrator::hybrid::CandidateReport>,
+    pub judge: Option<crate::llm::orchestrator::hybrid::JudgeReport>,
 }
 
 /// `POST /v1/query`: kip's own LLM API.
@@ -614,6 +651,7 @@ pub async fn query(
     State(gw): State<Arc<Gateway>>,
     State(docs): State<Arc<crate::documents::Documents>>,
     State(pool): State<PgPool>,
+    State(health): State<crate::health::HealthConfig>,
     p: Principal,
     ApiJson(mut req): ApiJson<QueryRequest>,
 ) -> Result<Response, ApiError> {
@@ -644,30 +682,29 @@ pub async fn query(
             }
             (None, m) => m.clone(),
         };
+    let request_id = Uuid::new_v4();
+    // Grounded and hybrid modes do work before any model is called (embedding, retrieval,
+    // queries), so the organisation's limits apply first: admitted here, like any LLM call.
+    let mut in_flight = None;
+    if req.mode == QueryMode::Hybrid {
+        let question = question_of(&req.messages, "hybrid")?;
+        let _in_flight = gw.admit(org_id, request_id).await?;
+        let toolbox = Toolbox {
+            pool,
+            docs,
+            health,
+            org: org_id,
+        };
+        return hybrid_query(&gw, &toolbox, request_id, req, model, question).await;
+    }
     // Grounded mode: the tools run before the model is called; their results go in as a
     // system message with markers, so the cache key covers them (a deleted passage changes
     // the key) and the answer can cite them.
     let grounding_ctx = match req.mode {
-        QueryMode::Direct => None,
+        QueryMode::Direct | QueryMode::Hybrid => None,
         QueryMode::Grounded => {
-            let question = req
-                .messages
-                .iter()
-                .rev()
-                .find(|m| matches!(m.role, Role::User))
-                .and_then(|m| m.content.clone())
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "messages",
-                        "grounded mode needs a user message with content",
-                    )
-                })?;
-            if question.len() > 8000 || question.contains('\0') {
-                return Err(ApiError::validation(
-                    "messages",
-                    "the question must be at most 8000 bytes, without NUL",
-                ));
-            }
+            let question = question_of(&req.messages, "grounded")?;
+            in_flight = Some(gw.admit(org_id, request_id).await?);
             let ctx = crate::documents::grounded::gather(&docs, &pool, org_id, &question).await?;
             req.messages.insert(
                 0,
@@ -684,7 +721,8 @@ pub async fn query(
                 && req.options.provider.is_none()
                 && gw.config().default_model.is_none()
             {
-                return Ok(grounded_fallback(&ctx, Vec::new()));
+                gw.record_fallback(org_id, request_id, "grounded-fallback", Duration::ZERO);
+                return Ok(grounded_fallback(&ctx, Vec::new(), request_id));
             }
             Some(ctx)
         }
@@ -704,8 +742,10 @@ pub async fn query(
         Ok(t) => t,
         Err(e) => return Ok(LlmApiError::from(e).into_response()),
     };
-    let request_id = Uuid::new_v4();
-    let _in_flight = gw.admit(org_id, request_id).await?;
+    let _in_flight = match in_flight {
+        Some(p) => p,
+        None => gw.admit(org_id, request_id).await?,
+    };
     let mut body = Map::new();
     body.insert("messages".into(), messages);
     if let Some(m) = req.options.max_tokens {
@@ -735,10 +775,13 @@ pub async fn query(
         cache_key,
     };
     let a: Answer = match (gw.complete(&call).await, &grounding_ctx) {
-        (Ok(a), Some(ctx)) if a.local => return Ok(grounded_fallback(ctx, a.attempts)),
+        (Ok(a), Some(ctx)) if a.local => {
+            return Ok(grounded_fallback(ctx, a.attempts, request_id));
+        }
         (Err(super::LlmError::AllFailed(m)), Some(ctx)) => {
             tracing::warn!(%org_id, error = %m, "no model reachable: grounded fallback answer");
-            return Ok(grounded_fallback(ctx, Vec::new()));
+            gw.record_fallback(org_id, request_id, "grounded-fallback", Duration::ZERO);
+            return Ok(grounded_fallback(ctx, Vec::new(), request_id));
         }
         (r, _) => r?,
     };
@@ -775,6 +818,7 @@ pub async fn query(
         grounding: grounding_ctx
             .as_ref()
             .map(|ctx| ctx.grounding(text("content").as_deref().unwrap_or_default(), "llm")),
+        orchestration: None,
     };
     let mut resp = axum::Json(out).into_response();
     headers(&mut resp, request_id, &a.target, a.cache_hit);
@@ -786,8 +830,8 @@ pub async fn query(
 fn grounded_fallback(
     ctx: &crate::documents::grounded::Context,
     attempts: Vec<super::Attempt>,
+    request_id: Uuid,
 ) -> Response {
-    let request_id = Uuid::new_v4();
     let content = ctx.fallback_answer();
     let out = QueryResponse {
         request_id,
@@ -808,6 +852,7 @@ fn grounded_fallback(
         cache_hit: false,
         fallback_used: true,
         attempts,
+        orchestration: None,
     };
     let mut resp = axum::Json(out).into_response();
     headers(
@@ -817,4 +862,241 @@ fn grounded_fallback(
         false,
     );
     resp
+}
+
+/// The last user message with content: the question of grounded and hybrid modes.
+fn question_of(messages: &[QueryMessage], mode: &str) -> ApiResult<String> {
+    let question = messages
+        .iter()
+        .rev()
+        .find(|m| matches!(m.role, Role::User))
+        .and_then(|m| m.content.clone())
+        .ok_or_else(|| {
+            ApiError::validation(
+                "messages",
+                format!("{mode} mode needs a user message with content"),
+            )
+        })?;
+    if question.len() > 8000 || question.contains('\0') {
+        return Err(ApiError::validation(
+            "messages",
+            "the question must be at most 8000 bytes, without NUL",
+        ));
+    }
+    Ok(question)
+}
+
+/// `/v1/query` in `hybrid` mode (admitted by the caller).
+async fn hybrid_query(
+    gw: &Arc<Gateway>,
+    toolbox: &Toolbox,
+    request_id: Uuid,
+    req: QueryRequest,
+    model: Option<String>,
+    question: String,
+) -> Result<Response, ApiError> {
+    let mut base = Map::new();
+    if let Some(m) = req.options.max_tokens {
+        base.insert("max_completion_tokens".into(), json!(m));
+    }
+    if let Some(t) = req.options.temperature {
+        base.insert("temperature".into(), json!(t));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::internal)?;
+    let a = hybrid::answer(
+        gw,
+        toolbox,
+        request_id,
+        HybridRequest {
+            question,
+            messages,
+            model,
+            base,
+        },
+    )
+    .await?;
+    let target = Target {
+        provider: a.provider.clone(),
+        model: a.model.clone(),
+    };
+    let out = QueryResponse {
+        request_id,
+        provider: a.provider,
+        model: a.model,
+        content: Some(a.content),
+        reasoning_content: None,
+        tool_calls: None,
+        finish_reason: Some("stop".into()),
+        usage: QueryUsage {
+            input_tokens: a.usage.input,
+            output_tokens: a.usage.output,
+            cached_tokens: a.usage.cached,
+        },
+        cost_usd: a.cost_usd,
+        latency_ms: a.latency_ms,
+        cache_hit: false,
+        fallback_used: a.grounding.mode == "fallback",
+        attempts: Vec::new(),
+        grounding: Some(a.grounding),
+        orchestration: Some(Orchestration {
+            candidates: a.candidates,
+            judge: a.judge,
+        }),
+    };
+    let mut resp = axum::Json(out).into_response();
+    headers(&mut resp, request_id, &target, false);
+    Ok(resp)
+}
+
+/// `/v1/chat/completions` with the orchestrator's alias: the hybrid answer as an OpenAI
+/// `chat.completion` (or its stream), with kip's citations under `kip_grounding`.
+async fn hybrid_chat(
+    gw: &Arc<Gateway>,
+    toolbox: Toolbox,
+    obj: Map<String, Value>,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, LlmApiError> {
+    let alias = gw.config().orchestrator.alias.clone();
+    let messages: Vec<Value> = obj
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let question = messages
+        .iter()
+        .rev()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .find_map(|m| match m.get("content") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // Content parts: the text parts joined.
+            Some(Value::Array(parts)) => Some(
+                parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            _ => None,
+        })
+        .filter(|q| !q.trim().is_empty())
+        .ok_or_else(|| {
+            LlmApiError::invalid(
+                "messages",
+                "invalid_value",
+                format!("the model {alias} needs a user message with text content"),
+            )
+        })?;
+    if question.len() > 8000 || question.contains('\0') {
+        return Err(LlmApiError::invalid(
+            "messages",
+            "invalid_value",
+            "the question must be at most 8000 bytes, without NUL",
+        ));
+    }
+    let mut base = Map::new();
+    for k in [
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_p",
+    ] {
+        if let Some(v) = obj.get(k) {
+            base.insert(k.into(), v.clone());
+        }
+    }
+    let request_id = Uuid::new_v4();
+    let _in_flight = gw.admit(toolbox.org, request_id).await?;
+    let a = hybrid::answer(
+        gw,
+        &toolbox,
+        request_id,
+        HybridRequest {
+            question,
+            messages,
+            model: None,
+            base,
+        },
+    )
+    .await?;
+    let target = Target {
+        provider: a.provider.clone(),
+        model: a.model.clone(),
+    };
+    let body = chat_completion_of(&alias, &a);
+    let mut resp = if stream {
+        let events = chat_chunks_of(&alias, &a, include_usage);
+        let mut r = Response::new(Body::from(events));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        axum::Json(body).into_response()
+    };
+    headers(&mut resp, request_id, &target, false);
+    Ok(resp)
+}
+
+fn usage_json(a: &HybridAnswer) -> Value {
+    json!({"prompt_tokens": a.usage.input, "completion_tokens": a.usage.output,
+           "total_tokens": a.usage.input + a.usage.output,
+           "prompt_tokens_details": {"cached_tokens": a.usage.cached}})
+}
+
+fn kip_grounding(a: &HybridAnswer) -> Value {
+    json!({"mode": a.grounding.mode, "grounded": a.grounding.grounded,
+           "citations": a.grounding.citations, "tool_calls": a.grounding.tool_calls,
+           "answered_by": format!("{}/{}", a.provider, a.model),
+           "candidates": a.candidates, "judge": a.judge})
+}
+
+/// The hybrid answer as an OpenAI `chat.completion`.
+fn chat_completion_of(alias: &str, a: &HybridAnswer) -> Value {
+    json!({
+        "id": format!("chatcmpl-{}", a.request_id.simple()), "object": "chat.completion",
+        "created": chrono::Utc::now().timestamp(), "model": alias,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": a.content,
+                     "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+        "usage": usage_json(a),
+        "kip_grounding": kip_grounding(a),
+    })
+}
+
+/// The hybrid answer as OpenAI `chat.completion.chunk` events (the answer is complete before
+/// the first byte: the judge needs every candidate), then `data: [DONE]`.
+fn chat_chunks_of(alias: &str, a: &HybridAnswer, include_usage: bool) -> String {
+    let id = format!("chatcmpl-{}", a.request_id.simple());
+    let created = chrono::Utc::now().timestamp();
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": alias,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+    };
+    let mut events = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(json!({"content": a.content}), Value::Null),
+    ];
+    let mut last = chunk(json!({}), json!("stop"));
+    last["kip_grounding"] = kip_grounding(a);
+    events.push(last);
+    if include_usage {
+        events.push(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                           "model": alias, "choices": [], "usage": usage_json(a)}),
+        );
+    }
+    let mut out = String::new();
+    for e in events {
+        out.push_str(&format!("data: {e}\n\n"));
+    }
+    out.push_str("data: [DONE]\n\n");
+    out
 }

@@ -92,6 +92,8 @@ async fn models(State(gw): State<Arc<Gateway>>, p: Principal) -> Result<Json<Val
     for alias in cfg.aliases.keys() {
         data.push(entry(alias.clone(), "kip-alias"));
     }
+    // The hybrid orchestrator (crate::llm::orchestrator), selected by this model name.
+    data.push(entry(cfg.orchestrator.alias.clone(), "kip-orchestrator"));
     data.push(entry("kip-embedding".into(), "kip"));
     Ok(Json(json!({"object": "list", "data": data})))
 }

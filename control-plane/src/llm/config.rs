@@ -326,6 +326,9 @@ pub struct RawLlm {
     /// Upstream calls (first tries, retries and fallbacks together) one request may cause.
     #[serde(default = "default_max_upstream_attempts_per_request")]
     pub max_upstream_attempts_per_request: u32,
+    /// The hybrid orchestrator and its tool loop (`[llm.orchestrator]`).
+    #[serde(default)]
+    pub orchestrator: crate::llm::orchestrator::config::RawOrchestrator,
 }
 
 fn default_true() -> bool {
@@ -449,6 +452,7 @@ impl Default for RawLlm {
             max_in_flight_requests_per_org: None,
             max_fallbacks_per_request: default_max_fallbacks_per_request(),
             max_upstream_attempts_per_request: default_max_upstream_attempts_per_request(),
+            orchestrator: Default::default(),
         }
     }
 }
@@ -517,6 +521,7 @@ pub struct LlmConfig {
     pub max_in_flight_requests: usize,
     pub max_fallbacks_per_request: usize,
     pub max_upstream_attempts_per_request: u32,
+    pub orchestrator: crate::llm::orchestrator::config::OrchestratorConfig,
 }
 
 impl Default for LlmConfig {
@@ -552,6 +557,7 @@ impl Default for LlmConfig {
                 max_in_flight_requests: 1_024,
                 max_fallbacks_per_request: 3,
                 max_upstream_attempts_per_request: 8,
+                orchestrator: Default::default(),
             },
         }
     }
@@ -820,7 +826,9 @@ impl RawLlm {
                 "llm.cache_max_entries: must be at most 10000000".into(),
             ));
         }
+        let orchestrator = self.orchestrator.validate(&providers, &self.aliases)?;
         Ok(LlmConfig {
+            orchestrator,
             default_model: self.default_model,
             local_fallback: self.local_fallback,
             providers,

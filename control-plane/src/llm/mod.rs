@@ -29,6 +29,7 @@ pub mod config;
 pub mod live;
 pub mod logs;
 pub mod metrics;
+pub mod orchestrator;
 pub mod provider;
 pub mod routing;
 pub mod spend;
@@ -840,6 +841,24 @@ impl Gateway {
             cache_hit: false,
             local: true,
         }
+    }
+
+    /// Records an answer kip assembled without a model (grounded and hybrid modes' fallback)
+    /// like the built-in fallback's: metrics and one `fallback` row in `inference_logs`, so
+    /// such answers are metered like any other call.
+    pub fn record_fallback(&self, org_id: Uuid, request_id: Uuid, model: &str, latency: Duration) {
+        let target = Target::new(LOCAL_PROVIDER, model);
+        self.observe(&target, "fallback", latency, Usage::default(), 0.0);
+        self.log(
+            org_id,
+            request_id,
+            &target,
+            "fallback",
+            LogFields {
+                latency_ms: ms(latency),
+                ..LogFields::default()
+            },
+        );
     }
 
     fn all_failed(&self, attempts: &[Attempt]) -> LlmError {

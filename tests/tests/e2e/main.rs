@@ -22,6 +22,7 @@ mod model_drift;
 mod model_signing;
 mod mqtt_soak;
 mod opcua_backpressure;
+mod orchestrator;
 mod ot_certificates;
 mod remote_config;
 mod renewal_during_sync;
