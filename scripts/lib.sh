@@ -175,11 +175,18 @@ ensure_timescaledb_preloaded() {
     say "loading TimescaleDB in the PostgreSQL $pgver cluster on 5432 (shared_preload_libraries = $wanted; restart)"
     psql "$KIP_PG_URL/postgres" -Atqc "ALTER SYSTEM SET shared_preload_libraries = '$wanted'" >/dev/null \
         || die "cannot set shared_preload_libraries"
+    restart_system_postgres "$pgver"
     # kip uses no TimescaleDB job (no policies: the Apache build has none that kip needs), and
-    # a job scheduler per database would hold connections to every test database.
+    # a job scheduler per database would hold connections to every test database. PostgreSQL
+    # 15 knows this parameter only once the library is loaded, hence the second restart.
     psql "$KIP_PG_URL/postgres" -Atqc "ALTER SYSTEM SET timescaledb.max_background_workers = 0" >/dev/null \
         || die "cannot set timescaledb.max_background_workers"
-    as_root pg_ctlcluster --skip-systemctl-redirect "$pgver" main restart \
+    restart_system_postgres "$pgver"
+}
+
+# restart_system_postgres VERSION: restarts the Debian cluster on 5432 and waits for it.
+restart_system_postgres() {
+    as_root pg_ctlcluster --skip-systemctl-redirect "$1" main restart \
         || die "PostgreSQL did not restart; see /var/log/postgresql/"
     for _ in $(seq 1 60); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.5; done
     pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL did not come back; see /var/log/postgresql/"
