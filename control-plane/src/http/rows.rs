@@ -6,10 +6,17 @@
 //! naming what was looked for, never a 500.
 
 use axum::Json;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool, postgres::PgRow};
 use uuid::Uuid;
 
-use super::{ApiError, ApiResult};
+use super::{ApiError, ApiResult, pg_text};
+
+/// Longest part of a cursor (a filter value it carries), in bytes.
+const MAX_CURSOR_PART_BYTES: usize = 1024;
+/// Longest cursor, in bytes.
+const MAX_CURSOR_BYTES: usize = 4 * MAX_CURSOR_PART_BYTES;
 
 /// `sql` with `$1` = `org` (`NULL`: every organisation, where the query allows it) and
 /// `$2` = `limit`, as a JSON list of `T` made from the rows `R`.
@@ -51,4 +58,32 @@ where
         .await?
         .map(|r| Json(r.into()))
         .ok_or(ApiError::NotFound(what))
+}
+
+/// The keyset pagination cursor: a timestamp and two text parts (shared by every paginated
+/// list of this crate).
+pub fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{a}|{b}", ts.to_rfc3339()))
+}
+
+/// Reads a cursor of [`encode_cursor`]; 400 `cursor` for anything else.
+pub fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
+    let bad = || ApiError::validation("cursor", "is not a cursor returned by this API");
+    pg_text("cursor", c, MAX_CURSOR_BYTES)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| bad())?;
+    let s = String::from_utf8(raw).map_err(|_| bad())?;
+    let mut parts = s.splitn(3, '|');
+    let ts = parts
+        .next()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .ok_or_else(bad)?
+        .with_timezone(&Utc);
+    let a = parts.next().ok_or_else(bad)?;
+    let b = parts.next().ok_or_else(bad)?;
+    // A forged cursor could carry NUL into the keyset comparison.
+    pg_text("cursor", a, MAX_CURSOR_PART_BYTES)?;
+    pg_text("cursor", b, MAX_CURSOR_PART_BYTES)?;
+    Ok((ts, a.to_owned(), b.to_owned()))
 }

@@ -11,7 +11,7 @@
 //!   its canonical JSON; a stored id never changes meaning: storing other content under an
 //!   existing id is a 409, storing the same content again is idempotent.
 //! - Maintenance event listings page by keyset on `(ts, id)` with the crate's one cursor helper
-//!   ([`crate::telemetry::encode_cursor`]).
+//!   ([`crate::http::encode_cursor`]).
 
 use std::sync::Arc;
 
@@ -36,7 +36,7 @@ use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, list_limit,
     pg_json, pg_text,
 };
-use crate::telemetry::{decode_cursor, encode_cursor};
+use crate::http::{decode_cursor, encode_cursor};
 
 pub mod monitoring;
 

@@ -38,7 +38,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
-use crate::telemetry::{decode_cursor, encode_cursor, ingest::DeviceIdentity};
+use crate::http::{decode_cursor, encode_cursor};
 
 /// Only records this recent feed the fleet metrics (a model no device reported on for a day
 /// leaves the metrics).
@@ -84,11 +84,14 @@ impl DriftColumns {
             .push(i32::try_from(d.effective_window).unwrap_or(i32::MAX));
     }
 
-    /// Stores the records for `id` in the batch's transaction; returns how many were new.
+    /// Stores the records of `device_id` (of `org_id`) in the batch's transaction; returns how
+    /// many were new. Takes plain ids, not the ingest's identity type, so that telemetry may
+    /// call ml without ml naming telemetry (the domains form a DAG).
     pub async fn insert(
         &self,
         tx: &mut Transaction<'_, Postgres>,
-        id: DeviceIdentity,
+        org_id: Uuid,
+        device_id: Uuid,
         epoch: i64,
     ) -> Result<u64, sqlx::Error> {
         if self.seq.is_empty() {
@@ -102,8 +105,8 @@ impl DriftColumns {
                $13::bool[], $14::int4[], $15::int4[]) \
              ON CONFLICT DO NOTHING",
         )
-        .bind(id.org_id)
-        .bind(id.device_id)
+        .bind(org_id)
+        .bind(device_id)
         .bind(epoch)
         .bind(&self.seq)
         .bind(&self.model)

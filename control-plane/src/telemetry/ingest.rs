@@ -267,7 +267,9 @@ pub async fn store(
         .await?
         .rows_affected();
     }
-    inserted += drift.insert(&mut tx, id, epoch).await?;
+    inserted += drift
+        .insert(&mut tx, id.org_id, id.device_id, epoch)
+        .await?;
     // The ack and the device's last-seen time in one round trip.
     let acked: i64 = sqlx::query_scalar(
         "WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1) \

@@ -18,7 +18,7 @@ mod query;
 pub mod recent;
 mod retention;
 pub mod storage;
-pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx, decode_cursor, encode_cursor};
+pub use query::{SENSOR_QUERY_TIMEOUT_MS, bounded_tx};
 
 use axum::{Router, body::Bytes, extract::FromRef, routing::get};
 use kip_shared::sync::SyncAck;

@@ -18,8 +18,9 @@ use kip_api::{PredictionPage, PredictionRecord};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::query::{bounded_tx, decode_cursor, encode_cursor, query_error};
+use super::query::{bounded_tx, query_error};
 use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
+use crate::http::{decode_cursor, encode_cursor};
 
 /// Longest `machine` filter accepted.
 const MAX_MACHINE_BYTES: usize = 1024;

@@ -24,12 +24,11 @@ use axum::{
     Json,
     extract::{Query, State, rejection::QueryRejection},
 };
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
+use crate::http::{ApiError, ApiPath, ApiResult, Principal, decode_cursor, encode_cursor, pg_text};
 
 /// Query string of `GET .../devices/{device_id}/sensor-data`.
 #[derive(Debug, Deserialize)]
@@ -224,38 +223,8 @@ pub struct SensorPage {
     pub next_cursor: Option<String>,
 }
 
-/// Longest `machine` / `metric` filter (and cursor part); longer ones can match nothing.
+/// Longest `machine` / `metric` filter; longer ones can match nothing.
 const MAX_FILTER_BYTES: usize = 1024;
-/// Longest cursor accepted (base64 of a timestamp and two filter-sized parts).
-const MAX_CURSOR_BYTES: usize = 4 * MAX_FILTER_BYTES;
-
-/// The keyset pagination cursor: a timestamp and two text parts (shared by every paginated
-/// list of this crate).
-pub fn encode_cursor(ts: DateTime<Utc>, a: &str, b: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}|{a}|{b}", ts.to_rfc3339()))
-}
-
-/// Reads a cursor of [`encode_cursor`]; 400 `cursor` for anything else.
-pub fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
-    let bad = || ApiError::validation("cursor", "is not a cursor returned by this API");
-    pg_text("cursor", c, MAX_CURSOR_BYTES)?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(c)
-        .map_err(|_| bad())?;
-    let s = String::from_utf8(raw).map_err(|_| bad())?;
-    let mut parts = s.splitn(3, '|');
-    let ts = parts
-        .next()
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .ok_or_else(bad)?
-        .with_timezone(&Utc);
-    let a = parts.next().ok_or_else(bad)?;
-    let b = parts.next().ok_or_else(bad)?;
-    // A forged cursor could carry NUL into the keyset comparison.
-    pg_text("cursor", a, MAX_FILTER_BYTES)?;
-    pg_text("cursor", b, MAX_FILTER_BYTES)?;
-    Ok((ts, a.to_owned(), b.to_owned()))
-}
 
 /// Start of the `bucket_s` bucket holding `t` (buckets are aligned to 2000-01-01 UTC, like
 /// the query's `date_bin`).
