@@ -27,7 +27,7 @@ say "cargo test"
 # Every process the tests start carries KIP_TEST_RUN; none may outlive the run.
 run_id="$(new_test_run_id)"
 test_status=0
-KIP_TEST_RUN="$run_id" cargo test --workspace --locked || test_status=$?
+KIP_TEST_RUN="$run_id" cargo test --workspace --locked --no-fail-fast || test_status=$?
 check_no_test_survivors "$run_id" || test_status=1
 [ "$test_status" -eq 0 ] || die "cargo test failed (exit $test_status; see above)"
 say "deployment checks (scripts/check-deploy.sh)"
