@@ -87,3 +87,28 @@ pub fn decode_cursor(c: &str) -> ApiResult<(DateTime<Utc>, String, String)> {
     pg_text("cursor", b, MAX_CURSOR_PART_BYTES)?;
     Ok((ts, a.to_owned(), b.to_owned()))
 }
+
+/// Position of a synced record in a `(ts, device_id, epoch, seq)` keyset: the cursor of
+/// [`encode_record_cursor`].
+pub type RecordCursor = (DateTime<Utc>, Uuid, i64, i64);
+
+/// The keyset cursor after a synced record (predictions, model monitoring, ...).
+pub fn encode_record_cursor(ts: DateTime<Utc>, device_id: Uuid, epoch: i64, seq: i64) -> String {
+    encode_cursor(ts, &device_id.to_string(), &format!("{epoch}.{seq}"))
+}
+
+/// Reads a cursor of [`encode_record_cursor`]; 400 `cursor` "is not a `what` cursor" for
+/// anything else. `None` (first page) gives `None`.
+pub fn decode_record_cursor(c: Option<&str>, what: &str) -> ApiResult<Option<RecordCursor>> {
+    let Some(c) = c else { return Ok(None) };
+    let not_ours = || ApiError::validation("cursor", format!("is not a {what} cursor"));
+    let (ts, dev, es) = decode_cursor(c)?;
+    let dev: Uuid = dev.parse().map_err(|_| not_ours())?;
+    let (e, s) = es.split_once('.').ok_or_else(not_ours)?;
+    Ok(Some((
+        ts,
+        dev,
+        e.parse::<i64>().map_err(|_| not_ours())?,
+        s.parse::<i64>().map_err(|_| not_ours())?,
+    )))
+}

@@ -38,7 +38,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
-use crate::http::{decode_cursor, encode_cursor};
+use crate::http::{decode_record_cursor, encode_record_cursor};
 
 /// Only records this recent feed the fleet metrics (a model no device reported on for a day
 /// leaves the metrics).
@@ -207,20 +207,11 @@ pub(super) async fn list(
             pg_text(field, v, MAX_FILTER_BYTES)?;
         }
     }
-    let not_ours = || ApiError::validation("cursor", "is not a model-monitoring cursor");
-    let (cts, cdev, cep, cseq) = match q.cursor.as_deref().map(decode_cursor).transpose()? {
-        Some((ts, dev, es)) => {
-            let dev: Uuid = dev.parse().map_err(|_| not_ours())?;
-            let (e, s) = es.split_once('.').ok_or_else(not_ours)?;
-            (
-                Some(ts),
-                dev,
-                e.parse::<i64>().map_err(|_| not_ours())?,
-                s.parse::<i64>().map_err(|_| not_ours())?,
-            )
-        }
-        None => (None, Uuid::nil(), 0, 0),
-    };
+    let (cts, cdev, cep, cseq) =
+        match decode_record_cursor(q.cursor.as_deref(), "model-monitoring")? {
+            Some((ts, dev, epoch, seq)) => (Some(ts), dev, epoch, seq),
+            None => (None, Uuid::nil(), 0, 0),
+        };
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT device_id, epoch, seq, model, model_version, feature, ts, psi, ks, \
                 psi_threshold, ks_threshold, alarm, window_size, effective_window \
@@ -248,13 +239,7 @@ pub(super) async fn list(
     let next_cursor = (rows.len() as i64 == q.limit)
         .then(|| rows.last())
         .flatten()
-        .map(|r| {
-            encode_cursor(
-                r.ts,
-                &r.device_id.to_string(),
-                &format!("{}.{}", r.epoch, r.seq),
-            )
-        });
+        .map(|r| encode_record_cursor(r.ts, r.device_id, r.epoch, r.seq));
     Ok(Json(ModelMonitoringPage {
         records: rows.into_iter().map(Into::into).collect(),
         next_cursor,

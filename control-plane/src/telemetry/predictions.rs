@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::query::{bounded_tx, query_error};
 use crate::http::{ApiError, ApiPath, ApiResult, Principal, pg_text};
-use crate::http::{decode_cursor, encode_cursor};
+use crate::http::{decode_record_cursor, encode_record_cursor};
 
 /// Longest `machine` filter accepted.
 const MAX_MACHINE_BYTES: usize = 1024;
@@ -109,18 +109,8 @@ pub async fn history(
     {
         return Err(ApiError::validation("from", "must be before `to`"));
     }
-    let not_ours = || ApiError::validation("cursor", "is not a prediction cursor");
-    let (cts, cdev, cep, cseq) = match q.cursor.as_deref().map(decode_cursor).transpose()? {
-        Some((ts, dev, es)) => {
-            let dev: Uuid = dev.parse().map_err(|_| not_ours())?;
-            let (e, s) = es.split_once('.').ok_or_else(not_ours)?;
-            (
-                Some(ts),
-                dev,
-                e.parse::<i64>().map_err(|_| not_ours())?,
-                s.parse::<i64>().map_err(|_| not_ours())?,
-            )
-        }
+    let (cts, cdev, cep, cseq) = match decode_record_cursor(q.cursor.as_deref(), "prediction")? {
+        Some((ts, dev, epoch, seq)) => (Some(ts), dev, epoch, seq),
         None => (None, Uuid::nil(), 0, 0),
     };
     let mut tx = bounded_tx(&pool).await.map_err(query_error)?;
@@ -148,13 +138,7 @@ pub async fn history(
     let next_cursor = (rows.len() as i64 == q.limit)
         .then(|| rows.last())
         .flatten()
-        .map(|r| {
-            encode_cursor(
-                r.ts,
-                &r.device_id.to_string(),
-                &format!("{}.{}", r.epoch, r.seq),
-            )
-        });
+        .map(|r| encode_record_cursor(r.ts, r.device_id, r.epoch, r.seq));
     Ok(Json(PredictionPage {
         predictions: rows.into_iter().map(Into::into).collect(),
         next_cursor,

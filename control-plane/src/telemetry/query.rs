@@ -290,35 +290,33 @@ HAVING ($8::timestamptz IS NULL OR \
         > ($8, $9, $10)) \
  ORDER BY 1, 2, 3 LIMIT $11";
 
-/// Buckets re-aggregated from the 1-minute rollup (same parameters as [`BUCKETS_RAW`]).
-const BUCKETS_1M: &str = "\
-SELECT date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, \
-       machine, metric, sum(sum) / sum(count) AS avg, min(min) AS min, max(max) AS max, \
-       sum(count)::bigint AS count, (array_agg(last ORDER BY last_ts DESC))[1] AS last \
-  FROM sensor_rollup_1m \
- WHERE org_id = $1 AND device_id = $2 \
-   AND ($4::text IS NULL OR metric = $4) AND ($5::text IS NULL OR machine = $5) \
-   AND bucket >= $6 AND bucket < $7 \
- GROUP BY 1, 2, 3 \
-HAVING ($8::timestamptz IS NULL OR \
-        (date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), machine, metric) \
-        > ($8, $9, $10)) \
- ORDER BY 1, 2, 3 LIMIT $11";
+/// Buckets re-aggregated from a rollup table (same parameters as [`BUCKETS_RAW`]); a macro so
+/// that each query stays one static string.
+macro_rules! buckets_from_rollup {
+    ($table:literal) => {
+        concat!(
+            "SELECT date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, \
+                    machine, metric, sum(sum) / sum(count) AS avg, min(min) AS min, max(max) AS max, \
+                    sum(count)::bigint AS count, (array_agg(last ORDER BY last_ts DESC))[1] AS last \
+               FROM ",
+            $table,
+            " WHERE org_id = $1 AND device_id = $2 \
+                AND ($4::text IS NULL OR metric = $4) AND ($5::text IS NULL OR machine = $5) \
+                AND bucket >= $6 AND bucket < $7 \
+              GROUP BY 1, 2, 3 \
+             HAVING ($8::timestamptz IS NULL OR \
+                     (date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), machine, metric) \
+                     > ($8, $9, $10)) \
+              ORDER BY 1, 2, 3 LIMIT $11"
+        )
+    };
+}
 
-/// Buckets re-aggregated from the 1-hour rollup (same parameters as [`BUCKETS_RAW`]).
-const BUCKETS_1H: &str = "\
-SELECT date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, \
-       machine, metric, sum(sum) / sum(count) AS avg, min(min) AS min, max(max) AS max, \
-       sum(count)::bigint AS count, (array_agg(last ORDER BY last_ts DESC))[1] AS last \
-  FROM sensor_rollup_1h \
- WHERE org_id = $1 AND device_id = $2 \
-   AND ($4::text IS NULL OR metric = $4) AND ($5::text IS NULL OR machine = $5) \
-   AND bucket >= $6 AND bucket < $7 \
- GROUP BY 1, 2, 3 \
-HAVING ($8::timestamptz IS NULL OR \
-        (date_bin(make_interval(secs => $3), bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00'), machine, metric) \
-        > ($8, $9, $10)) \
- ORDER BY 1, 2, 3 LIMIT $11";
+/// Buckets re-aggregated from the 1-minute rollup.
+const BUCKETS_1M: &str = buckets_from_rollup!("sensor_rollup_1m");
+
+/// Buckets re-aggregated from the 1-hour rollup.
+const BUCKETS_1H: &str = buckets_from_rollup!("sensor_rollup_1h");
 
 /// Start of the organisation's visible raw data (its retention), if it has one. Partitions
 /// are shared, so rows past an organisation's retention may still be stored until every
