@@ -25,6 +25,6 @@ pub use listener::{ConnLimits, head_limits};
 pub use middleware::{HttpMetrics, method_not_allowed, not_found, timeout, track};
 pub use policy::{AuthState, Permission, Role, authorize};
 pub use rows::{
-    RecordCursor, decode_cursor, decode_record_cursor, encode_cursor, encode_record_cursor,
-    get_row, list_rows,
+    RecordCursor, chunked_download, decode_cursor, decode_record_cursor, encode_cursor,
+    encode_record_cursor, get_row, list_rows,
 };

@@ -5,7 +5,12 @@
 //! filter; the page size comes from [`super::list_limit`] (1 to 1000); a missing row is a 404
 //! naming what was looked for, never a 500.
 
-use axum::Json;
+use axum::{
+    Json,
+    body::{Body, Bytes},
+    http::{HeaderValue, header},
+    response::{IntoResponse as _, Response},
+};
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool, postgres::PgRow};
@@ -111,4 +116,59 @@ pub fn decode_record_cursor(c: Option<&str>, what: &str) -> ApiResult<Option<Rec
         e.parse::<i64>().map_err(|_| not_ours())?,
         s.parse::<i64>().map_err(|_| not_ours())?,
     )))
+}
+
+/// An immutable object stored as numbered chunk rows (model artifacts, agent releases), as a
+/// streamed response: `sql` reads one chunk (`$1` organisation, `$2` object id, `$3` index,
+/// one `bytes` column), so memory is one chunk whatever the object's size. The object is
+/// immutable, so chunks read in separate statements form one consistent object; a chunk that
+/// cannot be read (database down, organisation deleted meanwhile) ends the body with an error,
+/// which the client sees as a cut transfer (the length and `x-kip-sha256` headers let it
+/// notice). `what` names the object in the log.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per stored object kind, all named"
+)]
+pub fn chunked_download(
+    pool: &PgPool,
+    sql: &'static str,
+    what: &'static str,
+    org_id: Uuid,
+    object_id: Uuid,
+    content_type: &'static str,
+    size_bytes: i64,
+    sha256: &str,
+) -> Response {
+    let pool = pool.clone();
+    let chunks = futures_util::stream::unfold(Some(0i32), move |next| {
+        let pool = pool.clone();
+        async move {
+            let idx = next?;
+            let row: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(sql)
+                .bind(org_id)
+                .bind(object_id)
+                .bind(idx)
+                .fetch_optional(&pool)
+                .await;
+            match row {
+                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(idx + 1))),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(%org_id, object = what, id = %object_id, chunk = idx, error = %e, "{what} download cut");
+                    Some((Err(std::io::Error::other(e)), None))
+                }
+            }
+        }
+    });
+    let mut resp = (
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(chunks),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(size_bytes));
+    if let Ok(v) = HeaderValue::from_str(sha256) {
+        resp.headers_mut().insert("x-kip-sha256", v);
+    }
+    resp
 }

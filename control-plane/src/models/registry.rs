@@ -32,7 +32,7 @@ use axum::{
     body::{Body, Bytes},
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
@@ -276,11 +276,8 @@ async fn store_chunk(
     Ok(())
 }
 
-/// The artifact of `model_id` as a streamed response: one chunk row read at a time, so memory
-/// is one chunk whatever the artifact's size. Artifacts are immutable, so reading the chunks
-/// in separate statements sees one consistent artifact; a chunk that cannot be read (database
-/// down, organisation deleted meanwhile) ends the body with an error, which the client sees as
-/// a cut transfer (and the length and sha256 headers let it notice).
+/// The artifact of `model_id` as a streamed response ([`crate::http::chunked_download`]: one
+/// chunk row at a time), with its sha256 as the ETag.
 async fn artifact_response(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<Response> {
     let (sha, size): (String, i64) = sqlx::query_as(
         "SELECT sha256, size_bytes FROM model_artifacts WHERE org_id = $1 AND model_id = $2",
@@ -290,40 +287,16 @@ async fn artifact_response(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiRe
     .fetch_optional(pool)
     .await?
     .ok_or(ApiError::NotFound("model artifact"))?;
-    let pool = pool.clone();
-    let chunks = futures_util::stream::unfold(Some(0i32), move |next| {
-        let pool = pool.clone();
-        async move {
-            let idx = next?;
-            let row: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT bytes FROM model_artifact_chunks \
-                 WHERE org_id = $1 AND model_id = $2 AND idx = $3",
-            )
-            .bind(org_id)
-            .bind(model_id)
-            .bind(idx)
-            .fetch_optional(&pool)
-            .await;
-            match row {
-                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(idx + 1))),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(%org_id, %model_id, chunk = idx, error = %e, "model artifact download cut");
-                    Some((Err(std::io::Error::other(e)), None))
-                }
-            }
-        }
-    });
-    let mut resp = (
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        Body::from_stream(chunks),
-    )
-        .into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    if let Ok(v) = HeaderValue::from_str(&sha) {
-        resp.headers_mut().insert("x-kip-sha256", v);
-    }
+    let mut resp = crate::http::chunked_download(
+        pool,
+        "SELECT bytes FROM model_artifact_chunks WHERE org_id = $1 AND model_id = $2 AND idx = $3",
+        "model artifact",
+        org_id,
+        model_id,
+        "application/octet-stream",
+        size,
+        &sha,
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\"")) {
         resp.headers_mut().insert(header::ETAG, v);
     }

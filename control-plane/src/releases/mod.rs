@@ -24,8 +24,8 @@ use axum::{
     Json, Router,
     body::{Body, Bytes},
     extract::{DefaultBodyLimit, FromRef, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderMap, StatusCode, header},
+    response::Response,
     routing::{get, post, put},
 };
 use chrono::{DateTime, Utc};
@@ -641,40 +641,16 @@ pub async fn artifact_for_device(
             .bind(id)
             .fetch_one(pool)
             .await?;
-    let pool = pool.clone();
-    let chunks = futures_util::stream::unfold(Some(0i32), move |next| {
-        let pool = pool.clone();
-        async move {
-            let idx = next?;
-            let row: Result<Option<Vec<u8>>, sqlx::Error> = sqlx::query_scalar(
-                "SELECT bytes FROM agent_release_chunks \
-                 WHERE org_id = $1 AND release_id = $2 AND idx = $3",
-            )
-            .bind(org_id)
-            .bind(id)
-            .bind(idx)
-            .fetch_optional(&pool)
-            .await;
-            match row {
-                Ok(Some(b)) => Some((Ok(Bytes::from(b)), Some(idx + 1))),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(%org_id, release_id = %id, chunk = idx, error = %e, "release download cut");
-                    Some((Err(std::io::Error::other(e)), None))
-                }
-            }
-        }
-    });
-    let mut resp = (
-        [(header::CONTENT_TYPE, "application/gzip")],
-        Body::from_stream(chunks),
-    )
-        .into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    if let Ok(v) = HeaderValue::from_str(&sha) {
-        resp.headers_mut().insert("x-kip-sha256", v);
-    }
+    let resp = crate::http::chunked_download(
+        pool,
+        "SELECT bytes FROM agent_release_chunks WHERE org_id = $1 AND release_id = $2 AND idx = $3",
+        "release",
+        org_id,
+        id,
+        "application/gzip",
+        size,
+        &sha,
+    );
     tracing::info!(%org_id, %device_id, release_id = %id, "agent release sent to device");
     Ok(resp)
 }
