@@ -220,7 +220,7 @@ else
 fi
 
 if command -v systemd-analyze >/dev/null; then
-    # Parse problems are reported as FILE:LINE: ...; the missing /usr/bin/kip-agent on a
+    # Parse problems are reported as FILE:LINE: ...; the missing /opt/kip-agent launcher on a
     # build machine is expected and reported differently.
     check "systemd-analyze finds no problem in the agent unit" bash -c '
         out="$(systemd-analyze verify deploy/systemd/kip-agent.service 2>&1 || true)"

@@ -58,6 +58,12 @@ ensure_mosquitto() {
     ensure_packages mosquitto mosquitto-clients
 }
 
+# ensure_strace: the power-loss tests (e2e power_loss) kill the agent at an exact system call
+# with strace's fault injection.
+ensure_strace() {
+    ensure_packages strace
+}
+
 # ensure_ort: ONNX Runtime shared library from the PyPI wheel (Debian has none, and ort's own
 # download cannot be used here); exports ORT_DYLIB_PATH.
 ORT_VERSION=1.32.0

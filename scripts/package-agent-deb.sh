@@ -2,10 +2,13 @@
 # Builds the agent's Debian package from the release tarball (same binary, ONNX Runtime library,
 # models and unit, checked against its SHA256SUMS):
 #   target/dist/kip-agent_<version>-<revision>_amd64.deb
-# Layout: /usr/bin/kip-agent, /usr/lib/kip-agent/libonnxruntime.so.*, /usr/share/kip-agent/
-# models/, /lib/systemd/system/kip-agent.service, /etc/kip-agent/agent.toml (conffile), and the
-# maintainer scripts of deploy/debian/ (user, /var/lib/kip-agent, remove vs purge). Only
-# dpkg-deb is needed. Prints the package's path on stdout.
+# Layout: the versioned install root of self-update, /opt/kip-agent/bin/kip-agent-launcher and
+# the slot /opt/kip-agent/versions/<version>/ (VERSION, bin/kip-agent, lib/kip-agent/
+# libonnxruntime.so.*, share/kip-agent/models/); /usr/bin/kip-agent and /usr/share/kip-agent/
+# models are links through /opt/kip-agent/current (made by postinst); /lib/systemd/system/
+# kip-agent.service, /etc/kip-agent/agent.toml (conffile), and the maintainer scripts of
+# deploy/debian/ (user, install root, /var/lib/kip-agent, remove vs purge). Only dpkg-deb is
+# needed. Prints the package's path on stdout.
 #
 #   scripts/package-agent-deb.sh [--tarball PATH] [--revision N] [--fast] [package-agent.sh args]
 # --tarball repackages an existing tarball instead of running scripts/package-agent.sh;
@@ -41,12 +44,22 @@ REL="$(find "$WORK" -mindepth 1 -maxdepth 1 -type d -name 'kip-agent-*')"
 VERSION="$(tr '-' '~' < "$REL/VERSION")-$REVISION"
 
 PKG="$WORK/pkg"
-install -d -m 0755 "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/usr/lib/kip-agent" "$PKG/usr/share/kip-agent/models" \
+SLOT_VERSION="$(cat "$REL/VERSION")"
+SLOT="$PKG/opt/kip-agent/versions/$SLOT_VERSION"
+install -d -m 0755 "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/usr/share/kip-agent" "$PKG/opt/kip-agent/bin" \
+    "$SLOT/bin" "$SLOT/lib/kip-agent" "$SLOT/share/kip-agent/models" \
     "$PKG/usr/share/doc/kip-agent" "$PKG/lib/systemd/system"
 install -d -m 0750 "$PKG/etc/kip-agent"
-install -m 0755 "$REL/bin/kip-agent" "$PKG/usr/bin/kip-agent"
-install -m 0644 "$REL"/lib/kip-agent/libonnxruntime.so.* "$PKG/usr/lib/kip-agent/"
-install -m 0644 "$REL"/share/kip-agent/models/* "$PKG/usr/share/kip-agent/models/"
+# The slot is what self-update unpacks from a release tarball: the agent reports the version
+# of its slot's VERSION file and finds ONNX Runtime at ../lib/kip-agent.
+install -m 0644 "$REL/VERSION" "$SLOT/VERSION"
+install -m 0755 "$REL/bin/kip-agent" "$SLOT/bin/kip-agent"
+install -m 0644 "$REL"/lib/kip-agent/libonnxruntime.so.* "$SLOT/lib/kip-agent/"
+install -m 0644 "$REL"/share/kip-agent/models/* "$SLOT/share/kip-agent/models/"
+install -m 0755 "$REL/bin/kip-agent-launcher" "$PKG/opt/kip-agent/bin/kip-agent-launcher"
+# Relative links, so they also resolve inside a dpkg --root.
+ln -s ../../opt/kip-agent/current/bin/kip-agent "$PKG/usr/bin/kip-agent"
+ln -s ../../../opt/kip-agent/current/share/kip-agent/models "$PKG/usr/share/kip-agent/models"
 install -m 0644 "$REL"/share/doc/kip-agent/* deploy/debian/copyright "$PKG/usr/share/doc/kip-agent/"
 install -m 0644 "$REL/systemd/kip-agent.service" "$PKG/lib/systemd/system/kip-agent.service"
 install -m 0640 "$REL/etc/kip-agent/agent.toml.example" "$PKG/etc/kip-agent/agent.toml"
@@ -54,7 +67,9 @@ install -D -m 0644 deploy/debian/lintian-overrides "$PKG/usr/share/lintian/overr
 printf 'kip-agent (%s) stable; urgency=medium\n\n  * Built from the kip release tarball %s.\n\n -- kip maintainers <kip@example.com>  Thu, 01 Jan 2026 00:00:00 +0000\n' \
     "$VERSION" "$(basename "$TARBALL")" | gzip -9n > "$PKG/usr/share/doc/kip-agent/changelog.Debian.gz"
 chmod 0644 "$PKG/usr/share/doc/kip-agent/changelog.Debian.gz"
-install -m 0755 deploy/debian/postinst deploy/debian/prerm deploy/debian/postrm "$PKG/DEBIAN/"
+install -m 0755 deploy/debian/prerm deploy/debian/postrm "$PKG/DEBIAN/"
+sed "s/@SLOT@/$SLOT_VERSION/" deploy/debian/postinst > "$PKG/DEBIAN/postinst"
+chmod 0755 "$PKG/DEBIAN/postinst"
 echo /etc/kip-agent/agent.toml > "$PKG/DEBIAN/conffiles"
 # Binary and library need glibc >= 2.34 (GLIBC_2.34 symbols) and libstdc++/libgcc (ONNX Runtime).
 cat > "$PKG/DEBIAN/control" <<CONTROL

@@ -9,6 +9,7 @@ cd "$KIP_ROOT"
 
 ensure_postgres
 ensure_mosquitto
+ensure_strace
 ensure_ort
 ensure_pgvector
 ensure_timescaledb

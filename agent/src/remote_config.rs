@@ -299,12 +299,16 @@ pub async fn supervise(
                     child.cancel();
                     a.wait().await;
                 }
+                if cancel.is_cancelled() {
+                    // A stop (SIGTERM, `systemctl restart`) during the trial says nothing
+                    // about the configuration: it is not refused, the last good one stays
+                    // recorded, and the control plane offers it again after the restart.
+                    tracing::info!(version = %offer.version, "stopped while the remote configuration was on trial; it is tried again after the restart");
+                    return Ok(());
+                }
                 let why = format!("rolled back: {why}");
                 tracing::error!(version = %offer.version, error = %why, last_good = ?good.as_ref().map(|g| &g.version), "remote configuration rolled back");
                 reject(&store, &link, &offer.version, why)?;
-                if cancel.is_cancelled() {
-                    return Ok(());
-                }
                 child = cancel.child_token();
                 agent = runtime::start_with_remote(cfg.clone(), child.clone(), remote_link.clone())
                     .await?;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Removes the kip edge agent. Keeps /var/lib/kip-agent (unsent buffer, device identity) and
-# /etc/kip-agent unless --purge is given; --purge also removes the kip-agent user.
+# Removes the kip edge agent: the unit, the links in /usr and the install root /opt/kip-agent
+# (every version slot, also those installed by self-update: code, not state). Keeps
+# /var/lib/kip-agent (unsent buffer, device identity) and /etc/kip-agent unless --purge is
+# given; --purge also removes the kip-agent user.
 #
 #   sudo ./uninstall.sh [--purge]
 #   ./uninstall.sh --root /tmp/r [--purge]     staging root (tests)
@@ -13,7 +15,7 @@ while [ $# -gt 0 ]; do
         --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
         --root=*) ROOT="${1#--root=}"; shift ;;
         --purge) PURGE=1; shift ;;
-        -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) echo "uninstall.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -28,7 +30,8 @@ if [ -z "$ROOT" ]; then
     fi
 fi
 rm -f "$ROOT/usr/bin/kip-agent" "$ROOT/etc/systemd/system/kip-agent.service"
-rm -rf "$ROOT/usr/lib/kip-agent" "$ROOT/usr/share/kip-agent" "$ROOT/usr/share/doc/kip-agent"
+rm -rf "$ROOT/usr/lib/kip-agent" "$ROOT/usr/share/kip-agent" "$ROOT/usr/share/doc/kip-agent" \
+    "$ROOT/opt/kip-agent"
 if [ "$LIVE" = 1 ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 if [ "$PURGE" = 1 ]; then
     say "--purge: removing /etc/kip-agent and /var/lib/kip-agent (buffer and identity)"

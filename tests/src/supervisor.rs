@@ -82,6 +82,14 @@ impl Supervisor {
         }
     }
 
+    /// SIGTERM to the current run (a normal stop, as `systemctl restart` sends), SIGKILL
+    /// after the group's grace; returns once it exited. The supervisor starts the next.
+    pub fn terminate(&self) {
+        if let Some(c) = self.shared.current.lock().unwrap().as_mut() {
+            c.terminate();
+        }
+    }
+
     /// How every run so far ended, oldest first.
     pub fn exits(&self) -> Vec<Exit> {
         self.shared.exits.lock().unwrap().clone()

@@ -24,6 +24,7 @@ mod mqtt_soak;
 mod opcua_backpressure;
 mod orchestrator;
 mod ot_certificates;
+mod power_loss;
 mod remote_config;
 mod renewal_during_sync;
 mod rollout;

@@ -40,7 +40,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-async fn get(cp: &ControlPlane, path: &str) -> (u16, Value) {
+pub(crate) async fn get(cp: &ControlPlane, path: &str) -> (u16, Value) {
     let resp = cp
         .http
         .get(format!("{}{path}", cp.admin_url))
@@ -53,7 +53,7 @@ async fn get(cp: &ControlPlane, path: &str) -> (u16, Value) {
 }
 
 /// `kipctl --org ORG ARGS` with the platform-admin key; fails the test when kipctl fails.
-async fn kipctl(cp: &ControlPlane, org: Uuid, args: &[&str]) -> String {
+pub(crate) async fn kipctl(cp: &ControlPlane, org: Uuid, args: &[&str]) -> String {
     let org = org.to_string();
     let mut all = vec!["--org", org.as_str()];
     all.extend_from_slice(args);
@@ -63,7 +63,11 @@ async fn kipctl(cp: &ControlPlane, org: Uuid, args: &[&str]) -> String {
 }
 
 /// The device's state in the rollout (`pending`, `trial`, ...) and its reason.
-async fn device_state(cp: &ControlPlane, org: Uuid, rollout: &str) -> (String, String, String) {
+pub(crate) async fn device_state(
+    cp: &ControlPlane,
+    org: Uuid,
+    rollout: &str,
+) -> (String, String, String) {
     let (status, v) = get(
         cp,
         &format!("/v1/organisations/{org}/release-rollouts/{rollout}"),
@@ -79,7 +83,7 @@ async fn device_state(cp: &ControlPlane, org: Uuid, rollout: &str) -> (String, S
 }
 
 /// The id in `kipctl --json release rollout start` output (a one-row list).
-fn rollout_id(json: &str) -> String {
+pub(crate) fn rollout_id(json: &str) -> String {
     let v: Value = serde_json::from_str(json).unwrap();
     v[0]["id"]
         .as_str()
@@ -87,7 +91,7 @@ fn rollout_id(json: &str) -> String {
         .to_owned()
 }
 
-async fn agent_version(pool: &PgPool, device: Uuid) -> Option<String> {
+pub(crate) async fn agent_version(pool: &PgPool, device: Uuid) -> Option<String> {
     sqlx::query_scalar(
         "SELECT agent_version FROM device_sync_state WHERE device_id = $1 \
          ORDER BY updated_at DESC LIMIT 1",
@@ -99,7 +103,7 @@ async fn agent_version(pool: &PgPool, device: Uuid) -> Option<String> {
 }
 
 /// (rows, distinct values) of the numbered readings.
-async fn stored(pool: &PgPool, device: Uuid) -> (i64, i64) {
+pub(crate) async fn stored(pool: &PgPool, device: Uuid) -> (i64, i64) {
     sqlx::query_as(
         "SELECT count(*), count(DISTINCT value) FROM sensor_data \
          WHERE device_id = $1 AND metric = 'seq' AND machine = 'press1'",
@@ -110,7 +114,14 @@ async fn stored(pool: &PgPool, device: Uuid) -> (i64, i64) {
     .unwrap()
 }
 
-fn agent_config(work: &Path, cp: &ControlPlane, broker: &Mosquitto, http_port: u16) -> PathBuf {
+/// The agent's config file in `work`: readings `plant/<machine>/seq` from `broker`, syncing to
+/// `endpoint` (the control plane, or a proxy in front of it) every 100 ms.
+pub(crate) fn agent_config(
+    work: &Path,
+    endpoint: &str,
+    broker: &Mosquitto,
+    http_port: u16,
+) -> PathBuf {
     let config = work.join("agent.toml");
     std::fs::write(
         &config,
@@ -125,7 +136,7 @@ fn agent_config(work: &Path, cp: &ControlPlane, broker: &Mosquitto, http_port: u
              [[mqtt.subscriptions]]\ntopic = \"plant/+/seq\"\nmachine_topic_level = 1\n\
              metric = \"seq\"\nvalue = {{ kind = \"number\" }}\n",
             work.join("state").display(),
-            cp.agent_url,
+            endpoint,
             broker.url(false),
         ),
     )
@@ -156,7 +167,7 @@ async fn an_agent_updates_itself_and_a_broken_release_is_rolled_back_without_los
     let launcher = install_root(&root, "7.0.0", &a);
 
     let http_port = free_port();
-    let config = agent_config(work.path(), &cp, &broker, http_port);
+    let config = agent_config(work.path(), &cp.agent_url, &broker, http_port);
     let log = work.path().join("agent.log");
     let supervisor = {
         let (launcher, config, log) = (launcher.clone(), config.clone(), log.clone());
