@@ -12,7 +12,9 @@
 #   FLEET_BENCH_DIR  CA, certificate cache and admin key, kept between runs so a fleet enrolls
 #                    once (default target/fleet-bench); remove it with the database to start over
 #   FLEET_BENCH_DB   database name (default kip_fleet_bench; kept between runs)
-#   FLEET_CP_CONFIG  extra TOML appended to the control plane's config (e.g. pool sizes)
+#   FLEET_CP_DATABASE extra lines for the config's [database] section (e.g. pool sizes:
+#                    "agent_max_connections = 16")
+#   FLEET_CP_CONFIG  extra TOML appended to the control plane's config (other sections)
 #   KIP_PG_URL       PostgreSQL server (default postgres://postgres@127.0.0.1:5432)
 # Prints the generator's report lines and its JSON summary; the control plane's log goes to
 # $FLEET_BENCH_DIR/cp.log.
@@ -44,7 +46,7 @@ trap cleanup EXIT
 trap "exit 130" INT TERM
 
 mkdir -p "$WORK"
-[[ -f $WORK/ca/bundle.crt ]] || "$KIPCTL" ca init --dir "$WORK/ca" > /dev/null
+[[ -f $WORK/ca/root.crt ]] || "$KIPCTL" ca init --dir "$WORK/ca" > /dev/null
 psql "$PG/postgres" -qtAc "SELECT 1 FROM pg_database WHERE datname = '$DB'" | grep -q 1 ||
     psql "$PG/postgres" -qc "CREATE DATABASE $DB"
 
@@ -53,6 +55,7 @@ cat > "$WORK/cp.toml" <<TOML
 listen_addr = "127.0.0.1:$ADMIN_PORT"
 [database]
 url = "$PG/$DB"
+${FLEET_CP_DATABASE:-}
 [auth]
 admin_key_file = "$WORK/admin.key"
 [log]

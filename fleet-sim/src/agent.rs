@@ -237,9 +237,14 @@ impl Agent {
         let body = gzip_json(batch).map_err(|_| Failure("encode"))?;
         let timeout = self.plan.request_timeout;
         match tokio::time::timeout(timeout, self.exchange(body)).await {
+            Ok(Err(f)) if f.0.starts_with("status_") || f.0 == "ack_undecodable" => {
+                // A complete HTTP answer leaves the connection usable, as for the agent's
+                // client (reqwest keeps it): a refusal must not turn into a handshake storm.
+                Err(f)
+            }
             Ok(r) => {
                 if r.is_err() {
-                    // After any failure the connection's state is unknown: start afresh.
+                    // After a transport failure the connection's state is unknown.
                     self.conn = None;
                 }
                 r

@@ -53,9 +53,9 @@ impl Admin {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("{path}"))?;
+        let resp = req.send().await.with_context(|| path.to_owned())?;
         let status = resp.status();
-        let text = resp.text().await.with_context(|| format!("{path}"))?;
+        let text = resp.text().await.with_context(|| path.to_owned())?;
         if !status.is_success() {
             bail!("{path}: {status} {text}");
         }
