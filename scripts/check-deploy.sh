@@ -5,7 +5,9 @@
 # --strict on every rendered manifest, policy checks on the rendered manifests (non-root,
 # read-only root, no capabilities, probes, TCP passthrough for agents), hadolint on every
 # Dockerfile, the control-plane config in the ConfigMap (--check-config, when the binary is
-# built) and the systemd unit (systemd-analyze). Called by scripts/test.sh.
+# built), the systemd unit (systemd-analyze) and the CloudNativePG database manifests
+# (deploy/k8s/database: native resources through kubernetes-validate, the operator's CRDs
+# through a vendored subset schema). Called by scripts/test.sh.
 # KIP_NO_KUBECTL=1 forces the fallback renderer (to test it where kubectl exists).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$KIP_ROOT"
@@ -146,6 +148,66 @@ if "log-shipping-egress" not in {d["metadata"]["name"] for d in docs if d["kind"
 sys.exit("\n".join(errors) if errors else 0)
 PY
 done
+# The database (issue #17): CloudNativePG Cluster + Pooler. kubernetes-validate has no schema
+# for the operator's CRDs: native resources go through it, the Cluster and Pooler through
+# the vendored subset schema (deploy/k8s/database/schema/, unknown fields refused) and kip's
+# rules for the database.
+DB=deploy/k8s/database
+if [ -z "${KIP_NO_KUBECTL:-}" ] && command -v kubectl >/dev/null; then
+    check "kubectl kustomize renders $DB" bash -c "kubectl kustomize '$DB' > '$OUT/database.yaml'"
+else
+    check "kustomize-lite renders $DB (no kubectl here)" \
+        bash -c "python3 scripts/kustomize-lite.py '$DB' > '$OUT/database.yaml'"
+fi
+check "kubernetes-validate --strict accepts the database's native resources" bash -c "
+    python3 -c 'import sys, yaml; docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and not d[\"apiVersion\"].startswith(\"postgresql.cnpg.io/\")]; yaml.safe_dump_all(docs, open(sys.argv[2], \"w\"))' \
+        '$OUT/database.yaml' '$OUT/database-native.yaml' &&
+    kubernetes-validate --strict --quiet '$OUT/database-native.yaml'"
+check "the CloudNativePG resources match the CRD subset schema and kip's database rules" \
+    python3 - "$OUT/database.yaml" "$DB/schema/cnpg-subset.schema.json" <<'PY'
+import json, sys, yaml
+import jsonschema
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+schema = json.load(open(sys.argv[2]))
+errors = []
+by = {}
+for d in docs:
+    by.setdefault(d["kind"], []).append(d)
+    if d["apiVersion"].startswith("postgresql.cnpg.io/"):
+        sub = dict(schema["$defs"].get(d["kind"], {"not": {}}), **{"$defs": schema["$defs"]})
+        for e in jsonschema.Draft202012Validator(sub).iter_errors(d):
+            errors.append(f'{d["kind"]}/{d["metadata"]["name"]}: {"/".join(map(str, e.path))}: {e.message}')
+clusters, poolers = by.get("Cluster", []), by.get("Pooler", [])
+if len(clusters) != 1:
+    errors.append("exactly one CloudNativePG Cluster expected")
+else:
+    c = clusters[0]; spec = c["spec"]
+    if spec.get("instances", 0) < 3:
+        errors.append("the Cluster needs 3 instances (primary + 2 standbys)")
+    if spec.get("minSyncReplicas", 0) < 1:
+        errors.append("minSyncReplicas >= 1: an acknowledged batch must be on two nodes")
+    if "timescaledb" not in spec.get("postgresql", {}).get("shared_preload_libraries", []):
+        errors.append("timescaledb must be in shared_preload_libraries")
+    img = spec.get("imageName", "")
+    if ":" not in img or img.endswith(":latest"):
+        errors.append("pin the PostgreSQL image tag")
+    if spec.get("inheritedMetadata", {}).get("labels", {}).get("app.kubernetes.io/name") != "postgresql":
+        errors.append("instance pods need app.kubernetes.io/name=postgresql (the control plane's egress policy)")
+    if spec.get("affinity", {}).get("podAntiAffinityType") != "required":
+        errors.append("instances must be on different nodes (podAntiAffinityType: required)")
+    ns = {n["metadata"]["name"]: n for n in by.get("Namespace", [])}.get(c["metadata"]["namespace"])
+    if not ns or ns["metadata"].get("labels", {}).get("kip.io/zone") != "data":
+        errors.append("the Cluster's namespace must exist here with label kip.io/zone=data")
+    for p in poolers:
+        if p["spec"]["cluster"]["name"] != c["metadata"]["name"]:
+            errors.append(f'Pooler/{p["metadata"]["name"]} points at another cluster')
+        if p["spec"].get("template", {}).get("metadata", {}).get("labels", {}).get("app.kubernetes.io/name") != "postgresql":
+            errors.append(f'Pooler/{p["metadata"]["name"]}: pods need app.kubernetes.io/name=postgresql')
+if not any(p["spec"].get("type") == "rw" for p in poolers):
+    errors.append("a Pooler of type rw (the control plane's endpoint) is required")
+sys.exit("\n".join(errors) if errors else 0)
+PY
+
 check "the Elasticsearch ILM policy and index template for kip logs agree" python3 - <<'PY'
 import json, sys
 ilm = json.load(open("deploy/logging/ilm-policy.json"))["policy"]["phases"]

@@ -115,6 +115,12 @@ pub fn agent_pool(cfg: &Config, main: &PgPool) -> Option<PgPool> {
         PgPoolOptions::new()
             .max_connections(n)
             .acquire_timeout(cfg.database_connect_timeout)
+            // sqlx pings (one round trip) every idle connection it hands out by default; a
+            // sync acquires the pool once per statement (about a dozen), so that doubled the
+            // round trips of the ingest path (docs/performance.md, "Fleet load"). A
+            // connection that died is found by the statement itself, which fails the sync
+            // (503): the agent retries the same batch, which is idempotent.
+            .test_before_acquire(false)
             .connect_lazy_with((*main.connect_options()).clone())
     })
 }

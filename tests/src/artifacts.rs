@@ -94,6 +94,7 @@ pub fn workspace_binary(name: &str) -> PathBuf {
         "kip-agent" => "agent",
         "kip-control-plane" => "control-plane",
         "kipctl" => "kipctl",
+        "kip-fleet-sim" => "fleet-sim",
         other => panic!("workspace_binary: unknown binary {other}"),
     };
     let build = format!("cargo build -p {} --bins", package_of(crate_dir));
@@ -117,6 +118,7 @@ fn package_of(crate_dir: &str) -> &'static str {
     match crate_dir {
         "agent" => "kip-agent",
         "kipctl" => "kipctl",
+        "fleet-sim" => "kip-fleet-sim",
         _ => "kip-control-plane",
     }
 }

@@ -7,6 +7,7 @@
 //! ([`kip_tests::workspace_binary`]): `cargo test --workspace` builds them in the same run; to
 //! run this binary alone, build them first:
 //! `cargo build -p kip-agent -p kip-control-plane --bins && cargo test -p kip-tests --test e2e`.
+//! `fleet_sim` runs the fleet load generator `kip-fleet-sim` (`cargo build -p kip-fleet-sim`).
 
 mod agent_identity;
 mod agent_runtime_identity;
@@ -16,6 +17,7 @@ mod clock;
 mod disk_full;
 mod failover;
 mod fleet_health;
+mod fleet_sim;
 mod health_alerts;
 mod logs;
 mod model_drift;
