@@ -1363,7 +1363,11 @@ async fn rollout_cmd(
             .await?
         }
         RolloutCmd::Promote { rollout_id } => {
-            post(format!("{base}/{rollout_id}/promote"), serde_json::json!({})).await?
+            post(
+                format!("{base}/{rollout_id}/promote"),
+                serde_json::json!({}),
+            )
+            .await?
         }
         RolloutCmd::Halt { rollout_id } => {
             post(format!("{base}/{rollout_id}/halt"), serde_json::json!({})).await?
@@ -1381,7 +1385,11 @@ async fn rollout_cmd(
     }
     emit_rows(out, false, std::slice::from_ref(&r))?;
     for d in &r.devices {
-        writeln!(out, "device {} {} (bucket {})", d.device_name, d.device_id, d.bucket)?;
+        writeln!(
+            out,
+            "device {} {} (bucket {})",
+            d.device_name, d.device_id, d.bucket
+        )?;
     }
     for e in &r.events {
         writeln!(
@@ -1389,7 +1397,10 @@ async fn rollout_cmd(
             "event {} {}{} {}",
             e.ts.to_rfc3339(),
             e.kind,
-            e.reason.as_deref().map(|r| format!(" [{r}]")).unwrap_or_default(),
+            e.reason
+                .as_deref()
+                .map(|r| format!(" [{r}]"))
+                .unwrap_or_default(),
             e.detail
         )?;
     }
@@ -1413,7 +1424,16 @@ fn write_report(out: &mut dyn Write, rep: &RolloutReport) -> Result<(), CliError
     writeln!(
         out,
         "{:<10} {:<28} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>10} {:>8} {:>7}",
-        "ROLE", "MODEL", "SERVED", "SHADOW", "TRUTH", "RMSE", "BIAS", "P50 US", "P99 US", "FAILED",
+        "ROLE",
+        "MODEL",
+        "SERVED",
+        "SHADOW",
+        "TRUTH",
+        "RMSE",
+        "BIAS",
+        "P50 US",
+        "P99 US",
+        "FAILED",
         "DRIFT"
     )?;
     for (role, v) in [("candidate", &rep.candidate), ("baseline", &rep.baseline)] {
@@ -1439,7 +1459,10 @@ fn write_report(out: &mut dyn Write, rep: &RolloutReport) -> Result<(), CliError
         "agreement: {} pairs, mean abs diff {} cycles, {} within {} cycles",
         a.pairs,
         f(a.mean_abs_diff_cycles, 2),
-        or_dash(a.within_tolerance_share.map(|s| format!("{:.1}%", s * 100.0))),
+        or_dash(
+            a.within_tolerance_share
+                .map(|s| format!("{:.1}%", s * 100.0))
+        ),
         a.tolerance_cycles
     )?;
     for c in &rep.crossed {
@@ -1453,7 +1476,14 @@ fn write_report(out: &mut dyn Write, rep: &RolloutReport) -> Result<(), CliError
 
 impl TableRow for ModelRollout {
     const HEADERS: &'static [&'static str] = &[
-        "ID", "MODEL", "BASELINE", "MODE", "PERCENT", "SELECTOR", "STATE", "HALT REASON",
+        "ID",
+        "MODEL",
+        "BASELINE",
+        "MODE",
+        "PERCENT",
+        "SELECTOR",
+        "STATE",
+        "HALT REASON",
     ];
     fn cells(&self) -> Vec<String> {
         vec![

@@ -18,6 +18,7 @@ mod failover;
 mod fleet_health;
 mod health_alerts;
 mod logs;
+mod model_compare;
 mod model_drift;
 mod model_signing;
 mod mqtt_soak;
