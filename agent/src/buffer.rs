@@ -205,6 +205,9 @@ pub struct KindCounts {
     /// Added with the `model_drift` record kind; absent in counts written before it.
     #[serde(default)]
     pub model_drift: u64,
+    /// Added with the `model_stats` record kind; absent in counts written before it.
+    #[serde(default)]
+    pub model_stats: u64,
 }
 
 impl KindCounts {
@@ -216,6 +219,7 @@ impl KindCounts {
             RecordKind::Loss => &mut self.loss,
             RecordKind::Prediction => &mut self.prediction,
             RecordKind::ModelDrift => &mut self.model_drift,
+            RecordKind::ModelStats => &mut self.model_stats,
         }
     }
 
@@ -227,7 +231,13 @@ impl KindCounts {
 
     /// Sum over all kinds.
     pub fn total(&self) -> u64 {
-        self.reading + self.gap + self.dead_letter + self.loss + self.prediction + self.model_drift
+        self.reading
+            + self.gap
+            + self.dead_letter
+            + self.loss
+            + self.prediction
+            + self.model_drift
+            + self.model_stats
     }
 }
 

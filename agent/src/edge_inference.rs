@@ -24,7 +24,9 @@ use std::{
     time::Instant,
 };
 
-use kip_shared::{ModelDrift, Prediction, Reading, Record, drift::FeatureDrift};
+use kip_shared::{
+    ModelDrift, ModelRole, ModelStats, Prediction, Reading, Record, drift::FeatureDrift,
+};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -34,7 +36,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     buffer::Buffer,
-    inference::{DRIFT_WINDOW, InferenceError, ModelSlot, OrtRuntime, Predictor},
+    inference::{DRIFT_WINDOW, InferenceError, ModelSlot, OrtRuntime, Predictor, RulModel},
 };
 
 pub use kip_agent_config::edge_inference::InferenceConfig;
@@ -149,11 +151,71 @@ impl InferenceMetrics {
     }
 }
 
+/// Inference attempts of one model (and role) between two [`Record::ModelStats`].
+pub const STATS_EVERY_ATTEMPTS: u64 = 50;
+
+/// Inference statistics of one model in one role since the last [`Record::ModelStats`].
+#[derive(Debug)]
+struct StatsWindow {
+    model: String,
+    version: String,
+    role: ModelRole,
+    predictions: u64,
+    failures: u64,
+    /// Microseconds of the successful runs (at most [`STATS_EVERY_ATTEMPTS`]).
+    latencies_us: Vec<f64>,
+}
+
+impl StatsWindow {
+    fn new(model: &str, version: &str, role: ModelRole) -> Self {
+        Self {
+            model: model.to_owned(),
+            version: version.to_owned(),
+            role,
+            predictions: 0,
+            failures: 0,
+            latencies_us: Vec::with_capacity(STATS_EVERY_ATTEMPTS as usize),
+        }
+    }
+
+    fn attempts(&self) -> u64 {
+        self.predictions + self.failures
+    }
+
+    fn record(&mut self, ts: chrono::DateTime<chrono::Utc>) -> Record {
+        self.latencies_us.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            let n = self.latencies_us.len();
+            (n > 0).then(|| {
+                let i = ((p * n as f64).ceil() as usize).clamp(1, n) - 1;
+                self.latencies_us[i]
+            })
+        };
+        let r = Record::ModelStats(ModelStats {
+            model: self.model.clone(),
+            model_version: self.version.clone(),
+            role: self.role,
+            ts,
+            predictions: self.predictions,
+            failures: self.failures,
+            latency_p50_us: q(0.5),
+            latency_p99_us: q(0.99),
+            latency_max_us: self.latencies_us.last().copied(),
+        });
+        self.predictions = 0;
+        self.failures = 0;
+        self.latencies_us.clear();
+        r
+    }
+}
+
 /// Inference state shared by the task, the HTTP surface and model installs.
 #[derive(Debug)]
 pub struct Inference {
     rt: OrtRuntime,
     slot: Mutex<ModelSlot>,
+    /// The model run beside the champion (a canary's baseline or a shadow candidate).
+    shadow: Mutex<Option<RulModel>>,
     latest: Mutex<BTreeMap<String, Prediction>>,
     pub metrics: InferenceMetrics,
 }
@@ -183,6 +245,7 @@ impl Inference {
         let me = Arc::new(Self {
             rt,
             slot: Mutex::new(ModelSlot::default()),
+            shadow: Mutex::new(None),
             latest: Mutex::new(BTreeMap::new()),
             metrics: InferenceMetrics::register(registry),
         });
@@ -229,6 +292,42 @@ impl Inference {
         self.metrics.model_info.get_or_create(&labels).set(1);
         tracing::info!(name = %labels.name, version = %labels.version, sha256 = %labels.sha256, "model serving");
         Ok(())
+    }
+
+    /// Verifies and loads a shadow model (same checks as [`Inference::install`]); it replaces
+    /// the previous shadow. On failure the previous shadow (if any) keeps running.
+    pub fn install_shadow(
+        &self,
+        bytes: &[u8],
+        expected_sha256: Option<&str>,
+    ) -> Result<(), InferenceError> {
+        let model = RulModel::load(&self.rt, bytes, expected_sha256).inspect_err(|e| {
+            self.metrics.swap_failures.inc();
+            tracing::warn!(error = %e, "shadow model refused");
+        })?;
+        tracing::info!(name = %model.name, version = %model.version, sha256 = %model.sha256, "shadow model running beside the champion");
+        *self.shadow.lock().unwrap_or_else(PoisonError::into_inner) = Some(model);
+        Ok(())
+    }
+
+    /// Stops running a shadow model.
+    pub fn remove_shadow(&self) {
+        if let Some(m) = self
+            .shadow
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            tracing::info!(name = %m.name, version = %m.version, "shadow model removed");
+        }
+    }
+
+    /// `name@version` and sha256 of the shadow model, if one runs.
+    pub fn shadow_model(&self) -> Option<(String, String)> {
+        let shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
+        shadow
+            .as_ref()
+            .map(|m| (format!("{}@{}", m.name, m.version), m.sha256.clone()))
     }
 
     /// `predictor`'s drift over its full windows, with the serving model's name and version.
@@ -339,6 +438,8 @@ impl Inference {
         };
         let mut saved_at = Instant::now();
         let mut dirty = false;
+        // Champion and shadow statistics windows.
+        let mut stats: [Option<StatsWindow>; 2] = [None, None];
         let save = |p: &Predictor| {
             if let Some(path) = &state_file
                 && let Err(e) = p.save(path)
@@ -355,16 +456,24 @@ impl Inference {
             let started = Instant::now();
             let result = {
                 let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
-                predictor.observe(&mut slot, &reading)
+                let mut shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
+                let champion = slot.current().map(|m| (m.name.clone(), m.version.clone()));
+                let r = predictor.observe_with_shadow(&mut slot, shadow.as_mut(), &reading);
+                (champion, r)
             };
-            let prediction = match result {
-                Ok(Some(p)) => {
+            let observation = match result {
+                (_, Ok(Some(o))) => {
                     dirty = true;
-                    p
+                    o
                 }
-                Ok(None) => continue,
-                Err(e) => {
+                (_, Ok(None)) => continue,
+                (champion, Err(e)) => {
                     self.metrics.errors.inc();
+                    if let Some((name, version)) = champion {
+                        let w = stats_window(&mut stats[0], &name, &version, ModelRole::Champion);
+                        w.failures += 1;
+                        self.flush_stats(&buffer, w, false);
+                    }
                     tracing::warn!(error = %e, machine = %reading.machine, "inference failed");
                     continue;
                 }
@@ -372,9 +481,42 @@ impl Inference {
             self.metrics
                 .latency
                 .observe(started.elapsed().as_secs_f64());
+            let prediction = observation.prediction;
             if let Err(e) = buffer.append(&Record::Prediction(prediction.clone())) {
                 self.metrics.errors.inc();
                 tracing::warn!(error = %e, "prediction could not be buffered");
+            }
+            let champion = self.running_model_parts();
+            if let Some((name, version)) = champion {
+                let w = stats_window(&mut stats[0], &name, &version, ModelRole::Champion);
+                w.predictions += 1;
+                w.latencies_us.push(observation.latency.as_secs_f64() * 1e6);
+                self.flush_stats(&buffer, w, false);
+            }
+            if let Some(shadow) = observation.shadow {
+                let sh = self.shadow_parts();
+                match shadow {
+                    Ok((p, latency)) => {
+                        if let Err(e) = buffer.append(&Record::Prediction(p)) {
+                            self.metrics.errors.inc();
+                            tracing::warn!(error = %e, "shadow prediction could not be buffered");
+                        }
+                        if let Some((name, version)) = sh {
+                            let w = stats_window(&mut stats[1], &name, &version, ModelRole::Shadow);
+                            w.predictions += 1;
+                            w.latencies_us.push(latency.as_secs_f64() * 1e6);
+                            self.flush_stats(&buffer, w, false);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, machine = %reading.machine, "shadow inference failed");
+                        if let Some((name, version)) = sh {
+                            let w = stats_window(&mut stats[1], &name, &version, ModelRole::Shadow);
+                            w.failures += 1;
+                            self.flush_stats(&buffer, w, false);
+                        }
+                    }
+                }
             }
             self.metrics.predictions.inc();
             if self
@@ -401,7 +543,52 @@ impl Inference {
         if dirty {
             save(&predictor);
         }
+        for w in stats.iter_mut().flatten() {
+            self.flush_stats(&buffer, w, true);
+        }
         tracing::info!("inference task stopped");
+    }
+}
+
+/// The window of `slot` for `model@version` in `role`; a window of another model is dropped
+/// (its partial interval is lost: at most [`STATS_EVERY_ATTEMPTS`] attempts of a model that
+/// was just replaced).
+fn stats_window<'a>(
+    slot: &'a mut Option<StatsWindow>,
+    model: &str,
+    version: &str,
+    role: ModelRole,
+) -> &'a mut StatsWindow {
+    if slot
+        .as_ref()
+        .is_none_or(|w| w.model != model || w.version != version || w.role != role)
+    {
+        *slot = Some(StatsWindow::new(model, version, role));
+    }
+    slot.get_or_insert_with(|| StatsWindow::new(model, version, role))
+}
+
+impl Inference {
+    fn running_model_parts(&self) -> Option<(String, String)> {
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.current().map(|m| (m.name.clone(), m.version.clone()))
+    }
+
+    fn shadow_parts(&self) -> Option<(String, String)> {
+        let shadow = self.shadow.lock().unwrap_or_else(PoisonError::into_inner);
+        shadow.as_ref().map(|m| (m.name.clone(), m.version.clone()))
+    }
+
+    /// Buffers the window's [`Record::ModelStats`] once it holds [`STATS_EVERY_ATTEMPTS`]
+    /// attempts (or any, with `force`: at shutdown).
+    fn flush_stats(&self, buffer: &Buffer, w: &mut StatsWindow, force: bool) {
+        if w.attempts() >= STATS_EVERY_ATTEMPTS || (force && w.attempts() > 0) {
+            let record = w.record(chrono::Utc::now());
+            if let Err(e) = buffer.append(&record) {
+                self.metrics.errors.inc();
+                tracing::warn!(error = %e, "model statistics could not be buffered");
+            }
+        }
     }
 }
 

@@ -367,6 +367,17 @@ pub enum StateError {
     },
 }
 
+/// What one completed cycle produced: the champion's prediction and, with a shadow model, the
+/// shadow's outcome on the same features.
+#[derive(Debug)]
+pub struct Observation {
+    pub prediction: Prediction,
+    /// Time of the champion's ONNX run alone (features excluded: computed once for both).
+    pub latency: std::time::Duration,
+    /// `None` without a shadow model.
+    pub shadow: Option<Result<(Prediction, std::time::Duration), InferenceError>>,
+}
+
 impl Predictor {
     /// Feeds one reading; returns a prediction when it completed a cycle and a model is loaded.
     pub fn observe(
@@ -374,6 +385,22 @@ impl Predictor {
         slot: &mut ModelSlot,
         reading: &Reading,
     ) -> Result<Option<Prediction>, InferenceError> {
+        Ok(self
+            .observe_with_shadow(slot, None, reading)?
+            .map(|o| o.prediction))
+    }
+
+    /// [`Predictor::observe`] with a shadow model: when the reading completes a cycle, the
+    /// features are computed once (with the champion's feature set) and both models run on
+    /// them. The shadow's prediction is tagged (`model`, `role = shadow`) and never replaces
+    /// the champion's; a shadow whose feature set differs from the champion's cannot read
+    /// these features and its outcome is an error (counted as its failure).
+    pub fn observe_with_shadow(
+        &mut self,
+        slot: &mut ModelSlot,
+        shadow: Option<&mut RulModel>,
+        reading: &Reading,
+    ) -> Result<Option<Observation>, InferenceError> {
         let Some(model) = slot.current_mut() else {
             return Ok(None);
         };
@@ -410,8 +437,42 @@ impl Predictor {
             .back()
             .map(|r| r.iter().map(|v| f64::from(*v)).collect())
             .unwrap_or_default();
+        let started = std::time::Instant::now();
         let out = model.predict_rows(&features, 1)?;
+        let latency = started.elapsed();
         let rul = out.first().copied().unwrap_or(f32::NAN);
+        let shadow = shadow.map(|sh| {
+            if sh.spec.id() != model.spec.id() {
+                return Err(InferenceError::Run(format!(
+                    "shadow {}@{} reads feature set {}, the champion {}",
+                    sh.name,
+                    sh.version,
+                    sh.spec.id(),
+                    model.spec.id()
+                )));
+            }
+            let started = std::time::Instant::now();
+            let out = sh.predict_rows(&features, 1)?;
+            let latency = started.elapsed();
+            let v = out.first().copied().unwrap_or(f32::NAN);
+            if !v.is_finite() {
+                return Err(InferenceError::Run(format!(
+                    "shadow output {v} is not finite"
+                )));
+            }
+            Ok((
+                Prediction {
+                    machine: reading.machine.clone(),
+                    model_version: sh.version.clone(),
+                    ts: reading.ts,
+                    rul_cycles: f64::from(v),
+                    anomaly_score: anomaly,
+                    model: Some(sh.name.clone()),
+                    role: Some(kip_shared::ModelRole::Shadow),
+                },
+                latency,
+            ))
+        });
         if !model.drift_reference.is_empty() {
             if self
                 .drift
@@ -433,12 +494,18 @@ impl Predictor {
         } else {
             self.drift = None;
         }
-        Ok(Some(Prediction {
-            machine: reading.machine.clone(),
-            model_version: model.version.clone(),
-            ts: reading.ts,
-            rul_cycles: f64::from(rul),
-            anomaly_score: anomaly,
+        Ok(Some(Observation {
+            prediction: Prediction {
+                machine: reading.machine.clone(),
+                model_version: model.version.clone(),
+                ts: reading.ts,
+                rul_cycles: f64::from(rul),
+                anomaly_score: anomaly,
+                model: None,
+                role: None,
+            },
+            latency,
+            shadow,
         }))
     }
 

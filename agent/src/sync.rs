@@ -319,6 +319,8 @@ pub struct Syncer {
     model_refused: Option<String>,
     /// Why the last desired model was refused; reported in the `kip-model-error` header.
     model_error: Option<String>,
+    /// Like `model_refused`, for the desired shadow model.
+    shadow_refused: Option<String>,
     /// Remote configuration: offers from the desired state, reports in the request headers.
     remote: Option<crate::remote_config::Link>,
     /// Self-update (only under the launcher): desired releases, trial confirmation, reports.
@@ -384,6 +386,7 @@ impl Syncer {
             inference: None,
             model_refused: None,
             model_error: None,
+            shadow_refused: None,
             remote: None,
             update: crate::self_update::handle(),
             model_trust: crate::model_trust::ModelTrust::new(registry),
@@ -451,6 +454,14 @@ impl Syncer {
             .update_keys(ack.desired.model_signing_keys_pem.as_deref());
         if let Some(m) = ack.desired.model.clone() {
             self.apply_desired_model(m).await;
+        }
+        match ack.desired.shadow_model.clone() {
+            Some(m) => self.apply_desired_shadow(m).await,
+            None => {
+                if let Some(inf) = &self.inference {
+                    inf.remove_shadow();
+                }
+            }
         }
         if let (Some(link), Some(v)) = (&self.remote, &ack.desired.config_version) {
             link.offer(v, ack.desired.config_toml.as_deref());
@@ -655,6 +666,53 @@ impl Syncer {
                 tracing::error!(model = %want, error = %e, "desired model refused; the previous model keeps serving");
                 self.model_error = Some(crate::model_trust::header_value(&format!("{want}: {e}")));
                 self.model_refused = Some(attempt);
+            }
+        }
+    }
+
+    /// Downloads, verifies and loads the shadow model named by the desired state (a canary or
+    /// shadow rollout) when it is not the one running beside the champion. Like
+    /// [`Self::apply_desired_model`], a refusal is logged and not retried for the same
+    /// artifact; the champion is never affected.
+    async fn apply_desired_shadow(&mut self, m: kip_shared::sync::DesiredModel) {
+        let Some(inf) = self.inference.clone() else {
+            return;
+        };
+        let want = format!("{}@{}", m.name, m.version);
+        let attempt = format!("{}:{}", m.sha256, m.signature.as_deref().unwrap_or("-"));
+        if inf
+            .shadow_model()
+            .is_some_and(|(running, sha)| running == want && sha.eq_ignore_ascii_case(&m.sha256))
+            || self.shadow_refused.as_deref() == Some(attempt.as_str())
+        {
+            return;
+        }
+        let Some(base) = self.cfg.endpoints.get(self.endpoint).cloned() else {
+            return;
+        };
+        let url = format!("{base}{}", m.download_path);
+        let result: Result<(), String> = match self
+            .model_trust
+            .fetch_verified(&self.client, &url, &m)
+            .await
+        {
+            Err(refused) => Err(refused.to_string()),
+            Ok((bytes, sha)) => tokio::task::spawn_blocking(move || {
+                inf.install_shadow(&bytes, Some(&sha))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r),
+        };
+        match result {
+            Ok(()) => {
+                self.shadow_refused = None;
+                tracing::info!(model = %want, "desired shadow model installed");
+            }
+            Err(e) => {
+                tracing::error!(model = %want, error = %e, "desired shadow model refused");
+                self.shadow_refused = Some(attempt);
             }
         }
     }

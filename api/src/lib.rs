@@ -31,8 +31,10 @@ pub use ml::{
     RecordMaintenanceEvent, RecordPerformance, RecordTrainingData, TrainingData,
 };
 pub use models::{
-    AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,
-    RegisterModel, SetDesiredModel, SetStage,
+    Agreement, AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelRollout,
+    ModelRolloutEvent, ModelSigningStatus, ModelStage, RegisterModel, RolloutDevice, RolloutReport,
+    RolloutThresholds, SetDesiredModel, SetRolloutPercent, SetStage, StartModelRollout,
+    VersionReport,
 };
 pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,

@@ -156,6 +156,16 @@ pub struct PredictionRecord {
     pub ts: DateTime<Utc>,
     pub rul_cycles: f64,
     pub anomaly_score: Option<f64>,
+    /// `champion` ("the" prediction) or `shadow` (a model run beside it, for comparison).
+    #[serde(default = "champion")]
+    pub role: String,
+    /// Registry name of the model, when the agent sent it (shadow predictions).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn champion() -> String {
+    "champion".to_owned()
 }
 
 /// A page of predictions, oldest first.

@@ -143,3 +143,181 @@ pub struct DeviceModelStatus {
     /// The device reports running exactly the desired model.
     pub in_sync: bool,
 }
+
+/// Limits a model rollout must stay within; crossing one halts the rollout and rolls its
+/// devices back to the baseline (`docs/ml.md`, "Canary, shadow and automatic rollback").
+/// Every limit is optional; an absent limit is not checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutThresholds {
+    /// Largest RMSE (cycles) of the candidate against ground truth (RUL = cycles to the
+    /// machine's next failure event, capped at `rul_cap_cycles`).
+    #[serde(default)]
+    pub max_rmse_cycles: Option<f64>,
+    /// Fewest (prediction, truth) pairs before `max_rmse_cycles` is judged.
+    #[serde(default = "default_min_truth_samples")]
+    pub min_truth_samples: u32,
+    /// Most (device, feature) drift windows of the candidate above their threshold (latest
+    /// window per device and feature).
+    #[serde(default)]
+    pub max_drift_alarms: Option<u32>,
+    /// Most failed inferences of the candidate over the rollout.
+    #[serde(default)]
+    pub max_inference_failures: Option<u64>,
+    /// Largest p99 inference latency (milliseconds) an agent reported for the candidate.
+    #[serde(default)]
+    pub max_latency_p99_ms: Option<f64>,
+    /// Two predictions of the same cycle agree when they differ by at most this (cycles).
+    #[serde(default = "default_agreement_tolerance_cycles")]
+    pub agreement_tolerance_cycles: f64,
+    /// Ground-truth RUL cap (the models' label cap), cycles.
+    #[serde(default = "default_rul_cap_cycles")]
+    pub rul_cap_cycles: f64,
+}
+
+fn default_min_truth_samples() -> u32 {
+    10
+}
+fn default_agreement_tolerance_cycles() -> f64 {
+    10.0
+}
+fn default_rul_cap_cycles() -> f64 {
+    125.0
+}
+
+impl Default for RolloutThresholds {
+    fn default() -> Self {
+        Self {
+            max_rmse_cycles: None,
+            min_truth_samples: default_min_truth_samples(),
+            max_drift_alarms: None,
+            max_inference_failures: None,
+            max_latency_p99_ms: None,
+            agreement_tolerance_cycles: default_agreement_tolerance_cycles(),
+            rul_cap_cycles: default_rul_cap_cycles(),
+        }
+    }
+}
+
+/// Body of `POST .../model-rollouts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartModelRollout {
+    /// The candidate version (with an uploaded artifact).
+    pub model_id: Uuid,
+    /// The device group: every device whose labels contain this (non-empty).
+    pub selector: serde_json::Map<String, serde_json::Value>,
+    /// Share of the group (1..=100) selected by the deterministic bucket of (model, device).
+    pub percent: u8,
+    /// `canary` (selected devices serve the candidate, the baseline runs as their shadow) or
+    /// `shadow` (selected devices keep serving the baseline and run the candidate as shadow).
+    pub mode: String,
+    /// The version to compare with and to roll back to; default: the version the group's
+    /// rollout names, else the newest earlier version of the same name with an artifact.
+    #[serde(default)]
+    pub baseline_model_id: Option<Uuid>,
+    #[serde(default)]
+    pub thresholds: RolloutThresholds,
+}
+
+/// Body of `POST .../model-rollouts/{id}/percent`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetRolloutPercent {
+    pub percent: u8,
+}
+
+/// A canary or shadow rollout of a model version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRollout {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub model_id: Uuid,
+    /// `name@version` of the candidate.
+    pub model: String,
+    pub baseline_model_id: Uuid,
+    /// `name@version` of the baseline.
+    pub baseline_model: String,
+    pub selector: serde_json::Map<String, serde_json::Value>,
+    pub percent: u8,
+    pub mode: String,
+    /// `active`, `promoted`, `halted` (by a person) or `rolled_back` (a threshold crossed).
+    pub state: String,
+    pub thresholds: RolloutThresholds,
+    pub halt_reason: Option<String>,
+    pub last_evaluated_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Devices the rollout selects (at its percentage), by name.
+    #[serde(default)]
+    pub devices: Vec<RolloutDevice>,
+    /// Oldest first.
+    #[serde(default)]
+    pub events: Vec<ModelRolloutEvent>,
+}
+
+/// A device a rollout selects.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutDevice {
+    pub device_id: Uuid,
+    pub device_name: String,
+    /// The deterministic bucket (0..=99); selected while below the percentage.
+    pub bucket: i32,
+}
+
+/// Something that happened to a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRolloutEvent {
+    pub ts: DateTime<Utc>,
+    /// `started`, `percent`, `promoted`, `halted` or `auto_halted`.
+    pub kind: String,
+    /// For `auto_halted`: `error`, `drift`, `inference_failures` or `latency`.
+    pub reason: Option<String>,
+    pub detail: String,
+    pub observed: Option<f64>,
+    pub threshold: Option<f64>,
+    pub devices: Option<i32>,
+}
+
+/// How one version did during a rollout (on the devices the rollout selects, since it
+/// started).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionReport {
+    /// `name@version`.
+    pub model: String,
+    pub predictions_champion: i64,
+    pub predictions_shadow: i64,
+    /// Predictions with ground truth (a failure event of the machine after them).
+    pub truth_samples: i64,
+    pub rmse_cycles: Option<f64>,
+    /// Mean of prediction minus truth (positive: late, the costly side).
+    pub mean_error_cycles: Option<f64>,
+    pub inference_failures: i64,
+    pub latency_p50_us: Option<f64>,
+    /// Largest p99 any device reported.
+    pub latency_p99_us: Option<f64>,
+    /// (device, feature) latest drift windows above threshold.
+    pub drift_alarms: i64,
+    pub drift_max_psi: Option<f64>,
+}
+
+/// Agreement of candidate and baseline on the same cycles (one champion and one shadow
+/// prediction of the same device, machine and timestamp).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agreement {
+    pub pairs: i64,
+    pub mean_abs_diff_cycles: Option<f64>,
+    pub within_tolerance_share: Option<f64>,
+    pub tolerance_cycles: f64,
+}
+
+/// `GET .../model-rollouts/{id}/report`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutReport {
+    pub rollout: ModelRollout,
+    pub candidate: VersionReport,
+    pub baseline: VersionReport,
+    pub agreement: Agreement,
+    /// Thresholds the candidate crosses now (`reason: detail`).
+    pub crossed: Vec<String>,
+}

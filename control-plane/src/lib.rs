@@ -267,6 +267,15 @@ impl ControlPlaneBuilder {
             token.clone(),
             &tracker,
         );
+        // The same period again: the rollout evaluator reads the synced predictions, stats
+        // and drift, and halts a rollout whose candidate crosses a threshold.
+        ml::compare::spawn_evaluator(
+            pool.clone(),
+            cfg.health.metrics_refresh,
+            state.metrics.model_rollouts.clone(),
+            token.clone(),
+            &tracker,
+        );
         let mut agent_addr = None;
         match &pki {
             Some(p) => {

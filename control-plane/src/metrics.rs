@@ -33,6 +33,8 @@ pub struct Metrics {
     pub fleet: FleetMetrics,
     /// Drift of deployed models over the fleet (`kip_model_drift*`).
     pub model_drift: crate::ml::monitoring::DriftMetrics,
+    /// Model rollouts (`kip_model_rollout_auto_halts_total{reason}`).
+    pub model_rollouts: crate::ml::compare::RolloutMetrics,
 }
 
 impl Metrics {
@@ -51,7 +53,9 @@ impl Metrics {
         let pki = PkiMetrics::register(&mut registry);
         let fleet = FleetMetrics::register(&mut registry);
         let model_drift = crate::ml::monitoring::DriftMetrics::register(&mut registry);
+        let model_rollouts = crate::ml::compare::RolloutMetrics::register(&mut registry);
         Self {
+            model_rollouts,
             model_drift,
             fleet,
             registry,

@@ -337,6 +337,8 @@ async fn store_predictions(app: &common::App, org: &str, dev: &str, n: u64, anom
                 ts: t0() + chrono::Duration::seconds(seq as i64),
                 rul_cycles: 200.0 - seq as f64,
                 anomaly_score: anomaly.then_some(seq as f64 / 100.0),
+                model: None,
+                role: None,
             }),
         })
         .collect();

@@ -20,8 +20,9 @@ use uuid::Uuid;
 use kip_api::{
     AiModel, ApiKeyInfo, ArtifactInfo, AuditPage, CaStatus, ConfigVersion, CreatedApiKey, Device,
     DeviceConfigStatus, DeviceModelStatus, EnrollToken, MaintenanceEvent, MaintenanceEventPage, Me,
-    ModelMonitoringPage, ModelMonitoringRecord, ModelSigningStatus, Organisation, PredictionPage,
-    PredictionRecord, Revocation,
+    ModelMonitoringPage, ModelMonitoringRecord, ModelRollout, ModelSigningStatus, Organisation,
+    PredictionPage, PredictionRecord, Revocation, RolloutReport, RolloutThresholds,
+    StartModelRollout,
 };
 
 #[derive(Parser, Debug)]
@@ -629,6 +630,9 @@ pub enum ModelCmd {
     },
     /// Desired and running model of every device.
     Status,
+    /// Canary and shadow rollouts to a share of a device group, with automatic halt.
+    #[command(subcommand)]
+    Rollouts(RolloutCmd),
     /// Drift records the agents synced (PSI, KS, thresholds, alarm per feature and window),
     /// oldest first.
     Drift {
@@ -647,6 +651,54 @@ pub enum ModelCmd {
         #[arg(long)]
         cursor: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCmd {
+    /// Start a rollout: `--selector line=a --percent 20 --mode canary MODEL_ID`.
+    Start {
+        model_id: Uuid,
+        /// Device group label `key=value` (repeatable; every one must match).
+        #[arg(long = "selector", value_parser = parse_label, required = true)]
+        selector: Vec<(String, String)>,
+        #[arg(long)]
+        percent: u8,
+        /// canary (selected devices serve the candidate) or shadow (they only run it beside
+        /// the baseline).
+        #[arg(long, default_value = "canary")]
+        mode: String,
+        /// Version to compare with and roll back to (default: the group's current one, else
+        /// the previous version).
+        #[arg(long)]
+        baseline: Option<Uuid>,
+        /// Halt when the candidate's RMSE against ground truth exceeds this (cycles).
+        #[arg(long)]
+        max_rmse_cycles: Option<f64>,
+        /// Fewest predictions with ground truth before the RMSE is judged.
+        #[arg(long)]
+        min_truth_samples: Option<u32>,
+        /// Halt when more drift windows than this alarm.
+        #[arg(long)]
+        max_drift_alarms: Option<u32>,
+        /// Halt when more inferences than this fail.
+        #[arg(long)]
+        max_inference_failures: Option<u64>,
+        /// Halt when an agent reports a p99 latency above this (milliseconds).
+        #[arg(long)]
+        max_latency_p99_ms: Option<f64>,
+    },
+    /// Every rollout, newest first.
+    List,
+    /// One rollout with its selected devices and events.
+    Show { rollout_id: Uuid },
+    /// Change the selected share (devices selected at a smaller share stay selected).
+    Percent { rollout_id: Uuid, percent: u8 },
+    /// Make the candidate the group's model and end the rollout.
+    Promote { rollout_id: Uuid },
+    /// Stop the rollout; its devices go back to the baseline.
+    Halt { rollout_id: Uuid },
+    /// Comparison report: agreement, error against ground truth, latency, drift, failures.
+    Report { rollout_id: Uuid },
 }
 
 #[derive(Args, Debug)]
@@ -1204,6 +1256,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                         .await?;
                     return status_table(out, json, &[s]);
                 }
+                ModelCmd::Rollouts(cmd) => {
+                    return rollout_cmd(&client, out, json, org, cmd).await;
+                }
                 ModelCmd::Drift {
                     device,
                     model,
@@ -1239,6 +1294,208 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             };
             emit_rows(out, json, &models)
         }
+    }
+}
+
+async fn rollout_cmd(
+    client: &Client,
+    out: &mut dyn Write,
+    json: bool,
+    org: Uuid,
+    cmd: &RolloutCmd,
+) -> Result<(), CliError> {
+    let base = format!("/v1/organisations/{org}/model-rollouts");
+    let post = |path: String, body: serde_json::Value| async move {
+        client
+            .request::<ModelRollout>(reqwest::Method::POST, &path, Some(body))
+            .await
+    };
+    let r: ModelRollout = match cmd {
+        RolloutCmd::Start {
+            model_id,
+            selector,
+            percent,
+            mode,
+            baseline,
+            max_rmse_cycles,
+            min_truth_samples,
+            max_drift_alarms,
+            max_inference_failures,
+            max_latency_p99_ms,
+        } => {
+            let mut thresholds = RolloutThresholds {
+                max_rmse_cycles: *max_rmse_cycles,
+                max_drift_alarms: *max_drift_alarms,
+                max_inference_failures: *max_inference_failures,
+                max_latency_p99_ms: *max_latency_p99_ms,
+                ..RolloutThresholds::default()
+            };
+            if let Some(n) = min_truth_samples {
+                thresholds.min_truth_samples = *n;
+            }
+            let body = StartModelRollout {
+                model_id: *model_id,
+                selector: selector
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+                percent: *percent,
+                mode: mode.clone(),
+                baseline_model_id: *baseline,
+                thresholds,
+            };
+            let body = serde_json::to_value(&body).map_err(|e| CliError::Decode(e.to_string()))?;
+            post(base, body).await?
+        }
+        RolloutCmd::List => {
+            let rows: Vec<ModelRollout> = client.get(&base).await?;
+            return emit_rows(out, json, &rows);
+        }
+        RolloutCmd::Show { rollout_id } => client.get(&format!("{base}/{rollout_id}")).await?,
+        RolloutCmd::Percent {
+            rollout_id,
+            percent,
+        } => {
+            post(
+                format!("{base}/{rollout_id}/percent"),
+                serde_json::json!({ "percent": percent }),
+            )
+            .await?
+        }
+        RolloutCmd::Promote { rollout_id } => {
+            post(
+                format!("{base}/{rollout_id}/promote"),
+                serde_json::json!({}),
+            )
+            .await?
+        }
+        RolloutCmd::Halt { rollout_id } => {
+            post(format!("{base}/{rollout_id}/halt"), serde_json::json!({})).await?
+        }
+        RolloutCmd::Report { rollout_id } => {
+            let rep: RolloutReport = client.get(&format!("{base}/{rollout_id}/report")).await?;
+            if json {
+                return write_json(out, &rep);
+            }
+            return write_report(out, &rep);
+        }
+    };
+    if json {
+        return write_json(out, &r);
+    }
+    emit_rows(out, false, std::slice::from_ref(&r))?;
+    for d in &r.devices {
+        writeln!(
+            out,
+            "device {} {} (bucket {})",
+            d.device_name, d.device_id, d.bucket
+        )?;
+    }
+    for e in &r.events {
+        writeln!(
+            out,
+            "event {} {}{} {}",
+            e.ts.to_rfc3339(),
+            e.kind,
+            e.reason
+                .as_deref()
+                .map(|r| format!(" [{r}]"))
+                .unwrap_or_default(),
+            e.detail
+        )?;
+    }
+    Ok(())
+}
+
+fn write_report(out: &mut dyn Write, rep: &RolloutReport) -> Result<(), CliError> {
+    let r = &rep.rollout;
+    writeln!(
+        out,
+        "rollout {} {} {}% of {}: {} (baseline {}) {}",
+        r.id,
+        r.mode,
+        r.percent,
+        serde_json::Value::Object(r.selector.clone()),
+        r.model,
+        r.baseline_model,
+        r.state
+    )?;
+    let f = |v: Option<f64>, d: usize| or_dash(v.map(|x| format!("{x:.d$}")));
+    writeln!(
+        out,
+        "{:<10} {:<28} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>10} {:>8} {:>7}",
+        "ROLE",
+        "MODEL",
+        "SERVED",
+        "SHADOW",
+        "TRUTH",
+        "RMSE",
+        "BIAS",
+        "P50 US",
+        "P99 US",
+        "FAILED",
+        "DRIFT"
+    )?;
+    for (role, v) in [("candidate", &rep.candidate), ("baseline", &rep.baseline)] {
+        writeln!(
+            out,
+            "{:<10} {:<28} {:>9} {:>9} {:>7} {:>9} {:>9} {:>10} {:>10} {:>8} {:>7}",
+            role,
+            v.model,
+            v.predictions_champion,
+            v.predictions_shadow,
+            v.truth_samples,
+            f(v.rmse_cycles, 2),
+            f(v.mean_error_cycles, 2),
+            f(v.latency_p50_us, 1),
+            f(v.latency_p99_us, 1),
+            v.inference_failures,
+            v.drift_alarms
+        )?;
+    }
+    let a = &rep.agreement;
+    writeln!(
+        out,
+        "agreement: {} pairs, mean abs diff {} cycles, {} within {} cycles",
+        a.pairs,
+        f(a.mean_abs_diff_cycles, 2),
+        or_dash(
+            a.within_tolerance_share
+                .map(|s| format!("{:.1}%", s * 100.0))
+        ),
+        a.tolerance_cycles
+    )?;
+    for c in &rep.crossed {
+        writeln!(out, "CROSSED {c}")?;
+    }
+    if let Some(h) = &r.halt_reason {
+        writeln!(out, "halted: {h}")?;
+    }
+    Ok(())
+}
+
+impl TableRow for ModelRollout {
+    const HEADERS: &'static [&'static str] = &[
+        "ID",
+        "MODEL",
+        "BASELINE",
+        "MODE",
+        "PERCENT",
+        "SELECTOR",
+        "STATE",
+        "HALT REASON",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.model.clone(),
+            self.baseline_model.clone(),
+            self.mode.clone(),
+            format!("{}%", self.percent),
+            serde_json::Value::Object(self.selector.clone()).to_string(),
+            self.state.clone(),
+            or_dash(self.halt_reason.clone()),
+        ]
     }
 }
 

@@ -203,7 +203,30 @@ pub fn check_record(r: &Sequenced) -> Result<(), RecordError> {
             if let Some(a) = p.anomaly_score {
                 finite("anomaly_score", a)?;
             }
+            if let Some(m) = &p.model {
+                pg_text("model", m, MAX_NAME_BYTES)?;
+            }
             in_years("ts", &p.ts)?;
+        }
+        Record::ModelStats(s) => {
+            pg_text("model", &s.model, MAX_NAME_BYTES)?;
+            if s.model.is_empty() {
+                return Err(RecordError::Empty("model"));
+            }
+            pg_text("model_version", &s.model_version, MAX_NAME_BYTES)?;
+            for (field, v) in [
+                ("latency_p50_us", s.latency_p50_us),
+                ("latency_p99_us", s.latency_p99_us),
+                ("latency_max_us", s.latency_max_us),
+            ] {
+                if let Some(v) = v {
+                    finite(field, v)?;
+                }
+            }
+            if i64::try_from(s.predictions).is_err() || i64::try_from(s.failures).is_err() {
+                return Err(RecordError::NotFinite("predictions"));
+            }
+            in_years("ts", &s.ts)?;
         }
         Record::ModelDrift(d) => {
             pg_text("model", &d.model, MAX_NAME_BYTES)?;
@@ -360,6 +383,8 @@ mod tests {
                     ts: ts(),
                     rul_cycles: 3.0,
                     anomaly_score: None,
+                    model: None,
+                    role: None,
                 }),
                 "model_version",
             ),
@@ -527,6 +552,8 @@ mod tests {
                         ts,
                         rul_cycles,
                         anomaly_score,
+                        model: None,
+                        role: None,
                     })
                 }),
             (

@@ -17,7 +17,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub mod record;
 
 pub use record::{
-    DeadLetter, Gap, Loss, ModelDrift, Prediction, Quality, Reading, Record, RecordKind, Sequenced,
+    DeadLetter, Gap, Loss, ModelDrift, ModelRole, ModelStats, Prediction, Quality, Reading, Record,
+    RecordKind, Sequenced,
 };
 pub mod batch;
 pub mod drift;

@@ -96,6 +96,56 @@ pub struct Prediction {
     pub rul_cycles: f64,
     #[serde(default)]
     pub anomaly_score: Option<f64>,
+    /// Registry name of the model; sent with shadow predictions only (a champion prediction
+    /// keeps the shape control planes before shadows accept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `shadow` for the prediction of a model run beside the champion on the same features
+    /// (never "the" prediction); absent for the champion's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<ModelRole>,
+}
+
+/// The part a model plays on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelRole {
+    /// Serves "the" prediction.
+    Champion,
+    /// Runs beside the champion on the same features; its predictions are only compared.
+    Shadow,
+}
+
+impl ModelRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Champion => "champion",
+            Self::Shadow => "shadow",
+        }
+    }
+}
+
+/// Inference statistics of one model on one agent over an interval (since the previous record
+/// of the same model and role): how many inferences ran, how many failed, and their latency
+/// (feature building excluded: the features are computed once for every model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelStats {
+    pub model: String,
+    pub model_version: String,
+    pub role: ModelRole,
+    /// End of the interval.
+    pub ts: DateTime<Utc>,
+    pub predictions: u64,
+    pub failures: u64,
+    /// Latency quantiles of the interval's successful inferences, microseconds; absent when
+    /// none succeeded.
+    #[serde(default)]
+    pub latency_p50_us: Option<f64>,
+    #[serde(default)]
+    pub latency_p99_us: Option<f64>,
+    #[serde(default)]
+    pub latency_max_us: Option<f64>,
 }
 
 /// Drift of one input (or the output, feature `output`) of a serving model over one full
@@ -137,6 +187,8 @@ pub enum Record {
     /// Added after protocol 1 went out; a control plane that predates it refuses the record
     /// as undecodable, and the agent dead-letters it alone (the rest of the batch syncs).
     ModelDrift(ModelDrift),
+    /// Added with shadow models; older control planes refuse it like `model_drift` (above).
+    ModelStats(ModelStats),
 }
 
 impl Record {
@@ -154,6 +206,7 @@ impl Record {
             Self::Loss(_) => RecordKind::Loss,
             Self::Prediction(_) => RecordKind::Prediction,
             Self::ModelDrift(_) => RecordKind::ModelDrift,
+            Self::ModelStats(_) => RecordKind::ModelStats,
         }
     }
 
@@ -166,6 +219,7 @@ impl Record {
             Self::Loss(l) => l.ts,
             Self::Prediction(p) => p.ts,
             Self::ModelDrift(d) => d.ts,
+            Self::ModelStats(s) => s.ts,
         }
     }
 }
@@ -180,17 +234,19 @@ pub enum RecordKind {
     Loss,
     Prediction,
     ModelDrift,
+    ModelStats,
 }
 
 impl RecordKind {
     /// Every kind, in [`RecordKind::code`] order.
-    pub const ALL: [RecordKind; 6] = [
+    pub const ALL: [RecordKind; 7] = [
         Self::Reading,
         Self::Gap,
         Self::DeadLetter,
         Self::Loss,
         Self::Prediction,
         Self::ModelDrift,
+        Self::ModelStats,
     ];
 
     /// The `kind` tag used in the JSON encoding of [`Record`].
@@ -202,6 +258,7 @@ impl RecordKind {
             Self::Loss => "loss",
             Self::Prediction => "prediction",
             Self::ModelDrift => "model_drift",
+            Self::ModelStats => "model_stats",
         }
     }
 
@@ -214,6 +271,7 @@ impl RecordKind {
             Self::Loss => 3,
             Self::Prediction => 4,
             Self::ModelDrift => 5,
+            Self::ModelStats => 6,
         }
     }
 
@@ -274,6 +332,8 @@ mod tests {
             ts: Utc::now(),
             rul_cycles: 10.0,
             anomaly_score: None,
+            model: None,
+            role: None,
         });
         assert!(!p.is_evictable());
     }

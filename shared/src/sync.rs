@@ -87,6 +87,11 @@ pub struct DesiredState {
     /// Model the agent should run.
     #[serde(default)]
     pub model: Option<DesiredModel>,
+    /// A model to run beside `model` on the same features (a shadow or canary rollout,
+    /// `docs/ml.md`): its predictions sync tagged `role = shadow` and never replace the
+    /// champion's. Absent: the agent drops any shadow it runs. Older agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_model: Option<DesiredModel>,
     /// The agent should renew its certificate now (e.g. CA rollover or revocation of a sibling).
     /// Set while the agent's certificate comes from an intermediate that no longer signs;
     /// agents renew after a random delay so a fleet does not renew at once.

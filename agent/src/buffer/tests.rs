@@ -31,6 +31,8 @@ fn prediction(i: u64) -> Record {
         ts: ts(i as i64),
         rul_cycles: i as f64,
         anomaly_score: Some(0.5),
+        model: None,
+        role: None,
     })
 }
 

@@ -243,6 +243,10 @@ async fn sync(
         Ok(model) => ack.desired.model = model,
         Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
     }
+    match models::desired_shadow_for(&pool, id.org_id, id.device_id).await {
+        Ok(model) => ack.desired.shadow_model = model,
+        Err(e) => tracing::warn!(error = %e, "cannot read the desired shadow model"),
+    }
     let reported = headers
         .get(kip_shared::sync::TRUST_BUNDLE_HEADER)
         .and_then(|v| v.to_str().ok())

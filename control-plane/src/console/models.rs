@@ -52,6 +52,7 @@ pub(super) async fn page(
     let devices = crate::models::rollout_status(&pool, org).await?;
     let versions = crate::models::model_versions(&pool, org, 500).await?;
     let groups = crate::models::group_rollouts(&pool, org).await?;
+    let canaries = crate::models::model_rollouts(&pool, org).await?;
     let csrf = signed.csrf_field();
     let mut body = String::from("<h1>Models and rollouts</h1>");
     body.push_str(&org_picker(&orgs, org, "/console/models"));
@@ -165,6 +166,29 @@ pub(super) async fn page(
             model_select("model")
         ));
     }
+
+    body.push_str(
+        "<h2>Canary and shadow rollouts</h2><p>Started with <code>kipctl model rollouts start</code>; \
+         halted automatically when the candidate crosses a threshold (the reason is shown).</p>\
+         <table><thead><tr><th>Candidate</th><th>Baseline</th><th>Mode</th><th>Share</th>\
+         <th>Selector</th><th>State</th><th>Halt reason</th></tr></thead><tbody>",
+    );
+    for r in &canaries {
+        body.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}%</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&r.model),
+            esc(&r.baseline_model),
+            esc(&r.mode),
+            r.percent,
+            esc(&selector_text(&r.selector)),
+            esc(&r.state),
+            esc(r.halt_reason.as_deref().unwrap_or("")),
+        ));
+    }
+    if canaries.is_empty() {
+        body.push_str("<tr><td colspan=\"7\">No canary or shadow rollouts.</td></tr>");
+    }
+    body.push_str("</tbody></table>");
 
     body.push_str(
         "<h2>Model versions</h2><table><thead><tr><th>Name</th><th>Version</th><th>Stage</th>\

@@ -474,6 +474,49 @@ pub const ROUTES: &[Rule] = &[
         P::ModelsRead,
         "model.monitoring.list",
     ),
+    // Canary and shadow rollouts of model versions (models), their report (ml).
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/model-rollouts",
+        P::ModelsRead,
+        "model.rollout.list",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/model-rollouts",
+        P::ModelsWrite,
+        "model.rollout.start",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/model-rollouts/{rollout_id}",
+        P::ModelsRead,
+        "model.rollout.get",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/model-rollouts/{rollout_id}/percent",
+        P::ModelsWrite,
+        "model.rollout.percent",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/model-rollouts/{rollout_id}/promote",
+        P::ModelsWrite,
+        "model.rollout.promote",
+    ),
+    rule(
+        "POST",
+        "/v1/organisations/{org_id}/model-rollouts/{rollout_id}/halt",
+        P::ModelsWrite,
+        "model.rollout.halt",
+    ),
+    rule(
+        "GET",
+        "/v1/organisations/{org_id}/model-rollouts/{rollout_id}/report",
+        P::ModelsRead,
+        "model.rollout.report",
+    ),
     rule(
         "GET",
         "/v1/organisations/{org_id}/audit",

@@ -38,6 +38,7 @@ use crate::http::{
 };
 use crate::http::{decode_cursor, encode_cursor};
 
+pub mod compare;
 pub mod monitoring;
 
 /// The ML data routes, to be nested under `/v1`.
@@ -72,6 +73,10 @@ where
         .route(
             "/organisations/{org_id}/model-monitoring",
             get(monitoring::list),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts/{rollout_id}/report",
+            get(compare::get_report),
         )
 }
 

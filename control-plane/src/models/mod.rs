@@ -13,12 +13,18 @@
 //!   receive the trusted public keys with each sync ack ([`trusted_signing_keys`]) and refuse
 //!   a model whose signature does not verify.
 //!
-//! Interface for other domains: [`desired_for`] (the model for a sync ack),
+//! Canary and shadow rollouts with automatic halt live in [`rollouts`]; the comparison
+//! report and the evaluator that calls [`auto_halt`] are the `ml` domain's (it reads the
+//! predictions, ground truth and drift).
+//!
+//! Interface for other domains: [`desired_for`] and [`desired_shadow_for`] (the models for a
+//! sync ack), [`model_rollout`], [`active_rollouts`], [`auto_halt`], [`mark_evaluated`],
 //! [`trusted_signing_keys`] (the keys for a sync ack), [`record_running`] (what a device
 //! reports running) and [`artifact_for_device`] (the agent's download).
 
 pub mod mlflow;
 mod registry;
+mod rollouts;
 pub mod signing;
 
 use std::sync::Arc;
@@ -37,8 +43,12 @@ use uuid::Uuid;
 use self::mlflow::MlflowSync;
 pub use self::registry::{
     GroupRollout, MAX_ARTIFACT_BYTES, ModelVersion, admin_artifact_path, agent_download_path,
-    artifact_for_device, desired_for, group_rollouts, model_versions, record_running, roll_back,
-    rollout_status, set_desired_model, set_desired_model_for_group,
+    artifact_for_device, desired_for, desired_shadow_for, group_rollouts, model_versions,
+    record_running, roll_back, rollout_status, set_desired_model, set_desired_model_for_group,
+};
+pub use self::rollouts::{
+    Crossing, active_rollouts, auto_halt, mark_evaluated, rollout as model_rollout,
+    rollouts as model_rollouts,
 };
 use crate::http::{
     ApiError, ApiJson, ApiPath, ApiResult, HttpLimits, KeyCache, ListParams, Principal, get_row,
@@ -92,6 +102,26 @@ where
         .route(
             "/organisations/{org_id}/model-status",
             get(registry::list_device_model_status),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts",
+            get(rollouts::list).post(rollouts::start),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts/{rollout_id}",
+            get(rollouts::get),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts/{rollout_id}/percent",
+            post(rollouts::set_percent),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts/{rollout_id}/promote",
+            post(rollouts::promote),
+        )
+        .route(
+            "/organisations/{org_id}/model-rollouts/{rollout_id}/halt",
+            post(rollouts::halt),
         )
 }
 

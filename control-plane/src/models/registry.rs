@@ -325,7 +325,9 @@ pub async fn artifact_for_device(
     model_id: Uuid,
 ) -> ApiResult<Response> {
     let desired = desired_model_id_for(pool, org_id, device_id).await?;
-    if desired != Some(model_id) {
+    if desired != Some(model_id)
+        && shadow_model_id_for(pool, org_id, device_id).await? != Some(model_id)
+    {
         tracing::warn!(%org_id, %device_id, %model_id, "device asked for a model not desired for it");
         return Err(ApiError::NotFound("model artifact"));
     }
@@ -424,13 +426,43 @@ impl From<StatusRow> for DeviceModelStatus {
     }
 }
 
-/// Resolution of the desired model of each device: a device row, else the most recently
-/// updated selector contained in the device's labels.
-const DESIRED_FOR_DEVICE: &str = "\
-    SELECT dm.model_id FROM desired_models dm \
-    JOIN devices d ON d.org_id = dm.org_id AND d.id = $2 \
-    WHERE dm.org_id = $1 AND (dm.device_id = d.id OR (dm.selector IS NOT NULL AND d.labels @> dm.selector)) \
-    ORDER BY (dm.device_id IS NOT NULL) DESC, dm.updated_at DESC, dm.id LIMIT 1";
+/// The desired model of device `d` (a row of `devices` in scope), as the body of a LATERAL
+/// subquery yielding `model_id`: the device's own row first, then an active canary or shadow
+/// rollout that selects it (`rollouts::SELECTS_DEVICE`: canary serves the candidate, shadow
+/// keeps the baseline), then the most recently updated label selector contained in its labels.
+macro_rules! desired_of_device {
+    () => {
+        "SELECT c.model_id FROM ( \
+             SELECT dm.model_id, 0 AS prio, dm.updated_at FROM desired_models dm \
+              WHERE dm.org_id = d.org_id AND dm.device_id = d.id \
+             UNION ALL \
+             SELECT CASE WHEN r.mode = 'canary' THEN r.model_id ELSE r.baseline_model_id END, \
+                    1, r.updated_at FROM model_rollouts r \
+              WHERE r.org_id = d.org_id AND r.state = 'active' AND d.labels @> r.selector \
+                AND release_bucket(r.model_id, d.id) < r.percent \
+             UNION ALL \
+             SELECT dm.model_id, 2, dm.updated_at FROM desired_models dm \
+              WHERE dm.org_id = d.org_id AND dm.selector IS NOT NULL AND d.labels @> dm.selector \
+         ) c ORDER BY c.prio, c.updated_at DESC LIMIT 1"
+    };
+}
+
+/// The desired model of device `$2` of organisation `$1`.
+const DESIRED_FOR_DEVICE: &str = concat!(
+    "SELECT w.model_id FROM devices d CROSS JOIN LATERAL (",
+    desired_of_device!(),
+    ") w WHERE d.org_id = $1 AND d.id = $2"
+);
+
+/// The shadow model of device `$2` of organisation `$1`: from an active rollout that selects
+/// it, unless the device has its own row (a pinned device runs no rollout).
+const SHADOW_FOR_DEVICE: &str = "\
+    SELECT CASE WHEN r.mode = 'canary' THEN r.baseline_model_id ELSE r.model_id END \
+    FROM model_rollouts r JOIN devices d ON d.org_id = r.org_id AND d.id = $2 \
+    WHERE r.org_id = $1 AND r.state = 'active' AND d.labels @> r.selector \
+      AND release_bucket(r.model_id, d.id) < r.percent \
+      AND NOT EXISTS (SELECT 1 FROM desired_models dm WHERE dm.org_id = d.org_id AND dm.device_id = d.id) \
+    ORDER BY r.updated_at DESC LIMIT 1";
 
 async fn desired_model_id_for(
     pool: &PgPool,
@@ -438,6 +470,18 @@ async fn desired_model_id_for(
     device_id: Uuid,
 ) -> Result<Option<Uuid>, sqlx::Error> {
     sqlx::query_scalar(DESIRED_FOR_DEVICE)
+        .bind(org_id)
+        .bind(device_id)
+        .fetch_optional(pool)
+        .await
+}
+
+async fn shadow_model_id_for(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(SHADOW_FOR_DEVICE)
         .bind(org_id)
         .bind(device_id)
         .fetch_optional(pool)
@@ -454,6 +498,27 @@ pub async fn desired_for(
     let Some(model_id) = desired_model_id_for(pool, org_id, device_id).await? else {
         return Ok(None);
     };
+    desired_model(pool, org_id, model_id).await
+}
+
+/// The model `device_id` should run beside its champion (a canary or shadow rollout), for
+/// `SyncAck.desired.shadow_model`.
+pub async fn desired_shadow_for(
+    pool: &PgPool,
+    org_id: Uuid,
+    device_id: Uuid,
+) -> Result<Option<kip_shared::sync::DesiredModel>, sqlx::Error> {
+    let Some(model_id) = shadow_model_id_for(pool, org_id, device_id).await? else {
+        return Ok(None);
+    };
+    desired_model(pool, org_id, model_id).await
+}
+
+async fn desired_model(
+    pool: &PgPool,
+    org_id: Uuid,
+    model_id: Uuid,
+) -> Result<Option<kip_shared::sync::DesiredModel>, sqlx::Error> {
     let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
         "SELECT m.name, m.version, a.sha256, a.signature FROM ai_models m \
          JOIN model_artifacts a ON a.model_id = m.id AND a.org_id = m.org_id \
@@ -570,7 +635,7 @@ pub async fn set_desired_model(
 
 /// Checks that `model_id` is a model of `org_id` with an uploaded artifact (what a device
 /// needs to download it).
-async fn check_rollable(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<()> {
+pub(super) async fn check_rollable(pool: &PgPool, org_id: Uuid, model_id: Uuid) -> ApiResult<()> {
     let has_artifact: Option<bool> = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) \
          FROM ai_models m WHERE m.org_id = $1 AND m.id = $2",
@@ -686,33 +751,34 @@ pub async fn rollout_status(pool: &PgPool, org_id: Uuid) -> ApiResult<Vec<Device
     statuses(pool, org_id, None, 1000).await
 }
 
+/// Desired vs running model of the devices of `$1` (one device with `$2`), at most `$3`.
+const STATUSES: &str = concat!(
+    "SELECT d.id AS device_id, d.name AS device_name, m.id AS desired_model_id, \
+            m.name || '@' || m.version AS desired_model, s.running_model, s.last_error, \
+            s.updated_at, \
+            coalesce(m.name || '@' || m.version = s.running_model, false) AS in_sync \
+     FROM devices d \
+     LEFT JOIN LATERAL (",
+    desired_of_device!(),
+    ") w ON true \
+     LEFT JOIN ai_models m ON m.org_id = d.org_id AND m.id = w.model_id \
+     LEFT JOIN device_model_status s ON s.org_id = d.org_id AND s.device_id = d.id \
+     WHERE d.org_id = $1 AND ($2::uuid IS NULL OR d.id = $2) \
+     ORDER BY d.name LIMIT $3"
+);
+
 async fn statuses(
     pool: &PgPool,
     org_id: Uuid,
     device_id: Option<Uuid>,
     limit: i64,
 ) -> ApiResult<Vec<DeviceModelStatus>> {
-    let rows: Vec<StatusRow> = sqlx::query_as(
-        "SELECT d.id AS device_id, d.name AS device_name, m.id AS desired_model_id, \
-                m.name || '@' || m.version AS desired_model, s.running_model, s.last_error, \
-                s.updated_at, \
-                coalesce(m.name || '@' || m.version = s.running_model, false) AS in_sync \
-         FROM devices d \
-         LEFT JOIN LATERAL ( \
-             SELECT dm.model_id FROM desired_models dm \
-             WHERE dm.org_id = d.org_id \
-               AND (dm.device_id = d.id OR (dm.selector IS NOT NULL AND d.labels @> dm.selector)) \
-             ORDER BY (dm.device_id IS NOT NULL) DESC, dm.updated_at DESC, dm.id LIMIT 1) w ON true \
-         LEFT JOIN ai_models m ON m.org_id = d.org_id AND m.id = w.model_id \
-         LEFT JOIN device_model_status s ON s.org_id = d.org_id AND s.device_id = d.id \
-         WHERE d.org_id = $1 AND ($2::uuid IS NULL OR d.id = $2) \
-         ORDER BY d.name LIMIT $3",
-    )
-    .bind(org_id)
-    .bind(device_id)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<StatusRow> = sqlx::query_as(STATUSES)
+        .bind(org_id)
+        .bind(device_id)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 

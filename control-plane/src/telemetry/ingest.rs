@@ -162,6 +162,9 @@ pub async fn store(
     let mut preds = Columns::default();
     let mut pred_version: Vec<String> = Vec::new();
     let mut pred_anomaly: Vec<Option<f64>> = Vec::new();
+    let mut pred_model: Vec<Option<String>> = Vec::new();
+    let mut pred_role: Vec<&'static str> = Vec::new();
+    let mut stats = crate::ml::compare::StatsColumns::default();
     let (mut ev_seq, mut ev_kind, mut ev_ts, mut ev_body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut drift = crate::ml::monitoring::DriftColumns::default();
@@ -183,14 +186,20 @@ pub async fn store(
                 preds.value.push(p.rul_cycles);
                 pred_version.push(p.model_version.clone());
                 pred_anomaly.push(p.anomaly_score);
+                pred_model.push(p.model.clone());
+                pred_role.push(p.role.unwrap_or(kip_shared::ModelRole::Champion).as_str());
             }
             Record::ModelDrift(d) => drift.push(seq, d),
+            Record::ModelStats(x) => stats.push(seq, x),
             other => {
                 let (kind, ts) = match other {
                     Record::Gap(g) => ("gap", g.to),
                     Record::DeadLetter(d) => ("dead_letter", d.ts),
                     Record::Loss(l) => ("loss", l.ts),
-                    Record::Reading(_) | Record::Prediction(_) | Record::ModelDrift(_) => {
+                    Record::Reading(_)
+                    | Record::Prediction(_)
+                    | Record::ModelDrift(_)
+                    | Record::ModelStats(_) => {
                         continue;
                     }
                 };
@@ -230,9 +239,10 @@ pub async fn store(
     }
     if !preds.seq.is_empty() {
         inserted += sqlx::query(
-            "INSERT INTO predictions (org_id, device_id, epoch, seq, machine, ts, rul_cycles, model_version, anomaly_score) \
+            "INSERT INTO predictions (org_id, device_id, epoch, seq, machine, ts, rul_cycles, model_version, \
+                                      anomaly_score, model, role) \
              SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::timestamptz[], $7::float8[], \
-                                                $8::text[], $9::float8[]) AS u(seq) \
+                                                $8::text[], $9::float8[], $10::text[], $11::text[]) AS u(seq) \
               WHERE NOT EXISTS (SELECT 1 FROM predictions_legacy l \
                                  WHERE l.device_id = $2 AND l.epoch = $3 AND l.seq = u.seq) \
              ON CONFLICT DO NOTHING",
@@ -246,6 +256,8 @@ pub async fn store(
         .bind(&preds.value)
         .bind(&pred_version)
         .bind(&pred_anomaly)
+        .bind(&pred_model)
+        .bind(&pred_role)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -268,6 +280,9 @@ pub async fn store(
         .rows_affected();
     }
     inserted += drift
+        .insert(&mut tx, id.org_id, id.device_id, epoch)
+        .await?;
+    inserted += stats
         .insert(&mut tx, id.org_id, id.device_id, epoch)
         .await?;
     // The ack and the device's last-seen time in one round trip.

@@ -6,6 +6,8 @@
 //!   another organisation simply matches nothing.
 //! - History pages by keyset on `(ts, device_id, epoch, seq)` (the same cursor helper as the
 //!   sensor-data API), so pages stay consistent while agents keep syncing.
+//! - "The" prediction of a machine is its champion's: `latest` reads `role = 'champion'` only;
+//!   history returns shadow predictions too (tagged), or one role with `role=`.
 //! - Queries run in a read-only transaction with the sensor-data statement timeout
 //!   ([`super::SENSOR_QUERY_TIMEOUT_MS`]): a slow query answers 504, never holds a connection.
 
@@ -39,6 +41,8 @@ pub struct HistoryQuery {
     pub limit: i64,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Only `champion` or only `shadow` predictions; default both.
+    pub role: Option<String>,
 }
 
 /// Query string of `GET .../predictions/latest`.
@@ -76,6 +80,8 @@ struct Row {
     ts: DateTime<Utc>,
     rul_cycles: f64,
     anomaly_score: Option<f64>,
+    role: String,
+    model: Option<String>,
 }
 
 impl From<Row> for PredictionRecord {
@@ -87,6 +93,8 @@ impl From<Row> for PredictionRecord {
             ts: r.ts,
             rul_cycles: r.rul_cycles,
             anomaly_score: r.anomaly_score,
+            role: r.role,
+            model: r.model,
         }
     }
 }
@@ -104,6 +112,12 @@ pub async fn history(
     if let Some(m) = &q.machine {
         pg_text("machine", m, MAX_MACHINE_BYTES)?;
     }
+    if let Some(r) = &q.role
+        && r != "champion"
+        && r != "shadow"
+    {
+        return Err(ApiError::validation("role", "must be champion or shadow"));
+    }
     if let (Some(f), Some(t)) = (q.from, q.to)
         && f >= t
     {
@@ -115,8 +129,9 @@ pub async fn history(
     };
     let mut tx = bounded_tx(&pool).await.map_err(query_error)?;
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT device_id, epoch, seq, machine, model_version, ts, rul_cycles, anomaly_score \
-         FROM predictions WHERE org_id = $1 \
+        "SELECT device_id, epoch, seq, machine, model_version, ts, rul_cycles, anomaly_score, \
+                role, model \
+         FROM predictions WHERE org_id = $1 AND ($11::text IS NULL OR role = $11) \
            AND ($2::uuid IS NULL OR device_id = $2) AND ($3::text IS NULL OR machine = $3) \
            AND ($4::timestamptz IS NULL OR ts >= $4) AND ($5::timestamptz IS NULL OR ts < $5) \
            AND ($6::timestamptz IS NULL OR (ts, device_id, epoch, seq) > ($6, $7, $8, $9)) \
@@ -132,6 +147,7 @@ pub async fn history(
     .bind(cep)
     .bind(cseq)
     .bind(q.limit)
+    .bind(&q.role)
     .fetch_all(&mut *tx)
     .await
     .map_err(query_error)?;
@@ -160,8 +176,10 @@ pub async fn latest(
     // DISTINCT ON walks predictions_org_device_machine_ts backwards per (device, machine).
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT DISTINCT ON (device_id, machine) \
-                device_id, epoch, seq, machine, model_version, ts, rul_cycles, anomaly_score \
+                device_id, epoch, seq, machine, model_version, ts, rul_cycles, anomaly_score, \
+                role, model \
          FROM predictions WHERE org_id = $1 AND ($2::uuid IS NULL OR device_id = $2) \
+           AND role = 'champion' \
          ORDER BY device_id, machine, ts DESC, epoch DESC, seq DESC LIMIT $3",
     )
     .bind(org_id)

@@ -20,6 +20,7 @@ mod fleet_health;
 mod fleet_sim;
 mod health_alerts;
 mod logs;
+mod model_compare;
 mod model_drift;
 mod model_signing;
 mod mqtt_soak;
