@@ -31,8 +31,8 @@ pub use ml::{
     RecordMaintenanceEvent, RecordPerformance, RecordTrainingData, TrainingData,
 };
 pub use models::{
-    AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelSigningStatus, ModelStage,
-    RegisterModel, SetDesiredModel, SetStage,
+    AiModel, ArtifactInfo, DeviceModelStatus, MlflowStatus, ModelKind, ModelSigningStatus,
+    ModelStage, RegisterModel, SetDesiredModel, SetStage,
 };
 pub use pki::{
     AgentWhoami, CaCertInfo, CaStatus, CertificateResponse, CreateEnrollToken, DevicesByIssuer,
