@@ -548,15 +548,12 @@ async fn a_version_created_by_a_training_run_is_adopted_not_duplicated(pool: PgP
         let http = http.clone();
         let api = api.clone();
         async move {
-            let r: Value = http
-                .get(format!("{api}/model-versions/search"))
-                .query(&[("filter", filter)])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let url = reqwest::Url::parse_with_params(
+                &format!("{api}/model-versions/search"),
+                [("filter", filter)],
+            )
+            .unwrap();
+            let r: Value = http.get(url).send().await.unwrap().json().await.unwrap();
             r["model_versions"].as_array().cloned().unwrap_or_default()
         }
     };
