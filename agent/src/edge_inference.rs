@@ -218,6 +218,42 @@ pub struct Inference {
     shadow: Mutex<Option<RulModel>>,
     latest: Mutex<BTreeMap<String, Prediction>>,
     pub metrics: InferenceMetrics,
+    /// The serving model's drift as of the last metrics update, for the health report.
+    drift_summary: Mutex<Option<DriftSummary>>,
+}
+
+/// The serving model's drift in one number and a list, for the health report
+/// (`model_drift`, `model_drift_features`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DriftSummary {
+    /// Largest ratio of a statistic (PSI or KS) to its window-calibrated threshold over the
+    /// model's inputs and output: above 1 means some feature drifts.
+    pub score: f64,
+    /// Features (inputs, or `output`) with a statistic above its threshold, in model order.
+    pub drifted: Vec<String>,
+}
+
+impl DriftSummary {
+    /// Summary of the full windows of `drift`; `None` while no window is full.
+    pub fn of(drift: &[FeatureDrift]) -> Option<Self> {
+        if drift.is_empty() {
+            return None;
+        }
+        let ratio = |v: f64, t: f64| if t > 0.0 { v / t } else { 0.0 };
+        let score = drift
+            .iter()
+            .map(|d| ratio(d.psi, d.thresholds.psi).max(ratio(d.ks, d.thresholds.ks)))
+            .filter(|r| r.is_finite())
+            .fold(0.0, f64::max);
+        Some(Self {
+            score,
+            drifted: drift
+                .iter()
+                .filter(|d| d.drifted)
+                .map(|d| d.feature.clone())
+                .collect(),
+        })
+    }
 }
 
 /// Why inference could not start.
@@ -248,6 +284,7 @@ impl Inference {
             shadow: Mutex::new(None),
             latest: Mutex::new(BTreeMap::new()),
             metrics: InferenceMetrics::register(registry),
+            drift_summary: Mutex::new(None),
         });
         if let Some(path) = &cfg.model_path {
             let bytes = std::fs::read(path).map_err(|source| StartError::ModelRead {
@@ -290,6 +327,11 @@ impl Inference {
         };
         self.metrics.model_info.clear();
         self.metrics.model_info.get_or_create(&labels).set(1);
+        // The previous model's drift says nothing about this one.
+        *self
+            .drift_summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         tracing::info!(name = %labels.name, version = %labels.version, sha256 = %labels.sha256, "model serving");
         Ok(())
     }
@@ -376,6 +418,10 @@ impl Inference {
         };
         self.metrics.drift.clear();
         self.metrics.drift_alarm.clear();
+        *self
+            .drift_summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = DriftSummary::of(&drift);
         for d in drift {
             for (statistic, v) in [("psi", d.psi), ("ks", d.ks)] {
                 self.metrics
@@ -397,6 +443,15 @@ impl Inference {
                 })
                 .set(i64::from(d.drifted));
         }
+    }
+
+    /// The serving model's drift as of the last metrics update (every
+    /// `DRIFT_EVERY_PREDICTIONS`); `None` before its first full window.
+    pub fn drift_summary(&self) -> Option<DriftSummary> {
+        self.drift_summary
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// `name@version` of the serving model, for sync status.

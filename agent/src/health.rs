@@ -4,7 +4,8 @@
 //! [`HealthCollector::report`] reads everything fresh when a batch or heartbeat is built:
 //! buffer statistics (a sled scan of the oldest record, the same the status page does),
 //! source state from the ingest metrics, the last-value clock the buffer writer stamps per
-//! source ([`SourceClock`]), the certificate's `not_after`, the running model, free space on
+//! source ([`SourceClock`]), the certificate's `not_after`, the running model and its drift
+//! (score and drifting features from the drift detector's latest windows), free space on
 //! the state volume (`statvfs`), RSS (`/proc/self/status`). The clock offset is measured by
 //! the sync loop, which owns the exchange, and passed in.
 //!
@@ -112,6 +113,8 @@ impl HealthCollector {
             })
             .collect();
         let (disk_free_bytes, disk_total_bytes) = disk_space(&self.state_dir);
+        // The drift detector's latest full windows (see edge_inference::DriftSummary).
+        let drift = self.inference.as_ref().and_then(|i| i.drift_summary());
         let report = HealthReport {
             reported_at: Some(Utc::now()),
             agent_version: format!("kip-agent {}", crate::self_update::agent_version()),
@@ -130,8 +133,13 @@ impl HealthCollector {
                 .as_ref()
                 .and_then(|i| DateTime::from_timestamp(i.not_after_unix(), 0)),
             running_model: self.inference.as_ref().and_then(|i| i.running_model()),
-            // The agent computes no drift score yet; the field is filled once one exists.
-            model_drift: None,
+            model_drift: drift.as_ref().map(|d| d.score),
+            model_drift_features: drift.map_or_else(Vec::new, |d| {
+                d.drifted
+                    .into_iter()
+                    .take(kip_shared::health::MAX_DRIFT_FEATURES)
+                    .collect()
+            }),
             disk_free_bytes,
             disk_total_bytes,
             clock_offset_ms,

@@ -31,7 +31,7 @@ pub use ml::{
     RecordMaintenanceEvent, RecordPerformance, RecordTrainingData, TrainingData,
 };
 pub use models::{
-    Agreement, AiModel, ArtifactInfo, DeviceModelStatus, ModelKind, ModelRollout,
+    Agreement, AiModel, ArtifactInfo, DeviceModelStatus, MlflowStatus, ModelKind, ModelRollout,
     ModelRolloutEvent, ModelSigningStatus, ModelStage, RegisterModel, RolloutDevice, RolloutReport,
     RolloutThresholds, SetDesiredModel, SetRolloutPercent, SetStage, StartModelRollout,
     VersionReport,

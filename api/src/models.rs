@@ -113,6 +113,33 @@ pub struct ModelSigningStatus {
     pub unsigned: i64,
 }
 
+/// Answer of `GET /v1/mlflow/status`: whether the control plane reaches its MLflow tracking
+/// server. While it does not, kip serves desired models from its own tables (rollouts through
+/// kip's API keep working) and alias changes made in MLflow are not followed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MlflowStatus {
+    /// `[mlflow] tracking_uri` is set.
+    pub configured: bool,
+    /// The tracking server (user and password removed); `None` when not configured.
+    pub tracking_uri: Option<String>,
+    /// `reachable`, `unreachable`, `unknown` (no poll yet) or `not_configured`.
+    pub state: String,
+    /// The last poll reached MLflow; `None` before the first poll.
+    pub reachable: Option<bool>,
+    /// Since when the current state holds.
+    pub since: Option<DateTime<Utc>>,
+    /// Last poll that read every mirrored model's `champion` alias.
+    pub last_successful_poll_at: Option<DateTime<Utc>>,
+    /// The cause of the last failed poll, and when.
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Polls that failed since the control plane started (`kip_mlflow_sync_errors_total`).
+    pub sync_errors_total: u64,
+    /// Mirror calls (kip -> MLflow) that failed since start (`kip_mlflow_sync_failures_total`).
+    pub mirror_failures_total: u64,
+    pub alias_poll_interval_ms: Option<u64>,
+}
+
 /// Body of `POST .../models/{model_id}/stage`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

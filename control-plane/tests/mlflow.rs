@@ -331,3 +331,254 @@ async fn the_mlflow_champion_alias_rolls_the_fleet_out_and_back(pool: PgPool) {
         .unwrap();
     assert_eq!(d.version, "1.0.0");
 }
+
+/// `kip_mlflow_up` as the control plane exports it (`None` when absent).
+fn mlflow_up(app: &common::App) -> Option<String> {
+    app.state
+        .metrics
+        .render()
+        .lines()
+        .find(|l| l.starts_with("kip_mlflow_up "))
+        .map(|l| l["kip_mlflow_up ".len()..].to_owned())
+}
+
+/// Registers `name@version` in `org` with an artifact of `bytes`; the model id.
+async fn register_with_artifact(
+    app: &common::App,
+    org: &str,
+    key: &str,
+    name: &str,
+    version: &str,
+    bytes: &[u8],
+) -> String {
+    use sha2::Digest as _;
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/models"),
+            key,
+            json!({ "name": name, "version": version, "kind": "rul", "artifact_sha256": sha }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!("/v1/organisations/{org}/models/{id}/artifact"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/octet-stream")
+        .body(Body::from(bytes.to_vec()))
+        .unwrap();
+    let r = app.raw(req).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    id
+}
+
+/// MLflow stops mid-way: kip's own rollouts keep working, and the control plane says MLflow is
+/// unreachable (status API, `kip_mlflow_up`, error counter); MLflow comes back: the status
+/// says so and the champion alias is followed again.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn mlflow_down_kip_keeps_rolling_out_says_so_and_follows_the_alias_once_back(pool: PgPool) {
+    rustls();
+    let mut ml = kip_tests::MlflowServer::start().await;
+    let url = ml.url().to_owned();
+    let app = common::app_with(pool.clone(), |c| {
+        c.mlflow = Some(MlflowConfig {
+            alias_poll_interval: Duration::from_millis(300),
+            ..cfg(&url)
+        });
+    })
+    .await;
+    let (org, key) = app.org_with_key("acme").await;
+    let org_id: uuid::Uuid = org.parse().unwrap();
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/devices"),
+            &key,
+            json!({ "name": "gw-1", "labels": {} }),
+        )
+        .await;
+    let dev = r.body["id"].as_str().unwrap().to_owned();
+    let dev_id: uuid::Uuid = dev.parse().unwrap();
+    let v1 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.0.0", b"model-1").await;
+    let v2 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.1.0", b"model-2").await;
+    let put_desired = async |id: &str| {
+        let r = app
+            .call(
+                Method::PUT,
+                &format!("/v1/organisations/{org}/devices/{dev}/desired-model"),
+                Some(&key),
+                Some(json!({ "model_id": id })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    };
+    put_desired(&v1).await;
+    let status_is = async |want: &'static str| -> Value {
+        kip_tests::eventually(Duration::from_secs(60), || async {
+            let r = app.get("/v1/mlflow/status", &key).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            if r.body["state"] == want {
+                Ok(r.body)
+            } else {
+                Err(r.body)
+            }
+        })
+        .await
+        .unwrap()
+    };
+    let desired = async |want: &'static str| {
+        kip_tests::eventually(Duration::from_secs(30), || async {
+            let d = kip_control_plane::models::desired_for(&pool, org_id, dev_id)
+                .await
+                .unwrap()
+                .map(|d| d.version);
+            if d.as_deref() == Some(want) {
+                Ok(())
+            } else {
+                Err(format!("desired {d:?}, want {want}"))
+            }
+        })
+        .await
+        .unwrap();
+    };
+
+    let s = status_is("reachable").await;
+    assert_eq!(s["configured"], true);
+    assert_eq!(s["tracking_uri"], url.as_str());
+    assert!(s["last_successful_poll_at"].is_string(), "{s}");
+    assert_eq!(mlflow_up(&app).as_deref(), Some("1"));
+
+    // MLflow stops.
+    ml.stop();
+    let s = status_is("unreachable").await;
+    assert_eq!(s["reachable"], false);
+    let cause = s["last_error"].as_str().unwrap();
+    assert!(cause.contains("registered-models"), "{s}");
+    assert!(s["sync_errors_total"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(mlflow_up(&app).as_deref(), Some("0"));
+    // kip's own rollout still works: 1.1.0 becomes the champion and the device's model.
+    let r = app
+        .post(
+            &format!("/v1/organisations/{org}/models/{v2}/stage"),
+            &key,
+            json!({ "stage": "champion" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    put_desired(&v2).await;
+    desired("1.1.0").await;
+    let r = app
+        .get(&format!("/v1/organisations/{org}/model-status"), &key)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // Polls keep failing and change nothing.
+    let errors = app.state.metrics.mlflow_poll.errors.get();
+    kip_tests::eventually(Duration::from_secs(30), || async {
+        let n = app.state.metrics.mlflow_poll.errors.get();
+        if n > errors { Ok(()) } else { Err(n) }
+    })
+    .await
+    .unwrap();
+    desired("1.1.0").await;
+
+    // MLflow is back: reachable again, and moving the alias in MLflow rolls the device.
+    ml.restart().await;
+    let s = status_is("reachable").await;
+    assert!(
+        s["last_error"].is_string(),
+        "the last cause stays visible: {s}"
+    );
+    assert_eq!(mlflow_up(&app).as_deref(), Some("1"));
+    desired("1.1.0").await;
+    set_alias(&url, "rul-fd001", "champion", "1").await;
+    desired("1.0.0").await;
+}
+
+/// The MLflow version `kip-train --mlflow` created from its run (tag `kip.artifact_sha256`) is
+/// adopted at registration instead of a second one; another organisation registering the same
+/// bytes does not take it over.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_version_created_by_a_training_run_is_adopted_not_duplicated(pool: PgPool) {
+    use sha2::Digest as _;
+    rustls();
+    let ml = kip_tests::MlflowServer::start().await;
+    let url = ml.url().to_owned();
+    let api = format!("{url}/api/2.0/mlflow");
+    let http = reqwest::Client::new();
+    let post = async |path: &str, body: Value| -> Value {
+        let r = http
+            .post(format!("{api}/{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}");
+        r.json().await.unwrap()
+    };
+    // What kip-train does: a run, then a model version from it tagged with the sha256.
+    let bytes = b"trained-model";
+    let sha = hex::encode(sha2::Sha256::digest(bytes));
+    let run = post("runs/create", json!({ "experiment_id": "0" })).await;
+    let run_id = run["run"]["info"]["run_id"].as_str().unwrap().to_owned();
+    let artifact_uri = run["run"]["info"]["artifact_uri"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    post("registered-models/create", json!({ "name": "rul-fd003" })).await;
+    let mv = post(
+        "model-versions/create",
+        json!({ "name": "rul-fd003", "source": format!("{artifact_uri}/model"), "run_id": run_id,
+                "tags": [{ "key": "kip.artifact_sha256", "value": sha }] }),
+    )
+    .await;
+    assert_eq!(mv["model_version"]["version"], "1");
+
+    let app = common::app_with(pool.clone(), |c| c.mlflow = Some(cfg(&url))).await;
+    let (org, key) = app.org_with_key("acme").await;
+    let id = register_with_artifact(&app, &org, &key, "rul-fd003", "1.1.0+seed1", bytes).await;
+    let known: Option<String> =
+        sqlx::query_scalar("SELECT mlflow_version FROM ai_models WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(known.as_deref(), Some("1"));
+    let versions = |filter: &'static str| {
+        let http = http.clone();
+        let api = api.clone();
+        async move {
+            let url = reqwest::Url::parse_with_params(
+                &format!("{api}/model-versions/search"),
+                [("filter", filter)],
+            )
+            .unwrap();
+            let r: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            r["model_versions"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let all = versions("name = 'rul-fd003'").await;
+    assert_eq!(all.len(), 1, "no second version: {all:?}");
+    assert_eq!(all[0]["run_id"], run_id.as_str());
+    let tag = all[0]["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["key"] == "kip.model_id")
+        .map(|t| t["value"].clone());
+    assert_eq!(tag, Some(Value::String(id.clone())));
+
+    // Another organisation, same name and bytes: its own version, ours untouched.
+    let (org_b, key_b) = app.org_with_key("other").await;
+    let id_b =
+        register_with_artifact(&app, &org_b, &key_b, "rul-fd003", "1.1.0+seed1", bytes).await;
+    let known_b: Option<String> =
+        sqlx::query_scalar("SELECT mlflow_version FROM ai_models WHERE id = $1::uuid")
+            .bind(&id_b)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(known_b.as_deref(), Some("2"));
+    let all = versions("name = 'rul-fd003'").await;
+    assert_eq!(all.len(), 2, "{all:?}");
+}

@@ -633,6 +633,9 @@ pub enum ModelCmd {
     /// Canary and shadow rollouts to a share of a device group, with automatic halt.
     #[command(subcommand)]
     Rollouts(RolloutCmd),
+    /// Whether the control plane reaches its MLflow tracking server (GET /v1/mlflow/status):
+    /// while it does not, kip serves desired models from its own tables.
+    Mlflow,
     /// Drift records the agents synced (PSI, KS, thresholds, alarm per feature and window),
     /// oldest first.
     Drift {
@@ -1283,6 +1286,31 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
                     if let (Some(c), false) = (page.next_cursor, json) {
                         writeln!(out, "# more: --cursor {c}")?;
                     }
+                    return Ok(());
+                }
+                ModelCmd::Mlflow => {
+                    let s: kip_api::MlflowStatus = client.get("/v1/mlflow/status").await?;
+                    if json {
+                        return write_json(out, &s);
+                    }
+                    let t = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                        t.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339())
+                    };
+                    writeln!(
+                        out,
+                        "state:          {}\ntracking uri:   {}\nsince:          {}\n\
+                         last good poll: {}\nlast error:     {}{}\n\
+                         poll errors:    {}\nmirror errors:  {}",
+                        s.state,
+                        s.tracking_uri.as_deref().unwrap_or("-"),
+                        t(s.since),
+                        t(s.last_successful_poll_at),
+                        s.last_error.as_deref().unwrap_or("-"),
+                        s.last_error_at
+                            .map_or_else(String::new, |at| format!(" (at {})", at.to_rfc3339())),
+                        s.sync_errors_total,
+                        s.mirror_failures_total
+                    )?;
                     return Ok(());
                 }
                 ModelCmd::Status => {
@@ -2235,6 +2263,7 @@ const HEALTH_HEADER: &[&str] = &[
     "CERT EXPIRES",
     "CLOCK OFFSET",
     "MODEL",
+    "DRIFT",
     "ID",
 ];
 
@@ -2282,6 +2311,18 @@ fn health_row(d: &kip_api::DeviceHealth) -> Vec<String> {
         num("clock_offset_ms").map_or_else(dash, |ms| format!("{ms:+.0} ms")),
         r.and_then(|r| r["running_model"].as_str())
             .map_or_else(dash, ToOwned::to_owned),
+        // Score (largest statistic over its threshold; >= 1 drifts) and the drifting features.
+        num("model_drift").map_or_else(dash, |score| {
+            let features: Vec<&str> = r
+                .and_then(|r| r["model_drift_features"].as_array())
+                .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+                .unwrap_or_default();
+            if features.is_empty() {
+                format!("{score:.2}")
+            } else {
+                format!("{score:.2}({})", features.join(","))
+            }
+        }),
         d.device_id.to_string(),
     ]
 }

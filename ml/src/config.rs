@@ -48,6 +48,20 @@ struct RawConfig {
     #[serde(default = "default_cuts_per_engine")]
     cuts_per_engine: usize,
     train: RawTrain,
+    /// Experiment tracking (optional): `--mlflow` and `MLFLOW_TRACKING_URI` take precedence.
+    #[serde(default)]
+    mlflow: Option<RawMlflow>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMlflow {
+    /// `http(s)://` URL of the MLflow tracking server.
+    #[serde(default)]
+    tracking_uri: Option<String>,
+    /// Experiment name; default: the model name.
+    #[serde(default)]
+    experiment: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +106,10 @@ pub struct TrainingConfig {
     pub learning_rate: f32,
     pub weight_decay: f32,
     pub ensemble_members: usize,
+    /// `[mlflow] tracking_uri` (checked to be an http(s) URL).
+    pub mlflow_tracking_uri: Option<String>,
+    /// `[mlflow] experiment` (1..=256 characters).
+    pub mlflow_experiment: Option<String>,
 }
 
 impl TrainingConfig {
@@ -154,7 +172,29 @@ impl TrainingConfig {
                 format!("must be in [0, 1), got {}", raw.train.weight_decay),
             ));
         }
+        let mlflow = raw.mlflow.unwrap_or(RawMlflow {
+            tracking_uri: None,
+            experiment: None,
+        });
+        if let Some(uri) = &mlflow.tracking_uri
+            && !(uri.starts_with("http://") || uri.starts_with("https://"))
+        {
+            return Err(bad(
+                "mlflow.tracking_uri",
+                format!("must be an http:// or https:// URL, got {uri:?}"),
+            ));
+        }
+        if let Some(e) = &mlflow.experiment
+            && (e.trim().is_empty() || e.len() > 256)
+        {
+            return Err(bad(
+                "mlflow.experiment",
+                "must be 1..=256 characters".into(),
+            ));
+        }
         Ok(Self {
+            mlflow_tracking_uri: mlflow.tracking_uri,
+            mlflow_experiment: mlflow.experiment,
             model_name: raw.model_name,
             model_version: raw.model_version,
             data: base.join(raw.data),
@@ -274,5 +314,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("model_version"), "{err}");
+        let c = load(&format!(
+            "{good}[mlflow]\ntracking_uri = \"http://mlflow:5000\"\nexperiment = \"fd\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.mlflow_tracking_uri.as_deref(), Some("http://mlflow:5000"));
+        assert_eq!(c.mlflow_experiment.as_deref(), Some("fd"));
+        let err = load(&format!("{good}[mlflow]\ntracking_uri = \"mlruns\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mlflow.tracking_uri"), "{err}");
     }
 }

@@ -16,6 +16,7 @@
 pub mod cmapss;
 pub mod config;
 pub mod eval;
+pub mod mlflow;
 pub mod mlp;
 pub mod onnx;
 pub mod pipeline;

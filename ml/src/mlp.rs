@@ -110,6 +110,19 @@ impl Mlp {
     /// Trains on normalised `x` and targets `y`; returns the mean training loss per epoch
     /// (in scaled units).
     pub fn train(x: ArrayView2<f32>, y: &[f32], cfg: &TrainConfig) -> (Self, Vec<f32>) {
+        Self::train_observed(x, y, cfg, &mut |_, _, _| {})
+    }
+
+    /// [`Mlp::train`], calling `on_epoch(epoch, net, mean loss)` after each epoch. `net`'s
+    /// output is in scaled units (multiply by `cfg.target_scale`); the observer cannot change
+    /// the training (it sees the network, not the random state), so a run is reproducible
+    /// whatever it does.
+    pub fn train_observed(
+        x: ArrayView2<f32>,
+        y: &[f32],
+        cfg: &TrainConfig,
+        on_epoch: &mut dyn FnMut(usize, &Mlp, f32),
+    ) -> (Self, Vec<f32>) {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let mut net = Self::new(x.ncols(), &cfg.hidden, &mut rng);
         let mut adam = Adam::new(&net);
@@ -131,7 +144,9 @@ impl Mlp {
                 total += f64::from(net.step(xb.view(), &yb, &mut adam, lr, cfg.weight_decay, step))
                     * chunk.len() as f64;
             }
-            losses.push((total / x.nrows().max(1) as f64) as f32);
+            let loss = (total / x.nrows().max(1) as f64) as f32;
+            losses.push(loss);
+            on_epoch(epoch, &net, loss);
         }
         if let Some(l) = net.layers.last_mut() {
             l.w *= scale;

@@ -184,8 +184,33 @@ pub fn features_at(
     Ok(fs.compute(upto, cut as f32)?)
 }
 
+/// One epoch of one network, as [`run_observed`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochStats {
+    /// Ensemble member (0 for a single network).
+    pub member: usize,
+    /// 0-based.
+    pub epoch: usize,
+    /// Mean training loss of the epoch (squared error in units of the label cap).
+    pub train_loss: f64,
+    /// RMSE of this network alone on the held-out evaluation points (truth capped at the
+    /// label cap, output clipped like the exported graph): the last epoch of a single
+    /// network gives the card's `rmse` (to float rounding).
+    pub val_rmse: f64,
+}
+
 /// Runs the whole pipeline on `engines`.
 pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError> {
+    run_observed(engines, opts, &mut |_| {})
+}
+
+/// [`run`], calling `on_epoch` after every epoch of every network (for experiment tracking).
+/// The observer does not change the result: the same seed gives the same bytes.
+pub fn run_observed(
+    engines: &[Engine],
+    opts: &Options,
+    on_epoch: &mut dyn FnMut(EpochStats),
+) -> Result<Trained, PipelineError> {
     if engines.len() <= opts.holdout_engines {
         return Err(PipelineError::TooFewEngines {
             holdout: opts.holdout_engines,
@@ -225,20 +250,8 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
         rows: ys.len(),
         width,
     })?;
-    let norm = Normalizer::fit(x.view());
-    let xn = norm.apply(x.view());
-    let mut nets = Vec::with_capacity(opts.ensemble_members.max(1));
-    let mut final_loss = 0f64;
-    for m in 0..opts.ensemble_members.max(1) {
-        let mut cfg = opts.train.clone();
-        cfg.seed = opts.train.seed.wrapping_add(m as u64);
-        let (net, losses) = Mlp::train(xn.view(), &ys, &cfg);
-        final_loss += f64::from(losses.last().copied().unwrap_or(f32::NAN));
-        nets.push(net);
-    }
-    final_loss /= nets.len() as f64;
-
-    // Evaluation: random cuts of held-out engines.
+    // Evaluation points: random cuts of held-out engines (drawn before training so every
+    // epoch can be scored on them; training does not use `rng`, so the points are the same).
     let mut ex = Vec::new();
     let mut truth = Vec::new();
     for &i in held {
@@ -256,9 +269,37 @@ pub fn run(engines: &[Engine], opts: &Options) -> Result<Trained, PipelineError>
             rows: truth.len(),
             width,
         })?;
+    let norm = Normalizer::fit(x.view());
+    let xn = norm.apply(x.view());
     let cap = label.max_output();
-    let eval_predictions = predict(&nets, &norm, &eval_features, cap);
     let capped: Vec<f32> = truth.iter().map(|t| label.target(*t)).collect();
+    let eval_xn = norm.apply(eval_features.view());
+    let mut nets = Vec::with_capacity(opts.ensemble_members.max(1));
+    let mut final_loss = 0f64;
+    for m in 0..opts.ensemble_members.max(1) {
+        let mut cfg = opts.train.clone();
+        cfg.seed = opts.train.seed.wrapping_add(m as u64);
+        let scale = cfg.target_scale.max(1e-6);
+        let (net, losses) = Mlp::train_observed(xn.view(), &ys, &cfg, &mut |epoch, net, loss| {
+            let out: Vec<f32> = net
+                .forward(eval_xn.view())
+                .column(0)
+                .iter()
+                .map(|v| (v * scale).clamp(0.0, cap))
+                .collect();
+            on_epoch(EpochStats {
+                member: m,
+                epoch,
+                train_loss: f64::from(loss),
+                val_rmse: eval::rmse(&out, &capped),
+            });
+        });
+        final_loss += f64::from(losses.last().copied().unwrap_or(f32::NAN));
+        nets.push(net);
+    }
+    final_loss /= nets.len() as f64;
+
+    let eval_predictions = predict(&nets, &norm, &eval_features, cap);
     let metrics = Metrics {
         rmse: eval::rmse(&eval_predictions, &capped),
         rmse_uncapped: eval::rmse(&eval_predictions, &truth),

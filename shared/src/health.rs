@@ -17,6 +17,10 @@ use crate::validate::{TextError, pg_text};
 
 /// Most sources a report may list.
 pub const MAX_SOURCES: usize = 256;
+/// Most drifting feature names in a report (the rest are summarised by `model_drift`).
+pub const MAX_DRIFT_FEATURES: usize = 64;
+/// `model_drift` at or above which a feature of the model is above its drift threshold.
+pub const MODEL_DRIFT_SCORE_ALARM: f64 = 1.0;
 /// Longest string in a report (source names, kinds, versions, model names).
 pub const MAX_HEALTH_TEXT_BYTES: usize = 256;
 
@@ -55,9 +59,15 @@ pub struct HealthReport {
     /// `name@version` of the model serving, if any.
     #[serde(default)]
     pub running_model: Option<String>,
-    /// Drift score of the running model, when the agent computes one.
+    /// Drift score of the running model, when the agent computes one: the largest ratio of a
+    /// drift statistic (PSI or KS) to its window-calibrated threshold over the model's inputs
+    /// and output, so at or above 1 (`MODEL_DRIFT_SCORE_ALARM`) some feature drifts.
     #[serde(default)]
     pub model_drift: Option<f64>,
+    /// The model's features (inputs, or `output`) whose drift statistic is above its
+    /// threshold; at most [`MAX_DRIFT_FEATURES`] names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_drift_features: Vec<String>,
     /// Free and total bytes on the state volume (buffer, identity, models).
     #[serde(default)]
     pub disk_free_bytes: Option<u64>,
@@ -100,6 +110,8 @@ pub enum HealthError {
     Text(#[from] TextError),
     #[error("health.sources has {got} entries, the limit is {max}")]
     TooManySources { got: usize, max: usize },
+    #[error("health.model_drift_features has {got} entries, the limit is {max}")]
+    TooManyDriftFeatures { got: usize, max: usize },
     #[error("{0} is not a finite, non-negative number")]
     Number(String),
 }
@@ -130,6 +142,19 @@ impl HealthReport {
             && !d.is_finite()
         {
             return Err(HealthError::Number("health.model_drift".into()));
+        }
+        if self.model_drift_features.len() > MAX_DRIFT_FEATURES {
+            return Err(HealthError::TooManyDriftFeatures {
+                got: self.model_drift_features.len(),
+                max: MAX_DRIFT_FEATURES,
+            });
+        }
+        for (i, f) in self.model_drift_features.iter().enumerate() {
+            pg_text(
+                &format!("health.model_drift_features[{i}]"),
+                f,
+                MAX_HEALTH_TEXT_BYTES,
+            )?;
         }
         if self.sources.len() > MAX_SOURCES {
             return Err(HealthError::TooManySources {
@@ -220,6 +245,21 @@ mod tests {
         assert_eq!(
             r.check().unwrap_err().to_string(),
             "health.sources[0].last_value_age_s is not a finite, non-negative number"
+        );
+        r.sources.clear();
+        r.model_drift_features = vec!["s11".into(); MAX_DRIFT_FEATURES];
+        r.check().unwrap();
+        r.model_drift_features.push("s12".into());
+        assert!(matches!(
+            r.check(),
+            Err(HealthError::TooManyDriftFeatures { .. })
+        ));
+        r.model_drift_features = vec!["s\0".into()];
+        assert!(
+            r.check()
+                .unwrap_err()
+                .to_string()
+                .contains("model_drift_features[0]")
         );
     }
 

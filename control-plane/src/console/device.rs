@@ -108,7 +108,17 @@ pub(super) async fn page(
             None => ("-".into(), ""),
         };
     let model = text("running_model").unwrap_or_else(|| "-".into());
-    let drift = num("model_drift").map_or("-".into(), |d| format!("{d:.3}"));
+    // Drift score (>= 1: a feature is above its threshold) and the drifting features.
+    let drifting: Vec<&str> = r
+        .and_then(|r| r.get("model_drift_features"))
+        .and_then(serde_json::Value::as_array)
+        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default();
+    let drift = match num("model_drift") {
+        None => "-".into(),
+        Some(d) if drifting.is_empty() => format!("{d:.3}"),
+        Some(d) => format!("{d:.3} ({})", drifting.join(", ")),
+    };
     let disk = match (num("disk_free_bytes"), num("disk_total_bytes")) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.0} % free", a / b * 100.0),
         _ => "-".into(),

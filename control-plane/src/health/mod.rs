@@ -289,6 +289,9 @@ pub const CERT_EXPIRING_S: i64 = 6 * 3600;
 pub const BUFFER_FILLING_RATIO: f64 = 0.8;
 /// Clock offset (either way) over which a device is flagged `clock_skew` (`KipClockSkew`).
 pub const CLOCK_SKEW_MS: i64 = 30_000;
+/// Drift score (largest statistic over its calibrated threshold) at or above which a device
+/// is flagged `model_drift` (`KipModelDrift`).
+pub const MODEL_DRIFT_SCORE: f64 = kip_shared::health::MODEL_DRIFT_SCORE_ALARM;
 
 /// The flags of a stored report at `now`, with the thresholds of the alert rules in
 /// `deploy/monitoring/prometheus/kip-alerts.yml` (kept equal by hand: the rules are what
@@ -325,6 +328,9 @@ pub fn flags(report: &serde_json::Value, now: DateTime<Utc>) -> Vec<String> {
         .is_some_and(|ms| ms.abs() > CLOCK_SKEW_MS)
     {
         out.push("clock_skew");
+    }
+    if num("model_drift").is_some_and(|d| d >= MODEL_DRIFT_SCORE) {
+        out.push("model_drift");
     }
     out.into_iter().map(str::to_owned).collect()
 }
@@ -474,6 +480,7 @@ mod tests {
             "disk_free_bytes": 50, "disk_total_bytes": 100,
             "cert_not_after": (now + chrono::Duration::hours(24)).to_rfc3339(),
             "buffer_bytes": 10, "buffer_max_bytes": 100, "clock_offset_ms": -2000,
+            "model_drift": 0.99,
         });
         assert_eq!(flags(&fine, now), Vec::<String>::new());
         assert_eq!(flags(&serde_json::json!({}), now), Vec::<String>::new());
@@ -481,10 +488,17 @@ mod tests {
             "disk_free_bytes": 9, "disk_total_bytes": 100,
             "cert_not_after": (now + chrono::Duration::hours(1)).to_rfc3339(),
             "buffer_bytes": 81, "buffer_max_bytes": 100, "clock_offset_ms": -31_000,
+            "model_drift": 1.0, "model_drift_features": ["s11"],
         });
         assert_eq!(
             flags(&bad, now),
-            ["disk_low", "cert_expiring", "buffer_filling", "clock_skew"]
+            [
+                "disk_low",
+                "cert_expiring",
+                "buffer_filling",
+                "clock_skew",
+                "model_drift"
+            ]
         );
         let expired = serde_json::json!({
             "cert_not_after": (now - chrono::Duration::seconds(1)).to_rfc3339(),

@@ -546,6 +546,12 @@ pub const ROUTES: &[Rule] = &[
     rule("GET", "/v1/pki/ot-certificates", P::PkiAdmin, "pki.ot_list"),
     rule(
         "GET",
+        "/v1/mlflow/status",
+        P::ModelsRead,
+        "models.mlflow_status",
+    ),
+    rule(
+        "GET",
         "/v1/model-signing",
         P::PkiAdmin,
         "pki.model_signing_status",

@@ -10,6 +10,12 @@
 //!   logged, counted in `kip_mlflow_sync_failures_total` and never fails the kip request.
 //! - The MLflow version number of a kip model is remembered in `ai_models.mlflow_version`; a
 //!   version that could not be mirrored at registration is created when its alias is set.
+//! - A version `kip-train --mlflow` created from its run (same name, tag
+//!   `kip.artifact_sha256` = the registered sha256, not claimed by another kip model) is
+//!   adopted instead of creating a second one, so the kip version's MLflow version has the
+//!   run's artifacts as `source` and the run as `run_id`.
+//! - Reachability ([`MlflowSync::status`], `kip_mlflow_up`, `GET /v1/mlflow/status`) is what
+//!   the last poll found: each poll starts with one cheap API call.
 //!
 //! The other direction ([`spawn_alias_poller`]): every `alias_poll_interval_ms` the `champion`
 //! alias of each mirrored model name is read from MLflow. When it names a version kip knows
@@ -142,6 +148,8 @@ pub struct PollMetrics {
     pub errors: Counter,
     /// `kip_mlflow_last_successful_poll_timestamp_seconds` (0: never).
     pub last_success: Gauge,
+    /// `kip_mlflow_up`: 1 while the last poll reached MLflow, 0 after one that did not.
+    pub up: Gauge,
 }
 
 impl PollMetrics {
@@ -157,6 +165,11 @@ impl PollMetrics {
             "Unix time of the last alias poll that read every mirrored model from MLflow",
             m.last_success.clone(),
         );
+        registry.register(
+            "mlflow_up",
+            "1 while the last alias poll reached MLflow, 0 after one that did not (absent without [mlflow])",
+            m.up.clone(),
+        );
         m
     }
 }
@@ -169,6 +182,48 @@ pub struct MlflowSync {
     pool: PgPool,
     failures: Counter,
     poll: PollMetrics,
+    /// What the poller last found, for `GET /v1/mlflow/status`.
+    reach: std::sync::Mutex<Reach>,
+}
+
+/// Reachability of MLflow as the poller last found it.
+#[derive(Debug, Clone, Default)]
+struct Reach {
+    /// `None` before the first poll.
+    up: Option<bool>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    last_success: Option<chrono::DateTime<chrono::Utc>>,
+    last_error: Option<String>,
+    last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `uri` without `user:password@`, for the status answer and logs.
+fn without_credentials(uri: &str) -> String {
+    match reqwest::Url::parse(uri) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.as_str().trim_end_matches('/').to_owned()
+        }
+        Err(_) => uri.to_owned(),
+    }
+}
+
+/// `GET /v1/mlflow/status` of a control plane without `[mlflow]`.
+pub fn status_not_configured() -> kip_api::MlflowStatus {
+    kip_api::MlflowStatus {
+        configured: false,
+        tracking_uri: None,
+        state: "not_configured".into(),
+        reachable: None,
+        since: None,
+        last_successful_poll_at: None,
+        last_error: None,
+        last_error_at: None,
+        sync_errors_total: 0,
+        mirror_failures_total: 0,
+        alias_poll_interval_ms: None,
+    }
 }
 
 /// The alias that drives rollouts.
@@ -194,7 +249,105 @@ impl MlflowSync {
             pool,
             failures,
             poll,
+            reach: std::sync::Mutex::new(Reach::default()),
         })
+    }
+
+    /// What `GET /v1/mlflow/status` answers.
+    pub fn status(&self) -> kip_api::MlflowStatus {
+        let r = self
+            .reach
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        kip_api::MlflowStatus {
+            configured: true,
+            tracking_uri: Some(without_credentials(&self.cfg.tracking_uri)),
+            state: match r.up {
+                None => "unknown",
+                Some(true) => "reachable",
+                Some(false) => "unreachable",
+            }
+            .into(),
+            reachable: r.up,
+            since: r.since,
+            last_successful_poll_at: r.last_success,
+            last_error: r.last_error,
+            last_error_at: r.last_error_at,
+            sync_errors_total: self.poll.errors.get(),
+            mirror_failures_total: self.failures.get(),
+            alias_poll_interval_ms: u64::try_from(self.cfg.alias_poll_interval.as_millis()).ok(),
+        }
+    }
+
+    /// A poll reached MLflow and read every alias.
+    fn mark_up(&self) {
+        let now = chrono::Utc::now();
+        self.poll.up.set(1);
+        self.poll.last_success.set(now.timestamp());
+        let mut r = self
+            .reach
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.up != Some(true) {
+            if r.up == Some(false) {
+                tracing::info!(
+                    tracking_uri = %without_credentials(&self.cfg.tracking_uri),
+                    "MLflow is reachable again; following the {ROLLOUT_ALIAS} aliases"
+                );
+            }
+            r.up = Some(true);
+            r.since = Some(now);
+        }
+        r.last_success = Some(now);
+    }
+
+    /// A poll could not reach MLflow (or MLflow answered with an error): counted, logged with
+    /// its cause, and shown in the status and `kip_mlflow_up`.
+    fn mark_down(&self, e: &MlflowError) {
+        let now = chrono::Utc::now();
+        self.poll.errors.inc();
+        self.poll.up.set(0);
+        let mut r = self
+            .reach
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if r.up != Some(false) {
+            r.up = Some(false);
+            r.since = Some(now);
+        }
+        r.last_error = Some(e.to_string());
+        r.last_error_at = Some(now);
+        tracing::warn!(
+            error = %e, tracking_uri = %without_credentials(&self.cfg.tracking_uri),
+            "MLflow unreachable: kip keeps serving the desired models from its own tables; \
+             alias changes in MLflow are followed once it answers again"
+        );
+    }
+
+    /// One cheap API call that shows MLflow's REST API answers (not only its web server).
+    async fn probe(&self) -> Result<(), MlflowError> {
+        let path = "registered-models/search";
+        let url = format!(
+            "{}/api/2.0/mlflow/{path}?max_results=1",
+            self.cfg.tracking_uri
+        );
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(MlflowError::Status {
+                path,
+                status,
+                body: body.chars().take(500).collect(),
+            });
+        }
+        Ok(())
     }
 
     fn fail(&self, what: &str, model: &AiModel, e: &MlflowError) {
@@ -262,6 +415,14 @@ impl MlflowSync {
         if let Some(v) = known {
             return Ok(v);
         }
+        if let Some(v) = self.adopt_run_version(model).await? {
+            sqlx::query("UPDATE ai_models SET mlflow_version = $2 WHERE id = $1")
+                .bind(model.id)
+                .bind(&v)
+                .execute(&self.pool)
+                .await?;
+            return Ok(v);
+        }
         match self
             .call(
                 reqwest::Method::POST,
@@ -318,6 +479,97 @@ impl MlflowSync {
             .execute(&self.pool)
             .await?;
         Ok(version)
+    }
+
+    /// The MLflow version `kip-train --mlflow` created from its run for these bytes (same
+    /// registered model name, tag `kip.artifact_sha256`, not yet claimed by another kip model
+    /// through `kip.model_id`), now tagged with this model's kip ids; `None` when there is none.
+    /// The newest such version wins (a re-run of the same seed gives the same bytes).
+    async fn adopt_run_version(&self, model: &AiModel) -> Result<Option<String>, MlflowError> {
+        let Some(sha) = model.artifact_sha256.as_deref() else {
+            return Ok(None);
+        };
+        // Names are [a-z0-9-_.] and the sha256 hex (both checked at registration): no quoting.
+        if !sha.bytes().all(|b| b.is_ascii_hexdigit())
+            || model.name.contains(['\'', '"', '`', '\\'])
+        {
+            return Ok(None);
+        }
+        let path = "model-versions/search";
+        let filter = format!(
+            "name = '{}' and tags.`kip.artifact_sha256` = '{sha}'",
+            model.name
+        );
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/2.0/mlflow/{path}", self.cfg.tracking_uri),
+            &[("filter", filter.as_str()), ("max_results", "100")],
+        )
+        .map_err(|e| MlflowError::Shape {
+            path,
+            body: e.to_string(),
+        })?;
+        let resp = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        if !(200..300).contains(&status) {
+            return Err(MlflowError::Status {
+                path,
+                status,
+                body: text.chars().take(500).collect(),
+            });
+        }
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let tag = |mv: &Value, key: &str| -> Option<String> {
+            mv["tags"].as_array().and_then(|tags| {
+                tags.iter()
+                    .find(|t| t["key"] == key)
+                    .and_then(|t| t["value"].as_str())
+                    .map(str::to_owned)
+            })
+        };
+        let mine = model.id.to_string();
+        let best = answer["model_versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|mv| tag(mv, "kip.model_id").is_none_or(|id| id == mine))
+            .filter_map(|mv| mv["version"].as_str()?.parse::<u64>().ok())
+            .max();
+        let Some(version) = best.map(|v| v.to_string()) else {
+            return Ok(None);
+        };
+        for (key, value) in [
+            ("kip.model_id", mine.clone()),
+            ("kip.org_id", model.org_id.to_string()),
+            (
+                "kip.artifact_url",
+                format!(
+                    "{}{}",
+                    self.cfg.kip_public_url,
+                    super::admin_artifact_path(model.org_id, model.id)
+                ),
+            ),
+        ] {
+            self.call(
+                reqwest::Method::POST,
+                "model-versions/set-tag",
+                json!({ "name": model.name, "version": version, "key": key, "value": value }),
+            )
+            .await?;
+        }
+        tracing::info!(
+            model_id = %model.id, name = %model.name, mlflow_version = %version,
+            "adopted the MLflow model version created by the training run"
+        );
+        Ok(Some(version))
     }
 
     async fn set_alias(&self, model: &AiModel, alias: &str) -> Result<(), MlflowError> {
@@ -516,6 +768,10 @@ impl MlflowSync {
 
     /// One poll: follows the `champion` alias of every mirrored model name.
     pub async fn poll_aliases(&self) {
+        if let Err(e) = self.probe().await {
+            self.mark_down(&e);
+            return;
+        }
         let names: Vec<String> = match sqlx::query_scalar(
             "SELECT DISTINCT name FROM ai_models WHERE mlflow_version IS NOT NULL ORDER BY name",
         )
@@ -534,12 +790,8 @@ impl MlflowSync {
                 Ok(Some(v)) => v,
                 Ok(None) => continue,
                 Err(e) => {
-                    self.poll.errors.inc();
-                    tracing::warn!(
-                        error = %e, tracking_uri = %self.cfg.tracking_uri, model = %name,
-                        "MLflow alias poll: cannot read alias {ROLLOUT_ALIAS}; kip keeps \
-                         serving the desired models from its own tables"
-                    );
+                    tracing::debug!(model = %name, "cannot read alias {ROLLOUT_ALIAS}");
+                    self.mark_down(&e);
                     // One unreachable server fails every name alike: retry at the next tick.
                     return;
                 }
@@ -581,8 +833,7 @@ impl MlflowSync {
                 }
             }
         }
-        let now = chrono::Utc::now().timestamp();
-        self.poll.last_success.set(now);
+        self.mark_up();
     }
 }
 

@@ -80,6 +80,7 @@ where
 {
     Router::new()
         .route("/model-signing", get(signing_status))
+        .route("/mlflow/status", get(mlflow_status))
         .route(
             "/organisations/{org_id}/models",
             get(list_models).post(register_model),
@@ -303,4 +304,14 @@ async fn signing_status(
         "model signing key (pki.ca_dir is not set)",
     ))?;
     Ok(Json(signing::status(&pool, &sg).await?))
+}
+
+/// `GET /v1/mlflow/status`: whether MLflow is reachable as the alias poller last found it
+/// (`models:read`; the same for every organisation: one tracking server per installation).
+async fn mlflow_status(State(mlflow): State<Mlflow>, _p: Principal) -> Json<kip_api::MlflowStatus> {
+    Json(
+        mlflow
+            .as_ref()
+            .map_or_else(mlflow::status_not_configured, |m| m.status()),
+    )
 }

@@ -4,7 +4,11 @@
 //! `s11` shifted by +1.0 (about four standard deviations of its training spread). Their drift
 //! records travel with the sync into `model_monitoring`: the shifted sensor is above its
 //! threshold, the unchanged fleet below on every feature, the API, `kipctl model drift` and
-//! `kip_model_drift*` say so, and another organisation sees none of it.
+//! `kip_model_drift*` say so, and another organisation sees none of it. The agents' health
+//! reports carry their drift detector's score and drifting features: the shifted device is
+//! flagged `model_drift` (device health API, `kipctl device health`, console device page) and
+//! `KipModelDrift` fires for it in a real Prometheus running the shipped rules; the unchanged
+//! device is not flagged and has no alert.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -17,7 +21,7 @@ use std::{path::Path, time::Duration};
 use kip_agent::inference::DRIFT_WINDOW;
 use kip_shared::feature_set::FeatureSet;
 use kip_tests::{
-    ChildGroup, Mosquitto, NewDatabase,
+    ChildGroup, Mosquitto, NewDatabase, Prometheus,
     binaries::{ControlPlaneProcess, spawn_agent},
     eventually_ok, free_port,
     mosquitto::publish_all,
@@ -129,6 +133,7 @@ filter = "info"
 
 [sync]
 endpoints = ["{agent_url}"]
+heartbeat_interval_s = 1
 
 [inference]
 enabled = true
@@ -195,9 +200,18 @@ async fn a_shifted_sensor_replayed_over_mqtt_shows_drift_in_the_control_plane_an
     kip_tests::install_crypto_provider();
     let work = tempfile::tempdir().unwrap();
     let db = NewDatabase::new();
+    // Fleet health metrics refreshed often, so Prometheus sees a new report within seconds.
+    let cp_toml = work.path().join("control-plane.toml");
+    std::fs::write(&cp_toml, "[health]\nmetrics_refresh_ms = 200\n").unwrap();
     let cp_process = ControlPlaneProcess::new(&db.url, work.path())
+        .with_config(cp_toml)
         .with_log(work.path().join("control-plane.log"));
     let _cp: ChildGroup = cp_process.spawn();
+    let prometheus = Prometheus::start(
+        &work.path().join("prometheus"),
+        &format!("127.0.0.1:{}", cp_process.admin_port),
+    )
+    .await;
     let pool = PgPool::connect(&db.url).await.unwrap();
     let api = cp_process.admin_api();
     let org = api.create_org("acme").await;
@@ -369,6 +383,98 @@ async fn a_shifted_sensor_replayed_over_mqtt_shows_drift_in_the_control_plane_an
         }
     })
     .await;
+
+    // The health reports: the shifted device is flagged with s11 among its drifting features,
+    // the steady one is not; KipModelDrift fires for the shifted device only.
+    let health = |device: Uuid| {
+        let api = &api;
+        async move {
+            api.request(
+                reqwest::Method::GET,
+                &format!("/v1/organisations/{org}/devices/{device}/health"),
+                None,
+            )
+            .await
+        }
+    };
+    let flagged = |h: &Value| {
+        h["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "model_drift"))
+    };
+    let shifted_health = eventually_ok(Duration::from_secs(60), || async {
+        let h = health(shifted).await;
+        let features = &h["report"]["model_drift_features"];
+        if flagged(&h)
+            && features
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f == "s11"))
+        {
+            Ok(h)
+        } else {
+            Err(h.to_string())
+        }
+    })
+    .await;
+    let score = shifted_health["report"]["model_drift"].as_f64().unwrap();
+    assert!(score >= 1.0, "{shifted_health}");
+    let steady_health = eventually_ok(Duration::from_secs(60), || async {
+        let h = health(steady).await;
+        if h["report"]["model_drift"].is_number() {
+            Ok(h)
+        } else {
+            Err(h.to_string())
+        }
+    })
+    .await;
+    let steady_score = steady_health["report"]["model_drift"].as_f64().unwrap();
+    assert!(!flagged(&steady_health), "{steady_health}");
+    assert!(steady_score < 1.0, "{steady_health}");
+    assert_eq!(
+        steady_health["report"].get("model_drift_features"),
+        None,
+        "{steady_health}"
+    );
+    eprintln!(
+        "model_drift: health drift score shifted {score:.2} ({}), steady {steady_score:.2}",
+        shifted_health["report"]["model_drift_features"]
+    );
+    let alert = prometheus
+        .wait_firing("KipModelDrift", Some("shifted"), Duration::from_secs(90))
+        .await;
+    assert_eq!(alert["org"], "acme", "{alert}");
+    let firing = prometheus.firing("KipModelDrift").await.unwrap();
+    assert!(
+        firing.iter().all(|l| l["device"] != "steady"),
+        "unchanged data raised KipModelDrift: {firing:?}"
+    );
+    // kipctl device health: the flag and the drifting feature in the DRIFT column.
+    let out = kip_tests::kipctl::run_blocking(
+        &cp_process.admin_url(),
+        &key_file,
+        &["--org", &org.to_string(), "device", "health"],
+    );
+    assert!(out.ok, "{out:?}");
+    let header = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("NAME"))
+        .unwrap_or_default();
+    assert!(header.contains("DRIFT"), "{}", out.stdout);
+    let row = |name: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} row: {}", out.stdout))
+            .to_owned()
+    };
+    let shifted_row = row("shifted");
+    assert!(
+        shifted_row.contains("model_drift") && shifted_row.contains("s11"),
+        "{}",
+        out.stdout
+    );
+    assert!(!row("steady").contains("model_drift"), "{}", out.stdout);
 
     // Another organisation sees none of it.
     let page = api
