@@ -86,14 +86,51 @@ pub fn tsquery_words(q: &str) -> Option<String> {
     (!words.is_empty()).then(|| words.join(" | "))
 }
 
-/// The vector list alone (ids in distance order), in an open tenant transaction.
-pub async fn nearest(
+/// The vector list: nearest by cosine distance through HNSW, re-sorted by exact distance.
+const NEAREST_SQL: &str = "SELECT id FROM (SELECT id, embedding <=> $1::vector AS d \
+     FROM document_chunks ORDER BY embedding <=> $1::vector LIMIT $2) s ORDER BY d";
+
+/// The full-text list: chunks matching any word of the question, by `ts_rank_cd`.
+const FULL_TEXT_SQL: &str = "WITH q AS (SELECT to_tsquery('german', $1) \
+     || to_tsquery('english', $1) || to_tsquery('simple', $1) AS q) \
+     SELECT c.id FROM document_chunks c, q WHERE c.tsv @@ q.q \
+     ORDER BY ts_rank_cd(c.tsv, q.q) DESC, c.id LIMIT $2";
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of both lists as [`hybrid`] runs them, in an open tenant
+/// transaction (for benchmarks and operators: where the time of a slow search goes).
+pub async fn explain(
     tx: &mut Transaction<'static, Postgres>,
+    question: &str,
     embedding: &[f32],
-    limit: usize,
+    p: SearchParams,
+) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+    set_vector_params(tx, p.ef_search, true).await?;
+    let lines = |rows: Vec<String>| rows.join("\n");
+    let vector: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {NEAREST_SQL}")))
+            .bind(to_pgvector(embedding))
+            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut out = vec![("vector", lines(vector))];
+    if let Some(words) = tsquery_words(question) {
+        let text: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (ANALYZE, BUFFERS) {FULL_TEXT_SQL}"
+        )))
+        .bind(words)
+        .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await?;
+        out.push(("full-text", lines(text)));
+    }
+    Ok(out)
+}
+
+async fn set_vector_params(
+    tx: &mut Transaction<'static, Postgres>,
     ef_search: u32,
     iterative: bool,
-) -> Result<Vec<Uuid>, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "SELECT set_config('hnsw.ef_search', $1, true), \
                 set_config('hnsw.iterative_scan', $2, true)",
@@ -102,11 +139,36 @@ pub async fn nearest(
     .bind(if iterative { "relaxed_order" } else { "off" })
     .execute(&mut **tx)
     .await?;
-    sqlx::query_scalar(
-        "SELECT id FROM (SELECT id, embedding <=> $1::vector AS d FROM document_chunks \
-         ORDER BY embedding <=> $1::vector LIMIT $2) s ORDER BY d",
-    )
+    Ok(())
+}
+
+/// The vector list alone (ids in distance order), in an open tenant transaction.
+pub async fn nearest(
+    tx: &mut Transaction<'static, Postgres>,
+    embedding: &[f32],
+    limit: usize,
+    ef_search: u32,
+    iterative: bool,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    set_vector_params(tx, ef_search, iterative).await?;
+    sqlx::query_scalar(NEAREST_SQL)
     .bind(to_pgvector(embedding))
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// The full-text list alone (ids by `ts_rank_cd`), in an open tenant transaction.
+pub async fn full_text(
+    tx: &mut Transaction<'static, Postgres>,
+    question: &str,
+    limit: usize,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let Some(words) = tsquery_words(question) else {
+        return Ok(Vec::new());
+    };
+    sqlx::query_scalar(FULL_TEXT_SQL)
+    .bind(words)
     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(&mut **tx)
     .await
@@ -122,21 +184,7 @@ pub async fn hybrid(
 ) -> Result<Vec<Hit>, sqlx::Error> {
     let mut tx = tenant_tx(pool, org).await?;
     let vector = nearest(&mut tx, embedding, p.candidates, p.ef_search, true).await?;
-    let text: Vec<Uuid> = match tsquery_words(question) {
-        Some(words) => {
-            sqlx::query_scalar(
-                "WITH q AS (SELECT to_tsquery('german', $1) || to_tsquery('english', $1) \
-                 || to_tsquery('simple', $1) AS q) \
-                 SELECT c.id FROM document_chunks c, q WHERE c.tsv @@ q.q \
-                 ORDER BY ts_rank_cd(c.tsv, q.q) DESC, c.id LIMIT $2",
-            )
-            .bind(words)
-            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?
-        }
-        None => Vec::new(),
-    };
+    let text = full_text(&mut tx, question, p.candidates).await?;
     let fused = fuse(&vector, &text, p.k);
     let ids: Vec<Uuid> = fused.iter().map(|f| f.0).collect();
     let rows: Vec<Hit> = sqlx::query_as(
