@@ -122,11 +122,7 @@ async fn main() {
                 org,
                 &q,
                 &v,
-                SearchParams {
-                    k: 5,
-                    candidates: 20,
-                    ef_search: 100,
-                },
+                SearchParams::for_k(5),
             )
             .await
             .unwrap();

@@ -381,11 +381,7 @@ async fn main() {
             (q, v)
         })
         .collect();
-    let params = SearchParams {
-        k: K,
-        candidates: (K * 4).max(20),
-        ef_search: 100,
-    };
+    let params = SearchParams::for_k(K);
 
     // EXPLAIN ANALYZE of both legs for the first question, as the tenant sees them.
     for (org, label) in [(big, "large"), (tiny, "tiny")] {
@@ -415,12 +411,10 @@ async fn main() {
             // The legs alone, for attribution.
             let mut tx = search::tenant_tx(&pool, org).await.unwrap();
             let t = Instant::now();
-            search::nearest(&mut tx, v, params.candidates, params.ef_search, true)
-                .await
-                .unwrap();
+            search::vector_list(&mut tx, v, params).await.unwrap();
             vec_lat.push(t.elapsed().as_secs_f64() * 1000.0);
             let t = Instant::now();
-            search::full_text(&mut tx, q, params.candidates)
+            search::full_text(&mut tx, q, params.candidates, params.text_scan_rows)
                 .await
                 .unwrap();
             text_lat.push(t.elapsed().as_secs_f64() * 1000.0);
