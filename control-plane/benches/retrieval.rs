@@ -117,15 +117,9 @@ async fn main() {
             let q = format!("spindle coolant filter on machine {}", i % 97);
             let v = e.embed(std::slice::from_ref(&q)).unwrap().pop().unwrap();
             let t = Instant::now();
-            let hits = search::hybrid(
-                &pool,
-                org,
-                &q,
-                &v,
-                SearchParams::for_k(5),
-            )
-            .await
-            .unwrap();
+            let hits = search::hybrid(&pool, org, &q, &v, SearchParams::for_k(5))
+                .await
+                .unwrap();
             lat.push(t.elapsed().as_secs_f64() * 1000.0);
             rows += hits.len();
         }

@@ -123,7 +123,14 @@ const ACTIONS_DE: [&str; 4] = [
     "Das verschlissene Teil ersetzen und die Maschine dreißig Minuten mit reduzierter Drehzahl fahren.",
     "Maschine sichern, das Spiel messen und den Servicetechniker rufen.",
 ];
-const MACHINES: [&str; 6] = ["press", "oven", "lathe", "milling centre", "conveyor", "robot cell"];
+const MACHINES: [&str; 6] = [
+    "press",
+    "oven",
+    "lathe",
+    "milling centre",
+    "conveyor",
+    "robot cell",
+];
 const SHIFTS_EN: [&str; 3] = ["early shift", "late shift", "night shift"];
 const SHIFTS_DE: [&str; 3] = ["Frühschicht", "Spätschicht", "Nachtschicht"];
 

@@ -555,6 +555,10 @@ async fn hybrid_calls_are_metered_and_stop_at_the_monthly_budget(pool: PgPool) {
 
 /// A fake agent of `org`'s device `device` on `port`: answers live requests with `values`
 /// while `answering` is set; every request it receives is recorded.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fake agent's inputs are independent; a struct would only rename them"
+)]
 fn fake_agent(
     port: u16,
     org: Uuid,
@@ -563,6 +567,7 @@ fn fake_agent(
     answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<kip_shared::live::LiveRequest>>>,
     stop: tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> tokio::sync::oneshot::Receiver<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let mut opts = MqttOptions::new(format!("fake-agent-{}", Uuid::new_v4()), "127.0.0.1", port);
@@ -570,7 +575,7 @@ fn fake_agent(
     let (agent, mut events) = AsyncClient::new(opts, 16);
     let topic = kip_shared::live::request_topic("kip/v1", org, device);
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         agent.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
         let mut subscribed_tx = Some(subscribed_tx);
         loop {
@@ -614,9 +619,7 @@ fn fake_agent(
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
-async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_readings(
-    pool: PgPool,
-) {
+async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_readings(pool: PgPool) {
     use std::sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -663,7 +666,7 @@ async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_read
     let answering = Arc::new(AtomicBool::new(true));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let stop = tokio_util::sync::CancellationToken::new();
-    let _stop_guard = stop.clone().drop_guard();
+    let tasks = tokio_util::task::TaskTracker::new();
     let subscribed = fake_agent(
         broker.port,
         org_a,
@@ -676,6 +679,7 @@ async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_read
         answering.clone(),
         seen.clone(),
         stop.clone(),
+        &tasks,
     );
     tokio::time::timeout(std::time::Duration::from_secs(20), subscribed)
         .await
@@ -749,10 +753,13 @@ async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_read
     assert!(took < std::time::Duration::from_secs(2), "{took:?}");
     let g = &r.body["grounding"];
     assert!(
-        g["notes"].as_array().unwrap().iter().any(|n| n
-            .as_str()
+        g["notes"]
+            .as_array()
             .unwrap()
-            .starts_with("press-gw did not answer within 800 ms over MQTT; its stored readings")),
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with(
+                "press-gw did not answer within 800 ms over MQTT; its stored readings"
+            )),
         "{}",
         r.text
     );
@@ -800,11 +807,13 @@ async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_read
         .unwrap()
         .to_owned();
     assert!(!prompt.contains("83.25"), "{prompt}");
-    assert!(!r.body["grounding"]["citations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["source"] == "live"));
+    assert!(
+        !r.body["grounding"]["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source"] == "live")
+    );
     assert_eq!(seen.lock().unwrap().len(), before);
     assert!(
         r.body["grounding"]["notes"]
@@ -822,12 +831,13 @@ async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_read
             .all(|q| q.org_id == org_a && q.reply_to.contains(&org_a.to_string()))
     );
     let _ = org_b;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
-async fn mixture_of_n_fuses_the_candidates_and_keeps_only_citations_of_given_sources(
-    pool: PgPool,
-) {
+async fn mixture_of_n_fuses_the_candidates_and_keeps_only_citations_of_given_sources(pool: PgPool) {
     let a = FakeLlm::start(Reply::Json(fake_llm::completion(
         "m",
         "The spindle is rising [R1]; check the coolant [D1].",
@@ -934,7 +944,10 @@ async fn mixture_of_n_fuses_the_candidates_and_keeps_only_citations_of_given_sou
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.body["orchestration"]["fuser"]["status"], "all_failed");
     assert_eq!(
-        (r.body["provider"].as_str(), r.body["grounding"]["mode"].as_str()),
+        (
+            r.body["provider"].as_str(),
+            r.body["grounding"]["mode"].as_str()
+        ),
         (Some("b"), Some("hybrid"))
     );
     assert!(

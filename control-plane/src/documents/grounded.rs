@@ -685,9 +685,10 @@ mod tests {
 
     #[test]
     fn markers_are_rewritten_and_unknown_ones_removed() {
-        let out = rewrite_markers("Hot [R1]. Manual [D2, D9]. Made up [D7]. Keep [see 3].", |m| {
-            (m != "D9" && m != "D7").then(|| m.replace('D', "X"))
-        });
+        let out = rewrite_markers(
+            "Hot [R1]. Manual [D2, D9]. Made up [D7]. Keep [see 3].",
+            |m| (m != "D9" && m != "D7").then(|| m.replace('D', "X")),
+        );
         assert_eq!(out, "Hot [R1]. Manual [X2]. Made up. Keep [see 3].");
         let ctx = Context {
             live: vec![LiveReading {

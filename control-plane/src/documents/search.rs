@@ -142,16 +142,20 @@ pub async fn explain(
     } else {
         ("vector (HNSW)", NEAREST_SQL)
     };
-    let vector: Vec<String> =
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN (ANALYZE, BUFFERS) {sql}")))
-            .bind(to_pgvector(embedding))
-            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
-            .fetch_all(&mut **tx)
-            .await?;
+    let vector: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {sql}"
+    )))
+    .bind(to_pgvector(embedding))
+    .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+    .fetch_all(&mut **tx)
+    .await?;
     let mut out = vec![(leg, lines(vector))];
     let words = text_words(question);
     if !words.is_empty() {
-        for (tier, op) in [("full-text, all words", " & "), ("full-text, any word", " | ")] {
+        for (tier, op) in [
+            ("full-text, all words", " & "),
+            ("full-text, any word", " | "),
+        ] {
             let text: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "EXPLAIN (ANALYZE, BUFFERS) {FULL_TEXT_SQL}"
             )))
@@ -193,10 +197,10 @@ pub async fn nearest(
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     set_vector_params(tx, ef_search, iterative).await?;
     sqlx::query_scalar(NEAREST_SQL)
-    .bind(to_pgvector(embedding))
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&mut **tx)
-    .await
+        .bind(to_pgvector(embedding))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await
 }
 
 /// The question's distinct words for the full-text list (letters and digits, at most 32).

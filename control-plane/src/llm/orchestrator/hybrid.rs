@@ -118,7 +118,8 @@ pub async fn answer(
     let org = toolbox.org;
     let strategy = req.strategy.unwrap_or(cfg.strategy);
     let live = gw.live_client();
-    let ctx = super::sources::gather(toolbox, live.as_deref(), &req.question, cfg.sources_timeout).await;
+    let ctx =
+        super::sources::gather(toolbox, live.as_deref(), &req.question, cfg.sources_timeout).await;
     let mut messages = vec![json!({"role": "system",
         "content": format!("{}{TOOL_HINT}", ctx.system_prompt())})];
     messages.extend(req.messages.iter().cloned());
@@ -453,7 +454,10 @@ fn fuser_messages(question: &str, ctx: &Context, answers: &[String]) -> Vec<Valu
         ctx.system_prompt()
     );
     for (i, a) in answers.iter().enumerate() {
-        user.push_str(&format!("\nCandidate answer {i}:\n{}\n", grounded::clip(a, 4000)));
+        user.push_str(&format!(
+            "\nCandidate answer {i}:\n{}\n",
+            grounded::clip(a, 4000)
+        ));
     }
     vec![
         json!({"role": "system", "content":

@@ -58,7 +58,11 @@ pub async fn gather(
     let deadline = tokio::time::Instant::from_std(started + timeout);
     let (pool, org) = (&toolbox.pool, toolbox.org);
     let limit_ms = timeout.as_millis();
-    let late = |what: &str| format!("{what} did not finish within the source deadline of {limit_ms} ms; answered without it");
+    let late = |what: &str| {
+        format!(
+            "{what} did not finish within the source deadline of {limit_ms} ms; answered without it"
+        )
+    };
     let failed = |what: &str| format!("{what} failed on the server; answered without it");
 
     let passages = timeout_at(
@@ -89,12 +93,22 @@ pub async fn gather(
         }
         Ok(Err(e)) => {
             tracing::warn!(%org, error = %e, "hybrid: document search failed");
-            let (c, n) = missing("search_documents", started, "failed", failed("document search"));
+            let (c, n) = missing(
+                "search_documents",
+                started,
+                "failed",
+                failed("document search"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
         Err(_) => {
-            let (c, n) = missing("search_documents", started, "timeout", late("document search"));
+            let (c, n) = missing(
+                "search_documents",
+                started,
+                "timeout",
+                late("document search"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
@@ -106,12 +120,22 @@ pub async fn gather(
         }
         Ok(Err(e)) => {
             tracing::warn!(%org, error = %e, "hybrid: reading the stored readings failed");
-            let (c, n) = missing("latest_readings", started, "failed", failed("the stored readings"));
+            let (c, n) = missing(
+                "latest_readings",
+                started,
+                "failed",
+                failed("the stored readings"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
         Err(_) => {
-            let (c, n) = missing("latest_readings", started, "timeout", late("the stored readings"));
+            let (c, n) = missing(
+                "latest_readings",
+                started,
+                "timeout",
+                late("the stored readings"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
@@ -128,12 +152,22 @@ pub async fn gather(
         }
         Ok(Err(e)) => {
             tracing::warn!(%org, error = %e, "hybrid: reading the predictions failed");
-            let (c, n) = missing("latest_predictions", started, "failed", failed("the predictions"));
+            let (c, n) = missing(
+                "latest_predictions",
+                started,
+                "failed",
+                failed("the predictions"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
         Err(_) => {
-            let (c, n) = missing("latest_predictions", started, "timeout", late("the predictions"));
+            let (c, n) = missing(
+                "latest_predictions",
+                started,
+                "timeout",
+                late("the predictions"),
+            );
             ctx.tool_calls.push(c);
             ctx.notes.push(n);
         }
