@@ -31,10 +31,16 @@ pub async fn tenant_tx(
     sqlx::query("SET LOCAL ROLE kip_tenant")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("SELECT set_config('kip.org_id', $1, true)")
-        .bind(org.to_string())
-        .execute(&mut *tx)
-        .await?;
+    // Custom plans only: the organisation filter (row-level security) is not a parameter, so
+    // a cached generic plan made for a large organisation (GIN or sequential scan) would be
+    // reused for a tiny one, which needs the organisation index.
+    sqlx::query(
+        "SELECT set_config('kip.org_id', $1, true), \
+                set_config('plan_cache_mode', 'force_custom_plan', true)",
+    )
+    .bind(org.to_string())
+    .execute(&mut *tx)
+    .await?;
     Ok(tx)
 }
 
@@ -93,17 +99,21 @@ impl SearchParams {
 const NEAREST_SQL: &str = "SELECT id FROM (SELECT id, embedding <=> $1::vector AS d \
      FROM document_chunks ORDER BY embedding <=> $1::vector LIMIT $2) s ORDER BY d";
 
-/// The full-text list, one tier: the question's words that are not stop words in English or
-/// German (`$1`, joined by `$2`: `&` for "all words", `|` for "any word"), matched in the
-/// German, English and unstemmed forms; at most `$3` matching rows are read and ranked by
-/// `ts_rank_cd` (a question's common words can match most of a large organisation, and
-/// ranking every match read each row's tsvector: 2.3 s at 100k chunks); the best `$4`.
-const FULL_TEXT_SQL: &str = "WITH w AS (SELECT string_agg(w, $2) AS s FROM unnest($1::text[]) AS w \
-     WHERE length(to_tsvector('english', w)) > 0 AND length(to_tsvector('german', w)) > 0), \
-     q AS (SELECT to_tsquery('german', s) || to_tsquery('english', s) || to_tsquery('simple', s) \
-     AS q FROM w WHERE s IS NOT NULL) \
-     SELECT m.id FROM (SELECT c.id, c.tsv FROM document_chunks c, q WHERE c.tsv @@ q.q LIMIT $3) m, q \
-     ORDER BY ts_rank_cd(m.tsv, q.q) DESC, m.id LIMIT $4";
+/// The question's words that are stop words in neither English nor German (`$1`), joined by
+/// `$2` (`&` for "all words", `|` for "any word"); NULL when none is left.
+const TEXT_QUERY_SQL: &str = "SELECT string_agg(w, $2) FROM unnest($1::text[]) AS w \
+     WHERE length(to_tsvector('english', w)) > 0 AND length(to_tsvector('german', w)) > 0";
+
+/// The full-text list, one tier: the words `$1` matched in the German, English and unstemmed
+/// forms; at most `$2` matching rows are read and ranked by `ts_rank_cd` (a question's common
+/// words can match most of a large organisation, and ranking every match reads each row's
+/// tsvector: 5 s at 100k chunks); the best `$3`. The tsquery is an expression of the
+/// parameter (not a CTE), so the GIN index applies.
+const FULL_TEXT_SQL: &str = "SELECT m.id FROM (SELECT c.id, c.tsv FROM document_chunks c \
+     WHERE c.tsv @@ (to_tsquery('german', $1) || to_tsquery('english', $1) \
+     || to_tsquery('simple', $1)) LIMIT $2) m \
+     ORDER BY ts_rank_cd(m.tsv, to_tsquery('german', $1) || to_tsquery('english', $1) \
+     || to_tsquery('simple', $1)) DESC, m.id LIMIT $3";
 
 /// The vector list, exact: every chunk of the organisation by distance (the CTE keeps the
 /// planner off HNSW), for organisations below `exact_below_chunks`.
@@ -156,11 +166,16 @@ pub async fn explain(
             ("full-text, all words", " & "),
             ("full-text, any word", " | "),
         ] {
+            let q: Option<String> = sqlx::query_scalar(TEXT_QUERY_SQL)
+                .bind(&words)
+                .bind(op)
+                .fetch_one(&mut **tx)
+                .await?;
+            let Some(q) = q else { break };
             let text: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "EXPLAIN (ANALYZE, BUFFERS) {FULL_TEXT_SQL}"
             )))
-            .bind(&words)
-            .bind(op)
+            .bind(q)
             .bind(i64::try_from(p.text_scan_rows).unwrap_or(i64::MAX))
             .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
             .fetch_all(&mut **tx)
@@ -229,22 +244,24 @@ pub async fn full_text(
     }
     let lim = i64::try_from(limit).unwrap_or(i64::MAX);
     let scan = i64::try_from(scan_rows).unwrap_or(i64::MAX);
-    let mut ids: Vec<Uuid> = sqlx::query_scalar(FULL_TEXT_SQL)
-        .bind(&words)
-        .bind(" & ")
-        .bind(scan)
-        .bind(lim)
-        .fetch_all(&mut **tx)
-        .await?;
-    if ids.len() < limit {
-        let any: Vec<Uuid> = sqlx::query_scalar(FULL_TEXT_SQL)
+    let mut ids: Vec<Uuid> = Vec::new();
+    for op in [" & ", " | "] {
+        if ids.len() >= limit {
+            break;
+        }
+        let q: Option<String> = sqlx::query_scalar(TEXT_QUERY_SQL)
             .bind(&words)
-            .bind(" | ")
+            .bind(op)
+            .fetch_one(&mut **tx)
+            .await?;
+        let Some(q) = q else { break };
+        let tier: Vec<Uuid> = sqlx::query_scalar(FULL_TEXT_SQL)
+            .bind(q)
             .bind(scan)
             .bind(lim)
             .fetch_all(&mut **tx)
             .await?;
-        for id in any {
+        for id in tier {
             if ids.len() >= limit {
                 break;
             }
