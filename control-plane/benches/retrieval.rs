@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo bench -p kip-control-plane --bench retrieval` (PostgreSQL with pgvector from
 //! `DATABASE_URL`; the model from `target/embedding`, see `scripts/lib.sh`
-//! `ensure_embedding_model`). `RETRIEVAL_CHUNKS=100000` for the 100k figure.
+//! `ensure_embedding_model`). The 100k figure, with realistic text and per-list timing:
+//! the `retrieval_scale` bench.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
