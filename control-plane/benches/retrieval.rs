@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo bench -p kip-control-plane --bench retrieval` (PostgreSQL with pgvector from
 //! `DATABASE_URL`; the model from `target/embedding`, see `scripts/lib.sh`
-//! `ensure_embedding_model`). `RETRIEVAL_CHUNKS=100000` for the 100k figure.
+//! `ensure_embedding_model`). The 100k figure, with realistic text and per-list timing:
+//! the `retrieval_scale` bench.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -117,19 +118,9 @@ async fn main() {
             let q = format!("spindle coolant filter on machine {}", i % 97);
             let v = e.embed(std::slice::from_ref(&q)).unwrap().pop().unwrap();
             let t = Instant::now();
-            let hits = search::hybrid(
-                &pool,
-                org,
-                &q,
-                &v,
-                SearchParams {
-                    k: 5,
-                    candidates: 20,
-                    ef_search: 100,
-                },
-            )
-            .await
-            .unwrap();
+            let hits = search::hybrid(&pool, org, &q, &v, SearchParams::for_k(5))
+                .await
+                .unwrap();
             lat.push(t.elapsed().as_secs_f64() * 1000.0);
             rows += hits.len();
         }

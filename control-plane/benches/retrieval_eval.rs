@@ -282,6 +282,7 @@ async fn answers_end_to_end(
                 messages: vec![json!({"role": "user", "content": q.question})],
                 model: None,
                 base: serde_json::Map::new(),
+                strategy: None,
             },
         )
         .await

@@ -552,3 +552,443 @@ async fn hybrid_calls_are_metered_and_stop_at_the_monthly_budget(pool: PgPool) {
     )
     .await;
 }
+
+/// A fake agent of `org`'s device `device` on `port`: answers live requests with `values`
+/// while `answering` is set; every request it receives is recorded.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fake agent's inputs are independent; a struct would only rename them"
+)]
+fn fake_agent(
+    port: u16,
+    org: Uuid,
+    device: &str,
+    values: Vec<kip_shared::live::LiveValue>,
+    answering: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<kip_shared::live::LiveRequest>>>,
+    stop: tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> tokio::sync::oneshot::Receiver<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(format!("fake-agent-{}", Uuid::new_v4()), "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (agent, mut events) = AsyncClient::new(opts, 16);
+    let topic = kip_shared::live::request_topic("kip/v1", org, device);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    tasks.spawn(async move {
+        agent.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            let ev = tokio::select! {
+                () = stop.cancelled() => return,
+                ev = events.poll() => ev,
+            };
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let req = kip_shared::live::LiveRequest::decode(&p.payload).unwrap();
+                    seen.lock().unwrap().push(req.clone());
+                    if !answering.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    let answer = kip_shared::live::LiveResponse {
+                        v: kip_shared::live::LIVE_PROTOCOL_VERSION,
+                        request_id: req.request_id,
+                        org_id: req.org_id,
+                        device: req.device.clone(),
+                        agent_time: chrono::Utc::now(),
+                        values: values.clone(),
+                        predictions: vec![],
+                        truncated: false,
+                    };
+                    agent
+                        .publish(&req.reply_to, QoS::AtLeastOnce, false, answer.encode())
+                        .await
+                        .unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("fake agent: {e}"),
+            }
+        }
+    });
+    subscribed
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn hybrid_asks_the_named_machines_agent_live_and_falls_back_to_stored_readings(pool: PgPool) {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = kip_tests::Mosquitto::start_plain(dir.path());
+    let fake = FakeLlm::start(Reply::Json(fake_llm::completion(
+        "gpt-5",
+        "Live the spindle of press-1 is at 83.25 °C [L1] (stored 81.5 °C [R1]); clean the \
+         coolant filter [D1].",
+    )))
+    .await;
+    let toml = format!(
+        "{}[providers.aleph]\nkind = \"aleph\"\nmodels = [\"aleph\"]\n\
+         [providers.aleph.mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"cp-hybrid-{}\"\n\
+         request_timeout_ms = 800\n[orchestrator]\nsources_timeout_ms = 2000\n",
+        provider("openai", &fake.base_url(), "\"gpt-5\""),
+        broker.port,
+        Uuid::new_v4().simple()
+    );
+    let app = orch_app(pool.clone(), &toml).await;
+    let (org_a, key_a) = plant_org(&app, &pool, "acme").await;
+    let (org_b, key_b) = plant_org(&app, &pool, "globex").await;
+    let org_a: Uuid = org_a.parse().unwrap();
+    let live = app.state.llm.live_client().expect("aleph has mqtt");
+    kip_tests::wait_until(
+        std::time::Duration::from_secs(20),
+        "the live client subscribed",
+        || {
+            let l = live.clone();
+            async move { l.connected() }
+        },
+    )
+    .await;
+    let measured = chrono::Utc::now() - chrono::Duration::seconds(2);
+    let value = |machine: &str, metric: &str, v: f64| kip_shared::live::LiveValue {
+        source: "plc".into(),
+        machine: machine.into(),
+        metric: metric.into(),
+        value: v,
+        ts: measured,
+        quality: kip_shared::Quality::Good,
+    };
+    let answering = Arc::new(AtomicBool::new(true));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let subscribed = fake_agent(
+        broker.port,
+        org_a,
+        "press-gw",
+        vec![
+            value("press-1", "spindle_temp", 83.25),
+            // A machine the question does not name: not handed to the model.
+            value("oven-7", "zone_temp", 212.0),
+        ],
+        answering.clone(),
+        seen.clone(),
+        stop.clone(),
+        &tasks,
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(20), subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let r = hybrid(&app, &key_a, Some("gpt-5")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let g = &r.body["grounding"];
+    let live_cite = g["citations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["source"] == "live")
+        .unwrap_or_else(|| panic!("no live citation: {}", r.text));
+    assert_eq!(
+        (
+            live_cite["kind"].as_str(),
+            live_cite["device"].as_str(),
+            live_cite["machine"].as_str(),
+            live_cite["metric"].as_str(),
+            live_cite["value"].as_f64()
+        ),
+        (
+            Some("reading"),
+            Some("press-gw"),
+            Some("press-1"),
+            Some("spindle_temp"),
+            Some(83.25)
+        )
+    );
+    let ts: chrono::DateTime<chrono::Utc> = live_cite["ts"].as_str().unwrap().parse().unwrap();
+    assert_eq!(ts, measured);
+    assert!(
+        g["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source"] == "stored" && c["metric"] == "spindle_temp"),
+        "{}",
+        r.text
+    );
+    let live_call = g["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["tool"] == "live_values")
+        .unwrap();
+    assert_eq!(
+        (live_call["status"].as_str(), live_call["results"].as_u64()),
+        (Some("ok"), Some(1))
+    );
+    let prompt = fake.requests().last().unwrap()["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        prompt.contains("[L1] press-gw / press-1 / spindle_temp = 83.25"),
+        "{prompt}"
+    );
+    assert!(!prompt.contains("oven-7"), "{prompt}");
+    assert_eq!(seen.lock().unwrap().len(), 1, "one device asked once");
+
+    // The agent goes silent: the answer comes by the deadline, from stored readings, with a
+    // note; the model's [L1] names no source any more and is removed.
+    answering.store(false, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    let r = hybrid(&app, &key_a, Some("gpt-5")).await;
+    let took = t.elapsed();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    let g = &r.body["grounding"];
+    assert!(
+        g["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with(
+                "press-gw did not answer within 800 ms over MQTT; its stored readings"
+            )),
+        "{}",
+        r.text
+    );
+    assert!(
+        !g["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source"] == "live")
+    );
+    assert!(
+        g["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source"] == "stored" && c["value"] == 81.5),
+        "{}",
+        r.text
+    );
+    let content = r.body["content"].as_str().unwrap();
+    assert!(!content.contains("[L1]"), "{content}");
+    let prompt = fake.requests().last().unwrap()["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(prompt.contains("press-gw did not answer"), "{prompt}");
+    assert!(
+        g["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["tool"] == "live_values" && c["status"] == "timeout"),
+        "{}",
+        r.text
+    );
+
+    // Organisation B asks the same question: its request goes to its own topics only (the
+    // agent of A hears nothing) and none of A's live values reach its answer.
+    answering.store(true, Ordering::SeqCst);
+    let before = seen.lock().unwrap().len();
+    let r = hybrid(&app, &key_b, Some("gpt-5")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let prompt = fake.requests().last().unwrap()["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!prompt.contains("83.25"), "{prompt}");
+    assert!(
+        !r.body["grounding"]["citations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["source"] == "live")
+    );
+    assert_eq!(seen.lock().unwrap().len(), before);
+    assert!(
+        r.body["grounding"]["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("press-gw did not answer")),
+        "{}",
+        r.text
+    );
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|q| q.org_id == org_a && q.reply_to.contains(&org_a.to_string()))
+    );
+    let _ = org_b;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn mixture_of_n_fuses_the_candidates_and_keeps_only_citations_of_given_sources(pool: PgPool) {
+    let a = FakeLlm::start(Reply::Json(fake_llm::completion(
+        "m",
+        "The spindle is rising [R1]; check the coolant [D1].",
+    )))
+    .await;
+    let b = FakeLlm::start(Reply::Json(fake_llm::completion(
+        "m",
+        "Press-1 is at 81.5 °C [R1], its remaining life is short [P1], see the manual [D1].",
+    )))
+    .await;
+    let fuser = FakeLlm::start(Reply::Json(fake_llm::completion(
+        "f",
+        "The spindle of press-1 is at 81.5 °C and rising [R1]; clean the coolant filter [D1]; \
+         remaining life 42 cycles [P1] [D9]. Made up [R7, P1].",
+    )))
+    .await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/v1", l.local_addr().unwrap())
+    };
+    let toml = |fuser_url: &str, cand_url: &str| {
+        format!(
+            "local_fallback = false\nmax_retries = 0\n{}{}{}\
+             [orchestrator]\ncandidates = [\"a/m\", \"b/m\"]\nfuser_model = \"fuser/f\"\n",
+            provider("a", cand_url, "\"m\""),
+            provider("b", &b.base_url(), "\"m\""),
+            provider("fuser", fuser_url, "\"f\""),
+        )
+    };
+    let app = orch_app(pool.clone(), &toml(&fuser.base_url(), &a.base_url())).await;
+    let (_org, key) = plant_org(&app, &pool, "acme").await;
+
+    // The configured strategy is best_of_n; the request asks for mixture_of_n.
+    let body = json!({"mode": "hybrid", "hybrid_strategy": "mixture_of_n",
+                      "messages": [{"role": "user", "content": QUESTION}]});
+    let r = app.post("/v1/query", &key, body.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(
+        r.body["content"],
+        "The spindle of press-1 is at 81.5 °C and rising [R1]; clean the coolant filter [D1]; \
+         remaining life 42 cycles [P1]. Made up [P1]."
+    );
+    assert_eq!(
+        (r.body["provider"].as_str(), r.body["model"].as_str()),
+        (Some("fuser"), Some("f"))
+    );
+    let o = &r.body["orchestration"];
+    assert_eq!(o["strategy"], "mixture_of_n");
+    assert_eq!(o["fuser"]["status"], "ok", "{}", r.text);
+    assert_eq!(o["fuser"]["rejected_markers"], json!(["D9", "R7"]));
+    let kinds: Vec<&str> = r.body["grounding"]["citations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["document", "reading", "prediction"], "{}", r.text);
+    let prompt = fuser.requests()[0]["messages"][1]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        prompt.contains("Candidate answer 0:\nThe spindle is rising [R1]")
+            && prompt.contains("Candidate answer 1:\nPress-1 is at 81.5")
+            && prompt.contains("[P1] press-gw / press-1"),
+        "{prompt}"
+    );
+
+    // Through the chat alias with the header.
+    let r = app
+        .raw(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/v1/chat/completions")
+                .header("authorization", format!("Bearer {key}"))
+                .header("content-type", "application/json")
+                .header("x-kip-hybrid-strategy", "mixture_of_n")
+                .body(Body::from(
+                    json!({"model": "kip-hybrid",
+                           "messages": [{"role": "user", "content": QUESTION}]})
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["kip_grounding"]["strategy"], "mixture_of_n");
+    assert!(
+        !r.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("D9")
+    );
+
+    // The fuser fails: the candidate citing the most sources (B) is the answer.
+    let app = app
+        .replica(orch_config(&format!(
+            "{}strategy = \"mixture_of_n\"\n",
+            toml(&dead, &a.base_url())
+        )))
+        .await;
+    let (_org, key) = plant_org(&app, &pool, "initech").await;
+    let r = hybrid(&app, &key, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["orchestration"]["fuser"]["status"], "all_failed");
+    assert_eq!(
+        (
+            r.body["provider"].as_str(),
+            r.body["grounding"]["mode"].as_str()
+        ),
+        (Some("b"), Some("hybrid"))
+    );
+    assert!(
+        r.body["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Press-1 is at 81.5")
+    );
+
+    // No candidate and no fuser reachable: the deterministic answer, labelled.
+    let app = app
+        .replica(orch_config(&format!(
+            "local_fallback = false\nmax_retries = 0\n{}{}{}\
+             [orchestrator]\ncandidates = [\"a/m\", \"b/m\"]\nfuser_model = \"fuser/f\"\n\
+             strategy = \"mixture_of_n\"\n",
+            provider("a", &dead, "\"m\""),
+            provider("b", &dead, "\"m\""),
+            provider("fuser", &dead, "\"f\""),
+        )))
+        .await;
+    let (_org, key) = plant_org(&app, &pool, "umbrella").await;
+    let r = hybrid(&app, &key, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.body["grounding"]["mode"], "fallback", "{}", r.text);
+    assert!(
+        r.body["content"]
+            .as_str()
+            .unwrap()
+            .contains("deterministic fallback")
+    );
+
+    // The strategy is validated: config at load, the request by its enum.
+    let e = LlmConfig::from_toml("[orchestrator]\nstrategy = \"vote\"\n", |_| None).unwrap_err();
+    assert!(e.to_string().contains("best_of_n"), "{e}");
+    let r = app
+        .post(
+            "/v1/query",
+            &key,
+            json!({"mode": "hybrid", "hybrid_strategy": "vote",
+                   "messages": [{"role": "user", "content": QUESTION}]}),
+        )
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.text);
+}

@@ -73,6 +73,14 @@ pub struct RawDocuments {
     /// `hnsw.ef_search` of retrieval (default 100; 10..=1000).
     #[serde(default)]
     pub hnsw_ef_search: Option<u64>,
+    /// Rows of one full-text match that are ranked (default 2000; 100..=100000): bounds the
+    /// full-text list's cost when a question's words match most of a large organisation.
+    #[serde(default)]
+    pub text_scan_rows: Option<u64>,
+    /// Organisations with fewer chunks are searched exactly (no HNSW) (default 10000;
+    /// 0..=1000000): a small organisation beside a large one always gets its k nearest.
+    #[serde(default)]
+    pub exact_search_below_chunks: Option<u64>,
 }
 
 /// Validated `[documents]`.
@@ -85,6 +93,8 @@ pub struct DocumentsConfig {
     pub max_chunks_per_document: usize,
     pub max_concurrent_embeddings: usize,
     pub hnsw_ef_search: u32,
+    pub text_scan_rows: usize,
+    pub exact_search_below_chunks: usize,
 }
 
 impl Default for DocumentsConfig {
@@ -98,6 +108,8 @@ impl Default for DocumentsConfig {
             max_chunks_per_document: 5000,
             max_concurrent_embeddings: 1,
             hnsw_ef_search: 100,
+            text_scan_rows: 2000,
+            exact_search_below_chunks: 10_000,
         }
     }
 }
@@ -164,6 +176,20 @@ impl RawDocuments {
                 100,
             )?)
             .unwrap_or(100),
+            text_scan_rows: to(range(
+                "documents.text_scan_rows",
+                self.text_scan_rows,
+                100,
+                100_000,
+                2000,
+            )?),
+            exact_search_below_chunks: to(range(
+                "documents.exact_search_below_chunks",
+                self.exact_search_below_chunks,
+                0,
+                1_000_000,
+                10_000,
+            )?),
         })
     }
 }
@@ -279,6 +305,8 @@ impl Documents {
                 k,
                 candidates: (k * 4).max(20),
                 ef_search: self.cfg.hnsw_ef_search,
+                text_scan_rows: self.cfg.text_scan_rows,
+                exact_below_chunks: self.cfg.exact_search_below_chunks,
             },
         )
         .await?)

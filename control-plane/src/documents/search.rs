@@ -31,10 +31,16 @@ pub async fn tenant_tx(
     sqlx::query("SET LOCAL ROLE kip_tenant")
         .execute(&mut *tx)
         .await?;
-    sqlx::query("SELECT set_config('kip.org_id', $1, true)")
-        .bind(org.to_string())
-        .execute(&mut *tx)
-        .await?;
+    // Custom plans only: the organisation filter (row-level security) is not a parameter, so
+    // a cached generic plan made for a large organisation (GIN or sequential scan) would be
+    // reused for a tiny one, which needs the organisation index.
+    sqlx::query(
+        "SELECT set_config('kip.org_id', $1, true), \
+                set_config('plan_cache_mode', 'force_custom_plan', true)",
+    )
+    .bind(org.to_string())
+    .execute(&mut *tx)
+    .await?;
     Ok(tx)
 }
 
@@ -70,20 +76,130 @@ pub struct SearchParams {
     pub candidates: usize,
     /// `hnsw.ef_search` for the vector list.
     pub ef_search: u32,
+    /// Rows of one full-text match that are ranked (the rest are not read).
+    pub text_scan_rows: usize,
+    /// Below this many chunks the organisation is searched exactly, without HNSW.
+    pub exact_below_chunks: usize,
 }
 
-/// The OR-query of a question's words for `to_tsquery`: letters and digits only (anything
-/// else would be tsquery syntax), at most 32 distinct words.
-pub fn tsquery_words(q: &str) -> Option<String> {
-    let mut seen = std::collections::HashSet::new();
-    let words: Vec<String> = q
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| w.chars().count() >= 2)
-        .map(str::to_lowercase)
-        .filter(|w| seen.insert(w.clone()))
-        .take(32)
-        .collect();
-    (!words.is_empty()).then(|| words.join(" | "))
+impl SearchParams {
+    /// The parameters of the platform's defaults for `k` results (benchmarks, tests).
+    pub fn for_k(k: usize) -> Self {
+        Self {
+            k,
+            candidates: (k * 4).max(20),
+            ef_search: 100,
+            text_scan_rows: 2000,
+            exact_below_chunks: 10_000,
+        }
+    }
+}
+
+/// The vector list: nearest by cosine distance through HNSW, re-sorted by exact distance.
+const NEAREST_SQL: &str = "SELECT id FROM (SELECT id, embedding <=> $1::vector AS d \
+     FROM document_chunks ORDER BY embedding <=> $1::vector LIMIT $2) s ORDER BY d";
+
+/// The question's words that are stop words in neither English nor German (`$1`), joined by
+/// `$2` (`&` for "all words", `|` for "any word"); NULL when none is left.
+const TEXT_QUERY_SQL: &str = "SELECT string_agg(w, $2) FROM unnest($1::text[]) AS w \
+     WHERE length(to_tsvector('english', w)) > 0 AND length(to_tsvector('german', w)) > 0";
+
+/// The full-text list, one tier: the words `$1` matched in the German, English and unstemmed
+/// forms; at most `$2` matching rows are read and ranked by `ts_rank_cd` (a question's common
+/// words can match most of a large organisation, and ranking every match reads each row's
+/// tsvector: 5 s at 100k chunks); the best `$3`. The tsquery is an expression of the
+/// parameter (not a CTE), so the GIN index applies.
+const FULL_TEXT_SQL: &str = "SELECT m.id FROM (SELECT c.id, c.tsv FROM document_chunks c \
+     WHERE c.tsv @@ (to_tsquery('german', $1) || to_tsquery('english', $1) \
+     || to_tsquery('simple', $1)) LIMIT $2) m \
+     ORDER BY ts_rank_cd(m.tsv, to_tsquery('german', $1) || to_tsquery('english', $1) \
+     || to_tsquery('simple', $1)) DESC, m.id LIMIT $3";
+
+/// The vector list, exact: every chunk of the organisation by distance (the CTE keeps the
+/// planner off HNSW), for organisations below `exact_below_chunks`.
+const EXACT_SQL: &str = "WITH c AS MATERIALIZED (SELECT id, embedding <=> $1::vector AS d \
+     FROM document_chunks) SELECT id FROM c ORDER BY d, id LIMIT $2";
+
+/// Whether the tenant transaction's organisation has fewer than `n` chunks (reads at most
+/// `n` index entries).
+async fn fewer_chunks_than(
+    tx: &mut Transaction<'static, Postgres>,
+    n: usize,
+) -> Result<bool, sqlx::Error> {
+    if n == 0 {
+        return Ok(false);
+    }
+    let n = i64::try_from(n).unwrap_or(i64::MAX);
+    sqlx::query_scalar("SELECT count(*) < $1 FROM (SELECT 1 FROM document_chunks LIMIT $1) s")
+        .bind(n)
+        .fetch_one(&mut **tx)
+        .await
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of both lists as [`hybrid`] runs them, in an open tenant
+/// transaction (for benchmarks and operators: where the time of a slow search goes).
+pub async fn explain(
+    tx: &mut Transaction<'static, Postgres>,
+    question: &str,
+    embedding: &[f32],
+    p: SearchParams,
+) -> Result<Vec<(&'static str, String)>, sqlx::Error> {
+    set_vector_params(tx, p.ef_search, true).await?;
+    let lines = |rows: Vec<String>| rows.join("\n");
+    let exact = fewer_chunks_than(tx, p.exact_below_chunks).await?;
+    let (leg, sql) = if exact {
+        ("vector (exact)", EXACT_SQL)
+    } else {
+        ("vector (HNSW)", NEAREST_SQL)
+    };
+    let vector: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {sql}"
+    )))
+    .bind(to_pgvector(embedding))
+    .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out = vec![(leg, lines(vector))];
+    let words = text_words(question);
+    if !words.is_empty() {
+        for (tier, op) in [
+            ("full-text, all words", " & "),
+            ("full-text, any word", " | "),
+        ] {
+            let q: Option<String> = sqlx::query_scalar(TEXT_QUERY_SQL)
+                .bind(&words)
+                .bind(op)
+                .fetch_one(&mut **tx)
+                .await?;
+            let Some(q) = q else { break };
+            let text: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, BUFFERS) {FULL_TEXT_SQL}"
+            )))
+            .bind(q)
+            .bind(i64::try_from(p.text_scan_rows).unwrap_or(i64::MAX))
+            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+            .fetch_all(&mut **tx)
+            .await?;
+            out.push((tier, lines(text)));
+        }
+    }
+    Ok(out)
+}
+
+async fn set_vector_params(
+    tx: &mut Transaction<'static, Postgres>,
+    ef_search: u32,
+    iterative: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('hnsw.ef_search', $1, true), \
+                set_config('hnsw.iterative_scan', $2, true)",
+    )
+    .bind(ef_search.to_string())
+    .bind(if iterative { "relaxed_order" } else { "off" })
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The vector list alone (ids in distance order), in an open tenant transaction.
@@ -94,22 +210,84 @@ pub async fn nearest(
     ef_search: u32,
     iterative: bool,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
-    sqlx::query(
-        "SELECT set_config('hnsw.ef_search', $1, true), \
-                set_config('hnsw.iterative_scan', $2, true)",
-    )
-    .bind(ef_search.to_string())
-    .bind(if iterative { "relaxed_order" } else { "off" })
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query_scalar(
-        "SELECT id FROM (SELECT id, embedding <=> $1::vector AS d FROM document_chunks \
-         ORDER BY embedding <=> $1::vector LIMIT $2) s ORDER BY d",
-    )
-    .bind(to_pgvector(embedding))
-    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-    .fetch_all(&mut **tx)
-    .await
+    set_vector_params(tx, ef_search, iterative).await?;
+    sqlx::query_scalar(NEAREST_SQL)
+        .bind(to_pgvector(embedding))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut **tx)
+        .await
+}
+
+/// The question's distinct words for the full-text list (letters and digits, at most 32).
+fn text_words(q: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    q.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.chars().count() >= 2)
+        .map(str::to_lowercase)
+        .filter(|w| seen.insert(w.clone()))
+        .take(32)
+        .collect()
+}
+
+/// The full-text list alone (ids by `ts_rank_cd`), in an open tenant transaction: chunks
+/// holding all the question's words first, then (if fewer than `limit`) those holding any;
+/// each tier reads at most `scan_rows` matching rows.
+pub async fn full_text(
+    tx: &mut Transaction<'static, Postgres>,
+    question: &str,
+    limit: usize,
+    scan_rows: usize,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let words = text_words(question);
+    if words.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+    let scan = i64::try_from(scan_rows).unwrap_or(i64::MAX);
+    let mut ids: Vec<Uuid> = Vec::new();
+    for op in [" & ", " | "] {
+        if ids.len() >= limit {
+            break;
+        }
+        let q: Option<String> = sqlx::query_scalar(TEXT_QUERY_SQL)
+            .bind(&words)
+            .bind(op)
+            .fetch_one(&mut **tx)
+            .await?;
+        let Some(q) = q else { break };
+        let tier: Vec<Uuid> = sqlx::query_scalar(FULL_TEXT_SQL)
+            .bind(q)
+            .bind(scan)
+            .bind(lim)
+            .fetch_all(&mut **tx)
+            .await?;
+        for id in tier {
+            if ids.len() >= limit {
+                break;
+            }
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// The vector list as [`hybrid`] builds it: exact below `exact_below_chunks` chunks, else
+/// HNSW with iterative scan.
+pub async fn vector_list(
+    tx: &mut Transaction<'static, Postgres>,
+    embedding: &[f32],
+    p: SearchParams,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if fewer_chunks_than(tx, p.exact_below_chunks).await? {
+        return sqlx::query_scalar(EXACT_SQL)
+            .bind(to_pgvector(embedding))
+            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
+            .fetch_all(&mut **tx)
+            .await;
+    }
+    nearest(tx, embedding, p.candidates, p.ef_search, true).await
 }
 
 /// Hybrid search over `org`'s chunks.
@@ -121,22 +299,8 @@ pub async fn hybrid(
     p: SearchParams,
 ) -> Result<Vec<Hit>, sqlx::Error> {
     let mut tx = tenant_tx(pool, org).await?;
-    let vector = nearest(&mut tx, embedding, p.candidates, p.ef_search, true).await?;
-    let text: Vec<Uuid> = match tsquery_words(question) {
-        Some(words) => {
-            sqlx::query_scalar(
-                "WITH q AS (SELECT to_tsquery('german', $1) || to_tsquery('english', $1) \
-                 || to_tsquery('simple', $1) AS q) \
-                 SELECT c.id FROM document_chunks c, q WHERE c.tsv @@ q.q \
-                 ORDER BY ts_rank_cd(c.tsv, q.q) DESC, c.id LIMIT $2",
-            )
-            .bind(words)
-            .bind(i64::try_from(p.candidates).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await?
-        }
-        None => Vec::new(),
-    };
+    let vector = vector_list(&mut tx, embedding, p).await?;
+    let text = full_text(&mut tx, question, p.candidates, p.text_scan_rows).await?;
     let fused = fuse(&vector, &text, p.k);
     let ids: Vec<Uuid> = fused.iter().map(|f| f.0).collect();
     let rows: Vec<Hit> = sqlx::query_as(
@@ -207,11 +371,11 @@ mod tests {
     }
 
     #[test]
-    fn tsquery_words_are_sanitised() {
+    fn text_words_are_sanitised() {
         assert_eq!(
-            tsquery_words("Why is 'spindle' & temp!").as_deref(),
-            Some("why | is | spindle | temp")
+            text_words("Why is 'spindle' & temp! Spindle"),
+            ["why", "is", "spindle", "temp"]
         );
-        assert_eq!(tsquery_words("!! ' & |"), None);
+        assert!(text_words("!! ' & |").is_empty());
     }
 }

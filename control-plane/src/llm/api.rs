@@ -31,6 +31,7 @@ use uuid::Uuid;
 use super::{Answer, Call, Gateway, LlmError, Strategy, Target, cache};
 use crate::http::{ApiError, ApiJson, ApiResult, HttpLimits, KeyCache, Principal, Scope};
 use crate::llm::orchestrator::{
+    config::Strategy as HybridStrategy,
     hybrid::{self, HybridAnswer, HybridRequest},
     tools::Toolbox,
 };
@@ -429,11 +430,22 @@ async fn chat_completions_inner(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let hdr = |n: &str| hdrs.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     if model.as_deref() == Some(gw.config().orchestrator.alias.as_str()) {
-        return hybrid_chat(&gw, tools(org_id), obj, stream, include_usage).await;
+        // `x-kip-hybrid-strategy`: the chat body is OpenAI's; kip's choices go in headers.
+        let strategy = match hdr("x-kip-hybrid-strategy") {
+            None => None,
+            Some(v) => Some(HybridStrategy::parse(v).ok_or_else(|| {
+                LlmApiError::invalid(
+                    "x-kip-hybrid-strategy",
+                    "invalid_value",
+                    "x-kip-hybrid-strategy must be \"best_of_n\" or \"mixture_of_n\"",
+                )
+            })?),
+        };
+        return hybrid_chat(&gw, tools(org_id), obj, stream, include_usage, strategy).await;
     }
     let temperature = obj.get("temperature").and_then(Value::as_f64);
-    let hdr = |n: &str| hdrs.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
     let opt_in = match hdr("x-kip-cache") {
         Some("true") => Some(true),
         Some("false") => Some(false),
@@ -587,6 +599,9 @@ pub struct QueryRequest {
     /// citations (see [`crate::documents::grounded`]). Default `direct`.
     #[serde(default)]
     pub mode: QueryMode,
+    /// `hybrid` mode: `best_of_n` or `mixture_of_n` (default `llm.orchestrator.strategy`).
+    #[serde(default)]
+    pub hybrid_strategy: Option<crate::llm::orchestrator::config::Strategy>,
 }
 
 /// How `/v1/query` answers.
@@ -642,8 +657,10 @@ pub struct QueryResponse {
 /// The candidates and the judge of a `hybrid` answer.
 #[derive(Debug, Serialize)]
 pub struct Orchestration {
+    pub strategy: crate::llm::orchestrator::config::Strategy,
     pub candidates: Vec<crate::llm::orchestrator::hybrid::CandidateReport>,
     pub judge: Option<crate::llm::orchestrator::hybrid::JudgeReport>,
+    pub fuser: Option<crate::llm::orchestrator::hybrid::FuserReport>,
 }
 
 /// `POST /v1/query`: kip's own LLM API.
@@ -917,6 +934,7 @@ async fn hybrid_query(
             messages,
             model,
             base,
+            strategy: req.hybrid_strategy,
         },
     )
     .await?;
@@ -944,8 +962,10 @@ async fn hybrid_query(
         attempts: Vec::new(),
         grounding: Some(a.grounding),
         orchestration: Some(Orchestration {
+            strategy: a.strategy,
             candidates: a.candidates,
             judge: a.judge,
+            fuser: a.fuser,
         }),
     };
     let mut resp = axum::Json(out).into_response();
@@ -961,6 +981,7 @@ async fn hybrid_chat(
     obj: Map<String, Value>,
     stream: bool,
     include_usage: bool,
+    strategy: Option<HybridStrategy>,
 ) -> Result<Response, LlmApiError> {
     let alias = gw.config().orchestrator.alias.clone();
     let messages: Vec<Value> = obj
@@ -1021,6 +1042,7 @@ async fn hybrid_chat(
             messages,
             model: None,
             base,
+            strategy,
         },
     )
     .await?;
@@ -1056,7 +1078,8 @@ fn kip_grounding(a: &HybridAnswer) -> Value {
     json!({"mode": a.grounding.mode, "grounded": a.grounding.grounded,
            "citations": a.grounding.citations, "tool_calls": a.grounding.tool_calls,
            "answered_by": format!("{}/{}", a.provider, a.model),
-           "candidates": a.candidates, "judge": a.judge})
+           "candidates": a.candidates, "judge": a.judge, "strategy": a.strategy,
+           "fuser": a.fuser})
 }
 
 /// The hybrid answer as an OpenAI `chat.completion`.

@@ -319,6 +319,15 @@ impl Gateway {
         }
     }
 
+    /// The live-query client of the (first) Aleph provider with `[mqtt]`: the hybrid
+    /// orchestrator's live machine adapter.
+    pub fn live_client(&self) -> Option<Arc<live::LiveClient>> {
+        self.slots.values().find_map(|slot| match &slot.provider {
+            AnyProvider::Aleph(a) => a.live().cloned(),
+            _ => None,
+        })
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &LlmConfig {
         &self.cfg

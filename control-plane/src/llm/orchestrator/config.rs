@@ -28,6 +28,15 @@ pub struct RawOrchestrator {
     /// sources wins (ties: the first in `candidates`).
     #[serde(default)]
     pub judge_model: Option<String>,
+    /// How several candidate answers become one: `best_of_n` (one is chosen, by the judge or
+    /// the citation count) or `mixture_of_n` (the fuser model merges them). A request may
+    /// choose per call (`/v1/query` `hybrid_strategy`, header `x-kip-hybrid-strategy`).
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// The model that merges the candidates under `mixture_of_n`; absent: the judge model,
+    /// else the first candidate.
+    #[serde(default)]
+    pub fuser_model: Option<String>,
     /// Model calls of one tool loop (the last one is offered no tools, so it must answer).
     #[serde(default = "default_max_steps")]
     pub max_steps: u32,
@@ -41,12 +50,41 @@ pub struct RawOrchestrator {
     /// `server.request_timeout_ms` (checked at load).
     #[serde(default = "default_max_wall_time_ms")]
     pub max_wall_time_ms: u64,
+    /// Wall time of the hybrid fan-out (retrieval, stored readings, live values over MQTT,
+    /// predictions, all at once); a source not done by then is left out with a note. At most
+    /// `max_wall_time_ms`.
+    #[serde(default = "default_sources_timeout_ms")]
+    pub sources_timeout_ms: u64,
     /// Wall time of one tool call.
     #[serde(default = "default_tool_timeout_ms")]
     pub tool_timeout_ms: u64,
     /// Bytes of one tool result handed to the model (longer results are cut, and say so).
     #[serde(default = "default_max_tool_result_bytes")]
     pub max_tool_result_bytes: usize,
+}
+
+/// How the hybrid orchestrator combines its candidates (compare TensorZero's best-of-n and
+/// mixture-of-n inference-time optimisations).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// One candidate is chosen (judge model, else the one citing the most sources).
+    #[default]
+    BestOfN,
+    /// A fuser model writes one answer from all candidates; citations are checked against
+    /// the sources the candidates were given.
+    MixtureOfN,
+}
+
+impl Strategy {
+    /// Parses `best_of_n` / `mixture_of_n`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "best_of_n" => Some(Self::BestOfN),
+            "mixture_of_n" => Some(Self::MixtureOfN),
+            _ => None,
+        }
+    }
 }
 
 fn default_alias() -> String {
@@ -64,6 +102,9 @@ fn default_max_total_tokens() -> u64 {
 fn default_max_wall_time_ms() -> u64 {
     25_000
 }
+fn default_sources_timeout_ms() -> u64 {
+    3_000
+}
 fn default_tool_timeout_ms() -> u64 {
     5_000
 }
@@ -77,10 +118,13 @@ impl Default for RawOrchestrator {
             alias: default_alias(),
             candidates: Vec::new(),
             judge_model: None,
+            strategy: Strategy::default(),
+            fuser_model: None,
             max_steps: default_max_steps(),
             max_tool_calls: default_max_tool_calls(),
             max_total_tokens: default_max_total_tokens(),
             max_wall_time_ms: default_max_wall_time_ms(),
+            sources_timeout_ms: default_sources_timeout_ms(),
             tool_timeout_ms: default_tool_timeout_ms(),
             max_tool_result_bytes: default_max_tool_result_bytes(),
         }
@@ -93,7 +137,11 @@ pub struct OrchestratorConfig {
     pub alias: String,
     pub candidates: Vec<String>,
     pub judge_model: Option<String>,
+    pub strategy: Strategy,
+    pub fuser_model: Option<String>,
     pub limits: LoopLimits,
+    /// Deadline of the hybrid fan-out.
+    pub sources_timeout: Duration,
 }
 
 /// Bounds of one orchestrated request.
@@ -114,6 +162,9 @@ impl Default for OrchestratorConfig {
             alias: r.alias,
             candidates: Vec::new(),
             judge_model: None,
+            strategy: Strategy::default(),
+            fuser_model: None,
+            sources_timeout: Duration::from_millis(r.sources_timeout_ms),
             limits: LoopLimits {
                 max_steps: r.max_steps,
                 max_tool_calls: r.max_tool_calls,
@@ -168,6 +219,7 @@ impl RawOrchestrator {
             .iter()
             .map(|c| ("candidates", c))
             .chain(self.judge_model.iter().map(|j| ("judge_model", j)))
+            .chain(self.fuser_model.iter().map(|j| ("fuser_model", j)))
         {
             if !known(t) {
                 return Err(invalid(format!(
@@ -189,6 +241,10 @@ impl RawOrchestrator {
             "max_wall_time_ms",
             in_range(self.max_wall_time_ms, 100, 600_000, " ms"),
         )?;
+        let sources = f(
+            "sources_timeout_ms",
+            in_range(self.sources_timeout_ms, 10, wall, " ms"),
+        )?;
         let tool = f(
             "tool_timeout_ms",
             in_range(self.tool_timeout_ms, 10, 60_000, " ms"),
@@ -201,6 +257,9 @@ impl RawOrchestrator {
             alias: self.alias,
             candidates: self.candidates,
             judge_model: self.judge_model,
+            strategy: self.strategy,
+            fuser_model: self.fuser_model,
+            sources_timeout: Duration::from_millis(sources),
             limits: LoopLimits {
                 max_steps: steps as u32,
                 max_tool_calls: calls as u32,

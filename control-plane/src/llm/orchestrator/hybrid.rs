@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::{
+    config::Strategy,
     tool_loop::{self, LoopOutcome, Stop},
     tools::Toolbox,
 };
@@ -43,6 +44,8 @@ pub struct HybridRequest {
     pub model: Option<String>,
     /// Other body fields for every candidate (temperature, token limit).
     pub base: Map<String, Value>,
+    /// How the candidates become one answer; None: `llm.orchestrator.strategy`.
+    pub strategy: Option<Strategy>,
 }
 
 /// How one candidate fared.
@@ -69,6 +72,18 @@ pub struct JudgeReport {
     pub choice: usize,
 }
 
+/// How the fuser merged the candidates (`mixture_of_n`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FuserReport {
+    pub model: String,
+    /// `ok` (the answer is the fuser's), `single_candidate` (one candidate answered: it is
+    /// the answer, no fuser call), `empty`, `local`, `timeout` or the error kind (the best
+    /// candidate is the answer).
+    pub status: String,
+    /// Markers in the fuser's answer that named no source, removed from the answer.
+    pub rejected_markers: Vec<String>,
+}
+
 /// The orchestrator's answer.
 #[derive(Debug, Clone)]
 pub struct HybridAnswer {
@@ -82,6 +97,8 @@ pub struct HybridAnswer {
     pub latency_ms: f64,
     pub candidates: Vec<CandidateReport>,
     pub judge: Option<JudgeReport>,
+    pub strategy: Strategy,
+    pub fuser: Option<FuserReport>,
 }
 
 const TOOL_HINT: &str = "\nYou may call the tools to look up more readings, metric history, \
@@ -99,7 +116,10 @@ pub async fn answer(
     let cfg = gw.config().orchestrator.clone();
     let deadline = started + cfg.limits.max_wall_time;
     let org = toolbox.org;
-    let ctx = grounded::gather(&toolbox.docs, &toolbox.pool, org, &req.question).await?;
+    let strategy = req.strategy.unwrap_or(cfg.strategy);
+    let live = gw.live_client();
+    let ctx =
+        super::sources::gather(toolbox, live.as_deref(), &req.question, cfg.sources_timeout).await;
     let mut messages = vec![json!({"role": "system",
         "content": format!("{}{TOOL_HINT}", ctx.system_prompt())})];
     messages.extend(req.messages.iter().cloned());
@@ -205,6 +225,8 @@ pub async fn answer(
             latency_ms: ms(started),
             candidates: reports,
             judge: None,
+            strategy,
+            fuser: None,
         });
     }
 
@@ -215,8 +237,83 @@ pub async fn answer(
             best = j;
         }
     }
+    let mut fuser = None;
+    if strategy == Strategy::MixtureOfN {
+        let model = cfg
+            .fuser_model
+            .clone()
+            .or_else(|| cfg.judge_model.clone())
+            .unwrap_or_else(|| names.first().cloned().unwrap_or_default());
+        if ok.len() == 1 {
+            fuser = Some(FuserReport {
+                model,
+                status: "single_candidate".into(),
+                rejected_markers: Vec::new(),
+            });
+        } else {
+            // One marker space for all candidates: each tool loop may have added sources.
+            let mut merged = ctx.clone();
+            let texts: Vec<String> = ok
+                .iter()
+                .map(|(_, o, own, _)| {
+                    let map = merged.merge(own);
+                    grounded::rewrite_markers(o.content.as_deref().unwrap_or_default(), |m| {
+                        map.get(m).cloned()
+                    })
+                })
+                .collect();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let f = run_fuser(
+                gw,
+                org,
+                request_id,
+                &model,
+                &req.question,
+                &merged,
+                &texts,
+                remaining,
+            )
+            .await;
+            usage.input += f.usage.input;
+            usage.output += f.usage.output;
+            cost += f.cost_usd;
+            if let Some((content, target)) = f.answer {
+                let (content, rejected) = merged.validate(&content);
+                if !rejected.is_empty() {
+                    tracing::info!(%org, %request_id, ?rejected, "fuser cited sources it was not given; removed");
+                }
+                let mut grounding = merged.grounding(&content, "hybrid");
+                grounding.tool_calls = all_calls;
+                return Ok(HybridAnswer {
+                    request_id,
+                    content,
+                    grounding,
+                    provider: target.provider,
+                    model: target.model,
+                    usage,
+                    cost_usd: cost,
+                    latency_ms: ms(started),
+                    candidates: reports,
+                    judge: None,
+                    strategy,
+                    fuser: Some(FuserReport {
+                        model,
+                        status: f.status,
+                        rejected_markers: rejected,
+                    }),
+                });
+            }
+            // The fuser failed: the best candidate by citations (below) is the answer.
+            fuser = Some(FuserReport {
+                model,
+                status: f.status,
+                rejected_markers: Vec::new(),
+            });
+        }
+    }
     let mut judge = None;
-    if ok.len() > 1
+    if strategy == Strategy::BestOfN
+        && ok.len() > 1
         && let Some(jm) = &cfg.judge_model
     {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -234,11 +331,17 @@ pub async fn answer(
             choice: ok[best].0,
         });
     }
-    let (_, outcome, _, mut grounding) = ok.swap_remove(best);
+    let (_, outcome, own, _) = ok.swap_remove(best);
+    // Markers naming no source the candidate was given are removed, never cited.
+    let (content, rejected) = own.validate(outcome.content.as_deref().unwrap_or_default());
+    let mut grounding = own.grounding(&content, "hybrid");
     grounding.tool_calls = all_calls;
+    if !rejected.is_empty() {
+        tracing::info!(%org, %request_id, ?rejected, "answer cited sources it was not given; removed");
+    }
     Ok(HybridAnswer {
         request_id,
-        content: outcome.content.unwrap_or_default(),
+        content,
         grounding,
         provider: outcome.answer.target.provider.clone(),
         model: outcome.answer.target.model.clone(),
@@ -247,6 +350,8 @@ pub async fn answer(
         latency_ms: ms(started),
         candidates: reports,
         judge,
+        strategy,
+        fuser,
     })
 }
 
@@ -339,6 +444,109 @@ async fn run_judge(
     let choice = parse_choice(text).filter(|c| *c < ok.len());
     let status = if choice.is_some() { "ok" } else { "unparsable" };
     (status.into(), choice, a.completion.usage, a.cost_usd)
+}
+
+/// The fuser's prompt (after TensorZero's mixture-of-n fuser): the question, the sources
+/// with their markers, and the candidates' answers in the same marker space.
+fn fuser_messages(question: &str, ctx: &Context, answers: &[String]) -> Vec<Value> {
+    let mut user = format!(
+        "Question:\n{question}\n\nSources:\n{}\n",
+        ctx.system_prompt()
+    );
+    for (i, a) in answers.iter().enumerate() {
+        user.push_str(&format!(
+            "\nCandidate answer {i}:\n{}\n",
+            grounded::clip(a, 4000)
+        ));
+    }
+    vec![
+        json!({"role": "system", "content":
+            "You are given several candidate answers, written by different models, to a question \
+             about an industrial plant, and the sources they were written from. Write one answer \
+             that keeps what the candidates agree on and what the sources support, corrects or \
+             drops what the sources contradict, and is complete and concise. Mark every fact \
+             with the marker of its source in square brackets ([R1], [L1], [D1], [P1]) exactly as \
+             the sources list them; never invent a marker. Answer in the language of the \
+             question, with the answer text only."}),
+        json!({"role": "user", "content": user}),
+    ]
+}
+
+/// What the fuser call gave.
+struct Fused {
+    /// `ok`, `empty`, `local`, `timeout` or the error kind.
+    status: String,
+    /// The fused text and who wrote it, when the call succeeded.
+    answer: Option<(String, crate::llm::Target)>,
+    usage: Usage,
+    cost_usd: f64,
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the call's inputs are independent; a struct would only rename them"
+)]
+async fn run_fuser(
+    gw: &Gateway,
+    org: Uuid,
+    request_id: Uuid,
+    model: &str,
+    question: &str,
+    ctx: &Context,
+    answers: &[String],
+    remaining: Duration,
+) -> Fused {
+    let failed = |status: &str| Fused {
+        status: status.into(),
+        answer: None,
+        usage: Usage::default(),
+        cost_usd: 0.0,
+    };
+    let targets = match gw.resolve(Some(model), None, &[], None, (4000, 800)) {
+        Ok(t) => t,
+        Err(e) => return failed(error_kind(&e)),
+    };
+    let mut body = Map::new();
+    body.insert(
+        "messages".into(),
+        Value::Array(fuser_messages(question, ctx, answers)),
+    );
+    body.insert("temperature".into(), json!(0));
+    let call = Call {
+        org_id: org,
+        request_id,
+        targets,
+        body,
+        cache_key: None,
+    };
+    let a = match tokio::time::timeout(remaining, gw.complete(&call)).await {
+        Ok(Ok(a)) if !a.local => a,
+        Ok(Ok(_)) => return failed("local"),
+        Ok(Err(e)) => return failed(error_kind(&e)),
+        Err(_) => return failed("timeout"),
+    };
+    let text = a
+        .completion
+        .body
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    if text.is_empty() {
+        return Fused {
+            status: "empty".into(),
+            answer: None,
+            usage: a.completion.usage,
+            cost_usd: a.cost_usd,
+        };
+    }
+    Fused {
+        status: "ok".into(),
+        answer: Some((text, a.target.clone())),
+        usage: a.completion.usage,
+        cost_usd: a.cost_usd,
+    }
 }
 
 /// `answer_choice` of the judge's JSON (also inside prose or a code fence).

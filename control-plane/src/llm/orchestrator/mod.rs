@@ -15,5 +15,6 @@
 
 pub mod config;
 pub mod hybrid;
+pub mod sources;
 pub mod tool_loop;
 pub mod tools;
