@@ -8,9 +8,14 @@
 //! 2. open loop at fixed rates (`LLM_BENCH_RATES`, default `500,1000,2000` requests/s, each for
 //!    `LLM_BENCH_SECONDS`, default 10): p50/p99/p99.9 direct and via the gateway, and the
 //!    difference, which is the gateway's overhead at that rate;
+//!    with `LLM_BENCH_REPEAT=n` the rates run n times in a row and the spread of the p99
+//!    overhead per rate is printed (the target is held in every run, not in the best one);
 //! 3. closed loop with `LLM_BENCH_CONCURRENCY` clients (default 32): maximum sustained rate;
 //! 4. optional soak (`LLM_BENCH_SOAK_S`, e.g. 600) at `LLM_BENCH_SOAK_RPS` (default 2000):
 //!    gateway RSS and p99 every 30 s, to show whether memory grows.
+//!
+//! `LLM_BENCH_GATEWAY_BIN`: measure another `kip-control-plane` binary (a saved copy of an
+//! earlier build) with this load generator, for before/after runs in one session.
 //!
 //! Run: `cargo bench -p kip-control-plane --bench llm_gateway` (PostgreSQL from `DATABASE_URL`,
 //! default `postgres://postgres@127.0.0.1:5432/postgres`). Client, gateway, fake provider and
@@ -73,6 +78,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The `kip-control-plane` binary to measure: `LLM_BENCH_GATEWAY_BIN` (a copy of an earlier
+/// build, for before/after runs alternating in one session), else this build's.
+fn gateway_binary() -> std::path::PathBuf {
+    std::env::var_os("LLM_BENCH_GATEWAY_BIN").map_or_else(
+        || env!("CARGO_BIN_EXE_kip-control-plane").into(),
+        std::path::PathBuf::from,
+    )
+}
+
 /// The gateway under test, stopped (as a process group) on drop.
 struct Gateway {
     child: ChildGroup,
@@ -106,7 +120,7 @@ async fn start_gateway(db_url: &str, fake: &FakeLlm) -> (Gateway, String) {
     .unwrap();
     let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
     let child = ChildGroup::spawn(
-        Command::new(env!("CARGO_BIN_EXE_kip-control-plane"))
+        Command::new(gateway_binary())
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())
@@ -303,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
     let seconds = env_num("LLM_BENCH_SECONDS", 10) as u64;
     let soak_s = env_num("LLM_BENCH_SOAK_S", 0) as u64;
     let soak_rps = env_num("LLM_BENCH_SOAK_RPS", 2000);
+    let repeat = env_num("LLM_BENCH_REPEAT", 1).max(1);
     let rates: Vec<usize> = std::env::var("LLM_BENCH_RATES")
         .unwrap_or_else(|_| "500,1000,2000".into())
         .split(',')
@@ -385,20 +400,53 @@ async fn main() -> anyhow::Result<()> {
         ms(pct(&g1.lat, 0.99)) - ms(pct(&d1.lat, 0.99))
     );
 
-    for &rate in &rates {
-        let dur = Duration::from_secs(seconds);
-        let d = open(&client, &direct, &body, rate, dur).await;
-        d.report(&format!("direct, open loop {rate}/s"));
-        let g = open(&client, &via, &body, rate, dur).await;
-        g.report(&format!("via gateway, open loop {rate}/s"));
-        calls += g.lat.len();
-        println!(
-            "  overhead at {rate}/s: p50={:.3} ms  p99={:.3} ms  p99.9={:.3} ms  (gateway RSS {:.1} MiB)",
-            ms(pct(&g.lat, 0.5)) - ms(pct(&d.lat, 0.5)),
-            ms(pct(&g.lat, 0.99)) - ms(pct(&d.lat, 0.99)),
-            ms(pct(&g.lat, 0.999)) - ms(pct(&d.lat, 0.999)),
-            rss_kib(pid) as f64 / 1024.0
-        );
+    // (rate, direct p99, p99 overhead) of every open-loop run.
+    let mut p99s: Vec<(usize, f64, f64)> = Vec::new();
+    for run in 1..=repeat {
+        if repeat > 1 {
+            println!("open-loop run {run} of {repeat}");
+        }
+        for &rate in &rates {
+            let dur = Duration::from_secs(seconds);
+            let d = open(&client, &direct, &body, rate, dur).await;
+            d.report(&format!("direct, open loop {rate}/s"));
+            let g = open(&client, &via, &body, rate, dur).await;
+            g.report(&format!("via gateway, open loop {rate}/s"));
+            calls += g.lat.len();
+            let p99 = ms(pct(&g.lat, 0.99)) - ms(pct(&d.lat, 0.99));
+            p99s.push((rate, ms(pct(&d.lat, 0.99)), p99));
+            println!(
+                "  overhead at {rate}/s: p50={:.3} ms  p99={:.3} ms  p99.9={:.3} ms  (gateway RSS {:.1} MiB)",
+                ms(pct(&g.lat, 0.5)) - ms(pct(&d.lat, 0.5)),
+                p99,
+                ms(pct(&g.lat, 0.999)) - ms(pct(&d.lat, 0.999)),
+                rss_kib(pid) as f64 / 1024.0
+            );
+        }
+    }
+    if repeat > 1 {
+        for &rate in &rates {
+            let of_rate: Vec<(f64, f64)> = p99s
+                .iter()
+                .filter(|(r, _, _)| *r == rate)
+                .map(|&(_, d, o)| (d, o))
+                .collect();
+            let lo = of_rate.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+            let hi = of_rate
+                .iter()
+                .map(|x| x.1)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let dlo = of_rate.iter().map(|x| x.0).fold(f64::INFINITY, f64::min);
+            let dhi = of_rate
+                .iter()
+                .map(|x| x.0)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let held = of_rate.iter().filter(|x| x.1 < 1.0).count();
+            println!(
+                "p99 overhead at {rate}/s over {repeat} consecutive runs: {lo:.3}-{hi:.3} ms \
+                 (direct p99 {dlo:.3}-{dhi:.3} ms); below 1 ms in {held} of {repeat}"
+            );
+        }
     }
 
     let dn = closed(&client, &direct, &body, total, concurrency).await;

@@ -264,6 +264,48 @@ impl PrivatePostgres {
         self.ctl("-w -m immediate stop");
     }
 
+    /// Crashes the server: `kill -9` of the postmaster and every process it started (one
+    /// process group: `pg_ctl` starts the postmaster in its own session), so nothing is sent
+    /// to a standby or written to disk afterwards, like a power cut that spares the disk.
+    /// Returns when every process of the group is gone.
+    pub fn kill_9(&self) {
+        let pid = self.postmaster_pid();
+        let pgid = Command::new("ps")
+            .args(["-o", "pgid=", "-p", &pid.to_string()])
+            .output()
+            .unwrap();
+        let pgid: u32 = String::from_utf8_lossy(&pgid.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        // Never this test's own group: only a postmaster that leads its own session.
+        assert_eq!(pgid, pid, "the postmaster does not lead its process group");
+        let killed = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .status()
+            .unwrap();
+        assert!(killed.success(), "kill -KILL -{pgid}");
+        let gone = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while Command::new("kill")
+            .args(["-0", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                std::time::Instant::now() < gone,
+                "the killed server lingers"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// The postmaster's process id (first line of `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> u32 {
+        let s = std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap();
+        s.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     /// URL of its `postgres` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)

@@ -12,6 +12,11 @@
 //!   the ledger has not written yet, so a budget sees a call's cost as soon as the call ended,
 //!   not when a log batch was written. Reads and flushes of the database are serialised (one
 //!   async lock), so a read never misses an amount that is between ledger and table.
+//! - A request never queues behind that lock once the organisation has a read of this month:
+//!   while a flush or another request's read holds it, the last read (however old) plus the
+//!   ledger answers, and a request that waited for the lock uses the read made meanwhile
+//!   instead of making its own. So when the read expires under load, one request reads and
+//!   the others go on (before: every request arriving during the read queued for its own).
 //! - No `std::sync::Mutex` is held across an `.await`.
 
 use std::{
@@ -71,7 +76,20 @@ impl Spending {
         if let Some(v) = self.cached(org, refresh) {
             return Ok(v);
         }
-        let _db = self.db.lock().await;
+        let _db = match self.db.try_lock() {
+            Ok(g) => g,
+            // A flush or another request's read holds the database: this month's last read,
+            // however old, plus the ledger is this replica's exact figure (only other replicas'
+            // costs since that read are missing), so the request does not queue behind them.
+            Err(_) => match self.stale(org) {
+                Some(v) => return Ok(v),
+                None => self.db.lock().await,
+            },
+        };
+        // Read while this request waited for the lock.
+        if let Some(v) = self.cached(org, refresh) {
+            return Ok(v);
+        }
         let month = this_month();
         // One row by primary key, whatever the log volume.
         let row: Option<(String, f64)> = sqlx::query_as(
@@ -103,6 +121,15 @@ impl Spending {
         let r = s.read.get(&org)?;
         (r.month == month && r.fetched.elapsed() < refresh)
             .then(|| r.usd + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0))
+    }
+
+    /// This month's last read plus the ledger, however old the read; `None` before the first
+    /// read of this month.
+    fn stale(&self, org: Uuid) -> Option<f64> {
+        let month = this_month();
+        let s = lock(&self.state);
+        let r = s.read.get(&org).filter(|r| r.month == month)?;
+        Some(r.usd + s.unflushed.get(&(org, month)).copied().unwrap_or(0.0))
     }
 
     /// The best figure known without a database read (last read plus ledger), however old.
@@ -233,6 +260,47 @@ mod tests {
         assert!((s.known(org) - 2.0).abs() < 1e-12);
         assert_eq!(s.cached(org, Duration::from_secs(60)), None);
         assert!((s.unflushed_usd() - 2.0).abs() < 1e-12);
+    }
+
+    /// While the database lock is held (a flush committing), a request whose read expired
+    /// answers from the old read plus the ledger instead of queueing; without a read of this
+    /// month it has to wait.
+    #[tokio::test]
+    async fn an_expired_read_does_not_queue_behind_a_flush() {
+        let s = Spending::default();
+        let org = Uuid::new_v4();
+        lock(&s.state).read.insert(
+            org,
+            Read {
+                month: this_month(),
+                usd: 3.0,
+                fetched: Instant::now(),
+                name: None,
+            },
+        );
+        s.add(org, 0.25);
+        // Never connected: a database read would not answer within the timeout below.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy("postgres://nobody@127.0.0.1:9/none")
+            .unwrap();
+        let flushing = s.db.lock().await;
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            s.month_to_date(&pool, org, Duration::ZERO),
+        )
+        .await
+        .expect("queued behind the flush")
+        .unwrap();
+        assert!((got - 3.25).abs() < 1e-12);
+        let other = Uuid::new_v4();
+        let waits = tokio::time::timeout(
+            Duration::from_millis(200),
+            s.month_to_date(&pool, other, Duration::ZERO),
+        )
+        .await;
+        assert!(waits.is_err(), "no read of this month, yet it did not wait");
+        drop(flushing);
     }
 }
 
