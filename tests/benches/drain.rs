@@ -22,7 +22,12 @@
 //! cargo bench --profile perf -p kip-tests --bench drain
 //! ```
 //! Env: `DRAIN_BENCH_RECORDS` (default 1,000,000), `DRAIN_BENCH_BATCH` (10,000),
-//! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PHASES` (`sync,agent,footprint`).
+//! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PHASES` (`sync,agent,footprint`);
+//! `DRAIN_BENCH_SYNC_TOML` / `DRAIN_BENCH_BUFFER_TOML`: lines added to the agent's `[sync]` /
+//! `[buffer]` (e.g. the previous defaults `batch_max_records = 2000`,
+//! `batch_max_bytes = 1048576`, `cache_capacity_bytes = 67108864`);
+//! `DRAIN_BENCH_FK=1` puts back the foreign key from `sensor_data` to `devices` that migration
+//! 0230 replaced, to measure what it costs.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -381,12 +386,15 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
             "[agent]\ndevice = \"gw-drain\"\nstate_dir = \"{}\"\n\
              [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
              [log]\nformat = \"text\"\nfilter = \"warn\"\n\
-             [sync]\nendpoints = [\"{}\"]\n\
+             [buffer]\n{}\n\
+             [sync]\nendpoints = [\"{}\"]\n{}\n\
              [[mqtt]]\nname = \"plc\"\nurl = \"{}\"\nclient_id = \"kip-drain-bench\"\n\
              [[mqtt.subscriptions]]\ntopic = \"plant/+/count\"\nmachine_topic_level = 1\n\
              metric = \"count\"\nvalue = {{ kind = \"number\" }}\n",
             dir.display(),
+            std::env::var("DRAIN_BENCH_BUFFER_TOML").unwrap_or_default(),
             proxy.url(),
+            std::env::var("DRAIN_BENCH_SYNC_TOML").unwrap_or_default(),
             broker.url(false),
         ),
     )
@@ -598,6 +606,16 @@ async fn main() {
     let mut cp_proc = cp.spawn();
     let pool = PgPool::connect(&db.url).await.unwrap();
     let org = cp.admin_api().create_org("drain").await;
+    if std::env::var("DRAIN_BENCH_FK").is_ok_and(|v| v == "1") {
+        sqlx::query(
+            "ALTER TABLE sensor_data ADD FOREIGN KEY (org_id, device_id) \
+             REFERENCES devices (org_id, id) ON DELETE CASCADE",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        println!("with the foreign key sensor_data -> devices (as before migration 0230)");
+    }
     let s = Setup {
         pool,
         cp,
