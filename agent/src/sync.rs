@@ -347,6 +347,9 @@ pub struct Syncer {
     pending_ack: Option<tokio::task::JoinHandle<Result<u64, BufferError>>>,
 }
 
+/// Reading and encoding a batch on the blocking pool: its records and request body.
+type BatchTask = tokio::task::JoinHandle<Result<(Vec<Sequenced>, Vec<u8>), SyncError>>;
+
 /// A batch read from the buffer and encoded on the blocking pool while the previous batch
 /// was in flight (see the module docs, "Backlog drain").
 #[derive(Debug)]
@@ -355,7 +358,7 @@ struct ReadAhead {
     from: u64,
     /// The record limit it was read with.
     limit: usize,
-    task: tokio::task::JoinHandle<Result<(Vec<Sequenced>, Vec<u8>), SyncError>>,
+    task: BatchTask,
 }
 
 fn build_client(
@@ -750,11 +753,7 @@ impl Syncer {
     }
 
     /// Reads and encodes up to `limit` records from `from` on the blocking pool.
-    fn read_batch(
-        &self,
-        from: u64,
-        limit: usize,
-    ) -> tokio::task::JoinHandle<Result<(Vec<Sequenced>, Vec<u8>), SyncError>> {
+    fn read_batch(&self, from: u64, limit: usize) -> BatchTask {
         let health = self.health_source(false);
         let buffer = self.buffer.clone();
         let bytes = self.batch_bytes;
