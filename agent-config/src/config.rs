@@ -283,11 +283,13 @@ fn default_probe_interval_ms() -> u64 {
     250
 }
 
+/// The control plane's default `ingest.max_batch_records`: a drain sends as few, large
+/// batches as it takes (docs/performance.md).
 fn default_batch_max_records() -> usize {
-    2_000
+    10_000
 }
 fn default_batch_max_bytes() -> u64 {
-    1024 * 1024
+    4 * 1024 * 1024
 }
 fn default_sync_interval_ms() -> u64 {
     1_000
@@ -438,6 +440,10 @@ pub struct RawBuffer {
     /// more until acknowledgements come back.
     #[serde(default = "default_ack_flush_threshold_records")]
     pub ack_flush_threshold_records: usize,
+    /// sled's page cache. Records are appended once and read once in sequence order, so a
+    /// large cache buys little and costs resident memory (see docs/performance.md).
+    #[serde(default = "default_cache_capacity_bytes")]
+    pub cache_capacity_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -530,6 +536,9 @@ fn default_flush_interval_ms() -> u64 {
 fn default_queue_capacity_records() -> usize {
     10_000
 }
+fn default_cache_capacity_bytes() -> u64 {
+    8 * 1024 * 1024
+}
 fn default_ack_flush_threshold_records() -> usize {
     // Half of Mosquitto's default max_inflight_messages (20): with a broker that keeps to it,
     // the next half arrives while the flush runs.
@@ -570,6 +579,7 @@ impl Default for RawBuffer {
             flush_interval_ms: default_flush_interval_ms(),
             queue_capacity_records: default_queue_capacity_records(),
             ack_flush_threshold_records: default_ack_flush_threshold_records(),
+            cache_capacity_bytes: default_cache_capacity_bytes(),
         }
     }
 }
@@ -620,6 +630,7 @@ pub struct BufferConfig {
     pub flush_interval: Duration,
     pub queue_capacity_records: usize,
     pub ack_flush_threshold_records: usize,
+    pub cache_capacity_bytes: u64,
 }
 
 /// Validated `[[mqtt]]` broker.
@@ -716,6 +727,12 @@ impl RawConfig {
             1,
             10_000,
         )?;
+        check_range(
+            "buffer.cache_capacity_bytes",
+            b.cache_capacity_bytes,
+            1024 * 1024,
+            4 * 1024 * 1024 * 1024,
+        )?;
         let http_listen_addr = self.http.listen_addr.parse().map_err(|e| {
             invalid(
                 "http.listen_addr",
@@ -808,6 +825,7 @@ impl RawConfig {
                 flush_interval: Duration::from_millis(b.flush_interval_ms),
                 queue_capacity_records: b.queue_capacity_records,
                 ack_flush_threshold_records: b.ack_flush_threshold_records,
+                cache_capacity_bytes: b.cache_capacity_bytes,
             },
             http_listen_addr,
             log_format,
@@ -1414,7 +1432,7 @@ mod tests {
                 "https://cp-2.example.com:8443"
             ]
         );
-        assert_eq!(cfg.sync.batch_max_records, 2000);
+        assert_eq!(cfg.sync.batch_max_records, 10_000);
         assert_eq!(cfg.sync.request_timeout, Duration::from_secs(30));
         assert_eq!(b.subscriptions[0].value, ValueFormat::Number {});
         assert_eq!(b.subscriptions[1].metric, NameSource::TopicLevel(3));

@@ -651,7 +651,7 @@ fn open_buffer(cfg: &Config) -> Result<Arc<Buffer>, RuntimeError> {
         source,
     })?;
     let mut opts = BufferOptions::with_max_bytes(cfg.buffer.max_bytes);
-    opts.cache_capacity_bytes = (cfg.buffer.max_bytes / 8).clamp(8 << 20, 256 << 20);
+    opts.cache_capacity_bytes = cfg.buffer.cache_capacity_bytes;
     let floor = cfg
         .identity_dir()
         .join(crate::buffer_recovery::EPOCH_FLOOR_FILE);

@@ -21,7 +21,11 @@
 //!   passed to the renewer ([`crate::identity::IdentityHints`]), which stores and publishes.
 //! - Backlog drain: after a full batch the next one is sent at once; the loop sleeps
 //!   `interval_ms` only when caught up. Sled reads, gzip and acks run on the blocking pool, so
-//!   the buffer writer keeps ingesting while a backlog drains.
+//!   the buffer writer keeps ingesting while a backlog drains. While a full batch is in
+//!   flight the next one (from the sequence after it) is read and encoded ahead, so the
+//!   agent's read + JSON + gzip overlaps the control plane's store; it is used only if the
+//!   batch was acknowledged (the next batch then starts exactly there), else dropped. Requests
+//!   stay one at a time per device (the control plane refuses a second concurrent sync).
 //! - Failures (connect error, timeout, 5xx, 408, 429, 401/403/404, a bad answer): the records
 //!   stay buffered, the next endpoint is tried after exponential backoff with equal jitter
 //!   ([`kip_shared::backoff::Backoff`], `backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
@@ -338,6 +342,25 @@ pub struct Syncer {
     clock_offset_ms: Option<i64>,
     /// When the control plane last acknowledged anything (batch or heartbeat).
     last_contact: Option<Instant>,
+    /// The next batch, read and encoded while the current one is in flight.
+    read_ahead: Option<ReadAhead>,
+    /// The deletion of the last acknowledged batch, running while the next one is in flight;
+    /// joined before the loop looks at the buffer again.
+    pending_ack: Option<tokio::task::JoinHandle<Result<u64, BufferError>>>,
+}
+
+/// Reading and encoding a batch on the blocking pool: its records and request body.
+type BatchTask = tokio::task::JoinHandle<Result<(Vec<Sequenced>, Vec<u8>), SyncError>>;
+
+/// A batch read from the buffer and encoded on the blocking pool while the previous batch
+/// was in flight (see the module docs, "Backlog drain").
+#[derive(Debug)]
+struct ReadAhead {
+    /// First sequence it was read from.
+    from: u64,
+    /// The record limit it was read with.
+    limit: usize,
+    task: BatchTask,
 }
 
 fn build_client(
@@ -395,6 +418,8 @@ impl Syncer {
             health_accepted: None,
             clock_offset_ms: None,
             last_contact: None,
+            read_ahead: None,
+            pending_ack: None,
         })
     }
 
@@ -545,6 +570,9 @@ impl Syncer {
         let sent = Utc::now();
         let outcome = self.send(body, reported_bundle.as_deref()).await;
         let received = Utc::now();
+        self.join_ack().await?;
+        // Counts the previous batch's deletion (this one's is still to come).
+        self.refresh_backlog().await;
         let result = |r: &'static str| ResultLabels { result: r };
         match outcome {
             Outcome::Acked(ack) => {
@@ -774,6 +802,25 @@ impl Syncer {
         tracing::info!("sync stopped");
     }
 
+    /// Waits for the deletion of the last acknowledged batch (see `pending_ack`).
+    async fn join_ack(&mut self) -> Result<(), SyncError> {
+        if let Some(ack) = self.pending_ack.take() {
+            ack.await??;
+        }
+        Ok(())
+    }
+
+    /// Reads and encodes up to `limit` records from `from` on the blocking pool.
+    fn read_batch(&self, from: u64, limit: usize) -> BatchTask {
+        let health = self.health_source(false);
+        let buffer = self.buffer.clone();
+        let bytes = self.batch_bytes;
+        let running = self.inference.as_ref().and_then(|i| i.running_model());
+        tokio::task::spawn_blocking(move || {
+            read_and_encode(&buffer, from, limit, bytes, running, health)
+        })
+    }
+
     /// One batch: read, send, act on the outcome. `None` means "go on at once" (a full batch
     /// was acked or a split is in progress), otherwise how long to wait.
     pub async fn step(&mut self) -> Result<Option<Duration>, SyncError> {
@@ -785,24 +832,45 @@ impl Syncer {
         if self.split.is_some_and(|(_, until)| self.next_seq > until) {
             self.split = None;
         }
-        let limit = self
+        let mut limit = self
             .split
             .map_or(self.batch_records, |(l, _)| l)
             .min(self.batch_records)
             .max(1);
-        let health = self.health_source(false);
-        let (records, body) = {
-            let buffer = self.buffer.clone();
-            let from = self.next_seq;
-            let bytes = self.batch_bytes;
-            let running = self.inference.as_ref().and_then(|i| i.running_model());
-            tokio::task::spawn_blocking(move || {
-                read_and_encode(&buffer, from, limit, bytes, running, health)
-            })
-            .await??
+        // A batch read ahead is used when it starts where this one must and is no larger:
+        // fewer records than the limit are always a valid batch.
+        let ahead = self.read_ahead.take().and_then(|r| {
+            if r.from == self.next_seq && r.limit <= limit && self.split.is_none() {
+                Some(r)
+            } else {
+                r.task.abort();
+                None
+            }
+        });
+        let (records, body) = match ahead {
+            Some(r) => {
+                limit = r.limit;
+                r.task.await??
+            }
+            None => self.read_batch(self.next_seq, limit).await??,
         };
-        self.refresh_backlog().await;
+        // While this batch is in flight, the next one is read and encoded (a full batch
+        // means a backlog; not while isolating a refused record).
+        if records.len() >= limit
+            && self.split.is_none()
+            && self.failures == 0
+            && let Some(last) = records.last()
+        {
+            let from = last.seq + 1;
+            self.read_ahead = Some(ReadAhead {
+                from,
+                limit,
+                task: self.read_batch(from, limit),
+            });
+        }
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            self.join_ack().await?;
+            self.refresh_backlog().await;
             let heartbeat_due = self
                 .last_contact
                 .is_none_or(|t| t.elapsed() >= self.cfg.heartbeat_interval);
@@ -819,13 +887,16 @@ impl Syncer {
         let sent = Utc::now();
         let outcome = self.send(body, reported_bundle.as_deref()).await;
         let received = Utc::now();
+        self.join_ack().await?;
+        // Counts the previous batch's deletion (this one's is still to come).
+        self.refresh_backlog().await;
         match outcome {
             Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
                 self.observe_ack(&ack, sent, received);
+                // Deleted while the next batch is in flight (joined after its send).
                 let buffer = self.buffer.clone();
-                tokio::task::spawn_blocking(move || buffer.ack(last_seq)).await??;
+                self.pending_ack = Some(tokio::task::spawn_blocking(move || buffer.ack(last_seq)));
                 self.next_seq = last_seq + 1;
-                self.refresh_backlog().await;
                 self.failures = 0;
                 self.metrics
                     .batches

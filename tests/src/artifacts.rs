@@ -82,7 +82,19 @@ pub fn reference_model() -> ReferenceModel {
 /// invocation when it covers that crate (`scripts/test.sh` runs `cargo test --workspace`), or
 /// beforehand by `cargo build -p <crate> --bins`. Panics when the binary is missing or older
 /// than its crate's sources, so a test never runs stale code.
+///
+/// `KIP_TEST_BIN_DIR` names another directory to take the binaries from, unchecked: for
+/// benchmarks that compare saved binaries of an earlier commit with the current ones.
 pub fn workspace_binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("KIP_TEST_BIN_DIR") {
+        let path = Path::new(&dir).join(name);
+        assert!(
+            path.exists(),
+            "KIP_TEST_BIN_DIR: {} is missing",
+            path.display()
+        );
+        return path;
+    }
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
