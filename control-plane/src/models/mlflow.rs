@@ -328,10 +328,32 @@ impl MlflowSync {
     /// One cheap API call that shows MLflow's REST API answers (not only its web server).
     async fn probe(&self) -> Result<(), MlflowError> {
         let path = "registered-models/search";
-        let url = format!(
-            "{}/api/2.0/mlflow/{path}?max_results=1",
-            self.cfg.tracking_uri
-        );
+        let (status, text) = self.get(path, &[("max_results", "1")]).await?;
+        if !(200..300).contains(&status) {
+            return Err(MlflowError::Status {
+                path,
+                status,
+                body: text.chars().take(500).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// GET `path` of MLflow's REST API with query `params`: the status and the body, whatever
+    /// the status (each caller decides which statuses mean "absent").
+    async fn get(
+        &self,
+        path: &'static str,
+        params: &[(&str, &str)],
+    ) -> Result<(u16, String), MlflowError> {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/api/2.0/mlflow/{path}", self.cfg.tracking_uri),
+            params,
+        )
+        .map_err(|e| MlflowError::Shape {
+            path,
+            body: e.to_string(),
+        })?;
         let resp = self
             .client
             .get(url)
@@ -339,15 +361,11 @@ impl MlflowSync {
             .await
             .map_err(|source| MlflowError::Http { path, source })?;
         let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(MlflowError::Status {
-                path,
-                status,
-                body: body.chars().take(500).collect(),
-            });
-        }
-        Ok(())
+        let text = resp
+            .text()
+            .await
+            .map_err(|source| MlflowError::Http { path, source })?;
+        Ok((status, text))
     }
 
     fn fail(&self, what: &str, model: &AiModel, e: &MlflowError) {
@@ -500,25 +518,9 @@ impl MlflowSync {
             "name = '{}' and tags.`kip.artifact_sha256` = '{sha}'",
             model.name
         );
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/api/2.0/mlflow/{path}", self.cfg.tracking_uri),
-            &[("filter", filter.as_str()), ("max_results", "100")],
-        )
-        .map_err(|e| MlflowError::Shape {
-            path,
-            body: e.to_string(),
-        })?;
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|source| MlflowError::Http { path, source })?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|source| MlflowError::Http { path, source })?;
+        let (status, text) = self
+            .get(path, &[("filter", filter.as_str()), ("max_results", "100")])
+            .await?;
         if !(200..300).contains(&status) {
             return Err(MlflowError::Status {
                 path,
@@ -527,14 +529,6 @@ impl MlflowSync {
             });
         }
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let tag = |mv: &Value, key: &str| -> Option<String> {
-            mv["tags"].as_array().and_then(|tags| {
-                tags.iter()
-                    .find(|t| t["key"] == key)
-                    .and_then(|t| t["value"].as_str())
-                    .map(str::to_owned)
-            })
-        };
         let mine = model.id.to_string();
         let best = answer["model_versions"]
             .as_array()
@@ -645,25 +639,9 @@ impl MlflowSync {
     /// when the alias (or the registered model) does not exist.
     async fn champion(&self, name: &str) -> Result<Option<(String, Option<Uuid>)>, MlflowError> {
         let path = "registered-models/alias";
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/api/2.0/mlflow/{path}", self.cfg.tracking_uri),
-            &[("name", name), ("alias", ROLLOUT_ALIAS)],
-        )
-        .map_err(|e| MlflowError::Shape {
-            path,
-            body: e.to_string(),
-        })?;
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|source| MlflowError::Http { path, source })?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .text()
-            .await
-            .map_err(|source| MlflowError::Http { path, source })?;
+        let (status, text) = self
+            .get(path, &[("name", name), ("alias", ROLLOUT_ALIAS)])
+            .await?;
         // MLflow answers a missing alias with 400 RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER
         // (not 404), a missing registered model with 404.
         if matches!(status, 400 | 404) {
@@ -684,12 +662,7 @@ impl MlflowSync {
                 body: text.chars().take(500).collect(),
             });
         };
-        let kip_id = mv["tags"].as_array().and_then(|tags| {
-            tags.iter()
-                .find(|t| t["key"] == "kip.model_id")
-                .and_then(|t| t["value"].as_str())
-                .and_then(|v| v.parse().ok())
-        });
+        let kip_id = tag(mv, "kip.model_id").and_then(|v| v.parse().ok());
         Ok(Some((version.to_owned(), kip_id)))
     }
 
@@ -855,6 +828,15 @@ pub fn spawn_alias_poller(sync: Arc<MlflowSync>, token: CancellationToken, track
             }
         }
     });
+}
+
+/// The value of tag `key` of an MLflow model version (its `tags` list of key/value objects).
+fn tag<'a>(mv: &'a Value, key: &str) -> Option<&'a str> {
+    mv["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["key"] == key)
+        .and_then(|t| t["value"].as_str())
 }
 
 #[cfg(test)]
