@@ -565,8 +565,12 @@ impl MqttSource {
                     &labels,
                 )
                 .await;
-            // Tokens of this connection are stale from here on.
-            connection.lost();
+            // Tokens of this connection are stale from here on, except while a stop lingers
+            // on it to send the acknowledgements the writer still fires (the connection is
+            // alive until then; making them stale first left every one of them unsent).
+            if !matches!(end, End::Stop { linger: true }) {
+                connection.lost();
+            }
             match end {
                 End::Reopen => continue,
                 End::NextBroker => {

@@ -69,6 +69,12 @@ use crate::{
 
 /// How long shutdown waits for the tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often [`RunningAgent::wait`] checks that the buffer's last handle is gone, and a
+/// locked buffer is tried again at start.
+const BUFFER_CLOSE_POLL: Duration = Duration::from_millis(5);
+/// How long a start waits for a locked buffer to be released (see
+/// [`open_buffer_when_released`]).
+const BUFFER_RELEASE: Duration = Duration::from_secs(5);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -533,12 +539,26 @@ impl RunningAgent {
         }
     }
 
-    /// Waits until every task ended after `cancel` (bounded by a grace period), then makes
-    /// sure the buffer is flushed.
+    /// Waits until every task ended after `cancel` (bounded by a grace period), makes sure
+    /// the buffer is flushed, then until the buffer is closed (its last handle dropped).
+    ///
+    /// The last step is what lets the next pipeline of the same process open the buffer
+    /// ([`crate::remote_config::supervise`] restarts it for every configuration change):
+    /// sled allows one open instance, and blocking work the sync loop started (a batch read
+    /// ahead, the deletion of an acknowledged batch) holds a handle after its task ended.
+    /// Under load that outlived the task by milliseconds, and the restart failed with "in use
+    /// by another process", which rolled back a good configuration.
     pub async fn wait(self) {
-        self.cancel.cancelled().await;
-        self.tracker.close();
-        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+        let Self {
+            buffer,
+            tracker,
+            cancel,
+            surface,
+            http_addr: _,
+        } = self;
+        cancel.cancelled().await;
+        tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
             .is_err()
         {
@@ -547,8 +567,23 @@ impl RunningAgent {
                 "tasks did not stop in time; flushing what the buffer has"
             );
         }
-        if let Err(e) = self.buffer.flush().await {
+        if let Err(e) = buffer.flush().await {
             tracing::error!(error = %e, "buffer flush at shutdown failed");
+        }
+        drop(surface);
+        let handle = Arc::downgrade(&buffer);
+        drop(buffer);
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while handle.strong_count() > 0 {
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    grace_s = SHUTDOWN_GRACE.as_secs(),
+                    handles = handle.strong_count(),
+                    "buffer still open after shutdown; reopening it in this process fails until it closes"
+                );
+                break;
+            }
+            tokio::time::sleep(BUFFER_CLOSE_POLL).await;
         }
     }
 }
@@ -569,7 +604,7 @@ pub async fn start_with_remote(
     cancel: CancellationToken,
     remote: Option<crate::remote_config::Link>,
 ) -> Result<RunningAgent, RuntimeError> {
-    let buffer = open_buffer(&cfg)?;
+    let buffer = open_buffer_when_released(&cfg).await?;
     let mut registry = metrics::new_registry();
     let metrics = IngestMetrics::register(&mut registry);
     buffer.register_metrics(&mut registry);
@@ -642,6 +677,25 @@ pub async fn start_with_remote(
         cancel,
         surface,
     })
+}
+
+/// [`open_buffer`], retrying for up to [`BUFFER_RELEASE`] while the buffer is locked: a
+/// pipeline restarted in the same process ([`crate::remote_config`]) may find the previous
+/// one's storage still letting go of its lock for a moment after the last handle dropped. A
+/// buffer held by another agent process still fails, with the same error, once the time is
+/// up.
+async fn open_buffer_when_released(cfg: &Config) -> Result<Arc<Buffer>, RuntimeError> {
+    let deadline = Instant::now() + BUFFER_RELEASE;
+    loop {
+        match open_buffer(cfg) {
+            Err(RuntimeError::BufferRecovery(crate::buffer_recovery::RecoveryError::Buffer(
+                BufferError::Locked { .. },
+            ))) if Instant::now() < deadline => {
+                tokio::time::sleep(BUFFER_CLOSE_POLL).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Creates the state directory and opens the buffer in it.
@@ -865,7 +919,10 @@ fn spawn_tasks(cfg: &Config, tracker: &TaskTracker, cancel: &CancellationToken, 
     }
     // The writer ends when the last sender is gone: drop ours now.
     drop(tx);
-    tracker.spawn(write_records(
+    // Cancelled when the writer returns (or unwinds): the flusher's stop signal.
+    let writer_done = CancellationToken::new();
+    let writer_guard = writer_done.clone().drop_guard();
+    let writer = write_records(
         t.buffer.clone(),
         rx,
         AckPolicy {
@@ -879,12 +936,21 @@ fn spawn_tasks(cfg: &Config, tracker: &TaskTracker, cancel: &CancellationToken, 
         t.surface.clone(),
         feed,
         live_values,
-    ));
+    );
+    tracker.spawn(async move {
+        let _flusher_stop = writer_guard;
+        writer.await;
+    });
     {
+        // The flusher outlives `cancel` until the writer is done: at shutdown the MQTT sources
+        // wait (up to `mqtt::SHUTDOWN_ACK_WAIT`) for the acknowledgements of what the writer
+        // still takes from the channel, and those fire only once a flush covers them. A
+        // flusher that stopped at `cancel` left every such stop waiting the full 5 s (and the
+        // acknowledgements unsent: the broker redelivered those messages).
         let buffer = t.buffer.clone();
-        let cancel = cancel.clone();
+        let stop = writer_done;
         let interval = cfg.buffer.flush_interval;
-        tracker.spawn(async move { buffer.run_flusher(interval, cancel).await });
+        tracker.spawn(async move { buffer.run_flusher(interval, stop).await });
     }
     let cancel = cancel.clone();
     let app = router(t.surface);

@@ -187,6 +187,44 @@ async fn the_agent_buffers_readings_serves_metrics_and_flushes_on_shutdown() {
     );
 }
 
+/// A pipeline stopped and started again in the same process (what every remote configuration
+/// change does) gets its buffer back at once, even while blocking work of the stopped one (a
+/// batch read ahead by the sync loop, the deletion of an acknowledged batch) still held it when
+/// its tasks ended: `wait` returns only once the last handle is gone. The restart used to fail
+/// with "in use by another process", which rolled back a good configuration.
+#[tokio::test]
+async fn a_restart_in_the_same_process_gets_the_buffer_while_blocking_work_still_held_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "allow_anonymous true");
+    let cfg = Config::load(&write_config(dir.path(), broker.port, 0)).unwrap();
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(cfg.clone(), cancel.clone()).await.unwrap();
+    let (held, release) = std::sync::mpsc::channel::<()>();
+    let blocking = {
+        let buffer = agent.buffer.clone();
+        tokio::task::spawn_blocking(move || {
+            // Like a read ahead: holds the buffer until it is done.
+            let _ = release.recv_timeout(Duration::from_millis(300));
+            buffer.stats().unwrap()
+        })
+    };
+    let handle = std::sync::Arc::downgrade(&agent.buffer);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(15), agent.wait())
+        .await
+        .unwrap();
+    drop(held);
+    assert!(
+        handle.upgrade().is_none(),
+        "wait returned with the buffer open"
+    );
+    blocking.await.unwrap();
+    let cancel = CancellationToken::new();
+    let agent = runtime::start(cfg, cancel.clone()).await.unwrap();
+    cancel.cancel();
+    agent.wait().await;
+}
+
 /// Hole 10: a buffer sled cannot open used to stop the agent at every start (crash loop).
 /// Now it is moved aside, counted and reported, and the agent runs on a fresh buffer whose
 /// epoch is above the lost one's.

@@ -180,7 +180,7 @@ impl<S: Clone + Send + 'static> Runs<S> {
     fn tail(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<_> = s.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(150)..].join("\n")
     }
 
     /// Polls `cond` every 2 ms (a step that lasts milliseconds), then kills the current run.
@@ -554,9 +554,6 @@ fn store(state: &Path) -> Store {
 }
 
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
-#[ignore = "failed 1 of 3 full runs at step 4: after a kill -9 at the rename of \
-            current.json.tmp the restarted agent did not apply v1 again within 180 s (under \
-            investigation; run with --ignored)"]
 async fn a_power_loss_at_any_step_of_a_config_change_leaves_one_consistent_config(pool: PgPool) {
     let cp = kip_tests::control_plane::start(pool.clone(), None).await;
     let org = cp.create_org("acme").await;
