@@ -6,7 +6,9 @@
 //!    (two of three agents); those serve it and run the baseline as a shadow on the same
 //!    features; both predictions reach PostgreSQL (`role` champion / shadow); the third agent
 //!    keeps the baseline. The comparison report (API and `kipctl`) gives agreement, error
-//!    against ground truth, latency and failures; the evaluator judges it and does not halt.
+//!    against ground truth, latency, failures and drift of both versions (the shadow's drift
+//!    is monitored by the agent too); the evaluator judges it and does not halt. No MLflow:
+//!    the rollouts are made through the API and kipctl only.
 //!    Growing the share keeps the first devices and adds the third.
 //! 2. The good version is promoted; a canary of a bad version (the same network with its
 //!    output bias pushed far down: it always predicts 0 cycles) to the whole group crosses
@@ -461,6 +463,7 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
                 .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok());
             if evaluated.is_some_and(|t| t > truth_at)
                 && r["candidate"]["latency_p99_us"].is_number()
+                && r["baseline"]["drift_max_psi"].is_number()
             {
                 Ok(())
             } else {
@@ -484,6 +487,10 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
     assert!(basev["rmse_cycles"].as_f64().unwrap() > 0.0);
     assert_eq!(cand["inference_failures"], 0);
     assert!(cand["latency_p99_us"].as_f64().unwrap() > 0.0);
+    // Drift is measured for both versions on these devices, the shadow (here the baseline)
+    // included: the agent monitors the shadow against its own references.
+    assert!(cand["drift_max_psi"].as_f64().unwrap() > 0.0, "{cand}");
+    assert!(basev["drift_max_psi"].as_f64().unwrap() > 0.0, "{basev}");
     let agreement = &report["agreement"];
     assert!(agreement["pairs"].as_i64().unwrap() >= n_sel * (cycles as i64) * 97 / 100);
     let mad = agreement["mean_abs_diff_cycles"].as_f64().unwrap();
