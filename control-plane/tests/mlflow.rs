@@ -878,4 +878,36 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
     assert_eq!(stage(&v3).await, "none");
     // The champion never moved.
     assert_eq!(stage(&v1).await, "champion");
+
+    // The alias set again (the poller, not kip, ended the last one): a shadow again; then
+    // `champion` moves to it: the group runs 1.2.0 and the challenger's rollout is promoted.
+    set_alias(&url, "rul-fd001", "challenger", "3").await;
+    shadow_is(Some("1.2.0")).await;
+    set_alias(&url, "rul-fd001", "champion", "3").await;
+    let promoted = kip_tests::eventually(Duration::from_secs(30), || async {
+        let all = rollouts().await;
+        match all.iter().find(|r| r["state"] == "promoted") {
+            Some(r) => Ok(r.clone()),
+            None => Err(all),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(promoted["model"], "rul-fd001@1.2.0");
+    assert_eq!(promoted["origin"], "mlflow");
+    for d in &devs {
+        let m = kip_control_plane::models::desired_for(&pool, org_id, *d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.version, "1.2.0");
+        // Champion and challenger are one version now: no shadow.
+        assert!(
+            kip_control_plane::models::desired_shadow_for(&pool, org_id, *d)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(stage(&v3).await, "champion");
 }
