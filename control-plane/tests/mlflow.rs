@@ -663,7 +663,13 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-        devs.push(r.body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+        devs.push(
+            r.body["id"]
+                .as_str()
+                .unwrap()
+                .parse::<uuid::Uuid>()
+                .unwrap(),
+        );
     }
     let v1 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.0.0", b"model-1").await;
     let v2 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.1.0", b"model-2").await;
@@ -694,9 +700,9 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
                     .map(|m| m.version);
                 seen.push((champion, shadow));
             }
-            let ok = seen.iter().all(|(c, s)| {
-                c.as_deref() == Some("1.0.0") && s.as_deref() == want
-            });
+            let ok = seen
+                .iter()
+                .all(|(c, s)| c.as_deref() == Some("1.0.0") && s.as_deref() == want);
             if ok { Ok(()) } else { Err(seen) }
         })
         .await
@@ -718,7 +724,14 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
 
     // Challenger -> MLflow version 2 (1.1.0), with a threshold in its tags: both devices of
     // the group run it as the shadow beside 1.0.0.
-    set_version_tag(&url, "rul-fd001", "2", "kip.rollout.max_inference_failures", "5").await;
+    set_version_tag(
+        &url,
+        "rul-fd001",
+        "2",
+        "kip.rollout.max_inference_failures",
+        "5",
+    )
+    .await;
     set_alias(&url, "rul-fd001", "challenger", "2").await;
     shadow_is(Some("1.1.0")).await;
     let all = rollouts().await;
@@ -726,7 +739,12 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
     let r2 = &all[0];
     assert_eq!(
         (&r2["origin"], &r2["mode"], &r2["state"], &r2["percent"]),
-        (&json!("mlflow"), &json!("shadow"), &json!("active"), &json!(100))
+        (
+            &json!("mlflow"),
+            &json!("shadow"),
+            &json!("active"),
+            &json!(100)
+        )
     );
     assert_eq!(r2["model"], "rul-fd001@1.1.0");
     assert_eq!(r2["baseline_model"], "rul-fd001@1.0.0");
@@ -781,8 +799,16 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
         )
         .await;
     assert_eq!(report.status, StatusCode::OK, "{}", report.text);
-    assert_eq!(report.body["candidate"]["predictions_shadow"], 5, "{}", report.text);
-    assert_eq!(report.body["baseline"]["predictions_champion"], 5, "{}", report.text);
+    assert_eq!(
+        report.body["candidate"]["predictions_shadow"], 5,
+        "{}",
+        report.text
+    );
+    assert_eq!(
+        report.body["baseline"]["predictions_champion"], 5,
+        "{}",
+        report.text
+    );
     assert_eq!(report.body["agreement"]["pairs"], 5, "{}", report.text);
     assert_eq!(
         report.body["agreement"]["mean_abs_diff_cycles"].as_f64(),
@@ -813,13 +839,18 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
         .unwrap();
     shadow_is(None).await;
     let r = app
-        .get(&format!("/v1/organisations/{org}/model-rollouts/{r2_id}"), &key)
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r2_id}"),
+            &key,
+        )
         .await;
     assert_eq!(r.body["state"], "rolled_back", "{}", r.text);
     assert!(
-        r.body["events"].as_array().unwrap().iter().any(|e| {
-            e["kind"] == "auto_halted" && e["reason"] == "inference_failures"
-        }),
+        r.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| { e["kind"] == "auto_halted" && e["reason"] == "inference_failures" }),
         "{}",
         r.text
     );
@@ -850,13 +881,20 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
     ml.stop();
     kip_tests::eventually(Duration::from_secs(60), || async {
         let r = app.get("/v1/mlflow/status", &key).await;
-        if r.body["state"] == "unreachable" { Ok(()) } else { Err(r.body) }
+        if r.body["state"] == "unreachable" {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
     })
     .await
     .unwrap();
     shadow_is(Some("1.2.0")).await;
     let r = app
-        .get(&format!("/v1/organisations/{org}/model-rollouts/{r3_id}"), &key)
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r3_id}"),
+            &key,
+        )
         .await;
     assert_eq!(r.body["state"], "active", "{}", r.text);
 
@@ -871,7 +909,10 @@ async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_rem
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     shadow_is(None).await;
     let r = app
-        .get(&format!("/v1/organisations/{org}/model-rollouts/{r3_id}"), &key)
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r3_id}"),
+            &key,
+        )
         .await;
     assert_eq!(r.body["state"], "halted", "{}", r.text);
     assert_eq!(r.body["halt_reason"], "mlflow: alias challenger removed");

@@ -293,7 +293,10 @@ async fn each_threshold_crossed_halts_its_rollout_with_that_reason_and_one_at_ev
     assert_eq!(report.status, StatusCode::OK, "{}", report.text);
     let c = &report.body["candidate"];
     assert_eq!(c["truth_samples"], 20, "{c}");
-    assert!((c["rmse_cycles"].as_f64().unwrap() - 3.0).abs() < 1e-9, "{c}");
+    assert!(
+        (c["rmse_cycles"].as_f64().unwrap() - 3.0).abs() < 1e-9,
+        "{c}"
+    );
     assert_eq!(c["inference_failures"], 10, "{c}");
     assert_eq!(c["latency_p99_us"].as_f64().unwrap(), 5_000.0, "{c}");
     assert_eq!(c["drift_alarms"], 1, "{c}");

@@ -548,7 +548,10 @@ fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() 
             }
         }
         let (name, version, shadow_drift) = predictor.shadow_drift().unwrap();
-        assert_eq!((name.as_str(), version.as_str()), ("rul-test-drift", "0.2.0"));
+        assert_eq!(
+            (name.as_str(), version.as_str()),
+            ("rul-test-drift", "0.2.0")
+        );
         (predictor.drift(), shadow_drift)
     };
     let (unchanged, unchanged_shadow) = replay(0.0);
@@ -559,7 +562,9 @@ fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() 
         assert_eq!((d.window, d.effective_window), (DRIFT_WINDOW, 15));
     }
     assert!(
-        shifted_shadow.iter().any(|d| d.feature == "s11" && d.drifted),
+        shifted_shadow
+            .iter()
+            .any(|d| d.feature == "s11" && d.drifted),
         "{shifted_shadow:?}"
     );
     assert!(

@@ -960,11 +960,13 @@ impl MlflowSync {
                 .bind(t.id)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("UPDATE ai_models SET stage = 'challenger' WHERE org_id = $1 AND id = $2")
-                    .bind(org_id)
-                    .bind(t.id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE ai_models SET stage = 'challenger' WHERE org_id = $1 AND id = $2",
+                )
+                .bind(org_id)
+                .bind(t.id)
+                .execute(&mut *tx)
+                .await?;
                 changes.push(format!(
                     "mlflow alias {SHADOW_ALIAS} -> v{} ({}): stage challenger",
                     c.mlflow_version, c.model
@@ -982,14 +984,21 @@ impl MlflowSync {
                 .await?
                 .rows_affected();
                 if demoted > 0 {
-                    changes.push(format!("mlflow alias {SHADOW_ALIAS} of {name} removed: stage none"));
+                    changes.push(format!(
+                        "mlflow alias {SHADOW_ALIAS} of {name} removed: stage none"
+                    ));
                 }
             }
             _ => {}
         }
         changes.extend(
-            super::rollouts::follow_challenger(&mut tx, org_id, name, challenger.as_ref().map(|(_, c)| c))
-                .await?,
+            super::rollouts::follow_challenger(
+                &mut tx,
+                org_id,
+                name,
+                challenger.as_ref().map(|(_, c)| c),
+            )
+            .await?,
         );
         if changes.is_empty() {
             return Ok(());
@@ -1060,7 +1069,8 @@ fn rollout_settings(mv: &Value) -> Result<(u8, kip_api::RolloutThresholds), Stri
     }
     let thresholds: kip_api::RolloutThresholds = serde_json::from_value(Value::Object(fields))
         .map_err(|e| format!("tags kip.rollout.*: {e}"))?;
-    super::rollouts::check_thresholds(&thresholds).map_err(|e| format!("tags kip.rollout.*: {e}"))?;
+    super::rollouts::check_thresholds(&thresholds)
+        .map_err(|e| format!("tags kip.rollout.*: {e}"))?;
     Ok((percent, thresholds))
 }
 

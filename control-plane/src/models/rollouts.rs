@@ -621,7 +621,10 @@ pub async fn follow_challenger(
     .await?;
     for r in active {
         let end = match (challenger, r.group_model_id) {
-            (_, None) => Some(("halted", "the group has no desired model any more".to_owned())),
+            (_, None) => Some((
+                "halted",
+                "the group has no desired model any more".to_owned(),
+            )),
             (_, Some(g)) if g == r.model_id => Some((
                 "promoted",
                 format!(
@@ -632,7 +635,10 @@ pub async fn follow_challenger(
             (None, _) => Some(("halted", "alias challenger removed".to_owned())),
             (Some(c), _) if c.model_id != r.model_id => Some((
                 "halted",
-                format!("alias challenger moved to v{} ({})", c.mlflow_version, c.model),
+                format!(
+                    "alias challenger moved to v{} ({})",
+                    c.mlflow_version, c.model
+                ),
             )),
             (Some(_), Some(g)) if g != r.baseline_model_id => Some((
                 "halted",
