@@ -1115,6 +1115,57 @@ mod tests {
         }
     }
 
+    fn version_with(tags: &[(&str, &str)]) -> Value {
+        let tags: Vec<Value> = tags
+            .iter()
+            .map(|(k, v)| json!({ "key": k, "value": v }))
+            .collect();
+        json!({ "name": "rul-fd001", "version": "2", "tags": tags })
+    }
+
+    #[test]
+    fn the_challengers_rollout_settings_come_from_its_tags_and_bad_ones_are_named() {
+        // No kip.rollout.* tag: 100 %, the API's defaults; other tags are not ours.
+        let (percent, t) = rollout_settings(&version_with(&[("kip.model_id", "x")])).unwrap();
+        assert_eq!(percent, 100);
+        assert_eq!(t, kip_api::RolloutThresholds::default());
+        let (percent, t) = rollout_settings(&version_with(&[
+            ("kip.rollout.percent", "20"),
+            ("kip.rollout.max_rmse_cycles", "25.5"),
+            ("kip.rollout.min_truth_samples", "50"),
+            ("kip.rollout.max_drift_alarms", "0"),
+            ("kip.rollout.max_inference_failures", " 10 "),
+            ("kip.rollout.max_latency_p99_ms", "5"),
+        ]))
+        .unwrap();
+        assert_eq!(percent, 20);
+        assert_eq!(t.max_rmse_cycles, Some(25.5));
+        assert_eq!(t.min_truth_samples, 50);
+        assert_eq!(t.max_drift_alarms, Some(0));
+        assert_eq!(t.max_inference_failures, Some(10));
+        assert_eq!(t.max_latency_p99_ms, Some(5.0));
+        for (key, value, named) in [
+            ("kip.rollout.percent", "0", "kip.rollout.percent"),
+            ("kip.rollout.percent", "101", "kip.rollout.percent"),
+            (
+                "kip.rollout.max_rmse_cycles",
+                "much",
+                "kip.rollout.max_rmse_cycles",
+            ),
+            ("kip.rollout.max_rmse_cycles", "-1", "max_rmse_cycles"),
+            (
+                "kip.rollout.max_rmse_cycles",
+                "inf",
+                "kip.rollout.max_rmse_cycles",
+            ),
+            ("kip.rollout.max_drift_alarms", "1.5", "kip.rollout"),
+            ("kip.rollout.max_rmse", "3", "max_rmse"),
+        ] {
+            let e = rollout_settings(&version_with(&[(key, value)])).unwrap_err();
+            assert!(e.contains(named), "{key}={value}: {e}");
+        }
+    }
+
     #[test]
     fn the_alias_poll_interval_is_validated() {
         let ok = raw(None).validate("127.0.0.1:8080").unwrap().unwrap();
