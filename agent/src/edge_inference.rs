@@ -15,7 +15,8 @@
 //! - For a model with drift references, every [`DRIFT_RECORD_EVERY_PREDICTIONS`] predictions
 //!   one `Record::ModelDrift` per full drift window goes to the same buffer, so drift syncs
 //!   (and survives outages) like predictions; consecutive records of a feature cover disjoint
-//!   windows.
+//!   windows. A shadow model with references gets its own monitor and records (tagged with
+//!   its name and version), so a rollout's candidate has measured drift in either mode.
 
 use std::{
     collections::BTreeMap,
@@ -60,7 +61,8 @@ pub struct InferenceMetrics {
     pub errors: Counter,
     pub swap_failures: Counter,
     pub model_info: Family<ModelLabels, Gauge>,
-    /// PSI / KS of each input and the output of the serving model over the drift window.
+    /// PSI / KS of each input and the output of the serving model (and of the shadow model,
+    /// under its own name and version) over the drift window.
     pub drift: Family<DriftLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 when a feature's PSI or KS is above its window-calibrated threshold.
     pub drift_alarm: Family<DriftAlarmLabels, Gauge>,
@@ -380,33 +382,38 @@ impl Inference {
             .map(|m| (m.name.clone(), m.version.clone(), drift))
     }
 
-    /// Buffers one [`Record::ModelDrift`] per feature whose window is full.
+    /// Buffers one [`Record::ModelDrift`] per feature whose window is full, for the serving
+    /// model and for the shadow (tagged with the shadow's name and version: its rollout's
+    /// comparison report reads the candidate's drift from them).
     fn record_drift(
         &self,
         buffer: &Buffer,
         predictor: &Predictor,
         ts: chrono::DateTime<chrono::Utc>,
     ) {
-        let Some((model, version, drift)) = self.current_drift(predictor) else {
-            return;
-        };
-        for d in drift {
-            let record = Record::ModelDrift(ModelDrift {
-                model: model.clone(),
-                model_version: version.clone(),
-                feature: d.feature,
-                ts,
-                psi: d.psi,
-                ks: d.ks,
-                psi_threshold: d.thresholds.psi,
-                ks_threshold: d.thresholds.ks,
-                alarm: d.drifted,
-                window: u32::try_from(d.window).unwrap_or(u32::MAX),
-                effective_window: u32::try_from(d.effective_window).unwrap_or(u32::MAX),
-            });
-            if let Err(e) = buffer.append(&record) {
-                self.metrics.errors.inc();
-                tracing::warn!(error = %e, "drift record could not be buffered");
+        let models = self
+            .current_drift(predictor)
+            .into_iter()
+            .chain(predictor.shadow_drift());
+        for (model, version, drift) in models {
+            for d in drift {
+                let record = Record::ModelDrift(ModelDrift {
+                    model: model.clone(),
+                    model_version: version.clone(),
+                    feature: d.feature,
+                    ts,
+                    psi: d.psi,
+                    ks: d.ks,
+                    psi_threshold: d.thresholds.psi,
+                    ks_threshold: d.thresholds.ks,
+                    alarm: d.drifted,
+                    window: u32::try_from(d.window).unwrap_or(u32::MAX),
+                    effective_window: u32::try_from(d.effective_window).unwrap_or(u32::MAX),
+                });
+                if let Err(e) = buffer.append(&record) {
+                    self.metrics.errors.inc();
+                    tracing::warn!(error = %e, "drift record could not be buffered");
+                }
             }
         }
     }
@@ -422,13 +429,21 @@ impl Inference {
             .drift_summary
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = DriftSummary::of(&drift);
+        // The health summary is the serving model's; the gauges carry the shadow's too.
+        let models = std::iter::once((model, version, drift)).chain(predictor.shadow_drift());
+        for (model, version, drift) in models {
+            self.export_model_drift(&model, &version, drift);
+        }
+    }
+
+    fn export_model_drift(&self, model: &str, version: &str, drift: Vec<FeatureDrift>) {
         for d in drift {
             for (statistic, v) in [("psi", d.psi), ("ks", d.ks)] {
                 self.metrics
                     .drift
                     .get_or_create(&DriftLabels {
-                        model: model.clone(),
-                        version: version.clone(),
+                        model: model.to_owned(),
+                        version: version.to_owned(),
                         feature: d.feature.clone(),
                         statistic,
                     })
@@ -437,8 +452,8 @@ impl Inference {
             self.metrics
                 .drift_alarm
                 .get_or_create(&DriftAlarmLabels {
-                    model: model.clone(),
-                    version: version.clone(),
+                    model: model.to_owned(),
+                    version: version.to_owned(),
                     feature: d.feature.clone(),
                 })
                 .set(i64::from(d.drifted));

@@ -308,6 +308,20 @@ pub struct Predictor {
     /// monitor). Started over for every new model; not persisted (a restart refills it).
     #[serde(skip)]
     drift: Option<(String, DriftMonitor)>,
+    /// The same for the shadow model (a shadow candidate's drift is what its rollout is
+    /// judged on): fed the same inputs and the shadow's output; started over for every new
+    /// shadow, dropped while none runs.
+    #[serde(skip)]
+    shadow_drift: Option<ShadowDrift>,
+}
+
+/// Drift monitor of the shadow model, with the model it describes.
+#[derive(Debug)]
+struct ShadowDrift {
+    sha256: String,
+    name: String,
+    version: String,
+    monitor: DriftMonitor,
 }
 
 /// Values per input (and output) in the drift windows, over all machines of the agent.
@@ -394,7 +408,8 @@ impl Predictor {
     /// features are computed once (with the champion's feature set) and both models run on
     /// them. The shadow's prediction is tagged (`model`, `role = shadow`) and never replaces
     /// the champion's; a shadow whose feature set differs from the champion's cannot read
-    /// these features and its outcome is an error (counted as its failure).
+    /// these features and its outcome is an error (counted as its failure). A shadow with
+    /// drift references feeds its own monitor ([`Predictor::shadow_drift`]).
     pub fn observe_with_shadow(
         &mut self,
         slot: &mut ModelSlot,
@@ -441,7 +456,7 @@ impl Predictor {
         let out = model.predict_rows(&features, 1)?;
         let latency = started.elapsed();
         let rul = out.first().copied().unwrap_or(f32::NAN);
-        let shadow = shadow.map(|sh| {
+        let run_shadow = |sh: &mut RulModel| {
             if sh.spec.id() != model.spec.id() {
                 return Err(InferenceError::Run(format!(
                     "shadow {}@{} reads feature set {}, the champion {}",
@@ -472,7 +487,40 @@ impl Predictor {
                 },
                 latency,
             ))
+        };
+        let shadow = shadow.map(|sh| {
+            let outcome = run_shadow(sh);
+            match (&outcome, sh.drift_reference.is_empty()) {
+                (Ok((p, _)), false) => {
+                    if self
+                        .shadow_drift
+                        .as_ref()
+                        .is_none_or(|d| d.sha256 != sh.sha256)
+                    {
+                        self.shadow_drift = Some(ShadowDrift {
+                            sha256: sh.sha256.clone(),
+                            name: sh.name.clone(),
+                            version: sh.version.clone(),
+                            monitor: DriftMonitor::new(sh.drift_reference.clone(), DRIFT_WINDOW),
+                        });
+                    }
+                    if let Some(d) = &mut self.shadow_drift {
+                        // Same feature set as the champion (else `outcome` is an error): the
+                        // same inputs, then the shadow's own output.
+                        let mut values = newest.clone();
+                        values.resize(sh.drift_reference.len() - 1, f64::NAN);
+                        values.push(p.rul_cycles);
+                        d.monitor.observe(&reading.machine, &values);
+                    }
+                }
+                (Ok(_), true) => self.shadow_drift = None,
+                (Err(_), _) => {}
+            }
+            outcome
         });
+        if shadow.is_none() {
+            self.shadow_drift = None;
+        }
         if !model.drift_reference.is_empty() {
             if self
                 .drift
@@ -547,6 +595,15 @@ impl Predictor {
             .as_ref()
             .map(|(_, m)| m.evaluate())
             .unwrap_or_default()
+    }
+
+    /// Drift of the shadow model's inputs and output (its own references, the champion's
+    /// features, its own predictions) with its name and version; `None` without a shadow
+    /// that has references and has run.
+    pub fn shadow_drift(&self) -> Option<(String, String, Vec<FeatureDrift>)> {
+        self.shadow_drift
+            .as_ref()
+            .map(|d| (d.name.clone(), d.version.clone(), d.monitor.evaluate()))
     }
 
     /// Number of machines with state.

@@ -268,7 +268,12 @@ pub struct ModelRollout {
     pub selector: serde_json::Map<String, serde_json::Value>,
     pub percent: u8,
     pub mode: String,
-    /// `active`, `promoted`, `halted` (by a person) or `rolled_back` (a threshold crossed).
+    /// Who started it: `api` (the API or kipctl) or `mlflow` (the MLflow `challenger` alias,
+    /// see `docs/ml.md`, "Rollout and rollback from MLflow").
+    #[serde(default = "default_origin")]
+    pub origin: String,
+    /// `active`, `promoted`, `halted` (by a person, or by the MLflow alias poller when the
+    /// alias moved) or `rolled_back` (a threshold crossed).
     pub state: String,
     pub thresholds: RolloutThresholds,
     pub halt_reason: Option<String>,
@@ -281,6 +286,10 @@ pub struct ModelRollout {
     /// Oldest first.
     #[serde(default)]
     pub events: Vec<ModelRolloutEvent>,
+}
+
+fn default_origin() -> String {
+    "api".into()
 }
 
 /// A device a rollout selects.

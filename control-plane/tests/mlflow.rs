@@ -582,3 +582,373 @@ async fn a_version_created_by_a_training_run_is_adopted_not_duplicated(pool: PgP
     let all = versions("name = 'rul-fd003'").await;
     assert_eq!(all.len(), 2, "{all:?}");
 }
+
+/// Sets tag `key` of MLflow version `version` of `name`.
+async fn set_version_tag(url: &str, name: &str, version: &str, key: &str, value: &str) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/api/2.0/mlflow/model-versions/set-tag"))
+        .json(&json!({ "name": name, "version": version, "key": key, "value": value }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+}
+
+/// Stores `records` as one batch of `dev` (epoch `epoch`) through the sync's ingest function.
+async fn sync_records(
+    pool: &PgPool,
+    org: uuid::Uuid,
+    dev: uuid::Uuid,
+    epoch: u64,
+    records: Vec<kip_shared::Record>,
+) {
+    let n = records.len() as u64;
+    let batch = kip_shared::sync::SyncBatch {
+        protocol_version: 1,
+        agent_version: String::new(),
+        epoch,
+        first_seq: 1,
+        last_seq: n,
+        records: records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| kip_shared::Sequenced {
+                epoch,
+                seq: i as u64 + 1,
+                record,
+            })
+            .collect(),
+        running_model: None,
+        health: None,
+    };
+    let id = kip_control_plane::telemetry::ingest::DeviceIdentity {
+        org_id: org,
+        device_id: dev,
+    };
+    let stored = kip_control_plane::telemetry::ingest::store(pool, id, &batch)
+        .await
+        .unwrap();
+    assert_eq!(stored.inserted, n);
+}
+
+/// The MLflow `challenger` alias selects the shadow: the version it names runs beside the
+/// group's champion on the group's devices through a shadow rollout (share and thresholds
+/// from the version's `kip.rollout.*` tags) whose report and automatic halt cover it; moving
+/// the alias moves the shadow (a rollout kip halted is not restarted), MLflow going away
+/// changes nothing, and removing the alias removes the shadow.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn the_mlflow_challenger_alias_runs_the_shadow_beside_the_champion_and_removing_it_stops_it(
+    pool: PgPool,
+) {
+    use kip_shared::{ModelRole, ModelStats, Prediction, Record};
+    rustls();
+    let mut ml = kip_tests::MlflowServer::start().await;
+    let url = ml.url().to_owned();
+    let app = common::app_with(pool.clone(), |c| {
+        c.mlflow = Some(MlflowConfig {
+            alias_poll_interval: Duration::from_millis(300),
+            ..cfg(&url)
+        });
+    })
+    .await;
+    let (org, key) = app.org_with_key("acme").await;
+    let org_id: uuid::Uuid = org.parse().unwrap();
+    let mut devs = Vec::new();
+    for name in ["gw-1", "gw-2"] {
+        let r = app
+            .post(
+                &format!("/v1/organisations/{org}/devices"),
+                &key,
+                json!({ "name": name, "labels": { "line": "a" } }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        devs.push(
+            r.body["id"]
+                .as_str()
+                .unwrap()
+                .parse::<uuid::Uuid>()
+                .unwrap(),
+        );
+    }
+    let v1 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.0.0", b"model-1").await;
+    let v2 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.1.0", b"model-2").await;
+    let v3 = register_with_artifact(&app, &org, &key, "rul-fd001", "1.2.0", b"model-3").await;
+    // The group runs 1.0.0 (MLflow version 1), the champion.
+    let selector = json!({ "line": "a" }).as_object().unwrap().clone();
+    kip_control_plane::models::set_desired_model_for_group(
+        &pool,
+        org_id,
+        &selector,
+        Some(v1.parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    set_alias(&url, "rul-fd001", "champion", "1").await;
+
+    let shadow_is = async |want: Option<&'static str>| {
+        kip_tests::eventually(Duration::from_secs(30), || async {
+            let mut seen = Vec::new();
+            for d in &devs {
+                let champion = kip_control_plane::models::desired_for(&pool, org_id, *d)
+                    .await
+                    .unwrap()
+                    .map(|m| m.version);
+                let shadow = kip_control_plane::models::desired_shadow_for(&pool, org_id, *d)
+                    .await
+                    .unwrap()
+                    .map(|m| m.version);
+                seen.push((champion, shadow));
+            }
+            let ok = seen
+                .iter()
+                .all(|(c, s)| c.as_deref() == Some("1.0.0") && s.as_deref() == want);
+            if ok { Ok(()) } else { Err(seen) }
+        })
+        .await
+        .unwrap();
+    };
+    let rollouts = async || -> Vec<Value> {
+        let r = app
+            .get(&format!("/v1/organisations/{org}/model-rollouts"), &key)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        r.body.as_array().unwrap().clone()
+    };
+    let stage = async |id: &str| -> Value {
+        app.get(&format!("/v1/organisations/{org}/models/{id}"), &key)
+            .await
+            .body["stage"]
+            .clone()
+    };
+
+    // Challenger -> MLflow version 2 (1.1.0), with a threshold in its tags: both devices of
+    // the group run it as the shadow beside 1.0.0.
+    set_version_tag(
+        &url,
+        "rul-fd001",
+        "2",
+        "kip.rollout.max_inference_failures",
+        "5",
+    )
+    .await;
+    set_alias(&url, "rul-fd001", "challenger", "2").await;
+    shadow_is(Some("1.1.0")).await;
+    let all = rollouts().await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let r2 = &all[0];
+    assert_eq!(
+        (&r2["origin"], &r2["mode"], &r2["state"], &r2["percent"]),
+        (
+            &json!("mlflow"),
+            &json!("shadow"),
+            &json!("active"),
+            &json!(100)
+        )
+    );
+    assert_eq!(r2["model"], "rul-fd001@1.1.0");
+    assert_eq!(r2["baseline_model"], "rul-fd001@1.0.0");
+    assert_eq!(r2["thresholds"]["max_inference_failures"], 5);
+    let r2_id = r2["id"].as_str().unwrap().to_owned();
+    assert_eq!(stage(&v2).await, "challenger");
+    let audit = app
+        .get(&format!("/v1/organisations/{org}/audit"), &key)
+        .await;
+    assert!(
+        audit.body["items"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "models.mlflow_challenger"
+                && e["target"]
+                    .as_str()
+                    .unwrap()
+                    .contains("mlflow: alias challenger -> v2 (rul-fd001@1.1.0): shadow 100%")
+        }),
+        "{}",
+        audit.text
+    );
+
+    // Both predictions sync (as the agent sends them: the champion's untagged, the shadow's
+    // tagged) and the rollout's report compares them.
+    let t = chrono::Utc::now();
+    let mut records = Vec::new();
+    for i in 0..5 {
+        let ts = t + chrono::Duration::milliseconds(i);
+        records.push(Record::Prediction(Prediction {
+            machine: "engine-1".into(),
+            model_version: "1.0.0".into(),
+            ts,
+            rul_cycles: 100.0 - i as f64,
+            anomaly_score: None,
+            model: None,
+            role: None,
+        }));
+        records.push(Record::Prediction(Prediction {
+            machine: "engine-1".into(),
+            model_version: "1.1.0".into(),
+            ts,
+            rul_cycles: 104.0 - i as f64,
+            anomaly_score: None,
+            model: Some("rul-fd001".into()),
+            role: Some(ModelRole::Shadow),
+        }));
+    }
+    sync_records(&pool, org_id, devs[0], 1, records).await;
+    let report = app
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r2_id}/report"),
+            &key,
+        )
+        .await;
+    assert_eq!(report.status, StatusCode::OK, "{}", report.text);
+    assert_eq!(
+        report.body["candidate"]["predictions_shadow"], 5,
+        "{}",
+        report.text
+    );
+    assert_eq!(
+        report.body["baseline"]["predictions_champion"], 5,
+        "{}",
+        report.text
+    );
+    assert_eq!(report.body["agreement"]["pairs"], 5, "{}", report.text);
+    assert_eq!(
+        report.body["agreement"]["mean_abs_diff_cycles"].as_f64(),
+        Some(4.0)
+    );
+
+    // The candidate fails 6 inferences (> 5, its tag): halted and rolled back like any rollout.
+    sync_records(
+        &pool,
+        org_id,
+        devs[1],
+        1,
+        vec![Record::ModelStats(ModelStats {
+            model: "rul-fd001".into(),
+            model_version: "1.1.0".into(),
+            role: ModelRole::Shadow,
+            ts: chrono::Utc::now(),
+            predictions: 44,
+            failures: 6,
+            latency_p50_us: Some(10.0),
+            latency_p99_us: Some(40.0),
+            latency_max_us: Some(50.0),
+        })],
+    )
+    .await;
+    kip_control_plane::ml::compare::evaluate_once(&pool, &app.state.metrics.model_rollouts)
+        .await
+        .unwrap();
+    shadow_is(None).await;
+    let r = app
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r2_id}"),
+            &key,
+        )
+        .await;
+    assert_eq!(r.body["state"], "rolled_back", "{}", r.text);
+    assert!(
+        r.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| { e["kind"] == "auto_halted" && e["reason"] == "inference_failures" }),
+        "{}",
+        r.text
+    );
+
+    // The alias moves to version 3 (1.2.0): a new shadow; the halted 1.1.0 is not restarted.
+    set_alias(&url, "rul-fd001", "challenger", "3").await;
+    shadow_is(Some("1.2.0")).await;
+    let all = rollouts().await;
+    let of = |m: &str| {
+        all.iter()
+            .filter(|r| r["model"] == format!("rul-fd001@{m}"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("1.1.0").len(), 1, "{all:?}");
+    assert_eq!(of("1.1.0")[0]["state"], "rolled_back");
+    let r3 = of("1.2.0");
+    assert_eq!(r3.len(), 1, "{all:?}");
+    assert_eq!(r3[0]["state"], "active");
+    assert_eq!(r3[0]["origin"], "mlflow");
+    // No tags on version 3: the API's defaults (no limit set).
+    assert_eq!(r3[0]["thresholds"]["max_inference_failures"], Value::Null);
+    let r3_id = r3[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(stage(&v3).await, "challenger");
+    assert_eq!(stage(&v2).await, "none");
+
+    // MLflow goes away: kip keeps the shadow and the rollout from its own tables.
+    ml.stop();
+    kip_tests::eventually(Duration::from_secs(60), || async {
+        let r = app.get("/v1/mlflow/status", &key).await;
+        if r.body["state"] == "unreachable" {
+            Ok(())
+        } else {
+            Err(r.body)
+        }
+    })
+    .await
+    .unwrap();
+    shadow_is(Some("1.2.0")).await;
+    let r = app
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r3_id}"),
+            &key,
+        )
+        .await;
+    assert_eq!(r.body["state"], "active", "{}", r.text);
+
+    // Back, and the alias removed: the shadow stops, the rollout ends naming why.
+    ml.restart().await;
+    let r = reqwest::Client::new()
+        .delete(format!("{url}/api/2.0/mlflow/registered-models/alias"))
+        .json(&json!({ "name": "rul-fd001", "alias": "challenger" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    shadow_is(None).await;
+    let r = app
+        .get(
+            &format!("/v1/organisations/{org}/model-rollouts/{r3_id}"),
+            &key,
+        )
+        .await;
+    assert_eq!(r.body["state"], "halted", "{}", r.text);
+    assert_eq!(r.body["halt_reason"], "mlflow: alias challenger removed");
+    assert_eq!(stage(&v3).await, "none");
+    // The champion never moved.
+    assert_eq!(stage(&v1).await, "champion");
+
+    // The alias set again (the poller, not kip, ended the last one): a shadow again; then
+    // `champion` moves to it: the group runs 1.2.0 and the challenger's rollout is promoted.
+    set_alias(&url, "rul-fd001", "challenger", "3").await;
+    shadow_is(Some("1.2.0")).await;
+    set_alias(&url, "rul-fd001", "champion", "3").await;
+    let promoted = kip_tests::eventually(Duration::from_secs(30), || async {
+        let all = rollouts().await;
+        match all.iter().find(|r| r["state"] == "promoted") {
+            Some(r) => Ok(r.clone()),
+            None => Err(all),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(promoted["model"], "rul-fd001@1.2.0");
+    assert_eq!(promoted["origin"], "mlflow");
+    for d in &devs {
+        let m = kip_control_plane::models::desired_for(&pool, org_id, *d)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.version, "1.2.0");
+        // Champion and challenger are one version now: no shadow.
+        assert!(
+            kip_control_plane::models::desired_shadow_for(&pool, org_id, *d)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(stage(&v3).await, "champion");
+}

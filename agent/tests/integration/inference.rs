@@ -462,6 +462,7 @@ fn the_anomaly_score_is_computed_and_rises_for_an_unusual_cycle() {
 /// saw, unchanged and with sensor s11 shifted; returns the drift of each replay.
 #[test]
 fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() {
+    // Also for the shadow model beside the champion (issue 14: a shadow candidate's drift).
     use kip_agent::inference::DRIFT_WINDOW;
     let engines = kip_ml::cmapss::load(&root().join("ml/data/train_FD001.txt")).unwrap();
     let doc = serde_json::json!({
@@ -483,11 +484,18 @@ fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() 
     let trained = kip_ml::pipeline::run(&engines[..60], &opts).unwrap();
     assert_eq!(trained.card.drift_reference.len(), 7);
 
+    // A second version (another seed) runs as the shadow: its drift is monitored too, against
+    // its own references, and reported under its own name and version.
+    opts.model_version = "0.2.0".into();
+    opts.train.seed = 2;
+    let candidate = kip_ml::pipeline::run(&engines[..60], &opts).unwrap();
+
     let rt = OrtRuntime::load(Some(&ort_library())).unwrap();
     let mut slot = ModelSlot::default();
     slot.try_swap(&rt, &trained.onnx, None).unwrap();
     let spec = slot.current().unwrap().spec.clone();
     assert_eq!(slot.current().unwrap().drift_reference.len(), 7);
+    let mut shadow = RulModel::load(&rt, &candidate.onnx, None).unwrap();
 
     // A fleet at staggered ages, as deployed: unseen engines, each a machine, machine k
     // already k/15 into its life, then one cycle of every machine per round. (A window of one
@@ -509,32 +517,60 @@ fn a_shifted_sensor_drifts_above_its_threshold_and_unchanged_data_stays_below() 
         let offsets: Vec<usize> = (0..lives.len())
             .map(|k| k * shortest / lives.len())
             .collect();
+        let mut feed = |predictor: &mut Predictor, m: &str, rows: &[Vec<f32>]| {
+            for row in rows {
+                for (metric, v) in spec.inputs().iter().zip(row) {
+                    let r = Reading {
+                        source: "sim".into(),
+                        machine: m.into(),
+                        metric: metric.clone(),
+                        ts: chrono::Utc::now(),
+                        value: f64::from(*v),
+                        quality: Quality::Good,
+                    };
+                    if let Some(o) = predictor
+                        .observe_with_shadow(&mut slot, Some(&mut shadow), &r)
+                        .unwrap()
+                    {
+                        assert!(o.shadow.unwrap().is_ok());
+                    }
+                }
+            }
+        };
         for (k, rows) in lives.iter().enumerate() {
-            feed(
-                &mut predictor,
-                &mut slot,
-                &spec,
-                &format!("u{k}"),
-                &rows[..offsets[k]],
-            );
+            feed(&mut predictor, &format!("u{k}"), &rows[..offsets[k]]);
         }
         let rounds = shortest - offsets.last().unwrap();
         for t in 0..rounds {
             for (k, rows) in lives.iter().enumerate() {
                 let i = offsets[k] + t;
-                feed(
-                    &mut predictor,
-                    &mut slot,
-                    &spec,
-                    &format!("u{k}"),
-                    &rows[i..=i],
-                );
+                feed(&mut predictor, &format!("u{k}"), &rows[i..=i]);
             }
         }
-        predictor.drift()
+        let (name, version, shadow_drift) = predictor.shadow_drift().unwrap();
+        assert_eq!(
+            (name.as_str(), version.as_str()),
+            ("rul-test-drift", "0.2.0")
+        );
+        (predictor.drift(), shadow_drift)
     };
-    let unchanged = replay(0.0);
-    let shifted = replay(1.0);
+    let (unchanged, unchanged_shadow) = replay(0.0);
+    let (shifted, shifted_shadow) = replay(1.0);
+    // The shadow's windows: every input and its own output, full, same effective size.
+    assert_eq!(unchanged_shadow.len(), 7);
+    for d in unchanged_shadow.iter().chain(&shifted_shadow) {
+        assert_eq!((d.window, d.effective_window), (DRIFT_WINDOW, 15));
+    }
+    assert!(
+        shifted_shadow
+            .iter()
+            .any(|d| d.feature == "s11" && d.drifted),
+        "{shifted_shadow:?}"
+    );
+    assert!(
+        unchanged_shadow.iter().all(|d| !d.drifted),
+        "unchanged replay drifted for the shadow: {unchanged_shadow:?}"
+    );
     for d in unchanged.iter().chain(&shifted) {
         assert_eq!(d.window, DRIFT_WINDOW);
         assert_eq!(d.effective_window, 15, "15 machines in the window");

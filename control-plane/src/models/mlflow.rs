@@ -29,6 +29,17 @@
 //!   is logged and counted in `kip_mlflow_sync_errors_total`;
 //!   `kip_mlflow_last_successful_poll_timestamp_seconds` says when MLflow was last read.
 //! - A version without an uploaded artifact is never rolled out (an agent could not fetch it).
+//!
+//! The `challenger` alias selects the shadow: when it names a kip version, every device group
+//! (`desired_models` selector) of that organisation whose model is another version of the
+//! name runs it as a shadow beside its champion, through a `shadow` rollout of
+//! `origin = 'mlflow'` (`rollouts::follow_challenger`; share and thresholds from the version's
+//! `kip.rollout.*` tags), so both predictions sync and the rollout's comparison report and
+//! automatic halt cover it. Moving the alias ends that rollout and starts one of the new
+//! version; removing it ends the rollout (the devices stop running the shadow at their next
+//! sync); kip's `challenger` stage follows the alias. Audited as `models.mlflow_challenger`.
+//! - Both aliases of a name are read before anything changes, so an unreachable MLflow
+//!   changes neither the champion nor the shadows.
 
 use std::{sync::Arc, time::Duration};
 
@@ -228,8 +239,11 @@ pub fn status_not_configured() -> kip_api::MlflowStatus {
 
 /// The alias that drives rollouts.
 const ROLLOUT_ALIAS: &str = "champion";
+/// The alias whose version runs as a shadow beside the champion.
+const SHADOW_ALIAS: &str = "challenger";
 
-const ALIASES: [&str; 2] = ["champion", "challenger"];
+/// Both aliases, champion first (the poller reads them in this order).
+const ALIASES: [&str; 2] = [ROLLOUT_ALIAS, SHADOW_ALIAS];
 
 impl MlflowSync {
     /// Builds the client; `failures` is the registered `kip_mlflow_sync_failures` counter,
@@ -635,13 +649,12 @@ struct AliasTarget {
 }
 
 impl MlflowSync {
-    /// `(MLflow version, kip.model_id tag)` the `champion` alias of `name` points at; `None`
-    /// when the alias (or the registered model) does not exist.
-    async fn champion(&self, name: &str) -> Result<Option<(String, Option<Uuid>)>, MlflowError> {
+    /// The MLflow model version (`version` number, its `kip.model_id` tag, the whole version
+    /// object) the alias `alias` of `name` points at; `None` when the alias (or the registered
+    /// model) does not exist.
+    async fn alias(&self, name: &str, alias: &str) -> Result<Option<AliasVersion>, MlflowError> {
         let path = "registered-models/alias";
-        let (status, text) = self
-            .get(path, &[("name", name), ("alias", ROLLOUT_ALIAS)])
-            .await?;
+        let (status, text) = self.get(path, &[("name", name), ("alias", alias)]).await?;
         // MLflow answers a missing alias with 400 RESOURCE_DOES_NOT_EXIST / INVALID_PARAMETER
         // (not 404), a missing registered model with 404.
         if matches!(status, 400 | 404) {
@@ -655,15 +668,39 @@ impl MlflowSync {
             });
         }
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let mv = &answer["model_version"];
-        let Some(version) = mv["version"].as_str() else {
+        let mv = answer["model_version"].clone();
+        let Some(version) = mv["version"].as_str().map(str::to_owned) else {
             return Err(MlflowError::Shape {
                 path,
                 body: text.chars().take(500).collect(),
             });
         };
-        let kip_id = tag(mv, "kip.model_id").and_then(|v| v.parse().ok());
-        Ok(Some((version.to_owned(), kip_id)))
+        let kip_id = tag(&mv, "kip.model_id").and_then(|v| v.parse().ok());
+        Ok(Some(AliasVersion {
+            version,
+            kip_id,
+            mv,
+        }))
+    }
+
+    /// The kip versions of `name` that MLflow version `a` is (one per organisation at most;
+    /// exactly the tagged one when the version carries `kip.model_id`).
+    async fn alias_targets(
+        &self,
+        name: &str,
+        a: &AliasVersion,
+    ) -> Result<Vec<AliasTarget>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT m.id, m.org_id, m.name, m.version, m.stage, \
+                    EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) AS has_artifact \
+             FROM ai_models m \
+             WHERE m.name = $1 AND m.mlflow_version = $2 AND ($3::uuid IS NULL OR m.id = $3)",
+        )
+        .bind(name)
+        .bind(&a.version)
+        .bind(a.kip_id)
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// Makes `target` the champion of its name and the desired model of every device or label
@@ -739,7 +776,7 @@ impl MlflowSync {
         Ok(changed)
     }
 
-    /// One poll: follows the `champion` alias of every mirrored model name.
+    /// One poll: follows the `champion` and `challenger` aliases of every mirrored model name.
     pub async fn poll_aliases(&self) {
         if let Err(e) = self.probe().await {
             self.mark_down(&e);
@@ -759,55 +796,282 @@ impl MlflowSync {
             }
         };
         for name in &names {
-            let (version, kip_id) = match self.champion(name).await {
-                Ok(Some(v)) => v,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::debug!(model = %name, "cannot read alias {ROLLOUT_ALIAS}");
-                    self.mark_down(&e);
-                    // One unreachable server fails every name alike: retry at the next tick.
-                    return;
+            // Both aliases are read before anything changes: one unreachable server fails
+            // every name alike, and kip then changes nothing until the next tick.
+            let mut read = Vec::with_capacity(ALIASES.len());
+            for alias in ALIASES {
+                match self.alias(name, alias).await {
+                    Ok(a) => read.push(a),
+                    Err(e) => {
+                        tracing::debug!(model = %name, "cannot read alias {alias}");
+                        self.mark_down(&e);
+                        return;
+                    }
                 }
-            };
-            let targets: Vec<AliasTarget> = match sqlx::query_as(
-                "SELECT m.id, m.org_id, m.name, m.version, m.stage, \
-                        EXISTS (SELECT 1 FROM model_artifacts a WHERE a.model_id = m.id) AS has_artifact \
-                 FROM ai_models m \
-                 WHERE m.name = $1 AND m.mlflow_version = $2 AND ($3::uuid IS NULL OR m.id = $3)",
-            )
-            .bind(name)
-            .bind(&version)
-            .bind(kip_id)
-            .fetch_all(&self.pool)
-            .await
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    self.poll.errors.inc();
-                    tracing::warn!(error = %e, model = %name, "MLflow alias poll: lookup failed");
-                    return;
-                }
-            };
-            if targets.is_empty() {
-                tracing::debug!(model = %name, %version, "alias {ROLLOUT_ALIAS} names a version kip does not know");
             }
-            for t in &targets {
-                if !t.has_artifact {
-                    tracing::warn!(
-                        model_id = %t.id, name = %t.name, version = %t.version,
-                        "alias {ROLLOUT_ALIAS} names a version without an uploaded artifact; not rolled out"
-                    );
-                    continue;
-                }
-                if let Err(e) = self.roll_out(t, &version).await {
-                    self.poll.errors.inc();
-                    tracing::warn!(error = %e, model_id = %t.id, "MLflow alias poll: rollout failed");
-                    return;
-                }
+            let challenger = read.pop().flatten();
+            let champion = read.pop().flatten();
+            if let Some(champion) = champion
+                && !self.follow_champion(name, &champion).await
+            {
+                return;
+            }
+            if !self.follow_challenger(name, challenger.as_ref()).await {
+                return;
             }
         }
         self.mark_up();
     }
+
+    /// Rolls the fleet to the version the `champion` alias names; false when kip's side
+    /// failed (counted and logged: the poll stops there).
+    async fn follow_champion(&self, name: &str, alias: &AliasVersion) -> bool {
+        let version = &alias.version;
+        let targets = match self.alias_targets(name, alias).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.poll.errors.inc();
+                tracing::warn!(error = %e, model = %name, "MLflow alias poll: lookup failed");
+                return false;
+            }
+        };
+        if targets.is_empty() {
+            tracing::debug!(model = %name, %version, "alias {ROLLOUT_ALIAS} names a version kip does not know");
+        }
+        for t in &targets {
+            if !t.has_artifact {
+                tracing::warn!(
+                    model_id = %t.id, name = %t.name, version = %t.version,
+                    "alias {ROLLOUT_ALIAS} names a version without an uploaded artifact; not rolled out"
+                );
+                continue;
+            }
+            if let Err(e) = self.roll_out(t, version).await {
+                self.poll.errors.inc();
+                tracing::warn!(error = %e, model_id = %t.id, "MLflow alias poll: rollout failed");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Makes every organisation's MLflow shadow rollouts of `name` match the `challenger`
+    /// alias (`None`: absent) through [`super::rollouts::follow_challenger`], and kip's
+    /// `challenger` stage with it; audited. False when kip's side failed (counted, logged).
+    async fn follow_challenger(&self, name: &str, alias: Option<&AliasVersion>) -> bool {
+        let orgs: Vec<Uuid> = match sqlx::query_scalar(
+            "SELECT DISTINCT org_id FROM ai_models \
+             WHERE name = $1 AND mlflow_version IS NOT NULL ORDER BY org_id",
+        )
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.poll.errors.inc();
+                tracing::warn!(error = %e, model = %name, "MLflow alias poll: cannot list organisations");
+                return false;
+            }
+        };
+        let targets = match alias {
+            Some(a) => match self.alias_targets(name, a).await {
+                Ok(t) => t,
+                Err(e) => {
+                    self.poll.errors.inc();
+                    tracing::warn!(error = %e, model = %name, "MLflow alias poll: lookup failed");
+                    return false;
+                }
+            },
+            None => Vec::new(),
+        };
+        for org_id in orgs {
+            let challenger = match (alias, targets.iter().find(|t| t.org_id == org_id)) {
+                (Some(a), Some(t)) => {
+                    if !t.has_artifact {
+                        tracing::warn!(
+                            model_id = %t.id, name = %t.name, version = %t.version,
+                            "alias {SHADOW_ALIAS} names a version without an uploaded artifact; no shadow"
+                        );
+                        continue;
+                    }
+                    match rollout_settings(&a.mv) {
+                        Ok((percent, thresholds)) => Some((
+                            t,
+                            super::rollouts::Challenger {
+                                model_id: t.id,
+                                model: format!("{}@{}", t.name, t.version),
+                                mlflow_version: a.version.clone(),
+                                percent,
+                                thresholds,
+                            },
+                        )),
+                        Err(why) => {
+                            // Nothing changes: a typo in a tag must not end a running shadow.
+                            tracing::warn!(
+                                model_id = %t.id, name = %t.name, version = %t.version,
+                                "alias {SHADOW_ALIAS}: {why}; no change until the tags are fixed"
+                            );
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if let Err(e) = self
+                .apply_challenger(org_id, name, challenger, alias.is_none())
+                .await
+            {
+                self.poll.errors.inc();
+                tracing::warn!(error = %e, %org_id, model = %name, "MLflow alias poll: challenger rollout failed");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// One organisation's side of [`MlflowSync::follow_challenger`], in one transaction.
+    async fn apply_challenger(
+        &self,
+        org_id: Uuid,
+        name: &str,
+        challenger: Option<(&AliasTarget, super::rollouts::Challenger)>,
+        alias_removed: bool,
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        // Same lock as a kip-side stage change and the champion's rollout.
+        sqlx::query(
+            "SELECT id FROM ai_models WHERE org_id = $1 AND name = $2 ORDER BY id FOR UPDATE",
+        )
+        .bind(org_id)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        let mut changes = Vec::new();
+        match &challenger {
+            // kip's stage follows the alias; a version that is kip's champion keeps that stage.
+            Some((t, c)) if t.stage != SHADOW_ALIAS && t.stage != ROLLOUT_ALIAS => {
+                sqlx::query(
+                    "UPDATE ai_models SET stage = 'none' \
+                     WHERE org_id = $1 AND name = $2 AND stage = 'challenger' AND id <> $3",
+                )
+                .bind(org_id)
+                .bind(name)
+                .bind(t.id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE ai_models SET stage = 'challenger' WHERE org_id = $1 AND id = $2",
+                )
+                .bind(org_id)
+                .bind(t.id)
+                .execute(&mut *tx)
+                .await?;
+                changes.push(format!(
+                    "mlflow alias {SHADOW_ALIAS} -> v{} ({}): stage challenger",
+                    c.mlflow_version, c.model
+                ));
+            }
+            None if alias_removed => {
+                let demoted = sqlx::query(
+                    "UPDATE ai_models SET stage = 'none' \
+                     WHERE org_id = $1 AND name = $2 AND stage = 'challenger' \
+                       AND mlflow_version IS NOT NULL",
+                )
+                .bind(org_id)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if demoted > 0 {
+                    changes.push(format!(
+                        "mlflow alias {SHADOW_ALIAS} of {name} removed: stage none"
+                    ));
+                }
+            }
+            _ => {}
+        }
+        changes.extend(
+            super::rollouts::follow_challenger(
+                &mut tx,
+                org_id,
+                name,
+                challenger.as_ref().map(|(_, c)| c),
+            )
+            .await?,
+        );
+        if changes.is_empty() {
+            return Ok(());
+        }
+        for change in &changes {
+            // No API key made this change: the nil key id and the `system` role mark it.
+            sqlx::query(
+                "INSERT INTO audit_log \
+                 (org_id, key_id, key_name, role, action, method, target, status, outcome) \
+                 VALUES ($1, $2, 'mlflow-alias-poller', 'system', 'models.mlflow_challenger', \
+                         'POLL', $3, 200, 'ok')",
+            )
+            .bind(org_id)
+            .bind(Uuid::nil())
+            .bind(change)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        for change in &changes {
+            tracing::info!(%org_id, model = %name, "{change}");
+        }
+        Ok(())
+    }
+}
+
+/// What an MLflow alias points at.
+struct AliasVersion {
+    /// The MLflow version number.
+    version: String,
+    /// Its `kip.model_id` tag, when it has one.
+    kip_id: Option<Uuid>,
+    /// The model version object (tags included).
+    mv: Value,
+}
+
+/// Share and thresholds of the shadow rollout the `challenger` alias starts, from the model
+/// version's tags `kip.rollout.percent` (1..=100, default 100) and `kip.rollout.<threshold>`
+/// (the fields of the API's `thresholds`, e.g. `kip.rollout.max_latency_p99_ms = 5`), checked
+/// like the API checks them; an unknown `kip.rollout.*` tag is an error naming it.
+fn rollout_settings(mv: &Value) -> Result<(u8, kip_api::RolloutThresholds), String> {
+    let mut percent = 100;
+    let mut fields = serde_json::Map::new();
+    for t in mv["tags"].as_array().into_iter().flatten() {
+        let (Some(key), Some(value)) = (t["key"].as_str(), t["value"].as_str()) else {
+            continue;
+        };
+        let Some(field) = key.strip_prefix("kip.rollout.") else {
+            continue;
+        };
+        let value = value.trim();
+        if field == "percent" {
+            percent = value
+                .parse::<u8>()
+                .ok()
+                .filter(|p| (1..=100).contains(p))
+                .ok_or_else(|| format!("tag {key} = {value:?} must be 1 to 100"))?;
+            continue;
+        }
+        let number = if let Ok(n) = value.parse::<u64>() {
+            json!(n)
+        } else if let Some(x) = value.parse::<f64>().ok().filter(|x| x.is_finite()) {
+            json!(x)
+        } else {
+            return Err(format!("tag {key} = {value:?} is not a number"));
+        };
+        fields.insert(field.to_owned(), number);
+    }
+    let thresholds: kip_api::RolloutThresholds = serde_json::from_value(Value::Object(fields))
+        .map_err(|e| format!("tags kip.rollout.*: {e}"))?;
+    super::rollouts::check_thresholds(&thresholds)
+        .map_err(|e| format!("tags kip.rollout.*: {e}"))?;
+    Ok((percent, thresholds))
 }
 
 /// Follows the MLflow `champion` aliases every `alias_poll_interval` on `tracker` until
@@ -848,6 +1112,57 @@ mod tests {
             tracking_uri: Some("http://mlflow:5000".into()),
             alias_poll_interval_ms: poll,
             ..RawMlflow::default()
+        }
+    }
+
+    fn version_with(tags: &[(&str, &str)]) -> Value {
+        let tags: Vec<Value> = tags
+            .iter()
+            .map(|(k, v)| json!({ "key": k, "value": v }))
+            .collect();
+        json!({ "name": "rul-fd001", "version": "2", "tags": tags })
+    }
+
+    #[test]
+    fn the_challengers_rollout_settings_come_from_its_tags_and_bad_ones_are_named() {
+        // No kip.rollout.* tag: 100 %, the API's defaults; other tags are not ours.
+        let (percent, t) = rollout_settings(&version_with(&[("kip.model_id", "x")])).unwrap();
+        assert_eq!(percent, 100);
+        assert_eq!(t, kip_api::RolloutThresholds::default());
+        let (percent, t) = rollout_settings(&version_with(&[
+            ("kip.rollout.percent", "20"),
+            ("kip.rollout.max_rmse_cycles", "25.5"),
+            ("kip.rollout.min_truth_samples", "50"),
+            ("kip.rollout.max_drift_alarms", "0"),
+            ("kip.rollout.max_inference_failures", " 10 "),
+            ("kip.rollout.max_latency_p99_ms", "5"),
+        ]))
+        .unwrap();
+        assert_eq!(percent, 20);
+        assert_eq!(t.max_rmse_cycles, Some(25.5));
+        assert_eq!(t.min_truth_samples, 50);
+        assert_eq!(t.max_drift_alarms, Some(0));
+        assert_eq!(t.max_inference_failures, Some(10));
+        assert_eq!(t.max_latency_p99_ms, Some(5.0));
+        for (key, value, named) in [
+            ("kip.rollout.percent", "0", "kip.rollout.percent"),
+            ("kip.rollout.percent", "101", "kip.rollout.percent"),
+            (
+                "kip.rollout.max_rmse_cycles",
+                "much",
+                "kip.rollout.max_rmse_cycles",
+            ),
+            ("kip.rollout.max_rmse_cycles", "-1", "max_rmse_cycles"),
+            (
+                "kip.rollout.max_rmse_cycles",
+                "inf",
+                "kip.rollout.max_rmse_cycles",
+            ),
+            ("kip.rollout.max_drift_alarms", "1.5", "kip.rollout"),
+            ("kip.rollout.max_rmse", "3", "max_rmse"),
+        ] {
+            let e = rollout_settings(&version_with(&[(key, value)])).unwrap_err();
+            assert!(e.contains(named), "{key}={value}: {e}");
         }
     }
 

@@ -17,6 +17,11 @@
 //! - At most one active rollout per (organisation, selector) (a partial unique index).
 //! - Every state change writes a `model_rollout_events` row in the same transaction; an
 //!   automatic halt names the threshold crossed ([`auto_halt`]).
+//! - Rollouts of `origin = 'mlflow'` are the MLflow `challenger` alias's ([`follow_challenger`]):
+//!   a shadow rollout of the challenger on each device group whose desired model is another
+//!   version of the same name. The poller starts and ends only those; it ends them with a
+//!   `halt_reason` starting with `mlflow`, and never restarts one that kip ended (automatic
+//!   halt, halt or promotion by hand) for the same group, candidate and baseline.
 
 use axum::{Json, http::StatusCode};
 use chrono::{DateTime, Utc};
@@ -41,6 +46,7 @@ struct RolloutRow {
     selector: sqlx::types::Json<serde_json::Map<String, serde_json::Value>>,
     percent: i32,
     mode: String,
+    origin: String,
     state: String,
     thresholds: sqlx::types::Json<RolloutThresholds>,
     halt_reason: Option<String>,
@@ -61,6 +67,7 @@ impl From<RolloutRow> for ModelRollout {
             selector: r.selector.0,
             percent: u8::try_from(r.percent).unwrap_or(100),
             mode: r.mode,
+            origin: r.origin,
             state: r.state,
             thresholds: r.thresholds.0,
             halt_reason: r.halt_reason,
@@ -75,7 +82,7 @@ impl From<RolloutRow> for ModelRollout {
 
 const ROLLOUT_SELECT: &str = "\
     SELECT r.id, r.org_id, r.model_id, m.name || '@' || m.version AS model, r.baseline_model_id, \
-           b.name || '@' || b.version AS baseline_model, r.selector, r.percent, r.mode, r.state, \
+           b.name || '@' || b.version AS baseline_model, r.selector, r.percent, r.mode, r.origin, r.state, \
            r.thresholds, r.halt_reason, r.last_evaluated_at, r.created_at, r.updated_at \
     FROM model_rollouts r \
     JOIN ai_models m ON m.org_id = r.org_id AND m.id = r.model_id \
@@ -271,7 +278,7 @@ async fn insert_event(
     Ok(())
 }
 
-fn check_thresholds(t: &RolloutThresholds) -> ApiResult<()> {
+pub(super) fn check_thresholds(t: &RolloutThresholds) -> ApiResult<()> {
     let finite_non_negative = |field: &str, v: Option<f64>| match v {
         Some(x) if !x.is_finite() || x < 0.0 => {
             Err(ApiError::validation(field, "must be a finite number >= 0"))
@@ -550,4 +557,171 @@ async fn finish(
     tx.commit().await?;
     tracing::info!(%org_id, %rollout_id, state, "model rollout ended");
     Ok(())
+}
+
+/// What the MLflow `challenger` alias of a model name names in one organisation.
+#[derive(Debug, Clone)]
+pub struct Challenger {
+    /// The kip version the alias names (it has an uploaded artifact).
+    pub model_id: Uuid,
+    /// `name@version`, for events.
+    pub model: String,
+    /// The MLflow version number the alias names.
+    pub mlflow_version: String,
+    /// Share of each group that runs the shadow (the version's `kip.rollout.percent` tag,
+    /// default 100).
+    pub percent: u8,
+    /// From the version's `kip.rollout.*` tags, checked like the API's.
+    pub thresholds: RolloutThresholds,
+}
+
+/// An active MLflow rollout of the name, with the model its group wants now (`None`: the
+/// group no longer has a desired model).
+#[derive(sqlx::FromRow)]
+struct MlflowRollout {
+    id: Uuid,
+    model_id: Uuid,
+    baseline_model_id: Uuid,
+    group_model_id: Option<Uuid>,
+    group_model: Option<String>,
+}
+
+/// Makes the `origin = 'mlflow'` rollouts of `org_id` for model `name` match the MLflow
+/// `challenger` alias, inside `tx` (the caller holds the row locks of the name's versions):
+/// - each device group (a `desired_models` selector) whose model is another version of
+///   `name` runs `challenger` as a 100 % (or `percent`) shadow rollout beside it, unless the
+///   group has another active rollout (one started through the API keeps its group) or kip
+///   ended this same (group, challenger, baseline) rollout itself (automatic halt, halt or
+///   promotion by hand: moving the alias is what starts it again);
+/// - an active MLflow rollout whose challenger or baseline is no longer what MLflow and the
+///   group say is ended: `promoted` when the group now runs its candidate (the `champion`
+///   alias moved to the challenger), else `halted`; its `halt_reason` starts with `mlflow`.
+///
+/// Returns one line per change (for the audit log and the log).
+pub async fn follow_challenger(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    org_id: Uuid,
+    name: &str,
+    challenger: Option<&Challenger>,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut changes = Vec::new();
+    let active: Vec<MlflowRollout> = sqlx::query_as(
+        "SELECT r.id, r.model_id, r.baseline_model_id, dm.model_id AS group_model_id, \
+                gm.name || '@' || gm.version AS group_model \
+         FROM model_rollouts r \
+         JOIN ai_models m ON m.org_id = r.org_id AND m.id = r.model_id \
+         LEFT JOIN desired_models dm ON dm.org_id = r.org_id AND dm.selector = r.selector \
+         LEFT JOIN ai_models gm ON gm.org_id = dm.org_id AND gm.id = dm.model_id \
+         WHERE r.org_id = $1 AND r.state = 'active' AND r.origin = 'mlflow' AND m.name = $2 \
+         ORDER BY r.created_at LIMIT 1000",
+    )
+    .bind(org_id)
+    .bind(name)
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in active {
+        let end = match (challenger, r.group_model_id) {
+            (_, None) => Some((
+                "halted",
+                "the group has no desired model any more".to_owned(),
+            )),
+            (_, Some(g)) if g == r.model_id => Some((
+                "promoted",
+                format!(
+                    "the group runs the challenger {} (alias champion moved to it)",
+                    r.group_model.as_deref().unwrap_or_default()
+                ),
+            )),
+            (None, _) => Some(("halted", "alias challenger removed".to_owned())),
+            (Some(c), _) if c.model_id != r.model_id => Some((
+                "halted",
+                format!(
+                    "alias challenger moved to v{} ({})",
+                    c.mlflow_version, c.model
+                ),
+            )),
+            (Some(_), Some(g)) if g != r.baseline_model_id => Some((
+                "halted",
+                format!(
+                    "the group's champion is now {}",
+                    r.group_model.as_deref().unwrap_or_default()
+                ),
+            )),
+            _ => None,
+        };
+        let Some((state, why)) = end else {
+            continue;
+        };
+        let detail = format!("mlflow: {why}");
+        let changed = sqlx::query(
+            "UPDATE model_rollouts SET state = $3, halt_reason = $4, updated_at = now() \
+             WHERE org_id = $1 AND id = $2 AND state = 'active'",
+        )
+        .bind(org_id)
+        .bind(r.id)
+        .bind(state)
+        .bind(&detail)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if changed > 0 {
+            insert_event(tx, org_id, r.id, state, None, &detail, None, None).await?;
+            changes.push(format!("rollout {} {state}: {detail}", r.id));
+        }
+    }
+    let Some(c) = challenger else {
+        return Ok(changes);
+    };
+    // Groups that run another version of the name, whether one of them is busy with another
+    // rollout, and whether kip itself ended this group's rollout of this challenger against
+    // this baseline.
+    let groups: Vec<(serde_json::Value, Uuid, bool, Option<bool>)> = sqlx::query_as(
+        "SELECT dm.selector, dm.model_id, \
+           EXISTS (SELECT 1 FROM model_rollouts r \
+                    WHERE r.org_id = dm.org_id AND r.selector = dm.selector AND r.state = 'active'), \
+           (SELECT r.state <> 'active' AND coalesce(r.halt_reason, '') NOT LIKE 'mlflow%' \
+              FROM model_rollouts r \
+             WHERE r.org_id = dm.org_id AND r.selector = dm.selector AND r.origin = 'mlflow' \
+               AND r.model_id = $3 AND r.baseline_model_id = dm.model_id \
+             ORDER BY r.created_at DESC LIMIT 1) \
+         FROM desired_models dm JOIN ai_models m ON m.org_id = dm.org_id AND m.id = dm.model_id \
+         WHERE dm.org_id = $1 AND dm.selector IS NOT NULL AND m.name = $2 AND dm.model_id <> $3 \
+         ORDER BY dm.created_at, dm.id LIMIT 1000",
+    )
+    .bind(org_id)
+    .bind(name)
+    .bind(c.model_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (selector, baseline, busy, ended_by_kip) in groups {
+        if busy {
+            tracing::debug!(%org_id, %selector, "group has an active rollout; the challenger waits");
+            continue;
+        }
+        if ended_by_kip == Some(true) {
+            continue;
+        }
+        let id = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO model_rollouts (id, org_id, model_id, baseline_model_id, selector, percent, \
+                                         mode, origin, state, thresholds) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'shadow', 'mlflow', 'active', $7)",
+        )
+        .bind(id)
+        .bind(org_id)
+        .bind(c.model_id)
+        .bind(baseline)
+        .bind(&selector)
+        .bind(i32::from(c.percent))
+        .bind(sqlx::types::Json(&c.thresholds))
+        .execute(&mut **tx)
+        .await?;
+        let detail = format!(
+            "mlflow: alias challenger -> v{} ({}): shadow {}%",
+            c.mlflow_version, c.model, c.percent
+        );
+        insert_event(tx, org_id, id, "started", None, &detail, None, None).await?;
+        changes.push(format!("rollout {id} started for {selector}: {detail}"));
+    }
+    Ok(changes)
 }

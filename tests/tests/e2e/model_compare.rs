@@ -6,7 +6,9 @@
 //!    (two of three agents); those serve it and run the baseline as a shadow on the same
 //!    features; both predictions reach PostgreSQL (`role` champion / shadow); the third agent
 //!    keeps the baseline. The comparison report (API and `kipctl`) gives agreement, error
-//!    against ground truth, latency and failures; the evaluator judges it and does not halt.
+//!    against ground truth, latency, failures and drift of both versions (the shadow's drift
+//!    is monitored by the agent too); the evaluator judges it and does not halt. No MLflow:
+//!    the rollouts are made through the API and kipctl only.
 //!    Growing the share keeps the first devices and adds the third.
 //! 2. The good version is promoted; a canary of a bad version (the same network with its
 //!    output bias pushed far down: it always predicts 0 cycles) to the whole group crosses
@@ -14,6 +16,8 @@
 //!    counts `kip_model_rollout_auto_halts_total{reason="error"}`, and the agents go back to
 //!    the good version.
 //! 3. Another organisation sees neither the rollout nor its report.
+//!
+//! A second test drives the shadow from a real MLflow server's `challenger` alias (one agent).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -461,6 +465,7 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
                 .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok());
             if evaluated.is_some_and(|t| t > truth_at)
                 && r["candidate"]["latency_p99_us"].is_number()
+                && r["baseline"]["drift_max_psi"].is_number()
             {
                 Ok(())
             } else {
@@ -484,6 +489,10 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
     assert!(basev["rmse_cycles"].as_f64().unwrap() > 0.0);
     assert_eq!(cand["inference_failures"], 0);
     assert!(cand["latency_p99_us"].as_f64().unwrap() > 0.0);
+    // Drift is measured for both versions on these devices, the shadow (here the baseline)
+    // included: the agent monitors the shadow against its own references.
+    assert!(cand["drift_max_psi"].as_f64().unwrap() > 0.0, "{cand}");
+    assert!(basev["drift_max_psi"].as_f64().unwrap() > 0.0, "{basev}");
     let agreement = &report["agreement"];
     assert!(agreement["pairs"].as_i64().unwrap() >= n_sel * (cycles as i64) * 97 / 100);
     let mad = agreement["mean_abs_diff_cycles"].as_f64().unwrap();
@@ -694,4 +703,189 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
     for mut a in agents {
         a.terminate();
     }
+}
+
+/// Waits until `log` has a line containing `needle` (the agent logs each shadow change).
+async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
+    let (log, needle, probe) = (log.to_owned(), needle.to_owned(), probe.to_owned());
+    eventually_ok(Duration::from_secs(120), || {
+        let (log, needle, probe) = (log.clone(), needle.clone(), probe.clone());
+        async move {
+            // Probe readings keep the agent syncing (each ack carries the desired models).
+            publish_all(broker, vec![(probe, b"1".to_vec())]).await;
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(&needle) {
+                Ok(())
+            } else {
+                Err(format!("no {needle:?} in {} yet", log.display()))
+            }
+        }
+    })
+    .await;
+}
+
+/// The MLflow `challenger` alias on a real agent: a real MLflow server and the control plane
+/// binary polling it; setting `challenger` makes the agent run that version as a shadow
+/// beside the group's champion (both predictions reach PostgreSQL, the `mlflow` rollout's
+/// report pairs them); removing the alias ends the rollout and the agent drops the shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_removal_stops_it() {
+    kip_tests::install_crypto_provider();
+    let work = tempfile::tempdir().unwrap();
+    let ml = kip_tests::MlflowServer::start().await;
+    let db = NewDatabase::new();
+    let cp_toml = work.path().join("cp.toml");
+    std::fs::write(
+        &cp_toml,
+        format!(
+            "[health]\nmetrics_refresh_ms = 500\n\n[mlflow]\ntracking_uri = \"{}\"\nalias_poll_interval_ms = 300\n",
+            ml.url()
+        ),
+    )
+    .unwrap();
+    let cp_process = ControlPlaneProcess::new(&db.url, work.path())
+        .with_config(cp_toml)
+        .with_log(work.path().join("control-plane.log"));
+    let _cp: ChildGroup = cp_process.spawn();
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    let api = cp_process.admin_api();
+    let org = api.create_org("acme").await;
+
+    let engines = kip_ml::cmapss::load(&workspace_root().join("ml/data/train_FD001.txt")).unwrap();
+    let (base, good, _) = models(&engines);
+    let base_file = work.path().join("base.onnx");
+    std::fs::write(&base_file, &base).unwrap();
+    // MLflow versions 1 (0.1.0) and 2 (0.2.0), mirrored at registration.
+    let mut ids = Vec::new();
+    for (v, bytes) in [("0.1.0", &base), ("0.2.0", &good)] {
+        let id = api.register_model(org, v, bytes).await;
+        api.upload_artifact(org, &id, bytes).await;
+        ids.push(id);
+    }
+    let broker = Mosquitto::start(work.path(), "allow_anonymous true\nmax_queued_messages 0\n");
+    let name = "gw-a";
+    let dir = work.path().join(name);
+    let device = api
+        .enroll(org, name, &dir.join("state").join("identity"))
+        .await
+        .device_id();
+    let (config, port) = agent_config(&dir, name, broker.port, &cp_process.agent_url(), &base_file);
+    let _agent = spawn_agent(&config, port, Some(&dir.join("agent.log")));
+    sqlx::query("UPDATE devices SET labels = '{\"line\": \"a\"}' WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The group runs 0.1.0 (a rollout of it, promoted), and MLflow names it the champion.
+    let r = api
+        .admin(
+            &format!("/v1/organisations/{org}/model-rollouts"),
+            json!({ "model_id": ids[0], "baseline_model_id": ids[1], "selector": { "line": "a" },
+                    "percent": 100, "mode": "canary" }),
+        )
+        .await;
+    api.admin(
+        &format!(
+            "/v1/organisations/{org}/model-rollouts/{}/promote",
+            r["id"].as_str().unwrap()
+        ),
+        json!({}),
+    )
+    .await;
+    let mlflow = reqwest::Client::new();
+    let alias = async |method: reqwest::Method, alias: &str, version: Option<&str>| {
+        let mut body = json!({ "name": "rul-fd001", "alias": alias });
+        if let Some(v) = version {
+            body["version"] = json!(v);
+        }
+        let r = mlflow
+            .request(
+                method,
+                format!("{}/api/2.0/mlflow/registered-models/alias", ml.url()),
+            )
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    };
+    alias(reqwest::Method::POST, "champion", Some("1")).await;
+    wait_running(
+        &api,
+        broker.port,
+        org,
+        &[(device, name, "rul-fd001@0.1.0".into())],
+    )
+    .await;
+
+    // Challenger -> version 2: the agent installs 0.2.0 as its shadow.
+    alias(reqwest::Method::POST, "challenger", Some("2")).await;
+    let log = dir.join("agent.log");
+    wait_log(
+        &log,
+        "desired shadow model installed",
+        broker.port,
+        "gw-a/probe/ping",
+    )
+    .await;
+    let rollouts = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/organisations/{org}/model-rollouts"),
+            None,
+        )
+        .await;
+    let shadow = rollouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["origin"] == "mlflow")
+        .unwrap_or_else(|| panic!("no mlflow rollout in {rollouts}"))
+        .clone();
+    assert_eq!(shadow["mode"], "shadow");
+    assert_eq!(shadow["model"], "rul-fd001@0.2.0");
+    assert_eq!(shadow["baseline_model"], "rul-fd001@0.1.0");
+    let rollout_id = shadow["id"].as_str().unwrap().to_owned();
+
+    // Engines replayed: both versions predict every cycle on the same features.
+    let (messages, lens) = replay(&engines, 60, name, "u");
+    let cycles: usize = lens.iter().sum();
+    publish_all(broker.port, messages).await;
+    wait_predictions(
+        &pool,
+        &[
+            (device, "0.1.0", "champion", cycles),
+            (device, "0.2.0", "shadow", cycles),
+        ],
+    )
+    .await;
+    let report = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/organisations/{org}/model-rollouts/{rollout_id}/report"),
+            None,
+        )
+        .await;
+    eprintln!("mlflow challenger report: {report:#}");
+    let pairs = report["agreement"]["pairs"].as_i64().unwrap();
+    assert!(pairs >= (cycles as i64) * 97 / 100, "{report}");
+    assert!(report["candidate"]["predictions_shadow"].as_i64().unwrap() >= pairs);
+    // The candidate runs only as the shadow here, and its drift is measured all the same.
+    assert!(
+        report["candidate"]["drift_max_psi"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+
+    // The alias removed: the rollout ends and the agent drops the shadow.
+    alias(reqwest::Method::DELETE, "challenger", None).await;
+    wait_log(&log, "shadow model removed", broker.port, "gw-a/probe/ping").await;
+    let r = api
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/organisations/{org}/model-rollouts/{rollout_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r["state"], "halted", "{r}");
+    assert_eq!(r["halt_reason"], "mlflow: alias challenger removed");
 }
