@@ -139,7 +139,7 @@ fn split_model(m: &str) -> (&str, &str) {
 
 /// How `version` of `name` did on `devices` since `since`.
 async fn version_report(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     org_id: Uuid,
     devices: &[Uuid],
     since: DateTime<Utc>,
@@ -157,7 +157,7 @@ async fn version_report(
     .bind(since)
     .bind(version)
     .bind(name)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     // Each prediction's next failure; truth = later predictions of the same series up to it.
     let (truth_samples, rmse, mean_error): (i64, Option<f64>, Option<f64>) = sqlx::query_as(
@@ -184,7 +184,7 @@ async fn version_report(
     .bind(version)
     .bind(name)
     .bind(rul_cap)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     let (failures, p50, p99): (Option<i64>, Option<f64>, Option<f64>) = sqlx::query_as(
         "SELECT sum(failures)::int8, \
@@ -197,7 +197,7 @@ async fn version_report(
     .bind(since)
     .bind(version)
     .bind(name)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     let (alarms, max_psi): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE alarm), max(psi) FROM ( \
@@ -211,7 +211,7 @@ async fn version_report(
     .bind(since)
     .bind(version)
     .bind(name)
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     Ok(VersionReport {
         model: model.to_owned(),
@@ -229,13 +229,21 @@ async fn version_report(
 }
 
 /// The comparison report of `rollout` (already scoped to its organisation).
+///
+/// Its queries read one snapshot (a read-only repeatable-read transaction): predictions keep
+/// arriving while it runs, and counts taken at different moments contradicted each other (more
+/// agreement pairs than shadow predictions).
 pub async fn report(pool: &PgPool, rollout: ModelRollout) -> Result<RolloutReport, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     let org_id = rollout.org_id;
     let devices: Vec<Uuid> = rollout.devices.iter().map(|d| d.device_id).collect();
     let since = rollout.created_at;
     let t = &rollout.thresholds;
     let candidate = version_report(
-        pool,
+        &mut tx,
         org_id,
         &devices,
         since,
@@ -244,7 +252,7 @@ pub async fn report(pool: &PgPool, rollout: ModelRollout) -> Result<RolloutRepor
     )
     .await?;
     let baseline = version_report(
-        pool,
+        &mut tx,
         org_id,
         &devices,
         since,
@@ -269,7 +277,7 @@ pub async fn report(pool: &PgPool, rollout: ModelRollout) -> Result<RolloutRepor
     .bind(cand_version)
     .bind(base_version)
     .bind(t.agreement_tolerance_cycles)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
     let agreement = Agreement {
         pairs,
@@ -277,6 +285,7 @@ pub async fn report(pool: &PgPool, rollout: ModelRollout) -> Result<RolloutRepor
         within_tolerance_share: within,
         tolerance_cycles: t.agreement_tolerance_cycles,
     };
+    tx.commit().await?;
     let crossed = crossings(&rollout, &candidate)
         .into_iter()
         .map(|c| format!("{}: {}", c.reason, c.detail))
