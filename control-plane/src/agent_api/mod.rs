@@ -30,7 +30,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-mod device_state;
+pub mod device_state;
 
 use axum::{
     Extension, Json, Router,
