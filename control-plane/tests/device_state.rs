@@ -84,13 +84,12 @@ async fn a_report_is_recorded_before_the_desired_state_is_read(pool: PgPool) {
         Some(("1".into(), None)),
         "the document the device runs is not sent again"
     );
-    let applied: Option<String> = sqlx::query_scalar(
-        "SELECT applied_version FROM device_config_status WHERE device_id = $1",
-    )
-    .bind(dev.device_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let applied: Option<String> =
+        sqlx::query_scalar("SELECT applied_version FROM device_config_status WHERE device_id = $1")
+            .bind(dev.device_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(applied.as_deref(), Some("1"));
 }
 
@@ -103,7 +102,13 @@ async fn another_organisations_rollouts_and_configuration_do_not_reach_a_device(
         .execute(&pool)
         .await
         .unwrap();
-    assert!(device_state::desired(&pool, a, None).await.unwrap().agent_release.is_some());
+    assert!(
+        device_state::desired(&pool, a, None)
+            .await
+            .unwrap()
+            .agent_release
+            .is_some()
+    );
 
     let d = device_state::desired(&pool, b, None).await.unwrap();
     assert_eq!(d, device_state::Desired::default());

@@ -211,9 +211,7 @@ pub async fn desired(
             r.shadow_sha256,
             r.shadow_signature,
         ),
-        config: r
-            .config_version
-            .map(|v| (v.to_string(), r.config_toml)),
+        config: r.config_version.map(|v| (v.to_string(), r.config_toml)),
         agent_release,
     })
 }
