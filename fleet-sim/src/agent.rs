@@ -10,6 +10,9 @@
 //!   requests, so every batch the control plane stored is also counted (except one whose
 //!   answer timed out, which is counted as an error of kind `timeout`).
 //! - At most `max_in_flight` requests of the whole fleet are outstanding (one semaphore).
+//!   An agent waiting for that budget stops when the run ends ([`permit`]): with 10,000
+//!   agents against a saturated control plane thousands wait there, and each used to send one
+//!   more request after the end, so the run's end waited for all of them (minutes).
 
 use std::{
     net::SocketAddr,
@@ -27,7 +30,10 @@ use kip_shared::{
     sync::{SyncAck, SyncBatch, TRUST_BUNDLE_HEADER},
 };
 use rand::Rng as _;
-use tokio::{net::TcpStream, sync::Semaphore};
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_rustls::{TlsConnector, rustls::pki_types::ServerName};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -63,6 +69,18 @@ pub struct Agent {
     next_seq: u64,
     /// The batch sent and not acknowledged yet (resent as is).
     pending: Option<(SyncBatch, u64)>,
+}
+
+/// A permit of the fleet's in-flight budget, or `None` once `cancel` fired (checked first).
+async fn permit(
+    in_flight: &Arc<Semaphore>,
+    cancel: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => None,
+        p = in_flight.clone().acquire_owned() => p.ok(),
+    }
 }
 
 /// Why a request failed, by kind (the summary counts them).
@@ -106,7 +124,7 @@ impl Agent {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(at) => {}
             }
-            let Ok(_permit) = self.in_flight.clone().acquire_owned().await else {
+            let Some(_permit) = permit(&self.in_flight, &cancel).await else {
                 break;
             };
             let now = tokio::time::Instant::now();
@@ -333,4 +351,25 @@ fn gzip_json(batch: &SyncBatch) -> std::io::Result<Vec<u8>> {
     );
     gz.write_all(&json)?;
     gz.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_waiting_for_the_in_flight_budget_stops_when_the_run_ends() {
+        let budget = Arc::new(Semaphore::new(0));
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let waiting = tracker.spawn({
+            let (budget, cancel) = (budget.clone(), cancel.clone());
+            async move { permit(&budget, &cancel).await.is_none() }
+        });
+        cancel.cancel();
+        assert!(waiting.await.unwrap(), "no permit after the end");
+        // Cancelled with a permit free: still none (the end wins).
+        budget.add_permits(1);
+        assert!(permit(&budget, &cancel).await.is_none());
+    }
 }

@@ -3,9 +3,15 @@
 //!
 //! The data path reads top to bottom: [`sync`] authenticates the device by its client
 //! certificate ([`crate::pki::authenticate_device`]), hands the body to
-//! [`crate::telemetry::store`] (PostgreSQL), and answers the ack with the desired state from
-//! [`crate::models::desired_for`] and [`crate::pki::desired_trust`]. This module owns no table:
-//! it only calls those named functions.
+//! [`crate::telemetry::store`] (PostgreSQL), records what the device reported and reads what
+//! it should run ([`device_state`]: one statement each, composed from the SQL of the health,
+//! configuration, release and model domains), and answers the ack with that desired state
+//! and [`crate::pki::desired_trust`]. This module owns no table.
+//!
+//! Statements per request (issue #17): a sync of a small batch runs 8 (certificate check;
+//! `BEGIN`, device lock, readings, ack, `COMMIT`; reports; desired state), a heartbeat 4
+//! (certificate check, ack, reports, desired state), whatever the device's rollouts and
+//! configuration; before, 13 and more.
 //!
 //! Invariants:
 //! - The device is known only from its verified client certificate ([`Device`]), checked
@@ -24,6 +30,8 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+pub mod device_state;
+
 use axum::{
     Extension, Json, Router,
     body::Body,
@@ -40,7 +48,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
-    health,
     http::{ApiError, ApiJson, ApiPath, ApiResult, HttpLimits},
     models,
     pki::{self, DeviceCert, Pki},
@@ -234,77 +241,35 @@ async fn sync(
     let mut ack = stored.ack;
     // Also tells the agent that this control plane takes health reports and heartbeats.
     ack.server_time = Some(chrono::Utc::now());
-    if let Some(report) = &stored.health
-        && let Err(e) = health::record(&pool, id.org_id, id.device_id, report).await
-    {
-        tracing::warn!(error = %e, "cannot record the device's health report");
-    }
-    match models::desired_for(&pool, id.org_id, id.device_id).await {
-        Ok(model) => ack.desired.model = model,
-        Err(e) => tracing::warn!(error = %e, "cannot read the desired model"),
-    }
-    match models::desired_shadow_for(&pool, id.org_id, id.device_id).await {
-        Ok(model) => ack.desired.shadow_model = model,
-        Err(e) => tracing::warn!(error = %e, "cannot read the desired shadow model"),
-    }
-    let reported = headers
-        .get(kip_shared::sync::TRUST_BUNDLE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    pki::desired_trust(maybe_pki.as_deref(), &dev, reported, &mut ack.desired);
-    ack.desired.model_signing_keys_pem = models::trusted_signing_keys(&signing);
-    let model_error = headers
-        .get(kip_shared::sync::MODEL_ERROR_HEADER)
-        .and_then(|v| v.to_str().ok());
-    let config_applied = headers
-        .get(kip_shared::sync::CONFIG_VERSION_HEADER)
-        .and_then(|v| v.to_str().ok());
-    let config_error = headers
-        .get(kip_shared::sync::CONFIG_ERROR_HEADER)
-        .and_then(|v| v.to_str().ok());
-    match crate::device_config::desired_for(&pool, id.org_id, id.device_id, config_applied).await {
-        Ok(Some((version, doc))) => {
-            ack.desired.config_version = Some(version);
-            ack.desired.config_toml = doc;
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot read the desired configuration"),
-    }
-    if let Err(e) = crate::device_config::record_reported(
-        &pool,
-        id.org_id,
-        id.device_id,
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let config_applied = header(kip_shared::sync::CONFIG_VERSION_HEADER);
+    let reported = device_state::Reported {
+        health: stored.health.as_ref(),
+        running_model: stored.running_model.as_deref(),
+        model_error: header(kip_shared::sync::MODEL_ERROR_HEADER),
         config_applied,
-        config_error,
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "cannot record the device's configuration status");
+        config_error: header(kip_shared::sync::CONFIG_ERROR_HEADER),
+        update_status: header(kip_shared::sync::UPDATE_STATUS_HEADER),
+    };
+    // Recorded first: a paused rollout still offers the release to a device that reported it.
+    if let Err(e) = device_state::record(&pool, id, &reported).await {
+        tracing::warn!(error = %e, "cannot record the device's reports (health, configuration, update, model)");
     }
-    let update_status = headers
-        .get(kip_shared::sync::UPDATE_STATUS_HEADER)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) =
-        crate::releases::record_reported(&pool, id.org_id, id.device_id, update_status).await
-    {
-        tracing::warn!(error = %e, "cannot record the device's update status");
+    match device_state::desired(&pool, id, config_applied).await {
+        Ok(d) => {
+            ack.desired.model = d.model;
+            ack.desired.shadow_model = d.shadow_model;
+            if let Some((version, doc)) = d.config {
+                ack.desired.config_version = Some(version);
+                ack.desired.config_toml = doc;
+            }
+            ack.desired.agent_release = d.agent_release;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the desired state"),
     }
-    // After recording: a paused rollout still offers the release to a device that reported it.
-    match crate::releases::desired_for(&pool, id.org_id, id.device_id).await {
-        Ok(release) => ack.desired.agent_release = release,
-        Err(e) => tracing::warn!(error = %e, "cannot read the desired agent release"),
-    }
-    if let Err(e) = models::record_running(
-        &pool,
-        id.org_id,
-        id.device_id,
-        stored.running_model.as_deref(),
-        model_error,
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "cannot record the device's model status");
-    }
+    let trust_reported = header(kip_shared::sync::TRUST_BUNDLE_HEADER).map(str::trim);
+    pki::desired_trust(maybe_pki.as_deref(), &dev, trust_reported, &mut ack.desired);
+    ack.desired.model_signing_keys_pem = models::trusted_signing_keys(&signing);
     Ok(Json(ack))
 }
 

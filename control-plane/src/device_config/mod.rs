@@ -13,8 +13,10 @@
 //! - Every query filters by the `org_id` that [`Principal::org_scope`] checked; device reports
 //!   come from the device's client certificate only.
 //!
-//! Interface for other domains: [`desired_for`] (sync ack) and [`record_reported`] (sync
-//! request headers).
+//! Interface for other domains: the SQL of the desired version of a device
+//! (`desired_of_device!`, read by the sync ack in [`crate::agent_api`] in one statement with
+//! the rest of the desired state) and of the row a device reports (`upsert_config_status!`,
+//! written from the sync request headers), with [`clean_reported`].
 
 use axum::{
     Json, Router,
@@ -84,14 +86,38 @@ impl From<VersionRow> for ConfigVersion {
     }
 }
 
+/// Whether configuration row `c` targets device `d` (a row of `devices` of the same
+/// organisation): its own row or a group whose selector its labels contain.
+macro_rules! targets_device {
+    () => {
+        "(c.device_id = d.id OR (c.selector IS NOT NULL AND d.labels @> c.selector))"
+    };
+}
+pub(crate) use targets_device;
+
+/// The desired configuration of device `d` (a row of `devices` in scope), as the body of a
+/// LATERAL subquery yielding `version` and `toml`: the newest device row, else the newest
+/// group row.
+macro_rules! desired_of_device {
+    () => {
+        concat!(
+            "SELECT c.version, c.toml FROM device_configs c WHERE c.org_id = d.org_id AND ",
+            $crate::device_config::targets_device!(),
+            " ORDER BY (c.device_id IS NOT NULL) DESC, c.version DESC LIMIT 1"
+        )
+    };
+}
+pub(crate) use desired_of_device;
+
 /// Rows that target the device `$2` of organisation `$1` (its own and its groups').
 macro_rules! targeting {
     ($order:literal) => {
         concat!(
             "SELECT c.version, c.device_id, c.selector, c.toml, c.created_at \
              FROM device_configs c JOIN devices d ON d.org_id = c.org_id AND d.id = $2 \
-             WHERE c.org_id = $1 AND (c.device_id = d.id \
-               OR (c.selector IS NOT NULL AND d.labels @> c.selector)) ",
+             WHERE c.org_id = $1 AND ",
+            targets_device!(),
+            " ",
             $order
         )
     };
@@ -111,52 +137,32 @@ async fn desired_row(
     .await
 }
 
-/// `(config_version, document)` for the sync ack; the document is left out when the agent
-/// reported running that version already.
-pub async fn desired_for(
-    pool: &PgPool,
-    org_id: Uuid,
-    device_id: Uuid,
-    reported: Option<&str>,
-) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
-    Ok(desired_row(pool, org_id, device_id).await?.map(|r| {
-        let v = r.version.to_string();
-        let doc = (reported != Some(v.as_str())).then_some(r.toml);
-        (v, doc)
-    }))
-}
-
-/// Stores what the device reported in the sync headers, when it changed.
-pub async fn record_reported(
-    pool: &PgPool,
-    org_id: Uuid,
-    device_id: Uuid,
-    applied: Option<&str>,
-    error: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    // Device-supplied text: bounded and free of NUL before it reaches PostgreSQL.
-    let clean = |s: &str| -> String {
-        s.chars()
-            .filter(|c| *c != '\0')
-            .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
-            .collect()
+/// The upsert of a device's `device_config_status` row from SQL placeholders (device, org,
+/// applied version, last error), skipped when nothing changed; a row of another
+/// organisation is never touched. The sync endpoint runs it with the device's other reports
+/// in one statement ([`crate::agent_api`]); values go through [`clean_reported`] first.
+macro_rules! upsert_config_status {
+    ($device:literal, $org:literal, $applied:literal, $error:literal) => {
+        concat!(
+            "INSERT INTO device_config_status (device_id, org_id, applied_version, last_error) VALUES (",
+            $device, ", ", $org, ", ", $applied, ", ", $error,
+            ") ON CONFLICT (device_id) DO UPDATE SET applied_version = EXCLUDED.applied_version, \
+             last_error = EXCLUDED.last_error, updated_at = now() \
+             WHERE device_config_status.org_id = EXCLUDED.org_id \
+               AND (device_config_status.applied_version IS DISTINCT FROM EXCLUDED.applied_version \
+                 OR device_config_status.last_error IS DISTINCT FROM EXCLUDED.last_error)"
+        )
     };
-    sqlx::query(
-        "INSERT INTO device_config_status (device_id, org_id, applied_version, last_error) \
-         VALUES ($2, $1, $3, $4) \
-         ON CONFLICT (device_id) DO UPDATE SET applied_version = EXCLUDED.applied_version, \
-         last_error = EXCLUDED.last_error, updated_at = now() \
-         WHERE device_config_status.org_id = EXCLUDED.org_id \
-           AND (device_config_status.applied_version IS DISTINCT FROM EXCLUDED.applied_version \
-             OR device_config_status.last_error IS DISTINCT FROM EXCLUDED.last_error)",
-    )
-    .bind(org_id)
-    .bind(device_id)
-    .bind(applied.map(clean))
-    .bind(error.map(clean))
-    .execute(pool)
-    .await?;
-    Ok(())
+}
+pub(crate) use upsert_config_status;
+
+/// A configuration version or error reported in the sync headers, as stored: bounded and
+/// free of NUL (device-supplied text).
+pub(crate) fn clean_reported(s: &str) -> String {
+    s.chars()
+        .filter(|c| *c != '\0')
+        .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
+        .collect()
 }
 
 fn check_document(toml: &str, device: &str) -> ApiResult<()> {

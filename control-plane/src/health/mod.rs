@@ -194,6 +194,22 @@ impl DeviceState {
     }
 }
 
+/// The upsert of a device's `device_health` row from SQL placeholders (device, org, report as
+/// jsonb), written only when the report placeholder is not NULL; a row of another
+/// organisation is never touched. The sync endpoint runs it with the device's other reports
+/// in one statement ([`crate::agent_api`]).
+macro_rules! upsert_health {
+    ($device:literal, $org:literal, $report:literal) => {
+        concat!(
+            "INSERT INTO device_health (device_id, org_id, report, received_at) SELECT ",
+            $device, ", ", $org, ", ", $report, ", now() WHERE ", $report, "::jsonb IS NOT NULL \
+             ON CONFLICT (device_id) DO UPDATE SET report = EXCLUDED.report, received_at = now() \
+             WHERE device_health.org_id = EXCLUDED.org_id"
+        )
+    };
+}
+pub(crate) use upsert_health;
+
 /// Stores `report` as the latest of the device (a report already checked by the batch
 /// decoder, [`HealthReport::check`]).
 pub async fn record(
@@ -203,17 +219,12 @@ pub async fn record(
     report: &HealthReport,
 ) -> Result<(), sqlx::Error> {
     let json = serde_json::to_value(report).unwrap_or_default();
-    sqlx::query(
-        "INSERT INTO device_health (device_id, org_id, report, received_at) \
-         VALUES ($1, $2, $3, now()) \
-         ON CONFLICT (device_id) DO UPDATE SET report = EXCLUDED.report, received_at = now() \
-         WHERE device_health.org_id = EXCLUDED.org_id",
-    )
-    .bind(device_id)
-    .bind(org_id)
-    .bind(json)
-    .execute(pool)
-    .await?;
+    sqlx::query(upsert_health!("$1", "$2", "$3"))
+        .bind(device_id)
+        .bind(org_id)
+        .bind(json)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub use self::registry::{
     artifact_for_device, desired_for, desired_shadow_for, group_rollouts, model_versions,
     record_running, roll_back, rollout_status, set_desired_model, set_desired_model_for_group,
 };
+pub(crate) use self::registry::{
+    clean_model_error, desired_of_device, model_for_device, shadow_of_device, upsert_model_status,
+};
 pub use self::rollouts::{
     Crossing, active_rollouts, auto_halt, mark_evaluated, rollout as model_rollout,
     rollouts as model_rollouts,

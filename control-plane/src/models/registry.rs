@@ -454,15 +454,44 @@ const DESIRED_FOR_DEVICE: &str = concat!(
     ") w WHERE d.org_id = $1 AND d.id = $2"
 );
 
-/// The shadow model of device `$2` of organisation `$1`: from an active rollout that selects
-/// it, unless the device has its own row (a pinned device runs no rollout).
-const SHADOW_FOR_DEVICE: &str = "\
-    SELECT CASE WHEN r.mode = 'canary' THEN r.baseline_model_id ELSE r.model_id END \
-    FROM model_rollouts r JOIN devices d ON d.org_id = r.org_id AND d.id = $2 \
-    WHERE r.org_id = $1 AND r.state = 'active' AND d.labels @> r.selector \
-      AND release_bucket(r.model_id, d.id) < r.percent \
-      AND NOT EXISTS (SELECT 1 FROM desired_models dm WHERE dm.org_id = d.org_id AND dm.device_id = d.id) \
-    ORDER BY r.updated_at DESC LIMIT 1";
+pub(crate) use desired_of_device;
+
+/// The shadow model of device `d` (a row of `devices` in scope), as the body of a LATERAL
+/// subquery yielding `model_id`: from an active rollout that selects it, unless the device
+/// has its own row (a pinned device runs no rollout).
+macro_rules! shadow_of_device {
+    () => {
+        "SELECT CASE WHEN r.mode = 'canary' THEN r.baseline_model_id ELSE r.model_id END AS model_id \
+         FROM model_rollouts r \
+         WHERE r.org_id = d.org_id AND r.state = 'active' AND d.labels @> r.selector \
+           AND release_bucket(r.model_id, d.id) < r.percent \
+           AND NOT EXISTS (SELECT 1 FROM desired_models dm WHERE dm.org_id = d.org_id AND dm.device_id = d.id) \
+         ORDER BY r.updated_at DESC LIMIT 1"
+    };
+}
+pub(crate) use shadow_of_device;
+
+/// What a device needs to fetch the model whose id is the SQL expression `$id` (in the scope
+/// of a `devices` row `d`), as the body of a LATERAL subquery: `id`, `name`, `version`,
+/// `sha256`, `signature`; no row without an artifact.
+macro_rules! model_for_device {
+    ($id:literal) => {
+        concat!(
+            "SELECT m.id, m.name, m.version, a.sha256, a.signature FROM ai_models m \
+             JOIN model_artifacts a ON a.model_id = m.id AND a.org_id = m.org_id \
+             WHERE m.org_id = d.org_id AND m.id = ",
+            $id
+        )
+    };
+}
+pub(crate) use model_for_device;
+
+/// The shadow model of device `$2` of organisation `$1`.
+const SHADOW_FOR_DEVICE: &str = concat!(
+    "SELECT w.model_id FROM devices d CROSS JOIN LATERAL (",
+    shadow_of_device!(),
+    ") w WHERE d.org_id = $1 AND d.id = $2"
+);
 
 async fn desired_model_id_for(
     pool: &PgPool,
@@ -539,8 +568,35 @@ async fn desired_model(
     ))
 }
 
-/// Records what a device reports running (`name@version`) and its last model error; called
-/// by the sync endpoint.
+/// The upsert of a device's `device_model_status` row from SQL placeholders (device, org,
+/// running model, last error); a row of another organisation is never touched, and an
+/// unchanged row is not rewritten (`updated_at` is when the report last changed).
+macro_rules! upsert_model_status {
+    ($device:literal, $org:literal, $running:literal, $error:literal) => {
+        concat!(
+            "INSERT INTO device_model_status (device_id, org_id, running_model, last_error) VALUES (",
+            $device, ", ", $org, ", ", $running, ", ", $error,
+            ") ON CONFLICT (device_id) DO UPDATE SET running_model = EXCLUDED.running_model, \
+             last_error = EXCLUDED.last_error, updated_at = now() \
+             WHERE device_model_status.org_id = EXCLUDED.org_id \
+               AND (device_model_status.running_model, device_model_status.last_error) \
+                   IS DISTINCT FROM (EXCLUDED.running_model, EXCLUDED.last_error)"
+        )
+    };
+}
+pub(crate) use upsert_model_status;
+
+/// A device's model error as stored: bounded and free of NUL (device-supplied text).
+pub(crate) fn clean_model_error(e: &str) -> String {
+    e.chars()
+        .filter(|c| *c != '\0')
+        .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
+        .collect()
+}
+
+/// Records what a device reports running (`name@version`) and its last model error (the
+/// sync endpoint writes the same row with the device's other reports in one statement,
+/// [`crate::agent_api`]).
 pub async fn record_running(
     pool: &PgPool,
     org_id: Uuid,
@@ -548,26 +604,13 @@ pub async fn record_running(
     running_model: Option<&str>,
     last_error: Option<&str>,
 ) -> Result<(), sqlx::Error> {
-    // Device-supplied text: bounded and free of NUL before it reaches PostgreSQL.
-    let last_error: Option<String> = last_error.map(|e| {
-        e.chars()
-            .filter(|c| *c != '\0')
-            .take(kip_shared::sync::MODEL_ERROR_MAX_BYTES)
-            .collect()
-    });
-    sqlx::query(
-        "INSERT INTO device_model_status (device_id, org_id, running_model, last_error) \
-         VALUES ($2, $1, $3, $4) \
-         ON CONFLICT (device_id) DO UPDATE SET running_model = EXCLUDED.running_model, \
-         last_error = EXCLUDED.last_error, updated_at = now() \
-         WHERE device_model_status.org_id = EXCLUDED.org_id",
-    )
-    .bind(org_id)
-    .bind(device_id)
-    .bind(running_model)
-    .bind(last_error)
-    .execute(pool)
-    .await?;
+    sqlx::query(upsert_model_status!("$2", "$1", "$3", "$4"))
+        .bind(org_id)
+        .bind(device_id)
+        .bind(running_model)
+        .bind(last_error.map(clean_model_error))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! Invariants:
 //! - Every query filters by the `org_id` checked by [`Principal::org_scope`]; a device is
 //!   only offered, and can only download, the release its organisation's open rollout selects
-//!   for it ([`desired_for`], [`artifact_for_device`]).
+//!   for it (`release_of_device!`, [`artifact_for_device`]).
 //! - Releases are immutable: the first upload of a version fixes its bytes; the same bytes
 //!   again are a 200, other bytes a 409.
 //! - Every release is signed at upload with the model signing key
@@ -31,7 +31,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt as _;
 use kip_api::{AgentRelease, DeviceUpdateStatus, ReleaseRollout, StartReleaseRollout};
-use kip_shared::sync::{DesiredRelease, MODEL_ERROR_MAX_BYTES, RELEASE_SIGNING_NAME};
+use kip_shared::sync::{MODEL_ERROR_MAX_BYTES, RELEASE_SIGNING_NAME};
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -530,59 +530,78 @@ async fn change_rollout(
         .ok_or(ApiError::NotFound("rollout"))
 }
 
-/// The release desired for a device: from the organisation's open rollout when it selects the
-/// device (paused: only if the device already reported this release).
+/// The release desired for device `d` (a row of `devices` in scope), as the body of a
+/// LATERAL subquery yielding `id`, `version`, `sha256`, `signature`: from the organisation's
+/// open rollout when it selects the device (paused: only if the device already reported this
+/// release).
+macro_rules! release_of_device {
+    () => {
+        "SELECT a.id, a.version, a.sha256, a.signature \
+         FROM release_rollouts r \
+         JOIN agent_releases a ON a.org_id = r.org_id AND a.id = r.release_id \
+         LEFT JOIN device_update_status s ON s.org_id = d.org_id AND s.device_id = d.id \
+         WHERE r.org_id = d.org_id \
+           AND d.labels @> r.selector AND release_bucket(r.release_id, d.id) < r.percent \
+           AND (r.state = 'active' OR (r.state = 'paused' AND s.version = a.version)) \
+         LIMIT 1"
+    };
+}
+pub(crate) use release_of_device;
+
+/// The release desired for device `$2` of organisation `$1` ([`release_of_device`]).
 async fn desired_release_row(
     pool: &PgPool,
     org_id: Uuid,
     device_id: Uuid,
 ) -> Result<Option<(Uuid, String, String, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT a.id, a.version, a.sha256, a.signature \
-         FROM release_rollouts r \
-         JOIN agent_releases a ON a.org_id = r.org_id AND a.id = r.release_id \
-         JOIN devices d ON d.org_id = r.org_id AND d.id = $2 \
-         LEFT JOIN device_update_status s ON s.org_id = d.org_id AND s.device_id = d.id \
-         WHERE r.org_id = $1 \
-           AND d.labels @> r.selector AND release_bucket(r.release_id, d.id) < r.percent \
-           AND (r.state = 'active' OR (r.state = 'paused' AND s.version = a.version)) \
-         LIMIT 1",
-    )
+    sqlx::query_as(concat!(
+        "SELECT w.id, w.version, w.sha256, w.signature FROM devices d CROSS JOIN LATERAL (",
+        release_of_device!(),
+        ") w WHERE d.org_id = $1 AND d.id = $2"
+    ))
     .bind(org_id)
     .bind(device_id)
     .fetch_optional(pool)
     .await
 }
 
-/// The release the control plane wants `device_id` to run, for `SyncAck.desired`.
-pub async fn desired_for(
-    pool: &PgPool,
-    org_id: Uuid,
-    device_id: Uuid,
-) -> Result<Option<DesiredRelease>, sqlx::Error> {
-    Ok(desired_release_row(pool, org_id, device_id).await?.map(
-        |(id, version, sha256, signature)| DesiredRelease {
-            version,
-            sha256,
-            download_path: agent_download_path(id),
-            signature,
-        },
-    ))
+/// The upsert of a device's `device_update_status` row from SQL placeholders (device, org,
+/// state, version, reason), written only when the state placeholder is not NULL and skipped
+/// when nothing changed; a row of another organisation is never touched. The sync endpoint
+/// runs it with the device's other reports in one statement ([`crate::agent_api`]), with the
+/// values of [`parse_reported`].
+macro_rules! upsert_update_status {
+    ($device:literal, $org:literal, $state:literal, $version:literal, $reason:literal) => {
+        concat!(
+            "INSERT INTO device_update_status (device_id, org_id, state, version, reason) SELECT ",
+            $device, ", ", $org, ", ", $state, ", ", $version, ", ", $reason,
+            " WHERE ", $state, "::text IS NOT NULL \
+             ON CONFLICT (device_id) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version, \
+               reason = EXCLUDED.reason, updated_at = now() \
+             WHERE device_update_status.org_id = EXCLUDED.org_id \
+               AND (device_update_status.state, device_update_status.version, \
+                    device_update_status.reason) IS DISTINCT FROM \
+                   (EXCLUDED.state, EXCLUDED.version, EXCLUDED.reason)"
+        )
+    };
+}
+pub(crate) use upsert_update_status;
+
+/// A `kip-update-status` header of a sync (`<state> <version>[ <reason>]`) as it is stored;
+/// `None` for a malformed value (logged and ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReportedUpdate<'a> {
+    pub state: &'a str,
+    pub version: &'a str,
+    pub reason: Option<String>,
 }
 
-/// Records the `kip-update-status` header of a sync (`<state> <version>[ <reason>]`);
-/// a malformed value is ignored (logged).
-pub async fn record_reported(
-    pool: &PgPool,
-    org_id: Uuid,
-    device_id: Uuid,
-    header: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let Some(h) = header else { return Ok(()) };
+/// Parses the `kip-update-status` header; a malformed value is ignored (logged).
+pub(crate) fn parse_reported(device_id: Uuid, h: &str) -> Option<ReportedUpdate<'_>> {
     let mut parts = h.splitn(3, ' ');
     let (Some(state), Some(version)) = (parts.next(), parts.next()) else {
         tracing::warn!(%device_id, header = %h, "malformed kip-update-status header ignored");
-        return Ok(());
+        return None;
     };
     const STATES: &[&str] = &[
         "downloading",
@@ -593,7 +612,7 @@ pub async fn record_reported(
     ];
     if !STATES.contains(&state) || check_version(version).is_err() {
         tracing::warn!(%device_id, header = %h, "malformed kip-update-status header ignored");
-        return Ok(());
+        return None;
     }
     let reason: Option<String> = parts.next().map(|r| {
         r.chars()
@@ -601,24 +620,11 @@ pub async fn record_reported(
             .take(MODEL_ERROR_MAX_BYTES)
             .collect()
     });
-    sqlx::query(
-        "INSERT INTO device_update_status (device_id, org_id, state, version, reason) \
-         VALUES ($2, $1, $3, $4, $5) \
-         ON CONFLICT (device_id) DO UPDATE SET state = EXCLUDED.state, version = EXCLUDED.version, \
-           reason = EXCLUDED.reason, updated_at = now() \
-         WHERE device_update_status.org_id = EXCLUDED.org_id \
-           AND (device_update_status.state, device_update_status.version, \
-                device_update_status.reason) IS DISTINCT FROM \
-               (EXCLUDED.state, EXCLUDED.version, EXCLUDED.reason)",
-    )
-    .bind(org_id)
-    .bind(device_id)
-    .bind(state)
-    .bind(version)
-    .bind(reason)
-    .execute(pool)
-    .await?;
-    Ok(())
+    Some(ReportedUpdate {
+        state,
+        version,
+        reason,
+    })
 }
 
 /// The answer of `GET /v1/agent/releases/{release_id}/artifact` for the device named by its

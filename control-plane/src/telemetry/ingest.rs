@@ -13,6 +13,9 @@
 //!   ([`super::storage`]).
 //! - The device row is locked (`FOR UPDATE`) for the transaction, so two concurrent batches of
 //!   one device serialise and the acknowledged high-water mark only grows.
+//! - A heartbeat (a batch without records) stores nothing but the ack and the last-seen time:
+//!   one statement ([`ACK`], which locks the device row by updating it) and no transaction
+//!   around it, one round trip instead of four (`BEGIN`, lock, ack, `COMMIT`).
 //! - Decoding is [`kip_shared::batch::decode_batch`]'s (one decoder, property-tested there):
 //!   decompression is bounded (a gzip body that inflates beyond the limit is refused, 413,
 //!   before it is parsed), and a batch that decodes is storable (no NUL, bounded strings,
@@ -157,6 +160,9 @@ pub async fn store(
     id: DeviceIdentity,
     batch: &SyncBatch,
 ) -> Result<SyncAck, IngestError> {
+    if batch.records.is_empty() {
+        return store_heartbeat(pool, id, batch).await;
+    }
     let epoch = batch.epoch as i64;
     let mut readings = Columns::default();
     let mut preds = Columns::default();
@@ -285,28 +291,54 @@ pub async fn store(
     inserted += stats
         .insert(&mut tx, id.org_id, id.device_id, epoch)
         .await?;
-    // The ack and the device's last-seen time in one round trip.
-    let acked: i64 = sqlx::query_scalar(
-        "WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1) \
-         INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (device_id, epoch) DO UPDATE SET \
-           acked_seq = GREATEST(device_sync_state.acked_seq, EXCLUDED.acked_seq), \
-           agent_version = EXCLUDED.agent_version, running_model = EXCLUDED.running_model, \
-           updated_at = now() \
-         RETURNING acked_seq",
-    )
-    .bind(id.device_id)
-    .bind(id.org_id)
-    .bind(epoch)
-    .bind(batch.last_seq as i64)
-    .bind(&batch.agent_version)
-    .bind(&batch.running_model)
-    .fetch_one(&mut *tx)
-    .await?;
+    let acked: Option<i64> = ack_query(id, batch).fetch_optional(&mut *tx).await?;
+    let acked = acked.ok_or(IngestError::UnknownDevice)?;
     tx.commit().await?;
+    Ok(ack(batch, acked, inserted))
+}
+
+/// The ack and the device's last-seen time in one statement; no row when the device is not
+/// (or no longer) in the organisation. Updating the device row locks it until the end of the
+/// transaction (or of the statement, for a heartbeat).
+const ACK: &str = "\
+    WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1 RETURNING id) \
+    INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \
+    SELECT $1, $2, $3, $4, $5, $6 FROM seen \
+    ON CONFLICT (device_id, epoch) DO UPDATE SET \
+      acked_seq = GREATEST(device_sync_state.acked_seq, EXCLUDED.acked_seq), \
+      agent_version = EXCLUDED.agent_version, running_model = EXCLUDED.running_model, \
+      updated_at = now() \
+    RETURNING acked_seq";
+
+fn ack_query<'a>(
+    id: DeviceIdentity,
+    batch: &'a SyncBatch,
+) -> sqlx::query::QueryScalar<'a, sqlx::Postgres, i64, sqlx::postgres::PgArguments> {
+    sqlx::query_scalar(ACK)
+        .bind(id.device_id)
+        .bind(id.org_id)
+        .bind(batch.epoch as i64)
+        .bind(batch.last_seq as i64)
+        .bind(&batch.agent_version)
+        .bind(&batch.running_model)
+}
+
+/// A heartbeat: the ack in one statement, no transaction ([`ACK`]).
+async fn store_heartbeat(
+    pool: &PgPool,
+    id: DeviceIdentity,
+    batch: &SyncBatch,
+) -> Result<SyncAck, IngestError> {
+    let acked = ack_query(id, batch)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(IngestError::UnknownDevice)?;
+    Ok(ack(batch, acked, 0))
+}
+
+fn ack(batch: &SyncBatch, acked: i64, inserted: u64) -> SyncAck {
     let total = batch.records.len() as u64;
-    Ok(SyncAck {
+    SyncAck {
         protocol_version: kip_shared::PROTOCOL_VERSION,
         epoch: batch.epoch,
         acked_seq: acked as u64,
@@ -314,5 +346,5 @@ pub async fn store(
         duplicates: total.saturating_sub(inserted),
         desired: Default::default(),
         server_time: None,
-    })
+    }
 }
