@@ -364,6 +364,10 @@ impl Log {
             // The file refused the last writes (disk full): fail rather than grow memory.
             self.write_pending()?;
         }
+        let len = u32::try_from(value.len())
+            .ok()
+            .filter(|l| *l <= MAX_VALUE_BYTES)
+            .ok_or_else(|| std::io::Error::other("record too large for a buffer frame"))?;
         let roll = match self.segments.back() {
             None => true,
             Some(s) => s.len >= self.segment_bytes || self.active.is_none(),
@@ -374,10 +378,6 @@ impl Log {
         let Some(seg) = self.segments.back_mut() else {
             return Err(std::io::Error::other("no active segment after roll"));
         };
-        let len = u32::try_from(value.len())
-            .ok()
-            .filter(|l| *l <= MAX_VALUE_BYTES)
-            .ok_or_else(|| std::io::Error::other("record too large for a buffer frame"))?;
         let offset = seg.len;
         self.pending.extend_from_slice(&len.to_le_bytes());
         self.pending
@@ -621,23 +621,17 @@ impl Log {
     pub fn newest(&mut self, n: usize) -> std::io::Result<Vec<Frame>> {
         self.write_pending()?;
         let mut out: VecDeque<Frame> = VecDeque::new();
-        let segs: Vec<(PathBuf, u64, u64, Vec<(u64, u64)>)> = self
-            .segments
-            .iter()
-            .rev()
-            .map(|s| (s.path.clone(), s.live_from, s.len, s.index.clone()))
-            .collect();
-        for (path, live_from, len, index) in segs {
+        for seg in self.segments.iter().rev() {
             // Scan from later index entries first, widening until `n` frames are found.
-            let mut starts: Vec<u64> = index.iter().map(|e| e.1.max(live_from)).collect();
+            let mut starts: Vec<u64> = seg.index.iter().map(|e| e.1.max(seg.live_from)).collect();
             starts.dedup();
             let mut got: Vec<Frame> = Vec::new();
-            let mut end = len;
+            let mut end = seg.len;
             for &start in starts.iter().rev() {
                 if start >= end {
                     continue;
                 }
-                let mut r = FrameReader::open(&path, start, end)?;
+                let mut r = FrameReader::open(&seg.path, start, end)?;
                 let mut part = Vec::new();
                 while let Next::Frame(f) = r.next(false)? {
                     if f.seq > self.dead_up_to {

@@ -809,10 +809,10 @@ fn the_disk_footprint_stays_within_max_bytes_plus_the_stated_overhead() {
         let r = reading(i, 100 + (i % 7) as usize * 20);
         written += entry_bytes(&encode(&r, 0, None).unwrap());
         buf.append(&r).unwrap();
-        if i % 500 == 0 {
+        if i.is_multiple_of(500) {
             buf.append(&gap(i)).unwrap();
         }
-        if i % 100 == 0 {
+        if i.is_multiple_of(100) {
             buf.flush_blocking().unwrap();
             let on_disk = files_bytes(dir.path());
             peak = peak.max(on_disk);
