@@ -114,8 +114,11 @@
 mod legacy;
 mod notes;
 mod segments;
-#[cfg(test)]
-mod sled_v1;
+/// The sled buffer as it was (format 1): fixtures for the upgrade test, the reference of the
+/// `buffer_footprint` bench.
+#[cfg(any(test, feature = "bench-reference"))]
+#[doc(hidden)]
+pub mod sled_v1;
 
 use std::{
     fs::File,

@@ -1,6 +1,7 @@
 //! Verbatim copy of `agent/src/buffer.rs` at 6f4ea71 (the sled 0.34 buffer, format 1), kept
-//! only so that the upgrade test opens a buffer written by the old code path. Not built
-//! outside tests. Its original module docs follow.
+//! so that the upgrade test opens a buffer written by the old code path and the
+//! `buffer_footprint` bench measures it as its reference. Built only for tests and with the
+//! `bench-reference` feature. Its original module docs follow.
 #![allow(dead_code, reason = "only the write path is used, by the upgrade test")]
 //!
 //! The agent's crash-safe record buffer, on sled 0.34.
