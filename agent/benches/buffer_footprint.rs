@@ -257,7 +257,10 @@ fn main() {
         results.push(map);
     }
     let keys: Vec<String> = results[0].keys().cloned().collect();
-    println!("{:<22} {:>14} {:>14}", "figure", "segment log", "sled (before)");
+    println!(
+        "{:<22} {:>14} {:>14}",
+        "figure", "segment log", "sled (before)"
+    );
     for k in keys {
         println!(
             "{:<22} {:>14} {:>14}",

@@ -3,7 +3,8 @@
 //! Invariants:
 //! - In memory: a map from the note's fingerprint (the first 8 bytes of sha256 over the
 //!   delivery key: session, id, content digest) to the sequence, and the FIFO of the last
-//!   `max` notes (16 bytes each, about 40 bytes with the map's overhead). A false match needs
+//!   `max` notes (16 bytes each; with the map, 40 to 65 bytes a note depending on how full
+//!   the tables are). A false match needs
 //!   two of at most `max` remembered keys to agree on 64 bits of sha256.
 //! - On disk: `<buffer dir>/notes.log`, entries `[crc32c: u32 LE over the rest][seq: u64 LE]
 //!   [fingerprint: u64 LE]` in the order they were noted, replayed at open (the FIFO bound

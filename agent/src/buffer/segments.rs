@@ -209,7 +209,11 @@ impl FrameReader {
         self.r.read_exact(&mut head[..n])?;
         self.r.seek_relative(i64::from(len) - n as i64)?;
         self.pos += FRAME_HEADER_LEN + u64::from(len);
-        Ok(Some((seq, FRAME_HEADER_LEN + u64::from(len), value_kind(&head[..n]))))
+        Ok(Some((
+            seq,
+            FRAME_HEADER_LEN + u64::from(len),
+            value_kind(&head[..n]),
+        )))
     }
 }
 

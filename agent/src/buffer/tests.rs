@@ -791,7 +791,11 @@ fn files_bytes(dir: &Path) -> u64 {
 /// The bound the module docs state: cap, loss reserve, the deleted head of one segment per
 /// log (plus one record), the notes, `meta`.
 fn footprint_bound(opts: &BufferOptions, max_frame: u64, notes: u64) -> u64 {
-    opts.max_bytes + LOSS_RECORD_RESERVE_BYTES + 2 * (opts.segment_bytes() + max_frame) + notes + 128
+    opts.max_bytes
+        + LOSS_RECORD_RESERVE_BYTES
+        + 2 * (opts.segment_bytes() + max_frame)
+        + notes
+        + 128
 }
 
 #[test]
@@ -816,7 +820,10 @@ fn the_disk_footprint_stays_within_max_bytes_plus_the_stated_overhead() {
             buf.flush_blocking().unwrap();
             let on_disk = files_bytes(dir.path());
             peak = peak.max(on_disk);
-            assert!(on_disk <= bound, "{on_disk} > {bound} after {written} bytes");
+            assert!(
+                on_disk <= bound,
+                "{on_disk} > {bound} after {written} bytes"
+            );
         }
         i += 1;
     }
@@ -846,7 +853,11 @@ fn the_disk_footprint_stays_within_max_bytes_plus_the_stated_overhead() {
         "{idle} bytes left after acknowledging everything"
     );
     // What the buffer reports is what the files take (the lock file is empty).
-    assert!(buf.disk_bytes().abs_diff(idle) <= 128, "{} vs {idle}", buf.disk_bytes());
+    assert!(
+        buf.disk_bytes().abs_diff(idle) <= 128,
+        "{} vs {idle}",
+        buf.disk_bytes()
+    );
     eprintln!(
         "footprint: cap {} B, peak {peak} B on disk (bound {bound} B), {idle} B when drained",
         opts.max_bytes
@@ -911,8 +922,9 @@ fn a_torn_or_corrupt_tail_frame_is_cut_off_and_every_record_before_it_survives()
 fn a_sled_buffer_written_by_the_old_agent_is_upgraded_with_its_seqs_epoch_and_notes() {
     let dir = tempfile::tempdir().unwrap();
     let (epoch, acked, kept, noted, gap_seq) = {
-        let old = sled_v1::Buffer::open(dir.path(), sled_v1::BufferOptions::with_max_bytes(1 << 20))
-            .unwrap();
+        let old =
+            sled_v1::Buffer::open(dir.path(), sled_v1::BufferOptions::with_max_bytes(1 << 20))
+                .unwrap();
         for i in 0..10 {
             old.append(&reading(i, 5)).unwrap();
         }
