@@ -36,8 +36,9 @@
 //!
 //! # Disk footprint
 //!
-//! Deletion (acknowledgement, eviction) is a prefix of each log, so a segment is unlinked as
-//! soon as all its records are deleted. On disk therefore: the live records (at most
+//! Deletion (acknowledgement, eviction) is a prefix of each log, so a segment is unlinked once
+//! all its records are deleted and the mark saying so is durable: at the next flush after an
+//! acknowledgement, at once after an eviction. On disk therefore (at every flush): the live records (at most
 //! `max_bytes` plus [`LOSS_RECORD_RESERVE_BYTES`], counted as frame bytes), plus in each of
 //! the two logs the deleted head of its oldest segment (less than one segment plus one
 //! record), plus `notes.log` (at most 1.25 x `max_delivery_notes` x 20 bytes, 6.6 MB at the
@@ -1050,9 +1051,10 @@ impl Buffer {
         let readings_mark = up_to_seq.max(st.evicted_up_to);
         let mut died = st.readings.advance_dead(readings_mark)?;
         died.add_agg(&st.records.advance_dead(up_to_seq)?);
-        // `meta` is written before any segment goes, so a recovered buffer never reissues
-        // these sequences.
-        self.persist(&mut st)?;
+        // The next flush writes `meta` and only then unlinks the segments this emptied, so a
+        // recovered buffer never reissues these sequences; until then a crash brings the
+        // acknowledged records back (sent again, deduplicated by `(epoch, seq)` upstream), as
+        // before. Not here: an fsync per acknowledgement slowed the drain under I/O load.
         self.publish_gauges(&st);
         self.write_pending_loss(&mut st, now_ms())?;
         Ok(died.counts.total())
@@ -1094,13 +1096,8 @@ impl Buffer {
         }
         st.evicted_durable = st.evicted_durable.max(prep.evicted);
         let res = st.notes.write_pending(prep.upto).map_err(BufferError::from);
-        let res = res.and_then(|()| {
-            if st.readings.has_doomed() || st.records.has_doomed() {
-                self.persist(&mut st)
-            } else {
-                Ok(())
-            }
-        });
+        // Acknowledgements since the last flush: `meta`, then unlink what they emptied.
+        let res = res.and_then(|()| self.persist(&mut st));
         st.durable_seq = st.durable_seq.max(prep.upto);
         let durable = st.durable_seq;
         drop(st);

@@ -840,6 +840,7 @@ fn the_disk_footprint_stays_within_max_bytes_plus_the_stated_overhead() {
         let next = buf.stats().unwrap().next_seq;
         acked = (next - 1).min(acked + 3_000);
         buf.ack(acked).unwrap();
+        buf.flush_blocking().unwrap();
         let on_disk = files_bytes(dir.path());
         assert!(on_disk <= bound, "{on_disk} > {bound} in ack round {round}");
     }
