@@ -44,6 +44,7 @@ fn records() -> u64 {
 }
 
 /// The two implementations behind one interface.
+#[allow(clippy::large_enum_variant, reason = "two values in a bench")]
 enum Buf {
     New(buffer::Buffer),
     Old(buffer::sled_v1::Buffer),
@@ -249,6 +250,8 @@ fn main() {
             String::from_utf8_lossy(&out.stderr)
         );
         let text = String::from_utf8(out.stdout).unwrap();
+        // As soon as it is known: the sled run is the long one.
+        println!("{which}:\n{text}");
         let map: std::collections::BTreeMap<String, String> = text
             .lines()
             .filter_map(|l| l.split_once(' '))

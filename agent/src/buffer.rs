@@ -551,6 +551,27 @@ pub struct Buffer {
     flush_requested: tokio::sync::Notify,
     /// Held (`flock`) while open.
     _lock: File,
+    /// What `meta` on disk says; its lock serialises the writers (a flush writes it off the
+    /// state lock, so that reads and acknowledgements never wait for its fsync).
+    meta_disk: std::sync::Arc<Mutex<Meta>>,
+}
+
+/// Replaces `meta` with the marks of `want` merged into what is on disk (marks only grow, so
+/// two flushes finishing out of order cannot move it back); returns what is on disk now.
+fn write_meta(cell: &Mutex<Meta>, dir: &Path, want: Meta) -> std::io::Result<Meta> {
+    let mut disk = cell
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let merged = Meta {
+        epoch: disk.epoch,
+        acked_up_to: disk.acked_up_to.max(want.acked_up_to),
+        evicted_up_to: disk.evicted_up_to.max(want.evicted_up_to),
+    };
+    if merged != *disk {
+        merged.write(dir)?;
+        *disk = merged;
+    }
+    Ok(merged)
 }
 
 /// What a flush syncs, taken under the lock.
@@ -559,12 +580,20 @@ struct FlushPrep {
     evicted: u64,
     readings: (Vec<std::sync::Arc<File>>, Option<PathBuf>),
     records: (Vec<std::sync::Arc<File>>, Option<PathBuf>),
+    /// The marks to make durable after the data (the eviction mark only now: its loss
+    /// records are in this sync).
+    meta: Meta,
+    dir: PathBuf,
+    meta_disk: std::sync::Arc<Mutex<Meta>>,
 }
 
 impl FlushPrep {
-    fn sync(&self) -> std::io::Result<()> {
+    /// The blocking part of a flush: `fdatasync` of the segments and directories, then
+    /// `meta`. Runs without the state lock.
+    fn sync(&self) -> std::io::Result<Meta> {
         segments::sync_all(&self.readings.0, self.readings.1.as_deref())?;
-        segments::sync_all(&self.records.0, self.records.1.as_deref())
+        segments::sync_all(&self.records.0, self.records.1.as_deref())?;
+        write_meta(&self.meta_disk, &self.dir, self.meta)
     }
 }
 
@@ -689,6 +718,7 @@ impl Buffer {
             durable: tokio::sync::watch::Sender::new(max_seq),
             flush_requested: tokio::sync::Notify::new(),
             _lock: lock,
+            meta_disk: std::sync::Arc::new(Mutex::new(meta)),
         };
         buffer.publish_gauges(&buffer.lock());
         Ok(buffer)
@@ -960,10 +990,12 @@ impl Buffer {
             acked_up_to: st.acked_up_to,
             evicted_up_to: st.evicted_durable.max(st.persisted.evicted_up_to),
         };
-        if want != st.persisted {
-            want.write(&self.path)?;
-            st.persisted = want;
-        }
+        st.persisted = write_meta(&self.meta_disk, &self.path, want)?;
+        self.reclaim(st)
+    }
+
+    /// Unlinks the segments the marks on disk delete.
+    fn reclaim(&self, st: &mut State) -> Result<(), BufferError> {
         let p = st.persisted;
         st.readings.reclaim(p.acked_up_to.max(p.evicted_up_to))?;
         st.records.reclaim(p.acked_up_to)?;
@@ -1076,6 +1108,13 @@ impl Buffer {
             evicted: st.evicted_up_to,
             readings,
             records,
+            meta: Meta {
+                epoch: self.epoch,
+                acked_up_to: st.acked_up_to,
+                evicted_up_to: st.evicted_up_to,
+            },
+            dir: self.path.clone(),
+            meta_disk: self.meta_disk.clone(),
         })
     }
 
@@ -1084,20 +1123,28 @@ impl Buffer {
     fn finish_flush(
         &self,
         prep: FlushPrep,
-        synced: std::io::Result<()>,
+        synced: std::io::Result<Meta>,
     ) -> Result<u64, BufferError> {
         let mut st = self.lock();
-        if let Err(e) = synced {
-            st.readings.sync_failed(prep.readings.0, prep.readings.1);
-            st.records.sync_failed(prep.records.0, prep.records.1);
-            drop(st);
-            self.note_flush(false);
-            return Err(e.into());
-        }
+        let on_disk = match synced {
+            Ok(m) => m,
+            Err(e) => {
+                st.readings.sync_failed(prep.readings.0, prep.readings.1);
+                st.records.sync_failed(prep.records.0, prep.records.1);
+                drop(st);
+                self.note_flush(false);
+                return Err(e.into());
+            }
+        };
         st.evicted_durable = st.evicted_durable.max(prep.evicted);
+        st.persisted = Meta {
+            epoch: self.epoch,
+            acked_up_to: st.persisted.acked_up_to.max(on_disk.acked_up_to),
+            evicted_up_to: st.persisted.evicted_up_to.max(on_disk.evicted_up_to),
+        };
         let res = st.notes.write_pending(prep.upto).map_err(BufferError::from);
-        // Acknowledgements since the last flush: `meta`, then unlink what they emptied.
-        let res = res.and_then(|()| self.persist(&mut st));
+        // Acknowledgements since the last flush are in `meta` now: unlink what they emptied.
+        let res = res.and_then(|()| self.reclaim(&mut st));
         st.durable_seq = st.durable_seq.max(prep.upto);
         let durable = st.durable_seq;
         drop(st);
@@ -1117,24 +1164,19 @@ impl Buffer {
                 return Err(e);
             }
         };
-        let files: Vec<std::sync::Arc<File>> = prep
-            .readings
-            .0
-            .iter()
-            .chain(&prep.records.0)
-            .cloned()
-            .collect();
-        let dirs: Vec<PathBuf> = [&prep.readings.1, &prep.records.1]
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        let synced = tokio::task::spawn_blocking(move || {
-            segments::sync_all(&files, None)?;
-            dirs.iter().try_for_each(|d| segments::sync_dir(d))
+        let joined = tokio::task::spawn_blocking(move || {
+            let synced = prep.sync();
+            (prep, synced)
         })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        .await;
+        let (prep, synced) = match joined {
+            Ok(j) => j,
+            Err(e) => {
+                // The sync thread panicked: nothing is known durable; the next flush retries.
+                self.note_flush(false);
+                return Err(BufferError::Io(std::io::Error::other(e)));
+            }
+        };
         self.finish_flush(prep, synced)
     }
 
