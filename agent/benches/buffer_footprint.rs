@@ -15,8 +15,8 @@
 //! Disk figures are allocated blocks (`du`), RSS is `VmRSS` / `VmHWM` of the child.
 //!
 //! Run: `cargo bench --profile perf -p kip-agent --features bench-reference --bench
-//! buffer_footprint` (about 2 minutes optimised; the dev profile works too, its rates are
-//! not representative).
+//! buffer_footprint` (about 5 minutes optimised, most of it the sled run; the dev profile works
+//! too, its rates are not representative).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
