@@ -2,7 +2,7 @@
 //!
 //! Invariants:
 //! - A buffer that cannot be opened for any reason other than another process holding it
-//!   (sled's lock: the agent is already running) is moved aside to
+//!   (its lock: the agent is already running) is moved aside to
 //!   `<state_dir>/buffer.quarantined-<unix ms>` and a fresh buffer is created. Nothing is
 //!   deleted: the operator can inspect or recover the quarantined directory. Every
 //!   quarantined directory still present is reported (`kip_agent_buffer_quarantined_dirs`,
@@ -165,9 +165,9 @@ mod tests {
         BufferOptions::with_max_bytes(1 << 20)
     }
 
-    /// Makes sled refuse the buffer: its config file no longer passes its checksum.
+    /// Makes the buffer unreadable: its meta file no longer parses.
     fn corrupt(dir: &Path) {
-        std::fs::write(dir.join("conf"), b"garbage that is not a sled config").unwrap();
+        std::fs::write(dir.join("meta"), b"garbage that is not a buffer meta file").unwrap();
     }
 
     #[test]
@@ -189,7 +189,7 @@ mod tests {
 
         let second = open(&dir, &floor, opts()).unwrap();
         let q = second.quarantined_now.clone().unwrap();
-        assert!(q.exists() && q.join("conf").exists());
+        assert!(q.exists() && q.join("meta").exists());
         assert_eq!(quarantined_buffers(state.path()), vec![q]);
         assert_eq!(second.buffer.stats().unwrap().counts.total(), 0);
         assert!(second.buffer.epoch() > old_epoch);

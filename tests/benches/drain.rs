@@ -451,7 +451,7 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
          {buffered_rss:.1} MiB"
     );
     println!(
-        "    buffer: {:.1} MiB stored (keys + values), {:.1} MiB on disk ({:.2}x)",
+        "    buffer: {:.1} MiB stored (record frames), {:.1} MiB on disk ({:.2}x)",
         mib(stored_bytes as u64),
         mib(disk_full),
         disk_full as f64 / stored_bytes.max(1.0)
@@ -501,7 +501,7 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     )
     .await;
     let after_drain = rss_mib(pid);
-    // Memory and disk a little later (sled reclaims segments in the background).
+    // Memory and disk a little later (the old sled buffer reclaimed segments in the background).
     let mut later = after_drain;
     let mut disk_later = disk_bytes(&buffer_dir);
     for _ in 0..50 {

@@ -304,8 +304,7 @@ fn a_stored_record_that_no_longer_decodes_is_read_as_a_dead_letter() {
     buf.append(&reading(1, 0)).unwrap();
     let mut v = encode(&prediction(2), now_ms(), None).unwrap();
     v.truncate(VALUE_HEADER_LEN + 5);
-    buf.records.insert(seq_key(2), v).unwrap();
-    buf.lock().next_seq = 3;
+    buf.insert_raw(2, &v);
     buf.append(&reading(3, 0)).unwrap();
     let got = all(&buf);
     assert_eq!(got.len(), 3);
@@ -425,7 +424,7 @@ fn check(buf: &Buffer, model: &mut Model, max_bytes: u64) {
     }
     let stored_bytes: u64 = stored
         .iter()
-        .map(|s| KEY_LEN + encode(&s.record, 0, None).unwrap().len() as u64)
+        .map(|s| FRAME_HEADER_LEN + encode(&s.record, 0, None).unwrap().len() as u64)
         .sum();
     assert_eq!(stats.bytes, stored_bytes);
     assert!(stats.bytes <= max_bytes + LOSS_RECORD_RESERVE_BYTES);
@@ -764,13 +763,221 @@ fn a_delivered_record_cut_short_is_read_as_a_dead_letter() {
     let key = delivery_key(&delivery(1, "1"));
     let v = encode(&prediction(1), now_ms(), Some(&key)).unwrap();
     // Cut inside the key: the length prefix points past the end.
-    buf.records
-        .insert(seq_key(1), &v[..VALUE_HEADER_LEN + 10])
-        .unwrap();
-    buf.lock().next_seq = 2;
+    buf.insert_raw(1, &v[..VALUE_HEADER_LEN + 10]);
     let got = all(&buf);
     let Record::DeadLetter(d) = &got[0].record else {
         panic!("{got:?}")
     };
     assert!(d.reason.contains("cut short"), "{}", d.reason);
+}
+
+// ---- disk footprint, torn frames, upgrade from sled ----
+
+/// Bytes of every file under `dir`: what the gateway's disk sees.
+fn files_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() {
+            files_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+/// The bound the module docs state: cap, loss reserve, the deleted head of one segment per
+/// log (plus one record), the notes, `meta`.
+fn footprint_bound(opts: &BufferOptions, max_frame: u64, notes: u64) -> u64 {
+    opts.max_bytes
+        + LOSS_RECORD_RESERVE_BYTES
+        + 2 * (opts.segment_bytes() + max_frame)
+        + notes
+        + 128
+}
+
+#[test]
+fn the_disk_footprint_stays_within_max_bytes_plus_the_stated_overhead() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = BufferOptions::with_max_bytes(256 * 1024);
+    let buf = Buffer::open(dir.path(), opts.clone()).unwrap();
+    let max_frame = FRAME_HEADER_LEN + 1024;
+    let bound = footprint_bound(&opts, max_frame, 0);
+    let mut written = 0u64;
+    let mut i = 0u64;
+    let mut peak = 0;
+    // Ten times the cap, all evicted but the newest readings.
+    while written < 10 * opts.max_bytes {
+        let r = reading(i, 100 + (i % 7) as usize * 20);
+        written += entry_bytes(&encode(&r, 0, None).unwrap());
+        buf.append(&r).unwrap();
+        if i.is_multiple_of(500) {
+            buf.append(&gap(i)).unwrap();
+        }
+        if i.is_multiple_of(100) {
+            buf.flush_blocking().unwrap();
+            let on_disk = files_bytes(dir.path());
+            peak = peak.max(on_disk);
+            assert!(
+                on_disk <= bound,
+                "{on_disk} > {bound} after {written} bytes"
+            );
+        }
+        i += 1;
+    }
+    let stats = buf.stats().unwrap();
+    assert!(stats.evicted_records_total > 0);
+    assert!(stats.bytes <= opts.max_bytes + LOSS_RECORD_RESERVE_BYTES);
+    // Acknowledging while appending: acknowledged segments go at once.
+    let mut acked = 0;
+    for round in 0..20 {
+        for _ in 0..200 {
+            buf.append(&reading(i, 150)).unwrap();
+            i += 1;
+        }
+        let next = buf.stats().unwrap().next_seq;
+        acked = (next - 1).min(acked + 3_000);
+        buf.ack(acked).unwrap();
+        buf.flush_blocking().unwrap();
+        let on_disk = files_bytes(dir.path());
+        assert!(on_disk <= bound, "{on_disk} > {bound} in ack round {round}");
+    }
+    let last = buf.stats().unwrap().next_seq - 1;
+    buf.ack(last).unwrap();
+    buf.flush_blocking().unwrap();
+    let idle = files_bytes(dir.path());
+    // Back near idle: at most the deleted head of one segment per log.
+    assert!(
+        idle <= 2 * (opts.segment_bytes() + max_frame) + 128,
+        "{idle} bytes left after acknowledging everything"
+    );
+    // What the buffer reports is what the files take (the lock file is empty).
+    assert!(
+        buf.disk_bytes().abs_diff(idle) <= 128,
+        "{} vs {idle}",
+        buf.disk_bytes()
+    );
+    eprintln!(
+        "footprint: cap {} B, peak {peak} B on disk (bound {bound} B), {idle} B when drained",
+        opts.max_bytes
+    );
+}
+
+fn last_segment(log_dir: &Path) -> PathBuf {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    segs.pop().unwrap()
+}
+
+#[test]
+fn a_torn_or_corrupt_tail_frame_is_cut_off_and_every_record_before_it_survives() {
+    for corrupt_crc in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let buf = Buffer::open(dir.path(), big()).unwrap();
+        let mut want = Vec::new();
+        for i in 0..50 {
+            let r = reading(i, 10);
+            want.push((buf.append(&r).unwrap(), r));
+        }
+        let p = prediction(50);
+        let pseq = buf.append(&p).unwrap();
+        buf.flush_blocking().unwrap();
+        // The last reading's frame is the one a power loss tore (or a bad sector flipped).
+        let torn = buf.append(&reading(99, 10)).unwrap();
+        drop(buf);
+        let seg = last_segment(&dir.path().join(READINGS_DIR));
+        let len = std::fs::metadata(&seg).unwrap().len();
+        if corrupt_crc {
+            let mut bytes = std::fs::read(&seg).unwrap();
+            let n = bytes.len();
+            bytes[n - 3] ^= 0xff;
+            std::fs::write(&seg, bytes).unwrap();
+        } else {
+            let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.set_len(len - 5).unwrap();
+        }
+
+        let buf = reopen(dir.path(), big());
+        let got: Vec<(u64, Record)> = all(&buf).into_iter().map(|s| (s.seq, s.record)).collect();
+        let mut expect = want.clone();
+        expect.push((pseq, p.clone()));
+        assert_eq!(got, expect, "corrupt_crc = {corrupt_crc}");
+        let frame = entry_bytes(&encode(&reading(99, 10), 0, None).unwrap());
+        assert!(std::fs::metadata(&seg).unwrap().len() <= len - frame + 1);
+        // The cut record was never durable here, so its sequence may be issued again; the
+        // log goes on cleanly from there and a reopen finds the same records.
+        let next = buf.append(&reading(100, 10)).unwrap();
+        assert_eq!(next, torn);
+        drop(buf);
+        let buf = reopen(dir.path(), big());
+        assert_eq!(all(&buf).len(), expect.len() + 1);
+    }
+}
+
+#[test]
+fn a_sled_buffer_written_by_the_old_agent_is_upgraded_with_its_seqs_epoch_and_notes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (epoch, acked, kept, noted, gap_seq) = {
+        let old =
+            sled_v1::Buffer::open(dir.path(), sled_v1::BufferOptions::with_max_bytes(1 << 20))
+                .unwrap();
+        for i in 0..10 {
+            old.append(&reading(i, 5)).unwrap();
+        }
+        old.ack(4).unwrap();
+        let noted = old
+            .append_delivered(&reading(10, 5), &delivery(3, "10"))
+            .unwrap();
+        let gap_seq = old.append(&gap(11)).unwrap();
+        old.append(&prediction(12)).unwrap();
+        old.flush_blocking().unwrap();
+        let kept: Vec<(u64, Record)> = old
+            .read_range(0, usize::MAX, u64::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.seq, s.record))
+            .collect();
+        (old.epoch(), 4, kept, noted, gap_seq)
+    };
+    assert!(dir.path().join("conf").exists(), "not a sled buffer");
+    // sled may hold its lock for a moment after the drop.
+    let buf = reopen(dir.path(), big());
+    assert_eq!(buf.epoch(), epoch);
+    let got: Vec<(u64, Record)> = all(&buf).into_iter().map(|s| (s.seq, s.record)).collect();
+    assert_eq!(got, kept);
+    assert_eq!(got.first().unwrap().0, acked + 1);
+    let stats = buf.stats().unwrap();
+    assert_eq!(stats.acked_up_to, acked);
+    assert_eq!((stats.counts.reading, stats.counts.gap), (7, 1));
+    assert_eq!(buf.delivered(&delivery(3, "10")).unwrap(), Some(noted));
+    assert_eq!(buf.delivery_notes(), 1);
+    for sled_file in ["conf", "db", "blobs"] {
+        assert!(!dir.path().join(sled_file).exists(), "{sled_file} left");
+    }
+    let next = buf.append(&reading(20, 5)).unwrap();
+    assert_eq!(next, kept.last().unwrap().0 + 1);
+    buf.ack(gap_seq).unwrap();
+    drop(buf);
+    let buf = reopen(dir.path(), big());
+    assert_eq!(buf.stats().unwrap().acked_up_to, gap_seq);
+    assert_eq!(all(&buf).len(), 2);
+}
+
+#[test]
+fn sled_files_left_by_a_crash_after_the_upgrade_committed_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let buf = Buffer::open(dir.path(), big()).unwrap();
+    buf.append(&reading(1, 0)).unwrap();
+    drop(buf);
+    std::fs::write(dir.path().join("conf"), b"left by sled").unwrap();
+    std::fs::write(dir.path().join("snap.0000000000000001"), b"left by sled").unwrap();
+    let buf = reopen(dir.path(), big());
+    assert_eq!(all(&buf).len(), 1);
+    assert!(!dir.path().join("conf").exists());
+    assert!(!dir.path().join("snap.0000000000000001").exists());
 }

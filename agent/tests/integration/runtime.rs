@@ -248,7 +248,7 @@ async fn an_unreadable_buffer_is_quarantined_and_the_agent_starts_fresh() {
     };
     let buffer_dir = cfg.buffer_dir();
     drop(open_when_released(&buffer_dir).await);
-    std::fs::write(cfg.buffer_dir().join("conf"), b"not a sled config").unwrap();
+    std::fs::write(cfg.buffer_dir().join("meta"), b"not a buffer meta file").unwrap();
 
     let cancel = CancellationToken::new();
     let agent = runtime::start(cfg.clone(), cancel.clone()).await.unwrap();
