@@ -315,6 +315,9 @@ pub struct Buffer {
     /// Entries in `delivery_order` (sled's `len` is a full scan).
     delivery_count: std::sync::atomic::AtomicUsize,
     max_delivery_notes: usize,
+    /// Notes kept beyond `max_delivery_notes` while a broker holds a backlog for the agent
+    /// ([`Buffer::set_delivery_notes_extra`]).
+    extra_delivery_notes: std::sync::atomic::AtomicUsize,
     epoch: u64,
     max_bytes: u64,
     state: Mutex<State>,
@@ -537,6 +540,7 @@ impl Buffer {
             delivery_count: std::sync::atomic::AtomicUsize::new(delivery_order.len()),
             delivery_order,
             max_delivery_notes: opts.max_delivery_notes.max(1),
+            extra_delivery_notes: std::sync::atomic::AtomicUsize::new(0),
             epoch,
             max_bytes: opts.max_bytes,
             state: Mutex::new(State {
@@ -716,13 +720,25 @@ impl Buffer {
         self.append_locked(&mut self.lock(), record, Some(&delivery_key(delivery)))
     }
 
+    /// Keeps `extra` notes beyond `max_delivery_notes` (the MQTT sources' deferred backlog:
+    /// a stored message the broker sends again comes back behind it). When `extra` shrinks,
+    /// the window shrinks by at most one note per new note, so no single append pays for it.
+    pub fn set_delivery_notes_extra(&self, extra: usize) {
+        self.extra_delivery_notes.store(extra, Ordering::Relaxed);
+    }
+
     /// Writes the delivery note `key` -> `seq` (after its record), then drops the oldest
-    /// notes beyond `max_delivery_notes`.
+    /// notes beyond `max_delivery_notes` plus the extra ones (at most two per call).
     fn note_delivery(&self, seq: u64, key: &[u8]) -> Result<(), BufferError> {
         self.deliveries.insert(key, &seq.to_be_bytes())?;
         self.delivery_order.insert(seq_key(seq), key)?;
         let mut count = self.delivery_count.fetch_add(1, Ordering::Relaxed) + 1;
-        while count > self.max_delivery_notes {
+        let window = self
+            .max_delivery_notes
+            .saturating_add(self.extra_delivery_notes.load(Ordering::Relaxed));
+        let mut budget = 2;
+        while count > window && budget > 0 {
+            budget -= 1;
             let Some((k, old_key)) = self.delivery_order.pop_min()? else {
                 break;
             };

@@ -101,6 +101,10 @@ const REQUEST_QUEUE_CAPACITY: usize = 65_536;
 /// How often a source with deferred messages checks whether its staging drained.
 const DEFERRED_CHECK: Duration = Duration::from_millis(20);
 
+/// How long [`disconnect`] waits for rumqttc to write the next queued request (an
+/// acknowledgement or the DISCONNECT itself) before it gives up on a clean leave.
+const DISCONNECT_STALL: Duration = Duration::from_secs(1);
+
 /// How long a stopping source keeps its connection polled for the last acknowledgements.
 pub const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
 
@@ -374,6 +378,28 @@ struct State {
     disconnected_since: Option<(DateTime<Utc>, String)>,
     /// rumqttc's incoming packet limit.
     read_limit: usize,
+    /// This source's share of [`IngestMetrics::mqtt_deferred_backlog`]: the peak of
+    /// `deferred.len()` since it was last empty.
+    backlog_peak: usize,
+}
+
+impl State {
+    /// Updates the backlog peak (reset once nothing deferred is outstanding) and the shared
+    /// gauge the buffer sizes its delivery-note window by.
+    fn track_backlog(&mut self, gauge: &prometheus_client::metrics::gauge::Gauge) {
+        let outstanding = self.deferred.len();
+        let peak = if outstanding == 0 && self.deferred_now == 0 {
+            0
+        } else {
+            self.backlog_peak.max(outstanding)
+        };
+        if peak != self.backlog_peak {
+            let delta = i64::try_from(peak).unwrap_or(i64::MAX)
+                - i64::try_from(self.backlog_peak).unwrap_or(i64::MAX);
+            gauge.inc_by(delta);
+            self.backlog_peak = peak;
+        }
+    }
 }
 
 /// The packet ids that have a message deferred (left unacknowledged) on the current
@@ -535,6 +561,7 @@ impl MqttSource {
             held: HeldIds::default(),
             disconnected_since: None,
             read_limit: read_limit(self.cfg.max_packet_size_bytes),
+            backlog_peak: 0,
         };
         let mut broker = 0usize;
         loop {
@@ -588,6 +615,10 @@ impl MqttSource {
             }
         }
         connection.close();
+        // A stopped source holds no backlog (the next run starts counting again).
+        st.deferred.clear();
+        st.deferred_now = 0;
+        st.track_backlog(&self.metrics.mqtt_deferred_backlog);
         self.metrics.connected.get_or_create(&labels).set(0);
     }
 
@@ -634,7 +665,7 @@ impl MqttSource {
                 },
             }
         }
-        disconnect(client, eventloop, &mut HashSet::new()).await;
+        disconnect(client, eventloop, conn, &mut HashSet::new()).await;
     }
 
     /// Drives one client until `cancel`, the writer closing, or a reason to reopen. The
@@ -661,6 +692,7 @@ impl MqttSource {
                 return End::Stop { linger: false };
             }
             staged_gauge.set(i64::try_from(st.staged.len()).unwrap_or(i64::MAX));
+            st.track_backlog(&self.metrics.mqtt_deferred_backlog);
             if connected
                 && st.deferred_now > 0
                 && st.staged.is_empty()
@@ -673,7 +705,25 @@ impl MqttSource {
                     deferred = st.deferred_now,
                     "mqtt backlog stored; reconnecting to fetch the deferred messages"
                 );
-                disconnect(client, eventloop, &mut st.deferred).await;
+                let unwritten_before = connection.acks_unwritten();
+                let clean = disconnect(client, eventloop, connection, &mut st.deferred).await;
+                let unwritten = connection.acks_unwritten();
+                // Unwritten (or, without a clean leave, possibly unread) PubAcks: their
+                // messages are stored and come back; the ledger recognises them.
+                connection.ended(clean);
+                tracing::info!(
+                    source = name,
+                    acks_queued_at_disconnect = unwritten_before,
+                    acks_unwritten = unwritten,
+                    disconnect_written = clean,
+                    deferred_keys = st.deferred.len(),
+                    owed = connection.owed(),
+                    "mqtt disconnected to fetch the deferred messages"
+                );
+                self.metrics
+                    .mqtt_acks_unwritten
+                    .get_or_create(labels)
+                    .inc_by(unwritten as u64);
                 st.deferred_now = 0;
                 return End::Reopen;
             }
@@ -729,12 +779,28 @@ impl MqttSource {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     self.take(client, connection, st, labels, p);
                 }
+                Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => connection.ack_written(),
                 Ok(_) => {}
                 Err(e) => {
+                    // rumqttc dropped the PubAcks it had not written; the last ones it wrote
+                    // may not have reached the broker either. Their messages are stored and
+                    // come back: the ledger keeps them as owed.
+                    let unwritten = connection.acks_unwritten();
+                    connection.ended(false);
+                    if unwritten > 0 {
+                        tracing::warn!(
+                            source = name,
+                            acks_unwritten = unwritten,
+                            "mqtt connection lost with acknowledgements not written; the broker redelivers those messages"
+                        );
+                    }
+                    self.metrics
+                        .mqtt_acks_unwritten
+                        .get_or_create(labels)
+                        .inc_by(unwritten as u64);
                     // rumqttc dropped the PubAcks still queued; tokens of this connection
                     // are stale from now on (the broker redelivers their messages).
                     connection.lost();
-                    connected = false;
                     // The broker sends the deferred messages again on the next connection.
                     st.deferred_now = 0;
                     self.metrics.connected.get_or_create(labels).set(0);
@@ -765,7 +831,12 @@ impl MqttSource {
                     if !self.cfg.failover_endpoints.is_empty() {
                         return End::NextBroker;
                     }
-                    // The event loop reconnects on the next poll.
+                    // A fresh client: a token that fired between rumqttc dropping its queued
+                    // PubAcks and `connection.lost()` above queued its PubAck in the old
+                    // client's request queue, which rumqttc would write on the next connection
+                    // of the same event loop (matched there to the first message in flight
+                    // with that packet id, whatever it is).
+                    return End::Reopen;
                 }
             }
         }
@@ -808,14 +879,17 @@ impl MqttSource {
             return;
         }
         let record = self.to_record(&p.topic, &p.payload, p.size());
+        let mut stored_before = false;
         let (ack, delivery) = if qos1 {
             let digest = message_digest(&p.topic, &p.payload);
+            let key = deferred_key(p.pkid, &digest);
             // This copy is the redelivery of one read earlier but never handed over.
-            let was_deferred =
-                !st.deferred.is_empty() && st.deferred.remove(&deferred_key(p.pkid, &digest));
+            let was_deferred = !st.deferred.is_empty() && st.deferred.remove(&key);
+            // This copy is the redelivery of one stored earlier whose PubAck was lost.
+            stored_before = p.dup && connection.take_owed(key);
             tracing::trace!(pkid = p.pkid, dup = p.dup, was_deferred, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message staged");
             (
-                Some(AckHandle::new(AckToken::new(client, &p, connection))),
+                Some(AckHandle::new(AckToken::new(client, &p, connection, key))),
                 Some(Delivery {
                     session: self.cfg.client_id.clone(),
                     id: p.pkid,
@@ -830,6 +904,7 @@ impl MqttSource {
             record,
             ack,
             delivery,
+            stored_before,
         });
     }
 
@@ -894,18 +969,32 @@ impl MqttSource {
     }
 }
 
-/// Sends DISCONNECT and polls until it is written (at most a second), so the broker sees a
-/// clean leave; messages read meanwhile are not handed over, so their ids go to `deferred`.
-async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &mut HashSet<u64>) {
+/// Sends DISCONNECT and polls until it is written, so the broker sees a clean leave after
+/// every acknowledgement queued before it (rumqttc writes its requests in order, one per turn
+/// of its poll loop, and under an incoming flood a turn mostly reads: tens of thousands of
+/// queued PubAcks take seconds). It gives up only when nothing was written for
+/// [`DISCONNECT_STALL`]. Messages read meanwhile are not handed over, so their ids go to
+/// `st.deferred`. True when the DISCONNECT was written.
+async fn disconnect(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    connection: &Connection,
+    deferred: &mut HashSet<u64>,
+) -> bool {
     if client.try_disconnect().is_err() {
-        return;
+        return false;
     }
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut until = tokio::time::Instant::now() + DISCONNECT_STALL;
     loop {
         tokio::select! {
-            () = tokio::time::sleep_until(until) => return,
+            () = tokio::time::sleep_until(until) => return false,
             ev = eventloop.poll() => match ev {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
+                Err(_) => return false,
+                Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
+                    connection.ack_written();
+                    until = tokio::time::Instant::now() + DISCONNECT_STALL;
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
                 Ok(_) => {}
             },
