@@ -562,4 +562,43 @@ mod tests {
         c.lost();
         assert_eq!(c.current(), CLOSED, "a closed connection stays closed");
     }
+
+    fn token(client: &AsyncClient, c: &Connection, pkid: u16, key: u64) -> AckToken {
+        let mut p = Publish::new("t", rumqttc::QoS::AtLeastOnce, b"1".to_vec());
+        p.pkid = pkid;
+        AckToken::new(client, &p, c, key)
+    }
+
+    #[test]
+    fn acknowledgements_that_did_not_reach_the_broker_are_owed() {
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 16);
+        let c = Connection::default();
+        // Queued, then written: nothing owed after a clean leave.
+        assert_eq!(token(&client, &c, 1, 11).try_ack(), AckOutcome::Sent);
+        assert_eq!(c.acks_unwritten(), 1);
+        c.ack_written();
+        assert_eq!(c.acks_unwritten(), 0);
+        c.ended(true);
+        assert!(!c.take_owed(11));
+        // Queued but not written when the connection ended: owed.
+        assert_eq!(token(&client, &c, 2, 12).try_ack(), AckOutcome::Sent);
+        c.ended(true);
+        c.lost();
+        // Written, then the connection failed: maybe unread by the broker, owed too.
+        assert_eq!(token(&client, &c, 3, 13).try_ack(), AckOutcome::Sent);
+        c.ack_written();
+        c.ended(false);
+        // Fired after the connection was lost: stale, owed.
+        let stale = token(&client, &c, 4, 14);
+        c.lost();
+        assert_eq!(stale.try_ack(), AckOutcome::Stale);
+        // Given up by the writer: owed.
+        token(&client, &c, 5, 15).given_up();
+        assert_eq!(c.owed(), 4);
+        for key in [12, 13, 14, 15] {
+            assert!(c.take_owed(key), "{key}");
+            assert!(!c.take_owed(key), "{key} is forgotten once its copy came");
+        }
+    }
 }

@@ -75,7 +75,9 @@
 //!   acknowledgement or eviction removes a record; the scan is the one open already does to
 //!   count). A note is never durable without its record (record first, prefix recovery).
 //!   What stays: a redelivery of a message noted more than `max_delivery_notes` deliveries
-//!   earlier (its note left the FIFO) is stored again.
+//!   earlier, plus the extra notes kept while an MQTT source holds a deferred backlog
+//!   ([`Buffer::set_delivery_notes_extra`]), is stored again (its note left the FIFO). When
+//!   the extra shrinks, at most one note more than is added leaves per append.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.

@@ -24,7 +24,25 @@
 //!   [`Delivery`] (client id, packet id, sha256 of topic and payload, DUP flag); the writer
 //!   keeps a durable note of it next to the record, and a copy with DUP set matching a note is
 //!   acknowledged without being stored again (see `docs/operations.md` for the windows that
-//!   remain).
+//!   remain). The buffer keeps the notes of the last `max_delivery_notes` deliveries plus the
+//!   deferred backlog ([`IngestMetrics`]' `mqtt_deferred_backlog`: per source, the peak of
+//!   its outstanding deferred messages since it was last empty), because a stored message the
+//!   broker sends again comes back behind that backlog, which the broker resends first.
+//!   Mosquitto 2.0.11 does send stored, acknowledged messages again after a reconnect (in one
+//!   run 2,567 of the 10,138 stored on a connection, every PubAck written before the
+//!   DISCONNECT); with the note window of 262,144 alone the 1M drain benchmark stored 12,982
+//!   of them twice.
+//! - A reconnect for deferred messages leaves cleanly: DISCONNECT goes out behind every queued
+//!   PubAck (rumqttc writes one request per turn of its poll loop, and under an incoming flood
+//!   a turn mostly reads, so this can take seconds; the source waits while something happens)
+//!   and the source keeps reading, deferring what arrives, until the broker closes the
+//!   connection. Closing the socket first, with the flood unread in it, sends a TCP RST, and
+//!   Mosquitto then drops the connection without reading the PubAcks it had not read yet.
+//! - Lost acknowledgements are remembered (the [`crate::ack`] ledger, in memory, at most
+//!   [`crate::ack::MAX_OWED_KEYS`]): a PubAck fired for a durable record but not written
+//!   before its connection ended, stale, or given up, and after a connection error the last
+//!   ones written too. A DUP copy of such a message is acknowledged without being stored even
+//!   when its note is gone (`kip_agent_mqtt_redeliveries_owed_total`).
 //! - The connection is polled continuously whatever the buffer's state, so keep-alive pings
 //!   and acknowledgements always flow. Backpressure does not rely on the broker's in-flight
 //!   limit (Mosquitto 2.0.11 sends far more than `max_inflight_messages` unacknowledged
@@ -53,7 +71,10 @@
 //!   fits that packet (memory for one such packet), so it too becomes a dead letter instead
 //!   of a reconnect loop.
 //! - Tokens belong to one connection: after a connection loss they are stale (rumqttc drops
-//!   queued PubAcks then too) and the redelivered copy carries a fresh token.
+//!   queued PubAcks then too) and the redelivered copy carries a fresh token. Every connection
+//!   has its own rumqttc client and event loop (also after an error), so a PubAck queued by a
+//!   token that fired just as the connection failed can never be written on the next
+//!   connection, where the broker would match it to whatever is first in flight with its id.
 //! - After `cancel` the source drops its staging (unacknowledged: the broker keeps it), reads
 //!   no more messages but keeps the connection polled until the writer fired or dropped every
 //!   token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then sends DISCONNECT: a clean shutdown
@@ -101,8 +122,9 @@ const REQUEST_QUEUE_CAPACITY: usize = 65_536;
 /// How often a source with deferred messages checks whether its staging drained.
 const DEFERRED_CHECK: Duration = Duration::from_millis(20);
 
-/// How long [`disconnect`] waits for rumqttc to write the next queued request (an
-/// acknowledgement or the DISCONNECT itself) before it gives up on a clean leave.
+/// How long [`disconnect`] waits for the next event (a queued acknowledgement or the DISCONNECT
+/// written, a message read, the broker closing the connection) before it gives up on a clean
+/// leave.
 const DISCONNECT_STALL: Duration = Duration::from_secs(1);
 
 /// How long a stopping source keeps its connection polled for the last acknowledgements.
@@ -969,12 +991,17 @@ impl MqttSource {
     }
 }
 
-/// Sends DISCONNECT and polls until it is written, so the broker sees a clean leave after
-/// every acknowledgement queued before it (rumqttc writes its requests in order, one per turn
-/// of its poll loop, and under an incoming flood a turn mostly reads: tens of thousands of
-/// queued PubAcks take seconds). It gives up only when nothing was written for
-/// [`DISCONNECT_STALL`]. Messages read meanwhile are not handed over, so their ids go to
-/// `st.deferred`. True when the DISCONNECT was written.
+/// Sends DISCONNECT and keeps polling until the broker closed the connection, so that the
+/// broker read every acknowledgement queued before it. Two things lost acknowledgements here:
+/// rumqttc writes its requests in order, one per turn of its poll loop, and under an incoming
+/// flood a turn mostly reads, so tens of thousands of queued PubAcks take seconds to write;
+/// and closing the socket ourselves with the flood unread in our receive buffer sends a TCP
+/// RST, on which Mosquitto drops the connection without reading what it had not read yet
+/// (the last PubAcks and the DISCONNECT): those messages stay in flight at the broker although
+/// they are stored, and come back behind the deferred backlog. It gives up only when nothing
+/// happened for [`DISCONNECT_STALL`]. Messages read meanwhile are not handed over, so their
+/// ids go to `deferred`. True when the broker closed the connection (end of stream) after our
+/// DISCONNECT.
 async fn disconnect(
     client: &AsyncClient,
     eventloop: &mut EventLoop,
@@ -988,15 +1015,23 @@ async fn disconnect(
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(until) => return false,
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return true,
-                Err(_) => return false,
-                Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => {
-                    connection.ack_written();
-                    until = tokio::time::Instant::now() + DISCONNECT_STALL;
+            ev = eventloop.poll() => {
+                until = tokio::time::Instant::now() + DISCONNECT_STALL;
+                match ev {
+                    // The broker closes the connection (end of stream) once it processed our
+                    // DISCONNECT, and with it every PubAck before it.
+                    Err(e) => {
+                        return matches!(
+                            e,
+                            rumqttc::ConnectionError::MqttState(
+                                rumqttc::StateError::ConnectionAborted
+                            )
+                        );
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => connection.ack_written(),
+                    Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
+                    Ok(_) => {}
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
-                Ok(_) => {}
             },
         }
     }

@@ -190,7 +190,9 @@ async fn a_flood_deferred_and_fetched_again_many_times_is_stored_exactly_once() 
         .map(|(v, n)| (*v, *n))
         .collect();
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    if !(missing.is_empty() && twice.is_empty()) {
+    eprintln!("agent metrics:\n{metrics}");
+    // KIP_ONCE_KEEP=1 keeps the agent's log and state for inspection.
+    if !(missing.is_empty() && twice.is_empty()) || std::env::var_os("KIP_ONCE_KEEP").is_some() {
         eprintln!("work directory kept: {}", dir.keep().display());
     }
     let reconnects: Vec<&str> = log_text
