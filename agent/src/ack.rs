@@ -80,8 +80,10 @@ pub const MAX_OWED_KEYS: usize = 1 << 20;
 
 /// How many acknowledgements written on the current connection the ledger remembers: if the
 /// connection then fails, the broker may not have read them (they were in a socket buffer),
-/// so they count as owed too. More than a socket buffer holds (a PubAck is 4 bytes).
-pub const RECENT_WRITTEN_KEYS: usize = 1 << 16;
+/// so they count as owed too (a PubAck is 4 bytes: 32 KiB of socket buffer). Kept small:
+/// owed keys of messages the broker did settle stay until [`MAX_OWED_KEYS`] and widen the
+/// identical-message window (`docs/operations.md`).
+pub const RECENT_WRITTEN_KEYS: usize = 1 << 13;
 
 /// What became of the acknowledgements of one MQTT source's stored messages, by message key
 /// (packet id and content, [`crate::mqtt`]'s `deferred_key`).
