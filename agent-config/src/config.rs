@@ -444,6 +444,10 @@ pub struct RawBuffer {
     /// large cache buys little and costs resident memory (see docs/performance.md).
     #[serde(default = "default_cache_capacity_bytes")]
     pub cache_capacity_bytes: u64,
+    /// Stored MQTT deliveries remembered (durable delivery notes) to recognise redeliveries,
+    /// e.g. after a crash (see docs/operations.md, "Delivery guarantees per source").
+    #[serde(default = "default_max_delivery_notes")]
+    pub max_delivery_notes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -539,6 +543,10 @@ fn default_queue_capacity_records() -> usize {
 fn default_cache_capacity_bytes() -> u64 {
     8 * 1024 * 1024
 }
+/// The buffer's default (`kip_agent::buffer::MAX_DELIVERY_NOTES`).
+fn default_max_delivery_notes() -> usize {
+    1 << 18
+}
 fn default_ack_flush_threshold_records() -> usize {
     // Half of Mosquitto's default max_inflight_messages (20): with a broker that keeps to it,
     // the next half arrives while the flush runs.
@@ -580,6 +588,7 @@ impl Default for RawBuffer {
             queue_capacity_records: default_queue_capacity_records(),
             ack_flush_threshold_records: default_ack_flush_threshold_records(),
             cache_capacity_bytes: default_cache_capacity_bytes(),
+            max_delivery_notes: default_max_delivery_notes(),
         }
     }
 }
@@ -631,6 +640,7 @@ pub struct BufferConfig {
     pub queue_capacity_records: usize,
     pub ack_flush_threshold_records: usize,
     pub cache_capacity_bytes: u64,
+    pub max_delivery_notes: usize,
 }
 
 /// Validated `[[mqtt]]` broker.
@@ -733,6 +743,12 @@ impl RawConfig {
             1024 * 1024,
             4 * 1024 * 1024 * 1024,
         )?;
+        check_range(
+            "buffer.max_delivery_notes",
+            b.max_delivery_notes,
+            1,
+            16 * 1024 * 1024,
+        )?;
         let http_listen_addr = self.http.listen_addr.parse().map_err(|e| {
             invalid(
                 "http.listen_addr",
@@ -826,6 +842,7 @@ impl RawConfig {
                 queue_capacity_records: b.queue_capacity_records,
                 ack_flush_threshold_records: b.ack_flush_threshold_records,
                 cache_capacity_bytes: b.cache_capacity_bytes,
+                max_delivery_notes: b.max_delivery_notes,
             },
             http_listen_addr,
             log_format,

@@ -29,9 +29,9 @@
 //!   default); without early flushes throughput would fall to that cap per flush interval.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     sync::{
-        Arc,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -58,25 +58,133 @@ pub enum AckOutcome {
 /// Something that can acknowledge one message upstream without waiting.
 pub trait Acknowledge {
     fn try_ack(&self) -> AckOutcome;
+    /// The writer gave up on this acknowledgement (busy for longer than [`BUSY_GIVE_UP`]):
+    /// the message is stored but stays unacknowledged at the broker.
+    fn given_up(&self) {}
 }
 
 /// Generation of a source's broker connection, shared with the tokens it issued: a token is
 /// valid only on the connection it arrived on.
+///
+/// It also keeps the [`Ledger`] of the source's acknowledgements (a separate `Arc`:
+/// [`Connection::tokens_alive`] counts the holders of `generation`).
 #[derive(Debug, Clone, Default)]
-pub struct Connection(Arc<AtomicU64>);
+pub struct Connection {
+    generation: Arc<AtomicU64>,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+/// Most message keys [`Ledger::owed`] holds (8 bytes each); beyond it a lost acknowledgement
+/// is left to the delivery notes alone (see `docs/operations.md`).
+pub const MAX_OWED_KEYS: usize = 1 << 20;
+
+/// How many acknowledgements written on the current connection the ledger remembers: if the
+/// connection then fails, the broker may not have read them (they were in a socket buffer),
+/// so they count as owed too (a PubAck is 4 bytes: 32 KiB of socket buffer). Kept small:
+/// owed keys of messages the broker did settle stay until [`MAX_OWED_KEYS`] and widen the
+/// identical-message window (`docs/operations.md`).
+pub const RECENT_WRITTEN_KEYS: usize = 1 << 13;
+
+/// What became of the acknowledgements of one MQTT source's stored messages, by message key
+/// (packet id and content, [`crate::mqtt`]'s `deferred_key`).
+///
+/// A message whose record is durable but whose PubAck never reached the broker stays in flight
+/// there and comes back (DUP set) on a later connection, possibly much later: behind the
+/// deferred backlog, which the broker resends first, and after more stored deliveries than the
+/// buffer keeps notes for. The ledger remembers such messages as *owed* (in memory, at most
+/// [`MAX_OWED_KEYS`]), so the source recognises the copy without the note.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// PubAcks queued in rumqttc's request queue and not yet written, oldest first, with the
+    /// generation they were queued on. rumqttc writes its requests in queue order.
+    queued: VecDeque<(u64, u64)>,
+    /// The last PubAcks written on the current connection (at most [`RECENT_WRITTEN_KEYS`]).
+    written: VecDeque<u64>,
+    /// Messages stored (record durable) whose acknowledgement did not reach the broker.
+    owed: HashSet<u64>,
+}
+
+impl Ledger {
+    fn owe(&mut self, key: u64) {
+        if self.owed.len() < MAX_OWED_KEYS {
+            self.owed.insert(key);
+        }
+    }
+}
 
 const CLOSED: u64 = u64::MAX;
 
 impl Connection {
     fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // A panic while holding the lock left plain collections behind: still usable.
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// rumqttc wrote the oldest queued PubAck (its `Outgoing::PubAck` event). PubAcks queued
+    /// on an earlier connection ahead of it were dropped with that connection: owed.
+    pub(crate) fn ack_written(&self) {
+        let current = self.current();
+        let mut l = self.ledger();
+        while let Some((generation, key)) = l.queued.pop_front() {
+            if generation != current {
+                l.owe(key);
+                continue;
+            }
+            if l.written.len() >= RECENT_WRITTEN_KEYS {
+                l.written.pop_front();
+            }
+            l.written.push_back(key);
+            break;
+        }
+    }
+
+    /// PubAcks queued and not written yet.
+    pub(crate) fn acks_unwritten(&self) -> usize {
+        self.ledger().queued.len()
+    }
+
+    /// The connection ended. Whatever was queued but not written is owed; with `clean` (the
+    /// DISCONNECT was written after them, so the broker read every PubAck before it) the
+    /// written ones are settled, otherwise the last ones written may not have reached the
+    /// broker and are owed too. Call before [`Connection::lost`]'s effects matter: tokens
+    /// racing with it are caught by their generation.
+    pub(crate) fn ended(&self, clean: bool) {
+        let mut l = self.ledger();
+        let queued: Vec<u64> = l.queued.drain(..).map(|(_, k)| k).collect();
+        let written: Vec<u64> = l.written.drain(..).collect();
+        for k in queued {
+            l.owe(k);
+        }
+        if !clean {
+            for k in written {
+                l.owe(k);
+            }
+        }
+    }
+
+    /// Whether the message `key` was stored earlier with its acknowledgement lost (and forgets
+    /// it: this copy is acknowledged in its place).
+    pub(crate) fn take_owed(&self, key: u64) -> bool {
+        let mut l = self.ledger();
+        !l.owed.is_empty() && l.owed.remove(&key)
+    }
+
+    /// Messages owed an acknowledgement (see [`Ledger`]).
+    pub fn owed(&self) -> usize {
+        self.ledger().owed.len()
     }
 
     /// The connection was lost: tokens issued so far become stale.
     pub(crate) fn lost(&self) {
         // Never wraps into CLOSED in practice (2^64 reconnects).
         let _ = self
-            .0
+            .generation
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
                 (g != CLOSED).then(|| g + 1)
             });
@@ -84,12 +192,12 @@ impl Connection {
 
     /// The source stopped: every token becomes stale.
     pub(crate) fn close(&self) {
-        self.0.store(CLOSED, Ordering::Release);
+        self.generation.store(CLOSED, Ordering::Release);
     }
 
     /// Tokens of this connection still alive (in a channel or in a writer's FIFO).
     pub(crate) fn tokens_alive(&self) -> usize {
-        Arc::strong_count(&self.0).saturating_sub(1)
+        Arc::strong_count(&self.generation).saturating_sub(1)
     }
 }
 
@@ -101,10 +209,17 @@ pub struct AckToken {
     publish: Publish,
     connection: Connection,
     generation: u64,
+    /// The message's key in the [`Ledger`].
+    key: u64,
 }
 
 impl AckToken {
-    pub(crate) fn new(client: &AsyncClient, publish: &Publish, connection: &Connection) -> Self {
+    pub(crate) fn new(
+        client: &AsyncClient,
+        publish: &Publish,
+        connection: &Connection,
+        key: u64,
+    ) -> Self {
         let mut minimal = Publish::new("", publish.qos, Vec::new());
         minimal.pkid = publish.pkid;
         Self {
@@ -112,23 +227,40 @@ impl AckToken {
             publish: minimal,
             connection: connection.clone(),
             generation: connection.current(),
+            key,
         }
     }
 }
 
 impl Acknowledge for AckToken {
     fn try_ack(&self) -> AckOutcome {
+        // Fired only once the record is durable (or, for a recognised redelivery, the earlier
+        // one): whatever happens to the PubAck from here, the message is stored. The lock is
+        // held across the queueing so that the source sees the entry before rumqttc's
+        // `Outgoing::PubAck` for it.
+        let mut ledger = self.connection.ledger();
         if self.connection.current() != self.generation {
+            ledger.owe(self.key);
             return AckOutcome::Stale;
         }
         match self.client.try_ack(&self.publish) {
-            Ok(()) => AckOutcome::Sent,
+            Ok(()) => {
+                ledger.queued.push_back((self.generation, self.key));
+                AckOutcome::Sent
+            }
             // rumqttc does not say whether the queue is full or the event loop gone; a gone
             // event loop means the source closed or lost the connection (checked here), or it
             // is busy for longer than BUSY_GIVE_UP.
-            Err(_) if self.connection.current() != self.generation => AckOutcome::Stale,
+            Err(_) if self.connection.current() != self.generation => {
+                ledger.owe(self.key);
+                AckOutcome::Stale
+            }
             Err(_) => AckOutcome::Busy,
         }
+    }
+
+    fn given_up(&self) {
+        self.connection.ledger().owe(self.key);
     }
 }
 
@@ -241,6 +373,7 @@ impl<T: Acknowledge> PendingAcks<T> {
                         out.busy = true;
                         return out;
                     }
+                    head.token.given_up();
                     out.failed += 1;
                 }
             }
@@ -430,5 +563,44 @@ mod tests {
         c.close();
         c.lost();
         assert_eq!(c.current(), CLOSED, "a closed connection stays closed");
+    }
+
+    fn token(client: &AsyncClient, c: &Connection, pkid: u16, key: u64) -> AckToken {
+        let mut p = Publish::new("t", rumqttc::QoS::AtLeastOnce, b"1".to_vec());
+        p.pkid = pkid;
+        AckToken::new(client, &p, c, key)
+    }
+
+    #[test]
+    fn acknowledgements_that_did_not_reach_the_broker_are_owed() {
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 16);
+        let c = Connection::default();
+        // Queued, then written: nothing owed after a clean leave.
+        assert_eq!(token(&client, &c, 1, 11).try_ack(), AckOutcome::Sent);
+        assert_eq!(c.acks_unwritten(), 1);
+        c.ack_written();
+        assert_eq!(c.acks_unwritten(), 0);
+        c.ended(true);
+        assert!(!c.take_owed(11));
+        // Queued but not written when the connection ended: owed.
+        assert_eq!(token(&client, &c, 2, 12).try_ack(), AckOutcome::Sent);
+        c.ended(true);
+        c.lost();
+        // Written, then the connection failed: maybe unread by the broker, owed too.
+        assert_eq!(token(&client, &c, 3, 13).try_ack(), AckOutcome::Sent);
+        c.ack_written();
+        c.ended(false);
+        // Fired after the connection was lost: stale, owed.
+        let stale = token(&client, &c, 4, 14);
+        c.lost();
+        assert_eq!(stale.try_ack(), AckOutcome::Stale);
+        // Given up by the writer: owed.
+        token(&client, &c, 5, 15).given_up();
+        assert_eq!(c.owed(), 4);
+        for key in [12, 13, 14, 15] {
+            assert!(c.take_owed(key), "{key}");
+            assert!(!c.take_owed(key), "{key} is forgotten once its copy came");
+        }
     }
 }

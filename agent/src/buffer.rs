@@ -82,8 +82,10 @@
 //!   not at all: a note goes to `notes.log` only after a flush made its record durable, and
 //!   the record's value carries the note's key (format 2), so on open every record with a
 //!   sequence above the last durable note that carries a key gets its note back. What stays:
-//!   a redelivery of a message noted more than `max_delivery_notes` deliveries earlier (its
-//!   note left the FIFO) is stored again.
+//!   a redelivery of a message noted more than `max_delivery_notes` deliveries earlier, plus
+//!   the extra notes kept while an MQTT source holds a deferred backlog
+//!   ([`Buffer::set_delivery_notes_extra`]), is stored again (its note left the FIFO). When
+//!   the extra shrinks, at most one note more than is added leaves per append.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
 //!   the interval stays the upper bound.
@@ -551,6 +553,9 @@ pub struct Buffer {
     flush_requested: tokio::sync::Notify,
     /// Held (`flock`) while open.
     _lock: File,
+    /// Notes kept beyond `max_delivery_notes` while a broker holds a backlog for the agent
+    /// ([`Buffer::set_delivery_notes_extra`]).
+    extra_delivery_notes: std::sync::atomic::AtomicUsize,
     /// What `meta` on disk says; its lock serialises the writers (a flush writes it off the
     /// state lock, so that reads and acknowledgements never wait for its fsync).
     meta_disk: std::sync::Arc<Mutex<Meta>>,
@@ -705,7 +710,7 @@ impl Buffer {
             );
         }
         for (seq, key) in unnoted {
-            st.notes.note(seq, &key);
+            st.notes.note(seq, &key, 0);
         }
         st.notes.write_pending(max_seq)?;
         let buffer = Self {
@@ -718,6 +723,7 @@ impl Buffer {
             durable: tokio::sync::watch::Sender::new(max_seq),
             flush_requested: tokio::sync::Notify::new(),
             _lock: lock,
+            extra_delivery_notes: std::sync::atomic::AtomicUsize::new(0),
             meta_disk: std::sync::Arc::new(Mutex::new(meta)),
         };
         buffer.publish_gauges(&buffer.lock());
@@ -859,8 +865,16 @@ impl Buffer {
         let mut st = self.lock();
         // The record carries the key: a record is never durable without what its note needs.
         let seq = self.append_locked(&mut st, record, Some(&key))?;
-        st.notes.note(seq, &key);
+        let extra = self.extra_delivery_notes.load(Ordering::Relaxed);
+        st.notes.note(seq, &key, extra);
         Ok(seq)
+    }
+
+    /// Keeps `extra` notes beyond `max_delivery_notes` (the MQTT sources' deferred backlog:
+    /// a stored message the broker sends again comes back behind it). When `extra` shrinks,
+    /// the window shrinks by at most one note per new note, so no single append pays for it.
+    pub fn set_delivery_notes_extra(&self, extra: usize) {
+        self.extra_delivery_notes.store(extra, Ordering::Relaxed);
     }
 
     /// Stores `record` with its delivery key but without taking the note: the state a crash

@@ -42,6 +42,9 @@ pub struct IngestMetrics {
     /// MQTT redeliveries recognised by their delivery note and acknowledged without being
     /// stored again.
     pub mqtt_redeliveries_skipped: Counter,
+    /// Of the skipped redeliveries, those recognised by the source's ledger of lost
+    /// acknowledgements rather than by a delivery note (the note had left the window).
+    pub mqtt_redeliveries_owed: Counter,
     /// MQTT messages marked as redeliveries (DUP) without a delivery note: never stored
     /// before (read but not stored when the connection or the agent went), stored now.
     pub mqtt_redeliveries_stored: Counter,
@@ -53,6 +56,14 @@ pub struct IngestMetrics {
     /// Of those, messages deferred with room in the staging, because an earlier message with
     /// the same packet id is unacknowledged on the connection (see [`crate::mqtt::admit`]).
     pub mqtt_deferred_same_id: Family<SourceLabels, Counter>,
+    /// MQTT acknowledgements queued for the broker but not written when their connection
+    /// ended (the broker redelivers those messages), by source.
+    pub mqtt_acks_unwritten: Family<SourceLabels, Counter>,
+    /// The MQTT sources' deferred backlog, summed: the peak of each source's outstanding
+    /// deferred messages since its backlog was last empty. The buffer keeps this many delivery
+    /// notes beyond `max_delivery_notes` (a stored message the broker sends again comes back
+    /// behind that backlog).
+    pub mqtt_deferred_backlog: Gauge,
     /// Messages held in a source's staging (read off the connection, not yet handed to the
     /// writer), by source.
     pub mqtt_staged: Family<SourceLabels, Gauge>,
@@ -112,6 +123,12 @@ impl IngestMetrics {
             m.mqtt_redeliveries_skipped.clone(),
         );
         registry.register(
+            "mqtt_redeliveries_owed",
+            "Of the skipped MQTT redeliveries, those of stored messages whose acknowledgement was \
+             lost, recognised by the source after their delivery note had left the window",
+            m.mqtt_redeliveries_owed.clone(),
+        );
+        registry.register(
             "mqtt_redeliveries_stored",
             "MQTT messages with DUP set but no delivery note (never stored before), stored",
             m.mqtt_redeliveries_stored.clone(),
@@ -133,6 +150,18 @@ impl IngestMetrics {
              unacknowledged on the connection (a broker with more than 65,535 in flight \
              reuses ids and matches a PUBACK to the first), by source",
             m.mqtt_deferred_same_id.clone(),
+        );
+        registry.register(
+            "mqtt_deferred_backlog_messages",
+            "Peak of the MQTT sources' outstanding deferred messages since their backlog was \
+             last empty; the buffer keeps this many delivery notes beyond max_delivery_notes",
+            m.mqtt_deferred_backlog.clone(),
+        );
+        registry.register(
+            "mqtt_acks_unwritten",
+            "MQTT acknowledgements queued for the broker but not written when their connection \
+             ended (the broker redelivers those messages), by source",
+            m.mqtt_acks_unwritten.clone(),
         );
         registry.register(
             "mqtt_staged_messages",

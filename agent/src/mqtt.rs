@@ -24,7 +24,25 @@
 //!   [`Delivery`] (client id, packet id, sha256 of topic and payload, DUP flag); the writer
 //!   keeps a durable note of it next to the record, and a copy with DUP set matching a note is
 //!   acknowledged without being stored again (see `docs/operations.md` for the windows that
-//!   remain).
+//!   remain). The buffer keeps the notes of the last `max_delivery_notes` deliveries plus the
+//!   deferred backlog ([`IngestMetrics`]' `mqtt_deferred_backlog`: per source, the peak of
+//!   its outstanding deferred messages since it was last empty), because a stored message the
+//!   broker sends again comes back behind that backlog, which the broker resends first.
+//!   Mosquitto 2.0.11 does send stored, acknowledged messages again after a reconnect (in one
+//!   run 2,567 of the 10,138 stored on a connection, every PubAck written before the
+//!   DISCONNECT); with the note window of 262,144 alone the 1M drain benchmark stored 12,982
+//!   of them twice.
+//! - A reconnect for deferred messages leaves cleanly: DISCONNECT goes out behind every queued
+//!   PubAck (rumqttc writes one request per turn of its poll loop, and under an incoming flood
+//!   a turn mostly reads, so this can take seconds; the source waits while something happens)
+//!   and the source keeps reading, deferring what arrives, until the broker closes the
+//!   connection. Closing the socket first, with the flood unread in it, sends a TCP RST, and
+//!   Mosquitto then drops the connection without reading the PubAcks it had not read yet.
+//! - Lost acknowledgements are remembered (the [`crate::ack`] ledger, in memory, at most
+//!   [`crate::ack::MAX_OWED_KEYS`]): a PubAck fired for a durable record but not written
+//!   before its connection ended, stale, or given up, and after a connection error the last
+//!   ones written too. A DUP copy of such a message is acknowledged without being stored even
+//!   when its note is gone (`kip_agent_mqtt_redeliveries_owed_total`).
 //! - The connection is polled continuously whatever the buffer's state, so keep-alive pings
 //!   and acknowledgements always flow. Backpressure does not rely on the broker's in-flight
 //!   limit (Mosquitto 2.0.11 sends far more than `max_inflight_messages` unacknowledged
@@ -53,7 +71,10 @@
 //!   fits that packet (memory for one such packet), so it too becomes a dead letter instead
 //!   of a reconnect loop.
 //! - Tokens belong to one connection: after a connection loss they are stale (rumqttc drops
-//!   queued PubAcks then too) and the redelivered copy carries a fresh token.
+//!   queued PubAcks then too) and the redelivered copy carries a fresh token. Every connection
+//!   has its own rumqttc client and event loop (also after an error), so a PubAck queued by a
+//!   token that fired just as the connection failed can never be written on the next
+//!   connection, where the broker would match it to whatever is first in flight with its id.
 //! - After `cancel` the source drops its staging (unacknowledged: the broker keeps it), reads
 //!   no more messages but keeps the connection polled until the writer fired or dropped every
 //!   token it issued (at most [`SHUTDOWN_ACK_WAIT`]), then sends DISCONNECT: a clean shutdown
@@ -100,6 +121,11 @@ const REQUEST_QUEUE_CAPACITY: usize = 65_536;
 
 /// How often a source with deferred messages checks whether its staging drained.
 const DEFERRED_CHECK: Duration = Duration::from_millis(20);
+
+/// How long [`disconnect`] waits for the next event (a queued acknowledgement or the DISCONNECT
+/// written, a message read, the broker closing the connection) before it gives up on a clean
+/// leave.
+const DISCONNECT_STALL: Duration = Duration::from_secs(1);
 
 /// How long a stopping source keeps its connection polled for the last acknowledgements.
 pub const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(5);
@@ -374,6 +400,28 @@ struct State {
     disconnected_since: Option<(DateTime<Utc>, String)>,
     /// rumqttc's incoming packet limit.
     read_limit: usize,
+    /// This source's share of [`IngestMetrics::mqtt_deferred_backlog`]: the peak of
+    /// `deferred.len()` since it was last empty.
+    backlog_peak: usize,
+}
+
+impl State {
+    /// Updates the backlog peak (reset once nothing deferred is outstanding) and the shared
+    /// gauge the buffer sizes its delivery-note window by.
+    fn track_backlog(&mut self, gauge: &prometheus_client::metrics::gauge::Gauge) {
+        let outstanding = self.deferred.len();
+        let peak = if outstanding == 0 && self.deferred_now == 0 {
+            0
+        } else {
+            self.backlog_peak.max(outstanding)
+        };
+        if peak != self.backlog_peak {
+            let delta = i64::try_from(peak).unwrap_or(i64::MAX)
+                - i64::try_from(self.backlog_peak).unwrap_or(i64::MAX);
+            gauge.inc_by(delta);
+            self.backlog_peak = peak;
+        }
+    }
 }
 
 /// The packet ids that have a message deferred (left unacknowledged) on the current
@@ -535,6 +583,7 @@ impl MqttSource {
             held: HeldIds::default(),
             disconnected_since: None,
             read_limit: read_limit(self.cfg.max_packet_size_bytes),
+            backlog_peak: 0,
         };
         let mut broker = 0usize;
         loop {
@@ -592,6 +641,10 @@ impl MqttSource {
             }
         }
         connection.close();
+        // A stopped source holds no backlog (the next run starts counting again).
+        st.deferred.clear();
+        st.deferred_now = 0;
+        st.track_backlog(&self.metrics.mqtt_deferred_backlog);
         self.metrics.connected.get_or_create(&labels).set(0);
     }
 
@@ -638,7 +691,7 @@ impl MqttSource {
                 },
             }
         }
-        disconnect(client, eventloop, &mut HashSet::new()).await;
+        disconnect(client, eventloop, conn, &mut HashSet::new()).await;
     }
 
     /// Drives one client until `cancel`, the writer closing, or a reason to reopen. The
@@ -665,6 +718,7 @@ impl MqttSource {
                 return End::Stop { linger: false };
             }
             staged_gauge.set(i64::try_from(st.staged.len()).unwrap_or(i64::MAX));
+            st.track_backlog(&self.metrics.mqtt_deferred_backlog);
             if connected
                 && st.deferred_now > 0
                 && st.staged.is_empty()
@@ -677,7 +731,29 @@ impl MqttSource {
                     deferred = st.deferred_now,
                     "mqtt backlog stored; reconnecting to fetch the deferred messages"
                 );
-                disconnect(client, eventloop, &mut st.deferred).await;
+                let unwritten_before = connection.acks_unwritten();
+                let clean = disconnect(client, eventloop, connection, &mut st.deferred).await;
+                let unwritten = connection.acks_unwritten();
+                // Unwritten PubAcks: their messages are stored and come back; the ledger
+                // recognises them. Written ones count as delivered even when the broker's
+                // close was not seen (`clean` false: in the 1M benchmark it never was):
+                // owing them would keep up to 65,536 keys of settled messages per reconnect,
+                // which only widen the identical-message window; a copy the broker sends
+                // anyway is recognised by its note (the window covers the backlog).
+                connection.ended(true);
+                tracing::info!(
+                    source = name,
+                    acks_queued_at_disconnect = unwritten_before,
+                    acks_unwritten = unwritten,
+                    disconnect_written = clean,
+                    deferred_keys = st.deferred.len(),
+                    owed = connection.owed(),
+                    "mqtt disconnected to fetch the deferred messages"
+                );
+                self.metrics
+                    .mqtt_acks_unwritten
+                    .get_or_create(labels)
+                    .inc_by(unwritten as u64);
                 st.deferred_now = 0;
                 return End::Reopen;
             }
@@ -733,12 +809,28 @@ impl MqttSource {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     self.take(client, connection, st, labels, p);
                 }
+                Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => connection.ack_written(),
                 Ok(_) => {}
                 Err(e) => {
+                    // rumqttc dropped the PubAcks it had not written; the last ones it wrote
+                    // may not have reached the broker either. Their messages are stored and
+                    // come back: the ledger keeps them as owed.
+                    let unwritten = connection.acks_unwritten();
+                    connection.ended(false);
+                    if unwritten > 0 {
+                        tracing::warn!(
+                            source = name,
+                            acks_unwritten = unwritten,
+                            "mqtt connection lost with acknowledgements not written; the broker redelivers those messages"
+                        );
+                    }
+                    self.metrics
+                        .mqtt_acks_unwritten
+                        .get_or_create(labels)
+                        .inc_by(unwritten as u64);
                     // rumqttc dropped the PubAcks still queued; tokens of this connection
                     // are stale from now on (the broker redelivers their messages).
                     connection.lost();
-                    connected = false;
                     // The broker sends the deferred messages again on the next connection.
                     st.deferred_now = 0;
                     self.metrics.connected.get_or_create(labels).set(0);
@@ -769,7 +861,12 @@ impl MqttSource {
                     if !self.cfg.failover_endpoints.is_empty() {
                         return End::NextBroker;
                     }
-                    // The event loop reconnects on the next poll.
+                    // A fresh client: a token that fired between rumqttc dropping its queued
+                    // PubAcks and `connection.lost()` above queued its PubAck in the old
+                    // client's request queue, which rumqttc would write on the next connection
+                    // of the same event loop (matched there to the first message in flight
+                    // with that packet id, whatever it is).
+                    return End::Reopen;
                 }
             }
         }
@@ -812,14 +909,17 @@ impl MqttSource {
             return;
         }
         let record = self.to_record(&p.topic, &p.payload, p.size());
+        let mut stored_before = false;
         let (ack, delivery) = if qos1 {
             let digest = message_digest(&p.topic, &p.payload);
+            let key = deferred_key(p.pkid, &digest);
             // This copy is the redelivery of one read earlier but never handed over.
-            let was_deferred =
-                !st.deferred.is_empty() && st.deferred.remove(&deferred_key(p.pkid, &digest));
+            let was_deferred = !st.deferred.is_empty() && st.deferred.remove(&key);
+            // This copy is the redelivery of one stored earlier whose PubAck was lost.
+            stored_before = p.dup && connection.take_owed(key);
             tracing::trace!(pkid = p.pkid, dup = p.dup, was_deferred, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message staged");
             (
-                Some(AckHandle::new(AckToken::new(client, &p, connection))),
+                Some(AckHandle::new(AckToken::new(client, &p, connection, key))),
                 Some(Delivery {
                     session: self.cfg.client_id.clone(),
                     id: p.pkid,
@@ -834,6 +934,7 @@ impl MqttSource {
             record,
             ack,
             delivery,
+            stored_before,
         });
     }
 
@@ -898,20 +999,47 @@ impl MqttSource {
     }
 }
 
-/// Sends DISCONNECT and polls until it is written (at most a second), so the broker sees a
-/// clean leave; messages read meanwhile are not handed over, so their ids go to `deferred`.
-async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop, deferred: &mut HashSet<u64>) {
+/// Sends DISCONNECT and keeps polling until the broker closed the connection, so that the
+/// broker read every acknowledgement queued before it. Two things lost acknowledgements here:
+/// rumqttc writes its requests in order, one per turn of its poll loop, and under an incoming
+/// flood a turn mostly reads, so tens of thousands of queued PubAcks take seconds to write;
+/// and closing the socket ourselves with the flood unread in our receive buffer sends a TCP
+/// RST, on which Mosquitto drops the connection without reading what it had not read yet
+/// (the last PubAcks and the DISCONNECT): those messages stay in flight at the broker although
+/// they are stored, and come back behind the deferred backlog. It gives up only when nothing
+/// happened for [`DISCONNECT_STALL`]. Messages read meanwhile are not handed over, so their
+/// ids go to `deferred`. True when the broker closed the connection (end of stream) after our
+/// DISCONNECT.
+async fn disconnect(
+    client: &AsyncClient,
+    eventloop: &mut EventLoop,
+    connection: &Connection,
+    deferred: &mut HashSet<u64>,
+) -> bool {
     if client.try_disconnect().is_err() {
-        return;
+        return false;
     }
-    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut until = tokio::time::Instant::now() + DISCONNECT_STALL;
     loop {
         tokio::select! {
-            () = tokio::time::sleep_until(until) => return,
-            ev = eventloop.poll() => match ev {
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => return,
-                Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
-                Ok(_) => {}
+            () = tokio::time::sleep_until(until) => return false,
+            ev = eventloop.poll() => {
+                until = tokio::time::Instant::now() + DISCONNECT_STALL;
+                match ev {
+                    // The broker closes the connection (end of stream) once it processed our
+                    // DISCONNECT, and with it every PubAck before it.
+                    Err(e) => {
+                        return matches!(
+                            e,
+                            rumqttc::ConnectionError::MqttState(
+                                rumqttc::StateError::ConnectionAborted
+                            )
+                        );
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(_))) => connection.ack_written(),
+                    Ok(Event::Incoming(Packet::Publish(p))) => defer(deferred, &p),
+                    Ok(_) => {}
+                }
             },
         }
     }

@@ -334,6 +334,7 @@ fn store(
     buffer: &Buffer,
     record: &Record,
     delivery: Option<&Delivery>,
+    stored_before: bool,
     metrics: &IngestMetrics,
     feed: Option<&InferenceFeed>,
     live: Option<&LiveValues>,
@@ -344,9 +345,29 @@ fn store(
                 metrics.mqtt_redeliveries_skipped.inc();
                 return Stored::Redelivery(seq);
             }
+            // The source knows the earlier copy is durable (its acknowledgement fired and was
+            // lost); its note left the window meanwhile. Acknowledged behind the last record
+            // pushed, which is durable no earlier.
+            Ok(None) | Err(_) if stored_before => {
+                metrics.mqtt_redeliveries_skipped.inc();
+                metrics.mqtt_redeliveries_owed.inc();
+                tracing::debug!(
+                    id = d.id,
+                    "redelivery of a stored message without its note: not stored again"
+                );
+                return Stored::Redelivery(0);
+            }
             Ok(None) => {
                 metrics.mqtt_redeliveries_stored.inc();
-                tracing::debug!(id = d.id, "redelivery without a delivery note: stored");
+                let value = match record {
+                    Record::Reading(r) => r.value,
+                    _ => f64::NAN,
+                };
+                tracing::debug!(
+                    id = d.id,
+                    value,
+                    "redelivery without a delivery note: stored"
+                );
             }
             // Stored again rather than risk a loss.
             Err(e) => {
@@ -363,7 +384,12 @@ fn store(
         }
     }
     let appended = match delivery {
-        Some(d) => buffer.append_delivered(record, d),
+        Some(d) => {
+            buffer.set_delivery_notes_extra(
+                usize::try_from(metrics.mqtt_deferred_backlog.get()).unwrap_or(0),
+            );
+            buffer.append_delivered(record, d)
+        }
         None => buffer.append(record),
     };
     match appended {
@@ -432,11 +458,11 @@ async fn write_records(
             .min();
         tokio::select! {
             r = rx.recv(), if pending.len() < policy.max_pending => {
-                let Some(Envelope { record, ack, delivery }) = r else { break };
+                let Some(Envelope { record, ack, delivery, stored_before }) = r else { break };
                 if let Record::Reading(reading) = &record {
                     surface.source_clock.observe(&reading.source);
                 }
-                let stored = store(&buffer, &record, delivery.as_ref(), &metrics, feed.as_ref(), live.as_deref());
+                let stored = store(&buffer, &record, delivery.as_ref(), stored_before, &metrics, feed.as_ref(), live.as_deref());
                 match (ack, stored) {
                     (Some(token), Stored::At(seq)) => pending.push(seq, token, Instant::now()),
                     (Some(token), Stored::Redelivery(seq)) => {
@@ -706,6 +732,7 @@ fn open_buffer(cfg: &Config) -> Result<Arc<Buffer>, RuntimeError> {
     })?;
     let mut opts = BufferOptions::with_max_bytes(cfg.buffer.max_bytes);
     opts.cache_capacity_bytes = cfg.buffer.cache_capacity_bytes;
+    opts.max_delivery_notes = cfg.buffer.max_delivery_notes;
     let floor = cfg
         .identity_dir()
         .join(crate::buffer_recovery::EPOCH_FLOOR_FILE);
@@ -1164,6 +1191,7 @@ mod tests {
                     record: reading(payload.parse().unwrap()),
                     ack: Some(AckHandle::new(acks)),
                     delivery: Some(delivery(payload, redelivered)),
+                    stored_before: false,
                 })
                 .await
                 .unwrap();

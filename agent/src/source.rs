@@ -37,6 +37,10 @@ pub struct Envelope {
     pub ack: Option<AckHandle>,
     /// The upstream message this record came from, when its sender may redeliver it.
     pub delivery: Option<Delivery>,
+    /// The source knows that an earlier copy of this message was stored (its record durable,
+    /// its acknowledgement lost with a connection or given up): the writer stores nothing and
+    /// only acknowledges, even when the delivery note is gone.
+    pub stored_before: bool,
 }
 
 impl Envelope {
@@ -46,6 +50,7 @@ impl Envelope {
             record,
             ack: None,
             delivery: None,
+            stored_before: false,
         }
     }
 }
@@ -81,6 +86,9 @@ impl std::fmt::Debug for AckHandle {
 impl Acknowledge for AckHandle {
     fn try_ack(&self) -> AckOutcome {
         self.0.try_ack()
+    }
+    fn given_up(&self) {
+        self.0.given_up();
     }
 }
 

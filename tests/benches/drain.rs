@@ -385,13 +385,14 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
         format!(
             "[agent]\ndevice = \"gw-drain\"\nstate_dir = \"{}\"\n\
              [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
-             [log]\nformat = \"text\"\nfilter = \"warn\"\n\
+             [log]\nformat = \"text\"\nfilter = \"{}\"\n\
              [buffer]\n{}\n\
              [sync]\nendpoints = [\"{}\"]\n{}\n\
              [[mqtt]]\nname = \"plc\"\nurl = \"{}\"\nclient_id = \"kip-drain-bench\"\n\
              [[mqtt.subscriptions]]\ntopic = \"plant/+/count\"\nmachine_topic_level = 1\n\
              metric = \"count\"\nvalue = {{ kind = \"number\" }}\n",
             dir.display(),
+            std::env::var("DRAIN_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
             std::env::var("DRAIN_BENCH_BUFFER_TOML").unwrap_or_default(),
             proxy.url(),
             std::env::var("DRAIN_BENCH_SYNC_TOML").unwrap_or_default(),
@@ -527,6 +528,38 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     .await
     .unwrap();
     println!("    check: {rows} rows, {distinct} distinct numbers (want {n} and {n})");
+    let body = kip_agent::runtime::local_get(
+        format!("127.0.0.1:{http_port}").parse().unwrap(),
+        "/metrics",
+    )
+    .await
+    .map(|(_, b)| b)
+    .unwrap_or_default();
+    for l in body
+        .lines()
+        .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects"))
+    {
+        println!("    {l}");
+    }
+    if let Ok(keep) = std::env::var("DRAIN_BENCH_KEEP_DIR") {
+        let keep = Path::new(&keep);
+        std::fs::create_dir_all(keep).unwrap();
+        std::fs::copy(&log, keep.join("agent.log")).unwrap();
+        let dups: Vec<(f64, Vec<i64>)> = sqlx::query_as(
+            "SELECT value, array_agg(seq ORDER BY seq) FROM sensor_data WHERE device_id = $1 \
+             GROUP BY value HAVING count(*) > 1 ORDER BY value",
+        )
+        .bind(device)
+        .fetch_all(&s.pool)
+        .await
+        .unwrap();
+        let text: String = dups
+            .iter()
+            .map(|(v, seqs)| format!("{v} {seqs:?}\n"))
+            .collect();
+        std::fs::write(keep.join("duplicates.txt"), text).unwrap();
+        println!("    agent log and duplicates kept in {}", keep.display());
+    }
     assert_eq!((rows as u64, distinct as u64), (n, n), "lost or duplicated");
     agent.terminate();
     drop(proxy);

@@ -113,7 +113,7 @@ pub fn migrate(
     let mut notes = Notes::open(&notes_path, max_notes)?;
     for item in db.open_tree("delivery_order")?.iter() {
         let (k, key) = item?;
-        notes.note(super::key_seq(&k), &key);
+        notes.note(super::key_seq(&k), &key, 0);
     }
     notes.write_pending(u64::MAX)?;
     std::fs::File::open(&notes_path)?.sync_all()?;

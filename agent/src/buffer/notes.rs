@@ -52,6 +52,8 @@ pub struct Notes {
     map: HashMap<u64, u64>,
     fifo: VecDeque<(u64, u64)>,
     max: usize,
+    /// Kept beyond `max` (see [`Notes::note`]).
+    extra: usize,
     /// Noted but not yet written: `(seq, fingerprint)`.
     pending: Vec<(u64, u64)>,
     file: File,
@@ -66,6 +68,7 @@ impl Notes {
             map: HashMap::new(),
             fifo: VecDeque::new(),
             max: max.max(1),
+            extra: 0,
             pending: Vec::new(),
             file: std::fs::OpenOptions::new()
                 .create(true)
@@ -84,10 +87,13 @@ impl Notes {
             }
             let seq = u64::from_le_bytes(e[4..12].try_into().unwrap_or_default());
             let fp = u64::from_le_bytes(e[12..20].try_into().unwrap_or_default());
-            notes.remember(seq, fp);
+            // Kept whole: notes beyond `max` were kept for a deferred backlog the broker may
+            // still hold; they leave gradually once the sources say the backlog is gone.
+            notes.remember(seq, fp, 0);
             notes.file_entries += 1;
             good += ENTRY_LEN as u64;
         }
+        notes.extra = notes.fifo.len().saturating_sub(notes.max);
         if good < len {
             tracing::warn!(path = %path.display(), cut = len - good,
                 "delivery notes end in a torn entry; cutting it off");
@@ -96,10 +102,14 @@ impl Notes {
         Ok(notes)
     }
 
-    fn remember(&mut self, seq: u64, fp: u64) {
+    /// Adds a note, then drops at most `budget` of the oldest beyond `max + extra`.
+    fn remember(&mut self, seq: u64, fp: u64, budget: usize) {
         self.map.insert(fp, seq);
         self.fifo.push_back((seq, fp));
-        while self.fifo.len() > self.max {
+        let window = self.max.saturating_add(self.extra);
+        let mut budget = budget;
+        while self.fifo.len() > window && budget > 0 {
+            budget -= 1;
             let Some((old_seq, old_fp)) = self.fifo.pop_front() else {
                 break;
             };
@@ -110,10 +120,13 @@ impl Notes {
         }
     }
 
-    /// Notes `key` as stored under `seq`; written to the file by the next flush.
-    pub fn note(&mut self, seq: u64, key: &[u8]) {
+    /// Notes `key` as stored under `seq`; written to the file by the next flush. `extra` notes
+    /// are kept beyond `max` (an MQTT source's deferred backlog); when it shrinks, at most two
+    /// old notes leave per new one, so the window shrinks gradually and no append pays for it.
+    pub fn note(&mut self, seq: u64, key: &[u8], extra: usize) {
+        self.extra = extra;
         let fp = fingerprint(key);
-        self.remember(seq, fp);
+        self.remember(seq, fp, 2);
         self.pending.push((seq, fp));
     }
 

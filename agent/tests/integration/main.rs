@@ -3,7 +3,7 @@
 //! reference model, `eventually`) come from the `kip_tests` kit. Real Mosquitto, ONNX Runtime
 //! and OPC UA peers; a missing service fails the test.
 //!
-//! `mqtt_durable_ack` and `runtime` also run this crate's `kip-agent` binary
+//! `mqtt_durable_ack`, `mqtt_exactly_once` and `runtime` also run this crate's `kip-agent` binary
 //! (`CARGO_BIN_EXE_kip-agent`, built by cargo for this test).
 
 mod hostile_decoders;
@@ -12,6 +12,7 @@ mod inference_runtime;
 mod live_query;
 mod mqtt;
 mod mqtt_durable_ack;
+mod mqtt_exactly_once;
 mod mqtt_tls_version;
 mod opcua;
 mod opcua_asyncua;
