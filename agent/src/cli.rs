@@ -1,7 +1,7 @@
 //! `kip-agent status` and `kip-agent buffer inspect`: human summaries of a running or stopped
 //! agent.
 //!
-//! sled allows one process per database, so while the agent runs these commands ask its
+//! The buffer allows one process at a time (`flock`), so while the agent runs these commands ask its
 //! loopback HTTP surface; when it does not answer they open the buffer directly, and when the
 //! buffer is locked but the surface is silent they say exactly that instead of guessing.
 

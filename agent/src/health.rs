@@ -2,7 +2,7 @@
 //! batch and with the idle heartbeat (see [`crate::sync`]).
 //!
 //! [`HealthCollector::report`] reads everything fresh when a batch or heartbeat is built:
-//! buffer statistics (a sled scan of the oldest record, the same the status page does),
+//! buffer statistics (a read of the oldest record, the same the status page does),
 //! source state from the ingest metrics, the last-value clock the buffer writer stamps per
 //! source ([`SourceClock`]), the certificate's `not_after`, the running model and its drift
 //! (score and drifting features from the drift detector's latest windows), free space on

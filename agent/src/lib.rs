@@ -2,7 +2,7 @@
 //!
 //! Data path: sources ([`source::Source`]: [`mqtt`], [`opcua`]) -> one bounded channel of
 //! envelopes -> buffer writer ->
-//! [`buffer`] (sled, durable `(epoch, seq)`) -> [`sync`] (mTLS batches to the control plane, effectively once). [`runtime`] wires it
+//! [`buffer`] (segment log, durable `(epoch, seq)`) -> [`sync`] (mTLS batches to the control plane, effectively once). [`runtime`] wires it
 //! together with one shutdown path and serves `/metrics` and `/healthz`; [`cli`] implements
 //! `kip-agent status` and `kip-agent buffer inspect`. MQTT messages are acknowledged to the
 //! broker only once their records are durable ([`ack`]).

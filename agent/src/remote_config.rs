@@ -248,8 +248,8 @@ pub async fn supervise(
                 if !agent.storage_failing() {
                     continue;
                 }
-                // sled keeps failing after one I/O error (disk full) even once space is back:
-                // reopen it by restarting the pipeline. What was flushed is intact; MQTT
+                // Reopen the buffer by restarting the pipeline once a flush failed (disk full):
+                // open recovers from what is on disk (a torn tail frame is cut off). What was flushed is intact; MQTT
                 // messages not yet durable were never acknowledged and come back.
                 tracing::error!("buffer storage failing (disk full?): restarting the pipeline to reopen it");
                 child.cancel();

@@ -1,4 +1,4 @@
-//! The agent runtime: sources -> bounded channel -> buffer writer -> sled buffer, plus the
+//! The agent runtime: sources -> bounded channel -> buffer writer -> buffer, plus the
 //! local HTTP surface (`/metrics`, `/healthz`, `/v1/status`, `/v1/buffer`).
 //!
 //! Invariants:
@@ -570,8 +570,9 @@ impl RunningAgent {
     ///
     /// The last step is what lets the next pipeline of the same process open the buffer
     /// ([`crate::remote_config::supervise`] restarts it for every configuration change):
-    /// sled allows one open instance, and blocking work the sync loop started (a batch read
-    /// ahead, the deletion of an acknowledged batch) holds a handle after its task ended.
+    /// the buffer allows one open instance (`flock`), and blocking work the sync loop started
+    /// (a batch read ahead, the deletion of an acknowledged batch) holds a handle after its
+    /// task ended.
     /// Under load that outlived the task by milliseconds, and the restart failed with "in use
     /// by another process", which rolled back a good configuration.
     pub async fn wait(self) {
