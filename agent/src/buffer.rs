@@ -83,8 +83,8 @@
 //!   the record's value carries the note's key (format 2), so on open every record with a
 //!   sequence above the last durable note that carries a key gets its note back. What stays:
 //!   a redelivery of a message noted more than `max_delivery_notes` deliveries earlier, plus
-//!   the extra notes kept while an MQTT source holds a deferred backlog
-//!   ([`Buffer::set_delivery_notes_extra`]), is stored again (its note left the FIFO). When
+//!   the extra notes the MQTT sources pin ([`Buffer::set_delivery_notes_extra`]), is stored
+//!   again (its note left the FIFO). When
 //!   the extra shrinks, at most one note more than is added leaves per append.
 //! - [`Buffer::request_flush`] makes the flusher flush before its next tick (the MQTT writer
 //!   asks when acknowledgements wait, since brokers cap unacknowledged messages per client);
@@ -870,8 +870,8 @@ impl Buffer {
         Ok(seq)
     }
 
-    /// Keeps `extra` notes beyond `max_delivery_notes` (the MQTT sources' deferred backlog:
-    /// a stored message the broker sends again comes back behind it). When `extra` shrinks,
+    /// Keeps `extra` notes beyond `max_delivery_notes` (what the MQTT sources pin: how far
+    /// back a copy the broker sends again can reach, see [`crate::mqtt`]). When `extra` shrinks,
     /// the window shrinks by at most one note per new note, so no single append pays for it.
     pub fn set_delivery_notes_extra(&self, extra: usize) {
         self.extra_delivery_notes.store(extra, Ordering::Relaxed);

@@ -64,6 +64,11 @@ pub struct IngestMetrics {
     /// notes beyond `max_delivery_notes` (a stored message the broker sends again comes back
     /// behind that backlog).
     pub mqtt_deferred_backlog: Gauge,
+    /// Delivery notes the MQTT sources need kept beyond `max_delivery_notes`, summed: per
+    /// source its deferred backlog peak plus the most messages it stored on one connection
+    /// of the current backlog episode (or on the previous connection when there is none).
+    /// See [`crate::mqtt`] for why this bounds how far back a re-sent copy can reach.
+    pub mqtt_delivery_notes_pinned: Gauge,
     /// Messages held in a source's staging (read off the connection, not yet handed to the
     /// writer), by source.
     pub mqtt_staged: Family<SourceLabels, Gauge>,
@@ -156,6 +161,13 @@ impl IngestMetrics {
             "Peak of the MQTT sources' outstanding deferred messages since their backlog was \
              last empty; the buffer keeps this many delivery notes beyond max_delivery_notes",
             m.mqtt_deferred_backlog.clone(),
+        );
+        registry.register(
+            "mqtt_delivery_notes_pinned",
+            "Delivery notes the MQTT sources need kept beyond max_delivery_notes: per source \
+             its deferred backlog peak plus the most messages stored on one connection of the \
+             backlog episode (or the previous connection)",
+            m.mqtt_delivery_notes_pinned.clone(),
         );
         registry.register(
             "mqtt_acks_unwritten",

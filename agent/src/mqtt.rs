@@ -24,14 +24,20 @@
 //!   [`Delivery`] (client id, packet id, sha256 of topic and payload, DUP flag); the writer
 //!   keeps a durable note of it next to the record, and a copy with DUP set matching a note is
 //!   acknowledged without being stored again (see `docs/operations.md` for the windows that
-//!   remain). The buffer keeps the notes of the last `max_delivery_notes` deliveries plus the
-//!   deferred backlog ([`IngestMetrics`]' `mqtt_deferred_backlog`: per source, the peak of
-//!   its outstanding deferred messages since it was last empty), because a stored message the
-//!   broker sends again comes back behind that backlog, which the broker resends first.
-//!   Mosquitto 2.0.11 does send stored, acknowledged messages again after a reconnect (in one
-//!   run 2,567 of the 10,138 stored on a connection, every PubAck written before the
-//!   DISCONNECT); with the note window of 262,144 alone the 1M drain benchmark stored 12,982
-//!   of them twice.
+//!   remain). Mosquitto 2.0.11 does send stored, acknowledged messages again after a
+//!   reconnect (in one run 2,567 of the 10,138 stored on a connection, every PubAck written
+//!   before the DISCONNECT), so the notes must reach back as far as such a copy can. The
+//!   broker resends its in-flight list in its original order, so a copy of a message stored on
+//!   connection N arrives behind everything older than it: between its note and its copy lie
+//!   at most the notes taken after it on N and the notes of older messages that were deferred
+//!   and stored since. The buffer therefore keeps the last `max_delivery_notes` notes plus,
+//!   per source, its deferred backlog's peak plus the most messages it stored on one
+//!   connection of the backlog episode, or on the previous connection when nothing is
+//!   deferred ([`IngestMetrics`]' `mqtt_delivery_notes_pinned`). With a window of
+//!   `max_delivery_notes` alone the 1M drain benchmark stored 12,982 messages twice; with
+//!   `max_delivery_notes` plus the backlog peak alone a 60,000-message flood with connections
+//!   longer than the window still stored 2,807 twice. The bound is per source: copies of one
+//!   source interleaved with a flood of another's share `max_delivery_notes`.
 //! - A reconnect for deferred messages leaves cleanly: DISCONNECT goes out behind every queued
 //!   PubAck (rumqttc writes one request per turn of its poll loop, and under an incoming flood
 //!   a turn mostly reads, so this can take seconds; the source waits while something happens)
@@ -100,6 +106,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use kip_shared::backoff::Backoff;
 use kip_shared::{DeadLetter, Gap, Quality, Reading, Record, record::DEAD_LETTER_PREFIX_BYTES};
+use prometheus_client::metrics::gauge::Gauge;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
@@ -403,24 +410,58 @@ struct State {
     /// This source's share of [`IngestMetrics::mqtt_deferred_backlog`]: the peak of
     /// `deferred.len()` since it was last empty.
     backlog_peak: usize,
+    /// Messages handed over with a delivery note on the current connection.
+    noted_now: usize,
+    /// Messages handed over with a delivery note on the previous connection.
+    noted_last: usize,
+    /// The most messages handed over on one connection of the current backlog episode
+    /// (connections ended since `backlog_peak` was last 0), or `noted_last` outside one.
+    noted_longest: usize,
+    /// This source's share of [`IngestMetrics::mqtt_delivery_notes_pinned`].
+    pinned: usize,
 }
 
 impl State {
     /// Updates the backlog peak (reset once nothing deferred is outstanding) and the shared
     /// gauge the buffer sizes its delivery-note window by.
-    fn track_backlog(&mut self, gauge: &prometheus_client::metrics::gauge::Gauge) {
+    ///
+    /// Also updates the notes this source needs kept (`pinned`), see the module docs: a
+    /// message stored on connection N whose PubAck the broker did not take comes back behind
+    /// everything older in the broker's in-flight list, on connection N+1 or, if that one ended
+    /// first, a later one. Between its note and its copy lie at most the notes taken after it
+    /// on N (at most N's length) and those of older messages that were deferred (at most the
+    /// backlog peak); messages of later connections come behind the copy.
+    fn track_backlog(&mut self, backlog: &Gauge, pinned: &Gauge) {
         let outstanding = self.deferred.len();
         let peak = if outstanding == 0 && self.deferred_now == 0 {
             0
         } else {
             self.backlog_peak.max(outstanding)
         };
-        if peak != self.backlog_peak {
-            let delta = i64::try_from(peak).unwrap_or(i64::MAX)
-                - i64::try_from(self.backlog_peak).unwrap_or(i64::MAX);
-            gauge.inc_by(delta);
-            self.backlog_peak = peak;
+        move_share(backlog, &mut self.backlog_peak, peak);
+        if peak == 0 {
+            self.noted_longest = self.noted_last;
         }
+        let want = peak.saturating_add(self.noted_longest.max(self.noted_now));
+        move_share(pinned, &mut self.pinned, want);
+    }
+
+    /// A connection ended: its length counts for the notes kept until the backlog episode
+    /// it belongs to is over.
+    fn connection_ended(&mut self) {
+        self.noted_longest = self.noted_longest.max(self.noted_now);
+        self.noted_last = self.noted_now;
+        self.noted_now = 0;
+    }
+}
+
+/// Moves this source's share of a summed gauge from `*share` to `want`.
+fn move_share(gauge: &Gauge, share: &mut usize, want: usize) {
+    if want != *share {
+        let delta =
+            i64::try_from(want).unwrap_or(i64::MAX) - i64::try_from(*share).unwrap_or(i64::MAX);
+        gauge.inc_by(delta);
+        *share = want;
     }
 }
 
@@ -584,6 +625,10 @@ impl MqttSource {
             disconnected_since: None,
             read_limit: read_limit(self.cfg.max_packet_size_bytes),
             backlog_peak: 0,
+            noted_now: 0,
+            noted_last: 0,
+            noted_longest: 0,
+            pinned: 0,
         };
         let mut broker = 0usize;
         loop {
@@ -614,6 +659,7 @@ impl MqttSource {
                     &labels,
                 )
                 .await;
+            st.connection_ended();
             // Tokens of this connection are stale from here on, except while a stop lingers
             // on it to send the acknowledgements the writer still fires (the connection is
             // alive until then; making them stale first left every one of them unsent).
@@ -644,7 +690,12 @@ impl MqttSource {
         // A stopped source holds no backlog (the next run starts counting again).
         st.deferred.clear();
         st.deferred_now = 0;
-        st.track_backlog(&self.metrics.mqtt_deferred_backlog);
+        st.noted_last = 0;
+        st.noted_longest = 0;
+        st.track_backlog(
+            &self.metrics.mqtt_deferred_backlog,
+            &self.metrics.mqtt_delivery_notes_pinned,
+        );
         self.metrics.connected.get_or_create(&labels).set(0);
     }
 
@@ -718,7 +769,10 @@ impl MqttSource {
                 return End::Stop { linger: false };
             }
             staged_gauge.set(i64::try_from(st.staged.len()).unwrap_or(i64::MAX));
-            st.track_backlog(&self.metrics.mqtt_deferred_backlog);
+            st.track_backlog(
+                &self.metrics.mqtt_deferred_backlog,
+                &self.metrics.mqtt_delivery_notes_pinned,
+            );
             if connected
                 && st.deferred_now > 0
                 && st.staged.is_empty()
@@ -917,6 +971,7 @@ impl MqttSource {
             let was_deferred = !st.deferred.is_empty() && st.deferred.remove(&key);
             // This copy is the redelivery of one stored earlier whose PubAck was lost.
             stored_before = p.dup && connection.take_owed(key);
+            st.noted_now += 1;
             tracing::trace!(pkid = p.pkid, dup = p.dup, was_deferred, payload = %String::from_utf8_lossy(&p.payload[..p.payload.len().min(16)]), "mqtt message staged");
             (
                 Some(AckHandle::new(AckToken::new(client, &p, connection, key))),
@@ -1076,6 +1131,69 @@ mod tests {
 
     fn now() -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn state() -> State {
+        State {
+            staged: VecDeque::new(),
+            deferred: HashSet::new(),
+            deferred_now: 0,
+            held: HeldIds::default(),
+            disconnected_since: None,
+            read_limit: 0,
+            backlog_peak: 0,
+            noted_now: 0,
+            noted_last: 0,
+            noted_longest: 0,
+            pinned: 0,
+        }
+    }
+
+    #[test]
+    fn the_pinned_notes_reach_back_over_the_longest_connection_of_a_backlog_episode() {
+        let (backlog, pinned) = (Gauge::default(), Gauge::default());
+        let mut st = state();
+        // No backlog: the current connection, then the previous one, counts.
+        st.noted_now = 7_000;
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!(pinned.get(), 7_000);
+        st.connection_ended();
+        st.noted_now = 100;
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!(
+            pinned.get(),
+            7_000,
+            "the previous connection's copies can still come"
+        );
+        st.connection_ended();
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!(pinned.get(), 100, "two connections back is covered by then");
+
+        // A backlog episode: 3,000 deferred, then connections of 10,000 and 2,000 stored.
+        st.noted_now = 10_000;
+        st.deferred.extend(0..3_000);
+        st.deferred_now = 3_000;
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!((backlog.get(), pinned.get()), (3_000, 13_000));
+        st.connection_ended();
+        st.deferred_now = 0;
+        st.noted_now = 2_000;
+        st.deferred.retain(|k| *k >= 2_000);
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!(
+            (backlog.get(), pinned.get()),
+            (3_000, 13_000),
+            "the 10,000-message connection stays pinned while its episode lasts"
+        );
+        st.connection_ended();
+        st.noted_now = 500;
+        st.deferred.clear();
+        st.track_backlog(&backlog, &pinned);
+        assert_eq!(
+            (backlog.get(), pinned.get()),
+            (0, 2_000),
+            "once nothing is deferred, the previous connection counts"
+        );
     }
 
     #[test]

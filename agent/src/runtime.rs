@@ -386,7 +386,7 @@ fn store(
     let appended = match delivery {
         Some(d) => {
             buffer.set_delivery_notes_extra(
-                usize::try_from(metrics.mqtt_deferred_backlog.get()).unwrap_or(0),
+                usize::try_from(metrics.mqtt_delivery_notes_pinned.get()).unwrap_or(0),
             );
             buffer.append_delivered(record, d)
         }
