@@ -705,10 +705,75 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
     }
 }
 
-/// Waits until `log` has a line containing `needle` (the agent logs each shadow change).
-async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
-    let (log, needle, probe) = (log.to_owned(), needle.to_owned(), probe.to_owned());
-    eventually_ok(Duration::from_secs(120), || {
+/// What the MLflow test prints when a wait fails: both process logs and the rows that decide
+/// the device's desired state (the temporary folder is gone once the test panics).
+struct Diagnostics<'a> {
+    agent_log: &'a Path,
+    cp_log: &'a Path,
+    pool: &'a PgPool,
+    org: Uuid,
+}
+
+impl Diagnostics<'_> {
+    async fn dump(&self) -> String {
+        let mut out = String::new();
+        for (what, path) in [("agent", self.agent_log), ("control plane", self.cp_log)] {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            out.push_str(&format!("---- {what} log {} ----\n{text}\n", path.display()));
+        }
+        for (what, sql) in [
+            (
+                "ai_models",
+                "SELECT id::text, version, stage, coalesce(mlflow_version, '-'), created_at::text \
+                 FROM ai_models WHERE org_id = $1 ORDER BY created_at",
+            ),
+            (
+                "desired_models",
+                "SELECT coalesce(device_id::text, '-'), coalesce(selector::text, '-'), \
+                        model_id::text, '', updated_at::text FROM desired_models WHERE org_id = $1",
+            ),
+            (
+                "model_rollouts",
+                "SELECT id::text, model_id::text || ' base ' || baseline_model_id::text, \
+                        mode || ' ' || origin || ' ' || state || ' ' || percent::text, \
+                        coalesce(halt_reason, '-'), updated_at::text \
+                 FROM model_rollouts WHERE org_id = $1 ORDER BY created_at",
+            ),
+            (
+                "audit_log (mlflow)",
+                "SELECT action, target, '', '', created_at::text FROM audit_log \
+                 WHERE org_id = $1 AND action LIKE 'models.mlflow%' ORDER BY created_at",
+            ),
+            (
+                "device_model_status",
+                "SELECT device_id::text, coalesce(running_model, '-'), \
+                        coalesce(last_error, '-'), '', updated_at::text \
+                 FROM device_model_status WHERE org_id = $1",
+            ),
+        ] {
+            out.push_str(&format!("---- {what} ----\n"));
+            match sqlx::query_as::<_, (String, String, String, String, String)>(sql)
+                .bind(self.org)
+                .fetch_all(self.pool)
+                .await
+            {
+                Ok(rows) => {
+                    for r in rows {
+                        out.push_str(&format!("{r:?}\n"));
+                    }
+                }
+                Err(e) => out.push_str(&format!("query failed: {e}\n")),
+            }
+        }
+        out
+    }
+}
+
+/// Waits until the agent's log has a line containing `needle` (the agent logs each shadow
+/// change); on timeout panics with [`Diagnostics::dump`].
+async fn wait_log(d: &Diagnostics<'_>, needle: &str, broker: u16, probe: &str) {
+    let (log, needle, probe) = (d.agent_log.to_owned(), needle.to_owned(), probe.to_owned());
+    let found = kip_tests::eventually(Duration::from_secs(120), || {
         let (log, needle, probe) = (log.clone(), needle.clone(), probe.clone());
         async move {
             // Probe readings keep the agent syncing (each ack carries the desired models).
@@ -722,6 +787,9 @@ async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
         }
     })
     .await;
+    if let Err(e) = found {
+        panic!("{e}\n{}", d.dump().await);
+    }
 }
 
 /// The MLflow `challenger` alias on a real agent: a real MLflow server and the control plane
@@ -825,8 +893,15 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
     // Challenger -> version 2: the agent installs 0.2.0 as its shadow.
     alias(reqwest::Method::POST, "challenger", Some("2")).await;
     let log = dir.join("agent.log");
+    let cp_log = work.path().join("control-plane.log");
+    let diag = Diagnostics {
+        agent_log: &log,
+        cp_log: &cp_log,
+        pool: &pool,
+        org,
+    };
     wait_log(
-        &log,
+        &diag,
         "desired shadow model installed",
         broker.port,
         "gw-a/probe/ping",
@@ -882,7 +957,7 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
 
     // The alias removed: the rollout ends and the agent drops the shadow.
     alias(reqwest::Method::DELETE, "challenger", None).await;
-    wait_log(&log, "shadow model removed", broker.port, "gw-a/probe/ping").await;
+    wait_log(&diag, "shadow model removed", broker.port, "gw-a/probe/ping").await;
     let r = api
         .request(
             reqwest::Method::GET,
