@@ -719,7 +719,10 @@ impl Diagnostics<'_> {
         let mut out = String::new();
         for (what, path) in [("agent", self.agent_log), ("control plane", self.cp_log)] {
             let text = std::fs::read_to_string(path).unwrap_or_default();
-            out.push_str(&format!("---- {what} log {} ----\n{text}\n", path.display()));
+            out.push_str(&format!(
+                "---- {what} log {} ----\n{text}\n",
+                path.display()
+            ));
         }
         for (what, sql) in [
             (
@@ -957,7 +960,13 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
 
     // The alias removed: the rollout ends and the agent drops the shadow.
     alias(reqwest::Method::DELETE, "challenger", None).await;
-    wait_log(&diag, "shadow model removed", broker.port, "gw-a/probe/ping").await;
+    wait_log(
+        &diag,
+        "shadow model removed",
+        broker.port,
+        "gw-a/probe/ping",
+    )
+    .await;
     let r = api
         .request(
             reqwest::Method::GET,
