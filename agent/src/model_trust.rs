@@ -53,6 +53,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Whether the refusal is a verdict on the artifact itself (unsigned, bad or foreign
+    /// signature, too large, another digest): the same bytes and signature would be refused
+    /// again. The others are failures of the moment (a download that failed or was answered
+    /// 404 because the desired state moved on between the ack and the download, keys or
+    /// organisation not known yet): the same artifact may well succeed later.
+    pub fn is_lasting(&self) -> bool {
+        match self {
+            Self::Unsigned | Self::TooLarge { .. } | Self::ShaMismatch { .. } => true,
+            Self::Signature(SigningError::NoTrustedKeys) => false,
+            Self::Signature(_) => true,
+            Self::Download(_) | Self::NoOrg | Self::NoTrustedKeys => false,
+        }
+    }
+
     /// The `reason` label.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -69,6 +69,17 @@
 //! ack showed `server_time` (a control plane that knows them). Before the first ack the
 //! heartbeat is tried; a control plane that refuses it (400/422) gets neither heartbeats nor
 //! reports until one of its acks carries `server_time`. Nothing is dead-lettered for it.
+//!
+//! Models from the desired state (champion and shadow): a model that cannot be installed is
+//! remembered by its artifact (`sha256:signature`) so that every ack does not fetch it again.
+//! A verdict on the artifact itself (unsigned, bad signature, wrong digest, too large, does
+//! not load) stands until the desired state names another artifact or none. A failure of the
+//! moment (the download failed, or was answered 404 because the desired state moved on between
+//! the ack and the download; no signing keys yet) is retried after the sync backoff
+//! (`backoff_min_ms`..`backoff_max_ms`, growing with each consecutive failure), and at once
+//! when the desired state stops naming the model and names it again. Before, every failure
+//! stood: a shadow whose download raced the end of a rollout was never installed when a later
+//! rollout (e.g. the MLflow `challenger` alias) named the same artifact again.
 
 use kip_shared::backoff::Backoff;
 use std::{
@@ -317,14 +328,13 @@ pub struct Syncer {
     next_seq: u64,
     /// Local inference, for model rollout from the desired state; `None` when off.
     inference: Option<Arc<crate::edge_inference::Inference>>,
-    /// sha256 and signature of a desired model that failed to download, verify or load: not
-    /// retried until the desired state names another one or re-signs it (the last good model
-    /// keeps serving meanwhile).
-    model_refused: Option<String>,
+    /// The last failed attempt at the desired model (see the module docs, "Models from the
+    /// desired state"); the last good model keeps serving meanwhile.
+    model_failed: Option<FailedAttempt>,
     /// Why the last desired model was refused; reported in the `kip-model-error` header.
     model_error: Option<String>,
-    /// Like `model_refused`, for the desired shadow model.
-    shadow_refused: Option<String>,
+    /// Like `model_failed`, for the desired shadow model.
+    shadow_failed: Option<FailedAttempt>,
     /// Remote configuration: offers from the desired state, reports in the request headers.
     remote: Option<crate::remote_config::Link>,
     /// Self-update (only under the launcher): desired releases, trial confirmation, reports.
@@ -362,6 +372,52 @@ struct ReadAhead {
     limit: usize,
     task: BatchTask,
 }
+
+/// A desired model (champion or shadow) that could not be installed.
+#[derive(Debug)]
+struct FailedAttempt {
+    /// `sha256:signature` of the artifact the desired state named.
+    artifact: String,
+    /// `None`: the artifact itself was refused, not tried again while the desired state keeps
+    /// naming it. `Some(t)`: a failure of the moment, tried again from `t`.
+    retry_at: Option<Instant>,
+    /// Consecutive failures of the moment for this artifact (the backoff grows with them).
+    failures: u32,
+}
+
+impl FailedAttempt {
+    /// The attempt at `artifact` that just failed, after `previous`; `lasting`: a verdict on
+    /// the artifact ([`crate::model_trust::Refusal::is_lasting`], or it does not load).
+    fn after(previous: Option<&Self>, artifact: String, lasting: bool, backoff: &Backoff) -> Self {
+        let failures = previous
+            .filter(|p| p.artifact == artifact)
+            .map_or(1, |p| p.failures.saturating_add(1));
+        let retry_at =
+            (!lasting).then(|| Instant::now() + backoff.delay_for(failures, rand::random::<f64>()));
+        Self {
+            artifact,
+            retry_at,
+            failures,
+        }
+    }
+
+    /// Whether `artifact` is not to be tried now.
+    fn holds_back(&self, artifact: &str, now: Instant) -> bool {
+        self.artifact == artifact && self.retry_at.is_none_or(|t| now < t)
+    }
+
+    /// When the failure is retried, for the log (`None`: not while the artifact is desired).
+    fn retry_in_ms(&self) -> Option<u64> {
+        self.retry_at.map(|t| {
+            u64::try_from(t.saturating_duration_since(Instant::now()).as_millis())
+                .unwrap_or(u64::MAX)
+        })
+    }
+}
+
+/// Why a desired model was not installed: the message, and whether it is a verdict on the
+/// artifact itself.
+type InstallFailure = (String, bool);
 
 fn build_client(
     tls: &Arc<rustls::ClientConfig>,
@@ -407,9 +463,9 @@ impl Syncer {
             failures: 0,
             next_seq,
             inference: None,
-            model_refused: None,
+            model_failed: None,
             model_error: None,
-            shadow_refused: None,
+            shadow_failed: None,
             remote: None,
             update: crate::self_update::handle(),
             model_trust: crate::model_trust::ModelTrust::new(registry),
@@ -477,12 +533,15 @@ impl Syncer {
         }
         self.model_trust
             .update_keys(ack.desired.model_signing_keys_pem.as_deref());
-        if let Some(m) = ack.desired.model.clone() {
-            self.apply_desired_model(m).await;
+        match ack.desired.model.clone() {
+            Some(m) => self.apply_desired_model(m).await,
+            // Named again later, the model is tried at once.
+            None => self.model_failed = None,
         }
         match ack.desired.shadow_model.clone() {
             Some(m) => self.apply_desired_shadow(m).await,
             None => {
+                self.shadow_failed = None;
                 if let Some(inf) = &self.inference {
                     inf.remove_shadow();
                 }
@@ -655,7 +714,7 @@ impl Syncer {
     /// Downloads, verifies (signature, then sha256) and hot-swaps the model named by the
     /// desired state when it is not the one serving. Never fails the sync loop: a refused
     /// model is logged, counted, reported on the next sync, and the previous model keeps
-    /// serving.
+    /// serving; a failure of the moment is retried after a backoff (module docs).
     async fn apply_desired_model(&mut self, m: kip_shared::sync::DesiredModel) {
         let Some(inf) = self.inference.clone() else {
             return;
@@ -663,7 +722,10 @@ impl Syncer {
         let want = format!("{}@{}", m.name, m.version);
         let attempt = format!("{}:{}", m.sha256, m.signature.as_deref().unwrap_or("-"));
         if inf.running_model().as_deref() == Some(want.as_str())
-            || self.model_refused.as_deref() == Some(attempt.as_str())
+            || self
+                .model_failed
+                .as_ref()
+                .is_some_and(|f| f.holds_back(&attempt, Instant::now()))
         {
             return;
         }
@@ -671,29 +733,41 @@ impl Syncer {
             return;
         };
         let url = format!("{base}{}", m.download_path);
-        let result: Result<(), String> = match self
+        let result: Result<(), InstallFailure> = match self
             .model_trust
             .fetch_verified(&self.client, &url, &m)
             .await
         {
-            Err(refused) => Err(refused.to_string()),
+            Err(refused) => Err((refused.to_string(), refused.is_lasting())),
             Ok((bytes, sha)) => tokio::task::spawn_blocking(move || {
                 inf.install(&bytes, Some(&sha)).map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| e.to_string())
-            .and_then(|r| r),
+            .and_then(|r| r)
+            .map_err(|e| (e, true)),
         };
         match result {
             Ok(()) => {
-                self.model_refused = None;
+                self.model_failed = None;
                 self.model_error = None;
                 tracing::info!(model = %want, "desired model installed");
             }
-            Err(e) => {
-                tracing::error!(model = %want, error = %e, "desired model refused; the previous model keeps serving");
+            Err((e, lasting)) => {
+                let failed = FailedAttempt::after(
+                    self.model_failed.as_ref(),
+                    attempt,
+                    lasting,
+                    &Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max),
+                );
+                match failed.retry_in_ms() {
+                    None => tracing::error!(model = %want, error = %e,
+                        "desired model refused; the previous model keeps serving"),
+                    Some(retry_in_ms) => tracing::warn!(model = %want, error = %e, retry_in_ms,
+                        "desired model not installed yet; the previous model keeps serving"),
+                }
                 self.model_error = Some(crate::model_trust::header_value(&format!("{want}: {e}")));
-                self.model_refused = Some(attempt);
+                self.model_failed = Some(failed);
             }
         }
     }
@@ -701,7 +775,8 @@ impl Syncer {
     /// Downloads, verifies and loads the shadow model named by the desired state (a canary or
     /// shadow rollout) when it is not the one running beside the champion. Like
     /// [`Self::apply_desired_model`], a refusal is logged and not retried for the same
-    /// artifact; the champion is never affected.
+    /// artifact, a failure of the moment is retried after a backoff; the champion is never
+    /// affected.
     async fn apply_desired_shadow(&mut self, m: kip_shared::sync::DesiredModel) {
         let Some(inf) = self.inference.clone() else {
             return;
@@ -711,7 +786,10 @@ impl Syncer {
         if inf
             .shadow_model()
             .is_some_and(|(running, sha)| running == want && sha.eq_ignore_ascii_case(&m.sha256))
-            || self.shadow_refused.as_deref() == Some(attempt.as_str())
+            || self
+                .shadow_failed
+                .as_ref()
+                .is_some_and(|f| f.holds_back(&attempt, Instant::now()))
         {
             return;
         }
@@ -719,28 +797,41 @@ impl Syncer {
             return;
         };
         let url = format!("{base}{}", m.download_path);
-        let result: Result<(), String> = match self
+        let result: Result<(), InstallFailure> = match self
             .model_trust
             .fetch_verified(&self.client, &url, &m)
             .await
         {
-            Err(refused) => Err(refused.to_string()),
+            Err(refused) => Err((refused.to_string(), refused.is_lasting())),
             Ok((bytes, sha)) => tokio::task::spawn_blocking(move || {
                 inf.install_shadow(&bytes, Some(&sha))
                     .map_err(|e| e.to_string())
             })
             .await
             .map_err(|e| e.to_string())
-            .and_then(|r| r),
+            .and_then(|r| r)
+            .map_err(|e| (e, true)),
         };
         match result {
             Ok(()) => {
-                self.shadow_refused = None;
+                self.shadow_failed = None;
                 tracing::info!(model = %want, "desired shadow model installed");
             }
-            Err(e) => {
-                tracing::error!(model = %want, error = %e, "desired shadow model refused");
-                self.shadow_refused = Some(attempt);
+            Err((e, lasting)) => {
+                let failed = FailedAttempt::after(
+                    self.shadow_failed.as_ref(),
+                    attempt,
+                    lasting,
+                    &Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max),
+                );
+                match failed.retry_in_ms() {
+                    None => {
+                        tracing::error!(model = %want, error = %e, "desired shadow model refused");
+                    }
+                    Some(retry_in_ms) => tracing::warn!(model = %want, error = %e, retry_in_ms,
+                        "desired shadow model not installed yet"),
+                }
+                self.shadow_failed = Some(failed);
             }
         }
     }

@@ -2,10 +2,10 @@
 //! `error.code`: systemic refusals keep every record, record refusals dead-letter one record
 //! with its whole bytes.
 
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
-use kip_shared::Reading;
+use kip_shared::{Reading, sync::DesiredModel};
 
 use super::*;
 
@@ -224,4 +224,222 @@ async fn a_record_refused_alone_is_dead_lettered_with_its_whole_bytes() {
     assert_eq!(d.payload_prefix, serde_json::to_vec(&poison).unwrap());
     assert!(d.payload_prefix.len() > 2000);
     fake.stop.cancel();
+}
+
+/// A fake artifact server for the desired-model tests: `GET /artifact` answers 404 until
+/// `serve` is set, then the bytes; `downloads` counts the requests.
+struct ArtifactServer {
+    url: String,
+    serve: Arc<AtomicBool>,
+    downloads: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+async fn artifact_server(bytes: Vec<u8>) -> ArtifactServer {
+    let serve = Arc::new(AtomicBool::new(false));
+    let downloads = Arc::new(AtomicUsize::new(0));
+    type S = (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<Vec<u8>>);
+    let app = Router::new()
+        .route(
+            "/artifact",
+            axum::routing::get(|State((serve, n, bytes)): State<S>| async move {
+                n.fetch_add(1, Ordering::Relaxed);
+                if serve.load(Ordering::Relaxed) {
+                    (StatusCode::OK, bytes.to_vec())
+                } else {
+                    (StatusCode::NOT_FOUND, Vec::new())
+                }
+            }),
+        )
+        .with_state((serve.clone(), downloads.clone(), Arc::new(bytes)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio_util::task::TaskTracker::new().spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    ArtifactServer {
+        url,
+        serve,
+        downloads,
+        stop,
+    }
+}
+
+/// A syncer with local inference (no champion) pointed at `server`, trusting `key` for `org`;
+/// the ack naming `shadow` as the desired shadow model (`None`: no shadow).
+fn model_syncer(
+    dir: &std::path::Path,
+    server: &ArtifactServer,
+    org: uuid::Uuid,
+) -> (Syncer, Arc<crate::edge_inference::Inference>) {
+    let mut registry = Registry::default();
+    let inference = crate::edge_inference::Inference::start(
+        &crate::edge_inference::InferenceConfig {
+            ort_library: Some(kip_tests::ort_library()),
+            model_path: None,
+            model_sha256: None,
+            queue_capacity_readings: 16,
+        },
+        &mut registry,
+    )
+    .unwrap();
+    let s = syncer(buffer(dir, 0), &server.url)
+        .with_inference(Some(inference.clone()))
+        .with_device_org(org);
+    (s, inference)
+}
+
+fn ack_with(keys_pem: &str, model: Option<DesiredModel>, shadow: Option<DesiredModel>) -> SyncAck {
+    let mut desired = kip_shared::sync::DesiredState {
+        model_signing_keys_pem: Some(keys_pem.to_owned()),
+        ..Default::default()
+    };
+    desired.model = model;
+    desired.shadow_model = shadow;
+    SyncAck {
+        protocol_version: kip_shared::PROTOCOL_VERSION,
+        epoch: 1,
+        acked_seq: 0,
+        inserted: 0,
+        duplicates: 0,
+        desired,
+        server_time: Some(Utc::now()),
+    }
+}
+
+/// The reference model as the desired state names it, signed by `key` for `org` (`version`:
+/// the version the signature covers; the model's own makes a valid signature).
+fn signed_reference(
+    key: &kip_certs::signing::SigningKey,
+    org: uuid::Uuid,
+    version: Option<&str>,
+) -> (Vec<u8>, DesiredModel) {
+    use sha2::Digest as _;
+    let reference = kip_tests::reference_model();
+    let bytes = reference.onnx_bytes();
+    let card = reference.card();
+    let name = card["name"].as_str().unwrap().to_owned();
+    let own = card["version"].as_str().unwrap().to_owned();
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let signature = kip_certs::signing::sign_artifact(
+        key,
+        &sha,
+        &kip_certs::signing::ModelMetadata {
+            org_id: org,
+            name: &name,
+            version: version.unwrap_or(&own),
+        },
+    )
+    .unwrap()
+    .to_string();
+    let m = DesiredModel {
+        name,
+        version: own,
+        sha256: sha,
+        download_path: "/artifact".into(),
+        signature: Some(signature),
+    };
+    (bytes, m)
+}
+
+/// Issue 14: the shadow's download raced the end of the rollout that named it (404: no
+/// longer desired for the device); the old loop remembered that as a refusal of the artifact
+/// and never fetched it again, so the MLflow `challenger` rollout that named the same
+/// artifact a second later never ran on the agent. A failure of the moment is retried.
+#[tokio::test]
+async fn a_shadow_whose_download_failed_is_installed_when_the_desired_state_names_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = kip_certs::signing::SigningKey::generate().unwrap();
+    let pem = key.public_key().to_pem();
+    let org = uuid::Uuid::new_v4();
+    let (bytes, shadow) = signed_reference(&key, org, None);
+    let server = artifact_server(bytes).await;
+    let (mut s, inference) = model_syncer(dir.path(), &server, org);
+    let downloads = || server.downloads.load(Ordering::Relaxed);
+
+    // A rollout names the shadow; by the time the agent asks, it no longer does: 404.
+    s.apply_desired(&ack_with(&pem, None, Some(shadow.clone())), None)
+        .await;
+    assert_eq!(downloads(), 1);
+    assert!(inference.shadow_model().is_none());
+    // The next ack names no shadow; then another rollout names the same artifact again.
+    s.apply_desired(&ack_with(&pem, None, None), None).await;
+    server.serve.store(true, Ordering::Relaxed);
+    s.apply_desired(&ack_with(&pem, None, Some(shadow.clone())), None)
+        .await;
+    assert_eq!(downloads(), 2, "the shadow was not fetched again");
+    let (running, sha) = inference.shadow_model().unwrap();
+    assert_eq!(running, format!("{}@{}", shadow.name, shadow.version));
+    assert_eq!(sha, shadow.sha256);
+    server.stop.cancel();
+}
+
+/// The same artifact named by every ack: a download that failed is retried after the sync
+/// backoff (not at every ack, not never), and the champion alike.
+#[tokio::test]
+async fn a_failed_download_is_retried_after_the_backoff_for_the_champion_and_the_shadow() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = kip_certs::signing::SigningKey::generate().unwrap();
+    let pem = key.public_key().to_pem();
+    let org = uuid::Uuid::new_v4();
+    let (bytes, m) = signed_reference(&key, org, None);
+    let server = artifact_server(bytes).await;
+    let (mut s, inference) = model_syncer(dir.path(), &server, org);
+    // Long enough that the second ack below comes within it even on a loaded machine.
+    s.cfg.backoff_min = Duration::from_secs(2);
+    s.cfg.backoff_max = Duration::from_secs(2);
+    let downloads = || server.downloads.load(Ordering::Relaxed);
+    let ack = ack_with(&pem, Some(m.clone()), Some(m.clone()));
+
+    s.apply_desired(&ack, None).await;
+    assert_eq!(downloads(), 2, "champion and shadow tried once each");
+    assert!(s.model_error.as_deref().unwrap().contains("404"));
+    // Within the backoff (at least half of it): not fetched again.
+    s.apply_desired(&ack, None).await;
+    assert_eq!(downloads(), 2);
+    server.serve.store(true, Ordering::Relaxed);
+    let want = format!("{}@{}", m.name, m.version);
+    // Polled for the positive signal: both installed once the backoff has passed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        s.apply_desired(&ack, None).await;
+        if inference.running_model().as_deref() == Some(want.as_str())
+            && inference.shadow_model().is_some_and(|(r, _)| r == want)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not installed after the backoff");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(downloads(), 4);
+    assert_eq!(s.model_error, None);
+    server.stop.cancel();
+}
+
+/// A verdict on the artifact itself (here a signature over another version) stands while
+/// the desired state names that artifact: no download at each ack.
+#[tokio::test]
+async fn a_refused_signature_is_not_fetched_again_while_the_same_artifact_is_desired() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = kip_certs::signing::SigningKey::generate().unwrap();
+    let pem = key.public_key().to_pem();
+    let org = uuid::Uuid::new_v4();
+    let (bytes, forged) = signed_reference(&key, org, Some("9.9.9"));
+    let server = artifact_server(bytes).await;
+    server.serve.store(true, Ordering::Relaxed);
+    let (mut s, inference) = model_syncer(dir.path(), &server, org);
+    s.cfg.backoff_min = Duration::from_millis(1);
+    s.cfg.backoff_max = Duration::from_millis(1);
+    let ack = ack_with(&pem, None, Some(forged));
+    for _ in 0..3 {
+        s.apply_desired(&ack, None).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(server.downloads.load(Ordering::Relaxed), 1);
+    assert!(inference.shadow_model().is_none());
+    server.stop.cancel();
 }

@@ -705,15 +705,90 @@ async fn a_canary_compares_with_its_shadow_and_a_bad_version_is_halted_and_rolle
     }
 }
 
-/// Waits until `log` has a line containing `needle` (the agent logs each shadow change).
-async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
-    let (log, needle, probe) = (log.to_owned(), needle.to_owned(), probe.to_owned());
-    eventually_ok(Duration::from_secs(120), || {
+/// What the MLflow test prints when a wait fails: both process logs and the rows that decide
+/// the device's desired state (the temporary folder is gone once the test panics).
+struct Diagnostics<'a> {
+    agent_log: &'a Path,
+    cp_log: &'a Path,
+    pool: &'a PgPool,
+    org: Uuid,
+}
+
+impl Diagnostics<'_> {
+    async fn dump(&self) -> String {
+        let mut out = String::new();
+        for (what, path) in [("agent", self.agent_log), ("control plane", self.cp_log)] {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            out.push_str(&format!(
+                "---- {what} log {} ----\n{text}\n",
+                path.display()
+            ));
+        }
+        for (what, sql) in [
+            (
+                "ai_models",
+                "SELECT id::text, version, stage, coalesce(mlflow_version, '-'), created_at::text \
+                 FROM ai_models WHERE org_id = $1 ORDER BY created_at",
+            ),
+            (
+                "desired_models",
+                "SELECT coalesce(device_id::text, '-'), coalesce(selector::text, '-'), \
+                        model_id::text, '', updated_at::text FROM desired_models WHERE org_id = $1",
+            ),
+            (
+                "model_rollouts",
+                "SELECT id::text, model_id::text || ' base ' || baseline_model_id::text, \
+                        mode || ' ' || origin || ' ' || state || ' ' || percent::text, \
+                        coalesce(halt_reason, '-'), updated_at::text \
+                 FROM model_rollouts WHERE org_id = $1 ORDER BY created_at",
+            ),
+            (
+                "audit_log (mlflow)",
+                "SELECT action, target, '', '', created_at::text FROM audit_log \
+                 WHERE org_id = $1 AND action LIKE 'models.mlflow%' ORDER BY created_at",
+            ),
+            (
+                "device_model_status",
+                "SELECT device_id::text, coalesce(running_model, '-'), \
+                        coalesce(last_error, '-'), '', updated_at::text \
+                 FROM device_model_status WHERE org_id = $1",
+            ),
+        ] {
+            out.push_str(&format!("---- {what} ----\n"));
+            match sqlx::query_as::<_, (String, String, String, String, String)>(sql)
+                .bind(self.org)
+                .fetch_all(self.pool)
+                .await
+            {
+                Ok(rows) => {
+                    for r in rows {
+                        out.push_str(&format!("{r:?}\n"));
+                    }
+                }
+                Err(e) => out.push_str(&format!("query failed: {e}\n")),
+            }
+        }
+        out
+    }
+}
+
+/// The length of the agent's log now: [`wait_log`] looks only at what comes after it.
+fn log_mark(log: &Path) -> usize {
+    std::fs::read(log).map_or(0, |b| b.len())
+}
+
+/// Waits until the agent's log has a line containing `needle` after `mark` (the agent logs
+/// each shadow change; a line from before the change waited for must not count); on timeout
+/// panics with [`Diagnostics::dump`].
+async fn wait_log(d: &Diagnostics<'_>, mark: usize, needle: &str, broker: u16, probe: &str) {
+    let (log, needle, probe) = (d.agent_log.to_owned(), needle.to_owned(), probe.to_owned());
+    let found = kip_tests::eventually(Duration::from_secs(120), || {
         let (log, needle, probe) = (log.clone(), needle.clone(), probe.clone());
         async move {
             // Probe readings keep the agent syncing (each ack carries the desired models).
             publish_all(broker, vec![(probe, b"1".to_vec())]).await;
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let bytes = std::fs::read(&log).unwrap_or_default();
+            let text = String::from_utf8_lossy(bytes.get(mark..).unwrap_or_default());
             if text.contains(&needle) {
                 Ok(())
             } else {
@@ -722,6 +797,9 @@ async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
         }
     })
     .await;
+    if let Err(e) = found {
+        panic!("{e}\n{}", d.dump().await);
+    }
 }
 
 /// The MLflow `challenger` alias on a real agent: a real MLflow server and the control plane
@@ -729,10 +807,6 @@ async fn wait_log(log: &Path, needle: &str, broker: u16, probe: &str) {
 /// beside the group's champion (both predictions reach PostgreSQL, the `mlflow` rollout's
 /// report pairs them); removing the alias ends the rollout and the agent drops the shadow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failed 2 of 6 runs on main (in the clean-clone run: the agent never logged \
-            `desired shadow model installed` within 120 s after `challenger` was set); the \
-            same flow passes against real MLflow in control-plane/tests/mlflow.rs; run with \
-            --ignored"]
 async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_removal_stops_it() {
     kip_tests::install_crypto_provider();
     let work = tempfile::tempdir().unwrap();
@@ -775,12 +849,12 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
         .device_id();
     let (config, port) = agent_config(&dir, name, broker.port, &cp_process.agent_url(), &base_file);
     let _agent = spawn_agent(&config, port, Some(&dir.join("agent.log")));
-    sqlx::query("UPDATE devices SET labels = '{\"line\": \"a\"}' WHERE org_id = $1")
-        .bind(org)
-        .execute(&pool)
-        .await
-        .unwrap();
     // The group runs 0.1.0 (a rollout of it, promoted), and MLflow names it the champion.
+    // The device joins the group after the promotion: while the rollout ran it would have
+    // been a canary of 0.1.0 shadowing 0.2.0, and a shadow installed then (with its log line)
+    // could still be there when `challenger` names 0.2.0, which logs nothing new. (That
+    // window is how issue 14's lost shadow showed: a download answered 404 after the
+    // promotion was remembered as a refusal; `kip-agent`'s sync tests cover it.)
     let r = api
         .admin(
             &format!("/v1/organisations/{org}/model-rollouts"),
@@ -796,6 +870,11 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
         json!({}),
     )
     .await;
+    sqlx::query("UPDATE devices SET labels = '{\"line\": \"a\"}' WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
     let mlflow = reqwest::Client::new();
     let alias = async |method: reqwest::Method, alias: &str, version: Option<&str>| {
         let mut body = json!({ "name": "rul-fd001", "alias": alias });
@@ -823,10 +902,19 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
     .await;
 
     // Challenger -> version 2: the agent installs 0.2.0 as its shadow.
-    alias(reqwest::Method::POST, "challenger", Some("2")).await;
     let log = dir.join("agent.log");
+    let mark = log_mark(&log);
+    alias(reqwest::Method::POST, "challenger", Some("2")).await;
+    let cp_log = work.path().join("control-plane.log");
+    let diag = Diagnostics {
+        agent_log: &log,
+        cp_log: &cp_log,
+        pool: &pool,
+        org,
+    };
     wait_log(
-        &log,
+        &diag,
+        mark,
         "desired shadow model installed",
         broker.port,
         "gw-a/probe/ping",
@@ -881,8 +969,16 @@ async fn the_mlflow_challenger_alias_runs_a_shadow_on_a_real_agent_and_its_remov
     );
 
     // The alias removed: the rollout ends and the agent drops the shadow.
+    let mark = log_mark(&log);
     alias(reqwest::Method::DELETE, "challenger", None).await;
-    wait_log(&log, "shadow model removed", broker.port, "gw-a/probe/ping").await;
+    wait_log(
+        &diag,
+        mark,
+        "shadow model removed",
+        broker.port,
+        "gw-a/probe/ping",
+    )
+    .await;
     let r = api
         .request(
             reqwest::Method::GET,
