@@ -1594,6 +1594,42 @@ mod tests {
         assert!(!last.is_repeat(&at(1, 1.0, "c")));
     }
 
+    #[tokio::test]
+    async fn a_batch_goes_to_the_writer_as_far_as_it_has_room_in_order_and_the_rest_waits() {
+        let (tx, mut rx) = mpsc::channel(3);
+        let reading = |v: f64| {
+            Record::Reading(Reading {
+                source: "plc".into(),
+                machine: "m".into(),
+                metric: "x".into(),
+                ts: DateTime::from_timestamp(1, 0).unwrap(),
+                value: v,
+                quality: Quality::Good,
+            })
+        };
+        let mut out: VecDeque<Record> = (0..5).map(|i| reading(f64::from(i))).collect();
+        let permit = tx.reserve().await.unwrap();
+        hand_over(permit, &tx, &mut out);
+        assert_eq!(out.len(), 2, "room for 3: two wait");
+        for want in 0..3 {
+            assert_eq!(value(&rx.recv().await.unwrap().record), f64::from(want));
+        }
+        let permit = tx.reserve().await.unwrap();
+        hand_over(permit, &tx, &mut out);
+        assert!(out.is_empty());
+        for want in 3..5 {
+            assert_eq!(value(&rx.recv().await.unwrap().record), f64::from(want));
+        }
+    }
+
+    #[test]
+    fn the_set_up_timeout_grows_with_the_node_count() {
+        assert_eq!(setup_timeout(0), 2 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(1000), 2 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(1001), 3 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(20_000), 21 * CONNECT_TIMEOUT);
+    }
+
     #[test]
     fn source_timestamp_wins_then_server_then_receive_time() {
         let src = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
