@@ -25,22 +25,63 @@ use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use kip_tests::{ChildGroup, free_port};
 
 /// The server: `argv[1]` port, `argv[2]` variables `ns=2;s=v{i}` (Double). Prints `ready`
-/// when it listens, then `writes N` after every round over all variables (cumulative).
+/// when it listens, then rewrites every variable in a loop. Every 0.25 s it prints
+/// `stats <monotonic s> <writes>` and, per session, a tab, `<session name>=<queued>,<discarded>,<published>`
+/// (cumulative): data changes queued for the session's monitored items, queued changes the
+/// server discarded because an item's queue (size 10) was full before a publish took them, and
+/// data changes the server put into publish responses to that session. Counted inside asyncua
+/// (patched `InternalSubscription._enqueue_event` and `UaProcessor.forward_publish_response`).
 const SERVER_PY: &str = r#"
 import asyncio, sys, time
 from asyncua import Server, ua
+from asyncua.server.internal_subscription import InternalSubscription
+from asyncua.server.uaprocessor import UaProcessor
+
+# session id -> [queued, discarded, published]; session id -> name
+stats = {}
+names = {}
+
+_enqueue = InternalSubscription._enqueue_event
+async def enqueue(self, mid, eventdata, size, queue):
+    s = stats.setdefault(str(self.session_id), [0, 0, 0])
+    s[0] += 1
+    if size != 0 and mid in queue and len(queue[mid]) >= size:
+        s[1] += 1
+    await _enqueue(self, mid, eventdata, size, queue)
+InternalSubscription._enqueue_event = enqueue
+
+_forward = UaProcessor.forward_publish_response
+async def forward(self, result, requestdata):
+    if self.session is not None:
+        n = sum(len(d.MonitoredItems) for d in result.NotificationMessage.NotificationData
+                if isinstance(d, ua.DataChangeNotification))
+        key = str(self.session.session_id)
+        stats.setdefault(key, [0, 0, 0])[2] += n
+        names[key] = self.session.name
+    await _forward(self, result, requestdata)
+UaProcessor.forward_publish_response = forward
+
+writes = 0
+
+async def report():
+    while True:
+        await asyncio.sleep(0.25)
+        by_name = {}
+        for key, (q, d, p) in stats.items():
+            t = by_name.setdefault(names.get(key, "?"), [0, 0, 0])
+            t[0] += q; t[1] += d; t[2] += p
+        parts = "".join(f"\t{n}={q},{d},{p}" for n, (q, d, p) in by_name.items())
+        print(f"stats {time.monotonic()} {writes}{parts}", flush=True)
 
 async def main(port, n):
+    global writes
     server = Server()
     await server.init()
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/")
@@ -57,7 +98,7 @@ async def main(port, n):
         ids.append(v.nodeid)
     async with server:
         print("ready", flush=True)
-        writes = 0
+        reporter = asyncio.create_task(report())
         k = 0
         while True:
             k += 1
@@ -67,8 +108,47 @@ async def main(port, n):
                 if j % 500 == 499:
                     # Let the server publish while it writes.
                     await asyncio.sleep(0)
-            print(f"writes {writes} {time.monotonic()}", flush=True)
             await asyncio.sleep(0)
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"#;
+
+/// The independent peer: a Python `asyncua` client in its own process subscribing to the same
+/// variables (`argv[1]` port, `argv[2]` count; one subscription, 100 ms, items created 1,000
+/// per call, queue size 10 like the agent's). Python's client keeps one publish request in
+/// flight, so it takes one subscription (the asyncua server puts every queued change of a
+/// subscription into one response). Prints `subscribed` once the items exist, then
+/// `peer <monotonic s> <received>` every 0.25 s: data changes decoded from publish responses.
+const PEER_PY: &str = r#"
+import asyncio, sys, time
+from asyncua import Client, ua
+from asyncua.common.subscription import Subscription
+
+received = 0
+
+async def count(self, publish_result):
+    global received
+    for d in publish_result.NotificationMessage.NotificationData or []:
+        if isinstance(d, ua.DataChangeNotification):
+            received += len(d.MonitoredItems)
+Subscription.publish_callback = count
+
+async def main(port, n):
+    client = Client(f"opc.tcp://127.0.0.1:{port}/", timeout=60)
+    client.description = "bench-peer"
+    async with client:
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=100, RequestedLifetimeCount=300,
+            RequestedMaxKeepAliveCount=10, MaxNotificationsPerPublish=0,
+            PublishingEnabled=True, Priority=0)
+        sub = await client.create_subscription(params, None)
+        for start in range(0, n, 1000):
+            nodes = [client.get_node(ua.NodeId(f"v{i}", 2)) for i in range(start, min(n, start + 1000))]
+            await sub.subscribe_data_change(nodes, queuesize=10, sampling_interval=0.0)
+        print("subscribed", flush=True)
+        while True:
+            await asyncio.sleep(0.25)
+            print(f"peer {time.monotonic()} {received}", flush=True)
 
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 "#;
@@ -92,57 +172,156 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The value of the first sample of `name` (or `name_total`; any labels) on the agent's
-/// `/metrics`.
-fn metric(port: u16, name: &str) -> Option<f64> {
+/// The sum of all samples of `name` (or `name_total`; any labels) on the agent's `/metrics`.
+/// Only outside the measured window: with 20,000 items the page has over 40,000 series.
+fn metric_sum(port: u16, name: &str) -> Option<f64> {
     let out = Command::new("curl")
         .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
         .output()
         .ok()?;
     let body = String::from_utf8_lossy(&out.stdout);
     let total = format!("{name}_total");
-    body.lines().find_map(|l| {
-        let token = l.split(['{', ' ']).next()?;
+    let mut found = None;
+    for l in body.lines() {
+        let Some(token) = l.split(['{', ' ']).next() else {
+            continue;
+        };
         if l.starts_with('#') || !(token == name || token == total) {
-            return None;
+            continue;
         }
-        l.rsplit(' ').next()?.trim().parse().ok()
-    })
+        if let Some(v) = l
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Readings in the agent's buffer, from its small `/v1/status` report.
+fn buffered_readings(port: u16) -> Option<u64> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/v1/status")])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["buffer"]["counts"]["reading"].as_u64()
+}
+
+/// Server-side counts for one kind of session (cumulative).
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    queued: u64,
+    discarded: u64,
+    published: u64,
+}
+
+/// The server's latest `stats` line.
+#[derive(Debug, Default, Clone, Copy)]
+struct ServerStats {
+    /// The server's monotonic clock, seconds.
+    at: f64,
+    writes: u64,
+    /// Sessions named `kip-agent ...`.
+    agent: Counts,
+    /// The other sessions (the peer).
+    peer: Counts,
+}
+
+fn parse_stats(line: &str) -> Option<ServerStats> {
+    let mut fields = line.strip_prefix("stats ")?.split('\t');
+    let mut head = fields.next()?.split_whitespace();
+    let mut s = ServerStats {
+        at: head.next()?.parse().ok()?,
+        writes: head.next()?.parse().ok()?,
+        ..ServerStats::default()
+    };
+    for f in fields {
+        let (name, counts) = f.rsplit_once('=')?;
+        let mut n = counts.split(',').map(|v| v.parse::<u64>().ok());
+        let (q, d, p) = (n.next()??, n.next()??, n.next()??);
+        let c = if name.starts_with("kip-agent") {
+            &mut s.agent
+        } else {
+            &mut s.peer
+        };
+        c.queued += q;
+        c.discarded += d;
+        c.published += p;
+    }
+    Some(s)
+}
+
+/// Rate per second of `b - a` over `secs`.
+fn rate(a: u64, b: u64, secs: f64) -> f64 {
+    b.saturating_sub(a) as f64 / secs.max(1e-9)
 }
 
 fn main() {
     let items = env_num("OPCUA_BENCH_ITEMS", 20_000);
     let secs = env_num("OPCUA_BENCH_SECONDS", 20);
+    let mut with_peer = env_num("OPCUA_BENCH_PEER", 1) != 0;
     let dir = tempfile::tempdir().unwrap();
     let opc_port = free_port();
-    let mut py = Command::new("python3")
-        .args(["-c", SERVER_PY, &opc_port.to_string(), &items.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut py = ChildGroup::spawn(
+        Command::new("python3")
+            .args(["-c", SERVER_PY, &opc_port.to_string(), &items.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .unwrap();
     let server_pid = py.id();
-    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(py.child_mut().stdout.take().unwrap()).lines();
     let t0 = Instant::now();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     println!(
         "asyncua server: {items} variables created in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    // The server's cumulative write count, from its stdout.
-    let writes = Arc::new(AtomicU64::new(0));
-    let w = writes.clone();
+    let server = Arc::new(Mutex::new(ServerStats::default()));
+    let s = server.clone();
     std::thread::spawn(move || {
         for l in lines.map_while(Result::ok) {
-            if let Some(n) = l
-                .strip_prefix("writes ")
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-            {
-                w.store(n, Ordering::Relaxed);
+            if let Some(st) = parse_stats(&l) {
+                *s.lock().unwrap() = st;
             }
         }
     });
+
+    // The peer and the agent start together.
+    let peer_started = Instant::now();
+    let peer_received = Arc::new(Mutex::new((0.0f64, 0u64)));
+    let peer_subscribed = Arc::new(Mutex::new(None::<Duration>));
+    let mut peer = None;
+    if with_peer {
+        let mut child = ChildGroup::spawn(
+            Command::new("python3")
+                .args(["-c", PEER_PY, &opc_port.to_string(), &items.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit()),
+        )
+        .unwrap();
+        let out = BufReader::new(child.child_mut().stdout.take().unwrap()).lines();
+        let (r, sub) = (peer_received.clone(), peer_subscribed.clone());
+        std::thread::spawn(move || {
+            for l in out.map_while(Result::ok) {
+                if l == "subscribed" {
+                    *sub.lock().unwrap() = Some(peer_started.elapsed());
+                } else if let Some(rest) = l.strip_prefix("peer ") {
+                    let mut f = rest.split_whitespace();
+                    if let (Some(Ok(at)), Some(Ok(n))) = (
+                        f.next().map(str::parse::<f64>),
+                        f.next().map(str::parse::<u64>),
+                    ) {
+                        *r.lock().unwrap() = (at, n);
+                    }
+                }
+            }
+        });
+        peer = Some(child);
+    }
 
     let http_port = free_port();
     let mut cfg = format!(
@@ -166,7 +345,8 @@ fn main() {
     }
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, cfg).unwrap();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let log_path = dir.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let started = Instant::now();
     let agent = ChildGroup::spawn(
         Command::new(env!("CARGO_BIN_EXE_kip-agent"))
@@ -177,8 +357,7 @@ fn main() {
     )
     .unwrap();
     let pid = agent.id();
-    let records = || metric(http_port, "kip_agent_buffer_records").unwrap_or(0.0) as u64;
-    let dropped = || metric(http_port, "kip_opcua_notifications_dropped").unwrap_or(0.0) as u64;
+    let records = || buffered_readings(http_port).unwrap_or(0);
     let rss_start = loop {
         let r = rss_kib(pid);
         if r > 0 {
@@ -187,31 +366,62 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     };
     let mut peak = rss_start;
-    // Every item's initial value (or more) is in the buffer.
+    // Every item's initial value (or more) is in the agent's buffer, and the peer has them.
+    let mut agent_ready = None;
+    let mut peer_ready = None;
     loop {
         peak = peak.max(rss_kib(pid));
-        if records() >= items {
+        if agent_ready.is_none() && records() >= items {
+            agent_ready = Some(started.elapsed());
+        }
+        if peer_ready.is_none() && (!with_peer || peer_received.lock().unwrap().1 >= items) {
+            peer_ready = Some(peer_started.elapsed());
+        }
+        // A peer that died (e.g. its CreateMonitoredItems timed out) must not hold up the run.
+        if peer_ready.is_none()
+            && let Some(p) = peer.as_mut()
+            && let Ok(Some(status)) = p.try_wait()
+        {
+            println!("peer (Python asyncua client) exited ({status}); no peer figures this run");
+            peer_ready = Some(peer_started.elapsed());
+            with_peer = false;
+        }
+        if agent_ready.is_some() && peer_ready.is_some() {
             break;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "only {} of {items} initial values after 300 s; agent log: {}",
+            started.elapsed() < Duration::from_secs(600),
+            "after 600 s: agent {} of {items} initial values, peer {}; agent log: {}",
             records(),
-            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+            peer_received.lock().unwrap().1,
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let subscribed = started.elapsed();
+    let agent_ready = agent_ready.unwrap_or_default();
     println!(
-        "kip-agent: {items} monitored items subscribed, initial values in the buffer {:.2} s \
-         after start (RSS at start {:.1} MiB)",
-        subscribed.as_secs_f64(),
+        "kip-agent: {items} monitored items, every initial value in its buffer {:.2} s after \
+         start (RSS at start {:.1} MiB)",
+        agent_ready.as_secs_f64(),
         rss_start as f64 / 1024.0
     );
-    let (r0, w0, d0, t0) = (
+    if with_peer {
+        println!(
+            "peer (Python asyncua client): items created {:.2} s, every initial value received \
+             {:.2} s after start",
+            peer_subscribed
+                .lock()
+                .unwrap()
+                .unwrap_or_default()
+                .as_secs_f64(),
+            peer_ready.unwrap_or_default().as_secs_f64()
+        );
+    }
+    let dropped0 = metric_sum(http_port, "kip_opcua_notifications_dropped").unwrap_or(0.0) as u64;
+    let (r0, s0, p0, t0) = (
         records(),
-        writes.load(Ordering::Relaxed),
-        dropped(),
+        *server.lock().unwrap(),
+        *peer_received.lock().unwrap(),
         Instant::now(),
     );
     let mut rss_sum = 0u64;
@@ -223,23 +433,42 @@ fn main() {
         samples += 1;
         std::thread::sleep(Duration::from_millis(250));
     }
-    let (r1, w1, d1, el) = (
+    let (r1, s1, p1, el) = (
         records(),
-        writes.load(Ordering::Relaxed),
-        dropped(),
+        *server.lock().unwrap(),
+        *peer_received.lock().unwrap(),
         t0.elapsed().as_secs_f64(),
     );
     let rss_end = rss_kib(pid);
-    let server_rate = (w1 - w0) as f64 / el;
-    let agent_rate = (r1 - r0) as f64 / el;
+    let dropped1 = metric_sum(http_port, "kip_opcua_notifications_dropped").unwrap_or(0.0) as u64;
+    let sel = s1.at - s0.at;
+    let agent_rate = rate(r0, r1, el);
+    let published = rate(s0.agent.published, s1.agent.published, sel);
     println!(
-        "over {el:.1} s: server wrote {server_rate:.0} value changes/s (reference); agent buffered \
-         {agent_rate:.0} values/s ({:.2}x); notifications dropped by the agent: {}",
-        agent_rate / server_rate.max(1.0),
-        d1 - d0
+        "over {el:.1} s: server wrote {:.0} value changes/s; for the agent's session it queued \
+         {:.0}/s, discarded {:.0}/s from full item queues and published {published:.0}/s \
+         (reference); agent buffered {agent_rate:.0} readings/s = {:.2}x of what the server \
+         published to it; notifications dropped by the agent: {}",
+        rate(s0.writes, s1.writes, sel),
+        rate(s0.agent.queued, s1.agent.queued, sel),
+        rate(s0.agent.discarded, s1.agent.discarded, sel),
+        agent_rate / published.max(1.0),
+        dropped1.saturating_sub(dropped0),
     );
+    if with_peer {
+        let peer_rate = rate(p0.1, p1.1, p1.0 - p0.0);
+        println!(
+            "independent peer (Python asyncua client, same run): server queued {:.0}/s, \
+             discarded {:.0}/s and published {:.0}/s for it; it received {peer_rate:.0} values/s; \
+             agent/peer {:.2}x",
+            rate(s0.peer.queued, s1.peer.queued, sel),
+            rate(s0.peer.discarded, s1.peer.discarded, sel),
+            rate(s0.peer.published, s1.peer.published, sel),
+            agent_rate / peer_rate.max(1.0),
+        );
+    }
     println!(
-        "kip-agent RSS: mean {:.1} MiB, peak {:.1} MiB, end {:.1} MiB ({} records buffered); \
+        "kip-agent RSS: mean {:.1} MiB, peak {:.1} MiB, end {:.1} MiB ({} readings buffered); \
          server RSS {:.1} MiB",
         rss_sum as f64 / samples.max(1) as f64 / 1024.0,
         peak as f64 / 1024.0,
@@ -248,6 +477,6 @@ fn main() {
         rss_kib(server_pid) as f64 / 1024.0
     );
     drop(agent);
-    let _ = py.kill();
-    let _ = py.wait();
+    drop(peer);
+    drop(py);
 }

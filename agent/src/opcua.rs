@@ -29,8 +29,8 @@
 //!   subscription, and the client's `max_array_length` is raised, because larger requests fail
 //!   with a decoding error and a closed transport on common servers.
 //! - Backpressure never stops the session: the OPC UA event loop (publish requests, keep-alives,
-//!   session renewal) is polled whatever the writer's state, and records wait for room in the
-//!   writer's channel one at a time, without blocking that loop. Notifications go into a bounded
+//!   session renewal) is polled first, whatever the writer's state, and records move to the
+//!   writer's channel in batches as room appears, without blocking that loop. Notifications go into a bounded
 //!   queue ([`INTERNAL_QUEUE`]); while the writer applies backpressure long enough for it to
 //!   fill, further notifications are dropped (OPC UA subscriptions cannot redeliver), counted
 //!   (`kip_opcua_notifications_dropped`), and once the queue has room again a [`Record::Gap`]
@@ -73,6 +73,8 @@ use tracing::{debug, error, info, warn};
 /// Most monitored items created in one call and held by one subscription.
 pub const MAX_ITEMS_PER_SUBSCRIPTION: usize = 1000;
 
+/// Set-up requests (attribute reads, subscription with its monitored items) in flight at once.
+const SETUP_CONCURRENCY: usize = 4;
 /// Raised client decoding limit for arrays (the default makes 1000-item responses fail).
 const MAX_ARRAY_LENGTH: usize = 100_000;
 /// Notifications the server may put into one publish response; the internal queue keeps
@@ -80,6 +82,9 @@ const MAX_ARRAY_LENGTH: usize = 100_000;
 const MAX_NOTIFICATIONS_PER_PUBLISH: u32 = 1000;
 /// Capacity of the queue between the OPC UA callbacks and `run`.
 const INTERNAL_QUEUE: usize = 4 * MAX_NOTIFICATIONS_PER_PUBLISH as usize;
+/// Most records moved from that queue to the writer's channel in one pass of the session loop
+/// (the outbox holds at most this many plus gaps and the session's dead letters).
+const HANDOVER_BATCH: usize = MAX_NOTIFICATIONS_PER_PUBLISH as usize;
 /// Server-side queue per monitored item, so changes between two publishes are not lost.
 const ITEM_QUEUE_SIZE: u32 = 10;
 /// Publishing intervals without data after which the server sends a keep-alive.
@@ -331,11 +336,14 @@ impl OpcUaMetrics {
 }
 
 /// What the callbacks need to know about one monitored item (indexed by client handle - 1).
+/// The per-metric counters are looked up once at set-up, not per value.
 #[derive(Debug, Clone)]
 struct Item {
     node_id: String,
     machine: String,
     metric: String,
+    notifications: Counter,
+    readings: Counter,
 }
 
 impl Source for OpcUaSource {
@@ -368,17 +376,24 @@ pub struct OpcUaSource {
 
 /// The last (source timestamp, value, quality) stored per node, so that the initial values a
 /// server sends for re-created monitored items are not stored a second time.
+///
+/// Keyed machine, then metric, so that the check of every value looks up by `&str` without
+/// allocating; names are copied only when a node is seen first.
 #[derive(Debug, Default)]
 pub struct LastValues {
-    map: std::collections::HashMap<(String, String), (DateTime<Utc>, u64, Quality)>,
+    map: std::collections::HashMap<String, std::collections::HashMap<String, LastValue>>,
+    nodes: usize,
     limit: usize,
 }
+
+type LastValue = (DateTime<Utc>, u64, Quality);
 
 impl LastValues {
     /// Remembers at most `limit` nodes (the configured node count).
     pub fn new(limit: usize) -> Self {
         Self {
             map: std::collections::HashMap::new(),
+            nodes: 0,
             limit,
         }
     }
@@ -386,12 +401,23 @@ impl LastValues {
     /// True when `r` repeats the last value stored for its node; otherwise remembers it.
     pub fn is_repeat(&mut self, r: &Reading) -> bool {
         let value = (r.ts, r.value.to_bits(), r.quality);
-        let key = (r.machine.clone(), r.metric.clone());
-        if self.map.get(&key) == Some(&value) {
-            return true;
+        if let Some(last) = self
+            .map
+            .get_mut(r.machine.as_str())
+            .and_then(|m| m.get_mut(r.metric.as_str()))
+        {
+            if *last == value {
+                return true;
+            }
+            *last = value;
+            return false;
         }
-        if self.map.len() < self.limit || self.map.contains_key(&key) {
-            self.map.insert(key, value);
+        if self.nodes < self.limit {
+            self.map
+                .entry(r.machine.clone())
+                .or_default()
+                .insert(r.metric.clone(), value);
+            self.nodes += 1;
         }
         false
     }
@@ -610,9 +636,9 @@ impl OpcUaSource {
         let connected_at = Utc::now();
         let labels = self.labels();
 
-        // Records waiting for room in the writer's channel, handed over one at a time without
-        // blocking the event loop; at most the records of one queue entry plus gaps and the
-        // session's dead letters.
+        // Records waiting for room in the writer's channel, handed over as room appears without
+        // blocking the event loop; at most one batch taken from the queue ([`HANDOVER_BATCH`])
+        // plus gaps and the session's dead letters.
         let mut out: VecDeque<Record> = VecDeque::new();
         // The gap goes out before anything of the new session, so it precedes its readings.
         let gap_sent = outage.is_some();
@@ -648,7 +674,10 @@ impl OpcUaSource {
 
         // Initial values arrive while later chunks are still being created: forward them.
         let setup = self.setup(&session, &item_tx, &status_tx, &overflow);
-        let mut setup = pin!(tokio::time::timeout(CONNECT_TIMEOUT, setup));
+        let mut setup = pin!(tokio::time::timeout(
+            setup_timeout(self.cfg.nodes.len()),
+            setup
+        ));
         let setup_result = loop {
             tokio::select! {
                 biased;
@@ -656,21 +685,19 @@ impl OpcUaSource {
                     close_session(&session, &mut events).await;
                     return SessionEnd::Stop;
                 }
-                permit = tx.reserve(), if !out.is_empty() => match permit {
-                    Ok(p) => if let Some(rec) = out.pop_front() { p.send(Envelope::plain(rec)) },
-                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
-                },
-                Some(rec) = item_rx.recv(), if out.is_empty() => {
-                    if self.fresh(&rec) {
-                        out.push_back(rec);
-                    }
-                }
-                r = &mut setup => break r,
+                // First the event loop: it carries the set-up requests and the publish
+                // responses; records wait in `item_rx` meanwhile.
                 ev = events.next() => {
                     if let Some(reason) = fatal_event(ev) {
                         return lost_after_connect(reason);
                     }
                 }
+                permit = tx.reserve(), if !out.is_empty() => match permit {
+                    Ok(p) => hand_over(p, tx, &mut out),
+                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
+                },
+                Some(rec) = item_rx.recv(), if out.is_empty() => self.take_batch(rec, &mut item_rx, &mut out),
+                r = &mut setup => break r,
             }
         };
         let bad = match setup_result {
@@ -703,7 +730,7 @@ impl OpcUaSource {
         }
 
         let watchdog = watchdog_period(self.cfg.publishing_interval_ms);
-        let mut last_alive = tokio::time::Instant::now();
+        let mut silence = pin!(tokio::time::sleep(watchdog));
         let mut last_alive_utc = now;
         loop {
             let end = tokio::select! {
@@ -712,26 +739,13 @@ impl OpcUaSource {
                     close_session(&session, &mut events).await;
                     return SessionEnd::Stop;
                 }
-                permit = tx.reserve(), if !out.is_empty() => match permit {
-                    Ok(p) => {
-                        if let Some(rec) = out.pop_front() {
-                            p.send(Envelope::plain(rec));
-                        }
-                        None
-                    }
-                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
-                },
-                Some(rec) = item_rx.recv(), if out.is_empty() => {
-                    if self.fresh(&rec) {
-                        out.push_back(rec);
-                    }
-                    None
-                }
-                // Polled whatever the writer's state: publish requests and keep-alives keep
-                // the subscription and the session alive under backpressure.
+                // Polled first and whatever the writer's state: publish requests go out as
+                // soon as responses come in (the server can only send as many notifications
+                // as it holds requests for), and keep-alives keep the session alive under
+                // backpressure. Polling it only when no record waits starved it.
                 ev = events.next() => match ev {
                     Some(Ok(SessionPollResult::Subscription(SubscriptionActivity::Publish))) => {
-                        last_alive = tokio::time::Instant::now();
+                        silence.as_mut().reset(tokio::time::Instant::now() + watchdog);
                         last_alive_utc = Utc::now();
                         None
                     }
@@ -740,8 +754,19 @@ impl OpcUaSource {
                     ))) if subscription_gone(code) => Some(format!("publish failed: {code}")),
                     other => fatal_event(other),
                 },
+                permit = tx.reserve(), if !out.is_empty() => match permit {
+                    Ok(p) => {
+                        hand_over(p, tx, &mut out);
+                        None
+                    }
+                    Err(_) => return self.downstream_closed(cancel, &session, &mut events).await,
+                },
+                Some(rec) = item_rx.recv(), if out.is_empty() => {
+                    self.take_batch(rec, &mut item_rx, &mut out);
+                    None
+                }
                 Some(code) = status_rx.recv() => Some(format!("subscription status changed: {code}")),
-                () = tokio::time::sleep_until(last_alive + watchdog) => Some(format!(
+                () = &mut silence => Some(format!(
                     "no publish response for {} ms", watchdog.as_millis()
                 )),
             };
@@ -794,6 +819,28 @@ impl OpcUaSource {
         close_session(session, events).await;
         cancel.cancelled().await;
         SessionEnd::Stop
+    }
+
+    /// Moves `first` and what else waits in `item_rx` (at most [`HANDOVER_BATCH`] records)
+    /// into `out`, skipping repeats of a node's last stored value: one pass of the session
+    /// loop per batch, not per record.
+    fn take_batch(
+        &self,
+        first: Record,
+        item_rx: &mut mpsc::Receiver<Record>,
+        out: &mut VecDeque<Record>,
+    ) {
+        let mut next = Some(first);
+        let mut taken = 0usize;
+        while let Some(rec) = next.take() {
+            if self.fresh(&rec) {
+                out.push_back(rec);
+            }
+            taken += 1;
+            if taken < HANDOVER_BATCH {
+                next = item_rx.try_recv().ok();
+            }
+        }
     }
 
     fn client_builder(&self) -> ClientBuilder {
@@ -873,10 +920,16 @@ impl OpcUaSource {
                     ..Default::default()
                 },
             ));
+            let labels = MetricLabels {
+                source: self.cfg.name.clone(),
+                metric: node.metric.clone(),
+            };
             items.push(Item {
                 node_id: node.node_id.clone(),
                 machine: node.machine.clone(),
                 metric: node.metric.clone(),
+                notifications: self.metrics.notifications.get_or_create(&labels).clone(),
+                readings: self.metrics.readings.get_or_create(&labels).clone(),
             });
         }
         let items = Arc::new(items);
@@ -886,51 +939,80 @@ impl OpcUaSource {
             let rest = requests.split_off(requests.len().min(MAX_ITEMS_PER_SUBSCRIPTION));
             chunks.push(std::mem::replace(&mut requests, rest));
         }
+        // Chunks are created SETUP_CONCURRENCY at a time: one request after the other left the
+        // connection idle for a round trip per chunk.
+        // The futures are made up front (they do nothing until polled): a lazy `map` closure
+        // over borrowed state makes the future not `Send` (rust-lang/rust#102211).
+        let mut pending = Vec::with_capacity(chunks.len());
         for chunk in chunks {
-            let callbacks = self.callbacks(
-                items.clone(),
-                item_tx.clone(),
-                status_tx.clone(),
-                overflow.clone(),
-            );
-            let sub_id = session
-                .create_subscription(
-                    Duration::from_millis(self.cfg.publishing_interval_ms),
-                    LIFETIME_COUNT,
-                    KEEP_ALIVE_COUNT,
-                    MAX_NOTIFICATIONS_PER_PUBLISH,
-                    0,
-                    true,
-                    callbacks,
-                )
-                .await
-                .map_err(|e| format!("create subscription: {e}"))?;
-            let handles: Vec<u32> = chunk
-                .iter()
-                .map(|r| r.requested_parameters.client_handle)
-                .collect();
-            let results = session
-                .create_monitored_items(sub_id, TimestampsToReturn::Both, chunk)
-                .await
-                .map_err(|e| format!("create monitored items: {e}"))?;
-            if results.len() != handles.len() {
-                return Err(format!(
-                    "create monitored items: {} results for {} items",
-                    results.len(),
-                    handles.len()
+            pending.push(self.create_chunk(session, chunk, &items, item_tx, status_tx, overflow));
+        }
+        let created: Vec<Result<Vec<(String, String)>, String>> =
+            futures_util::stream::iter(pending)
+                .buffer_unordered(SETUP_CONCURRENCY)
+                .collect()
+                .await;
+        for rejected in created {
+            bad.extend(rejected?);
+        }
+        Ok(bad)
+    }
+
+    /// Creates one subscription with the monitored items of `chunk`; returns the nodes the
+    /// server rejected.
+    async fn create_chunk(
+        &self,
+        session: &Session,
+        chunk: Vec<MonitoredItemCreateRequest>,
+        items: &Arc<Vec<Item>>,
+        item_tx: &mpsc::Sender<Record>,
+        status_tx: &mpsc::Sender<StatusCode>,
+        overflow: &Arc<Overflow>,
+    ) -> Result<Vec<(String, String)>, String> {
+        let callbacks = self.callbacks(
+            items.clone(),
+            item_tx.clone(),
+            status_tx.clone(),
+            overflow.clone(),
+        );
+        let sub_id = session
+            .create_subscription(
+                Duration::from_millis(self.cfg.publishing_interval_ms),
+                LIFETIME_COUNT,
+                KEEP_ALIVE_COUNT,
+                MAX_NOTIFICATIONS_PER_PUBLISH,
+                0,
+                true,
+                callbacks,
+            )
+            .await
+            .map_err(|e| format!("create subscription: {e}"))?;
+        let handles: Vec<u32> = chunk
+            .iter()
+            .map(|r| r.requested_parameters.client_handle)
+            .collect();
+        let results = session
+            .create_monitored_items(sub_id, TimestampsToReturn::Both, chunk)
+            .await
+            .map_err(|e| format!("create monitored items: {e}"))?;
+        if results.len() != handles.len() {
+            return Err(format!(
+                "create monitored items: {} results for {} items",
+                results.len(),
+                handles.len()
+            ));
+        }
+        let mut bad = Vec::new();
+        for (handle, created) in handles.iter().zip(results.iter()) {
+            let code = created.result.status_code;
+            if !code.is_good() {
+                let node_id = item_for(items, *handle)
+                    .map(|i| i.node_id.clone())
+                    .unwrap_or_default();
+                bad.push((
+                    node_id,
+                    format!("monitored item rejected by server: {code}"),
                 ));
-            }
-            for (handle, created) in handles.iter().zip(results.iter()) {
-                let code = created.result.status_code;
-                if !code.is_good() {
-                    let node_id = item_for(&items, *handle)
-                        .map(|i| i.node_id.clone())
-                        .unwrap_or_default();
-                    bad.push((
-                        node_id,
-                        format!("monitored item rejected by server: {code}"),
-                    ));
-                }
             }
         }
         Ok(bad)
@@ -944,7 +1026,9 @@ impl OpcUaSource {
         overflow: Arc<Overflow>,
     ) -> SubscriptionCallbacks {
         let source = self.cfg.name.clone();
-        let metrics = self.metrics.clone();
+        let labels = self.labels();
+        let dead_letters = self.metrics.dead_letters.get_or_create(&labels).clone();
+        let dropped = self.metrics.dropped.get_or_create(&labels).clone();
         SubscriptionCallbacks::new(
             move |notification| {
                 if !notification.status.is_good() {
@@ -957,30 +1041,16 @@ impl OpcUaSource {
                 let Some(it) = item_for(&items, item.client_handle()) else {
                     return;
                 };
-                let metric = MetricLabels {
-                    source: source.clone(),
-                    metric: it.metric.clone(),
-                };
-                metrics.notifications.get_or_create(&metric).inc();
+                it.notifications.inc();
                 let record =
                     data_value_to_record(&source, &it.node_id, &it.machine, &it.metric, value, now);
                 if matches!(record, Record::Reading(_)) {
-                    metrics.readings.get_or_create(&metric).inc();
+                    it.readings.inc();
                 } else {
-                    metrics
-                        .dead_letters
-                        .get_or_create(&SourceLabels {
-                            source: source.clone(),
-                        })
-                        .inc();
+                    dead_letters.inc();
                 }
                 if item_tx.try_send(record).is_err() {
-                    metrics
-                        .dropped
-                        .get_or_create(&SourceLabels {
-                            source: source.clone(),
-                        })
-                        .inc();
+                    dropped.inc();
                     overflow.record(now, &it.metric);
                 }
             },
@@ -1006,19 +1076,14 @@ async fn check_nodes<'a>(
         })
         .collect();
     let mut values = Vec::with_capacity(reads.len());
+    // SETUP_CONCURRENCY reads in flight, results in request order.
+    let mut pending = Vec::new();
     for chunk in reads.chunks(MAX_ITEMS_PER_SUBSCRIPTION) {
-        let got = session
-            .read(chunk, TimestampsToReturn::Neither, 0.0)
-            .await
-            .map_err(|e| format!("read node attributes: {e}"))?;
-        if got.len() != chunk.len() {
-            return Err(format!(
-                "read node attributes: {} results for {} attributes",
-                got.len(),
-                chunk.len()
-            ));
-        }
-        values.extend(got);
+        pending.push(read_chunk(session, chunk));
+    }
+    let mut answers = futures_util::stream::iter(pending).buffered(SETUP_CONCURRENCY);
+    while let Some(got) = answers.next().await {
+        values.extend(got?);
     }
     let mut values = values.into_iter();
     let mut verdicts = Vec::with_capacity(reads.len() / 2);
@@ -1026,6 +1091,23 @@ async fn check_nodes<'a>(
         verdicts.push(classify_node(&data_type, &value_rank));
     }
     Ok(verdicts)
+}
+
+/// Reads one chunk of attributes; fails unless every attribute has a result.
+async fn read_chunk(session: &Session, chunk: &[ReadValueId]) -> Result<Vec<DataValue>, String> {
+    let got = session
+        .read(chunk, TimestampsToReturn::Neither, 0.0)
+        .await
+        .map_err(|e| format!("read node attributes: {e}"))?;
+    if got.len() == chunk.len() {
+        Ok(got)
+    } else {
+        Err(format!(
+            "read node attributes: {} results for {} attributes",
+            got.len(),
+            chunk.len()
+        ))
+    }
 }
 
 /// Built-in data types (namespace 0 numeric ids) whose values can never be a number.
@@ -1171,6 +1253,33 @@ fn trust_cert(store: &CertificateStore, path: &Path) -> Result<(), String> {
             .map_err(|e| format!("removing {}: {e}", rejected.display()))?;
     }
     Ok(())
+}
+
+/// Sends the first record of `out` with `permit`, then as many more as the writer's channel
+/// has room for right now, without waiting.
+fn hand_over(permit: mpsc::Permit<'_, Envelope>, tx: &Sink, out: &mut VecDeque<Record>) {
+    let Some(rec) = out.pop_front() else {
+        return;
+    };
+    permit.send(Envelope::plain(rec));
+    while !out.is_empty() {
+        let Ok(p) = tx.try_reserve() else {
+            return;
+        };
+        if let Some(rec) = out.pop_front() {
+            p.send(Envelope::plain(rec));
+        }
+    }
+}
+
+/// Upper bound for session set-up (node check, subscriptions, monitored items) with `nodes`
+/// configured nodes: [`CONNECT_TIMEOUT`] per started [`MAX_ITEMS_PER_SUBSCRIPTION`] nodes and
+/// one more. Every request has its own timeout too; this only bounds a server that answers,
+/// but slowly. A fixed 30 s cut off a 20,000-node set-up on a busy server, which then started
+/// over from the beginning (issue #17).
+fn setup_timeout(nodes: usize) -> Duration {
+    let chunks = nodes.div_ceil(MAX_ITEMS_PER_SUBSCRIPTION).max(1);
+    CONNECT_TIMEOUT.saturating_mul(u32::try_from(chunks).unwrap_or(u32::MAX).saturating_add(1))
 }
 
 /// Event-loop results that end a session; `None` for routine activity.
@@ -1483,6 +1592,42 @@ mod tests {
         // A third node is beyond the bound: never remembered, never skipped.
         assert!(!last.is_repeat(&at(1, 1.0, "c")));
         assert!(!last.is_repeat(&at(1, 1.0, "c")));
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_to_the_writer_as_far_as_it_has_room_in_order_and_the_rest_waits() {
+        let (tx, mut rx) = mpsc::channel(3);
+        let reading = |v: f64| {
+            Record::Reading(Reading {
+                source: "plc".into(),
+                machine: "m".into(),
+                metric: "x".into(),
+                ts: DateTime::from_timestamp(1, 0).unwrap(),
+                value: v,
+                quality: Quality::Good,
+            })
+        };
+        let mut out: VecDeque<Record> = (0..5).map(|i| reading(f64::from(i))).collect();
+        let permit = tx.reserve().await.unwrap();
+        hand_over(permit, &tx, &mut out);
+        assert_eq!(out.len(), 2, "room for 3: two wait");
+        for want in 0..3 {
+            assert_eq!(value(&rx.recv().await.unwrap().record), f64::from(want));
+        }
+        let permit = tx.reserve().await.unwrap();
+        hand_over(permit, &tx, &mut out);
+        assert!(out.is_empty());
+        for want in 3..5 {
+            assert_eq!(value(&rx.recv().await.unwrap().record), f64::from(want));
+        }
+    }
+
+    #[test]
+    fn the_set_up_timeout_grows_with_the_node_count() {
+        assert_eq!(setup_timeout(0), 2 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(1000), 2 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(1001), 3 * CONNECT_TIMEOUT);
+        assert_eq!(setup_timeout(20_000), 21 * CONNECT_TIMEOUT);
     }
 
     #[test]
