@@ -89,7 +89,12 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 fn parent_of(pid: u32) -> Option<u32> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// CPU ticks of the PostgreSQL server: the postmaster and every process it started.

@@ -1320,15 +1320,17 @@ async fn log_rows_of_a_deleted_organisation_are_skipped_and_the_batch_is_kept(po
     tokio::time::timeout(Duration::from_secs(30), tracker.wait())
         .await
         .expect("writer did not stop after its queue closed");
-    let rows: Vec<i32> = sqlx::query_scalar(
-        "SELECT tokens_in FROM inference_logs WHERE org_id = $1 ORDER BY id",
-    )
-    .bind(kept)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let rows: Vec<i32> =
+        sqlx::query_scalar("SELECT tokens_in FROM inference_logs WHERE org_id = $1 ORDER BY id")
+            .bind(kept)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let expected: Vec<i32> = (0..300).filter(|i| i % 3 != 1).collect();
-    assert_eq!(rows, expected, "every row of the live organisation, in queue order");
+    assert_eq!(
+        rows, expected,
+        "every row of the live organisation, in queue order"
+    );
     let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM inference_logs WHERE org_id = $1")
         .bind(gone)
         .fetch_one(&pool)

@@ -374,8 +374,7 @@ mod tests {
         let id = p.principal.key_id;
         c.insert([1; 32], p, t0, c.generation());
         assert_eq!(
-            found(&c, &[1; 32], t0 + Duration::from_secs(4))
-                .map(|p| p.principal.key_id),
+            found(&c, &[1; 32], t0 + Duration::from_secs(4)).map(|p| p.principal.key_id),
             Some(id)
         );
         assert!(found(&c, &[1; 32], t0 + Duration::from_secs(5)).is_none());
@@ -406,7 +405,10 @@ mod tests {
         assert!(found(&c, &[2; 32], t0).is_some());
         c.forget_org(org);
         assert!(found(&c, &[2; 32], t0).is_none());
-        assert!(found(&c, &[3; 32], t0).is_some(), "other scopes stay cached");
+        assert!(
+            found(&c, &[3; 32], t0).is_some(),
+            "other scopes stay cached"
+        );
     }
 
     #[test]
@@ -432,7 +434,10 @@ mod tests {
         let c = KeyCache::new(Duration::from_secs(4), 10);
         let t0 = Instant::now();
         c.insert([1; 32], principal(None), t0, c.generation());
-        assert!(matches!(c.get(&[1; 32], t0 + Duration::from_secs(1)), Cached::Fresh(_)));
+        assert!(matches!(
+            c.get(&[1; 32], t0 + Duration::from_secs(1)),
+            Cached::Fresh(_)
+        ));
         let half = t0 + Duration::from_secs(2);
         assert!(
             matches!(c.get(&[1; 32], half), Cached::Refresh(_)),
