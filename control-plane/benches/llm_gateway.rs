@@ -14,6 +14,13 @@
 //! 4. optional soak (`LLM_BENCH_SOAK_S`, e.g. 600) at `LLM_BENCH_SOAK_RPS` (default 2000):
 //!    gateway RSS and p99 every 30 s, to show whether memory grows.
 //!
+//! Each open-loop run also prints CPU time per request of the gateway process and of the
+//! PostgreSQL server (postmaster and its children, found through `data_directory`), and the
+//! gateway's involuntary context switches per request (its threads preempted while runnable):
+//! figures that depend much less on the machine's other load than latency does, for
+//! before/after comparisons on a shared machine. Clock-tick resolution (10 ms) over a run of
+//! thousands of requests.
+//!
 //! `LLM_BENCH_GATEWAY_BIN`: measure another `kip-control-plane` binary (a saved copy of an
 //! earlier build) with this load generator, for before/after runs in one session.
 //!
@@ -64,6 +71,92 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after `)`.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// CPU ticks of the PostgreSQL server: the postmaster and every process it started.
+fn pg_ticks(postmaster: Option<u32>) -> u64 {
+    let Some(pm) = postmaster else {
+        return 0;
+    };
+    let mut total = cpu_ticks(pm);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+            && parent_of(pid) == Some(pm)
+        {
+            total += cpu_ticks(pid);
+        }
+    }
+    total
+}
+
+/// Involuntary context switches of all threads of a process.
+fn preemptions(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("nonvoluntary_ctxt_switches:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// CPU figures of the gateway and PostgreSQL at one moment.
+#[derive(Clone, Copy)]
+struct Cpu {
+    gateway: u64,
+    postgres: u64,
+    preempted: u64,
+}
+
+impl Cpu {
+    fn now(gateway: u32, postmaster: Option<u32>) -> Self {
+        Self {
+            gateway: cpu_ticks(gateway),
+            postgres: pg_ticks(postmaster),
+            preempted: preemptions(gateway),
+        }
+    }
+
+    /// `gateway CPU x us/req, PostgreSQL CPU y us/req, z preemptions/1000 req` since `self`.
+    fn per_request(&self, later: &Self, requests: usize) -> String {
+        let n = requests.max(1) as f64;
+        // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+        let us = |ticks: u64| ticks as f64 * 10_000.0 / n;
+        format!(
+            "gateway CPU {:.0} us/req, PostgreSQL CPU {:.0} us/req, gateway preempted {:.1} times/1000 req",
+            us(later.gateway.saturating_sub(self.gateway)),
+            us(later.postgres.saturating_sub(self.postgres)),
+            later.preempted.saturating_sub(self.preempted) as f64 * 1000.0 / n
+        )
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -337,6 +430,16 @@ async fn main() -> anyhow::Result<()> {
         u.to_string()
     };
 
+    // The server's postmaster, for its CPU time (None when this user cannot see it).
+    let postmaster: Option<u32> = match sqlx::query_scalar::<_, String>("SHOW data_directory")
+        .fetch_one(&mut admin)
+        .await
+    {
+        Ok(dir) => std::fs::read_to_string(std::path::Path::new(&dir).join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse().ok()),
+        Err(_) => None,
+    };
     let fake = FakeLlm::start(Reply::Json(fake_llm::completion("m", "hello"))).await;
     fake.stop_recording();
     let (gateway, admin_key) = start_gateway(&db_url, &fake).await;
@@ -410,8 +513,11 @@ async fn main() -> anyhow::Result<()> {
             let dur = Duration::from_secs(seconds);
             let d = open(&client, &direct, &body, rate, dur).await;
             d.report(&format!("direct, open loop {rate}/s"));
+            let before = Cpu::now(pid, postmaster);
             let g = open(&client, &via, &body, rate, dur).await;
+            let after = Cpu::now(pid, postmaster);
             g.report(&format!("via gateway, open loop {rate}/s"));
+            println!("  {}", before.per_request(&after, g.lat.len() + g.errors));
             calls += g.lat.len();
             let p99 = ms(pct(&g.lat, 0.99)) - ms(pct(&d.lat, 0.99));
             p99s.push((rate, ms(pct(&d.lat, 0.99)), p99));

@@ -1272,6 +1272,76 @@ async fn log_writer_flushes_everything_queued_when_its_senders_are_dropped(pool:
     assert_eq!(metrics.log_rows_dropped.get(), 0);
 }
 
+/// The writer inserts a batch unfiltered and lets the foreign key check organisations; a batch
+/// with a row of an organisation deleted since its call is written again without such rows,
+/// so the other organisations' rows are kept, in queue order.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn log_rows_of_a_deleted_organisation_are_skipped_and_the_batch_is_kept(pool: PgPool) {
+    use kip_control_plane::llm::{logs, metrics::LlmMetrics};
+    let app = gateway(pool.clone(), "").await;
+    let (kept, _) = app.org_with_key("acme").await;
+    let (gone, _) = app.org_with_key("gone").await;
+    let kept: uuid::Uuid = kept.parse().unwrap();
+    let gone: uuid::Uuid = gone.parse().unwrap();
+    sqlx::query("DELETE FROM organisations WHERE id = $1")
+        .bind(gone)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut reg = prometheus_client::registry::Registry::default();
+    let metrics = LlmMetrics::register(&mut reg);
+    let (sink, rx) = logs::LogSink::new(1_000, metrics.clone());
+    let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(logs::run_writer(
+        rx,
+        pool.clone(),
+        1_000,
+        Duration::from_secs(3600),
+        metrics.clone(),
+    ));
+    for i in 0..300u64 {
+        sink.record(logs::LogRecord {
+            org_id: if i % 3 == 1 { gone } else { kept },
+            request_id: uuid::Uuid::new_v4(),
+            provider: "p".into(),
+            model: format!("m{i}"),
+            tokens_in: i,
+            tokens_out: 1,
+            tokens_cached: 0,
+            cost_usd: 0.001,
+            latency_ms: 1.0,
+            ttft_ms: None,
+            status: "ok".into(),
+            cache_hit: false,
+        });
+    }
+    drop(sink);
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .expect("writer did not stop after its queue closed");
+    let rows: Vec<i32> =
+        sqlx::query_scalar("SELECT tokens_in FROM inference_logs WHERE org_id = $1 ORDER BY id")
+            .bind(kept)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let expected: Vec<i32> = (0..300).filter(|i| i % 3 != 1).collect();
+    assert_eq!(
+        rows, expected,
+        "every row of the live organisation, in queue order"
+    );
+    let orphans: i64 = sqlx::query_scalar("SELECT count(*) FROM inference_logs WHERE org_id = $1")
+        .bind(gone)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(orphans, 0);
+    assert_eq!(metrics.log_rows_written.get(), 200);
+    assert_eq!(metrics.log_write_failures.get(), 0);
+    assert_eq!(metrics.log_rows_dropped.get(), 0);
+}
+
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn latency_strategy_learns_to_prefer_the_faster_target(pool: PgPool) {
     let slow = FakeLlm::start(Reply::Slow(
