@@ -43,6 +43,9 @@ pub struct RawConfig {
     /// `[telemetry]`: time partitioning, retention and rollup maintenance.
     #[serde(default)]
     pub telemetry: crate::telemetry::storage::RawTelemetry,
+    /// `[agent_load_shedding]`: refuse agent syncs early when the replica is saturated.
+    #[serde(default)]
+    pub agent_load_shedding: crate::agent_api::RawShedding,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -555,6 +558,8 @@ pub struct Config {
     pub documents: crate::documents::DocumentsConfig,
     /// Time-series maintenance (`[telemetry]`).
     pub telemetry: crate::telemetry::storage::TelemetryConfig,
+    /// Load shedding of agent syncs (`[agent_load_shedding]`).
+    pub agent_load_shedding: crate::agent_api::SheddingConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -796,7 +801,11 @@ impl RawConfig {
             .telemetry
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
+        let agent_load_shedding = self
+            .agent_load_shedding
+            .validate(database_connect_timeout)?;
         Ok(Config {
+            agent_load_shedding,
             telemetry,
             health,
             documents,
@@ -959,6 +968,18 @@ mod tests {
             (
                 "[pki]\nserver_cert_lifetime_s = 7200\ncrl_refresh_interval_s = 3600",
                 "pki.crl_refresh_interval_s",
+            ),
+            (
+                "[agent_load_shedding]\nmax_queue_wait_ms = 0",
+                "agent_load_shedding.max_queue_wait_ms",
+            ),
+            (
+                "[database]\nconnect_timeout_ms = 1000\n[agent_load_shedding]\nmax_queue_wait_ms = 1000",
+                "agent_load_shedding.max_queue_wait_ms",
+            ),
+            (
+                "[agent_load_shedding]\nretry_after_min_s = 0",
+                "agent_load_shedding.retry_after_min_s",
             ),
         ];
         for (toml, field) in cases {
