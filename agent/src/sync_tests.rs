@@ -245,8 +245,8 @@ async fn shedding_control_plane(refusals: usize, retry_after_s: u64) -> (Fake, A
         .route(
             "/v1/agent/sync",
             post(
-                |State((seen, n)): State<(Arc<Mutex<Seen>>, Arc<AtomicUsize>)>,
-                 body: axum::body::Bytes| async move {
+                move |State((seen, n)): State<(Arc<Mutex<Seen>>, Arc<AtomicUsize>)>,
+                      body: axum::body::Bytes| async move {
                     let i = n.fetch_add(1, Ordering::Relaxed);
                     let json = kip_shared::batch::gunzip_bounded(&body, 64 << 20).unwrap();
                     let batch: SyncBatch = serde_json::from_slice(&json).unwrap();

@@ -1223,24 +1223,37 @@ async fn ot_certificates_are_issued_rotated_listed_by_expiry_and_verify_with_ope
 
 // ---------- issue #17: load shedding on the agent listener ----------
 
-/// A heartbeat: an empty sync batch (plain JSON), as the agent sends when it has no records.
-fn heartbeat_body() -> String {
-    json!({
-        "protocol_version": kip_shared::PROTOCOL_VERSION,
-        "agent_version": "kip-agent test",
-        "epoch": 1,
-        "first_seq": 0,
-        "last_seq": 0,
-        "records": [],
-    })
-    .to_string()
+/// A sync of one reading (plain JSON, sequence 1 of epoch 1: a resend is idempotent).
+fn sync_body() -> String {
+    let batch = kip_shared::sync::SyncBatch {
+        protocol_version: kip_shared::PROTOCOL_VERSION,
+        agent_version: "kip-agent test".into(),
+        epoch: 1,
+        first_seq: 1,
+        last_seq: 1,
+        records: vec![kip_shared::Sequenced {
+            epoch: 1,
+            seq: 1,
+            record: kip_shared::Record::Reading(kip_shared::Reading {
+                source: "plc1".into(),
+                machine: "press1".into(),
+                metric: "temp".into(),
+                ts: chrono::Utc::now(),
+                value: 1.0,
+                quality: Default::default(),
+            }),
+        }],
+        running_model: None,
+        health: None,
+    };
+    serde_json::to_string(&batch).unwrap()
 }
 
-async fn heartbeat(client: &reqwest::Client, env: &Env) -> reqwest::Response {
+async fn sync_one(client: &reqwest::Client, env: &Env) -> reqwest::Response {
     client
         .post(format!("{}/v1/agent/sync", env.agent_url))
         .header("content-type", "application/json")
-        .body(heartbeat_body())
+        .body(sync_body())
         .send()
         .await
         .unwrap()
@@ -1267,7 +1280,7 @@ async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_agai
     let admission = env._cp.state().agent_admission.clone();
 
     // Under the bound: served.
-    let r = heartbeat(&gw2, &env).await;
+    let r = sync_one(&gw2, &env).await;
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
 
     // gw-1 takes the only place with a sync whose body never ends.
@@ -1295,7 +1308,7 @@ async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_agai
 
     // Beyond the bound: refused at once, with the reason, a jittered Retry-After and counted.
     let started = std::time::Instant::now();
-    let r = heartbeat(&gw2, &env).await;
+    let r = sync_one(&gw2, &env).await;
     assert_eq!(r.status().as_u16(), 503);
     let retry_after: u64 = r
         .headers()
@@ -1325,7 +1338,7 @@ async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_agai
     let (s, v) = env.call("GET", "/readyz", None, false).await;
     assert_eq!(s, StatusCode::OK, "{v}");
 
-    // The stalled client goes away: its place frees, and the next heartbeat is served.
+    // The stalled client goes away: its place frees, and the next sync is served.
     stalled.abort();
     let _ = stalled.await;
     kip_tests::wait_until(Duration::from_secs(10), "the place is free", || {
@@ -1333,7 +1346,7 @@ async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_agai
         async move { a.in_flight() == 0 }
     })
     .await;
-    let r = heartbeat(&gw2, &env).await;
+    let r = sync_one(&gw2, &env).await;
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
     let metrics = env._cp.state().metrics.render();
     assert!(
@@ -1382,7 +1395,7 @@ async fn a_request_queued_past_the_wait_budget_is_shed(pool: PgPool) {
         },
     )
     .await;
-    let r = heartbeat(&gw2, &env).await;
+    let r = sync_one(&gw2, &env).await;
     assert_eq!(r.status().as_u16(), 503);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["reason"], "queue_wait", "{v}");
