@@ -38,126 +38,15 @@ use axum::{
     middleware::Next,
     response::{IntoResponse as _, Response},
 };
-use kip_shared::validate::in_range;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{config_error::ConfigError, http::ApiError};
-
-/// `[agent_load_shedding]` as written by the operator.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawShedding {
-    /// Syncs and heartbeats served at once on this replica; 0: no shedding.
-    #[serde(default = "default_max_in_flight_requests")]
-    pub max_in_flight_requests: u64,
-    /// Requests that may wait for a place beyond those; more are refused at once.
-    #[serde(default = "default_max_queued_requests")]
-    pub max_queued_requests: u64,
-    /// Longest a request waits for a place before it is refused.
-    #[serde(default = "default_max_queue_wait_ms")]
-    pub max_queue_wait_ms: u64,
-    /// `Retry-After` of a refusal is drawn uniformly from `retry_after_min_s..=retry_after_max_s`.
-    #[serde(default = "default_retry_after_min_s")]
-    pub retry_after_min_s: u64,
-    #[serde(default = "default_retry_after_max_s")]
-    pub retry_after_max_s: u64,
-}
-
-fn default_max_in_flight_requests() -> u64 {
-    16
-}
-fn default_max_queued_requests() -> u64 {
-    64
-}
-fn default_max_queue_wait_ms() -> u64 {
-    1_000
-}
-fn default_retry_after_min_s() -> u64 {
-    5
-}
-fn default_retry_after_max_s() -> u64 {
-    30
-}
-
-impl Default for RawShedding {
-    fn default() -> Self {
-        Self {
-            max_in_flight_requests: default_max_in_flight_requests(),
-            max_queued_requests: default_max_queued_requests(),
-            max_queue_wait_ms: default_max_queue_wait_ms(),
-            retry_after_min_s: default_retry_after_min_s(),
-            retry_after_max_s: default_retry_after_max_s(),
-        }
-    }
-}
-
-/// Validated `[agent_load_shedding]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SheddingConfig {
-    /// `None`: shedding is off.
-    pub max_in_flight_requests: Option<usize>,
-    pub max_queued_requests: usize,
-    pub max_queue_wait: Duration,
-    pub retry_after_min_s: u64,
-    pub retry_after_max_s: u64,
-}
-
-impl Default for SheddingConfig {
-    fn default() -> Self {
-        Self {
-            max_in_flight_requests: Some(16),
-            max_queued_requests: 64,
-            max_queue_wait: Duration::from_millis(1_000),
-            retry_after_min_s: 5,
-            retry_after_max_s: 30,
-        }
-    }
-}
-
-impl RawShedding {
-    /// Checks every field; `pool_acquire_timeout` is `database.connect_timeout_ms`, which the
-    /// queue wait must stay below (see the module docs).
-    pub fn validate(self, pool_acquire_timeout: Duration) -> Result<SheddingConfig, ConfigError> {
-        let invalid =
-            |field: &'static str, message: String| ConfigError::Invalid { field, message };
-        let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-        let in_flight = in_range(self.max_in_flight_requests, 0, 100_000, "")
-            .map_err(|m| invalid("agent_load_shedding.max_in_flight_requests", m))?;
-        let queued = in_range(self.max_queued_requests, 0, 1_000_000, "")
-            .map_err(|m| invalid("agent_load_shedding.max_queued_requests", m))?;
-        let wait = in_range(self.max_queue_wait_ms, 1, 600_000, " ms")
-            .map(Duration::from_millis)
-            .map_err(|m| invalid("agent_load_shedding.max_queue_wait_ms", m))?;
-        if in_flight > 0 && wait >= pool_acquire_timeout {
-            return Err(invalid(
-                "agent_load_shedding.max_queue_wait_ms",
-                format!(
-                    "must be below database.connect_timeout_ms ({} ms), got {} ms: a \
-                     saturated replica must refuse before its pool times out",
-                    pool_acquire_timeout.as_millis(),
-                    wait.as_millis()
-                ),
-            ));
-        }
-        let min = in_range(self.retry_after_min_s, 1, 3_600, " s")
-            .map_err(|m| invalid("agent_load_shedding.retry_after_min_s", m))?;
-        let max = in_range(self.retry_after_max_s, min, 3_600, " s")
-            .map_err(|m| invalid("agent_load_shedding.retry_after_max_s", m))?;
-        Ok(SheddingConfig {
-            max_in_flight_requests: (in_flight > 0).then(|| to_usize(in_flight)),
-            max_queued_requests: to_usize(queued),
-            max_queue_wait: wait,
-            retry_after_min_s: min,
-            retry_after_max_s: max,
-        })
-    }
-}
+pub use crate::config::{RawShedding, SheddingConfig};
+use crate::http::ApiError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShedLabels {
