@@ -1268,7 +1268,10 @@ impl Syncer {
                     (503, _) => "server",
                     _ => "throttled",
                 },
-                message: format!("{status}: {message} (Retry-After {} s)", retry_after.as_secs()),
+                message: format!(
+                    "{status}: {message} (Retry-After {} s)",
+                    retry_after.as_secs()
+                ),
                 retry_after,
             };
         }

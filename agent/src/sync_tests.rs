@@ -324,7 +324,10 @@ async fn a_503_with_retry_after_delays_the_next_attempt_at_least_that_long_and_l
             .get(),
         1
     );
-    assert!(s.server_asked_wait, "the probe must not cut this wait short");
+    assert!(
+        s.server_asked_wait,
+        "the probe must not cut this wait short"
+    );
     assert_eq!(buffer.stats().unwrap().counts.total(), 10, "still buffered");
     // The next attempt (after the wait, which `run` sleeps) sends the same batch.
     s.step().await.unwrap();

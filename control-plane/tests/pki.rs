@@ -1332,7 +1332,10 @@ async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_agai
         metrics.contains("kip_agent_requests_shed_total{reason=\"queue_full\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("kip_agent_requests_in_flight 1"), "{metrics}");
+    assert!(
+        metrics.contains("kip_agent_requests_in_flight 1"),
+        "{metrics}"
+    );
 
     // The admin API is not held up by the agent listener's bound (its own listener and pool).
     let (s, v) = env.call("GET", "/readyz", None, false).await;

@@ -330,7 +330,9 @@ impl Agent {
         match status.as_u16() {
             200 => serde_json::from_slice(&bytes).map_err(|_| Failure("ack_undecodable")),
             429 => Err(Failure("status_429")),
-            503 if error_code(&bytes).as_deref() == Some(kip_shared::sync::error_code::OVERLOADED) => {
+            503 if error_code(&bytes).as_deref()
+                == Some(kip_shared::sync::error_code::OVERLOADED) =>
+            {
                 Err(Failure("shed_503"))
             }
             503 => Err(Failure("status_503")),

@@ -179,7 +179,10 @@ impl Admission {
     }
 
     fn shed(&self, reason: &'static str) -> ApiError {
-        self.metrics.shed.get_or_create(&ShedLabels { reason }).inc();
+        self.metrics
+            .shed
+            .get_or_create(&ShedLabels { reason })
+            .inc();
         let retry_after_s = retry_after(
             self.cfg.retry_after_min_s,
             self.cfg.retry_after_max_s,
@@ -294,9 +297,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let places: Vec<_> = (0..1000)
-            .map(|_| rt.block_on(a.admit()).unwrap())
-            .collect();
+        let places: Vec<_> = (0..1000).map(|_| rt.block_on(a.admit()).unwrap()).collect();
         assert_eq!(places.len(), 1000);
     }
 
@@ -318,7 +319,10 @@ mod tests {
             max_queue_wait_ms: 5_000,
             ..RawShedding::default()
         };
-        let err = raw.validate(Duration::from_secs(5)).unwrap_err().to_string();
+        let err = raw
+            .validate(Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("agent_load_shedding.max_queue_wait_ms")
                 && err.contains("database.connect_timeout_ms"),
@@ -329,8 +333,14 @@ mod tests {
             retry_after_max_s: 5,
             ..RawShedding::default()
         };
-        let err = raw.validate(Duration::from_secs(5)).unwrap_err().to_string();
-        assert!(err.contains("agent_load_shedding.retry_after_max_s"), "{err}");
+        let err = raw
+            .validate(Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agent_load_shedding.retry_after_max_s"),
+            "{err}"
+        );
         assert_eq!(
             RawShedding::default()
                 .validate(Duration::from_secs(5))
