@@ -25,12 +25,9 @@
 //!   and a refused renewal could strand a device).
 //! - `max_in_flight_requests = 0` turns shedding off (every request admitted, as before).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
 use axum::{
@@ -214,6 +211,8 @@ pub async fn admit(State(admission): State<Arc<Admission>>, req: Request, next: 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn admission(in_flight: usize, queued: usize, wait_ms: u64) -> Admission {
