@@ -30,6 +30,13 @@
 //!   stay buffered, the next endpoint is tried after exponential backoff with equal jitter
 //!   ([`kip_shared::backoff::Backoff`], `backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
 //!   halve the batch size; fast, full batches double it again up to the configured caps.
+//! - Load shedding (issue #17): a `503` or `429` with `Retry-After` (delta seconds) is a
+//!   control plane asking the fleet to come back later; the loop waits at least that long
+//!   (capped at `backoff_max_ms`, so a wrong header cannot park the agent), without the probe
+//!   shortcut below (the endpoint is reachable, just busy), and counts it in
+//!   `kip_agent_sync_retry_after_waits_total`. The records stay buffered and the same batch
+//!   is sent again: nothing is lost. A saturated control plane's refusal is code `overloaded`
+//!   (reason `overloaded` in `kip_agent_sync_failures_total`).
 //! - Reconnect: while backing off, the endpoints are probed (TLS handshake every
 //!   `probe_interval_ms`, [`crate::sync_probe`]); an endpoint seen unreachable and then
 //!   reachable ends the wait at once and becomes the endpoint of the next attempt, so the first
@@ -159,6 +166,7 @@ struct SyncMetrics {
     heartbeats: Family<ResultLabels, Counter>,
     clock_offset_seconds: Gauge<f64, AtomicU64>,
     probe_recoveries: Counter,
+    retry_after_waits: Counter,
 }
 
 impl SyncMetrics {
@@ -218,6 +226,11 @@ impl SyncMetrics {
             "clock_offset_seconds",
             "Control-plane clock minus agent clock, from the last acknowledged sync (positive: the control plane is ahead)",
             m.clock_offset_seconds.clone(),
+        );
+        registry.register(
+            "sync_retry_after_waits",
+            "Sync attempts refused with 503 or 429 and Retry-After, after which the loop waited at least that long (capped at sync.backoff_max_ms)",
+            m.retry_after_waits.clone(),
         );
         registry.register(
             "sync_probe_recoveries",
@@ -295,6 +308,12 @@ enum Outcome {
         reason: &'static str,
         message: String,
     },
+    /// 503 or 429 with `Retry-After`: the control plane asks to come back after `retry_after`.
+    Throttled {
+        reason: &'static str,
+        message: String,
+        retry_after: Duration,
+    },
     /// 413: the batch is too large for the control plane.
     TooLarge {
         message: String,
@@ -354,6 +373,8 @@ pub struct Syncer {
     last_contact: Option<Instant>,
     /// The next batch, read and encoded while the current one is in flight.
     read_ahead: Option<ReadAhead>,
+    /// The last failure carried a `Retry-After`: its wait is not cut short by the probe.
+    server_asked_wait: bool,
     /// The deletion of the last acknowledged batch, running while the next one is in flight;
     /// joined before the loop looks at the buffer again.
     pending_ack: Option<tokio::task::JoinHandle<Result<u64, BufferError>>>,
@@ -475,6 +496,7 @@ impl Syncer {
             clock_offset_ms: None,
             last_contact: None,
             read_ahead: None,
+            server_asked_wait: false,
             pending_ack: None,
         })
     }
@@ -678,6 +700,17 @@ impl Syncer {
                     .inc();
                 Ok(self.failure(reason, message))
             }
+            Outcome::Throttled {
+                reason,
+                message,
+                retry_after,
+            } => {
+                self.metrics
+                    .heartbeats
+                    .get_or_create(&result("failed"))
+                    .inc();
+                Ok(self.failure_after(reason, message, Some(retry_after)))
+            }
         }
     }
 
@@ -865,10 +898,13 @@ impl Syncer {
                     self.failure("local", e.to_string())
                 }
             };
+            // A wait the control plane asked for is not cut short: the endpoint is reachable
+            // (it answered), so a probe would end the wait at once.
+            let asked = std::mem::take(&mut self.server_asked_wait);
             let probe = self
                 .cfg
                 .probe_interval
-                .filter(|p| self.failures > 0 && pause > *p);
+                .filter(|p| self.failures > 0 && pause > *p && !asked);
             let Some(interval) = probe else {
                 tokio::select! {
                     () = cancel.cancelled() => break,
@@ -1041,6 +1077,12 @@ impl Syncer {
                 }
                 Ok(Some(self.failure(reason, message)))
             }
+            // Not a reason to shrink: the control plane did not even read the batch.
+            Outcome::Throttled {
+                reason,
+                message,
+                retry_after,
+            } => Ok(Some(self.failure_after(reason, message, Some(retry_after)))),
             Outcome::TooLarge { message } if n > 1 => {
                 self.shrink();
                 self.metrics
@@ -1163,6 +1205,17 @@ impl Syncer {
 
     /// Records a failure, switches to the next endpoint and returns the backoff.
     fn failure(&mut self, reason: &'static str, message: String) -> Duration {
+        self.failure_after(reason, message, None)
+    }
+
+    /// [`Self::failure`]; with `retry_after` (the control plane's `Retry-After`) the wait is
+    /// at least that long, capped at `backoff_max`.
+    fn failure_after(
+        &mut self,
+        reason: &'static str,
+        message: String,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.metrics
             .batches
@@ -1190,8 +1243,13 @@ impl Syncer {
         if let Some(e) = self.cfg.endpoints.get(self.endpoint) {
             self.status.set_endpoint(e);
         }
-        let delay = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max)
+        let mut delay = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max)
             .delay_for(self.failures, rand::random::<f64>());
+        if let Some(asked) = retry_after {
+            delay = delay.max(asked.min(self.cfg.backoff_max));
+            self.server_asked_wait = true;
+            self.metrics.retry_after_waits.inc();
+        }
         tracing::warn!(endpoint = %failed, reason, %message, failures = self.failures,
             retry_in_ms = delay.as_millis() as u64, "sync failed; records stay buffered");
         delay
@@ -1266,6 +1324,7 @@ impl Syncer {
             }
         };
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let bytes = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
@@ -1284,12 +1343,29 @@ impl Syncer {
                 },
             };
         }
+        let retry_after = matches!(status, 429 | 503)
+            .then(|| retry_after(&headers))
+            .flatten();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         let code = v["error"]["code"].as_str().map(ToOwned::to_owned);
         let message = v["error"]["message"]
             .as_str()
             .map(ToOwned::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+        if let Some(retry_after) = retry_after {
+            return Outcome::Throttled {
+                reason: match (status, code.as_deref()) {
+                    (503, Some(error_code::OVERLOADED)) => "overloaded",
+                    (503, _) => "server",
+                    _ => "throttled",
+                },
+                message: format!(
+                    "{status}: {message} (Retry-After {} s)",
+                    retry_after.as_secs()
+                ),
+                retry_after,
+            };
+        }
         match status {
             413 => Outcome::TooLarge { message },
             400 | 422 => Outcome::Refused {
@@ -1315,6 +1391,13 @@ impl Syncer {
             },
         }
     }
+}
+
+/// The `Retry-After` of an answer, when it is delta seconds (what kip's control plane
+/// sends); an HTTP date or garbage is ignored (the plain backoff applies).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Reads up to `max_records` records from `from_seq` and encodes them as a gzip JSON batch.

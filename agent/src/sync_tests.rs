@@ -443,3 +443,162 @@ async fn a_refused_signature_is_not_fetched_again_while_the_same_artifact_is_des
     assert!(inference.shadow_model().is_none());
     server.stop.cancel();
 }
+
+// ---------- issue #17: a saturated control plane sheds load with Retry-After ----------
+
+/// What the shedding fake saw: the time of every request and the sequences of every batch it
+/// acknowledged.
+#[derive(Default)]
+struct Seen {
+    at: Vec<std::time::Instant>,
+    acked: Vec<u64>,
+}
+
+/// A control plane that answers the first `refusals` requests `503` (code `overloaded`,
+/// `Retry-After: retry_after_s`, as a saturated replica does) and acknowledges the rest.
+async fn shedding_control_plane(refusals: usize, retry_after_s: u64) -> (Fake, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/v1/agent/sync",
+            post(
+                move |State((seen, n)): State<(Arc<Mutex<Seen>>, Arc<AtomicUsize>)>,
+                      body: axum::body::Bytes| async move {
+                    let i = n.fetch_add(1, Ordering::Relaxed);
+                    let json = kip_shared::batch::gunzip_bounded(&body, 64 << 20).unwrap();
+                    let batch: SyncBatch = serde_json::from_slice(&json).unwrap();
+                    let mut s = seen.lock().unwrap();
+                    s.at.push(std::time::Instant::now());
+                    if i < refusals {
+                        return axum::response::IntoResponse::into_response((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::RETRY_AFTER, retry_after_s.to_string())],
+                            Json(serde_json::json!({"error": {
+                                "code": error_code::OVERLOADED,
+                                "reason": "queue_full",
+                                "message": "this control-plane replica is serving its maximum of agent requests",
+                            }})),
+                        ));
+                    }
+                    s.acked.extend(batch.records.iter().map(|r| r.seq));
+                    axum::response::IntoResponse::into_response(Json(SyncAck {
+                        protocol_version: kip_shared::PROTOCOL_VERSION,
+                        epoch: batch.epoch,
+                        acked_seq: batch.last_seq,
+                        inserted: batch.records.len() as u64,
+                        duplicates: 0,
+                        desired: Default::default(),
+                        server_time: Some(chrono::Utc::now()),
+                    }))
+                },
+            ),
+        )
+        .with_state((seen.clone(), requests.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio_util::task::TaskTracker::new().spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    (
+        Fake {
+            url,
+            requests,
+            stop,
+        },
+        seen,
+    )
+}
+
+/// [`syncer`] with a backoff from 10 ms up to `backoff_max`.
+fn syncer_with_backoff_max(buffer: Arc<Buffer>, url: &str, backoff_max: Duration) -> Syncer {
+    let mut s = syncer(buffer, url);
+    s.cfg.backoff_max = backoff_max;
+    s
+}
+
+#[tokio::test]
+async fn a_503_with_retry_after_delays_the_next_attempt_at_least_that_long_and_loses_nothing() {
+    let (fake, seen) = shedding_control_plane(1, 7).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 10);
+    let mut s = syncer_with_backoff_max(buffer.clone(), &fake.url, Duration::from_secs(60));
+    let pause = s.step().await.unwrap().expect("a refusal backs off");
+    assert!(
+        (Duration::from_secs(7)..=Duration::from_secs(60)).contains(&pause),
+        "the plain backoff would be 10 ms; the control plane asked for 7 s: {pause:?}"
+    );
+    assert_eq!(s.metrics.retry_after_waits.get(), 1);
+    assert_eq!(
+        s.metrics
+            .failures
+            .get_or_create(&ReasonLabels {
+                reason: "overloaded"
+            })
+            .get(),
+        1
+    );
+    assert!(
+        s.server_asked_wait,
+        "the probe must not cut this wait short"
+    );
+    assert_eq!(buffer.stats().unwrap().counts.total(), 10, "still buffered");
+    // The next attempt (after the wait, which `run` sleeps) sends the same batch.
+    s.step().await.unwrap();
+    s.join_ack().await.unwrap();
+    assert_eq!(buffer.stats().unwrap().counts.total(), 0);
+    let acked = seen.lock().unwrap().acked.clone();
+    assert_eq!(acked, (1..=10).collect::<Vec<u64>>(), "every record once");
+    fake.stop.cancel();
+}
+
+#[tokio::test]
+async fn retry_after_is_capped_at_the_max_backoff() {
+    let (fake, _seen) = shedding_control_plane(1, 3_600).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 3);
+    let mut s = syncer_with_backoff_max(buffer.clone(), &fake.url, Duration::from_secs(2));
+    let pause = s.step().await.unwrap().expect("a refusal backs off");
+    assert!(
+        (Duration::from_millis(1_000)..=Duration::from_secs(2)).contains(&pause),
+        "{pause:?}"
+    );
+    assert_eq!(buffer.stats().unwrap().counts.total(), 3);
+    fake.stop.cancel();
+}
+
+/// The loop itself (`run`, with the probe on): the attempt after a refusal with
+/// `Retry-After: 1` comes no sooner than 1 s later, although the plain backoff is 10-20 ms and
+/// the endpoint is reachable all along.
+#[tokio::test]
+async fn the_loop_waits_for_retry_after_before_resending() {
+    let (fake, seen) = shedding_control_plane(2, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 5);
+    let mut s = syncer_with_backoff_max(buffer.clone(), &fake.url, Duration::from_secs(30));
+    s.cfg.probe_interval = Some(Duration::from_millis(50));
+    let cancel = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(s.run(cancel.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().acked.len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let seen = seen.lock().unwrap();
+    assert!(seen.at.len() >= 3, "two refusals, then the ack");
+    for pair in seen.at.windows(2).take(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_secs(1), "resent after {gap:?}");
+    }
+    assert_eq!(seen.acked, (1..=5).collect::<Vec<u64>>());
+    assert_eq!(buffer.stats().unwrap().counts.total(), 0);
+    fake.stop.cancel();
+}

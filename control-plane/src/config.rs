@@ -43,6 +43,9 @@ pub struct RawConfig {
     /// `[telemetry]`: time partitioning, retention and rollup maintenance.
     #[serde(default)]
     pub telemetry: crate::telemetry::storage::RawTelemetry,
+    /// `[agent_load_shedding]`: refuse agent syncs early when the replica is saturated.
+    #[serde(default)]
+    pub agent_load_shedding: RawShedding,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +222,116 @@ impl RawIngest {
         Ok(crate::telemetry::IngestLimits {
             max_records: usize::try_from(self.max_batch_records).unwrap_or(usize::MAX),
             max_decoded_bytes: usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+/// `[agent_load_shedding]` as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShedding {
+    /// Syncs and heartbeats served at once on this replica; 0: no shedding.
+    #[serde(default = "default_max_in_flight_requests")]
+    pub max_in_flight_requests: u64,
+    /// Requests that may wait for a place beyond those; more are refused at once.
+    #[serde(default = "default_max_queued_requests")]
+    pub max_queued_requests: u64,
+    /// Longest a request waits for a place before it is refused.
+    #[serde(default = "default_max_queue_wait_ms")]
+    pub max_queue_wait_ms: u64,
+    /// `Retry-After` of a refusal is drawn uniformly from `retry_after_min_s..=retry_after_max_s`.
+    #[serde(default = "default_retry_after_min_s")]
+    pub retry_after_min_s: u64,
+    #[serde(default = "default_retry_after_max_s")]
+    pub retry_after_max_s: u64,
+}
+
+fn default_max_in_flight_requests() -> u64 {
+    16
+}
+fn default_max_queued_requests() -> u64 {
+    64
+}
+fn default_max_queue_wait_ms() -> u64 {
+    1_000
+}
+fn default_retry_after_min_s() -> u64 {
+    5
+}
+fn default_retry_after_max_s() -> u64 {
+    30
+}
+
+impl Default for RawShedding {
+    fn default() -> Self {
+        Self {
+            max_in_flight_requests: default_max_in_flight_requests(),
+            max_queued_requests: default_max_queued_requests(),
+            max_queue_wait_ms: default_max_queue_wait_ms(),
+            retry_after_min_s: default_retry_after_min_s(),
+            retry_after_max_s: default_retry_after_max_s(),
+        }
+    }
+}
+
+/// Validated `[agent_load_shedding]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SheddingConfig {
+    /// `None`: shedding is off.
+    pub max_in_flight_requests: Option<usize>,
+    pub max_queued_requests: usize,
+    pub max_queue_wait: Duration,
+    pub retry_after_min_s: u64,
+    pub retry_after_max_s: u64,
+}
+
+impl Default for SheddingConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight_requests: Some(16),
+            max_queued_requests: 64,
+            max_queue_wait: Duration::from_millis(1_000),
+            retry_after_min_s: 5,
+            retry_after_max_s: 30,
+        }
+    }
+}
+
+impl RawShedding {
+    /// Checks every field; `pool_acquire_timeout` is `database.connect_timeout_ms`, which the
+    /// queue wait must stay below (see `agent_api::shed`).
+    pub fn validate(self, pool_acquire_timeout: Duration) -> Result<SheddingConfig, ConfigError> {
+        let invalid =
+            |field: &'static str, message: String| ConfigError::Invalid { field, message };
+        let to_usize = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let in_flight = in_range(self.max_in_flight_requests, 0, 100_000, "")
+            .map_err(|m| invalid("agent_load_shedding.max_in_flight_requests", m))?;
+        let queued = in_range(self.max_queued_requests, 0, 1_000_000, "")
+            .map_err(|m| invalid("agent_load_shedding.max_queued_requests", m))?;
+        let wait = in_range(self.max_queue_wait_ms, 1, 600_000, " ms")
+            .map(Duration::from_millis)
+            .map_err(|m| invalid("agent_load_shedding.max_queue_wait_ms", m))?;
+        if in_flight > 0 && wait >= pool_acquire_timeout {
+            return Err(invalid(
+                "agent_load_shedding.max_queue_wait_ms",
+                format!(
+                    "must be below database.connect_timeout_ms ({} ms), got {} ms: a \
+                     saturated replica must refuse before its pool times out",
+                    pool_acquire_timeout.as_millis(),
+                    wait.as_millis()
+                ),
+            ));
+        }
+        let min = in_range(self.retry_after_min_s, 1, 3_600, " s")
+            .map_err(|m| invalid("agent_load_shedding.retry_after_min_s", m))?;
+        let max = in_range(self.retry_after_max_s, min, 3_600, " s")
+            .map_err(|m| invalid("agent_load_shedding.retry_after_max_s", m))?;
+        Ok(SheddingConfig {
+            max_in_flight_requests: (in_flight > 0).then(|| to_usize(in_flight)),
+            max_queued_requests: to_usize(queued),
+            max_queue_wait: wait,
+            retry_after_min_s: min,
+            retry_after_max_s: max,
         })
     }
 }
@@ -555,6 +668,8 @@ pub struct Config {
     pub documents: crate::documents::DocumentsConfig,
     /// Time-series maintenance (`[telemetry]`).
     pub telemetry: crate::telemetry::storage::TelemetryConfig,
+    /// Load shedding of agent syncs (`[agent_load_shedding]`).
+    pub agent_load_shedding: SheddingConfig,
 }
 
 /// Environment variables that override file settings, in the order they are applied.
@@ -796,7 +911,11 @@ impl RawConfig {
             .telemetry
             .validate()
             .map_err(|(field, message)| invalid(field, message))?;
+        let agent_load_shedding = self
+            .agent_load_shedding
+            .validate(database_connect_timeout)?;
         Ok(Config {
+            agent_load_shedding,
             telemetry,
             health,
             documents,
@@ -959,6 +1078,18 @@ mod tests {
             (
                 "[pki]\nserver_cert_lifetime_s = 7200\ncrl_refresh_interval_s = 3600",
                 "pki.crl_refresh_interval_s",
+            ),
+            (
+                "[agent_load_shedding]\nmax_queue_wait_ms = 0",
+                "agent_load_shedding.max_queue_wait_ms",
+            ),
+            (
+                "[database]\nconnect_timeout_ms = 1000\n[agent_load_shedding]\nmax_queue_wait_ms = 1000",
+                "agent_load_shedding.max_queue_wait_ms",
+            ),
+            (
+                "[agent_load_shedding]\nretry_after_min_s = 0",
+                "agent_load_shedding.retry_after_min_s",
             ),
         ];
         for (toml, field) in cases {

@@ -205,6 +205,10 @@ impl ControlPlaneBuilder {
             }
             None => None,
         };
+        let agent_admission = Arc::new(agent_api::Admission::new(
+            cfg.agent_load_shedding,
+            metrics.agent_shedding.clone(),
+        ));
         let state = AppState {
             pool: pool.clone(),
             metrics,
@@ -224,6 +228,7 @@ impl ControlPlaneBuilder {
             console: Arc::default(),
             // rag: per-organisation documents and retrieval (loads the embedding model).
             documents: Arc::new(documents::Documents::new(cfg.documents.clone())),
+            agent_admission,
         };
 
         // Background services. The log writer ends after every log sender (the gateway in

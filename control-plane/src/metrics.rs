@@ -35,6 +35,8 @@ pub struct Metrics {
     pub model_drift: crate::ml::monitoring::DriftMetrics,
     /// Model rollouts (`kip_model_rollout_auto_halts_total{reason}`).
     pub model_rollouts: crate::ml::compare::RolloutMetrics,
+    /// Load shedding on the agent listener (`kip_agent_requests_*`).
+    pub agent_shedding: crate::agent_api::SheddingMetrics,
 }
 
 impl Metrics {
@@ -54,7 +56,9 @@ impl Metrics {
         let fleet = FleetMetrics::register(&mut registry);
         let model_drift = crate::ml::monitoring::DriftMetrics::register(&mut registry);
         let model_rollouts = crate::ml::compare::RolloutMetrics::register(&mut registry);
+        let agent_shedding = crate::agent_api::SheddingMetrics::register(&mut registry);
         Self {
+            agent_shedding,
             model_rollouts,
             model_drift,
             fleet,

@@ -85,7 +85,13 @@ pub fn agent_router(state: AppState) -> Router {
         .pki
         .as_ref()
         .map_or(state.http.request_timeout, |p| p.agent_request_timeout());
-    agent_api::router(state.http, state.ingest, timeout).with_state(state)
+    agent_api::router(
+        state.http,
+        state.ingest,
+        timeout,
+        state.agent_admission.clone(),
+    )
+    .with_state(state)
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -50,6 +50,8 @@ pub struct AppState {
     pub console: Arc<crate::console::Sessions>,
     /// Documents and retrieval (`[documents]`; the embedding model).
     pub documents: Arc<crate::documents::Documents>,
+    /// Load shedding of agent syncs (`[agent_load_shedding]`), one per process.
+    pub agent_admission: Arc<crate::agent_api::Admission>,
 }
 
 impl FromRef<AppState> for HttpMetrics {

@@ -1220,3 +1220,194 @@ async fn ot_certificates_are_issued_rotated_listed_by_expiry_and_verify_with_ope
     let resp = env.router.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
+
+// ---------- issue #17: load shedding on the agent listener ----------
+
+/// A sync of one reading (plain JSON, sequence 1 of epoch 1: a resend is idempotent).
+fn sync_body() -> String {
+    let batch = kip_shared::sync::SyncBatch {
+        protocol_version: kip_shared::PROTOCOL_VERSION,
+        agent_version: "kip-agent test".into(),
+        epoch: 1,
+        first_seq: 1,
+        last_seq: 1,
+        records: vec![kip_shared::Sequenced {
+            epoch: 1,
+            seq: 1,
+            record: kip_shared::Record::Reading(kip_shared::Reading {
+                source: "plc1".into(),
+                machine: "press1".into(),
+                metric: "temp".into(),
+                ts: chrono::Utc::now(),
+                value: 1.0,
+                quality: Default::default(),
+            }),
+        }],
+        running_model: None,
+        health: None,
+    };
+    serde_json::to_string(&batch).unwrap()
+}
+
+async fn sync_one(client: &reqwest::Client, env: &Env) -> reqwest::Response {
+    client
+        .post(format!("{}/v1/agent/sync", env.agent_url))
+        .header("content-type", "application/json")
+        .body(sync_body())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_saturated_agent_listener_sheds_syncs_with_retry_after_and_serves_again_below_the_bound(
+    pool: PgPool,
+) {
+    let env = setup_with(pool, |cfg| {
+        cfg.agent_load_shedding = kip_control_plane::agent_api::SheddingConfig {
+            max_in_flight_requests: Some(1),
+            max_queued_requests: 0,
+            max_queue_wait: Duration::from_millis(100),
+            retry_after_min_s: 5,
+            retry_after_max_s: 30,
+        };
+    })
+    .await;
+    let (k1, c1) = env.enrolled_device("gw-1").await;
+    let (k2, c2) = env.enrolled_device("gw-2").await;
+    let gw1 = agent_client(tls_config(&env.bundle_pem, &c1.certificate_chain_pem, &k1));
+    let gw2 = agent_client(tls_config(&env.bundle_pem, &c2.certificate_chain_pem, &k2));
+    let admission = env._cp.state().agent_admission.clone();
+
+    // Under the bound: served.
+    let r = sync_one(&gw2, &env).await;
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+
+    // gw-1 takes the only place with a sync whose body never ends.
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("{"))])
+        .chain(futures_util::stream::pending());
+    let stalled = TaskTracker::new().spawn({
+        let url = format!("{}/v1/agent/sync", env.agent_url);
+        async move {
+            gw1.post(url)
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+        }
+    });
+    kip_tests::wait_until(
+        Duration::from_secs(10),
+        "the stalled sync holds the place",
+        || {
+            let a = admission.clone();
+            async move { a.in_flight() == 1 }
+        },
+    )
+    .await;
+
+    // Beyond the bound: refused at once, with the reason, a jittered Retry-After and counted.
+    let started = std::time::Instant::now();
+    let r = sync_one(&gw2, &env).await;
+    assert_eq!(r.status().as_u16(), 503);
+    let retry_after: u64 = r
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((5..=30).contains(&retry_after), "{retry_after}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "overloaded", "{v}");
+    assert_eq!(v["error"]["reason"], "queue_full", "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without waiting for the pool: {:?}",
+        started.elapsed()
+    );
+    let metrics = env._cp.state().metrics.render();
+    assert!(
+        metrics.contains("kip_agent_requests_shed_total{reason=\"queue_full\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kip_agent_requests_in_flight 1"),
+        "{metrics}"
+    );
+
+    // The admin API is not held up by the agent listener's bound (its own listener and pool).
+    let (s, v) = env.call("GET", "/readyz", None, false).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // The stalled client goes away: its place frees, and the next sync is served.
+    stalled.abort();
+    let _ = stalled.await;
+    kip_tests::wait_until(Duration::from_secs(10), "the place is free", || {
+        let a = admission.clone();
+        async move { a.in_flight() == 0 }
+    })
+    .await;
+    let r = sync_one(&gw2, &env).await;
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let metrics = env._cp.state().metrics.render();
+    assert!(
+        metrics.contains("kip_agent_requests_shed_total{reason=\"queue_full\"} 1"),
+        "one refusal only: {metrics}"
+    );
+}
+
+/// A queued request waits for a place up to `max_queue_wait_ms`, then is refused with reason
+/// `queue_wait` (instead of waiting for the pool until `database.connect_timeout_ms`).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_request_queued_past_the_wait_budget_is_shed(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.agent_load_shedding = kip_control_plane::agent_api::SheddingConfig {
+            max_in_flight_requests: Some(1),
+            max_queued_requests: 8,
+            max_queue_wait: Duration::from_millis(200),
+            retry_after_min_s: 1,
+            retry_after_max_s: 2,
+        };
+    })
+    .await;
+    let (k1, c1) = env.enrolled_device("gw-1").await;
+    let (k2, c2) = env.enrolled_device("gw-2").await;
+    let gw1 = agent_client(tls_config(&env.bundle_pem, &c1.certificate_chain_pem, &k1));
+    let gw2 = agent_client(tls_config(&env.bundle_pem, &c2.certificate_chain_pem, &k2));
+    let admission = env._cp.state().agent_admission.clone();
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("{"))])
+        .chain(futures_util::stream::pending());
+    let stalled = TaskTracker::new().spawn({
+        let url = format!("{}/v1/agent/sync", env.agent_url);
+        async move {
+            gw1.post(url)
+                .header("content-type", "application/json")
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+        }
+    });
+    kip_tests::wait_until(
+        Duration::from_secs(10),
+        "the stalled sync holds the place",
+        || {
+            let a = admission.clone();
+            async move { a.in_flight() == 1 }
+        },
+    )
+    .await;
+    let r = sync_one(&gw2, &env).await;
+    assert_eq!(r.status().as_u16(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["reason"], "queue_wait", "{v}");
+    assert!(
+        env._cp
+            .state()
+            .metrics
+            .render()
+            .contains("kip_agent_requests_shed_total{reason=\"queue_wait\"} 1")
+    );
+    stalled.abort();
+}

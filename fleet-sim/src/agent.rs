@@ -9,6 +9,11 @@
 //! - A request is never abandoned on shutdown: cancellation is only looked at between
 //!   requests, so every batch the control plane stored is also counted (except one whose
 //!   answer timed out, which is counted as an error of kind `timeout`).
+//! - A `503` or `429` with `Retry-After` (a control plane shedding load, issue #17) holds this
+//!   agent's next request (sync or heartbeat) back for that long, capped at
+//!   `retry_after_cap` (the agent's `sync.backoff_max_ms` default, 60 s), as `kip-agent`
+//!   does; a `503` with code `overloaded` counts as error kind `shed_503`, any other `503` as
+//!   `status_503`.
 //! - At most `max_in_flight` requests of the whole fleet are outstanding (one semaphore).
 //!   An agent waiting for that budget stops when the run ends ([`permit`]): with 10,000
 //!   agents against a saturated control plane thousands wait there, and each used to send one
@@ -57,6 +62,9 @@ pub struct Plan {
     pub new_connection_per_request: bool,
     /// The epoch of this run: new sequence numbers every run, so a second run stores new rows.
     pub epoch: u64,
+    /// Longest wait a `Retry-After` imposes; `None`: `Retry-After` is ignored (the old
+    /// generator, as a reference).
+    pub retry_after_cap: Option<Duration>,
 }
 
 pub struct Agent {
@@ -69,6 +77,8 @@ pub struct Agent {
     next_seq: u64,
     /// The batch sent and not acknowledged yet (resent as is).
     pending: Option<(SyncBatch, u64)>,
+    /// No request before this (the control plane's `Retry-After`).
+    not_before: Option<tokio::time::Instant>,
 }
 
 /// A permit of the fleet's in-flight budget, or `None` once `cancel` fired (checked first).
@@ -103,6 +113,7 @@ impl Agent {
             conn: None,
             next_seq: 1,
             pending: None,
+            not_before: None,
         }
     }
 
@@ -120,6 +131,7 @@ impl Agent {
         loop {
             let sync_due = next_sync <= next_hb;
             let at = if sync_due { next_sync } else { next_hb };
+            let at = self.not_before.take().map_or(at, |nb| nb.max(at));
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(at) => {}
@@ -255,7 +267,9 @@ impl Agent {
         let body = gzip_json(batch).map_err(|_| Failure("encode"))?;
         let timeout = self.plan.request_timeout;
         match tokio::time::timeout(timeout, self.exchange(body)).await {
-            Ok(Err(f)) if f.0.starts_with("status_") || f.0 == "ack_undecodable" => {
+            Ok(Err(f))
+                if f.0.starts_with("status_") || f.0 == "shed_503" || f.0 == "ack_undecodable" =>
+            {
                 // A complete HTTP answer leaves the connection usable, as for the agent's
                 // client (reqwest keeps it): a refusal must not turn into a handshake storm.
                 Err(f)
@@ -293,15 +307,34 @@ impl Agent {
             .map_err(|_| Failure("encode"))?;
         let resp = conn.send_request(req).await.map_err(|_| Failure("http"))?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let bytes = resp
             .into_body()
             .collect()
             .await
             .map_err(|_| Failure("http"))?
             .to_bytes();
+        if let (429 | 503, Some(wait), Some(cap)) =
+            (status.as_u16(), retry_after, self.plan.retry_after_cap)
+        {
+            self.not_before = Some(tokio::time::Instant::now() + wait.min(cap));
+            self.stats
+                .retry_after_waits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match status.as_u16() {
             200 => serde_json::from_slice(&bytes).map_err(|_| Failure("ack_undecodable")),
             429 => Err(Failure("status_429")),
+            503 if error_code(&bytes).as_deref()
+                == Some(kip_shared::sync::error_code::OVERLOADED) =>
+            {
+                Err(Failure("shed_503"))
+            }
             503 => Err(Failure("status_503")),
             504 => Err(Failure("status_504")),
             s if s >= 500 => Err(Failure("status_5xx")),
@@ -335,6 +368,12 @@ impl Agent {
         });
         Ok(sender)
     }
+}
+
+/// The `error.code` of a JSON error body.
+fn error_code(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["error"]["code"].as_str().map(ToOwned::to_owned)
 }
 
 fn agent_version() -> String {

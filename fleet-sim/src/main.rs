@@ -91,6 +91,10 @@ struct Args {
     /// Close each agent's connection after every request (every request pays a handshake).
     #[arg(long)]
     new_connection_per_request: bool,
+    /// Longest wait a `Retry-After` on 503/429 imposes on an agent (the agent's default
+    /// `sync.backoff_max_ms`); 0: ignore `Retry-After` (resend at the next tick).
+    #[arg(long, default_value_t = 60_000)]
+    retry_after_cap_ms: u64,
     /// Seconds per report line.
     #[arg(long, default_value_t = 10)]
     report_interval_s: u64,
@@ -252,6 +256,8 @@ async fn main() -> anyhow::Result<()> {
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         new_connection_per_request: args.new_connection_per_request,
         epoch,
+        retry_after_cap: (args.retry_after_cap_ms > 0)
+            .then(|| Duration::from_millis(args.retry_after_cap_ms)),
     });
     let stats = Arc::new(Stats::default());
     let cancel = CancellationToken::new();
@@ -277,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         args.heartbeat_interval_ms
     ));
     out(
-        "window_s  handshakes/s  syncs/s  heartbeats/s  readings/s  sync_p50_ms  sync_p99_ms  hs_p99_ms  errors  gen_cpu%  gen_rss_MiB  cp_cpu%  cp_rss_MiB  pg_conn(active)  load",
+        "window_s  handshakes/s  syncs/s  heartbeats/s  readings/s  sync_p50_ms  sync_p99_ms  hs_p99_ms  errors  shed  gen_cpu%  gen_rss_MiB  cp_cpu%  cp_rss_MiB  pg_conn(active)  load",
     );
 
     let start = Instant::now();
@@ -326,7 +332,7 @@ async fn main() -> anyhow::Result<()> {
             None => "-".into(),
         };
         out(&format!(
-            "{:>8.0}  {:>12.1}  {:>7.1}  {:>12.1}  {:>10.0}  {:>11.2}  {:>11.2}  {:>9.2}  {:>6}  {:>8}  {:>11}  {:>7}  {:>10}  {:>15}  {:.2}",
+            "{:>8.0}  {:>12.1}  {:>7.1}  {:>12.1}  {:>10.0}  {:>11.2}  {:>11.2}  {:>9.2}  {:>6}  {:>4}  {:>8}  {:>11}  {:>7}  {:>10}  {:>15}  {:.2}",
             now.duration_since(start).as_secs_f64(),
             rate(c.handshakes, prev.1.handshakes),
             rate(c.syncs, prev.1.syncs),
@@ -336,6 +342,7 @@ async fn main() -> anyhow::Result<()> {
             lat.sync.p99_ms,
             lat.handshake.p99_ms,
             c.errors - prev.1.errors,
+            c.shed - prev.1.shed,
             cpu_pct(gen_s, prev.2),
             rss(gen_s),
             cpu_pct(cp_s, prev.3),

@@ -25,6 +25,8 @@ pub struct Stats {
     pub readings_acked: AtomicU64,
     pub inserted: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Requests held back by a `Retry-After`.
+    pub retry_after_waits: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     window: Mutex<Latencies>,
     total: Mutex<Latencies>,
@@ -85,12 +87,15 @@ impl Stats {
     }
 
     pub fn counters(&self) -> Counters {
+        let errors = self.errors();
         Counters {
+            shed: errors.get("shed_503").copied().unwrap_or(0),
+            retry_after_waits: self.retry_after_waits.load(Relaxed),
             handshakes: self.handshakes.load(Relaxed),
             syncs: self.syncs.load(Relaxed),
             heartbeats: self.heartbeats.load(Relaxed),
             readings_acked: self.readings_acked.load(Relaxed),
-            errors: self.errors().values().sum(),
+            errors: errors.values().sum(),
         }
     }
 
@@ -128,7 +133,11 @@ pub struct Counters {
     pub syncs: u64,
     pub heartbeats: u64,
     pub readings_acked: u64,
+    /// Every failed request, refusals included.
     pub errors: u64,
+    /// Of `errors`: `503` with code `overloaded` (load shed before any work).
+    pub shed: u64,
+    pub retry_after_waits: u64,
 }
 
 /// p50 / p99 / max in milliseconds of `n` requests.

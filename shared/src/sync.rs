@@ -44,6 +44,11 @@ pub mod error_code {
     /// The body (or its inflated JSON) is larger than the control plane takes (413).
     pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
 
+    /// The control-plane replica is saturated and refused the request before reading it
+    /// (503, with `Retry-After` and the body's `error.reason`): nothing was stored; resend the
+    /// same batch after `Retry-After` (issue #17, load shedding).
+    pub const OVERLOADED: &str = "overloaded";
+
     /// The codes that blame one record: split the batch, dead-letter a record refused alone.
     pub const RECORD_CODES: &[&str] = &[RECORD_INVALID, BATCH_UNDECODABLE];
 

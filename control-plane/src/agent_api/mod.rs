@@ -25,12 +25,18 @@
 //! - At most one sync per device is in flight on a listener ([`SyncGate`]): a second
 //!   concurrent sync from the same device is answered 429 before its body is read, so one
 //!   device cannot make the listener buffer and decode many batches at once.
+//! - A saturated replica refuses syncs and heartbeats before any of the above ([`shed`]:
+//!   `503` with a jittered `Retry-After`, `agent_load_shedding.*`), instead of letting them
+//!   queue for the agent pool until it times out.
 //! - Desired state is advisory: a stored batch is acknowledged even when reading the desired
 //!   model or recording the running one fails (logged).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub mod device_state;
+pub mod shed;
+
+pub use shed::{Admission, RawShedding, SheddingConfig, SheddingMetrics};
 
 use axum::{
     Extension, Json, Router,
@@ -88,8 +94,14 @@ where
 /// than ordinary requests and get `ingest.max_decoded_bytes`; every other route gets
 /// `http.body_limit_bytes`. Every request, body upload included, is answered 504 after
 /// `request_timeout` (`pki.agent_request_timeout_ms`), so a stalled client cannot hold a
-/// handler (and its database work) open.
-pub fn router<S>(http: HttpLimits, ingest: IngestLimits, request_timeout: Duration) -> Router<S>
+/// handler (and its database work) open. Syncs (and heartbeats, which are empty syncs) pass
+/// `admission` first ([`shed`]).
+pub fn router<S>(
+    http: HttpLimits,
+    ingest: IngestLimits,
+    request_timeout: Duration,
+    admission: Arc<Admission>,
+) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     PgPool: FromRef<S>,
@@ -111,7 +123,11 @@ where
             "/v1/agent/sync",
             // The handler reads the raw body itself (after the per-device gate) and enforces
             // ingest.max_decoded_bytes; the layer keeps the limit visible here.
-            post(sync).layer(DefaultBodyLimit::max(ingest.max_decoded_bytes)),
+            post(sync)
+                .layer(DefaultBodyLimit::max(ingest.max_decoded_bytes))
+                // Outermost on the route: a refused request costs no certificate check, no
+                // body read and no pool connection.
+                .layer(axum::middleware::from_fn_with_state(admission, shed::admit)),
         )
         .layer(Extension(SyncGate::default()))
         .fallback(crate::http::not_found)

@@ -59,6 +59,17 @@ pub enum ApiError {
     /// This process is at its configured concurrency limit; retry shortly (`Retry-After: 1`).
     #[error("{0}")]
     Overloaded(String),
+    /// The agent listener is saturated (issue #17, load shedding): `503`, code `overloaded`,
+    /// the body's `reason` (`queue_full`, `queue_wait`) and `Retry-After` seconds, chosen
+    /// with jitter by the caller so a refused fleet does not come back in lockstep.
+    #[error(
+        "this control-plane replica is serving its maximum of agent requests ({reason}); \
+         nothing was stored: retry after {retry_after_s} s"
+    )]
+    Shed {
+        reason: &'static str,
+        retry_after_s: u64,
+    },
     /// A refusal whose `code` a machine acts on (e.g. the agent's sync loop, see
     /// [`kip_shared::sync::error_code`]): status and code are chosen by the caller.
     #[error("{message}")]
@@ -80,6 +91,9 @@ struct Inner<'a> {
     /// The missing permission of a 403 from the role check.
     #[serde(skip_serializing_if = "Option::is_none")]
     permission: Option<&'a str>,
+    /// Why a saturated replica refused (`Shed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
 }
 
 impl ApiError {
@@ -110,7 +124,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Coded { status, .. } => *status,
         }
     }
@@ -130,7 +144,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => "rate_limited",
             Self::PaymentRequired(_) => "budget_exceeded",
             Self::BadGateway(_) => "bad_gateway",
-            Self::Overloaded(_) => "overloaded",
+            Self::Overloaded(_) | Self::Shed { .. } => kip_shared::sync::error_code::OVERLOADED,
             Self::Coded { code, .. } => code,
         }
     }
@@ -150,10 +164,18 @@ impl IntoResponse for ApiError {
                     Self::MissingPermission { permission, .. } => Some(permission),
                     _ => None,
                 },
+                reason: match &self {
+                    Self::Shed { reason, .. } => Some(reason),
+                    _ => None,
+                },
             },
         };
         let mut resp = (status, Json(body)).into_response();
         if let Self::TooManyRequests { retry_after_s, .. } = &self {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
+        }
+        if let Self::Shed { retry_after_s, .. } = &self {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
         }
