@@ -66,7 +66,8 @@ pub struct IngestMetrics {
     pub mqtt_deferred_backlog: Gauge,
     /// Delivery notes the MQTT sources need kept beyond `max_delivery_notes`, summed: per
     /// source its deferred backlog peak plus the most messages it stored on one connection
-    /// of the current backlog episode (or on the previous connection when there is none).
+    /// of the current backlog episode, counted from the episode's start (0 outside one: a
+    /// copy of a message stored without a backlog is covered by `max_delivery_notes`).
     /// See [`crate::mqtt`] for why this bounds how far back a re-sent copy can reach.
     pub mqtt_delivery_notes_pinned: Gauge,
     /// Messages held in a source's staging (read off the connection, not yet handed to the
@@ -166,7 +167,7 @@ impl IngestMetrics {
             "mqtt_delivery_notes_pinned",
             "Delivery notes the MQTT sources need kept beyond max_delivery_notes: per source \
              its deferred backlog peak plus the most messages stored on one connection of the \
-             backlog episode (or the previous connection)",
+             backlog episode (0 outside one)",
             m.mqtt_delivery_notes_pinned.clone(),
         );
         registry.register(
