@@ -5,7 +5,10 @@
 //! profile, its own process, default buffer, no sync endpoint) subscribes to every variable.
 //! Figures, no assertions:
 //! - time from the agent's start to every item's initial value in its buffer (session, node
-//!   check, subscriptions and monitored items created in chunks);
+//!   check, subscriptions and monitored items created in chunks), while the server is idle
+//!   (it starts rewriting only once the agent and the peer have every item: a one-threaded
+//!   Python server busy rewriting 20,000 variables answered set-up so slowly that the peer's
+//!   CreateMonitoredItems timed out);
 //! - over `OPCUA_BENCH_SECONDS` (default 20) after that: value changes/s the server wrote, values/s
 //!   that reached the agent's buffer (`kip_agent_buffer_records`), notifications the agent
 //!   dropped (`kip_opcua_notifications_dropped`), and the agent's RSS (start, peak, end).
@@ -99,6 +102,10 @@ async def main(port, n):
     async with server:
         print("ready", flush=True)
         reporter = asyncio.create_task(report())
+        # No writes until the bench says `go` (once the agent and the peer have every item):
+        # with 20,000 variables rewritten in a loop this one-threaded server answers set-up
+        # requests so slowly that the Python client's CreateMonitoredItems timed out.
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         k = 0
         while True:
             k += 1
@@ -268,11 +275,13 @@ fn main() {
     let mut py = ChildGroup::spawn(
         Command::new("python3")
             .args(["-c", SERVER_PY, &opc_port.to_string(), &items.to_string()])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit()),
     )
     .unwrap();
     let server_pid = py.id();
+    let mut server_go = py.child_mut().stdin.take().unwrap();
     let mut lines = BufReader::new(py.child_mut().stdout.take().unwrap()).lines();
     let t0 = Instant::now();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
@@ -416,6 +425,20 @@ fn main() {
                 .as_secs_f64(),
             peer_ready.unwrap_or_default().as_secs_f64()
         );
+    }
+    // Now the server rewrites; the window starts once it has written every variable once.
+    {
+        use std::io::Write as _;
+        writeln!(server_go, "go").unwrap();
+        server_go.flush().unwrap();
+    }
+    let go = Instant::now();
+    while server.lock().unwrap().writes < items {
+        assert!(
+            go.elapsed() < Duration::from_secs(120),
+            "the server does not write"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
     let dropped0 = metric_sum(http_port, "kip_opcua_notifications_dropped").unwrap_or(0.0) as u64;
     let (r0, s0, p0, t0) = (

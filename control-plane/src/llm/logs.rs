@@ -135,29 +135,31 @@ async fn write_batch(pool: &PgPool, batch: &[LogRecord]) -> Result<u64, sqlx::Er
 /// SQLSTATE `foreign_key_violation`: a row's organisation was deleted after its call.
 const FOREIGN_KEY_VIOLATION: &str = "23503";
 
+/// The statement both inserts share up to their filter: one column list, so a column added to
+/// one cannot be missed in the other.
+macro_rules! insert_logs_from_unnest {
+    ($filter:literal) => {
+        concat!(
+            "INSERT INTO inference_logs (org_id, request_id, provider, model, \
+               tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit) \
+             SELECT u.org_id, u.request_id, u.provider, u.model, u.tokens_in, u.tokens_out, \
+               u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
+               $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
+               WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
+                    tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) ",
+            $filter,
+            " ORDER BY u.n"
+        )
+    };
+}
+
 /// The batch as it is; the foreign key refuses it when an organisation is gone.
-const INSERT_ALL: &str = "INSERT INTO inference_logs (org_id, request_id, provider, model, \
-       tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit) \
-     SELECT u.org_id, u.request_id, u.provider, u.model, u.tokens_in, u.tokens_out, \
-       u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
-       $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
-       WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
-            tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
-     ORDER BY u.n";
+const INSERT_ALL: &str = insert_logs_from_unnest!("");
 
 /// The batch without the rows of organisations that no longer exist.
-const INSERT_EXISTING_ORGS: &str = "INSERT INTO inference_logs (org_id, request_id, provider, \
-       model, tokens_in, tokens_out, tokens_cached, cost_usd, latency_ms, ttft_ms, status, \
-       cache_hit) \
-     SELECT u.org_id, u.request_id, u.provider, u.model, u.tokens_in, u.tokens_out, \
-       u.tokens_cached, u.cost_usd, u.latency_ms, u.ttft_ms, u.status, u.cache_hit \
-     FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::int4[], $6::int4[], \
-       $7::int4[], $8::float8[], $9::float8[], $10::float8[], $11::text[], $12::bool[]) \
-       WITH ORDINALITY AS u(org_id, request_id, provider, model, tokens_in, tokens_out, \
-            tokens_cached, cost_usd, latency_ms, ttft_ms, status, cache_hit, n) \
-     WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id) \
-     ORDER BY u.n";
+const INSERT_EXISTING_ORGS: &str =
+    insert_logs_from_unnest!("WHERE EXISTS (SELECT 1 FROM organisations o WHERE o.id = u.org_id)");
 
 /// A batch as one array per column.
 struct Columns<'a> {
