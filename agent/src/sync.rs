@@ -1259,8 +1259,11 @@ impl Syncer {
                 self.set_in_flight_cap(cap);
                 self.in_flight_lowered_at = Some(Instant::now());
                 self.metrics.in_flight_fallbacks.inc();
-                tracing::warn!(max_in_flight_batches = cap, configured = self.cfg.max_in_flight_batches,
-                    "the control plane refused a concurrent batch (429); sending fewer at once");
+                tracing::warn!(
+                    max_in_flight_batches = cap,
+                    configured = self.cfg.max_in_flight_batches,
+                    "the control plane refused a concurrent batch (429); sending fewer at once"
+                );
             }
             return Ok(None);
         }
@@ -1591,7 +1594,7 @@ async fn answer_of(
                 message: crate::identity::IdentityError::UnknownCa {
                     url: base.to_owned(),
                 }
-                    .to_string(),
+                .to_string(),
             };
         }
         Err(e) => {

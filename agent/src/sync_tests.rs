@@ -834,13 +834,23 @@ async fn acks_are_applied_in_sequence_order_when_later_batches_are_answered_firs
     .await;
     assert_eq!(st.answered.load(Ordering::SeqCst), 3);
     let stats = buffer.stats().unwrap();
-    assert_eq!(stats.acked_up_to, 0, "no later ack applied before the first");
+    assert_eq!(
+        stats.acked_up_to, 0,
+        "no later ack applied before the first"
+    );
     assert_eq!(stats.counts.total(), 256);
     st.release.notify_one();
     let (mut s, pause) = first.await.unwrap();
-    assert_eq!(pause, None, "the others are still to be taken: go on at once");
+    assert_eq!(
+        pause, None,
+        "the others are still to be taken: go on at once"
+    );
     s.join_ack().await.unwrap();
-    assert_eq!(buffer.stats().unwrap().acked_up_to, 64, "the first batch only");
+    assert_eq!(
+        buffer.stats().unwrap().acked_up_to,
+        64,
+        "the first batch only"
+    );
     drain(&mut s, &buffer).await;
     assert_eq!(buffer.stats().unwrap().acked_up_to, 256);
     assert_eq!(st.requests.load(Ordering::SeqCst), 4, "nothing resent");
@@ -862,7 +872,10 @@ async fn a_failed_first_batch_discards_the_later_answers_and_nothing_is_lost_or_
     let pause = s.step().await.unwrap();
     assert!(pause.is_some(), "a failure backs off");
     assert!(s.in_flight.is_empty(), "the later batches are discarded");
-    assert_eq!(s.next_seq, 1, "resumes from the first unacknowledged record");
+    assert_eq!(
+        s.next_seq, 1,
+        "resumes from the first unacknowledged record"
+    );
     let stats = buffer.stats().unwrap();
     assert_eq!(stats.acked_up_to, 0);
     assert_eq!(stats.counts.total(), 256, "nothing deleted");
