@@ -537,10 +537,14 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     .await
     .map(|(_, b)| b)
     .unwrap_or_default();
-    for l in body
-        .lines()
-        .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects"))
-    {
+    for l in body.lines().filter(|l| {
+        l.starts_with("kip_agent_mqtt")
+            || l.starts_with("kip_agent_source_reconnects")
+            || l.starts_with("kip_agent_sync_max_in_flight_batches")
+            || l.starts_with("kip_agent_sync_in_flight_fallbacks")
+            || l.starts_with("kip_agent_sync_batches_total")
+            || l.starts_with("kip_agent_sync_batch_records")
+    }) {
         println!("    {l}");
     }
     if let Ok(keep) = std::env::var("DRAIN_BENCH_KEEP_DIR") {
