@@ -617,9 +617,9 @@ struct PipeCfg {
     /// The first request for the batch starting at this sequence fails with a 500.
     fail_seq_once: Option<u64>,
     /// Admits this many requests at once; beyond, 429 `rate_limited` with `Retry-After: 1`,
-    /// as a control plane before issue #17 answers a second concurrent sync of a device. An
-    /// admitted request is held until another one arrives (at most 100 ms), so that a
-    /// pipelining agent does meet the refusal.
+    /// as a control plane before issue #17 answers a second concurrent sync of a device. Until
+    /// the first refusal, an admitted request is held until another one arrives (at most 5 s),
+    /// so that a pipelining agent does meet the refusal however slow the machine.
     admit: Option<usize>,
 }
 
@@ -681,12 +681,14 @@ async fn pipeline_control_plane(cfg: PipeCfg) -> (Fake, Arc<PipeState>) {
                         )
                             .into_response();
                     }
-                    let seen = st.requests.load(Ordering::SeqCst);
-                    wait_for(
-                        || st.requests.load(Ordering::SeqCst) > seen,
-                        Duration::from_millis(100),
-                    )
-                    .await;
+                    if st.refused_429.load(Ordering::SeqCst) == 0 {
+                        let seen = st.requests.load(Ordering::SeqCst);
+                        wait_for(
+                            || st.requests.load(Ordering::SeqCst) > seen,
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                    }
                 }
                 if index < cfg.hold_first_until_concurrent {
                     wait_for(
