@@ -273,6 +273,16 @@ pub struct RawSync {
     /// ends the wait at once. 0 turns probing off (the full backoff is waited).
     #[serde(default = "default_probe_interval_ms")]
     pub probe_interval_ms: u64,
+    /// While draining a backlog (full batches, no failure, no poison record being isolated),
+    /// up to this many batches are in flight at once; their acks are applied strictly in
+    /// sequence order. 1 sends one batch at a time. A control plane that admits fewer
+    /// concurrent syncs per device (429) makes the agent use fewer.
+    #[serde(default = "default_max_in_flight_batches")]
+    pub max_in_flight_batches: usize,
+}
+
+fn default_max_in_flight_batches() -> usize {
+    4
 }
 
 fn default_heartbeat_interval_s() -> u64 {
@@ -316,6 +326,7 @@ impl Default for RawSync {
             request_timeout_ms: default_request_timeout_ms(),
             heartbeat_interval_s: default_heartbeat_interval_s(),
             probe_interval_ms: default_probe_interval_ms(),
+            max_in_flight_batches: default_max_in_flight_batches(),
         }
     }
 }
@@ -335,6 +346,8 @@ pub struct SyncConfig {
     pub heartbeat_interval: Duration,
     /// `sync.probe_interval_ms`; `None`: no probing while backing off.
     pub probe_interval: Option<Duration>,
+    /// `sync.max_in_flight_batches` (1..=64).
+    pub max_in_flight_batches: usize,
 }
 
 impl RawSync {
@@ -402,6 +415,12 @@ impl RawSync {
             0 => None,
             ms => Some(ms_in("sync.probe_interval_ms".into(), ms, 10, 60_000)?),
         };
+        check_range(
+            "sync.max_in_flight_batches",
+            self.max_in_flight_batches,
+            1,
+            64,
+        )?;
         Ok(SyncConfig {
             endpoints,
             batch_max_records: self.batch_max_records,
@@ -412,6 +431,7 @@ impl RawSync {
             request_timeout,
             heartbeat_interval,
             probe_interval,
+            max_in_flight_batches: self.max_in_flight_batches,
         })
     }
 }
@@ -1477,6 +1497,10 @@ mod tests {
             ),
             ("[sync]\nrequest_timeout_ms = 1", "sync.request_timeout_ms"),
             ("[sync]\ninterval = 1", "interval"),
+            (
+                "[sync]\nmax_in_flight_batches = 0",
+                "sync.max_in_flight_batches",
+            ),
         ] {
             let err = parse(extra).unwrap_err().to_string();
             assert!(err.contains(field), "{extra}: {err}");

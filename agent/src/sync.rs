@@ -20,12 +20,32 @@
 //!   (`kip-trust-bundle-sha256`); a bundle or a renewal hint in the ack's desired state is
 //!   passed to the renewer ([`crate::identity::IdentityHints`]), which stores and publishes.
 //! - Backlog drain: after a full batch the next one is sent at once; the loop sleeps
-//!   `interval_ms` only when caught up. Sled reads, gzip and acks run on the blocking pool, so
-//!   the buffer writer keeps ingesting while a backlog drains. While a full batch is in
-//!   flight the next one (from the sequence after it) is read and encoded ahead, so the
-//!   agent's read + JSON + gzip overlaps the control plane's store; it is used only if the
-//!   batch was acknowledged (the next batch then starts exactly there), else dropped. Requests
-//!   stay one at a time per device (the control plane refuses a second concurrent sync).
+//!   `interval_ms` only when caught up. Buffer reads, gzip and acks run on the blocking pool,
+//!   so the buffer writer keeps ingesting while a backlog drains.
+//! - Pipelined drain (issue #17): while the batches are full, no poison record is being
+//!   isolated and the last attempt did not fail, up to `sync.max_in_flight_batches` requests
+//!   are in flight at once, each batch starting after the previous one, and the batch after
+//!   the last one in flight is read and encoded ahead; the control plane stores them
+//!   concurrently. Invariants:
+//!   - the buffer is acknowledged strictly in sequence order: the answers are taken oldest
+//!     first, and a batch's ack (deletion, counters, desired state) is applied only after
+//!     every earlier batch's was;
+//!   - any answer of the oldest batch other than an ack covering it (failure, throttling,
+//!     refusal, a 413) discards every later batch in flight (their requests are aborted,
+//!     their answers dropped, even acks: those rows may already be stored, which is harmless
+//!     since the resend is keyed by `(epoch, seq)`) and the read-ahead, and the loop acts on
+//!     the failure as with a single batch, resuming from the first unacknowledged sequence;
+//!   - splitting (poison records), backoff and `Retry-After`, shrinking and growing the batch
+//!     size, heartbeats and desired state work as with one batch in flight: a split or a
+//!     failure sends one batch at a time until a batch is acknowledged again; each ack's
+//!     desired state is applied in order.
+//!   - Compatibility: a control plane before issue #17 admits one sync per device and answers
+//!     a second concurrent one 429 (a new one answers 429 `sync_in_flight` beyond its
+//!     `ingest.max_in_flight_syncs_per_device`). A 429 for a batch sent while `k` earlier
+//!     ones were in flight lowers the agent's limit to `k` (at least 1; gauge
+//!     `kip_agent_sync_max_in_flight_batches`) and the batch is resent at once, without a
+//!     backoff; the configured limit is tried again after 10 minutes (the control plane may
+//!     have been upgraded).
 //! - Failures (connect error, timeout, 5xx, 408, 429, 401/403/404, a bad answer): the records
 //!   stay buffered, the next endpoint is tried after exponential backoff with equal jitter
 //!   ([`kip_shared::backoff::Backoff`], `backoff_min_ms`..`backoff_max_ms`); a working endpoint is kept. Timeouts and 413 also
@@ -90,6 +110,7 @@
 
 use kip_shared::backoff::Backoff;
 use std::{
+    collections::VecDeque,
     io::Write as _,
     sync::{
         Arc, Mutex,
@@ -111,7 +132,10 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
 
 use crate::{
     buffer::{Buffer, BufferError},
@@ -127,6 +151,9 @@ pub const DEAD_LETTER_SOURCE: &str = "sync";
 const MIN_BATCH_BYTES: u64 = 4096;
 /// First batch size in records (grows to the configured cap while batches are fast and full).
 const INITIAL_BATCH_RECORDS: usize = 256;
+/// After a control plane refused concurrent batches (429), the configured
+/// `sync.max_in_flight_batches` is tried again this long after (see the module docs).
+const IN_FLIGHT_REPROBE: Duration = Duration::from_secs(600);
 
 /// Why the sync loop could not even build its client or read its buffer.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +194,8 @@ struct SyncMetrics {
     clock_offset_seconds: Gauge<f64, AtomicU64>,
     probe_recoveries: Counter,
     retry_after_waits: Counter,
+    max_in_flight_batches: Gauge,
+    in_flight_fallbacks: Counter,
 }
 
 impl SyncMetrics {
@@ -231,6 +260,16 @@ impl SyncMetrics {
             "sync_retry_after_waits",
             "Sync attempts refused with 503 or 429 and Retry-After, after which the loop waited at least that long (capped at sync.backoff_max_ms)",
             m.retry_after_waits.clone(),
+        );
+        registry.register(
+            "sync_max_in_flight_batches",
+            "Batches the drain keeps in flight at once now (sync.max_in_flight_batches, lower after a control plane refused concurrent syncs with 429)",
+            m.max_in_flight_batches.clone(),
+        );
+        registry.register(
+            "sync_in_flight_fallbacks",
+            "Times a 429 for a concurrent batch lowered the batches kept in flight",
+            m.in_flight_fallbacks.clone(),
         );
         registry.register(
             "sync_probe_recoveries",
@@ -378,6 +417,50 @@ pub struct Syncer {
     /// The deletion of the last acknowledged batch, running while the next one is in flight;
     /// joined before the loop looks at the buffer again.
     pending_ack: Option<tokio::task::JoinHandle<Result<u64, BufferError>>>,
+    /// Batches sent and not yet answered, oldest first (see the module docs, "Pipelined
+    /// drain"); each starts after the previous one ends.
+    in_flight: VecDeque<InFlight>,
+    /// How many batches may be in flight at once now: `sync.max_in_flight_batches`, lower
+    /// after a 429 for a concurrent batch.
+    in_flight_cap: usize,
+    /// When `in_flight_cap` was lowered (it is restored after [`IN_FLIGHT_REPROBE`]).
+    in_flight_lowered_at: Option<Instant>,
+    /// The requests in flight run here (their handles abort them when dropped).
+    requests: TaskTracker,
+}
+
+/// A batch whose request is in flight.
+#[derive(Debug)]
+struct InFlight {
+    records: Vec<Sequenced>,
+    /// The record limit it was read with (`records.len() >= limit`: a full batch).
+    limit: usize,
+    started: Instant,
+    sent: DateTime<Utc>,
+    /// The trust-bundle fingerprint it reported.
+    reported_bundle: Option<String>,
+    /// Requests in flight when it was sent, itself included.
+    concurrent: usize,
+    answer: AbortOnDropHandle<Answer>,
+}
+
+impl InFlight {
+    fn full(&self) -> bool {
+        self.records.len() >= self.limit
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.seq)
+    }
+}
+
+/// The control plane's answer to one request.
+#[derive(Debug)]
+struct Answer {
+    outcome: Outcome,
+    /// The HTTP status, when there was an answer.
+    status: Option<u16>,
+    received: DateTime<Utc>,
 }
 
 /// Reading and encoding a batch on the blocking pool: its records and request body.
@@ -470,11 +553,16 @@ impl Syncer {
         }
         let batch_records = INITIAL_BATCH_RECORDS.min(cfg.batch_max_records);
         let batch_bytes = cfg.batch_max_bytes;
+        let in_flight_cap = cfg.max_in_flight_batches.max(1);
+        let metrics = SyncMetrics::register(registry);
+        metrics
+            .max_in_flight_batches
+            .set(i64::try_from(in_flight_cap).unwrap_or(i64::MAX));
         Ok(Self {
             buffer,
             cfg,
             tls,
-            metrics: SyncMetrics::register(registry),
+            metrics,
             status,
             client,
             endpoint: 0,
@@ -498,6 +586,10 @@ impl Syncer {
             read_ahead: None,
             server_asked_wait: false,
             pending_ack: None,
+            in_flight: VecDeque::new(),
+            in_flight_cap,
+            in_flight_lowered_at: None,
+            requests: TaskTracker::new(),
         })
     }
 
@@ -948,9 +1040,142 @@ impl Syncer {
         })
     }
 
-    /// One batch: read, send, act on the outcome. `None` means "go on at once" (a full batch
-    /// was acked or a split is in progress), otherwise how long to wait.
+    /// The batch from `from` with at most `limit` records: the one read ahead when it starts
+    /// there and is no larger (fewer records than the limit are always a valid batch), else
+    /// read now. Returns the records, the request body and the limit it was read with.
+    async fn take_batch(
+        &mut self,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<Sequenced>, Vec<u8>, usize), SyncError> {
+        let split = self.split.is_some();
+        let ahead = self.read_ahead.take().and_then(|r| {
+            if r.from == from && r.limit <= limit && !split {
+                Some(r)
+            } else {
+                r.task.abort();
+                None
+            }
+        });
+        Ok(match ahead {
+            Some(r) => {
+                let (records, body) = r.task.await??;
+                (records, body, r.limit)
+            }
+            None => {
+                let (records, body) = self.read_batch(from, limit).await??;
+                (records, body, limit)
+            }
+        })
+    }
+
+    /// Whether more than one batch may be in flight: draining, not isolating a refused record,
+    /// and the last attempt did not fail.
+    fn pipelining(&self) -> bool {
+        self.split.is_none() && self.failures == 0
+    }
+
+    /// Sends the batches after the last one in flight while they are full, up to
+    /// `in_flight_cap`, then reads and encodes the one after them ahead.
+    async fn fill_pipeline(&mut self, limit: usize) -> Result<(), SyncError> {
+        while self.pipelining() && self.in_flight.len() < self.in_flight_cap {
+            let Some(from) = self
+                .in_flight
+                .back()
+                .filter(|b| b.full())
+                .map(|b| b.last_seq() + 1)
+            else {
+                return Ok(());
+            };
+            let (records, body, used) = self.take_batch(from, limit).await?;
+            if records.is_empty() {
+                return Ok(());
+            }
+            self.launch(records, body, used);
+        }
+        if self.pipelining()
+            && self.read_ahead.is_none()
+            && let Some(from) = self
+                .in_flight
+                .back()
+                .filter(|b| b.full())
+                .map(|b| b.last_seq() + 1)
+        {
+            self.read_ahead = Some(ReadAhead {
+                from,
+                limit,
+                task: self.read_batch(from, limit),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends a batch read with `limit`: its request runs on `requests` while the loop goes on.
+    fn launch(&mut self, records: Vec<Sequenced>, body: Vec<u8>, limit: usize) {
+        let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
+        let request = self.request(body, reported_bundle.as_deref());
+        let started = Instant::now();
+        let sent = Utc::now();
+        let task = self.requests.spawn(async move {
+            let (outcome, status) = match request {
+                Ok((req, base)) => exchange(req, &base).await,
+                Err(outcome) => (outcome, None),
+            };
+            Answer {
+                outcome,
+                status,
+                received: Utc::now(),
+            }
+        });
+        self.in_flight.push_back(InFlight {
+            records,
+            limit,
+            started,
+            sent,
+            reported_bundle,
+            concurrent: self.in_flight.len() + 1,
+            answer: AbortOnDropHandle::new(task),
+        });
+    }
+
+    /// Drops every batch still in flight (their requests are aborted, their answers never
+    /// applied) and the read-ahead: the loop resumes from the first unacknowledged sequence.
+    fn discard_in_flight(&mut self) {
+        if !self.in_flight.is_empty() {
+            tracing::debug!(
+                discarded = self.in_flight.len(),
+                from_seq = self.next_seq,
+                "later batches in flight discarded; resending from the first unacknowledged record"
+            );
+        }
+        self.in_flight.clear();
+        if let Some(r) = self.read_ahead.take() {
+            r.task.abort();
+        }
+    }
+
+    fn set_in_flight_cap(&mut self, cap: usize) {
+        self.in_flight_cap = cap.max(1);
+        self.metrics
+            .max_in_flight_batches
+            .set(i64::try_from(self.in_flight_cap).unwrap_or(i64::MAX));
+    }
+
+    /// One batch answered: read and send (keeping up to `in_flight_cap` batches in flight while
+    /// draining), then act on the answer of the oldest one. `None` means "go on at once" (a
+    /// full batch was acked, batches are still in flight or a split is in progress), otherwise
+    /// how long to wait.
     pub async fn step(&mut self) -> Result<Option<Duration>, SyncError> {
+        let r = self.step_inner().await;
+        if r.is_err() {
+            // A batch whose answer was taken but not applied must not be skipped by applying
+            // a later one's: everything in flight goes, the loop resumes from `next_seq`.
+            self.discard_in_flight();
+        }
+        r
+    }
+
+    async fn step_inner(&mut self) -> Result<Option<Duration>, SyncError> {
         if self.tls.has_changed().unwrap_or(false) {
             let cfg = self.tls.borrow_and_update().clone();
             self.client = build_client(&cfg, self.cfg.request_timeout)?;
@@ -959,68 +1184,93 @@ impl Syncer {
         if self.split.is_some_and(|(_, until)| self.next_seq > until) {
             self.split = None;
         }
-        let mut limit = self
+        if self
+            .in_flight_lowered_at
+            .is_some_and(|t| t.elapsed() >= IN_FLIGHT_REPROBE)
+        {
+            self.in_flight_lowered_at = None;
+            self.set_in_flight_cap(self.cfg.max_in_flight_batches);
+        }
+        let limit = self
             .split
             .map_or(self.batch_records, |(l, _)| l)
             .min(self.batch_records)
             .max(1);
-        // A batch read ahead is used when it starts where this one must and is no larger:
-        // fewer records than the limit are always a valid batch.
-        let ahead = self.read_ahead.take().and_then(|r| {
-            if r.from == self.next_seq && r.limit <= limit && self.split.is_none() {
-                Some(r)
-            } else {
-                r.task.abort();
-                None
+        if self.in_flight.is_empty() {
+            let (records, body, used) = self.take_batch(self.next_seq, limit).await?;
+            if records.is_empty() {
+                self.join_ack().await?;
+                self.refresh_backlog().await;
+                let heartbeat_due = self
+                    .last_contact
+                    .is_none_or(|t| t.elapsed() >= self.cfg.heartbeat_interval);
+                if self.health.is_some() && heartbeat_due {
+                    return self.heartbeat().await.map(Some);
+                }
+                self.status.online.store(true, Ordering::Relaxed);
+                return Ok(Some(self.cfg.interval));
             }
-        });
-        let (records, body) = match ahead {
-            Some(r) => {
-                limit = r.limit;
-                r.task.await??
-            }
-            None => self.read_batch(self.next_seq, limit).await??,
-        };
-        // While this batch is in flight, the next one is read and encoded (a full batch
-        // means a backlog; not while isolating a refused record).
-        if records.len() >= limit
-            && self.split.is_none()
-            && self.failures == 0
-            && let Some(last) = records.last()
-        {
-            let from = last.seq + 1;
-            self.read_ahead = Some(ReadAhead {
-                from,
-                limit,
-                task: self.read_batch(from, limit),
-            });
+            self.launch(records, body, used);
         }
-        let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            self.join_ack().await?;
-            self.refresh_backlog().await;
-            let heartbeat_due = self
-                .last_contact
-                .is_none_or(|t| t.elapsed() >= self.cfg.heartbeat_interval);
-            if self.health.is_some() && heartbeat_due {
-                return self.heartbeat().await.map(Some);
-            }
-            self.status.online.store(true, Ordering::Relaxed);
+        self.fill_pipeline(limit).await?;
+        let Some(head) = self.in_flight.pop_front() else {
             return Ok(Some(self.cfg.interval));
         };
-        let (first_seq, last_seq, n) = (first.seq, last.seq, records.len());
-        let full = n >= limit;
-        let started = Instant::now();
-        let reported_bundle = self.identity_hints.as_ref().map(|h| h.bundle_sha256());
-        let sent = Utc::now();
-        let outcome = self.send(body, reported_bundle.as_deref()).await;
-        let received = Utc::now();
+        let InFlight {
+            records,
+            limit,
+            started,
+            sent,
+            reported_bundle,
+            concurrent,
+            answer,
+        } = head;
+        let Answer {
+            outcome,
+            status,
+            received,
+        } = answer.await.unwrap_or_else(|e| Answer {
+            outcome: Outcome::Failed {
+                reason: "local",
+                message: format!("request task failed: {e}"),
+            },
+            status: None,
+            received: Utc::now(),
+        });
         self.join_ack().await?;
         // Counts the previous batch's deletion (this one's is still to come).
         self.refresh_backlog().await;
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(None);
+        };
+        let (first_seq, last_seq, n) = (first.seq, last.seq, records.len());
+        let full = n >= limit;
+        let covered = matches!(&outcome,
+            Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq);
+        if !covered {
+            // Acks are applied in sequence order: nothing after this batch may be.
+            self.discard_in_flight();
+        }
+        if status == Some(429) && concurrent > 1 {
+            // Sent beside `concurrent - 1` earlier batches: the control plane admits fewer
+            // syncs of this device at once (one, before issue #17). Nothing was stored.
+            let cap = concurrent - 1;
+            if cap < self.in_flight_cap {
+                self.set_in_flight_cap(cap);
+                self.in_flight_lowered_at = Some(Instant::now());
+                self.metrics.in_flight_fallbacks.inc();
+                tracing::warn!(
+                    max_in_flight_batches = cap,
+                    configured = self.cfg.max_in_flight_batches,
+                    "the control plane refused a concurrent batch (429); sending fewer at once"
+                );
+            }
+            return Ok(None);
+        }
         match outcome {
-            Outcome::Acked(ack) if ack.epoch == self.buffer.epoch() && ack.acked_seq >= last_seq => {
+            Outcome::Acked(ack) if covered => {
                 self.observe_ack(&ack, sent, received);
-                // Deleted while the next batch is in flight (joined after its send).
+                // Deleted while the next batch is in flight (joined after its answer).
                 let buffer = self.buffer.clone();
                 self.pending_ack = Some(tokio::task::spawn_blocking(move || buffer.ack(last_seq)));
                 self.next_seq = last_seq + 1;
@@ -1045,7 +1295,8 @@ impl Syncer {
                     .fetch_add(n as u64, Ordering::Relaxed);
                 self.status.set_error(None);
                 tracing::debug!(first_seq, last_seq, records = n, inserted = ack.inserted,
-                    duplicates = ack.duplicates, "batch acknowledged");
+                    duplicates = ack.duplicates, in_flight = self.in_flight.len(),
+                    "batch acknowledged");
                 self.apply_desired(&ack, reported_bundle).await;
                 if self.split.is_some() {
                     // The refused record is further on: keep halving from here.
@@ -1060,7 +1311,11 @@ impl Syncer {
                 self.status
                     .batch_records
                     .store(self.batch_records as u64, Ordering::Relaxed);
-                Ok(if full { None } else { Some(self.cfg.interval) })
+                Ok(if full || !self.in_flight.is_empty() {
+                    None
+                } else {
+                    Some(self.cfg.interval)
+                })
             }
             Outcome::Acked(ack) => Ok(Some(self.failure(
                 "bad_ack",
@@ -1269,12 +1524,26 @@ impl Syncer {
         }
     }
 
+    /// One batch's request and answer (the heartbeat's; batches go through [`Self::launch`]).
     async fn send(&self, body: Vec<u8>, bundle_sha256: Option<&str>) -> Outcome {
+        match self.request(body, bundle_sha256) {
+            Ok((req, base)) => exchange(req, &base).await.0,
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// The request of a sync with `body` to the current endpoint (and the endpoint), with the
+    /// report headers as they are now.
+    fn request(
+        &self,
+        body: Vec<u8>,
+        bundle_sha256: Option<&str>,
+    ) -> Result<(reqwest::RequestBuilder, String), Outcome> {
         let Some(base) = self.cfg.endpoints.get(self.endpoint) else {
-            return Outcome::Failed {
+            return Err(Outcome::Failed {
                 reason: "config",
                 message: "no endpoint".into(),
-            };
+            });
         };
         let mut req = self
             .client
@@ -1299,97 +1568,116 @@ impl Syncer {
                 req = req.header(kip_shared::sync::CONFIG_ERROR_HEADER, e);
             }
         }
-        let resp = req.body(body).send().await;
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e) if crate::identity::is_unknown_ca(&e) => {
-                return Outcome::Failed {
-                    reason: "unknown_ca",
-                    message: crate::identity::IdentityError::UnknownCa { url: base.clone() }
-                        .to_string(),
-                };
-            }
-            Err(e) => {
-                let reason = if e.is_timeout() {
-                    "timeout"
-                } else if e.is_connect() {
-                    "connect"
-                } else {
-                    "network"
-                };
-                return Outcome::Failed {
-                    reason,
-                    message: format!("{e:#}"),
-                };
-            }
-        };
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return Outcome::Failed {
-                    reason: if e.is_timeout() { "timeout" } else { "network" },
-                    message: format!("reading the answer: {e:#}"),
-                };
-            }
-        };
-        if status == 200 {
-            return match serde_json::from_slice::<SyncAck>(&bytes) {
-                Ok(ack) => Outcome::Acked(Box::new(ack)),
-                Err(e) => Outcome::Failed {
-                    reason: "bad_answer",
-                    message: format!("answer is not a SyncAck: {e}"),
-                },
+        Ok((req.body(body), base.clone()))
+    }
+}
+
+/// Sends `req` (to the endpoint `base`) and reads the answer: the outcome and the HTTP status.
+async fn exchange(req: reqwest::RequestBuilder, base: &str) -> (Outcome, Option<u16>) {
+    let mut status = None;
+    let outcome = answer_of(req, base, &mut status).await;
+    (outcome, status)
+}
+
+/// [`exchange`]'s outcome; sets `status_seen` once the answer's status is known.
+async fn answer_of(
+    req: reqwest::RequestBuilder,
+    base: &str,
+    status_seen: &mut Option<u16>,
+) -> Outcome {
+    let resp = req.send().await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) if crate::identity::is_unknown_ca(&e) => {
+            return Outcome::Failed {
+                reason: "unknown_ca",
+                message: crate::identity::IdentityError::UnknownCa {
+                    url: base.to_owned(),
+                }
+                .to_string(),
             };
         }
-        let retry_after = matches!(status, 429 | 503)
-            .then(|| retry_after(&headers))
-            .flatten();
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let code = v["error"]["code"].as_str().map(ToOwned::to_owned);
-        let message = v["error"]["message"]
-            .as_str()
-            .map(ToOwned::to_owned)
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
-        if let Some(retry_after) = retry_after {
-            return Outcome::Throttled {
-                reason: match (status, code.as_deref()) {
-                    (503, Some(error_code::OVERLOADED)) => "overloaded",
-                    (503, _) => "server",
-                    _ => "throttled",
-                },
-                message: format!(
-                    "{status}: {message} (Retry-After {} s)",
-                    retry_after.as_secs()
-                ),
-                retry_after,
+        Err(e) => {
+            let reason = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "network"
+            };
+            return Outcome::Failed {
+                reason,
+                message: format!("{e:#}"),
             };
         }
-        match status {
-            413 => Outcome::TooLarge { message },
-            400 | 422 => Outcome::Refused {
-                status,
-                code,
-                message,
-            },
-            408 | 429 => Outcome::Failed {
-                reason: "throttled",
-                message: format!("{status}: {message}"),
-            },
-            401 | 403 | 404 => Outcome::Failed {
-                reason: "auth",
-                message: format!("{status}: {message}"),
-            },
-            s if s >= 500 => Outcome::Failed {
-                reason: "server",
-                message: format!("{status}: {message}"),
-            },
-            _ => Outcome::Failed {
-                reason: "http",
-                message: format!("{status}: {message}"),
-            },
+    };
+    let status = resp.status().as_u16();
+    *status_seen = Some(status);
+    let headers = resp.headers().clone();
+    let bytes = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            return Outcome::Failed {
+                reason: if e.is_timeout() { "timeout" } else { "network" },
+                message: format!("reading the answer: {e:#}"),
+            };
         }
+    };
+    if status == 200 {
+        return match serde_json::from_slice::<SyncAck>(&bytes) {
+            Ok(ack) => Outcome::Acked(Box::new(ack)),
+            Err(e) => Outcome::Failed {
+                reason: "bad_answer",
+                message: format!("answer is not a SyncAck: {e}"),
+            },
+        };
+    }
+    let retry_after = matches!(status, 429 | 503)
+        .then(|| retry_after(&headers))
+        .flatten();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let code = v["error"]["code"].as_str().map(ToOwned::to_owned);
+    let message = v["error"]["message"]
+        .as_str()
+        .map(ToOwned::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+    if let Some(retry_after) = retry_after {
+        return Outcome::Throttled {
+            reason: match (status, code.as_deref()) {
+                (503, Some(error_code::OVERLOADED)) => "overloaded",
+                (503, _) => "server",
+                _ => "throttled",
+            },
+            message: format!(
+                "{status}: {message} (Retry-After {} s)",
+                retry_after.as_secs()
+            ),
+            retry_after,
+        };
+    }
+    match status {
+        413 => Outcome::TooLarge { message },
+        400 | 422 => Outcome::Refused {
+            status,
+            code,
+            message,
+        },
+        408 | 429 => Outcome::Failed {
+            reason: "throttled",
+            message: format!("{status}: {message}"),
+        },
+        401 | 403 | 404 => Outcome::Failed {
+            reason: "auth",
+            message: format!("{status}: {message}"),
+        },
+        s if s >= 500 => Outcome::Failed {
+            reason: "server",
+            message: format!("{status}: {message}"),
+        },
+        _ => Outcome::Failed {
+            reason: "http",
+            message: format!("{status}: {message}"),
+        },
     }
 }
 

@@ -96,6 +96,7 @@ fn syncer(buffer: Arc<Buffer>, url: &str) -> Syncer {
         request_timeout: Duration::from_secs(5),
         heartbeat_interval: Duration::from_secs(3600),
         probe_interval: None,
+        max_in_flight_batches: 4,
     };
     Syncer::new(buffer, cfg, rx, &mut Registry::default()).unwrap()
 }
@@ -600,5 +601,381 @@ async fn the_loop_waits_for_retry_after_before_resending() {
     }
     assert_eq!(seen.acked, (1..=5).collect::<Vec<u64>>());
     assert_eq!(buffer.stats().unwrap().counts.total(), 0);
+    fake.stop.cancel();
+}
+
+// ---------- issue #17: pipelined drain, several batches of one device in flight ----------
+
+/// How the pipelining fake behaves.
+#[derive(Default)]
+struct PipeCfg {
+    /// The first this-many requests are held until this many are in flight at once (at most
+    /// 10 s: a loop that never gets there fails its assertion instead of hanging).
+    hold_first_until_concurrent: usize,
+    /// The first request for the batch starting at this sequence waits for `release`.
+    hold_seq: Option<u64>,
+    /// The first request for the batch starting at this sequence fails with a 500.
+    fail_seq_once: Option<u64>,
+    /// Admits this many requests at once; beyond, 429 `rate_limited` with `Retry-After: 1`,
+    /// as a control plane before issue #17 answers a second concurrent sync of a device. Until
+    /// the first refusal, an admitted request is held until another one arrives (at most 5 s),
+    /// so that a pipelining agent does meet the refusal however slow the machine.
+    admit: Option<usize>,
+}
+
+/// What the pipelining fake saw.
+#[derive(Default)]
+struct PipeState {
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    requests: AtomicUsize,
+    answered: AtomicUsize,
+    refused_429: AtomicUsize,
+    failed_once: AtomicBool,
+    held_once: AtomicBool,
+    release: tokio::sync::Notify,
+    /// Every sequence stored, with how many times a stored batch carried it (the real
+    /// control plane stores it once: `ON CONFLICT DO NOTHING`).
+    stored: Mutex<std::collections::BTreeMap<u64, u32>>,
+    /// The highest acknowledged sequence (`GREATEST`, as the control plane's ack).
+    acked: AtomicU64,
+}
+
+struct Leave(Arc<PipeState>);
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn wait_for(what: impl Fn() -> bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !what() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn pipeline_control_plane(cfg: PipeCfg) -> (Fake, Arc<PipeState>) {
+    let st = Arc::new(PipeState::default());
+    let cfg = Arc::new(cfg);
+    type S = (Arc<PipeState>, Arc<PipeCfg>);
+    let app = Router::new()
+        .route(
+            "/v1/agent/sync",
+            post(|State((st, cfg)): State<S>, body: axum::body::Bytes| async move {
+                use axum::response::IntoResponse as _;
+                let index = st.requests.fetch_add(1, Ordering::SeqCst);
+                let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                let _leave = Leave(st.clone());
+                let json = kip_shared::batch::gunzip_bounded(&body, 64 << 20).unwrap();
+                let batch: SyncBatch = serde_json::from_slice(&json).unwrap();
+                if let Some(admit) = cfg.admit {
+                    if now > admit {
+                        st.refused_429.fetch_add(1, Ordering::SeqCst);
+                        return (
+                            StatusCode::TOO_MANY_REQUESTS,
+                            [(axum::http::header::RETRY_AFTER, "1")],
+                            Json(serde_json::json!({"error": {"code": "rate_limited",
+                                "message": "a sync from this device is already in flight"}})),
+                        )
+                            .into_response();
+                    }
+                    if st.refused_429.load(Ordering::SeqCst) == 0 {
+                        let seen = st.requests.load(Ordering::SeqCst);
+                        wait_for(
+                            || st.requests.load(Ordering::SeqCst) > seen,
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                    }
+                }
+                if index < cfg.hold_first_until_concurrent {
+                    wait_for(
+                        || st.max_in_flight.load(Ordering::SeqCst) >= cfg.hold_first_until_concurrent,
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                }
+                if cfg.fail_seq_once == Some(batch.first_seq)
+                    && !st.failed_once.swap(true, Ordering::SeqCst)
+                {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        Json(serde_json::json!({"error": {"code": "internal", "message": "internal error"}})),
+                    )
+                        .into_response();
+                }
+                if cfg.hold_seq == Some(batch.first_seq) && !st.held_once.swap(true, Ordering::SeqCst) {
+                    st.release.notified().await;
+                }
+                {
+                    let mut stored = st.stored.lock().unwrap();
+                    for r in &batch.records {
+                        *stored.entry(r.seq).or_insert(0) += 1;
+                    }
+                }
+                let acked = st.acked.fetch_max(batch.last_seq, Ordering::SeqCst).max(batch.last_seq);
+                st.answered.fetch_add(1, Ordering::SeqCst);
+                Json(SyncAck {
+                    protocol_version: kip_shared::PROTOCOL_VERSION,
+                    epoch: batch.epoch,
+                    acked_seq: acked,
+                    inserted: batch.records.len() as u64,
+                    duplicates: 0,
+                    desired: Default::default(),
+                    server_time: Some(chrono::Utc::now()),
+                })
+                .into_response()
+            }),
+        )
+        .with_state((st.clone(), cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio_util::task::TaskTracker::new().spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    let requests = Arc::new(AtomicUsize::new(0));
+    (
+        Fake {
+            url,
+            requests,
+            stop,
+        },
+        st,
+    )
+}
+
+/// Steps the loop (ignoring its pauses: the fakes do not care) until the buffer is empty.
+async fn drain(s: &mut Syncer, buffer: &Buffer) {
+    for _ in 0..200 {
+        s.step().await.unwrap();
+        if buffer.stats().unwrap().counts.total() == 0 {
+            s.join_ack().await.unwrap();
+            return;
+        }
+    }
+    panic!(
+        "not drained: {} records left",
+        buffer.stats().unwrap().counts.total()
+    );
+}
+
+/// Every sequence in `1..=n` was stored, none beyond.
+fn assert_all_stored(st: &PipeState, n: u64) {
+    let stored = st.stored.lock().unwrap();
+    assert_eq!(
+        stored.keys().copied().collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_drain_keeps_max_in_flight_batches_requests_in_flight_at_once() {
+    let (fake, st) = pipeline_control_plane(PipeCfg {
+        hold_first_until_concurrent: 4,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // 8 full batches of 64.
+    let buffer = buffer(dir.path(), 512);
+    let mut s = syncer(buffer.clone(), &fake.url);
+    drain(&mut s, &buffer).await;
+    assert_eq!(
+        st.max_in_flight.load(Ordering::SeqCst),
+        4,
+        "four batches in flight at once, never more"
+    );
+    assert_all_stored(&st, 512);
+    assert_eq!(st.requests.load(Ordering::SeqCst), 8, "no batch sent twice");
+    assert_eq!(s.status().report().records_acked, 512);
+    assert_eq!(buffer.stats().unwrap().acked_up_to, 512);
+    fake.stop.cancel();
+}
+
+#[tokio::test]
+async fn max_in_flight_batches_of_one_sends_one_batch_at_a_time() {
+    let (fake, st) = pipeline_control_plane(PipeCfg::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 256);
+    let mut s = syncer(buffer.clone(), &fake.url);
+    s.cfg.max_in_flight_batches = 1;
+    s.set_in_flight_cap(1);
+    drain(&mut s, &buffer).await;
+    assert_eq!(st.max_in_flight.load(Ordering::SeqCst), 1);
+    assert_all_stored(&st, 256);
+    fake.stop.cancel();
+}
+
+#[tokio::test]
+async fn acks_are_applied_in_sequence_order_when_later_batches_are_answered_first() {
+    let (fake, st) = pipeline_control_plane(PipeCfg {
+        hold_seq: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 256);
+    let s = syncer(buffer.clone(), &fake.url);
+    let tracker = tokio_util::task::TaskTracker::new();
+    let first = tracker.spawn(async move {
+        let mut s = s;
+        let pause = s.step().await.unwrap();
+        (s, pause)
+    });
+    // The three later batches are answered (acks) while the first is held.
+    wait_for(
+        || st.answered.load(Ordering::SeqCst) == 3,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(st.answered.load(Ordering::SeqCst), 3);
+    let stats = buffer.stats().unwrap();
+    assert_eq!(
+        stats.acked_up_to, 0,
+        "no later ack applied before the first"
+    );
+    assert_eq!(stats.counts.total(), 256);
+    st.release.notify_one();
+    let (mut s, pause) = first.await.unwrap();
+    assert_eq!(
+        pause, None,
+        "the others are still to be taken: go on at once"
+    );
+    s.join_ack().await.unwrap();
+    assert_eq!(
+        buffer.stats().unwrap().acked_up_to,
+        64,
+        "the first batch only"
+    );
+    drain(&mut s, &buffer).await;
+    assert_eq!(buffer.stats().unwrap().acked_up_to, 256);
+    assert_eq!(st.requests.load(Ordering::SeqCst), 4, "nothing resent");
+    assert_all_stored(&st, 256);
+    fake.stop.cancel();
+}
+
+#[tokio::test]
+async fn a_failed_first_batch_discards_the_later_answers_and_nothing_is_lost_or_counted_twice() {
+    let (fake, st) = pipeline_control_plane(PipeCfg {
+        hold_first_until_concurrent: 4,
+        fail_seq_once: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 256);
+    let mut s = syncer(buffer.clone(), &fake.url);
+    let pause = s.step().await.unwrap();
+    assert!(pause.is_some(), "a failure backs off");
+    assert!(s.in_flight.is_empty(), "the later batches are discarded");
+    assert_eq!(
+        s.next_seq, 1,
+        "resumes from the first unacknowledged record"
+    );
+    let stats = buffer.stats().unwrap();
+    assert_eq!(stats.acked_up_to, 0);
+    assert_eq!(stats.counts.total(), 256, "nothing deleted");
+    assert_eq!(
+        st.max_in_flight.load(Ordering::SeqCst),
+        4,
+        "the later ones were sent (and stored) beside the first"
+    );
+    drain(&mut s, &buffer).await;
+    assert_all_stored(&st, 256);
+    let stored = st.stored.lock().unwrap();
+    assert_eq!(stored[&1], 1, "the failed batch stored once, on its resend");
+    assert_eq!(
+        stored[&65], 2,
+        "a discarded batch is resent (the control plane keeps it once)"
+    );
+    drop(stored);
+    assert_eq!(
+        s.status().report().records_acked,
+        256,
+        "each record acknowledged once by the agent"
+    );
+    assert_eq!(buffer.stats().unwrap().acked_up_to, 256);
+    assert_eq!(
+        s.metrics
+            .failures
+            .get_or_create(&ReasonLabels { reason: "server" })
+            .get(),
+        1
+    );
+    fake.stop.cancel();
+}
+
+/// Compatibility: a control plane before issue #17 admits one sync per device and answers a
+/// second concurrent one 429 (`rate_limited`); the agent falls back to one batch in flight,
+/// without a backoff, and loses nothing.
+#[tokio::test]
+async fn a_control_plane_that_admits_one_sync_per_device_gets_one_batch_at_a_time() {
+    let (fake, st) = pipeline_control_plane(PipeCfg {
+        admit: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 512);
+    let mut s = syncer(buffer.clone(), &fake.url);
+    drain(&mut s, &buffer).await;
+    assert_all_stored(&st, 512);
+    assert_eq!(s.in_flight_cap, 1, "fell back to one in flight");
+    assert_eq!(s.metrics.in_flight_fallbacks.get(), 1);
+    assert_eq!(s.metrics.max_in_flight_batches.get(), 1);
+    let refused = st.refused_429.load(Ordering::SeqCst);
+    assert!(
+        (1..=3).contains(&refused),
+        "only the first round met the limit: {refused}"
+    );
+    assert_eq!(
+        s.metrics
+            .failures
+            .get_or_create(&ReasonLabels {
+                reason: "throttled"
+            })
+            .get(),
+        0,
+        "not a failure: no backoff"
+    );
+    assert_eq!(s.status().report().records_acked, 512);
+    fake.stop.cancel();
+}
+
+/// A poison record in the middle of a pipelined drain: the batches after it are discarded,
+/// the split isolates it, the record is dead-lettered and everything else lands.
+#[tokio::test]
+async fn a_poison_record_in_a_pipelined_drain_is_isolated_and_the_rest_lands() {
+    let bad = "poison".to_owned();
+    let fake = fake_control_plane(Arc::new(move |b: &SyncBatch| {
+        let i = b
+            .records
+            .iter()
+            .position(|r| matches!(&r.record, Record::Reading(x) if x.metric == bad))?;
+        Some((
+            422,
+            error_code::RECORD_INVALID,
+            format!("record {i}: bad metric"),
+        ))
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = buffer(dir.path(), 100);
+    let poison_seq = buffer.append(&reading(100, "poison".into())).unwrap();
+    for i in 101..400 {
+        buffer.append(&reading(i, format!("m{i}"))).unwrap();
+    }
+    let mut s = syncer(buffer.clone(), &fake.url);
+    drain(&mut s, &buffer).await;
+    assert_eq!(s.status().report().dead_letters, 1);
+    // 399 good readings and the dead letter (the poison record is acknowledged locally).
+    assert_eq!(s.status().report().records_acked, 400);
+    assert!(buffer.stats().unwrap().acked_up_to > poison_seq);
     fake.stop.cancel();
 }

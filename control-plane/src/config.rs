@@ -193,6 +193,11 @@ pub struct RawIngest {
     /// Most records in one batch.
     #[serde(default = "default_max_batch_records")]
     pub max_batch_records: u64,
+    /// Syncs of one device served at once by this replica (an agent draining a backlog keeps
+    /// up to its `sync.max_in_flight_batches` in flight); one more is answered 429
+    /// `sync_in_flight` before its body is read. 1 restores the one-at-a-time behaviour.
+    #[serde(default = "default_max_in_flight_syncs_per_device")]
+    pub max_in_flight_syncs_per_device: u64,
 }
 
 fn default_max_batch_bytes() -> u64 {
@@ -201,12 +206,16 @@ fn default_max_batch_bytes() -> u64 {
 fn default_max_batch_records() -> u64 {
     10_000
 }
+fn default_max_in_flight_syncs_per_device() -> u64 {
+    4
+}
 
 impl Default for RawIngest {
     fn default() -> Self {
         Self {
             max_batch_bytes: default_max_batch_bytes(),
             max_batch_records: default_max_batch_records(),
+            max_in_flight_syncs_per_device: default_max_in_flight_syncs_per_device(),
         }
     }
 }
@@ -219,7 +228,11 @@ impl RawIngest {
             .map_err(|m| invalid("ingest.max_batch_bytes", m))?;
         in_range(self.max_batch_records, 1, 100_000, "")
             .map_err(|m| invalid("ingest.max_batch_records", m))?;
+        in_range(self.max_in_flight_syncs_per_device, 1, 64, "")
+            .map_err(|m| invalid("ingest.max_in_flight_syncs_per_device", m))?;
         Ok(crate::telemetry::IngestLimits {
+            max_in_flight_syncs_per_device: usize::try_from(self.max_in_flight_syncs_per_device)
+                .unwrap_or(1),
             max_records: usize::try_from(self.max_batch_records).unwrap_or(usize::MAX),
             max_decoded_bytes: usize::try_from(self.max_batch_bytes).unwrap_or(usize::MAX),
         })
@@ -1090,6 +1103,10 @@ mod tests {
             (
                 "[agent_load_shedding]\nretry_after_min_s = 0",
                 "agent_load_shedding.retry_after_min_s",
+            ),
+            (
+                "[ingest]\nmax_in_flight_syncs_per_device = 0",
+                "ingest.max_in_flight_syncs_per_device",
             ),
         ];
         for (toml, field) in cases {

@@ -229,6 +229,7 @@ impl ControlPlaneBuilder {
             // rag: per-organisation documents and retrieval (loads the embedding model).
             documents: Arc::new(documents::Documents::new(cfg.documents.clone())),
             agent_admission,
+            sync_gate: agent_api::SyncGate::new(cfg.ingest.max_in_flight_syncs_per_device),
         };
 
         // Background services. The log writer ends after every log sender (the gateway in

@@ -90,6 +90,7 @@ pub fn agent_router(state: AppState) -> Router {
         state.ingest,
         timeout,
         state.agent_admission.clone(),
+        state.sync_gate.clone(),
     )
     .with_state(state)
 }

@@ -52,6 +52,8 @@ pub struct AppState {
     pub documents: Arc<crate::documents::Documents>,
     /// Load shedding of agent syncs (`[agent_load_shedding]`), one per process.
     pub agent_admission: Arc<crate::agent_api::Admission>,
+    /// Syncs in flight per device (`ingest.max_in_flight_syncs_per_device`), one per process.
+    pub sync_gate: crate::agent_api::SyncGate,
 }
 
 impl FromRef<AppState> for HttpMetrics {

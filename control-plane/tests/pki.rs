@@ -1411,3 +1411,386 @@ async fn a_request_queued_past_the_wait_budget_is_shed(pool: PgPool) {
     );
     stalled.abort();
 }
+
+// ---------- issue #17: pipelined sync, several batches of one device at once ----------
+
+/// A batch of readings `seqs` (epoch 1) spread over two minutes from 10:00 on a fixed day, on
+/// two machines, valued by their sequence (whole numbers: sums compare exactly).
+fn readings_body(seqs: std::ops::RangeInclusive<u64>) -> String {
+    let base = chrono::DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let records = seqs
+        .clone()
+        .map(|seq| kip_shared::Sequenced {
+            epoch: 1,
+            seq,
+            record: kip_shared::Record::Reading(kip_shared::Reading {
+                source: "plc1".into(),
+                machine: format!("press{}", seq % 2),
+                metric: "temp".into(),
+                ts: base + chrono::Duration::seconds((seq * 7 % 120) as i64),
+                value: seq as f64,
+                quality: Default::default(),
+            }),
+        })
+        .collect();
+    serde_json::to_string(&kip_shared::sync::SyncBatch {
+        protocol_version: kip_shared::PROTOCOL_VERSION,
+        agent_version: "kip-agent test".into(),
+        epoch: 1,
+        first_seq: *seqs.start(),
+        last_seq: *seqs.end(),
+        records,
+        running_model: None,
+        health: None,
+    })
+    .unwrap()
+}
+
+/// Posts `body` in the background; the answer's status.
+fn post_sync(
+    tracker: &TaskTracker,
+    client: &reqwest::Client,
+    env: &Env,
+    body: String,
+) -> tokio::task::JoinHandle<u16> {
+    let (client, url) = (client.clone(), format!("{}/v1/agent/sync", env.agent_url));
+    tracker.spawn(async move {
+        let r = client
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status != 200 {
+            eprintln!(
+                "sync answered {status}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+        status
+    })
+}
+
+/// The sync backends of this database waiting for a lock held by `holder` alone.
+async fn waiting_only_for(pool: &PgPool, holder: i32) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE datname = current_database() AND pid <> pg_backend_pid() \
+            AND wait_event_type = 'Lock' AND pg_blocking_pids(pid) = ARRAY[$1]::int[]",
+    )
+    .bind(holder)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The sync backends of this database inside the readings' insert-select (which upserts the
+/// rollups), waiting for a lock.
+async fn waiting_in_the_insert(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE datname = current_database() AND pid <> pg_backend_pid() \
+            AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sensor_rollup_1m%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Raw rows of the device against both rollups: rows that differ (count, min, max, sum).
+async fn rollup_mismatches(pool: &PgPool, device: Uuid) -> i64 {
+    let mut bad = 0;
+    for (table, width) in [
+        ("sensor_rollup_1m", "1 minute"),
+        ("sensor_rollup_1h", "1 hour"),
+    ] {
+        // Two static statements (SQL is never built with format!).
+        let sql = if table == "sensor_rollup_1m" {
+            "SELECT count(*) FROM \
+               (SELECT machine, metric, date_bin($2::interval, ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b, \
+                       count(*) AS c, min(value) AS mn, max(value) AS mx, sum(value) AS s \
+                  FROM sensor_data WHERE device_id = $1 GROUP BY 1, 2, 3) raw \
+               FULL JOIN (SELECT * FROM sensor_rollup_1m WHERE device_id = $1) r \
+                 ON r.machine = raw.machine AND r.metric = raw.metric AND r.bucket = raw.b \
+              WHERE r.count IS DISTINCT FROM raw.c OR r.min IS DISTINCT FROM raw.mn \
+                 OR r.max IS DISTINCT FROM raw.mx OR r.sum IS DISTINCT FROM raw.s"
+        } else {
+            "SELECT count(*) FROM \
+               (SELECT machine, metric, date_bin($2::interval, ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS b, \
+                       count(*) AS c, min(value) AS mn, max(value) AS mx, sum(value) AS s \
+                  FROM sensor_data WHERE device_id = $1 GROUP BY 1, 2, 3) raw \
+               FULL JOIN (SELECT * FROM sensor_rollup_1h WHERE device_id = $1) r \
+                 ON r.machine = raw.machine AND r.metric = raw.metric AND r.bucket = raw.b \
+              WHERE r.count IS DISTINCT FROM raw.c OR r.min IS DISTINCT FROM raw.mn \
+                 OR r.max IS DISTINCT FROM raw.mx OR r.sum IS DISTINCT FROM raw.s"
+        };
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(device)
+            .bind(width)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        bad += n;
+    }
+    bad
+}
+
+/// Two concurrent syncs of one device (disjoint sequences, the same rollup buckets) are in
+/// PostgreSQL at the same time: before, the device row lock (`FOR UPDATE`) made the second
+/// wait for the first's whole transaction. Both are stored, every reading once, with
+/// rollups equal to the raw rows and the ack at the highest sequence.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (k, c) = env.enrolled_device("gw-1").await;
+    let gw = agent_client(tls_config(&env.bundle_pem, &c.certificate_chain_pem, &k));
+    let r = gw
+        .post(format!("{}/v1/agent/sync", env.agent_url))
+        .header("content-type", "application/json")
+        .body(readings_body(1..=1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+
+    // Hold the rollup rows so far: both batches update one of them.
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM sensor_rollup_1m FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let tracker = TaskTracker::new();
+    // 1,200 readings each: the COPY path.
+    let a = post_sync(&tracker, &gw, &env, readings_body(2..=1201));
+    let b = post_sync(&tracker, &gw, &env, readings_body(1202..=2401));
+    // Both are past the device lock and their COPY, inside the insert-select at once (before,
+    // the second waited at the device row for the first's whole transaction).
+    kip_tests::wait_until(
+        Duration::from_secs(20),
+        "both batches inside the insert-select at once",
+        || {
+            let pool = pool.clone();
+            async move { waiting_in_the_insert(&pool).await == 2 }
+        },
+    )
+    .await;
+    holder.rollback().await.unwrap();
+    assert_eq!(a.await.unwrap(), 200);
+    assert_eq!(b.await.unwrap(), 200);
+
+    let (rows, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT seq) FROM sensor_data WHERE device_id = $1 AND epoch = 1",
+    )
+    .bind(c.device_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, distinct), (2401, 2401));
+    assert_eq!(rollup_mismatches(&pool, c.device_id).await, 0);
+    let acked: i64 = sqlx::query_scalar(
+        "SELECT acked_seq FROM device_sync_state WHERE device_id = $1 AND epoch = 1",
+    )
+    .bind(c.device_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        acked, 2401,
+        "the ack is the highest sequence, whichever committed last"
+    );
+}
+
+/// A replay running beside its original (an agent that resent after a timeout) waits for the
+/// original's rows and stores nothing twice; rollups count every reading once.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_replay_concurrent_with_its_original_stores_once(pool: PgPool) {
+    let env = setup(pool.clone()).await;
+    let (k, c) = env.enrolled_device("gw-1").await;
+    let gw = agent_client(tls_config(&env.bundle_pem, &c.certificate_chain_pem, &k));
+    let r = gw
+        .post(format!("{}/v1/agent/sync", env.agent_url))
+        .header("content-type", "application/json")
+        .body(readings_body(1..=1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+    let mut holder = pool.begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM sensor_rollup_1m FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let tracker = TaskTracker::new();
+    let original = post_sync(&tracker, &gw, &env, readings_body(2..=1201));
+    // The original holds its new keys (uncommitted) and waits for the rollup row.
+    kip_tests::wait_until(
+        Duration::from_secs(20),
+        "the original waits for the rollup row",
+        || {
+            let pool = pool.clone();
+            async move { waiting_only_for(&pool, holder_pid).await == 1 }
+        },
+    )
+    .await;
+    let replay = post_sync(&tracker, &gw, &env, readings_body(2..=1201));
+    // The replay waits for the original's keys (a transaction lock, not the holder's).
+    kip_tests::wait_until(Duration::from_secs(20), "the replay waits", || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                    AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n == 2
+        }
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    assert_eq!(original.await.unwrap(), 200);
+    assert_eq!(replay.await.unwrap(), 200);
+    let (rows, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT seq) FROM sensor_data WHERE device_id = $1",
+    )
+    .bind(c.device_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, distinct), (1201, 1201));
+    assert_eq!(rollup_mismatches(&pool, c.device_id).await, 0);
+    let counted: i64 =
+        sqlx::query_scalar("SELECT sum(count)::bigint FROM sensor_rollup_1m WHERE device_id = $1")
+            .bind(c.device_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(counted, 1201);
+}
+
+/// `ingest.max_in_flight_syncs_per_device` syncs of one device are admitted at once; one
+/// more is refused 429 `sync_in_flight` with `Retry-After` before its body is read, and
+/// counted; another device is not held up.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn one_sync_beyond_max_in_flight_syncs_per_device_gets_429(pool: PgPool) {
+    let env = setup_with(pool, |cfg| {
+        cfg.ingest.max_in_flight_syncs_per_device = 2;
+    })
+    .await;
+    let (k1, c1) = env.enrolled_device("gw-1").await;
+    let (k2, c2) = env.enrolled_device("gw-2").await;
+    let gw1 = agent_client(tls_config(&env.bundle_pem, &c1.certificate_chain_pem, &k1));
+    let gw2 = agent_client(tls_config(&env.bundle_pem, &c2.certificate_chain_pem, &k2));
+    let gate = env._cp.state().sync_gate.clone();
+    let tracker = TaskTracker::new();
+    // Two syncs whose bodies never end hold both places of gw-1.
+    let stalled: Vec<_> = (0..2)
+        .map(|_| {
+            let body =
+                futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from("{"))])
+                    .chain(futures_util::stream::pending());
+            let (gw1, url) = (gw1.clone(), format!("{}/v1/agent/sync", env.agent_url));
+            tracker.spawn(async move {
+                gw1.post(url)
+                    .header("content-type", "application/json")
+                    .body(reqwest::Body::wrap_stream(body))
+                    .send()
+                    .await
+            })
+        })
+        .collect();
+    kip_tests::wait_until(
+        Duration::from_secs(10),
+        "two syncs of gw-1 in flight",
+        || {
+            let (g, d) = (gate.clone(), c1.device_id);
+            async move { g.in_flight(d) == 2 }
+        },
+    )
+    .await;
+    let r = sync_one(&gw1, &env).await;
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").unwrap().to_str().unwrap(),
+        "1"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "sync_in_flight", "{v}");
+    assert_eq!(gate.in_flight(c1.device_id), 2, "the refusal took no place");
+    let r = sync_one(&gw2, &env).await;
+    assert_eq!(r.status().as_u16(), 200, "another device is not held up");
+    let metrics = env._cp.state().metrics.render();
+    assert!(
+        metrics.contains("kip_ingest_rejected_total{reason=\"in_flight\"} 1"),
+        "{metrics}"
+    );
+    for s in stalled {
+        s.abort();
+    }
+    kip_tests::wait_until(Duration::from_secs(10), "the places are free", || {
+        let (g, d) = (gate.clone(), c1.device_id);
+        async move { g.in_flight(d) == 0 }
+    })
+    .await;
+    let r = sync_one(&gw1, &env).await;
+    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
+}
+
+/// A deadlock or serialization failure in PostgreSQL is a retryable 503 `sync_conflict` with
+/// `Retry-After`, never a 500 (nothing was stored: the agent resends).
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn a_deadlock_is_a_retryable_503_not_a_500(pool: PgPool) {
+    sqlx::query("CREATE TABLE t (id int PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO t VALUES (1), (2)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut a = pool.begin().await.unwrap();
+    let mut b = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM t WHERE id = 1 FOR UPDATE")
+        .execute(&mut *a)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM t WHERE id = 2 FOR UPDATE")
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    // Each side rolls back as soon as its statement ends, so the survivor goes on.
+    let other = TaskTracker::new().spawn(async move {
+        let r = sqlx::query("SELECT 1 FROM t WHERE id = 1 FOR UPDATE")
+            .execute(&mut *b)
+            .await;
+        b.rollback().await.unwrap();
+        r.err()
+    });
+    let ra = sqlx::query("SELECT 1 FROM t WHERE id = 2 FOR UPDATE")
+        .execute(&mut *a)
+        .await;
+    a.rollback().await.unwrap();
+    let rb = other.await.unwrap();
+    let err = ra.err().or(rb).expect("PostgreSQL detects the deadlock");
+    assert_eq!(
+        kip_control_plane::telemetry::ingest::conflict_code(&err),
+        Some("deadlock detected")
+    );
+    let e = kip_control_plane::telemetry::IngestError::from(err);
+    assert_eq!(e.reason(), "conflict");
+    let api = kip_control_plane::http::ApiError::from(e);
+    assert_eq!(api.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.code(), "sync_conflict");
+    let resp = axum::response::IntoResponse::into_response(api);
+    assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+}

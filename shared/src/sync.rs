@@ -49,6 +49,16 @@ pub mod error_code {
     /// same batch after `Retry-After` (issue #17, load shedding).
     pub const OVERLOADED: &str = "overloaded";
 
+    /// The device already has its maximum of syncs in flight on this replica
+    /// (`ingest.max_in_flight_syncs_per_device`; 429 with `Retry-After`, refused before the
+    /// body was read): nothing was stored; send fewer batches at once. A control plane from
+    /// before issue #17's pipelining admits one sync per device and answers `rate_limited`.
+    pub const SYNC_IN_FLIGHT: &str = "sync_in_flight";
+    /// Concurrent syncs of one device met in PostgreSQL (deadlock or serialization failure,
+    /// SQLSTATE 40P01/40001; 503 with `Retry-After`): the transaction was rolled back,
+    /// nothing was stored; resend the same batch.
+    pub const SYNC_CONFLICT: &str = "sync_conflict";
+
     /// The codes that blame one record: split the batch, dead-letter a record refused alone.
     pub const RECORD_CODES: &[&str] = &[RECORD_INVALID, BATCH_UNDECODABLE];
 

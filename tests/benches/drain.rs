@@ -4,8 +4,9 @@
 //!
 //! 1. **Sync endpoint throughput** (one control-plane replica): `DRAIN_BENCH_DEVICES` enrolled
 //!    devices post pre-encoded gzip JSON batches of `DRAIN_BENCH_BATCH` readings over mTLS to
-//!    `POST /v1/agent/sync`, each device in order (the control plane takes one sync per device
-//!    at a time). Reference: a raw binary COPY of the same rows into `sensor_data`.
+//!    `POST /v1/agent/sync`, each device in order, one request at a time per device (the agent
+//!    pipelines up to `sync.max_in_flight_batches`; this phase measures devices side by side).
+//!    Reference: a raw binary COPY of the same rows into `sensor_data`.
 //! 2. **Agent ingest**: an agent with an MQTT source and its control-plane link cut (kit proxy)
 //!    takes `DRAIN_BENCH_RECORDS` QoS 1 messages into its buffer; messages/s, agent RSS
 //!    (peak while ingesting, with everything buffered) and the buffer's disk footprint.
@@ -24,7 +25,8 @@
 //! Env: `DRAIN_BENCH_RECORDS` (default 1,000,000), `DRAIN_BENCH_BATCH` (10,000),
 //! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PHASES` (`sync,agent,footprint`);
 //! `DRAIN_BENCH_SYNC_TOML` / `DRAIN_BENCH_BUFFER_TOML`: lines added to the agent's `[sync]` /
-//! `[buffer]` (e.g. the previous defaults `batch_max_records = 2000`,
+//! `[buffer]` (e.g. `max_in_flight_batches = 1` for the drain before pipelining, or the
+//! previous defaults `batch_max_records = 2000`,
 //! `batch_max_bytes = 1048576`, `cache_capacity_bytes = 67108864`);
 //! `DRAIN_BENCH_FK=1` puts back the foreign key from `sensor_data` to `devices` that migration
 //! 0230 replaced, to measure what it costs.
@@ -535,10 +537,14 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     .await
     .map(|(_, b)| b)
     .unwrap_or_default();
-    for l in body
-        .lines()
-        .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects"))
-    {
+    for l in body.lines().filter(|l| {
+        l.starts_with("kip_agent_mqtt")
+            || l.starts_with("kip_agent_source_reconnects")
+            || l.starts_with("kip_agent_sync_max_in_flight_batches")
+            || l.starts_with("kip_agent_sync_in_flight_fallbacks")
+            || l.starts_with("kip_agent_sync_batches_total")
+            || l.starts_with("kip_agent_sync_batch_records")
+    }) {
         println!("    {l}");
     }
     if let Ok(keep) = std::env::var("DRAIN_BENCH_KEEP_DIR") {

@@ -43,6 +43,8 @@ pub fn sync_config(endpoints: Vec<String>) -> SyncConfig {
         request_timeout: Duration::from_millis(1500),
         heartbeat_interval: Duration::from_secs(60),
         probe_interval: None,
+        // The production default: the end-to-end tests exercise the pipelined drain.
+        max_in_flight_batches: 4,
     }
 }
 

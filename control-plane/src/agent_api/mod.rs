@@ -9,7 +9,7 @@
 //! and [`crate::pki::desired_trust`]. This module owns no table.
 //!
 //! Statements per request (issue #17): a sync of a small batch runs 8 (certificate check;
-//! `BEGIN`, device lock, readings, ack, `COMMIT`; reports; desired state), a heartbeat 4
+//! `BEGIN`, device key-share lock, readings, ack, `COMMIT`; reports; desired state), a heartbeat 4
 //! (certificate check, ack, reports, desired state), whatever the device's rollouts and
 //! configuration; before, 13 and more.
 //!
@@ -22,9 +22,13 @@
 //! - Every request has a deadline (`pki.agent_request_timeout_ms`, 504 after it).
 //! - Sync batches have their own body limit (`ingest.max_decoded_bytes`); every other route
 //!   has the admin API's (`server.request_body_limit_bytes`).
-//! - At most one sync per device is in flight on a listener ([`SyncGate`]): a second
-//!   concurrent sync from the same device is answered 429 before its body is read, so one
-//!   device cannot make the listener buffer and decode many batches at once.
+//! - At most `ingest.max_in_flight_syncs_per_device` syncs per device are in flight on a
+//!   listener ([`SyncGate`], default 4, issue #17: an agent draining a backlog pipelines its
+//!   batches): one more concurrent sync from the same device is answered 429 (code
+//!   `sync_in_flight`, `Retry-After: 1`) before its body is read, so one device cannot make
+//!   the listener buffer and decode more batches than that at once. Concurrent batches of one
+//!   device are safe to store ([`crate::telemetry::ingest`]: keyed rows, an ack that only
+//!   grows).
 //! - A saturated replica refuses syncs and heartbeats before any of the above ([`shed`]:
 //!   `503` with a jittered `Retry-After`, `agent_load_shedding.*`), instead of letting them
 //!   queue for the agent pool until it times out.
@@ -95,12 +99,13 @@ where
 /// `http.body_limit_bytes`. Every request, body upload included, is answered 504 after
 /// `request_timeout` (`pki.agent_request_timeout_ms`), so a stalled client cannot hold a
 /// handler (and its database work) open. Syncs (and heartbeats, which are empty syncs) pass
-/// `admission` first ([`shed`]).
+/// `admission` first ([`shed`]), then `gate` (per device, [`SyncGate`]).
 pub fn router<S>(
     http: HttpLimits,
     ingest: IngestLimits,
     request_timeout: Duration,
     admission: Arc<Admission>,
+    gate: SyncGate,
 ) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
@@ -129,7 +134,7 @@ where
                 // body read and no pool connection.
                 .layer(axum::middleware::from_fn_with_state(admission, shed::admit)),
         )
-        .layer(Extension(SyncGate::default()))
+        .layer(Extension(gate))
         .fallback(crate::http::not_found)
         .layer(axum::middleware::from_fn_with_state(
             HttpLimits {
@@ -211,8 +216,14 @@ async fn sync(
     // Before the body is read: a refused concurrent sync costs no buffering.
     let Some(_slot) = gate.try_enter(dev.identity.device_id) else {
         telemetry::count_refused(&metrics, "in_flight");
-        return Err(ApiError::TooManyRequests {
-            message: "a sync from this device is already in flight".into(),
+        return Err(ApiError::RetryLater {
+            status: axum::http::StatusCode::TOO_MANY_REQUESTS,
+            code: kip_shared::sync::error_code::SYNC_IN_FLIGHT,
+            message: format!(
+                "this device already has {} syncs in flight (ingest.max_in_flight_syncs_per_device): \
+                 nothing was stored; send fewer batches at once",
+                gate.per_device()
+            ),
             retry_after_s: 1,
         });
     };
@@ -304,13 +315,22 @@ async fn read_limited(body: Body, limit: usize) -> Result<Option<axum::body::Byt
     Ok(Some(out.into()))
 }
 
-/// The devices with a sync in flight on this listener (per process: replicas each keep
-/// their own, which still bounds a device to one batch per replica).
-#[derive(Debug, Clone, Default)]
-pub struct SyncGate(Arc<std::sync::Mutex<std::collections::HashSet<Uuid>>>);
+/// The syncs in flight on this listener, per device (per process: replicas each keep their
+/// own, which still bounds a device to `per_device` batches per replica).
+#[derive(Debug, Clone)]
+pub struct SyncGate {
+    in_flight: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, usize>>>,
+    per_device: usize,
+}
+
+impl Default for SyncGate {
+    fn default() -> Self {
+        Self::new(crate::telemetry::IngestLimits::default().max_in_flight_syncs_per_device)
+    }
+}
 
 /// A device's in-flight sync; leaving it (drop, also on error or a cancelled request) frees
-/// the device.
+/// its place.
 #[derive(Debug)]
 pub struct SyncSlot {
     gate: SyncGate,
@@ -318,13 +338,41 @@ pub struct SyncSlot {
 }
 
 impl SyncGate {
-    /// The slot of `device`, or `None` while another sync of it is in flight.
+    /// A gate that admits `per_device` concurrent syncs of one device (at least 1).
+    pub fn new(per_device: usize) -> Self {
+        Self {
+            in_flight: Arc::default(),
+            per_device: per_device.max(1),
+        }
+    }
+
+    /// How many concurrent syncs of one device it admits.
+    pub fn per_device(&self) -> usize {
+        self.per_device
+    }
+
+    /// How many syncs of `device` are in flight now.
+    pub fn in_flight(&self, device: Uuid) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&device)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// A place for `device`, or `None` while `per_device` syncs of it are in flight.
     pub fn try_enter(&self, device: Uuid) -> Option<SyncSlot> {
-        let mut set = self
-            .0
+        let mut map = self
+            .in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        set.insert(device).then(|| SyncSlot {
+        let n = map.entry(device).or_insert(0);
+        if *n >= self.per_device {
+            return None;
+        }
+        *n += 1;
+        Some(SyncSlot {
             gate: self.clone(),
             device,
         })
@@ -333,11 +381,18 @@ impl SyncGate {
 
 impl Drop for SyncSlot {
     fn drop(&mut self) {
-        self.gate
-            .0
+        let mut map = self
+            .gate
+            .in_flight
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.device);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The entry goes with its last slot: the map holds only devices with a sync in flight.
+        if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(self.device) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 }
 
@@ -346,8 +401,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_sync_per_device_is_in_flight() {
-        let gate = SyncGate::default();
+    fn one_sync_per_device_is_in_flight_with_a_limit_of_one() {
+        let gate = SyncGate::new(1);
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         let first = gate.try_enter(a);
         assert!(first.is_some());
@@ -360,6 +415,25 @@ mod tests {
         assert!(
             gate.try_enter(a).is_some(),
             "free again once the first ended"
+        );
+    }
+
+    #[test]
+    fn n_syncs_per_device_are_admitted_and_the_next_one_is_refused() {
+        let gate = SyncGate::new(3);
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut slots: Vec<_> = (0..3).map(|_| gate.try_enter(a).unwrap()).collect();
+        assert!(gate.try_enter(a).is_none(), "the fourth of a limit of 3");
+        assert!(gate.try_enter(b).is_some(), "another device is not held up");
+        slots.pop();
+        let again = gate.try_enter(a);
+        assert!(again.is_some(), "a freed place is taken again");
+        assert!(gate.try_enter(a).is_none());
+        drop(slots);
+        drop(again);
+        assert!(
+            gate.in_flight.lock().unwrap().is_empty(),
+            "no entry is left behind for an idle device"
         );
     }
 }

@@ -70,6 +70,16 @@ pub enum ApiError {
         reason: &'static str,
         retry_after_s: u64,
     },
+    /// A refusal whose `code` a machine acts on and that the client is to resend after
+    /// `Retry-After` seconds (nothing was stored): e.g. 429 `sync_in_flight`, 503
+    /// `sync_conflict`. Status, code and wording are chosen by the caller.
+    #[error("{message}")]
+    RetryLater {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        retry_after_s: u64,
+    },
     /// A refusal whose `code` a machine acts on (e.g. the agent's sync loop, see
     /// [`kip_shared::sync::error_code`]): status and code are chosen by the caller.
     #[error("{message}")]
@@ -125,7 +135,7 @@ impl ApiError {
             Self::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Overloaded(_) | Self::Shed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Coded { status, .. } => *status,
+            Self::Coded { status, .. } | Self::RetryLater { status, .. } => *status,
         }
     }
 
@@ -145,7 +155,7 @@ impl ApiError {
             Self::PaymentRequired(_) => "budget_exceeded",
             Self::BadGateway(_) => "bad_gateway",
             Self::Overloaded(_) | Self::Shed { .. } => kip_shared::sync::error_code::OVERLOADED,
-            Self::Coded { code, .. } => code,
+            Self::Coded { code, .. } | Self::RetryLater { code, .. } => code,
         }
     }
 }
@@ -175,7 +185,7 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
         }
-        if let Self::Shed { retry_after_s, .. } = &self {
+        if let Self::Shed { retry_after_s, .. } | Self::RetryLater { retry_after_s, .. } = &self {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
         }

@@ -11,8 +11,22 @@
 //!   (after a lost ack, a crash, a retry) counts once. Readings go through a binary COPY into
 //!   a staging table and one insert-select that also maintains the rollups
 //!   ([`super::storage`]).
-//! - The device row is locked (`FOR UPDATE`) for the transaction, so two concurrent batches of
-//!   one device serialise and the acknowledged high-water mark only grows.
+//! - Concurrent batches of one device (an agent pipelining its backlog, up to
+//!   `ingest.max_in_flight_syncs_per_device` per replica) overlap: the transaction starts with
+//!   a `FOR KEY SHARE` lock on the device row, which other batches of the device share and
+//!   which still makes a concurrent device deletion wait (and the backfill's `FOR UPDATE`).
+//!   Only the final [`ACK`] statement serialises them: it updates the device row (a
+//!   `FOR NO KEY UPDATE` lock held to `COMMIT`) and moves `acked_seq` with `GREATEST`, so the
+//!   acknowledged high-water mark only grows, whatever order concurrent batches commit in.
+//! - Lock order, so concurrent batches of one device wait for each other instead of
+//!   deadlocking: device row (key share), then `sensor_data` keys in `seq` order, then the
+//!   1-minute rollup rows and the 1-hour rollup rows each in key order ([`super::storage`]),
+//!   then the device row (update) and its `device_sync_state` row. Should PostgreSQL still
+//!   abort one (deadlock `40P01`, serialization failure `40001`), the batch is answered 503
+//!   `sync_conflict` with `Retry-After` ([`IngestError::Conflict`], counted as reason
+//!   `conflict`), never a 500: nothing was stored and the agent resends it.
+//! - A replay concurrent with its original (a resend after a timeout while the first is still
+//!   running) waits on the original's uncommitted keys and then skips them: stored once.
 //! - A heartbeat (a batch without records) stores nothing but the ack and the last-seen time:
 //!   one statement ([`ACK`], which locks the device row by updating it) and no transaction
 //!   around it, one round trip instead of four (`BEGIN`, lock, ack, `COMMIT`).
@@ -47,6 +61,9 @@ pub struct IngestLimits {
     pub max_records: usize,
     /// Limit on the JSON after decompression.
     pub max_decoded_bytes: usize,
+    /// Syncs of one device admitted at once on a listener
+    /// (`ingest.max_in_flight_syncs_per_device`, [`crate::agent_api::SyncGate`]).
+    pub max_in_flight_syncs_per_device: usize,
 }
 
 impl Default for IngestLimits {
@@ -54,6 +71,7 @@ impl Default for IngestLimits {
         Self {
             max_records: 10_000,
             max_decoded_bytes: 16 * 1024 * 1024,
+            max_in_flight_syncs_per_device: 4,
         }
     }
 }
@@ -66,8 +84,15 @@ pub enum IngestError {
     Decode(#[from] DecodeError),
     #[error("device is not registered in its organisation")]
     UnknownDevice,
+    /// Concurrent syncs of the device met in PostgreSQL (deadlock `40P01` or serialization
+    /// failure `40001`): rolled back, to be resent.
+    #[error(
+        "a concurrent sync of this device conflicted in the database ({0}); nothing was \
+         stored: resend the batch"
+    )]
+    Conflict(&'static str),
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     /// The blocking decoder task panicked or was cancelled.
     #[error("batch decoder failed: {0}")]
     Decoder(String),
@@ -80,9 +105,34 @@ impl IngestError {
         match self {
             Self::Decode(d) => d.reason(),
             Self::UnknownDevice => "unknown_device",
+            Self::Conflict(_) => "conflict",
             Self::Db(_) => "database",
             Self::Decoder(_) => "internal",
         }
+    }
+}
+
+impl From<sqlx::Error> for IngestError {
+    /// A deadlock or serialization failure is [`IngestError::Conflict`] (retryable), any other
+    /// database error [`IngestError::Db`].
+    fn from(e: sqlx::Error) -> Self {
+        match conflict_code(&e) {
+            Some(what) => Self::Conflict(what),
+            None => Self::Db(e),
+        }
+    }
+}
+
+/// `Some(name)` when `e` is PostgreSQL aborting a transaction for a concurrent one: a
+/// deadlock (`40P01`) or a serialization failure (`40001`).
+pub fn conflict_code(e: &sqlx::Error) -> Option<&'static str> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    match db.code().as_deref() {
+        Some("40P01") => Some("deadlock detected"),
+        Some("40001") => Some("serialization failure"),
+        _ => None,
     }
 }
 
@@ -122,6 +172,12 @@ impl From<IngestError> for ApiError {
                 coded(StatusCode::UNPROCESSABLE_ENTITY, code::RECORD_INVALID, &e)
             }
             IngestError::UnknownDevice => ApiError::Forbidden("device is not registered"),
+            IngestError::Conflict(_) => ApiError::RetryLater {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: code::SYNC_CONFLICT,
+                message: e.to_string(),
+                retry_after_s: 1,
+            },
             IngestError::Db(_) | IngestError::Decoder(_) => match e {
                 IngestError::Db(db) => ApiError::from(db),
                 other => ApiError::internal(other),
@@ -218,8 +274,10 @@ pub async fn store(
     }
 
     let mut tx = pool.begin().await?;
+    // Key share: other batches of this device go on beside this one; a deletion of the device
+    // waits (see the module docs, lock order).
     let found: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE org_id = $1 AND id = $2 FOR UPDATE")
+        sqlx::query_scalar("SELECT id FROM devices WHERE org_id = $1 AND id = $2 FOR KEY SHARE")
             .bind(id.org_id)
             .bind(id.device_id)
             .fetch_optional(&mut *tx)
@@ -299,7 +357,9 @@ pub async fn store(
 
 /// The ack and the device's last-seen time in one statement; no row when the device is not
 /// (or no longer) in the organisation. Updating the device row locks it until the end of the
-/// transaction (or of the statement, for a heartbeat).
+/// transaction (or of the statement, for a heartbeat): concurrent batches of one device
+/// serialise here, at the end, for the ack alone; `GREATEST` keeps `acked_seq` from moving
+/// back when a batch of lower sequences commits after one of higher sequences.
 const ACK: &str = "\
     WITH seen AS (UPDATE devices SET last_seen_at = now() WHERE org_id = $2 AND id = $1 RETURNING id) \
     INSERT INTO device_sync_state (device_id, org_id, epoch, acked_seq, agent_version, running_model) \

@@ -124,7 +124,11 @@ pub async fn store(
             );
         }
         Err(e) => {
-            let result = if matches!(e, IngestError::Db(_) | IngestError::Decoder(_)) {
+            // A conflict is ours too (retryable): `rejected{reason="conflict"}`, `error`.
+            let result = if matches!(
+                e,
+                IngestError::Db(_) | IngestError::Decoder(_) | IngestError::Conflict(_)
+            ) {
                 "error"
             } else {
                 "rejected"

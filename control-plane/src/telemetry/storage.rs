@@ -12,6 +12,13 @@
 //!   the rows it inserted (`RETURNING`, so never a duplicate) into `sensor_rollup_1m` and
 //!   `sensor_rollup_1h` in the same transaction. A rollup therefore always equals the
 //!   aggregate of the raw rows that were ever inserted, also across crashes and replays.
+//! - Lock order inside that statement (issue #17: batches of one device are stored
+//!   concurrently and upsert the same rollup rows): rows are inserted in key order
+//!   (`device_id, epoch, seq`), then each rollup table's rows are upserted in key order (the
+//!   `SELECT` feeding each upsert is `ORDER BY` the rollup key; the two unreferenced upsert
+//!   CTEs run to completion after the main query in an order fixed by the statement's plan,
+//!   the same for every batch). Two such statements therefore take their row locks in one
+//!   global order and wait for each other instead of deadlocking.
 //! - While `*_legacy` tables (the pre-0140 tables) still hold rows, a record whose
 //!   `(device_id, epoch, seq)` is there counts as a duplicate, and [`maintain`] moves legacy
 //!   rows over in batches, each in one transaction (moved, rolled up, or neither).
@@ -213,6 +220,7 @@ macro_rules! rollup_tail {
         ), up_m AS ( \
             INSERT INTO sensor_rollup_1m AS r (org_id, device_id, machine, metric, bucket, min, max, sum, count, last, last_ts) \
             SELECT org_id, device_id, machine, metric, bucket, min, max, sum, count, last, last_ts FROM m \
+             ORDER BY org_id, device_id, machine, metric, bucket \
             ON CONFLICT (org_id, device_id, machine, metric, bucket) DO UPDATE SET \
                 min = LEAST(r.min, EXCLUDED.min), max = GREATEST(r.max, EXCLUDED.max), \
                 sum = r.sum + EXCLUDED.sum, count = r.count + EXCLUDED.count, \
@@ -227,6 +235,7 @@ macro_rules! rollup_tail {
         ), up_h AS ( \
             INSERT INTO sensor_rollup_1h AS r (org_id, device_id, machine, metric, bucket, min, max, sum, count, last, last_ts) \
             SELECT org_id, device_id, machine, metric, bucket, min, max, sum, count, last, last_ts FROM h \
+             ORDER BY org_id, device_id, machine, metric, bucket \
             ON CONFLICT (org_id, device_id, machine, metric, bucket) DO UPDATE SET \
                 min = LEAST(r.min, EXCLUDED.min), max = GREATEST(r.max, EXCLUDED.max), \
                 sum = r.sum + EXCLUDED.sum, count = r.count + EXCLUDED.count, \
@@ -248,6 +257,7 @@ const INSERT_STAGED: &str = concat!(
           FROM kip_sensor_staging s \
          WHERE NOT EXISTS (SELECT 1 FROM sensor_data_legacy l \
                             WHERE l.device_id = s.device_id AND l.epoch = s.epoch AND l.seq = s.seq) \
+         ORDER BY s.device_id, s.epoch, s.seq \
         ON CONFLICT DO NOTHING \
         RETURNING org_id, device_id, machine, metric, ts, value \
     )",
@@ -265,6 +275,7 @@ const INSERT_ARRAYS: &str = concat!(
                                            $8::float8[], $9::int2[]) AS u(seq) \
          WHERE NOT EXISTS (SELECT 1 FROM sensor_data_legacy l \
                             WHERE l.device_id = $2 AND l.epoch = $3 AND l.seq = u.seq) \
+         ORDER BY u.seq \
         ON CONFLICT DO NOTHING \
         RETURNING org_id, device_id, machine, metric, ts, value \
     )",

@@ -259,6 +259,7 @@ async fn malformed_and_oversized_batches_get_a_clear_4xx_and_store_nothing(pool:
     let limits = IngestLimits {
         max_records: 100,
         max_decoded_bytes: 64 * 1024,
+        ..IngestLimits::default()
     };
     let cp = start(pool.clone(), Some(limits)).await;
     let org = cp.create_org("acme").await;
