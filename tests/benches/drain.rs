@@ -356,7 +356,10 @@ const BROKER_CONF: &str = "allow_anonymous true\nmax_queued_messages 0\nmax_infl
 /// waiting for its last messages in flight, so the input stays open until [`Publishers::finish`],
 /// which the caller calls once something downstream has received everything.
 struct Publishers {
-    running: Vec<(std::process::Child, std::thread::JoinHandle<std::process::ChildStdin>)>,
+    running: Vec<(
+        std::process::Child,
+        std::thread::JoinHandle<std::process::ChildStdin>,
+    )>,
 }
 
 impl Publishers {
@@ -365,7 +368,16 @@ impl Publishers {
         let mut running = Vec::new();
         for k in 0..publishers {
             let mut child = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-M", "1000"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-q",
+                    "1",
+                    "-M",
+                    "1000",
+                ])
                 .args(["-i", &format!("drain-bench-pub-{k}")])
                 .args(["-t", &format!("plant/press{k}/count"), "-l"])
                 .stdin(Stdio::piped())
@@ -413,7 +425,10 @@ fn fill_sessions(port: u16, n: u64, publishers: u64) -> f64 {
     std::thread::sleep(Duration::from_millis(300));
     let pubs = Publishers::start(port, n, publishers);
     let status = counter.wait().unwrap();
-    assert!(status.success(), "the counting subscriber did not get {n} messages");
+    assert!(
+        status.success(),
+        "the counting subscriber did not get {n} messages"
+    );
     let secs = start.elapsed().as_secs_f64();
     pubs.finish();
     secs
@@ -422,7 +437,17 @@ fn fill_sessions(port: u16, n: u64, publishers: u64) -> f64 {
 /// Creates the persistent session `id` (QoS 1 subscription to `plant/+/count`) and leaves.
 fn mosquitto_session(port: u16, id: &str) {
     let ok = std::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", id, "-c", "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-i",
+            id,
+            "-c",
+            "-q",
+            "1",
+        ])
         .args(["-t", "plant/+/count", "-E"])
         .status()
         .expect("mosquitto_sub (mosquitto-clients) on the PATH");
@@ -448,13 +473,26 @@ fn mosquitto_sub_drain(port: u16, id: &str, n: u64) -> (f64, u64, u64) {
     use std::process::{Command, Stdio};
     let start = Instant::now();
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-i", id, "-c", "-q", "1"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-i",
+            id,
+            "-c",
+            "-q",
+            "1",
+        ])
         .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
         .stdout(Stdio::piped())
         .output()
         .unwrap();
     let secs = start.elapsed().as_secs_f64();
-    assert!(out.status.success(), "mosquitto_sub did not get {n} messages");
+    assert!(
+        out.status.success(),
+        "mosquitto_sub did not get {n} messages"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let (missing, dups) = exactly_once(text.lines().map(|l| l.trim().parse().unwrap()), n);
     (secs, missing, dups)
@@ -486,9 +524,10 @@ async fn print_mqtt_metrics(http_port: u16) {
     .await
     .map(|(_, b)| b)
     .unwrap_or_default();
-    for l in body.lines().filter(|l| {
-        l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects")
-    }) {
+    for l in body
+        .lines()
+        .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects"))
+    {
         println!("    {l}");
     }
 }
@@ -517,9 +556,13 @@ async fn mqtt_backlog(work: &Path, n: u64, publishers: u64) {
     // Both persistent sessions exist (subscribed) before the messages arrive.
     mosquitto_session(port, "plain-subscriber");
     let mut agent = spawn_agent(&config, http_port, Some(&log));
-    wait_until(Duration::from_secs(30), "MQTT source subscribed", || async {
-        agent_metric(http_port, "kip_agent_source_connected{source=\"plc\"}").await >= 1.0
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "MQTT source subscribed",
+        || async {
+            agent_metric(http_port, "kip_agent_source_connected{source=\"plc\"}").await >= 1.0
+        },
+    )
     .await;
     agent.terminate();
     println!(
@@ -575,7 +618,11 @@ async fn mqtt_backlog(work: &Path, n: u64, publishers: u64) {
     agent.terminate();
     drop(broker);
     // Exactly once: every number once among the buffered readings.
-    let buffer = Buffer::open(&dir.join("buffer"), BufferOptions::with_max_bytes(512 << 20)).unwrap();
+    let buffer = Buffer::open(
+        &dir.join("buffer"),
+        BufferOptions::with_max_bytes(512 << 20),
+    )
+    .unwrap();
     let mut values = Vec::with_capacity(n as usize);
     let mut from = 1;
     loop {
