@@ -40,6 +40,8 @@
 //! Env: `DRAIN_BENCH_RECORDS` (default 1,000,000), `DRAIN_BENCH_BATCH` (10,000),
 //! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PUBLISHERS` (4),
 //! `DRAIN_BENCH_PHASES` (`sync,agent,footprint,backlog`);
+//! `DRAIN_BENCH_MQTT_TOML`: lines added to the agent's `[[mqtt]]` source (e.g.
+//! `staging_capacity_messages = 200000`);
 //! `DRAIN_BENCH_SYNC_TOML` / `DRAIN_BENCH_BUFFER_TOML`: lines added to the agent's `[sync]` /
 //! `[buffer]` (e.g. the previous defaults `batch_max_records = 2000`,
 //! `batch_max_bytes = 1048576`, `cache_capacity_bytes = 67108864`);
@@ -507,11 +509,12 @@ fn agent_toml(dir: &Path, http_port: u16, broker_url: &str, buffer: &str, extra:
          [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
          [log]\nformat = \"text\"\nfilter = \"{}\"\n\
          [buffer]\n{buffer}\n{extra}\n\
-         [[mqtt]]\nname = \"plc\"\nurl = \"{broker_url}\"\nclient_id = \"kip-drain-bench\"\n\
+         [[mqtt]]\nname = \"plc\"\nurl = \"{broker_url}\"\nclient_id = \"kip-drain-bench\"\n{}\n\
          [[mqtt.subscriptions]]\ntopic = \"plant/+/count\"\nmachine_topic_level = 1\n\
          metric = \"count\"\nvalue = {{ kind = \"number\" }}\n",
         dir.display(),
         std::env::var("DRAIN_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        std::env::var("DRAIN_BENCH_MQTT_TOML").unwrap_or_default(),
     )
 }
 
