@@ -314,7 +314,26 @@ pub fn dead_letter(
 pub struct MqttSource {
     cfg: MqttBrokerConfig,
     metrics: IngestMetrics,
+    /// This source's per-message counters, looked up once (a lookup in a labelled family
+    /// allocates its labels and hashes them: measurable at tens of thousands of messages/s).
+    counters: SourceCounters,
 }
+
+/// Handles into [`IngestMetrics`] for one source.
+#[derive(Debug)]
+struct SourceCounters {
+    readings_per_source: prometheus_client::metrics::counter::Counter,
+    dead_letters: prometheus_client::metrics::counter::Counter,
+    /// `kip_agent_readings` per metric name, filled as metrics appear. Bounded by the
+    /// metric names the subscriptions produce; past [`MAX_CACHED_METRICS`] names a lookup
+    /// goes to the family each time.
+    readings: std::sync::Mutex<
+        std::collections::HashMap<String, prometheus_client::metrics::counter::Counter>,
+    >,
+}
+
+/// Metric names whose reading counter a source keeps at hand.
+const MAX_CACHED_METRICS: usize = 1024;
 
 /// rumqttc options for `cfg`'s connection (TLS files are read here, so a fixed file is picked
 /// up at the next reconnect).
@@ -577,7 +596,43 @@ impl Source for MqttSource {
 impl MqttSource {
     /// A source for `cfg`, counting into `metrics`.
     pub fn new(cfg: MqttBrokerConfig, metrics: IngestMetrics) -> Self {
-        Self { cfg, metrics }
+        let labels = IngestMetrics::source(cfg.name.as_str());
+        let counters = SourceCounters {
+            readings_per_source: metrics.readings_per_source.get_or_create(&labels).clone(),
+            dead_letters: metrics.dead_letters.get_or_create(&labels).clone(),
+            readings: std::sync::Mutex::default(),
+        };
+        Self {
+            cfg,
+            metrics,
+            counters,
+        }
+    }
+
+    /// Counts one reading of `metric`.
+    fn count_reading(&self, metric: &str) {
+        self.counters.readings_per_source.inc();
+        let mut cache = self
+            .counters
+            .readings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = cache.get(metric) {
+            c.inc();
+            return;
+        }
+        let c = self
+            .metrics
+            .readings
+            .get_or_create(&ReadingLabels {
+                source: self.cfg.name.as_str().to_owned(),
+                metric: metric.to_owned(),
+            })
+            .clone();
+        c.inc();
+        if cache.len() < MAX_CACHED_METRICS {
+            cache.insert(metric.to_owned(), c);
+        }
     }
 
     /// The configured source name.
@@ -1033,24 +1088,11 @@ impl MqttSource {
         };
         match mapped {
             Ok(r) => {
-                self.metrics
-                    .readings
-                    .get_or_create(&ReadingLabels {
-                        source: name.to_owned(),
-                        metric: r.metric.clone(),
-                    })
-                    .inc();
-                self.metrics
-                    .readings_per_source
-                    .get_or_create(&IngestMetrics::source(name))
-                    .inc();
+                self.count_reading(&r.metric);
                 Record::Reading(r)
             }
             Err(reason) => {
-                self.metrics
-                    .dead_letters
-                    .get_or_create(&IngestMetrics::source(name))
-                    .inc();
+                self.counters.dead_letters.inc();
                 tracing::debug!(source = name, topic, %reason, "mqtt message dead-lettered");
                 Record::DeadLetter(dead_letter(name, topic, reason, payload, now))
             }

@@ -7,23 +7,42 @@
 //!    `POST /v1/agent/sync`, each device in order, one request at a time per device (the agent
 //!    pipelines up to `sync.max_in_flight_batches`; this phase measures devices side by side).
 //!    Reference: a raw binary COPY of the same rows into `sensor_data`.
-//! 2. **Agent ingest**: an agent with an MQTT source and its control-plane link cut (kit proxy)
-//!    takes `DRAIN_BENCH_RECORDS` QoS 1 messages into its buffer; messages/s, agent RSS
+//! 2. **Agent ingest, live**: an agent with an MQTT source and its control-plane link cut (kit
+//!    proxy) takes `DRAIN_BENCH_RECORDS` QoS 1 messages into its buffer while
+//!    `DRAIN_BENCH_PUBLISHERS` `mosquitto_pub` processes publish them; messages/s, agent RSS
 //!    (peak while ingesting, with everything buffered) and the buffer's disk footprint.
+//!    Reference: a plain subscriber (`mosquitto_sub`, QoS 1, clean session) on the same topics
+//!    at the same time.
 //! 3. **Backlog drain**: the link returns; time until every reading is in PostgreSQL
 //!    (rollup counts, written in the same transaction), agent RSS peak while draining and 5 s
 //!    after, disk footprint after. Checked: every number stored exactly once.
 //!    Reference: the same number of rows by raw COPY (figure 1's reference rate).
 //! 4. **Buffer footprint under a byte cap**: a buffer with `max_bytes` = 20 MiB takes
 //!    `DRAIN_BENCH_RECORDS` readings (evicting); its disk usage next to `max_bytes`.
+//! 5. **MQTT backlog** (`backlog`, needs no control plane): `DRAIN_BENCH_RECORDS` messages are
+//!    queued at the broker for two persistent sessions (QoS 1), a plain subscriber's and the
+//!    agent's. Reference: `mosquitto_sub` resuming its session, acknowledging each message on
+//!    receipt, until it has all of them. Then `kip-agent run` resumes its session: time from
+//!    its start until `kip_agent_buffer_records` reaches the count (every record durable, every
+//!    message acknowledged after the flush), its RSS peak, and every number exactly once in its
+//!    buffer. Both with the same broker settings ([`BROKER_CONF`]).
 //!
 //! Run (optimised binaries; `perf` is the release profile without LTO):
 //! ```sh
 //! cargo build --profile perf -p kip-agent -p kip-control-plane --bins
 //! cargo bench --profile perf -p kip-tests --bench drain
 //! ```
+//! The MQTT phases measure the agent process against C clients (`mosquitto_pub`,
+//! `mosquitto_sub` of mosquitto-clients), so the bench binary itself may be a debug build
+//! driving optimised agent binaries: `KIP_TEST_BIN_DIR` names the directory of the binaries,
+//! e.g. `cargo build --profile perf -p kip-agent --bins && KIP_TEST_BIN_DIR=target/perf
+//! DRAIN_BENCH_PHASES=backlog cargo test -p kip-tests --bench drain` (phases with the control
+//! plane want it in that directory too).
 //! Env: `DRAIN_BENCH_RECORDS` (default 1,000,000), `DRAIN_BENCH_BATCH` (10,000),
-//! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PHASES` (`sync,agent,footprint`);
+//! `DRAIN_BENCH_DEVICES` (4), `DRAIN_BENCH_PUBLISHERS` (4),
+//! `DRAIN_BENCH_PHASES` (`sync,agent,footprint,backlog`);
+//! `DRAIN_BENCH_MQTT_TOML`: lines added to the agent's `[[mqtt]]` source (e.g.
+//! `staging_capacity_messages = 200000`);
 //! `DRAIN_BENCH_SYNC_TOML` / `DRAIN_BENCH_BUFFER_TOML`: lines added to the agent's `[sync]` /
 //! `[buffer]` (e.g. `max_in_flight_batches = 1` for the drain before pipelining, or the
 //! previous defaults `batch_max_records = 2000`,
@@ -43,7 +62,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -330,45 +349,306 @@ async fn agent_metric(port: u16, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Publishes `n` QoS 1 messages (payload: the number) round-robin over 4 machines' topics
-/// and returns once the broker acknowledged every one.
-async fn publish(port: u16, n: u64) {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut opts = MqttOptions::new("drain-bench-pub", "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(60));
-    opts.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let acks = Arc::new(AtomicU64::new(0));
-    let a = acks.clone();
-    let tracker = tokio_util::task::TaskTracker::new();
-    tracker.spawn(async move {
-        while a.load(Ordering::Relaxed) < n {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    a.fetch_add(1, Ordering::Relaxed);
+/// The broker settings of the MQTT phases, for the reference subscriber and the agent alike:
+/// Mosquitto's default in-flight window (`max_inflight_messages` 20, written out) and no limit
+/// on the queue of a disconnected persistent session, so that a whole backlog is kept.
+const BROKER_CONF: &str = "allow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 20";
+
+/// `publishers` `mosquitto_pub -l` processes (QoS 1, 1,000 in flight each) publishing the
+/// numbers `0..n`: publisher k the numbers `i` with `i % publishers == k`, on topic
+/// `plant/press{k}/count`. `mosquitto_pub -l` disconnects at the end of its input without
+/// waiting for its last messages in flight, so the input stays open until [`Publishers::finish`],
+/// which the caller calls once something downstream has received everything.
+struct Publishers {
+    running: Vec<(
+        std::process::Child,
+        std::thread::JoinHandle<std::process::ChildStdin>,
+    )>,
+}
+
+impl Publishers {
+    fn start(port: u16, n: u64, publishers: u64) -> Self {
+        use std::process::{Command, Stdio};
+        let mut running = Vec::new();
+        for k in 0..publishers {
+            let mut child = Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-q",
+                    "1",
+                    "-M",
+                    "1000",
+                ])
+                .args(["-i", &format!("drain-bench-pub-{k}")])
+                .args(["-t", &format!("plant/press{k}/count"), "-l"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("mosquitto_pub (mosquitto-clients) on the PATH");
+            let stdin = child.stdin.take().unwrap();
+            let writer = std::thread::spawn(move || {
+                let mut w = std::io::BufWriter::new(stdin);
+                let mut i = k;
+                while i < n {
+                    writeln!(w, "{i}").unwrap();
+                    i += publishers;
                 }
-                Ok(_) => {}
-                Err(e) => panic!("publisher: {e}"),
-            }
+                w.flush().unwrap();
+                w.into_inner().unwrap()
+            });
+            running.push((child, writer));
         }
-    });
-    for i in 0..n {
-        client
-            .publish(
-                format!("plant/press{}/count", i % 4),
-                QoS::AtLeastOnce,
-                false,
-                i.to_string(),
-            )
-            .await
-            .unwrap();
+        Self { running }
     }
-    tracker.close();
-    tracker.wait().await;
+
+    /// Closes the publishers' input and waits for them to exit.
+    fn finish(self) {
+        for (mut child, writer) in self.running {
+            drop(writer.join().unwrap());
+            child.wait().unwrap();
+        }
+    }
+}
+
+/// Publishes the numbers `0..n` with [`Publishers`] and returns the seconds until a counting
+/// subscriber (clean session, QoS 1, subscribed first) received all of them: by then every
+/// persistent session subscribed to `plant/+/count` has them queued.
+fn fill_sessions(port: u16, n: u64, publishers: u64) -> f64 {
+    use std::process::{Command, Stdio};
+    let start = Instant::now();
+    let mut counter = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (mosquitto-clients) on the PATH");
+    // The counter's subscription first, or it misses the first messages.
+    std::thread::sleep(Duration::from_millis(300));
+    let pubs = Publishers::start(port, n, publishers);
+    let status = counter.wait().unwrap();
+    assert!(
+        status.success(),
+        "the counting subscriber did not get {n} messages"
+    );
+    let secs = start.elapsed().as_secs_f64();
+    pubs.finish();
+    secs
+}
+
+/// Creates the persistent session `id` (QoS 1 subscription to `plant/+/count`) and leaves.
+fn mosquitto_session(port: u16, id: &str) {
+    let ok = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-i",
+            id,
+            "-c",
+            "-q",
+            "1",
+        ])
+        .args(["-t", "plant/+/count", "-E"])
+        .status()
+        .expect("mosquitto_sub (mosquitto-clients) on the PATH");
+    assert!(ok.success());
+}
+
+/// Missing and duplicated numbers among `values` (want each of `0..n` once).
+fn exactly_once(values: impl Iterator<Item = u64>, n: u64) -> (u64, u64) {
+    let mut seen = vec![false; n as usize];
+    let mut dups = 0u64;
+    for v in values {
+        match seen.get_mut(v as usize) {
+            Some(s) if !*s => *s = true,
+            _ => dups += 1,
+        }
+    }
+    (seen.iter().filter(|s| !**s).count() as u64, dups)
+}
+
+/// Seconds `mosquitto_sub` (persistent session `id`, QoS 1, acknowledging each message on
+/// receipt) takes from its start to `n` messages; checks that it got every number once.
+fn mosquitto_sub_drain(port: u16, id: &str, n: u64) -> (f64, u64, u64) {
+    use std::process::{Command, Stdio};
+    let start = Instant::now();
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-i",
+            id,
+            "-c",
+            "-q",
+            "1",
+        ])
+        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "mosquitto_sub did not get {n} messages"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (missing, dups) = exactly_once(text.lines().map(|l| l.trim().parse().unwrap()), n);
+    (secs, missing, dups)
+}
+
+/// The agent's configuration for the MQTT phases: one source on `broker_url` with the
+/// persistent session `kip-drain-bench`, `plant/+/count` mapped to machine `press{k}`,
+/// metric `count`; `extra` adds sections (e.g. `[sync]`).
+fn agent_toml(dir: &Path, http_port: u16, broker_url: &str, buffer: &str, extra: &str) -> String {
+    format!(
+        "[agent]\ndevice = \"gw-drain\"\nstate_dir = \"{}\"\n\
+         [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
+         [log]\nformat = \"text\"\nfilter = \"{}\"\n\
+         [buffer]\n{buffer}\n{extra}\n\
+         [[mqtt]]\nname = \"plc\"\nurl = \"{broker_url}\"\nclient_id = \"kip-drain-bench\"\n{}\n\
+         [[mqtt.subscriptions]]\ntopic = \"plant/+/count\"\nmachine_topic_level = 1\n\
+         metric = \"count\"\nvalue = {{ kind = \"number\" }}\n",
+        dir.display(),
+        std::env::var("DRAIN_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        std::env::var("DRAIN_BENCH_MQTT_TOML").unwrap_or_default(),
+    )
+}
+
+/// Prints the agent's MQTT counters (deferrals, reconnects, redeliveries).
+async fn print_mqtt_metrics(http_port: u16) {
+    let body = kip_agent::runtime::local_get(
+        format!("127.0.0.1:{http_port}").parse().unwrap(),
+        "/metrics",
+    )
+    .await
+    .map(|(_, b)| b)
+    .unwrap_or_default();
+    for l in body
+        .lines()
+        .filter(|l| l.starts_with("kip_agent_mqtt") || l.starts_with("kip_agent_source_reconnects"))
+    {
+        println!("    {l}");
+    }
+}
+
+/// Phase 5 (`backlog`): `n` messages queued at the broker for two persistent sessions, a
+/// plain subscriber's (the reference) and the agent's; each drains its session, one after
+/// the other.
+async fn mqtt_backlog(work: &Path, n: u64, publishers: u64) {
+    let broker = Mosquitto::start(work, BROKER_CONF);
+    let port = broker.port;
+    let dir = work.join("backlog-agent");
+    let http_port = free_port();
+    let config = work.join("backlog-agent.toml");
+    std::fs::write(
+        &config,
+        agent_toml(
+            &dir,
+            http_port,
+            &broker.url(false),
+            &std::env::var("DRAIN_BENCH_BUFFER_TOML").unwrap_or_default(),
+            "",
+        ),
+    )
+    .unwrap();
+    let log = work.join("backlog-agent.log");
+    // Both persistent sessions exist (subscribed) before the messages arrive.
+    mosquitto_session(port, "plain-subscriber");
+    let mut agent = spawn_agent(&config, http_port, Some(&log));
+    wait_until(
+        Duration::from_secs(30),
+        "MQTT source subscribed",
+        || async {
+            agent_metric(http_port, "kip_agent_source_connected{source=\"plc\"}").await >= 1.0
+        },
+    )
+    .await;
+    agent.terminate();
+    println!(
+        "[5] MQTT backlog: {n} QoS 1 messages queued at a private Mosquitto for two persistent \
+         sessions (broker: {}) [{}]",
+        BROKER_CONF.replace('\n', ", "),
+        uptime()
+    );
+    let fill = fill_sessions(port, n, publishers);
+    println!(
+        "    queued by {publishers} mosquitto_pub in parallel in {fill:.2} s ({:.0} messages/s)",
+        n as f64 / fill
+    );
+    let (plain, missing, dups) = mosquitto_sub_drain(port, "plain-subscriber", n);
+    println!(
+        "    reference: mosquitto_sub (QoS 1, acknowledges on receipt): {n} in {plain:.2} s = \
+         {:>9.0} messages/s ({missing} missing, {dups} duplicates) [{}]",
+        n as f64 / plain,
+        uptime()
+    );
+
+    let start = Instant::now();
+    let mut agent = spawn_agent(&config, http_port, Some(&log));
+    let pid = agent.id();
+    let running = Arc::new(AtomicBool::new(true));
+    let sampler = rss_sampler(pid, running.clone());
+    loop {
+        if agent_metric(http_port, "kip_agent_buffer_records").await >= n as f64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "the agent's backlog drain is stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    running.store(false, Ordering::Relaxed);
+    let peak = sampler.join().unwrap();
+    let buffered_rss = rss_mib(pid);
+    println!(
+        "    kip-agent run (durable, acknowledged after the flush): {n} in {secs:.2} s = \
+         {:>9.0} messages/s ({:.2}x the reference; from process start) [{}]",
+        n as f64 / secs,
+        plain / secs,
+        uptime()
+    );
+    println!(
+        "    agent RSS: peak while draining the session {peak:.1} MiB, with {n} buffered \
+         {buffered_rss:.1} MiB"
+    );
+    print_mqtt_metrics(http_port).await;
+    agent.terminate();
+    drop(broker);
+    // Exactly once: every number once among the buffered readings.
+    let buffer = Buffer::open(
+        &dir.join("buffer"),
+        BufferOptions::with_max_bytes(512 << 20),
+    )
+    .unwrap();
+    let mut values = Vec::with_capacity(n as usize);
+    let mut from = 1;
+    loop {
+        let batch = buffer.read_range(from, 10_000, 16 << 20).unwrap();
+        let Some(last) = batch.last() else { break };
+        from = last.seq + 1;
+        values.extend(batch.iter().filter_map(|s| match &s.record {
+            Record::Reading(r) => Some(r.value as u64),
+            _ => None,
+        }));
+    }
+    let (missing, dups) = exactly_once(values.iter().copied(), n);
+    println!(
+        "    check: {} readings in the agent's buffer, {missing} missing, {dups} duplicates",
+        values.len()
+    );
+    assert_eq!((missing, dups), (0, 0), "lost or duplicated");
 }
 
 /// Phases 2 and 3: an agent buffers `n` MQTT messages with its link cut, then drains them.
-async fn agent_drain(s: &Setup, n: u64, batch: u64) {
+async fn agent_drain(s: &Setup, n: u64, batch: u64, publishers: u64) {
     // Reference first: the same number of rows by raw COPY from one writer in order.
     let (copy_rate, copy_secs) = copy_reference(&s.pool, s.org, &[batches(n, batch, s.t0)]).await;
     let dir = s.work.path().join("agent");
@@ -377,28 +657,23 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
             .enroll(s.org, "gw-drain", &dir.join("identity"))
             .await;
     let device = id.device_id();
-    let broker = Mosquitto::start(s.work.path(), "allow_anonymous true\nmax_queued_messages 0");
+    let broker = Mosquitto::start(s.work.path(), BROKER_CONF);
     let proxy = Proxy::start(format!("127.0.0.1:{}", s.cp.agent_port).parse().unwrap()).await;
     proxy.cut();
     let http_port = free_port();
     let config = s.work.path().join("agent.toml");
     std::fs::write(
         &config,
-        format!(
-            "[agent]\ndevice = \"gw-drain\"\nstate_dir = \"{}\"\n\
-             [http]\nlisten_addr = \"127.0.0.1:{http_port}\"\n\
-             [log]\nformat = \"text\"\nfilter = \"{}\"\n\
-             [buffer]\n{}\n\
-             [sync]\nendpoints = [\"{}\"]\n{}\n\
-             [[mqtt]]\nname = \"plc\"\nurl = \"{}\"\nclient_id = \"kip-drain-bench\"\n\
-             [[mqtt.subscriptions]]\ntopic = \"plant/+/count\"\nmachine_topic_level = 1\n\
-             metric = \"count\"\nvalue = {{ kind = \"number\" }}\n",
-            dir.display(),
-            std::env::var("DRAIN_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            std::env::var("DRAIN_BENCH_BUFFER_TOML").unwrap_or_default(),
-            proxy.url(),
-            std::env::var("DRAIN_BENCH_SYNC_TOML").unwrap_or_default(),
-            broker.url(false),
+        agent_toml(
+            &dir,
+            http_port,
+            &broker.url(false),
+            &std::env::var("DRAIN_BENCH_BUFFER_TOML").unwrap_or_default(),
+            &format!(
+                "[sync]\nendpoints = [\"{}\"]\n{}\n",
+                proxy.url(),
+                std::env::var("DRAIN_BENCH_SYNC_TOML").unwrap_or_default()
+            ),
         ),
     )
     .unwrap();
@@ -429,8 +704,19 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     let running = Arc::new(AtomicBool::new(true));
     let sampler = rss_sampler(pid, running.clone());
     let start = Instant::now();
-    publish(broker.port, n).await;
-    let published = start.elapsed().as_secs_f64();
+    // The reference: a plain subscriber on the same topics at the same time.
+    let mut plain = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1"])
+        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (mosquitto-clients) on the PATH");
+    std::thread::sleep(Duration::from_millis(300));
+    let publishing = Publishers::start(broker.port, n, publishers);
+    let plain_done = std::thread::spawn(move || {
+        let ok = plain.wait().unwrap().success();
+        (ok, Instant::now())
+    });
     wait_until(
         Duration::from_secs(600),
         "every message buffered",
@@ -438,16 +724,25 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64) {
     )
     .await;
     let ingest_secs = start.elapsed().as_secs_f64();
+    let (plain_ok, plain_at) = plain_done.join().unwrap();
+    assert!(plain_ok, "the plain subscriber did not get {n} messages");
+    let plain_secs = plain_at.duration_since(start).as_secs_f64();
+    publishing.finish();
     running.store(false, Ordering::Relaxed);
     let ingest_peak = sampler.join().unwrap();
     let buffered_rss = rss_mib(pid);
     let stored_bytes = agent_metric(http_port, "kip_agent_buffer_bytes").await;
     let disk_full = disk_bytes(&buffer_dir);
     println!(
-        "    into the buffer: {:>9.0} messages/s ({ingest_secs:.2} s; the publisher had every \
-         PUBACK after {published:.2} s: {:.0} messages/s into Mosquitto)",
+        "    into the buffer: {:>9.0} messages/s ({ingest_secs:.2} s, {publishers} mosquitto_pub \
+         in parallel)",
         n as f64 / ingest_secs,
-        n as f64 / published
+    );
+    println!(
+        "    reference: mosquitto_sub (QoS 1, clean session) on the same topics at the same \
+         time: {:>9.0} messages/s ({plain_secs:.2} s) [{}]",
+        n as f64 / plain_secs,
+        uptime()
     );
     println!(
         "    agent RSS: peak while ingesting {ingest_peak:.1} MiB, with {n} buffered \
@@ -629,12 +924,17 @@ async fn main() {
     let n = env_num("DRAIN_BENCH_RECORDS", 1_000_000);
     let batch = env_num("DRAIN_BENCH_BATCH", 10_000);
     let devices = env_num("DRAIN_BENCH_DEVICES", 4).max(1);
-    let phases =
-        std::env::var("DRAIN_BENCH_PHASES").unwrap_or_else(|_| "sync,agent,footprint".into());
+    let publishers = env_num("DRAIN_BENCH_PUBLISHERS", 4).max(1);
+    let phases = std::env::var("DRAIN_BENCH_PHASES")
+        .unwrap_or_else(|_| "sync,agent,footprint,backlog".into());
     let t0 = Utc::now() - chrono::Duration::hours(1);
     println!("drain bench [{}]", uptime());
     if phases.contains("footprint") {
         footprint(n, t0).await;
+    }
+    if phases.contains("backlog") {
+        let work = tempfile::tempdir().unwrap();
+        mqtt_backlog(work.path(), n, publishers).await;
     }
     if !phases.contains("sync") && !phases.contains("agent") {
         return;
@@ -666,7 +966,7 @@ async fn main() {
         sync_endpoint(&s, n, batch, devices).await;
     }
     if phases.contains("agent") {
-        agent_drain(&s, n, batch).await;
+        agent_drain(&s, n, batch, publishers).await;
     }
     cp_proc.terminate();
     s.pool.close().await;
