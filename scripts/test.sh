@@ -24,13 +24,21 @@ say "cargo fmt --check"
 cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-say "cargo test"
 # Every process the tests start carries KIP_TEST_RUN; none may outlive the run.
 run_id="$(new_test_run_id)"
 test_status=0
-KIP_TEST_RUN="$run_id" cargo test --workspace --locked --no-fail-fast || test_status=$?
+if cargo nextest --version >/dev/null 2>&1; then
+    # Tests of all binaries side by side (.config/nextest.toml says why), then the doc tests,
+    # which nextest does not run.
+    say "cargo nextest run (the workspace's tests) and cargo test --doc"
+    KIP_TEST_RUN="$run_id" cargo nextest run --workspace --locked --no-fail-fast || test_status=$?
+    KIP_TEST_RUN="$run_id" cargo test --workspace --locked --doc || test_status=$?
+else
+    say "cargo test (cargo-nextest is not installed: one test binary at a time)"
+    KIP_TEST_RUN="$run_id" cargo test --workspace --locked --no-fail-fast || test_status=$?
+fi
 check_no_test_survivors "$run_id" || test_status=1
-[ "$test_status" -eq 0 ] || die "cargo test failed (exit $test_status; see above)"
+[ "$test_status" -eq 0 ] || die "the tests failed (exit $test_status; see above)"
 say "deployment checks (scripts/check-deploy.sh)"
 bash scripts/check-deploy.sh
 say "agent release tarball (scripts/test-agent-package.sh)"
