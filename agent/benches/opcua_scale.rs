@@ -60,6 +60,15 @@ async def enqueue(self, mid, eventdata, size, queue):
     await _enqueue(self, mid, eventdata, size, queue)
 InternalSubscription._enqueue_event = enqueue
 
+# The client's SessionName per session id (asyncua names an InternalSession after the peer's
+# address, so `session.name` cannot tell the agent from the peer).
+from asyncua.server.internal_session import InternalSession
+_create = InternalSession.create_session
+async def create_session(self, params, sockname=None):
+    names[str(self.session_id)] = params.SessionName or "?"
+    return await _create(self, params, sockname)
+InternalSession.create_session = create_session
+
 _forward = UaProcessor.forward_publish_response
 async def forward(self, result, requestdata):
     if self.session is not None:
@@ -67,7 +76,6 @@ async def forward(self, result, requestdata):
                 if isinstance(d, ua.DataChangeNotification))
         key = str(self.session.session_id)
         stats.setdefault(key, [0, 0, 0])[2] += n
-        names[key] = self.session.name
     await _forward(self, result, requestdata)
 UaProcessor.forward_publish_response = forward
 
@@ -141,7 +149,9 @@ async def count(self, publish_result):
 Subscription.publish_callback = count
 
 async def main(port, n):
-    client = Client(f"opc.tcp://127.0.0.1:{port}/", timeout=60)
+    # The watchdog (a server-state read every second by default) timed out while the server
+    # created the agent's 20,000 monitored items and disconnected the client mid set-up.
+    client = Client(f"opc.tcp://127.0.0.1:{port}/", timeout=120, watchdog_intervall=600)
     client.description = "bench-peer"
     async with client:
         params = ua.CreateSubscriptionParameters(

@@ -838,6 +838,7 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64, publishers: u64) {
             || l.starts_with("kip_agent_sync_max_in_flight_batches")
             || l.starts_with("kip_agent_sync_in_flight_fallbacks")
             || l.starts_with("kip_agent_sync_batches_total")
+            || l.starts_with("kip_agent_sync_failures_total")
             || l.starts_with("kip_agent_sync_batch_records")
     }) {
         println!("    {l}");
