@@ -169,13 +169,10 @@ async fn refusals_that_blame_no_record_keep_every_record() {
     }
 }
 
-/// A record refused with `record_invalid` is isolated, dead-lettered with its whole JSON (far
-/// longer than the 256-byte prefix), and the rest of the stream lands.
-#[tokio::test]
-async fn a_record_refused_alone_is_dead_lettered_with_its_whole_bytes() {
-    let long_metric = "x".repeat(2000);
-    let bad = long_metric.clone();
-    let fake = fake_control_plane(Arc::new(move |b: &SyncBatch| {
+/// A control plane that refuses every batch holding a reading of metric `bad` with
+/// `record_invalid`, naming that record's index (as kip's control plane does).
+async fn refusing_the_metric(bad: String) -> Fake {
+    fake_control_plane(Arc::new(move |b: &SyncBatch| {
         let i = b
             .records
             .iter()
@@ -183,10 +180,18 @@ async fn a_record_refused_alone_is_dead_lettered_with_its_whole_bytes() {
         Some((
             422,
             error_code::RECORD_INVALID,
-            format!("record {i}: metric is too long"),
+            format!("record {i}: metric refused"),
         ))
     }))
-    .await;
+    .await
+}
+
+/// A record refused with `record_invalid` is isolated, dead-lettered with its whole JSON (far
+/// longer than the 256-byte prefix), and the rest of the stream lands.
+#[tokio::test]
+async fn a_record_refused_alone_is_dead_lettered_with_its_whole_bytes() {
+    let long_metric = "x".repeat(2000);
+    let fake = refusing_the_metric(long_metric.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let buffer = buffer(dir.path(), 20);
     let poison = reading(20, long_metric.clone());
@@ -952,19 +957,7 @@ async fn a_control_plane_that_admits_one_sync_per_device_gets_one_batch_at_a_tim
 /// the split isolates it, the record is dead-lettered and everything else lands.
 #[tokio::test]
 async fn a_poison_record_in_a_pipelined_drain_is_isolated_and_the_rest_lands() {
-    let bad = "poison".to_owned();
-    let fake = fake_control_plane(Arc::new(move |b: &SyncBatch| {
-        let i = b
-            .records
-            .iter()
-            .position(|r| matches!(&r.record, Record::Reading(x) if x.metric == bad))?;
-        Some((
-            422,
-            error_code::RECORD_INVALID,
-            format!("record {i}: bad metric"),
-        ))
-    }))
-    .await;
+    let fake = refusing_the_metric("poison".to_owned()).await;
     let dir = tempfile::tempdir().unwrap();
     let buffer = buffer(dir.path(), 100);
     let poison_seq = buffer.append(&reading(100, "poison".into())).unwrap();

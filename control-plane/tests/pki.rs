@@ -1539,12 +1539,16 @@ async fn rollup_mismatches(pool: &PgPool, device: Uuid) -> i64 {
     bad
 }
 
-/// Two concurrent syncs of one device (disjoint sequences, the same rollup buckets) are in
-/// PostgreSQL at the same time: before, the device row lock (`FOR UPDATE`) made the second
-/// wait for the first's whole transaction. Both are stored, every reading once, with
-/// rollups equal to the raw rows and the ack at the highest sequence.
-#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
-async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(pool: PgPool) {
+/// gw-1 enrolled with its first reading stored (so a 1-minute rollup row exists), and an open
+/// transaction holding every rollup row: batches posted next wait inside the insert-select.
+async fn gw1_with_its_rollup_rows_held(
+    pool: &PgPool,
+) -> (
+    Env,
+    Uuid,
+    reqwest::Client,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+) {
     let env = setup(pool.clone()).await;
     let (k, c) = env.enrolled_device("gw-1").await;
     let gw = agent_client(tls_config(&env.bundle_pem, &c.certificate_chain_pem, &k));
@@ -1556,13 +1560,22 @@ async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(poo
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
-
-    // Hold the rollup rows so far: both batches update one of them.
     let mut holder = pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM sensor_rollup_1m FOR UPDATE")
         .execute(&mut *holder)
         .await
         .unwrap();
+    (env, c.device_id, gw, holder)
+}
+
+/// Two concurrent syncs of one device (disjoint sequences, the same rollup buckets) are in
+/// PostgreSQL at the same time: before, the device row lock (`FOR UPDATE`) made the second
+/// wait for the first's whole transaction. Both are stored, every reading once, with
+/// rollups equal to the raw rows and the ack at the highest sequence.
+#[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
+async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(pool: PgPool) {
+    // The rollup rows so far are held: both batches update one of them.
+    let (env, device, gw, holder) = gw1_with_its_rollup_rows_held(&pool).await;
     let tracker = TaskTracker::new();
     // 1,200 readings each: the COPY path.
     let a = post_sync(&tracker, &gw, &env, readings_body(2..=1201));
@@ -1585,16 +1598,16 @@ async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(poo
     let (rows, distinct): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT seq) FROM sensor_data WHERE device_id = $1 AND epoch = 1",
     )
-    .bind(c.device_id)
+    .bind(device)
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!((rows, distinct), (2401, 2401));
-    assert_eq!(rollup_mismatches(&pool, c.device_id).await, 0);
+    assert_eq!(rollup_mismatches(&pool, device).await, 0);
     let acked: i64 = sqlx::query_scalar(
         "SELECT acked_seq FROM device_sync_state WHERE device_id = $1 AND epoch = 1",
     )
-    .bind(c.device_id)
+    .bind(device)
     .fetch_one(&pool)
     .await
     .unwrap();
@@ -1608,24 +1621,9 @@ async fn concurrent_syncs_of_one_device_overlap_and_store_every_reading_once(poo
 /// original's rows and stores nothing twice; rollups count every reading once.
 #[sqlx::test(migrator = "kip_control_plane::db::MIGRATOR")]
 async fn a_replay_concurrent_with_its_original_stores_once(pool: PgPool) {
-    let env = setup(pool.clone()).await;
-    let (k, c) = env.enrolled_device("gw-1").await;
-    let gw = agent_client(tls_config(&env.bundle_pem, &c.certificate_chain_pem, &k));
-    let r = gw
-        .post(format!("{}/v1/agent/sync", env.agent_url))
-        .header("content-type", "application/json")
-        .body(readings_body(1..=1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "{:?}", r.text().await);
-    let mut holder = pool.begin().await.unwrap();
+    let (env, device, gw, mut holder) = gw1_with_its_rollup_rows_held(&pool).await;
     let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *holder)
-        .await
-        .unwrap();
-    sqlx::query("SELECT 1 FROM sensor_rollup_1m FOR UPDATE")
-        .execute(&mut *holder)
         .await
         .unwrap();
     let tracker = TaskTracker::new();
@@ -1663,15 +1661,15 @@ async fn a_replay_concurrent_with_its_original_stores_once(pool: PgPool) {
     let (rows, distinct): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT seq) FROM sensor_data WHERE device_id = $1",
     )
-    .bind(c.device_id)
+    .bind(device)
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!((rows, distinct), (1201, 1201));
-    assert_eq!(rollup_mismatches(&pool, c.device_id).await, 0);
+    assert_eq!(rollup_mismatches(&pool, device).await, 0);
     let counted: i64 =
         sqlx::query_scalar("SELECT sum(count)::bigint FROM sensor_rollup_1m WHERE device_id = $1")
-            .bind(c.device_id)
+            .bind(device)
             .fetch_one(&pool)
             .await
             .unwrap();
