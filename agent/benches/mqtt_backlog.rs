@@ -21,7 +21,7 @@
 )]
 
 use std::{
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -71,19 +71,8 @@ async fn publish(port: u16, n: u64) {
 
 /// Creates the persistent session `id` (subscribed to the topic) and leaves.
 fn mosquitto_session(port: u16, id: &str) {
-    let ok = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-i",
-            id,
-            "-c",
-            "-q",
-            "1",
-        ])
-        .args(["-t", TOPIC, "-E"])
+    let ok = kip_tests::mosquitto::mosquitto_sub(port, TOPIC, Some(id))
+        .arg("-E")
         .status()
         .unwrap();
     assert!(ok.success());
@@ -92,19 +81,8 @@ fn mosquitto_session(port: u16, id: &str) {
 /// Seconds `mosquitto_sub` (persistent session `id`) takes to receive `n` queued messages.
 fn mosquitto_sub_drain(port: u16, id: &str, n: u64) -> f64 {
     let start = Instant::now();
-    let ok = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-i",
-            id,
-            "-c",
-            "-q",
-            "1",
-        ])
-        .args(["-t", TOPIC, "-C", &n.to_string(), "-W", "120"])
+    let ok = kip_tests::mosquitto::mosquitto_sub(port, TOPIC, Some(id))
+        .args(["-C", &n.to_string(), "-W", "120"])
         .stdout(Stdio::null())
         .status()
         .unwrap();

@@ -74,7 +74,9 @@ use kip_shared::{Quality, Reading, Record, Sequenced, sync::SyncBatch};
 use kip_tests::{
     Mosquitto, Proxy, TestDb,
     binaries::{ControlPlaneProcess, spawn_agent},
-    free_port, wait_until,
+    free_port,
+    mosquitto::mosquitto_sub,
+    wait_until,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -417,11 +419,10 @@ impl Publishers {
 /// subscriber (clean session, QoS 1, subscribed first) received all of them: by then every
 /// persistent session subscribed to `plant/+/count` has them queued.
 fn fill_sessions(port: u16, n: u64, publishers: u64) -> f64 {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let start = Instant::now();
-    let mut counter = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
-        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+    let mut counter = mosquitto_sub(port, "plant/+/count", None)
+        .args(["-C", &n.to_string(), "-W", "900"])
         .stdout(Stdio::null())
         .spawn()
         .expect("mosquitto_sub (mosquitto-clients) on the PATH");
@@ -440,19 +441,8 @@ fn fill_sessions(port: u16, n: u64, publishers: u64) -> f64 {
 
 /// Creates the persistent session `id` (QoS 1 subscription to `plant/+/count`) and leaves.
 fn mosquitto_session(port: u16, id: &str) {
-    let ok = std::process::Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-i",
-            id,
-            "-c",
-            "-q",
-            "1",
-        ])
-        .args(["-t", "plant/+/count", "-E"])
+    let ok = mosquitto_sub(port, "plant/+/count", Some(id))
+        .arg("-E")
         .status()
         .expect("mosquitto_sub (mosquitto-clients) on the PATH");
     assert!(ok.success());
@@ -474,21 +464,10 @@ fn exactly_once(values: impl Iterator<Item = u64>, n: u64) -> (u64, u64) {
 /// Seconds `mosquitto_sub` (persistent session `id`, QoS 1, acknowledging each message on
 /// receipt) takes from its start to `n` messages; checks that it got every number once.
 fn mosquitto_sub_drain(port: u16, id: &str, n: u64) -> (f64, u64, u64) {
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
     let start = Instant::now();
-    let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-i",
-            id,
-            "-c",
-            "-q",
-            "1",
-        ])
-        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+    let out = mosquitto_sub(port, "plant/+/count", Some(id))
+        .args(["-C", &n.to_string(), "-W", "900"])
         .stdout(Stdio::piped())
         .output()
         .unwrap();
@@ -705,9 +684,8 @@ async fn agent_drain(s: &Setup, n: u64, batch: u64, publishers: u64) {
     let sampler = rss_sampler(pid, running.clone());
     let start = Instant::now();
     // The reference: a plain subscriber on the same topics at the same time.
-    let mut plain = std::process::Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1"])
-        .args(["-t", "plant/+/count", "-C", &n.to_string(), "-W", "900"])
+    let mut plain = mosquitto_sub(broker.port, "plant/+/count", None)
+        .args(["-C", &n.to_string(), "-W", "900"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("mosquitto_sub (mosquitto-clients) on the PATH");

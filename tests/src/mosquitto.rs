@@ -226,6 +226,19 @@ pub async fn publish_all(port: u16, messages: Vec<(String, Vec<u8>)>) -> u64 {
     acks.load(Ordering::Relaxed)
 }
 
+/// `mosquitto_sub` (mosquitto-clients) subscribed at QoS 1 to `topic` on the broker at `port`;
+/// with `session`, as the persistent session of that client id (`-i ID -c`). The caller adds
+/// when to stop (`-E`, or `-C N -W S`) and where the output goes.
+pub fn mosquitto_sub(port: u16, topic: &str, session: Option<&str>) -> Command {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"]);
+    if let Some(id) = session {
+        cmd.args(["-i", id, "-c"]);
+    }
+    cmd.args(["-t", topic]);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
