@@ -1075,16 +1075,20 @@ impl Syncer {
         self.split.is_none() && self.failures == 0
     }
 
+    /// Where the next pipelined batch starts: after the newest batch in flight, when that one
+    /// was full (a shorter batch means the backlog ends there).
+    fn after_the_last_full_batch(&self) -> Option<u64> {
+        self.in_flight
+            .back()
+            .filter(|b| b.full())
+            .map(|b| b.last_seq() + 1)
+    }
+
     /// Sends the batches after the last one in flight while they are full, up to
     /// `in_flight_cap`, then reads and encodes the one after them ahead.
     async fn fill_pipeline(&mut self, limit: usize) -> Result<(), SyncError> {
         while self.pipelining() && self.in_flight.len() < self.in_flight_cap {
-            let Some(from) = self
-                .in_flight
-                .back()
-                .filter(|b| b.full())
-                .map(|b| b.last_seq() + 1)
-            else {
+            let Some(from) = self.after_the_last_full_batch() else {
                 return Ok(());
             };
             let (records, body, used) = self.take_batch(from, limit).await?;
@@ -1095,11 +1099,7 @@ impl Syncer {
         }
         if self.pipelining()
             && self.read_ahead.is_none()
-            && let Some(from) = self
-                .in_flight
-                .back()
-                .filter(|b| b.full())
-                .map(|b| b.last_seq() + 1)
+            && let Some(from) = self.after_the_last_full_batch()
         {
             self.read_ahead = Some(ReadAhead {
                 from,

@@ -181,23 +181,26 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, Json(body)).into_response();
-        if let Self::TooManyRequests { retry_after_s, .. } = &self {
+        if let Some(secs) = self.retry_after_s() {
             resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
-        }
-        if let Self::Shed { retry_after_s, .. } | Self::RetryLater { retry_after_s, .. } = &self {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, (*retry_after_s).into());
-        }
-        if let Self::Overloaded(_) = &self {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, 1u64.into());
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
         resp
     }
 }
 
 impl ApiError {
+    /// The `Retry-After` (seconds) of a refusal the client is to resend later.
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Self::TooManyRequests { retry_after_s, .. }
+            | Self::Shed { retry_after_s, .. }
+            | Self::RetryLater { retry_after_s, .. } => Some(*retry_after_s),
+            Self::Overloaded(_) => Some(1),
+            _ => None,
+        }
+    }
+
     /// Maps axum's JSON rejection to a client error; `limit_bytes` is the configured body limit.
     pub fn from_json_rejection(r: JsonRejection, limit_bytes: usize) -> Self {
         match r {
