@@ -619,7 +619,8 @@ struct PipeCfg {
     hold_first_until_concurrent: usize,
     /// The first request for the batch starting at this sequence waits for `release`.
     hold_seq: Option<u64>,
-    /// The first request for the batch starting at this sequence fails with a 500.
+    /// The first request for the batch starting at this sequence fails with a 500, once the
+    /// other held requests (`hold_first_until_concurrent` - 1) have been answered.
     fail_seq_once: Option<u64>,
     /// Admits this many requests at once; beyond, 429 `rate_limited` with `Retry-After: 1`,
     /// as a control plane before issue #17 answers a second concurrent sync of a device. Until
@@ -705,6 +706,15 @@ async fn pipeline_control_plane(cfg: PipeCfg) -> (Fake, Arc<PipeState>) {
                 if cfg.fail_seq_once == Some(batch.first_seq)
                     && !st.failed_once.swap(true, Ordering::SeqCst)
                 {
+                    // The failure is answered only once the held later batches are stored:
+                    // the agent drops their requests when it sees it, and a handler still
+                    // polling the hold above would be cancelled before it stores anything.
+                    let others = cfg.hold_first_until_concurrent.saturating_sub(1);
+                    wait_for(
+                        || st.answered.load(Ordering::SeqCst) >= others,
+                        Duration::from_secs(10),
+                    )
+                    .await;
                     return (
                         StatusCode::INTERNAL_SERVER_ERROR,
                         Json(serde_json::json!({"error": {"code": "internal", "message": "internal error"}})),
